@@ -1,0 +1,69 @@
+"""The FastAPI service: ``/metrics``, ``/healthz``, ``/readyz`` and a landing page."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from exporter import __version__
+from exporter.collector import build_registry, render
+from exporter.config import Settings
+from exporter.loop import RefreshLoop
+from exporter.snapshot import SnapshotStore
+from exporter.stores import Stores
+
+_LANDING = """<!doctype html>
+<html><head><title>mlmon</title></head>
+<body><h1>mlmon {version}</h1>
+<p>Prometheus exporter for machine-learning model monitoring, watching {models} model(s).</p>
+<ul><li><a href="metrics">/metrics</a>: the exposition Prometheus scrapes</li>
+<li><a href="healthz">/healthz</a>: process alive</li>
+<li><a href="readyz">/readyz</a>: every model refreshed at least once</li></ul>
+</body></html>
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The ASGI app. The refresh loop starts with the app's lifespan and stops with it."""
+    store = SnapshotStore([m.name for m in settings.models])
+    registry = build_registry(store)
+    stores = Stores(settings)
+    loop = RefreshLoop(settings, store, stores)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        loop.start()
+        try:
+            yield
+        finally:
+            await loop.stop()
+            stores.dispose()
+
+    app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan)
+    app.state.snapshots = store
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def landing() -> str:
+        return _LANDING.format(version=__version__, models=len(settings.models))
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    def healthz() -> str:
+        """The process is alive."""
+        return "ok\n"
+
+    @app.get("/readyz", response_class=PlainTextResponse)
+    def readyz(response: Response) -> str:
+        """200 once every model completed its first refresh, else 503."""
+        if store.ready:
+            return "ready\n"
+        response.status_code = 503
+        return "waiting for the first refresh of every model\n"
+
+    return app

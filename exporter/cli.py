@@ -1,0 +1,137 @@
+"""The ``mlmon`` command line: check-config, serve, once, load, demo."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import sqlalchemy as sa
+import typer
+
+from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+from exporter.stores import SchemaError, safe_url, utc_now
+
+app = typer.Typer(help="mlmon: Prometheus exporter for machine-learning model monitoring.", no_args_is_help=True)
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _settings(path: Path) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _parse_as_of(text: str | None) -> datetime:
+    if text is None:
+        return utc_now()
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--as-of: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
+    # DESIGN.md: naive times are UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+@app.command("check-config")
+def check_config(config: ConfigOption) -> None:
+    """Validate the config and every configured table and column, without serving.
+
+    Exit code 0 when valid, 2 with one line per problem (naming its key path) otherwise.
+    """
+    from exporter.refresh import ModelRefresher
+    from exporter.stores import Stores
+
+    settings = _settings(config)
+    stores = Stores(settings)
+    problems = []
+    try:
+        for i, model in enumerate(settings.models):
+            try:
+                ModelRefresher(model, settings, stores).check_schema()
+            except SchemaError as exc:
+                problems.append(str(exc))
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                store = model.predictions.store
+                url = settings.stores[store].url or "(url_file)"
+                problems.append(
+                    f"models[{i}]: cannot reach store {store!r} at {safe_url(url)}: {str(exc).splitlines()[0]}"
+                )
+    finally:
+        stores.dispose()
+    if problems:
+        _fail("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+    typer.echo(f"{config}: OK ({len(settings.models)} model(s), {len(settings.stores)} store(s))")
+
+
+@app.command()
+def serve(config: ConfigOption, host: HostOption = "127.0.0.1", port: PortOption = DEFAULT_PORT) -> None:
+    """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
+    import uvicorn
+
+    from exporter.app import create_app
+
+    _logging()
+    settings = _settings(config)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@app.command()
+def once(
+    config: ConfigOption,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="ISO-8601 time to compute at (default: now); naive means UTC.")] = None,
+) -> None:
+    """Refresh every model once and print exactly the exposition /metrics would serve."""
+    from exporter.loop import refresh_once
+
+    _logging()
+    settings = _settings(config)
+    sys.stdout.write(refresh_once(settings, _parse_as_of(as_of)).decode())
+
+
+@app.command()
+def load(
+    files: Annotated[list[Path], typer.Argument(help="CSV or Parquet files.", exists=True, dir_okay=False)],
+    url: Annotated[str, typer.Option(help="SQLAlchemy URL of the target database.")],
+    table: Annotated[str, typer.Option(help="Target table; created if missing, else appended to.")],
+    timestamp: Annotated[
+        Optional[list[str]], typer.Option(help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present).")
+    ] = None,
+    db_schema: Annotated[Optional[str], typer.Option("--schema", help="Database schema of the table.")] = None,
+) -> None:
+    """Load CSV or Parquet files into a table, one transaction per file."""
+    from exporter.loader import LoadError, load_files
+
+    try:
+        total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema)
+    except LoadError as exc:
+        _fail(str(exc))
+    typer.echo(f"loaded {total} row(s) into {table} at {safe_url(url)}")
+
+
+@app.command()
+def demo(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = DEFAULT_PORT,
+    database: Annotated[Path, typer.Option(help="SQLite file of the demo store (recreated).")] = Path("mlmon-demo.sqlite"),
+) -> None:
+    """Create a SQLite store with a week of history for two CTR models, keep it growing, and serve it."""
+    from exporter.demo import run_demo
+
+    _logging()
+    run_demo(database, host, port)

@@ -1,0 +1,285 @@
+"""The YAML configuration, validated with pydantic.
+
+Every error names the key path (``models[0].predictions.columns.score``). Strings may
+hold ``${ENV_VAR}`` references, expanded before validation; a store URL may instead be
+read from a file (``url_file``) so that secrets never sit in the config itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from exporter.durations import parse_duration
+
+DEFAULT_PORT = 9847
+
+#: Upper bounds of the ``mlmon_prediction_score`` histogram: fine steps below 0.1 for
+#: CTR/CVR-like probabilities, coarser ones up to 1 for balanced classifiers.
+DEFAULT_SCORE_BUCKETS = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
+)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` holds one ``"key.path: message"`` per problem."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+        self.errors = errors
+
+
+def _duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    return parse_duration(value)
+
+
+def _duration_or_zero(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    return parse_duration(value, allow_zero=True)
+
+
+def _window(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'UTC' or 'Europe/Paris')") from None
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+DurationOrZero = Annotated[timedelta, BeforeValidator(_duration_or_zero)]
+Window = Annotated[str, AfterValidator(_window)]
+TimeZone = Annotated[str, AfterValidator(_timezone)]
+Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are rejected, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Store(Strict):
+    """A SQL store, as a SQLAlchemy URL given inline (``url``) or read from a file (``url_file``)."""
+
+    url: str | None = None
+    url_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_url(self) -> Store:
+        if (self.url is None) == (self.url_file is None):
+            raise ValueError("give exactly one of 'url' or 'url_file'")
+        return self
+
+    def resolved_url(self) -> str:
+        """The URL, reading ``url_file`` if that is how it was given.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if self.url is not None:
+            return self.url
+        return Path(self.url_file).read_text().strip()
+
+
+class PredictionColumns(Strict):
+    id: Identifier
+    timestamp: Identifier
+    score: Identifier
+    version: Identifier | None = None
+
+
+class LabelColumns(Strict):
+    id: Identifier
+    label: Identifier
+    timestamp: Identifier | None = None
+
+
+class ReplayColumns(Strict):
+    id: Identifier
+    score: Identifier
+
+
+class TableSource(Strict):
+    """Where a logical source lives: a store name, an optional schema and a table."""
+
+    store: Identifier
+    table: Identifier
+    db_schema: Identifier | None = Field(default=None, alias="schema")
+    timezone: TimeZone = "UTC"
+    """Time zone of naive timestamps in this table (DESIGN: naive means UTC unless set)."""
+
+
+class PredictionSource(TableSource):
+    columns: PredictionColumns
+    filter: dict[Identifier, str | int | float | bool] = {}
+
+
+class LabelSource(TableSource):
+    columns: LabelColumns
+    missing: Literal["ignore", "negative"] = "ignore"
+    """What a prediction without a label row means: unknown (``ignore``) or 0 (``negative``)."""
+
+
+class ReplaySource(TableSource):
+    columns: ReplayColumns
+
+
+class ReplayTolerance(Strict):
+    """A replay reproduces a served score when ``|a - b| <= atol + rtol * max(|a|, |b|)``."""
+
+    atol: float = Field(default=1e-6, ge=0)
+    rtol: float = Field(default=1e-6, ge=0)
+
+
+class ModelConfig(Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+    predictions: PredictionSource
+    labels: LabelSource | None = None
+    replays: ReplaySource | None = None
+    windows: Annotated[list[Window], Field(min_length=1)] = ["1h", "24h"]
+    label_delay: DurationOrZero = timedelta(hours=1)
+    mode_share_decimals: int = Field(default=6, ge=0, le=12)
+    histogram_buckets: Annotated[list[float], Field(min_length=1)] = list(DEFAULT_SCORE_BUCKETS)
+    replay_tolerance: ReplayTolerance = ReplayTolerance()
+    max_distinct_scores: int = Field(default=100_000, ge=2)
+    """Above this many distinct scores in a window, AUC and percentiles use buckets."""
+    bucket_decimals: int = Field(default=4, ge=1, le=9)
+    """Bucket width ``10**-bucket_decimals`` of the fallback ``FLOOR(score * 10**k)`` buckets."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if len(set(self.windows)) != len(self.windows):
+            raise ValueError(f"windows: duplicate window in {self.windows}")
+        for name, source in (("labels", self.labels), ("replays", self.replays)):
+            # They are joined to the predictions in SQL, which needs one database.
+            if source is not None and source.store != self.predictions.store:
+                raise ValueError(
+                    f"{name}.store: must be the predictions store {self.predictions.store!r} "
+                    f"(labels and replays are joined to predictions inside the database), got {source.store!r}"
+                )
+        buckets = self.histogram_buckets
+        if any(b <= a for a, b in zip(buckets, buckets[1:])):
+            raise ValueError("histogram_buckets: bounds must be strictly increasing")
+        return self
+
+    def sources(self) -> dict[str, TableSource]:
+        """The configured sources by name (``predictions``, ``labels``, ``replays``)."""
+        found = {"predictions": self.predictions, "labels": self.labels, "replays": self.replays}
+        return {name: source for name, source in found.items() if source is not None}
+
+
+class Settings(Strict):
+    """The whole configuration file."""
+
+    refresh_interval: Duration = timedelta(seconds=60)
+    query_timeout: Duration = timedelta(seconds=30)
+    staleness: Duration | None = None
+    """How long a failed source keeps its last values; default 3 refresh intervals."""
+    stores: dict[Identifier, Store]
+    models: list[ModelConfig]
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate model name(s) {duplicates}")
+        errors = [
+            f"models[{i}].{source_name}.store: unknown store {source.store!r} (stores: {sorted(self.stores)})"
+            for i, model in enumerate(self.models)
+            for source_name, source in model.sources().items()
+            if source.store not in self.stores
+        ]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def staleness_period(self) -> timedelta:
+        return self.staleness if self.staleness is not None else 3 * self.refresh_interval
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: Any, path: str, errors: list[str]) -> Any:
+    """Replace ``${VAR}`` in every string of a parsed YAML tree; report unset variables by key path."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{path}.{k}" if path else str(k), errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{path}[{i}]", errors) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def substitute(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                errors.append(f"{path}: environment variable {name} is not set")
+                return ""
+            return os.environ[name]
+
+        return _ENV_REF.sub(substitute, node)
+    return node
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "constrained-")):
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_settings(data: Any) -> Settings:
+    """Validate an already-parsed YAML document.
+
+    Raises:
+        ConfigError: with one message per problem, each naming its key path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): the config must be a mapping with 'stores' and 'models'"])
+    errors: list[str] = []
+    data = _expand_env(data, "", errors)
+    if errors:
+        raise ConfigError(errors)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([f"{_key_path(e['loc'])}: {e['msg']}" for e in exc.errors()]) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a YAML config file.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, or invalid content (key paths named).
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+    return parse_settings(data)

@@ -1,0 +1,61 @@
+"""The background refresh loop: one asyncio task per model, started by the app's lifespan.
+
+Each model refreshes on its own schedule in a worker thread, so a slow or hanging
+database delays only that model, and ``/metrics`` (which reads snapshots) never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from exporter.collector import build_registry, render
+from exporter.config import Settings
+from exporter.refresh import ModelRefresher
+from exporter.snapshot import SnapshotStore
+from exporter.stores import Stores, utc_now
+
+log = logging.getLogger(__name__)
+
+
+class RefreshLoop:
+    """Runs every model's refresh every ``settings.refresh_interval`` until stopped."""
+
+    def __init__(self, settings: Settings, store: SnapshotStore, stores: Stores):
+        self.settings = settings
+        self.store = store
+        self.refreshers = [ModelRefresher(model, settings, stores) for model in settings.models]
+        self._tasks: list[asyncio.Task] = []
+
+    async def _run(self, refresher: ModelRefresher) -> None:
+        interval = self.settings.refresh_interval.total_seconds()
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                self.store.put(await asyncio.to_thread(refresher.refresh, utc_now()))
+            except Exception:  # refresh() counts source failures itself; this is a bug guard
+                log.exception("model %s: refresh crashed", refresher.model.name)
+            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(r), name=f"refresh-{r.model.name}") for r in self.refreshers]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+def refresh_once(settings: Settings, as_of) -> bytes:
+    """Refresh every model once at ``as_of`` and return the exposition ``/metrics`` would
+    serve after that refresh (``mlmon once``)."""
+    store = SnapshotStore([m.name for m in settings.models])
+    stores = Stores(settings)
+    try:
+        for model in settings.models:
+            store.put(ModelRefresher(model, settings, stores).refresh(as_of))
+    finally:
+        stores.dispose()
+    return render(build_registry(store))

@@ -1,0 +1,283 @@
+"""The pushed-down SQL, as SQLAlchemy Core statements.
+
+Each statement returns a handful of aggregate rows (per reason, per distinct score or
+per bucket, or one row), never raw predictions, so the exporter's memory does not grow
+with the number of rows in a window. All windows are half-open ``[start, end)``.
+
+Dialect differences handled here (DESIGN.md): scores are cast to double precision
+(float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
+store it and order it above every number; SQLite and MySQL cannot store it); the
+natural logarithm is ``ln`` on every engine (``exporter.stores`` supplies it to SQLite
+builds without math functions); ``round`` is written ``floor(x + 0.5)`` because
+PostgreSQL has no ``round(double precision, int)``; grouping keys are computed in a
+subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
+from exporter.monitoring_math import LOGLOSS_EPS
+from exporter.stores import TimeColumn
+
+OK = "ok"
+#: Why a prediction row was excluded from the math, in order of precedence.
+INVALID_REASONS = ("null_score", "nan_score", "out_of_range", "duplicate_id")
+
+
+def _double(value: float) -> sa.ColumnElement:
+    return sa.literal(float(value), sa.Double())
+
+
+def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
+    return sa.func.sum(sa.case((condition, 1), else_=0))
+
+
+def is_nan(dialect: str, value: sa.ColumnElement) -> sa.ColumnElement | None:
+    """A predicate true for NaN on dialects that can store NaN, else ``None``."""
+    if dialect == "postgresql":
+        return value == sa.cast(sa.literal("NaN"), sa.Double())
+    if dialect == "duckdb":
+        return sa.func.isnan(value)
+    return None
+
+
+def _valid_probability(dialect: str, score: sa.ColumnElement) -> sa.ColumnElement:
+    conditions = [score.is_not(None), score >= 0.0, score <= 1.0]
+    nan = is_nan(dialect, score)
+    if nan is not None:
+        conditions.append(sa.not_(nan))
+    return sa.and_(*conditions)
+
+
+class PredictionQueries:
+    """Statements over one model's prediction table (and the label and replay tables
+    joined to it, which must live in the same store)."""
+
+    def __init__(self, model: ModelConfig, table: sa.Table, time: TimeColumn, dialect: str):
+        source: PredictionSource = model.predictions
+        self.model = model
+        self.table = table
+        self.time = time
+        self.dialect = dialect
+        self.id = table.c[source.columns.id]
+        self.score = sa.cast(table.c[source.columns.score], sa.Double())
+        self.filters = [table.c[name] == value for name, value in source.filter.items()]
+
+    def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
+        ts = self.time.column
+        return sa.and_(ts >= self.time.bind(start), ts < self.time.bind(end), *self.filters)
+
+    def rows(self, start: datetime, end: datetime) -> sa.CTE:
+        """The window's predictions as (id, score, reason); ``reason`` is ``ok`` or why the
+        row is excluded. A duplicate id excludes every row that carries it."""
+        in_window = self._in_window(start, end)
+        duplicates = (
+            sa.select(self.id.label("id")).where(in_window).group_by(self.id).having(sa.func.count() > 1).subquery("dup")
+        )
+        whens = [(self.score.is_(None), "null_score")]
+        nan = is_nan(self.dialect, self.score)
+        if nan is not None:
+            whens.append((nan, "nan_score"))
+        whens += [
+            (sa.or_(self.score < 0.0, self.score > 1.0), "out_of_range"),
+            (duplicates.c.id.is_not(None), "duplicate_id"),
+        ]
+        return (
+            sa.select(self.id.label("id"), self.score.label("score"), sa.case(*whens, else_=OK).label("reason"))
+            .select_from(self.table.outerjoin(duplicates, self.id == duplicates.c.id))
+            .where(in_window)
+            .cte("window_rows")
+        )
+
+    def summary(self, start: datetime, end: datetime) -> sa.Select:
+        """Rows (reason, count, sum of scores) of the window; the sum is meaningful for ``ok``."""
+        rows = self.rows(start, end)
+        return sa.select(rows.c.reason, sa.func.count(), sa.func.sum(rows.c.score)).group_by(rows.c.reason)
+
+    def _key(self, score: sa.ColumnElement, bucket_decimals: int | None) -> sa.ColumnElement:
+        if bucket_decimals is None:
+            return score
+        return sa.func.floor(score * _double(10**bucket_decimals))
+
+    def distribution(self, start: datetime, end: datetime, mean: float, bucket_decimals: int | None, limit: int) -> sa.Select:
+        """Valid scores grouped by distinct value (or ``floor(score * 10**k)`` bucket), ascending:
+        rows (key, count, sum of squared deviations from ``mean``), at most ``limit`` rows."""
+        rows = self.rows(start, end)
+        keyed = (
+            sa.select(self._key(rows.c.score, bucket_decimals).label("key"), rows.c.score)
+            .where(rows.c.reason == OK)
+            .subquery("keyed")
+        )
+        deviation = keyed.c.score - _double(mean)
+        return (
+            sa.select(keyed.c.key, sa.func.count(), sa.func.sum(deviation * deviation))
+            .group_by(keyed.c.key)
+            .order_by(keyed.c.key)
+            .limit(limit)
+        )
+
+    def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
+        """One row: the count of the most frequent valid score, rounded half up to ``decimals``."""
+        rows = self.rows(start, end)
+        rounded = (
+            sa.select(sa.func.floor(rows.c.score * _double(10**decimals) + _double(0.5)).label("key"))
+            .where(rows.c.reason == OK)
+            .subquery("rounded")
+        )
+        counts = sa.select(sa.func.count().label("n")).select_from(rounded).group_by(rounded.c.key).subquery("counts")
+        return sa.select(sa.func.max(counts.c.n))
+
+    def last_timestamp(self, end: datetime) -> sa.Select:
+        """One row: the newest prediction time before ``end``."""
+        ts = self.time.column
+        return sa.select(sa.func.max(ts)).where(ts < self.time.bind(end), *self.filters)
+
+    def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
+        """One row for the counters: (count, sum of scores, cumulative count per bucket bound)
+        of predictions with a valid score and a timestamp in ``[start, end)``."""
+        valid = _valid_probability(self.dialect, self.score)
+        return sa.select(
+            sa.func.count(),
+            sa.func.sum(self.score),
+            *[_count_if(self.score <= bound) for bound in buckets],
+        ).where(self._in_window(start, end), valid)
+
+    def online(
+        self,
+        labels: LabelQueries,
+        start: datetime,
+        end: datetime,
+        as_of: datetime,
+        bucket_decimals: int | None,
+        limit: int,
+    ) -> sa.Select:
+        """Online accuracy aggregates of the window's valid predictions joined to their labels,
+        grouped by score (or bucket), ascending, at most ``limit`` rows.
+
+        Columns: key, predictions, with a label, positives, negatives, sum of scores of
+        labeled predictions, sum of log-loss terms, labeled predictions at exactly 0 or 1,
+        predictions with conflicting labels, predictions with only invalid labels.
+        Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
+        clip to [1e-15, 1 - 1e-15] (DESIGN.md).
+        """
+        rows = self.rows(start, end)
+        valid_rows = sa.select(rows.c.id, rows.c.score).where(rows.c.reason == OK).cte("valid_rows")
+        agg = labels.per_id(sa.select(valid_rows.c.id), as_of)
+        has_label = sa.and_(agg.c.low.is_not(None), agg.c.low == agg.c.high)
+        no_label_row = agg.c.id.is_(None)
+        y = sa.case(
+            (has_label, agg.c.low),
+            (no_label_row, 0 if labels.source.missing == "negative" else None),
+            else_=None,
+        )
+        keyed = (
+            sa.select(
+                self._key(valid_rows.c.score, bucket_decimals).label("key"),
+                valid_rows.c.score,
+                y.label("y"),
+                has_label.label("has_label"),
+                (agg.c.low != agg.c.high).label("conflicting"),
+                sa.and_(agg.c.id.is_not(None), agg.c.low.is_(None)).label("invalid"),
+            )
+            .select_from(valid_rows.outerjoin(agg, valid_rows.c.id == agg.c.id))
+            .subquery("keyed")
+        )
+        p = sa.case(
+            (keyed.c.score < LOGLOSS_EPS, _double(LOGLOSS_EPS)),
+            (keyed.c.score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
+            else_=keyed.c.score,
+        )
+        log_loss_term = sa.case(
+            (keyed.c.y == 1, -sa.func.ln(p)),
+            (keyed.c.y == 0, -sa.func.ln(_double(1.0) - p)),
+            else_=None,
+        )
+        labeled = keyed.c.y.is_not(None)
+        return (
+            sa.select(
+                keyed.c.key,
+                sa.func.count(),
+                _count_if(keyed.c.has_label),
+                _count_if(keyed.c.y == 1),
+                _count_if(keyed.c.y == 0),
+                sa.func.sum(sa.case((labeled, keyed.c.score), else_=None)),
+                sa.func.sum(log_loss_term),
+                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))),
+                _count_if(keyed.c.conflicting),
+                _count_if(keyed.c.invalid),
+            )
+            .group_by(keyed.c.key)
+            .order_by(keyed.c.key)
+            .limit(limit)
+        )
+
+    def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
+        """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
+        window's valid predictions that have a replay row. Reproduced means
+        ``|a - b| <= atol + rtol * max(|a|, |b|)``; a NULL or NaN replay never is."""
+        rows = self.rows(start, end)
+        online = rows.c.score
+        offline = replays.score
+        tolerance = self.model.replay_tolerance
+        valid = _valid_replay(self.dialect, offline)
+        diff = sa.func.abs(online - offline)
+        larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
+        within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
+        return (
+            sa.select(
+                sa.func.count(),
+                _count_if(sa.and_(valid, within)),
+                sa.func.max(sa.case((valid, diff), else_=None)),
+            )
+            .select_from(rows.join(replays.table, rows.c.id == replays.id))
+            .where(rows.c.reason == OK)
+        )
+
+
+def _valid_replay(dialect: str, offline: sa.ColumnElement) -> sa.ColumnElement:
+    nan = is_nan(dialect, offline)
+    return offline.is_not(None) if nan is None else sa.and_(offline.is_not(None), sa.not_(nan))
+
+
+class LabelQueries:
+    """The label table: one row per prediction id, with labels that arrived before ``as_of``."""
+
+    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None):
+        self.source = source
+        self.table = table
+        self.time = time
+        self.id = table.c[source.columns.id]
+        label = table.c[source.columns.label]
+        # Booleans compare with 0/1 only after a cast (PostgreSQL refuses boolean = integer).
+        value = sa.cast(label, sa.Integer()) if isinstance(label.type, sa.Boolean) else label
+        self.valid_value = sa.case((sa.or_(value == 0, value == 1), value), else_=None)
+
+    def per_id(self, ids: sa.Select, as_of: datetime) -> sa.Subquery:
+        """(id, low, high) per prediction id among ``ids``: the smallest and largest valid
+        label (NULL when every label row of that id is invalid)."""
+        conditions = [self.id.in_(ids)]
+        if self.time is not None:
+            conditions.append(self.time.column < self.time.bind(as_of))
+        return (
+            sa.select(
+                self.id.label("id"),
+                sa.func.min(self.valid_value).label("low"),
+                sa.func.max(self.valid_value).label("high"),
+            )
+            .where(*conditions)
+            .group_by(self.id)
+            .subquery("labels_per_id")
+        )
+
+
+class ReplayQueries:
+    """The replay table: offline re-computations of served scores, joined by id."""
+
+    def __init__(self, source: ReplaySource, table: sa.Table):
+        self.table = table
+        self.id = table.c[source.columns.id]
+        self.score = sa.cast(table.c[source.columns.score], sa.Double())

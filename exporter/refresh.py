@@ -1,0 +1,314 @@
+"""One model's refresh: run its pushed-down queries at a given time and build its snapshot.
+
+Failures are data (DESIGN.md): a failing source flips ``mlmon_source_up`` to 0, counts
+the error by reason, keeps its last values for the staleness period, then drops them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from datetime import datetime
+
+import numpy as np
+import sqlalchemy as sa
+
+from exporter.config import ModelConfig, Settings
+from exporter.durations import parse_duration
+from exporter.monitoring_math import (
+    percentiles_from_counts,
+    roc_auc_bucket_error_bound,
+    roc_auc_from_counts,
+)
+from exporter.queries import INVALID_REASONS, OK, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.snapshot import (
+    ModelSnapshot,
+    OnlineAccuracy,
+    PredictionCounter,
+    Reproducibility,
+    ScoreStats,
+    SourceStatus,
+)
+from exporter.stores import SchemaError, Stores, reflect_table, time_column, timed_connection
+
+log = logging.getLogger(__name__)
+
+#: Bounded set of ``reason`` label values of ``mlmon_refresh_errors_total``.
+ERROR_REASONS = ("timeout", "connection", "schema", "query", "internal")
+
+
+def classify_error(exc: BaseException) -> str:
+    """Map an exception raised by a source refresh to an ``ERROR_REASONS`` value."""
+    if isinstance(exc, SchemaError | sa.exc.NoSuchTableError):
+        return "schema"
+    if isinstance(exc, sa.exc.DBAPIError):
+        orig = exc.orig
+        if getattr(orig, "sqlstate", None) == "57014" or "interrupted" in str(orig).lower():
+            return "timeout"
+        if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated:
+            return "connection"
+        return "query"
+    if isinstance(exc, OSError | sa.exc.ArgumentError | sa.exc.NoSuchModuleError):
+        return "connection"
+    return "internal"
+
+
+def _int(value) -> int:
+    return int(value or 0)
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+class ModelRefresher:
+    """Refreshes one model. Not thread-safe: one refresh at a time per instance.
+
+    Holds the state that lives between refreshes: reflected tables, the prediction
+    counter and its watermark, the last good values of each source, error counts.
+    """
+
+    def __init__(self, model: ModelConfig, settings: Settings, stores: Stores):
+        self.model = model
+        self.settings = settings
+        self.stores = stores
+        self._prediction_queries: PredictionQueries | None = None
+        self._label_queries: LabelQueries | None = None
+        self._replay_queries: ReplayQueries | None = None
+        self._watermark: datetime | None = None
+        self._counter = PredictionCounter(tuple(model.histogram_buckets))
+        self._errors: dict[tuple[str, str], int] = {}
+        self._last_good: dict[str, tuple[float, object]] = {}
+        self._last_success: float | None = None
+
+    # -- reflection, cached until a source fails -------------------------------------------
+
+    def _key_path(self, source: str) -> str:
+        return f"models[{self.settings.models.index(self.model)}].{source}"
+
+    def _predictions(self) -> PredictionQueries:
+        if self._prediction_queries is None:
+            source = self.model.predictions
+            engine = self.stores.engine(source.store)
+            path = self._key_path("predictions")
+            table = reflect_table(engine, source, source.columns.model_dump(), path)
+            time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp")
+            self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
+        return self._prediction_queries
+
+    def _labels(self) -> LabelQueries:
+        if self._label_queries is None:
+            source = self.model.labels
+            engine = self.stores.engine(source.store)
+            path = self._key_path("labels")
+            table = reflect_table(engine, source, source.columns.model_dump(), path)
+            label_type = table.c[source.columns.label].type
+            if not isinstance(label_type, sa.Boolean | sa.Integer | sa.Numeric | sa.Float):
+                raise SchemaError(
+                    f"{path}.columns.label: column {source.columns.label!r} has type {label_type}; "
+                    "expected a number or a boolean (labels are 0/1)"
+                )
+            time_col = None
+            if source.columns.timestamp is not None:
+                time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp")
+            self._label_queries = LabelQueries(source, table, time_col)
+        return self._label_queries
+
+    def _replays(self) -> ReplayQueries:
+        if self._replay_queries is None:
+            source = self.model.replays
+            engine = self.stores.engine(source.store)
+            table = reflect_table(engine, source, source.columns.model_dump(), self._key_path("replays"))
+            self._replay_queries = ReplayQueries(source, table)
+        return self._replay_queries
+
+    def check_schema(self) -> None:
+        """Reflect every configured table and check its columns (``mlmon check-config``).
+
+        Raises:
+            SchemaError, sqlalchemy.exc.SQLAlchemyError, OSError: as the sources do.
+        """
+        self._predictions()
+        if self.model.labels is not None:
+            self._labels()
+        if self.model.replays is not None:
+            self._replays()
+
+    # -- the queries ---------------------------------------------------------------------
+
+    def _connection(self):
+        engine = self.stores.engine(self.model.predictions.store)
+        return timed_connection(engine, self.settings.query_timeout.total_seconds())
+
+    def _score_stats(self, conn, window: str, start: datetime, end: datetime) -> ScoreStats:
+        q = self._prediction_queries
+        by_reason = {reason: (_int(n), s) for reason, n, s in conn.execute(q.summary(start, end))}
+        n, total = by_reason.get(OK, (0, None))
+        invalid = {reason: by_reason.get(reason, (0, None))[0] for reason in INVALID_REASONS}
+        if n == 0:
+            return ScoreStats(window, 0, invalid, None, None, {}, None, False)
+        mean = float(total) / n
+        cap = self.model.max_distinct_scores
+        rows = conn.execute(q.distribution(start, end, mean, None, cap + 1)).all()
+        bucketed = len(rows) > cap
+        if bucketed:
+            k = self.model.bucket_decimals
+            rows = conn.execute(q.distribution(start, end, mean, k, 10**k + 2)).all()
+            values = (np.array([float(r[0]) for r in rows]) + 0.5) / 10**k  # bucket midpoints
+        else:
+            values = np.array([float(r[0]) for r in rows])
+        counts = np.array([_int(r[1]) for r in rows])
+        squared_deviations = math.fsum(float(r[2]) for r in rows)
+        mode = _int(conn.execute(q.mode_count(start, end, self.model.mode_share_decimals)).scalar())
+        return ScoreStats(
+            window=window,
+            predictions=n,
+            invalid=invalid,
+            mean=mean,
+            stddev=math.sqrt(max(squared_deviations, 0.0) / n),
+            percentiles=percentiles_from_counts(values, counts),
+            mode_share=mode / n,
+            bucketed=bucketed,
+        )
+
+    def _refresh_predictions(self, as_of: datetime) -> tuple[tuple[ScoreStats, ...], float | None]:
+        q = self._predictions()
+        with self._connection() as conn:
+            stats = tuple(
+                self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
+            )
+            last = q.time.to_epoch(conn.execute(q.last_timestamp(as_of)).scalar())
+            if self._watermark is None:
+                self._watermark = as_of  # counters start with the process: old rows are not counted
+            elif as_of > self._watermark:
+                row = conn.execute(q.new_predictions(self._watermark, as_of, self.model.histogram_buckets)).one()
+                count, score_sum, *buckets = row
+                self._counter = self._counter.add(_int(count), float(score_sum or 0.0), tuple(_int(b) for b in buckets))
+                self._watermark = as_of
+        return stats, last
+
+    def _online(self, conn, window: str, as_of: datetime) -> OnlineAccuracy:
+        q, labels = self._prediction_queries, self._label_queries
+        end = as_of - self.model.label_delay
+        start = end - parse_duration(window)
+        cap = self.model.max_distinct_scores
+        rows = conn.execute(q.online(labels, start, end, as_of, None, cap + 1)).all()
+        bucketed = len(rows) > cap
+        if bucketed:
+            k = self.model.bucket_decimals
+            rows = conn.execute(q.online(labels, start, end, as_of, k, 10**k + 2)).all()
+        columns = list(zip(*rows)) if rows else [()] * 10
+        _, n, covered, pos, neg, labeled_score_sum, log_loss_sum, extreme, conflicting, invalid = columns
+        positives = np.array([_int(v) for v in pos])
+        negatives = np.array([_int(v) for v in neg])
+        n_pred, n_pos = sum(_int(v) for v in n), int(positives.sum())
+        n_labeled = n_pos + int(negatives.sum())
+        mean_score = _ratio(math.fsum(float(v or 0.0) for v in labeled_score_sum), n_labeled)
+        positive_ratio = _ratio(n_pos, n_labeled)
+        auc = roc_auc_from_counts(positives, negatives)
+        return OnlineAccuracy(
+            window=window,
+            predictions=n_pred,
+            labeled=n_labeled,
+            positives=n_pos,
+            logloss=_ratio(math.fsum(float(v or 0.0) for v in log_loss_sum), n_labeled),
+            roc_auc=auc,
+            roc_auc_error_bound=roc_auc_bucket_error_bound(positives, negatives) if bucketed and auc is not None else None,
+            calibration_ratio=_ratio(mean_score, positive_ratio) if mean_score is not None and positive_ratio else None,
+            positive_ratio=positive_ratio,
+            label_coverage=_ratio(sum(_int(v) for v in covered), n_pred),
+            extreme_scores=sum(_int(v) for v in extreme),
+            invalid_labels={
+                "conflicting": sum(_int(v) for v in conflicting),
+                "invalid_value": sum(_int(v) for v in invalid),
+            },
+        )
+
+    def _refresh_labels(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
+        self._predictions()
+        self._labels()
+        with self._connection() as conn:
+            return tuple(self._online(conn, window, as_of) for window in self.model.windows)
+
+    def _refresh_replays(self, as_of: datetime) -> tuple[Reproducibility, ...]:
+        q, replays = self._predictions(), self._replays()
+        out = []
+        with self._connection() as conn:
+            for window in self.model.windows:
+                n, reproduced, abs_error_max = conn.execute(q.replays(replays, as_of - parse_duration(window), as_of)).one()
+                n = _int(n)
+                out.append(
+                    Reproducibility(
+                        window=window,
+                        replayed=n,
+                        ratio=_ratio(_int(reproduced), n),
+                        abs_error_max=None if abs_error_max is None else float(abs_error_max),
+                    )
+                )
+        return tuple(out)
+
+    # -- one refresh -----------------------------------------------------------------------
+
+    def refresh(self, as_of: datetime) -> ModelSnapshot:
+        """Run every source of the model at ``as_of`` (timezone-aware) and return its snapshot.
+
+        Never raises for a source failure: the failure is counted and reflected in
+        ``sources``. Windows are ``[as_of - window, as_of)``.
+        """
+        started = time.perf_counter()
+        now = as_of.timestamp()
+        refreshers = {"predictions": self._refresh_predictions}
+        if self.model.labels is not None:
+            refreshers["labels"] = self._refresh_labels
+        if self.model.replays is not None:
+            refreshers["replays"] = self._refresh_replays
+        sources = {}
+        for name, run in refreshers.items():
+            try:
+                self._last_good[name] = (now, run(as_of))
+                sources[name] = SourceStatus(True, now)
+            except Exception as exc:  # failures are data: counted, never raised into the loop
+                reason = classify_error(exc)
+                self._errors[(name, reason)] = self._errors.get((name, reason), 0) + 1
+                self._forget_reflection(name)
+                if reason == "internal":
+                    log.exception("model %s: refreshing %s failed", self.model.name, name)
+                else:
+                    log.warning("model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, _first_line(exc))
+                previous = self._last_good.get(name)
+                sources[name] = SourceStatus(False, previous[0] if previous else None)
+        if all(s.up for s in sources.values()):
+            self._last_success = now
+        fresh = {
+            name: values
+            for name, (when, values) in self._last_good.items()
+            if now - when <= self.settings.staleness_period.total_seconds()
+        }
+        stats, last_prediction = fresh.get("predictions", ((), None))
+        return ModelSnapshot(
+            model=self.model.name,
+            sources=sources,
+            counter=self._counter,
+            score_stats=stats,
+            last_prediction_timestamp=last_prediction,
+            online=fresh.get("labels", ()),
+            replays=fresh.get("replays", ()),
+            errors=dict(self._errors),
+            refresh_duration=time.perf_counter() - started,
+            last_success=self._last_success,
+        )
+
+    def _forget_reflection(self, source: str) -> None:
+        # A failed source may have been renamed or altered: reflect it again next time.
+        if source == "predictions":
+            self._prediction_queries = None
+        elif source == "labels":
+            self._label_queries = None
+        else:
+            self._replay_queries = None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+

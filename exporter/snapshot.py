@@ -1,0 +1,125 @@
+"""Immutable results of a refresh. The collector reads these and nothing else, so a
+scrape never touches a database."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class ScoreStats:
+    """Prediction statistics of one window ``[as_of - window, as_of)``.
+
+    ``None`` values are undefined (no valid prediction) and are not exported.
+    ``bucketed`` is true when percentiles came from ``floor(score * 10**k)`` buckets.
+    """
+
+    window: str
+    predictions: int
+    invalid: Mapping[str, int]
+    mean: float | None
+    stddev: float | None
+    percentiles: Mapping[int, float]
+    mode_share: float | None
+    bucketed: bool
+
+
+@dataclass(frozen=True)
+class OnlineAccuracy:
+    """Online accuracy of the label-delayed window ``[as_of - delay - window, as_of - delay)``."""
+
+    window: str
+    predictions: int
+    labeled: int
+    positives: int
+    logloss: float | None
+    roc_auc: float | None
+    roc_auc_error_bound: float | None
+    """Set only when AUC came from buckets."""
+    calibration_ratio: float | None
+    positive_ratio: float | None
+    label_coverage: float | None
+    extreme_scores: int
+    invalid_labels: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class Reproducibility:
+    """Replays of the window's valid predictions."""
+
+    window: str
+    replayed: int
+    ratio: float | None
+    abs_error_max: float | None
+
+
+@dataclass(frozen=True)
+class PredictionCounter:
+    """Cumulative counts since the process started, fed through a timestamp watermark."""
+
+    bounds: tuple[float, ...]
+    total: int = 0
+    score_sum: float = 0.0
+    cumulative_buckets: tuple[int, ...] = ()
+
+    def add(self, count: int, score_sum: float, cumulative_buckets: tuple[int, ...]) -> PredictionCounter:
+        old = self.cumulative_buckets or (0,) * len(self.bounds)
+        return PredictionCounter(
+            self.bounds,
+            self.total + count,
+            self.score_sum + score_sum,
+            tuple(a + b for a, b in zip(old, cumulative_buckets)),
+        )
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    up: bool
+    last_success: float | None
+
+
+@dataclass(frozen=True)
+class ModelSnapshot:
+    """Everything exported for one model after one refresh.
+
+    Per-source values are those of the last success while it is younger than the
+    staleness period, else empty.
+    """
+
+    model: str
+    sources: Mapping[str, SourceStatus]
+    counter: PredictionCounter
+    score_stats: tuple[ScoreStats, ...] = ()
+    last_prediction_timestamp: float | None = None
+    online: tuple[OnlineAccuracy, ...] = ()
+    replays: tuple[Reproducibility, ...] = ()
+    errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(source, reason) -> cumulative count."""
+    refresh_duration: float | None = None
+    last_success: float | None = None
+
+
+class SnapshotStore:
+    """The latest snapshot of every model; a whole mapping is swapped at once, so a reader
+    never sees a half-written model."""
+
+    def __init__(self, model_names: list[str]):
+        self._expected = frozenset(model_names)
+        self._models: Mapping[str, ModelSnapshot] = MappingProxyType({})
+        self._lock = threading.Lock()
+
+    def put(self, snapshot: ModelSnapshot) -> None:
+        with self._lock:
+            self._models = MappingProxyType({**self._models, snapshot.model: snapshot})
+
+    @property
+    def models(self) -> Mapping[str, ModelSnapshot]:
+        return self._models
+
+    @property
+    def ready(self) -> bool:
+        """True once every configured model has completed a refresh (successful or not)."""
+        return self._expected <= self._models.keys()

@@ -1,0 +1,194 @@
+"""SQL stores: engines per configured store, table reflection and time binding.
+
+Identifiers come only from the config and reach SQL through SQLAlchemy's reflected
+``Table`` objects, which quote them; no SQL string is ever formatted.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from exporter.config import Settings, TableSource
+
+
+class SchemaError(Exception):
+    """A configured table or column does not exist or has an unusable type."""
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password masked, for logs and error messages."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL may hold a secret anywhere: show nothing of it
+        return "<unparsable URL>"
+
+
+def _sqlite_math(dbapi_connection, _record) -> None:
+    """Give SQLite ``ln`` and ``floor`` where its build lacks the math functions.
+
+    SQLite ships them only when compiled with SQLITE_ENABLE_MATH_FUNCTIONS (3.35+); probing
+    keeps the native ones, which are faster, wherever they exist.
+    """
+    try:
+        dbapi_connection.execute("SELECT ln(1.0), floor(1.5)").fetchone()
+    except Exception:
+        dbapi_connection.create_function("ln", 1, lambda x: None if x is None or x <= 0 else math.log(x), deterministic=True)
+        dbapi_connection.create_function("floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True)
+
+
+def create_store_engine(url: str) -> Engine:
+    """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
+        sqlalchemy.exc.NoSuchModuleError: the dialect's driver is not installed.
+    """
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_math)
+    return engine
+
+
+@contextmanager
+def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connection]:
+    """A read transaction whose statements are cancelled after ``timeout_seconds``.
+
+    PostgreSQL cancels on the server (``statement_timeout``, local to the transaction);
+    SQLite is interrupted from a timer thread. Other dialects rely on their own limits.
+    The cancelled statement raises the driver's error, classified as ``timeout``.
+    """
+    with engine.connect() as conn:
+        timer = None
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
+        elif engine.dialect.name == "sqlite":
+            raw = conn.connection.driver_connection
+            timer = threading.Timer(timeout_seconds, raw.interrupt)
+            timer.daemon = True
+            timer.start()
+        try:
+            yield conn
+        finally:
+            if timer is not None:
+                timer.cancel()
+            conn.rollback()
+
+
+@dataclass(frozen=True)
+class TimeColumn:
+    """How to compare a timestamp column with UTC instants: its kind and naive time zone.
+
+    ``kind`` is ``"aware"`` (timestamp with time zone), ``"naive"`` (timestamp without time
+    zone, read in ``zone``) or ``"epoch"`` (numeric seconds since 1970-01-01 UTC).
+    """
+
+    column: sa.ColumnElement
+    kind: str
+    zone: str
+
+    def bind(self, instant: datetime):
+        """The value to compare the column with for a timezone-aware ``instant``."""
+        if self.kind == "epoch":
+            return instant.timestamp()
+        if self.kind == "aware":
+            return instant
+        return instant.astimezone(ZoneInfo(self.zone)).replace(tzinfo=None)
+
+    def to_epoch(self, value) -> float | None:
+        """Seconds since the epoch of a value read from the column (``None`` stays ``None``)."""
+        if value is None:
+            return None
+        if self.kind == "epoch":
+            return float(value)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=ZoneInfo(self.zone))
+        return value.timestamp()
+
+
+def time_column(table: sa.Table, name: str, source: TableSource, key_path: str) -> TimeColumn:
+    """Classify a reflected timestamp column.
+
+    Raises:
+        SchemaError: the column is neither a date-time nor a number.
+    """
+    column = table.c[name]
+    column_type = column.type
+    if isinstance(column_type, sa.DateTime):
+        kind = "aware" if column_type.timezone else "naive"
+    elif isinstance(column_type, sa.Numeric | sa.Integer | sa.Float):
+        kind = "epoch"
+    else:
+        raise SchemaError(
+            f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; "
+            "expected a timestamp or a number of seconds since the epoch"
+        )
+    return TimeColumn(column, kind, source.timezone)
+
+
+def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | None], key_path: str) -> sa.Table:
+    """Reflect a configured table and check that every configured column exists.
+
+    Args:
+        columns: logical field -> column name (``None`` for unset optional fields).
+        key_path: the config path of the source, for error messages.
+
+    Raises:
+        SchemaError: the table or a column is missing (names the config key).
+        sqlalchemy.exc.OperationalError: the store cannot be reached.
+    """
+    metadata = sa.MetaData()
+    try:
+        table = sa.Table(source.table, metadata, schema=source.db_schema, autoload_with=engine)
+    except sa.exc.NoSuchTableError:
+        where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
+        raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
+    for field, name in columns.items():
+        if name is not None and name not in table.c:
+            raise SchemaError(
+                f"{key_path}.columns.{field}: column {name!r} does not exist in table {source.table!r} "
+                f"(columns: {', '.join(table.c.keys())})"
+            )
+    for name in getattr(source, "filter", {}):
+        if name not in table.c:
+            raise SchemaError(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+    return table
+
+
+class Stores:
+    """The engines of all configured stores, created lazily, disposed together."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    def engine(self, name: str) -> Engine:
+        """The engine of store ``name`` (created on first use).
+
+        Raises:
+            OSError: ``url_file`` cannot be read.
+            sqlalchemy.exc.ArgumentError / NoSuchModuleError: bad URL or missing driver.
+        """
+        with self._lock:
+            if name not in self._engines:
+                self._engines[name] = create_store_engine(self._settings.stores[name].resolved_url())
+            return self._engines[name]
+
+    def dispose(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                engine.dispose()
+            self._engines.clear()
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
