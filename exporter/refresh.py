@@ -85,7 +85,8 @@ class ModelRefresher:
     # -- reflection, cached until a source fails -------------------------------------------
 
     def _key_path(self, source: str) -> str:
-        return f"models[{self.settings.models.index(self.model)}].{source}"
+        index = [m.name for m in self.settings.models].index(self.model.name)
+        return f"models[{index}].{source}"
 
     def _predictions(self) -> PredictionQueries:
         if self._prediction_queries is None:

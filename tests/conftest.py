@@ -1,0 +1,44 @@
+"""Shared fixtures: the real PostgreSQL on 127.0.0.1:5432 (database ``test``).
+
+A test that needs PostgreSQL skips with the reason on a laptop without it, and fails
+in CI (``CI`` set), where it must be there.
+"""
+
+import os
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+POSTGRES_URL = os.environ.get("MLMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a real component is missing, except in CI, where that is a failure."""
+    if not condition:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (required in CI)")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_engine():
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:  # any failure to connect means: no PostgreSQL here
+        require(False, f"PostgreSQL not reachable at {POSTGRES_URL}: {str(exc).splitlines()[0]}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_schema(postgres_engine):
+    """(url, schema): a fresh schema in the test database, dropped after the test."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with postgres_engine.begin() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    yield POSTGRES_URL, schema
+    with postgres_engine.begin() as conn:
+        conn.execute(sa.schema.DropSchema(schema, cascade=True))

@@ -1,0 +1,158 @@
+"""Config validation: every error names its key path; check-config exits 2."""
+
+import textwrap
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from exporter.cli import app
+from exporter.config import ConfigError, parse_settings
+
+
+def _config(**model_overrides):
+    model = {
+        "name": "ctr",
+        "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+    }
+    model.update(model_overrides)
+    return {"stores": {"s": {"url": "sqlite://"}}, "models": [model]}
+
+
+def _errors(data) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(data)
+    return info.value.errors
+
+
+def test_defaults():
+    settings = parse_settings(_config())
+    model = settings.models[0]
+    assert model.windows == ["1h", "24h"]
+    assert settings.staleness_period == 3 * settings.refresh_interval
+    assert model.labels is None and model.mode_share_decimals == 6
+
+
+def test_unknown_key_named_with_its_path():
+    data = _config()
+    data["models"][0]["predictions"]["columns"]["scor"] = "p"
+    assert _errors(data) == ["models[0].predictions.columns.scor: Extra inputs are not permitted"]
+
+
+def test_missing_key_named_with_its_path():
+    data = _config()
+    del data["models"][0]["predictions"]["columns"]["score"]
+    assert _errors(data) == ["models[0].predictions.columns.score: Field required"]
+
+
+@pytest.mark.parametrize("field, value", [("windows", ["1h", "ten minutes"]), ("label_delay", "1y")])
+def test_bad_duration(field, value):
+    errors = _errors(_config(**{field: value}))
+    assert len(errors) == 1 and errors[0].startswith(f"models[0].{field}")
+    assert "invalid duration" in errors[0]
+
+
+def test_labels_must_share_the_predictions_store():
+    data = _config(labels={"store": "other", "table": "l", "columns": {"id": "id", "label": "y"}})
+    data["stores"]["other"] = {"url": "sqlite://"}
+    (error,) = _errors(data)
+    assert error.startswith("models[0]") and "labels.store" in error
+
+
+def test_unknown_store():
+    data = _config()
+    data["models"][0]["predictions"]["store"] = "nope"
+    (error,) = _errors(data)
+    assert "models[0].predictions.store: unknown store 'nope'" in error
+
+
+def test_env_reference_expanded(monkeypatch):
+    monkeypatch.setenv("MLMON_TEST_URL", "sqlite:///x.db")
+    data = _config()
+    data["stores"]["s"]["url"] = "${MLMON_TEST_URL}"
+    assert parse_settings(data).stores["s"].url == "sqlite:///x.db"
+
+
+def test_unset_env_reference_named(monkeypatch):
+    monkeypatch.delenv("MLMON_UNSET_VAR", raising=False)
+    data = _config()
+    data["stores"]["s"]["url"] = "postgresql://u:${MLMON_UNSET_VAR}@h/db"
+    assert _errors(data) == ["stores.s.url: environment variable MLMON_UNSET_VAR is not set"]
+
+
+def test_url_from_file(tmp_path):
+    secret = tmp_path / "url"
+    secret.write_text("sqlite:///from-file.db\n")
+    data = _config()
+    data["stores"]["s"] = {"url_file": str(secret)}
+    assert parse_settings(data).stores["s"].resolved_url() == "sqlite:///from-file.db"
+
+
+def test_duplicate_model_names():
+    data = _config()
+    data["models"].append(dict(data["models"][0]))
+    (error,) = _errors(data)
+    assert "duplicate model name" in error and "ctr" in error
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "mlmon.yml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _table(url):
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT)"))
+    engine.dispose()
+
+
+CONFIG = """
+    stores:
+      s: {{url: "{url}"}}
+    models:
+      - name: ctr
+        predictions:
+          store: s
+          table: {table}
+          columns: {{id: id, timestamp: ts, score: {score}}}
+    """
+
+
+def test_check_config_ok(tmp_path):
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    _table(url)
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table="predictions", score="p")))])
+    assert result.exit_code == 0, result.output
+    assert "OK (1 model(s), 1 store(s))" in result.output
+
+
+@pytest.mark.parametrize(
+    "table, score, message",
+    [
+        ("preds", "p", "models[0].predictions.table: table 'preds' does not exist in store 's'"),
+        ("predictions", "y_pred_proba", "models[0].predictions.columns.score: column 'y_pred_proba' does not exist"),
+    ],
+)
+def test_check_config_missing_table_or_column(tmp_path, table, score, message):
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    _table(url)
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table=table, score=score)))])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_check_config_invalid_yaml_key(tmp_path):
+    path = _write(tmp_path, "    refresh_interval: soon" + CONFIG.format(url="sqlite://", table="predictions", score="p"))
+    result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "refresh_interval: Value error, invalid duration 'soon'" in result.output
+
+
+def test_check_config_unreachable_store_hides_password(tmp_path):
+    url = "postgresql+psycopg://mlmon:s3cret@127.0.0.1:1/test"
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table="p", score="p")))])
+    assert result.exit_code == 2
+    assert "cannot reach store 's'" in result.output
+    assert "s3cret" not in result.output
