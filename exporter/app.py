@@ -6,7 +6,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST
+# The classic text format 0.0.4 is what every Prometheus (2.x and 3.x) scrapes.
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from exporter import __version__
 from exporter.collector import build_registry, render
@@ -51,7 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:

@@ -1,0 +1,175 @@
+"""The exposition: catalog in sync with the code, exact text, promtool lint, the ASGI app
+and `mlmon once`."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from conftest import require
+from exporter.app import create_app
+from exporter.cli import app as cli
+from exporter.collector import METRICS
+from exporter.config import parse_settings
+from exporter.loop import refresh_once
+
+CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
+AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (type, labels) from the table in docs/metrics.md."""
+    rows = {}
+    for line in CATALOG.read_text().splitlines():
+        match = re.match(r"\| `(mlmon_\w+)` \| (\w+) \| ([^|]*) \|", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), tuple(re.findall(r"`(\w+)`", match.group(3))))
+    return rows
+
+
+def test_catalog_lists_exactly_the_metrics_of_the_code():
+    documented = catalog()
+    assert set(documented) == set(METRICS)
+    for name, spec in METRICS.items():
+        assert documented[name] == (spec.type, spec.labels), name
+
+
+def _store(path: Path) -> str:
+    """A small store: 4 predictions in the last hour (0.1, 0.2, 0.2, 0.5), labels for 3."""
+    url = f"sqlite:///{path}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT)"))
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
+        conn.execute(sa.text("CREATE TABLE replays (id INTEGER, p FLOAT)"))
+        for i, (minutes, score) in enumerate([(10, 0.1), (20, 0.2), (30, 0.2), (40, 0.5)]):
+            ts = (AS_OF - timedelta(minutes=minutes)).replace(tzinfo=None)
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"), {"i": i, "ts": ts, "p": score})
+        conn.execute(sa.text("INSERT INTO labels VALUES (0, 0), (1, 1), (3, 1)"))
+        conn.execute(sa.text("INSERT INTO replays VALUES (0, 0.1), (1, 0.25)"))
+    engine.dispose()
+    return url
+
+
+def _settings(url: str, **model):
+    return parse_settings(
+        {
+            "stores": {"s": {"url": url}},
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "labels": {"store": "s", "table": "labels", "columns": {"id": "id", "label": "y"}},
+                    "replays": {"store": "s", "table": "replays", "columns": {"id": "id", "score": "p"}},
+                    "windows": ["1h"],
+                    "label_delay": "0s",
+                    **model,
+                }
+            ],
+        }
+    )
+
+
+def test_exact_exposition_lines(tmp_path):
+    text = refresh_once(_settings(_store(tmp_path / "s.sqlite")), AS_OF).decode()
+    for line in [
+        'mlmon_window_predictions{model="ctr",window="1h"} 4.0',
+        'mlmon_prediction_score_mean{model="ctr",window="1h"} 0.25',
+        'mlmon_prediction_score_percentile{model="ctr",percentile="50",window="1h"} 0.2',
+        'mlmon_prediction_mode_share_ratio{model="ctr",window="1h"} 0.5',
+        'mlmon_online_labeled_predictions{model="ctr",window="1h"} 3.0',
+        'mlmon_online_positive_ratio{model="ctr",window="1h"} 0.6666666666666666',
+        # labeled (0.1, y=0), (0.2, y=1), (0.5, y=1): every positive ranks above the negative
+        'mlmon_online_roc_auc{model="ctr",window="1h"} 1.0',
+        'mlmon_online_label_coverage_ratio{model="ctr",window="1h"} 0.75',
+        'mlmon_replay_predictions{model="ctr",window="1h"} 2.0',
+        'mlmon_replay_reproducibility_ratio{model="ctr",window="1h"} 0.5',
+        'mlmon_source_up{model="ctr",source="predictions"} 1.0',
+        'mlmon_predictions_total{model="ctr"} 0.0',
+        'mlmon_prediction_score_bucket{le="+Inf",model="ctr"} 0.0',
+        'mlmon_build_info{version="0.1.0"} 1.0',
+    ]:
+        assert line in text.splitlines(), line
+    assert "# TYPE mlmon_predictions_total counter" in text
+    assert "# TYPE mlmon_prediction_score histogram" in text
+    assert "nan" not in text.lower().replace("nan_score", "")
+
+
+def _full_exposition(tmp_path) -> str:
+    """An exposition holding every mlmon metric: a model with bucketed AUC and one whose
+    replay table is missing (so errors and source_up 0 appear)."""
+    url = _store(tmp_path / "s.sqlite")
+    bucketed = _settings(url, max_distinct_scores=2, bucket_decimals=1).models[0]
+    broken = bucketed.model_copy(update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})})
+    settings = _settings(url).model_copy(update={"models": [bucketed, broken]})
+    return refresh_once(settings, AS_OF).decode()
+
+
+def test_every_exposed_metric_is_cataloged_and_every_cataloged_one_exposed(tmp_path):
+    families = {f.name: f.type for f in text_string_to_metric_families(_full_exposition(tmp_path))}
+    exposed = {name + ("_total" if kind == "counter" else ""): kind for name, kind in families.items() if name.startswith("mlmon_")}
+    documented = catalog()
+    assert set(exposed) == set(documented)
+    assert all(documented[name][0] == kind for name, kind in exposed.items())
+
+
+def test_promtool_check_metrics_is_clean(tmp_path):
+    promtool = shutil.which("promtool")
+    require(promtool is not None, "promtool not installed (Debian package prometheus)")
+    result = subprocess.run([promtool, "check", "metrics"], input=_full_exposition(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
+
+
+def test_asgi_app_serves_metrics_health_and_readiness(tmp_path):
+    settings = _settings(_store(tmp_path / "s.sqlite"))
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "no first refresh within 10 s"
+            time.sleep(0.05)
+        response = client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        up = {s.labels["source"]: s.value for s in families["mlmon_source_up"].samples}
+        assert up == {"predictions": 1.0, "labels": 1.0, "replays": 1.0}
+        assert "process_resident_memory_bytes" in families
+        assert 'href="metrics"' in client.get("/").text
+
+
+def test_readyz_is_503_before_the_first_refresh(tmp_path):
+    settings = _settings(_store(tmp_path / "s.sqlite"))
+    client = TestClient(create_app(settings))  # no context manager: the lifespan never starts
+    assert client.get("/readyz").status_code == 503
+
+
+def test_once_prints_the_exposition_at_as_of(tmp_path):
+    url = _store(tmp_path / "s.sqlite")
+    config = tmp_path / "mlmon.yml"
+    config.write_text(
+        f"""
+stores: {{s: {{url: "{url}"}}}}
+models:
+  - name: ctr
+    predictions: {{store: s, table: predictions, columns: {{id: id, timestamp: ts, score: p}}}}
+    windows: [1h]
+"""
+    )
+    result = CliRunner().invoke(cli, ["once", "--config", str(config), "--as-of", "2026-03-01T12:00:00Z"])
+    assert result.exit_code == 0, result.output
+    assert 'mlmon_window_predictions{model="ctr",window="1h"} 4.0' in result.stdout.splitlines()
+    later = CliRunner().invoke(cli, ["once", "--config", str(config), "--as-of", "2026-03-01T12:35:00+00:00"])
+    assert 'mlmon_window_predictions{model="ctr",window="1h"} 2.0' in later.stdout.splitlines()
+    bad = CliRunner().invoke(cli, ["once", "--config", str(config), "--as-of", "yesterday"])
+    assert bad.exit_code == 2 and "--as-of" in bad.output
