@@ -1,0 +1,240 @@
+"""``mlmon demo``: a self-contained SQLite store of two ad-style CTR models, kept growing, served.
+
+The store holds three tables, written with naive UTC timestamps (DESIGN.md: naive means UTC):
+
+- ``predictions(id, model_name, model_version, timestamp, score)``: one row per served
+  prediction, about one every 10 seconds per model (busier in the evening), scores are
+  click probabilities of a few percent rounded to 4 decimals as serving systems often
+  log them; ``model_version`` is the day's date (a new model every day).
+- ``labels(id, clicked, timestamp)``: rows only for clicks (``clicked = 1``), 1 to 30
+  minutes after the prediction; an absent row means no click (``missing: negative``).
+- ``replays(id, score)``: an offline re-computation of about 20% of the predictions.
+
+``ctr_search`` is healthy. ``ctr_feed`` has three incidents that mlmon should show:
+15% of its predictions stuck at one value (a broken feature fallback, high
+``mlmon_prediction_mode_share_ratio``), training/serving skew on 30% of its replays
+(``mlmon_replay_reproducibility_ratio`` about 0.7) and over-prediction (clicks happen at
+0.7 times the predicted rate, ``mlmon_online_calibration_ratio`` about 1.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from exporter.config import Settings, parse_settings
+from exporter.stores import utc_now
+
+#: Mean gap between two predictions of one model.
+MEAN_GAP_SECONDS = 10.0
+#: How often the running demo appends new rows.
+APPEND_EVERY_SECONDS = 5.0
+REPLAY_SHARE = 0.2
+
+metadata = sa.MetaData()
+predictions = sa.Table(
+    "predictions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("model_name", sa.Text, nullable=False),
+    sa.Column("model_version", sa.Text, nullable=False),
+    sa.Column("timestamp", sa.DateTime(), nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Index("ix_predictions_model_time", "model_name", "timestamp"),
+)
+labels = sa.Table(
+    "labels",
+    metadata,
+    sa.Column("id", sa.Integer, nullable=False, index=True),
+    sa.Column("clicked", sa.Integer, nullable=False),
+    sa.Column("timestamp", sa.DateTime(), nullable=False),
+)
+replays = sa.Table(
+    "replays",
+    metadata,
+    sa.Column("id", sa.Integer, nullable=False, index=True),
+    sa.Column("score", sa.Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """How one demo model behaves.
+
+    Scores follow Beta(mean * 60, (1 - mean) * 60); a click happens with probability
+    ``click_factor * score`` (1 is calibrated); ``stuck_share`` of the predictions are
+    ``stuck_score``; ``skew_share`` of the replays differ from the served score by 2-8%.
+    """
+
+    name: str
+    mean: float
+    click_factor: float = 1.0
+    stuck_share: float = 0.0
+    stuck_score: float = 0.0123
+    skew_share: float = 0.0
+
+
+MODELS = (
+    DemoModel("ctr_search", mean=0.03),
+    DemoModel("ctr_feed", mean=0.03, click_factor=0.7, stuck_share=0.15, skew_share=0.3),
+)
+
+
+def _naive_utc(t: datetime) -> datetime:
+    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo is not None else t
+
+
+def _times(start: datetime, end: datetime, rng: np.random.Generator) -> np.ndarray:
+    """Sorted prediction times in ``[start, end)`` (naive UTC ``datetime64[us]``) of a
+    Poisson process averaging one per ``MEAN_GAP_SECONDS``, with a daily cycle."""
+    seconds = (end - start).total_seconds()
+    # Thinning: draw at the peak rate, keep each with the relative rate of its hour,
+    # which runs from 1/3 (08:00 UTC) to 1 (20:00 UTC) and averages 2/3.
+    offsets = rng.uniform(0.0, seconds, rng.poisson(1.5 * seconds / MEAN_GAP_SECONDS))
+    times = np.datetime64(start, "us") + (offsets * 1e6).astype("timedelta64[us]")
+    hour = (times - times.astype("datetime64[D]")) / np.timedelta64(1, "h")
+    keep = rng.uniform(size=times.size) < (1.0 + 0.5 * np.cos(2 * np.pi * (hour - 20.0) / 24.0)) / 1.5
+    return np.sort(times[keep])
+
+
+def append(engine: sa.Engine, start: datetime, end: datetime, rng: np.random.Generator) -> None:
+    """Write every model's predictions with a time in ``[start, end)``, their replays and
+    their clicks, in one transaction; ids continue after the largest existing id.
+
+    A click's label row is written at once with its future time (1-30 minutes after the
+    prediction): mlmon only counts labels older than its ``as_of``, so the row "arrives"
+    when the clock passes it. ``start`` and ``end`` are aware, or naive UTC.
+    """
+    start, end = _naive_utc(start), _naive_utc(end)
+    with engine.begin() as conn:
+        next_id = (conn.execute(sa.select(sa.func.max(predictions.c.id))).scalar() or 0) + 1
+        for model in MODELS:
+            times = _times(start, end, rng)
+            n = times.size
+            if n == 0:
+                continue
+            ids = np.arange(next_id, next_id + n)
+            next_id += n
+            # Rounded like a serving log, but never to 0: a sigmoid does not output 0.
+            scores = np.clip(np.round(rng.beta(model.mean * 60, (1 - model.mean) * 60, n), 4), 1e-4, 1.0)
+            scores[rng.uniform(size=n) < model.stuck_share] = model.stuck_score
+            clicked = rng.uniform(size=n) < model.click_factor * scores
+            click_delays = rng.uniform(60, 30 * 60, n).astype("timedelta64[s]")
+            replayed = rng.uniform(size=n) < REPLAY_SHARE
+            # Healthy replays differ by float noise only; skewed ones by a few percent either way.
+            skewed = rng.uniform(size=n) < model.skew_share
+            skew = np.where(skewed, rng.choice([-1, 1], n) * rng.uniform(0.02, 0.08, n), 0.0)
+            replay_scores = scores * (1 + skew) + rng.uniform(-1e-9, 1e-9, n)
+            conn.execute(
+                predictions.insert(),
+                [
+                    {"id": i, "model_name": model.name, "model_version": t.strftime("%Y-%m-%d"), "timestamp": t, "score": s}
+                    for i, t, s in zip(ids.tolist(), times.tolist(), scores.tolist())
+                ],
+            )
+            if clicked.any():
+                click_times = (times[clicked] + click_delays[clicked]).tolist()
+                conn.execute(
+                    labels.insert(),
+                    [{"id": i, "clicked": 1, "timestamp": t} for i, t in zip(ids[clicked].tolist(), click_times)],
+                )
+            if replayed.any():
+                conn.execute(
+                    replays.insert(),
+                    [{"id": i, "score": s} for i, s in zip(ids[replayed].tolist(), replay_scores[replayed].tolist())],
+                )
+
+
+def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed: int = 0) -> None:
+    """Create the demo tables (if missing) and write ``days`` days of history up to ``now``
+    (aware, or naive UTC), reproducibly for a given ``rng_seed``."""
+    engine = sa.create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
+    try:
+        metadata.create_all(engine)
+        append(engine, now - timedelta(days=days), now, np.random.default_rng(rng_seed))
+    finally:
+        if engine is not engine_or_url:
+            engine.dispose()
+
+
+def demo_settings(database_path: Path) -> Settings:
+    """The mlmon configuration that monitors both demo models in the SQLite file."""
+    source = {"store": "demo"}
+    return parse_settings(
+        {
+            "refresh_interval": "10s",
+            "stores": {"demo": {"url": f"sqlite:///{Path(database_path).resolve()}"}},
+            "models": [
+                {
+                    "name": model.name,
+                    "predictions": {
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "timestamp", "score": "score", "version": "model_version"},
+                        "filter": {"model_name": model.name},
+                    },
+                    "labels": {
+                        **source,
+                        "table": "labels",
+                        "columns": {"id": "id", "label": "clicked", "timestamp": "timestamp"},
+                        "missing": "negative",
+                    },
+                    "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "score"}},
+                    "windows": ["1h", "24h"],
+                    "label_delay": "1h",
+                }
+                for model in MODELS
+            ],
+        }
+    )
+
+
+async def _keep_appending(engine: sa.Engine, since: datetime) -> None:
+    rng = np.random.default_rng()
+    while True:
+        await asyncio.sleep(APPEND_EVERY_SECONDS)
+        now = utc_now()
+        # In a thread: a write may wait on SQLite's lock while a refresh reads.
+        await asyncio.to_thread(append, engine, since, now, rng)
+        since = now
+
+
+async def _serve(server, engine: sa.Engine, since: datetime) -> None:
+    appender = asyncio.create_task(_keep_appending(engine, since))
+    try:
+        await server.serve()
+    finally:
+        appender.cancel()
+        await asyncio.gather(appender, return_exceptions=True)
+
+
+def run_demo(database: Path, host: str, port: int) -> None:
+    """Recreate ``database`` with a week of history, then serve mlmon on it at ``host:port``
+    while appending new predictions every few seconds, until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    from exporter.app import create_app
+
+    database.unlink(missing_ok=True)
+    engine = sa.create_engine(f"sqlite:///{database.resolve()}")
+    now = utc_now()
+    seed(engine, now)
+    server = uvicorn.Server(uvicorn.Config(create_app(demo_settings(database)), host=host, port=port))
+    base = f"http://{host}:{port}"
+    print(
+        f"mlmon demo: {database} holds a week of predictions of {', '.join(m.name for m in MODELS)}.\n"
+        f"  open {base}/metrics (what Prometheus scrapes) and {base}/ (the landing page);\n"
+        "  ctr_search is healthy; ctr_feed has incidents: stuck predictions (mlmon_prediction_mode_share_ratio),\n"
+        "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
+        "  (mlmon_online_calibration_ratio). New rows are appended every 5 s; Ctrl-C stops.",
+        flush=True,
+    )
+    try:
+        asyncio.run(_serve(server, engine, now))
+    finally:
+        engine.dispose()
