@@ -1,0 +1,124 @@
+"""Failures are data: a failing source flips mlmon_source_up to 0, counts the error by
+reason, keeps its last values for the staleness period, then drops them; nothing raises."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import sqlalchemy as sa
+
+from exporter.config import parse_settings
+from exporter.refresh import ModelRefresher
+from exporter.stores import Stores
+
+AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _fill(engine, schema=None):
+    metadata = sa.MetaData(schema=schema)
+    predictions = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double))
+    labels = sa.Table("labels", metadata, sa.Column("id", sa.Integer), sa.Column("y", sa.Integer))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(predictions.insert(), [{"id": i, "ts": (AS_OF - timedelta(minutes=i)).replace(tzinfo=None), "p": (i % 10) / 10} for i in range(1, 200)])
+        conn.execute(labels.insert(), [{"id": i, "y": i % 2} for i in range(1, 200)])
+
+
+def _settings(url, schema=None, **top):
+    source = {"store": "s", **({"schema": schema} if schema else {})}
+    return parse_settings(
+        {
+            "stores": {"s": {"url": url}},
+            "refresh_interval": "60s",
+            **top,
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {**source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
+                    "windows": ["1h"],
+                    "label_delay": "0s",
+                }
+            ],
+        }
+    )
+
+
+def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    _fill(engine)
+    settings = _settings(url, staleness="5m")
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+
+    first = refresher.refresh(AS_OF)
+    assert first.sources["labels"].up and first.online[0].labeled == 60  # ids 1..60: minutes before as_of, start inclusive
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE labels RENAME TO labels_old"))
+    failing = refresher.refresh(AS_OF + timedelta(minutes=4))
+    assert not failing.sources["labels"].up and failing.sources["predictions"].up
+    assert failing.errors == {("labels", "schema"): 1}
+    assert failing.online == first.online  # kept within the staleness period
+    assert failing.last_success == first.last_success
+
+    stale = refresher.refresh(AS_OF + timedelta(minutes=6))
+    assert stale.online == ()  # dropped: Prometheus marks the series stale
+    assert stale.errors == {("labels", "schema"): 2}
+    assert stale.score_stats  # the healthy source is unaffected
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE labels_old RENAME TO labels"))
+    recovered = refresher.refresh(AS_OF + timedelta(minutes=7))
+    assert recovered.sources["labels"].up and recovered.online
+    assert recovered.last_success == (AS_OF + timedelta(minutes=7)).timestamp()
+    stores.dispose()
+
+
+def test_unreachable_store_is_counted_as_connection_error():
+    settings = _settings("postgresql+psycopg://mlmon:secret@127.0.0.1:1/none")
+    stores = Stores(settings)
+    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    assert {name: s.up for name, s in snap.sources.items()} == {"predictions": False, "labels": False}
+    assert snap.errors == {("predictions", "connection"): 1, ("labels", "connection"): 1}
+    assert snap.score_stats == () and snap.last_success is None
+    stores.dispose()
+
+
+def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, postgres_engine):
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    settings = _settings(url, schema, query_timeout="1s")
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher.check_schema()  # reflect before the lock: reflection would wait too
+
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with postgres_engine.begin() as conn:
+            conn.execute(sa.text(f'LOCK TABLE "{schema}".labels IN ACCESS EXCLUSIVE MODE'))
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        started = time.monotonic()
+        snap = refresher.refresh(AS_OF)
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+        holder.join()
+    assert snap.errors == {("labels", "timeout"): 1}
+    assert snap.sources["predictions"].up and not snap.sources["labels"].up
+    assert elapsed < 10
+    with postgres_engine.connect() as conn:  # cancelled on the server: nothing left waiting
+        waiting = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar()
+    assert waiting == 0
+    stores.dispose()
