@@ -133,7 +133,7 @@ def append(engine: sa.Engine, start: datetime, end: datetime, rng: np.random.Gen
             conn.execute(
                 predictions.insert(),
                 [
-                    {"id": i, "model_name": model.name, "model_version": t.strftime("%Y-%m-%d"), "timestamp": t, "score": s}
+                    {"id": i, "model_name": model.name, "model_version": f"{t:%Y-%m-%d}", "timestamp": t, "score": s}
                     for i, t, s in zip(ids.tolist(), times.tolist(), scores.tolist())
                 ],
             )

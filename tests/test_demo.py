@@ -112,7 +112,8 @@ def test_append_adds_predictions_replays_and_only_clicks(tmp_path):
     predictions, labels, replays = _read(path, "predictions"), _read(path, "labels"), _read(path, "replays")
     new = predictions[predictions["id"] > before["id"].max()]
     assert len(predictions) == len(before) + len(new)
-    assert new["timestamp"].between(pd.Timestamp(NOW).tz_localize(None), pd.Timestamp(end).tz_localize(None), "left").all()
+    naive = [pd.Timestamp(t).tz_localize(None) for t in (NOW, end)]
+    assert new["timestamp"].between(*naive, inclusive="left").all()
     assert set(new["model_name"]) == set(MODELS)
     assert predictions["id"].is_unique
     assert replays["id"].is_unique and replays["id"].isin(predictions["id"]).all()
