@@ -44,8 +44,13 @@ def classify_error(exc: BaseException) -> str:
         return "schema"
     if isinstance(exc, sa.exc.DBAPIError):
         orig = exc.orig
-        if getattr(orig, "sqlstate", None) == "57014" or "interrupted" in str(orig).lower():
+        sqlstate = getattr(orig, "sqlstate", None)
+        message = str(orig).lower()
+        if sqlstate == "57014" or "interrupted" in message:  # query_canceled / sqlite3 interrupt
             return "timeout"
+        # undefined table, column or object (PostgreSQL); SQLite reports them as messages
+        if sqlstate in ("42P01", "42703", "42704") or "no such table" in message or "no such column" in message:
+            return "schema"
         if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated:
             return "connection"
         return "query"
