@@ -54,6 +54,7 @@ METRICS = {
         _spec("mlmon_online_logloss", "gauge", W, "Log loss (natural log) of the labeled predictions of the label-delayed window."),
         _spec("mlmon_online_roc_auc", "gauge", W, "ROC AUC of the labeled predictions of the label-delayed window; absent with one class."),
         _spec("mlmon_online_roc_auc_error_bound", "gauge", W, "Largest possible error of mlmon_online_roc_auc when computed from score buckets."),
+        _spec("mlmon_online_positive_labels", "gauge", W, "Labeled predictions of the label-delayed window whose label is 1."),
         _spec("mlmon_online_positive_ratio", "gauge", W, "Share of positive labels among labeled predictions."),
         _spec("mlmon_online_calibration_ratio", "gauge", W, "Mean predicted score / observed positive ratio of labeled predictions."),
         _spec("mlmon_online_label_coverage_ratio", "gauge", W, "Share of the label-delayed window's predictions that have a label row."),
@@ -112,6 +113,7 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         _emit(families, "mlmon_online_logloss", w, o.logloss)
         _emit(families, "mlmon_online_roc_auc", w, o.roc_auc)
         _emit(families, "mlmon_online_roc_auc_error_bound", w, o.roc_auc_error_bound)
+        _emit(families, "mlmon_online_positive_labels", w, o.positives)
         _emit(families, "mlmon_online_positive_ratio", w, o.positive_ratio)
         _emit(families, "mlmon_online_calibration_ratio", w, o.calibration_ratio)
         _emit(families, "mlmon_online_label_coverage_ratio", w, o.label_coverage)

@@ -129,6 +129,9 @@ class TableSource(Strict):
 class PredictionSource(TableSource):
     columns: PredictionColumns
     filter: dict[Identifier, str | int | float | bool] = {}
+    ingestion_delay: DurationOrZero = timedelta(0)
+    """How long after its timestamp a row may still be written; the prediction counter and
+    histogram count a row only once it is older than this, so late rows are not missed."""
 
 
 class LabelSource(TableSource):

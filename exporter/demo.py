@@ -177,6 +177,8 @@ def demo_settings(database_path: Path) -> Settings:
                         "table": "predictions",
                         "columns": {"id": "id", "timestamp": "timestamp", "score": "score", "version": "model_version"},
                         "filter": {"model_name": model.name},
+                        # rows are written in batches every APPEND_EVERY_SECONDS, after their timestamps
+                        "ingestion_delay": f"{int(2 * APPEND_EVERY_SECONDS)}s",
                     },
                     "labels": {
                         **source,

@@ -185,13 +185,15 @@ class ModelRefresher:
                 self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
             )
             last = q.time.to_epoch(conn.execute(q.last_timestamp(as_of)).scalar())
+            # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
+            horizon = as_of - self.model.predictions.ingestion_delay
             if self._watermark is None:
-                self._watermark = as_of  # counters start with the process: old rows are not counted
-            elif as_of > self._watermark:
-                row = conn.execute(q.new_predictions(self._watermark, as_of, self.model.histogram_buckets)).one()
+                self._watermark = horizon  # counters start with the process: old rows are not counted
+            elif horizon > self._watermark:
+                row = conn.execute(q.new_predictions(self._watermark, horizon, self.model.histogram_buckets)).one()
                 count, score_sum, *buckets = row
                 self._counter = self._counter.add(_int(count), float(score_sum or 0.0), tuple(_int(b) for b in buckets))
-                self._watermark = as_of
+                self._watermark = horizon
         return stats, last
 
     def _online(self, conn, window: str, as_of: datetime) -> OnlineAccuracy:

@@ -109,7 +109,7 @@ def store(request, tmp_path):
         yield request.getfixturevalue("postgres_schema") + ("postgresql",)
 
 
-def settings_for(url, schema, missing="ignore", label_timestamp=True):
+def settings_for(url, schema, missing="ignore", label_timestamp=True, ingestion_delay="0s"):
     source = {"store": "s", "schema": schema} if schema else {"store": "s"}
     return parse_settings(
         {
@@ -117,7 +117,12 @@ def settings_for(url, schema, missing="ignore", label_timestamp=True):
             "models": [
                 {
                     "name": "ctr",
-                    "predictions": {**source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "predictions": {
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                        "ingestion_delay": ingestion_delay,
+                    },
                     "labels": {
                         **source,
                         "table": "labels",
@@ -203,15 +208,16 @@ def test_prediction_statistics(store, aware):
     assert snap.last_prediction_timestamp == pytest.approx(newest.timestamp(), abs=1e-3)
 
 
-def test_counter_and_histogram_count_each_new_prediction_once(store):
+@pytest.mark.parametrize("delay", [timedelta(0), timedelta(minutes=10)], ids=["no-delay", "ingestion-delay"])
+def test_counter_and_histogram_count_each_new_prediction_once(store, delay):
     url, schema, dialect = store
     data = make_data(2, dialect == "postgresql")
     load(sa.create_engine(url), schema, data, dialect == "postgresql")
-    snap = refresh(url, schema)
-    start = AS_OF - timedelta(minutes=30)
+    snap = refresh(url, schema, ingestion_delay=f"{int(delay.total_seconds())}s")
+    start, end = AS_OF - timedelta(minutes=30) - delay, AS_OF - delay
     scores = np.array(
         [p["score"] for p in data.predictions
-         if start <= p["ts"] < AS_OF and p["score"] is not None and not math.isnan(p["score"]) and 0 <= p["score"] <= 1]
+         if start <= p["ts"] < end and p["score"] is not None and not math.isnan(p["score"]) and 0 <= p["score"] <= 1]
     )
     counter = snap.counter
     assert counter.total == len(scores) > 0
