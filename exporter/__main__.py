@@ -1,0 +1,5 @@
+"""`python -m exporter` runs the mlmon command line."""
+
+from exporter.cli import app
+
+app()
