@@ -19,12 +19,15 @@ from exporter.snapshot import ModelSnapshot, SnapshotStore
 
 @dataclass(frozen=True)
 class MetricSpec:
+    """Name (as exposed, counters with ``_total``), type, label names and help of one metric."""
+
     name: str
     type: str
     labels: tuple[str, ...]
     help: str
 
     def family(self) -> Metric:
+        """An empty metric family of this spec."""
         cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}[self.type]
         return cls(self.name, self.help, labels=list(self.labels))
 
@@ -135,9 +138,11 @@ class MlmonCollector:
         self._store = store
 
     def describe(self) -> Iterator[Metric]:
+        """Every family mlmon can expose (lets the registry detect name clashes)."""
         return (spec.family() for spec in METRICS.values())
 
     def collect(self) -> Iterator[Metric]:
+        """The non-empty families of the current snapshots."""
         families = {name: spec.family() for name, spec in METRICS.items()}
         families["mlmon_build_info"].add_metric([__version__], 1.0)
         for name in sorted(self._store.models):

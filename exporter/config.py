@@ -99,6 +99,8 @@ class Store(Strict):
 
 
 class PredictionColumns(Strict):
+    """Column names of the prediction log; ``version`` (the serving model version) is optional."""
+
     id: Identifier
     timestamp: Identifier
     score: Identifier
@@ -106,12 +108,16 @@ class PredictionColumns(Strict):
 
 
 class LabelColumns(Strict):
+    """Column names of the label table; with ``timestamp``, only labels older than the refresh count."""
+
     id: Identifier
     label: Identifier
     timestamp: Identifier | None = None
 
 
 class ReplayColumns(Strict):
+    """Column names of the replay table (offline re-computed scores, joined by id)."""
+
     id: Identifier
     score: Identifier
 
@@ -127,6 +133,8 @@ class TableSource(Strict):
 
 
 class PredictionSource(TableSource):
+    """The prediction log: one row per served prediction."""
+
     columns: PredictionColumns
     filter: dict[Identifier, str | int | float | bool] = {}
     ingestion_delay: DurationOrZero = timedelta(0)
@@ -135,12 +143,16 @@ class PredictionSource(TableSource):
 
 
 class LabelSource(TableSource):
+    """Delayed ground truth, 0/1 per prediction id."""
+
     columns: LabelColumns
     missing: Literal["ignore", "negative"] = "ignore"
     """What a prediction without a label row means: unknown (``ignore``) or 0 (``negative``)."""
 
 
 class ReplaySource(TableSource):
+    """Offline replays of served predictions."""
+
     columns: ReplayColumns
 
 
@@ -152,6 +164,8 @@ class ReplayTolerance(Strict):
 
 
 class ModelConfig(Strict):
+    """One monitored model: its sources, windows and numeric settings."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
     predictions: PredictionSource
     labels: LabelSource | None = None

@@ -39,9 +39,11 @@ class RefreshLoop:
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     def start(self) -> None:
+        """Start one task per model on the running event loop."""
         self._tasks = [asyncio.create_task(self._run(r), name=f"refresh-{r.model.name}") for r in self.refreshers]
 
     async def stop(self) -> None:
+        """Cancel the tasks and wait for them (a refresh in a worker thread finishes on its own)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -66,6 +66,7 @@ class PredictionCounter:
     cumulative_buckets: tuple[int, ...] = ()
 
     def add(self, count: int, score_sum: float, cumulative_buckets: tuple[int, ...]) -> PredictionCounter:
+        """A new counter with ``count`` more predictions; ``cumulative_buckets[i]`` counts scores <= ``bounds[i]``."""
         old = self.cumulative_buckets or (0,) * len(self.bounds)
         return PredictionCounter(
             self.bounds,
@@ -77,6 +78,8 @@ class PredictionCounter:
 
 @dataclass(frozen=True)
 class SourceStatus:
+    """Whether the last refresh of a source succeeded, and when it last did (epoch seconds)."""
+
     up: bool
     last_success: float | None
 
@@ -112,11 +115,13 @@ class SnapshotStore:
         self._lock = threading.Lock()
 
     def put(self, snapshot: ModelSnapshot) -> None:
+        """Replace the model's snapshot."""
         with self._lock:
             self._models = MappingProxyType({**self._models, snapshot.model: snapshot})
 
     @property
     def models(self) -> Mapping[str, ModelSnapshot]:
+        """Model name -> latest snapshot; a read-only mapping that later puts do not change."""
         return self._models
 
     @property

@@ -60,10 +60,11 @@ def create_store_engine(url: str) -> Engine:
 
 @contextmanager
 def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connection]:
-    """A read transaction whose statements are cancelled after ``timeout_seconds``.
+    """A read transaction whose queries are cancelled when they run too long.
 
-    PostgreSQL cancels on the server (``statement_timeout``, local to the transaction);
-    SQLite is interrupted from a timer thread. Other dialects rely on their own limits.
+    PostgreSQL cancels each statement after ``timeout_seconds`` on the server
+    (``statement_timeout``, local to the transaction); SQLite is interrupted from a timer
+    thread once the whole transaction exceeds it. Other dialects rely on their own limits.
     The cancelled statement raises the driver's error, classified as ``timeout``.
     """
     with engine.connect() as conn:
@@ -184,6 +185,7 @@ class Stores:
             return self._engines[name]
 
     def dispose(self) -> None:
+        """Close every pooled connection."""
         with self._lock:
             for engine in self._engines.values():
                 engine.dispose()
