@@ -45,32 +45,43 @@ def test_catalog_lists_exactly_the_metrics_of_the_code():
 
 
 def _store(path: Path) -> str:
-    """A small store: 4 predictions in the last hour (0.1, 0.2, 0.2, 0.5), labels for 3."""
+    """A small SQLite store: 4 predictions in the last hour (0.1, 0.2, 0.2, 0.5), labels for 3."""
     url = f"sqlite:///{path}"
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT)"))
-        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
-        conn.execute(sa.text("CREATE TABLE replays (id INTEGER, p FLOAT)"))
-        for i, (minutes, score) in enumerate([(10, 0.1), (20, 0.2), (30, 0.2), (40, 0.5)]):
-            ts = (AS_OF - timedelta(minutes=minutes)).replace(tzinfo=None)
-            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"), {"i": i, "ts": ts, "p": score})
-        conn.execute(sa.text("INSERT INTO labels VALUES (0, 0), (1, 1), (3, 1)"))
-        conn.execute(sa.text("INSERT INTO replays VALUES (0, 0.1), (1, 0.25)"))
-    engine.dispose()
+    _fill(url, None)
     return url
 
 
-def _settings(url: str, **model):
+def _fill(url: str, schema: str | None, as_of: datetime = AS_OF) -> None:
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    predictions = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double))
+    labels = sa.Table("labels", metadata, sa.Column("id", sa.Integer), sa.Column("y", sa.Integer))
+    replays = sa.Table("replays", metadata, sa.Column("id", sa.Integer), sa.Column("p", sa.Double))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            predictions.insert(),
+            [
+                {"id": i, "ts": (as_of - timedelta(minutes=minutes)).replace(tzinfo=None), "p": score}
+                for i, (minutes, score) in enumerate([(10, 0.1), (20, 0.2), (30, 0.2), (40, 0.5)])
+            ],
+        )
+        conn.execute(labels.insert(), [{"id": 0, "y": 0}, {"id": 1, "y": 1}, {"id": 3, "y": 1}])
+        conn.execute(replays.insert(), [{"id": 0, "p": 0.1}, {"id": 1, "p": 0.25}])
+    engine.dispose()
+
+
+def _settings(url: str, schema: str | None = None, **model):
+    source = {"store": "s", **({"schema": schema} if schema else {})}
     return parse_settings(
         {
             "stores": {"s": {"url": url}},
             "models": [
                 {
                     "name": "ctr",
-                    "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
-                    "labels": {"store": "s", "table": "labels", "columns": {"id": "id", "label": "y"}},
-                    "replays": {"store": "s", "table": "replays", "columns": {"id": "id", "score": "p"}},
+                    "predictions": {**source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
+                    "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "p"}},
                     "windows": ["1h"],
                     "label_delay": "0s",
                     **model,
@@ -130,8 +141,20 @@ def test_promtool_check_metrics_is_clean(tmp_path):
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
 
 
-def test_asgi_app_serves_metrics_health_and_readiness(tmp_path):
-    settings = _settings(_store(tmp_path / "s.sqlite"))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def live_store(request, tmp_path):
+    """(url, schema) of the small store stamped relative to the wall clock (the app
+    refreshes at now), in SQLite or in a fresh PostgreSQL schema."""
+    url, schema = f"sqlite:///{tmp_path}/s.sqlite", None
+    if request.param == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+    _fill(url, schema, as_of=datetime.now(timezone.utc))
+    return url, schema
+
+
+def test_asgi_app_serves_metrics_health_and_readiness(live_store):
+    url, schema = live_store
+    settings = _settings(url, schema)
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         deadline = time.monotonic() + 10
@@ -144,6 +167,10 @@ def test_asgi_app_serves_metrics_health_and_readiness(tmp_path):
         families = {f.name: f for f in text_string_to_metric_families(response.text)}
         up = {s.labels["source"]: s.value for s in families["mlmon_source_up"].samples}
         assert up == {"predictions": 1.0, "labels": 1.0, "replays": 1.0}
+        values = {s.name: s.value for f in families.values() for s in f.samples if s.labels.get("window") == "1h"}
+        assert values["mlmon_window_predictions"] == 4
+        assert values["mlmon_prediction_mode_share_ratio"] == 0.5
+        assert values["mlmon_online_labeled_predictions"] == 3
         assert "process_resident_memory_bytes" in families
         assert 'href="metrics"' in client.get("/").text
 

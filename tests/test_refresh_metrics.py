@@ -177,11 +177,14 @@ def refresh(url, schema, **kwargs):
 # -- the tests ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("aware", [True, False], ids=["timestamptz", "naive-utc"])
+@pytest.mark.parametrize(
+    "store, aware",
+    [("sqlite", False), ("postgresql", False), ("postgresql", True)],
+    ids=["sqlite-naive-utc", "postgresql-naive-utc", "postgresql-timestamptz"],
+    indirect=["store"],
+)
 def test_prediction_statistics(store, aware):
     url, schema, dialect = store
-    if aware and dialect == "sqlite":
-        pytest.skip("SQLite has no time zone type")
     stores_nan = dialect == "postgresql"
     data = make_data(1, stores_nan)
     load(sa.create_engine(url), schema, data, aware)
