@@ -44,7 +44,7 @@ def _parse_as_of(text: str | None) -> datetime:
         value = datetime.fromisoformat(text)
     except ValueError:
         _fail(f"--as-of: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
-    # DESIGN.md: naive times are UTC.
+    # Naive times are UTC (docs/configuration.md).
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 

@@ -77,7 +77,7 @@ METRICS = {
 
 
 def _emit(families: dict[str, Metric], name: str, labels: list[str], value: float | None) -> None:
-    # DESIGN.md: an undefined number is absent, never exported as NaN.
+    # An undefined number is absent, never exported as NaN: NaN would pass for a value.
     if value is not None and not math.isnan(value):
         families[name].add_metric(labels, value)
 

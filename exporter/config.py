@@ -184,13 +184,6 @@ class ModelConfig(Strict):
     def _check(self) -> ModelConfig:
         if len(set(self.windows)) != len(self.windows):
             raise ValueError(f"windows: duplicate window in {self.windows}")
-        for name, source in (("labels", self.labels), ("replays", self.replays)):
-            # They are joined to the predictions in SQL, which needs one database.
-            if source is not None and source.store != self.predictions.store:
-                raise ValueError(
-                    f"{name}.store: must be the predictions store {self.predictions.store!r} "
-                    f"(labels and replays are joined to predictions inside the database), got {source.store!r}"
-                )
         buckets = self.histogram_buckets
         if any(b <= a for a, b in zip(buckets, buckets[1:])):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")
@@ -212,21 +205,27 @@ class Settings(Strict):
     stores: dict[Identifier, Store]
     models: list[ModelConfig]
 
-    @model_validator(mode="after")
-    def _references(self) -> Settings:
+    def reference_errors(self) -> list[str]:
+        """Problems between sections, one ``"key.path: message"`` each: duplicate model
+        names, unknown stores, labels or replays outside the predictions' store."""
         names = [m.name for m in self.models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"models: duplicate model name(s) {duplicates}")
         errors = [
-            f"models[{i}].{source_name}.store: unknown store {source.store!r} (stores: {sorted(self.stores)})"
-            for i, model in enumerate(self.models)
-            for source_name, source in model.sources().items()
-            if source.store not in self.stores
+            f"models[{i}].name: duplicate model name {name!r}"
+            for i, name in enumerate(names)
+            if names.index(name) != i
         ]
-        if errors:
-            raise ValueError("; ".join(errors))
-        return self
+        for i, model in enumerate(self.models):
+            for source_name, source in model.sources().items():
+                path = f"models[{i}].{source_name}.store"
+                if source.store not in self.stores:
+                    errors.append(f"{path}: unknown store {source.store!r} (stores: {', '.join(sorted(self.stores))})")
+                elif source_name != "predictions" and source.store != model.predictions.store:
+                    # Labels and replays are joined to the predictions in SQL, which needs one database.
+                    errors.append(
+                        f"{path}: must be the predictions store {model.predictions.store!r}, got {source.store!r} "
+                        "(labels and replays are joined to predictions inside the database)"
+                    )
+        return errors
 
     @property
     def staleness_period(self) -> timedelta:
@@ -280,9 +279,18 @@ def parse_settings(data: Any) -> Settings:
     if errors:
         raise ConfigError(errors)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([f"{_key_path(e['loc'])}: {e['msg']}" for e in exc.errors()]) from None
+        raise ConfigError([f"{_key_path(e['loc'])}: {_message(e)}" for e in exc.errors()]) from None
+    errors = settings.reference_errors()
+    if errors:
+        raise ConfigError(errors)
+    return settings
+
+
+def _message(error: dict) -> str:
+    # A ValueError raised by our validators reads better without pydantic's prefix.
+    return error["msg"].removeprefix("Value error, ")
 
 
 def load_settings(path: str | Path) -> Settings:

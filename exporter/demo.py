@@ -1,6 +1,6 @@
 """``mlmon demo``: a self-contained SQLite store of two ad-style CTR models, kept growing, served.
 
-The store holds three tables, written with naive UTC timestamps (DESIGN.md: naive means UTC):
+The store holds three tables, written with naive UTC timestamps (naive means UTC):
 
 - ``predictions(id, model_name, model_version, timestamp, score)``: one row per served
   prediction, about one every 10 seconds per model (busier in the evening), scores are

@@ -7,7 +7,7 @@ pandas from its first chunk); every later file, and every file loaded into an ex
 table, must have exactly the table's columns, in any order.
 
 Timestamp columns are parsed as ISO-8601 and stored as UTC instants: naive values mean
-UTC (DESIGN.md, "Time and windows"), values with an offset are converted. PostgreSQL
+UTC, values with an offset are converted. PostgreSQL
 stores them in ``timestamp with time zone`` columns; the other dialects (SQLite, MySQL,
 DuckDB, ...) get naive UTC values, which is what mlmon reads naive columns as by default.
 """

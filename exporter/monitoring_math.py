@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-#: Log loss clips probabilities to [EPS, 1 - EPS] (DESIGN.md numeric conventions).
+#: Log loss clips probabilities to [EPS, 1 - EPS] (docs/metrics.md).
 LOGLOSS_EPS = 1e-15
 
 #: Percentiles exported as ``mlmon_prediction_score_percentile{percentile=...}``.
@@ -28,7 +28,7 @@ def roc_auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float |
 
     Returns:
         The AUC in [0, 1], or ``None`` when either class is absent (AUC undefined;
-        DESIGN.md: never 0 or 0.5).
+        never 0 or 0.5).
     """
     pos = np.asarray(positives, dtype=np.float64)
     neg = np.asarray(negatives, dtype=np.float64)

@@ -4,7 +4,7 @@ Each statement returns a handful of aggregate rows (per reason, per distinct sco
 per bucket, or one row), never raw predictions, so the exporter's memory does not grow
 with the number of rows in a window. All windows are half-open ``[start, end)``.
 
-Dialect differences handled here (DESIGN.md): scores are cast to double precision
+Dialect differences handled here: scores are cast to double precision
 (float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
 store it and order it above every number; SQLite and MySQL cannot store it); the
 natural logarithm is ``ln`` on every engine (``exporter.stores`` supplies it to SQLite
@@ -162,7 +162,7 @@ class PredictionQueries:
         labeled predictions, sum of log-loss terms, labeled predictions at exactly 0 or 1,
         predictions with conflicting labels, predictions with only invalid labels.
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
-        clip to [1e-15, 1 - 1e-15] (DESIGN.md).
+        clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
         rows = self.rows(start, end)
         valid_rows = sa.select(rows.c.id, rows.c.score).where(rows.c.reason == OK).cte("valid_rows")

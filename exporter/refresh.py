@@ -1,6 +1,6 @@
 """One model's refresh: run its pushed-down queries at a given time and build its snapshot.
 
-Failures are data (DESIGN.md): a failing source flips ``mlmon_source_up`` to 0, counts
+Failures are data: a failing source flips ``mlmon_source_up`` to 0, counts
 the error by reason, keeps its last values for the staleness period, then drops them.
 """
 
@@ -30,7 +30,15 @@ from exporter.snapshot import (
     ScoreStats,
     SourceStatus,
 )
-from exporter.stores import SchemaError, Stores, reflect_table, time_column, timed_connection
+from exporter.stores import (
+    NUMBER_TYPES,
+    SchemaError,
+    Stores,
+    reflect_table,
+    require_type,
+    time_column,
+    timed_connection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +107,7 @@ class ModelRefresher:
             engine = self.stores.engine(source.store)
             path = self._key_path("predictions")
             table = reflect_table(engine, source, source.columns.model_dump(), path)
+            require_type(table, source.columns.score, NUMBER_TYPES, f"{path}.columns.score", "a number (probability)")
             time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp")
             self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
         return self._prediction_queries
@@ -109,12 +118,9 @@ class ModelRefresher:
             engine = self.stores.engine(source.store)
             path = self._key_path("labels")
             table = reflect_table(engine, source, source.columns.model_dump(), path)
-            label_type = table.c[source.columns.label].type
-            if not isinstance(label_type, sa.Boolean | sa.Integer | sa.Numeric | sa.Float):
-                raise SchemaError(
-                    f"{path}.columns.label: column {source.columns.label!r} has type {label_type}; "
-                    "expected a number or a boolean (labels are 0/1)"
-                )
+            require_type(
+                table, source.columns.label, (sa.Boolean, *NUMBER_TYPES), f"{path}.columns.label", "a number or a boolean (0/1)"
+            )
             time_col = None
             if source.columns.timestamp is not None:
                 time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp")
@@ -125,7 +131,9 @@ class ModelRefresher:
         if self._replay_queries is None:
             source = self.model.replays
             engine = self.stores.engine(source.store)
-            table = reflect_table(engine, source, source.columns.model_dump(), self._key_path("replays"))
+            path = self._key_path("replays")
+            table = reflect_table(engine, source, source.columns.model_dump(), path)
+            require_type(table, source.columns.score, NUMBER_TYPES, f"{path}.columns.score", "a number (probability)")
             self._replay_queries = ReplayQueries(source, table)
         return self._replay_queries
 

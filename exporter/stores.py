@@ -11,6 +11,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator
 from zoneinfo import ZoneInfo
 
@@ -56,6 +57,20 @@ def create_store_engine(url: str) -> Engine:
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_math)
     return engine
+
+
+def require_existing_sqlite_file(url: str) -> None:
+    """Refuse a SQLite URL whose file does not exist, which SQLite would create empty and
+    then report as missing tables.
+
+    Raises:
+        FileNotFoundError: names the path, resolved against the working directory.
+    """
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database)
+        if not parsed.database.startswith("file:") and not path.exists():
+            raise FileNotFoundError(f"SQLite database file {str(path.resolve())!r} does not exist")
 
 
 @contextmanager
@@ -121,18 +136,27 @@ def time_column(table: sa.Table, name: str, source: TableSource, key_path: str) 
     Raises:
         SchemaError: the column is neither a date-time nor a number.
     """
+    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, "a timestamp or a number of seconds since the epoch")
     column = table.c[name]
-    column_type = column.type
-    if isinstance(column_type, sa.DateTime):
-        kind = "aware" if column_type.timezone else "naive"
-    elif isinstance(column_type, sa.Numeric | sa.Integer | sa.Float):
-        kind = "epoch"
+    if isinstance(column.type, sa.DateTime):
+        kind = "aware" if column.type.timezone else "naive"
     else:
-        raise SchemaError(
-            f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; "
-            "expected a timestamp or a number of seconds since the epoch"
-        )
+        kind = "epoch"
     return TimeColumn(column, kind, source.timezone)
+
+
+NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
+
+
+def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: str, expected: str) -> None:
+    """Check that a reflected column has one of ``types``.
+
+    Raises:
+        SchemaError: it does not; the message names the config key and the type found.
+    """
+    column_type = table.c[name].type
+    if not isinstance(column_type, types):
+        raise SchemaError(f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}")
 
 
 def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | None], key_path: str) -> sa.Table:
@@ -176,12 +200,14 @@ class Stores:
         """The engine of store ``name`` (created on first use).
 
         Raises:
-            OSError: ``url_file`` cannot be read.
+            OSError: ``url_file`` cannot be read, or a SQLite file does not exist.
             sqlalchemy.exc.ArgumentError / NoSuchModuleError: bad URL or missing driver.
         """
         with self._lock:
             if name not in self._engines:
-                self._engines[name] = create_store_engine(self._settings.stores[name].resolved_url())
+                url = self._settings.stores[name].resolved_url()
+                require_existing_sqlite_file(url)  # monitored stores are read, never created
+                self._engines[name] = create_store_engine(url)
             return self._engines[name]
 
     def dispose(self) -> None:

@@ -1,5 +1,5 @@
 """Every online metric of a refresh against numpy/scikit-learn on exactly the same rows,
-on SQLite and on the real PostgreSQL, with the edge cases of DESIGN.md: ties, exact 0/1
+on SQLite and on the real PostgreSQL, with the edge cases of docs/metrics.md: ties, exact 0/1
 scores, NULL and NaN scores, out-of-range scores, duplicate ids, invalid and conflicting
 labels, labels that arrive after ``as_of``, timestamps with offsets, one-class and empty
 windows."""
@@ -143,7 +143,7 @@ def settings_for(url, schema, missing="ignore", label_timestamp=True, ingestion_
 
 
 def classify(data: Data, start, end, stores_nan: bool):
-    """(valid (id, score) pairs, invalid counts by reason) of the window, by DESIGN.md's rules."""
+    """(valid (id, score) pairs, invalid counts by reason) of the window, by the rules of docs/metrics.md."""
     rows = [p for p in data.predictions if start <= p["ts"] < end]
     ids = [p["id"] for p in rows]
     invalid = dict.fromkeys(["null_score", "nan_score", "out_of_range", "duplicate_id"], 0)
