@@ -177,8 +177,9 @@ class ModelConfig(Strict):
     replay_tolerance: ReplayTolerance = ReplayTolerance()
     max_distinct_scores: int = Field(default=100_000, ge=2)
     """Above this many distinct scores in a window, AUC and percentiles use buckets."""
-    bucket_decimals: int = Field(default=4, ge=1, le=9)
-    """Bucket width ``10**-bucket_decimals`` of the fallback ``FLOOR(score * 10**k)`` buckets."""
+    bucket_decimals: int = Field(default=4, ge=1, le=6)
+    """Bucket width ``10**-bucket_decimals`` of the fallback ``FLOOR(score * 10**k)`` buckets;
+    at most 6 so that the fallback returns at most 10**6 + 1 rows, whatever the row count."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

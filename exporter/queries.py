@@ -68,7 +68,7 @@ class PredictionQueries:
         self.filters = [table.c[name] == value for name, value in source.filter.items()]
 
     def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
-        ts = self.time.column
+        ts = self.time.expr
         return sa.and_(ts >= self.time.bind(start), ts < self.time.bind(end), *self.filters)
 
     def rows(self, start: datetime, end: datetime) -> sa.CTE:
@@ -133,7 +133,7 @@ class PredictionQueries:
 
     def last_timestamp(self, end: datetime) -> sa.Select:
         """One row: the newest prediction time before ``end``."""
-        ts = self.time.column
+        ts = self.time.expr
         return sa.select(sa.func.max(ts)).where(ts < self.time.bind(end), *self.filters)
 
     def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
@@ -218,12 +218,13 @@ class PredictionQueries:
     def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
         """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
         window's valid predictions that have a replay row. Reproduced means
-        ``|a - b| <= atol + rtol * max(|a|, |b|)``; a NULL or NaN replay never is."""
+        ``|a - b| <= atol + rtol * max(|a|, |b|)``; a replay that is not a valid probability
+        (NULL, NaN, infinite, outside [0, 1]) never is and is left out of the max."""
         rows = self.rows(start, end)
         online = rows.c.score
         offline = replays.score
         tolerance = self.model.replay_tolerance
-        valid = _valid_replay(self.dialect, offline)
+        valid = _valid_probability(self.dialect, offline)  # NULL, NaN, ±inf or outside [0, 1]: never reproduced
         diff = sa.func.abs(online - offline)
         larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
         within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
@@ -236,11 +237,6 @@ class PredictionQueries:
             .select_from(rows.join(replays.table, rows.c.id == replays.id))
             .where(rows.c.reason == OK)
         )
-
-
-def _valid_replay(dialect: str, offline: sa.ColumnElement) -> sa.ColumnElement:
-    nan = is_nan(dialect, offline)
-    return offline.is_not(None) if nan is None else sa.and_(offline.is_not(None), sa.not_(nan))
 
 
 class LabelQueries:
@@ -261,7 +257,7 @@ class LabelQueries:
         label (NULL when every label row of that id is invalid)."""
         conditions = [self.id.in_(ids)]
         if self.time is not None:
-            conditions.append(self.time.column < self.time.bind(as_of))
+            conditions.append(self.time.expr < self.time.bind(as_of))
         return (
             sa.select(
                 self.id.label("id"),

@@ -108,7 +108,7 @@ class ModelRefresher:
             path = self._key_path("predictions")
             table = reflect_table(engine, source, source.columns.model_dump(), path)
             require_type(table, source.columns.score, NUMBER_TYPES, f"{path}.columns.score", "a number (probability)")
-            time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp")
+            time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name)
             self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
         return self._prediction_queries
 
@@ -123,7 +123,9 @@ class ModelRefresher:
             )
             time_col = None
             if source.columns.timestamp is not None:
-                time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp")
+                time_col = time_column(
+                    table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
+                )
             self._label_queries = LabelQueries(source, table, time_col)
         return self._label_queries
 
@@ -169,7 +171,8 @@ class ModelRefresher:
         if bucketed:
             k = self.model.bucket_decimals
             rows = conn.execute(q.distribution(start, end, mean, k, 10**k + 2)).all()
-            values = (np.array([float(r[0]) for r in rows]) + 0.5) / 10**k  # bucket midpoints
+            # bucket midpoints; the bucket of exactly 1.0 would put its midpoint above 1
+            values = np.minimum((np.array([float(r[0]) for r in rows]) + 0.5) / 10**k, 1.0)
         else:
             values = np.array([float(r[0]) for r in rows])
         counts = np.array([_int(r[1]) for r in rows])

@@ -99,38 +99,52 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             conn.rollback()
 
 
+#: SQLite keeps date-times as text in whatever format the writer chose (with or without
+#: fraction, ``T`` or space, offset or not); comparing that text with a bound would be
+#: wrong at the window edges, so both sides are normalised by SQLite's own strftime, to
+#: the millisecond and in UTC where the text carries an offset.
+_SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
+
+
 @dataclass(frozen=True)
 class TimeColumn:
-    """How to compare a timestamp column with UTC instants: its kind and naive time zone.
+    """How to compare a timestamp column with UTC instants.
 
     ``kind`` is ``"aware"`` (timestamp with time zone), ``"naive"`` (timestamp without time
-    zone, read in ``zone``) or ``"epoch"`` (numeric seconds since 1970-01-01 UTC).
+    zone, read in ``zone``), ``"sqlite"`` (SQLite date-time text, naive parts read in
+    ``zone``) or ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL
+    expression that windows compare with ``bind(instant)``.
     """
 
-    column: sa.ColumnElement
+    expr: sa.ColumnElement
     kind: str
     zone: str
 
     def bind(self, instant: datetime):
-        """The value to compare the column with for a timezone-aware ``instant``."""
+        """The value to compare ``expr`` with for a timezone-aware ``instant``."""
         if self.kind == "epoch":
             return instant.timestamp()
         if self.kind == "aware":
             return instant
-        return instant.astimezone(ZoneInfo(self.zone)).replace(tzinfo=None)
+        naive = instant.astimezone(ZoneInfo(self.zone)).replace(tzinfo=None)
+        if self.kind == "sqlite":
+            return f"{naive:%Y-%m-%d %H:%M:%S}.{naive.microsecond // 1000:03d}"
+        return naive
 
     def to_epoch(self, value) -> float | None:
-        """Seconds since the epoch of a value read from the column (``None`` stays ``None``)."""
+        """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``)."""
         if value is None:
             return None
         if self.kind == "epoch":
             return float(value)
+        if self.kind == "sqlite":
+            value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
         if value.tzinfo is None:
             value = value.replace(tzinfo=ZoneInfo(self.zone))
         return value.timestamp()
 
 
-def time_column(table: sa.Table, name: str, source: TableSource, key_path: str) -> TimeColumn:
+def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, dialect: str) -> TimeColumn:
     """Classify a reflected timestamp column.
 
     Raises:
@@ -138,11 +152,11 @@ def time_column(table: sa.Table, name: str, source: TableSource, key_path: str) 
     """
     require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, "a timestamp or a number of seconds since the epoch")
     column = table.c[name]
-    if isinstance(column.type, sa.DateTime):
-        kind = "aware" if column.type.timezone else "naive"
-    else:
-        kind = "epoch"
-    return TimeColumn(column, kind, source.timezone)
+    if not isinstance(column.type, sa.DateTime):
+        return TimeColumn(column, "epoch", source.timezone)
+    if dialect == "sqlite":
+        return TimeColumn(sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String), "sqlite", source.timezone)
+    return TimeColumn(column, "aware" if column.type.timezone else "naive", source.timezone)
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
