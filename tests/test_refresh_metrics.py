@@ -91,8 +91,10 @@ def _ts(value: datetime, aware: bool):
     return value if aware else value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
-def load(engine, schema, data: Data, aware: bool):
-    predictions, labels, replays = _create(engine, schema, aware, sa.Integer)
+def load(engine, schema, data: Data, aware: bool, label_type=sa.Integer):
+    predictions, labels, replays = _create(engine, schema, aware, label_type)
+    if label_type is sa.Boolean:  # a boolean column cannot hold the invalid values
+        data.labels = [dict(r, y=bool(r["y"])) for r in data.labels if r["y"] in (0, 1)]
     with engine.begin() as conn:
         conn.execute(predictions.insert(), [{"id": p["id"], "ts": _ts(p["ts"], aware), "p": p["score"]} for p in data.predictions])
         conn.execute(labels.insert(), [{"id": r["id"], "y": r["y"], "ts": _ts(r["ts"], aware)} for r in data.labels])
@@ -229,13 +231,15 @@ def test_counter_and_histogram_count_each_new_prediction_once(store, delay):
 
 
 @pytest.mark.parametrize(
-    "missing, label_timestamp", [("ignore", True), ("negative", True), ("ignore", False)]
+    "missing, label_timestamp, label_type",
+    [("ignore", True, sa.Integer), ("negative", True, sa.Integer), ("ignore", False, sa.Integer), ("ignore", True, sa.Boolean)],
+    ids=["ignore", "negative", "no-label-timestamp", "boolean-labels"],
 )
-def test_online_accuracy(store, missing, label_timestamp):
+def test_online_accuracy(store, missing, label_timestamp, label_type):
     url, schema, dialect = store
     stores_nan = dialect == "postgresql"
     data = make_data(3, stores_nan)
-    load(sa.create_engine(url), schema, data, stores_nan)
+    load(sa.create_engine(url), schema, data, stores_nan, label_type)
     snap = refresh(url, schema, missing=missing, label_timestamp=label_timestamp)
     assert all(s.up for s in snap.sources.values()), snap.errors
     # with a label timestamp, labels stamped at or after as_of have not arrived yet
@@ -261,7 +265,7 @@ def test_online_accuracy(store, missing, label_timestamp):
             elif missing == "negative":
                 y.append(0)
                 p.append(score)
-        y, p = np.array(y), np.array(p)
+        y, p = np.array(y, dtype=int), np.array(p)
         assert online.predictions == len(valid)
         assert online.labeled == len(y) > 0
         assert online.positives == int(y.sum())
@@ -339,3 +343,19 @@ def test_single_class_and_empty_windows(tmp_path):
     assert one_hour.logloss == pytest.approx(log_loss(np.ones(20), np.clip([0.1 * (i % 5) for i in range(20)], 1e-15, 1), labels=[0, 1]))
     empty = next(s for s in snap.score_stats if s.window == "1h")  # nothing in [as_of - 1h, as_of)
     assert empty.predictions == 0 and empty.mean is None and empty.percentiles == {} and empty.mode_share is None
+
+
+def test_all_negative_window_and_empty_online_and_replay_windows(tmp_path):
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    # 10 predictions in the online 1h window, no label rows at all, no replays
+    data = Data([{"id": i, "ts": AS_OF - DELAY - timedelta(minutes=5 + i), "score": 0.01 * i} for i in range(10)], [], [])
+    load(sa.create_engine(url), None, data, False)
+    negative = refresh(url, None, missing="negative")
+    online = {o.window: o for o in negative.online}
+    assert online["1h"].labeled == 10 and online["1h"].positives == 0
+    assert online["1h"].roc_auc is None and online["1h"].calibration_ratio is None  # one class, no positive
+    assert online["1h"].label_coverage == 0.0
+    assert online["1h"].logloss == pytest.approx(log_loss(np.zeros(10), np.clip(0.01 * np.arange(10), 1e-15, 1), labels=[0, 1]))
+    ignore = {o.window: o for o in refresh(url, None, missing="ignore").online}
+    assert ignore["1h"].labeled == 0 and ignore["1h"].logloss is None and ignore["1h"].positive_ratio is None
+    assert all(r.replayed == 0 and r.ratio is None and r.abs_error_max is None for r in negative.replays)
