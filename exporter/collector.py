@@ -36,37 +36,37 @@ def _spec(name: str, type_: str, labels: str, help_: str) -> MetricSpec:
     return MetricSpec(name, type_, tuple(labels.split()), help_)
 
 
-W = "model window"
+WINDOWED = "model window"
 METRICS = {
     spec.name: spec
     for spec in [
         _spec("mlmon_build_info", "gauge", "version", "mlmon build information; always 1."),
         # prediction statistics, per window [now - window, now)
-        _spec("mlmon_window_predictions", "gauge", W, "Valid predictions in the window."),
-        _spec("mlmon_invalid_predictions", "gauge", W + " reason", "Predictions in the window excluded from the math, by reason."),
-        _spec("mlmon_prediction_score_mean", "gauge", W, "Mean predicted score in the window."),
-        _spec("mlmon_prediction_score_stddev", "gauge", W, "Population standard deviation of the predicted score in the window."),
-        _spec("mlmon_prediction_score_percentile", "gauge", W + " percentile", "Percentile of the predicted score in the window (linear interpolation)."),
-        _spec("mlmon_prediction_mode_share_ratio", "gauge", W, "Share of the window's predictions equal to the most frequent (rounded) score."),
+        _spec("mlmon_window_predictions", "gauge", WINDOWED, "Valid predictions in the window."),
+        _spec("mlmon_invalid_predictions", "gauge", WINDOWED + " reason", "Predictions in the window excluded from the math, by reason."),
+        _spec("mlmon_prediction_score_mean", "gauge", WINDOWED, "Mean predicted score in the window."),
+        _spec("mlmon_prediction_score_stddev", "gauge", WINDOWED, "Population standard deviation of the predicted score in the window."),
+        _spec("mlmon_prediction_score_percentile", "gauge", WINDOWED + " percentile", "Percentile of the predicted score in the window (linear interpolation)."),
+        _spec("mlmon_prediction_mode_share_ratio", "gauge", WINDOWED, "Share of the window's predictions equal to the most frequent (rounded) score."),
         _spec("mlmon_predictions_total", "counter", "model", "Valid predictions seen since the exporter started."),
         _spec("mlmon_prediction_score", "histogram", "model", "Predicted scores seen since the exporter started."),
         _spec("mlmon_prediction_last_timestamp_seconds", "gauge", "model", "Time of the newest prediction."),
         # online accuracy, per label-delayed window
-        _spec("mlmon_online_predictions", "gauge", W, "Valid predictions in the label-delayed window."),
-        _spec("mlmon_online_labeled_predictions", "gauge", W, "Predictions of the label-delayed window with a usable label."),
-        _spec("mlmon_online_logloss", "gauge", W, "Log loss (natural log) of the labeled predictions of the label-delayed window."),
-        _spec("mlmon_online_roc_auc", "gauge", W, "ROC AUC of the labeled predictions of the label-delayed window; absent with one class."),
-        _spec("mlmon_online_roc_auc_error_bound", "gauge", W, "Largest possible error of mlmon_online_roc_auc when computed from score buckets."),
-        _spec("mlmon_online_positive_labels", "gauge", W, "Labeled predictions of the label-delayed window whose label is 1."),
-        _spec("mlmon_online_positive_ratio", "gauge", W, "Share of positive labels among labeled predictions."),
-        _spec("mlmon_online_calibration_ratio", "gauge", W, "Mean predicted score / observed positive ratio of labeled predictions."),
-        _spec("mlmon_online_label_coverage_ratio", "gauge", W, "Share of the label-delayed window's predictions that have a label row."),
-        _spec("mlmon_online_extreme_score_predictions", "gauge", W, "Labeled predictions with a score of exactly 0 or 1 (log loss clipped)."),
-        _spec("mlmon_online_invalid_labels", "gauge", W + " reason", "Predictions of the label-delayed window whose labels are unusable, by reason."),
+        _spec("mlmon_online_predictions", "gauge", WINDOWED, "Valid predictions in the label-delayed window."),
+        _spec("mlmon_online_labeled_predictions", "gauge", WINDOWED, "Predictions of the label-delayed window with a usable label."),
+        _spec("mlmon_online_logloss", "gauge", WINDOWED, "Log loss (natural log) of the labeled predictions of the label-delayed window."),
+        _spec("mlmon_online_roc_auc", "gauge", WINDOWED, "ROC AUC of the labeled predictions of the label-delayed window; absent with one class."),
+        _spec("mlmon_online_roc_auc_error_bound", "gauge", WINDOWED, "Largest possible error of mlmon_online_roc_auc when computed from score buckets."),
+        _spec("mlmon_online_positive_labels", "gauge", WINDOWED, "Labeled predictions of the label-delayed window whose label is 1."),
+        _spec("mlmon_online_positive_ratio", "gauge", WINDOWED, "Share of positive labels among labeled predictions."),
+        _spec("mlmon_online_calibration_ratio", "gauge", WINDOWED, "Mean predicted score / observed positive ratio of labeled predictions."),
+        _spec("mlmon_online_label_coverage_ratio", "gauge", WINDOWED, "Share of the label-delayed window's predictions that have a usable label row."),
+        _spec("mlmon_online_extreme_score_predictions", "gauge", WINDOWED, "Labeled predictions with a score of exactly 0 or 1 (log loss clipped)."),
+        _spec("mlmon_online_invalid_labels", "gauge", WINDOWED + " reason", "Predictions of the label-delayed window whose labels are unusable, by reason."),
         # reproducibility
-        _spec("mlmon_replay_predictions", "gauge", W, "Valid predictions of the window with an offline replay."),
-        _spec("mlmon_replay_reproducibility_ratio", "gauge", W, "Share of replayed predictions reproduced within tolerance."),
-        _spec("mlmon_replay_abs_error_max", "gauge", W, "Largest |served - replayed| score in the window."),
+        _spec("mlmon_replay_predictions", "gauge", WINDOWED, "(Valid prediction, replay row) pairs of the window."),
+        _spec("mlmon_replay_reproducibility_ratio", "gauge", WINDOWED, "Share of replayed predictions reproduced within tolerance."),
+        _spec("mlmon_replay_abs_error_max", "gauge", WINDOWED, "Largest |served - replayed| score in the window."),
         # exporter health
         _spec("mlmon_source_up", "gauge", "model source", "1 if the last refresh of the source succeeded, else 0."),
         _spec("mlmon_refresh_duration_seconds", "gauge", "model", "Duration of the model's last refresh."),
@@ -86,7 +86,7 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
     m = snap.model
     for source, status in snap.sources.items():
         _emit(families, "mlmon_source_up", [m, source], 1.0 if status.up else 0.0)
-    for (source, reason), count in sorted(snap.errors.items()):
+    for (source, reason), count in snap.errors.items():
         _emit(families, "mlmon_refresh_errors_total", [m, source, reason], count)
     _emit(families, "mlmon_refresh_duration_seconds", [m], snap.refresh_duration)
     _emit(families, "mlmon_refresh_last_success_timestamp_seconds", [m], snap.last_success)
@@ -145,8 +145,9 @@ class MlmonCollector:
         """The non-empty families of the current snapshots."""
         families = {name: spec.family() for name, spec in METRICS.items()}
         families["mlmon_build_info"].add_metric([__version__], 1.0)
-        for name in sorted(self._store.models):
-            _model_samples(families, self._store.models[name])
+        models = self._store.models  # one reference: a refresh may swap the mapping meanwhile
+        for name in sorted(models):
+            _model_samples(families, models[name])
         return (family for family in families.values() if family.samples)
 
 

@@ -158,9 +158,10 @@ class PredictionQueries:
         """Online accuracy aggregates of the window's valid predictions joined to their labels,
         grouped by score (or bucket), ascending, at most ``limit`` rows.
 
-        Columns: key, predictions, with a label, positives, negatives, sum of scores of
-        labeled predictions, sum of log-loss terms, labeled predictions at exactly 0 or 1,
-        predictions with conflicting labels, predictions with only invalid labels.
+        Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
+        ``positives``, ``negatives``, ``labeled_score_sum``, ``log_loss_sum``, ``extreme``
+        (labeled at exactly 0 or 1), ``conflicting`` (labels 0 and 1), ``invalid`` (only
+        labels other than 0/1).
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
@@ -200,15 +201,15 @@ class PredictionQueries:
         return (
             sa.select(
                 keyed.c.key,
-                sa.func.count(),
-                _count_if(keyed.c.has_label),
-                _count_if(keyed.c.y == 1),
-                _count_if(keyed.c.y == 0),
-                sa.func.sum(sa.case((labeled, keyed.c.score), else_=None)),
-                sa.func.sum(log_loss_term),
-                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))),
-                _count_if(keyed.c.conflicting),
-                _count_if(keyed.c.invalid),
+                sa.func.count().label("predictions"),
+                _count_if(keyed.c.has_label).label("with_label"),
+                _count_if(keyed.c.y == 1).label("positives"),
+                _count_if(keyed.c.y == 0).label("negatives"),
+                sa.func.sum(sa.case((labeled, keyed.c.score), else_=None)).label("labeled_score_sum"),
+                sa.func.sum(log_loss_term).label("log_loss_sum"),
+                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label("extreme"),
+                _count_if(keyed.c.conflicting).label("conflicting"),
+                _count_if(keyed.c.invalid).label("invalid"),
             )
             .group_by(keyed.c.key)
             .order_by(keyed.c.key)

@@ -91,7 +91,8 @@ class ModelRefresher:
         self._replay_queries: ReplayQueries | None = None
         self._watermark: datetime | None = None
         self._counter = PredictionCounter(tuple(model.histogram_buckets))
-        self._errors: dict[tuple[str, str], int] = {}
+        # Every (source, reason) starts at 0, so that increase() sees the first error.
+        self._errors = {(source, reason): 0 for source in model.sources() for reason in ERROR_REASONS}
         self._last_good: dict[str, tuple[float, object]] = {}
         self._last_success: float | None = None
 
@@ -217,13 +218,17 @@ class ModelRefresher:
         if bucketed:
             k = self.model.bucket_decimals
             rows = conn.execute(q.online(labels, start, end, as_of, k, 10**k + 2)).all()
-        columns = list(zip(*rows)) if rows else [()] * 10
-        _, n, covered, pos, neg, labeled_score_sum, log_loss_sum, extreme, conflicting, invalid = columns
-        positives = np.array([_int(v) for v in pos])
-        negatives = np.array([_int(v) for v in neg])
-        n_pred, n_pos = sum(_int(v) for v in n), int(positives.sum())
+        def total(column: str) -> int:
+            return sum(_int(row._mapping[column]) for row in rows)
+
+        def float_total(column: str) -> float:
+            return math.fsum(float(row._mapping[column] or 0.0) for row in rows)
+
+        positives = np.array([_int(row.positives) for row in rows])
+        negatives = np.array([_int(row.negatives) for row in rows])
+        n_pred, n_pos = total("predictions"), int(positives.sum())
         n_labeled = n_pos + int(negatives.sum())
-        mean_score = _ratio(math.fsum(float(v or 0.0) for v in labeled_score_sum), n_labeled)
+        mean_score = _ratio(float_total("labeled_score_sum"), n_labeled)
         positive_ratio = _ratio(n_pos, n_labeled)
         auc = roc_auc_from_counts(positives, negatives)
         return OnlineAccuracy(
@@ -231,17 +236,14 @@ class ModelRefresher:
             predictions=n_pred,
             labeled=n_labeled,
             positives=n_pos,
-            logloss=_ratio(math.fsum(float(v or 0.0) for v in log_loss_sum), n_labeled),
+            logloss=_ratio(float_total("log_loss_sum"), n_labeled),
             roc_auc=auc,
             roc_auc_error_bound=roc_auc_bucket_error_bound(positives, negatives) if bucketed and auc is not None else None,
             calibration_ratio=_ratio(mean_score, positive_ratio) if mean_score is not None and positive_ratio else None,
             positive_ratio=positive_ratio,
-            label_coverage=_ratio(sum(_int(v) for v in covered), n_pred),
-            extreme_scores=sum(_int(v) for v in extreme),
-            invalid_labels={
-                "conflicting": sum(_int(v) for v in conflicting),
-                "invalid_value": sum(_int(v) for v in invalid),
-            },
+            label_coverage=_ratio(total("with_label"), n_pred),
+            extreme_scores=total("extreme"),
+            invalid_labels={"conflicting": total("conflicting"), "invalid_value": total("invalid")},
         )
 
     def _refresh_labels(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
@@ -273,7 +275,8 @@ class ModelRefresher:
         """Run every source of the model at ``as_of`` (timezone-aware) and return its snapshot.
 
         Never raises for a source failure: the failure is counted and reflected in
-        ``sources``. Windows are ``[as_of - window, as_of)``.
+        ``sources``. Statistics and replays use ``[as_of - window, as_of)``, online accuracy
+        ``[as_of - label_delay - window, as_of - label_delay)``.
         """
         started = time.perf_counter()
         now = as_of.timestamp()
@@ -289,7 +292,7 @@ class ModelRefresher:
                 sources[name] = SourceStatus(True, now)
             except Exception as exc:  # failures are data: counted, never raised into the loop
                 reason = classify_error(exc)
-                self._errors[(name, reason)] = self._errors.get((name, reason), 0) + 1
+                self._errors[(name, reason)] += 1
                 self._forget_reflection(name)
                 if reason == "internal":
                     log.exception("model %s: refreshing %s failed", self.model.name, name)

@@ -106,6 +106,7 @@ def test_exact_exposition_lines(tmp_path):
         'mlmon_replay_predictions{model="ctr",window="1h"} 2.0',
         'mlmon_replay_reproducibility_ratio{model="ctr",window="1h"} 0.5',
         'mlmon_source_up{model="ctr",source="predictions"} 1.0',
+        'mlmon_refresh_errors_total{model="ctr",reason="timeout",source="labels"} 0.0',  # present before any error
         'mlmon_predictions_total{model="ctr"} 0.0',
         'mlmon_prediction_score_bucket{le="+Inf",model="ctr"} 0.0',
         'mlmon_build_info{version="0.1.0"} 1.0',
