@@ -75,7 +75,7 @@ def require_existing_sqlite_file(url: str) -> None:
 
 @contextmanager
 def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connection]:
-    """A read transaction whose queries are cancelled when they run too long.
+    """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
 
     PostgreSQL cancels each statement after ``timeout_seconds`` on the server
     (``statement_timeout``, local to the transaction); SQLite is interrupted from a timer
@@ -85,8 +85,12 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
     with engine.connect() as conn:
         timer = None
         if engine.dialect.name == "postgresql":
+            # One snapshot for all the queries of a source: counts and sums of one window
+            # must not come from two states of a table that is being appended to.
+            conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
         elif engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
             raw = conn.connection.driver_connection
             timer = threading.Timer(timeout_seconds, raw.interrupt)
             timer.daemon = True

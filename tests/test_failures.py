@@ -126,3 +126,17 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
         waiting = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")).scalar()
     assert waiting == 0
     stores.dispose()
+
+
+def test_a_source_reads_one_snapshot(tmp_path, postgres_engine):
+    from exporter.stores import create_store_engine, timed_connection
+
+    sqlite = create_store_engine(f"sqlite:///{tmp_path}/s.sqlite")
+    with timed_connection(sqlite, 5) as conn:
+        assert conn.connection.driver_connection.in_transaction
+    with timed_connection(postgres_engine, 5) as conn:
+        assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
+        assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on"
+    with postgres_engine.connect() as conn:  # the pooled connection is back to the default
+        assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+    sqlite.dispose()
