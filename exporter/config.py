@@ -203,6 +203,8 @@ class Settings(Strict):
     query_timeout: Duration = timedelta(seconds=30)
     staleness: Duration | None = None
     """How long a failed source keeps its last values; default 3 refresh intervals."""
+    refresh_timeout: Duration | None = None
+    """A refresh still running after this is reported as stalled; default refresh_interval + query_timeout."""
     stores: dict[Identifier, Store]
     models: list[ModelConfig]
 
@@ -230,7 +232,13 @@ class Settings(Strict):
 
     @property
     def staleness_period(self) -> timedelta:
+        """``staleness``, or 3 refresh intervals."""
         return self.staleness if self.staleness is not None else 3 * self.refresh_interval
+
+    @property
+    def refresh_deadline(self) -> timedelta:
+        """``refresh_timeout``, or one refresh interval plus one query timeout."""
+        return self.refresh_timeout if self.refresh_timeout is not None else self.refresh_interval + self.query_timeout
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

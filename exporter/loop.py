@@ -2,12 +2,15 @@
 
 Each model refreshes on its own schedule in a worker thread, so a slow or hanging
 database delays only that model, and ``/metrics`` (which reads snapshots) never waits.
+A refresh still running after ``refresh_deadline`` is reported as stalled (sources down,
+``reason="timeout"``) on every interval until it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from exporter.collector import build_registry, render
 from exporter.config import Settings
@@ -16,6 +19,35 @@ from exporter.snapshot import SnapshotStore
 from exporter.stores import Stores, utc_now
 
 log = logging.getLogger(__name__)
+
+
+def _in_daemon_thread(fn, *args) -> asyncio.Future:
+    """Run ``fn(*args)`` in a daemon thread; the returned future gets its result.
+
+    Not ``asyncio.to_thread``: its executor is joined at shutdown, so one refresh hung on a
+    dead database would keep the process from exiting.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def deliver(setter, value) -> None:
+        if not future.done():
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which logs it
+            outcome = (future.set_exception, exc)
+        else:
+            outcome = (future.set_result, result)
+        try:
+            loop.call_soon_threadsafe(deliver, *outcome)
+        except RuntimeError:  # the loop closed while the refresh ran: nobody is waiting
+            pass
+
+    threading.Thread(target=work, daemon=True, name=f"refresh-{getattr(fn, '__qualname__', 'fn')}").start()
+    return future
 
 
 class RefreshLoop:
@@ -29,13 +61,25 @@ class RefreshLoop:
 
     async def _run(self, refresher: ModelRefresher) -> None:
         interval = self.settings.refresh_interval.total_seconds()
+        deadline = self.settings.refresh_deadline.total_seconds()
         loop = asyncio.get_running_loop()
+        running: asyncio.Future | None = None
         while True:
             started = loop.time()
-            try:
-                self.store.put(await asyncio.to_thread(refresher.refresh, utc_now()))
-            except Exception:  # refresh() counts source failures itself; this is a bug guard
-                log.exception("model %s: refresh crashed", refresher.model.name)
+            if running is None:
+                running = _in_daemon_thread(refresher.refresh, utc_now())
+            done, _ = await asyncio.wait({running}, timeout=deadline)
+            if done:
+                try:
+                    self.store.put(running.result())
+                except Exception:  # refresh() counts source failures itself; this is a bug guard
+                    log.exception("model %s: refresh crashed", refresher.model.name)
+                running = None
+            else:
+                # A database that accepts connections but never answers must not freeze the
+                # model's metrics: report it down and let staleness drop its values.
+                log.warning("model %s: refresh still running after %.0f s", refresher.model.name, deadline)
+                self.store.put(refresher.stalled(utc_now()))
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     def start(self) -> None:

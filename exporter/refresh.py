@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from datetime import datetime
 
@@ -76,7 +77,8 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 class ModelRefresher:
-    """Refreshes one model. Not thread-safe: one refresh at a time per instance.
+    """Refreshes one model: one ``refresh`` at a time per instance; ``stalled`` may be
+    called from another thread meanwhile.
 
     Holds the state that lives between refreshes: reflected tables, the prediction
     counter and its watermark, the last good values of each source, error counts.
@@ -95,6 +97,10 @@ class ModelRefresher:
         self._errors = {(source, reason): 0 for source in model.sources() for reason in ERROR_REASONS}
         self._last_good: dict[str, tuple[float, object]] = {}
         self._last_success: float | None = None
+        self._started = time.perf_counter()
+        # Guards the bookkeeping above against stalled(), called by the loop while a
+        # refresh hangs in its worker thread.
+        self._lock = threading.Lock()
 
     # -- reflection, cached until a source fails -------------------------------------------
 
@@ -278,7 +284,7 @@ class ModelRefresher:
         ``sources``. Statistics and replays use ``[as_of - window, as_of)``, online accuracy
         ``[as_of - label_delay - window, as_of - label_delay)``.
         """
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         now = as_of.timestamp()
         refreshers = {"predictions": self._refresh_predictions}
         if self.model.labels is not None:
@@ -288,20 +294,43 @@ class ModelRefresher:
         sources = {}
         for name, run in refreshers.items():
             try:
-                self._last_good[name] = (now, run(as_of))
-                sources[name] = SourceStatus(True, now)
+                values = run(as_of)
             except Exception as exc:  # failures are data: counted, never raised into the loop
                 reason = classify_error(exc)
-                self._errors[(name, reason)] += 1
                 self._forget_reflection(name)
                 if reason == "internal":
                     log.exception("model %s: refreshing %s failed", self.model.name, name)
                 else:
                     log.warning("model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, _first_line(exc))
-                previous = self._last_good.get(name)
-                sources[name] = SourceStatus(False, previous[0] if previous else None)
-        if all(s.up for s in sources.values()):
-            self._last_success = now
+                with self._lock:
+                    self._errors[(name, reason)] += 1
+                    sources[name] = self._down(name)
+            else:
+                with self._lock:
+                    self._last_good[name] = (now, values)
+                    sources[name] = SourceStatus(True, now)
+        with self._lock:
+            if all(s.up for s in sources.values()):
+                self._last_success = now
+            return self._snapshot(now, sources)
+
+    def stalled(self, now: datetime) -> ModelSnapshot:
+        """The snapshot to publish while a refresh is still running past its deadline:
+        every source down, one ``timeout`` error each, staleness applied at ``now``.
+        Safe to call from another thread than the one running ``refresh``."""
+        with self._lock:
+            sources = {}
+            for name in self.model.sources():
+                self._errors[(name, "timeout")] += 1
+                sources[name] = self._down(name)
+            return self._snapshot(now.timestamp(), sources)
+
+    def _down(self, source: str) -> SourceStatus:
+        previous = self._last_good.get(source)
+        return SourceStatus(False, previous[0] if previous else None)
+
+    def _snapshot(self, now: float, sources: dict[str, SourceStatus]) -> ModelSnapshot:
+        # Values of a source older than the staleness period are dropped, not repeated.
         fresh = {
             name: values
             for name, (when, values) in self._last_good.items()
@@ -317,7 +346,7 @@ class ModelRefresher:
             online=fresh.get("labels", ()),
             replays=fresh.get("replays", ()),
             errors=dict(self._errors),
-            refresh_duration=time.perf_counter() - started,
+            refresh_duration=time.perf_counter() - self._started,
             last_success=self._last_success,
         )
 

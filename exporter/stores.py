@@ -46,14 +46,26 @@ def _sqlite_math(dbapi_connection, _record) -> None:
         dbapi_connection.create_function("floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True)
 
 
-def create_store_engine(url: str) -> Engine:
+def create_store_engine(url: str, connect_timeout: float | None = None) -> Engine:
     """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
+
+    With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it
+    and use TCP keepalives, so that a server that vanished mid-query is noticed.
 
     Raises:
         sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
         sqlalchemy.exc.NoSuchModuleError: the dialect's driver is not installed.
     """
-    engine = sa.create_engine(url, pool_pre_ping=True)
+    connect_args = {}
+    if connect_timeout is not None and sa.make_url(url).get_backend_name() == "postgresql":
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        }
+    engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_math)
     return engine
@@ -225,7 +237,7 @@ class Stores:
             if name not in self._engines:
                 url = self._settings.stores[name].resolved_url()
                 require_existing_sqlite_file(url)  # monitored stores are read, never created
-                self._engines[name] = create_store_engine(url)
+                self._engines[name] = create_store_engine(url, self._settings.query_timeout.total_seconds())
             return self._engines[name]
 
     def dispose(self) -> None:

@@ -140,3 +140,67 @@ def test_a_source_reads_one_snapshot(tmp_path, postgres_engine):
     with postgres_engine.connect() as conn:  # the pooled connection is back to the default
         assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
     sqlite.dispose()
+
+
+def test_a_server_that_accepts_but_never_answers_is_a_connection_error():
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts (the kernel completes the handshake), never says a word
+    port = silent.getsockname()[1]
+    settings = _settings(f"postgresql+psycopg://u@127.0.0.1:{port}/db", query_timeout="1s")
+    stores = Stores(settings)
+    started = time.monotonic()
+    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    assert time.monotonic() - started < 10
+    assert _nonzero(snap.errors) == {("predictions", "connection"): 1, ("labels", "connection"): 1}
+    stores.dispose()
+    silent.close()
+
+
+def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
+    import asyncio
+
+    from exporter.loop import RefreshLoop
+    from exporter.snapshot import SnapshotStore
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    _fill(sa.create_engine(url))
+    settings = _settings(url, refresh_interval="1s", refresh_timeout="1s", staleness="1s")
+    store = SnapshotStore([m.name for m in settings.models])
+    stores = Stores(settings)
+    loop = RefreshLoop(settings, store, stores)
+    release = threading.Event()
+    refresher = loop.refreshers[0]
+    real_labels = refresher._refresh_labels
+    calls = []
+
+    def hang_on_second_call(as_of):  # the first refresh succeeds, the second hangs
+        calls.append(as_of)
+        if len(calls) > 1:
+            release.wait(30)
+        return real_labels(as_of)
+
+    refresher._refresh_labels = hang_on_second_call
+
+    async def scenario():
+        loop.start()
+        try:
+            deadline = time.monotonic() + 15
+            while not _timeouts(store.models.get("ctr")):
+                assert time.monotonic() < deadline, "no stalled snapshot published"
+                await asyncio.sleep(0.1)
+            return store.models["ctr"]
+        finally:
+            release.set()
+            await loop.stop()
+
+    stalled = asyncio.run(scenario())
+    stores.dispose()
+    assert {name: s.up for name, s in stalled.sources.items()} == {"predictions": False, "labels": False}
+    assert stalled.errors[("labels", "timeout")] >= 1
+
+
+def _timeouts(snapshot) -> int:
+    return 0 if snapshot is None else sum(n for (_, reason), n in snapshot.errors.items() if reason == "timeout")
