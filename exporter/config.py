@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import sqlalchemy as sa
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -76,26 +77,42 @@ class Strict(BaseModel):
 
 
 class Store(Strict):
-    """A SQL store, as a SQLAlchemy URL given inline (``url``) or read from a file (``url_file``)."""
+    """A SQL store: a SQLAlchemy URL given inline (``url``) or read from a file
+    (``url_file``), and optionally its password apart from it (``password`` or
+    ``password_file``), so that a password with any characters needs no URL-encoding and
+    never sits in the URL text."""
 
     url: str | None = None
     url_file: Path | None = None
+    password: str | None = Field(default=None, repr=False)
+    password_file: Path | None = None
 
     @model_validator(mode="after")
     def _one_url(self) -> Store:
         if (self.url is None) == (self.url_file is None):
             raise ValueError("give exactly one of 'url' or 'url_file'")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give at most one of 'password' or 'password_file'")
+        if self.url is not None:
+            try:
+                sa.make_url(self.url)
+            except Exception:  # never echo the URL: it may hold a password
+                raise ValueError("url: not a SQLAlchemy URL (dialect+driver://user@host:port/database)") from None
         return self
 
-    def resolved_url(self) -> str:
-        """The URL, reading ``url_file`` if that is how it was given.
+    def resolved_url(self) -> sa.URL:
+        """The URL as a SQLAlchemy ``URL`` (whose ``str`` masks the password), reading
+        ``url_file`` and ``password_file`` if that is how they were given.
 
         Raises:
-            OSError: the file cannot be read.
+            OSError: a file cannot be read.
+            sqlalchemy.exc.ArgumentError: ``url_file`` does not hold a SQLAlchemy URL.
         """
-        if self.url is not None:
-            return self.url
-        return Path(self.url_file).read_text().strip()
+        url = sa.make_url(self.url if self.url is not None else Path(self.url_file).read_text().strip())
+        password = self.password
+        if self.password_file is not None:
+            password = Path(self.password_file).read_text().rstrip("\n")
+        return url if password is None else url.set(password=password)
 
 
 class PredictionColumns(Strict):

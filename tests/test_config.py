@@ -90,7 +90,27 @@ def test_url_from_file(tmp_path):
     secret.write_text("sqlite:///from-file.db\n")
     data = _config()
     data["stores"]["s"] = {"url_file": str(secret)}
-    assert parse_settings(data).stores["s"].resolved_url() == "sqlite:///from-file.db"
+    assert parse_settings(data).stores["s"].resolved_url().render_as_string(hide_password=False) == "sqlite:///from-file.db"
+
+
+def test_password_apart_from_the_url_needs_no_encoding(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLMON_TEST_PASSWORD", "hun@ter9:/x")
+    data = _config()
+    data["stores"]["s"] = {"url": "postgresql+psycopg://mlmon@db:5432/serving", "password": "${MLMON_TEST_PASSWORD}"}
+    url = parse_settings(data).stores["s"].resolved_url()
+    assert (url.username, url.password, url.host, url.database) == ("mlmon", "hun@ter9:/x", "db", "serving")
+    assert "hun@ter9" not in str(url) and "hun@ter9" not in repr(parse_settings(data))
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    data["stores"]["s"] = {"url": "postgresql+psycopg://mlmon@db/serving", "password_file": str(secret)}
+    assert parse_settings(data).stores["s"].resolved_url().password == "from-file"
+
+
+def test_bad_url_named_without_echoing_it():
+    data = _config()
+    data["stores"]["s"] = {"url": "postgresql://u:s3cret@host:notaport/db"}
+    (error,) = _errors(data)
+    assert error.startswith("stores.s: ") and "not a SQLAlchemy URL" in error and "s3cret" not in error
 
 
 def test_duplicate_model_names():

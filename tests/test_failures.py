@@ -83,13 +83,14 @@ def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
     stores.dispose()
 
 
-def test_unreachable_store_is_counted_as_connection_error():
-    settings = _settings("postgresql+psycopg://mlmon:secret@127.0.0.1:1/none")
+def test_unreachable_store_is_counted_as_connection_error(caplog):
+    settings = _settings("postgresql+psycopg://mlmon:s3cr3t-pw@127.0.0.1:1/none")
     stores = Stores(settings)
     snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
     assert {name: s.up for name, s in snap.sources.items()} == {"predictions": False, "labels": False}
     assert _nonzero(snap.errors) == {("predictions", "connection"): 1, ("labels", "connection"): 1}
     assert snap.score_stats == () and snap.last_success is None
+    assert "connection" in caplog.text and "s3cr3t-pw" not in caplog.text
     stores.dispose()
 
 
