@@ -96,12 +96,19 @@ def once(
     config: ConfigOption,
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="ISO-8601 time to compute at (default: now); naive means UTC.")] = None,
 ) -> None:
-    """Refresh every model once and print exactly the exposition /metrics would serve."""
-    from exporter.loop import refresh_once
+    """Refresh every model once and print exactly the exposition /metrics would serve.
+
+    Exit code 1 when a source failed (the exposition is printed all the same)."""
+    from exporter.collector import build_registry, render
+    from exporter.loop import refresh_all
 
     _logging()
     settings = _settings(config)
-    sys.stdout.write(refresh_once(settings, _parse_as_of(as_of)).decode())
+    store = refresh_all(settings, _parse_as_of(as_of))
+    sys.stdout.write(render(build_registry(store)).decode())
+    failed = [f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up]
+    if failed:
+        _fail(f"failed source(s): {', '.join(failed)} (see the log above)", code=1)
 
 
 @app.command()

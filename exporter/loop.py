@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from datetime import datetime
 
 from exporter.collector import build_registry, render
 from exporter.config import Settings
@@ -94,9 +95,8 @@ class RefreshLoop:
         self._tasks = []
 
 
-def refresh_once(settings: Settings, as_of) -> bytes:
-    """Refresh every model once at ``as_of`` and return the exposition ``/metrics`` would
-    serve after that refresh (``mlmon once``)."""
+def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
+    """Refresh every model once at ``as_of`` (timezone-aware), in this thread."""
     store = SnapshotStore([m.name for m in settings.models])
     stores = Stores(settings)
     try:
@@ -104,4 +104,9 @@ def refresh_once(settings: Settings, as_of) -> bytes:
             store.put(ModelRefresher(model, settings, stores).refresh(as_of))
     finally:
         stores.dispose()
-    return render(build_registry(store))
+    return store
+
+
+def refresh_once(settings: Settings, as_of: datetime) -> bytes:
+    """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``."""
+    return render(build_registry(refresh_all(settings, as_of)))

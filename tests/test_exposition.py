@@ -201,3 +201,7 @@ models:
     assert 'mlmon_window_predictions{model="ctr",window="1h"} 2.0' in later.stdout.splitlines()
     bad = CliRunner().invoke(cli, ["once", "--config", str(config), "--as-of", "yesterday"])
     assert bad.exit_code == 2 and "--as-of" in bad.output
+    config.write_text(config.read_text().replace("table: predictions", "table: gone"))
+    failed = CliRunner().invoke(cli, ["once", "--config", str(config)])
+    assert failed.exit_code == 1 and "failed source(s): ctr/predictions" in failed.output
+    assert 'mlmon_source_up{model="ctr",source="predictions"} 0.0' in failed.stdout.splitlines()
