@@ -139,9 +139,13 @@ def _load_file(
                 if chunk.empty:
                     continue  # a header-only file must not create a table of guessed types
                 _parse_timestamps(chunk, aware, path, rows)
+                if existing is not None:
+                    _check_values(chunk, existing, path, rows)
                 # Set before inserting: a failing first insert may already have created the table.
-                created = existing is None
+                created = created or existing is None
                 chunk.to_sql(table, con=conn, schema=schema, if_exists="append", index=False, dtype=types)
+                if existing is None:  # check later chunks against the types the table got
+                    existing = _existing_columns(conn, table, schema)
                 rows += len(chunk)
                 progress.update(task, rows=rows)
             progress.update(task, completed=source.total)
@@ -279,6 +283,39 @@ def _check_columns(path: Path, columns: list[str], existing: dict[str, sa.types.
             f"{path}: columns do not match table {table!r}: {'; '.join(problems)} "
             f"(table columns: {', '.join(existing)})"
         )
+
+
+def _check_values(frame: pd.DataFrame, existing: dict[str, sa.types.TypeEngine], path: Path, first_row: int) -> None:
+    """Require every value of a numeric or boolean table column to be a number (an integer
+    for integer columns; 0/1 or true/false for booleans). SQLite would store any text in
+    such a column, where it would later read as 0 or be silently skipped.
+
+    Raises:
+        LoadError: names the column, the row (data rows from 1) and the value.
+    """
+    for name, column_type in existing.items():
+        raw = frame[name]
+        if isinstance(column_type, sa.Boolean):
+            ok = raw.isna() | raw.isin([True, False, 0, 1])
+            expected = "a boolean (true/false or 0/1)"
+        elif isinstance(column_type, sa.Integer | sa.Numeric | sa.Float):
+            numbers = pd.to_numeric(raw, errors="coerce")
+            ok = raw.isna() | numbers.notna()
+            expected = "a number"
+            if isinstance(column_type, sa.Integer):
+                ok &= raw.isna() | (numbers == np.floor(numbers))
+                expected = "an integer"
+        else:
+            continue
+        bad = np.flatnonzero(~ok.to_numpy())
+        if bad.size:
+            i = int(bad[0])
+            value = raw.iloc[i]
+            value = value.item() if isinstance(value, np.generic) else value  # 4.5, not np.float64(4.5)
+            raise LoadError(
+                f"{path}: column {name!r}, row {first_row + i + 1}: {value!r} is not {expected} "
+                f"(the table's column is {column_type})"
+            )
 
 
 def _stores_aware(dialect: str, existing: dict[str, sa.types.TypeEngine] | None, name: str) -> bool:

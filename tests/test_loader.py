@@ -376,3 +376,28 @@ def test_cli_load(target, tmp_path):
     assert "missing column(s) 'timestamp', 'y_pred_proba'; extra column(s) 'when'" in result.stderr
     assert "s3cret" not in result.output
     assert len(target.rows("predictions")) == 3
+
+
+@pytest.mark.parametrize(
+    "column, value, expected",
+    [("y_pred_proba", "high", "'high' is not a number"), ("id", "4.5", "4.5 is not an integer")],
+)
+def test_a_value_that_does_not_fit_a_numeric_column_loads_nothing(target, tmp_path, column, value, expected):
+    good = write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], NAIVE_ROWS)
+    load_files(target.url, "predictions", [good], schema=target.schema)
+    row = {"id": 7, "timestamp": "2019-02-01T00:00:00", "y_pred_proba": 0.5, column: value}
+    bad = write_csv(tmp_path / "b.csv", ["id", "timestamp", "y_pred_proba"], [[8, "2019-02-01T00:00:00", 0.4], list(row.values())])
+
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [bad], schema=target.schema)
+
+    message = str(caught.value)
+    assert f"column {column!r}, row 2: {expected}" in message
+    assert [r["id"] for r in target.rows("predictions")] == [1, 2, 3]
+
+
+def test_later_chunks_of_a_new_table_are_checked_against_its_first_chunk(target, tmp_path):
+    rows = [[1, "2019-01-01T00:00:00", 0.1], [2, "2019-01-01T00:01:00", 0.2], [3, "2019-01-01T00:02:00", "oops"]]
+    with pytest.raises(LoadError, match="row 3: 'oops' is not a number"):
+        load_files(target.url, "predictions", [write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], rows)], schema=target.schema, chunk_rows=2)
+    assert not target.exists("predictions")
