@@ -249,4 +249,5 @@ class Stores:
 
 
 def utc_now() -> datetime:
+    """The current time, timezone-aware, in UTC."""
     return datetime.now(timezone.utc)

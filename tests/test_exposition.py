@@ -205,3 +205,29 @@ models:
     failed = CliRunner().invoke(cli, ["once", "--config", str(config)])
     assert failed.exit_code == 1 and "failed source(s): ctr/predictions" in failed.output
     assert 'mlmon_source_up{model="ctr",source="predictions"} 0.0' in failed.stdout.splitlines()
+
+
+def test_mode_share_rounds_half_up_to_the_configured_decimals(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT)"))
+        # to 2 decimals: 0.10, 0.10, 0.11, 0.11, 0.11, 0.20 -> the mode 0.11 holds 3 of 6
+        for i, score in enumerate([0.101, 0.104, 0.106, 0.109, 0.1149, 0.2]):
+            ts = (AS_OF - timedelta(minutes=i + 1)).replace(tzinfo=None)
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"), {"i": i, "ts": ts, "p": score})
+    settings = parse_settings(
+        {
+            "stores": {"s": {"url": url}},
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "windows": ["1h"],
+                    "mode_share_decimals": 2,
+                }
+            ],
+        }
+    )
+    text = refresh_once(settings, AS_OF).decode()
+    assert 'mlmon_prediction_mode_share_ratio{model="ctr",window="1h"} 0.5' in text.splitlines()

@@ -100,7 +100,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
     settings = _settings(url, schema, query_timeout="1s")
     stores = Stores(settings)
     refresher = ModelRefresher(settings.models[0], settings, stores)
-    refresher.check_schema()  # reflect before the lock: reflection would wait too
+    refresher.check_schema()
 
     locked, release = threading.Event(), threading.Event()
 
@@ -205,3 +205,26 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
 
 def _timeouts(snapshot) -> int:
     return 0 if snapshot is None else sum(n for (_, reason), n in snapshot.errors.items() if reason == "timeout")
+
+
+def test_counter_catches_up_after_a_failed_refresh(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    _fill(engine)  # predictions 1..199 minutes before AS_OF, scores (i % 10) / 10
+    settings = _settings(url)
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher.refresh(AS_OF - timedelta(minutes=100))  # starts the watermark
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE predictions RENAME TO moved"))
+    failed = refresher.refresh(AS_OF - timedelta(minutes=50))
+    assert not failed.sources["predictions"].up and failed.counter.total == 0
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE moved RENAME TO predictions"))
+    caught_up = refresher.refresh(AS_OF - timedelta(minutes=20)).counter
+    # rows i = 20..100 minutes before AS_OF, start inclusive, end exclusive: i in (20, 100]
+    assert caught_up.total == 80
+    assert caught_up.score_sum == pytest.approx(sum((i % 10) / 10 for i in range(21, 101)))
+    again = refresher.refresh(AS_OF).counter
+    assert again.total == 100  # and the next refresh adds only i in (0, 20]
+    stores.dispose()
