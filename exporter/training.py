@@ -1,0 +1,115 @@
+"""The training-run summary: what a training pipeline reports for one model version.
+
+The same pydantic models validate ``POST /api/v1/training-runs`` on the server and are
+built by ``exporter.client`` from a DataFrame, so both sides share one definition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+#: Percentiles reported for numeric features; the deciles serve as the PSI bins.
+FEATURE_PERCENTILES = (1, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95, 99)
+#: The category that holds the shares of every category outside the top k.
+OTHER = "__other__"
+#: Shares must sum to 1 within this tolerance (float rounding of the client's division).
+SHARE_TOLERANCE = 1e-6
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureSummary(_Body):
+    """One feature of the training data.
+
+    ``count`` counts every row, missing ones included; ``missing_ratio`` = missing / count.
+    Numeric: mean, population stddev, min, max and ``percentiles`` (keys
+    ``FEATURE_PERCENTILES`` as strings, linear interpolation) over non-missing values.
+    Categorical: ``categories`` maps the top-k categories (and ``__other__``) to their
+    share of the non-missing values; shares sum to 1.
+    """
+
+    name: Name
+    kind: Literal["numeric", "categorical"]
+    count: int = Field(ge=0)
+    missing_ratio: Ratio
+    mean: Finite | None = None
+    stddev: Annotated[Finite, Field(ge=0.0)] | None = None
+    min: Finite | None = None
+    max: Finite | None = None
+    percentiles: dict[str, Finite] = {}
+    categories: dict[Name, Ratio] = {}
+
+    @model_validator(mode="after")
+    def _by_kind(self) -> FeatureSummary:
+        present = self.count > 0 and self.missing_ratio < 1.0
+        if self.kind == "numeric":
+            if self.categories:
+                raise ValueError("categories: only for categorical features")
+            if present and None in (self.mean, self.stddev, self.min, self.max):
+                raise ValueError("a numeric feature with values needs mean, stddev, min and max")
+            unknown = set(self.percentiles) - {str(q) for q in FEATURE_PERCENTILES}
+            if unknown:
+                raise ValueError(f"percentiles: unknown key(s) {sorted(unknown)}; allowed {list(FEATURE_PERCENTILES)}")
+            values = [self.percentiles[str(q)] for q in FEATURE_PERCENTILES if str(q) in self.percentiles]
+            if any(b < a for a, b in zip(values, values[1:])):
+                raise ValueError("percentiles: must not decrease with the percentile")
+        else:
+            if any(v is not None for v in (self.mean, self.stddev, self.min, self.max)) or self.percentiles:
+                raise ValueError("mean, stddev, min, max and percentiles are only for numeric features")
+            total = math.fsum(self.categories.values())
+            if present and abs(total - 1.0) > SHARE_TOLERANCE:
+                raise ValueError(f"categories: shares must sum to 1, got {total}")
+        return self
+
+
+def _utc(value: datetime) -> datetime:
+    # Naive means UTC, as everywhere in mlmon.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class TrainingRun(_Body):
+    """One training run of one model version, as reported to ``POST /api/v1/training-runs``.
+
+    ``validation_logloss`` (natural log, probabilities clipped to [1e-15, 1 - 1e-15]) and
+    ``validation_roc_auc`` (Mann–Whitney with ties ½) follow docs/metrics.md.
+    """
+
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+    version: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:+-]{1,100}$")]
+    trained_at: Annotated[datetime, AfterValidator(_utc)]
+    training_rows: int = Field(ge=0)
+    validation_rows: int | None = Field(default=None, ge=0)
+    validation_logloss: Annotated[Finite, Field(ge=0.0)] | None = None
+    validation_roc_auc: Ratio | None = None
+    extra_metrics: dict[Name, Finite] = Field(default={}, max_length=100)
+    features: list[FeatureSummary] = Field(default=[], max_length=1000)
+
+    @model_validator(mode="after")
+    def _unique_features(self) -> TrainingRun:
+        names = [f.name for f in self.features]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"features: duplicate feature name(s) {duplicates}")
+        return self
+
+    def canonical_json(self) -> str:
+        """The run as JSON with sorted keys, to tell an identical re-report from a conflict."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
