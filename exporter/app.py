@@ -10,10 +10,12 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from exporter import __version__
+from exporter.api import training_api
 from exporter.collector import build_registry, render
 from exporter.config import Settings
 from exporter.loop import RefreshLoop
 from exporter.snapshot import SnapshotStore
+from exporter.state import StateDatabase
 from exporter.stores import Stores
 
 _LANDING = """<!doctype html>
@@ -22,7 +24,8 @@ _LANDING = """<!doctype html>
 <p>Prometheus exporter for machine-learning model monitoring, watching {models} model(s).</p>
 <ul><li><a href="metrics">/metrics</a>: the exposition Prometheus scrapes</li>
 <li><a href="healthz">/healthz</a>: process alive</li>
-<li><a href="readyz">/readyz</a>: every model refreshed at least once</li></ul>
+<li><a href="readyz">/readyz</a>: every model refreshed at least once</li>
+<li><a href="api/v1/models">/api/v1/models</a>: models with training runs (<a href="docs">API docs</a>)</li></ul>
 </body></html>
 """
 
@@ -32,7 +35,8 @@ def create_app(settings: Settings) -> FastAPI:
     store = SnapshotStore([m.name for m in settings.models])
     registry = build_registry(store)
     stores = Stores(settings)
-    loop = RefreshLoop(settings, store, stores)
+    state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
+    loop = RefreshLoop(settings, store, stores, state)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -42,9 +46,11 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await loop.stop()
             stores.dispose()
+            state.engine.dispose()
 
     app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan)
     app.state.snapshots = store
+    app.include_router(training_api(settings, state, loop.training_changed))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def landing() -> str:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from exporter import __version__
+from exporter.offline import TrainingSnapshot
 from exporter.snapshot import ModelSnapshot, SnapshotStore
 
 
@@ -67,11 +68,31 @@ METRICS = {
         _spec("mlmon_replay_predictions", "gauge", WINDOWED, "(Valid prediction, replay row) pairs of the window."),
         _spec("mlmon_replay_reproducibility_ratio", "gauge", WINDOWED, "Share of replayed predictions reproduced within tolerance."),
         _spec("mlmon_replay_abs_error_max", "gauge", WINDOWED, "Largest |served - replayed| score in the window."),
+        _spec("mlmon_online_logloss_vs_offline_ratio", "gauge", WINDOWED, "Online log loss / offline (validation) log loss of the serving version, else of the newest version."),
+        # training runs, from the state database
+        _spec("mlmon_model_info", "gauge", "model version", "The newest trained version of the model; always 1."),
+        _spec("mlmon_model_trained_timestamp_seconds", "gauge", "model", "Training time of the newest version."),
+        _spec("mlmon_training_rows", "gauge", "model", "Training rows of the newest version."),
+        _spec("mlmon_validation_rows", "gauge", "model", "Validation rows of the newest version."),
+        _spec("mlmon_offline_logloss", "gauge", "model", "Validation log loss of the newest version."),
+        _spec("mlmon_offline_roc_auc", "gauge", "model", "Validation ROC AUC of the newest version."),
+        _spec("mlmon_training_rows_change_ratio", "gauge", "model baseline", "Training rows of the newest version / of the baseline version."),
+        _spec("mlmon_offline_logloss_change_ratio", "gauge", "model baseline", "Validation log loss of the newest version / of the baseline version."),
+        _spec("mlmon_offline_roc_auc_change_ratio", "gauge", "model baseline", "Validation ROC AUC of the newest version / of the baseline version."),
+        _spec("mlmon_version_training_rows", "gauge", "model version", "Training rows of each recent version."),
+        _spec("mlmon_version_offline_logloss", "gauge", "model version", "Validation log loss of each recent version."),
+        _spec("mlmon_version_offline_roc_auc", "gauge", "model version", "Validation ROC AUC of each recent version."),
+        _spec("mlmon_training_feature_missing_ratio", "gauge", "model feature", "Share of missing values of a feature in the newest version's training data."),
+        _spec("mlmon_training_feature_mean", "gauge", "model feature", "Mean of a numeric feature in the newest version's training data."),
+        _spec("mlmon_training_feature_category_share_ratio", "gauge", "model feature category", "Share of a category among a categorical feature's non-missing values (newest version)."),
+        _spec("mlmon_training_feature_psi", "gauge", "model feature", "PSI of a feature between the newest and the previous version's training data."),
         # exporter health
         _spec("mlmon_source_up", "gauge", "model source", "1 if the last refresh of the source succeeded, else 0."),
         _spec("mlmon_refresh_duration_seconds", "gauge", "model", "Duration of the model's last refresh."),
         _spec("mlmon_refresh_last_success_timestamp_seconds", "gauge", "model", "Time of the model's last refresh in which every source succeeded."),
         _spec("mlmon_refresh_errors_total", "counter", "model source reason", "Failed source refreshes, by reason."),
+        _spec("mlmon_state_up", "gauge", "", "1 if the last read of the state database succeeded, else 0."),
+        _spec("mlmon_state_errors_total", "counter", "reason", "Failed reads of the state database, by reason."),
     ]
 }
 
@@ -131,6 +152,47 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         _emit(families, "mlmon_replay_abs_error_max", w, r.abs_error_max)
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> None:
+    m, newest = snap.model, snap.newest
+    _emit(families, "mlmon_model_info", [m, newest.version], 1.0)
+    _emit(families, "mlmon_model_trained_timestamp_seconds", [m], newest.trained_at.timestamp())
+    _emit(families, "mlmon_training_rows", [m], newest.training_rows)
+    _emit(families, "mlmon_validation_rows", [m], newest.validation_rows)
+    _emit(families, "mlmon_offline_logloss", [m], newest.validation_logloss)
+    _emit(families, "mlmon_offline_roc_auc", [m], newest.validation_roc_auc)
+    for baseline, run in snap.baselines.items():
+        labels = [m, baseline]
+        _emit(families, "mlmon_training_rows_change_ratio", labels, _ratio(newest.training_rows, run.training_rows))
+        _emit(families, "mlmon_offline_logloss_change_ratio", labels, _ratio(newest.validation_logloss, run.validation_logloss))
+        _emit(families, "mlmon_offline_roc_auc_change_ratio", labels, _ratio(newest.validation_roc_auc, run.validation_roc_auc))
+    for run in snap.history:
+        labels = [m, run.version]
+        _emit(families, "mlmon_version_training_rows", labels, run.training_rows)
+        _emit(families, "mlmon_version_offline_logloss", labels, run.validation_logloss)
+        _emit(families, "mlmon_version_offline_roc_auc", labels, run.validation_roc_auc)
+    for feature in snap.features:
+        labels = [m, feature.name]
+        _emit(families, "mlmon_training_feature_missing_ratio", labels, feature.missing_ratio)
+        _emit(families, "mlmon_training_feature_mean", labels, feature.mean)
+        for category, share in feature.categories.items():
+            _emit(families, "mlmon_training_feature_category_share_ratio", labels + [category], share)
+        _emit(families, "mlmon_training_feature_psi", labels, snap.feature_psi.get(feature.name))
+
+
+def _offline_comparison(families: dict[str, Metric], snap: ModelSnapshot, training: TrainingSnapshot | None) -> None:
+    if training is None:
+        return
+    for o in snap.online:
+        offline = training.validation_logloss(o.serving_version)
+        _emit(families, "mlmon_online_logloss_vs_offline_ratio", [snap.model, o.window], _ratio(o.logloss, offline))
+
+
 class MlmonCollector:
     """A custom collector over a ``SnapshotStore``: a scrape only reads the snapshots."""
 
@@ -146,8 +208,16 @@ class MlmonCollector:
         families = {name: spec.family() for name, spec in METRICS.items()}
         families["mlmon_build_info"].add_metric([__version__], 1.0)
         models = self._store.models  # one reference: a refresh may swap the mapping meanwhile
+        training = self._store.training
         for name in sorted(models):
             _model_samples(families, models[name])
+            _offline_comparison(families, models[name], training.models.get(name))
+        for name in sorted(training.models):
+            _training_samples(families, training.models[name])
+        if training.up is not None:
+            _emit(families, "mlmon_state_up", [], 1.0 if training.up else 0.0)
+        for reason, count in training.errors.items():
+            _emit(families, "mlmon_state_errors_total", [reason], count)
         return (family for family in families.values() if family.samples)
 
 

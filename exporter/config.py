@@ -213,6 +213,38 @@ class ModelConfig(Strict):
         return {name: source for name, source in found.items() if source is not None}
 
 
+class ApiSettings(Strict):
+    """The training-run API. With a token (inline or from a file), every API request must
+    carry ``Authorization: Bearer <token>``; without one, the API is open."""
+
+    token: str | None = Field(default=None, repr=False, min_length=16)
+    token_file: Path | None = None
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ApiSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give at most one of 'token' or 'token_file'")
+        return self
+
+    def resolved_token(self) -> str | None:
+        """The bearer token, reading ``token_file`` if that is how it was given.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if self.token_file is not None:
+            return Path(self.token_file).read_text().strip()
+        return self.token
+
+
+class TrainingSettings(Strict):
+    """How much training history is exported."""
+
+    history_versions: int = Field(default=10, ge=2, le=100)
+    """``mlmon_version_*`` series cover the newest this many versions of each model."""
+
+
 class Settings(Strict):
     """The whole configuration file."""
 
@@ -224,6 +256,10 @@ class Settings(Strict):
     """A refresh still running after this is reported as stalled; default refresh_interval + query_timeout."""
     stores: dict[Identifier, Store]
     models: list[ModelConfig]
+    state: Store = Store(url="sqlite:///mlmon-state.sqlite")
+    """mlmon's own database (training runs); created and migrated by mlmon."""
+    api: ApiSettings = ApiSettings()
+    training: TrainingSettings = TrainingSettings()
 
     def reference_errors(self) -> list[str]:
         """Problems between sections, one ``"key.path: message"`` each: duplicate model

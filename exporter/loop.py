@@ -15,8 +15,10 @@ from datetime import datetime
 
 from exporter.collector import build_registry, render
 from exporter.config import Settings
+from exporter.offline import TrainingRefresher
 from exporter.refresh import ModelRefresher
 from exporter.snapshot import SnapshotStore
+from exporter.state import StateDatabase
 from exporter.stores import Stores, utc_now
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,27 @@ def _in_daemon_thread(fn, *args) -> asyncio.Future:
 class RefreshLoop:
     """Runs every model's refresh every ``settings.refresh_interval`` until stopped."""
 
-    def __init__(self, settings: Settings, store: SnapshotStore, stores: Stores):
+    def __init__(self, settings: Settings, store: SnapshotStore, stores: Stores, state: StateDatabase):
         self.settings = settings
         self.store = store
         self.refreshers = [ModelRefresher(model, settings, stores) for model in settings.models]
+        self.training = TrainingRefresher(state, settings)
+        self._training_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+
+    def training_changed(self) -> None:
+        """Re-read the training runs now rather than at the next interval (a run was stored)."""
+        self._training_changed.set()
+
+    async def _run_training(self) -> None:
+        interval = self.settings.refresh_interval.total_seconds()
+        while True:
+            self._training_changed.clear()
+            self.store.put_training(await _in_daemon_thread(self.training.refresh, utc_now()))
+            try:
+                await asyncio.wait_for(self._training_changed.wait(), timeout=interval)
+            except TimeoutError:
+                pass
 
     async def _run(self, refresher: ModelRefresher) -> None:
         interval = self.settings.refresh_interval.total_seconds()
@@ -86,6 +104,7 @@ class RefreshLoop:
     def start(self) -> None:
         """Start one task per model on the running event loop."""
         self._tasks = [asyncio.create_task(self._run(r), name=f"refresh-{r.model.name}") for r in self.refreshers]
+        self._tasks.append(asyncio.create_task(self._run_training(), name="refresh-training"))
 
     async def stop(self) -> None:
         """Cancel the tasks and wait for them (a refresh in a worker thread finishes on its own)."""
@@ -96,14 +115,18 @@ class RefreshLoop:
 
 
 def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
-    """Refresh every model once at ``as_of`` (timezone-aware), in this thread."""
+    """Refresh every model, and the training runs trained by then, once at ``as_of``
+    (timezone-aware), in this thread."""
     store = SnapshotStore([m.name for m in settings.models])
     stores = Stores(settings)
+    state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     try:
         for model in settings.models:
             store.put(ModelRefresher(model, settings, stores).refresh(as_of))
+        store.put_training(TrainingRefresher(state, settings).refresh(as_of))
     finally:
         stores.dispose()
+        state.engine.dispose()
     return store
 
 

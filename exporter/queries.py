@@ -66,6 +66,7 @@ class PredictionQueries:
         self.id = table.c[source.columns.id]
         self.score = sa.cast(table.c[source.columns.score], sa.Double())
         self.filters = [table.c[name] == value for name, value in source.filter.items()]
+        self.version = None if source.columns.version is None else table.c[source.columns.version]
 
     def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
         ts = self.time.expr
@@ -135,6 +136,12 @@ class PredictionQueries:
         """One row: the newest prediction time before ``end``."""
         ts = self.time.expr
         return sa.select(sa.func.max(ts)).where(ts < self.time.bind(end), *self.filters)
+
+    def serving_version(self, end: datetime) -> sa.Select:
+        """One row: the model version of the newest prediction before ``end`` (needs the
+        ``version`` column)."""
+        ts = self.time.expr
+        return sa.select(self.version).where(ts < self.time.bind(end), *self.filters).order_by(ts.desc()).limit(1)
 
     def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
         """One row for the counters: (count, sum of scores, cumulative count per bucket bound)

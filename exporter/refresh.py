@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import numpy as np
@@ -253,10 +254,14 @@ class ModelRefresher:
         )
 
     def _refresh_labels(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
-        self._predictions()
+        q = self._predictions()
         self._labels()
         with self._connection() as conn:
-            return tuple(self._online(conn, window, as_of) for window in self.model.windows)
+            online = [self._online(conn, window, as_of) for window in self.model.windows]
+            if q.version is None:
+                return tuple(online)
+            version = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
+        return tuple(replace(o, serving_version=None if version is None else str(version)) for o in online)
 
     def _refresh_replays(self, as_of: datetime) -> tuple[Reproducibility, ...]:
         q, replays = self._predictions(), self._replays()

@@ -44,6 +44,9 @@ class OnlineAccuracy:
     label_coverage: float | None
     extreme_scores: int
     invalid_labels: Mapping[str, int]
+    serving_version: str | None = None
+    """Model version of the newest prediction before the window end, when the prediction
+    store has a version column."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,16 @@ class ModelSnapshot:
     last_success: float | None = None
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """Training snapshots by model (``exporter.offline.TrainingSnapshot``), whether the
+    last read of the state database succeeded, and its error counts by reason."""
+
+    models: Mapping[str, object] = field(default_factory=dict)
+    up: bool | None = None
+    errors: Mapping[str, int] = field(default_factory=dict)
+
+
 class SnapshotStore:
     """The latest snapshot of every model; a whole mapping is swapped at once, so a reader
     never sees a half-written model."""
@@ -112,7 +125,17 @@ class SnapshotStore:
     def __init__(self, model_names: list[str]):
         self._expected = frozenset(model_names)
         self._models: Mapping[str, ModelSnapshot] = MappingProxyType({})
+        self._training = TrainingState()
         self._lock = threading.Lock()
+
+    def put_training(self, state: TrainingState) -> None:
+        """Replace the training snapshots of every model at once."""
+        self._training = state
+
+    @property
+    def training(self) -> TrainingState:
+        """The latest training snapshots and the state database's health."""
+        return self._training
 
     def put(self, snapshot: ModelSnapshot) -> None:
         """Replace the model's snapshot."""

@@ -42,3 +42,10 @@ def postgres_schema(postgres_engine):
     yield POSTGRES_URL, schema
     with postgres_engine.begin() as conn:
         conn.execute(sa.schema.DropSchema(schema, cascade=True))
+
+
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path, monkeypatch):
+    """Run every test in its own directory: the default state database
+    (``sqlite:///mlmon-state.sqlite``) and other relative paths land there."""
+    monkeypatch.chdir(tmp_path)

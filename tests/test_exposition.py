@@ -31,7 +31,7 @@ def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
     """name -> (type, labels) from the table in docs/metrics.md."""
     rows = {}
     for line in CATALOG.read_text().splitlines():
-        match = re.match(r"\| `(mlmon_\w+)` \| (\w+) \| ([^|]*) \|", line)
+        match = re.match(r"\| `(mlmon_\w+)` \| (\w+) \|([^|]*)\|", line)
         if match:
             rows[match.group(1)] = (match.group(2), tuple(re.findall(r"`(\w+)`", match.group(3))))
     return rows
@@ -117,13 +117,32 @@ def test_exact_exposition_lines(tmp_path):
     assert "nan" not in text.lower().replace("nan_score", "")
 
 
+def _report_runs(settings) -> None:
+    """Three training runs of ``ctr``: 40 days ago, yesterday and now (relative to AS_OF)."""
+    from exporter.state import StateDatabase, save_run
+    from exporter.training import TrainingRun
+
+    state = StateDatabase(settings.state.resolved_url())
+    feature = {"name": "country", "kind": "categorical", "count": 10, "missing_ratio": 0.1, "categories": {"fr": 0.6, "__other__": 0.4}}
+    for days, rows in [(40, 1000), (1, 900), (0, 500)]:
+        run = TrainingRun(
+            model="ctr", version=f"v{40 - days}", trained_at=AS_OF - timedelta(days=days), training_rows=rows,
+            validation_rows=100, validation_logloss=0.2, validation_roc_auc=0.8,
+            features=[feature, {"name": "age", "kind": "numeric", "count": 10, "missing_ratio": 0.0, "mean": 30.0,
+                                "stddev": 5.0, "min": 20.0, "max": 40.0, "percentiles": {"50": 30.0}}],
+        )
+        save_run(state.ready(), run, AS_OF)
+    state.engine.dispose()
+
+
 def _full_exposition(tmp_path) -> str:
     """An exposition holding every mlmon metric: a model with bucketed AUC and one whose
-    replay table is missing (so errors and source_up 0 appear)."""
+    replay table is missing (so errors and source_up 0 appear), with training runs."""
     url = _store(tmp_path / "s.sqlite")
     bucketed = _settings(url, max_distinct_scores=2, bucket_decimals=1).models[0]
     broken = bucketed.model_copy(update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})})
     settings = _settings(url).model_copy(update={"models": [bucketed, broken]})
+    _report_runs(settings)
     return refresh_once(settings, AS_OF).decode()
 
 

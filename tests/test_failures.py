@@ -165,13 +165,14 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
 
     from exporter.loop import RefreshLoop
     from exporter.snapshot import SnapshotStore
+    from exporter.state import StateDatabase
 
     url = f"sqlite:///{tmp_path}/s.sqlite"
     _fill(sa.create_engine(url))
     settings = _settings(url, refresh_interval="1s", refresh_timeout="1s", staleness="1s")
     store = SnapshotStore([m.name for m in settings.models])
     stores = Stores(settings)
-    loop = RefreshLoop(settings, store, stores)
+    loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     release = threading.Event()
     refresher = loop.refreshers[0]
     real_labels = refresher._refresh_labels

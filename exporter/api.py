@@ -1,0 +1,118 @@
+"""The training-run API: ``POST /api/v1/training-runs``, ``GET /api/v1/models`` and
+``GET /api/v1/models/{model}/versions``.
+
+A request is accepted or rejected whole: nothing is stored unless the run was valid and
+its commit succeeded. With a token configured, every request needs
+``Authorization: Bearer <token>``, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from datetime import datetime, timezone
+from typing import Callable
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydantic import ValidationError
+
+from exporter.config import Settings
+from exporter.state import RunConflict, StateDatabase, list_models, list_versions, save_run
+from exporter.training import TrainingRun
+
+log = logging.getLogger(__name__)
+
+
+def _error_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(body)"
+
+
+def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
+    """The API router. ``on_stored`` is called after a new run was committed.
+
+    Errors: 401 missing or wrong token; 413 body over ``api.max_body_bytes``; 415 not
+    JSON; 422 invalid run (``detail`` lists ``{"loc", "msg"}`` per problem); 409 the
+    version is stored with another body; 503 the state database failed.
+    """
+    token = settings.api.resolved_token()
+    limit = settings.api.max_body_bytes
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    router = APIRouter(prefix="/api/v1", dependencies=[Depends(authorize)])
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes is over the limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():  # a body without a (true) length is cut off too
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    async def in_state_db(fn, *args):
+        try:
+            return await asyncio.to_thread(lambda: fn(state.ready(), *args))
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("state database failed: %s", str(exc).splitlines()[0])
+            raise HTTPException(503, "the state database is unavailable; nothing was stored, retry later") from None
+
+    @router.post("/training-runs", status_code=201, responses={200: {"description": "identical run already stored"}})
+    async def report_training_run(request: Request, response: Response) -> dict:
+        """Store a training run; the same body again is a no-op (200), another body for a
+        stored version is a conflict (409)."""
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise HTTPException(415, "send the run as application/json")
+        body = await read_body(request)
+        try:
+            run = TrainingRun.model_validate_json(body)
+        except ValidationError as exc:
+            detail = [{"loc": _error_path(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+            raise HTTPException(422, detail) from None
+        try:
+            status = await in_state_db(save_run, run, datetime.now(timezone.utc))
+        except RunConflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        if status == "created":
+            on_stored()
+        else:
+            response.status_code = 200
+        return {"status": status, "model": run.model, "version": run.version}
+
+    @router.get("/models")
+    async def models() -> dict:
+        """Models with stored training runs."""
+        return {"models": await in_state_db(list_models)}
+
+    @router.get("/models/{model}/versions")
+    async def versions(model: str) -> dict:
+        """A model's stored versions, newest first (by training time)."""
+        runs = await in_state_db(list_versions, model)
+        if not runs:
+            raise HTTPException(404, f"no training run stored for model {model!r}")
+        return {
+            "model": model,
+            "versions": [
+                {
+                    "version": r.version,
+                    "trained_at": r.trained_at.isoformat(),
+                    "training_rows": r.training_rows,
+                    "validation_rows": r.validation_rows,
+                    "validation_logloss": r.validation_logloss,
+                    "validation_roc_auc": r.validation_roc_auc,
+                    "received_at": r.received_at.isoformat(),
+                }
+                for r in runs
+            ],
+        }
+
+    return router

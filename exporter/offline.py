@@ -1,0 +1,156 @@
+"""Training metrics of each model from its stored runs: the newest version, its
+baselines (previous version, about 30 days before), the version history and the feature
+breakdown with each feature's PSI against the previous version."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Mapping
+
+import numpy as np
+import sqlalchemy as sa
+
+from exporter.config import Settings
+from exporter.monitoring_math import population_stability_index
+from exporter.refresh import ERROR_REASONS, classify_error
+from exporter.snapshot import TrainingState
+from exporter.state import StateDatabase, StoredRun, list_models, load_history
+from exporter.training import OTHER, FeatureSummary
+
+log = logging.getLogger(__name__)
+#: The reference's deciles are the edges of the numeric PSI bins.
+DECILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """One model's training metrics. ``history`` is newest first (at most the configured
+    number of versions); ``baselines`` maps ``previous_version`` and ``30d`` to their run
+    when it exists; ``feature_psi`` holds the features whose PSI against the previous
+    version is defined."""
+
+    model: str
+    newest: StoredRun
+    baselines: Mapping[str, StoredRun]
+    history: tuple[StoredRun, ...]
+    features: tuple[FeatureSummary, ...]
+    feature_psi: Mapping[str, float]
+
+    def validation_logloss(self, version: str | None) -> float | None:
+        """Offline log loss of ``version`` (``None``: the newest), if it is in the history."""
+        if version is None:
+            return self.newest.validation_logloss
+        return next((run.validation_logloss for run in self.history if run.version == version), None)
+
+
+def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
+    """The share of non-missing values <= x, by linear interpolation through the
+    feature's (min, 0), (percentile value, q / 100) ..., (max, 1) points."""
+    points = [(feature.min, 0.0)] + [(v, int(q) / 100) for q, v in feature.percentiles.items()] + [(feature.max, 1.0)]
+    points.sort()
+    values = np.array([v for v, _ in points])
+    shares = np.array([s for _, s in points])
+    # Tied values (a stuck feature) keep the largest share: the CDF is right-continuous.
+    unique, last = np.unique(values[::-1], return_index=True)
+    return np.interp(x, unique, shares[::-1][last], left=0.0, right=1.0)
+
+
+def _numeric_shares(feature: FeatureSummary, edges: np.ndarray) -> np.ndarray:
+    present = 1.0 - feature.missing_ratio
+    if feature.min is None:  # every value missing
+        return np.array([0.0] * (len(edges) + 1) + [feature.missing_ratio])
+    cdf = np.concatenate([[0.0], _cdf(feature, edges), [1.0]])
+    return np.append(np.diff(cdf) * present, feature.missing_ratio)
+
+
+def _categorical_shares(feature: FeatureSummary, categories: list[str]) -> np.ndarray:
+    present = 1.0 - feature.missing_ratio
+    return np.array([feature.categories.get(c, 0.0) * present for c in categories] + [feature.missing_ratio])
+
+
+def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | None:
+    """PSI of one feature between two versions (``None`` when the kinds differ or the
+    reference has no rows).
+
+    Bins are frozen on the reference: numeric features use its deciles as edges, with
+    open outer bins, both sides' shares read from their percentile-interpolated CDFs;
+    categorical features use the union of both top-k category lists and ``__other__``.
+    Missing values form one more bin on both sides.
+    """
+    if reference.kind != current.kind or reference.count == 0 or current.count == 0:
+        return None
+    if reference.kind == "numeric":
+        if reference.min is None:
+            edges = np.array([])
+        else:
+            edges = np.unique([reference.percentiles[str(q)] for q in DECILES if str(q) in reference.percentiles])
+        expected, actual = _numeric_shares(reference, edges), _numeric_shares(current, edges)
+    else:
+        categories = sorted(set(reference.categories) | set(current.categories) | {OTHER})
+        expected, actual = _categorical_shares(reference, categories), _categorical_shares(current, categories)
+    return population_stability_index(expected, actual)
+
+
+def training_snapshot(model: str, recent: list[StoredRun], month_ago: StoredRun | None) -> TrainingSnapshot:
+    """Build a model's snapshot from its newest runs (newest first, the first two with
+    bodies) and its 30-day baseline."""
+    newest = recent[0]
+    baselines = {"previous_version": recent[1]} if len(recent) > 1 else {}
+    if month_ago is not None:
+        baselines["30d"] = month_ago
+    features = tuple(newest.run.features) if newest.run else ()
+    psi = {}
+    if len(recent) > 1 and recent[1].run is not None:
+        previous = {f.name: f for f in recent[1].run.features}
+        for feature in features:
+            value = feature_psi(previous[feature.name], feature) if feature.name in previous else None
+            if value is not None:
+                psi[feature.name] = value
+    return TrainingSnapshot(model, newest, baselines, tuple(recent), features, psi)
+
+
+def load_training_snapshots(engine: sa.Engine, versions: int, as_of: datetime) -> dict[str, TrainingSnapshot]:
+    """Every model's training snapshot from the runs trained at or before ``as_of``.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the state database failed.
+    """
+    snapshots = {}
+    for model in list_models(engine):
+        history = load_history(engine, model, versions, as_of)
+        if history.recent:
+            snapshots[model] = training_snapshot(model, history.recent, history.month_ago)
+    return snapshots
+
+
+class TrainingRefresher:
+    """Reads every model's training snapshot from the state database on each refresh.
+
+    Like a failing source, a failing state database keeps its last snapshots for the
+    staleness period (``mlmon_state_up`` 0, error counted), then drops them.
+    """
+
+    def __init__(self, state: StateDatabase, settings: Settings):
+        self.state = state
+        self.settings = settings
+        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
+
+    def refresh(self, now: datetime) -> TrainingState:
+        """The training state at ``now`` (timezone-aware). Never raises."""
+        try:
+            snapshots = load_training_snapshots(self.state.ready(), self.settings.training.history_versions, now)
+        except Exception as exc:  # failures are data, as for the prediction stores
+            reason = classify_error(exc)
+            self._errors[reason] += 1
+            log.warning("state database: reading training runs failed (%s): %s", reason, str(exc).splitlines()[0])
+            up = False
+        else:
+            self._last_good = (now.timestamp(), snapshots)
+            up = True
+        fresh = {}
+        if self._last_good and now.timestamp() - self._last_good[0] <= self.settings.staleness_period.total_seconds():
+            fresh = self._last_good[1]
+        return TrainingState(fresh, up, dict(self._errors))

@@ -1,0 +1,215 @@
+"""mlmon's state database: the training runs reported by training pipelines.
+
+Any SQLAlchemy URL (SQLite file by default); the schema is created and upgraded by
+Alembic (``migrate``), never by hand. A run is stored once per (model, version): the
+same body again is accepted without change, a different one is a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+
+from exporter.stores import create_store_engine
+from exporter.training import TrainingRun
+
+metadata = sa.MetaData()
+#: Mirrors the table created by migrations/versions; queries use this definition.
+training_runs = sa.Table(
+    "mlmon_training_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(100), nullable=False),
+    sa.Column("version", sa.String(100), nullable=False),
+    sa.Column("trained_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("training_rows", sa.BigInteger, nullable=False),
+    sa.Column("validation_rows", sa.BigInteger),
+    sa.Column("validation_logloss", sa.Double),
+    sa.Column("validation_roc_auc", sa.Double),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("body_sha256", sa.String(64), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+class RunConflict(Exception):
+    """The model version is stored already, with a different body."""
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Create or upgrade the state schema to the newest revision, in one transaction.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the database cannot be reached or altered.
+    """
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+class StateDatabase:
+    """The state database's engine, migrated on first use (and again after a failure)."""
+
+    def __init__(self, url: sa.URL | str, connect_timeout: float | None = None):
+        self.engine = create_store_engine(url, connect_timeout)
+        self._migrated = False
+        self._lock = threading.Lock()
+
+    def ready(self) -> sa.Engine:
+        """The engine, once the schema is at the newest revision.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the database cannot be reached or migrated.
+        """
+        with self._lock:
+            if not self._migrated:
+                migrate(self.engine)
+                self._migrated = True
+        return self.engine
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands date-times back naive; they were written in UTC.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def save_run(engine: sa.Engine, run: TrainingRun, received_at: datetime) -> str:
+    """Store a run unless its (model, version) is stored already.
+
+    Returns:
+        ``"created"``, or ``"unchanged"`` when the same body was stored before.
+
+    Raises:
+        RunConflict: that version is stored with a different body (nothing is overwritten).
+        sqlalchemy.exc.SQLAlchemyError: the database failed; nothing was stored.
+    """
+    body = run.canonical_json()
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                training_runs.insert().values(
+                    model=run.model,
+                    version=run.version,
+                    trained_at=run.trained_at,
+                    training_rows=run.training_rows,
+                    validation_rows=run.validation_rows,
+                    validation_logloss=run.validation_logloss,
+                    validation_roc_auc=run.validation_roc_auc,
+                    body=body,
+                    body_sha256=digest,
+                    received_at=received_at,
+                )
+            )
+        return "created"
+    except sa.exc.IntegrityError:
+        # The unique (model, version) constraint decides between concurrent writers.
+        pass
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(training_runs.c.body_sha256).where(
+                training_runs.c.model == run.model, training_runs.c.version == run.version
+            )
+        ).scalar()
+    if stored == digest:
+        return "unchanged"
+    raise RunConflict(
+        f"model {run.model!r} version {run.version!r} is already stored with a different body; "
+        "report a new version instead of changing a stored one"
+    )
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A stored run's headline numbers; ``run`` (the whole body) only where it was loaded."""
+
+    version: str
+    trained_at: datetime
+    training_rows: int
+    validation_rows: int | None
+    validation_logloss: float | None
+    validation_roc_auc: float | None
+    received_at: datetime
+    run: TrainingRun | None = None
+
+
+_HEADLINE = [
+    training_runs.c.version,
+    training_runs.c.trained_at,
+    training_runs.c.training_rows,
+    training_runs.c.validation_rows,
+    training_runs.c.validation_logloss,
+    training_runs.c.validation_roc_auc,
+    training_runs.c.received_at,
+]
+#: Newest first: by training time, then by arrival for runs trained at the same time.
+_NEWEST_FIRST = (training_runs.c.trained_at.desc(), training_runs.c.id.desc())
+
+
+def _stored(row, body: str | None = None) -> StoredRun:
+    return StoredRun(
+        version=row.version,
+        trained_at=_utc(row.trained_at),
+        training_rows=int(row.training_rows),
+        validation_rows=None if row.validation_rows is None else int(row.validation_rows),
+        validation_logloss=row.validation_logloss,
+        validation_roc_auc=row.validation_roc_auc,
+        received_at=_utc(row.received_at),
+        run=None if body is None else TrainingRun.model_validate_json(body),
+    )
+
+
+def list_models(engine: sa.Engine) -> list[str]:
+    """Names of the models with at least one stored run, sorted."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(training_runs.c.model).distinct().order_by(training_runs.c.model)).scalars())
+
+
+def list_versions(engine: sa.Engine, model: str, limit: int | None = None) -> list[StoredRun]:
+    """The model's runs, newest first (all, or the newest ``limit``); bodies not loaded."""
+    query = sa.select(*_HEADLINE).where(training_runs.c.model == model).order_by(*_NEWEST_FIRST).limit(limit)
+    with engine.connect() as conn:
+        return [_stored(row) for row in conn.execute(query)]
+
+
+@dataclass(frozen=True)
+class ModelHistory:
+    """What the training metrics of one model need: the newest runs (newest first, the
+    two newest with their bodies) and the 30-day baseline."""
+
+    recent: list[StoredRun]
+    month_ago: StoredRun | None
+
+
+def load_history(engine: sa.Engine, model: str, versions: int, as_of: datetime) -> ModelHistory:
+    """The newest ``versions`` runs of ``model`` trained at or before ``as_of``, and its
+    30-day baseline: the newest run trained at least 30 days before the newest one
+    (``None`` when there is none)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(*_HEADLINE, training_runs.c.body)
+            .where(training_runs.c.model == model, training_runs.c.trained_at <= as_of)
+            .order_by(*_NEWEST_FIRST)
+            .limit(versions)
+        ).all()
+        recent = [_stored(row, row.body if i < 2 else None) for i, row in enumerate(rows)]
+        month_ago = None
+        if recent:
+            cutoff = recent[0].trained_at - timedelta(days=30)
+            row = conn.execute(
+                sa.select(*_HEADLINE)
+                .where(training_runs.c.model == model, training_runs.c.trained_at <= cutoff)
+                .order_by(*_NEWEST_FIRST)
+                .limit(1)
+            ).first()
+            month_ago = None if row is None else _stored(row)
+    return ModelHistory(recent, month_ago)
