@@ -142,3 +142,37 @@ def demo(
 
     _logging()
     run_demo(database, host, port)
+
+
+@app.command("report-training")
+def report_training(
+    file: Annotated[Path, typer.Argument(help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False)],
+    url: Annotated[str, typer.Option(help="Base URL of mlmon, e.g. http://127.0.0.1:9847.")],
+    token: Annotated[
+        Optional[str], typer.Option(envvar="MLMON_API_TOKEN", show_default=False, help="Bearer token (default: $MLMON_API_TOKEN).")
+    ] = None,
+) -> None:
+    """Validate a training-run JSON file and report it to mlmon.
+
+    Exit code 0 when stored (or identical to the stored run), 2 when the file is invalid
+    (one line per problem, naming its key path), 1 when the server rejects the run or
+    cannot be reached."""
+    import httpx
+    from pydantic import ValidationError
+
+    from exporter.client import ReportError, error_lines, post_training_run
+    from exporter.training import TrainingRun
+
+    try:
+        run = TrainingRun.model_validate_json(file.read_bytes())
+    except OSError as exc:
+        _fail(f"{file}: cannot read: {exc.strerror or exc}")
+    except ValidationError as exc:
+        _fail(f"{file}: invalid training run:\n" + "\n".join(f"  {line}" for line in error_lines(exc.errors())))
+    try:
+        answer = post_training_run(url, run, token=token)
+    except ReportError as exc:
+        _fail(f"{url}: {exc}", code=1)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        _fail(f"cannot reach mlmon at {url}: {exc}", code=1)
+    typer.echo(f"{answer.get('status', 'reported')} {run.model} {run.version}")
