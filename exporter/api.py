@@ -19,14 +19,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import ValidationError
 
 from exporter.config import Settings
+from exporter.errors import key_path, message
 from exporter.state import RunConflict, StateDatabase, list_models, list_versions, save_run
 from exporter.training import TrainingRun
 
 log = logging.getLogger(__name__)
-
-
-def _error_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "(body)"
 
 
 def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
@@ -76,7 +73,7 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
         try:
             run = TrainingRun.model_validate_json(body)
         except ValidationError as exc:
-            detail = [{"loc": _error_path(e["loc"]), "msg": e["msg"]} for e in exc.errors(include_url=False)]
+            detail = [{"loc": key_path(e["loc"]), "msg": message(e)} for e in exc.errors(include_url=False)]
             raise HTTPException(422, detail) from None
         try:
             status = await in_state_db(save_run, run, datetime.now(timezone.utc))

@@ -1,4 +1,4 @@
-"""The ``mlmon`` command line: check-config, serve, once, load, demo."""
+"""The ``mlmon`` command line: check-config, serve, once, load, demo, report-training."""
 
 from __future__ import annotations
 
@@ -160,7 +160,8 @@ def report_training(
     import httpx
     from pydantic import ValidationError
 
-    from exporter.client import ReportError, error_lines, post_training_run
+    from exporter.client import ReportError, post_training_run
+    from exporter.errors import error_lines
     from exporter.training import TrainingRun
 
     try:

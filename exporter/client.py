@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from exporter.errors import error_lines
 from exporter.monitoring_math import LOGLOSS_EPS, roc_auc_from_counts
 from exporter.training import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
 
@@ -322,37 +323,6 @@ def build_training_run(
         extra_metrics=dict(extra_metrics or {}),
         features=features,
     )
-
-
-def error_lines(errors: Sequence[Mapping[str, Any]]) -> list[str]:
-    """``"key.path: message"`` lines from pydantic's ``errors()`` or a 422 ``detail`` list.
-
-    Integer parts become ``[i]``; dict keys that are not identifiers are quoted
-    (``extra_metrics['my metric']``); FastAPI's leading ``body`` part and pydantic's
-    validator tags (``function-after[...]``) are left out.
-    """
-    lines = []
-    for error in errors:
-        path = ""
-        loc = error.get("loc", ())
-        # mlmon's API sends each path already joined ("features.0.name").
-        loc = [loc] if isinstance(loc, str) else list(loc)
-        if loc[:1] == ["body"]:
-            loc = loc[1:]
-        for part in loc:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif part == "[key]":
-                path += " (key)"
-            elif str(part).startswith(("function-", "constrained-")):
-                continue
-            elif str(part).isidentifier():
-                path += f".{part}" if path else str(part)
-            else:
-                path += f"[{str(part)!r}]"
-        message = str(error.get("msg", error)).removeprefix("Value error, ")
-        lines.append(f"{path or '(top level)'}: {message}")
-    return lines
 
 
 def _detail(response: httpx.Response) -> str:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from exporter.durations import parse_duration
+from exporter.errors import error_lines
 
 DEFAULT_PORT = 9847
 
@@ -316,18 +317,6 @@ def _expand_env(node: Any, path: str, errors: list[str]) -> Any:
     return node
 
 
-def _key_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("function-", "constrained-")):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
 def parse_settings(data: Any) -> Settings:
     """Validate an already-parsed YAML document.
 
@@ -343,16 +332,12 @@ def parse_settings(data: Any) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([f"{_key_path(e['loc'])}: {_message(e)}" for e in exc.errors()]) from None
+        raise ConfigError(error_lines(exc.errors())) from None
     errors = settings.reference_errors()
     if errors:
         raise ConfigError(errors)
     return settings
 
-
-def _message(error: dict) -> str:
-    # A ValueError raised by our validators reads better without pydantic's prefix.
-    return error["msg"].removeprefix("Value error, ")
 
 
 def load_settings(path: str | Path) -> Settings:

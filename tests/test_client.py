@@ -12,7 +12,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
 from exporter.cli import app
-from exporter.client import build_training_run, error_lines, summarize_features, validation_metrics
+from exporter.client import build_training_run, summarize_features, validation_metrics
+from exporter.errors import error_lines
 from exporter.training import FEATURE_PERCENTILES, OTHER, TrainingRun
 
 
