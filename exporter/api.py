@@ -60,6 +60,7 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
         try:
             return await asyncio.to_thread(lambda: fn(state.ready(), *args))
         except sa.exc.SQLAlchemyError as exc:
+            state.failed()
             log.warning("state database failed: %s", str(exc).splitlines()[0])
             raise HTTPException(503, "the state database is unavailable; nothing was stored, retry later") from None
 

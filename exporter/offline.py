@@ -145,6 +145,7 @@ class TrainingRefresher:
         except Exception as exc:  # failures are data, as for the prediction stores
             reason = classify_error(exc)
             self._errors[reason] += 1
+            self.state.failed()
             log.warning("state database: reading training runs failed (%s): %s", reason, str(exc).splitlines()[0])
             up = False
         else:

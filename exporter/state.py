@@ -76,6 +76,11 @@ class StateDatabase:
                 self._migrated = True
         return self.engine
 
+    def failed(self) -> None:
+        """Check the schema again on next use: the database may have been replaced."""
+        with self._lock:
+            self._migrated = False
+
 
 def _utc(value: datetime) -> datetime:
     # SQLite hands date-times back naive; they were written in UTC.

@@ -1,0 +1,209 @@
+"""Training metrics from stored runs, on SQLite and PostgreSQL state databases: newest
+version, baselines (previous version, 30 days), history, features and PSI."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.client import build_training_run
+from exporter.config import parse_settings
+from exporter.loop import refresh_once
+from exporter.offline import TrainingRefresher
+from exporter.state import StateDatabase, save_run
+from exporter.training import TrainingRun
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state.sqlite"
+    url, schema = request.getfixturevalue("postgres_schema")
+    return f"{url}?options=-csearch_path%3D{schema}"
+
+
+def settings_for(state_url, models=(), **training):
+    return parse_settings({"stores": {}, "models": list(models), "state": {"url": state_url}, "training": training})
+
+
+def report(state_url, *runs: TrainingRun) -> None:
+    state = StateDatabase(state_url)
+    for run in runs:
+        save_run(state.ready(), run, NOW)
+    state.engine.dispose()
+
+
+def simple_run(version: str, days_ago: float, rows: int, logloss: float, auc: float, model="ctr", **fields) -> TrainingRun:
+    return TrainingRun(
+        model=model, version=version, trained_at=NOW - timedelta(days=days_ago), training_rows=rows,
+        validation_rows=rows // 10, validation_logloss=logloss, validation_roc_auc=auc, **fields,
+    )
+
+
+def samples(state_url, **training) -> dict:
+    """(metric name, frozenset of labels) -> value, from the exposition at NOW."""
+    text = refresh_once(settings_for(state_url, **training), NOW).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples_, name, **labels):
+    return samples_.get((name, frozenset(labels.items())))
+
+
+def test_newest_version_baselines_and_history(state_url):
+    runs = [  # (version, days ago, rows, logloss, auc); a 30-day baseline is v31, trained 31 days before v0
+        ("v45", 45, 2000, 0.30, 0.80), ("v31", 31, 1800, 0.31, 0.79), ("v29", 29, 1700, 0.29, 0.81),
+        ("v2", 2, 1600, 0.28, 0.82), ("v1", 1, 1500, 0.27, 0.83), ("v0", 0, 750, 0.36, 0.75),
+    ]
+    report(state_url, *[simple_run(*r) for r in runs])
+    got = samples(state_url, history_versions=4)
+    assert value(got, "mlmon_model_info", model="ctr", version="v0") == 1
+    assert [k for k in got if k[0] == "mlmon_model_info"] == [("mlmon_model_info", frozenset({("model", "ctr"), ("version", "v0")}))]
+    assert value(got, "mlmon_model_trained_timestamp_seconds", model="ctr") == NOW.timestamp()
+    assert value(got, "mlmon_training_rows", model="ctr") == 750
+    assert value(got, "mlmon_validation_rows", model="ctr") == 75
+    assert value(got, "mlmon_offline_logloss", model="ctr") == 0.36
+    assert value(got, "mlmon_offline_roc_auc", model="ctr") == 0.75
+    assert value(got, "mlmon_training_rows_change_ratio", model="ctr", baseline="previous_version") == 750 / 1500
+    assert value(got, "mlmon_training_rows_change_ratio", model="ctr", baseline="30d") == 750 / 1800
+    assert value(got, "mlmon_offline_logloss_change_ratio", model="ctr", baseline="previous_version") == 0.36 / 0.27
+    assert value(got, "mlmon_offline_roc_auc_change_ratio", model="ctr", baseline="30d") == 0.75 / 0.79
+    history = {dict(k[1])["version"]: v for k, v in got.items() if k[0] == "mlmon_version_training_rows"}
+    assert history == {"v0": 750, "v1": 1500, "v2": 1600, "v29": 1700}  # the newest 4 only
+    assert value(got, "mlmon_state_up") == 1
+
+
+def test_a_single_version_has_no_change_ratios(state_url):
+    report(state_url, simple_run("only", 0, 1000, 0.3, 0.8))
+    got = samples(state_url)
+    assert value(got, "mlmon_training_rows", model="ctr") == 1000
+    assert not [k for k in got if k[0].endswith("_change_ratio")]  # absent, not 1
+    assert not [k for k in got if k[0] == "mlmon_training_feature_psi"]
+
+
+def test_30d_baseline_absent_until_a_version_is_old_enough(state_url):
+    report(state_url, simple_run("a", 29.9, 1000, 0.3, 0.8), simple_run("b", 0, 900, 0.3, 0.8))
+    got = samples(state_url)
+    assert value(got, "mlmon_training_rows_change_ratio", model="ctr", baseline="previous_version") == 0.9
+    assert value(got, "mlmon_training_rows_change_ratio", model="ctr", baseline="30d") is None
+
+
+def test_runs_trained_after_as_of_are_not_seen(state_url):
+    report(state_url, simple_run("past", 1, 1000, 0.3, 0.8), simple_run("future", -1, 10, 0.9, 0.5))
+    got = samples(state_url)
+    assert value(got, "mlmon_model_info", model="ctr", version="past") == 1
+    assert value(got, "mlmon_model_info", model="ctr", version="future") is None
+
+
+def test_categorical_feature_breakdown_and_psi(state_url):
+    def feature(shares, missing):
+        return {"name": "device", "kind": "categorical", "count": 100, "missing_ratio": missing, "categories": shares}
+
+    report(
+        state_url,
+        simple_run("old", 1, 100, 0.3, 0.8, features=[feature({"ios": 0.5, "android": 0.5}, 0.0)]),
+        simple_run("new", 0, 100, 0.3, 0.8, features=[feature({"ios": 0.8, "__other__": 0.2}, 0.5)]),
+    )
+    got = samples(state_url)
+    assert value(got, "mlmon_training_feature_missing_ratio", model="ctr", feature="device") == 0.5
+    assert value(got, "mlmon_training_feature_category_share_ratio", model="ctr", feature="device", category="ios") == 0.8
+    assert value(got, "mlmon_training_feature_category_share_ratio", model="ctr", feature="device", category="__other__") == 0.2
+    # bins android, ios, __other__, missing; shares of all rows; a share of 0 counts as 1e-4
+    expected = np.array([0.5, 0.5, 1e-4, 1e-4])
+    actual = np.array([1e-4, 0.4, 0.1, 0.5])
+    psi = float(np.sum((actual - expected) * np.log(actual / expected)))
+    assert value(got, "mlmon_training_feature_psi", model="ctr", feature="device") == pytest.approx(psi, rel=1e-12)
+
+
+def test_online_logloss_against_the_offline_logloss_of_the_serving_version(tmp_path):
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT, v TEXT)"))
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
+        rows = [(i, (NOW - timedelta(minutes=10 + i)).replace(tzinfo=None), 0.2 + 0.1 * (i % 2), "v1" if i < 5 else "v0") for i in range(10)]
+        for row in rows:
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :v)"), dict(zip("i ts p v".split(), row)))
+        for i in range(10):
+            conn.execute(sa.text("INSERT INTO labels VALUES (:i, :y)"), {"i": i, "y": i % 2})
+    engine.dispose()
+    state = f"sqlite:///{tmp_path}/state.sqlite"
+    report(state, simple_run("v0", 2, 100, 0.5, 0.8), simple_run("v1", 1, 100, 0.25, 0.8), simple_run("v2", 0, 100, 0.2, 0.8))
+    model = {
+        "name": "ctr",
+        "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"}},
+        "labels": {"store": "s", "table": "labels", "columns": {"id": "id", "label": "y"}},
+        "windows": ["1h"],
+        "label_delay": "0s",
+    }
+    settings = parse_settings({"stores": {"s": {"url": url}}, "models": [model], "state": {"url": state}})
+    text = refresh_once(settings, NOW).decode()
+    got = {(s.name, s.labels.get("window")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    y = np.array([i % 2 for i in range(10)])
+    p = np.array([0.2 + 0.1 * (i % 2) for i in range(10)])
+    online = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    assert got[("mlmon_online_logloss", "1h")] == pytest.approx(online)
+    # the newest prediction (10 minutes ago, id 0) was served by v1: offline log loss 0.25, not the newest v2's
+    assert got[("mlmon_online_logloss_vs_offline_ratio", "1h")] == pytest.approx(online / 0.25)
+
+
+def test_state_database_failing_keeps_then_drops_training_metrics(tmp_path):
+    import sqlalchemy as sa
+
+    state = f"sqlite:///{tmp_path}/state.sqlite"
+    report(state, simple_run("v0", 0, 100, 0.3, 0.8))
+    settings = settings_for(state).model_copy(update={"staleness": timedelta(minutes=5)})
+    database = StateDatabase(state)
+    refresher = TrainingRefresher(database, settings)
+    assert "ctr" in refresher.refresh(NOW).models
+
+    def rename(old, new):
+        with database.engine.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE {old} RENAME TO {new}"))
+
+    rename("mlmon_training_runs", "moved")
+    failing = refresher.refresh(NOW + timedelta(minutes=4))
+    assert failing.up is False and "ctr" in failing.models and failing.errors["schema"] == 1
+    dropped = refresher.refresh(NOW + timedelta(minutes=6))
+    assert dropped.up is False and dropped.models == {}
+    rename("moved", "mlmon_training_runs")
+    recovered = refresher.refresh(NOW + timedelta(minutes=7))
+    assert recovered.up is True and "ctr" in recovered.models
+    database.engine.dispose()
+
+
+def test_car_loan_reference_against_a_shifted_copy(state_url):
+    reference = pd.read_csv(CAR_LOAN / "synthetic_car_loan_reference.csv")
+    features = reference[
+        ["car_value", "salary_range", "debt_to_income_ratio", "loan_length", "repaid_loan_on_prev_car", "size_of_downpayment", "driver_tenure"]
+    ]
+    shifted = features.assign(car_value=features["car_value"] * 1.5)  # one feature changed
+    validation = (reference["repaid"].astype(int), reference["y_pred_proba"])
+    a = build_training_run(model="car_loan", version="A", trained_at=NOW - timedelta(days=1), training_data=features, validation=validation)
+    b = build_training_run(model="car_loan", version="B", trained_at=NOW, training_data=shifted, validation=validation)
+    report(state_url, a, b)
+    got = samples(state_url)
+    psi = {dict(k[1])["feature"]: v for k, v in got.items() if k[0] == "mlmon_training_feature_psi"}
+    assert set(psi) == set(features.columns)
+    assert psi["car_value"] > 0.25  # a large shift
+    assert all(abs(v) < 1e-9 for name, v in psi.items() if name != "car_value")
+    assert value(got, "mlmon_training_feature_mean", model="car_loan", feature="car_value") == pytest.approx(
+        1.5 * features["car_value"].mean(), rel=1e-12
+    )
+    assert value(got, "mlmon_offline_logloss_change_ratio", model="car_loan", baseline="previous_version") == 1.0
+    assert math.isclose(value(got, "mlmon_training_rows", model="car_loan"), len(reference))
