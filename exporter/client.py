@@ -89,7 +89,7 @@ def _numeric_summary(name: str, series: pd.Series, missing: pd.Series) -> Featur
     if len(values):
         fields = {
             "mean": float(np.mean(values)),
-            "stddev": float(np.std(values)),  # ddof=0: population stddev (DESIGN.md)
+            "stddev": float(np.std(values)),  # ddof=0: population stddev (docs/metrics.md)
             "min": float(np.min(values)),
             "max": float(np.max(values)),
             "percentiles": {
