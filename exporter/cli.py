@@ -105,7 +105,7 @@ def once(
     _logging()
     settings = _settings(config)
     store = refresh_all(settings, _parse_as_of(as_of))
-    sys.stdout.write(render(build_registry(store)).decode())
+    sys.stdout.write(render(build_registry(store, settings)).decode())
     failed = [f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up]
     if failed:
         _fail(f"failed source(s): {', '.join(failed)} (see the log above)", code=1)

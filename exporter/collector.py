@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from exporter import __version__
+from exporter.config import Settings
 from exporter.offline import TrainingSnapshot
 from exporter.snapshot import ModelSnapshot, SnapshotStore
 
@@ -86,6 +87,7 @@ METRICS = {
         _spec("mlmon_training_feature_mean", "gauge", "model feature", "Mean of a numeric feature in the newest version's training data."),
         _spec("mlmon_training_feature_category_share_ratio", "gauge", "model feature category", "Share of a category among a categorical feature's non-missing values (newest version)."),
         _spec("mlmon_training_feature_psi", "gauge", "model feature", "PSI of a feature between the newest and the previous version's training data."),
+        _spec("mlmon_alert_threshold", "gauge", "model threshold", "Alert threshold of the model, from the config; read by the shipped alert rules."),
         # exporter health
         _spec("mlmon_source_up", "gauge", "model source", "1 if the last refresh of the source succeeded, else 0."),
         _spec("mlmon_refresh_duration_seconds", "gauge", "model", "Duration of the model's last refresh."),
@@ -194,10 +196,12 @@ def _offline_comparison(families: dict[str, Metric], snap: ModelSnapshot, traini
 
 
 class MlmonCollector:
-    """A custom collector over a ``SnapshotStore``: a scrape only reads the snapshots."""
+    """A custom collector over a ``SnapshotStore``: a scrape only reads the snapshots;
+    the alert thresholds come from ``settings``."""
 
-    def __init__(self, store: SnapshotStore):
+    def __init__(self, store: SnapshotStore, settings: Settings):
         self._store = store
+        self._settings = settings
 
     def describe(self) -> Iterator[Metric]:
         """Every family mlmon can expose (lets the registry detect name clashes)."""
@@ -214,6 +218,9 @@ class MlmonCollector:
             _offline_comparison(families, models[name], training.models.get(name))
         for name in sorted(training.models):
             _training_samples(families, training.models[name])
+        for name in sorted(set(models) | set(training.models)):
+            for threshold, value in self._settings.thresholds(name).items():
+                _emit(families, "mlmon_alert_threshold", [name, threshold], value)
         if training.up is not None:
             _emit(families, "mlmon_state_up", [], 1.0 if training.up else 0.0)
         for reason, count in training.errors.items():
@@ -221,11 +228,11 @@ class MlmonCollector:
         return (family for family in families.values() if family.samples)
 
 
-def build_registry(store: SnapshotStore) -> CollectorRegistry:
+def build_registry(store: SnapshotStore, settings: Settings) -> CollectorRegistry:
     """The registry served on ``/metrics`` and printed by ``mlmon once``: mlmon's metrics
     plus the standard process, platform and garbage-collector metrics."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(MlmonCollector(store))
+    registry.register(MlmonCollector(store, settings))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -181,6 +181,33 @@ class ReplayTolerance(Strict):
     rtol: float = Field(default=1e-6, ge=0)
 
 
+class AlertThresholds(Strict):
+    """Thresholds of the shipped alert rules, exported as ``mlmon_alert_threshold`` so that
+    one rule file serves every model. ``None`` switches that condition off."""
+
+    offline_logloss_change_ratio_max: float | None = 1.10
+    """Newest version's validation log loss / the previous version's."""
+    offline_roc_auc_change_ratio_min: float | None = 0.98
+    training_rows_change_ratio_min: float | None = 0.70
+    """Newest version's training rows / the previous version's, and / the version of ~30 days ago."""
+    online_logloss_max: float | None = None
+    online_logloss_vs_offline_ratio_max: float | None = 1.25
+    online_roc_auc_min: float | None = None
+    online_labeled_predictions_min: float | None = 1000
+    """Online accuracy alerts need at least this many labeled predictions in the window..."""
+    online_positive_labels_min: float | None = 10
+    """...and this many positive labels."""
+    prediction_age_seconds_max: float | None = 3600
+    """Newest prediction older than this: predictions stopped arriving."""
+    prediction_mean_change_ratio_max: float | None = 1.5
+    """Mean score now vs the same time 1 and 7 days ago, above this or below its inverse."""
+    reproducibility_ratio_min: float | None = 0.99
+    mode_share_ratio_max: float | None = 0.5
+    calibration_ratio_max: float | None = 1.25
+    calibration_ratio_min: float | None = 0.8
+    label_coverage_ratio_min: float | None = None
+
+
 class ModelConfig(Strict):
     """One monitored model: its sources, windows and numeric settings."""
 
@@ -195,6 +222,8 @@ class ModelConfig(Strict):
     replay_tolerance: ReplayTolerance = ReplayTolerance()
     max_distinct_scores: int = Field(default=100_000, ge=2)
     """Above this many distinct scores in a window, AUC and percentiles use buckets."""
+    alert_thresholds: dict[str, float | None] = {}
+    """Overrides of the top-level ``alerting`` thresholds for this model."""
     bucket_decimals: int = Field(default=4, ge=1, le=6)
     """Bucket width ``10**-bucket_decimals`` of the fallback ``FLOOR(score * 10**k)`` buckets;
     at most 6 so that the fallback returns at most 10**6 + 1 rows, whatever the row count."""
@@ -203,6 +232,9 @@ class ModelConfig(Strict):
     def _check(self) -> ModelConfig:
         if len(set(self.windows)) != len(self.windows):
             raise ValueError(f"windows: duplicate window in {self.windows}")
+        unknown = sorted(set(self.alert_thresholds) - set(AlertThresholds.model_fields))
+        if unknown:
+            raise ValueError(f"alert_thresholds: unknown threshold(s) {unknown}; known: {sorted(AlertThresholds.model_fields)}")
         buckets = self.histogram_buckets
         if any(b <= a for a, b in zip(buckets, buckets[1:])):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")
@@ -261,6 +293,15 @@ class Settings(Strict):
     """mlmon's own database (training runs); created and migrated by mlmon."""
     api: ApiSettings = ApiSettings()
     training: TrainingSettings = TrainingSettings()
+    alerting: AlertThresholds = AlertThresholds()
+    """Default alert thresholds of every model; ``models[].alert_thresholds`` overrides them."""
+
+    def thresholds(self, model: str) -> dict[str, float]:
+        """The model's effective alert thresholds (switched-off ones left out); a model
+        that is not configured (known only from its training runs) gets the defaults."""
+        overrides = next((m.alert_thresholds for m in self.models if m.name == model), {})
+        merged = {**self.alerting.model_dump(), **overrides}
+        return {name: value for name, value in merged.items() if value is not None}
 
     def reference_errors(self) -> list[str]:
         """Problems between sections, one ``"key.path: message"`` each: duplicate model

@@ -132,4 +132,4 @@ def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
 
 def refresh_once(settings: Settings, as_of: datetime) -> bytes:
     """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``."""
-    return render(build_registry(refresh_all(settings, as_of)))
+    return render(build_registry(refresh_all(settings, as_of), settings))

@@ -180,3 +180,20 @@ def test_check_config_unreachable_store_hides_password(tmp_path):
     assert result.exit_code == 2
     assert "cannot reach store 's'" in result.output
     assert "s3cret" not in result.output
+
+
+def test_alert_thresholds_defaults_overrides_and_switch_off():
+    data = _config(alert_thresholds={"mode_share_ratio_max": 0.9, "calibration_ratio_min": None})
+    data["alerting"] = {"online_roc_auc_min": 0.6}
+    settings = parse_settings(data)
+    ctr = settings.thresholds("ctr")
+    assert ctr["mode_share_ratio_max"] == 0.9  # the model's override
+    assert ctr["online_roc_auc_min"] == 0.6  # the global setting
+    assert ctr["reproducibility_ratio_min"] == 0.99  # the default
+    assert "calibration_ratio_min" not in ctr and "online_logloss_max" not in ctr  # switched off
+    assert settings.thresholds("known_from_training_runs_only")["mode_share_ratio_max"] == 0.5
+
+
+def test_unknown_alert_threshold_named():
+    (error,) = _errors(_config(alert_thresholds={"mode_share_max": 0.9}))
+    assert error.startswith("models[0]: alert_thresholds: unknown threshold(s) ['mode_share_max']")
