@@ -16,7 +16,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from exporter.durations import parse_duration
 from exporter.errors import error_lines
@@ -228,13 +237,18 @@ class ModelConfig(Strict):
     """Bucket width ``10**-bucket_decimals`` of the fallback ``FLOOR(score * 10**k)`` buckets;
     at most 6 so that the fallback returns at most 10**6 + 1 rows, whatever the row count."""
 
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _known_thresholds(cls, value: dict[str, float | None]) -> dict[str, float | None]:
+        unknown = sorted(set(value) - set(AlertThresholds.model_fields))
+        if unknown:
+            raise ValueError(f"unknown threshold(s) {unknown}; known: {sorted(AlertThresholds.model_fields)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if len(set(self.windows)) != len(self.windows):
             raise ValueError(f"windows: duplicate window in {self.windows}")
-        unknown = sorted(set(self.alert_thresholds) - set(AlertThresholds.model_fields))
-        if unknown:
-            raise ValueError(f"alert_thresholds: unknown threshold(s) {unknown}; known: {sorted(AlertThresholds.model_fields)}")
         buckets = self.histogram_buckets
         if any(b <= a for a, b in zip(buckets, buckets[1:])):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")

@@ -196,4 +196,4 @@ def test_alert_thresholds_defaults_overrides_and_switch_off():
 
 def test_unknown_alert_threshold_named():
     (error,) = _errors(_config(alert_thresholds={"mode_share_max": 0.9}))
-    assert error.startswith("models[0]: alert_thresholds: unknown threshold(s) ['mode_share_max']")
+    assert error.startswith("models[0].alert_thresholds: unknown threshold(s) ['mode_share_max']")
