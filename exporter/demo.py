@@ -15,19 +15,29 @@ The store holds three tables, written with naive UTC timestamps (naive means UTC
 ``mlmon_prediction_mode_share_ratio``), training/serving skew on 30% of its replays
 (``mlmon_replay_reproducibility_ratio`` about 0.7) and over-prediction (clicks happen at
 0.7 times the predicted rate, ``mlmon_online_calibration_ratio`` about 1.4).
+
+mlmon's state database (a second SQLite file, see :func:`state_path`) holds 60 days of
+daily training runs of both models (:func:`seed_training_runs`), one per version of the
+prediction log. ``ctr_feed`` has two training incidents: the version of 3 days ago was
+trained on half the usual rows (``mlmon_version_training_rows``), and the newest version
+logs tablets as mobile (``mlmon_training_feature_psi{feature="device"}``) and scores worse
+on validation (``mlmon_offline_logloss_change_ratio`` about 1.2).
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 
+from exporter.client import build_training_run
 from exporter.config import Settings, parse_settings
+from exporter.state import StateDatabase, save_run
 from exporter.stores import utc_now
 
 #: Mean gap between two predictions of one model.
@@ -35,6 +45,13 @@ MEAN_GAP_SECONDS = 10.0
 #: How often the running demo appends new rows.
 APPEND_EVERY_SECONDS = 5.0
 REPLAY_SHARE = 0.2
+#: Rows of the sample each training run is summarized from (the reported count is larger).
+TRAINING_SAMPLE_ROWS = 4000
+#: Rows of each validation set: enough that the day-to-day noise of the validation log
+#: loss stays near 2%, so a healthy model's change ratios stay close to 1.
+VALIDATION_ROWS = 50_000
+COUNTRIES = {"US": 0.35, "GB": 0.12, "DE": 0.12, "FR": 0.10, "JP": 0.09, "BR": 0.08, "IN": 0.08, "CA": 0.06}
+DEVICES = {"mobile": 0.62, "desktop": 0.28, "tablet": 0.10}
 
 metadata = sa.MetaData()
 predictions = sa.Table(
@@ -69,6 +86,11 @@ class DemoModel:
     Scores follow Beta(mean * 60, (1 - mean) * 60); a click happens with probability
     ``click_factor * score`` (1 is calibrated); ``stuck_share`` of the predictions are
     ``stuck_score``; ``skew_share`` of the replays differ from the served score by 2-8%.
+
+    Each daily version is trained on about ``training_rows`` rows (2% noise); the version
+    ``half_rows_days_ago`` days before the newest on half of them; with ``broken_newest``
+    the newest version's training data logs tablets as mobile and its validation scores
+    are noisier and too high (log loss about 1.2 times the usual).
     """
 
     name: str
@@ -77,11 +99,24 @@ class DemoModel:
     stuck_share: float = 0.0
     stuck_score: float = 0.0123
     skew_share: float = 0.0
+    training_rows: int = 4_000_000
+    half_rows_days_ago: int | None = None
+    broken_newest: bool = False
 
 
 MODELS = (
-    DemoModel("ctr_search", mean=0.03),
-    DemoModel("ctr_feed", mean=0.03, click_factor=0.7, stuck_share=0.15, skew_share=0.3),
+    DemoModel("ctr_search", mean=0.03, training_rows=4_200_000),
+    DemoModel(
+        "ctr_feed",
+        mean=0.03,
+        click_factor=0.7,
+        stuck_share=0.15,
+        skew_share=0.3,
+        training_rows=3_100_000,
+        # Inside the exported history (the newest 10 versions), so the dip shows there.
+        half_rows_days_ago=3,
+        broken_newest=True,
+    ),
 )
 
 
@@ -162,13 +197,97 @@ def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed:
             engine.dispose()
 
 
+def _training_sample(rng: np.random.Generator, tablets_as_mobile: bool) -> pd.DataFrame:
+    """A sample of one version's training features: two categorical ad features, the hour
+    of day (fractional, busier in the evening like the predictions) and the user's account
+    age in days (5% unknown)."""
+    n = TRAINING_SAMPLE_ROWS
+    device = rng.choice(list(DEVICES), n, p=list(DEVICES.values()))
+    if tablets_as_mobile:
+        device[device == "tablet"] = "mobile"
+    # Fractional, not whole hours: PSI bins are the reference's deciles, and on a feature
+    # with 24 distinct values small sampling differences move whole deciles.
+    hour = rng.uniform(0.0, 24.0, 3 * n)
+    hour = hour[rng.uniform(size=hour.size) < (1.0 + 0.5 * np.cos(2 * np.pi * (hour - 20.0) / 24.0)) / 1.5][:n]
+    user_age_days = np.round(rng.lognormal(5.0, 1.2, n))
+    user_age_days[rng.uniform(size=n) < 0.05] = np.nan
+    return pd.DataFrame(
+        {
+            "country": rng.choice(list(COUNTRIES), n, p=list(COUNTRIES.values())),
+            "device": device,
+            "hour": hour,
+            "user_age_days": user_age_days,
+        }
+    )
+
+
+def _validation(rng: np.random.Generator, model: DemoModel, degraded: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(clicked, score) of a validation set: calibrated scores like the served ones, or
+    degraded ones (log-normal noise around 1.3 times the truth, as from a model
+    that lost a feature)."""
+    truth = rng.beta(model.mean * 60, (1 - model.mean) * 60, VALIDATION_ROWS)
+    clicked = rng.uniform(size=VALIDATION_ROWS) < truth
+    score = truth * 1.3 * np.exp(rng.normal(0.0, 0.8, VALIDATION_ROWS)) if degraded else truth
+    return clicked, np.clip(np.round(score, 4), 1e-4, 1.0)
+
+
+def seed_training_runs(state_url: sa.URL | str, now: datetime, days: int = 60, rng_seed: int = 0) -> None:
+    """Store one training run per model and day in mlmon's state database (migrated
+    first): the versions of the ``days`` days up to ``now``'s (aware, or naive UTC),
+    named like the prediction log's ``model_version`` (the day, ``YYYY-MM-DD``).
+
+    Each version is trained at 00:00 UTC of its day, when the prediction log switches to
+    it: so the newest one is trained before any ``now`` of its day (mlmon shows runs
+    trained by its clock) and is the version the newest predictions were served by.
+    Reproducible for a given ``rng_seed``; seeding the same days again changes nothing.
+    """
+    newest = _naive_utc(now).date()
+    rng = np.random.default_rng(rng_seed)
+    state = StateDatabase(state_url)
+    try:
+        engine = state.ready()
+        for model in MODELS:
+            for days_ago in range(days - 1, -1, -1):
+                day = newest - timedelta(days=days_ago)
+                broken = model.broken_newest and days_ago == 0
+                rows = model.training_rows * rng.normal(1.0, 0.02)
+                if days_ago == model.half_rows_days_ago:
+                    rows /= 2
+                run = build_training_run(
+                    model=model.name,
+                    version=f"{day:%Y-%m-%d}",
+                    trained_at=datetime.combine(day, time(0), tzinfo=timezone.utc),
+                    training_data=_training_sample(rng, tablets_as_mobile=broken),
+                    training_rows=round(rows),
+                    validation=_validation(rng, model, degraded=broken),
+                )
+                save_run(engine, run, received_at=now)
+    finally:
+        state.engine.dispose()
+
+
+def state_path(database_path: Path) -> Path:
+    """mlmon's state database next to the demo store: ``mlmon-demo.sqlite`` ->
+    ``mlmon-demo-state.sqlite``.
+
+    A file of its own, as in a real deployment, where mlmon only reads the prediction
+    store and owns (and migrates) its state database; and the demo's appender, which
+    writes the store every few seconds, never holds a lock that a training run reported
+    to the demo's API would wait for.
+    """
+    path = Path(database_path)
+    return path.with_name(f"{path.stem}-state{path.suffix}")
+
+
 def demo_settings(database_path: Path) -> Settings:
-    """The mlmon configuration that monitors both demo models in the SQLite file."""
+    """The mlmon configuration that monitors both demo models in the SQLite file, with its
+    state database at :func:`state_path`."""
     source = {"store": "demo"}
     return parse_settings(
         {
             "refresh_interval": "10s",
             "stores": {"demo": {"url": f"sqlite:///{Path(database_path).resolve()}"}},
+            "state": {"url": f"sqlite:///{state_path(database_path).resolve()}"},
             "models": [
                 {
                     "name": model.name,
@@ -216,24 +335,36 @@ async def _serve(server, engine: sa.Engine, since: datetime) -> None:
 
 
 def run_demo(database: Path, host: str, port: int) -> None:
-    """Recreate ``database`` with a week of history, then serve mlmon on it at ``host:port``
-    while appending new predictions every few seconds, until interrupted (Ctrl-C)."""
+    """Recreate ``database`` with a week of history and its state database with 60 days of
+    training runs, then serve mlmon on them at ``host:port`` while appending new
+    predictions every few seconds, until interrupted (Ctrl-C)."""
     import uvicorn
 
     from exporter.app import create_app
 
+    settings = demo_settings(database)
     database.unlink(missing_ok=True)
+    # Recreated too: runs of other days would be kept, and a day seeded again conflicts.
+    state_path(database).unlink(missing_ok=True)
     engine = sa.create_engine(f"sqlite:///{database.resolve()}")
     now = utc_now()
     seed(engine, now)
-    server = uvicorn.Server(uvicorn.Config(create_app(demo_settings(database)), host=host, port=port))
+    seed_training_runs(settings.state.resolved_url(), now)
+    feed = next(m for m in MODELS if m.half_rows_days_ago is not None)
+    half_rows_version = f"{_naive_utc(now) - timedelta(days=feed.half_rows_days_ago):%Y-%m-%d}"
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port))
     base = f"http://{host}:{port}"
     print(
-        f"mlmon demo: {database} holds a week of predictions of {', '.join(m.name for m in MODELS)}.\n"
+        f"mlmon demo: {database} holds a week of predictions of {', '.join(m.name for m in MODELS)},\n"
+        f"  {state_path(database)} 60 days of their daily training runs.\n"
         f"  open {base}/metrics (what Prometheus scrapes) and {base}/ (the landing page);\n"
         "  ctr_search is healthy; ctr_feed has incidents: stuck predictions (mlmon_prediction_mode_share_ratio),\n"
         "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
-        "  (mlmon_online_calibration_ratio). New rows are appended every 5 s; Ctrl-C stops.",
+        "  (mlmon_online_calibration_ratio); in training, its newest version logs tablets as mobile\n"
+        '  (mlmon_training_feature_psi{feature="device"}) and regressed offline\n'
+        f"  (mlmon_offline_logloss_change_ratio about 1.2), and version {half_rows_version} was trained on half the rows\n"
+        "  (mlmon_version_training_rows; mlmon_training_rows_change_ratio shows such a drop while the version is newest).\n"
+        "  New rows are appended every 5 s; Ctrl-C stops.",
         flush=True,
     )
     try:

@@ -1,7 +1,9 @@
-"""The demo store: its history shows a healthy and a broken CTR model through mlmon, and it grows."""
+"""The demo store: its history shows a healthy and a broken CTR model through mlmon, and it grows;
+the demo's training runs show the broken model's training incidents."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
@@ -14,12 +16,15 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import create_app
-from exporter.demo import append, demo_settings, seed
+from exporter.demo import append, demo_settings, seed, seed_training_runs, state_path
 from exporter.loop import refresh_once
 from exporter.stores import utc_now
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 MODELS = ("ctr_search", "ctr_feed")
+#: Training-run features of the demo and the one that changes in ctr_feed's newest version.
+FEATURES = ("country", "device", "hour", "user_age_days")
+CHANGED_FEATURE = "device"
 
 
 def _read(path, table: str) -> pd.DataFrame:
@@ -35,18 +40,43 @@ def _read(path, table: str) -> pd.DataFrame:
 def seeded(tmp_path_factory):
     path = tmp_path_factory.mktemp("demo") / "demo.sqlite"
     seed(f"sqlite:///{path}", NOW)
+    seed_training_runs(demo_settings(path).state.resolved_url(), NOW)
     return path
 
 
 @pytest.fixture(scope="module")
-def samples(seeded) -> dict[tuple[str, str, str | None], float]:
-    """(metric, model, window) -> value of the exposition mlmon serves at NOW."""
+def exposition(seeded) -> list:
+    """Every sample of the exposition mlmon serves at NOW."""
     text = refresh_once(demo_settings(seeded), NOW).decode()
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+@pytest.fixture(scope="module")
+def samples(exposition) -> dict[tuple[str, str, str | None], float]:
+    """(metric, model, window) -> value of the exposition mlmon serves at NOW."""
+    return {(s.name, s.labels.get("model"), s.labels.get("window")): s.value for s in exposition}
+
+
+def _by(exposition, name: str, model: str, label: str) -> dict[str, float]:
+    """``label``'s value -> sample value, for the samples of metric ``name`` of ``model``."""
+    return {s.labels[label]: s.value for s in exposition if s.name == name and s.labels["model"] == model}
+
+
+@pytest.fixture(scope="module")
+def runs(seeded) -> dict[str, pd.DataFrame]:
+    """Each model's stored training runs, newest first, read from the state database file
+    with sqlite3 and pandas (``body`` decoded), independent of mlmon's state code."""
+    frame = _read(state_path(seeded), "mlmon_training_runs")
+    frame["trained_at"] = pd.to_datetime(frame["trained_at"])
+    frame["body"] = frame["body"].map(json.loads)
     return {
-        (s.name, s.labels.get("model"), s.labels.get("window")): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
+        model: frame[frame["model"] == model].sort_values("trained_at", ascending=False).reset_index(drop=True)
+        for model in MODELS
     }
+
+
+def _features(run: pd.Series) -> dict[str, dict]:
+    return {f["name"]: f for f in run["body"]["features"]}
 
 
 def test_week_of_history_at_about_one_prediction_per_10_seconds(seeded):
@@ -129,12 +159,164 @@ def test_append_adds_predictions_replays_and_only_clicks(tmp_path):
 
 def test_app_serves_the_demo(tmp_path):
     path = tmp_path / "demo.sqlite"
-    seed(f"sqlite:///{path}", utc_now(), days=1)
+    now = utc_now()
+    seed(f"sqlite:///{path}", now, days=1)
+    seed_training_runs(demo_settings(path).state.resolved_url(), now)
     with TestClient(create_app(demo_settings(path))) as client:
         deadline = time.monotonic() + 10
-        while client.get("/readyz").status_code != 200:
+        while client.get("/readyz").status_code != 200 or "mlmon_training_rows{" not in client.get("/metrics").text:
             assert time.monotonic() < deadline, "the demo models were not refreshed within 10 s"
             time.sleep(0.1)
         response = client.get("/metrics")
+        versions = client.get("/api/v1/models/ctr_feed/versions")
     assert response.status_code == 200
     assert 'mlmon_window_predictions{model="ctr_feed",window="1h"}' in response.text
+    assert 'mlmon_training_feature_psi{feature="device",model="ctr_feed"}' in response.text
+    assert versions.status_code == 200
+    assert [v["version"] for v in versions.json()["versions"]][:2] == [
+        f"{now:%Y-%m-%d}",
+        f"{now - timedelta(days=1):%Y-%m-%d}",
+    ]
+
+
+def test_sixty_daily_training_runs_per_model_named_like_the_serving_versions(seeded, runs):
+    served = set(_read(seeded, "predictions")["model_version"])
+    for model in MODELS:
+        days = [NOW.date() - timedelta(days=i) for i in range(60)]
+        assert list(runs[model]["version"]) == [f"{day:%Y-%m-%d}" for day in days]
+        assert list(runs[model]["trained_at"]) == [pd.Timestamp(day) for day in days]
+        assert served <= set(runs[model]["version"])
+        assert runs[model]["training_rows"].between(1_000_000, 5_000_000).all()
+        assert (runs[model]["validation_rows"] > 10_000).all()
+        for body in runs[model]["body"]:
+            assert [f["name"] for f in body["features"]] == list(FEATURES)
+
+
+def test_newest_version_and_its_offline_numbers(exposition, runs):
+    for model in MODELS:
+        newest = runs[model].iloc[0]
+        assert _by(exposition, "mlmon_model_info", model, "version") == {"2026-11-28": 1.0}
+        values = {s.name: s.value for s in exposition if s.labels == {"model": model}}
+        assert (
+            values["mlmon_model_trained_timestamp_seconds"] == datetime(2026, 11, 28, tzinfo=timezone.utc).timestamp()
+        )
+        assert values["mlmon_training_rows"] == newest["training_rows"]
+        assert values["mlmon_validation_rows"] == newest["validation_rows"]
+        assert values["mlmon_offline_logloss"] == pytest.approx(newest["validation_logloss"], rel=1e-12)
+        assert values["mlmon_offline_roc_auc"] == pytest.approx(newest["validation_roc_auc"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "metric, column",
+    [
+        ("mlmon_training_rows_change_ratio", "training_rows"),
+        ("mlmon_offline_logloss_change_ratio", "validation_logloss"),
+        ("mlmon_offline_roc_auc_change_ratio", "validation_roc_auc"),
+    ],
+)
+def test_change_ratios_against_both_baselines(exposition, runs, metric, column):
+    for model in MODELS:
+        stored = runs[model]
+        month_ago = stored[stored["trained_at"] <= stored["trained_at"][0] - pd.Timedelta(days=30)].iloc[0]
+        assert month_ago["version"] == "2026-10-29"
+        expected = {
+            "previous_version": stored[column][0] / stored[column][1],
+            "30d": stored[column][0] / month_ago[column],
+        }
+        ratios = _by(exposition, metric, model, "baseline")
+        assert ratios == pytest.approx(expected, rel=1e-12)
+        if model == "ctr_search":
+            assert all(0.9 < r < 1.1 for r in ratios.values())
+
+
+def test_feed_newest_version_regressed_offline(exposition):
+    logloss = _by(exposition, "mlmon_offline_logloss_change_ratio", "ctr_feed", "baseline")
+    assert logloss["previous_version"] > 1.1
+    assert _by(exposition, "mlmon_offline_roc_auc_change_ratio", "ctr_feed", "baseline")["previous_version"] < 0.95
+    # Its training data did not shrink: the row-count incident is an older version.
+    rows = _by(exposition, "mlmon_training_rows_change_ratio", "ctr_feed", "baseline")
+    assert all(0.9 < r < 1.1 for r in rows.values())
+
+
+def test_history_of_the_newest_ten_versions_shows_the_feed_row_drop(exposition, runs):
+    for model in MODELS:
+        newest_ten = runs[model].iloc[:10]
+        expected = dict(zip(newest_ten["version"], newest_ten["training_rows"].astype(float)))
+        assert _by(exposition, "mlmon_version_training_rows", model, "version") == expected
+        for metric, column in [
+            ("mlmon_version_offline_logloss", "validation_logloss"),
+            ("mlmon_version_offline_roc_auc", "validation_roc_auc"),
+        ]:
+            values = _by(exposition, metric, model, "version")
+            assert values == pytest.approx(dict(zip(newest_ten["version"], newest_ten[column])), rel=1e-12)
+
+    rows = [v for _, v in sorted(_by(exposition, "mlmon_version_training_rows", "ctr_feed", "version").items())]
+    dips = [i for i in range(1, 9) if rows[i] < 0.6 * (rows[i - 1] + rows[i + 1]) / 2]
+    assert dips == [6]  # oldest first: the version of 3 days ago
+    assert 0.4 < rows[6] / ((rows[5] + rows[7]) / 2) < 0.6
+    search = _by(exposition, "mlmon_version_training_rows", "ctr_search", "version").values()
+    assert max(search) / min(search) < 1.2
+
+
+def _categorical_psi(reference: dict[str, float], current: dict[str, float]) -> float:
+    """PSI over the union of two category-share maps (shares floored at 1e-4, docs/metrics.md),
+    for a feature without missing values."""
+    categories = sorted(set(reference) | set(current))
+    e = np.maximum([reference.get(c, 0.0) for c in categories], 1e-4)
+    a = np.maximum([current.get(c, 0.0) for c in categories], 1e-4)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def test_feature_breakdown_and_the_feed_device_change(exposition, runs):
+    for model in MODELS:
+        newest, previous = _features(runs[model].iloc[0]), _features(runs[model].iloc[1])
+        missing = _by(exposition, "mlmon_training_feature_missing_ratio", model, "feature")
+        assert missing == {name: f["missing_ratio"] for name, f in newest.items()}
+        assert 0.03 < missing["user_age_days"] < 0.07
+        assert _by(exposition, "mlmon_training_feature_mean", model, "feature") == pytest.approx(
+            {"hour": newest["hour"]["mean"], "user_age_days": newest["user_age_days"]["mean"]}, rel=1e-12
+        )
+        devices = {
+            s.labels["category"]: s.value
+            for s in exposition
+            if s.name == "mlmon_training_feature_category_share_ratio"
+            and s.labels["model"] == model
+            and s.labels["feature"] == "device"
+        }
+        assert devices == newest["device"]["categories"]
+
+        psi = _by(exposition, "mlmon_training_feature_psi", model, "feature")
+        assert set(psi) == set(FEATURES)
+        assert psi["device"] == pytest.approx(
+            _categorical_psi(previous["device"]["categories"], newest["device"]["categories"]), rel=1e-9
+        )
+        changed = {CHANGED_FEATURE} if model == "ctr_feed" else set()
+        assert {name for name, value in psi.items() if value > 0.25} == changed
+        assert all(value < 0.1 for name, value in psi.items() if name not in changed)
+    assert "tablet" not in _features(runs["ctr_feed"].iloc[0])["device"]["categories"]
+
+
+def test_online_logloss_over_the_serving_version_offline_logloss(samples, runs):
+    for model in MODELS:
+        # At NOW the newest predictions were served by the newest version (today's).
+        offline = runs[model]["validation_logloss"][0]
+        for window in ("1h", "24h"):
+            expected = samples[("mlmon_online_logloss", model, window)] / offline
+            assert samples[("mlmon_online_logloss_vs_offline_ratio", model, window)] == pytest.approx(expected)
+
+
+def test_training_runs_seeded_just_after_midnight_are_shown(tmp_path):
+    """Just after 00:00 UTC the day's version is already trained, and the version that served
+    the labelled predictions (the day before's) is in the history."""
+    path = tmp_path / "demo.sqlite"
+    now = datetime(2026, 11, 28, 0, 20, tzinfo=timezone.utc)
+    seed(f"sqlite:///{path}", now, days=1)
+    state_url = demo_settings(path).state.resolved_url()
+    seed_training_runs(state_url, now, days=3)
+    seed_training_runs(state_url, now, days=3)  # the same runs again: accepted unchanged
+    exposition = [
+        s for f in text_string_to_metric_families(refresh_once(demo_settings(path), now).decode()) for s in f.samples
+    ]
+    for model in MODELS:
+        assert _by(exposition, "mlmon_model_info", model, "version") == {"2026-11-28": 1.0}
+        assert "24h" in _by(exposition, "mlmon_online_logloss_vs_offline_ratio", model, "window")
