@@ -206,6 +206,8 @@ class AlertThresholds(Strict):
     """Online accuracy alerts need at least this many labeled predictions in the window..."""
     online_positive_labels_min: float | None = 10
     """...and this many positive labels."""
+    window_predictions_min: float | None = 100
+    """Mode-share, reproducibility and score-shift alerts need this many predictions in the window."""
     prediction_age_seconds_max: float | None = 3600
     """Newest prediction older than this: predictions stopped arriving."""
     prediction_mean_change_ratio_max: float | None = 1.5
