@@ -5,11 +5,14 @@ in CI (``CI`` set), where it must be there.
 """
 
 import os
+import re
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
 POSTGRES_URL = os.environ.get("MLMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -49,3 +52,13 @@ def _work_in_tmp_path(tmp_path, monkeypatch):
     """Run every test in its own directory: the default state database
     (``sqlite:///mlmon-state.sqlite``) and other relative paths land there."""
     monkeypatch.chdir(tmp_path)
+
+
+def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (type, labels) from the table in docs/metrics.md."""
+    rows = {}
+    for line in CATALOG.read_text().splitlines():
+        match = re.match(r"\| `(mlmon_\w+)` \| (\w+) \|([^|]*)\|", line)
+        if match:
+            rows[match.group(1)] = (match.group(2), tuple(re.findall(r"`(\w+)`", match.group(3))))
+    return rows

@@ -16,25 +16,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from conftest import require
+from conftest import catalog, require
 from exporter.app import create_app
 from exporter.cli import app as cli
 from exporter.collector import METRICS
 from exporter.config import parse_settings
 from exporter.loop import refresh_once
 
-CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-
-
-def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """name -> (type, labels) from the table in docs/metrics.md."""
-    rows = {}
-    for line in CATALOG.read_text().splitlines():
-        match = re.match(r"\| `(mlmon_\w+)` \| (\w+) \|([^|]*)\|", line)
-        if match:
-            rows[match.group(1)] = (match.group(2), tuple(re.findall(r"`(\w+)`", match.group(3))))
-    return rows
 
 
 def test_catalog_lists_exactly_the_metrics_of_the_code():
