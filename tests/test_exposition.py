@@ -3,7 +3,6 @@ and `mlmon once`."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import time
