@@ -97,16 +97,20 @@ def load(engine, schema, data: Data, aware: bool, label_type=sa.Integer):
         data.labels = [dict(r, y=bool(r["y"])) for r in data.labels if r["y"] in (0, 1)]
     with engine.begin() as conn:
         conn.execute(predictions.insert(), [{"id": p["id"], "ts": _ts(p["ts"], aware), "p": p["score"]} for p in data.predictions])
-        conn.execute(labels.insert(), [{"id": r["id"], "y": r["y"], "ts": _ts(r["ts"], aware)} for r in data.labels])
+        if data.labels:
+            conn.execute(labels.insert(), [{"id": r["id"], "y": r["y"], "ts": _ts(r["ts"], aware)} for r in data.labels])
         if data.replays:
             conn.execute(replays.insert(), [{"id": r["id"], "p": r["score"]} for r in data.replays])
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "duckdb"])
 def store(request, tmp_path):
-    """(url, schema, dialect) of an empty store: a SQLite file or a fresh PostgreSQL schema."""
+    """(url, schema, dialect) of an empty store: a SQLite file, a fresh PostgreSQL schema
+    or a DuckDB file."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/store.sqlite", None, "sqlite"
+    elif request.param == "duckdb":
+        yield f"duckdb:///{tmp_path}/store.duckdb", None, "duckdb"
     else:
         yield request.getfixturevalue("postgres_schema") + ("postgresql",)
 
@@ -181,13 +185,13 @@ def refresh(url, schema, **kwargs):
 
 @pytest.mark.parametrize(
     "store, aware",
-    [("sqlite", False), ("postgresql", False), ("postgresql", True)],
-    ids=["sqlite-naive-utc", "postgresql-naive-utc", "postgresql-timestamptz"],
+    [("sqlite", False), ("postgresql", False), ("postgresql", True), ("duckdb", False), ("duckdb", True)],
+    ids=["sqlite-naive-utc", "postgresql-naive-utc", "postgresql-timestamptz", "duckdb-naive-utc", "duckdb-timestamptz"],
     indirect=["store"],
 )
 def test_prediction_statistics(store, aware):
     url, schema, dialect = store
-    stores_nan = dialect == "postgresql"
+    stores_nan = dialect in ("postgresql", "duckdb")
     data = make_data(1, stores_nan)
     load(sa.create_engine(url), schema, data, aware)
     snap = refresh(url, schema)
@@ -237,7 +241,7 @@ def test_counter_and_histogram_count_each_new_prediction_once(store, delay):
 )
 def test_online_accuracy(store, missing, label_timestamp, label_type):
     url, schema, dialect = store
-    stores_nan = dialect == "postgresql"
+    stores_nan = dialect in ("postgresql", "duckdb")
     data = make_data(3, stores_nan)
     load(sa.create_engine(url), schema, data, stores_nan, label_type)
     snap = refresh(url, schema, missing=missing, label_timestamp=label_timestamp)
@@ -281,7 +285,7 @@ def test_online_accuracy(store, missing, label_timestamp, label_type):
 
 def test_reproducibility(store):
     url, schema, dialect = store
-    stores_nan = dialect == "postgresql"
+    stores_nan = dialect in ("postgresql", "duckdb")
     data = make_data(5, stores_nan)
     load(sa.create_engine(url), schema, data, stores_nan)
     snap = refresh(url, schema)
