@@ -164,6 +164,9 @@ class PredictionSource(TableSource):
 
     columns: PredictionColumns
     filter: dict[Identifier, str | int | float | bool] = {}
+    unique_ids: bool = False
+    """Declare ids unique (a key the schema does not show, e.g. on a view) to skip the
+    duplicate search; a primary key or unique constraint on the id column is found anyway."""
     ingestion_delay: DurationOrZero = timedelta(0)
     """How long after its timestamp a row may still be written; the prediction counter and
     histogram count a row only once it is older than this, so late rows are not missed."""
@@ -231,13 +234,11 @@ class ModelConfig(Strict):
     mode_share_decimals: int = Field(default=6, ge=0, le=12)
     histogram_buckets: Annotated[list[float], Field(min_length=1)] = list(DEFAULT_SCORE_BUCKETS)
     replay_tolerance: ReplayTolerance = ReplayTolerance()
-    max_distinct_scores: int = Field(default=100_000, ge=2)
-    """Above this many distinct scores in a window, AUC and percentiles use buckets."""
     alert_thresholds: dict[str, float | None] = {}
     """Overrides of the top-level ``alerting`` thresholds for this model."""
-    bucket_decimals: int = Field(default=4, ge=1, le=6)
-    """Bucket width ``10**-bucket_decimals`` of the fallback ``FLOOR(score * 10**k)`` buckets;
-    at most 6 so that the fallback returns at most 10**6 + 1 rows, whatever the row count."""
+    bucket_decimals: int = Field(default=5, ge=1, le=6)
+    """Windows are aggregated in ``FLOOR(score * 10**k)`` buckets, at most 10**k + 1 rows
+    whatever the row count; a bucket of one distinct score keeps everything exact."""
 
     @field_validator("alert_thresholds")
     @classmethod

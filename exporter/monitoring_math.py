@@ -39,46 +39,62 @@ def roc_auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float |
     return float(np.sum(pos * (negatives_below + 0.5 * neg)) / (n_pos * n_neg))
 
 
-def roc_auc_bucket_error_bound(positives: np.ndarray, negatives: np.ndarray) -> float | None:
+def roc_auc_bucket_error_bound(positives: np.ndarray, negatives: np.ndarray, pure: np.ndarray) -> float | None:
     """Largest possible |AUC(buckets) - AUC(exact scores)| when scores were bucketed.
 
-    Pairs in different buckets are ordered exactly by their buckets; a positive/negative
-    pair inside one bucket counts ½ but its true contribution is 0, ½ or 1, so the error
-    is at most sum_b 0.5 pos_b neg_b / (P N).
+    Pairs in different buckets are ordered exactly by their buckets, and pairs in a pure
+    bucket (one distinct score) are true ties; a positive/negative pair inside an impure
+    bucket counts ½ but its true contribution is 0, ½ or 1, so the error is at most
+    sum over impure b of 0.5 pos_b neg_b / (P N).
+
+    Args:
+        pure: shape (k,), booleans: bucket b holds a single distinct labeled score.
 
     Returns:
-        The bound in [0, 0.5], or ``None`` when either class is absent.
+        The bound in [0, 0.5] (0: the AUC is exact), or ``None`` when a class is absent.
     """
     pos = np.asarray(positives, dtype=np.float64)
     neg = np.asarray(negatives, dtype=np.float64)
     n_pos, n_neg = pos.sum(), neg.sum()
     if n_pos == 0 or n_neg == 0:
         return None
-    return float(0.5 * np.sum(pos * neg) / (n_pos * n_neg))
+    impure = ~np.asarray(pure, dtype=bool)
+    return float(0.5 * np.sum(pos[impure] * neg[impure]) / (n_pos * n_neg))
 
 
-def percentiles_from_counts(values: np.ndarray, counts: np.ndarray, percentiles=PERCENTILES) -> dict[int, float]:
-    """Percentiles of a sample given as sorted distinct values and their counts.
+def percentiles_from_buckets(
+    lows: np.ndarray, highs: np.ndarray, counts: np.ndarray, percentiles=PERCENTILES
+) -> dict[int, float]:
+    """Percentiles of a sample given as ascending buckets (smallest value, largest value, count).
 
     Linear interpolation between order statistics, as ``numpy.percentile(method="linear")``
     (Hyndman & Fan 1996, definition 7): with n values sorted, the q-th percentile is
-    x[i] + (h - i) (x[i+1] - x[i]) where h = (n - 1) q / 100 and i = floor(h).
+    x[i] + (h - i) (x[i+1] - x[i]) where h = (n - 1) q / 100 and i = floor(h). Inside a
+    bucket holding several distinct values, its order statistics are taken evenly spaced
+    from its smallest to its largest value; a bucket of one distinct value (low == high)
+    is exact, so the result equals numpy's whenever every bucket is, and is otherwise off
+    by less than the widest bucket.
 
     Args:
-        values: shape (k,), ascending, distinct.
-        counts: shape (k,), positive integers, n = counts.sum() > 0.
+        lows, highs, counts: shape (k,), buckets in ascending order, counts > 0.
 
     Returns:
-        ``{percentile: value}``; empty when n == 0.
+        ``{percentile: value}``; empty when the sample is empty.
     """
-    values = np.asarray(values, dtype=np.float64)
-    cumulative = np.cumsum(np.asarray(counts, dtype=np.int64))
+    lows = np.asarray(lows, dtype=np.float64)
+    highs = np.asarray(highs, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.int64)
+    cumulative = np.cumsum(counts)
     n = int(cumulative[-1]) if len(cumulative) else 0
     if n == 0:
         return {}
 
     def order_statistic(rank: int) -> float:  # 0-based rank in the sorted sample
-        return float(values[np.searchsorted(cumulative, rank, side="right")])
+        b = int(np.searchsorted(cumulative, rank, side="right"))
+        within, size = rank - (cumulative[b] - counts[b]), counts[b]
+        if size == 1:
+            return float(lows[b])
+        return float(lows[b] + (highs[b] - lows[b]) * within / (size - 1))
 
     out = {}
     for q in percentiles:
@@ -89,6 +105,27 @@ def percentiles_from_counts(values: np.ndarray, counts: np.ndarray, percentiles=
         out[q] = low + (h - i) * (high - low)
     return out
 
+
+def pooled_variance(counts: np.ndarray, offsets: np.ndarray, sums: np.ndarray, squares: np.ndarray) -> float:
+    """Population variance of a sample summarized per bucket, combined without loss of precision.
+
+    Bucket b holds ``counts[b]`` values x with ``sums[b]`` = sum(x - offsets[b]) and
+    ``squares[b]`` = sum((x - offsets[b])^2), the offset being near its values (its lower
+    edge). Its mean is o + S1/n and its sum of squared deviations M2 = S2 - S1^2/n; the
+    buckets combine as M2 = sum M2_b + sum n_b (mean_b - mean)^2 (Chan, Golub & LeVeque,
+    "Updating formulae and a pairwise algorithm for computing sample variances", 1979).
+
+    Returns:
+        M2 / n (population variance, >= 0).
+    """
+    n_b = np.asarray(counts, dtype=np.float64)
+    s1 = np.asarray(sums, dtype=np.float64)
+    s2 = np.asarray(squares, dtype=np.float64)
+    means = np.asarray(offsets, dtype=np.float64) + s1 / n_b
+    n = n_b.sum()
+    mean = np.sum(n_b * means) / n
+    within = np.maximum(s2 - s1 * s1 / n_b, 0.0)  # >= 0 in exact arithmetic
+    return float((within.sum() + np.sum(n_b * (means - mean) ** 2)) / n)
 
 
 #: PSI smoothing: every bin's share is raised to at least this, so that an empty bin on

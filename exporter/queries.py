@@ -53,11 +53,20 @@ def _valid_probability(dialect: str, score: sa.ColumnElement) -> sa.ColumnElemen
     return sa.and_(*conditions)
 
 
+def _unique_by_schema(table: sa.Table, column: str) -> bool:
+    keys = [list(table.primary_key.columns.keys())] + [
+        list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)
+    ]
+    return [column] in keys
+
+
 class PredictionQueries:
     """Statements over one model's prediction table (and the label and replay tables
     joined to it, which must live in the same store)."""
 
     def __init__(self, model: ModelConfig, table: sa.Table, time: TimeColumn, dialect: str):
+        """``table`` is the reflected prediction table; its primary key or a unique
+        constraint on the id column (or ``predictions.unique_ids``) spares the duplicate search."""
         source: PredictionSource = model.predictions
         self.model = model
         self.table = table
@@ -67,6 +76,7 @@ class PredictionQueries:
         self.score = sa.cast(table.c[source.columns.score], sa.Double())
         self.filters = [table.c[name] == value for name, value in source.filter.items()]
         self.version = None if source.columns.version is None else table.c[source.columns.version]
+        self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
 
     def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
         ts = self.time.expr
@@ -74,51 +84,57 @@ class PredictionQueries:
 
     def rows(self, start: datetime, end: datetime) -> sa.CTE:
         """The window's predictions as (id, score, reason); ``reason`` is ``ok`` or why the
-        row is excluded. A duplicate id excludes every row that carries it."""
+        row is excluded. A duplicate id excludes every row that carries it; the costly
+        duplicate search is skipped when ids are unique by schema or by config."""
         in_window = self._in_window(start, end)
-        duplicates = (
-            sa.select(self.id.label("id")).where(in_window).group_by(self.id).having(sa.func.count() > 1).subquery("dup")
-        )
         whens = [(self.score.is_(None), "null_score")]
         nan = is_nan(self.dialect, self.score)
         if nan is not None:
             whens.append((nan, "nan_score"))
-        whens += [
-            (sa.or_(self.score < 0.0, self.score > 1.0), "out_of_range"),
-            (duplicates.c.id.is_not(None), "duplicate_id"),
-        ]
+        whens.append((sa.or_(self.score < 0.0, self.score > 1.0), "out_of_range"))
+        source = self.table
+        if not self.unique_ids:
+            duplicates = (
+                sa.select(self.id.label("id")).where(in_window).group_by(self.id).having(sa.func.count() > 1).subquery("dup")
+            )
+            whens.append((duplicates.c.id.is_not(None), "duplicate_id"))
+            source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
         return (
             sa.select(self.id.label("id"), self.score.label("score"), sa.case(*whens, else_=OK).label("reason"))
-            .select_from(self.table.outerjoin(duplicates, self.id == duplicates.c.id))
+            .select_from(source)
             .where(in_window)
             .cte("window_rows")
         )
 
-    def summary(self, start: datetime, end: datetime) -> sa.Select:
-        """Rows (reason, count, sum of scores) of the window; the sum is meaningful for ``ok``."""
-        rows = self.rows(start, end)
-        return sa.select(rows.c.reason, sa.func.count(), sa.func.sum(rows.c.score)).group_by(rows.c.reason)
+    def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
+        return sa.func.floor(score * _double(10**self.model.bucket_decimals))
 
-    def _key(self, score: sa.ColumnElement, bucket_decimals: int | None) -> sa.ColumnElement:
-        if bucket_decimals is None:
-            return score
-        return sa.func.floor(score * _double(10**bucket_decimals))
-
-    def distribution(self, start: datetime, end: datetime, mean: float, bucket_decimals: int | None, limit: int) -> sa.Select:
-        """Valid scores grouped by distinct value (or ``floor(score * 10**k)`` bucket), ascending:
-        rows (key, count, sum of squared deviations from ``mean``), at most ``limit`` rows."""
+    def histogram(self, start: datetime, end: datetime) -> sa.Select:
+        """The window in one pass, grouped by (reason, bucket): valid scores by bucket
+        ``floor(score * 10**k)`` with (count, min, max, sum and sum of squares of the
+        score minus the bucket's lower edge), excluded rows by reason with a NULL bucket.
+        Deviations from the bucket edge stay below 10**-k, so their squares lose no
+        precision when the variance is pooled (``monitoring_math.pooled_variance``)."""
         rows = self.rows(start, end)
-        keyed = (
-            sa.select(self._key(rows.c.score, bucket_decimals).label("key"), rows.c.score)
-            .where(rows.c.reason == OK)
-            .subquery("keyed")
-        )
-        deviation = keyed.c.score - _double(mean)
+        width = _double(10.0**-self.model.bucket_decimals)
+        keyed = sa.select(
+            rows.c.reason,
+            sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=None).label("key"),
+            rows.c.score,
+        ).subquery("keyed")
+        deviation = keyed.c.score - keyed.c.key * width
         return (
-            sa.select(keyed.c.key, sa.func.count(), sa.func.sum(deviation * deviation))
-            .group_by(keyed.c.key)
+            sa.select(
+                keyed.c.reason,
+                keyed.c.key,
+                sa.func.count().label("n"),
+                sa.func.min(keyed.c.score).label("low"),
+                sa.func.max(keyed.c.score).label("high"),
+                sa.func.sum(deviation).label("s1"),
+                sa.func.sum(deviation * deviation).label("s2"),
+            )
+            .group_by(keyed.c.reason, keyed.c.key)
             .order_by(keyed.c.key)
-            .limit(limit)
         )
 
     def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
@@ -153,22 +169,15 @@ class PredictionQueries:
             *[_count_if(self.score <= bound) for bound in buckets],
         ).where(self._in_window(start, end), valid)
 
-    def online(
-        self,
-        labels: LabelQueries,
-        start: datetime,
-        end: datetime,
-        as_of: datetime,
-        bucket_decimals: int | None,
-        limit: int,
-    ) -> sa.Select:
+    def online(self, labels: LabelQueries, start: datetime, end: datetime, as_of: datetime) -> sa.Select:
         """Online accuracy aggregates of the window's valid predictions joined to their labels,
-        grouped by score (or bucket), ascending, at most ``limit`` rows.
+        grouped by bucket ``floor(score * 10**k)``, ascending.
 
         Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
-        ``positives``, ``negatives``, ``labeled_score_sum``, ``log_loss_sum``, ``extreme``
-        (labeled at exactly 0 or 1), ``conflicting`` (labels 0 and 1), ``invalid`` (only
-        labels other than 0/1).
+        ``positives``, ``negatives``, ``low``/``high`` (smallest and largest labeled score
+        of the bucket: equal means its pairs are true ties), ``labeled_score_sum``,
+        ``log_loss_sum``, ``extreme`` (labeled at exactly 0 or 1), ``conflicting`` (labels
+        0 and 1), ``invalid`` (only labels other than 0/1).
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
@@ -184,7 +193,7 @@ class PredictionQueries:
         )
         keyed = (
             sa.select(
-                self._key(valid_rows.c.score, bucket_decimals).label("key"),
+                self._key(valid_rows.c.score).label("key"),
                 valid_rows.c.score,
                 y.label("y"),
                 has_label.label("has_label"),
@@ -205,6 +214,7 @@ class PredictionQueries:
             else_=None,
         )
         labeled = keyed.c.y.is_not(None)
+        labeled_score = sa.case((labeled, keyed.c.score), else_=None)
         return (
             sa.select(
                 keyed.c.key,
@@ -212,7 +222,9 @@ class PredictionQueries:
                 _count_if(keyed.c.has_label).label("with_label"),
                 _count_if(keyed.c.y == 1).label("positives"),
                 _count_if(keyed.c.y == 0).label("negatives"),
-                sa.func.sum(sa.case((labeled, keyed.c.score), else_=None)).label("labeled_score_sum"),
+                sa.func.min(labeled_score).label("low"),
+                sa.func.max(labeled_score).label("high"),
+                sa.func.sum(labeled_score).label("labeled_score_sum"),
                 sa.func.sum(log_loss_term).label("log_loss_sum"),
                 _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label("extreme"),
                 _count_if(keyed.c.conflicting).label("conflicting"),
@@ -220,7 +232,6 @@ class PredictionQueries:
             )
             .group_by(keyed.c.key)
             .order_by(keyed.c.key)
-            .limit(limit)
         )
 
     def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:

@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from exporter.config import ModelConfig, Settings
 from exporter.durations import parse_duration
 from exporter.monitoring_math import (
-    percentiles_from_counts,
+    percentiles_from_buckets,
+    pooled_variance,
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
 )
@@ -167,34 +168,38 @@ class ModelRefresher:
 
     def _score_stats(self, conn, window: str, start: datetime, end: datetime) -> ScoreStats:
         q = self._prediction_queries
-        by_reason = {reason: (_int(n), s) for reason, n, s in conn.execute(q.summary(start, end))}
-        n, total = by_reason.get(OK, (0, None))
-        invalid = {reason: by_reason.get(reason, (0, None))[0] for reason in INVALID_REASONS}
-        if n == 0:
+        invalid = dict.fromkeys(INVALID_REASONS, 0)
+        buckets = []
+        for row in conn.execute(q.histogram(start, end)):
+            if row.reason == OK:
+                buckets.append(row)
+            else:
+                invalid[row.reason] += _int(row.n)
+        if not buckets:
             return ScoreStats(window, 0, invalid, None, None, {}, None, False)
-        mean = float(total) / n
-        cap = self.model.max_distinct_scores
-        rows = conn.execute(q.distribution(start, end, mean, None, cap + 1)).all()
-        bucketed = len(rows) > cap
-        if bucketed:
-            k = self.model.bucket_decimals
-            rows = conn.execute(q.distribution(start, end, mean, k, 10**k + 2)).all()
-            # bucket midpoints; the bucket of exactly 1.0 would put its midpoint above 1
-            values = np.minimum((np.array([float(r[0]) for r in rows]) + 0.5) / 10**k, 1.0)
+        counts = np.array([_int(b.n) for b in buckets])
+        lows = np.array([float(b.low) for b in buckets])
+        highs = np.array([float(b.high) for b in buckets])
+        edges = np.array([float(b.key) for b in buckets]) * 10.0**-self.model.bucket_decimals
+        sums = np.array([float(b.s1) for b in buckets])
+        n = int(counts.sum())
+        pure = bool(np.all(lows == highs))  # every bucket one distinct score: all exact
+        if pure:
+            # Round half up as the SQL of mode_count does, and merge the buckets' counts.
+            rounded = np.floor(lows * 10.0**self.model.mode_share_decimals + 0.5)
+            _, inverse = np.unique(rounded, return_inverse=True)
+            mode = int(np.bincount(inverse, weights=counts).max())
         else:
-            values = np.array([float(r[0]) for r in rows])
-        counts = np.array([_int(r[1]) for r in rows])
-        squared_deviations = math.fsum(float(r[2]) for r in rows)
-        mode = _int(conn.execute(q.mode_count(start, end, self.model.mode_share_decimals)).scalar())
+            mode = _int(conn.execute(q.mode_count(start, end, self.model.mode_share_decimals)).scalar())
         return ScoreStats(
             window=window,
             predictions=n,
             invalid=invalid,
-            mean=mean,
-            stddev=math.sqrt(max(squared_deviations, 0.0) / n),
-            percentiles=percentiles_from_counts(values, counts),
+            mean=float(np.sum(counts * edges + sums) / n),
+            stddev=math.sqrt(pooled_variance(counts, edges, sums, np.array([float(b.s2) for b in buckets]))),
+            percentiles=percentiles_from_buckets(lows, highs, counts),
             mode_share=mode / n,
-            bucketed=bucketed,
+            bucketed=not pure,
         )
 
     def _refresh_predictions(self, as_of: datetime) -> tuple[tuple[ScoreStats, ...], float | None]:
@@ -219,12 +224,8 @@ class ModelRefresher:
         q, labels = self._prediction_queries, self._label_queries
         end = as_of - self.model.label_delay
         start = end - parse_duration(window)
-        cap = self.model.max_distinct_scores
-        rows = conn.execute(q.online(labels, start, end, as_of, None, cap + 1)).all()
-        bucketed = len(rows) > cap
-        if bucketed:
-            k = self.model.bucket_decimals
-            rows = conn.execute(q.online(labels, start, end, as_of, k, 10**k + 2)).all()
+        rows = conn.execute(q.online(labels, start, end, as_of)).all()
+
         def total(column: str) -> int:
             return sum(_int(row._mapping[column]) for row in rows)
 
@@ -238,6 +239,9 @@ class ModelRefresher:
         mean_score = _ratio(float_total("labeled_score_sum"), n_labeled)
         positive_ratio = _ratio(n_pos, n_labeled)
         auc = roc_auc_from_counts(positives, negatives)
+        # A bucket whose labeled scores are all equal holds true ties only.
+        pure = np.array([row.low is None or row.low == row.high for row in rows], dtype=bool)
+        bound = roc_auc_bucket_error_bound(positives, negatives, pure)
         return OnlineAccuracy(
             window=window,
             predictions=n_pred,
@@ -245,7 +249,7 @@ class ModelRefresher:
             positives=n_pos,
             logloss=_ratio(float_total("log_loss_sum"), n_labeled),
             roc_auc=auc,
-            roc_auc_error_bound=roc_auc_bucket_error_bound(positives, negatives) if bucketed and auc is not None else None,
+            roc_auc_error_bound=bound if bound else None,  # absent when the AUC is exact
             calibration_ratio=_ratio(mean_score, positive_ratio) if mean_score is not None and positive_ratio else None,
             positive_ratio=positive_ratio,
             label_coverage=_ratio(total("with_label"), n_pred),

@@ -127,7 +127,12 @@ def _full_exposition(tmp_path) -> str:
     """An exposition holding every mlmon metric: a model with bucketed AUC and one whose
     replay table is missing (so errors and source_up 0 appear), with training runs."""
     url = _store(tmp_path / "s.sqlite")
-    bucketed = _settings(url, max_distinct_scores=2, bucket_decimals=1).models[0]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # 0.25 (negative) shares the 0.2x bucket with 0.2 (positive)
+        conn.execute(sa.text("INSERT INTO predictions VALUES (4, :ts, 0.25)"), {"ts": (AS_OF - timedelta(minutes=45)).replace(tzinfo=None)})
+        conn.execute(sa.text("INSERT INTO labels VALUES (4, 0)"))
+    engine.dispose()
+    bucketed = _settings(url, bucket_decimals=1).models[0]
     broken = bucketed.model_copy(update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})})
     settings = _settings(url).model_copy(update={"models": [bucketed, broken]})
     _report_runs(settings)
