@@ -23,9 +23,10 @@ from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySo
 from exporter.monitoring_math import LOGLOSS_EPS
 from exporter.stores import TimeColumn
 
-OK = "ok"
-#: Why a prediction row was excluded from the math, in order of precedence.
+#: Why a prediction row was excluded from the math, in order of precedence; in SQL each
+#: reason is its position + 1 (integers group faster than text), 0 meaning valid.
 INVALID_REASONS = ("null_score", "nan_score", "out_of_range", "duplicate_id")
+OK = 0
 
 
 def _double(value: float) -> sa.ColumnElement:
@@ -82,28 +83,29 @@ class PredictionQueries:
         ts = self.time.expr
         return sa.and_(ts >= self.time.bind(start), ts < self.time.bind(end), *self.filters)
 
-    def rows(self, start: datetime, end: datetime) -> sa.CTE:
-        """The window's predictions as (id, score, reason); ``reason`` is ``ok`` or why the
+    def rows(self, start: datetime, end: datetime) -> sa.Subquery:
+        """The window's predictions as (id, score, reason); ``reason`` is ``OK`` or why the
         row is excluded. A duplicate id excludes every row that carries it; the costly
         duplicate search is skipped when ids are unique by schema or by config."""
         in_window = self._in_window(start, end)
-        whens = [(self.score.is_(None), "null_score")]
+        code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
+        whens = [(self.score.is_(None), code["null_score"])]
         nan = is_nan(self.dialect, self.score)
         if nan is not None:
-            whens.append((nan, "nan_score"))
-        whens.append((sa.or_(self.score < 0.0, self.score > 1.0), "out_of_range"))
+            whens.append((nan, code["nan_score"]))
+        whens.append((sa.or_(self.score < 0.0, self.score > 1.0), code["out_of_range"]))
         source = self.table
         if not self.unique_ids:
             duplicates = (
                 sa.select(self.id.label("id")).where(in_window).group_by(self.id).having(sa.func.count() > 1).subquery("dup")
             )
-            whens.append((duplicates.c.id.is_not(None), "duplicate_id"))
+            whens.append((duplicates.c.id.is_not(None), code["duplicate_id"]))
             source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
         return (
             sa.select(self.id.label("id"), self.score.label("score"), sa.case(*whens, else_=OK).label("reason"))
             .select_from(source)
             .where(in_window)
-            .cte("window_rows")
+            .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
         )
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
@@ -182,8 +184,8 @@ class PredictionQueries:
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
         rows = self.rows(start, end)
-        valid_rows = sa.select(rows.c.id, rows.c.score).where(rows.c.reason == OK).cte("valid_rows")
-        agg = labels.per_id(sa.select(valid_rows.c.id), as_of)
+        valid_rows = sa.select(rows.c.id, rows.c.score).where(rows.c.reason == OK).subquery("valid_rows")
+        agg = labels.per_id(start, as_of)
         has_label = sa.and_(agg.c.low.is_not(None), agg.c.low == agg.c.high)
         no_label_row = agg.c.id.is_(None)
         y = sa.case(
@@ -271,12 +273,17 @@ class LabelQueries:
         value = sa.cast(label, sa.Integer()) if isinstance(label.type, sa.Boolean) else label
         self.valid_value = sa.case((sa.or_(value == 0, value == 1), value), else_=None)
 
-    def per_id(self, ids: sa.Select, as_of: datetime) -> sa.Subquery:
-        """(id, low, high) per prediction id among ``ids``: the smallest and largest valid
-        label (NULL when every label row of that id is invalid)."""
-        conditions = [self.id.in_(ids)]
+    def per_id(self, since: datetime, as_of: datetime) -> sa.Subquery:
+        """(id, low, high) per labeled id: the smallest and largest valid label (NULL when
+        every label row of that id is invalid).
+
+        With a label timestamp, only labels recorded in ``[since, as_of)`` count: a label
+        is recorded after its prediction, so ``since`` (the window start) bounds the scan
+        to recent labels. Without one, every label row is read.
+        """
+        conditions = []
         if self.time is not None:
-            conditions.append(self.time.expr < self.time.bind(as_of))
+            conditions += [self.time.expr >= self.time.bind(since), self.time.expr < self.time.bind(as_of)]
         return (
             sa.select(
                 self.id.label("id"),

@@ -174,7 +174,7 @@ class ModelRefresher:
             if row.reason == OK:
                 buckets.append(row)
             else:
-                invalid[row.reason] += _int(row.n)
+                invalid[INVALID_REASONS[row.reason - 1]] += _int(row.n)
         if not buckets:
             return ScoreStats(window, 0, invalid, None, None, {}, None, False)
         counts = np.array([_int(b.n) for b in buckets])
