@@ -45,7 +45,7 @@ def _parse_as_of(text: str | None) -> datetime:
     except ValueError:
         _fail(f"--as-of: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
     # Naive times are UTC (docs/configuration.md).
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 @app.command("check-config")

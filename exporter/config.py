@@ -275,6 +275,14 @@ class ApiSettings(Strict):
     def _one_token(self) -> ApiSettings:
         if self.token is not None and self.token_file is not None:
             raise ValueError("give at most one of 'token' or 'token_file'")
+        if self.token_file is not None:
+            # Checked here, not at first use: an empty file must not leave the API open.
+            try:
+                token = self.resolved_token()
+            except OSError as exc:
+                raise ValueError(f"token_file: cannot read {self.token_file}: {exc.strerror}") from None
+            if len(token) < 16:
+                raise ValueError("token_file: the token must have at least 16 characters")
         return self
 
     def resolved_token(self) -> str | None:

@@ -65,9 +65,27 @@ def _numeric_shares(feature: FeatureSummary, edges: np.ndarray) -> np.ndarray:
     return np.append(np.diff(cdf) * present, feature.missing_ratio)
 
 
-def _categorical_shares(feature: FeatureSummary, categories: list[str]) -> np.ndarray:
+def _category_bins(reference: FeatureSummary, current: FeatureSummary) -> list[str]:
+    """The categories that get a bin of their own; the rest go to ``__other__``.
+
+    A category known on one side only may hide in the other side's ``__other__`` share,
+    so it gets its own bin only when the other side lists all its categories (no
+    ``__other__`` share): there its absence is a true 0.
+    """
+    def complete(f: FeatureSummary) -> bool:
+        return f.categories.get(OTHER, 0.0) == 0.0
+
+    bins = set(reference.categories) & set(current.categories)
+    bins |= {c for c in reference.categories if complete(current)}
+    bins |= {c for c in current.categories if complete(reference)}
+    return sorted(bins - {OTHER})
+
+
+def _categorical_shares(feature: FeatureSummary, bins: list[str]) -> np.ndarray:
     present = 1.0 - feature.missing_ratio
-    return np.array([feature.categories.get(c, 0.0) * present for c in categories] + [feature.missing_ratio])
+    shares = [feature.categories.get(c, 0.0) for c in bins]
+    other = max(0.0, 1.0 - sum(shares))  # __other__ plus the categories folded into it
+    return np.array([share * present for share in shares] + [other * present, feature.missing_ratio])
 
 
 def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | None:
@@ -76,8 +94,8 @@ def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | N
 
     Bins are frozen on the reference: numeric features use its deciles as edges, with
     open outer bins, both sides' shares read from their percentile-interpolated CDFs;
-    categorical features use the union of both top-k category lists and ``__other__``.
-    Missing values form one more bin on both sides.
+    categorical features use the categories both top-k lists know (see ``_category_bins``)
+    and ``__other__`` for the rest. Missing values form one more bin on both sides.
     """
     if reference.kind != current.kind or reference.count == 0 or current.count == 0:
         return None
@@ -88,8 +106,8 @@ def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | N
             edges = np.unique([reference.percentiles[str(q)] for q in DECILES if str(q) in reference.percentiles])
         expected, actual = _numeric_shares(reference, edges), _numeric_shares(current, edges)
     else:
-        categories = sorted(set(reference.categories) | set(current.categories) | {OTHER})
-        expected, actual = _categorical_shares(reference, categories), _categorical_shares(current, categories)
+        bins = _category_bins(reference, current)
+        expected, actual = _categorical_shares(reference, bins), _categorical_shares(current, bins)
     return population_stability_index(expected, actual)
 
 

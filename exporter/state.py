@@ -199,6 +199,7 @@ def load_history(engine: sa.Engine, model: str, versions: int, as_of: datetime) 
     """The newest ``versions`` runs of ``model`` trained at or before ``as_of``, and its
     30-day baseline: the newest run trained at least 30 days before the newest one
     (``None`` when there is none)."""
+    as_of = as_of.astimezone(timezone.utc)  # SQLite compares date-times as UTC wall-clock text
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(*_HEADLINE, training_runs.c.body)

@@ -69,8 +69,10 @@ class FeatureSummary(_Body):
             if unknown:
                 raise ValueError(f"percentiles: unknown key(s) {sorted(unknown)}; allowed {list(FEATURE_PERCENTILES)}")
             values = [self.percentiles[str(q)] for q in FEATURE_PERCENTILES if str(q) in self.percentiles]
+            if self.min is not None and self.max is not None:
+                values = [self.min, *values, self.max]
             if any(b < a for a, b in zip(values, values[1:])):
-                raise ValueError("percentiles: must not decrease with the percentile")
+                raise ValueError("min <= percentiles <= max must hold, in percentile order")
         else:
             if any(v is not None for v in (self.mean, self.stddev, self.min, self.max)) or self.percentiles:
                 raise ValueError("mean, stddev, min, max and percentiles are only for numeric features")

@@ -197,3 +197,13 @@ def test_alert_thresholds_defaults_overrides_and_switch_off():
 def test_unknown_alert_threshold_named():
     (error,) = _errors(_config(alert_thresholds={"mode_share_max": 0.9}))
     assert error.startswith("models[0].alert_thresholds: unknown threshold(s) ['mode_share_max']")
+
+
+@pytest.mark.parametrize("content", ["", "\n", "short-token\n"])
+def test_token_file_must_hold_a_real_token(tmp_path, content):
+    secret = tmp_path / "token"
+    secret.write_text(content)
+    data = _config()
+    data["api"] = {"token_file": str(secret)}
+    (error,) = _errors(data)
+    assert error == "api: token_file: the token must have at least 16 characters"

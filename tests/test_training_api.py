@@ -50,8 +50,12 @@ def app_for(state_url: str, token: str | None = None, max_body_bytes: int | None
 
 
 def versions(client) -> list[dict]:
+    """The stored versions of ``ctr``; [] only on the API's own 404 for an unknown model."""
     response = client.get("/api/v1/models/ctr/versions", headers={"Authorization": f"Bearer {TOKEN}"})
-    return response.json()["versions"] if response.status_code == 200 else []
+    if response.status_code == 404:
+        return []
+    assert response.status_code == 200, response.text
+    return response.json()["versions"]
 
 
 def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
@@ -68,12 +72,15 @@ def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
         assert client.get("/api/v1/models/nope/versions").status_code == 404
 
 
-def test_token_required_when_configured(state_url):
+def test_token_required_when_configured(state_url, caplog):
+    near_miss = TOKEN[:-1] + "X"
     with TestClient(app_for(state_url, token=TOKEN)) as client:
         assert client.post("/api/v1/training-runs", json=run()).status_code == 401
-        wrong = client.post("/api/v1/training-runs", json=run(), headers={"Authorization": "Bearer wrong"})
+        assert client.post("/api/v1/training-runs", json=run(), headers={"Authorization": "Bearer "}).status_code == 401
+        wrong = client.post("/api/v1/training-runs", json=run(), headers={"Authorization": f"Bearer {near_miss}"})
         assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
-        assert TOKEN not in wrong.text
+        assert TOKEN not in wrong.text and near_miss not in wrong.text
+        assert TOKEN not in caplog.text and near_miss not in caplog.text
         assert client.get("/api/v1/models").status_code == 401
         ok = client.post("/api/v1/training-runs", json=run(), headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 201
