@@ -301,6 +301,9 @@ class TrainingSettings(Strict):
 
     history_versions: int = Field(default=10, ge=2, le=100)
     """``mlmon_version_*`` series cover the newest this many versions of each model."""
+    staleness: Duration = timedelta(hours=1)
+    """How long the training metrics outlive a failing state database: they change once a
+    version, so a short outage must not resolve and re-fire the training alerts."""
 
 
 class Settings(Strict):

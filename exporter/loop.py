@@ -70,9 +70,18 @@ class RefreshLoop:
 
     async def _run_training(self) -> None:
         interval = self.settings.refresh_interval.total_seconds()
+        deadline = self.settings.refresh_deadline.total_seconds()
+        running: asyncio.Future | None = None
         while True:
             self._training_changed.clear()
-            self.store.put_training(await _in_daemon_thread(self.training.refresh, utc_now()))
+            if running is None:
+                running = _in_daemon_thread(self.training.refresh, utc_now())
+            done, _ = await asyncio.wait({running}, timeout=deadline)
+            if done:
+                self.store.put_training(running.result())  # refresh() never raises
+                running = None
+            else:  # a hung state database must not freeze the training metrics as "up"
+                self.store.put_training(self.training.stalled(utc_now()))
             try:
                 await asyncio.wait_for(self._training_changed.wait(), timeout=interval)
             except TimeoutError:

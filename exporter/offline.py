@@ -5,6 +5,7 @@ breakdown with each feature's PSI against the previous version."""
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Mapping
@@ -146,8 +147,9 @@ def load_training_snapshots(engine: sa.Engine, versions: int, as_of: datetime) -
 class TrainingRefresher:
     """Reads every model's training snapshot from the state database on each refresh.
 
-    Like a failing source, a failing state database keeps its last snapshots for the
-    staleness period (``mlmon_state_up`` 0, error counted), then drops them.
+    Like a failing source, a failing state database keeps its last snapshots, here for
+    ``training.staleness`` (``mlmon_state_up`` 0, error counted), then drops them.
+    ``stalled`` may be called from another thread while ``refresh`` hangs.
     """
 
     def __init__(self, state: StateDatabase, settings: Settings):
@@ -155,21 +157,29 @@ class TrainingRefresher:
         self.settings = settings
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
         self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
+        self._lock = threading.Lock()
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
         try:
             snapshots = load_training_snapshots(self.state.ready(), self.settings.training.history_versions, now)
         except Exception as exc:  # failures are data, as for the prediction stores
-            reason = classify_error(exc)
-            self._errors[reason] += 1
             self.state.failed()
-            log.warning("state database: reading training runs failed (%s): %s", reason, str(exc).splitlines()[0])
-            up = False
-        else:
+            log.warning("state database: reading training runs failed: %s", str(exc).splitlines()[0])
+            return self._failed(now, classify_error(exc))
+        with self._lock:
             self._last_good = (now.timestamp(), snapshots)
-            up = True
-        fresh = {}
-        if self._last_good and now.timestamp() - self._last_good[0] <= self.settings.staleness_period.total_seconds():
-            fresh = self._last_good[1]
-        return TrainingState(fresh, up, dict(self._errors))
+            return TrainingState(snapshots, True, dict(self._errors))
+
+    def stalled(self, now: datetime) -> TrainingState:
+        """The state to publish while a refresh is still running past its deadline."""
+        return self._failed(now, "timeout")
+
+    def _failed(self, now: datetime, reason: str) -> TrainingState:
+        with self._lock:
+            self._errors[reason] += 1
+            fresh = {}
+            staleness = self.settings.training.staleness.total_seconds()
+            if self._last_good and now.timestamp() - self._last_good[0] <= staleness:
+                fresh = self._last_good[1]
+            return TrainingState(fresh, False, dict(self._errors))

@@ -168,7 +168,7 @@ def test_state_database_failing_keeps_then_drops_training_metrics(tmp_path):
 
     state = f"sqlite:///{tmp_path}/state.sqlite"
     report(state, simple_run("v0", 0, 100, 0.3, 0.8))
-    settings = settings_for(state).model_copy(update={"staleness": timedelta(minutes=5)})
+    settings = settings_for(state, staleness="5m")
     database = StateDatabase(state)
     refresher = TrainingRefresher(database, settings)
     assert "ctr" in refresher.refresh(NOW).models
