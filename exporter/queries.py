@@ -96,9 +96,7 @@ class PredictionQueries:
         whens.append((sa.or_(self.score < 0.0, self.score > 1.0), code["out_of_range"]))
         source = self.table
         if not self.unique_ids:
-            duplicates = (
-                sa.select(self.id.label("id")).where(in_window).group_by(self.id).having(sa.func.count() > 1).subquery("dup")
-            )
+            duplicates = self._duplicates(start, end)
             whens.append((duplicates.c.id.is_not(None), code["duplicate_id"]))
             source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
         return (
@@ -108,26 +106,49 @@ class PredictionQueries:
             .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
         )
 
+    def valid_rows(self, start: datetime, end: datetime) -> sa.Subquery:
+        """The window's valid predictions as (id, score). Filtered by plain predicates on
+        the score rather than by ``reason``: PostgreSQL estimates those well, and a wrong
+        estimate makes it sort the window instead of hashing it."""
+        conditions = [self._in_window(start, end), _valid_probability(self.dialect, self.score)]
+        source = self.table
+        if not self.unique_ids:
+            duplicates = self._duplicates(start, end)
+            conditions.append(duplicates.c.id.is_(None))
+            source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
+        return sa.select(self.id.label("id"), self.score.label("score")).select_from(source).where(*conditions).subquery("valid_rows")
+
+    def _duplicates(self, start: datetime, end: datetime) -> sa.Subquery:
+        return (
+            sa.select(self.id.label("id"))
+            .where(self._in_window(start, end))
+            .group_by(self.id)
+            .having(sa.func.count() > 1)
+            .subquery("dup")
+        )
+
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
         return sa.func.floor(score * _double(10**self.model.bucket_decimals))
 
     def histogram(self, start: datetime, end: datetime) -> sa.Select:
-        """The window in one pass, grouped by (reason, bucket): valid scores by bucket
-        ``floor(score * 10**k)`` with (count, min, max, sum and sum of squares of the
-        score minus the bucket's lower edge), excluded rows by reason with a NULL bucket.
-        Deviations from the bucket edge stay below 10**-k, so their squares lose no
-        precision when the variance is pooled (``monitoring_math.pooled_variance``)."""
+        """The window in one pass, grouped by one key: ``floor(score * 10**k)`` for a valid
+        score, with (count, min, max, sum and sum of squares of the score minus the
+        bucket's lower edge), and ``-code`` of the reason for an excluded row; in no order.
+
+        One grouping key, not (reason, bucket): PostgreSQL then aggregates in a hash table
+        instead of sorting the window. Deviations from the bucket edge stay below 10**-k,
+        so their squares lose no precision when the variance is pooled
+        (``monitoring_math.pooled_variance``).
+        """
         rows = self.rows(start, end)
         width = _double(10.0**-self.model.bucket_decimals)
         keyed = sa.select(
-            rows.c.reason,
-            sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=None).label("key"),
+            sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=-rows.c.reason).label("key"),
             rows.c.score,
         ).subquery("keyed")
         deviation = keyed.c.score - keyed.c.key * width
         return (
             sa.select(
-                keyed.c.reason,
                 keyed.c.key,
                 sa.func.count().label("n"),
                 sa.func.min(keyed.c.score).label("low"),
@@ -135,8 +156,7 @@ class PredictionQueries:
                 sa.func.sum(deviation).label("s1"),
                 sa.func.sum(deviation * deviation).label("s2"),
             )
-            .group_by(keyed.c.reason, keyed.c.key)
-            .order_by(keyed.c.key)
+            .group_by(keyed.c.key)
         )
 
     def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
@@ -173,7 +193,8 @@ class PredictionQueries:
 
     def online(self, labels: LabelQueries, start: datetime, end: datetime, as_of: datetime) -> sa.Select:
         """Online accuracy aggregates of the window's valid predictions joined to their labels,
-        grouped by bucket ``floor(score * 10**k)``, ascending.
+        grouped by bucket ``floor(score * 10**k)``, in no order (an ORDER BY would make
+        PostgreSQL sort the window rather than hash it).
 
         Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
         ``positives``, ``negatives``, ``low``/``high`` (smallest and largest labeled score
@@ -183,8 +204,7 @@ class PredictionQueries:
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
-        rows = self.rows(start, end)
-        valid_rows = sa.select(rows.c.id, rows.c.score).where(rows.c.reason == OK).subquery("valid_rows")
+        valid_rows = self.valid_rows(start, end)
         agg = labels.per_id(start, as_of)
         has_label = sa.and_(agg.c.low.is_not(None), agg.c.low == agg.c.high)
         no_label_row = agg.c.id.is_(None)
@@ -233,7 +253,6 @@ class PredictionQueries:
                 _count_if(keyed.c.invalid).label("invalid"),
             )
             .group_by(keyed.c.key)
-            .order_by(keyed.c.key)
         )
 
     def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
@@ -241,7 +260,7 @@ class PredictionQueries:
         window's valid predictions that have a replay row. Reproduced means
         ``|a - b| <= atol + rtol * max(|a|, |b|)``; a replay that is not a valid probability
         (NULL, NaN, infinite, outside [0, 1]) never is and is left out of the max."""
-        rows = self.rows(start, end)
+        rows = self.valid_rows(start, end)
         online = rows.c.score
         offline = replays.score
         tolerance = self.model.replay_tolerance
@@ -256,7 +275,6 @@ class PredictionQueries:
                 sa.func.max(sa.case((valid, diff), else_=None)),
             )
             .select_from(rows.join(replays.table, rows.c.id == replays.id))
-            .where(rows.c.reason == OK)
         )
 
 

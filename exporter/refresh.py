@@ -171,12 +171,13 @@ class ModelRefresher:
         invalid = dict.fromkeys(INVALID_REASONS, 0)
         buckets = []
         for row in conn.execute(q.histogram(start, end)):
-            if row.reason == OK:
+            if row.key >= 0:
                 buckets.append(row)
-            else:
-                invalid[INVALID_REASONS[row.reason - 1]] += _int(row.n)
+            else:  # an excluded row's key is minus its reason code
+                invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(row.n)
         if not buckets:
             return ScoreStats(window, 0, invalid, None, None, {}, None, False)
+        buckets.sort(key=lambda b: b.key)
         counts = np.array([_int(b.n) for b in buckets])
         lows = np.array([float(b.low) for b in buckets])
         highs = np.array([float(b.high) for b in buckets])
@@ -224,7 +225,7 @@ class ModelRefresher:
         q, labels = self._prediction_queries, self._label_queries
         end = as_of - self.model.label_delay
         start = end - parse_duration(window)
-        rows = conn.execute(q.online(labels, start, end, as_of)).all()
+        rows = sorted(conn.execute(q.online(labels, start, end, as_of)).all(), key=lambda row: row.key)
 
         def total(column: str) -> int:
             return sum(_int(row._mapping[column]) for row in rows)

@@ -101,6 +101,8 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             # must not come from two states of a table that is being appended to.
             conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
+            # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
+            conn.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
             raw = conn.connection.driver_connection
