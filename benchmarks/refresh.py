@@ -1,0 +1,197 @@
+"""One full refresh of one model (windows 1h and 24h, all online metrics, replays) against
+the usual alternatives, on the same store and the same rows, each in its own process:
+
+1. mlmon: ``ModelRefresher.refresh`` (queries pushed down, aggregates merged in Python);
+2. naive: ``pandas.read_sql`` of the window (predictions left-joined to labels and
+   replays), then the same numbers with numpy and scikit-learn;
+3. Evidently's classification metrics on that DataFrame, when evidently is installed;
+4. floor: one bare aggregate scan, ``SELECT count(*), sum(score)`` over the window.
+
+    python benchmarks/refresh.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench --rows 100000 1000000
+
+Prints wall time and peak RSS of each (from the child's own rusage), and the ratios
+mlmon/floor and naive/mlmon. ``--reuse`` skips writing the data (``benchmarks/generate.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import NOW  # noqa: E402
+
+METHODS = ("floor", "mlmon", "naive", "evidently")
+WINDOW = timedelta(hours=24)
+
+
+def settings(url: str):
+    from exporter.config import parse_settings
+
+    source = {"store": "bench"}
+    return parse_settings(
+        {
+            "stores": {"bench": {"url": url}},
+            "query_timeout": "1h",
+            "models": [
+                {
+                    "name": "m0",
+                    "predictions": {
+                        **source, "table": "bench_predictions", "columns": {"id": "id", "timestamp": "ts", "score": "score"},
+                        "filter": {"model_name": "m0"},
+                        "unique_ids": True,  # request ids of a prediction log: unique, as the generator writes them
+                    },
+                    "labels": {**source, "table": "bench_labels", "columns": {"id": "id", "label": "clicked"}, "missing": "negative"},
+                    "replays": {**source, "table": "bench_replays", "columns": {"id": "id", "score": "score"}},
+                    "windows": ["1h", "24h"],
+                    "label_delay": "0s",
+                }
+            ],
+        }
+    )
+
+
+def run_floor(url: str) -> dict:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    table = sa.Table("bench_predictions", sa.MetaData(), autoload_with=engine)
+    query = sa.select(sa.func.count(), sa.func.sum(table.c.score)).where(
+        table.c.model_name == "m0", table.c.ts >= _bind(engine, NOW - WINDOW), table.c.ts < _bind(engine, NOW)
+    )
+    with engine.connect() as conn:
+        started = time.perf_counter()
+        n, _ = conn.execute(query).one()
+        return {"seconds": time.perf_counter() - started, "rows": int(n)}
+
+
+def _bind(engine, instant):
+    return instant.replace(tzinfo=None) if engine.dialect.name == "sqlite" else instant
+
+
+def run_mlmon(url: str) -> dict:
+    from exporter.refresh import ModelRefresher
+    from exporter.stores import Stores
+
+    config = settings(url)
+    stores = Stores(config)
+    refresher = ModelRefresher(config.models[0], config, stores)
+    refresher.check_schema()  # reflection is done once per process, not per refresh
+    started = time.perf_counter()
+    snapshot = refresher.refresh(NOW)
+    seconds = time.perf_counter() - started
+    assert all(s.up for s in snapshot.sources.values()), snapshot.errors
+    day = snapshot.online[1]
+    return {"seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc}
+
+
+def _window_frame(url: str):
+    import pandas as pd
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    sql = sa.text(
+        "SELECT p.id, p.ts, p.score, l.clicked, r.score AS replay FROM bench_predictions p "
+        "LEFT JOIN bench_labels l ON l.id = p.id LEFT JOIN bench_replays r ON r.id = p.id "
+        "WHERE p.model_name = 'm0' AND p.ts >= :start AND p.ts < :end"
+    )
+    return pd.read_sql(sql, engine, params={"start": _bind(engine, NOW - WINDOW), "end": _bind(engine, NOW)})
+
+
+def run_naive(url: str) -> dict:
+    import numpy as np
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    started = time.perf_counter()
+    frame = _window_frame(url)
+    out = {}
+    for name, span in (("1h", timedelta(hours=1)), ("24h", WINDOW)):
+        ts = frame["ts"].dt.tz_localize(None) if frame["ts"].dt.tz is not None else frame["ts"]
+        w = frame[ts >= (NOW - span).replace(tzinfo=None)]
+        p = w["score"].to_numpy(np.float64)
+        y = w["clicked"].fillna(0).to_numpy()
+        _, mode = np.unique(np.floor(p * 1e6 + 0.5), return_counts=True)
+        replayed = w["replay"].notna()
+        out[name] = {
+            "mean": p.mean(), "std": p.std(), "percentiles": np.percentile(p, [1, 5, 25, 50, 75, 95, 99]),
+            "mode_share": mode.max() / len(p), "logloss": log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]),
+            "roc_auc": roc_auc_score(y, p), "calibration": p.mean() / y.mean(),
+            "reproducibility": np.mean(np.abs(w["score"][replayed] - w["replay"][replayed]) <= 1e-6 + 1e-6 * w["score"][replayed]),
+        }
+    return {"seconds": time.perf_counter() - started, "rows": len(frame), "logloss": out["24h"]["logloss"], "roc_auc": out["24h"]["roc_auc"]}
+
+
+def run_evidently(url: str) -> dict:
+    try:
+        from evidently import Report  # noqa: F401
+    except ImportError:
+        return {"skipped": "evidently is not installed"}
+    from evidently import DataDefinition, Dataset, Report, BinaryClassification
+    from evidently.presets import ClassificationPreset
+
+    started = time.perf_counter()
+    frame = _window_frame(url)
+    frame["clicked"] = frame["clicked"].fillna(0).astype(int)
+    definition = DataDefinition(classification=[BinaryClassification(target="clicked", prediction_probas="score")])
+    Report([ClassificationPreset()]).run(Dataset.from_pandas(frame[["clicked", "score"]], data_definition=definition), None)
+    return {"seconds": time.perf_counter() - started, "rows": len(frame)}
+
+
+def measure(method: str, url: str) -> dict:
+    """Run one method in a child process; its own peak RSS comes from wait4's rusage."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--url", url, "--child", method], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        return {"error": f"exit {child.returncode}"}
+    result = json.loads(output)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
+    parser.add_argument("--reuse", action="store_true", help="use the tables already written (one --rows value)")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in globals()[f"run_{args.child}"](args.url).items()}))
+        return
+    print(f"{'rows':>10} {'method':>10} {'seconds':>9} {'peak RSS MB':>12}  notes")
+    for rows in map(int, args.rows):
+        if not args.reuse:
+            # In a child process: a fork of a parent grown by the data would inflate the
+            # children's peak RSS, which counts the pages they inherit before exec.
+            subprocess.run(
+                [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", str(rows), "--replay-share", "0.01"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+        measure("floor", args.url)  # warm the database's cache once, so no method pays for it alone
+        results = {method: measure(method, args.url) for method in METHODS}
+        for method, r in results.items():
+            note = r.get("skipped") or r.get("error") or ""
+            seconds = f"{r['seconds']:9.3f}" if "seconds" in r else f"{'-':>9}"
+            rss = f"{r['peak_rss_mb']:12.0f}" if "seconds" in r else f"{'-':>12}"
+            print(f"{rows:>10,} {method:>10} {seconds} {rss}  {note}")
+        floor, mlmon, naive = results["floor"], results["mlmon"], results["naive"]
+        if all("seconds" in r for r in (floor, mlmon, naive)):
+            print(
+                f"{rows:>10,}  mlmon/floor {mlmon['seconds'] / floor['seconds']:.1f}x   naive/mlmon {naive['seconds'] / mlmon['seconds']:.1f}x"
+                f"   log loss mlmon {mlmon['logloss']:.12f} naive {naive['logloss']:.12f}   AUC mlmon {mlmon['roc_auc']:.6f} naive {naive['roc_auc']:.6f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
