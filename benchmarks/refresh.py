@@ -106,13 +106,14 @@ def _window_frame(url: str):
 
 def run_naive(url: str) -> dict:
     import numpy as np
+    import pandas as pd
     from sklearn.metrics import log_loss, roc_auc_score
 
     started = time.perf_counter()
     frame = _window_frame(url)
     out = {}
     for name, span in (("1h", timedelta(hours=1)), ("24h", WINDOW)):
-        ts = frame["ts"].dt.tz_localize(None) if frame["ts"].dt.tz is not None else frame["ts"]
+        ts = pd.to_datetime(frame["ts"], utc=True).dt.tz_localize(None)  # SQLite returns text
         w = frame[ts >= (NOW - span).replace(tzinfo=None)]
         p = w["score"].to_numpy(np.float64)
         y = w["clicked"].fillna(0).to_numpy()

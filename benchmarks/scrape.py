@@ -69,7 +69,7 @@ def config(url: str, state: str, models: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def scrape(url: str, scrapers: int, seconds: float) -> tuple[list[float], int]:
+async def scrape(url: str, scrapers: int, seconds: float, gzipped: bool) -> tuple[list[float], int]:
     latencies: list[float] = []
     size = 0
     deadline = time.monotonic() + seconds
@@ -82,7 +82,9 @@ async def scrape(url: str, scrapers: int, seconds: float) -> tuple[list[float], 
             latencies.append(time.perf_counter() - started)
             size = len(response.content)
 
-    async with httpx.AsyncClient(timeout=10) as client:
+    # identity by default: the client's own gunzip would be counted as server latency
+    headers = {"Accept-Encoding": "gzip" if gzipped else "identity"}
+    async with httpx.AsyncClient(timeout=10, headers=headers) as client:
         await asyncio.gather(*(scraper(client) for _ in range(scrapers)))
     return latencies, size
 
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--rows-per-model", type=int, default=500)
     parser.add_argument("--scrapers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--gzip", action="store_true", help="ask for gzip, as Prometheus does")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store, state = f"sqlite:///{tmp}/store.sqlite", f"sqlite:///{tmp}/state.sqlite"
@@ -115,13 +118,13 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     sys.exit("mlmon did not become ready")
                 time.sleep(0.5)
-            latencies, size = asyncio.run(scrape(f"{base}/metrics", args.scrapers, args.seconds))
+            latencies, size = asyncio.run(scrape(f"{base}/metrics", args.scrapers, args.seconds, args.gzip))
         finally:
             server.terminate()
             server.wait(timeout=30)
     ms = np.array(latencies) * 1000
     print(
-        f"{args.models} models, {args.scrapers} concurrent scrapers, {args.seconds:.0f} s, refreshes every 5 s meanwhile: "
+        f"{args.models} models, {args.scrapers} concurrent scrapers{' (gzip)' if args.gzip else ''}, {args.seconds:.0f} s, refreshes every 5 s meanwhile: "
         f"{len(ms)} scrapes, {len(ms) / args.seconds:.0f}/s, p50 {np.percentile(ms, 50):.1f} ms, "
         f"p99 {np.percentile(ms, 99):.1f} ms, exposition {size / 1024:.0f} KiB"
     )

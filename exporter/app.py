@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
+import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse
 # The classic text format 0.0.4 is what every Prometheus (2.x and 3.x) scrapes.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -24,10 +27,50 @@ _LANDING = """<!doctype html>
 <p>Prometheus exporter for machine-learning model monitoring, watching {models} model(s).</p>
 <ul><li><a href="metrics">/metrics</a>: the exposition Prometheus scrapes</li>
 <li><a href="healthz">/healthz</a>: process alive</li>
-<li><a href="readyz">/readyz</a>: every model refreshed at least once</li>
+<li><a href="readyz">/readyz</a>: the first refresh of every model is on /metrics</li>
 <li><a href="api/v1/models">/api/v1/models</a>: models with training runs (<a href="docs">API docs</a>)</li></ul>
 </body></html>
 """
+
+
+class ExpositionCache:
+    """The rendered ``/metrics`` body, re-rendered in the background at most once a second
+    when a snapshot changed (and every ``MAX_AGE`` seconds for the process metrics), so a
+    scrape returns bytes at once: rendering hundreds of models in the request would make
+    scrapes slow and compete with the refreshes."""
+
+    MAX_AGE = 5.0
+
+    def __init__(self, registry, store: SnapshotStore):
+        self._registry = registry
+        self._store = store
+        self._body: bytes | None = None
+        self._version = -1
+        self._rendered_at = 0.0
+        self.ready = False
+        """True once a rendering holds the first refresh of every model."""
+
+    def latest(self, gzipped: bool = False) -> bytes:
+        """The newest rendering, plain or gzip-compressed (rendered now if there is none yet)."""
+        if self._body is None:
+            self._render()
+        return self._gzipped if gzipped else self._body
+
+    def _render(self) -> None:
+        # Read first: a put during the rendering triggers another one.
+        version, ready = self._store.version, self._store.ready
+        body = render(self._registry)
+        # Prometheus asks for gzip: a tenth of the bytes to send, compressed once per rendering.
+        self._body, self._gzipped = body, gzip.compress(body, compresslevel=1)
+        self._version, self._rendered_at = version, time.monotonic()
+        self.ready = self.ready or ready
+
+    async def keep_fresh(self) -> None:
+        while True:
+            stale = time.monotonic() - self._rendered_at > self.MAX_AGE
+            if self._store.version != self._version or stale:
+                await asyncio.to_thread(self._render)
+            await asyncio.sleep(1.0)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -37,13 +80,17 @@ def create_app(settings: Settings) -> FastAPI:
     stores = Stores(settings)
     state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     loop = RefreshLoop(settings, store, stores, state)
+    exposition = ExpositionCache(registry, store)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         loop.start()
+        renderer = asyncio.create_task(exposition.keep_fresh(), name="render-metrics")
         try:
             yield
         finally:
+            renderer.cancel()
+            await asyncio.gather(renderer, return_exceptions=True)
             await loop.stop()
             stores.dispose()
             state.engine.dispose()
@@ -57,8 +104,10 @@ def create_app(settings: Settings) -> FastAPI:
         return _LANDING.format(version=__version__, models=len(settings.models))
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
-        return Response(render(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+    async def metrics(request: Request) -> Response:
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(exposition.latest(gzipped=True), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Content-Encoding": "gzip"})
+        return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
@@ -67,8 +116,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", response_class=PlainTextResponse)
     def readyz(response: Response) -> str:
-        """200 once every model completed its first refresh, else 503."""
-        if store.ready:
+        """200 once the first refresh of every model is on /metrics, else 503."""
+        if exposition.ready:
             return "ready\n"
         response.status_code = 503
         return "waiting for the first refresh of every model\n"

@@ -127,10 +127,18 @@ class SnapshotStore:
         self._models: Mapping[str, ModelSnapshot] = MappingProxyType({})
         self._training = TrainingState()
         self._lock = threading.Lock()
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Grows by one with every put: tells a cache that the exposition changed."""
+        return self._version
 
     def put_training(self, state: TrainingState) -> None:
         """Replace the training snapshots of every model at once."""
-        self._training = state
+        with self._lock:
+            self._training = state
+            self._version += 1
 
     @property
     def training(self) -> TrainingState:
@@ -141,6 +149,7 @@ class SnapshotStore:
         """Replace the model's snapshot."""
         with self._lock:
             self._models = MappingProxyType({**self._models, snapshot.model: snapshot})
+            self._version += 1
 
     @property
     def models(self) -> Mapping[str, ModelSnapshot]:

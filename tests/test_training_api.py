@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -146,8 +147,10 @@ def test_state_database_down_answers_503_and_stores_nothing():
     with TestClient(app_for("postgresql+psycopg://mlmon@127.0.0.1:1/state")) as client:
         response = client.post("/api/v1/training-runs", json=run())
         assert response.status_code == 503 and "nothing was stored" in response.json()["detail"]
-        metrics = client.get("/metrics").text
-        assert "mlmon_state_up 0.0" in metrics.splitlines()
+        deadline = time.monotonic() + 10  # the training refresh runs in the background
+        while "mlmon_state_up 0.0" not in client.get("/metrics").text.splitlines():
+            assert time.monotonic() < deadline, "mlmon_state_up 0 never exported"
+            time.sleep(0.1)
 
 
 def test_state_schema_is_created_by_migrations(state_url):
