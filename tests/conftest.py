@@ -47,6 +47,15 @@ def postgres_schema(postgres_engine):
         conn.execute(sa.schema.DropSchema(schema, cascade=True))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request, tmp_path):
+    """URL of an empty state database: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state.sqlite"
+    url, schema = request.getfixturevalue("postgres_schema")
+    return f"{url}?options=-csearch_path%3D{schema}"
+
+
 @pytest.fixture(autouse=True)
 def _work_in_tmp_path(tmp_path, monkeypatch):
     """Run every test in its own directory: the default state database

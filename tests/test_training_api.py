@@ -35,14 +35,6 @@ def run(version="v1", **changes) -> dict:
     return body
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state.sqlite"
-    url, schema = request.getfixturevalue("postgres_schema")
-    return f"{url}?options=-csearch_path%3D{schema}"
-
-
 def app_for(state_url: str, token: str | None = None, max_body_bytes: int | None = None):
     api = {"token": token} if token else {}
     if max_body_bytes:

@@ -23,14 +23,6 @@ NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/state.sqlite"
-    url, schema = request.getfixturevalue("postgres_schema")
-    return f"{url}?options=-csearch_path%3D{schema}"
-
-
 def settings_for(state_url, models=(), **training):
     return parse_settings({"stores": {}, "models": list(models), "state": {"url": state_url}, "training": training})
 
@@ -230,3 +222,20 @@ def test_as_of_with_an_offset_is_an_instant(state_url):
     after = refresh_once(settings_for(state_url), datetime(2026, 11, 28, 10, 30, tzinfo=timezone(-timedelta(hours=2)))).decode()  # 12:30 UTC
     assert "mlmon_model_info" not in before
     assert 'mlmon_model_info{model="ctr",version="v0"} 1.0' in after
+
+
+def test_the_migrated_schema_is_the_one_the_queries_use(state_url):
+    """exporter.state mirrors the table the migrations create: both must agree."""
+    import sqlalchemy as sa
+
+    from exporter.state import training_runs
+
+    state = StateDatabase(state_url)
+    migrated = sa.Table("mlmon_training_runs", sa.MetaData(), autoload_with=state.ready())
+    assert [c.name for c in migrated.columns] == [c.name for c in training_runs.columns]
+    for column in training_runs.columns:
+        assert type(migrated.c[column.name].type)._type_affinity == type(column.type)._type_affinity or (
+            column.type.python_type == migrated.c[column.name].type.python_type
+        ), column.name
+        assert migrated.c[column.name].nullable == column.nullable, column.name
+    state.engine.dispose()
