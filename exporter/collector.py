@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from exporter import __version__
 from exporter.config import Settings
+from exporter.monitoring_math import ratio
 from exporter.offline import TrainingSnapshot
 from exporter.snapshot import ModelSnapshot, SnapshotStore
 
@@ -154,12 +155,6 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         _emit(families, "mlmon_replay_abs_error_max", w, r.abs_error_max)
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
 def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> None:
     m, newest = snap.model, snap.newest
     _emit(families, "mlmon_model_info", [m, newest.version], 1.0)
@@ -170,9 +165,9 @@ def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> No
     _emit(families, "mlmon_offline_roc_auc", [m], newest.validation_roc_auc)
     for baseline, run in snap.baselines.items():
         labels = [m, baseline]
-        _emit(families, "mlmon_training_rows_change_ratio", labels, _ratio(newest.training_rows, run.training_rows))
-        _emit(families, "mlmon_offline_logloss_change_ratio", labels, _ratio(newest.validation_logloss, run.validation_logloss))
-        _emit(families, "mlmon_offline_roc_auc_change_ratio", labels, _ratio(newest.validation_roc_auc, run.validation_roc_auc))
+        _emit(families, "mlmon_training_rows_change_ratio", labels, ratio(newest.training_rows, run.training_rows))
+        _emit(families, "mlmon_offline_logloss_change_ratio", labels, ratio(newest.validation_logloss, run.validation_logloss))
+        _emit(families, "mlmon_offline_roc_auc_change_ratio", labels, ratio(newest.validation_roc_auc, run.validation_roc_auc))
     for run in snap.history:
         labels = [m, run.version]
         _emit(families, "mlmon_version_training_rows", labels, run.training_rows)
@@ -192,7 +187,7 @@ def _offline_comparison(families: dict[str, Metric], snap: ModelSnapshot, traini
         return
     for o in snap.online:
         offline = training.validation_logloss(o.serving_version)
-        _emit(families, "mlmon_online_logloss_vs_offline_ratio", [snap.model, o.window], _ratio(o.logloss, offline))
+        _emit(families, "mlmon_online_logloss_vs_offline_ratio", [snap.model, o.window], ratio(o.logloss, offline))
 
 
 class MlmonCollector:

@@ -18,6 +18,14 @@ LOGLOSS_EPS = 1e-15
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, or ``None`` (undefined, not exported) when either is
+    missing or the denominator is 0."""
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
 def roc_auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float | None:
     """ROC AUC from per-score class counts, by the Mann–Whitney U statistic.
 

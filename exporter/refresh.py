@@ -20,6 +20,7 @@ from exporter.config import ModelConfig, Settings
 from exporter.durations import parse_duration
 from exporter.monitoring_math import (
     percentiles_from_buckets,
+    ratio,
     pooled_variance,
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
@@ -72,10 +73,6 @@ def classify_error(exc: BaseException) -> str:
 
 def _int(value) -> int:
     return int(value or 0)
-
-
-def _ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator else None
 
 
 class ModelRefresher:
@@ -237,8 +234,8 @@ class ModelRefresher:
         negatives = np.array([_int(row.negatives) for row in rows])
         n_pred, n_pos = total("predictions"), int(positives.sum())
         n_labeled = n_pos + int(negatives.sum())
-        mean_score = _ratio(float_total("labeled_score_sum"), n_labeled)
-        positive_ratio = _ratio(n_pos, n_labeled)
+        mean_score = ratio(float_total("labeled_score_sum"), n_labeled)
+        positive_ratio = ratio(n_pos, n_labeled)
         auc = roc_auc_from_counts(positives, negatives)
         # A bucket whose labeled scores are all equal holds true ties only.
         pure = np.array([row.low is None or row.low == row.high for row in rows], dtype=bool)
@@ -248,12 +245,12 @@ class ModelRefresher:
             predictions=n_pred,
             labeled=n_labeled,
             positives=n_pos,
-            logloss=_ratio(float_total("log_loss_sum"), n_labeled),
+            logloss=ratio(float_total("log_loss_sum"), n_labeled),
             roc_auc=auc,
             roc_auc_error_bound=bound if bound else None,  # absent when the AUC is exact
-            calibration_ratio=_ratio(mean_score, positive_ratio) if mean_score is not None and positive_ratio else None,
+            calibration_ratio=ratio(mean_score, positive_ratio),
             positive_ratio=positive_ratio,
-            label_coverage=_ratio(total("with_label"), n_pred),
+            label_coverage=ratio(total("with_label"), n_pred),
             extreme_scores=total("extreme"),
             invalid_labels={"conflicting": total("conflicting"), "invalid_value": total("invalid")},
         )
@@ -279,7 +276,7 @@ class ModelRefresher:
                     Reproducibility(
                         window=window,
                         replayed=n,
-                        ratio=_ratio(_int(reproduced), n),
+                        ratio=ratio(_int(reproduced), n),
                         abs_error_max=None if abs_error_max is None else float(abs_error_max),
                     )
                 )

@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 
 from exporter.stores import create_store_engine
-from exporter.training import TrainingRun
+from exporter.training import TrainingRun, as_utc  # SQLite reads date-times back naive, written in UTC
 
 metadata = sa.MetaData()
 #: Mirrors the table created by migrations/versions; queries use this definition.
@@ -80,11 +80,6 @@ class StateDatabase:
         """Check the schema again on next use: the database may have been replaced."""
         with self._lock:
             self._migrated = False
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands date-times back naive; they were written in UTC.
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def save_run(engine: sa.Engine, run: TrainingRun, received_at: datetime) -> str:
@@ -163,12 +158,12 @@ _NEWEST_FIRST = (training_runs.c.trained_at.desc(), training_runs.c.id.desc())
 def _stored(row, body: str | None = None) -> StoredRun:
     return StoredRun(
         version=row.version,
-        trained_at=_utc(row.trained_at),
+        trained_at=as_utc(row.trained_at),
         training_rows=int(row.training_rows),
         validation_rows=None if row.validation_rows is None else int(row.validation_rows),
         validation_logloss=row.validation_logloss,
         validation_roc_auc=row.validation_roc_auc,
-        received_at=_utc(row.received_at),
+        received_at=as_utc(row.received_at),
         run=None if body is None else TrainingRun.model_validate_json(body),
     )
 

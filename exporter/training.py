@@ -82,8 +82,8 @@ class FeatureSummary(_Body):
         return self
 
 
-def _utc(value: datetime) -> datetime:
-    # Naive means UTC, as everywhere in mlmon.
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime; naive means UTC, as everywhere in mlmon."""
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
@@ -96,7 +96,7 @@ class TrainingRun(_Body):
 
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
     version: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:+-]{1,100}$")]
-    trained_at: Annotated[datetime, AfterValidator(_utc)]
+    trained_at: Annotated[datetime, AfterValidator(as_utc)]
     training_rows: int = Field(ge=0)
     validation_rows: int | None = Field(default=None, ge=0)
     validation_logloss: Annotated[Finite, Field(ge=0.0)] | None = None
