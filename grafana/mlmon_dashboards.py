@@ -97,8 +97,9 @@ def threshold(name: str) -> str:
 
 
 def windowed(metric: str) -> Dataquery:
-    """The model's ``metric`` in the selected window, for a stat."""
-    return query(f"{metric}{{{MODEL_WINDOW}}}", "value", instant=True)
+    """The model's ``metric`` in the selected window, for a stat: one value even when
+    several mlmon replicas are scraped (as the alert rules aggregate)."""
+    return query(f"max by (model, window) ({metric}{{{MODEL_WINDOW}}})", "value", instant=True)
 
 
 #: The online log loss at which MlmonOnlineAccuracyDegraded's log-loss conditions fire:
@@ -289,7 +290,7 @@ def model_overview() -> Dashboard:
             .enable(True)
             .icon_color("blue")
             # The value is the newest version's training time (ms): with useValueForTime
-            # (set by build.py, the SDK lacks it) the marker sits at the training time.
+            # (set in as_json, the SDK lacks it) the marker sits at the training time.
             # Matched per target, so that two mlmon replicas or a rollout between them
             # cannot make the match ambiguous.
             .expr(
@@ -302,7 +303,7 @@ def model_overview() -> Dashboard:
                 "Version",
                 "Newest trained version of the model (`mlmon_model_info`).",
                 "none",
-                [query(f"mlmon_model_info{{{MODEL}}}", "{{version}}", instant=True)],
+                [query(f"max by (model, version) (mlmon_model_info{{{MODEL}}})", "{{version}}", instant=True)],
                 w=3,
             )
             .text_mode(BigValueTextMode.NAME)
@@ -313,7 +314,13 @@ def model_overview() -> Dashboard:
                 "Trained at",
                 "Training time of the newest version (`mlmon_model_trained_timestamp_seconds`), UTC.",
                 "dateTimeAsIso",
-                [query(f"mlmon_model_trained_timestamp_seconds{{{MODEL}}} * 1000", "trained", instant=True)],
+                [
+                    query(
+                        f"max by (model) (mlmon_model_trained_timestamp_seconds{{{MODEL}}}) * 1000",
+                        "trained",
+                        instant=True,
+                    )
+                ],
                 w=3,
             ).color_mode(BigValueColorMode.NONE)
         )
@@ -536,7 +543,7 @@ def training() -> Dashboard:
                 "Newest version",
                 "Newest trained version (`mlmon_model_info`).",
                 "none",
-                [query(f"mlmon_model_info{{{MODEL}}}", "{{version}}", instant=True)],
+                [query(f"max by (model, version) (mlmon_model_info{{{MODEL}}})", "{{version}}", instant=True)],
                 w=4,
             )
             .text_mode(BigValueTextMode.NAME)
@@ -547,7 +554,7 @@ def training() -> Dashboard:
                 "Training rows",
                 "Training rows of the newest version (`mlmon_training_rows`).",
                 "short",
-                [query(f"mlmon_training_rows{{{MODEL}}}", "rows", instant=True)],
+                [query(f"max by (model) (mlmon_training_rows{{{MODEL}}})", "rows", instant=True)],
                 w=6,
             ).color_mode(BigValueColorMode.NONE)
         )
@@ -557,7 +564,11 @@ def training() -> Dashboard:
                 "Training rows of the newest version over the previous version's and over those of the version trained about 30 days before it "
                 f"(`mlmon_training_rows_change_ratio`). Red below this model's `training_rows_change_ratio_min` (`mlmon_alert_threshold`; default {DEFAULTS.training_rows_change_ratio_min}).",
                 "none",
-                query(f"mlmon_training_rows_change_ratio{{{MODEL}}}", "{{baseline}}", instant=True),
+                query(
+                    f"max by (model, baseline) (mlmon_training_rows_change_ratio{{{MODEL}}})",
+                    "{{baseline}}",
+                    instant=True,
+                ),
                 {"min": threshold("training_rows_change_ratio_min")},
                 (DEFAULTS.training_rows_change_ratio_min, 1),
                 w=6,
@@ -570,7 +581,9 @@ def training() -> Dashboard:
                 f"Red at or above this model's `offline_logloss_change_ratio_max` (`mlmon_alert_threshold`; default {DEFAULTS.offline_logloss_change_ratio_max}).",
                 "none",
                 query(
-                    f'mlmon_offline_logloss_change_ratio{{{MODEL}, baseline="previous_version"}}', "value", instant=True
+                    f'max by (model) (mlmon_offline_logloss_change_ratio{{{MODEL}, baseline="previous_version"}})',
+                    "value",
+                    instant=True,
                 ),
                 {"max": threshold("offline_logloss_change_ratio_max")},
                 (0, DEFAULTS.offline_logloss_change_ratio_max),
@@ -584,7 +597,9 @@ def training() -> Dashboard:
                 f"Red below this model's `offline_roc_auc_change_ratio_min` (`mlmon_alert_threshold`; default {DEFAULTS.offline_roc_auc_change_ratio_min}).",
                 "none",
                 query(
-                    f'mlmon_offline_roc_auc_change_ratio{{{MODEL}, baseline="previous_version"}}', "value", instant=True
+                    f'max by (model) (mlmon_offline_roc_auc_change_ratio{{{MODEL}, baseline="previous_version"}})',
+                    "value",
+                    instant=True,
                 ),
                 {"min": threshold("offline_roc_auc_change_ratio_min")},
                 (DEFAULTS.offline_roc_auc_change_ratio_min, 1),
@@ -911,7 +926,8 @@ def serving() -> Dashboard:
         .with_panel(
             timeseries_panel(
                 "p95 latency by handler",
-                "95th percentile latency per handler from `http_request_duration_seconds` (coarse buckets: an upper bound, not an exact value).",
+                "95th percentile latency per handler from `http_request_duration_seconds`, interpolated within its coarse default buckets "
+                "(0.1, 0.5, 1 s): a rough value; the fine-bucketed percentiles are in the panel on the left.",
                 "s",
                 [
                     query(

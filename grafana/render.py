@@ -92,9 +92,9 @@ def formatted(value: float, unit: str, decimals: int | None = None) -> str:
     if unit == "dateTimeAsIso":
         return datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d %H:%M")
     if unit == "bytes":
-        return f"{value / 2**20:.0f} MiB"
+        return f"{value / 2**20:.4g} MiB"
     if unit == "s":
-        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.0f} s" if value < 120 else f"{value / 60:.0f} min"
+        return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.3g} s" if value < 120 else f"{value / 60:.3g} min"
     suffix = {"reqps": " req/s", "ops": " /s"}.get(unit, "")
     if unit == "short" and abs(value) >= 1000:
         return f"{value / 1000:.1f} K" if abs(value) < 1e6 else f"{value / 1e6:.2f} M"
@@ -171,7 +171,7 @@ def draw_timeseries(ax, panel: Panel, annotations: list[float]) -> None:
     ax.tick_params(labelsize=7)
     ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%H:%M", tz=UTC))
     if ax.lines:
-        ax.legend(fontsize=6, loc="upper left", ncol=4, frameon=False)
+        ax.legend(fontsize=6, loc="best", ncol=4, framealpha=0.6)
 
 
 def draw_bargauge(ax, panel: Panel) -> None:

@@ -4,7 +4,8 @@ tested and rendered without the docker-compose stack.
 It exposes what the real model server does: prometheus-fastapi-instrumentator's standard
 metrics with its default settings, the process collector, and the prediction-cache
 counters ``model_server_cache_hits_total`` and ``model_server_cache_misses_total``. It
-calls itself a few dozen times a second; 2 % of the calls fail with a 500.
+calls itself a few dozen times a second for 1000 users, of whom its cache holds 400;
+2 % of the calls fail with a 500.
 
     python grafana/serving_standin.py --port 8000
 """
@@ -25,6 +26,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 CACHE_HITS = Counter("model_server_cache_hits", "Predictions answered from the prediction cache.")
 CACHE_MISSES = Counter("model_server_cache_misses", "Predictions computed because the cache had none.")
 
+CACHE_SIZE = 400
 app = FastAPI()
 cache: dict[int, float] = {}
 
@@ -38,6 +40,8 @@ def predict(user: int) -> dict[str, float]:
     else:
         CACHE_MISSES.inc()
         time.sleep(random.uniform(0.001, 0.02))  # a model evaluation takes a while
+        if len(cache) >= CACHE_SIZE:
+            del cache[next(iter(cache))]  # evict the oldest entry
         cache[user] = random.random() / 20
     return {"score": cache[user]}
 
@@ -50,7 +54,7 @@ def traffic(base: str) -> None:
     with httpx.Client(base_url=base, timeout=5) as client:
         while True:
             try:
-                client.get("/predict", params={"user": random.randint(1, 400)})
+                client.get("/predict", params={"user": random.randint(1, 1000)})
             except httpx.HTTPError:
                 pass  # the server is starting or stopping
             time.sleep(0.02)

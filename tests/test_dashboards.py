@@ -5,6 +5,7 @@ serving dashboard), which must answer with data."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import pytest
@@ -26,11 +28,20 @@ REPO = Path(__file__).parent.parent
 GRAFANA = REPO / "grafana"
 SCHEMAS = REPO.parent / "shared" / "schemas" / "grafana"
 RULES = REPO / "prometheus" / "rules" / "mlmon.yml"
-sys.path.insert(0, str(GRAFANA))
+sys.path.insert(0, str(GRAFANA))  # build.py imports mlmon_dashboards from there
 
-import build
-import queries
 
+def load(name: str) -> ModuleType:
+    """A script of grafana/ under a name of its own: "build" or "queries" alone could be
+    another installed module's (PyPI's build, for one)."""
+    spec = importlib.util.spec_from_file_location(f"mlmon_grafana_{name}", GRAFANA / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = load("build")
+queries = load("queries")
 DASHBOARDS = {path.stem: json.loads(path.read_text()) for path in sorted((GRAFANA / "dashboards").glob("*.json"))}
 UIDS = {"mlmon-model", "mlmon-training", "mlmon-exporter", "mlmon-serving"}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
