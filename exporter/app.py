@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,8 @@ from exporter.loop import RefreshLoop
 from exporter.snapshot import SnapshotStore
 from exporter.state import StateDatabase
 from exporter.stores import Stores
+
+log = logging.getLogger(__name__)
 
 _LANDING = """<!doctype html>
 <html><head><title>mlmon</title></head>
@@ -66,10 +69,14 @@ class ExpositionCache:
         self.ready = self.ready or ready
 
     async def keep_fresh(self) -> None:
+        """Re-render whenever needed, until cancelled; a failed rendering is logged and retried."""
         while True:
             stale = time.monotonic() - self._rendered_at > self.MAX_AGE
             if self._store.version != self._version or stale:
-                await asyncio.to_thread(self._render)
+                try:
+                    await asyncio.to_thread(self._render)
+                except Exception:  # a bug guard: keep serving the last rendering
+                    log.exception("rendering /metrics failed")
             await asyncio.sleep(1.0)
 
 
