@@ -1,5 +1,5 @@
 """``/metrics`` latency and throughput under concurrent scrapers, with 100 configured
-models and their full metric set (2 windows, labels, replays, training runs), while the
+models and their full metric set (2 windows, labels, replays; no training runs), while the
 refresh loop keeps running.
 
     python benchmarks/scrape.py --models 100 --scrapers 4 --seconds 20

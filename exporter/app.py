@@ -47,7 +47,7 @@ class ExpositionCache:
     def __init__(self, registry, store: SnapshotStore):
         self._registry = registry
         self._store = store
-        self._body: bytes | None = None
+        self._bodies: tuple[bytes, bytes] | None = None  # (plain, gzip), replaced together
         self._version = -1
         self._rendered_at = 0.0
         self.ready = False
@@ -55,16 +55,17 @@ class ExpositionCache:
 
     def latest(self, gzipped: bool = False) -> bytes:
         """The newest rendering, plain or gzip-compressed (rendered now if there is none yet)."""
-        if self._body is None:
+        if self._bodies is None:
             self._render()
-        return self._gzipped if gzipped else self._body
+        plain, compressed = self._bodies
+        return compressed if gzipped else plain
 
     def _render(self) -> None:
         # Read first: a put during the rendering triggers another one.
         version, ready = self._store.version, self._store.ready
         body = render(self._registry)
         # Prometheus asks for gzip: a tenth of the bytes to send, compressed once per rendering.
-        self._body, self._gzipped = body, gzip.compress(body, compresslevel=1)
+        self._bodies = (body, gzip.compress(body, compresslevel=1))
         self._version, self._rendered_at = version, time.monotonic()
         self.ready = self.ready or ready
 
@@ -113,8 +114,12 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics(request: Request) -> Response:
         if "gzip" in request.headers.get("accept-encoding", ""):
-            return Response(exposition.latest(gzipped=True), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Content-Encoding": "gzip"})
-        return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+            return Response(
+                exposition.latest(gzipped=True),
+                media_type=CONTENT_TYPE_PLAIN_0_0_4,
+                headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+            )
+        return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Vary": "Accept-Encoding"})
 
     @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +13,7 @@ import typer
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 from exporter.stores import SchemaError, safe_url, utc_now
+from exporter.training import as_utc
 
 app = typer.Typer(help="mlmon: Prometheus exporter for machine-learning model monitoring.", no_args_is_help=True)
 
@@ -45,7 +46,7 @@ def _parse_as_of(text: str | None) -> datetime:
     except ValueError:
         _fail(f"--as-of: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
     # Naive times are UTC (docs/configuration.md).
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return as_utc(value)
 
 
 @app.command("check-config")

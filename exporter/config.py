@@ -236,9 +236,10 @@ class ModelConfig(Strict):
     replay_tolerance: ReplayTolerance = ReplayTolerance()
     alert_thresholds: dict[str, float | None] = {}
     """Overrides of the top-level ``alerting`` thresholds for this model."""
-    bucket_decimals: int = Field(default=5, ge=1, le=6)
+    bucket_decimals: int = Field(default=5, ge=1, le=5)
     """Windows are aggregated in ``FLOOR(score * 10**k)`` buckets, at most 10**k + 1 rows
-    whatever the row count; a bucket of one distinct score keeps everything exact."""
+    whatever the row count (so k <= 5 keeps a window's buckets in a few MB); a bucket of
+    one distinct score keeps everything exact."""
 
     @field_validator("alert_thresholds")
     @classmethod

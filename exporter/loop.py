@@ -2,7 +2,7 @@
 
 Each model refreshes on its own schedule in a worker thread, so a slow or hanging
 database delays only that model, and ``/metrics`` (which reads snapshots) never waits.
-A refresh still running after ``refresh_deadline`` is reported as stalled (sources down,
+A refresh still running after ``refresh_timeout`` is reported as stalled (sources down,
 ``reason="timeout"``) on every interval until it returns.
 """
 

@@ -1,7 +1,6 @@
 """The pushed-down SQL, as SQLAlchemy Core statements.
 
-Each statement returns a handful of aggregate rows (per reason, per distinct score or
-per bucket, or one row), never raw predictions, so the exporter's memory does not grow
+Each statement returns a handful of aggregate rows (per score bucket, or one row), never raw predictions, so the exporter's memory does not grow
 with the number of rows in a window. All windows are half-open ``[start, end)``.
 
 Dialect differences handled here: scores are cast to double precision
@@ -38,11 +37,18 @@ def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
 
 
 def is_nan(dialect: str, value: sa.ColumnElement) -> sa.ColumnElement | None:
-    """A predicate true for NaN on dialects that can store NaN, else ``None``."""
+    """A predicate true for NaN where the dialect has one, else ``None``.
+
+    PostgreSQL and DuckDB order NaN above every number, so it must be named to be told
+    apart from out-of-range values; elsewhere a NaN fails every comparison and the range
+    checks below (written as ``NOT (0 <= score <= 1)``) count it as out of range.
+    """
     if dialect == "postgresql":
         return value == sa.cast(sa.literal("NaN"), sa.Double())
     if dialect == "duckdb":
         return sa.func.isnan(value)
+    if dialect == "trino":
+        return sa.func.is_nan(value)
     return None
 
 
@@ -55,9 +61,10 @@ def _valid_probability(dialect: str, score: sa.ColumnElement) -> sa.ColumnElemen
 
 
 def _unique_by_schema(table: sa.Table, column: str) -> bool:
-    keys = [list(table.primary_key.columns.keys())] + [
-        list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)
-    ]
+    """Whether a primary key, unique constraint or unique index makes ``column`` unique."""
+    keys = [list(table.primary_key.columns.keys())]
+    keys += [list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+    keys += [list(i.columns.keys()) for i in table.indexes if i.unique]
     return [column] in keys
 
 
@@ -93,7 +100,7 @@ class PredictionQueries:
         nan = is_nan(self.dialect, self.score)
         if nan is not None:
             whens.append((nan, code["nan_score"]))
-        whens.append((sa.or_(self.score < 0.0, self.score > 1.0), code["out_of_range"]))
+        whens.append((sa.not_(sa.and_(self.score >= 0.0, self.score <= 1.0)), code["out_of_range"]))
         source = self.table
         if not self.unique_ids:
             duplicates = self._duplicates(start, end)
@@ -146,7 +153,8 @@ class PredictionQueries:
             sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=-rows.c.reason).label("key"),
             rows.c.score,
         ).subquery("keyed")
-        deviation = keyed.c.score - keyed.c.key * width
+        # Only valid rows: an excluded score (1e200, NaN) would overflow or poison the sums.
+        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key * width), else_=None)
         return (
             sa.select(
                 keyed.c.key,

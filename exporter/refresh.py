@@ -25,7 +25,7 @@ from exporter.monitoring_math import (
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
 )
-from exporter.queries import INVALID_REASONS, OK, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
 from exporter.snapshot import (
     ModelSnapshot,
     OnlineAccuracy,
@@ -164,6 +164,7 @@ class ModelRefresher:
         return timed_connection(engine, self.settings.query_timeout.total_seconds())
 
     def _score_stats(self, conn, window: str, start: datetime, end: datetime) -> ScoreStats:
+        """Prediction statistics of ``[start, end)`` from its bucket histogram (docs/metrics.md)."""
         q = self._prediction_queries
         invalid = dict.fromkeys(INVALID_REASONS, 0)
         buckets = []
@@ -173,7 +174,9 @@ class ModelRefresher:
             else:  # an excluded row's key is minus its reason code
                 invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(row.n)
         if not buckets:
-            return ScoreStats(window, 0, invalid, None, None, {}, None, False)
+            return ScoreStats(
+                window=window, predictions=0, invalid=invalid, mean=None, stddev=None, percentiles={}, mode_share=None, bucketed=False
+            )
         buckets.sort(key=lambda b: b.key)
         counts = np.array([_int(b.n) for b in buckets])
         lows = np.array([float(b.low) for b in buckets])
@@ -219,6 +222,7 @@ class ModelRefresher:
         return stats, last
 
     def _online(self, conn, window: str, as_of: datetime) -> OnlineAccuracy:
+        """Online accuracy of the label-delayed window ending ``label_delay`` before ``as_of``."""
         q, labels = self._prediction_queries, self._label_queries
         end = as_of - self.model.label_delay
         start = end - parse_duration(window)

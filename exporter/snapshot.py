@@ -14,7 +14,9 @@ class ScoreStats:
     """Prediction statistics of one window ``[as_of - window, as_of)``.
 
     ``None`` values are undefined (no valid prediction) and are not exported.
-    ``bucketed`` is true when percentiles came from ``floor(score * 10**k)`` buckets.
+    ``bucketed`` is true when a ``floor(score * 10**k)`` bucket held several distinct
+    scores: percentiles are then within one bucket of the exact ones, and the mode share
+    was counted by its own query.
     """
 
     window: str
@@ -38,7 +40,7 @@ class OnlineAccuracy:
     logloss: float | None
     roc_auc: float | None
     roc_auc_error_bound: float | None
-    """Set only when AUC came from buckets."""
+    """Set only when the AUC is not exact (a bucket held both classes at different scores)."""
     calibration_ratio: float | None
     positive_ratio: float | None
     label_coverage: float | None

@@ -48,7 +48,7 @@ def make_data(seed: int, stores_nan: bool) -> Data:
         predictions[i]["score"] = None
     for i in range(50, 60):
         predictions[i]["score"] = float("nan") if stores_nan else None
-    for i, score in zip(range(60, 70), [1.5, -0.2] * 5):
+    for i, score in zip(range(60, 70), [1.5, -0.2, 1e200, -1e200, float("inf")] * 2):
         predictions[i]["score"] = score
     for i in range(70, 80):
         predictions.append({**predictions[i], "ts": predictions[i]["ts"] - timedelta(minutes=1), "score": 0.5})

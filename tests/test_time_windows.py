@@ -86,3 +86,24 @@ def test_naive_column_in_a_configured_time_zone(backend, tmp_path, request):
     assert snap.score_stats[0].predictions == 2
     newest = datetime(2026, 3, 1, 12, 59, tzinfo=paris)
     assert snap.last_prediction_timestamp == pytest.approx(newest.timestamp())
+
+
+@pytest.mark.parametrize("key", ["primary key", "unique index", "none"])
+def test_unique_ids_found_in_the_schema(tmp_path, key):
+    from exporter.refresh import ModelRefresher
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE predictions (id INTEGER{' PRIMARY KEY' if key == 'primary key' else ''}, ts DATETIME, p FLOAT)"))
+        if key == "unique index":
+            conn.execute(sa.text("CREATE UNIQUE INDEX ux_id ON predictions (id)"))
+    engine.dispose()
+    settings = parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}}]}
+    )
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher.check_schema()
+    assert refresher._prediction_queries.unique_ids is (key != "none")  # no duplicate search when unique
+    stores.dispose()
