@@ -49,8 +49,9 @@ def _sqlite_math(dbapi_connection, _record) -> None:
 def create_store_engine(url: str, connect_timeout: float | None = None) -> Engine:
     """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
 
-    With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it
-    and use TCP keepalives, so that a server that vanished mid-query is noticed.
+    With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it,
+    use TCP keepalives (so that a server that vanished mid-query is noticed) and carry the
+    application name ``mlmon``.
 
     Raises:
         sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
@@ -64,6 +65,8 @@ def create_store_engine(url: str, connect_timeout: float | None = None) -> Engin
             "keepalives_idle": 30,
             "keepalives_interval": 10,
             "keepalives_count": 3,
+            # Shows in pg_stat_activity, so that a DBA can tell mlmon's queries apart.
+            "application_name": "mlmon",
         }
     engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     if engine.dialect.name == "sqlite":

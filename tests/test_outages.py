@@ -1,0 +1,128 @@
+"""Outages of the real PostgreSQL, seen through a loopback proxy the test opens and closes,
+and connections killed on the server: mlmon keeps serving and recovers by itself."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from exporter.app import create_app
+from exporter.config import parse_settings
+from exporter.refresh import ModelRefresher
+from exporter.stores import Stores
+
+
+class Proxy:
+    """A TCP proxy from a loopback port to PostgreSQL; while stopped, the port refuses."""
+
+    def __init__(self, target=("127.0.0.1", 5432)):
+        self.target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._listener = None
+
+    def start(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._listener.close()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by stop()
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _fill(engine, schema: str) -> None:
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("ts", sa.DateTime(timezone=True)), sa.Column("p", sa.Double))
+    metadata.create_all(engine)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "ts": now - timedelta(minutes=i + 1), "p": 0.01 * (i % 50)} for i in range(100)])
+
+
+def _settings(url: str, schema: str, state: str):
+    return parse_settings(
+        {
+            "refresh_interval": "1s",
+            "query_timeout": "2s",
+            "stores": {"pg": {"url": url}},
+            "state": {"url": state},
+            "models": [{"name": "ctr", "predictions": {"store": "pg", "schema": schema, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}, "windows": ["1h"]}],
+        }
+    )
+
+
+def _wait_for(client, line: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while line not in client.get("/metrics").text.splitlines():
+        assert time.monotonic() < deadline, f"{line!r} not on /metrics within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_database_down_at_start_then_up(postgres_schema, postgres_engine, tmp_path):
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    proxy = Proxy()  # not started: the database is "down"
+    proxied = url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    with TestClient(create_app(_settings(proxied, schema, f"sqlite:///{tmp_path}/state.sqlite"))) as client:
+        _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')
+        assert client.get("/healthz").status_code == 200
+        proxy.start()
+        try:
+            _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 1.0')
+            _wait_for(client, 'mlmon_window_predictions{model="ctr",window="1h"} 59.0')
+        finally:
+            proxy.stop()
+
+
+def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engine):
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    settings = _settings(url, schema, "sqlite://")
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+    now = datetime.now(timezone.utc)
+    assert refresher.refresh(now).sources["predictions"].up
+
+    with postgres_engine.connect() as conn:
+        killed = conn.execute(
+            sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'mlmon'")
+        ).scalar()
+    assert killed >= 1  # mlmon's pooled connection
+
+    again = refresher.refresh(now + timedelta(seconds=1))
+    assert again.sources["predictions"].up and sum(again.errors.values()) == 0  # the pool noticed and reconnected
+    with postgres_engine.connect() as conn:
+        open_transactions = conn.execute(
+            sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mlmon' AND state LIKE 'idle in transaction%'")
+        ).scalar()
+    assert open_transactions == 0
+    stores.dispose()
