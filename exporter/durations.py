@@ -3,7 +3,9 @@
 import re
 from datetime import timedelta
 
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+#: Longer than any sensible window, and far below what timedelta can hold.
+_MAX_MS = 100 * 365 * 86_400_000
 _PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
 
 
@@ -14,12 +16,13 @@ def parse_duration(text: str, allow_zero: bool = False) -> timedelta:
     concatenated largest first (``1h30m``).
 
     Raises:
-        ValueError: empty, negative, zero (unless ``allow_zero``), unknown unit, units out of order.
+        ValueError: empty, negative, zero (unless ``allow_zero``), over 100 years, unknown
+            unit, units out of order.
     """
     if not isinstance(text, str) or not text:
         raise ValueError(f"duration must be a non-empty string like '60s' or '1h', got {text!r}")
-    pos, total, last_rank = 0, 0.0, -1
-    ranks = list(_UNIT_SECONDS)[::-1]  # w, d, h, m, s, ms: largest first
+    pos, total_ms, last_rank = 0, 0, -1
+    ranks = list(_UNIT_MS)[::-1]  # w, d, h, m, s, ms: largest first
     for match in _PART.finditer(text):
         if match.start() != pos:
             break
@@ -27,10 +30,12 @@ def parse_duration(text: str, allow_zero: bool = False) -> timedelta:
         if rank <= last_rank:
             raise ValueError(f"duration {text!r}: units must go from largest to smallest")
         last_rank = rank
-        total += int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        total_ms += int(match.group(1)) * _UNIT_MS[match.group(2)]  # integers: no overflow
         pos = match.end()
     if pos != len(text):
         raise ValueError(f"invalid duration {text!r}: use digits and units ms, s, m, h, d, w (e.g. '90s', '1h30m')")
-    if total < 0 or (total == 0 and not allow_zero):
+    if total_ms == 0 and not allow_zero:
         raise ValueError(f"duration {text!r} must be greater than zero")
-    return timedelta(seconds=total)
+    if total_ms > _MAX_MS:
+        raise ValueError(f"duration {text[:40]!r} is longer than 100 years")
+    return timedelta(milliseconds=total_ms)

@@ -22,3 +22,9 @@ def test_invalid(text):
 
 def test_zero_only_when_allowed():
     assert parse_duration("0s", allow_zero=True) == timedelta(0)
+
+
+@pytest.mark.parametrize("text", ["99999999999999999999d", "9" * 400 + "s", "5300w"])
+def test_absurdly_long_is_a_value_error(text):
+    with pytest.raises(ValueError, match="longer than 100 years"):
+        parse_duration(text)
