@@ -229,3 +229,50 @@ def test_counter_catches_up_after_a_failed_refresh(tmp_path):
     again = refresher.refresh(AS_OF).counter
     assert again.total == 100  # and the next refresh adds only i in (0, 20]
     stores.dispose()
+
+
+def test_a_restarted_process_counts_only_new_rows(tmp_path):
+    """A new process starts its counters at 0 from its first refresh: rows counted by the
+    previous process are not counted again (Prometheus sees a counter reset)."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    _fill(sa.create_engine(url))  # predictions 1..199 minutes before AS_OF
+    settings = _settings(url)
+    first = Stores(settings)
+    before = ModelRefresher(settings.models[0], settings, first)
+    before.refresh(AS_OF - timedelta(minutes=60))
+    assert before.refresh(AS_OF - timedelta(minutes=30)).counter.total == 30  # i in (30, 60]
+    first.dispose()
+
+    second = Stores(settings)  # the restart: a new refresher, no shared state
+    after = ModelRefresher(settings.models[0], settings, second)
+    assert after.refresh(AS_OF - timedelta(minutes=20)).counter.total == 0
+    assert after.refresh(AS_OF).counter.total == 20  # only i in (0, 20]: nothing counted twice
+    second.dispose()
+
+
+def test_hostile_strings_in_a_filtered_text_column(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT, model_name TEXT)"))
+        ts = (AS_OF - timedelta(minutes=5)).replace(tzinfo=None)
+        rows = [
+            {"i": 1, "ts": ts, "p": 0.1, "m": "ctr"},
+            {"i": 2, "ts": ts, "p": 0.2, "m": "x" * 1_000_000},  # a 1 MB string
+            {"i": 3, "ts": ts, "p": 0.3, "m": "caf\udce9"},  # not valid UTF-8 once encoded with surrogates
+        ]
+        for row in rows:
+            value = row["m"].encode("utf-8", "surrogateescape") if "\udce9" in row["m"] else row["m"]
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :m)"), {**row, "m": value})
+    engine.dispose()
+    settings = parse_settings(
+        {
+            "stores": {"s": {"url": url}},
+            "models": [{"name": "ctr", "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}, "filter": {"model_name": "ctr"}}, "windows": ["1h"]}],
+        }
+    )
+    stores = Stores(settings)
+    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    stores.dispose()
+    assert snap.sources["predictions"].up, snap.errors
+    assert snap.score_stats[0].predictions == 1  # the filter compares in the database; odd rows are just other models

@@ -152,3 +152,11 @@ def test_state_schema_is_created_by_migrations(state_url):
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0001"
     engine.dispose()
+
+
+def test_deeply_nested_json_is_rejected_cleanly(state_url):
+    nested = "[" * 100_000 + "]" * 100_000
+    with TestClient(app_for(state_url)) as client:
+        response = client.post("/api/v1/training-runs", content=nested, headers={"content-type": "application/json"})
+        assert response.status_code == 422
+        assert versions(client) == []
