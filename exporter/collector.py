@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from exporter import __version__
-from exporter.config import Settings
+from exporter.config import Settings, TrainingSettings
 from exporter.monitoring_math import ratio
 from exporter.offline import TrainingSnapshot
 from exporter.snapshot import ModelSnapshot, SnapshotStore
@@ -88,6 +88,7 @@ METRICS = {
         _spec("mlmon_training_feature_mean", "gauge", "model feature", "Mean of a numeric feature in the newest version's training data."),
         _spec("mlmon_training_feature_category_share_ratio", "gauge", "model feature category", "Share of a category among a categorical feature's non-missing values (newest version)."),
         _spec("mlmon_training_feature_psi", "gauge", "model feature", "PSI of a feature between the newest and the previous version's training data."),
+        _spec("mlmon_training_series_over_limit", "gauge", "model kind", "Features or categories of the newest version not exposed because of training.max_features / max_categories."),
         _spec("mlmon_alert_threshold", "gauge", "model threshold", "Alert threshold of the model, from the config; read by the shipped alert rules."),
         # exporter health
         _spec("mlmon_source_up", "gauge", "model source", "1 if the last refresh of the source succeeded, else 0."),
@@ -155,7 +156,7 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         _emit(families, "mlmon_replay_abs_error_max", w, r.abs_error_max)
 
 
-def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> None:
+def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot, limits: TrainingSettings) -> None:
     m, newest = snap.model, snap.newest
     _emit(families, "mlmon_model_info", [m, newest.version], 1.0)
     _emit(families, "mlmon_model_trained_timestamp_seconds", [m], newest.trained_at.timestamp())
@@ -173,13 +174,21 @@ def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> No
         _emit(families, "mlmon_version_training_rows", labels, run.training_rows)
         _emit(families, "mlmon_version_offline_logloss", labels, run.validation_logloss)
         _emit(families, "mlmon_version_offline_roc_auc", labels, run.validation_roc_auc)
-    for feature in snap.features:
+    # Label cardinality is bounded whatever a training run holds: what exceeds the limits
+    # is counted, not exposed.
+    features = sorted(snap.features, key=lambda f: f.name)
+    over = {"feature": max(0, len(features) - limits.max_features), "category": 0}
+    for feature in features[: limits.max_features]:
         labels = [m, feature.name]
         _emit(families, "mlmon_training_feature_missing_ratio", labels, feature.missing_ratio)
         _emit(families, "mlmon_training_feature_mean", labels, feature.mean)
-        for category, share in feature.categories.items():
+        categories = sorted(feature.categories.items(), key=lambda item: (-item[1], item[0]))
+        over["category"] += max(0, len(categories) - limits.max_categories)
+        for category, share in categories[: limits.max_categories]:
             _emit(families, "mlmon_training_feature_category_share_ratio", labels + [category], share)
         _emit(families, "mlmon_training_feature_psi", labels, snap.feature_psi.get(feature.name))
+    for kind, count in over.items():
+        _emit(families, "mlmon_training_series_over_limit", [m, kind], count)
 
 
 def _offline_comparison(families: dict[str, Metric], snap: ModelSnapshot, training: TrainingSnapshot | None) -> None:
@@ -212,7 +221,7 @@ class MlmonCollector:
             _model_samples(families, models[name])
             _offline_comparison(families, models[name], training.models.get(name))
         for name in sorted(training.models):
-            _training_samples(families, training.models[name])
+            _training_samples(families, training.models[name], self._settings.training)
         for name in sorted(set(models) | set(training.models)):
             for threshold, value in self._settings.thresholds(name).items():
                 _emit(families, "mlmon_alert_threshold", [name, threshold], value)

@@ -305,6 +305,10 @@ class TrainingSettings(Strict):
     staleness: Duration = timedelta(hours=1)
     """How long the training metrics outlive a failing state database: they change once a
     version, so a short outage must not resolve and re-fire the training alerts."""
+    max_features: int = Field(default=200, ge=1)
+    """Per model, at most this many features get ``mlmon_training_feature_*`` series."""
+    max_categories: int = Field(default=30, ge=1)
+    """Per feature, at most this many categories (the largest shares) get a series."""
 
 
 class Settings(Strict):

@@ -239,3 +239,19 @@ def test_the_migrated_schema_is_the_one_the_queries_use(state_url):
         ), column.name
         assert migrated.c[column.name].nullable == column.nullable, column.name
     state.engine.dispose()
+
+
+def test_feature_and_category_series_are_bounded(state_url):
+    features = [
+        {"name": f"f{i:02d}", "kind": "categorical", "count": 10, "missing_ratio": 0.0,
+         "categories": {f"c{j}": 0.1 for j in range(10)}}
+        for i in range(5)
+    ]
+    report(state_url, simple_run("v0", 0, 100, 0.3, 0.8, features=features))
+    got = samples(state_url, max_features=3, max_categories=4)
+    exposed = {dict(k[1])["feature"] for k in got if k[0] == "mlmon_training_feature_missing_ratio"}
+    assert exposed == {"f00", "f01", "f02"}
+    shares = [k for k in got if k[0] == "mlmon_training_feature_category_share_ratio"]
+    assert len(shares) == 3 * 4
+    assert value(got, "mlmon_training_series_over_limit", model="ctr", kind="feature") == 2
+    assert value(got, "mlmon_training_series_over_limit", model="ctr", kind="category") == 3 * 6
