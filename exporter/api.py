@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from typing import Callable
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
 
 from exporter.config import Settings
@@ -64,7 +65,15 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             log.warning("state database failed: %s", str(exc).splitlines()[0])
             raise HTTPException(503, "the state database is unavailable; nothing was stored, retry later") from None
 
-    @router.post("/training-runs", status_code=201, responses={200: {"description": "identical run already stored"}})
+    @router.post(
+        "/training-runs",
+        status_code=201,
+        responses={200: {"description": "identical run already stored"}},
+        # The body is read raw (to enforce the size limit first), so describe it here.
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TrainingRun"}}}}
+        },
+    )
     async def report_training_run(request: Request, response: Response) -> dict:
         """Store a training run; the same body again is a no-op (200), another body for a
         stored version is a conflict (409)."""
@@ -114,3 +123,20 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
         }
 
     return router
+
+
+def document_training_run(app: FastAPI) -> None:
+    """Add the ``TrainingRun`` body schema to the app's OpenAPI document (FastAPI only
+    documents bodies it parses itself)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            run = TrainingRun.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(run.pop("$defs", {}))
+            components["TrainingRun"] = run
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from exporter import __version__
-from exporter.api import training_api
+from exporter.api import document_training_run, training_api
 from exporter.collector import build_registry, render
 from exporter.config import Settings
 from exporter.loop import RefreshLoop
@@ -106,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan)
     app.state.snapshots = store
     app.include_router(training_api(settings, state, loop.training_changed))
+    document_training_run(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def landing() -> str:
