@@ -30,12 +30,14 @@ log = logging.getLogger(__name__)
 def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
     """The API router. ``on_stored`` is called after a new run was committed.
 
-    Errors: 401 missing or wrong token; 413 body over ``api.max_body_bytes``; 415 not
+    Errors: 401 missing or wrong token; 408 body slower than ``api.body_timeout``; 413
+    body over ``api.max_body_bytes``; 415 not
     JSON; 422 invalid run (``detail`` lists ``{"loc", "msg"}`` per problem); 409 the
     version is stored with another body; 503 the state database failed.
     """
     token = settings.api.resolved_token()
     limit = settings.api.max_body_bytes
+    body_timeout = settings.api.body_timeout.total_seconds()
 
     def authorize(request: Request) -> None:
         if token is None:
@@ -51,10 +53,15 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes is over the limit of {limit} bytes")
         body = bytearray()
-        async for chunk in request.stream():  # a body without a (true) length is cut off too
-            body += chunk
-            if len(body) > limit:
-                raise HTTPException(413, f"body is over the limit of {limit} bytes")
+        try:
+            # A client that trickles its body must not hold a worker for ever.
+            async with asyncio.timeout(body_timeout):
+                async for chunk in request.stream():  # a body without a (true) length is cut off too
+                    body += chunk
+                    if len(body) > limit:
+                        raise HTTPException(413, f"body is over the limit of {limit} bytes")
+        except TimeoutError:
+            raise HTTPException(408, f"the body did not arrive within {body_timeout:g} s") from None
         return bytes(body)
 
     async def in_state_db(fn, *args):

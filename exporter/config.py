@@ -271,6 +271,8 @@ class ApiSettings(Strict):
     token: str | None = Field(default=None, repr=False, min_length=16)
     token_file: Path | None = None
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    body_timeout: Duration = timedelta(seconds=30)
+    """A request body must arrive within this time (slow clients get 408)."""
 
     @model_validator(mode="after")
     def _one_token(self) -> ApiSettings:

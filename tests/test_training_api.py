@@ -160,3 +160,24 @@ def test_deeply_nested_json_is_rejected_cleanly(state_url):
         response = client.post("/api/v1/training-runs", content=nested, headers={"content-type": "application/json"})
         assert response.status_code == 422
         assert versions(client) == []
+
+
+def test_a_slow_client_gets_408(tmp_path):
+    settings = parse_settings({"stores": {}, "models": [], "state": {"url": f"sqlite:///{tmp_path}/s.sqlite"}, "api": {"body_timeout": "1s"}})
+    app = create_app(settings)
+
+    async def slow_body():
+        yield b'{"model": "ctr",'
+        await asyncio.sleep(3)  # the rest never comes in time
+        yield b' "version": "v1"}'
+
+    async def post():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://mlmon") as client:
+            started = time.monotonic()
+            response = await client.post("/api/v1/training-runs", content=slow_body(), headers={"content-type": "application/json"})
+            return response, time.monotonic() - started
+
+    response, elapsed = asyncio.run(post())
+    assert response.status_code == 408 and "did not arrive within 1 s" in response.json()["detail"]
+    assert elapsed < 3  # answered at the timeout, without waiting for the rest
