@@ -81,15 +81,34 @@ def check_config(config: ConfigOption) -> None:
 
 
 @app.command()
-def serve(config: ConfigOption, host: HostOption = "127.0.0.1", port: PortOption = DEFAULT_PORT) -> None:
+def serve(
+    config: ConfigOption,
+    host: HostOption = "127.0.0.1",
+    port: PortOption = DEFAULT_PORT,
+    web_config: Annotated[
+        Optional[Path],
+        typer.Option("--web.config.file", help="Web config with TLS and basic auth, in the exporter-toolkit format."),
+    ] = None,
+) -> None:
     """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
     import uvicorn
 
     from exporter.app import create_app
+    from exporter.web_config import BasicAuth, load_web_config
 
     _logging()
     settings = _settings(config)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    app_ = create_app(settings)
+    options = {}
+    if web_config is not None:
+        try:
+            web = load_web_config(web_config)
+        except ConfigError as exc:
+            _fail(f"--web.config.file {web_config}: {exc}")
+        options = web.uvicorn_options()
+        if web.basic_auth_users:
+            app_ = BasicAuth(app_, web.basic_auth_users)
+    uvicorn.run(app_, host=host, port=port, log_level="info", **options)
 
 
 @app.command()

@@ -1,0 +1,94 @@
+"""TLS and basic auth of the real server (`mlmon serve --web.config.file`), with a
+certificate made by openssl for the test."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bcrypt
+import httpx
+import pytest
+
+from conftest import require
+from exporter.config import ConfigError
+from exporter.web_config import load_web_config
+
+PASSWORD = "correct horse battery staple"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def certificate(tmp_path) -> tuple[Path, Path]:
+    require(shutil.which("openssl") is not None, "openssl not installed")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_tls_and_basic_auth_on_the_real_server(tmp_path, certificate):
+    cert, key = certificate
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode().replace("$2b$", "$2y$", 1)  # htpasswd style
+    (tmp_path / "web.yml").write_text(
+        f"tls_server_config: {{cert_file: {cert.name}, key_file: {key.name}}}\nbasic_auth_users: {{prometheus: '{hashed}'}}\n"
+    )
+    (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n')
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port),
+         "--web.config.file", str(tmp_path / "web.yml")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"https://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", verify=trust, timeout=1)
+                break
+            except httpx.HTTPError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() is not None else "not up"
+                time.sleep(0.2)
+        anonymous = httpx.get(f"{base}/metrics", verify=trust)
+        assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", "wrong")).status_code == 401
+        assert httpx.get(f"{base}/metrics", verify=trust, auth=("nobody", PASSWORD)).status_code == 401
+        allowed = httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", PASSWORD))
+        assert allowed.status_code == 200 and "mlmon_build_info" in allowed.text
+        # the training-run API keeps its own bearer token, in the same header
+        assert httpx.get(f"{base}/api/v1/models", verify=trust).status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_web_config_errors_are_named(tmp_path):
+    (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain}\nextra: 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_web_config(tmp_path / "web.yml")
+    assert caught.value.errors == ["extra: Extra inputs are not permitted"]
+    (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_web_config(tmp_path / "web.yml")
+    assert caught.value.errors == [
+        "basic_auth_users.u: not a bcrypt hash (expected $2a$, $2b$ or $2y$...)",
+        f"tls_server_config.cert_file: no file {tmp_path / 'missing.crt'}",
+        f"tls_server_config.key_file: no file {tmp_path / 'missing.key'}",
+    ]
