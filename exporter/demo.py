@@ -191,6 +191,10 @@ def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed:
     engine = sa.create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
     try:
         metadata.create_all(engine)
+        if engine.dialect.name == "sqlite":
+            # WAL: the appender's writes and mlmon's read transactions do not block each other.
+            with engine.begin() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         append(engine, now - timedelta(days=days), now, np.random.default_rng(rng_seed))
     finally:
         if engine is not engine_or_url:

@@ -3,6 +3,7 @@ reason, keeps its last values for the staleness period, then drops them; nothing
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -276,3 +277,27 @@ def test_hostile_strings_in_a_filtered_text_column(tmp_path):
     stores.dispose()
     assert snap.sources["predictions"].up, snap.errors
     assert snap.score_stats[0].predictions == 1  # the filter compares in the database; odd rows are just other models
+
+
+def test_ids_beyond_2_to_the_53_join_exactly(tmp_path):
+    """Ids above 2**53 (which a float64 cannot tell apart) are joined in the database, never
+    through floats: each label meets its own prediction only."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    big = 2**60
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT)"))
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
+        ts = (AS_OF - timedelta(minutes=5)).replace(tzinfo=None)
+        for i in range(4):  # big + 0 .. big + 3 are one float64 value
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"), {"i": big + i, "ts": ts, "p": 0.1 * (i + 1)})
+        conn.execute(sa.text("INSERT INTO labels VALUES (:i, 1)"), {"i": big + 3})
+    engine.dispose()
+    settings = _settings(url)
+    stores = Stores(settings)
+    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    stores.dispose()
+    online = snap.online[0]
+    assert snap.score_stats[0].predictions == 4 and snap.score_stats[0].invalid["duplicate_id"] == 0
+    assert online.labeled == 1 and online.positives == 1 and online.label_coverage == 0.25
+    assert online.logloss == pytest.approx(-math.log(0.4))

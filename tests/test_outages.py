@@ -26,13 +26,25 @@ class Proxy:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self._listener = None
+        self._open: list[socket.socket] = []
 
     def start(self) -> None:
         self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
     def stop(self) -> None:
+        """Refuse new connections and cut the open ones, as a server restart does."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread: close alone does not
+        except OSError:
+            pass
         self._listener.close()
+        for s in self._open:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._open.clear()
 
     def _accept(self, listener) -> None:
         while True:
@@ -41,6 +53,7 @@ class Proxy:
             except OSError:  # closed by stop()
                 return
             upstream = socket.create_connection(self.target)
+            self._open += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -87,7 +100,7 @@ def _wait_for(client, line: str, seconds: float = 20) -> None:
         time.sleep(0.2)
 
 
-def test_database_down_at_start_then_up(postgres_schema, postgres_engine, tmp_path):
+def test_database_down_at_start_then_up_then_restarted(postgres_schema, postgres_engine, tmp_path):
     url, schema = postgres_schema
     _fill(postgres_engine, schema)
     proxy = Proxy()  # not started: the database is "down"
@@ -99,6 +112,10 @@ def test_database_down_at_start_then_up(postgres_schema, postgres_engine, tmp_pa
         try:
             _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 1.0')
             _wait_for(client, 'mlmon_window_predictions{model="ctr",window="1h"} 59.0')
+            proxy.stop()  # the server restarts: connections cut, then refused
+            _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')
+            proxy.start()
+            _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 1.0')  # no restart of mlmon
         finally:
             proxy.stop()
 
@@ -126,3 +143,37 @@ def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engi
         ).scalar()
     assert open_transactions == 0
     stores.dispose()
+
+
+def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, postgres_engine, tmp_path):
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    settings = _settings(url, schema, f"sqlite:///{tmp_path}/state.sqlite").model_copy(
+        update={"query_timeout": timedelta(seconds=5)}
+    )
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock():
+        with postgres_engine.begin() as conn:
+            conn.execute(sa.text(f'LOCK TABLE "{schema}".predictions IN ACCESS EXCLUSIVE MODE'))
+            locked.set()
+            release.wait(30)
+
+    with TestClient(create_app(settings)) as client:
+        _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 1.0')
+        holder = threading.Thread(target=hold_lock)
+        holder.start()
+        try:
+            assert locked.wait(10)
+            slowest = 0.0
+            for _ in range(20):  # 4 s inside the 5 s the refresh hangs for
+                for path in ("/metrics", "/healthz"):
+                    started = time.monotonic()
+                    assert client.get(path).status_code == 200
+                    slowest = max(slowest, time.monotonic() - started)
+                time.sleep(0.2)
+            assert slowest < 0.5, slowest
+            _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')  # then the timeout is counted
+        finally:
+            release.set()
+            holder.join()
