@@ -10,11 +10,13 @@ configuration file in the exporter-toolkit format (``--web.config.file``).
       prometheus: $2y$10$...                  # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':')
 
 Basic auth protects every endpoint but ``/api/v1/...``, whose requests carry the
-training-run API's own bearer token (``api.token``) in the same header.
+training-run API's own bearer token (``api.token``) in the same header, and the health
+probes ``/healthz`` and ``/readyz``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import ssl
@@ -30,8 +32,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from exporter.config import ConfigError
 from exporter.errors import error_lines
 
-#: A bcrypt hash to check unknown users against, so that they take as long as known ones.
+#: A bcrypt hash to check unknown users against, so that they take about as long as known
+#: ones (exactly as long when the users' hashes have cost 10, the htpasswd -C 10 of the docs).
 _DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
+#: Paths basic auth leaves alone: the API has its own bearer token in the same header, and
+#: the health probes of Docker and Kubernetes carry no credentials and reveal nothing.
+UNPROTECTED = ("/api/v1/", "/healthz", "/readyz")
 
 
 class _Strict(BaseModel):
@@ -86,7 +92,7 @@ def load_web_config(path: str | Path) -> WebConfig:
     errors = [
         f"basic_auth_users.{user}: not a bcrypt hash (expected $2a$, $2b$ or $2y$...)"
         for user, hashed in config.basic_auth_users.items()
-        if not hashed.startswith(("$2a$", "$2b$", "$2y$"))
+        if not _is_bcrypt(hashed)
     ]
     tls = config.tls_server_config
     if tls is not None:
@@ -95,9 +101,22 @@ def load_web_config(path: str | Path) -> WebConfig:
         if tls.client_auth_type == "RequireAndVerifyClientCert" and tls.client_ca_file is None:
             errors.append("tls_server_config.client_ca_file: required by RequireAndVerifyClientCert")
         config = config.model_copy(update={"tls_server_config": tls.model_copy(update=resolved)})
+        if not errors:
+            try:  # a bad PEM or a key of another certificate: said now, not as a traceback at startup
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(resolved["cert_file"], resolved["key_file"])
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(f"tls_server_config: cert_file and key_file do not make a usable certificate: {exc}")
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _is_bcrypt(hashed: str) -> bool:
+    try:
+        bcrypt.checkpw(b"probe", hashed.encode())
+    except ValueError:
+        return False
+    return hashed.startswith(("$2a$", "$2b$", "$2y$"))
 
 
 class BasicAuth:
@@ -111,6 +130,7 @@ class BasicAuth:
         self._verified: set[tuple[str, bytes]] = set()
 
     def _allowed(self, header: str) -> bool:
+        """Whether an ``Authorization`` header holds a known user's password (slow: bcrypt)."""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
             return False
@@ -122,17 +142,22 @@ class BasicAuth:
         if key in self._verified:
             return True
         hashed = self.users.get(user)
-        ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+        try:
+            ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+        except ValueError:  # a password over bcrypt's 72 bytes: no user can have it
+            return False
         if ok:
             self._verified.add(key)
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/api/v1/"):
+        if scope["type"] != "http" or scope["path"].startswith(UNPROTECTED):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self._allowed(headers.get(b"authorization", b"").decode("latin-1")):
+        # bcrypt takes tens of milliseconds: off the event loop, so that bad guesses
+        # cannot stall the scrapes of everyone else.
+        if await asyncio.to_thread(self._allowed, headers.get(b"authorization", b"").decode("latin-1")):
             await self.app(scope, receive, send)
             return
         response = PlainTextResponse("unauthorized\n", status_code=401, headers={"WWW-Authenticate": 'Basic realm="mlmon"'})

@@ -173,7 +173,9 @@ def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, pos
                     slowest = max(slowest, time.monotonic() - started)
                 time.sleep(0.2)
             assert slowest < 0.5, slowest
-            _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')  # then the timeout is counted
+            # then the query is cancelled and counted as a timeout
+            _wait_for(client, 'mlmon_refresh_errors_total{model="ctr",reason="timeout",source="predictions"} 1.0')
+            _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')
         finally:
             release.set()
             holder.join()

@@ -124,5 +124,6 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
     # minutes; the last third of the run must then hold what the middle third held.
     middle = [r for t, r in samples if SECONDS / 3 <= t < 2 * SECONDS / 3]
     last = [r for t, r in samples if t >= 2 * SECONDS / 3]
+    assert middle and last, f"run longer than {SECONDS} s to judge memory: {samples}"
     assert max(last) - max(middle) < 15.0, samples
     assert max(r for _, r in samples) < 300.0, samples

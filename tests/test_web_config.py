@@ -70,8 +70,10 @@ def test_tls_and_basic_auth_on_the_real_server(tmp_path, certificate):
         assert httpx.get(f"{base}/metrics", verify=trust, auth=("nobody", PASSWORD)).status_code == 401
         allowed = httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", PASSWORD))
         assert allowed.status_code == 200 and "mlmon_build_info" in allowed.text
-        # the training-run API keeps its own bearer token, in the same header
+        # the training-run API keeps its own bearer token, in the same header; probes stay open
         assert httpx.get(f"{base}/api/v1/models", verify=trust).status_code == 200
+        assert httpx.get(f"{base}/healthz", verify=trust).status_code == 200
+        assert httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", "x" * 100)).status_code == 401  # > 72 bytes
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
     finally:
@@ -84,11 +86,23 @@ def test_web_config_errors_are_named(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_web_config(tmp_path / "web.yml")
     assert caught.value.errors == ["extra: Extra inputs are not permitted"]
-    (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain}\n")
+    (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain, v: $2y$10$garbage}\n")
     with pytest.raises(ConfigError) as caught:
         load_web_config(tmp_path / "web.yml")
     assert caught.value.errors == [
         "basic_auth_users.u: not a bcrypt hash (expected $2a$, $2b$ or $2y$...)",
+        "basic_auth_users.v: not a bcrypt hash (expected $2a$, $2b$ or $2y$...)",
         f"tls_server_config.cert_file: no file {tmp_path / 'missing.crt'}",
         f"tls_server_config.key_file: no file {tmp_path / 'missing.key'}",
     ]
+
+
+def test_a_certificate_that_does_not_match_its_key_is_a_config_error(tmp_path, certificate):
+    cert, _ = certificate
+    other_key = tmp_path / "other.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(other_key), "2048"], check=True, capture_output=True)
+    (tmp_path / "web.yml").write_text(f"tls_server_config: {{cert_file: {cert.name}, key_file: other.key}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_web_config(tmp_path / "web.yml")
+    (error,) = caught.value.errors
+    assert error.startswith("tls_server_config: cert_file and key_file do not make a usable certificate")
