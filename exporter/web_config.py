@@ -120,8 +120,8 @@ def _is_bcrypt(hashed: str) -> bool:
 
 
 class BasicAuth:
-    """ASGI middleware: HTTP basic auth against bcrypt hashes, for every path but
-    ``/api/v1/``. Verified (user, password) pairs are remembered by a hash of the
+    """ASGI middleware: HTTP basic auth against bcrypt hashes, for every path but those
+    in ``UNPROTECTED``. Verified (user, password) pairs are remembered by a hash of the
     password, as exporter-toolkit does, since bcrypt takes tens of milliseconds."""
 
     def __init__(self, app: ASGIApp, users: dict[str, str]):
