@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
 
 from exporter.config import Settings
-from exporter.errors import key_path, message
+from exporter.errors import first_line, key_path, message
 from exporter.state import RunConflict, StateDatabase, list_models, list_versions, save_run
 from exporter.training import TrainingRun
 
@@ -69,7 +69,7 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             return await asyncio.to_thread(lambda: fn(state.ready(), *args))
         except sa.exc.SQLAlchemyError as exc:
             state.failed()
-            log.warning("state database failed: %s", str(exc).splitlines()[0])
+            log.warning("state database failed: %s", first_line(exc))
             raise HTTPException(503, "the state database is unavailable; nothing was stored, retry later") from None
 
     @router.post(

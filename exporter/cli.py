@@ -12,6 +12,7 @@ import sqlalchemy as sa
 import typer
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+from exporter.errors import first_line
 from exporter.stores import SchemaError, safe_url, utc_now
 from exporter.training import as_utc
 
@@ -71,7 +72,7 @@ def check_config(config: ConfigOption) -> None:
                 store = model.predictions.store
                 url = settings.stores[store].url or "(url_file)"
                 problems.append(
-                    f"models[{i}]: cannot reach store {store!r} at {safe_url(url)}: {str(exc).splitlines()[0]}"
+                    f"models[{i}]: cannot reach store {store!r} at {safe_url(url)}: {first_line(exc)}"
                 )
     finally:
         stores.dispose()

@@ -41,3 +41,10 @@ def message(error: Mapping[str, Any]) -> str:
 def error_lines(errors: Sequence[Mapping[str, Any]]) -> list[str]:
     """``"key.path: message"`` lines from pydantic's ``errors()`` or a 422 ``detail`` list."""
     return [f"{key_path(error.get('loc', ()))}: {message(error)}" for error in errors]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, for logs and one-line reports (SQLAlchemy
+    appends the SQL and its parameters after it); the type name when the message is empty."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
+from exporter.errors import first_line
 from exporter.stores import create_store_engine, safe_url
 
 #: Rows read, parsed and inserted at a time.
@@ -152,7 +153,7 @@ def _load_file(
         loaded = True
         return rows
     except _LOAD_FAILURES as exc:
-        raise LoadError(f"{path}: {_first_line(exc)}") from exc
+        raise LoadError(f"{path}: {first_line(exc)}") from exc
     finally:
         # Also on KeyboardInterrupt: an interrupted first load must not leave a table behind.
         if created and not loaded:
@@ -173,7 +174,7 @@ def _drop_created(engine: Engine, path: Path, table: str, schema: str | None) ->
             sa.Table(table, sa.MetaData(), schema=schema).drop(conn, checkfirst=True)
     except sa.exc.SQLAlchemyError as exc:
         raise LoadError(
-            f"{path}: the load failed, and dropping the table {table!r} it had created failed too: {_first_line(exc)}"
+            f"{path}: the load failed, and dropping the table {table!r} it had created failed too: {first_line(exc)}"
         ) from exc
 
 
@@ -361,9 +362,3 @@ def _parse_timestamps(frame: pd.DataFrame, aware: dict[str, bool], path: Path, f
                 f"cannot parse {raw.iloc[i]!r} as an ISO-8601 timestamp"
             )
         frame[name] = parsed if keep_zone else parsed.dt.tz_localize(None)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an error's message: SQLAlchemy appends the SQL and its parameters."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

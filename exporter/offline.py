@@ -14,6 +14,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from exporter.config import Settings
+from exporter.errors import first_line
 from exporter.monitoring_math import population_stability_index
 from exporter.refresh import ERROR_REASONS, classify_error
 from exporter.snapshot import TrainingState
@@ -165,7 +166,7 @@ class TrainingRefresher:
             snapshots = load_training_snapshots(self.state.ready(), self.settings.training.history_versions, now)
         except Exception as exc:  # failures are data, as for the prediction stores
             self.state.failed()
-            log.warning("state database: reading training runs failed: %s", str(exc).splitlines()[0])
+            log.warning("state database: reading training runs failed: %s", first_line(exc))
             return self._failed(now, classify_error(exc))
         with self._lock:
             self._last_good = (now.timestamp(), snapshots)

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from exporter.config import ModelConfig, Settings
 from exporter.durations import parse_duration
+from exporter.errors import first_line
 from exporter.monitoring_math import (
     percentiles_from_buckets,
     ratio,
@@ -312,7 +313,7 @@ class ModelRefresher:
                 if reason == "internal":
                     log.exception("model %s: refreshing %s failed", self.model.name, name)
                 else:
-                    log.warning("model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, _first_line(exc))
+                    log.warning("model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, first_line(exc))
                 with self._lock:
                     self._errors[(name, reason)] += 1
                     sources[name] = self._down(name)
@@ -370,7 +371,4 @@ class ModelRefresher:
         else:
             self._replay_queries = None
 
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
