@@ -6,6 +6,7 @@ in CI (``CI`` set), where it must be there.
 
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,13 @@ import sqlalchemy as sa
 
 CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
 POSTGRES_URL = os.environ.get("MLMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def require(condition: bool, reason: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,16 +20,11 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import require
+from conftest import free_port, require
 
 REPO = Path(__file__).parent.parent
 STUCK_SCORE = 0.0123
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlackStandIn:

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from types import ModuleType
 import httpx
 import pytest
 import yaml
-from conftest import catalog, require
+from conftest import catalog, free_port, require
 from jsonschema import Draft7Validator
 
 from exporter.config import AlertThresholds
@@ -230,11 +229,6 @@ def test_queries_use_only_cataloged_metrics_and_known_thresholds():
 
 # --- every query returns data from the real Prometheus scraping the real demo -----------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:

@@ -5,7 +5,6 @@ resident memory over time is printed. `MLMON_SOAK_SECONDS` shortens it on a lapt
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,11 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
+
 MODELS = 50
 SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 600))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:

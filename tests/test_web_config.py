@@ -4,7 +4,6 @@ certificate made by openssl for the test."""
 from __future__ import annotations
 
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -15,17 +14,12 @@ import bcrypt
 import httpx
 import pytest
 
-from conftest import require
+from conftest import free_port, require
 from exporter.config import ConfigError
 from exporter.web_config import load_web_config
 
 PASSWORD = "correct horse battery staple"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
