@@ -39,6 +39,7 @@ from exporter.client import build_training_run
 from exporter.config import Settings, parse_settings
 from exporter.state import StateDatabase, save_run
 from exporter.stores import utc_now
+from exporter.training import as_utc
 
 #: Mean gap between two predictions of one model.
 MEAN_GAP_SECONDS = 10.0
@@ -121,7 +122,8 @@ MODELS = (
 
 
 def _naive_utc(t: datetime) -> datetime:
-    return t.astimezone(timezone.utc).replace(tzinfo=None) if t.tzinfo is not None else t
+    # The demo tables hold naive UTC date-times.
+    return as_utc(t).replace(tzinfo=None)
 
 
 def _times(start: datetime, end: datetime, rng: np.random.Generator) -> np.ndarray:
