@@ -124,3 +124,101 @@ def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, pos
         finally:
             release.set()
             holder.join()
+
+
+def _sleeping_view(engine, schema: str, seconds: float) -> None:
+    """A view of the predictions whose every query first sleeps ``seconds`` on the server
+    (the uncorrelated subquery is an InitPlan: evaluated once, before any row)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f'CREATE OR REPLACE VIEW "{schema}".slow_predictions AS SELECT * FROM "{schema}".predictions'
+                f" WHERE (SELECT true FROM pg_sleep({seconds}))"
+            )
+        )
+
+
+def _mlmon_sessions(engine, where: str) -> list:
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(f"SELECT pid, state, now() - query_start AS running FROM pg_stat_activity WHERE application_name = 'mlmon' AND {where}")
+        ).all()
+
+
+def _value(text: str, series: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_a_sleeping_query_is_cancelled_on_the_server_and_other_models_keep_refreshing(postgres_schema, postgres_engine, tmp_path):
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    _sleeping_view(postgres_engine, schema, 600)
+    base = _settings(url, schema, f"sqlite:///{tmp_path}/state.sqlite")
+    fast = base.models[0]
+    slow = fast.model_copy(update={"name": "slow", "predictions": fast.predictions.model_copy(update={"table": "slow_predictions"})})
+    models = [fast.model_copy(update={"name": name}) for name in ("a", "b")] + [slow]
+    settings = base.model_copy(update={"models": models})  # query_timeout 2 s, refresh every 1 s
+
+    with TestClient(create_app(settings)) as client:
+        _wait_for(client, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"} 1.0')
+        successes = {"a": set(), "b": set()}
+        longest_sleep = 0.0
+        deadline = time.monotonic() + 5  # more than two of the slow model's 2 s timeouts
+        while time.monotonic() < deadline:
+            text = client.get("/metrics").text
+            for name in successes:
+                successes[name].add(_value(text, f'mlmon_refresh_last_success_timestamp_seconds{{model="{name}"}}'))
+            for _, _, running in _mlmon_sessions(postgres_engine, "state = 'active' AND query LIKE '%slow_predictions%'"):
+                longest_sleep = max(longest_sleep, running.total_seconds())
+            time.sleep(0.2)
+        text = client.get("/metrics").text
+
+    # The other models refreshed every second meanwhile, without an error.
+    assert all(len(times) >= 3 for times in successes.values()), successes
+    for name in ("a", "b"):
+        assert f'mlmon_source_up{{model="{name}",source="predictions"}} 1.0' in text
+        assert _value(text, f'mlmon_refresh_errors_total{{model="{name}",reason="timeout",source="predictions"}}') == 0
+    # The sleeping query was cancelled by the server at query_timeout, every time.
+    assert longest_sleep < 3.0, longest_sleep
+    assert _value(text, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"}') >= 2
+    assert 'mlmon_source_up{model="slow",source="predictions"} 0.0' in text
+    deadline = time.monotonic() + 5
+    while _mlmon_sessions(postgres_engine, "query LIKE '%slow_predictions%' AND state <> 'idle'"):
+        assert time.monotonic() < deadline, "a sleeping query outlived mlmon"
+        time.sleep(0.2)
+
+
+def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, postgres_engine):
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    _sleeping_view(postgres_engine, schema, 600)
+    settings = _settings(url, schema, "sqlite://").model_copy(update={"query_timeout": timedelta(seconds=60)})
+    model = settings.models[0]
+    model = model.model_copy(update={"predictions": model.predictions.model_copy(update={"table": "slow_predictions"})})
+    stores = Stores(settings)
+    refresher = ModelRefresher(model, settings, stores)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(refresher.refresh(datetime.now(timezone.utc))))
+    worker.start()
+
+    deadline = time.monotonic() + 10
+    while not (running := _mlmon_sessions(postgres_engine, "state = 'active' AND query LIKE '%slow_predictions%'")):
+        assert time.monotonic() < deadline, "the refresh's query never started"
+        time.sleep(0.1)
+    with postgres_engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": running[0].pid})
+    worker.join(10)  # the refresh fails at once, not at the 60 s query_timeout
+    assert not worker.is_alive()
+    failed = results[0]
+    assert not failed.sources["predictions"].up
+    assert failed.errors[("predictions", "connection")] == 1
+
+    _sleeping_view(postgres_engine, schema, 0)  # the database is fast again
+    again = refresher.refresh(datetime.now(timezone.utc))
+    assert again.sources["predictions"].up  # same process, same pool: it reconnected
+    assert again.errors[("predictions", "connection")] == 1  # counted once, nothing more
+    assert _mlmon_sessions(postgres_engine, "state LIKE 'idle in transaction%'") == []
+    stores.dispose()
