@@ -95,6 +95,7 @@ def serve(
     import uvicorn
 
     from exporter.app import create_app
+    from exporter.http_server import server_config
     from exporter.web_config import BasicAuth, load_web_config
 
     _logging()
@@ -109,7 +110,7 @@ def serve(
         options = web.uvicorn_options()
         if web.basic_auth_users:
             app_ = BasicAuth(app_, web.basic_auth_users)
-    uvicorn.run(app_, host=host, port=port, log_level="info", **options)
+    uvicorn.Server(server_config(app_, settings, host, port, log_level="info", **options)).run()
 
 
 @app.command()

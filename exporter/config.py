@@ -322,6 +322,8 @@ class Settings(Strict):
     """How long a failed source keeps its last values; default 3 refresh intervals."""
     refresh_timeout: Duration | None = None
     """A refresh still running after this is reported as stalled; default refresh_interval + query_timeout."""
+    header_timeout: Duration = timedelta(seconds=10)
+    """Every HTTP request's line and headers must arrive within this (slow clients get 408)."""
     stores: dict[Identifier, Store]
     models: list[ModelConfig]
     state: Store = Store(url="sqlite:///mlmon-state.sqlite")

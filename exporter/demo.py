@@ -347,6 +347,7 @@ def run_demo(database: Path, host: str, port: int) -> None:
     import uvicorn
 
     from exporter.app import create_app
+    from exporter.http_server import server_config
 
     settings = demo_settings(database)
     database.unlink(missing_ok=True)
@@ -358,7 +359,7 @@ def run_demo(database: Path, host: str, port: int) -> None:
     seed_training_runs(settings.state.resolved_url(), now)
     feed = next(m for m in MODELS if m.half_rows_days_ago is not None)
     half_rows_version = f"{_naive_utc(now) - timedelta(days=feed.half_rows_days_ago):%Y-%m-%d}"
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port))
+    server = uvicorn.Server(server_config(create_app(settings), settings, host, port))
     base = f"http://{host}:{port}"
     print(
         f"mlmon demo: {database} holds a week of predictions of {', '.join(m.name for m in MODELS)},\n"
