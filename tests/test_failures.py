@@ -236,7 +236,9 @@ def test_counter_catches_up_after_a_failed_refresh(tmp_path):
 
 def test_a_restarted_process_counts_only_new_rows(tmp_path):
     """A new process starts its counters at 0 from its first refresh: rows counted by the
-    previous process are not counted again (Prometheus sees a counter reset)."""
+    previous process are not counted again (Prometheus sees a counter reset). Rows that
+    arrive while no process runs are not in the counter, but they are in the windows,
+    which are read from the table at every refresh."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     _fill(sa.create_engine(url))  # predictions 1..199 minutes before AS_OF
     settings = _settings(url)
@@ -248,7 +250,9 @@ def test_a_restarted_process_counts_only_new_rows(tmp_path):
 
     second = Stores(settings)  # the restart: a new refresher, no shared state
     after = ModelRefresher(settings.models[0], settings, second)
-    assert after.refresh(AS_OF - timedelta(minutes=20)).counter.total == 0
+    restarted = after.refresh(AS_OF - timedelta(minutes=20))
+    assert restarted.counter.total == 0  # i in (20, 30] arrived during the restart
+    assert restarted.score_stats[0].predictions == 60  # the 1h window: i in (20, 80], those rows included
     assert after.refresh(AS_OF).counter.total == 20  # only i in (0, 20]: nothing counted twice
     second.dispose()
 
