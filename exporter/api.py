@@ -26,6 +26,11 @@ from exporter.training import TrainingRun
 
 log = logging.getLogger(__name__)
 
+#: Seconds a client is asked to wait (``Retry-After``) after a 503. Only a hint: how long
+#: the state database stays away is unknown, and a few seconds spaces out the retries of
+#: many pipelines without delaying them much after a brief outage.
+RETRY_AFTER_SECONDS = 5
+
 
 def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
     """The API router. ``on_stored`` is called after a new run was committed.
@@ -33,7 +38,9 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
     Errors: 401 missing or wrong token; 408 body slower than ``api.body_timeout``; 413
     body over ``api.max_body_bytes``; 415 not
     JSON; 422 invalid run (``detail`` lists ``{"loc", "msg"}`` per problem); 409 the
-    version is stored with another body; 503 the state database failed.
+    version is stored with another body; 503 the state database failed (with a
+    ``Retry-After`` of ``RETRY_AFTER_SECONDS``; sending the same run again is safe, it is
+    stored once).
     """
     token = settings.api.resolved_token()
     limit = settings.api.max_body_bytes
@@ -70,7 +77,11 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
         except sa.exc.SQLAlchemyError as exc:
             state.failed()
             log.warning("state database failed: %s", first_line(exc))
-            raise HTTPException(503, "the state database is unavailable; nothing was stored, retry later") from None
+            raise HTTPException(
+                503,
+                "the state database is unavailable; nothing was stored, retry later",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
 
     @router.post(
         "/training-runs",

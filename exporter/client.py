@@ -15,14 +15,20 @@ Example::
         validation=(y_valid, model.predict_proba(X_valid)[:, 1]),
     )
 
-The bearer token defaults to the environment variable ``MLMON_API_TOKEN``.
+The bearer token defaults to the environment variable ``MLMON_API_TOKEN``. A report that
+fails on the way (mlmon restarting, its state database briefly away) is retried a few
+times (:data:`RETRY_DELAYS`): a run is stored once per model and version, so a retry of
+a run that did get stored is answered ``unchanged`` and stores nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +40,8 @@ from exporter.errors import error_lines
 from exporter.monitoring_math import LOGLOSS_EPS, roc_auc_from_counts
 from exporter.training import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
 
+log = logging.getLogger(__name__)
+
 #: Path of the training-run endpoint under the mlmon base URL.
 TRAINING_RUNS_PATH = "/api/v1/training-runs"
 #: Environment variable holding the default bearer token.
@@ -42,6 +50,13 @@ TOKEN_ENV = "MLMON_API_TOKEN"
 _MAX_CATEGORY_CHARS = 200
 #: Non-JSON error bodies (a proxy's HTML page) are cut to this many characters.
 _MAX_DETAIL_CHARS = 500
+#: Seconds to wait before each retry of a report (4 retries, 15 s of waiting in all):
+#: long enough for mlmon or its state database to restart, short enough for a pipeline.
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+#: Failures worth a retry: connection refused or cut, timeouts, and the statuses of a
+#: server or proxy that is briefly unable to answer. Everything else would fail again.
+_TRANSIENT_ERRORS = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
+_TRANSIENT_STATUSES = (502, 503, 504)
 
 
 class ReportError(Exception):
@@ -341,8 +356,14 @@ def post_training_run(
     token: str | None = None,
     timeout: float = 10.0,
     http: httpx.Client | None = None,
+    retry_delays: Sequence[float] | None = None,
 ) -> dict:
     """POST ``run`` to ``{url}/api/v1/training-runs`` and return the server's JSON answer.
+
+    A connection error, a timeout or a 502/503/504 answer is retried after each of
+    ``retry_delays`` in turn (logged as a warning); the last failure is raised. Retrying
+    is safe because the server stores a run once per (model, version): when an earlier
+    attempt was stored after all (its answer lost), the retry is answered ``unchanged``.
 
     Args:
         url: mlmon's base URL (``http://host:9847``); a trailing slash is ignored.
@@ -350,14 +371,17 @@ def post_training_run(
             is recognized by the server as identical.
         token: bearer token; default the environment variable ``MLMON_API_TOKEN``; no
             ``Authorization`` header when neither is set.
-        timeout: seconds, for the client created here (ignored when ``http`` is given).
+        timeout: seconds per attempt, for the client created here (ignored when ``http``
+            is given).
         http: an ``httpx.Client`` to send with (e.g. FastAPI's ``TestClient``); by default
             one is created and closed.
+        retry_delays: seconds to wait before each retry; default :data:`RETRY_DELAYS`;
+            ``()`` sends once.
 
     Raises:
         ReportError: the server answered anything but 200/201 (e.g. 409 when another
-            body is stored for this model and version).
-        httpx.HTTPError: the server could not be reached or timed out.
+            body is stored for this model and version; 503 after the last retry).
+        httpx.HTTPError: the server could not be reached or timed out, after the last retry.
     """
     token = token or os.environ.get(TOKEN_ENV) or None
     headers = {"Content-Type": "application/json"}
@@ -365,11 +389,21 @@ def post_training_run(
         headers["Authorization"] = f"Bearer {token}"
     endpoint = url.rstrip("/") + TRAINING_RUNS_PATH
     body = run.canonical_json()
-    if http is None:
-        with httpx.Client(timeout=timeout) as own:
-            response = own.post(endpoint, content=body, headers=headers)
-    else:
-        response = http.post(endpoint, content=body, headers=headers)
+    delays = RETRY_DELAYS if retry_delays is None else retry_delays
+    with httpx.Client(timeout=timeout) if http is None else contextlib.nullcontext(http) as client:
+        for delay in (*delays, None):
+            try:
+                response = client.post(endpoint, content=body, headers=headers)
+            except _TRANSIENT_ERRORS as exc:
+                if delay is None:
+                    raise
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code not in _TRANSIENT_STATUSES or delay is None:
+                    break
+                problem = f"HTTP {response.status_code}"
+            log.warning("reporting to mlmon at %s failed (%s); retrying in %g s", url, problem, delay)
+            time.sleep(delay)
     if response.status_code not in (200, 201):
         raise ReportError(response.status_code, _detail(response))
     return response.json()
@@ -390,6 +424,7 @@ def report_training_run(
     categorical: Iterable[str] = (),
     timeout: float = 10.0,
     http: httpx.Client | None = None,
+    retry_delays: Sequence[float] | None = None,
 ) -> dict:
     """Summarize a training run locally (:func:`build_training_run`) and report it
     (:func:`post_training_run`); only the summary leaves the process.
@@ -400,7 +435,8 @@ def report_training_run(
     Raises:
         ValueError: invalid inputs (see :func:`build_training_run`); nothing is sent.
         ReportError: the server rejected the run (status and its ``detail``).
-        httpx.HTTPError: the server could not be reached or timed out.
+        httpx.HTTPError: the server could not be reached or timed out, after the
+            retries (``retry_delays``: see :func:`post_training_run`).
     """
     run = build_training_run(
         model=model,
@@ -413,4 +449,4 @@ def report_training_run(
         top_k=top_k,
         categorical=categorical,
     )
-    return post_training_run(url, run, token=token, timeout=timeout, http=http)
+    return post_training_run(url, run, token=token, timeout=timeout, http=http, retry_delays=retry_delays)

@@ -304,7 +304,8 @@ def test_cli_malformed_json_exits_2(tmp_path):
     assert "(top level): Invalid JSON" in result.output
 
 
-def test_cli_unreachable_server_exits_1_naming_the_url(tmp_path):
+def test_cli_unreachable_server_exits_1_naming_the_url(tmp_path, monkeypatch):
+    monkeypatch.setattr("exporter.client.RETRY_DELAYS", (0.0,))  # retried once, at once
     path = tmp_path / "run.json"
     path.write_text(json.dumps(_valid_run()))
     # Port 9 (discard) on loopback: nothing listens there on the test machines.
@@ -403,7 +404,65 @@ def test_unreachable_server_raises_httpx_error():
 
     run = TrainingRun.model_validate(_valid_run())
     with pytest.raises(httpx.ConnectError):
-        post_training_run("http://127.0.0.1:9", run, timeout=2.0)
+        post_training_run("http://127.0.0.1:9", run, timeout=2.0, retry_delays=(0.0,))
+
+
+def _answering(*answers):
+    """An ``httpx.Client`` whose n-th request gets ``answers[n]``: a status, or an
+    exception class to raise; ``sent`` collects the request bodies."""
+    import httpx
+
+    sent = []
+
+    def handle(request):
+        answer = answers[len(sent)]
+        sent.append(request.content)
+        if isinstance(answer, type):
+            raise answer("simulated", request=request)
+        return httpx.Response(answer, json={"status": "created", "model": "m", "version": "v"} if answer == 201 else {"detail": "no"})
+
+    return httpx.Client(transport=httpx.MockTransport(handle)), sent
+
+
+def test_connection_errors_and_503_are_retried_with_the_same_body(monkeypatch):
+    import httpx
+
+    from exporter.client import RETRY_DELAYS, ReportError, post_training_run
+
+    slept = []
+    monkeypatch.setattr("exporter.client.time.sleep", slept.append)
+    http, sent = _answering(httpx.ConnectError, httpx.RemoteProtocolError, 503, httpx.ReadTimeout, 502, 201)
+    run = TrainingRun.model_validate(_valid_run())
+    with pytest.raises(ReportError) as info:  # the default retries run out before the 201
+        post_training_run("http://testserver", run, http=http)
+    assert info.value.status_code == 502
+    assert slept == list(RETRY_DELAYS) == [1.0, 2.0, 4.0, 8.0]
+    http, sent = _answering(httpx.ConnectError, 503, 201)
+    assert post_training_run("http://testserver", run, http=http, retry_delays=(0.5, 0.5))["status"] == "created"
+    assert sent == [run.canonical_json().encode()] * 3  # identical bodies: the server stores the run once
+
+
+@pytest.mark.parametrize("status", [401, 404, 409, 413, 422, 500])
+def test_rejections_are_not_retried(monkeypatch, status):
+    from exporter.client import ReportError, post_training_run
+
+    monkeypatch.setattr("exporter.client.time.sleep", lambda _: pytest.fail("slept"))
+    http, sent = _answering(status)
+    with pytest.raises(ReportError) as info:
+        post_training_run("http://testserver", TrainingRun.model_validate(_valid_run()), http=http)
+    assert info.value.status_code == status and len(sent) == 1
+
+
+def test_exhausted_retries_raise_the_last_connection_error(monkeypatch):
+    import httpx
+
+    from exporter.client import post_training_run
+
+    monkeypatch.setattr("exporter.client.time.sleep", lambda _: None)
+    http, sent = _answering(httpx.ConnectError, httpx.ConnectError)
+    with pytest.raises(httpx.ConnectError):
+        post_training_run("http://testserver", TrainingRun.model_validate(_valid_run()), http=http, retry_delays=(1.0,))
+    assert len(sent) == 2
 
 
 @pytest.fixture
