@@ -53,7 +53,8 @@ METRICS = {
         _spec("mlmon_prediction_mode_share_ratio", "gauge", WINDOWED, "Share of the window's predictions equal to the most frequent (rounded) score."),
         _spec("mlmon_predictions_total", "counter", "model", "Valid predictions seen since the exporter started."),
         _spec("mlmon_prediction_score", "histogram", "model", "Predicted scores seen since the exporter started."),
-        _spec("mlmon_prediction_last_timestamp_seconds", "gauge", "model", "Time of the newest prediction."),
+        _spec("mlmon_prediction_last_timestamp_seconds", "gauge", "model", "Time of the newest prediction before the refresh time."),
+        _spec("mlmon_future_predictions", "gauge", "model", "Predictions stamped at or after the refresh time; in no window until their time comes."),
         # online accuracy, per label-delayed window
         _spec("mlmon_online_predictions", "gauge", WINDOWED, "Valid predictions in the label-delayed window."),
         _spec("mlmon_online_labeled_predictions", "gauge", WINDOWED, "Predictions of the label-delayed window with a usable label."),
@@ -122,6 +123,7 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
     buckets = [(repr(float(b)), c) for b, c in zip(counter.bounds, cumulative)] + [("+Inf", counter.total)]
     families["mlmon_prediction_score"].add_metric([m], buckets, counter.score_sum)
     _emit(families, "mlmon_prediction_last_timestamp_seconds", [m], snap.last_prediction_timestamp)
+    _emit(families, "mlmon_future_predictions", [m], snap.future_predictions)
 
     for s in snap.score_stats:
         w = [m, s.window]

@@ -27,6 +27,11 @@ from exporter.stores import TimeColumn
 INVALID_REASONS = ("null_score", "nan_score", "out_of_range", "duplicate_id")
 OK = 0
 
+#: The longest version a training run can have (``exporter.training.TrainingRun``): a
+#: serving version read from the prediction table is cut after one more character, since
+#: a longer one can name no run.
+VERSION_MAX_LENGTH = 100
+
 
 def _double(value: float) -> sa.ColumnElement:
     return sa.literal(float(value), sa.Double())
@@ -179,15 +184,36 @@ class PredictionQueries:
         return sa.select(sa.func.max(counts.c.n))
 
     def last_timestamp(self, end: datetime) -> sa.Select:
-        """One row: the newest prediction time before ``end``."""
-        ts = self.time.expr
-        return sa.select(sa.func.max(ts)).where(ts < self.time.bind(end), *self.filters)
+        """One row: the newest prediction time before ``end``, and the number of rows stamped
+        at or after ``end`` (in no window yet: a writer's clock ahead of mlmon's, or rows
+        written while the refresh runs).
+
+        Two scalar subqueries in one round trip rather than one scan with conditional
+        aggregates, so that each can use an index on the timestamp.
+        """
+        ts, bound = self.time.expr, self.time.bind(end)
+        newest = sa.select(sa.func.max(ts)).where(ts < bound, *self.filters).scalar_subquery()
+        future = sa.select(sa.func.count()).select_from(self.table).where(ts >= bound, *self.filters).scalar_subquery()
+        return sa.select(newest.label("newest"), future.label("future"))
 
     def serving_version(self, end: datetime) -> sa.Select:
         """One row: the model version of the newest prediction before ``end`` (needs the
-        ``version`` column)."""
+        ``version`` column), cut after ``VERSION_MAX_LENGTH + 1`` characters, as text, or
+        as bytes when the column is binary or the store is SQLite.
+
+        On SQLite the value is read as bytes, because its driver raises on text that is not
+        UTF-8; the cut then counts bytes, which changes nothing for a version that can name
+        a run (ASCII). Other types (numbers) are cast to text.
+        """
         ts = self.time.expr
-        return sa.select(self.version).where(ts < self.time.bind(end), *self.filters).order_by(ts.desc()).limit(1)
+        version = self.version
+        if self.dialect == "sqlite":
+            version = sa.cast(version, sa.LargeBinary())
+        elif not isinstance(version.type, sa.String | sa.LargeBinary):
+            version = sa.cast(version, sa.String())
+        cut = sa.func.array_slice if self.dialect == "duckdb" else sa.func.substr  # DuckDB's substr takes no BLOB
+        value = cut(version, 1, VERSION_MAX_LENGTH + 1, type_=version.type)
+        return sa.select(value).where(ts < self.time.bind(end), *self.filters).order_by(ts.desc()).limit(1)
 
     def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
         """One row for the counters: (count, sum of scores, cumulative count per bucket bound)
@@ -295,9 +321,13 @@ class LabelQueries:
         self.time = time
         self.id = table.c[source.columns.id]
         label = table.c[source.columns.label]
-        # Booleans compare with 0/1 only after a cast (PostgreSQL refuses boolean = integer).
-        value = sa.cast(label, sa.Integer()) if isinstance(label.type, sa.Boolean) else label
-        self.valid_value = sa.case((sa.or_(value == 0, value == 1), value), else_=None)
+        if isinstance(label.type, sa.Boolean):
+            # Compared with true/false rather than cast to an integer (PostgreSQL refuses
+            # boolean = integer): SQLite's CAST('yes' AS INTEGER) is 0, and a BOOLEAN column
+            # there may hold any text.
+            self.valid_value = sa.case((label == sa.true(), 1), (label == sa.false(), 0), else_=None)
+        else:
+            self.valid_value = sa.case((sa.or_(label == 0, label == 1), label), else_=None)
 
     def per_id(self, since: datetime, as_of: datetime) -> sa.Subquery:
         """(id, low, high) per labeled id: the smallest and largest valid label (NULL when

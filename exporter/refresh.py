@@ -26,7 +26,7 @@ from exporter.monitoring_math import (
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
 )
-from exporter.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.queries import INVALID_REASONS, VERSION_MAX_LENGTH, LabelQueries, PredictionQueries, ReplayQueries
 from exporter.snapshot import (
     ModelSnapshot,
     OnlineAccuracy,
@@ -76,6 +76,27 @@ def _int(value) -> int:
     return int(value or 0)
 
 
+def serving_version(raw: str | bytes | None) -> tuple[str | None, str | None]:
+    """(version, problem) from the value read by ``PredictionQueries.serving_version``.
+
+    ``problem`` is ``None`` or why the value cannot be a training run's version: longer
+    than ``VERSION_MAX_LENGTH`` characters (bytes when read as bytes), or bytes that are not UTF-8.
+    Such a version is kept in a form no stored run can have (its first
+    ``VERSION_MAX_LENGTH + 1`` characters, or ``\\xff`` escapes: run versions are at most
+    that long and hold no backslash), so that it matches no run rather than falling back
+    to the newest one; it is never exposed as a label value.
+    """
+    if raw is None:
+        return None, None
+    problem = f"longer than {VERSION_MAX_LENGTH} characters" if len(raw) > VERSION_MAX_LENGTH else None
+    if isinstance(raw, str):
+        return raw, problem
+    try:
+        return bytes(raw).decode("utf-8"), problem
+    except UnicodeDecodeError:  # the cut may split a character: the length is the reason then
+        return bytes(raw).decode("utf-8", "backslashreplace"), problem or "not UTF-8"
+
+
 class ModelRefresher:
     """Refreshes one model: one ``refresh`` at a time per instance; ``stalled`` may be
     called from another thread meanwhile.
@@ -97,6 +118,7 @@ class ModelRefresher:
         self._errors = {(source, reason): 0 for source in model.sources() for reason in ERROR_REASONS}
         self._last_good: dict[str, tuple[float, object]] = {}
         self._last_success: float | None = None
+        self._version_problem: str | None = None
         self._started = time.perf_counter()
         # Guards the bookkeeping above against stalled(), called by the loop while a
         # refresh hangs in its worker thread.
@@ -204,13 +226,13 @@ class ModelRefresher:
             bucketed=not pure,
         )
 
-    def _refresh_predictions(self, as_of: datetime) -> tuple[tuple[ScoreStats, ...], float | None]:
+    def _refresh_predictions(self, as_of: datetime) -> tuple[tuple[ScoreStats, ...], float | None, int]:
         q = self._predictions()
         with self._connection() as conn:
             stats = tuple(
                 self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
             )
-            last = q.time.to_epoch(conn.execute(q.last_timestamp(as_of)).scalar())
+            newest, future = conn.execute(q.last_timestamp(as_of)).one()
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
             horizon = as_of - self.model.predictions.ingestion_delay
             if self._watermark is None:
@@ -220,7 +242,7 @@ class ModelRefresher:
                 count, score_sum, *buckets = row
                 self._counter = self._counter.add(_int(count), float(score_sum or 0.0), tuple(_int(b) for b in buckets))
                 self._watermark = horizon
-        return stats, last
+        return stats, q.time.to_epoch(newest), _int(future)
 
     def _online(self, conn, window: str, as_of: datetime) -> OnlineAccuracy:
         """Online accuracy of the label-delayed window ending ``label_delay`` before ``as_of``."""
@@ -267,8 +289,16 @@ class ModelRefresher:
             online = [self._online(conn, window, as_of) for window in self.model.windows]
             if q.version is None:
                 return tuple(online)
-            version = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
-        return tuple(replace(o, serving_version=None if version is None else str(version)) for o in online)
+            raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
+        version, problem = serving_version(raw)
+        if problem != self._version_problem:  # reported once, not at every refresh
+            if problem is not None:
+                log.warning(
+                    "model %s: serving version in column %r is %s; mlmon_online_logloss_vs_offline_ratio is absent",
+                    self.model.name, self.model.predictions.columns.version, problem,
+                )
+            self._version_problem = problem
+        return tuple(replace(o, serving_version=version) for o in online)
 
     def _refresh_replays(self, as_of: datetime) -> tuple[Reproducibility, ...]:
         q, replays = self._predictions(), self._replays()
@@ -348,13 +378,14 @@ class ModelRefresher:
             for name, (when, values) in self._last_good.items()
             if now - when <= self.settings.staleness_period.total_seconds()
         }
-        stats, last_prediction = fresh.get("predictions", ((), None))
+        stats, last_prediction, future = fresh.get("predictions", ((), None, None))
         return ModelSnapshot(
             model=self.model.name,
             sources=sources,
             counter=self._counter,
             score_stats=stats,
             last_prediction_timestamp=last_prediction,
+            future_predictions=future,
             online=fresh.get("labels", ()),
             replays=fresh.get("replays", ()),
             errors=dict(self._errors),

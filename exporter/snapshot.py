@@ -102,6 +102,8 @@ class ModelSnapshot:
     counter: PredictionCounter
     score_stats: tuple[ScoreStats, ...] = ()
     last_prediction_timestamp: float | None = None
+    future_predictions: int | None = None
+    """Prediction rows stamped at or after the refresh time (in no window yet)."""
     online: tuple[OnlineAccuracy, ...] = ()
     replays: tuple[Reproducibility, ...] = ()
     errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
