@@ -68,7 +68,11 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
                     if len(body) > limit:
                         raise HTTPException(413, f"body is over the limit of {limit} bytes")
         except TimeoutError:
-            raise HTTPException(408, f"the body did not arrive within {body_timeout:g} s") from None
+            # The rest of the body may still be on its way: the connection cannot carry
+            # another request, so the server closes it rather than wait for the rest.
+            raise HTTPException(
+                408, f"the body did not arrive within {body_timeout:g} s", headers={"Connection": "close"}
+            ) from None
         return bytes(body)
 
     async def in_state_db(fn, *args):

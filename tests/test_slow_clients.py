@@ -1,0 +1,114 @@
+"""Slow clients against the real server (`mlmon serve`), over raw sockets: headers that
+trickle in or never come get 408 and a closed connection at ``header_timeout``, a body
+that trickles gets 408 with ``connection: close`` at ``api.body_timeout``, and scrapes
+meanwhile are answered at once."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import free_port
+
+TIMEOUT = 1.0  # header_timeout and api.body_timeout of the server under test
+
+
+@pytest.fixture
+def server(tmp_path):
+    (tmp_path / "mlmon.yml").write_text(
+        f"header_timeout: {TIMEOUT:g}s\napi: {{body_timeout: {TIMEOUT:g}s}}\n"
+        f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n'
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "mlmon serve did not come up"
+            time.sleep(0.2)
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _read_until_closed(sock: socket.socket, limit: float = 10) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when it closed."""
+    sock.settimeout(limit)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received, time.monotonic()
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float = 0.2) -> None:
+    """Send ``data`` a byte at a time, until the server closes the connection."""
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+        time.sleep(every)
+
+
+def test_headers_that_trickle_or_never_come_get_408_and_a_closed_connection(server):
+    # Never a byte: closed at header_timeout with a 408.
+    with socket.create_connection(("127.0.0.1", server)) as idle:
+        opened = time.monotonic()
+        received, closed = _read_until_closed(idle)
+    assert received.startswith(b"HTTP/1.1 408 ") and b"connection: close" in received
+    assert TIMEOUT - 0.1 < closed - opened < TIMEOUT + 1.5
+
+    # A byte every 0.2 s: each byte used to reset uvicorn's only timer, here the deadline holds.
+    with socket.create_connection(("127.0.0.1", server)) as slow:
+        opened = time.monotonic()
+        _trickle(slow, b"GET /metrics HTTP/1.1\r\nHost: mlmon\r\nUser-Agent: " + b"x" * 100)
+        received, closed = _read_until_closed(slow)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    assert closed - opened < TIMEOUT + 1.5
+
+    # Meanwhile and afterwards, a scrape is answered at once.
+    started = time.monotonic()
+    assert httpx.get(f"http://127.0.0.1:{server}/metrics").status_code == 200
+    assert time.monotonic() - started < 0.5
+
+
+def test_the_deadline_is_per_request_on_a_kept_alive_connection(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+    for _ in range(3):  # 1.8 s on one connection, each request well within its 1 s
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() == b"ok\n"
+        time.sleep(0.6)
+    # The next request's headers trickle past the deadline, counted from the last response.
+    _trickle(connection.sock, b"GET /healthz HTTP/1.1\r\nHost: mlmon\r\nX-Slow: " + b"y" * 100)
+    received, _ = _read_until_closed(connection.sock)
+    connection.close()
+    assert received.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_body_that_trickles_gets_408_with_connection_close(server):
+    with socket.create_connection(("127.0.0.1", server)) as sock:
+        sock.sendall(
+            b"POST /api/v1/training-runs HTTP/1.1\r\nHost: mlmon\r\ncontent-type: application/json\r\n"
+            b"content-length: 1000\r\n\r\n"
+        )
+        started = time.monotonic()
+        _trickle(sock, b'{"model": "ctr", ' + b" " * 20)
+        received, closed = _read_until_closed(sock)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in head.lower()  # the rest of the body is not waited for
+    assert b"did not arrive within 1 s" in body
+    assert closed - started < TIMEOUT + 1.5
