@@ -30,6 +30,9 @@ def _finite(value: float | None) -> float | None:
 Finite = Annotated[float, AfterValidator(_finite)]
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
+#: Row counts are stored as BIGINT in the state database: a larger one must be a 422, not
+#: an overflow in the database driver.
+Rows = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class _Body(BaseModel):
@@ -48,7 +51,7 @@ class FeatureSummary(_Body):
 
     name: Name
     kind: Literal["numeric", "categorical"]
-    count: int = Field(ge=0)
+    count: Rows
     missing_ratio: Ratio
     mean: Finite | None = None
     stddev: Annotated[Finite, Field(ge=0.0)] | None = None
@@ -97,8 +100,8 @@ class TrainingRun(_Body):
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
     version: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:+-]{1,100}$")]
     trained_at: Annotated[datetime, AfterValidator(as_utc)]
-    training_rows: int = Field(ge=0)
-    validation_rows: int | None = Field(default=None, ge=0)
+    training_rows: Rows
+    validation_rows: Rows | None = None
     validation_logloss: Annotated[Finite, Field(ge=0.0)] | None = None
     validation_roc_auc: Ratio | None = None
     extra_metrics: dict[Name, Finite] = Field(default={}, max_length=100)

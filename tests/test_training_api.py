@@ -84,6 +84,7 @@ def test_token_required_when_configured(state_url, caplog):
     "changes, loc, message",
     [
         ({"training_rows": -1}, "training_rows", "greater than or equal to 0"),
+        ({"training_rows": 2**63}, "training_rows", "less than or equal to 9223372036854775807"),  # over BIGINT
         ({"validation_roc_auc": 1.5}, "validation_roc_auc", "less than or equal to 1"),
         ({"version": "v 1/2"}, "version", "should match pattern"),
         ({"trained_at": "yesterday"}, "trained_at", "datetime"),
