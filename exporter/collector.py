@@ -54,7 +54,7 @@ METRICS = {
         _spec("mlmon_predictions_total", "counter", "model", "Valid predictions seen since the exporter started."),
         _spec("mlmon_prediction_score", "histogram", "model", "Predicted scores seen since the exporter started."),
         _spec("mlmon_prediction_last_timestamp_seconds", "gauge", "model", "Time of the newest prediction before the refresh time."),
-        _spec("mlmon_future_predictions", "gauge", "model", "Predictions stamped at or after the refresh time; in no window until their time comes."),
+        _spec("mlmon_future_predictions", "gauge", "model", "Predictions stamped a minute or more after the refresh time (clock skew); in no window until their time comes."),
         # online accuracy, per label-delayed window
         _spec("mlmon_online_predictions", "gauge", WINDOWED, "Valid predictions in the label-delayed window."),
         _spec("mlmon_online_labeled_predictions", "gauge", WINDOWED, "Predictions of the label-delayed window with a usable label."),

@@ -183,17 +183,18 @@ class PredictionQueries:
         counts = sa.select(sa.func.count().label("n")).select_from(rounded).group_by(rounded.c.key).subquery("counts")
         return sa.select(sa.func.max(counts.c.n))
 
-    def last_timestamp(self, end: datetime) -> sa.Select:
+    def last_timestamp(self, end: datetime, future_from: datetime) -> sa.Select:
         """One row: the newest prediction time before ``end``, and the number of rows stamped
-        at or after ``end`` (in no window yet: a writer's clock ahead of mlmon's, or rows
-        written while the refresh runs).
+        at or after ``future_from`` (a writer's clock ahead of mlmon's, or wrong timestamps).
 
         Two scalar subqueries in one round trip rather than one scan with conditional
         aggregates, so that each can use an index on the timestamp.
         """
-        ts, bound = self.time.expr, self.time.bind(end)
-        newest = sa.select(sa.func.max(ts)).where(ts < bound, *self.filters).scalar_subquery()
-        future = sa.select(sa.func.count()).select_from(self.table).where(ts >= bound, *self.filters).scalar_subquery()
+        ts = self.time.expr
+        newest = sa.select(sa.func.max(ts)).where(ts < self.time.bind(end), *self.filters).scalar_subquery()
+        future = (
+            sa.select(sa.func.count()).select_from(self.table).where(ts >= self.time.bind(future_from), *self.filters)
+        ).scalar_subquery()
         return sa.select(newest.label("newest"), future.label("future"))
 
     def serving_version(self, end: datetime) -> sa.Select:

@@ -11,7 +11,7 @@ import math
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 import sqlalchemy as sa
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 #: Bounded set of ``reason`` label values of ``mlmon_refresh_errors_total``.
 ERROR_REASONS = ("timeout", "connection", "schema", "query", "internal")
+#: Rows stamped less than this after the refresh time are rows written while it runs, not a
+#: clock ahead of mlmon's: ``mlmon_future_predictions`` counts only the later ones.
+FUTURE_TOLERANCE = timedelta(minutes=1)
 
 
 def classify_error(exc: BaseException) -> str:
@@ -232,7 +235,7 @@ class ModelRefresher:
             stats = tuple(
                 self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
             )
-            newest, future = conn.execute(q.last_timestamp(as_of)).one()
+            newest, future = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
             horizon = as_of - self.model.predictions.ingestion_delay
             if self._watermark is None:

@@ -212,6 +212,7 @@ def test_predictions_stamped_in_the_future_are_reported_and_counted_only_when_th
     past = [{"id": i, "ts": AS_OF - timedelta(minutes=i + 1), "p": 0.01 * i} for i in range(50)]
     future = [
         {"id": 100, "ts": AS_OF, "p": 0.5},  # at the refresh time: not before it, so in no window yet
+        {"id": 104, "ts": AS_OF + timedelta(seconds=30), "p": 0.2},  # in no window, but within the minute of tolerance
         {"id": 101, "ts": AS_OF + timedelta(minutes=5), "p": 0.9},
         {"id": 102, "ts": AS_OF + timedelta(hours=2), "p": 0.7},
         {"id": 103, "ts": AS_OF + timedelta(days=1), "p": None},
@@ -224,7 +225,7 @@ def test_predictions_stamped_in_the_future_are_reported_and_counted_only_when_th
     counted: list[dict] = []
     for when, snap in zip(times[1:], snaps[1:]):
         assert snap.sources["predictions"].up, snap.errors
-        assert snap.future_predictions == sum(1 for r in rows if r["ts"] >= when)
+        assert snap.future_predictions == sum(1 for r in rows if r["ts"] >= when + timedelta(minutes=1))
         counted = [r for r in rows if times[0] <= r["ts"] < when and r["p"] is not None]
         assert snap.counter.total == len(counted)
         assert snap.counter.score_sum == pytest.approx(sum(r["p"] for r in counted), rel=1e-12)
@@ -234,12 +235,12 @@ def test_predictions_stamped_in_the_future_are_reported_and_counted_only_when_th
         in_window = [r["p"] for r in rows if when - timedelta(hours=1) <= r["ts"] < when and r["p"] is not None]
         assert snap.score_stats[0].predictions == len(in_window)
         assert snap.score_stats[0].mean == (pytest.approx(np.mean(in_window), rel=1e-12) if in_window else None)
-    assert [s.future_predictions for s in snaps] == [34, 4, 2, 0]  # at first also the 30 past rows of [as_of - 30m, as_of)
-    assert snaps[-1].counter.total == 30 + 3  # each counted once, the NULL score never
+    assert [s.future_predictions for s in snaps] == [34, 3, 2, 0]  # at first also the 29 past rows of [as_of - 29m, as_of)
+    assert snaps[-1].counter.total == 30 + 4  # each counted once, the NULL score never
 
     text = refresh_once(_settings(url, schema, labels=False), AS_OF).decode()
     got = _samples(text)
-    assert got[("mlmon_future_predictions", frozenset({("model", "ctr")}))] == 4
+    assert got[("mlmon_future_predictions", frozenset({("model", "ctr")}))] == 3
     assert got[("mlmon_prediction_last_timestamp_seconds", frozenset({("model", "ctr")}))] == pytest.approx(
         (AS_OF - timedelta(minutes=1)).timestamp(), abs=1e-3
     )

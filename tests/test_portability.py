@@ -57,7 +57,7 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
     return {
         "histogram": q.histogram(start, end),
         "mode_count": q.mode_count(start, end, 6),
-        "last_timestamp": q.last_timestamp(end),
+        "last_timestamp": q.last_timestamp(end, end + timedelta(minutes=1)),
         "serving_version": q.serving_version(end),
         "new_predictions": q.new_predictions(start, end, [0.01, 0.1, 1.0]),
         "online": q.online(labels, start, end, end),
