@@ -21,16 +21,12 @@ import sqlalchemy as sa
 from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
 from exporter.monitoring_math import LOGLOSS_EPS
 from exporter.stores import TimeColumn
+from exporter.training import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
 INVALID_REASONS = ("null_score", "nan_score", "out_of_range", "duplicate_id")
 OK = 0
-
-#: The longest version a training run can have (``exporter.training.TrainingRun``): a
-#: serving version read from the prediction table is cut after one more character, since
-#: a longer one can name no run.
-VERSION_MAX_LENGTH = 100
 
 
 def _double(value: float) -> sa.ColumnElement:
@@ -199,7 +195,8 @@ class PredictionQueries:
 
     def serving_version(self, end: datetime) -> sa.Select:
         """One row: the model version of the newest prediction before ``end`` (needs the
-        ``version`` column), cut after ``VERSION_MAX_LENGTH + 1`` characters, as text, or
+        ``version`` column), cut after ``VERSION_MAX_LENGTH + 1`` characters (a longer one
+        can name no training run), as text, or
         as bytes when the column is binary or the store is SQLite.
 
         On SQLite the value is read as bytes, because its driver raises on text that is not

@@ -26,7 +26,7 @@ from exporter.monitoring_math import (
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
 )
-from exporter.queries import INVALID_REASONS, VERSION_MAX_LENGTH, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
 from exporter.snapshot import (
     ModelSnapshot,
     OnlineAccuracy,
@@ -44,6 +44,7 @@ from exporter.stores import (
     time_column,
     timed_connection,
 )
+from exporter.training import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,7 @@ class ModelSnapshot:
     score_stats: tuple[ScoreStats, ...] = ()
     last_prediction_timestamp: float | None = None
     future_predictions: int | None = None
-    """Prediction rows stamped at or after the refresh time (in no window yet)."""
+    """Prediction rows stamped ``refresh.FUTURE_TOLERANCE`` or more after the refresh time."""
     online: tuple[OnlineAccuracy, ...] = ()
     replays: tuple[Reproducibility, ...] = ()
     errors: Mapping[tuple[str, str], int] = field(default_factory=dict)

@@ -33,6 +33,8 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 #: Row counts are stored as BIGINT in the state database: a larger one must be a 422, not
 #: an overflow in the database driver.
 Rows = Annotated[int, Field(ge=0, le=2**63 - 1)]
+#: The longest model version a run may have.
+VERSION_MAX_LENGTH = 100
 
 
 class _Body(BaseModel):
@@ -98,7 +100,7 @@ class TrainingRun(_Body):
     """
 
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
-    version: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:+-]{1,100}$")]
+    version: Annotated[str, Field(pattern=rf"^[A-Za-z0-9_.:+-]{{1,{VERSION_MAX_LENGTH}}}$")]
     trained_at: Annotated[datetime, AfterValidator(as_utc)]
     training_rows: Rows
     validation_rows: Rows | None = None

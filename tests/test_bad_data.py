@@ -21,11 +21,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from exporter.config import parse_settings
 from exporter.loop import refresh_once
-from exporter.queries import VERSION_MAX_LENGTH
 from exporter.refresh import ModelRefresher
 from exporter.state import StateDatabase, save_run
 from exporter.stores import SchemaError, Stores
-from exporter.training import TrainingRun
+from exporter.training import VERSION_MAX_LENGTH, TrainingRun
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
 
