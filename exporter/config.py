@@ -213,6 +213,8 @@ class AlertThresholds(Strict):
     """Mode-share, reproducibility and score-shift alerts need this many predictions in the window."""
     prediction_age_seconds_max: float | None = 3600
     """Newest prediction older than this: predictions stopped arriving."""
+    future_predictions_max: float | None = 0
+    """More predictions than this stamped a minute or more ahead of mlmon's clock: clock skew."""
     prediction_mean_change_ratio_max: float | None = 1.5
     """Mean score now vs the same time 1 and 7 days ago, above this or below its inverse."""
     reproducibility_ratio_min: float | None = 0.99
