@@ -5,8 +5,15 @@ new connection has no timer at all, so a client trickling its request line and h
 (slowloris) holds a connection and a file descriptor for ever. Here every request's line
 and headers must be complete within ``header_timeout`` of the connection opening or of the
 previous response ending (as Apache's ``RequestReadTimeout header=`` and nginx's
-``client_header_timeout`` do); otherwise the client gets ``408 Request Timeout`` and the
-connection is closed. Bodies have their own limit (``api.body_timeout``, exporter/api.py).
+``client_header_timeout`` do). At the deadline:
+
+- part of a request line or headers arrived: ``408 Request Timeout``, connection closed;
+- nothing arrived (an idle or kept-alive connection): closed silently, as uvicorn's own
+  keep-alive timeout does, so that a client never reads a 408 it did not ask for;
+- the response is sent but the client is still sending a body nobody reads (a route that
+  answers without reading it, or an early 401/413): closed.
+
+An API request's body has its own limit (``api.body_timeout``, exporter/api.py).
 """
 
 from __future__ import annotations
@@ -54,15 +61,20 @@ class HeaderDeadlineH11Protocol(H11Protocol):
         self._header_deadline = self.loop.call_later(self.header_timeout, self._on_header_deadline)
 
     def _on_header_deadline(self) -> None:
-        # h11 leaves IDLE as soon as it has parsed a whole request line and headers: a request
-        # being read or answered is not this deadline's business.
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.transport.write(_TIMEOUT_RESPONSE)  # h11 cannot answer a request it has not seen
+        if self.transport.is_closing():
+            return
+        waiting_for_headers = self.conn.their_state is h11.IDLE
+        unread_body = self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY
+        if waiting_for_headers and self.conn.trailing_data[0]:  # a request began and stalled
+            self.transport.write(_TIMEOUT_RESPONSE)  # h11 cannot answer a request it has not parsed
+        if waiting_for_headers or unread_body:
             self.transport.close()
+        # Otherwise a request is being read or answered: not this deadline's business.
 
 
 def server_config(app, settings: Settings, host: str, port: int, **options) -> uvicorn.Config:
-    """The uvicorn configuration mlmon serves ``app`` with on ``host:port``.
+    """The uvicorn configuration mlmon serves ``app`` with on ``host:port``: always the h11
+    protocol (never httptools) with ``settings.header_timeout`` (seconds) as its deadline.
 
     ``options`` are more ``uvicorn.Config`` keyword arguments (TLS files, log level).
     """
