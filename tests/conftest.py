@@ -7,9 +7,14 @@ in CI (``CI`` set), where it must be there.
 import os
 import re
 import socket
+import ssl
+import subprocess
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -30,6 +35,68 @@ def require(condition: bool, reason: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason} (required in CI)")
         pytest.skip(reason)
+
+
+def start_process(
+    args: list[str], log_path: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start a server a test talks to, its stdout and stderr appended to ``log_path``: a
+    file, never a pipe that nobody drains while the test runs (a full pipe blocks the server)."""
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+
+
+def log_tail(log_path: Path, chars: int = 3000) -> str:
+    """The end of a process's log, for a failure message."""
+    try:
+        return Path(log_path).read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def wait_until_answers(
+    url: str,
+    process: subprocess.Popen,
+    log_path: Path,
+    timeout: float = 30,
+    verify: ssl.SSLContext | bool | None = None,
+    ready: Callable[[httpx.Response], bool] | None = None,
+) -> None:
+    """Wait until ``url`` answers 200 (or satisfies ``ready``); fail with the end of the log
+    when ``process`` exits first or ``timeout`` seconds pass. ``verify``: as httpx's, for
+    https with a test's own certificate."""
+    ready = ready or (lambda response: response.status_code == 200)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"{url}: process exited with {process.returncode}:\n{log_tail(log_path)}"
+        try:
+            if ready(httpx.get(url, timeout=1, verify=True if verify is None else verify)):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready within {timeout} s:\n{log_tail(log_path)}")
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern matching any string that contains ``text`` (whose ``_`` and ``%``
+    are taken literally)."""
+    return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
+
+
+def open_transactions(engine: sa.Engine, schema: str) -> list[tuple]:
+    """(pid, last query) of mlmon's sessions left inside a transaction on tables of this
+    test's schema (such a transaction holds a lock on them: that tells them apart from
+    sessions of other tests, or other test runs, on the same server)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT DISTINCT a.pid, a.query FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+                "JOIN pg_class c ON c.oid = l.relation WHERE c.relnamespace = CAST(:schema AS regnamespace) "
+                "AND a.application_name = 'mlmon' AND a.state LIKE 'idle in transaction%'"
+            ),
+            {"schema": schema},
+        ).all()
 
 
 @pytest.fixture(scope="session")

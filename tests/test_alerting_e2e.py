@@ -16,11 +16,10 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
-from conftest import free_port, require
+from conftest import free_port, require, start_process, wait_until_answers
 
 REPO = Path(__file__).parent.parent
 STUCK_SCORE = 0.0123
@@ -59,23 +58,6 @@ class SlackStandIn:
             time.sleep(0.2)
         titles = [a.get("title") for m in self.received for a in m.get("attachments", [])]
         raise AssertionError(f"no Slack message {title_prefix!r} within {timeout} s; got {titles}")
-
-
-def start(args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd)
-
-
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{url}: process exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def fill(url: str, stuck: bool) -> None:
@@ -147,20 +129,20 @@ scrape_configs:
     processes = []
     try:
         mlmon_log = tmp_path / "mlmon.log"
-        processes.append(start([sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(mlmon_port)], mlmon_log))
-        wait_ready(f"http://127.0.0.1:{mlmon_port}/readyz", processes[-1], mlmon_log)
+        processes.append(start_process([sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(mlmon_port)], mlmon_log))
+        wait_until_answers(f"http://127.0.0.1:{mlmon_port}/readyz", processes[-1], mlmon_log)
         am_log = tmp_path / "alertmanager.log"
-        processes.append(start([
+        processes.append(start_process([
             binaries["prometheus-alertmanager"], "--config.file=alertmanager.yml", f"--storage.path={am_dir / 'data'}",
             f"--web.listen-address=127.0.0.1:{alertmanager_port}", "--cluster.listen-address=",
         ], am_log, cwd=am_dir))
-        wait_ready(f"http://127.0.0.1:{alertmanager_port}/-/ready", processes[-1], am_log)
+        wait_until_answers(f"http://127.0.0.1:{alertmanager_port}/-/ready", processes[-1], am_log)
         prom_log = tmp_path / "prometheus.log"
-        processes.append(start([
+        processes.append(start_process([
             binaries["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prometheus_port}",
         ], prom_log))
-        wait_ready(f"http://127.0.0.1:{prometheus_port}/-/ready", processes[-1], prom_log)
+        wait_until_answers(f"http://127.0.0.1:{prometheus_port}/-/ready", processes[-1], prom_log)
 
         fill(store, stuck=True)  # 1000 of 1200 predictions now share one score
         firing = slack.wait_for("[FIRING:1] MlmonPredictionsDegenerate · ctr", timeout=60)

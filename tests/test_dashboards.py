@@ -18,7 +18,7 @@ from types import ModuleType
 import httpx
 import pytest
 import yaml
-from conftest import catalog, free_port, require
+from conftest import catalog, free_port, require, start_process, wait_until_answers
 from jsonschema import Draft7Validator
 
 from exporter.config import AlertThresholds
@@ -231,19 +231,6 @@ def test_queries_use_only_cataloged_metrics_and_known_thresholds():
 
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{url}: process exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory) -> str:
     """URL of a real Prometheus that scrapes ``mlmon demo`` (job mlmon) and the stand-in
@@ -295,8 +282,8 @@ scrape_configs:
     try:
         for name, (args, ready) in commands.items():
             log = tmp / f"{name}.log"
-            processes.append(subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp))
-            wait_ready(ready, processes[-1], log)
+            processes.append(start_process(args, log, cwd=tmp))
+            wait_until_answers(ready, processes[-1], log, timeout=60)
         yield f"http://127.0.0.1:{prometheus_port}"
     finally:
         for process in reversed(processes):

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
 
-from conftest import free_port, require
+from conftest import free_port, require, start_process, wait_until_answers
 
 UID = 10001  # USER of the Dockerfile
 
@@ -80,19 +78,21 @@ def _serve_read_only(home: Path, url: str, schema: str) -> None:
     )
     config.chmod(0o644)
     port = free_port()
-    server = subprocess.Popen(
+    # Opened here, before the remount: the server writes its output through this
+    # descriptor, outside its read-only view and outside the state directory.
+    log = home / "server.log"
+    server = start_process(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh",
          sys.executable, "-m", "exporter", "serve", "--config", str(config), "--port", str(port)],
+        log,
         env={**os.environ, "STATE": str(state), "PROBE": str(home / "probe"), "UID": str(UID)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while 'mlmon_source_up{model="ctr",source="predictions"} 1.0' not in _metrics(base):
-            assert server.poll() is None, server.stdout.read()
-            assert time.monotonic() < deadline, "the source never came up"
-            time.sleep(0.3)
+        wait_until_answers(
+            f"{base}/metrics", server, log, timeout=30,
+            ready=lambda response: 'mlmon_source_up{model="ctr",source="predictions"} 1.0' in response.text,
+        )
         assert 'mlmon_window_predictions{model="ctr",window="1h"} 30.0' in _metrics(base)
         with open(f"/proc/{server.pid}/status") as status:  # unshare and sh exec'd into the server
             uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
@@ -104,7 +104,8 @@ def _serve_read_only(home: Path, url: str, schema: str) -> None:
         assert httpx.get(f"{base}/api/v1/models/ctr/versions").json()["versions"][0]["version"] == "v1"
     finally:
         server.terminate()
-        output = server.communicate(timeout=10)[0]
+        server.wait(timeout=10)
+    output = log.read_text()
     assert "Read-only file system" not in output and "Traceback" not in output, output
     assert sorted(p.name for p in state.iterdir() if not p.name.startswith("mlmon-state.sqlite")) == []
     assert (state / "mlmon-state.sqlite").stat().st_uid == UID

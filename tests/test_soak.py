@@ -5,7 +5,6 @@ resident memory over time is printed. `MLMON_SOAK_SECONDS` shortens it on a lapt
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -16,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port
+from conftest import free_port, start_process, wait_until_answers
 
 MODELS = 50
 SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 600))
@@ -72,23 +71,15 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
         f'refresh_interval: 2s\nstores: {{s: {{url: "{url}"}}}}\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\nmodels:\n{model_lines}\n'
     )
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log = tmp_path / "server.log"
+    server = start_process(
+        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port)], log
     )
     base = f"http://127.0.0.1:{port}"
     samples: list[tuple[float, float]] = []
     failures = 0
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "mlmon did not become ready"
-            time.sleep(0.5)
+        wait_until_answers(f"{base}/readyz", server, log, timeout=60)
         started = last_append = time.monotonic()
         while (elapsed := time.monotonic() - started) < SECONDS:
             tick = time.monotonic()

@@ -23,12 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from conftest import free_port
+from conftest import free_port, open_transactions, start_process, wait_until_answers
 from exporter.api import RETRY_AFTER_SECONDS
 from exporter.app import create_app
 from exporter.config import parse_settings
@@ -54,21 +53,6 @@ def _stored(engine: sa.Engine, schema: str) -> dict[str, int]:
     with engine.connect() as conn:
         rows = conn.execute(sa.text(f'SELECT version, count(*) FROM "{schema}".mlmon_training_runs GROUP BY version'))
         return dict(rows.all())
-
-
-def _open_transactions(engine: sa.Engine, schema: str) -> list[tuple]:
-    """(pid, last query) of mlmon's sessions left inside a transaction on this test's state
-    tables (such a transaction holds a lock on them: that tells them apart from sessions
-    of other tests, or other test runs, on the same server)."""
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.text(
-                "SELECT DISTINCT a.pid, a.query FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
-                "JOIN pg_class c ON c.oid = l.relation WHERE c.relnamespace = CAST(:schema AS regnamespace) "
-                "AND a.application_name = 'mlmon' AND a.state LIKE 'idle in transaction%'"
-            ),
-            {"schema": schema},
-        ).all()
 
 
 def _wait_until(condition, seconds: float, what: str) -> None:
@@ -131,28 +115,13 @@ def test_state_database_away_then_back_while_mlmon_runs(postgres_schema, postgre
             assert _stored(postgres_engine, schema) == {"v0": 1, "v1": 1, "v2": 1}
             assert client.get("/api/v1/models").json() == {"models": ["ctr"]}
             _wait_trained(client, "v2")  # a refresh in flight is briefly "idle in transaction"
-            assert _open_transactions(postgres_engine, schema) == []
+            assert open_transactions(postgres_engine, schema) == []
     finally:
         proxy.stop()
 
 
 def _serve(config: Path, port: int, log: Path) -> subprocess.Popen:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve", "--config", str(config), "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-
-
-def _wait_healthy(server: subprocess.Popen, base: str, log: Path) -> None:
-    def up() -> bool:
-        assert server.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    _wait_until(up, 15, "mlmon serve answering /healthz")
+    return start_process([sys.executable, "-m", "exporter", "serve", "--config", str(config), "--port", str(port)], log)
 
 
 def test_a_crash_between_request_and_commit_stores_nothing_and_the_retry_stores_once(
@@ -179,7 +148,7 @@ def test_a_crash_between_request_and_commit_stores_nothing_and_the_retry_stores_
     lock = holder.begin()
     client = None
     try:
-        _wait_healthy(servers[0], base, server_log)
+        wait_until_answers(f"{base}/healthz", servers[0], server_log, timeout=15)
         # EXCLUSIVE blocks inserts but not reads: mlmon's training refresh is not held up.
         holder.execute(sa.text(f'LOCK TABLE "{schema}".mlmon_training_runs IN EXCLUSIVE MODE'))
         with client_out.open("wb") as out, client_err.open("wb") as err:
@@ -217,7 +186,7 @@ def test_a_crash_between_request_and_commit_stores_nothing_and_the_retry_stores_
 
         _wait_until(backend_gone, 10, f"the killed server's backend {backend} ending")
         assert _stored(postgres_engine, schema) == {}  # rolled back by PostgreSQL
-        assert _open_transactions(postgres_engine, schema) == []
+        assert open_transactions(postgres_engine, schema) == []
 
         servers.append(_serve(config, port, server_log))  # the same port: the client's URL
         client.wait(20)

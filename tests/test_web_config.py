@@ -7,14 +7,13 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import bcrypt
 import httpx
 import pytest
 
-from conftest import free_port, require
+from conftest import free_port, require, start_process, wait_until_answers
 from exporter.config import ConfigError
 from exporter.web_config import load_web_config
 
@@ -42,22 +41,16 @@ def test_tls_and_basic_auth_on_the_real_server(tmp_path, certificate):
     )
     (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n')
     port = free_port()
-    server = subprocess.Popen(
+    log = tmp_path / "server.log"
+    server = start_process(
         [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port),
          "--web.config.file", str(tmp_path / "web.yml")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        log,
     )
     base = f"https://127.0.0.1:{port}"
     trust = ssl.create_default_context(cafile=str(cert))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", verify=trust, timeout=1)
-                break
-            except httpx.HTTPError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read() if server.poll() is not None else "not up"
-                time.sleep(0.2)
+        wait_until_answers(f"{base}/healthz", server, log, timeout=30, verify=trust)
         anonymous = httpx.get(f"{base}/metrics", verify=trust)
         assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Basic")
         assert httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", "wrong")).status_code == 401
