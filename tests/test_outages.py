@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from conftest import like_pattern, open_transactions
 from exporter.app import create_app
 from exporter.config import parse_settings
 from exporter.refresh import ModelRefresher
@@ -70,24 +71,30 @@ def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engi
     _fill(postgres_engine, schema)
     settings = _settings(url, schema, "sqlite://")
     stores = Stores(settings)
+    # The backends of this test's pool: an idle session's last query is mlmon's ROLLBACK,
+    # which names no schema, and other test sessions may have mlmon sessions on the server.
+    backends: set[int] = set()
+    sa.event.listen(stores.engine("pg"), "connect", lambda connection, _: backends.add(connection.info.backend_pid))
     refresher = ModelRefresher(settings.models[0], settings, stores)
     now = datetime.now(timezone.utc)
-    assert refresher.refresh(now).sources["predictions"].up
+    try:
+        assert refresher.refresh(now).sources["predictions"].up
 
-    with postgres_engine.connect() as conn:
-        killed = conn.execute(
-            sa.text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'mlmon'")
-        ).scalar()
-    assert killed >= 1  # mlmon's pooled connection
+        with postgres_engine.connect() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'mlmon' AND pid = ANY(:pids)"
+                ),
+                {"pids": sorted(backends)},
+            ).scalar()
+        assert killed >= 1  # mlmon's pooled connection
 
-    again = refresher.refresh(now + timedelta(seconds=1))
-    assert again.sources["predictions"].up and sum(again.errors.values()) == 0  # the pool noticed and reconnected
-    with postgres_engine.connect() as conn:
-        open_transactions = conn.execute(
-            sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mlmon' AND state LIKE 'idle in transaction%'")
-        ).scalar()
-    assert open_transactions == 0
-    stores.dispose()
+        again = refresher.refresh(now + timedelta(seconds=1))
+        assert again.sources["predictions"].up and sum(again.errors.values()) == 0  # the pool noticed and reconnected
+        assert open_transactions(postgres_engine, schema) == []
+    finally:
+        stores.dispose()
 
 
 def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, postgres_engine, tmp_path):
@@ -138,11 +145,35 @@ def _sleeping_view(engine, schema: str, seconds: float) -> None:
         )
 
 
-def _mlmon_sessions(engine, where: str) -> list:
+def _mlmon_sessions(engine, schema: str, where: str) -> list:
+    """mlmon's sessions whose current or last query names this test's schema (other test
+    sessions may share the server), and match ``where``."""
     with engine.connect() as conn:
         return conn.execute(
-            sa.text(f"SELECT pid, state, now() - query_start AS running FROM pg_stat_activity WHERE application_name = 'mlmon' AND {where}")
+            sa.text(
+                "SELECT pid, state, now() - query_start AS running FROM pg_stat_activity "
+                f"WHERE application_name = 'mlmon' AND query LIKE :schema AND {where}"
+            ),
+            {"schema": like_pattern(schema)},
         ).all()
+
+
+def _end_sessions(engine, schema: str) -> None:
+    """Terminate mlmon's sessions still querying this test's schema, or holding a lock in
+    it, so that a test that failed midway leaves no sleeping query to block the schema's drop."""
+    with engine.connect() as conn:
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.application_name = 'mlmon' "
+                "AND (a.query LIKE :pattern OR a.pid IN (SELECT l.pid FROM pg_locks l JOIN pg_class c "
+                "ON c.oid = l.relation WHERE c.relnamespace = CAST(:schema AS regnamespace)))"
+            ),
+            {"pattern": like_pattern(schema), "schema": schema},
+        )
+
+
+#: The condition of a session running the query of the sleeping view.
+SLEEPING = "state = 'active' AND query LIKE '%slow_predictions%'"
 
 
 def _value(text: str, series: str) -> float | None:
@@ -155,40 +186,45 @@ def _value(text: str, series: str) -> float | None:
 def test_a_sleeping_query_is_cancelled_on_the_server_and_other_models_keep_refreshing(postgres_schema, postgres_engine, tmp_path):
     url, schema = postgres_schema
     _fill(postgres_engine, schema)
-    _sleeping_view(postgres_engine, schema, 600)
+    _sleeping_view(postgres_engine, schema, 30)  # far beyond the 2 s query_timeout
     base = _settings(url, schema, f"sqlite:///{tmp_path}/state.sqlite")
     fast = base.models[0]
     slow = fast.model_copy(update={"name": "slow", "predictions": fast.predictions.model_copy(update={"table": "slow_predictions"})})
     models = [fast.model_copy(update={"name": name}) for name in ("a", "b")] + [slow]
     settings = base.model_copy(update={"models": models})  # query_timeout 2 s, refresh every 1 s
 
-    with TestClient(create_app(settings)) as client:
-        _wait_for(client, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"} 1.0')
-        successes = {"a": set(), "b": set()}
-        longest_sleep = 0.0
-        deadline = time.monotonic() + 5  # more than two of the slow model's 2 s timeouts
-        while time.monotonic() < deadline:
+    try:
+        with TestClient(create_app(settings)) as client:
+            _wait_for(client, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"} 1.0')
+            successes = {"a": set(), "b": set()}
+            longest_sleep = 0.0
+            deadline = time.monotonic() + 5  # more than two of the slow model's 2 s timeouts
+            while time.monotonic() < deadline:
+                text = client.get("/metrics").text
+                for name in successes:
+                    last_success = _value(text, f'mlmon_refresh_last_success_timestamp_seconds{{model="{name}"}}')
+                    if last_success is not None:
+                        successes[name].add(last_success)
+                for _, _, running in _mlmon_sessions(postgres_engine, schema, SLEEPING):
+                    longest_sleep = max(longest_sleep, running.total_seconds())
+                time.sleep(0.2)
             text = client.get("/metrics").text
-            for name in successes:
-                successes[name].add(_value(text, f'mlmon_refresh_last_success_timestamp_seconds{{model="{name}"}}'))
-            for _, _, running in _mlmon_sessions(postgres_engine, "state = 'active' AND query LIKE '%slow_predictions%'"):
-                longest_sleep = max(longest_sleep, running.total_seconds())
-            time.sleep(0.2)
-        text = client.get("/metrics").text
 
-    # The other models refreshed every second meanwhile, without an error.
-    assert all(len(times) >= 3 for times in successes.values()), successes
-    for name in ("a", "b"):
-        assert f'mlmon_source_up{{model="{name}",source="predictions"}} 1.0' in text
-        assert _value(text, f'mlmon_refresh_errors_total{{model="{name}",reason="timeout",source="predictions"}}') == 0
-    # The sleeping query was cancelled by the server at query_timeout, every time.
-    assert longest_sleep < 3.0, longest_sleep
-    assert _value(text, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"}') >= 2
-    assert 'mlmon_source_up{model="slow",source="predictions"} 0.0' in text
-    deadline = time.monotonic() + 5
-    while _mlmon_sessions(postgres_engine, "query LIKE '%slow_predictions%' AND state <> 'idle'"):
-        assert time.monotonic() < deadline, "a sleeping query outlived mlmon"
-        time.sleep(0.2)
+        # The other models refreshed every second meanwhile, without an error.
+        assert all(len(times) >= 3 for times in successes.values()), successes
+        for name in ("a", "b"):
+            assert f'mlmon_source_up{{model="{name}",source="predictions"}} 1.0' in text
+            assert _value(text, f'mlmon_refresh_errors_total{{model="{name}",reason="timeout",source="predictions"}}') == 0
+        # The sleeping query was cancelled by the server at query_timeout, every time.
+        assert longest_sleep < 3.0, longest_sleep
+        assert _value(text, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"}') >= 2
+        assert 'mlmon_source_up{model="slow",source="predictions"} 0.0' in text
+        deadline = time.monotonic() + 5
+        while _mlmon_sessions(postgres_engine, schema, "query LIKE '%slow_predictions%' AND state <> 'idle'"):
+            assert time.monotonic() < deadline, "a sleeping query outlived mlmon"
+            time.sleep(0.2)
+    finally:
+        _end_sessions(postgres_engine, schema)
 
 
 def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, postgres_engine):
@@ -204,21 +240,25 @@ def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, 
     worker = threading.Thread(target=lambda: results.append(refresher.refresh(datetime.now(timezone.utc))))
     worker.start()
 
-    deadline = time.monotonic() + 10
-    while not (running := _mlmon_sessions(postgres_engine, "state = 'active' AND query LIKE '%slow_predictions%'")):
-        assert time.monotonic() < deadline, "the refresh's query never started"
-        time.sleep(0.1)
-    with postgres_engine.connect() as conn:
-        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": running[0].pid})
-    worker.join(10)  # the refresh fails at once, not at the 60 s query_timeout
-    assert not worker.is_alive()
-    failed = results[0]
-    assert not failed.sources["predictions"].up
-    assert failed.errors[("predictions", "connection")] == 1
+    try:
+        deadline = time.monotonic() + 10
+        while not (running := _mlmon_sessions(postgres_engine, schema, SLEEPING)):
+            assert time.monotonic() < deadline, "the refresh's query never started"
+            time.sleep(0.1)
+        with postgres_engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": running[0].pid})
+        worker.join(10)  # the refresh fails at once, not at the 60 s query_timeout
+        assert not worker.is_alive()
+        failed = results[0]
+        assert not failed.sources["predictions"].up
+        assert failed.errors[("predictions", "connection")] == 1
 
-    _sleeping_view(postgres_engine, schema, 0)  # the database is fast again
-    again = refresher.refresh(datetime.now(timezone.utc))
-    assert again.sources["predictions"].up  # same process, same pool: it reconnected
-    assert again.errors[("predictions", "connection")] == 1  # counted once, nothing more
-    assert _mlmon_sessions(postgres_engine, "state LIKE 'idle in transaction%'") == []
-    stores.dispose()
+        _sleeping_view(postgres_engine, schema, 0)  # the database is fast again
+        again = refresher.refresh(datetime.now(timezone.utc))
+        assert again.sources["predictions"].up  # same process, same pool: it reconnected
+        assert again.errors[("predictions", "connection")] == 1  # counted once, nothing more
+        assert open_transactions(postgres_engine, schema) == []
+    finally:
+        _end_sessions(postgres_engine, schema)  # a 600 s query left by a failure would block the schema's drop
+        worker.join(10)
+        stores.dispose()
