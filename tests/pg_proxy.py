@@ -15,26 +15,34 @@ class Proxy:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self._listener = None
-        self._open: list[socket.socket] = []
+        # Guards _listener and _open, which the accept and pipe threads change while
+        # stop() runs in the test's thread.
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
 
     def start(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
-        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        with self._lock:
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def stop(self) -> None:
-        """Refuse new connections and cut the open ones, as a server restart does."""
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread: close alone does not
-        except OSError:
-            pass
-        self._listener.close()
-        for s in self._open:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._open.clear()
+        """Refuse new connections and cut the open ones, as a server restart does. The
+        sockets of a cut connection are closed by its pipe threads, once both have ended."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            if listener is not None:
+                try:
+                    listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread: close alone does not
+                except OSError:
+                    pass
+                listener.close()
+            for s in self._open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _accept(self, listener) -> None:
         while True:
@@ -42,21 +50,36 @@ class Proxy:
                 client, _ = listener.accept()
             except OSError:  # closed by stop()
                 return
-            upstream = socket.create_connection(self.target)
-            self._open += [client, upstream]
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the real server refused: so does the proxy, and goes on accepting
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # stop() ran meanwhile: this connection is cut too
+                    client.close()
+                    upstream.close()
+                    return
+                self._open.update((client, upstream))
+            pipes = [2]  # pipe threads of this connection still running
             for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b, pipes), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source, sink) -> None:
+    def _pipe(self, source, sink, pipes: list[int]) -> None:
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            with self._lock:
+                for s in (source, sink):  # ends the other direction's thread too
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                pipes[0] -= 1
+                if pipes[0] == 0:  # the last of the two: no thread uses the sockets any more
+                    for s in (source, sink):
+                        self._open.discard(s)
+                        s.close()
