@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -75,9 +76,14 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             ) from None
         return bytes(body)
 
+    # The state database's calls get threads of their own: while it hangs (until its
+    # statement_timeout), they must not take the default executor's few threads, which
+    # render /metrics and check basic-auth passwords.
+    state_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db")
+
     async def in_state_db(fn, *args):
         try:
-            return await asyncio.to_thread(lambda: fn(state.ready(), *args))
+            return await asyncio.get_running_loop().run_in_executor(state_threads, lambda: fn(state.ready(), *args))
         except sa.exc.SQLAlchemyError as exc:
             state.failed()
             log.warning("state database failed: %s", first_line(exc))

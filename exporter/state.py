@@ -57,10 +57,17 @@ def migrate(engine: sa.Engine) -> None:
 
 
 class StateDatabase:
-    """The state database's engine, migrated on first use (and again after a failure)."""
+    """The state database's engine, migrated on first use (and again after a failure).
 
-    def __init__(self, url: sa.URL | str, connect_timeout: float | None = None):
-        self.engine = create_store_engine(url, connect_timeout)
+    With ``timeout`` (seconds), PostgreSQL connections give up connecting after it and every
+    statement is cancelled on the server after it (``statement_timeout``): a write waiting on
+    a lock must end as an error (a 503 of the API), not hold a thread for ever.
+    """
+
+    def __init__(self, url: sa.URL | str, timeout: float | None = None):
+        self.engine = create_store_engine(url, timeout)
+        if timeout is not None and self.engine.dialect.name == "postgresql":
+            sa.event.listen(self.engine, "connect", _statement_timeout(timeout))
         self._migrated = False
         self._lock = threading.Lock()
 
@@ -80,6 +87,17 @@ class StateDatabase:
         """Check the schema again on next use: the database may have been replaced."""
         with self._lock:
             self._migrated = False
+
+
+def _statement_timeout(seconds: float):
+    def on_connect(dbapi_connection, _record) -> None:
+        # Session-wide, set once per new pooled connection; committed so that the SET
+        # does not leave the connection inside a transaction.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET statement_timeout = {max(1, int(seconds * 1000))}")
+        dbapi_connection.commit()
+
+    return on_connect
 
 
 def save_run(engine: sa.Engine, run: TrainingRun, received_at: datetime) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -144,6 +145,51 @@ def test_state_database_down_answers_503_and_stores_nothing():
         while "mlmon_state_up 0.0" not in client.get("/metrics").text.splitlines():
             assert time.monotonic() < deadline, "mlmon_state_up 0 never exported"
             time.sleep(0.1)
+
+
+def test_a_locked_state_database_answers_503_and_metrics_keep_refreshing(postgres_schema, postgres_engine, tmp_path):
+    """Writes waiting on a lock end at query_timeout (statement_timeout) as 503s, and while
+    they wait, more of them than the default executor has threads, /metrics still renders
+    new refreshes (they must not queue behind the state database)."""
+    url, schema = postgres_schema
+    predictions = sa.create_engine(f"sqlite:///{tmp_path}/p.sqlite")
+    with predictions.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT)"))
+    settings = parse_settings(
+        {
+            "refresh_interval": "1s",
+            "query_timeout": "3s",
+            "stores": {"p": {"url": f"sqlite:///{tmp_path}/p.sqlite"}},
+            "models": [{"name": "ctr", "predictions": {"store": "p", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}}],
+            "state": {"url": f"{url}?options=-csearch_path%3D{schema}"},
+        }
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/api/v1/training-runs", json=run("v0")).status_code == 201  # migrated, then locked
+        with postgres_engine.connect() as locker:
+            locker.execute(sa.text(f'LOCK TABLE "{schema}".mlmon_training_runs IN EXCLUSIVE MODE'))
+            answers = []
+            reports = [
+                threading.Thread(target=lambda i=i: answers.append(client.post("/api/v1/training-runs", json=run(f"v{i + 1}"))))
+                for i in range(8)
+            ]
+            started = time.monotonic()
+            for report in reports:
+                report.start()
+            refreshed = set()
+            while any(report.is_alive() for report in reports):
+                assert time.monotonic() - started < 30, "reports still waiting on the lock"
+                for line in client.get("/metrics").text.splitlines():
+                    if line.startswith('mlmon_refresh_last_success_timestamp_seconds{model="ctr"}'):
+                        refreshed.add(line)
+                time.sleep(0.2)
+            waited = time.monotonic() - started
+            locker.rollback()
+        assert len(refreshed) >= 3  # a new refresh on /metrics about every second meanwhile
+        assert [a.status_code for a in answers] == [503] * 8
+        assert answers[0].headers["retry-after"] == "5"
+        assert waited < 2 * 3 + 3  # two rounds of 4 state-database threads, each cancelled at 3 s
+        assert [v["version"] for v in versions(client)] == ["v0"]
 
 
 def test_state_schema_is_created_by_migrations(state_url):
