@@ -180,8 +180,10 @@ class PredictionQueries:
         return sa.select(sa.func.max(counts.c.n))
 
     def last_timestamp(self, end: datetime, future_from: datetime) -> sa.Select:
-        """One row: the newest prediction time before ``end``, and the number of rows stamped
-        at or after ``future_from`` (a writer's clock ahead of mlmon's, or wrong timestamps).
+        """One row (``newest``, ``future``): the newest prediction time before ``end``, in the
+        column's own representation (``TimeColumn.to_epoch`` converts it), and the number of
+        rows stamped at or after ``future_from`` (a writer's clock ahead of mlmon's, or wrong
+        timestamps).
 
         Two scalar subqueries in one round trip rather than one scan with conditional
         aggregates, so that each can use an index on the timestamp.

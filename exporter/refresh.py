@@ -80,7 +80,7 @@ def _int(value) -> int:
     return int(value or 0)
 
 
-def serving_version(raw: str | bytes | None) -> tuple[str | None, str | None]:
+def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | None]:
     """(version, problem) from the value read by ``PredictionQueries.serving_version``.
 
     ``problem`` is ``None`` or why the value cannot be a training run's version: longer
@@ -233,10 +233,12 @@ class ModelRefresher:
     def _refresh_predictions(self, as_of: datetime) -> tuple[tuple[ScoreStats, ...], float | None, int]:
         q = self._predictions()
         with self._connection() as conn:
+            # First, so that rows written during the window queries (which may take minutes
+            # on a large table) do not count as stamped in the future.
+            newest, future = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
             stats = tuple(
                 self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
             )
-            newest, future = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
             horizon = as_of - self.model.predictions.ingestion_delay
             if self._watermark is None:
@@ -294,7 +296,7 @@ class ModelRefresher:
             if q.version is None:
                 return tuple(online)
             raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
-        version, problem = serving_version(raw)
+        version, problem = decode_serving_version(raw)
         if problem != self._version_problem:  # reported once, not at every refresh
             if problem is not None:
                 log.warning(
