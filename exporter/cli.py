@@ -35,8 +35,8 @@ def _settings(path: Path) -> Settings:
         _fail(str(exc))
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _parse_as_of(text: str | None) -> datetime:
@@ -178,13 +178,16 @@ def report_training(
 
     Exit code 0 when stored (or identical to the stored run), 2 when the file is invalid
     (one line per problem, naming its key path), 1 when the server rejects the run or
-    cannot be reached."""
+    cannot be reached. A refused or cut connection and a 502/503/504 are retried after
+    1, 2, 4 and 8 s (or the server's Retry-After): safe, as a run is stored once."""
     import httpx
     from pydantic import ValidationError
 
-    from exporter.client import ReportError, post_training_run
+    from exporter.client import ReportError, post_training_run, redact_url
     from exporter.errors import error_lines
     from exporter.training import TrainingRun
+
+    _logging(logging.WARNING)  # the client's retries; not httpx's line per request
 
     try:
         run = TrainingRun.model_validate_json(file.read_bytes())
@@ -195,7 +198,7 @@ def report_training(
     try:
         answer = post_training_run(url, run, token=token)
     except ReportError as exc:
-        _fail(f"{url}: {exc}", code=1)
+        _fail(f"{redact_url(url)}: {exc}", code=1)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        _fail(f"cannot reach mlmon at {url}: {exc}", code=1)
+        _fail(f"cannot reach mlmon at {redact_url(url)}: {exc}", code=1)
     typer.echo(f"{answer.get('status', 'reported')} {run.model} {run.version}")

@@ -361,7 +361,8 @@ def post_training_run(
     """POST ``run`` to ``{url}/api/v1/training-runs`` and return the server's JSON answer.
 
     A connection error, a timeout or a 502/503/504 answer is retried after each of
-    ``retry_delays`` in turn (logged as a warning); the last failure is raised. Retrying
+    ``retry_delays`` in turn, or after the answer's ``Retry-After`` when longer (at most
+    60 s), logged as a warning; the last failure is raised. Retrying
     is safe because the server stores a run once per (model, version): when an earlier
     attempt was stored after all (its answer lost), the retry is answered ``unchanged``.
 
@@ -402,11 +403,28 @@ def post_training_run(
                 if response.status_code not in _TRANSIENT_STATUSES or delay is None:
                     break
                 problem = f"HTTP {response.status_code}"
-            log.warning("reporting to mlmon at %s failed (%s); retrying in %g s", url, problem, delay)
+                delay = max(delay, _retry_after(response))
+            log.warning("reporting to mlmon at %s failed (%s); retrying in %g s", redact_url(url), problem, delay)
             time.sleep(delay)
     if response.status_code not in (200, 201):
         raise ReportError(response.status_code, _detail(response))
     return response.json()
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The server's ``Retry-After`` in seconds (0 when absent or an HTTP date), at most a minute."""
+    try:
+        return min(max(float(response.headers.get("retry-after", 0)), 0.0), 60.0)
+    except ValueError:
+        return 0.0
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the user name and password it may carry, for logs and messages."""
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None))
+    except httpx.InvalidURL:
+        return "<invalid URL>"
 
 
 def report_training_run(

@@ -442,6 +442,24 @@ def test_connection_errors_and_503_are_retried_with_the_same_body(monkeypatch):
     assert sent == [run.canonical_json().encode()] * 3  # identical bodies: the server stores the run once
 
 
+def test_retry_after_is_honoured_and_credentials_stay_out_of_the_log(monkeypatch, caplog):
+    import httpx
+
+    from exporter.client import post_training_run
+
+    slept = []
+    monkeypatch.setattr("exporter.client.time.sleep", slept.append)
+    answers = iter([httpx.Response(503, headers={"Retry-After": "5"}, json={"detail": "busy"}),
+                    httpx.Response(503, headers={"Retry-After": "3600"}, json={"detail": "busy"}),
+                    httpx.Response(201, json={"status": "created"})])
+    http = httpx.Client(transport=httpx.MockTransport(lambda request: next(answers)))
+    run = TrainingRun.model_validate(_valid_run())
+    with caplog.at_level("WARNING"):
+        post_training_run("http://user:s3cret@testserver", run, http=http, retry_delays=(1.0, 1.0))
+    assert slept == [5.0, 60.0]  # the server's wait when longer, capped at a minute
+    assert "retrying" in caplog.text and "s3cret" not in caplog.text and "user" not in caplog.text
+
+
 @pytest.mark.parametrize("status", [401, 404, 409, 413, 422, 500])
 def test_rejections_are_not_retried(monkeypatch, status):
     from exporter.client import ReportError, post_training_run
