@@ -46,6 +46,10 @@ def _sqlite_math(dbapi_connection, _record) -> None:
         dbapi_connection.create_function("floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True)
 
 
+#: The drivers mlmon's extras install (pyproject.toml), by SQLAlchemy URL scheme.
+_DRIVER_EXTRAS = {"postgresql+psycopg": "postgresql", "duckdb": "duckdb"}
+
+
 def create_store_engine(url: str, connect_timeout: float | None = None) -> Engine:
     """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
 
@@ -55,7 +59,8 @@ def create_store_engine(url: str, connect_timeout: float | None = None) -> Engin
 
     Raises:
         sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
-        sqlalchemy.exc.NoSuchModuleError: the dialect's driver is not installed.
+        sqlalchemy.exc.NoSuchModuleError: the dialect or its driver is not installed (the
+            message says what to install).
     """
     connect_args = {}
     if connect_timeout is not None and sa.make_url(url).get_backend_name() == "postgresql":
@@ -68,7 +73,13 @@ def create_store_engine(url: str, connect_timeout: float | None = None) -> Engin
             # Shows in pg_stat_activity, so that a DBA can tell mlmon's queries apart.
             "application_name": "mlmon",
         }
-    engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    except ImportError as exc:  # SQLAlchemy imports the driver here; a bare traceback helps nobody
+        driver = sa.make_url(url).drivername
+        extra = _DRIVER_EXTRAS.get(driver)
+        hint = f"pip install 'mlmon[{extra}]'" if extra else f"pip install the package of module {exc.name!r}"
+        raise sa.exc.NoSuchModuleError(f"the driver of {driver!r} is not installed: {hint}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_math)
     return engine

@@ -167,6 +167,16 @@ def test_check_config_missing_table_or_column(tmp_path, table, score, message):
     assert message in result.output
 
 
+def test_check_config_names_a_driver_that_is_not_installed(tmp_path):
+    import importlib.util
+
+    assert importlib.util.find_spec("pg8000") is None  # a PostgreSQL driver mlmon does not install
+    config = CONFIG.format(url="postgresql+pg8000://mlmon@127.0.0.1/test", table="predictions", score="p")
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "the driver of 'postgresql+pg8000' is not installed: pip install the package of module 'pg8000'" in result.output
+
+
 def test_check_config_invalid_yaml_key(tmp_path):
     path = _write(tmp_path, "    refresh_interval: soon" + CONFIG.format(url="sqlite://", table="predictions", score="p"))
     result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
