@@ -170,7 +170,8 @@ def test_check_config_missing_table_or_column(tmp_path, table, score, message):
 def test_check_config_names_a_driver_that_is_not_installed(tmp_path):
     import importlib.util
 
-    assert importlib.util.find_spec("pg8000") is None  # a PostgreSQL driver mlmon does not install
+    if importlib.util.find_spec("pg8000") is not None:  # a PostgreSQL driver mlmon does not install
+        pytest.skip("pg8000 is installed here")
     config = CONFIG.format(url="postgresql+pg8000://mlmon@127.0.0.1/test", table="predictions", score="p")
     result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
     assert result.exit_code == 2 and "Traceback" not in result.output
