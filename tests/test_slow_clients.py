@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, start_process, wait_until_answers
 
 TIMEOUT = 2.0  # header_timeout and api.body_timeout of the server under test
 
@@ -27,23 +26,16 @@ def server(tmp_path):
         f"header_timeout: {TIMEOUT:g}s\napi: {{body_timeout: {TIMEOUT:g}s}}\n"
         f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n'
     )
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    port, log = free_port(), tmp_path / "server.log"
+    process = start_process(
+        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port)], log
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            break
-        except httpx.HTTPError:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "mlmon serve did not come up"
-            time.sleep(0.2)
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/healthz", process, log)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def _read_until_closed(sock: socket.socket, limit: float = 10) -> tuple[bytes, float]:
