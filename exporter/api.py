@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 #: the state database stays away is unknown, and a few seconds spaces out the retries of
 #: many pipelines without delaying them much after a brief outage.
 RETRY_AFTER_SECONDS = 5
+#: The state database's calls get threads of their own (one pool per process): while it
+#: hangs (until its statement_timeout), they must not take the default executor's few
+#: threads, which render /metrics and check basic-auth passwords.
+_STATE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db")
 
 
 def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
@@ -76,14 +80,9 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             ) from None
         return bytes(body)
 
-    # The state database's calls get threads of their own: while it hangs (until its
-    # statement_timeout), they must not take the default executor's few threads, which
-    # render /metrics and check basic-auth passwords.
-    state_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db")
-
     async def in_state_db(fn, *args):
         try:
-            return await asyncio.get_running_loop().run_in_executor(state_threads, lambda: fn(state.ready(), *args))
+            return await asyncio.get_running_loop().run_in_executor(_STATE_THREADS, lambda: fn(state.ready(), *args))
         except sa.exc.SQLAlchemyError as exc:
             state.failed()
             log.warning("state database failed: %s", first_line(exc))

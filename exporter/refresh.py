@@ -59,6 +59,8 @@ def classify_error(exc: BaseException) -> str:
     """Map an exception raised by a source refresh to an ``ERROR_REASONS`` value."""
     if isinstance(exc, SchemaError | sa.exc.NoSuchTableError):
         return "schema"
+    if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection free in time: the store is saturated
+        return "timeout"
     if isinstance(exc, sa.exc.DBAPIError):
         orig = exc.orig
         sqlstate = getattr(orig, "sqlstate", None)

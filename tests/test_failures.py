@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
+from exporter.refresh import ModelRefresher, classify_error
 from exporter.stores import Stores
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -307,3 +307,14 @@ def test_ids_beyond_2_to_the_53_join_exactly(tmp_path):
     assert snap.score_stats[0].predictions == 4 and snap.score_stats[0].invalid["duplicate_id"] == 0
     assert online.labeled == 1 and online.positives == 1 and online.label_coverage == 0.25
     assert online.logloss == pytest.approx(-math.log(0.4))
+
+
+def test_no_pooled_connection_free_in_time_is_a_timeout(tmp_path):
+    """Many models on one store share its pool; a refresh that gets no connection in time
+    (the store saturated) counts as ``reason="timeout"``, logged in one line."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/s.sqlite", pool_size=1, max_overflow=0, pool_timeout=0.1)
+    with engine.connect():
+        with pytest.raises(sa.exc.TimeoutError) as waited:
+            engine.connect()
+    engine.dispose()
+    assert classify_error(waited.value) == "timeout"
