@@ -21,7 +21,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
 
 from exporter.config import Settings
-from exporter.errors import first_line, key_path, message
+from exporter.errors import first_line, located
 from exporter.state import RunConflict, StateDatabase, list_models, list_versions, save_run
 from exporter.training import TrainingRun
 
@@ -110,7 +110,7 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
         try:
             run = TrainingRun.model_validate_json(body)
         except ValidationError as exc:
-            detail = [{"loc": key_path(e["loc"]), "msg": message(e)} for e in exc.errors(include_url=False)]
+            detail = [dict(zip(("loc", "msg"), located(e))) for e in exc.errors(include_url=False)]
             raise HTTPException(422, detail) from None
         try:
             status = await in_state_db(save_run, run, datetime.now(timezone.utc))

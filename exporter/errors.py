@@ -38,9 +38,20 @@ def message(error: Mapping[str, Any]) -> str:
     return str(error.get("msg", error)).removeprefix("Value error, ")
 
 
+def located(error: Mapping[str, Any]) -> tuple[str, str]:
+    """(key path, message) of one pydantic error. A validator of a whole object names the
+    field in its message (``categories: shares must sum to 1``): that field joins the path
+    (``features[0].categories``), so that every error names its key the same way."""
+    path, text = key_path(error.get("loc", ())), message(error)
+    field, separator, rest = text.partition(": ")
+    if separator and field.isidentifier():
+        return (field if path == "(top level)" else f"{path}.{field}"), rest
+    return path, text
+
+
 def error_lines(errors: Sequence[Mapping[str, Any]]) -> list[str]:
     """``"key.path: message"`` lines from pydantic's ``errors()`` or a 422 ``detail`` list."""
-    return [f"{key_path(error.get('loc', ()))}: {message(error)}" for error in errors]
+    return ["{}: {}".format(*located(error)) for error in errors]
 
 
 def first_line(exc: BaseException) -> str:

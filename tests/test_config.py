@@ -110,7 +110,7 @@ def test_bad_url_named_without_echoing_it():
     data = _config()
     data["stores"]["s"] = {"url": "postgresql://u:s3cret@host:notaport/db"}
     (error,) = _errors(data)
-    assert error.startswith("stores.s: ") and "not a SQLAlchemy URL" in error and "s3cret" not in error
+    assert error.startswith("stores.s.url: ") and "not a SQLAlchemy URL" in error and "s3cret" not in error
 
 
 def test_duplicate_model_names():
@@ -217,4 +217,4 @@ def test_token_file_must_hold_a_real_token(tmp_path, content):
     data = _config()
     data["api"] = {"token_file": str(secret)}
     (error,) = _errors(data)
-    assert error == "api: token_file: the token must have at least 16 characters"
+    assert error == "api.token_file: the token must have at least 16 characters"

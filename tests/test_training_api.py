@@ -91,7 +91,7 @@ def test_token_required_when_configured(state_url, caplog):
         ({"trained_at": "yesterday"}, "trained_at", "datetime"),
         ({"colour": "blue"}, "colour", "Extra inputs are not permitted"),
         ({"features": [{"name": "c", "kind": "categorical", "count": 3, "missing_ratio": 0.0, "categories": {"a": 0.5}}]},
-         "features[0]", "shares must sum to 1"),
+         "features[0].categories", "shares must sum to 1"),
     ],
 )
 def test_invalid_run_rejected_whole_with_its_key_path(state_url, changes, loc, message):
