@@ -50,11 +50,8 @@ def _sqlite_math(dbapi_connection, _record) -> None:
 _DRIVER_EXTRAS = {"postgresql+psycopg": "postgresql", "duckdb": "duckdb"}
 
 
-def create_store_engine(url: str, connect_timeout: float | None = None, pool_size: int = 5) -> Engine:
+def create_store_engine(url: str, connect_timeout: float | None = None) -> Engine:
     """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
-
-    The pool keeps up to ``pool_size`` connections (opened on demand, SQLAlchemy's default
-    of 5 unless given) plus 10 more under load.
 
     With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it,
     use TCP keepalives (so that a server that vanished mid-query is noticed) and carry the
@@ -77,7 +74,7 @@ def create_store_engine(url: str, connect_timeout: float | None = None, pool_siz
             "application_name": "mlmon",
         }
     try:
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=pool_size, connect_args=connect_args)
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except ImportError as exc:  # SQLAlchemy imports the driver here; a bare traceback helps nobody
         driver = sa.make_url(url).drivername
         extra = _DRIVER_EXTRAS.get(driver)
@@ -256,15 +253,7 @@ class Stores:
             if name not in self._engines:
                 url = self._settings.stores[name].resolved_url()
                 require_existing_sqlite_file(url)  # monitored stores are read, never created
-                # A connection per model that reads the store: each model refreshes in its own
-                # thread, and with fewer connections than models, refreshes that overlap wait
-                # for one and fail at the pool's 30 s timeout, merely because there are many.
-                readers = sum(
-                    1 for model in self._settings.models if any(s.store == name for s in model.sources().values())
-                )
-                self._engines[name] = create_store_engine(
-                    url, self._settings.query_timeout.total_seconds(), pool_size=max(5, readers)
-                )
+                self._engines[name] = create_store_engine(url, self._settings.query_timeout.total_seconds())
             return self._engines[name]
 
     def dispose(self) -> None:
