@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from collections.abc import Callable
 from pathlib import Path
 
@@ -146,3 +147,13 @@ def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
         if match:
             rows[match.group(1)] = (match.group(2), tuple(re.findall(r"`(\w+)`", match.group(3))))
     return rows
+
+
+@contextmanager
+def table_locked(engine: sa.Engine, schema: str, table: str, mode: str = "ACCESS EXCLUSIVE"):
+    """Hold a lock on ``schema.table`` in a session of the test's own until the block ends
+    (then rolled back): mlmon's queries on it wait meanwhile."""
+    with engine.connect() as conn:
+        conn.execute(sa.text(f'LOCK TABLE "{schema}".{table} IN {mode} MODE'))
+        yield
+        conn.rollback()

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
+from conftest import table_locked
 from exporter.config import parse_settings
 from exporter.refresh import ModelRefresher, classify_error
 from exporter.stores import Stores
@@ -103,18 +104,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
     refresher = ModelRefresher(settings.models[0], settings, stores)
     refresher.check_schema()
 
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock():
-        with postgres_engine.begin() as conn:
-            conn.execute(sa.text(f'LOCK TABLE "{schema}".labels IN ACCESS EXCLUSIVE MODE'))
-            locked.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        assert locked.wait(10)
+    with table_locked(postgres_engine, schema, "labels"):
         started = time.monotonic()
         snap = refresher.refresh(AS_OF)
         elapsed = time.monotonic() - started
@@ -122,9 +112,6 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
             waiting = conn.execute(
                 sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'mlmon'")
             ).scalar()
-    finally:
-        release.set()
-        holder.join()
     assert _nonzero(snap.errors) == {("labels", "timeout"): 1}
     assert snap.sources["predictions"].up and not snap.sources["labels"].up
     assert elapsed < 10

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from conftest import like_pattern, open_transactions
+from conftest import like_pattern, open_transactions, table_locked
 from exporter.app import create_app
 from exporter.config import parse_settings
 from exporter.refresh import ModelRefresher
@@ -103,20 +103,9 @@ def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, pos
     settings = _settings(url, schema, f"sqlite:///{tmp_path}/state.sqlite").model_copy(
         update={"query_timeout": timedelta(seconds=5)}
     )
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock():
-        with postgres_engine.begin() as conn:
-            conn.execute(sa.text(f'LOCK TABLE "{schema}".predictions IN ACCESS EXCLUSIVE MODE'))
-            locked.set()
-            release.wait(30)
-
     with TestClient(create_app(settings)) as client:
         _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 1.0')
-        holder = threading.Thread(target=hold_lock)
-        holder.start()
-        try:
-            assert locked.wait(10)
+        with table_locked(postgres_engine, schema, "predictions"):
             slowest = 0.0
             for _ in range(20):  # 4 s inside the 5 s the refresh hangs for
                 for path in ("/metrics", "/healthz"):
@@ -128,9 +117,6 @@ def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, pos
             # then the query is cancelled and counted as a timeout
             _wait_for(client, 'mlmon_refresh_errors_total{model="ctr",reason="timeout",source="predictions"} 1.0')
             _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')
-        finally:
-            release.set()
-            holder.join()
 
 
 def _sleeping_view(engine, schema: str, seconds: float) -> None:

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from conftest import table_locked
 from exporter.app import create_app
 from exporter.config import parse_settings
 
@@ -166,8 +167,7 @@ def test_a_locked_state_database_answers_503_and_metrics_keep_refreshing(postgre
     )
     with TestClient(create_app(settings)) as client:
         assert client.post("/api/v1/training-runs", json=run("v0")).status_code == 201  # migrated, then locked
-        with postgres_engine.connect() as locker:
-            locker.execute(sa.text(f'LOCK TABLE "{schema}".mlmon_training_runs IN EXCLUSIVE MODE'))
+        with table_locked(postgres_engine, schema, "mlmon_training_runs", "EXCLUSIVE"):
             answers = []
             reports = [
                 threading.Thread(target=lambda i=i: answers.append(client.post("/api/v1/training-runs", json=run(f"v{i + 1}"))))
@@ -184,7 +184,6 @@ def test_a_locked_state_database_answers_503_and_metrics_keep_refreshing(postgre
                         refreshed.add(line)
                 time.sleep(0.2)
             waited = time.monotonic() - started
-            locker.rollback()
         assert len(refreshed) >= 3  # a new refresh on /metrics about every second meanwhile
         assert [a.status_code for a in answers] == [503] * 8
         assert answers[0].headers["retry-after"] == "5"
