@@ -25,7 +25,8 @@ from exporter.config import AlertThresholds
 
 REPO = Path(__file__).parent.parent
 GRAFANA = REPO / "grafana"
-SCHEMAS = REPO.parent / "shared" / "schemas" / "grafana"
+# Vendored from shared/schemas/grafana (with its licence), so a fresh clone tests on its own.
+SCHEMAS = REPO / "tests" / "data" / "grafana_schemas"
 RULES = REPO / "prometheus" / "rules" / "mlmon.yml"
 sys.path.insert(0, str(GRAFANA))  # build.py imports mlmon_dashboards from there
 
@@ -108,7 +109,7 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, dict]:
     require(
-        SCHEMAS.is_dir(), f"Grafana JSON Schemas not found at {SCHEMAS} (shared/ is expected beside the repository)"
+        SCHEMAS.is_dir(), f"Grafana JSON Schemas not found at {SCHEMAS}"
     )
     return {
         path.name.removesuffix(".jsonschema.json"): json.loads(path.read_text())
