@@ -18,6 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
+from hypothesis import settings as hypothesis_settings
+
+# In CI, Hypothesis draws the same examples every run, so a failure there can be replayed
+# and a landing is not decided by luck; locally it keeps exploring new ones.
+hypothesis_settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
 POSTGRES_URL = os.environ.get("MLMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
