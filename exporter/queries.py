@@ -61,6 +61,29 @@ def _valid_probability(dialect: str, score: sa.ColumnElement) -> sa.ColumnElemen
     return sa.and_(*conditions)
 
 
+def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
+    """The index m of the decimal grid cell ``[fl(m / scale), fl((m + 1) / scale))``
+    holding ``value`` (a double in [0, 1]), as a double; fl(m / scale) is the float64
+    nearest to the decimal m / scale.
+
+    ``monitoring_math.grid_index`` gives the same in numpy and proves it: nearest =
+    floor(value * scale + 0.5) is m or m + 1, and the second exactly when nearest / scale
+    (IEEE division, correctly rounded on every engine) lies above the value. A score with
+    at most log10(scale) decimals is thus the lower edge of its own cell, which
+    ``floor(value * scale)`` misses (0.29 * 100 = 28.999999999999996 in float64).
+    """
+    s = _double(scale)
+    nearest = sa.func.floor(value * s + _double(0.5), type_=sa.Double())
+    return nearest - sa.case((nearest / s > value, _double(1.0)), else_=_double(0.0))
+
+
+def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElement:
+    """``value`` rounded half up to ``decimals`` decimals, times 10**decimals, as a double;
+    half is the decimal midpoint as stored (``monitoring_math.round_half_up_index``)."""
+    cell = grid_index(value, 2 * 10**decimals)
+    return sa.func.floor((cell + _double(1.0)) / _double(2.0), type_=sa.Double())
+
+
 def _unique_by_schema(table: sa.Table, column: str) -> bool:
     """Whether a primary key, unique constraint or unique index makes ``column`` unique."""
     keys = [list(table.primary_key.columns.keys())]
@@ -136,26 +159,28 @@ class PredictionQueries:
         )
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
-        return sa.func.floor(score * _double(10**self.model.bucket_decimals))
+        return grid_index(score, 10**self.model.bucket_decimals)
 
     def histogram(self, start: datetime, end: datetime) -> sa.Select:
-        """The window in one pass, grouped by one key: ``floor(score * 10**k)`` for a valid
-        score, with (count, min, max, sum and sum of squares of the score minus the
-        bucket's lower edge), and ``-code`` of the reason for an excluded row; in no order.
+        """The window in one pass, grouped by one key: the bucket ``grid_index(score, 10**k)``
+        for a valid score, with (count, min, max, sum and sum of squares of the score minus
+        the bucket's lower edge ``key / 10**k``), and ``-code`` of the reason for an
+        excluded row; in no order.
 
         One grouping key, not (reason, bucket): PostgreSQL then aggregates in a hash table
-        instead of sorting the window. Deviations from the bucket edge stay below 10**-k,
-        so their squares lose no precision when the variance is pooled
-        (``monitoring_math.pooled_variance``).
+        instead of sorting the window. A score lies in [edge, edge + 10**-k), so its
+        deviation from the edge is exact (Sterbenz: score <= 2 edge unless edge = 0), 0
+        for a score with at most k decimals, and its square loses no precision when the
+        variance is pooled (``monitoring_math.pooled_variance``).
         """
         rows = self.rows(start, end)
-        width = _double(10.0**-self.model.bucket_decimals)
+        scale = _double(10**self.model.bucket_decimals)
         keyed = sa.select(
             sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=-rows.c.reason).label("key"),
             rows.c.score,
         ).subquery("keyed")
         # Only valid rows: an excluded score (1e200, NaN) would overflow or poison the sums.
-        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key * width), else_=None)
+        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key / scale), else_=None)
         return (
             sa.select(
                 keyed.c.key,
@@ -169,10 +194,11 @@ class PredictionQueries:
         )
 
     def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
-        """One row: the count of the most frequent valid score, rounded half up to ``decimals``."""
+        """One row: the count of the most frequent valid score, rounded half up to ``decimals``
+        (``round_half_up_index``)."""
         rows = self.rows(start, end)
         rounded = (
-            sa.select(sa.func.floor(rows.c.score * _double(10**decimals) + _double(0.5)).label("key"))
+            sa.select(round_half_up_index(rows.c.score, decimals).label("key"))
             .where(rows.c.reason == OK)
             .subquery("rounded")
         )
@@ -227,7 +253,7 @@ class PredictionQueries:
 
     def online(self, labels: LabelQueries, start: datetime, end: datetime, as_of: datetime) -> sa.Select:
         """Online accuracy aggregates of the window's valid predictions joined to their labels,
-        grouped by bucket ``floor(score * 10**k)``, in no order (an ORDER BY would make
+        grouped by bucket ``grid_index(score, 10**k)``, in no order (an ORDER BY would make
         PostgreSQL sort the window rather than hash it).
 
         Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
