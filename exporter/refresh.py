@@ -162,7 +162,7 @@ class ModelRefresher:
                 time_col = time_column(
                     table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
                 )
-            self._label_queries = LabelQueries(source, table, time_col)
+            self._label_queries = LabelQueries(source, table, time_col, engine.dialect.name)
         return self._label_queries
 
     def _replays(self) -> ReplayQueries:
