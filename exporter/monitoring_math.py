@@ -26,6 +26,48 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
+def grid_index(values: np.ndarray, scale: int) -> np.ndarray:
+    """Index of the decimal grid cell holding each value: the largest integer m with
+    fl(m / scale) <= value, where fl(m / scale) is the float64 nearest to the decimal m / scale.
+
+    Cell m is ``[fl(m / scale), fl((m + 1) / scale))``, so a value written with at most
+    log10(scale) decimals (stored as the float64 nearest to it, as every engine's parser
+    and ``m / scale`` in IEEE arithmetic give) is the lower edge of its own cell, alone
+    among such values; ``floor(value * scale)`` is not, since in float64 0.29 * 100 =
+    28.999999999999996. ``queries.grid_index`` computes the same in SQL.
+
+    Why one correction step suffices: for 0 <= value <= 1 and scale <= 2e12 the rounding
+    errors of ``value * scale + 0.5`` stay below 0.5, so r = floor(value * scale + 0.5)
+    is the true index m or m + 1, and r = m + 1 exactly when fl(r / scale) > value (IEEE
+    division is correctly rounded, so fl(r / scale) is that cell's edge).
+
+    Args:
+        values: shape (n,), floats in [0, 1].
+        scale: a power of ten, or twice one (``round_half_up_index``), at most 2e12.
+
+    Returns:
+        shape (n,), the indices as floats (integral values).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    nearest = np.floor(values * float(scale) + 0.5)
+    return nearest - (nearest / float(scale) > values)
+
+
+def round_half_up_index(values: np.ndarray, decimals: int) -> np.ndarray:
+    """Each value rounded half up to ``decimals`` decimals, times 10**decimals.
+
+    Half is the decimal midpoint as stored (the float64 nearest to it): 0.285 rounds to
+    0.29 at 2 decimals, although the float64 0.285 is slightly below the real 0.285 and
+    ``floor(0.285 * 100 + 0.5)`` gives 28. The midpoints are the edges of the grid of step
+    1 / (2 10**decimals): cells 2m - 1 and 2m round to m. ``queries.round_half_up_index``
+    computes the same in SQL.
+
+    Returns:
+        shape (n,), floats with integral values.
+    """
+    return np.floor((grid_index(values, 2 * 10**decimals) + 1.0) / 2.0)
+
+
 def roc_auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float | None:
     """ROC AUC from per-score class counts, by the Mann–Whitney U statistic.
 
@@ -77,11 +119,14 @@ def percentiles_from_buckets(
 
     Linear interpolation between order statistics, as ``numpy.percentile(method="linear")``
     (Hyndman & Fan 1996, definition 7): with n values sorted, the q-th percentile is
-    x[i] + (h - i) (x[i+1] - x[i]) where h = (n - 1) q / 100 and i = floor(h). Inside a
+    x[i] + (h - i) (x[i+1] - x[i]) where h = (n - 1) q / 100 and i = floor(h), in numpy's
+    order of float operations. Inside a
     bucket holding several distinct values, its order statistics are taken evenly spaced
     from its smallest to its largest value; a bucket of one distinct value (low == high)
     is exact, so the result equals numpy's whenever every bucket is, and is otherwise off
-    by less than the widest bucket.
+    by at most the largest high - low of an impure bucket (< 10**-k): each estimated order
+    statistic lies in its bucket's [low, high], as the true one does, and interpolating
+    between two of them does not add to the larger of their errors.
 
     Args:
         lows, highs, counts: shape (k,), buckets in ascending order, counts > 0.
@@ -106,11 +151,13 @@ def percentiles_from_buckets(
 
     out = {}
     for q in percentiles:
-        h = (n - 1) * q / 100.0
+        h = (n - 1) * (q / 100.0)  # numpy's rounding order, so that exact buckets give numpy's very floats
         i = math.floor(h)
         low = order_statistic(i)
         high = order_statistic(min(i + 1, n - 1))
-        out[q] = low + (h - i) * (high - low)
+        t = h - i
+        # numpy's lerp: from the nearer end, so that a weight of 1 gives ``high`` itself
+        out[q] = low + (high - low) * t if t < 0.5 else high - (high - low) * (1.0 - t)
     return out
 
 

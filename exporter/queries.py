@@ -25,7 +25,7 @@ from exporter.training import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
-INVALID_REASONS = ("null_score", "nan_score", "out_of_range", "duplicate_id")
+INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id")
 OK = 0
 
 
@@ -53,12 +53,62 @@ def is_nan(dialect: str, value: sa.ColumnElement) -> sa.ColumnElement | None:
     return None
 
 
-def _valid_probability(dialect: str, score: sa.ColumnElement) -> sa.ColumnElement:
+def is_number(dialect: str, column: sa.ColumnElement) -> sa.ColumnElement | None:
+    """A predicate true when ``column`` (the stored value, not a cast of it) holds a number,
+    on a dialect whose numeric columns may hold other values; else ``None``.
+
+    SQLite stores what it is given: text that does not read as a number (``''``, which
+    the sqlite3 shell's ``.import`` writes for an empty CSV field, or ``'abc'``) and blobs
+    stay as they are in a REAL or INTEGER column, and ``CAST('' AS REAL)`` is 0.0, so a
+    cast alone would pass them for the number 0. Typed engines (PostgreSQL, DuckDB, MySQL,
+    Trino) refuse such values in a numeric column.
+    """
+    if dialect == "sqlite":
+        return sa.func.typeof(column).in_(["integer", "real"])
+    return None
+
+
+def _valid_probability(dialect: str, score: sa.ColumnElement, number: sa.ColumnElement | None) -> sa.ColumnElement:
+    """``score`` (cast to double) is a probability; ``number``: ``is_number`` of the stored value."""
     conditions = [score.is_not(None), score >= 0.0, score <= 1.0]
+    if number is not None:
+        conditions.append(number)
     nan = is_nan(dialect, score)
     if nan is not None:
         conditions.append(sa.not_(nan))
     return sa.and_(*conditions)
+
+
+def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
+    """The index m of the decimal grid cell ``[fl(m / scale), fl((m + 1) / scale))``
+    holding ``value`` (a double in [0, 1]), as a double; fl(m / scale) is the float64
+    nearest to the decimal m / scale.
+
+    ``monitoring_math.grid_index`` gives the same in numpy and proves it: nearest =
+    floor(value * scale + 0.5) is m or m + 1, and the second exactly when nearest / scale
+    (IEEE division, correctly rounded on every engine) lies above the value. A score with
+    at most log10(scale) decimals is thus the lower edge of its own cell, which
+    ``floor(value * scale)`` misses (0.29 * 100 = 28.999999999999996 in float64).
+    """
+    s = _double(scale)
+    nearest = sa.func.floor(value * s + _double(0.5), type_=sa.Double())
+    return nearest - sa.case((nearest / s > value, _double(1.0)), else_=_double(0.0))
+
+
+def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElement:
+    """``value`` rounded half up to ``decimals`` decimals, times 10**decimals, as a double;
+    half is the decimal midpoint as stored (``monitoring_math.round_half_up_index``)."""
+    cell = grid_index(value, 2 * 10**decimals)
+    return sa.func.floor((cell + _double(1.0)) / _double(2.0), type_=sa.Double())
+
+
+def _stamped(dialect: str, time: TimeColumn | None) -> list[sa.ColumnElement]:
+    """The conditions for a row to have a timestamp: a number in a numeric (epoch) column.
+
+    Text or a blob in such a column (SQLite) is no instant; without this, SQLite orders
+    it above every number, so it would count as stamped in the future."""
+    number = is_number(dialect, time.expr) if time is not None and time.kind == "epoch" else None
+    return [] if number is None else [number]
 
 
 def _unique_by_schema(table: sa.Table, column: str) -> bool:
@@ -83,7 +133,9 @@ class PredictionQueries:
         self.dialect = dialect
         self.id = table.c[source.columns.id]
         self.score = sa.cast(table.c[source.columns.score], sa.Double())
-        self.filters = [table.c[name] == value for name, value in source.filter.items()]
+        self.score_is_number = is_number(dialect, table.c[source.columns.score])
+        # The rows of this model: the configured filter, and a timestamp that is one.
+        self.filters = [table.c[name] == value for name, value in source.filter.items()] + _stamped(dialect, time)
         self.version = None if source.columns.version is None else table.c[source.columns.version]
         self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
 
@@ -98,6 +150,8 @@ class PredictionQueries:
         in_window = self._in_window(start, end)
         code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
         whens = [(self.score.is_(None), code["null_score"])]
+        if self.score_is_number is not None:
+            whens.append((sa.not_(self.score_is_number), code["non_numeric_score"]))
         nan = is_nan(self.dialect, self.score)
         if nan is not None:
             whens.append((nan, code["nan_score"]))
@@ -118,7 +172,7 @@ class PredictionQueries:
         """The window's valid predictions as (id, score). Filtered by plain predicates on
         the score rather than by ``reason``: PostgreSQL estimates those well, and a wrong
         estimate makes it sort the window instead of hashing it."""
-        conditions = [self._in_window(start, end), _valid_probability(self.dialect, self.score)]
+        conditions = [self._in_window(start, end), _valid_probability(self.dialect, self.score, self.score_is_number)]
         source = self.table
         if not self.unique_ids:
             duplicates = self._duplicates(start, end)
@@ -136,26 +190,28 @@ class PredictionQueries:
         )
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
-        return sa.func.floor(score * _double(10**self.model.bucket_decimals))
+        return grid_index(score, 10**self.model.bucket_decimals)
 
     def histogram(self, start: datetime, end: datetime) -> sa.Select:
-        """The window in one pass, grouped by one key: ``floor(score * 10**k)`` for a valid
-        score, with (count, min, max, sum and sum of squares of the score minus the
-        bucket's lower edge), and ``-code`` of the reason for an excluded row; in no order.
+        """The window in one pass, grouped by one key: the bucket ``grid_index(score, 10**k)``
+        for a valid score, with (count, min, max, sum and sum of squares of the score minus
+        the bucket's lower edge ``key / 10**k``), and ``-code`` of the reason for an
+        excluded row; in no order.
 
         One grouping key, not (reason, bucket): PostgreSQL then aggregates in a hash table
-        instead of sorting the window. Deviations from the bucket edge stay below 10**-k,
-        so their squares lose no precision when the variance is pooled
-        (``monitoring_math.pooled_variance``).
+        instead of sorting the window. A score lies in [edge, edge + 10**-k), so its
+        deviation from the edge is exact (Sterbenz: score <= 2 edge unless edge = 0), 0
+        for a score with at most k decimals, and its square loses no precision when the
+        variance is pooled (``monitoring_math.pooled_variance``).
         """
         rows = self.rows(start, end)
-        width = _double(10.0**-self.model.bucket_decimals)
+        scale = _double(10**self.model.bucket_decimals)
         keyed = sa.select(
             sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=-rows.c.reason).label("key"),
             rows.c.score,
         ).subquery("keyed")
         # Only valid rows: an excluded score (1e200, NaN) would overflow or poison the sums.
-        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key * width), else_=None)
+        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key / scale), else_=None)
         return (
             sa.select(
                 keyed.c.key,
@@ -169,10 +225,11 @@ class PredictionQueries:
         )
 
     def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
-        """One row: the count of the most frequent valid score, rounded half up to ``decimals``."""
+        """One row: the count of the most frequent valid score, rounded half up to ``decimals``
+        (``round_half_up_index``)."""
         rows = self.rows(start, end)
         rounded = (
-            sa.select(sa.func.floor(rows.c.score * _double(10**decimals) + _double(0.5)).label("key"))
+            sa.select(round_half_up_index(rows.c.score, decimals).label("key"))
             .where(rows.c.reason == OK)
             .subquery("rounded")
         )
@@ -218,7 +275,7 @@ class PredictionQueries:
     def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
         """One row for the counters: (count, sum of scores, cumulative count per bucket bound)
         of predictions with a valid score and a timestamp in ``[start, end)``."""
-        valid = _valid_probability(self.dialect, self.score)
+        valid = _valid_probability(self.dialect, self.score, self.score_is_number)
         return sa.select(
             sa.func.count(),
             sa.func.sum(self.score),
@@ -227,7 +284,7 @@ class PredictionQueries:
 
     def online(self, labels: LabelQueries, start: datetime, end: datetime, as_of: datetime) -> sa.Select:
         """Online accuracy aggregates of the window's valid predictions joined to their labels,
-        grouped by bucket ``floor(score * 10**k)``, in no order (an ORDER BY would make
+        grouped by bucket ``grid_index(score, 10**k)``, in no order (an ORDER BY would make
         PostgreSQL sort the window rather than hash it).
 
         Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
@@ -293,12 +350,13 @@ class PredictionQueries:
         """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
         window's valid predictions that have a replay row. Reproduced means
         ``|a - b| <= atol + rtol * max(|a|, |b|)``; a replay that is not a valid probability
-        (NULL, NaN, infinite, outside [0, 1]) never is and is left out of the max."""
+        (NULL, NaN, infinite, outside [0, 1], text or a blob in SQLite) never is and is left out of the max."""
         rows = self.valid_rows(start, end)
         online = rows.c.score
         offline = replays.score
         tolerance = self.model.replay_tolerance
-        valid = _valid_probability(self.dialect, offline)  # NULL, NaN, ±inf or outside [0, 1]: never reproduced
+        # NULL, NaN, ±inf, outside [0, 1] or not a number: never reproduced
+        valid = _valid_probability(self.dialect, offline, is_number(self.dialect, replays.column))
         diff = sa.func.abs(online - offline)
         larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
         within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
@@ -315,10 +373,14 @@ class PredictionQueries:
 class LabelQueries:
     """The label table: one row per prediction id, with labels that arrived before ``as_of``."""
 
-    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None):
+    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None, dialect: str):
+        """``table`` is the reflected label table, ``time`` its timestamp column (``None``:
+        every label row counts), ``dialect`` its engine's name (SQLite needs a check that a
+        numeric timestamp is a number)."""
         self.source = source
         self.table = table
         self.time = time
+        self.dialect = dialect
         self.id = table.c[source.columns.id]
         label = table.c[source.columns.label]
         if isinstance(label.type, sa.Boolean):
@@ -340,6 +402,7 @@ class LabelQueries:
         conditions = []
         if self.time is not None:
             conditions += [self.time.expr >= self.time.bind(since), self.time.expr < self.time.bind(as_of)]
+            conditions += _stamped(self.dialect, self.time)
         return (
             sa.select(
                 self.id.label("id"),
@@ -358,4 +421,5 @@ class ReplayQueries:
     def __init__(self, source: ReplaySource, table: sa.Table):
         self.table = table
         self.id = table.c[source.columns.id]
-        self.score = sa.cast(table.c[source.columns.score], sa.Double())
+        self.column = table.c[source.columns.score]
+        self.score = sa.cast(self.column, sa.Double())

@@ -25,6 +25,7 @@ from exporter.monitoring_math import (
     pooled_variance,
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
+    round_half_up_index,
 )
 from exporter.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
 from exporter.snapshot import (
@@ -161,7 +162,7 @@ class ModelRefresher:
                 time_col = time_column(
                     table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
                 )
-            self._label_queries = LabelQueries(source, table, time_col)
+            self._label_queries = LabelQueries(source, table, time_col, engine.dialect.name)
         return self._label_queries
 
     def _replays(self) -> ReplayQueries:
@@ -210,13 +211,13 @@ class ModelRefresher:
         counts = np.array([_int(b.n) for b in buckets])
         lows = np.array([float(b.low) for b in buckets])
         highs = np.array([float(b.high) for b in buckets])
-        edges = np.array([float(b.key) for b in buckets]) * 10.0**-self.model.bucket_decimals
+        edges = np.array([float(b.key) for b in buckets]) / 10.0**self.model.bucket_decimals  # as in SQL: key / 10**k
         sums = np.array([float(b.s1) for b in buckets])
         n = int(counts.sum())
         pure = bool(np.all(lows == highs))  # every bucket one distinct score: all exact
         if pure:
             # Round half up as the SQL of mode_count does, and merge the buckets' counts.
-            rounded = np.floor(lows * 10.0**self.model.mode_share_decimals + 0.5)
+            rounded = round_half_up_index(lows, self.model.mode_share_decimals)
             _, inverse = np.unique(rounded, return_inverse=True)
             mode = int(np.bincount(inverse, weights=counts).max())
         else:

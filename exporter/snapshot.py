@@ -14,7 +14,7 @@ class ScoreStats:
     """Prediction statistics of one window ``[as_of - window, as_of)``.
 
     ``None`` values are undefined (no valid prediction) and are not exported.
-    ``bucketed`` is true when a ``floor(score * 10**k)`` bucket held several distinct
+    ``bucketed`` is true when a bucket of the grid (``queries.grid_index``) held several distinct
     scores: percentiles are then within one bucket of the exact ones, and the mode share
     was counted by its own query.
     """

@@ -51,7 +51,7 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
     l = sa.Table("l", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", sa.DateTime(timezone=True)))
     r = sa.Table("r", metadata, sa.Column("id", sa.BigInteger), sa.Column("score", sa.Double))
     q = PredictionQueries(model, p, TimeColumn(p.c.ts, "aware", "UTC"), dialect_name)
-    labels = LabelQueries(model.labels, l, TimeColumn(l.c.ts, "aware", "UTC"))
+    labels = LabelQueries(model.labels, l, TimeColumn(l.c.ts, "aware", "UTC"), dialect_name)
     replays = ReplayQueries(model.replays, r)
     start, end = AS_OF - timedelta(hours=1), AS_OF
     return {
