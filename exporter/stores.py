@@ -104,7 +104,9 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
     """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
 
     PostgreSQL cancels each statement after ``timeout_seconds`` on the server
-    (``statement_timeout``, local to the transaction); SQLite is interrupted from a timer
+    (``statement_timeout``, local to the transaction) and plans without nested loops
+    (``enable_nestloop``, local too), so that missing statistics cannot make a join
+    quadratic; SQLite is interrupted from a timer
     thread once the whole transaction exceeds it. Other dialects rely on their own limits.
     The cancelled statement raises the driver's error, classified as ``timeout``.
     """
@@ -117,6 +119,13 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
             # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
             conn.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
+            # Without statistics (a table loaded and queried before ANALYZE, or autovacuum off
+            # or lagging) PostgreSQL guesses that a window holds a handful of rows and joins
+            # predictions to labels, replays and duplicate ids by nested loops: quadratic in
+            # the window, 20,000 rows a side already run past 30 s. Every join mlmon sends is
+            # an equi-join, which a hash or merge join does in time linear in the rows (plus a
+            # sort), whatever the estimates (docs/performance.md).
+            conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
             raw = conn.connection.driver_connection
