@@ -237,10 +237,100 @@ def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | 
                 f"{key_path}.columns.{field}: column {name!r} does not exist in table {source.table!r} "
                 f"(columns: {', '.join(table.c.keys())})"
             )
-    for name in getattr(source, "filter", {}):
+    for name, value in getattr(source, "filter", {}).items():
         if name not in table.c:
             raise SchemaError(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+        check_filter_value(table, name, value, f"{key_path}.filter.{name}")
     return table
+
+
+def type_kind(column_type: sa.types.TypeEngine) -> str | None:
+    """The kind of values a reflected column type holds, as far as ``=`` is concerned:
+    ``"boolean"``, ``"number"`` (integers, decimals and floats compare with each other on
+    every dialect), ``"text"``, ``"uuid"``, ``"binary"``, ``"datetime"``, ``"date"`` or
+    ``"time"``; ``None`` for a type SQLAlchemy does not know (e.g. a SQLite column declared
+    without a type, or an extension's type), whose comparisons mlmon cannot predict.
+
+    The reflected type of a SQLite column follows SQLite's affinity rules (INT -> integer,
+    CHAR/CLOB/TEXT -> text, REAL/FLOA/DOUB -> float, otherwise numeric).
+    """
+    kinds = [
+        (sa.Boolean, "boolean"),
+        ((sa.Integer, sa.Numeric, sa.Float), "number"),
+        (sa.String, "text"),  # VARCHAR, TEXT, CHAR, enums
+        (sa.Uuid, "uuid"),
+        ((sa.LargeBinary, sa.BINARY, sa.VARBINARY), "binary"),
+        (sa.DateTime, "datetime"),
+        (sa.Date, "date"),
+        (sa.Time, "time"),
+    ]
+    return next((kind for types, kind in kinds if isinstance(column_type, types)), None)
+
+
+def require_same_id_kind(table: sa.Table, name: str, key_path: str, predictions: sa.Table, predictions_id: str) -> None:
+    """Check that an id column joined to the predictions' id holds the same kind of values.
+
+    Ids of different kinds compare differently on every dialect: PostgreSQL refuses
+    ``bigint = text`` at every refresh, SQLite and DuckDB convert the text to a number (so
+    '02' matches 2), and comparing as text would not. mlmon refuses them all alike
+    (docs/configuration.md); a type SQLAlchemy does not know is not checked.
+
+    Raises:
+        SchemaError: the kinds differ; names ``key_path`` and both columns' types.
+    """
+    column_type, predictions_type = table.c[name].type, predictions.c[predictions_id].type
+    kind, predictions_kind = type_kind(column_type), type_kind(predictions_type)
+    if kind is not None and predictions_kind is not None and kind != predictions_kind:
+        raise SchemaError(
+            f"{key_path}: column {name!r} of table {table.name!r} has type {column_type} ({kind}), but the predictions' "
+            f"id column {predictions_id!r} of table {predictions.name!r} has type {predictions_type} ({predictions_kind}); "
+            "ids are joined with '=', which needs both of one kind: change one column's type, or read one table "
+            "through a view that casts its id"
+        )
+
+
+#: Per column kind: the Python types a filter value of that column may have, and how to write one.
+_FILTER_VALUES = {
+    "text": ((str,), "text: write the value in quotes exactly as stored"),
+    "number": ((int, float), "numbers: write the number without quotes"),
+    "boolean": ((bool,), "booleans: write true or false"),
+}
+
+
+def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str) -> None:
+    """Check that a ``filter`` value (as YAML read it) can equal values of its column.
+
+    YAML reads unquoted ``NO``/``yes``/``off`` as booleans and ``1.10`` as the number 1.1;
+    compared with a text column, such a value matches no row on SQLite and fails every
+    refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
+    number columns take numbers (integer columns: integers), boolean columns take
+    booleans; a column of another kind (date-time, uuid, binary) cannot be filtered on;
+    a type SQLAlchemy does not know is not checked.
+
+    Raises:
+        SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
+    """
+    column_type = table.c[name].type
+    kind = type_kind(column_type)
+    if kind is None:
+        return
+    where = f"column {name!r} of table {table.name!r} has type {column_type}"
+    if kind not in _FILTER_VALUES:
+        raise SchemaError(f"{key_path}: {where} ({kind}); filters compare text, number or boolean columns only")
+    types, advice = _FILTER_VALUES[kind]
+    fits = isinstance(value, types) and (kind == "boolean" or not isinstance(value, bool))
+    if fits and kind == "number" and isinstance(column_type, sa.Integer) and not isinstance(value, int):
+        fits, advice = False, "integers: write an integer"
+    if not fits:
+        if isinstance(value, bool):
+            read = f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"
+        elif isinstance(value, str):
+            read = f"the text {value!r}"
+        else:
+            read = f"the number {value!r}"
+            if kind == "text":
+                read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
+        raise SchemaError(f"{key_path}: YAML read {read}, but {where}, which holds {advice}")
 
 
 class Stores:
