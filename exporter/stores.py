@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -294,6 +295,7 @@ _FILTER_VALUES = {
     "text": ((str,), "text: write the value in quotes exactly as stored"),
     "number": ((int, float), "numbers: write the number without quotes"),
     "boolean": ((bool,), "booleans: write true or false"),
+    "uuid": ((str,), "uuids: write the uuid in quotes"),
 }
 
 
@@ -304,7 +306,8 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     compared with a text column, such a value matches no row on SQLite and fails every
     refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
     number columns take numbers (integer columns: integers), boolean columns take
-    booleans; a column of another kind (date-time, uuid, binary) cannot be filtered on;
+    booleans, uuid columns take a uuid as text; a column of another kind (date-time,
+    binary) cannot be filtered on;
     a type SQLAlchemy does not know is not checked.
 
     Raises:
@@ -316,11 +319,16 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
         return
     where = f"column {name!r} of table {table.name!r} has type {column_type}"
     if kind not in _FILTER_VALUES:
-        raise SchemaError(f"{key_path}: {where} ({kind}); filters compare text, number or boolean columns only")
+        raise SchemaError(f"{key_path}: {where} ({kind}); filters compare text, number, boolean or uuid columns only")
     types, advice = _FILTER_VALUES[kind]
     fits = isinstance(value, types) and (kind == "boolean" or not isinstance(value, bool))
     if fits and kind == "number" and isinstance(column_type, sa.Integer) and not isinstance(value, int):
         fits, advice = False, "integers: write an integer"
+    if fits and kind == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            fits = False
     if not fits:
         if isinstance(value, bool):
             read = f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import load_settings
-from exporter.refresh import ModelRefresher
+from exporter.refresh import ModelRefresher, classify_error
 from exporter.stores import Stores
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -211,8 +211,32 @@ BAD_FILTERS = {
     "fraction-in-integer-column": ("{shard: 2.5}", "shard", ["the number 2.5", "write an integer"]),
     "number-in-boolean-column": ("{active: 1}", "active", ["the number 1", "BOOLEAN", "true or false"]),
     "boolean-in-number-column": ("{weight: on}", "weight", ["the boolean true", "REAL", "without quotes"]),
-    "timestamp-column": ('{ts: "2024-06-01 11:01:00"}', "ts", ["filters compare text, number or boolean columns only"]),
+    "timestamp-column": ('{ts: "2024-06-01 11:01:00"}', "ts", ["filters compare text, number, boolean or uuid columns only"]),
 }
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "value, words",
+    [('"00000000-0000-4000-8000-000000000001"', None), ('"0000-1"', ["the text '0000-1'", "UUID", "in quotes"]), ("1", ["the number 1"])],
+)
+def test_a_uuid_column_is_filtered_by_a_uuid_written_as_text(value, words, postgres_schema, tmp_path):
+    url, schema = postgres_schema
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'ALTER TABLE "{schema}".predictions ADD COLUMN tenant uuid'))
+        conn.execute(sa.text(f"UPDATE \"{schema}\".predictions SET tenant = CAST('00000000-0000-4000-8000-00000000000' || (id % 2) AS uuid)"))
+    engine.dispose()
+    result = _check_config(_config(tmp_path, url, schema, f"{{tenant: {value}}}", replays=False))
+    if words is None:
+        assert result.exit_code == 0, result.output
+        snap = _refresh(tmp_path / "mlmon.yml")
+        assert snap.score_stats[0].predictions == 3 and not _errors(snap)  # ids 1, 3, 5
+        return
+    assert result.exit_code == 2
+    line = next(line for line in result.output.splitlines() if "models[0].predictions.filter.tenant:" in line)
+    assert all(word.lower() in line.lower() for word in words), line
 
 
 @pytest.mark.parametrize("case", list(BAD_FILTERS))
@@ -266,3 +290,13 @@ def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, sto
     labels = [r[3] for r in rows]
     if len(set(labels)) == 2:
         assert snap.online[0].roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.postgres
+def test_an_operator_missing_for_the_column_types_counts_as_a_schema_error(postgres_engine):
+    # For column types the checks above cannot classify, PostgreSQL's own refusal
+    # (42883, as for bigint = text) is still a schema fault, not a query fault.
+    with postgres_engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
+        conn.execute(sa.text("SELECT CAST(1 AS bigint) = CAST('1' AS text)"))
+    assert info.value.orig.sqlstate == "42883"
+    assert classify_error(info.value) == "schema"
