@@ -326,6 +326,8 @@ class ModelRefresher:
         q, replays = self._predictions(), self._replays()
         out = []
         with self._connection() as conn:
+            if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
+                conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
             for window in self.model.windows:
                 n, reproduced, abs_error_max = conn.execute(q.replays(replays, as_of - parse_duration(window), as_of)).one()
                 n = _int(n)

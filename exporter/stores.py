@@ -125,7 +125,7 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             # predictions to labels, replays and duplicate ids by nested loops: quadratic in
             # the window, 20,000 rows a side already run past 30 s. Every join mlmon sends is
             # an equi-join, which a hash or merge join does in time linear in the rows (plus a
-            # sort), whatever the estimates (docs/performance.md).
+            # sort), whatever the estimates (docs/scaling.md).
             conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
@@ -307,8 +307,7 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
     number columns take numbers (integer columns: integers), boolean columns take
     booleans, uuid columns take a uuid as text; a column of another kind (date-time,
-    binary) cannot be filtered on;
-    a type SQLAlchemy does not know is not checked.
+    binary) cannot be filtered on; a type SQLAlchemy does not know is not checked.
 
     Raises:
         SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
@@ -328,7 +327,7 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
         try:
             uuid.UUID(value)
         except ValueError:
-            fits = False
+            fits, advice = False, "uuids, which this text is not"
     if not fits:
         if isinstance(value, bool):
             read = f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"

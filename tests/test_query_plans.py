@@ -25,9 +25,10 @@ AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 N = 20_000
 
 
-def _unanalyzed_tables(url: str, schema: str) -> dict[str, np.ndarray]:
+def _unanalyzed_tables(url: str, schema: str, replay_index: bool = False) -> dict[str, np.ndarray]:
     """predictions (id, ts, p, v), labels (id, y), replays (id, p): N rows each over the 30
-    days before AS_OF, ids bigint, no index, never analyzed. Returns the rows as arrays."""
+    days before AS_OF, ids bigint, no index (but one on the replay id with ``replay_index``),
+    never analyzed. Returns the rows as arrays."""
     rng = np.random.default_rng(11)
     ids = rng.permutation(N).astype(np.int64) + 1_000_000  # ids in no relation to the insertion order
     seconds = rng.uniform(1, 30 * 86_400 - 1, N)
@@ -42,6 +43,8 @@ def _unanalyzed_tables(url: str, schema: str) -> dict[str, np.ndarray]:
             "replays (id bigint, p double precision)",
         ):
             conn.execute(sa.text(f'CREATE TABLE "{schema}".{ddl} WITH (autovacuum_enabled = false)'))
+        if replay_index:
+            conn.execute(sa.text(f'CREATE INDEX ON "{schema}".replays (id)'))
         start = AS_OF.replace(tzinfo=None) - timedelta(days=30)
         conn.execute(
             sa.text(f'INSERT INTO "{schema}".predictions VALUES (:id, :ts, :p, :v)'),
@@ -93,16 +96,40 @@ def _settings(url: str, schema: str):
     )
 
 
-def _plan(conn, statement) -> str:
-    """EXPLAIN of a statement, as text, run on ``conn`` (with its planner settings)."""
+def _plan(conn, statement) -> dict:
+    """EXPLAIN (FORMAT JSON) of a statement, run on ``conn`` (with its planner settings): the top plan node."""
     compiled = statement.compile(dialect=conn.dialect)
-    return "\n".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + compiled.string, compiled.params))
+    return conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, compiled.params).scalar()[0]["Plan"]
+
+
+def _quadratic_loops(node: dict) -> list[str]:
+    """The nested loops of a plan whose inner side is not an index lookup: each rescans a
+    whole input per outer row, quadratic in the rows."""
+    found = []
+    if node["Node Type"] == "Nested Loop":
+        inner = node["Plans"][1]
+        while inner["Node Type"] in ("Limit", "Subquery Scan") and inner.get("Plans"):
+            inner = inner["Plans"][0]
+        if inner["Node Type"] not in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"):
+            found.append(f"Nested Loop over {inner['Node Type']}")
+    for child in node.get("Plans", []):
+        found += _quadratic_loops(child)
+    return found
+
+
+def _node_types(node: dict, relation: str | None = None) -> set[str]:
+    """The node types of a plan (only those reading ``relation`` when given)."""
+    own = {node["Node Type"]} if relation is None or node.get("Relation Name") == relation else set()
+    return own.union(*(_node_types(child, relation) for child in node.get("Plans", [])))
 
 
 @pytest.mark.postgres
-def test_unanalyzed_tables_are_refreshed_in_linear_time_and_every_plan_is_free_of_nested_loops(postgres_schema):
+@pytest.mark.parametrize("replay_index", [False, True], ids=["no-index", "replay-id-index"])
+def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a_scan(replay_index, postgres_schema):
+    """Without any index every join must be a hash (or merge) join; with an index on the
+    replay id, replays are looked up in it, row by row of the window."""
     url, schema = postgres_schema
-    rows = _unanalyzed_tables(url, schema)
+    rows = _unanalyzed_tables(url, schema, replay_index)
     settings = _settings(url, schema)
     stores = Stores(settings)
     try:
@@ -151,10 +178,16 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_every_plan_is_free_o
             default_plan = _plan(conn, statements["online"])
     finally:
         stores.dispose()
-    assert "Nested Loop" in default_plan, default_plan
-    looping = {name: plan for name, plan in plans.items() if "Nested Loop" in plan}
+    assert _quadratic_loops(default_plan), default_plan
+    looping = {name: _quadratic_loops(plan) for name, plan in plans.items() if _quadratic_loops(plan)}
     assert not looping, looping
-    assert "Hash" in plans["online"] or "Merge" in plans["online"], plans["online"]
+    assert "Hash Join" in _node_types(plans["online"]), plans["online"]
+    # The replay table is read through its index when it has one, else scanned once.
+    replay_reads = _node_types(plans["replays"], "replays")
+    if replay_index:
+        assert replay_reads and replay_reads <= {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}, replay_reads
+    else:
+        assert replay_reads == {"Seq Scan"}, replay_reads
 
 
 @pytest.mark.postgres
