@@ -211,6 +211,8 @@ BAD_FILTERS = {
     "fraction-in-integer-column": ("{shard: 2.5}", "shard", ["the number 2.5", "write an integer"]),
     "number-in-boolean-column": ("{active: 1}", "active", ["the number 1", "BOOLEAN", "true or false"]),
     "boolean-in-number-column": ("{weight: on}", "weight", ["the boolean true", "REAL", "without quotes"]),
+    "boolean-in-integer-column": ("{shard: yes}", "shard", ["the boolean true", "INTEGER", "without quotes"]),
+    "text-in-boolean-column": ("{active: 'true'}", "active", ["the text 'true'", "BOOLEAN", "true or false"]),
     "timestamp-column": ('{ts: "2024-06-01 11:01:00"}', "ts", ["filters compare text, number, boolean or uuid columns only"]),
 }
 
