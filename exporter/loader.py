@@ -4,7 +4,9 @@ Each file is read in chunks of ``CHUNK_ROWS`` rows, so memory does not grow with
 file, and loaded in one transaction: either all of its rows are committed or none.
 The first file creates the table when it does not exist (column types inferred by
 pandas from its first chunk); every later file, and every file loaded into an existing
-table, must have exactly the table's columns, in any order.
+table, must have exactly the table's columns, in any order. On PostgreSQL and SQLite
+each file's transaction ends with ANALYZE of the table, so that mlmon's queries are
+planned with its statistics.
 
 Timestamp columns are parsed as ISO-8601 and stored as UTC instants: naive values mean
 UTC, values with an offset are converted. PostgreSQL
@@ -149,6 +151,8 @@ def _load_file(
                     existing = _existing_columns(conn, table, schema)
                 rows += len(chunk)
                 progress.update(task, rows=rows)
+            if rows:
+                _analyze(conn, table, schema)
             progress.update(task, completed=source.total)
         loaded = True
         return rows
@@ -158,6 +162,18 @@ def _load_file(
         # Also on KeyboardInterrupt: an interrupted first load must not leave a table behind.
         if created and not loaded:
             _drop_created(engine, path, table, schema)
+
+
+def _analyze(conn: Connection, table: str, schema: str | None) -> None:
+    """Refresh the planner statistics of the loaded table, in the load's transaction.
+
+    PostgreSQL plans by them: a table queried before autovacuum gets to it looks empty
+    to the planner (docs/performance.md). SQLite records the row count (and index
+    statistics) in ``sqlite_stat1``, which its planner reads; both cost a sample of the
+    table, not a pass over it. Other dialects keep their statistics up to date themselves.
+    """
+    if conn.dialect.name in ("postgresql", "sqlite"):
+        conn.exec_driver_sql("ANALYZE " + conn.dialect.identifier_preparer.format_table(sa.table(table, schema=schema)))
 
 
 def _drop_created(engine: Engine, path: Path, table: str, schema: str | None) -> None:

@@ -119,6 +119,16 @@ def _unique_by_schema(table: sa.Table, column: str) -> bool:
     return [column] in keys
 
 
+def _indexed_by(table: sa.Table, column: str) -> bool:
+    """Whether the primary key, a unique constraint or an index starts with ``column``, so
+    that looking up one value of it reads a few pages rather than the table."""
+    keys = [list(table.primary_key.columns.keys())]
+    keys += [list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+    leading = [key[0] for key in keys if key]
+    leading += [i.expressions[0].name for i in table.indexes if i.expressions and isinstance(i.expressions[0], sa.Column)]
+    return column in leading
+
+
 class PredictionQueries:
     """Statements over one model's prediction table (and the label and replay tables
     joined to it, which must live in the same store)."""
@@ -134,6 +144,7 @@ class PredictionQueries:
         self.id = table.c[source.columns.id]
         self.score = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
+        self.indexed = _indexed_by(table, source.columns.id)
         # The rows of this model: the configured filter, and a timestamp that is one.
         self.filters = [table.c[name] == value for name, value in source.filter.items()] + _stamped(dialect, time)
         self.version = None if source.columns.version is None else table.c[source.columns.version]
@@ -346,6 +357,13 @@ class PredictionQueries:
             .group_by(keyed.c.key)
         )
 
+    def replays_by_lookup(self, replays: ReplayQueries) -> bool:
+        """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
+        an index on the replay id): a nested loop by construction, whose cost under
+        ``enable_nestloop = off`` exceeds ``jit_above_cost``; the caller turns JIT off, as
+        compiling would take longer than the lookups."""
+        return self.dialect == "postgresql" and replays.indexed
+
     def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
         """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
         window's valid predictions that have a replay row. Reproduced means
@@ -353,7 +371,15 @@ class PredictionQueries:
         (NULL, NaN, infinite, outside [0, 1], text or a blob in SQLite) never is and is left out of the max."""
         rows = self.valid_rows(start, end)
         online = rows.c.score
-        offline = replays.score
+        if self.replays_by_lookup(replays):
+            # Each window row looks its replays up in the index: linear in the window's rows,
+            # whereas the hash join the refresh transaction's planner settings leave
+            # (stores.timed_connection) would read the whole replay table. OFFSET 0 keeps
+            # PostgreSQL from flattening the lookup back into a join it would plan by statistics.
+            lookup = sa.select(replays.score.label("score")).where(replays.id == rows.c.id).offset(0).lateral("replay")
+            source, offline = rows.join(lookup, sa.true()), lookup.c.score
+        else:
+            source, offline = rows.join(replays.table, rows.c.id == replays.id), replays.score
         tolerance = self.model.replay_tolerance
         # NULL, NaN, ±inf, outside [0, 1] or not a number: never reproduced
         valid = _valid_probability(self.dialect, offline, is_number(self.dialect, replays.column))
@@ -366,7 +392,7 @@ class PredictionQueries:
                 _count_if(sa.and_(valid, within)),
                 sa.func.max(sa.case((valid, diff), else_=None)),
             )
-            .select_from(rows.join(replays.table, rows.c.id == replays.id))
+            .select_from(source)
         )
 
 
@@ -416,10 +442,15 @@ class LabelQueries:
 
 
 class ReplayQueries:
-    """The replay table: offline re-computations of served scores, joined by id."""
+    """The replay table: offline re-computations of served scores, joined by id.
+
+    ``indexed``: the id column leads the primary key, a unique constraint or an index, so
+    that PostgreSQL looks the window's ids up in it (``PredictionQueries.replays``).
+    """
 
     def __init__(self, source: ReplaySource, table: sa.Table):
         self.table = table
         self.id = table.c[source.columns.id]
         self.column = table.c[source.columns.score]
         self.score = sa.cast(self.column, sa.Double())
+        self.indexed = _indexed_by(table, source.columns.id)

@@ -41,6 +41,7 @@ from exporter.stores import (
     SchemaError,
     Stores,
     reflect_table,
+    require_same_id_kind,
     require_type,
     time_column,
     timed_connection,
@@ -68,8 +69,10 @@ def classify_error(exc: BaseException) -> str:
         message = str(orig).lower()
         if sqlstate == "57014" or "interrupted" in message:  # query_canceled / sqlite3 interrupt
             return "timeout"
-        # undefined table, column or object (PostgreSQL); SQLite reports them as messages
-        if sqlstate in ("42P01", "42703", "42704") or "no such table" in message or "no such column" in message:
+        # undefined table, column or object (PostgreSQL); SQLite reports them as messages.
+        # 42883 (no operator for these types, e.g. bigint = text) is a column type the checks
+        # of check_schema did not know how to classify: the schema, not the query, is at fault.
+        if sqlstate in ("42P01", "42703", "42704", "42883") or "no such table" in message or "no such column" in message:
             return "schema"
         if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated:
             return "connection"
@@ -154,6 +157,7 @@ class ModelRefresher:
             engine = self.stores.engine(source.store)
             path = self._key_path("labels")
             table = reflect_table(engine, source, source.columns.model_dump(), path)
+            self._require_joinable_ids(table, source.columns.id, f"{path}.columns.id")
             require_type(
                 table, source.columns.label, (sa.Boolean, *NUMBER_TYPES), f"{path}.columns.label", "a number or a boolean (0/1)"
             )
@@ -171,9 +175,19 @@ class ModelRefresher:
             engine = self.stores.engine(source.store)
             path = self._key_path("replays")
             table = reflect_table(engine, source, source.columns.model_dump(), path)
+            self._require_joinable_ids(table, source.columns.id, f"{path}.columns.id")
             require_type(table, source.columns.score, NUMBER_TYPES, f"{path}.columns.score", "a number (probability)")
             self._replay_queries = ReplayQueries(source, table)
         return self._replay_queries
+
+    def _require_joinable_ids(self, table: sa.Table, id_column: str, key_path: str) -> None:
+        """Check that ``table``'s id column (labels or replays) can be joined to the predictions' id.
+
+        Raises:
+            SchemaError: as ``stores.require_same_id_kind``, or from reflecting the predictions.
+        """
+        predictions = self._predictions()
+        require_same_id_kind(table, id_column, key_path, predictions.table, self.model.predictions.columns.id)
 
     def check_schema(self) -> None:
         """Reflect every configured table and check its columns (``mlmon check-config``).
@@ -313,6 +327,8 @@ class ModelRefresher:
         q, replays = self._predictions(), self._replays()
         out = []
         with self._connection() as conn:
+            if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
+                conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
             for window in self.model.windows:
                 n, reproduced, abs_error_max = conn.execute(q.replays(replays, as_of - parse_duration(window), as_of)).one()
                 n = _int(n)

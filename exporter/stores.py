@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -104,7 +105,9 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
     """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
 
     PostgreSQL cancels each statement after ``timeout_seconds`` on the server
-    (``statement_timeout``, local to the transaction); SQLite is interrupted from a timer
+    (``statement_timeout``, local to the transaction) and plans without nested loops
+    (``enable_nestloop``, local too), so that missing statistics cannot make a join
+    quadratic; SQLite is interrupted from a timer
     thread once the whole transaction exceeds it. Other dialects rely on their own limits.
     The cancelled statement raises the driver's error, classified as ``timeout``.
     """
@@ -117,6 +120,13 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
             # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
             conn.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
+            # Without statistics (a table loaded and queried before ANALYZE, or autovacuum off
+            # or lagging) PostgreSQL guesses that a window holds a handful of rows and joins
+            # predictions to labels, replays and duplicate ids by nested loops: quadratic in
+            # the window, 20,000 rows a side already run past 30 s. Every join mlmon sends is
+            # an equi-join, which a hash or merge join does in time linear in the rows (plus a
+            # sort), whatever the estimates (docs/scaling.md).
+            conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
             raw = conn.connection.driver_connection
@@ -228,10 +238,106 @@ def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | 
                 f"{key_path}.columns.{field}: column {name!r} does not exist in table {source.table!r} "
                 f"(columns: {', '.join(table.c.keys())})"
             )
-    for name in getattr(source, "filter", {}):
+    for name, value in getattr(source, "filter", {}).items():
         if name not in table.c:
             raise SchemaError(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+        check_filter_value(table, name, value, f"{key_path}.filter.{name}")
     return table
+
+
+def type_kind(column_type: sa.types.TypeEngine) -> str | None:
+    """The kind of values a reflected column type holds, as far as ``=`` is concerned:
+    ``"boolean"``, ``"number"`` (integers, decimals and floats compare with each other on
+    every dialect), ``"text"``, ``"uuid"``, ``"binary"``, ``"datetime"``, ``"date"`` or
+    ``"time"``; ``None`` for a type SQLAlchemy does not know (e.g. a SQLite column declared
+    without a type, or an extension's type), whose comparisons mlmon cannot predict.
+
+    The reflected type of a SQLite column follows SQLite's affinity rules (INT -> integer,
+    CHAR/CLOB/TEXT -> text, REAL/FLOA/DOUB -> float, otherwise numeric).
+    """
+    kinds = [
+        (sa.Boolean, "boolean"),
+        ((sa.Integer, sa.Numeric, sa.Float), "number"),
+        (sa.String, "text"),  # VARCHAR, TEXT, CHAR, enums
+        (sa.Uuid, "uuid"),
+        ((sa.LargeBinary, sa.BINARY, sa.VARBINARY), "binary"),
+        (sa.DateTime, "datetime"),
+        (sa.Date, "date"),
+        (sa.Time, "time"),
+    ]
+    return next((kind for types, kind in kinds if isinstance(column_type, types)), None)
+
+
+def require_same_id_kind(table: sa.Table, name: str, key_path: str, predictions: sa.Table, predictions_id: str) -> None:
+    """Check that an id column joined to the predictions' id holds the same kind of values.
+
+    Ids of different kinds compare differently on every dialect: PostgreSQL refuses
+    ``bigint = text`` at every refresh, SQLite and DuckDB convert the text to a number (so
+    '02' matches 2), and comparing as text would not. mlmon refuses them all alike
+    (docs/configuration.md); a type SQLAlchemy does not know is not checked.
+
+    Raises:
+        SchemaError: the kinds differ; names ``key_path`` and both columns' types.
+    """
+    column_type, predictions_type = table.c[name].type, predictions.c[predictions_id].type
+    kind, predictions_kind = type_kind(column_type), type_kind(predictions_type)
+    if kind is not None and predictions_kind is not None and kind != predictions_kind:
+        raise SchemaError(
+            f"{key_path}: column {name!r} of table {table.name!r} has type {column_type} ({kind}), but the predictions' "
+            f"id column {predictions_id!r} of table {predictions.name!r} has type {predictions_type} ({predictions_kind}); "
+            "ids are joined with '=', which needs both of one kind: change one column's type, or read one table "
+            "through a view that casts its id"
+        )
+
+
+#: Per column kind: the Python types a filter value of that column may have, and how to write one.
+_FILTER_VALUES = {
+    "text": ((str,), "text: write the value in quotes exactly as stored"),
+    "number": ((int, float), "numbers: write the number without quotes"),
+    "boolean": ((bool,), "booleans: write true or false"),
+    "uuid": ((str,), "uuids: write the uuid in quotes"),
+}
+
+
+def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str) -> None:
+    """Check that a ``filter`` value (as YAML read it) can equal values of its column.
+
+    YAML reads unquoted ``NO``/``yes``/``off`` as booleans and ``1.10`` as the number 1.1;
+    compared with a text column, such a value matches no row on SQLite and fails every
+    refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
+    number columns take numbers (integer columns: integers), boolean columns take
+    booleans, uuid columns take a uuid as text; a column of another kind (date-time,
+    binary) cannot be filtered on; a type SQLAlchemy does not know is not checked.
+
+    Raises:
+        SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
+    """
+    column_type = table.c[name].type
+    kind = type_kind(column_type)
+    if kind is None:
+        return
+    where = f"column {name!r} of table {table.name!r} has type {column_type}"
+    if kind not in _FILTER_VALUES:
+        raise SchemaError(f"{key_path}: {where} ({kind}); filters compare text, number, boolean or uuid columns only")
+    types, advice = _FILTER_VALUES[kind]
+    fits = isinstance(value, types) and (kind == "boolean" or not isinstance(value, bool))
+    if fits and kind == "number" and isinstance(column_type, sa.Integer) and not isinstance(value, int):
+        fits, advice = False, "integers: write an integer"
+    if fits and kind == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            fits, advice = False, "uuids, which this text is not"
+    if not fits:
+        if isinstance(value, bool):
+            read = f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"
+        elif isinstance(value, str):
+            read = f"the text {value!r}"
+        else:
+            read = f"the number {value!r}"
+            if kind == "text":
+                read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
+        raise SchemaError(f"{key_path}: YAML read {read}, but {where}, which holds {advice}")
 
 
 class Stores:
