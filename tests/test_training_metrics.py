@@ -255,3 +255,123 @@ def test_feature_and_category_series_are_bounded(state_url):
     assert len(shares) == 3 * 4
     assert value(got, "mlmon_training_series_over_limit", model="ctr", kind="feature") == 2
     assert value(got, "mlmon_training_series_over_limit", model="ctr", kind="category") == 3 * 6
+
+
+# --- PSI of discrete numeric features and of top-k categories ---------------------------------
+
+
+def raw_psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """PSI from two share vectors with the documented floor of 1e-4 (docs/metrics.md)."""
+    e, a = np.maximum(expected, 1e-4), np.maximum(actual, 1e-4)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def raw_value_psi(reference: np.ndarray, current: np.ndarray) -> float:
+    """PSI on the raw rows, one bin per distinct value (NaN: the missing bin)."""
+    values = np.union1d(reference[~np.isnan(reference)], current[~np.isnan(current)])
+    def shares(x):
+        return np.append([np.mean(x == v) for v in values], np.mean(np.isnan(x)))
+    return raw_psi(shares(reference), shares(current))
+
+
+def psi_of_frames(reference: pd.DataFrame, current: pd.DataFrame, top_k: int = 20) -> float | None:
+    from exporter.client import summarize_features
+    from exporter.offline import feature_psi
+
+    (ref,), (cur,) = summarize_features(reference, top_k=top_k), summarize_features(current, top_k=top_k)
+    return feature_psi(ref, cur)
+
+
+def discrete_cases():
+    rng = np.random.default_rng(11)
+    binary_70 = np.array([0.0] * 700 + [1.0] * 300)
+    binary_50 = np.array([0.0] * 500 + [1.0] * 500)
+    poisson_a, poisson_b = rng.poisson(2, 5000).astype(float), rng.poisson(2, 5000).astype(float)
+    with_missing = np.where(rng.random(2000) < 0.1, np.nan, rng.integers(0, 3, 2000).astype(float))
+    new_code = np.where(rng.random(2000) < 0.15, 7.0, rng.integers(0, 3, 2000).astype(float))  # a value never seen
+    return {
+        "binary 70% -> 50% zeros": (binary_70, binary_50, 0.2 * np.log(0.7 / 0.5) + 0.2 * np.log(0.5 / 0.3)),
+        "unchanged Poisson(2)": (poisson_a, poisson_b, None),
+        "missing values": (with_missing, rng.integers(0, 3, 2000).astype(float), None),
+        "a new value": (rng.integers(0, 3, 2000).astype(float), new_code, None),
+        "ratings 1-5, shifted": (rng.integers(1, 6, 3000) * 1.0, np.minimum(rng.integers(1, 6, 3000) + 1, 5) * 1.0, None),
+    }
+
+
+@pytest.mark.parametrize("case", list(discrete_cases()))
+def test_psi_of_a_discrete_numeric_feature_is_the_raw_data_value(case):
+    """Issue 11: percentiles of a binary feature coincide (0.243 instead of 0.169); with
+    value shares the summary PSI is the raw-data PSI with one bin per value."""
+    reference, current, by_hand = discrete_cases()[case]
+    expected = raw_value_psi(reference, current)
+    if by_hand is not None:
+        assert expected == pytest.approx(by_hand, rel=1e-12)  # 0.1695
+    got = psi_of_frames(pd.DataFrame({"x": reference}), pd.DataFrame({"x": current}))
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_unchanged_poisson_feature_reads_stable():
+    reference, current, _ = discrete_cases()["unchanged Poisson(2)"]
+    assert psi_of_frames(pd.DataFrame({"x": reference}), pd.DataFrame({"x": current})) < 0.01  # was 0.022
+
+
+def test_discrete_reference_against_a_continuous_current_uses_the_reference_values_as_edges():
+    """Only the reference is low-cardinality: its distinct values are the bin edges, read
+    exactly on its side and through the current's percentiles on the other."""
+    from exporter.client import summarize_features
+    from exporter.offline import feature_psi
+
+    rng = np.random.default_rng(3)
+    reference = rng.integers(0, 4, 4000).astype(float)  # 0, 1, 2, 3
+    current = rng.uniform(-0.5, 3.5, 4000)
+    (ref,), (cur,) = summarize_features(pd.DataFrame({"x": reference})), summarize_features(pd.DataFrame({"x": current}))
+    assert ref.value_shares is not None and cur.value_shares is None
+    # raw data over the bins (-inf, 0], (0, 1], (1, 2], (2, 3], (3, inf) and missing; the
+    # current's side is read through its interpolated percentiles: close, not exact
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    def shares(x):
+        return np.append(np.bincount(np.searchsorted(edges, x, side="left"), minlength=5) / len(x), 0.0)
+    expected = raw_psi(shares(reference), shares(current))
+    assert expected > 0.25
+    assert feature_psi(ref, cur) == pytest.approx(expected, rel=0.05)
+
+
+def test_discrete_feature_psi_through_the_training_refresh(state_url):
+    reference, current, _ = discrete_cases()["binary 70% -> 50% zeros"]
+    a = build_training_run(model="ctr", version="a", trained_at=NOW - timedelta(days=1), training_data=pd.DataFrame({"clicked": reference}))
+    b = build_training_run(model="ctr", version="b", trained_at=NOW, training_data=pd.DataFrame({"clicked": current}))
+    report(state_url, a, b)
+    got = samples(state_url)
+    assert value(got, "mlmon_training_feature_psi", model="ctr", feature="clicked") == pytest.approx(
+        0.2 * np.log(0.7 / 0.5) + 0.2 * np.log(0.5 / 0.3), rel=1e-9
+    )
+
+
+def test_all_missing_numeric_feature_with_only_min_does_not_stop_the_training_refresh(state_url):
+    """Issue 13: two versions of {"name":"x","kind":"numeric","count":10,"missing_ratio":1.0,
+    "min":0.0} made the PSI code sort None against floats, and the whole training refresh
+    failed (mlmon_state_up 0, every model's training series gone)."""
+    x = {"name": "x", "kind": "numeric", "count": 10, "missing_ratio": 1.0, "min": 0.0}
+    y = {"name": "y", "kind": "numeric", "count": 10, "missing_ratio": 0.0, "mean": 1.0, "stddev": 0.0, "min": 1.0, "max": 1.0}
+    with_values = {**x, "missing_ratio": 0.5, "mean": 2.0, "stddev": 1.0, "max": 3.0}
+    report(
+        state_url,
+        simple_run("v1", 1, 100, 0.3, 0.8, features=[x, y]),
+        simple_run("v2", 0, 100, 0.3, 0.8, features=[x, y]),
+        simple_run("v1", 1, 100, 0.3, 0.8, model="other", features=[x]),
+        simple_run("v2", 0, 100, 0.3, 0.8, model="other", features=[with_values]),
+        simple_run("v1", 1, 100, 0.3, 0.8, model="third", features=[with_values]),
+        simple_run("v2", 0, 100, 0.3, 0.8, model="third", features=[x]),
+    )
+    got = samples(state_url)
+    assert value(got, "mlmon_state_up") == 1
+    # every row missing on both sides: all in the missing bin, identical distributions
+    assert value(got, "mlmon_training_feature_psi", model="ctr", feature="x") == 0.0
+    assert value(got, "mlmon_training_feature_psi", model="ctr", feature="y") == 0.0
+    assert value(got, "mlmon_training_feature_missing_ratio", model="ctr", feature="x") == 1.0
+    # all missing -> half missing, values in one bin: expected (0, 1), actual (0.5, 0.5)
+    expected = raw_psi(np.array([0.0, 1.0]), np.array([0.5, 0.5]))
+    assert value(got, "mlmon_training_feature_psi", model="other", feature="x") == pytest.approx(expected, rel=1e-12)
+    # half missing -> all missing: the reference's deciles are absent, one value bin
+    assert value(got, "mlmon_training_feature_psi", model="third", feature="x") == pytest.approx(expected, rel=1e-12)
+    assert value(got, "mlmon_training_rows", model="third") == 100
