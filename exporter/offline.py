@@ -112,8 +112,8 @@ def _category_shares(reference: FeatureSummary, current: FeatureSummary) -> tupl
     cur = {c: s * cur_present for c, s in current.categories.items() if c != OTHER}
     # The other side's unknown share of a category: at most its __other__ share (0 when it
     # lists every category) and at most its smallest listed share.
-    ref_other = max(0.0, ref_present - math.fsum(ref.values())) if reference.present else 0.0
-    cur_other = max(0.0, cur_present - math.fsum(cur.values())) if current.present else 0.0
+    ref_other = reference.categories.get(OTHER, 0.0) * ref_present
+    cur_other = current.categories.get(OTHER, 0.0) * cur_present
     ref_cap = min([ref_other, *ref.values()])
     cur_cap = min([cur_other, *cur.values()])
     only_ref = sorted(set(ref) - set(cur))  # current share x_c unknown

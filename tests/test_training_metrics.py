@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import build_training_run, summarize_features
@@ -492,3 +494,47 @@ def test_complete_category_lists_give_the_exact_raw_psi():
     ref, cur = summaries(reference, current)
     shares = lambda x: np.array([np.mean(x == c) for c in "abcd"] + [np.mean([v is None for v in x])])  # noqa: E731
     assert feature_psi(ref, cur) == pytest.approx(raw_psi(shares(reference), shares(current)), rel=1e-12)
+
+
+@st.composite
+def feature_summaries(draw, kind: str) -> FeatureSummary:
+    """Any valid summary of one kind: empty, all missing (min alone allowed), percentiles in
+    any subset, value shares or not, extreme magnitudes, top-k categories with __other__."""
+    count = draw(st.integers(0, 10))
+    missing = draw(st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.0, 1.0))
+    fields = {"name": "f", "kind": kind, "count": count, "missing_ratio": missing}
+    if count == 0 or missing == 1.0:
+        if kind == "numeric" and draw(st.booleans()):
+            fields["min"] = draw(st.floats(-1e308, 1e308))
+        return FeatureSummary(**fields)
+    if kind == "categorical":
+        names = draw(st.lists(st.sampled_from(["a", "b", "c", "d", OTHER]), min_size=1, max_size=5, unique=True))
+        weights = [draw(st.floats(0.0, 1.0)) for _ in names]
+        if sum(weights) == 0:
+            weights[0] = 1.0
+        return FeatureSummary(**fields, categories={n: w / sum(weights) for n, w in zip(names, weights)})
+    magnitude = draw(st.sampled_from([1.0, 1e-300, 1e300]))
+    values = sorted(draw(st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=12)))
+    values = [v * magnitude for v in values]
+    fields.update(mean=values[0], stddev=0.0, min=values[0], max=values[-1])
+    quantiles = draw(st.lists(st.sampled_from([1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]), unique=True))
+    fields["percentiles"] = {str(q): v for q, v in zip(sorted(quantiles), values[1:-1])}
+    distinct = sorted(set(values))
+    if draw(st.booleans()):
+        shares = [draw(st.integers(1, 5)) for _ in distinct]
+        fields["value_shares"] = [(v, n / sum(shares)) for v, n in zip(distinct, shares)]
+    return FeatureSummary(**fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["numeric", "categorical"]))
+def test_feature_psi_never_raises_and_is_finite_or_absent(data, kind):
+    """Whatever two valid summaries hold, PSI is a finite number >= 0 or None (issue 13:
+    one odd feature must never stop the training refresh)."""
+    reference, current = data.draw(feature_summaries(kind)), data.draw(feature_summaries(kind))
+    got = feature_psi(reference, current)
+    if reference.count == 0 or current.count == 0:
+        assert got is None
+    else:
+        assert got is not None and math.isfinite(got) and got >= -1e-12
+        assert feature_psi(reference, reference) == pytest.approx(0.0, abs=1e-9)
