@@ -118,40 +118,41 @@ def _category_shares(reference: FeatureSummary, current: FeatureSummary) -> tupl
     cur_cap = min([cur_other, *cur.values()])
     only_ref = sorted(set(ref) - set(cur))  # current share x_c unknown
     only_cur = sorted(set(cur) - set(ref))  # reference share y_c unknown
-    r = np.array([ref[c] for c in only_ref])
-    c = np.array([cur[k] for k in only_cur])
+    ref_known = np.array([ref[k] for k in only_ref])
+    cur_known = np.array([cur[k] for k in only_cur])
 
     def rests(t: float) -> tuple[np.ndarray, np.ndarray, float, float]:
-        x, y = np.minimum(t * r, cur_cap), np.minimum(c / t, ref_cap)
-        return x, y, cur_other - math.fsum(x), ref_other - math.fsum(y)
+        x, y = np.minimum(t * ref_known, cur_cap), np.minimum(cur_known / t, ref_cap)
+        return x, y, cur_other - float(x.sum()), ref_other - float(y.sum())
 
-    low, high = -60.0, 60.0  # bisection on ln t
-    for _ in range(200):
+    low, high = -700.0, 700.0  # bisection on ln t, within float range
+    while (only_ref or only_cur) and high - low > 1e-12:
         middle = (low + high) / 2
         _, _, cur_rest, ref_rest = rests(math.exp(middle))
         too_small = cur_rest > 0 and (ref_rest <= 0 or cur_rest > math.exp(middle) * ref_rest)
         low, high = (middle, high) if too_small else (low, middle)
     x, y, cur_rest, ref_rest = rests(math.exp(low))
     if not (cur_rest > 1e-12 and ref_rest > 1e-12):
-        x, cur_rest = _fill(r, cur_cap, cur_other)
-        y, ref_rest = _fill(c, ref_cap, ref_other)
+        x, cur_rest = _fill(ref_known, cur_cap, cur_other)
+        y, ref_rest = _fill(cur_known, ref_cap, ref_other)
     both = sorted(set(ref) & set(cur))
-    expected = [ref[k] for k in both] + list(r) + list(y) + [max(0.0, ref_rest), reference.missing_ratio]
-    actual = [cur[k] for k in both] + list(x) + list(c) + [max(0.0, cur_rest), current.missing_ratio]
+    expected = [ref[k] for k in both] + list(ref_known) + list(y) + [max(0.0, ref_rest), reference.missing_ratio]
+    actual = [cur[k] for k in both] + list(x) + list(cur_known) + [max(0.0, cur_rest), current.missing_ratio]
     return np.array(expected), np.array(actual)
 
 
 def _fill(weights: np.ndarray, cap: float, total: float) -> tuple[np.ndarray, float]:
-    """Shares min(s * weights, cap) summing to ``total`` (largest s, by bisection), and
-    what is left of ``total`` when the caps do not let them reach it."""
+    """Shares min(s * weights, cap) summing to ``total`` (the largest such s, by bisection
+    on ln s), and what is left of ``total`` when the caps do not let them reach it."""
     if len(weights) == 0 or cap <= 0.0:
         return np.zeros(len(weights)), total
-    low, high = 0.0, total / max(float(weights.min()), 1e-300)
-    for _ in range(200):
+    low, high = -700.0, 700.0
+    for _ in range(100):  # 1400 / 2**100: far below float precision
         middle = (low + high) / 2
-        low, high = (middle, high) if math.fsum(np.minimum(middle * weights, cap)) <= total else (low, middle)
-    shares = np.minimum(low * weights, cap)
-    return shares, max(0.0, total - math.fsum(shares))
+        fits = float(np.minimum(math.exp(middle) * weights, cap).sum()) <= total
+        low, high = (middle, high) if fits else (low, middle)
+    shares = np.minimum(math.exp(low) * weights, cap)
+    return shares, max(0.0, total - float(shares.sum()))
 
 
 def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | None:
