@@ -90,7 +90,7 @@ def _is_numeric(dtype: Any) -> bool:
     )
 
 
-def _numeric_summary(name: str, series: pd.Series, missing: pd.Series) -> FeatureSummary:
+def _numeric_summary(name: str, series: pd.Series, missing: pd.Series, top_k: int) -> FeatureSummary:
     count = len(series)
     values = series[~missing].to_numpy(dtype=np.float64)
     infinite = np.flatnonzero(np.isinf(values))
@@ -112,6 +112,11 @@ def _numeric_summary(name: str, series: pd.Series, missing: pd.Series) -> Featur
                 for q, v in zip(FEATURE_PERCENTILES, np.percentile(values, FEATURE_PERCENTILES, method="linear"))
             },
         }
+        # Few distinct values (a flag, a count): percentiles coincide and cannot tell 70%
+        # zeros from 50%, so the exact distribution goes along for the PSI.
+        distinct, counts = np.unique(values, return_counts=True)
+        if len(distinct) <= top_k:
+            fields["value_shares"] = [(float(v), int(n) / len(values)) for v, n in zip(distinct, counts)]
     return FeatureSummary(
         name=name,
         kind="numeric",
@@ -162,6 +167,9 @@ def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterab
     - numeric: mean, population stddev (ddof=0), min, max and the percentiles
       ``FEATURE_PERCENTILES`` (``numpy.percentile``, linear interpolation; keys are the
       percentiles as strings) over the non-missing values; all ``None`` when there is none.
+      A numeric column with at most ``top_k`` distinct non-missing values (low cardinality:
+      a flag, a small count) also gets ``value_shares``: each distinct value (ascending)
+      with its share of the non-missing values, which makes its PSI exact.
     - categorical: share of the non-missing values for each of the ``top_k`` most frequent
       categories (ties broken by category text), keyed by ``str(value)`` (``"True"``,
       ``"False"`` for bools; a float column named in ``categorical`` gives ``"1.0"``),
@@ -186,7 +194,7 @@ def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterab
         name = str(column)
         missing = series.isna()
         if _is_numeric(series.dtype) and name not in forced:
-            summaries.append(_numeric_summary(name, series, missing))
+            summaries.append(_numeric_summary(name, series, missing, top_k))
         else:
             summaries.append(_categorical_summary(name, series, missing, top_k))
     return summaries

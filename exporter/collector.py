@@ -82,6 +82,7 @@ METRICS = {
         _spec("mlmon_training_rows_change_ratio", "gauge", "model baseline", "Training rows of the newest version / of the baseline version."),
         _spec("mlmon_offline_logloss_change_ratio", "gauge", "model baseline", "Validation log loss of the newest version / of the baseline version."),
         _spec("mlmon_offline_roc_auc_change_ratio", "gauge", "model baseline", "Validation ROC AUC of the newest version / of the baseline version."),
+        _spec("mlmon_version_trained_timestamp_seconds", "gauge", "model version", "Training time of each recent version (orders the versions)."),
         _spec("mlmon_version_training_rows", "gauge", "model version", "Training rows of each recent version."),
         _spec("mlmon_version_offline_logloss", "gauge", "model version", "Validation log loss of each recent version."),
         _spec("mlmon_version_offline_roc_auc", "gauge", "model version", "Validation ROC AUC of each recent version."),
@@ -173,6 +174,7 @@ def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot, limit
         _emit(families, "mlmon_offline_roc_auc_change_ratio", labels, ratio(newest.validation_roc_auc, run.validation_roc_auc))
     for run in snap.history:
         labels = [m, run.version]
+        _emit(families, "mlmon_version_trained_timestamp_seconds", labels, run.trained_at.timestamp())
         _emit(families, "mlmon_version_training_rows", labels, run.training_rows)
         _emit(families, "mlmon_version_offline_logloss", labels, run.validation_logloss)
         _emit(families, "mlmon_version_offline_roc_auc", labels, run.validation_roc_auc)

@@ -5,6 +5,7 @@ breakdown with each feature's PSI against the previous version."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,8 +49,13 @@ class TrainingSnapshot:
 
 
 def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
-    """The share of non-missing values <= x, by linear interpolation through the
-    feature's (min, 0), (percentile value, q / 100) ..., (max, 1) points."""
+    """The share of non-missing values <= x: exact (a step function) from ``value_shares``
+    when given, else by linear interpolation through the feature's (min, 0),
+    (percentile value, q / 100) ..., (max, 1) points."""
+    if feature.value_shares is not None:
+        values = np.array([v for v, _ in feature.value_shares])
+        cumulative = np.concatenate([[0.0], np.cumsum([share for _, share in feature.value_shares])])
+        return np.minimum(cumulative[np.searchsorted(values, x, side="right")], 1.0)
     points = [(feature.min, 0.0)] + [(v, int(q) / 100) for q, v in feature.percentiles.items()] + [(feature.max, 1.0)]
     points.sort()
     values = np.array([v for v, _ in points])
@@ -59,57 +65,113 @@ def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
     return np.interp(x, unique, shares[::-1][last], left=0.0, right=1.0)
 
 
+def _numeric_edges(reference: FeatureSummary, current: FeatureSummary) -> np.ndarray:
+    """The upper edges of the numeric PSI bins (each bin is (previous edge, edge], plus an
+    open bin above the last): every distinct value either side lists when both give
+    ``value_shares`` (one bin per value, exact); the reference's distinct values when only
+    it gives them; else the reference's deciles (ties merged). No edge without values."""
+    if not reference.present:
+        return np.array([])
+    if reference.value_shares is not None:
+        values = [v for v, _ in reference.value_shares]
+        if current.present and current.value_shares is not None:
+            values += [v for v, _ in current.value_shares]
+        return np.unique(values)
+    return np.unique([reference.percentiles[str(q)] for q in DECILES if str(q) in reference.percentiles])
+
+
 def _numeric_shares(feature: FeatureSummary, edges: np.ndarray) -> np.ndarray:
-    present = 1.0 - feature.missing_ratio
-    if feature.min is None:  # every value missing
+    if not feature.present:  # every value missing (min may still be given, max not)
         return np.array([0.0] * (len(edges) + 1) + [feature.missing_ratio])
     cdf = np.concatenate([[0.0], _cdf(feature, edges), [1.0]])
-    return np.append(np.diff(cdf) * present, feature.missing_ratio)
+    return np.append(np.diff(cdf) * (1.0 - feature.missing_ratio), feature.missing_ratio)
 
 
-def _category_bins(reference: FeatureSummary, current: FeatureSummary) -> list[str]:
-    """The categories that get a bin of their own; the rest go to ``__other__``.
+def _category_shares(reference: FeatureSummary, current: FeatureSummary) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, actual) shares of all rows over the categorical PSI bins: every category
+    either side lists, one bin for all other categories, one for missing values.
 
-    A category known on one side only may hide in the other side's ``__other__`` share,
-    so it gets its own bin only when the other side lists all its categories (no
-    ``__other__`` share): there its absence is a true 0.
+    A side with an ``__other__`` share does not say how it splits over the categories only
+    the other side lists; that split is chosen to give the smallest PSI any pair of
+    distributions consistent with both summaries has on these bins (a lower bound of the
+    true PSI; docs/metrics.md). Consistent means: the shares the summaries give, a
+    category a summary does not list holds at most the smallest share it lists (they are
+    its top k) and at most its ``__other__`` share, and a summary without ``__other__``
+    lists every category it has.
+
+    Without the floor, PSI = sum f(a, e) with f(a, e) = (a - e) ln(a / e) is jointly
+    convex, and its derivatives depend on a / e alone, so at the optimum (KKT) every
+    unlisted share has the same ratio to the other side's share as the two "other
+    category" bins have to each other, up to its cap: x_c = min(t r_c, cap), y_c =
+    min(c_c / t, cap) with t = (current rest) / (reference rest), found by bisection. When
+    no such t leaves both rests positive, both rests are 0 and each side's unknown shares
+    fill its ``__other__`` share in proportion to the other side's.
     """
-    def complete(f: FeatureSummary) -> bool:
-        return f.categories.get(OTHER, 0.0) == 0.0
+    ref_present, cur_present = 1.0 - reference.missing_ratio, 1.0 - current.missing_ratio
+    ref = {c: s * ref_present for c, s in reference.categories.items() if c != OTHER}
+    cur = {c: s * cur_present for c, s in current.categories.items() if c != OTHER}
+    # The other side's unknown share of a category: at most its __other__ share (0 when it
+    # lists every category) and at most its smallest listed share.
+    ref_other = reference.categories.get(OTHER, 0.0) * ref_present
+    cur_other = current.categories.get(OTHER, 0.0) * cur_present
+    ref_cap = min([ref_other, *ref.values()])
+    cur_cap = min([cur_other, *cur.values()])
+    only_ref = sorted(set(ref) - set(cur))  # current share x_c unknown
+    only_cur = sorted(set(cur) - set(ref))  # reference share y_c unknown
+    ref_known = np.array([ref[k] for k in only_ref])
+    cur_known = np.array([cur[k] for k in only_cur])
 
-    bins = set(reference.categories) & set(current.categories)
-    bins |= {c for c in reference.categories if complete(current)}
-    bins |= {c for c in current.categories if complete(reference)}
-    return sorted(bins - {OTHER})
+    def rests(t: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+        x, y = np.minimum(t * ref_known, cur_cap), np.minimum(cur_known / t, ref_cap)
+        return x, y, cur_other - float(x.sum()), ref_other - float(y.sum())
+
+    low, high = -700.0, 700.0  # bisection on ln t, within float range
+    while (only_ref or only_cur) and high - low > 1e-12:
+        middle = (low + high) / 2
+        _, _, cur_rest, ref_rest = rests(math.exp(middle))
+        too_small = cur_rest > 0 and (ref_rest <= 0 or cur_rest > math.exp(middle) * ref_rest)
+        low, high = (middle, high) if too_small else (low, middle)
+    x, y, cur_rest, ref_rest = rests(math.exp(low))
+    if not (cur_rest > 1e-12 and ref_rest > 1e-12):
+        x, cur_rest = _fill(ref_known, cur_cap, cur_other)
+        y, ref_rest = _fill(cur_known, ref_cap, ref_other)
+    both = sorted(set(ref) & set(cur))
+    expected = [ref[k] for k in both] + list(ref_known) + list(y) + [max(0.0, ref_rest), reference.missing_ratio]
+    actual = [cur[k] for k in both] + list(x) + list(cur_known) + [max(0.0, cur_rest), current.missing_ratio]
+    return np.array(expected), np.array(actual)
 
 
-def _categorical_shares(feature: FeatureSummary, bins: list[str]) -> np.ndarray:
-    present = 1.0 - feature.missing_ratio
-    shares = [feature.categories.get(c, 0.0) for c in bins]
-    other = max(0.0, 1.0 - sum(shares))  # __other__ plus the categories folded into it
-    return np.array([share * present for share in shares] + [other * present, feature.missing_ratio])
+def _fill(weights: np.ndarray, cap: float, total: float) -> tuple[np.ndarray, float]:
+    """Shares min(s * weights, cap) summing to ``total`` (the largest such s, by bisection
+    on ln s), and what is left of ``total`` when the caps do not let them reach it."""
+    if len(weights) == 0 or cap <= 0.0:
+        return np.zeros(len(weights)), total
+    low, high = -700.0, 700.0
+    for _ in range(100):  # 1400 / 2**100: far below float precision
+        middle = (low + high) / 2
+        fits = float(np.minimum(math.exp(middle) * weights, cap).sum()) <= total
+        low, high = (middle, high) if fits else (low, middle)
+    shares = np.minimum(math.exp(low) * weights, cap)
+    return shares, max(0.0, total - float(shares.sum()))
 
 
 def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | None:
-    """PSI of one feature between two versions (``None`` when the kinds differ or the
-    reference has no rows).
+    """PSI of one feature between two versions (``None`` when the kinds differ or either
+    side has no rows).
 
-    Bins are frozen on the reference: numeric features use its deciles as edges, with
-    open outer bins, both sides' shares read from their percentile-interpolated CDFs;
-    categorical features use the categories both top-k lists know (see ``_category_bins``)
-    and ``__other__`` for the rest. Missing values form one more bin on both sides.
+    Numeric features: bins from ``_numeric_edges`` with an open top bin, both sides'
+    shares read from their CDFs (``_cdf``: exact with ``value_shares``, else interpolated
+    through the percentiles). Categorical features: ``_category_shares``, a lower bound
+    when an ``__other__`` share hides categories the other side lists. Missing values
+    form one more bin on both sides. Never raises for valid summaries.
     """
     if reference.kind != current.kind or reference.count == 0 or current.count == 0:
         return None
     if reference.kind == "numeric":
-        if reference.min is None:
-            edges = np.array([])
-        else:
-            edges = np.unique([reference.percentiles[str(q)] for q in DECILES if str(q) in reference.percentiles])
+        edges = _numeric_edges(reference, current)
         expected, actual = _numeric_shares(reference, edges), _numeric_shares(current, edges)
     else:
-        bins = _category_bins(reference, current)
-        expected, actual = _categorical_shares(reference, bins), _categorical_shares(current, bins)
+        expected, actual = _category_shares(reference, current)
     return population_stability_index(expected, actual)
 
 

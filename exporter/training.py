@@ -6,6 +6,7 @@ built by ``exporter.client`` from a DataFrame, so both sides share one definitio
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from datetime import datetime, timezone
@@ -35,6 +36,8 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 Rows = Annotated[int, Field(ge=0, le=2**63 - 1)]
 #: The longest model version a run may have.
 VERSION_MAX_LENGTH = 100
+#: The most distinct values a numeric feature's ``value_shares`` may list.
+VALUE_SHARES_MAX = 1000
 
 
 class _Body(BaseModel):
@@ -47,6 +50,10 @@ class FeatureSummary(_Body):
     ``count`` counts every row, missing ones included; ``missing_ratio`` = missing / count.
     Numeric: mean, population stddev, min, max and ``percentiles`` (keys
     ``FEATURE_PERCENTILES`` as strings, linear interpolation) over non-missing values.
+    Optional for numeric features with few distinct values: ``value_shares``, each
+    distinct non-missing value and its share of the non-missing values, ascending by value
+    (from min to max), shares summing to 1; the client gives it for at most ``top_k``
+    distinct values, and PSI then uses it instead of the percentiles (docs/metrics.md).
     Categorical: ``categories`` maps the top-k categories (and ``__other__``) to their
     share of the non-missing values; shares sum to 1.
     """
@@ -61,10 +68,18 @@ class FeatureSummary(_Body):
     max: Finite | None = None
     percentiles: dict[str, Finite] = {}
     categories: dict[Name, Ratio] = {}
+    value_shares: Annotated[list[tuple[Finite, Ratio]], Field(min_length=1, max_length=VALUE_SHARES_MAX)] | None = None
+
+    @property
+    def present(self) -> bool:
+        """Whether the feature has any non-missing value."""
+        return self.count > 0 and self.missing_ratio < 1.0
 
     @model_validator(mode="after")
     def _by_kind(self) -> FeatureSummary:
-        present = self.count > 0 and self.missing_ratio < 1.0
+        present = self.present
+        if self.value_shares is not None:
+            self._check_value_shares(present)
         if self.kind == "numeric":
             if self.categories:
                 raise ValueError("categories: only for categorical features")
@@ -85,6 +100,20 @@ class FeatureSummary(_Body):
             if present and abs(total - 1.0) > SHARE_TOLERANCE:
                 raise ValueError(f"categories: shares must sum to 1, got {total}")
         return self
+
+    def _check_value_shares(self, present: bool) -> None:
+        if self.kind != "numeric":
+            raise ValueError("value_shares: only for numeric features")
+        if not present:
+            raise ValueError("value_shares: only for a feature with non-missing values")
+        values = [v for v, _ in self.value_shares]
+        if any(b <= a for a, b in itertools.pairwise(values)):
+            raise ValueError("value_shares: values must be distinct and ascending")
+        if (values[0], values[-1]) != (self.min, self.max):
+            raise ValueError(f"value_shares: values must run from min to max, got {values[0]} to {values[-1]}")
+        total = math.fsum(share for _, share in self.value_shares)
+        if abs(total - 1.0) > SHARE_TOLERANCE:
+            raise ValueError(f"value_shares: shares must sum to 1, got {total}")
 
 
 def as_utc(value: datetime) -> datetime:
@@ -119,4 +148,10 @@ class TrainingRun(_Body):
 
     def canonical_json(self) -> str:
         """The run as JSON with sorted keys, to tell an identical re-report from a conflict."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        body = self.model_dump(mode="json")
+        # A run without value_shares keeps the JSON (and so the stored body's digest) it
+        # had before the field existed: re-reporting a run stored earlier is no conflict.
+        for feature in body["features"]:
+            if feature["value_shares"] is None:
+                del feature["value_shares"]
+        return json.dumps(body, sort_keys=True, separators=(",", ":"))

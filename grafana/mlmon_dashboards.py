@@ -205,6 +205,47 @@ def bargauge_panel(
     )
 
 
+#: The field of a by-version panel's trained-time query after the merge (see by_version_panel).
+TRAINED_FIELD = "Value #B"
+
+
+def by_version_panel(title: str, description: str, unit: str, metric: str) -> bargauge.Panel:
+    """One bar per recent version of the model, in training order, oldest at the top.
+
+    Grafana keeps Prometheus' series order, which sorts label values as text (v10, v11,
+    v3, ...). So the instant values of ``metric`` (A) are merged by version with each
+    version's training time (``mlmon_version_trained_timestamp_seconds``, B), sorted by
+    it, and B is then hidden; the bar gauge shows every row ("All values"), named by the
+    one text field left, the version.
+    """
+    targets = [
+        query(f"max by (model, version) ({metric}{{{MODEL}}})", "{{version}}", instant=True, fmt=PromQueryFormat.TABLE),
+        query(
+            f"max by (model, version) (mlmon_version_trained_timestamp_seconds{{{MODEL}}})",
+            "{{version}}",
+            "B",
+            instant=True,
+            fmt=PromQueryFormat.TABLE,
+        ),
+    ]
+    reduce = common.ReduceDataOptions().values(True).calcs([]).fields("/^Value #A$/")
+    return (
+        panel(bargauge.Panel(), title, description + " Oldest version at the top.", unit, targets, 8, 9)
+        .orientation(VizOrientation.HORIZONTAL)
+        .reduce_options(reduce)
+        .with_transformation(DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            DataTransformerConfig(id_val="sortBy", options={"fields": {}, "sort": [{"field": TRAINED_FIELD}]})
+        )
+        .with_transformation(
+            DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True, "model": True, TRAINED_FIELD: True}},
+            )
+        )
+    )
+
+
 def variable(name: str, label: str, definition: str, description: str, multi: bool = False) -> QueryVariable:
     """A query variable that re-reads its values when the time range changes."""
     built = (
@@ -607,27 +648,27 @@ def training() -> Dashboard:
             )
         )
         .with_panel(
-            bargauge_panel(
+            by_version_panel(
                 "Training rows by version",
                 "Training rows of each recent version (`mlmon_version_training_rows`): a version trained on fewer rows stands out.",
                 "short",
-                [query(f"mlmon_version_training_rows{{{MODEL}}}", "{{version}}", instant=True)],
+                "mlmon_version_training_rows",
             )
         )
         .with_panel(
-            bargauge_panel(
+            by_version_panel(
                 "Validation log loss by version",
                 "Validation log loss of each recent version (`mlmon_version_offline_logloss`); lower is better.",
                 "none",
-                [query(f"mlmon_version_offline_logloss{{{MODEL}}}", "{{version}}", instant=True)],
+                "mlmon_version_offline_logloss",
             ).decimals(4)
         )
         .with_panel(
-            bargauge_panel(
+            by_version_panel(
                 "Validation ROC AUC by version",
                 "Validation ROC AUC of each recent version (`mlmon_version_offline_roc_auc`); higher is better.",
                 "none",
-                [query(f"mlmon_version_offline_roc_auc{{{MODEL}}}", "{{version}}", instant=True)],
+                "mlmon_version_offline_roc_auc",
             ).decimals(4)
         )
         .with_panel(

@@ -175,8 +175,15 @@ def draw_timeseries(ax, panel: Panel, annotations: list[float]) -> None:
 
 
 def draw_bargauge(ax, panel: Panel) -> None:
+    """Bars by legend; a by-version panel's in the order of its sortBy field (training time)."""
     target = panel.spec["targets"][0]
     rows = sorted((legend(s, target), last(s)) for s in panel.series[target["refId"]])
+    for transformation in panel.spec.get("transformations", []):
+        if transformation["id"] == "sortBy":
+            ref = transformation["options"]["sort"][0]["field"].removeprefix("Value #")
+            key_target = next(t for t in panel.spec["targets"] if t["refId"] == ref)
+            keys = {legend(s, key_target): last(s) for s in panel.series[ref]}
+            rows.sort(key=lambda row: keys.get(row[0], float("inf")))
     names, values = [n for n, _ in rows], [v for _, v in rows]
     ax.barh(range(len(rows)), values, color=[panel.colour(v) for v in values])
     ax.set_yticks(range(len(rows)), names, fontsize=6)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.client import build_training_run, summarize_features, validation_metrics
 from exporter.errors import error_lines
-from exporter.training import FEATURE_PERCENTILES, OTHER, TrainingRun
+from exporter.training import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
 
 
 def _by_name(summaries):
@@ -65,6 +65,64 @@ def test_integer_column_is_numeric_without_missing(frame):
     assert age.missing_ratio == 0.0
     assert age.mean == pytest.approx(frame["age"].mean())
     assert age.percentiles["50"] == pytest.approx(frame["age"].quantile(0.5))  # pandas: linear too
+
+
+def test_low_cardinality_numeric_column_reports_its_value_shares(frame):
+    summaries = _by_name(summarize_features(frame, top_k=20))
+    segment = summaries["segment"]  # 4 distinct integers
+    expected = frame["segment"].value_counts(normalize=True).sort_index()
+    assert [v for v, _ in segment.value_shares] == [float(v) for v in expected.index]
+    assert [s for _, s in segment.value_shares] == pytest.approx(expected.to_list(), rel=1e-12)
+    assert segment.percentiles["50"] == pytest.approx(frame["segment"].quantile(0.5))  # still reported
+    assert summaries["age"].value_shares is None  # 62 distinct values > top_k
+    assert summaries["income"].value_shares is None
+
+
+@pytest.mark.parametrize(("distinct", "given"), [(5, True), (6, False)])
+def test_value_shares_up_to_top_k_distinct_values_over_non_missing_rows(distinct, given):
+    values = [0.5 * i for i in range(distinct)] * 3 + [0.0, np.nan, np.nan]
+    x = summarize_features(pd.DataFrame({"x": values}), top_k=5)[0]
+    assert x.missing_ratio == pytest.approx(2 / len(values))
+    if not given:
+        assert x.value_shares is None
+        return
+    shares = pd.Series(values).value_counts(normalize=True, dropna=True).sort_index()
+    assert [v for v, _ in x.value_shares] == shares.index.to_list()
+    assert [s for _, s in x.value_shares] == pytest.approx(shares.to_list(), rel=1e-12)
+    assert x.value_shares[0][1] == pytest.approx(4 / 16)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"value_shares": [(1.0, 0.5), (0.0, 0.5)]}, "distinct and ascending"),
+        ({"value_shares": [(0.0, 0.5), (0.0, 0.5)]}, "distinct and ascending"),
+        ({"value_shares": [(0.0, 0.5), (1.0, 0.4)]}, "sum to 1"),
+        ({"value_shares": [(0.0, 0.5), (0.5, 0.5)]}, "from min to max"),
+        ({"value_shares": [(0.0, 1.5)]}, "less than or equal to 1"),
+        ({"value_shares": [(0.0, 0.5), (float("nan"), 0.5)]}, "finite"),
+        ({"value_shares": []}, "at least 1"),
+        ({"missing_ratio": 1.0, "mean": None, "stddev": None, "max": None}, "non-missing values"),
+        ({"kind": "categorical", "mean": None, "stddev": None, "min": None, "max": None}, "only for numeric"),
+    ],
+)
+def test_invalid_value_shares_are_refused_naming_the_field(change, message):
+    feature = {"name": "x", "kind": "numeric", "count": 10, "missing_ratio": 0.0, "mean": 0.5, "stddev": 0.5,
+               "min": 0.0, "max": 1.0, "value_shares": [(0.0, 0.5), (1.0, 0.5)]}
+    with pytest.raises(ValueError, match=message):
+        FeatureSummary(**{**feature, **change})
+
+
+def test_a_run_without_value_shares_keeps_its_earlier_body():
+    """Runs stored before value_shares existed: same JSON, same digest, no conflict."""
+    run = TrainingRun(
+        model="m", version="v1", trained_at="2026-01-01T00:00:00Z", training_rows=3,
+        features=[{"name": "x", "kind": "numeric", "count": 3, "missing_ratio": 0.0, "mean": 1.0, "stddev": 0.0,
+                   "min": 1.0, "max": 1.0}],
+    )
+    body = json.loads(run.canonical_json())
+    assert "value_shares" not in body["features"][0]
+    assert TrainingRun.model_validate_json(run.canonical_json()) == run
 
 
 def test_category_shares_with_other_when_more_than_top_k(frame):

@@ -363,3 +363,72 @@ def test_firing_alerts_panel_shows_the_demo_incidents(prometheus):
         assert time.monotonic() < deadline, "no mlmon alert fired"
         time.sleep(1)
     assert "MlmonOfflineAccuracyRegressed" in names
+
+
+# --- versions in training order -------------------------------------------------------------
+
+
+def by_version_panels() -> list[dict]:
+    """The panels that draw one value per version (a ``mlmon_version_*`` metric)."""
+    return [
+        panel
+        for dashboard in DASHBOARDS.values()
+        for panel in queries.panels(dashboard)
+        if any(re.search(r"mlmon_version_(?!trained)", t["expr"]) for t in panel["targets"])
+    ]
+
+
+def test_by_version_panels_sort_versions_by_training_time():
+    """Prometheus sorts label values as text (v10 before v3): every panel that lists
+    versions joins each version's training time, sorts by it and hides it."""
+    panels = by_version_panels()
+    assert {p["title"] for p in panels} == {
+        "Training rows by version",
+        "Validation log loss by version",
+        "Validation ROC AUC by version",
+    }
+    for panel in panels:
+        trained = [t for t in panel["targets"] if "mlmon_version_trained_timestamp_seconds" in t["expr"]]
+        assert len(trained) == 1 and all(t["format"] == "table" and t["instant"] for t in panel["targets"])
+        field = f"Value #{trained[0]['refId']}"
+        steps = {t["id"]: t["options"] for t in panel["transformations"]}
+        assert [t["id"] for t in panel["transformations"]] == ["merge", "sortBy", "organize"], panel["title"]
+        assert steps["sortBy"]["sort"] == [{"field": field}]  # ascending: oldest first
+        assert steps["organize"]["excludeByName"] == {"Time": True, "model": True, field: True}
+        assert panel["options"]["reduceOptions"]["values"] is True  # one bar per row
+
+
+def test_by_version_panel_rows_are_in_training_order(tmp_path):
+    """Grafana's merge, sortBy and organize applied (as Grafana does) to the instant
+    vectors of a real exposition whose version names do not sort in training order."""
+    from datetime import datetime, timedelta, timezone
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from exporter.config import parse_settings
+    from exporter.loop import refresh_once
+    from exporter.state import StateDatabase, save_run
+    from exporter.training import TrainingRun
+
+    now = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    trained = ["v3", "v9", "v10", "v11", "v2-hotfix"]  # oldest first
+    state = f"sqlite:///{tmp_path}/state.sqlite"
+    database = StateDatabase(state)
+    for age, version in enumerate(reversed(trained)):
+        run = TrainingRun(model="m", version=version, trained_at=now - timedelta(days=age), training_rows=100 + age,
+                          validation_logloss=0.3, validation_roc_auc=0.8)
+        save_run(database.ready(), run, now)
+    database.engine.dispose()
+    settings = parse_settings({"stores": {}, "models": [], "state": {"url": state}})
+    families = {f.name: f for f in text_string_to_metric_families(refresh_once(settings, now).decode())}
+    for panel in by_version_panels():
+        columns = {}
+        for target in panel["targets"]:
+            name = re.search(r"(mlmon_\w+)", target["expr"]).group(1)
+            for sample in families[name].samples:
+                row = columns.setdefault(sample.labels["version"], {"version": sample.labels["version"]})
+                row[f"Value #{target['refId']}"] = sample.value
+        field = panel["transformations"][1]["options"]["sort"][0]["field"]
+        rows = sorted(columns.values(), key=lambda row: row[field])
+        assert [row["version"] for row in rows] == trained, panel["title"]
+        assert sorted(columns) != trained  # text order would be wrong
