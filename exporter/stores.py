@@ -208,19 +208,23 @@ def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
 #: by SQLite's own strftime (which reads fractions to the millisecond and converts text
 #: with an offset to UTC), padded to microseconds like the bounds.
 _SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
-_SQLITE_PARSE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 #: Seconds since the epoch that are a date-time (years 1 to 9999); NaN, ±infinity and, in
 #: SQLite, text in a numeric column fall outside.
 _EPOCH_RANGE = (-62135596800.0, 253402300800.0)
 
 
+def _sqlite_text(wall: datetime) -> str:
+    """A naive date-time in the fixed-width text of ``_sqlite_timestamp``: one format for
+    every value, so that text order is time order."""
+    return wall.isoformat(sep=" ", timespec="microseconds")
+
+
 def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
     """SQL function ``mlmon_wall_clock(text, zone)``: UTC text as SQLite's strftime writes it
-    -> ``to_wall_clock`` in ``zone``, in the same format to the microsecond (``None`` when it
-    is no date-time Python can represent)."""
+    -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
+    Python can represent, such as year 0)."""
     try:
-        instant = datetime.strptime(utc_text, _SQLITE_PARSE_FORMAT).replace(tzinfo=timezone.utc)
-        return f"{to_wall_clock(instant, ZoneInfo(zone)):{_SQLITE_PARSE_FORMAT}}"
+        return _sqlite_text(to_wall_clock(datetime.fromisoformat(utc_text).replace(tzinfo=timezone.utc), ZoneInfo(zone)))
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -233,21 +237,23 @@ def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
     """The SQLite expression of ``TimeColumn`` kind ``"sqlite"``: a date-time text column as
     naive wall-clock text of ``zone`` (``%Y-%m-%d %H:%M:%S.ffffff``), NULL when unreadable.
 
-    Readable: text that SQLite's date functions read and that starts with a real calendar
-    date ``YYYY-MM-DD`` (SQLite itself would read ``2024-02-30`` as March 1, hour 24 as the
-    next day, ``now`` as the current time and a bare number as a Julian day). Text with an
-    offset denotes an instant: outside UTC it is mapped to the zone's wall clock by
+    Readable: text that SQLite's date functions read (else strftime gives NULL) and that
+    starts with a real calendar date ``YYYY-MM-DD``, checked by a round trip through
+    ``date`` (SQLite itself would read ``2024-02-30`` as March 1, hour 24 as the next day,
+    ``now`` as the current time and a bare number as a Julian day). Text with an offset
+    denotes an instant: outside UTC it is mapped to the zone's wall clock by
     ``mlmon_wall_clock``, so that both kinds of row compare with the same bounds.
+
+    Every call of a function costs per row and SQLite evaluates the expression once per
+    use: strftime is called once, and windows compare with BETWEEN (``TimeColumn.between``).
     """
     normalised = sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String)
     date = sa.func.substr(column, 1, 10)
     readable = sa.and_(
-        date.op("GLOB")("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]"),
         sa.func.date(date, "+0 days") == date,  # the modifier makes SQLite normalise the date
         sa.func.substr(column, 12, 2) != "24",
-        normalised.is_not(None),
     )
-    wall = normalised.concat("000")
+    wall = normalised.concat("000")  # microseconds, as the bounds
     if zone != "UTC":
         text = sa.func.rtrim(column)
         has_offset = sa.or_(
@@ -281,13 +287,16 @@ class TimeColumn:
         if self.kind == "aware":
             return instant
         naive = to_wall_clock(instant, ZoneInfo(self.zone))
-        if self.kind == "sqlite":
-            return f"{naive:{_SQLITE_PARSE_FORMAT}}"
-        return naive
+        return _sqlite_text(naive) if self.kind == "sqlite" else naive
 
     def between(self, start: datetime | None, end: datetime | None) -> sa.ColumnElement:
         """A predicate true for rows whose timestamp is an instant in ``[start, end)``;
         ``None`` leaves that side open (an unreadable timestamp is in no range)."""
+        if self.kind == "sqlite" and start is not None and end is not None:
+            # BETWEEN evaluates the expression once; every value has the same fixed-width
+            # text, so < end is <= the text one microsecond earlier.
+            last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
+            return self.expr.between(self.bind(start), last)
         conditions = []
         if start is not None:
             conditions.append(self.expr >= self.bind(start))
@@ -314,7 +323,7 @@ class TimeColumn:
         if self.kind == "epoch":
             return float(value)
         if self.kind == "sqlite":
-            value = datetime.strptime(value, _SQLITE_PARSE_FORMAT)
+            value = datetime.fromisoformat(value)
         if value.tzinfo is None:
             value = from_wall_clock(value, ZoneInfo(self.zone))
         return value.timestamp()
