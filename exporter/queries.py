@@ -193,7 +193,9 @@ class PredictionQueries:
         ts = self.time.expr
         newest = sa.select(sa.func.max(ts)).where(self.time.between(None, end), *self.filters).scalar_subquery()
         future = (
-            sa.select(sa.func.count()).select_from(self.table).where(self.time.between(future_from, None), *self.filters)
+            sa.select(sa.func.count())
+            .select_from(self.table)
+            .where(self.time.between(future_from, None), *self.filters)
         ).scalar_subquery()
         unreadable = (
             sa.select(sa.func.count()).select_from(self.table).where(self.time.unreadable(), *self.filters)

@@ -168,7 +168,7 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
       maps to ``W``, every later instant to its usual local time, so that a row stamped
       in the gap counts as written at ``T``.
 
-    ``from_wall_clock`` is its inverse (docs/metrics.md, "Time zones").
+    ``from_wall_clock`` is its inverse (docs/metrics.md, "Timestamps and time zones").
     """
     local = instant.astimezone(zone)
     wall = local.replace(tzinfo=None, fold=0)
@@ -224,7 +224,8 @@ def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
     -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
     Python can represent, such as year 0)."""
     try:
-        return _sqlite_text(to_wall_clock(datetime.fromisoformat(utc_text).replace(tzinfo=timezone.utc), ZoneInfo(zone)))
+        instant = datetime.fromisoformat(utc_text).replace(tzinfo=timezone.utc)
+        return _sqlite_text(to_wall_clock(instant, ZoneInfo(zone)))
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -313,7 +314,8 @@ class TimeColumn:
         on SQLite unreadable text; for epoch seconds also NaN, ±infinity, text, and values
         outside years 1 to 9999."""
         if self.kind == "epoch":
-            return sa.or_(self.expr.is_(None), sa.not_(sa.and_(self.expr >= _EPOCH_RANGE[0], self.expr < _EPOCH_RANGE[1])))
+            in_range = sa.and_(self.expr >= _EPOCH_RANGE[0], self.expr < _EPOCH_RANGE[1])
+            return sa.or_(self.expr.is_(None), sa.not_(in_range))
         return self.expr.is_(None)
 
     def to_epoch(self, value) -> float | None:
@@ -342,7 +344,8 @@ def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, 
     column = table.c[name]
     expected = "a timestamp or a number of seconds since the epoch"
     if dialect == "sqlite":
-        require_type(table, name, (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES), key_path, f"{expected}, or ISO-8601 text")
+        types = (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES)
+        require_type(table, name, types, key_path, f"{expected}, or ISO-8601 text")
         if isinstance(column.type, NUMBER_TYPES):
             return TimeColumn(column, "epoch", source.timezone)
         return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)

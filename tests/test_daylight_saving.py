@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from exporter.config import parse_settings
 from exporter.refresh import ModelRefresher
 from exporter.stores import Stores, from_wall_clock, to_wall_clock
-from test_refresh_metrics import store  # noqa: F401  (the sqlite / postgresql / duckdb fixture)
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
@@ -63,7 +62,9 @@ def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> Non
     engine = sa.create_engine(url)
     metadata = sa.MetaData(schema=schema)
     ts_type = sa.Text if as_text else sa.DateTime(timezone=False)
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", ts_type), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", ts_type), sa.Column("p", sa.Double)
+    )
     metadata.create_all(engine)
     rows = [{"id": i, "ts": w.isoformat(sep="T") if as_text else w, "p": 0.25} for i, w in enumerate(wall)]
     with engine.begin() as conn:
@@ -72,17 +73,26 @@ def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> Non
 
 
 def _refresher(url, schema, zone: str, windows: list[str]):
-    source = {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}, "timezone": zone}
+    source = {
+        "store": "s",
+        "table": "predictions",
+        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+        "timezone": zone,
+    }
     source.update({"schema": schema} if schema else {})
-    config = parse_settings({"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": windows}]})
+    config = parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": windows}]}
+    )
     stores = Stores(config)
     return ModelRefresher(config.models[0], config, stores), stores
 
 
 @pytest.mark.parametrize("zone, day", CHANGES, ids=[f"{z}-{d:%Y-%m-%d}" for z, d in CHANGES])
-@pytest.mark.parametrize("store", ["sqlite", "postgresql", "duckdb"], indirect=True)
-def test_windows_around_a_change(store, zone, day):
-    url, schema, dialect = store
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "duckdb"])
+def test_windows_around_a_change(backend, zone, day, tmp_path, request):
+    url, schema = f"{backend}:///{tmp_path}/store.{backend}", None
+    if backend == "postgresql":  # timestamp without time zone
+        url, schema = request.getfixturevalue("postgres_schema")
     t = transition(zone, day)
     first, n = t - 3 * HOUR, 360
     instants = [first + i * MINUTE for i in range(n)]  # the truth
@@ -155,7 +165,9 @@ NEAR = [
     ("Asia/Kolkata", datetime(2024, 6, 1)),
     ("UTC", datetime(2024, 6, 1)),
 ]
-around = st.integers(min_value=-26 * 3600 * 10**6, max_value=26 * 3600 * 10**6).map(lambda us: timedelta(microseconds=us))
+around = st.integers(min_value=-26 * 3600 * 10**6, max_value=26 * 3600 * 10**6).map(
+    lambda us: timedelta(microseconds=us)
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -177,7 +189,9 @@ def test_window_edges_and_wall_times_agree(near, a, b):
     wall = s.astimezone(tz).replace(tzinfo=None, fold=0)
     if tz.utcoffset(wall) == tz.utcoffset(wall.replace(fold=1)):
         assert from_wall_clock(wall, tz) == s
-        if (s - timedelta(microseconds=1)).astimezone(tz).utcoffset() == s.astimezone(tz).utcoffset():  # not a gap's end
+        if (s - timedelta(microseconds=1)).astimezone(tz).utcoffset() == s.astimezone(
+            tz
+        ).utcoffset():  # not a gap's end
             assert to_wall_clock(s, tz) == wall
 
 

@@ -74,9 +74,16 @@ def _instant(text: str, zone: str) -> datetime:
 
 
 def _settings(url, zone="UTC", windows=("1h", "24h"), schema=None):
-    source = {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}, "timezone": zone}
+    source = {
+        "store": "s",
+        "table": "predictions",
+        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+        "timezone": zone,
+    }
     source.update({"schema": schema} if schema else {})
-    return parse_settings({"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]})
+    return parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]}
+    )
 
 
 def _refresh(settings, *as_ofs):
@@ -165,7 +172,9 @@ def test_sqlite_epoch_column_with_text(tmp_path):
     """Seconds since the epoch in a REAL column that also holds text (SQLite stores what it
     is given): the text is no instant, neither in a window nor in the future."""
     base = AS_OF.timestamp()
-    url = _sqlite(tmp_path, "REAL", [base - 60, base - 7200, "", "soon", "2024-06-01 11:30:00", None, 1e400, base + 600])
+    url = _sqlite(
+        tmp_path, "REAL", [base - 60, base - 7200, "", "soon", "2024-06-01 11:30:00", None, 1e400, base + 600]
+    )
     (snap,) = _refresh(_settings(url), AS_OF)
     stats = {s.window: s for s in snap.score_stats}
     assert stats["1h"].predictions == 1 and stats["24h"].predictions == 2
@@ -179,11 +188,20 @@ def test_postgresql_null_timestamps_are_counted(postgres_schema, aware):
     url, schema = postgres_schema
     engine = sa.create_engine(url)
     metadata = sa.MetaData(schema=schema)
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime(timezone=aware)), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.Integer),
+        sa.Column("ts", sa.DateTime(timezone=aware)),
+        sa.Column("p", sa.Double),
+    )
     metadata.create_all(engine)
     stamp = AS_OF - timedelta(minutes=5)
     with engine.begin() as conn:
-        conn.execute(table.insert(), [{"id": i, "ts": stamp if aware else stamp.replace(tzinfo=None), "p": 0.5} for i in range(3)])
+        conn.execute(
+            table.insert(),
+            [{"id": i, "ts": stamp if aware else stamp.replace(tzinfo=None), "p": 0.5} for i in range(3)],
+        )
         conn.execute(table.insert(), [{"id": 10 + i, "ts": None, "p": 0.5} for i in range(2)])
     engine.dispose()
     (snap,) = _refresh(_settings(url, schema=schema), AS_OF)
@@ -195,7 +213,9 @@ def test_postgresql_epoch_nan_is_no_instant(postgres_schema):
     url, schema = postgres_schema
     engine = sa.create_engine(url)
     metadata = sa.MetaData(schema=schema)
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.Double), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.Double), sa.Column("p", sa.Double)
+    )
     metadata.create_all(engine)
     base = AS_OF.timestamp()
     with engine.begin() as conn:
@@ -227,7 +247,9 @@ def test_text_timestamp_refused_where_it_cannot_be_compared(backend, tmp_path, r
         with pytest.raises(SchemaError) as error:
             refresher.check_schema()
         message = str(error.value)
-        assert message.startswith("models[0].predictions.columns.timestamp: column 'ts' of table 'predictions' has type")
+        assert message.startswith(
+            "models[0].predictions.columns.timestamp: column 'ts' of table 'predictions' has type"
+        )
         assert "text" in message.lower() and "models[0].predictions.table" in message
         snap = refresher.refresh(AS_OF)
         assert not snap.sources["predictions"].up and snap.errors[("predictions", "schema")] == 1
