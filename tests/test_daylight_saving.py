@@ -209,3 +209,33 @@ def test_the_chosen_readings_of_paris():
     assert from_wall_clock(datetime(2024, 3, 31, 2, 30), paris) == datetime(2024, 3, 31, 1, 0, tzinfo=utc)
     assert to_wall_clock(datetime(2024, 3, 31, 1, 0, tzinfo=utc), paris) == datetime(2024, 3, 31, 2, 0)
     assert to_wall_clock(datetime(2024, 3, 31, 1, 0, 0, 1, tzinfo=utc), paris) == datetime(2024, 3, 31, 3, 0, 0, 1)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rows_stamped_in_a_skipped_hour_count_at_the_change(backend, tmp_path, request):
+    """02:00-02:59 never occurred in Paris on 2024-03-31 (clocks went from 02:00 to 03:00 at
+    01:00Z); a writer that stamps it anyway is read as writing at 01:00Z: in the window that
+    holds 01:00Z, in no other, and the newest row from then on."""
+    url, schema = f"sqlite:///{tmp_path}/s.sqlite", None
+    if backend == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
+    )
+    metadata.create_all(engine)
+    walls = [datetime(2024, 3, 31, 1, 50), datetime(2024, 3, 31, 2, 0), datetime(2024, 3, 31, 2, 59, 59)]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "ts": w, "p": 0.5} for i, w in enumerate(walls)])
+    engine.dispose()
+    refresher, stores = _refresher(url, schema, "Europe/Paris", ["30m"])
+    change = datetime(2024, 3, 31, 1, tzinfo=timezone.utc)
+    try:
+        before, after, later = (refresher.refresh(change + k * 30 * MINUTE) for k in (0, 1, 2))
+    finally:
+        stores.dispose()
+    # 01:50 CET is 00:50Z: in [00:30Z, 01:00Z); the two skipped times in [01:00Z, 01:30Z)
+    assert [s.score_stats[0].predictions for s in (before, after, later)] == [1, 2, 0]
+    assert before.last_prediction_timestamp == datetime(2024, 3, 31, 0, 50, tzinfo=timezone.utc).timestamp()
+    assert after.last_prediction_timestamp == later.last_prediction_timestamp == change.timestamp()
