@@ -25,7 +25,9 @@ from exporter.training import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
-INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id")
+INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp")
+#: Rows whose timestamp is no instant are in no window: ``bad_timestamp`` counts them over
+#: the whole table (``PredictionQueries.last_timestamp``), never in a window's histogram.
 OK = 0
 
 
@@ -102,15 +104,6 @@ def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElem
     return sa.func.floor((cell + _double(1.0)) / _double(2.0), type_=sa.Double())
 
 
-def _stamped(dialect: str, time: TimeColumn | None) -> list[sa.ColumnElement]:
-    """The conditions for a row to have a timestamp: a number in a numeric (epoch) column.
-
-    Text or a blob in such a column (SQLite) is no instant; without this, SQLite orders
-    it above every number, so it would count as stamped in the future."""
-    number = is_number(dialect, time.expr) if time is not None and time.kind == "epoch" else None
-    return [] if number is None else [number]
-
-
 def _unique_by_schema(table: sa.Table, column: str) -> bool:
     """Whether a primary key, unique constraint or unique index makes ``column`` unique."""
     keys = [list(table.primary_key.columns.keys())]
@@ -145,14 +138,12 @@ class PredictionQueries:
         self.score = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
         self.indexed = _indexed_by(table, source.columns.id)
-        # The rows of this model: the configured filter, and a timestamp that is one.
-        self.filters = [table.c[name] == value for name, value in source.filter.items()] + _stamped(dialect, time)
+        self.filters = [table.c[name] == value for name, value in source.filter.items()]
         self.version = None if source.columns.version is None else table.c[source.columns.version]
         self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
 
     def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
-        ts = self.time.expr
-        return sa.and_(ts >= self.time.bind(start), ts < self.time.bind(end), *self.filters)
+        return sa.and_(self.time.between(start, end), *self.filters)
 
     def rows(self, start: datetime, end: datetime) -> sa.Subquery:
         """The window's predictions as (id, score, reason); ``reason`` is ``OK`` or why the
@@ -248,20 +239,26 @@ class PredictionQueries:
         return sa.select(sa.func.max(counts.c.n))
 
     def last_timestamp(self, end: datetime, future_from: datetime) -> sa.Select:
-        """One row (``newest``, ``future``): the newest prediction time before ``end``, in the
-        column's own representation (``TimeColumn.to_epoch`` converts it), and the number of
-        rows stamped at or after ``future_from`` (a writer's clock ahead of mlmon's, or wrong
-        timestamps).
+        """One row (``newest``, ``future``, ``unreadable``): the newest prediction time before
+        ``end``, in the column's own representation (``TimeColumn.to_epoch`` converts it), the
+        number of rows stamped at or after ``future_from`` (a writer's clock ahead of mlmon's,
+        or wrong timestamps), and the number of rows whose timestamp is no instant (NULL, or
+        unreadable text on SQLite: ``TimeColumn.unreadable``), which are in no window.
 
-        Two scalar subqueries in one round trip rather than one scan with conditional
+        Scalar subqueries in one round trip rather than one scan with conditional
         aggregates, so that each can use an index on the timestamp.
         """
         ts = self.time.expr
-        newest = sa.select(sa.func.max(ts)).where(ts < self.time.bind(end), *self.filters).scalar_subquery()
+        newest = sa.select(sa.func.max(ts)).where(self.time.between(None, end), *self.filters).scalar_subquery()
         future = (
-            sa.select(sa.func.count()).select_from(self.table).where(ts >= self.time.bind(future_from), *self.filters)
+            sa.select(sa.func.count())
+            .select_from(self.table)
+            .where(self.time.between(future_from, None), *self.filters)
         ).scalar_subquery()
-        return sa.select(newest.label("newest"), future.label("future"))
+        unreadable = (
+            sa.select(sa.func.count()).select_from(self.table).where(self.time.unreadable(), *self.filters)
+        ).scalar_subquery()
+        return sa.select(newest.label("newest"), future.label("future"), unreadable.label("unreadable"))
 
     def serving_version(self, end: datetime) -> sa.Select:
         """One row: the model version of the newest prediction before ``end`` (needs the
@@ -281,7 +278,7 @@ class PredictionQueries:
             version = sa.cast(version, sa.String())
         cut = sa.func.array_slice if self.dialect == "duckdb" else sa.func.substr  # DuckDB's substr takes no BLOB
         value = cut(version, 1, VERSION_MAX_LENGTH + 1, type_=version.type)
-        return sa.select(value).where(ts < self.time.bind(end), *self.filters).order_by(ts.desc()).limit(1)
+        return sa.select(value).where(self.time.between(None, end), *self.filters).order_by(ts.desc()).limit(1)
 
     def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
         """One row for the counters: (count, sum of scores, cumulative count per bucket bound)
@@ -427,8 +424,7 @@ class LabelQueries:
         """
         conditions = []
         if self.time is not None:
-            conditions += [self.time.expr >= self.time.bind(since), self.time.expr < self.time.bind(as_of)]
-            conditions += _stamped(self.dialect, self.time)
+            conditions.append(self.time.between(since, as_of))
         return (
             sa.select(
                 self.id.label("id"),

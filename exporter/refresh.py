@@ -252,10 +252,12 @@ class ModelRefresher:
         with self._connection() as conn:
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
-            newest, future = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
+            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
             stats = tuple(
                 self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
             )
+            # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
+            stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
             horizon = as_of - self.model.predictions.ingestion_delay
             if self._watermark is None:

@@ -11,7 +11,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 from zoneinfo import ZoneInfo
@@ -83,6 +83,7 @@ def create_store_engine(url: str, connect_timeout: float | None = None) -> Engin
         raise sa.exc.NoSuchModuleError(f"the driver of {driver!r} is not installed: {hint}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_math)
+        sa.event.listen(engine, "connect", _sqlite_functions)
     return engine
 
 
@@ -141,11 +142,137 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             conn.rollback()
 
 
-#: SQLite keeps date-times as text in whatever format the writer chose (with or without
-#: fraction, ``T`` or space, offset or not); comparing that text with a bound would be
-#: wrong at the window edges, so both sides are normalised by SQLite's own strftime, to
-#: the millisecond and in UTC where the text carries an offset.
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _transition_after(zone: ZoneInfo, instant: datetime, within: timedelta) -> datetime:
+    """The first instant after ``instant`` at which ``zone`` changes its UTC offset, known
+    to lie at most ``within`` (plus a second) after it; found by bisection on whole
+    seconds, where the tz database puts every transition."""
+    low = math.floor(instant.timestamp())
+    high = low + math.ceil(within.total_seconds()) + 1
+    offset = datetime.fromtimestamp(low, zone).utcoffset()
+    while high - low > 1:  # invariant: the offset at low is the old one, at high the new one
+        middle = (low + high) // 2
+        if datetime.fromtimestamp(middle, zone).utcoffset() == offset:
+            low = middle
+        else:
+            high = middle
+    return datetime.fromtimestamp(high, timezone.utc)
+
+
+def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
+    """The naive wall-clock time of ``zone`` that a window edge at ``instant`` (timezone-aware)
+    is compared with, to the microsecond (rounded up).
+
+    A non-decreasing map, so that consecutive windows ``[a, b)``, ``[b, c)`` become
+    consecutive wall-clock intervals and count every row once: the plain conversion
+    jumps back an hour when clocks fall back, which made windows in that hour empty.
+
+    - Outside transitions: the usual local time.
+    - Clocks set back by ``d`` at instant ``T`` (wall times ``[W, W + d)`` occur twice,
+      once in ``[T - d, T)`` and again in ``[T, T + d)``): the two passes, ``2d`` of real
+      time, map linearly onto the ``d`` of repeated wall time, ``T - d + x`` to ``W + x/2``.
+      A window there covers half its length of wall time, which holds rows of both passes.
+    - Clocks set forward at ``T`` (wall times ``[W, W + d)`` never occur): ``T`` itself
+      maps to ``W``, every later instant to its usual local time, so that a row stamped
+      in the gap counts as written at ``T``.
+
+    ``from_wall_clock`` is its inverse (docs/metrics.md, "Timestamps and time zones").
+    """
+    local = instant.astimezone(zone)
+    wall = local.replace(tzinfo=None, fold=0)
+    early, late = zone.utcoffset(wall), zone.utcoffset(wall.replace(fold=1))
+    if early > late:  # a repeated wall time: instant is within d of the transition
+        d = early - late
+        first = (wall - early).replace(tzinfo=timezone.utc)  # its first pass, before T
+        t = _transition_after(zone, first, d)
+        elapsed = (instant - (t - d)) // _MICROSECOND
+        return (t + late).replace(tzinfo=None) + (elapsed + 1) // 2 * _MICROSECOND  # half, rounded up
+    before = (instant - _MICROSECOND).astimezone(zone)
+    if before.utcoffset() < local.utcoffset():  # instant is the transition at the end of a gap
+        return before.replace(tzinfo=None) + _MICROSECOND
+    return wall
+
+
+def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The instant (UTC) a naive wall-clock time of ``zone`` stands for: the inverse of
+    ``to_wall_clock``. A repeated wall time ``W + x`` (clocks set back by ``d`` at ``T``)
+    is ``T - d + 2x``, between its two possible readings; a wall time in a gap (clocks set
+    forward at ``T``) is ``T``. Elsewhere the only reading.
+    """
+    early, late = zone.utcoffset(wall.replace(fold=0)), zone.utcoffset(wall.replace(fold=1))
+    if early == late:
+        return (wall - early).replace(tzinfo=timezone.utc, fold=0)
+    if early > late:  # repeated
+        d = early - late
+        t = _transition_after(zone, (wall - early).replace(tzinfo=timezone.utc), d)
+        return t - d + 2 * (wall.replace(fold=0) - (t + late).replace(tzinfo=None))
+    # in a gap: fold 0 reads it with the offset before the transition (the later instant)
+    return _transition_after(zone, (wall - late).replace(tzinfo=timezone.utc), late - early)
+
+
+#: SQLite keeps date-times as text in whatever format the writer chose (``T`` or space,
+#: with or without seconds and fraction, ``Z`` or a ``±HH:MM`` offset or none); comparing
+#: that text with a bound would be wrong at the window edges, so both sides are normalised
+#: by SQLite's own strftime (which reads fractions to the millisecond and converts text
+#: with an offset to UTC), padded to microseconds like the bounds.
 _SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
+#: Seconds since the epoch that are a date-time (years 1 to 9999); NaN, ±infinity and, in
+#: SQLite, text in a numeric column fall outside.
+_EPOCH_RANGE = (-62135596800.0, 253402300800.0)
+
+
+def _sqlite_text(wall: datetime) -> str:
+    """A naive date-time in the fixed-width text of ``_sqlite_timestamp``: one format for
+    every value, so that text order is time order."""
+    return wall.isoformat(sep=" ", timespec="microseconds")
+
+
+def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
+    """SQL function ``mlmon_wall_clock(text, zone)``: UTC text as SQLite's strftime writes it
+    -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
+    Python can represent, such as year 0)."""
+    try:
+        instant = datetime.fromisoformat(utc_text).replace(tzinfo=timezone.utc)
+        return _sqlite_text(to_wall_clock(instant, ZoneInfo(zone)))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _sqlite_functions(dbapi_connection, _record) -> None:
+    dbapi_connection.create_function("mlmon_wall_clock", 2, _sqlite_wall_clock, deterministic=True)
+
+
+def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
+    """The SQLite expression of ``TimeColumn`` kind ``"sqlite"``: a date-time text column as
+    naive wall-clock text of ``zone`` (``%Y-%m-%d %H:%M:%S.ffffff``), NULL when unreadable.
+
+    Readable: text that SQLite's date functions read (else strftime gives NULL) and that
+    starts with a real calendar date ``YYYY-MM-DD``, checked by a round trip through
+    ``date`` (SQLite itself would read ``2024-02-30`` as March 1, hour 24 as the next day,
+    ``now`` as the current time and a bare number as a Julian day). Text with an offset
+    denotes an instant: outside UTC it is mapped to the zone's wall clock by
+    ``mlmon_wall_clock``, so that both kinds of row compare with the same bounds.
+
+    Every call of a function costs per row and SQLite evaluates the expression once per
+    use: strftime is called once, and windows compare with BETWEEN (``TimeColumn.between``).
+    """
+    normalised = sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String)
+    date = sa.func.substr(column, 1, 10)
+    readable = sa.and_(
+        sa.func.date(date, "+0 days") == date,  # the modifier makes SQLite normalise the date
+        sa.func.substr(column, 12, 2) != "24",
+    )
+    wall = normalised.concat("000")  # microseconds, as the bounds
+    if zone != "UTC":
+        text = sa.func.rtrim(column)
+        has_offset = sa.or_(
+            sa.func.upper(sa.func.substr(text, -1)) == "Z",
+            sa.and_(sa.func.substr(text, -6, 1).in_(["+", "-"]), sa.func.substr(text, -3, 1) == ":"),
+        )
+        wall = sa.case((has_offset, sa.func.mlmon_wall_clock(normalised, zone, type_=sa.String)), else_=wall)
+    return sa.case((readable, wall), else_=None)
 
 
 @dataclass(frozen=True)
@@ -153,9 +280,11 @@ class TimeColumn:
     """How to compare a timestamp column with UTC instants.
 
     ``kind`` is ``"aware"`` (timestamp with time zone), ``"naive"`` (timestamp without time
-    zone, read in ``zone``), ``"sqlite"`` (SQLite date-time text, naive parts read in
-    ``zone``) or ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL
-    expression that windows compare with ``bind(instant)``.
+    zone, wall-clock time of ``zone``), ``"sqlite"`` (SQLite date-time text, normalised by
+    ``_sqlite_timestamp``; text without an offset is wall-clock time of ``zone``) or
+    ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL expression that
+    windows compare with ``bind(instant)``; wall-clock times go through ``to_wall_clock``
+    and ``from_wall_clock``, which keep windows consistent across daylight-saving changes.
     """
 
     expr: sa.ColumnElement
@@ -168,10 +297,36 @@ class TimeColumn:
             return instant.timestamp()
         if self.kind == "aware":
             return instant
-        naive = instant.astimezone(ZoneInfo(self.zone)).replace(tzinfo=None)
-        if self.kind == "sqlite":
-            return f"{naive:%Y-%m-%d %H:%M:%S}.{naive.microsecond // 1000:03d}"
-        return naive
+        naive = to_wall_clock(instant, ZoneInfo(self.zone))
+        return _sqlite_text(naive) if self.kind == "sqlite" else naive
+
+    def between(self, start: datetime | None, end: datetime | None) -> sa.ColumnElement:
+        """A predicate true for rows whose timestamp is an instant in ``[start, end)``;
+        ``None`` leaves that side open (an unreadable timestamp is in no range)."""
+        if self.kind == "sqlite" and start is not None and end is not None:
+            # BETWEEN evaluates the expression once; every value has the same fixed-width
+            # text, so < end is <= the text one microsecond earlier.
+            last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
+            return self.expr.between(self.bind(start), last)
+        conditions = []
+        if start is not None:
+            conditions.append(self.expr >= self.bind(start))
+        elif self.kind == "epoch":  # NaN and infinities sort outside every number; SQLite text above them
+            conditions.append(self.expr >= _EPOCH_RANGE[0])
+        if end is not None:
+            conditions.append(self.expr < self.bind(end))
+        elif self.kind == "epoch":
+            conditions.append(self.expr < _EPOCH_RANGE[1])
+        return sa.and_(*conditions)
+
+    def unreadable(self) -> sa.ColumnElement:
+        """A predicate true (never NULL) for rows whose timestamp is no instant: NULL, and
+        on SQLite unreadable text; for epoch seconds also NaN, ±infinity, text, and values
+        outside years 1 to 9999."""
+        if self.kind == "epoch":
+            in_range = sa.and_(self.expr >= _EPOCH_RANGE[0], self.expr < _EPOCH_RANGE[1])
+            return sa.or_(self.expr.is_(None), sa.not_(in_range))
+        return self.expr.is_(None)
 
     def to_epoch(self, value) -> float | None:
         """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``)."""
@@ -180,24 +335,39 @@ class TimeColumn:
         if self.kind == "epoch":
             return float(value)
         if self.kind == "sqlite":
-            value = datetime.strptime(value, "%Y-%m-%d %H:%M:%S.%f")
+            value = datetime.fromisoformat(value)
         if value.tzinfo is None:
-            value = value.replace(tzinfo=ZoneInfo(self.zone))
+            value = from_wall_clock(value, ZoneInfo(self.zone))
         return value.timestamp()
 
 
 def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, dialect: str) -> TimeColumn:
     """Classify a reflected timestamp column.
 
+    On SQLite a text column (or one declared DATE or DATETIME, which SQLite stores as
+    text too) holds ISO-8601 text; elsewhere text cannot be compared as instants.
+
     Raises:
-        SchemaError: the column is neither a date-time nor a number.
+        SchemaError: the column is neither a date-time nor a number (nor text on SQLite);
+            the message names ``key_path``.
     """
-    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, "a timestamp or a number of seconds since the epoch")
     column = table.c[name]
+    expected = "a timestamp or a number of seconds since the epoch"
+    if dialect == "sqlite":
+        types = (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES)
+        require_type(table, name, types, key_path, f"{expected}, or ISO-8601 text")
+        if isinstance(column.type, NUMBER_TYPES):
+            return TimeColumn(column, "epoch", source.timezone)
+        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
+    if isinstance(column.type, sa.String):
+        raise SchemaError(
+            f"{key_path}: column {name!r} of table {table.name!r} has type {column.type}; expected {expected} "
+            f"({dialect} cannot compare text as instants: change the column's type, or point "
+            f"{key_path.rsplit('.columns.', 1)[0]}.table at a view that casts it)"
+        )
+    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, expected)
     if not isinstance(column.type, sa.DateTime):
         return TimeColumn(column, "epoch", source.timezone)
-    if dialect == "sqlite":
-        return TimeColumn(sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String), "sqlite", source.timezone)
     return TimeColumn(column, "aware" if column.type.timezone else "naive", source.timezone)
 
 

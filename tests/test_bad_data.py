@@ -265,7 +265,7 @@ def test_empty_tables_keep_sources_up_with_zero_counts_and_no_undefined_numbers(
         assert not any(snap.errors.values())
         stats, online, replay = snap.score_stats[0], snap.online[0], snap.replays[0]
         assert stats.predictions == 0
-        assert dict(stats.invalid) == dict.fromkeys(["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id"], 0)
+        assert dict(stats.invalid) == dict.fromkeys(["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp"], 0)
         assert (stats.mean, stats.stddev, stats.percentiles, stats.mode_share) == (None, None, {}, None)
         assert snap.last_prediction_timestamp is None and snap.future_predictions == 0
         counter = snap.counter

@@ -102,7 +102,7 @@ def test_every_kind_of_non_number_and_numbers_sqlite_stores_as_numbers(tmp_path)
     scores = np.array([0.1, 0.7, 1.0, 0.0, 0.7])
     y = np.array([0, 1, 1, 0, 1])
     assert stats.predictions == 5
-    assert dict(stats.invalid) == {"null_score": 0, "non_numeric_score": 6, "nan_score": 0, "out_of_range": 0, "duplicate_id": 0}
+    assert dict(stats.invalid) == {"null_score": 0, "non_numeric_score": 6, "nan_score": 0, "out_of_range": 0, "duplicate_id": 0, "bad_timestamp": 0}
     assert stats.mean == pytest.approx(scores.mean(), abs=1e-15)
     assert stats.mode_share == 2 / 5  # 0.7 twice; 0.0 once, not the six texts read as 0.0
     assert online.predictions == 5 and online.labeled == 5
@@ -131,7 +131,8 @@ def test_a_replay_that_is_not_a_number_is_never_reproduced(tmp_path):
 def test_text_in_an_epoch_timestamp_puts_the_row_in_no_window(tmp_path):
     """A numeric (epoch seconds) timestamp column holding '' or 'abc': those rows are in
     no window, not the newest, and not stamped in the future (SQLite orders text above
-    every number); the same for a label's epoch timestamp: that label has not arrived."""
+    every number), but counted as ``bad_timestamp``; the same for a label's epoch
+    timestamp: that label has not arrived."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     stamps = {1: 660, 2: 720, 3: 780, 4: 840, 5: "", 6: "abc", 7: 3600 + 600}  # seconds after 11:00, or text
     rows = [(i, s, y) for i, s, y in ISSUE_ROWS[:4]] + [(5, 0.9, 1), (6, 0.1, 0), (7, 0.5, 1)]
@@ -153,6 +154,7 @@ def test_text_in_an_epoch_timestamp_puts_the_row_in_no_window(tmp_path):
     stats, online = snap.score_stats[0], snap.online[0]
     assert stats.predictions == 4  # ids 1-4; 5 and 6 have no time, 7 is at 12:10
     assert stats.mean == pytest.approx(0.5)
+    assert stats.invalid["bad_timestamp"] == 2  # ids 5 and 6
     assert snap.future_predictions == 1  # id 7 only
     assert snap.last_prediction_timestamp == eleven + 840
     # labels of ids 1-3 arrived; id 4's label has no time

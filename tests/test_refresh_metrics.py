@@ -152,7 +152,7 @@ def classify(data: Data, start, end, stores_nan: bool):
     """(valid (id, score) pairs, invalid counts by reason) of the window, by the rules of docs/metrics.md."""
     rows = [p for p in data.predictions if start <= p["ts"] < end]
     ids = [p["id"] for p in rows]
-    invalid = dict.fromkeys(["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id"], 0)
+    invalid = dict.fromkeys(["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp"], 0)
     valid = []
     for p in rows:
         s = p["score"]
