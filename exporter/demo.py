@@ -27,6 +27,7 @@ on validation (``mlmon_offline_logloss_change_ratio`` about 1.2).
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
@@ -331,24 +332,51 @@ async def _keep_appending(engine: sa.Engine, since: datetime) -> None:
         since = now
 
 
-async def _serve(server, engine: sa.Engine, since: datetime) -> None:
+async def _serve(server, sock: socket.socket, engine: sa.Engine, since: datetime) -> None:
     appender = asyncio.create_task(_keep_appending(engine, since))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         appender.cancel()
         await asyncio.gather(appender, return_exceptions=True)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (with ``SO_REUSEADDR``, as uvicorn binds), so
+    that a port in use is found before the demo spends seconds seeding its store.
+
+    Raises:
+        OSError: the address cannot be bound (in use, or not an address of this host);
+            the message names it.
+    """
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def run_demo(database: Path, host: str, port: int) -> None:
     """Recreate ``database`` with a week of history and its state database with 60 days of
     training runs, then serve mlmon on them at ``host:port`` while appending new
-    predictions every few seconds, until interrupted (Ctrl-C)."""
+    predictions every few seconds, until interrupted (Ctrl-C).
+
+    Raises:
+        OSError: ``host:port`` cannot be listened on (checked before seeding).
+    """
     import uvicorn
 
     from exporter.app import create_app
     from exporter.http_server import server_config
 
+    sock = listening_socket(host, port)
     settings = demo_settings(database)
     database.unlink(missing_ok=True)
     # Recreated too: runs of other days would be kept, and a day seeded again conflicts.
@@ -375,6 +403,7 @@ def run_demo(database: Path, host: str, port: int) -> None:
         flush=True,
     )
     try:
-        asyncio.run(_serve(server, engine, now))
+        asyncio.run(_serve(server, sock, engine, now))
     finally:
         engine.dispose()
+        sock.close()

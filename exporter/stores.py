@@ -22,7 +22,12 @@ from exporter.config import Settings, TableSource
 
 
 class SchemaError(Exception):
-    """A configured table or column does not exist or has an unusable type."""
+    """Configured tables or columns do not exist or have unusable types; ``problems``
+    holds one ``"key.path: message"`` per problem (the message joins them, one a line)."""
+
+    def __init__(self, *problems: str):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 def safe_url(url: str) -> str:
@@ -182,7 +187,7 @@ def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, 
     Raises:
         SchemaError: the column is neither a date-time nor a number.
     """
-    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, "a timestamp or a number of seconds since the epoch")
+    require_type(table, name, TIMESTAMP_TYPES[0], key_path, TIMESTAMP_TYPES[1])
     column = table.c[name]
     if not isinstance(column.type, sa.DateTime):
         return TimeColumn(column, "epoch", source.timezone)
@@ -192,6 +197,15 @@ def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, 
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
+#: The column types a timestamp column may have, and how an error message calls them.
+TIMESTAMP_TYPES = ((sa.DateTime, *NUMBER_TYPES), "a timestamp or a number of seconds since the epoch")
+
+
+def _type_problem(table: sa.Table, name: str, types: tuple[type, ...], expected: str, key_path: str) -> str | None:
+    column_type = table.c[name].type
+    if isinstance(column_type, types):
+        return None
+    return f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}"
 
 
 def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: str, expected: str) -> None:
@@ -200,20 +214,29 @@ def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: 
     Raises:
         SchemaError: it does not; the message names the config key and the type found.
     """
-    column_type = table.c[name].type
-    if not isinstance(column_type, types):
-        raise SchemaError(f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}")
+    problem = _type_problem(table, name, types, expected, key_path)
+    if problem is not None:
+        raise SchemaError(problem)
 
 
-def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | None], key_path: str) -> sa.Table:
-    """Reflect a configured table and check that every configured column exists.
+def reflect_table(
+    engine: Engine,
+    source: TableSource,
+    columns: dict[str, str | None],
+    key_path: str,
+    types: dict[str, tuple[tuple[type, ...], str]] | None = None,
+) -> sa.Table:
+    """Reflect a configured table and check every configured column: that it exists and,
+    for the fields in ``types``, that its type fits.
 
     Args:
         columns: logical field -> column name (``None`` for unset optional fields).
         key_path: the config path of the source, for error messages.
+        types: logical field -> (accepted SQLAlchemy types, what an error calls them).
 
     Raises:
-        SchemaError: the table or a column is missing (names the config key).
+        SchemaError: the table is missing, or every missing column, wrong column type and
+            unknown filter column at once, one problem each (each names its config key).
         sqlalchemy.exc.OperationalError: the store cannot be reached.
     """
     metadata = sa.MetaData()
@@ -222,15 +245,23 @@ def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | 
     except sa.exc.NoSuchTableError:
         where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
         raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
+    problems = []
     for field, name in columns.items():
-        if name is not None and name not in table.c:
-            raise SchemaError(
+        if name is None:
+            continue
+        if name not in table.c:
+            problems.append(
                 f"{key_path}.columns.{field}: column {name!r} does not exist in table {source.table!r} "
                 f"(columns: {', '.join(table.c.keys())})"
             )
+        elif types and field in types:
+            problems.append(_type_problem(table, name, *types[field], f"{key_path}.columns.{field}"))
     for name in getattr(source, "filter", {}):
         if name not in table.c:
-            raise SchemaError(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+            problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise SchemaError(*problems)
     return table
 
 
