@@ -207,12 +207,20 @@ def load(
         Optional[list[str]], typer.Option(metavar="COLUMN", help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present).")
     ] = None,
     db_schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")] = None,
+    text: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            metavar="COLUMN",
+            help="Column of a new table to create as text although some values are numbers (repeatable; "
+            "by default such a mix is refused).",
+        ),
+    ] = None,
 ) -> None:
     """Load CSV or Parquet files into a table, one transaction per file."""
     from exporter.loader import LoadError, load_files
 
     try:
-        total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema)
+        total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema, text_columns=text)
     except LoadError as exc:
         _fail(str(exc))
     typer.echo(f"loaded {total} row(s) into {table} at {safe_url(url)}")
