@@ -208,7 +208,7 @@ def load(
     ] = None,
     db_schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")] = None,
     text: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option(
             metavar="COLUMN",
             help="Column of a new table to create as text although some values are numbers (repeatable; "
