@@ -9,9 +9,12 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 # The classic text format 0.0.4 is what every Prometheus (2.x and 3.x) scrapes.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from swagger_ui_bundle import swagger_ui_path
 
 from exporter import __version__
 from exporter.api import document_training_run, training_api
@@ -103,16 +106,32 @@ def create_app(settings: Settings) -> FastAPI:
             stores.dispose()
             state.engine.dispose()
 
-    app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan)
+    # /docs is served below with Swagger UI's files from the swagger-ui-bundle package:
+    # FastAPI's default loads them from a CDN, a blank page on a network without internet.
+    app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.snapshots = store
     app.include_router(training_api(settings, state, loop.training_changed))
     document_training_run(app)
+    app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        static = f"{request.scope.get('root_path', '')}/docs/static"
+        return get_swagger_ui_html(
+            openapi_url=f"{request.scope.get('root_path', '')}{app.openapi_url}",
+            title="mlmon API",
+            swagger_js_url=f"{static}/swagger-ui-bundle.js",
+            swagger_css_url=f"{static}/swagger-ui.css",
+            swagger_favicon_url=f"{static}/favicon-32x32.png",
+        )
+
+    # HEAD as well as GET on the endpoints that load balancers and Prometheus-style tools
+    # probe: the same status and headers, no body (the server drops it).
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def landing() -> str:
         return _LANDING.format(version=__version__, models=len(settings.models))
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def metrics(request: Request) -> Response:
         if "gzip" in request.headers.get("accept-encoding", ""):
             return Response(
@@ -122,12 +141,12 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Vary": "Accept-Encoding"})
 
-    @app.get("/healthz", response_class=PlainTextResponse)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     def healthz() -> str:
         """The process is alive."""
         return "ok\n"
 
-    @app.get("/readyz", response_class=PlainTextResponse)
+    @app.api_route("/readyz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     def readyz(response: Response) -> str:
         """200 once the first refresh of every model is on /metrics, else 503."""
         if exposition.ready:

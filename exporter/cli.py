@@ -5,22 +5,72 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import datetime
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import sqlalchemy as sa
 import typer
+from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 from exporter.errors import first_line
 from exporter.stores import SchemaError, safe_url, utc_now
 from exporter.training import as_utc
 
-app = typer.Typer(help="mlmon: Prometheus exporter for machine-learning model monitoring.", no_args_is_help=True)
+# Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
+# <bool>) beside every option, whose metavar below already says what to give.
+app = typer.Typer(
+    help="mlmon: Prometheus exporter for machine-learning model monitoring.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
-ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
-HostOption = Annotated[str, typer.Option(help="Address to listen on.")]
-PortOption = Annotated[int, typer.Option(help="Port to listen on.")]
+
+class _Command(TyperCommand):
+    """A command whose arguments read ``FILE...`` in the usage line and the help, without
+    the type placeholder (``<list[Path]>``) and the braces (``{files}...``) that some typer
+    versions add."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [_argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = self.get_params(ctx)
+        arguments = [(_argument_name(p), getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"]
+        options = [record for p in params if p.param_type_name == "option" and (record := p.get_help_record(ctx))]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _argument_name(param: click.Parameter) -> str:
+    name = param.metavar or param.name.upper()
+    return f"{name}..." if param.nargs != 1 else name
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlmon {package_version('mlmon')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """mlmon: Prometheus exporter for machine-learning model monitoring."""
+
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="YAML config file.")]
+HostOption = Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")]
+PortOption = Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -37,6 +87,9 @@ def _settings(path: Path) -> Settings:
 
 def _logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic reports each migration step ("Context impl SQLiteImpl.") at INFO on every
+    # start: a debugging detail, not news for the operator.
+    logging.getLogger("alembic").setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
 def _parse_as_of(text: str | None) -> datetime:
@@ -50,7 +103,7 @@ def _parse_as_of(text: str | None) -> datetime:
     return as_utc(value)
 
 
-@app.command("check-config")
+@app.command("check-config", short_help="Check the config and every configured table and column.")
 def check_config(config: ConfigOption) -> None:
     """Validate the config and every configured table and column, without serving.
 
@@ -62,18 +115,28 @@ def check_config(config: ConfigOption) -> None:
     settings = _settings(config)
     stores = Stores(settings)
     problems = []
+    unreachable = set()
     try:
-        for i, model in enumerate(settings.models):
+        # Each store once, named by the key that holds its URL; models on it are skipped.
+        for name in sorted({model.predictions.store for model in settings.models}):
+            try:
+                with stores.engine(name).connect():
+                    pass
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                unreachable.add(name)
+                store = settings.stores[name]
+                where = f"at {safe_url(store.url)}" if store.url is not None else f"from {store.url_file}"
+                key = "url" if store.url is not None else "url_file"
+                problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
+        for model in settings.models:
+            if model.predictions.store in unreachable:
+                continue
             try:
                 ModelRefresher(model, settings, stores).check_schema()
             except SchemaError as exc:
-                problems.append(str(exc))
-            except (sa.exc.SQLAlchemyError, OSError) as exc:
-                store = model.predictions.store
-                url = settings.stores[store].url or "(url_file)"
-                problems.append(
-                    f"models[{i}]: cannot reach store {store!r} at {safe_url(url)}: {first_line(exc)}"
-                )
+                problems.extend(exc.problems)
+            except (sa.exc.SQLAlchemyError, OSError) as exc:  # lost between the two steps
+                problems.append(f"stores.{model.predictions.store}: {first_line(exc)}")
     finally:
         stores.dispose()
     if problems:
@@ -81,14 +144,14 @@ def check_config(config: ConfigOption) -> None:
     typer.echo(f"{config}: OK ({len(settings.models)} model(s), {len(settings.stores)} store(s))")
 
 
-@app.command()
+@app.command(short_help="Serve /metrics, refreshing every model in the background.")
 def serve(
     config: ConfigOption,
     host: HostOption = "127.0.0.1",
     port: PortOption = DEFAULT_PORT,
     web_config: Annotated[
         Optional[Path],
-        typer.Option("--web.config.file", help="Web config with TLS and basic auth, in the exporter-toolkit format."),
+        typer.Option("--web.config.file", metavar="FILE", help="Web config with TLS and basic auth, in the exporter-toolkit format."),
     ] = None,
 ) -> None:
     """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
@@ -113,10 +176,10 @@ def serve(
     uvicorn.Server(server_config(app_, settings, host, port, log_level="info", **options)).run()
 
 
-@app.command()
+@app.command(short_help="Refresh every model once and print the exposition.")
 def once(
     config: ConfigOption,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", help="ISO-8601 time to compute at (default: now); naive means UTC.")] = None,
+    as_of: Annotated[Optional[str], typer.Option("--as-of", metavar="TIME", help="ISO-8601 time to compute at (default: now); naive means UTC.")] = None,
 ) -> None:
     """Refresh every model once and print exactly the exposition /metrics would serve.
 
@@ -133,45 +196,58 @@ def once(
         _fail(f"failed source(s): {', '.join(failed)} (see the log above)", code=1)
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Load CSV or Parquet files into a table.")
 def load(
-    files: Annotated[list[Path], typer.Argument(help="CSV or Parquet files.", exists=True, dir_okay=False)],
-    url: Annotated[str, typer.Option(help="SQLAlchemy URL of the target database.")],
-    table: Annotated[str, typer.Option(help="Target table; created if missing, else appended to.")],
+    files: Annotated[
+        list[Path], typer.Argument(metavar="FILE", help="CSV or Parquet files.", exists=True, dir_okay=False)
+    ],
+    url: Annotated[str, typer.Option(metavar="URL", help="SQLAlchemy URL of the target database.")],
+    table: Annotated[str, typer.Option(metavar="TABLE", help="Target table; created if missing, else appended to.")],
     timestamp: Annotated[
-        Optional[list[str]], typer.Option(help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present).")
+        Optional[list[str]], typer.Option(metavar="COLUMN", help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present).")
     ] = None,
-    db_schema: Annotated[Optional[str], typer.Option("--schema", help="Database schema of the table.")] = None,
+    db_schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="COLUMN",
+            help="Column of a new table to create as text although some values are numbers (repeatable; "
+            "by default such a mix is refused).",
+        ),
+    ] = None,
 ) -> None:
     """Load CSV or Parquet files into a table, one transaction per file."""
     from exporter.loader import LoadError, load_files
 
     try:
-        total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema)
+        total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema, text_columns=text)
     except LoadError as exc:
         _fail(str(exc))
     typer.echo(f"loaded {total} row(s) into {table} at {safe_url(url)}")
 
 
-@app.command()
+@app.command(short_help="Serve a demo store of two CTR models that keeps growing.")
 def demo(
     host: HostOption = "127.0.0.1",
     port: PortOption = DEFAULT_PORT,
-    database: Annotated[Path, typer.Option(help="SQLite file of the demo store (recreated).")] = Path("mlmon-demo.sqlite"),
+    database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path("mlmon-demo.sqlite"),
 ) -> None:
     """Create a SQLite store with a week of history for two CTR models, keep it growing, and serve it."""
     from exporter.demo import run_demo
 
     _logging()
-    run_demo(database, host, port)
+    try:
+        run_demo(database, host, port)
+    except OSError as exc:
+        _fail(f"mlmon demo: {exc.strerror or exc}")
 
 
-@app.command("report-training")
+@app.command("report-training", cls=_Command)
 def report_training(
-    file: Annotated[Path, typer.Argument(help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False)],
-    url: Annotated[str, typer.Option(help="Base URL of mlmon, e.g. http://127.0.0.1:9847.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False)],
+    url: Annotated[str, typer.Option(metavar="URL", help="Base URL of mlmon, e.g. http://127.0.0.1:9847.")],
     token: Annotated[
-        Optional[str], typer.Option(envvar="MLMON_API_TOKEN", show_default=False, help="Bearer token (default: $MLMON_API_TOKEN).")
+        Optional[str], typer.Option(envvar="MLMON_API_TOKEN", metavar="TOKEN", show_default=False, help="Bearer token (default: $MLMON_API_TOKEN).")
     ] = None,
 ) -> None:
     """Validate a training-run JSON file and report it to mlmon.

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from exporter.durations import parse_duration
-from exporter.errors import error_lines
+from exporter.errors import error_lines, yaml_error_line
 
 DEFAULT_PORT = 9847
 
@@ -412,7 +412,7 @@ def parse_settings(data: Any) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(error_lines(exc.errors())) from None
+        raise ConfigError(error_lines(exc.errors(), Settings)) from None
     errors = settings.reference_errors()
     if errors:
         raise ConfigError(errors)
@@ -433,5 +433,5 @@ def load_settings(path: str | Path) -> Settings:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+        raise ConfigError([yaml_error_line(path, exc)]) from None
     return parse_settings(data)

@@ -13,20 +13,33 @@ The store holds three tables, written with naive UTC timestamps (naive means UTC
 ``ctr_search`` is healthy. ``ctr_feed`` has three incidents that mlmon should show:
 15% of its predictions stuck at one value (a broken feature fallback, high
 ``mlmon_prediction_mode_share_ratio``), training/serving skew on 30% of its replays
-(``mlmon_replay_reproducibility_ratio`` about 0.7) and over-prediction (clicks happen at
-0.7 times the predicted rate, ``mlmon_online_calibration_ratio`` about 1.4).
+(``mlmon_replay_reproducibility_ratio`` about 0.7) and over-prediction (its served scores
+are 1/0.7 times the true click probability, so clicks happen at 0.7 times the predicted
+rate: ``mlmon_online_calibration_ratio`` about 1.43). Both models' users click at the same
+true rate as in their validation sets, so online log loss compares with offline log loss:
+about 1.0 for ``ctr_search``, a few percent above it for ``ctr_feed`` (log loss hardly
+moves with a 1.4x over-prediction; calibration is the metric that shows it).
+
+Clicks are drawn by systematic sampling in time order (a running sum of the true click
+probabilities; a click wherever it passes a whole number): each prediction clicks with its
+probability, and any stretch of predictions gets its expected number of clicks to within
+one, so a day's calibration reads what the demo intends (1.43, 1.00) instead of varying
+by 10% from one start to the next.
 
 mlmon's state database (a second SQLite file, see :func:`state_path`) holds 60 days of
 daily training runs of both models (:func:`seed_training_runs`), one per version of the
 prediction log. ``ctr_feed`` has two training incidents: the version of 3 days ago was
 trained on half the usual rows (``mlmon_version_training_rows``), and the newest version
 logs tablets as mobile (``mlmon_training_feature_psi{feature="device"}``) and scores worse
-on validation (``mlmon_offline_logloss_change_ratio`` about 1.2).
+on validation (``mlmon_offline_logloss_change_ratio`` about 1.2): so it is not deployed,
+and ``ctr_feed``'s predictions of its day are still served by the previous version (the
+``model_version`` column), whose offline log loss the online one is compared with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
 from pathlib import Path
@@ -84,14 +97,17 @@ replays = sa.Table(
 class DemoModel:
     """How one demo model behaves.
 
-    Scores follow Beta(mean * 60, (1 - mean) * 60); a click happens with probability
-    ``click_factor * score`` (1 is calibrated); ``stuck_share`` of the predictions are
-    ``stuck_score``; ``skew_share`` of the replays differ from the served score by 2-8%.
+    True click probabilities follow Beta(mean * 60, (1 - mean) * 60), in the predictions
+    and in the validation sets alike; the served score is the true probability divided by
+    ``click_factor`` (1 is calibrated, 0.7 over-predicts by 1/0.7); ``stuck_share`` of the
+    predictions are ``stuck_score`` whatever their probability; ``skew_share`` of the
+    replays differ from the served score by 2-8%.
 
     Each daily version is trained on about ``training_rows`` rows (2% noise); the version
     ``half_rows_days_ago`` days before the newest on half of them; with ``broken_newest``
     the newest version's training data logs tablets as mobile and its validation scores
-    are noisier and too high (log loss about 1.2 times the usual).
+    are noisier and too high (log loss about 1.2 times the usual), and it is not deployed:
+    the predictions of its day keep the previous version.
     """
 
     name: str
@@ -112,6 +128,9 @@ MODELS = (
         mean=0.03,
         click_factor=0.7,
         stuck_share=0.15,
+        # The over-predicted mean 0.03 / 0.7, so that the stuck rows over-predict like the
+        # others and the calibration ratio is 1/0.7 however many are stuck.
+        stuck_score=0.0429,
         skew_share=0.3,
         training_rows=3_100_000,
         # Inside the exported history (the newest 10 versions), so the dip shows there.
@@ -139,15 +158,43 @@ def _times(start: datetime, end: datetime, rng: np.random.Generator) -> np.ndarr
     return np.sort(times[keep])
 
 
-def append(engine: sa.Engine, start: datetime, end: datetime, rng: np.random.Generator) -> None:
+def _systematic_clicks(probability: np.ndarray, carry: float) -> tuple[np.ndarray, float]:
+    """(clicked, new carry): row i clicks where ``carry + cumsum(probability)`` passes a
+    whole number; ``carry`` in [0, 1) is where the running sum stood before the first row.
+    Each row clicks with its own probability over a uniform ``carry`` (every probability
+    below 1), and any run of rows gets the sum of its probabilities in clicks, to within 1."""
+    running = carry + np.cumsum(probability)
+    whole = np.floor(running)
+    clicked = np.diff(whole, prepend=0.0) > 0
+    return clicked, float(running[-1] - whole[-1])
+
+
+def append(
+    engine: sa.Engine,
+    start: datetime,
+    end: datetime,
+    rng: np.random.Generator,
+    *,
+    held_from: datetime | None = None,
+    click_carry: dict[str, float] | None = None,
+) -> None:
     """Write every model's predictions with a time in ``[start, end)``, their replays and
     their clicks, in one transaction; ids continue after the largest existing id.
 
     A click's label row is written at once with its future time (1-30 minutes after the
     prediction): mlmon only counts labels older than its ``as_of``, so the row "arrives"
-    when the clock passes it. ``start`` and ``end`` are aware, or naive UTC.
+    when the clock passes it. ``start``, ``end`` and ``held_from`` are aware, or naive UTC.
+
+    Args:
+        held_from: from this time on, a ``broken_newest`` model's predictions keep the
+            version of the day before (its newest version, trained that day, is not deployed).
+        click_carry: model name -> where its running sum of click probabilities stood after
+            the previous call (:func:`_systematic_clicks`), updated in place, so that the
+            running demo's small appends stay systematic; a missing model starts at random.
     """
     start, end = _naive_utc(start), _naive_utc(end)
+    held = _naive_utc(held_from) if held_from is not None else None
+    carry = {} if click_carry is None else click_carry
     with engine.begin() as conn:
         next_id = (conn.execute(sa.select(sa.func.max(predictions.c.id))).scalar() or 0) + 1
         for model in MODELS:
@@ -157,10 +204,15 @@ def append(engine: sa.Engine, start: datetime, end: datetime, rng: np.random.Gen
                 continue
             ids = np.arange(next_id, next_id + n)
             next_id += n
+            truth = rng.beta(model.mean * 60, (1 - model.mean) * 60, n)
             # Rounded like a serving log, but never to 0: a sigmoid does not output 0.
-            scores = np.clip(np.round(rng.beta(model.mean * 60, (1 - model.mean) * 60, n), 4), 1e-4, 1.0)
+            scores = np.clip(np.round(truth / model.click_factor, 4), 1e-4, 1.0)
             scores[rng.uniform(size=n) < model.stuck_share] = model.stuck_score
-            clicked = rng.uniform(size=n) < model.click_factor * scores
+            clicked, carry[model.name] = _systematic_clicks(truth, carry.get(model.name, rng.uniform()))
+            versions = times.astype("datetime64[D]")
+            if held is not None and model.broken_newest:
+                day = np.datetime64(held, "D")
+                versions = np.where(times >= np.datetime64(held, "us"), day - np.timedelta64(1, "D"), versions)
             click_delays = rng.uniform(60, 30 * 60, n).astype("timedelta64[s]")
             replayed = rng.uniform(size=n) < REPLAY_SHARE
             # Healthy replays differ by float noise only; skewed ones by a few percent either way.
@@ -170,8 +222,8 @@ def append(engine: sa.Engine, start: datetime, end: datetime, rng: np.random.Gen
             conn.execute(
                 predictions.insert(),
                 [
-                    {"id": i, "model_name": model.name, "model_version": f"{t:%Y-%m-%d}", "timestamp": t, "score": s}
-                    for i, t, s in zip(ids.tolist(), times.tolist(), scores.tolist())
+                    {"id": i, "model_name": model.name, "model_version": f"{v:%Y-%m-%d}", "timestamp": t, "score": s}
+                    for i, v, t, s in zip(ids.tolist(), versions.tolist(), times.tolist(), scores.tolist())
                 ],
             )
             if clicked.any():
@@ -187,9 +239,19 @@ def append(engine: sa.Engine, start: datetime, end: datetime, rng: np.random.Gen
                 )
 
 
-def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed: int = 0) -> None:
+def newest_version_day(now: datetime) -> datetime:
+    """00:00 UTC of ``now``'s day (naive UTC): when the newest version is trained, and from
+    when a ``broken_newest`` model keeps serving the version before it."""
+    return datetime.combine(_naive_utc(now).date(), time(0))
+
+
+def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed: int = 0) -> dict[str, float]:
     """Create the demo tables (if missing) and write ``days`` days of history up to ``now``
-    (aware, or naive UTC), reproducibly for a given ``rng_seed``."""
+    (aware, or naive UTC), reproducibly for a given ``rng_seed``.
+
+    Returns:
+        The click carry to pass on to later :func:`append` calls.
+    """
     engine = sa.create_engine(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url
     try:
         metadata.create_all(engine)
@@ -197,7 +259,10 @@ def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed:
             # WAL: the appender's writes and mlmon's read transactions do not block each other.
             with engine.begin() as conn:
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        append(engine, now - timedelta(days=days), now, np.random.default_rng(rng_seed))
+        carry: dict[str, float] = {}
+        rng = np.random.default_rng(rng_seed)
+        append(engine, now - timedelta(days=days), now, rng, held_from=newest_version_day(now), click_carry=carry)
+        return carry
     finally:
         if engine is not engine_or_url:
             engine.dispose()
@@ -321,41 +386,69 @@ def demo_settings(database_path: Path) -> Settings:
     )
 
 
-async def _keep_appending(engine: sa.Engine, since: datetime) -> None:
+async def _keep_appending(engine: sa.Engine, since: datetime, carry: dict[str, float]) -> None:
     rng = np.random.default_rng()
+    held_from = newest_version_day(since)
     while True:
         await asyncio.sleep(APPEND_EVERY_SECONDS)
         now = utc_now()
         # In a thread: a write may wait on SQLite's lock while a refresh reads.
-        await asyncio.to_thread(append, engine, since, now, rng)
+        await asyncio.to_thread(append, engine, since, now, rng, held_from=held_from, click_carry=carry)
         since = now
 
 
-async def _serve(server, engine: sa.Engine, since: datetime) -> None:
-    appender = asyncio.create_task(_keep_appending(engine, since))
+async def _serve(server, sock: socket.socket, engine: sa.Engine, since: datetime, carry: dict[str, float]) -> None:
+    appender = asyncio.create_task(_keep_appending(engine, since, carry))
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         appender.cancel()
         await asyncio.gather(appender, return_exceptions=True)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (with ``SO_REUSEADDR``, as uvicorn binds), so
+    that a port in use is found before the demo spends seconds seeding its store.
+
+    Raises:
+        OSError: the address cannot be bound (in use, or not an address of this host);
+            the message names it.
+    """
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def run_demo(database: Path, host: str, port: int) -> None:
     """Recreate ``database`` with a week of history and its state database with 60 days of
     training runs, then serve mlmon on them at ``host:port`` while appending new
-    predictions every few seconds, until interrupted (Ctrl-C)."""
+    predictions every few seconds, until interrupted (Ctrl-C).
+
+    Raises:
+        OSError: ``host:port`` cannot be listened on (checked before seeding).
+    """
     import uvicorn
 
     from exporter.app import create_app
     from exporter.http_server import server_config
 
+    sock = listening_socket(host, port)
     settings = demo_settings(database)
     database.unlink(missing_ok=True)
     # Recreated too: runs of other days would be kept, and a day seeded again conflicts.
     state_path(database).unlink(missing_ok=True)
     engine = sa.create_engine(f"sqlite:///{database.resolve()}")
     now = utc_now()
-    seed(engine, now)
+    carry = seed(engine, now)
     seed_training_runs(settings.state.resolved_url(), now)
     feed = next(m for m in MODELS if m.half_rows_days_ago is not None)
     half_rows_version = f"{_naive_utc(now) - timedelta(days=feed.half_rows_days_ago):%Y-%m-%d}"
@@ -369,12 +462,14 @@ def run_demo(database: Path, host: str, port: int) -> None:
         "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
         "  (mlmon_online_calibration_ratio); in training, its newest version logs tablets as mobile\n"
         '  (mlmon_training_feature_psi{feature="device"}) and regressed offline\n'
-        f"  (mlmon_offline_logloss_change_ratio about 1.2), and version {half_rows_version} was trained on half the rows\n"
+        "  (mlmon_offline_logloss_change_ratio about 1.2, so it is not deployed: the previous version serves),\n"
+        f"  and version {half_rows_version} was trained on half the rows\n"
         "  (mlmon_version_training_rows; mlmon_training_rows_change_ratio shows such a drop while the version is newest).\n"
         "  New rows are appended every 5 s; Ctrl-C stops.",
         flush=True,
     )
     try:
-        asyncio.run(_serve(server, engine, now))
+        asyncio.run(_serve(server, sock, engine, now, carry))
     finally:
         engine.dispose()
+        sock.close()

@@ -6,7 +6,10 @@ The first file creates the table when it does not exist (column types inferred b
 pandas from its first chunk); every later file, and every file loaded into an existing
 table, must have exactly the table's columns, in any order. On PostgreSQL and SQLite
 each file's transaction ends with ANALYZE of the table, so that mlmon's queries are
-planned with its statistics.
+planned with its statistics. A column of the first chunk
+that holds numbers and also other values is refused rather than created as text (a score
+or label column with one stray ``n/a`` would otherwise become a text column that mlmon
+cannot read); ``text_columns`` names the columns where such a mix is meant.
 
 Timestamp columns are parsed as ISO-8601 and stored as UTC instants: naive values mean
 UTC, values with an offset are converted. PostgreSQL
@@ -16,8 +19,10 @@ DuckDB, ...) get naive UTC values, which is what mlmon reads naive columns as by
 
 from __future__ import annotations
 
+import csv
+import gzip
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -58,6 +63,7 @@ def load_files(
     schema: str | None = None,
     *,
     chunk_rows: int = CHUNK_ROWS,
+    text_columns: list[str] | None = None,
 ) -> int:
     """Load CSV (``.csv``, ``.csv.gz``) and Parquet (``.parquet``, ``.pq``) files into ``table``, in order.
 
@@ -71,15 +77,19 @@ def load_files(
             for a file that has a ``timestamp`` column and none otherwise.
         schema: database schema of ``table`` (``None``: the connection's default).
         chunk_rows: rows per chunk read and inserted.
+        text_columns: columns of a new table to create as text even when some of their
+            values are numbers (others are refused then).
 
     Returns:
         The number of rows loaded, over all files.
 
     Raises:
         LoadError: the URL is unusable, or a file has an unknown suffix, cannot be read,
-            lacks a named timestamp column, has an unparsable timestamp (row numbers count
-            data rows from 1, header excluded), has columns other than the existing
-            table's, or the database rejects its rows. Nothing from that file is loaded;
+            is empty, has a row with more fields than its header, lacks a named timestamp
+            column, has an unparsable timestamp (row numbers count data rows from 1, header
+            excluded), has columns other than the existing table's, would create a column
+            that mixes numbers and other values (outside ``text_columns``), or the database
+            rejects its rows. Nothing from that file is loaded;
             the files before it stay loaded and the files after it are not read.
     """
     try:
@@ -100,7 +110,9 @@ def load_files(
         with progress:
             for path in files:
                 try:
-                    total += _load_file(engine, path, table, schema, timestamp_columns, chunk_rows, progress)
+                    total += _load_file(
+                        engine, path, table, schema, timestamp_columns, chunk_rows, progress, text_columns or []
+                    )
                 except LoadError as exc:
                     earlier = f"; {total:,} row(s) from earlier files stay loaded" if total else ""
                     raise LoadError(f"{exc} (nothing from this file was loaded into {target}{earlier})") from exc
@@ -117,6 +129,7 @@ def _load_file(
     timestamp_columns: list[str] | None,
     chunk_rows: int,
     progress: Progress,
+    text_columns: list[str],
 ) -> int:
     """Load one file in one transaction; drop the table again if this file created it and failed.
 
@@ -138,19 +151,22 @@ def _load_file(
             types = {name: _timestamp_type(dialect, aware[name]) for name in source.timestamps}
             task = progress.add_task(path.name, total=source.total, rows=0)
             rows = 0
-            for chunk in source.chunks(chunk_rows, lambda done: progress.update(task, completed=done)):
+            for chunk, done in source.chunks(chunk_rows):
                 if chunk.empty:
                     continue  # a header-only file must not create a table of guessed types
                 _parse_timestamps(chunk, aware, path, rows)
                 if existing is not None:
                     _check_values(chunk, existing, path, rows)
+                else:
+                    _check_new_columns(chunk, set(source.timestamps) | set(text_columns), path, rows)
                 # Set before inserting: a failing first insert may already have created the table.
                 created = created or existing is None
                 chunk.to_sql(table, con=conn, schema=schema, if_exists="append", index=False, dtype=types)
                 if existing is None:  # check later chunks against the types the table got
                     existing = _existing_columns(conn, table, schema)
                 rows += len(chunk)
-                progress.update(task, rows=rows)
+                # Only once the chunk is in: a rejected chunk must not show as done.
+                progress.update(task, completed=done, rows=rows)
             if rows:
                 _analyze(conn, table, schema)
             progress.update(task, completed=source.total)
@@ -238,20 +254,53 @@ class _CsvSource:
     def __init__(self, path: Path, compression: str | None, timestamp_columns: list[str] | None):
         self.path = path
         self.compression = compression
-        self.columns = list(pd.read_csv(path, nrows=0, compression=compression).columns)
+        try:
+            self.columns = list(pd.read_csv(path, nrows=0, compression=compression).columns)
+        except pd.errors.EmptyDataError:
+            raise LoadError(f"{path}: the file is empty (not even a header line with the column names)") from None
+        # pandas would take a first row with one field too many as the header of an index
+        # column and shift every column by one; later long rows make it raise ParserError.
+        long_row = self._long_row(first_only=True)
+        if long_row is not None:
+            raise LoadError(long_row)
         self.timestamps = _timestamp_columns(path, self.columns, timestamp_columns)
         self.total = path.stat().st_size
 
-    def chunks(self, rows: int, report: Callable[[int], None]) -> Iterator[pd.DataFrame]:
-        """DataFrames of up to ``rows`` rows; timestamp columns still text. Calls ``report(bytes_read)``."""
+    def chunks(self, rows: int) -> Iterator[tuple[pd.DataFrame, int]]:
+        """(DataFrame of up to ``rows`` rows, bytes of the file read so far); timestamp
+        columns still text.
+
+        Raises:
+            LoadError: a row has more fields than the header (names the row and the counts).
+        """
         with open(self.path, "rb") as raw:
             # Timestamp columns stay text here: pandas' own type guess could turn them
             # into numbers before the ISO-8601 parser sees them.
             text = {name: str for name in self.timestamps}
-            with pd.read_csv(raw, chunksize=rows, compression=self.compression, dtype=text) as reader:
-                for chunk in reader:
-                    report(raw.tell())
-                    yield chunk
+            try:
+                with pd.read_csv(raw, chunksize=rows, compression=self.compression, dtype=text) as reader:
+                    for chunk in reader:
+                        yield chunk, raw.tell()
+            except pd.errors.ParserError as exc:
+                raise LoadError(self._long_row() or f"{self.path}: {first_line(exc)}") from None
+
+    def _long_row(self, first_only: bool = False) -> str | None:
+        """The first data row (of all, or only the first) with more fields than the header,
+        as an error message; ``None`` when there is none."""
+        opener = gzip.open if self.compression == "gzip" else open
+        with opener(self.path, "rt", newline="", errors="replace") as text:
+            reader = csv.reader(text)
+            header = next(reader, [])
+            rows = (fields for fields in reader if fields)  # pandas skips blank lines too
+            for row, fields in enumerate(rows, 1):
+                if len(fields) > len(header):
+                    return (
+                        f"{self.path}: row {row} (line {reader.line_num}) has {len(fields)} fields, "
+                        f"the header {len(header)} ({', '.join(header)})"
+                    )
+                if first_only:
+                    break
+        return None
 
 
 class _ParquetSource:
@@ -263,15 +312,14 @@ class _ParquetSource:
         self.timestamps = _timestamp_columns(path, self.columns, timestamp_columns)
         self.total = self.file.metadata.num_rows
 
-    def chunks(self, rows: int, report: Callable[[int], None]) -> Iterator[pd.DataFrame]:
-        """DataFrames of up to ``rows`` rows. Calls ``report(rows_read)``."""
+    def chunks(self, rows: int) -> Iterator[tuple[pd.DataFrame, int]]:
+        """(DataFrame of up to ``rows`` rows, rows of the file read so far)."""
         done = 0
         for batch in self.file.iter_batches(batch_size=rows):
             done += batch.num_rows
-            report(done)
             # ignore_metadata: load the columns stored in the file as they are, rather than
             # let pandas metadata turn some into an index that to_sql(index=False) would drop.
-            yield batch.to_pandas(ignore_metadata=True)
+            yield batch.to_pandas(ignore_metadata=True), done
 
 
 def _existing_columns(conn: Connection, table: str, schema: str | None) -> dict[str, sa.types.TypeEngine] | None:
@@ -332,6 +380,38 @@ def _check_values(frame: pd.DataFrame, existing: dict[str, sa.types.TypeEngine],
             raise LoadError(
                 f"{path}: column {name!r}, row {first_row + i + 1}: {value!r} is not {expected} "
                 f"(the table's column is {column_type})"
+            )
+
+
+#: Rows named in an error about values, at most.
+_ROWS_SHOWN = 5
+
+
+def _check_new_columns(frame: pd.DataFrame, exempt: set[str], path: Path, first_row: int) -> None:
+    """Refuse a column of a new table's first chunk that holds numbers and other values:
+    pandas would create it as text, and a score or label column of text type is what
+    check-config and every refresh reject later, far from the load that caused it.
+
+    Args:
+        exempt: timestamp columns (parsed already) and the columns the user declared text.
+
+    Raises:
+        LoadError: names the column, how many rows hold numbers, and the first rows (data
+            rows from 1) that do not, with their values.
+    """
+    for name in frame.columns:
+        raw = frame[name]
+        if name in exempt or not (pd.api.types.is_object_dtype(raw.dtype) or pd.api.types.is_string_dtype(raw.dtype)):
+            continue
+        numbers = pd.to_numeric(raw, errors="coerce")
+        others = np.flatnonzero((raw.notna() & numbers.isna()).to_numpy())
+        if others.size and numbers.notna().any():
+            shown = ", ".join(f"row {first_row + i + 1}: {raw.iloc[i]!r}" for i in others[:_ROWS_SHOWN])
+            more = f" and {others.size - _ROWS_SHOWN} more" if others.size > _ROWS_SHOWN else ""
+            raise LoadError(
+                f"{path}: column {name!r} would be created as text: {int(numbers.notna().sum())} row(s) hold numbers "
+                f"but {others.size} do not ({shown}{more}); fix those rows, or pass --text {name} to load the column "
+                "as text"
             )
 
 

@@ -42,9 +42,9 @@ from exporter.stores import (
     Stores,
     reflect_table,
     require_same_id_kind,
-    require_type,
     time_column,
     timed_connection,
+    timestamp_types,
 )
 from exporter.training import VERSION_MAX_LENGTH
 
@@ -145,8 +145,8 @@ class ModelRefresher:
             source = self.model.predictions
             engine = self.stores.engine(source.store)
             path = self._key_path("predictions")
-            table = reflect_table(engine, source, source.columns.model_dump(), path)
-            require_type(table, source.columns.score, NUMBER_TYPES, f"{path}.columns.score", "a number (probability)")
+            types = {"score": (NUMBER_TYPES, "a number (probability)"), "timestamp": timestamp_types(engine.dialect.name, path)}
+            table = reflect_table(engine, source, source.columns.model_dump(), path, types)
             time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name)
             self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
         return self._prediction_queries
@@ -156,11 +156,12 @@ class ModelRefresher:
             source = self.model.labels
             engine = self.stores.engine(source.store)
             path = self._key_path("labels")
-            table = reflect_table(engine, source, source.columns.model_dump(), path)
+            types = {
+                "label": ((sa.Boolean, *NUMBER_TYPES), "a number or a boolean (0/1)"),
+                "timestamp": timestamp_types(engine.dialect.name, path),
+            }
+            table = reflect_table(engine, source, source.columns.model_dump(), path, types)
             self._require_joinable_ids(table, source.columns.id, f"{path}.columns.id")
-            require_type(
-                table, source.columns.label, (sa.Boolean, *NUMBER_TYPES), f"{path}.columns.label", "a number or a boolean (0/1)"
-            )
             time_col = None
             if source.columns.timestamp is not None:
                 time_col = time_column(
@@ -174,9 +175,9 @@ class ModelRefresher:
             source = self.model.replays
             engine = self.stores.engine(source.store)
             path = self._key_path("replays")
-            table = reflect_table(engine, source, source.columns.model_dump(), path)
+            types = {"score": (NUMBER_TYPES, "a number (probability)")}
+            table = reflect_table(engine, source, source.columns.model_dump(), path, types)
             self._require_joinable_ids(table, source.columns.id, f"{path}.columns.id")
-            require_type(table, source.columns.score, NUMBER_TYPES, f"{path}.columns.score", "a number (probability)")
             self._replay_queries = ReplayQueries(source, table)
         return self._replay_queries
 
@@ -193,13 +194,19 @@ class ModelRefresher:
         """Reflect every configured table and check its columns (``mlmon check-config``).
 
         Raises:
-            SchemaError, sqlalchemy.exc.SQLAlchemyError, OSError: as the sources do.
+            SchemaError: with every problem of every source at once (one each).
+            sqlalchemy.exc.SQLAlchemyError, OSError: as the sources do.
         """
-        self._predictions()
-        if self.model.labels is not None:
-            self._labels()
-        if self.model.replays is not None:
-            self._replays()
+        sources = {"predictions": self._predictions, "labels": self._labels, "replays": self._replays}
+        problems = []
+        for name in self.model.sources():
+            try:
+                sources[name]()
+            except SchemaError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            # Once each: the id checks of labels and replays reflect the predictions again.
+            raise SchemaError(*dict.fromkeys(problems))
 
     # -- the queries ---------------------------------------------------------------------
 

@@ -23,7 +23,12 @@ from exporter.config import Settings, TableSource
 
 
 class SchemaError(Exception):
-    """A configured table or column does not exist or has an unusable type."""
+    """Configured tables or columns do not exist or have unusable types; ``problems``
+    holds one ``"key.path: message"`` per problem (the message joins them, one a line)."""
+
+    def __init__(self, *problems: str):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
 
 
 def safe_url(url: str) -> str:
@@ -374,26 +379,55 @@ def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
 
 
+def timestamp_types(dialect: str, source_path: str) -> tuple[tuple[type, ...], str]:
+    """The column types a timestamp column may have on ``dialect``, and how an error calls
+    them (``reflect_table``'s ``types``; ``source_path`` is the source's config key, such as
+    ``models[0].predictions``); ``time_column`` classifies an accepted column."""
+    expected = "a timestamp or a number of seconds since the epoch"
+    if dialect == "sqlite":
+        return (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES), f"{expected}, or ISO-8601 text"
+    return (sa.DateTime, *NUMBER_TYPES), (
+        f"{expected} ({dialect} cannot compare text as instants: change the column's type, "
+        f"or point {source_path}.table at a view that casts it)"
+    )
+
+
+def _type_problem(table: sa.Table, name: str, types: tuple[type, ...], expected: str, key_path: str) -> str | None:
+    column_type = table.c[name].type
+    if isinstance(column_type, types):
+        return None
+    return f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}"
+
+
 def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: str, expected: str) -> None:
     """Check that a reflected column has one of ``types``.
 
     Raises:
         SchemaError: it does not; the message names the config key and the type found.
     """
-    column_type = table.c[name].type
-    if not isinstance(column_type, types):
-        raise SchemaError(f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}")
+    problem = _type_problem(table, name, types, expected, key_path)
+    if problem is not None:
+        raise SchemaError(problem)
 
 
-def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | None], key_path: str) -> sa.Table:
-    """Reflect a configured table and check that every configured column exists.
+def reflect_table(
+    engine: Engine,
+    source: TableSource,
+    columns: dict[str, str | None],
+    key_path: str,
+    types: dict[str, tuple[tuple[type, ...], str]] | None = None,
+) -> sa.Table:
+    """Reflect a configured table and check every configured column: that it exists and,
+    for the fields in ``types``, that its type fits.
 
     Args:
         columns: logical field -> column name (``None`` for unset optional fields).
         key_path: the config path of the source, for error messages.
+        types: logical field -> (accepted SQLAlchemy types, what an error calls them).
 
     Raises:
-        SchemaError: the table or a column is missing (names the config key).
+        SchemaError: the table is missing, or every missing column, wrong column type and
+            unknown filter column at once, one problem each (each names its config key).
         sqlalchemy.exc.OperationalError: the store cannot be reached.
     """
     metadata = sa.MetaData()
@@ -402,16 +436,28 @@ def reflect_table(engine: Engine, source: TableSource, columns: dict[str, str | 
     except sa.exc.NoSuchTableError:
         where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
         raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
+    problems = []
     for field, name in columns.items():
-        if name is not None and name not in table.c:
-            raise SchemaError(
+        if name is None:
+            continue
+        if name not in table.c:
+            problems.append(
                 f"{key_path}.columns.{field}: column {name!r} does not exist in table {source.table!r} "
                 f"(columns: {', '.join(table.c.keys())})"
             )
+        elif types and field in types:
+            problems.append(_type_problem(table, name, *types[field], f"{key_path}.columns.{field}"))
     for name, value in getattr(source, "filter", {}).items():
         if name not in table.c:
-            raise SchemaError(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
-        check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+            problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+            continue
+        try:
+            check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+        except SchemaError as exc:
+            problems.extend(exc.problems)
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise SchemaError(*problems)
     return table
 
 

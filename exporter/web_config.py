@@ -30,7 +30,7 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exporter.config import ConfigError
-from exporter.errors import error_lines
+from exporter.errors import error_lines, yaml_error_line
 
 #: A bcrypt hash to check unknown users against, so that they take about as long as known
 #: ones (exactly as long when the users' hashes have cost 10, the htpasswd -C 10 of the docs).
@@ -86,9 +86,9 @@ def load_web_config(path: str | Path) -> WebConfig:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read web config: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: invalid YAML: {exc}"]) from None
+        raise ConfigError([yaml_error_line(path, exc)]) from None
     except ValidationError as exc:
-        raise ConfigError(error_lines(exc.errors())) from None
+        raise ConfigError(error_lines(exc.errors(), WebConfig)) from None
     errors = [
         f"basic_auth_users.{user}: not a bcrypt hash (expected $2a$, $2b$ or $2y$...)"
         for user, hashed in config.basic_auth_users.items()

@@ -967,8 +967,8 @@ def serving() -> Dashboard:
         .with_panel(
             timeseries_panel(
                 "p95 latency by handler",
-                "95th percentile latency per handler from `http_request_duration_seconds`, interpolated within its coarse default buckets "
-                "(0.1, 0.5, 1 s): a rough value; the fine-bucketed percentiles are in the panel on the left.",
+                "95th percentile latency per handler from `http_request_duration_seconds`, whose buckets run from 1 ms to 2.5 s "
+                "(the model server sets them: the instrumentator's default 0.1/0.5/1 s would read ~95 ms for any latency under 100 ms).",
                 "s",
                 [
                     query(

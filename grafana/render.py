@@ -1,7 +1,7 @@
 """Draw each dashboard as a PNG from its own Prometheus queries: a render, not a Grafana
 screenshot (Grafana does not run on the machines that build mlmon).
 
-    python grafana/render.py --prometheus http://127.0.0.1:9090 [--minutes 30] [--model ctr_feed]
+    python grafana/render.py --prometheus http://127.0.0.1:9090 [--minutes 30] [--model ctr_feed] [--window 24h]
 
 Reads grafana/dashboards/*.json, resolves the variables against that Prometheus as
 Grafana would, runs every panel's queries over the last ``--minutes`` (range queries;
@@ -254,10 +254,10 @@ def draw_table(ax, panel: Panel) -> None:
 DRAW = {"stat": draw_stat, "bargauge": draw_bargauge, "heatmap": draw_heatmap, "table": draw_table}
 
 
-def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Path) -> None:
+def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h") -> None:
     end = time.time()
     start, step = end - minutes * 60, max(5.0, minutes * 60 / 150)
-    values = queries.resolve_variables(prometheus, dashboard, {"model": model})
+    values = queries.resolve_variables(prometheus, dashboard, {"model": model, "window": window})
 
     def run(expr: str) -> list[dict]:
         return fetch(prometheus, queries.substitute(expr, values), start, end, step)
@@ -300,12 +300,14 @@ def main() -> None:
     parser.add_argument("--prometheus", required=True, help="base URL, e.g. http://127.0.0.1:9090")
     parser.add_argument("--minutes", type=int, default=30, help="time range of the range queries")
     parser.add_argument("--model", default="ctr_feed", help="value of the model variable")
+    # The README's recommended window: the first in sort order, 1h, holds too few clicks.
+    parser.add_argument("--window", default="24h", help="value of the window variable")
     args = parser.parse_args()
     IMAGES.mkdir(parents=True, exist_ok=True)
     for path in sorted((Path(__file__).parent / "dashboards").glob("*.json")):
         dashboard = json.loads(path.read_text())
         out = IMAGES / f"{dashboard['uid']}.png"
-        render(args.prometheus, dashboard, args.minutes, args.model, out)
+        render(args.prometheus, dashboard, args.minutes, args.model, out, args.window)
         print(f"wrote {out.relative_to(REPO)} ({out.stat().st_size // 1024} KiB)")
 
 

@@ -80,3 +80,32 @@ models:
         assert ("mlmon_online_roc_auc_error_bound", window) not in samples  # two decimals: exact
         assert samples[("mlmon_online_roc_auc", window)] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
         assert samples[("mlmon_online_positive_ratio", window)] == pytest.approx(y.mean(), abs=1e-12)
+
+
+def test_readme_worked_example_as_written(tmp_path):
+    """The README's car_loan commands, run verbatim by bash from the clone's root: they
+    pass, leave nothing in the clone, and print the numbers the README states."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("### Historical data") :]
+    script = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1)
+    before = set(os.listdir(root))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert set(os.listdir(root)) == before  # car_loan.db, car_loan.yml and the state database went elsewhere
+    assert "car_loan.yml: OK (1 model(s), 1 store(s))" in done.stdout
+
+    stated = int(re.search(r'`mlmon_future_predictions\{model="car_loan"\} (\d+)`', section).group(1))
+    printed = re.search(r'^mlmon_future_predictions\{model="car_loan"\} (\S+)$', done.stdout, re.MULTILINE).group(1)
+    served = pd.read_csv(DATA / "synthetic_car_loan_analysis.csv", parse_dates=["timestamp"])
+    ahead = int((served["timestamp"].dt.tz_localize("UTC") >= AS_OF + pd.Timedelta(minutes=1)).sum())
+    assert stated == float(printed) == ahead
+    assert "runs to 17 November" in section and served["timestamp"].max().strftime("%d %B") == "17 November"

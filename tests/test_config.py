@@ -36,7 +36,32 @@ def test_defaults():
 def test_unknown_key_named_with_its_path():
     data = _config()
     data["models"][0]["predictions"]["columns"]["scor"] = "p"
-    assert _errors(data) == ["models[0].predictions.columns.scor: Extra inputs are not permitted"]
+    assert _errors(data) == [
+        "models[0].predictions.columns.scor: unknown key 'scor' (did you mean 'score'? allowed: id, score, timestamp, version)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "where, key, suggestion, allowed",
+    [
+        (("models", 0), "lable_delay", "label_delay", "label_delay"),
+        (("stores", "s"), "urll", "url", "password, password_file, url, url_file"),
+        (("models", 0, "predictions"), "tabel", "table", "schema"),  # an alias is a key too
+        ((), "refresh_intervall", "refresh_interval", "alerting, api,"),
+        (("models", 0, "predictions"), "zzz", None, "unique_ids"),  # nothing close: no guess
+    ],
+)
+def test_unknown_key_lists_the_allowed_keys_and_the_closest(where, key, suggestion, allowed):
+    data = _config()
+    node = data
+    for part in where:
+        node = node[part]
+    node[key] = 1
+    [error] = _errors(data)
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*where, key)).lstrip(".")
+    assert error.startswith(f"{path}: unknown key {key!r} (")
+    assert (f"did you mean {suggestion!r}?" in error) == (suggestion is not None)
+    assert allowed in error
 
 
 def test_missing_key_named_with_its_path():
@@ -187,10 +212,77 @@ def test_check_config_invalid_yaml_key(tmp_path):
 
 def test_check_config_unreachable_store_hides_password(tmp_path):
     url = "postgresql+psycopg://mlmon:s3cret@127.0.0.1:1/test"
-    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table="p", score="p")))])
+    config = CONFIG.format(url=url, table="p", score="p")
+    config += """
+      - name: ctr2
+        predictions: {store: s, table: p, columns: {id: id, timestamp: ts, score: p}}
+    """
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
     assert result.exit_code == 2
-    assert "cannot reach store 's'" in result.output
+    # Named by the key that holds the URL, once for both models on it.
+    lines = result.output.splitlines()
+    assert lines[0] == "invalid configuration:" and len(lines) == 2, result.output
+    assert lines[1].startswith("  stores.s.url: cannot reach store 's' at postgresql+psycopg://mlmon:***@127.0.0.1:1/test: ")
     assert "s3cret" not in result.output
+
+
+def test_check_config_reports_every_problem_of_every_model_at_once(tmp_path):
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts BLOB, p FLOAT, v TEXT)"))
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y TEXT)"))
+        conn.execute(sa.text("CREATE TABLE replays (id INTEGER, s FLOAT)"))
+    engine.dispose()
+    config = f"""
+    stores:
+      s: {{url: "{url}"}}
+    models:
+      - name: a
+        predictions: {{store: s, table: predictions, columns: {{id: id, timestamp: ts, score: score}}, filter: {{env: x}}}}
+        labels: {{store: s, table: labels, columns: {{id: id, label: y, timestamp: t}}}}
+        replays: {{store: s, table: replays, columns: {{id: id, score: s}}}}
+      - name: b
+        predictions: {{store: s, table: preds, columns: {{id: id, timestamp: ts, score: p}}}}
+      - name: c
+        predictions: {{store: s, table: predictions, columns: {{id: id, timestamp: ts, score: v}}}}
+    """
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "invalid configuration:",
+        (
+            "  models[0].predictions.columns.timestamp: column 'ts' of table 'predictions' has type BLOB; "
+            "expected a timestamp or a number of seconds since the epoch, or ISO-8601 text"
+        ),
+        "  models[0].predictions.columns.score: column 'score' does not exist in table 'predictions' (columns: id, ts, p, v)",
+        "  models[0].predictions.filter.env: column 'env' does not exist in table 'predictions'",
+        "  models[0].labels.columns.label: column 'y' of table 'labels' has type TEXT; expected a number or a boolean (0/1)",
+        "  models[0].labels.columns.timestamp: column 't' does not exist in table 'labels' (columns: id, y)",
+        "  models[1].predictions.table: table 'preds' does not exist in store 's'",
+        (
+            "  models[2].predictions.columns.timestamp: column 'ts' of table 'predictions' has type BLOB; "
+            "expected a timestamp or a number of seconds since the epoch, or ISO-8601 text"
+        ),
+        "  models[2].predictions.columns.score: column 'v' of table 'predictions' has type TEXT; expected a number (probability)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text, position, problem",
+    [
+        ('stores:\n  s: {url: "sqlite://"\nmodels: []\n', "3:1", "expected ',' or '}', but got '<scalar>'"),
+        ("stores:\n\tx: 1\n", "2:1", "found character '\\t' that cannot start any token"),
+        ("models:\n  - name: a\n   bad: [1\n", "3:4", ""),
+    ],
+)
+def test_invalid_yaml_names_file_line_and_column_on_one_line(tmp_path, text, position, problem):
+    path = tmp_path / "mlmon.yml"
+    path.write_text(text)
+    result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2
+    [line] = result.output.splitlines()[1:]
+    assert line.startswith(f"  {path}:{position}: invalid YAML: {problem}"), line
 
 
 def test_alert_thresholds_defaults_overrides_and_switch_off():

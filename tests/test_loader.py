@@ -401,3 +401,70 @@ def test_later_chunks_of_a_new_table_are_checked_against_its_first_chunk(target,
     with pytest.raises(LoadError, match="row 3: 'oops' is not a number"):
         load_files(target.url, "predictions", [write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], rows)], schema=target.schema, chunk_rows=2)
     assert not target.exists("predictions")
+
+
+@pytest.mark.parametrize(
+    "lines, row, line, fields",
+    [
+        # The first row too long: pandas would shift every column by one.
+        (["1,2019-01-01T00:00:00,0.5,extra", "2,2019-01-01T00:00:00,0.4"], 1, 2, 4),
+        (["1,2019-01-01T00:00:00,0.5", "", "2,2019-01-01T00:00:00,0.4,x,y"], 2, 4, 5),  # a blank line is no row
+        (['1,"2019-01-01T00:00:00",0.5', '2,"a\nb",0.4', "3,2019-01-01T00:00:00,0.4,x"], 3, 5, 4),  # quoted newline
+    ],
+)
+def test_a_row_with_too_many_fields_is_named_with_its_field_count(target, tmp_path, lines, row, line, fields):
+    path = tmp_path / "a.csv"
+    path.write_text("id,timestamp,y_pred_proba\n" + "\n".join(lines) + "\n")
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [path], schema=target.schema)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{path}: row {row} (line {line}) has {fields} fields, the header 3 (id, timestamp, y_pred_proba)"
+    ), message
+    assert not target.exists("predictions")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", gzip.compress(b"")])
+def test_an_empty_file_is_called_empty(target, tmp_path, content):
+    path = tmp_path / ("a.csv.gz" if content.startswith(b"\x1f\x8b") else "a.csv")
+    path.write_bytes(content)
+    with pytest.raises(LoadError, match=r"a\.csv(\.gz)?: the file is empty \(not even a header line"):
+        load_files(target.url, "predictions", [path], schema=target.schema)
+
+
+def test_a_new_column_mixing_numbers_and_text_is_refused_naming_the_rows(target, tmp_path):
+    """'abc' among scores would create a text score column that check-config rejects only later."""
+    rows = [[i, "2019-01-01T00:00:00", 0.1 * i] for i in range(1, 11)]
+    for i, value in [(2, "abc"), (4, "n/a"), (5, "0,5"), (6, "-"), (7, "x"), (8, "y"), (9, "z")]:
+        rows[i - 1][2] = value
+    rows[9][2] = ""  # empty is a null, not text; so is pandas' "n/a"
+    path = write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], rows)
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [path], schema=target.schema)
+    assert (
+        "column 'y_pred_proba' would be created as text: 2 row(s) hold numbers but 6 do not "
+        "(row 2: 'abc', row 5: '0,5', row 6: '-', row 7: 'x', row 8: 'y' and 1 more); "
+        "fix those rows, or pass --text y_pred_proba"
+    ) in str(caught.value)
+    assert not target.exists("predictions")
+
+    # Declared text: loaded as it is. All-text columns (versions, names) need no declaration.
+    version = write_csv(tmp_path / "b.csv", ["id", "version"], [[1, "v1"], [2, "2024-01-01"]])
+    assert load_files(target.url, "versions", [version], schema=target.schema) == 2
+    assert load_files(target.url, "predictions", [path], schema=target.schema, text_columns=["y_pred_proba"]) == 10
+    assert [r["y_pred_proba"] for r in target.rows("predictions")][:3] == ["0.1", "abc", "0.30000000000000004"]
+
+
+def test_cli_load_progress_never_shows_a_rejected_file_as_done(tmp_path):
+    rows = [[1, "2019-01-01T00:00:00", 0.5], [2, "2019-01-01T00:00:00", "abc"]]
+    path = write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], rows)
+    result = CliRunner().invoke(app, ["load", "--url", f"sqlite:///{tmp_path}/db.sqlite", "--table", "t", str(path)])
+    assert result.exit_code == 2
+    assert "row 2: 'abc'" in result.stderr
+    assert "100%" not in result.stderr and "1 rows" not in result.stderr, result.stderr
+
+    result = CliRunner().invoke(
+        app, ["load", "--url", f"sqlite:///{tmp_path}/db.sqlite", "--table", "t", "--text", "y_pred_proba", str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "100%" in result.stderr and "2 rows" in result.stderr

@@ -394,7 +394,14 @@ def test_model_server_caches_logs_and_counts(sqlite_stack):
     assert samples[("model_server_cache_misses_total", ())] == 1
     assert samples[("http_requests_total", (("handler", "/predict"), ("method", "POST"), ("status", "2xx")))] == 2
     assert ("process_cpu_seconds_total", ()) in samples and ("process_resident_memory_bytes", ()) in samples
-    assert any(name == "http_request_duration_seconds_bucket" for name, _ in samples)
+    # Millisecond buckets per handler: the default 0.1/0.5/1 s made any p95 under 100 ms read ~95 ms.
+    bounds = sorted(
+        float(dict(labels)["le"])
+        for name, labels in samples
+        if name == "http_request_duration_seconds_bucket" and dict(labels)["handler"] == "/predict"
+    )
+    assert bounds == [*model_server.LATENCY_BUCKETS, float("inf")]
+    assert bounds[0] <= 0.001 and sum(b < 0.1 for b in bounds) >= 6
 
 
 def test_model_server_keeps_serving_when_the_log_store_fails(tmp_path):
@@ -536,3 +543,23 @@ def test_stack_data_path_on_postgresql(postgres_schema):
     for source in ("predictions", "labels", "replays"):
         assert samples[("mlmon_source_up", (("model", "ctr"), ("source", source)))] == 1
     assert samples[("mlmon_state_up", ())] == 1  # training-run tables migrated beside the predictions
+
+
+def test_drop_traffic_alert_delay_is_stated_alike_in_the_docs_and_the_stack_config():
+    """The stale-predictions alert fires once the age passes the stack's threshold and then
+    holds for the rule's ``for``: docs/deployment.md and stack/mlmon.yml must say that sum."""
+    config = yaml.safe_load((STACK / "mlmon.yml").read_text())
+    [model] = [m for m in config["models"] if "prediction_age_seconds_max" in m.get("alert_thresholds", {})]
+    threshold = model["alert_thresholds"]["prediction_age_seconds_max"]
+    rules = yaml.safe_load((REPO / "prometheus" / "rules" / "mlmon.yml").read_text())
+    [stale] = [  # the warning at 1x the threshold, not the critical one at 3x
+        r for g in rules["groups"] for r in g["rules"]
+        if r.get("alert") == "MlmonPredictionsUnavailable" and r["labels"] == {"severity": "warning", "condition": "stale"}
+    ]
+    hold = int(re.fullmatch(r"(\d+)m", stale["for"]).group(1)) * 60
+    minutes = (threshold + hold) // 60
+    row = next(line for line in (REPO / "docs" / "deployment.md").read_text().splitlines() if "`DROP_TRAFFIC=1`" in line)
+    assert f"about {minutes} minutes after the last request" in row
+    assert f"`prediction_age_seconds_max: {threshold}`" in row and f"`for: {stale['for']}`" in row
+    comment = next(line for line in (STACK / "mlmon.yml").read_text().splitlines() if "prediction_age_seconds_max" in line)
+    assert f"about {minutes} minutes ({threshold // 60} + the rule's for: {stale['for']})" in comment

@@ -72,7 +72,7 @@ def test_web_config_errors_are_named(tmp_path):
     (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain}\nextra: 1\n")
     with pytest.raises(ConfigError) as caught:
         load_web_config(tmp_path / "web.yml")
-    assert caught.value.errors == ["extra: Extra inputs are not permitted"]
+    assert caught.value.errors == ["extra: unknown key 'extra' (allowed: basic_auth_users, tls_server_config)"]
     (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain, v: $2y$10$garbage}\n")
     with pytest.raises(ConfigError) as caught:
         load_web_config(tmp_path / "web.yml")
