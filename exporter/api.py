@@ -1,5 +1,5 @@
-"""The training-run API: ``POST /api/v1/training-runs``, ``GET /api/v1/models`` and
-``GET /api/v1/models/{model}/versions``.
+"""The training-run API: ``POST /api/v1/training-runs``, ``GET /api/v1/models``,
+``GET /api/v1/models/{model}/versions`` and ``DELETE /api/v1/models/{model}/versions/{version}``.
 
 A request is accepted or rejected whole: nothing is stored unless the run was valid and
 its commit succeeded. With a token configured, every request needs
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from exporter.config import Settings
 from exporter.errors import first_line, located
-from exporter.state import RunConflict, StateDatabase, list_models, list_versions, save_run
+from exporter.state import RunConflict, StateDatabase, TooManyModels, delete_run, list_models, list_versions, save_run
 from exporter.training import TrainingRun
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,17 @@ RETRY_AFTER_SECONDS = 5
 _STATE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db")
 
 
-def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
-    """The API router. ``on_stored`` is called after a new run was committed.
+def training_api(
+    settings: Settings, state: StateDatabase, on_stored: Callable[[], None], on_refused: Callable[[str], None]
+) -> APIRouter:
+    """The API router. ``on_stored`` is called after a run was committed or deleted,
+    ``on_refused`` with the reason (``"max_models"``) after a valid run was refused.
 
-    Errors: 401 missing or wrong token; 408 body slower than ``api.body_timeout``; 413
-    body over ``api.max_body_bytes``; 415 not
+    Errors: 401 missing or wrong token; 404 no such model or version; 408 body slower than
+    ``api.body_timeout``; 413 body over ``api.max_body_bytes``; 415 not
     JSON; 422 invalid run (``detail`` lists ``{"loc", "msg"}`` per problem); 409 the
-    version is stored with another body; 503 the state database failed (with a
+    version is stored with another body, or the run is of a new model and runs of
+    ``training.max_models`` models are stored; 503 the state database failed (with a
     ``Retry-After`` of ``RETRY_AFTER_SECONDS``; sending the same run again is safe, it is
     stored once).
     """
@@ -113,8 +117,11 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             detail = [dict(zip(("loc", "msg"), located(e))) for e in exc.errors(include_url=False)]
             raise HTTPException(422, detail) from None
         try:
-            status = await in_state_db(save_run, run, datetime.now(timezone.utc))
+            status = await in_state_db(save_run, run, datetime.now(timezone.utc), settings.training.max_models)
         except RunConflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        except TooManyModels as exc:
+            on_refused("max_models")  # counted, not logged: a client could flood the log
             raise HTTPException(409, str(exc)) from None
         if status == "created":
             on_stored()
@@ -148,6 +155,16 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
                 for r in runs
             ],
         }
+
+    @router.delete("/models/{model}/versions/{version}")
+    async def delete_version(model: str, version: str) -> dict:
+        """Delete a stored run, to correct one reported by mistake; the training metrics are
+        re-read at once. Reporting that version again afterwards stores it anew."""
+        if not await in_state_db(delete_run, model, version):
+            raise HTTPException(404, f"no training run stored for model {model!r} version {version!r}")
+        log.info("training run of model %r version %r deleted", model, version)
+        on_stored()
+        return {"status": "deleted", "model": model, "version": version}
 
     return router
 

@@ -105,7 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan)
     app.state.snapshots = store
-    app.include_router(training_api(settings, state, loop.training_changed))
+    app.include_router(training_api(settings, state, loop.training_changed, store.count_refusal))
     document_training_run(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

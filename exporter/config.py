@@ -313,6 +313,9 @@ class TrainingSettings(Strict):
     """Per model, at most this many features get ``mlmon_training_feature_*`` series."""
     max_categories: int = Field(default=30, ge=1)
     """Per feature, at most this many categories (the largest shares) get a series."""
+    max_models: int = Field(default=1000, ge=1)
+    """The API refuses (409) a run of a new model once runs of this many models are stored:
+    every model adds series to each scrape and work to each refresh."""
 
 
 class Settings(Strict):
