@@ -3,17 +3,20 @@
 
 A request is accepted or rejected whole: nothing is stored unless the run was valid and
 its commit succeeded. With a token configured, every request needs
-``Authorization: Bearer <token>``, compared in constant time.
+``Authorization: Bearer <token>``, compared in constant time; without one, browser writes
+from other pages are refused (``refuse_browser_writes_from_elsewhere``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -57,6 +60,7 @@ def training_api(
 
     def authorize(request: Request) -> None:
         if token is None:
+            refuse_browser_writes_from_elsewhere(request)
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
@@ -167,6 +171,44 @@ def training_api(
         return {"status": "deleted", "model": model, "version": version}
 
     return router
+
+
+def refuse_browser_writes_from_elsewhere(request: Request) -> None:
+    """Without a token, refuse (403) a write a browser sends from another page.
+
+    Browsers send ``Origin`` with every request that is not a GET or HEAD (Fetch
+    standard); other clients (the Python client, curl) send none and are not affected. A
+    write is refused when its ``Origin`` differs from its ``Host`` (a cross-site request)
+    or names a host that is not an IP address or ``localhost``: a DNS-rebinding page
+    (``evil.example`` resolving to mlmon's address) is same-origin to the browser, but its
+    origin is a host name. mlmon's own ``/docs`` opened at an address keeps working.
+
+    Raises:
+        HTTPException: 403.
+    """
+    origin = request.headers.get("origin")
+    if origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    parsed = urlsplit(origin)
+    same = parsed.netloc.lower() == request.headers.get("host", "").lower() and parsed.scheme in ("http", "https")
+    if not (same and _address_or_localhost(parsed.hostname)):
+        raise HTTPException(
+            403,
+            "browser requests that write are only accepted from this server's own pages opened at an IP address or "
+            "localhost while api.token is not set; set api.token to accept writes from anywhere with the token",
+        )
+
+
+def _address_or_localhost(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def document_training_run(app: FastAPI) -> None:

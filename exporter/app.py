@@ -92,6 +92,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        if settings.api.token is None and settings.api.token_file is None:
+            log.warning(
+                "api.token is not set: anyone who reaches this port can report and delete training runs "
+                "(/api/v1); set api.token or api.token_file"
+            )
         loop.start()
         renderer = asyncio.create_task(exposition.keep_fresh(), name="render-metrics")
         try:

@@ -86,13 +86,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _parse_url(text: str, key: str) -> sa.URL:
+    """``text`` as a SQLAlchemy URL; a ValueError starting with ``key`` that never echoes
+    the text (it may hold a password) when it is not one or its port is not in 1-65535."""
+    try:
+        url = sa.make_url(text)
+    except Exception:  # ArgumentError, or ValueError for a port that is not a number
+        url = None
+    if url is None or (url.port is not None and not 1 <= url.port <= 65535):
+        raise ValueError(f"{key}: not a SQLAlchemy URL (dialect+driver://user@host:port/database, port 1-65535)")
+    return url
+
+
 class Store(Strict):
     """A SQL store: a SQLAlchemy URL given inline (``url``) or read from a file
     (``url_file``), and optionally its password apart from it (``password`` or
     ``password_file``), so that a password with any characters needs no URL-encoding and
     never sits in the URL text."""
 
-    url: str | None = None
+    url: str | None = Field(default=None, repr=False)  # it may hold a password
     url_file: Path | None = None
     password: str | None = Field(default=None, repr=False)
     password_file: Path | None = None
@@ -104,10 +116,15 @@ class Store(Strict):
         if self.password is not None and self.password_file is not None:
             raise ValueError("give at most one of 'password' or 'password_file'")
         if self.url is not None:
+            _parse_url(self.url, "url")
+        else:
+            # Checked at load, as the API's token_file: a bad file is a config error naming
+            # the key (check-config exits 2), not a traceback at every refresh.
             try:
-                sa.make_url(self.url)
-            except Exception:  # never echo the URL: it may hold a password
-                raise ValueError("url: not a SQLAlchemy URL (dialect+driver://user@host:port/database)") from None
+                text = Path(self.url_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"url_file: cannot read {self.url_file}: {exc.strerror}") from None
+            _parse_url(text, "url_file")
         return self
 
     def resolved_url(self) -> sa.URL:
@@ -116,9 +133,10 @@ class Store(Strict):
 
         Raises:
             OSError: a file cannot be read.
-            sqlalchemy.exc.ArgumentError: ``url_file`` does not hold a SQLAlchemy URL.
+            ValueError: ``url_file`` no longer holds a SQLAlchemy URL (the URL not echoed).
         """
-        url = sa.make_url(self.url if self.url is not None else Path(self.url_file).read_text().strip())
+        key = "url" if self.url is not None else "url_file"
+        url = _parse_url(self.url if self.url is not None else Path(self.url_file).read_text().strip(), key)
         password = self.password
         if self.password_file is not None:
             password = Path(self.password_file).read_text().rstrip("\n")

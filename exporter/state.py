@@ -8,6 +8,7 @@ same body again is accepted without change, a different one is a conflict.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,6 +49,9 @@ class TooManyModels(Exception):
     """The run is of a new model and the state database holds runs of the most models allowed."""
 
 
+_MIGRATING = threading.Lock()
+
+
 def migrate(engine: sa.Engine) -> None:
     """Create or upgrade the state schema to the newest revision, in one transaction.
 
@@ -56,7 +60,9 @@ def migrate(engine: sa.Engine) -> None:
     """
     config = AlembicConfig()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
+    # Alembic's ``context`` is one per process: two migrations at once (two state databases,
+    # or a refresh thread still running while a new app starts) would run in each other's.
+    with _MIGRATING, engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
 
@@ -84,6 +90,7 @@ class StateDatabase:
         """
         with self._lock:
             if not self._migrated:
+                _create_private_sqlite_file(self.engine.url)
                 migrate(self.engine)
                 self._migrated = True
         return self.engine
@@ -92,6 +99,19 @@ class StateDatabase:
         """Check the schema again on next use: the database may have been replaced."""
         with self._lock:
             self._migrated = False
+
+
+def _create_private_sqlite_file(url: sa.URL) -> None:
+    """Create a SQLite state database file readable by its owner only (0600) before SQLite
+    creates it with the umask's (usually world-readable) mode; its journals inherit the
+    mode. An existing file keeps its mode; a file that cannot be created is left for
+    SQLite to report."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(url.database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # it exists (kept as it is), or SQLite reports why it cannot be opened
+        pass
 
 
 def _statement_timeout(seconds: float):
