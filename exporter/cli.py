@@ -55,8 +55,10 @@ def check_config(config: ConfigOption) -> None:
     """Validate the config and every configured table and column, without serving.
 
     Exit code 0 when valid, 2 with one line per problem (naming its key path) otherwise.
+    A ``refresh_timeout`` shorter than a model's refresh may legitimately take is warned
+    about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
-    from exporter.refresh import ModelRefresher
+    from exporter.refresh import ModelRefresher, worst_case_duration, worst_case_queries
     from exporter.stores import Stores
 
     settings = _settings(config)
@@ -64,8 +66,19 @@ def check_config(config: ConfigOption) -> None:
     problems = []
     try:
         for i, model in enumerate(settings.models):
+            refresher = ModelRefresher(model, settings, stores)
+            work = worst_case_duration(model, settings)
+            if refresher.deadline() < work:
+                typer.echo(
+                    f"warning: refresh_timeout: {refresher.deadline().total_seconds():g} s is shorter than the "
+                    f"{work.total_seconds():g} s a refresh of models[{i}] ({model.name!r}) may take without any query "
+                    f"timing out ({worst_case_queries(model)} queries and {len(model.sources())} connection(s), each "
+                    f"up to query_timeout); a slow refresh would be reported stalled. Raise it, or leave it unset "
+                    "to derive it",
+                    err=True,
+                )
             try:
-                ModelRefresher(model, settings, stores).check_schema()
+                refresher.check_schema()
             except SchemaError as exc:
                 problems.append(str(exc))
             except (sa.exc.SQLAlchemyError, OSError) as exc:

@@ -344,7 +344,8 @@ class Settings(Strict):
     staleness: Duration | None = None
     """How long a failed source keeps its last values; default 3 refresh intervals."""
     refresh_timeout: Duration | None = None
-    """A refresh still running after this is reported as stalled; default refresh_interval + query_timeout."""
+    """A refresh still running after this is reported as stalled; default derived from the
+    model's work (``exporter.refresh.ModelRefresher.deadline``)."""
     header_timeout: Duration = timedelta(seconds=10)
     """Every HTTP request's line and headers must arrive within this (slow clients get 408)."""
     stores: dict[Identifier, Store]
@@ -392,7 +393,8 @@ class Settings(Strict):
 
     @property
     def refresh_deadline(self) -> timedelta:
-        """``refresh_timeout``, or one refresh interval plus one query timeout."""
+        """``refresh_timeout``, or one refresh interval plus one query timeout: the deadline
+        of the training refresh (a model's is ``ModelRefresher.deadline``)."""
         return self.refresh_timeout if self.refresh_timeout is not None else self.refresh_interval + self.query_timeout
 
 
