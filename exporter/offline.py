@@ -179,10 +179,13 @@ class TrainingRefresher:
         self._model_errors: dict[str, int] = {}
         self._logged: dict[str, str] = {}  # model -> the error last logged for it
         self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
+        self._stall_counted = False  # stalled() counted the running refresh's timeout
         self._lock = threading.Lock()
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
+        with self._lock:
+            self._stall_counted = False
         try:
             snapshots, failures = load_training_snapshots(
                 self.state.ready(), self.settings.training.history_versions, now
@@ -211,12 +214,16 @@ class TrainingRefresher:
             del self._logged[model]
 
     def stalled(self, now: datetime) -> TrainingState:
-        """The state to publish while a refresh is still running past its deadline."""
+        """The state to publish while a refresh is still running past its deadline: one
+        ``timeout`` counted per refresh, however often it is reported stalled, and not
+        another error when it then fails."""
         return self._failed(now, "timeout")
 
     def _failed(self, now: datetime, reason: str) -> TrainingState:
         with self._lock:
-            self._errors[reason] += 1
+            if not self._stall_counted:
+                self._errors[reason] += 1
+            self._stall_counted = self._stall_counted or reason == "timeout"
             fresh = {}
             staleness = self.settings.training.staleness.total_seconds()
             if self._last_good and now.timestamp() - self._last_good[0] <= staleness:

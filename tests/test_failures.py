@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from conftest import table_locked
+from conftest import table_locked, waiting_on_a_lock
 from exporter.config import parse_settings
 from exporter.refresh import ModelRefresher, classify_error
 from exporter.stores import Stores
@@ -325,18 +325,6 @@ def _with_replays(engine, settings, schema=None, **model_changes):
     return settings.model_copy(update={"models": [model]})
 
 
-def _waiting_on_a_lock(engine, schema: str) -> bool:
-    """Whether a session waits for a lock on a table of ``schema``."""
-    with engine.connect() as conn:
-        return bool(conn.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "WHERE NOT l.granted AND c.relnamespace = CAST(:schema AS regnamespace)"
-            ),
-            {"schema": schema},
-        ).scalar())
-
-
 def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_schema, postgres_engine):
     """A refresh past its deadline, in labels (a held lock): predictions, which it just
     refreshed, up with their new values; labels down with one timeout however often it is
@@ -355,7 +343,7 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
         running = threading.Thread(target=lambda: result.update(snap=refresher.refresh(later)))
         running.start()
         deadline = time.monotonic() + 10
-        while not _waiting_on_a_lock(postgres_engine, schema):
+        while not waiting_on_a_lock(postgres_engine, schema):
             assert time.monotonic() < deadline, "the labels query never waited on the lock"
             time.sleep(0.05)
         first = refresher.stalled(later + timedelta(seconds=1))

@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import math
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -16,6 +18,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import table_locked, waiting_on_a_lock
 from exporter.app import create_app
 from exporter.collector import build_registry, render
 from exporter.config import parse_settings
@@ -257,3 +260,29 @@ def test_runs_of_more_models_than_training_max_models_are_refused_and_counted(st
         assert 'mlmon_training_runs_refused_total{reason="max_models"} 1.0' in text.splitlines()
         assert client.delete("/api/v1/models/b/versions/v1").status_code == 200  # room for one more
         assert client.post("/api/v1/training-runs", json=body(model="c")).status_code == 201
+
+
+def test_a_hung_training_refresh_counts_one_timeout(postgres_schema, postgres_engine):
+    """The state database's table locked: reported stalled twice, then cancelled at the
+    statement timeout; one timeout counted, not one per report plus the cancellation."""
+    url, schema = postgres_schema
+    database = StateDatabase(f"{url}?options=-csearch_path%3D{schema}", timeout=2)
+    save_run(database.ready(), TrainingRun(**body()), NOW)
+    refresher = TrainingRefresher(database, settings_for(url))
+    assert refresher.refresh(NOW).up
+    with table_locked(postgres_engine, schema, "mlmon_training_runs"):
+        result = {}
+        running = threading.Thread(target=lambda: result.update(state=refresher.refresh(NOW)))
+        running.start()
+        deadline = time.monotonic() + 10
+        while not waiting_on_a_lock(postgres_engine, schema):
+            assert time.monotonic() < deadline, "the training refresh never waited on the lock"
+            time.sleep(0.05)
+        stalled = [refresher.stalled(NOW), refresher.stalled(NOW)]
+        running.join(10)
+    assert not running.is_alive()
+    assert [s.up for s in stalled] == [False, False] and all("ctr" in s.models for s in stalled)  # kept: staleness
+    assert {r: n for r, n in result["state"].errors.items() if n} == {"timeout": 1}
+    assert result["state"].up is False
+    assert refresher.refresh(NOW).errors["timeout"] == 1  # the next refresh succeeds, nothing more counted
+    database.engine.dispose()
