@@ -1,19 +1,22 @@
-"""The training-run API: ``POST /api/v1/training-runs``, ``GET /api/v1/models`` and
-``GET /api/v1/models/{model}/versions``.
+"""The training-run API: ``POST /api/v1/training-runs``, ``GET /api/v1/models``,
+``GET /api/v1/models/{model}/versions`` and ``DELETE /api/v1/models/{model}/versions/{version}``.
 
 A request is accepted or rejected whole: nothing is stored unless the run was valid and
 its commit succeeded. With a token configured, every request needs
-``Authorization: Bearer <token>``, compared in constant time.
+``Authorization: Bearer <token>``, compared in constant time; without one, browser writes
+from other pages are refused (``refuse_browser_writes_from_elsewhere``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Callable
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
@@ -22,7 +25,7 @@ from pydantic import ValidationError
 
 from exporter.config import Settings
 from exporter.errors import first_line, located
-from exporter.state import RunConflict, StateDatabase, list_models, list_versions, save_run
+from exporter.state import RunConflict, StateDatabase, TooManyModels, delete_run, list_models, list_versions, save_run
 from exporter.training import TrainingRun
 
 log = logging.getLogger(__name__)
@@ -37,13 +40,17 @@ RETRY_AFTER_SECONDS = 5
 _STATE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db")
 
 
-def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[], None]) -> APIRouter:
-    """The API router. ``on_stored`` is called after a new run was committed.
+def training_api(
+    settings: Settings, state: StateDatabase, on_stored: Callable[[], None], on_refused: Callable[[str], None]
+) -> APIRouter:
+    """The API router. ``on_stored`` is called after a run was committed or deleted,
+    ``on_refused`` with the reason (``"max_models"``) after a valid run was refused.
 
-    Errors: 401 missing or wrong token; 408 body slower than ``api.body_timeout``; 413
-    body over ``api.max_body_bytes``; 415 not
+    Errors: 401 missing or wrong token; 404 no such model or version; 408 body slower than
+    ``api.body_timeout``; 413 body over ``api.max_body_bytes``; 415 not
     JSON; 422 invalid run (``detail`` lists ``{"loc", "msg"}`` per problem); 409 the
-    version is stored with another body; 503 the state database failed (with a
+    version is stored with another body, or the run is of a new model and runs of
+    ``training.max_models`` models are stored; 503 the state database failed (with a
     ``Retry-After`` of ``RETRY_AFTER_SECONDS``; sending the same run again is safe, it is
     stored once).
     """
@@ -53,6 +60,7 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
 
     def authorize(request: Request) -> None:
         if token is None:
+            refuse_browser_writes_from_elsewhere(request)
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
@@ -113,8 +121,11 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             detail = [dict(zip(("loc", "msg"), located(e))) for e in exc.errors(include_url=False)]
             raise HTTPException(422, detail) from None
         try:
-            status = await in_state_db(save_run, run, datetime.now(timezone.utc))
+            status = await in_state_db(save_run, run, datetime.now(timezone.utc), settings.training.max_models)
         except RunConflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        except TooManyModels as exc:
+            on_refused("max_models")  # counted, not logged: a client could flood the log
             raise HTTPException(409, str(exc)) from None
         if status == "created":
             on_stored()
@@ -149,7 +160,55 @@ def training_api(settings: Settings, state: StateDatabase, on_stored: Callable[[
             ],
         }
 
+    @router.delete("/models/{model}/versions/{version}")
+    async def delete_version(model: str, version: str) -> dict:
+        """Delete a stored run, to correct one reported by mistake; the training metrics are
+        re-read at once. Reporting that version again afterwards stores it anew."""
+        if not await in_state_db(delete_run, model, version):
+            raise HTTPException(404, f"no training run stored for model {model!r} version {version!r}")
+        log.info("training run of model %r version %r deleted", model, version)
+        on_stored()
+        return {"status": "deleted", "model": model, "version": version}
+
     return router
+
+
+def refuse_browser_writes_from_elsewhere(request: Request) -> None:
+    """Without a token, refuse (403) a write a browser sends from another page.
+
+    Browsers send ``Origin`` with every request that is not a GET or HEAD (Fetch
+    standard); other clients (the Python client, curl) send none and are not affected. A
+    write is refused when its ``Origin`` differs from its ``Host`` (a cross-site request)
+    or names a host that is not an IP address or ``localhost``: a DNS-rebinding page
+    (``evil.example`` resolving to mlmon's address) is same-origin to the browser, but its
+    origin is a host name. mlmon's own ``/docs`` opened at an address keeps working.
+
+    Raises:
+        HTTPException: 403.
+    """
+    origin = request.headers.get("origin")
+    if origin is None or request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    parsed = urlsplit(origin)
+    same = parsed.netloc.lower() == request.headers.get("host", "").lower() and parsed.scheme in ("http", "https")
+    if not (same and _address_or_localhost(parsed.hostname)):
+        raise HTTPException(
+            403,
+            "browser requests that write are only accepted from this server's own pages opened at an IP address or "
+            "localhost while api.token is not set; set api.token to accept writes from anywhere with the token",
+        )
+
+
+def _address_or_localhost(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def document_training_run(app: FastAPI) -> None:

@@ -95,6 +95,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        if settings.api.token is None and settings.api.token_file is None:
+            log.warning(
+                "api.token is not set: anyone who reaches this port can report and delete training runs "
+                "(/api/v1); set api.token or api.token_file"
+            )
         loop.start()
         renderer = asyncio.create_task(exposition.keep_fresh(), name="render-metrics")
         try:
@@ -110,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
     # FastAPI's default loads them from a CDN, a blank page on a network without internet.
     app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.snapshots = store
-    app.include_router(training_api(settings, state, loop.training_changed))
+    app.include_router(training_api(settings, state, loop.training_changed, store.count_refusal))
     document_training_run(app)
     app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
 

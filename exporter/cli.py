@@ -108,8 +108,10 @@ def check_config(config: ConfigOption) -> None:
     """Validate the config and every configured table and column, without serving.
 
     Exit code 0 when valid, 2 with one line per problem (naming its key path) otherwise.
+    A ``refresh_timeout`` shorter than a model's refresh may legitimately take is warned
+    about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
-    from exporter.refresh import ModelRefresher
+    from exporter.refresh import ModelRefresher, worst_case_duration, worst_case_queries
     from exporter.stores import Stores
 
     settings = _settings(config)
@@ -128,11 +130,22 @@ def check_config(config: ConfigOption) -> None:
                 where = f"at {safe_url(store.url)}" if store.url is not None else f"from {store.url_file}"
                 key = "url" if store.url is not None else "url_file"
                 problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
-        for model in settings.models:
+        for i, model in enumerate(settings.models):
+            refresher = ModelRefresher(model, settings, stores)
+            work = worst_case_duration(model, settings)
+            if refresher.deadline() < work:
+                typer.echo(
+                    f"warning: refresh_timeout: {refresher.deadline().total_seconds():g} s is shorter than the "
+                    f"{work.total_seconds():g} s a refresh of models[{i}] ({model.name!r}) may take without any query "
+                    f"timing out ({worst_case_queries(model)} queries and {len(model.sources())} connection(s), each "
+                    f"up to query_timeout); a slow refresh would be reported stalled. Raise it, or leave it unset "
+                    "to derive it",
+                    err=True,
+                )
             if model.predictions.store in unreachable:
                 continue
             try:
-                ModelRefresher(model, settings, stores).check_schema()
+                refresher.check_schema()
             except SchemaError as exc:
                 problems.extend(exc.problems)
             except (sa.exc.SQLAlchemyError, OSError) as exc:  # lost between the two steps

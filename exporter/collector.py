@@ -99,6 +99,8 @@ METRICS = {
         _spec("mlmon_refresh_errors_total", "counter", "model source reason", "Failed source refreshes, by reason."),
         _spec("mlmon_state_up", "gauge", "", "1 if the last read of the state database succeeded, else 0."),
         _spec("mlmon_state_errors_total", "counter", "reason", "Failed reads of the state database, by reason."),
+        _spec("mlmon_training_errors_total", "counter", "model", "Training refreshes in which the model's stored runs gave no metrics."),
+        _spec("mlmon_training_runs_refused_total", "counter", "reason", "Training runs the API refused although valid, by reason."),
     ]
 }
 
@@ -233,6 +235,10 @@ class MlmonCollector:
             _emit(families, "mlmon_state_up", [], 1.0 if training.up else 0.0)
         for reason, count in training.errors.items():
             _emit(families, "mlmon_state_errors_total", [reason], count)
+        for name, count in sorted(training.model_errors.items()):
+            _emit(families, "mlmon_training_errors_total", [name], count)
+        for reason, count in self._store.refused.items():
+            _emit(families, "mlmon_training_runs_refused_total", [reason], count)
         return (family for family in families.values() if family.samples)
 
 

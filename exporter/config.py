@@ -86,13 +86,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _parse_url(text: str, key: str) -> sa.URL:
+    """``text`` as a SQLAlchemy URL; a ValueError starting with ``key`` that never echoes
+    the text (it may hold a password) when it is not one or its port is not in 1-65535."""
+    try:
+        url = sa.make_url(text)
+    except Exception:  # ArgumentError, or ValueError for a port that is not a number
+        url = None
+    if url is None or (url.port is not None and not 1 <= url.port <= 65535):
+        raise ValueError(f"{key}: not a SQLAlchemy URL (dialect+driver://user@host:port/database, port 1-65535)")
+    return url
+
+
 class Store(Strict):
     """A SQL store: a SQLAlchemy URL given inline (``url``) or read from a file
     (``url_file``), and optionally its password apart from it (``password`` or
     ``password_file``), so that a password with any characters needs no URL-encoding and
     never sits in the URL text."""
 
-    url: str | None = None
+    url: str | None = Field(default=None, repr=False)  # it may hold a password
     url_file: Path | None = None
     password: str | None = Field(default=None, repr=False)
     password_file: Path | None = None
@@ -104,10 +116,15 @@ class Store(Strict):
         if self.password is not None and self.password_file is not None:
             raise ValueError("give at most one of 'password' or 'password_file'")
         if self.url is not None:
+            _parse_url(self.url, "url")
+        else:
+            # Checked at load, as the API's token_file: a bad file is a config error naming
+            # the key (check-config exits 2), not a traceback at every refresh.
             try:
-                sa.make_url(self.url)
-            except Exception:  # never echo the URL: it may hold a password
-                raise ValueError("url: not a SQLAlchemy URL (dialect+driver://user@host:port/database)") from None
+                text = Path(self.url_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"url_file: cannot read {self.url_file}: {exc.strerror}") from None
+            _parse_url(text, "url_file")
         return self
 
     def resolved_url(self) -> sa.URL:
@@ -116,9 +133,10 @@ class Store(Strict):
 
         Raises:
             OSError: a file cannot be read.
-            sqlalchemy.exc.ArgumentError: ``url_file`` does not hold a SQLAlchemy URL.
+            ValueError: ``url_file`` no longer holds a SQLAlchemy URL (the URL not echoed).
         """
-        url = sa.make_url(self.url if self.url is not None else Path(self.url_file).read_text().strip())
+        key = "url" if self.url is not None else "url_file"
+        url = _parse_url(self.url if self.url is not None else Path(self.url_file).read_text().strip(), key)
         password = self.password
         if self.password_file is not None:
             password = Path(self.password_file).read_text().rstrip("\n")
@@ -313,6 +331,9 @@ class TrainingSettings(Strict):
     """Per model, at most this many features get ``mlmon_training_feature_*`` series."""
     max_categories: int = Field(default=30, ge=1)
     """Per feature, at most this many categories (the largest shares) get a series."""
+    max_models: int = Field(default=1000, ge=1)
+    """The API refuses (409) a run of a new model once runs of this many models are stored:
+    every model adds series to each scrape and work to each refresh."""
 
 
 class Settings(Strict):
@@ -323,7 +344,8 @@ class Settings(Strict):
     staleness: Duration | None = None
     """How long a failed source keeps its last values; default 3 refresh intervals."""
     refresh_timeout: Duration | None = None
-    """A refresh still running after this is reported as stalled; default refresh_interval + query_timeout."""
+    """A refresh still running after this is reported as stalled; default derived from the
+    model's work (``exporter.refresh.ModelRefresher.deadline``)."""
     header_timeout: Duration = timedelta(seconds=10)
     """Every HTTP request's line and headers must arrive within this (slow clients get 408)."""
     stores: dict[Identifier, Store]
@@ -371,7 +393,8 @@ class Settings(Strict):
 
     @property
     def refresh_deadline(self) -> timedelta:
-        """``refresh_timeout``, or one refresh interval plus one query timeout."""
+        """``refresh_timeout``, or one refresh interval plus one query timeout: the deadline
+        of the training refresh (a model's is ``ModelRefresher.deadline``)."""
         return self.refresh_timeout if self.refresh_timeout is not None else self.refresh_interval + self.query_timeout
 
 

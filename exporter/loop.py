@@ -2,8 +2,9 @@
 
 Each model refreshes on its own schedule in a worker thread, so a slow or hanging
 database delays only that model, and ``/metrics`` (which reads snapshots) never waits.
-A refresh still running after ``refresh_timeout`` is reported as stalled (sources down,
-``reason="timeout"``) on every interval until it returns.
+A refresh still running after its deadline (``ModelRefresher.deadline``) is reported as
+stalled on every interval until it returns: the source it is in down, with one
+``reason="timeout"``, the others as what happened to them.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class RefreshLoop:
 
     async def _run(self, refresher: ModelRefresher) -> None:
         interval = self.settings.refresh_interval.total_seconds()
-        deadline = self.settings.refresh_deadline.total_seconds()
+        deadline = refresher.deadline().total_seconds()
         loop = asyncio.get_running_loop()
         running: asyncio.Future | None = None
         while True:

@@ -20,10 +20,15 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or ``None`` (undefined, not exported) when either is
-    missing or the denominator is 0."""
+    missing, the denominator is 0 or the quotient is not a finite float (1e308 / 1e-308
+    overflows to inf: a change ratio of +Inf would pass for a value)."""
     if numerator is None or not denominator:
         return None
-    return numerator / denominator
+    try:
+        quotient = numerator / denominator
+    except OverflowError:  # int / int beyond the float range
+        return None
+    return quotient if math.isfinite(quotient) else None
 
 
 def grid_index(values: np.ndarray, scale: int) -> np.ndarray:

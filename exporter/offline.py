@@ -13,13 +13,14 @@ from typing import Mapping
 
 import numpy as np
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from exporter.config import Settings
-from exporter.errors import first_line
+from exporter.errors import error_lines, first_line
 from exporter.monitoring_math import population_stability_index
 from exporter.refresh import ERROR_REASONS, classify_error
 from exporter.snapshot import TrainingState
-from exporter.state import StateDatabase, StoredRun, list_models, load_history
+from exporter.state import StateDatabase, StoredRun, load_histories
 from exporter.training import OTHER, FeatureSummary
 
 log = logging.getLogger(__name__)
@@ -193,18 +194,34 @@ def training_snapshot(model: str, recent: list[StoredRun], month_ago: StoredRun 
     return TrainingSnapshot(model, newest, baselines, tuple(recent), features, psi)
 
 
-def load_training_snapshots(engine: sa.Engine, versions: int, as_of: datetime) -> dict[str, TrainingSnapshot]:
+def load_training_snapshots(
+    engine: sa.Engine, versions: int, as_of: datetime
+) -> tuple[dict[str, TrainingSnapshot], dict[str, Exception]]:
     """Every model's training snapshot from the runs trained at or before ``as_of``.
+
+    Returns:
+        (snapshot by model, the exception by model whose runs could not be read or turned
+        into a snapshot): a failure in one model's data leaves the others' snapshots intact.
 
     Raises:
         sqlalchemy.exc.SQLAlchemyError: the state database failed.
     """
+    histories, failures = load_histories(engine, versions, as_of)
     snapshots = {}
-    for model in list_models(engine):
-        history = load_history(engine, model, versions, as_of)
-        if history.recent:
+    for model, history in histories.items():
+        try:
             snapshots[model] = training_snapshot(model, history.recent, history.month_ago)
-    return snapshots
+        except Exception as exc:  # a bug guard per model: its data must not stop the others
+            failures[model] = exc
+    return snapshots, failures
+
+
+def _describe(exc: Exception) -> str:
+    """One line naming what is wrong: the key paths of a stored body that no longer
+    validates, else the exception's type and first line."""
+    if isinstance(exc, ValidationError):
+        return "stored run invalid: " + "; ".join(error_lines(exc.errors(include_url=False)))
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 class TrainingRefresher:
@@ -212,6 +229,8 @@ class TrainingRefresher:
 
     Like a failing source, a failing state database keeps its last snapshots, here for
     ``training.staleness`` (``mlmon_state_up`` 0, error counted), then drops them.
+    A model whose runs cannot be turned into metrics has none (its failed refreshes
+    counted per model, the error logged once until it changes); the others are exported.
     ``stalled`` may be called from another thread while ``refresh`` hangs.
     """
 
@@ -219,30 +238,56 @@ class TrainingRefresher:
         self.state = state
         self.settings = settings
         self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._model_errors: dict[str, int] = {}
+        self._logged: dict[str, str] = {}  # model -> the error last logged for it
         self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
+        self._stall_counted = False  # stalled() counted the running refresh's timeout
         self._lock = threading.Lock()
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
+        with self._lock:
+            self._stall_counted = False
         try:
-            snapshots = load_training_snapshots(self.state.ready(), self.settings.training.history_versions, now)
+            snapshots, failures = load_training_snapshots(
+                self.state.ready(), self.settings.training.history_versions, now
+            )
         except Exception as exc:  # failures are data, as for the prediction stores
             self.state.failed()
             log.warning("state database: reading training runs failed: %s", first_line(exc))
             return self._failed(now, classify_error(exc))
         with self._lock:
+            self._count_model_failures(snapshots, failures)
             self._last_good = (now.timestamp(), snapshots)
-            return TrainingState(snapshots, True, dict(self._errors))
+            return TrainingState(snapshots, True, dict(self._errors), dict(self._model_errors))
+
+    def _count_model_failures(self, snapshots: dict[str, TrainingSnapshot], failures: dict[str, Exception]) -> None:
+        # Every model with runs has its counter, 0 before any failure (so that rate() sees
+        # the first one); a model whose runs were all deleted has none.
+        self._model_errors = {m: self._model_errors.get(m, 0) for m in sorted(snapshots.keys() | failures.keys())}
+        for model, exc in failures.items():
+            self._model_errors[model] = self._model_errors.get(model, 0) + 1
+            message = _describe(exc)
+            if self._logged.get(model) != message:  # once, not every interval
+                log.warning("model %s: its training runs give no metrics (delete or replace the bad run): %s", model, message)
+                self._logged[model] = message
+        for model in set(self._logged) - set(failures):
+            log.info("model %s: training metrics are back", model)
+            del self._logged[model]
 
     def stalled(self, now: datetime) -> TrainingState:
-        """The state to publish while a refresh is still running past its deadline."""
+        """The state to publish while a refresh is still running past its deadline: one
+        ``timeout`` counted per refresh, however often it is reported stalled, and not
+        another error when it then fails."""
         return self._failed(now, "timeout")
 
     def _failed(self, now: datetime, reason: str) -> TrainingState:
         with self._lock:
-            self._errors[reason] += 1
+            if not self._stall_counted:
+                self._errors[reason] += 1
+            self._stall_counted = self._stall_counted or reason == "timeout"
             fresh = {}
             staleness = self.settings.training.staleness.total_seconds()
             if self._last_good and now.timestamp() - self._last_good[0] <= staleness:
                 fresh = self._last_good[1]
-            return TrainingState(fresh, False, dict(self._errors))
+            return TrainingState(fresh, False, dict(self._errors), dict(self._model_errors))

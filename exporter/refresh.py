@@ -107,6 +107,31 @@ def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | N
         return bytes(raw).decode("utf-8", "backslashreplace"), problem or "not UTF-8"
 
 
+def worst_case_queries(model: ModelConfig) -> int:
+    """The most statements one refresh of ``model`` runs, each bounded by ``query_timeout``
+    (reflection, on the first refresh and after a failure, not counted).
+
+    Predictions: the newest timestamp, per window its histogram and (when a bucket holds
+    several scores) its mode count, and the new rows of the counter; labels: per window
+    the online accuracy, and the serving version when the predictions have a version
+    column; replays: one per window.
+    """
+    windows = len(model.windows)
+    count = 2 + 2 * windows
+    if model.labels is not None:
+        count += windows + (model.predictions.columns.version is not None)
+    if model.replays is not None:
+        count += windows
+    return count
+
+
+def worst_case_duration(model: ModelConfig, settings: Settings) -> timedelta:
+    """The longest a refresh of ``model`` takes without any query timing out:
+    ``worst_case_queries`` statements and one connection per source, each up to
+    ``query_timeout`` (waiting for a free pooled connection not counted)."""
+    return (worst_case_queries(model) + len(model.sources())) * settings.query_timeout
+
+
 class ModelRefresher:
     """Refreshes one model: one ``refresh`` at a time per instance; ``stalled`` may be
     called from another thread meanwhile.
@@ -128,6 +153,13 @@ class ModelRefresher:
         self._errors = {(source, reason): 0 for source in model.sources() for reason in ERROR_REASONS}
         self._last_good: dict[str, tuple[float, object]] = {}
         self._last_success: float | None = None
+        # The running refresh, for stalled(): the sources it has finished (as they ended),
+        # the one it is in, those stalled() counted a timeout for; and the previous
+        # refresh's sources, for those it has not reached yet.
+        self._done: dict[str, SourceStatus] = {}
+        self._current: str | None = None
+        self._counted: set[str] = set()
+        self._previous: dict[str, SourceStatus] = {}
         self._version_problem: str | None = None
         self._started = time.perf_counter()
         # Guards the bookkeeping above against stalled(), called by the loop while a
@@ -360,15 +392,18 @@ class ModelRefresher:
         ``sources``. Statistics and replays use ``[as_of - window, as_of)``, online accuracy
         ``[as_of - label_delay - window, as_of - label_delay)``.
         """
-        self._started = time.perf_counter()
         now = as_of.timestamp()
         refreshers = {"predictions": self._refresh_predictions}
         if self.model.labels is not None:
             refreshers["labels"] = self._refresh_labels
         if self.model.replays is not None:
             refreshers["replays"] = self._refresh_replays
-        sources = {}
+        with self._lock:
+            self._started = time.perf_counter()
+            self._done, self._counted = {}, set()
         for name, run in refreshers.items():
+            with self._lock:
+                self._current = name
             try:
                 values = run(as_of)
             except Exception as exc:  # failures are data: counted, never raised into the loop
@@ -379,27 +414,50 @@ class ModelRefresher:
                 else:
                     log.warning("model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, first_line(exc))
                 with self._lock:
-                    self._errors[(name, reason)] += 1
-                    sources[name] = self._down(name)
+                    if name not in self._counted:  # stalled() counted this failure already
+                        self._errors[(name, reason)] += 1
+                    self._done[name] = self._down(name)
             else:
                 with self._lock:
                     self._last_good[name] = (now, values)
-                    sources[name] = SourceStatus(True, now)
+                    self._done[name] = SourceStatus(True, now)
         with self._lock:
+            sources, self._current = dict(self._done), None
+            self._previous = sources
             if all(s.up for s in sources.values()):
                 self._last_success = now
             return self._snapshot(now, sources)
 
     def stalled(self, now: datetime) -> ModelSnapshot:
-        """The snapshot to publish while a refresh is still running past its deadline:
-        every source down, one ``timeout`` error each, staleness applied at ``now``.
+        """The snapshot to publish while a refresh is still running past its deadline,
+        staleness applied at ``now``; each source as what happened to it: a source the
+        refresh finished as it ended, the source it is in down with one ``timeout``
+        counted (once per refresh, however often it is reported stalled, and not again
+        when it then fails), a source it has not reached yet as after the previous refresh.
         Safe to call from another thread than the one running ``refresh``."""
         with self._lock:
             sources = {}
             for name in self.model.sources():
-                self._errors[(name, "timeout")] += 1
-                sources[name] = self._down(name)
+                if name in self._done:
+                    sources[name] = self._done[name]
+                elif name == self._current:
+                    if name not in self._counted:
+                        self._errors[(name, "timeout")] += 1
+                        self._counted.add(name)
+                    sources[name] = self._down(name)
+                else:
+                    sources[name] = self._previous.get(name, self._down(name))
             return self._snapshot(now.timestamp(), sources)
+
+    def deadline(self) -> timedelta:
+        """How long a refresh may run before it is reported stalled: ``refresh_timeout``,
+        or the longest a refresh that works may take, at least one refresh interval plus
+        one query timeout: ``worst_case_queries`` statements and a connection per source,
+        each up to ``query_timeout``."""
+        if self.settings.refresh_timeout is not None:
+            return self.settings.refresh_timeout
+        work = worst_case_duration(self.model, self.settings)
+        return max(self.settings.refresh_interval + self.settings.query_timeout, work)
 
     def _down(self, source: str) -> SourceStatus:
         previous = self._last_good.get(source)

@@ -9,6 +9,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 
+#: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
+REFUSAL_REASONS = ("max_models",)
+
+
 @dataclass(frozen=True)
 class ScoreStats:
     """Prediction statistics of one window ``[as_of - window, as_of)``.
@@ -115,11 +119,13 @@ class ModelSnapshot:
 @dataclass(frozen=True)
 class TrainingState:
     """Training snapshots by model (``exporter.offline.TrainingSnapshot``), whether the
-    last read of the state database succeeded, and its error counts by reason."""
+    last read of the state database succeeded, its error counts by reason, and by model
+    the refreshes in which that model's runs gave no snapshot."""
 
     models: Mapping[str, object] = field(default_factory=dict)
     up: bool | None = None
     errors: Mapping[str, int] = field(default_factory=dict)
+    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class SnapshotStore:
@@ -130,6 +136,7 @@ class SnapshotStore:
         self._expected = frozenset(model_names)
         self._models: Mapping[str, ModelSnapshot] = MappingProxyType({})
         self._training = TrainingState()
+        self._refused: Mapping[str, int] = MappingProxyType(dict.fromkeys(REFUSAL_REASONS, 0))
         self._lock = threading.Lock()
         self._version = 0
 
@@ -148,6 +155,17 @@ class SnapshotStore:
     def training(self) -> TrainingState:
         """The latest training snapshots and the state database's health."""
         return self._training
+
+    def count_refusal(self, reason: str) -> None:
+        """Count one training run the API refused for ``reason`` (e.g. ``max_models``)."""
+        with self._lock:
+            self._refused = MappingProxyType({**self._refused, reason: self._refused.get(reason, 0) + 1})
+            self._version += 1
+
+    @property
+    def refused(self) -> Mapping[str, int]:
+        """Training runs the API refused since the process started, by reason."""
+        return self._refused
 
     def put(self, snapshot: ModelSnapshot) -> None:
         """Replace the model's snapshot."""

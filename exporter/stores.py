@@ -7,6 +7,7 @@ Identifiers come only from the config and reach SQL through SQLAlchemy's reflect
 from __future__ import annotations
 
 import math
+import re
 import threading
 import uuid
 from contextlib import contextmanager
@@ -23,18 +24,28 @@ from exporter.config import Settings, TableSource
 
 
 class SchemaError(Exception):
-    """Configured tables or columns do not exist or have unusable types; ``problems``
-    holds one ``"key.path: message"`` per problem (the message joins them, one a line)."""
+    """Configured tables or columns do not exist or have unusable types, or a store's URL
+    read from its ``url_file`` is not a SQLAlchemy URL; ``problems`` holds one
+    ``"key.path: message"`` per problem (the message joins them, one a line)."""
 
     def __init__(self, *problems: str):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
 
 
-def safe_url(url: str) -> str:
-    """The URL with its password masked, for logs and error messages."""
+#: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
+#: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
+_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth", re.IGNORECASE)
+
+
+def safe_url(url: str | sa.URL) -> str:
+    """The URL with its password and every credential-bearing query parameter masked
+    (``***``), for logs and error messages."""
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
+        parsed = sa.make_url(url)
+        masked = {key: "***" for key in parsed.query if _SECRET_QUERY_KEY.search(key)}
+        # The URL-encoded mask ("%2A%2A%2A") shown as it is written.
+        return parsed.update_query_dict(masked).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
     except Exception:  # an unparsable URL may hold a secret anywhere: show nothing of it
         return "<unparsable URL>"
 
@@ -569,11 +580,16 @@ class Stores:
 
         Raises:
             OSError: ``url_file`` cannot be read, or a SQLite file does not exist.
-            sqlalchemy.exc.ArgumentError / NoSuchModuleError: bad URL or missing driver.
+            SchemaError: ``url_file`` does not hold a SQLAlchemy URL (naming the key).
+            sqlalchemy.exc.NoSuchModuleError: missing driver.
         """
         with self._lock:
             if name not in self._engines:
-                url = self._settings.stores[name].resolved_url()
+                store = self._settings.stores[name]
+                try:
+                    url = store.resolved_url()
+                except ValueError as exc:  # a url_file rewritten since the config was loaded
+                    raise SchemaError(f"stores.{name}.{exc}") from None  # "url_file: not a SQLAlchemy URL ..."
                 require_existing_sqlite_file(url)  # monitored stores are read, never created
                 self._engines[name] = create_store_engine(url, self._settings.query_timeout.total_seconds())
             return self._engines[name]

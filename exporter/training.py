@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -121,16 +121,39 @@ def as_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
+#: The ``30d`` baseline is the newest run trained at least this long before the newest one:
+#: 720 hours, not 30 calendar days (PostgreSQL's ``'30 days'`` on a timestamptz follows the
+#: session's daylight-saving changes). The state database subtracts it in SQL.
+BASELINE_AGE = timedelta(days=30)
+#: Training times a run may have, [TRAINED_AT_MIN, TRAINED_AT_MAX) in UTC. Within them every
+#: later stage's date arithmetic fits: the UTC conversion, the baseline's ``- BASELINE_AGE``,
+#: a driver's conversion into its session time zone (at most ±1 day) and the epoch seconds
+#: of ``mlmon_model_trained_timestamp_seconds``. Before 1970 no model was trained.
+TRAINED_AT_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
+TRAINED_AT_MAX = datetime(9999, 1, 1, tzinfo=timezone.utc)
+
+
+def _trained_at(value: datetime) -> datetime:
+    try:
+        value = as_utc(value)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before the first datetime in UTC
+        raise ValueError(f"must be between {TRAINED_AT_MIN.isoformat()} and {TRAINED_AT_MAX.isoformat()}") from None
+    if not TRAINED_AT_MIN <= value < TRAINED_AT_MAX:
+        raise ValueError(f"must be between {TRAINED_AT_MIN.isoformat()} and {TRAINED_AT_MAX.isoformat()}, got {value.isoformat()}")
+    return value
+
+
 class TrainingRun(_Body):
     """One training run of one model version, as reported to ``POST /api/v1/training-runs``.
 
     ``validation_logloss`` (natural log, probabilities clipped to [1e-15, 1 - 1e-15]) and
-    ``validation_roc_auc`` (Mann–Whitney with ties ½) follow docs/metrics.md.
+    ``validation_roc_auc`` (Mann–Whitney with ties ½) follow docs/metrics.md. ``trained_at``
+    (naive means UTC) must lie in [``TRAINED_AT_MIN``, ``TRAINED_AT_MAX``).
     """
 
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
     version: Annotated[str, Field(pattern=rf"^[A-Za-z0-9_.:+-]{{1,{VERSION_MAX_LENGTH}}}$")]
-    trained_at: Annotated[datetime, AfterValidator(as_utc)]
+    trained_at: Annotated[datetime, AfterValidator(_trained_at)]
     training_rows: Rows
     validation_rows: Rows | None = None
     validation_logloss: Annotated[Finite, Field(ge=0.0)] | None = None

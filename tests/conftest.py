@@ -164,3 +164,16 @@ def table_locked(engine: sa.Engine, schema: str, table: str, mode: str = "ACCESS
         conn.execute(sa.text(f'LOCK TABLE "{schema}".{table} IN {mode} MODE'))
         yield
         conn.rollback()
+
+
+def waiting_on_a_lock(engine: sa.Engine, schema: str) -> bool:
+    """Whether a session waits for a lock on a table of ``schema`` (e.g. one that
+    ``table_locked`` holds)."""
+    with engine.connect() as conn:
+        return bool(conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE NOT l.granted AND c.relnamespace = CAST(:schema AS regnamespace)"
+            ),
+            {"schema": schema},
+        ).scalar())

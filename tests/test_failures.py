@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from conftest import table_locked
+from conftest import table_locked, waiting_on_a_lock
 from exporter.config import parse_settings
 from exporter.refresh import ModelRefresher, classify_error
 from exporter.stores import Stores
@@ -108,14 +108,13 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
         started = time.monotonic()
         snap = refresher.refresh(AS_OF)
         elapsed = time.monotonic() - started
-        with postgres_engine.connect() as conn:  # cancelled on the server: while the lock is still held, nothing of mlmon waits
-            waiting = conn.execute(
-                sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'mlmon'")
-            ).scalar()
+        # cancelled on the server: while the lock is still held, nothing waits on this test's tables
+        # (not all of mlmon's sessions on the server: other test runs may share it)
+        waiting = waiting_on_a_lock(postgres_engine, schema)
     assert _nonzero(snap.errors) == {("labels", "timeout"): 1}
     assert snap.sources["predictions"].up and not snap.sources["labels"].up
     assert elapsed < 10
-    assert waiting == 0
+    assert not waiting
     stores.dispose()
 
 
@@ -190,8 +189,9 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
 
     stalled = asyncio.run(scenario())
     stores.dispose()
-    assert {name: s.up for name, s in stalled.sources.items()} == {"predictions": False, "labels": False}
-    assert stalled.errors[("labels", "timeout")] >= 1
+    # predictions succeeded in the hung refresh: up; labels, where it hangs, down
+    assert {name: s.up for name, s in stalled.sources.items()} == {"predictions": True, "labels": False}
+    assert stalled.errors[("labels", "timeout")] == 1 and stalled.errors[("predictions", "timeout")] == 0
 
 
 def _timeouts(snapshot) -> int:
@@ -305,3 +305,122 @@ def test_no_pooled_connection_free_in_time_is_a_timeout(tmp_path):
             engine.connect()
     engine.dispose()
     assert classify_error(waited.value) == "timeout"
+
+
+def _with_replays(engine, settings, schema=None, **model_changes):
+    """``settings`` (of ``_settings``) with a replay table (every prediction replayed
+    exactly) and source added to its model, and ``model_changes`` applied to it."""
+    from exporter.config import ReplaySource
+
+    metadata = sa.MetaData(schema=schema)
+    replays = sa.Table("replays", metadata, sa.Column("id", sa.Integer), sa.Column("p", sa.Double))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(replays.insert(), [{"id": i, "p": (i % 10) / 10} for i in range(1, 200)])
+    source = ReplaySource.model_validate(
+        {"store": "s", "table": "replays", "columns": {"id": "id", "score": "p"}, **({"schema": schema} if schema else {})}
+    )
+    model = settings.models[0].model_copy(update={"replays": source, **model_changes})
+    return settings.model_copy(update={"models": [model]})
+
+
+def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_schema, postgres_engine):
+    """A refresh past its deadline, in labels (a held lock): predictions, which it just
+    refreshed, up with their new values; labels down with one timeout however often it is
+    reported stalled, and not a second one when the query is then cancelled; replays, not
+    reached yet, as after the previous refresh. Before, every source went down and each
+    counted a timeout per report."""
+    url, schema = postgres_schema
+    _fill(postgres_engine, schema)
+    settings = _with_replays(postgres_engine, _settings(url, schema, query_timeout="3s"), schema)
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+    assert all(s.up for s in refresher.refresh(AS_OF).sources.values())
+    later = AS_OF + timedelta(minutes=1)
+    with table_locked(postgres_engine, schema, "labels"):
+        result = {}
+        running = threading.Thread(target=lambda: result.update(snap=refresher.refresh(later)))
+        running.start()
+        deadline = time.monotonic() + 10
+        while not waiting_on_a_lock(postgres_engine, schema):
+            assert time.monotonic() < deadline, "the labels query never waited on the lock"
+            time.sleep(0.05)
+        first = refresher.stalled(later + timedelta(seconds=1))
+        second = refresher.stalled(later + timedelta(seconds=2))
+        running.join(10)
+    assert not running.is_alive()
+    for stalled in (first, second):
+        assert stalled.sources["predictions"].up and stalled.sources["predictions"].last_success == later.timestamp()
+        assert not stalled.sources["labels"].up and stalled.sources["labels"].last_success == AS_OF.timestamp()
+        assert stalled.sources["replays"].up and stalled.sources["replays"].last_success == AS_OF.timestamp()
+        assert stalled.score_stats[0].predictions == 59  # this refresh's: ids 1..59 in [later - 1h, later), not the 60 before
+    assert _nonzero(second.errors) == {("labels", "timeout"): 1}
+    ended = result["snap"]  # cancelled at query_timeout, counted once, replays refreshed after it
+    assert _nonzero(ended.errors) == {("labels", "timeout"): 1}
+    assert {name: s.up for name, s in ended.sources.items()} == {"predictions": True, "labels": False, "replays": True}
+    stores.dispose()
+
+
+def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
+    """The default deadline counts the statements a refresh runs: counted here on a refresh
+    that runs every one (buckets holding several scores, a version column)."""
+    from exporter.refresh import worst_case_queries
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    _fill(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE predictions ADD COLUMN v TEXT DEFAULT 'v1'"))
+        conn.execute(sa.text("UPDATE predictions SET p = p + 0.01 * (id % 3)"))  # several scores per 0.1 bucket
+    settings = _settings(url)
+    predictions = settings.models[0].predictions
+    versioned = predictions.model_copy(update={"columns": predictions.columns.model_copy(update={"version": "v"})})
+    settings = _with_replays(engine, settings, windows=["1h", "2h", "3h"], bucket_decimals=1, predictions=versioned)
+    stores = Stores(settings)
+    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher.refresh(AS_OF - timedelta(minutes=1))  # reflection, and the counter's watermark
+    statements = []
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    snap = refresher.refresh(AS_OF)
+    assert all(s.up for s in snap.sources.values()) and all(s.bucketed for s in snap.score_stats)
+    queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    # 2 + 2 x 3 (predictions) + 3 + 1 (labels, serving version) + 3 (replays)
+    assert len(queries) == worst_case_queries(settings.models[0]) == 15
+    stores.dispose()
+
+
+def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
+    """The issue's numbers: refresh_interval 2s, query_timeout 3s (the old default deadline
+    5 s), three sources over two windows: 10 queries and 3 connections, up to 39 s."""
+    from typer.testing import CliRunner
+
+    from exporter.cli import app
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    _fill(engine)
+    settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
+    stores = Stores(settings)
+    assert ModelRefresher(settings.models[0], settings, stores).deadline() == timedelta(seconds=(2 + 4 + 2 + 2 + 3) * 3)
+    quick = settings.model_copy(update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)})
+    assert ModelRefresher(quick.models[0], quick, stores).deadline() == timedelta(seconds=60.1)  # never below interval + timeout
+    fixed = settings.model_copy(update={"refresh_timeout": timedelta(seconds=5)})
+    assert ModelRefresher(fixed.models[0], fixed, stores).deadline() == timedelta(seconds=5)
+    stores.dispose()
+
+    config = tmp_path / "mlmon.yml"
+    source = {"store": "s", "columns": {"id": "id", "score": "p"}}
+    model = (
+        "models:\n  - name: ctr\n    windows: [1h, 24h]\n"
+        "    predictions: {store: s, table: predictions, columns: {id: id, timestamp: ts, score: p}}\n"
+        "    labels: {store: s, table: labels, columns: {id: id, label: y}}\n"
+        f"    replays: {{store: s, table: replays, columns: {source['columns']}}}\n"
+    ).replace("'", "")
+    common = f"stores: {{s: {{url: '{url}'}}}}\nrefresh_interval: 2s\nquery_timeout: 3s\n" + model
+    config.write_text(common + "refresh_timeout: 5s\n")
+    result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "warning: refresh_timeout: 5 s is shorter than the 39 s a refresh of models[0] ('ctr') may take" in result.stderr
+    config.write_text(common)
+    result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output

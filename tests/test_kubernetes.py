@@ -95,6 +95,16 @@ def test_deployment_runs_the_image_as_built():
     assert not container["image"].endswith(":latest") and ":" in container["image"]
 
 
+def test_deployment_takes_the_api_token_from_a_secret():
+    """The pod does not start without the token (a secretKeyRef that is not optional), so
+    the training API is never open in the cluster."""
+    (container,) = manifest("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    (token,) = [e for e in container.get("env", []) if e["name"] == "MLMON_API_TOKEN"]
+    assert "value" not in token
+    ref = token["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "mlmon-secrets", "key": "MLMON_API_TOKEN"} and not ref.get("optional", False)
+
+
 def test_kustomization_lists_every_manifest():
     listed = set(manifest("kustomization.yaml")["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}

@@ -174,11 +174,36 @@ def test_mlmon_service_config_passes_validation(compose, monkeypatch):
         monkeypatch.setenv(key, value)
     settings = load_settings(STACK / "mlmon.yml")
     postgres = compose["services"]["postgres"]["environment"]
-    for store in [*settings.stores.values(), settings.state]:
+    # the state database as the owner (mlmon creates its tables), the stores read-only
+    state = settings.state.resolved_url()
+    assert (state.host, state.port, state.username, state.database) == ("postgres", 5432, postgres["POSTGRES_USER"], postgres["POSTGRES_DB"])
+    assert state.password == postgres["POSTGRES_PASSWORD"]
+    for store in settings.stores.values():
         url = store.resolved_url()
-        assert (url.host, url.port, url.username, url.database) == ("postgres", 5432, postgres["POSTGRES_USER"], postgres["POSTGRES_DB"])
-        assert url.password == postgres["POSTGRES_PASSWORD"]
+        assert (url.host, url.port, url.username, url.database) == ("postgres", 5432, "mlmon_reader", postgres["POSTGRES_DB"])
+        assert url.password == postgres["MLMON_READER_PASSWORD"]
     assert [m.name for m in settings.models] == [compose["services"]["model-server"]["environment"]["MODEL_NAME"]]
+    assert settings.api.resolved_token() == service["environment"]["MLMON_API_TOKEN"]  # never an open API
+
+
+def test_the_stack_reads_the_stores_with_a_select_only_role(compose):
+    """reader.sh runs after init.sql and grants the role it creates nothing but CONNECT,
+    USAGE on the schema and SELECT on the three tables stack/mlmon.yml reads."""
+    service = compose["services"]["postgres"]
+    init, reader = (mount_target(service, STACK / "postgres" / name) for name in ("init.sql", "reader.sh"))
+    assert init.startswith("/docker-entrypoint-initdb.d/") and reader.startswith("/docker-entrypoint-initdb.d/")
+    assert Path(init).name < Path(reader).name  # the entrypoint runs them in name order
+    script = (STACK / "postgres" / "reader.sh").read_text()
+    grants = re.findall(r"^GRANT (.+) TO (\w+);$", script, re.M)
+    assert grants == [
+        ('CONNECT ON DATABASE :"database"', "mlmon_reader"),
+        ("USAGE ON SCHEMA public", "mlmon_reader"),
+        ("SELECT ON predictions, labels, replays", "mlmon_reader"),
+    ]
+    config = yaml.safe_load((STACK / "mlmon.yml").read_text())
+    tables = {source["table"] for model in config["models"] for source in (model["predictions"], model["labels"], model["replays"])}
+    assert tables == {"predictions", "labels", "replays"}
+    assert "MLMON_READER_PASSWORD" in service["environment"]
 
 
 def test_postgres_runs_the_init_sql(compose):
@@ -495,7 +520,7 @@ def test_traffic_settings_from_the_environment():
 
 
 @pytest.mark.postgres
-def test_stack_data_path_on_postgresql(postgres_schema):
+def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
     """init.sql's tables, written by the model server and the traffic generator, pass
     mlmon's check-config and give the numbers they should with stack/mlmon.yml."""
     from exporter.loop import refresh_once
@@ -522,6 +547,7 @@ def test_stack_data_path_on_postgresql(postgres_schema):
     for store in [*config["stores"].values(), config["state"]]:
         store["url"] = scoped
         store.pop("password")  # the test database trusts local connections
+    monkeypatch.setenv("MLMON_API_TOKEN", "a-token-for-the-test")  # the config needs one; nothing is served
     settings = parse_settings(config)
     stores = Stores(settings)
     try:
@@ -563,3 +589,37 @@ def test_drop_traffic_alert_delay_is_stated_alike_in_the_docs_and_the_stack_conf
     assert f"`prediction_age_seconds_max: {threshold}`" in row and f"`for: {stale['for']}`" in row
     comment = next(line for line in (STACK / "mlmon.yml").read_text().splitlines() if "prediction_age_seconds_max" in line)
     assert f"about {minutes} minutes ({threshold // 60} + the rule's for: {stale['for']})" in comment
+
+
+@pytest.mark.postgres
+def test_the_reader_role_can_select_and_cannot_write(postgres_schema):
+    """reader.sh's SQL on the real PostgreSQL, in one transaction rolled back (roles are
+    cluster-wide): the role reads the three tables and may not write to them."""
+    require(shutil.which("psql") is not None, "psql not installed")
+    url, schema = postgres_schema
+    engine = sa.create_engine(f"{url}?options=-csearch_path%3D{schema}")
+    raw = engine.raw_connection()
+    try:
+        raw.cursor().execute((STACK / "postgres" / "init.sql").read_text())
+        raw.commit()
+    finally:
+        raw.close()
+        engine.dispose()
+    script = (STACK / "postgres" / "reader.sh").read_text()
+    sql = re.search(r"<<'SQL'\n(.*)^SQL$", script, re.M | re.S).group(1)
+    target = sa.make_url(url)
+    session = (
+        f"BEGIN;\n{sql}"
+        f'GRANT USAGE ON SCHEMA "{schema}" TO mlmon_reader;\n'  # the test's tables are in its own schema
+        "SET ROLE mlmon_reader;\nSELECT count(*) AS readable FROM predictions, labels, replays;\n"
+        "INSERT INTO labels (id, clicked) VALUES ('x', 1);\nROLLBACK;\n"
+    )
+    result = subprocess.run(
+        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-v", "reader_password=pw-for-the-test", "-v", f"database={target.database}",
+         "-h", target.host, "-p", str(target.port or 5432), "-U", target.username, target.database],
+        input=session, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PGOPTIONS": f"-c search_path={schema}"},
+    )
+    assert "readable" in result.stdout, result.stderr
+    assert "permission denied for table labels" in result.stderr, result.stderr
+    assert result.returncode != 0  # stopped at the INSERT: the transaction is rolled back
