@@ -1,4 +1,4 @@
-"""Write the dashboards of grafana/mlmon_dashboards.py to grafana/dashboards/<uid>.json.
+"""Write the dashboards of grafana/mlmon_dashboards/ (one module per dashboard) to grafana/dashboards/<uid>.json.
 
 python grafana/build.py           # regenerate the committed JSON
 python grafana/build.py --check   # exit 1 if the committed JSON is not what the code builds
