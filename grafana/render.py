@@ -257,7 +257,13 @@ DRAW = {"stat": draw_stat, "bargauge": draw_bargauge, "heatmap": draw_heatmap, "
 def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h") -> None:
     end = time.time()
     start, step = end - minutes * 60, max(5.0, minutes * 60 / 150)
-    values = queries.resolve_variables(prometheus, dashboard, {"model": model, "window": window})
+    wanted = {"model": model, "window": window}
+    values = queries.resolve_variables(prometheus, dashboard, wanted)
+    # resolve_variables falls back to the first value offered, as Grafana does; a picture
+    # silently drawn on another model or window (1h sorts first) would mislead.
+    for name, value in wanted.items():
+        if name in values and values[name] != value:
+            raise SystemExit(f"{dashboard['uid']}: Prometheus offers no {name}={value} (took {values[name]})")
 
     def run(expr: str) -> list[dict]:
         return fetch(prometheus, queries.substitute(expr, values), start, end, step)
