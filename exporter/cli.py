@@ -16,8 +16,8 @@ from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 from exporter.errors import first_line
-from exporter.stores import SchemaError, safe_url, utc_now
-from exporter.training import as_utc
+from exporter.predictions.stores import SchemaError, safe_url, utc_now
+from exporter.training.schema import as_utc
 
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
 # <bool>) beside every option, whose metavar below already says what to give.
@@ -111,8 +111,8 @@ def check_config(config: ConfigOption) -> None:
     A ``refresh_timeout`` shorter than a model's refresh may legitimately take is warned
     about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
-    from exporter.refresh import ModelRefresher, worst_case_duration, worst_case_queries
-    from exporter.stores import Stores
+    from exporter.predictions.refresh import ModelRefresher, worst_case_duration, worst_case_queries
+    from exporter.predictions.stores import Stores
 
     settings = _settings(config)
     stores = Stores(settings)
@@ -170,9 +170,9 @@ def serve(
     """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
     import uvicorn
 
-    from exporter.app import create_app
-    from exporter.http_server import server_config
-    from exporter.web_config import BasicAuth, load_web_config
+    from exporter.server.app import create_app
+    from exporter.server.http_server import server_config
+    from exporter.server.web_config import BasicAuth, load_web_config
 
     _logging()
     settings = _settings(config)
@@ -197,8 +197,8 @@ def once(
     """Refresh every model once and print exactly the exposition /metrics would serve.
 
     Exit code 1 when a source failed (the exposition is printed all the same)."""
-    from exporter.collector import build_registry, render
-    from exporter.loop import refresh_all
+    from exporter.server.collector import build_registry, render
+    from exporter.server.loop import refresh_all
 
     _logging()
     settings = _settings(config)
@@ -230,7 +230,7 @@ def load(
     ] = None,
 ) -> None:
     """Load CSV or Parquet files into a table, one transaction per file."""
-    from exporter.loader import LoadError, load_files
+    from exporter.tools.loader import LoadError, load_files
 
     try:
         total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema, text_columns=text)
@@ -246,7 +246,7 @@ def demo(
     database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path("mlmon-demo.sqlite"),
 ) -> None:
     """Create a SQLite store with a week of history for two CTR models, keep it growing, and serve it."""
-    from exporter.demo import run_demo
+    from exporter.tools.demo import run_demo
 
     _logging()
     try:
@@ -274,7 +274,7 @@ def report_training(
 
     from exporter.client import ReportError, post_training_run, redact_url
     from exporter.errors import error_lines
-    from exporter.training import TrainingRun
+    from exporter.training.schema import TrainingRun
 
     _logging(logging.WARNING)  # the client's retries; not httpx's line per request
 

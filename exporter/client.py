@@ -2,7 +2,7 @@
 
 A training pipeline calls :func:`report_training_run` with its training DataFrame and its
 validation labels and scores. The summary (row counts, validation log loss and ROC AUC,
-one :class:`~exporter.training.FeatureSummary` per column) is computed here, with the
+one :class:`~exporter.training.schema.FeatureSummary` per column) is computed here, with the
 same conventions as the server (docs/metrics.md); only the summary is sent, never rows.
 
 Example::
@@ -38,7 +38,7 @@ import pandas as pd
 
 from exporter.errors import error_lines
 from exporter.monitoring_math import LOGLOSS_EPS, roc_auc_from_counts
-from exporter.training import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
+from exporter.training.schema import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
 
 log = logging.getLogger(__name__)
 

@@ -345,7 +345,7 @@ class Settings(Strict):
     """How long a failed source keeps its last values; default 3 refresh intervals."""
     refresh_timeout: Duration | None = None
     """A refresh still running after this is reported as stalled; default derived from the
-    model's work (``exporter.refresh.ModelRefresher.deadline``)."""
+    model's work (``exporter.predictions.refresh.ModelRefresher.deadline``)."""
     header_timeout: Duration = timedelta(seconds=10)
     """Every HTTP request's line and headers must arrive within this (slow clients get 408)."""
     stores: dict[Identifier, Store]

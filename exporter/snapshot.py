@@ -118,7 +118,7 @@ class ModelSnapshot:
 
 @dataclass(frozen=True)
 class TrainingState:
-    """Training snapshots by model (``exporter.offline.TrainingSnapshot``), whether the
+    """Training snapshots by model (``exporter.training.metrics.TrainingSnapshot``), whether the
     last read of the state database succeeded, its error counts by reason, and by model
     the refreshes in which that model's runs gave no snapshot."""
 

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import create_app
-from exporter.collector import build_registry, render
+from exporter.server.app import create_app
+from exporter.server.collector import build_registry, render
 from exporter.config import parse_settings
-from exporter.offline import TrainingRefresher
+from exporter.training.metrics import TrainingRefresher
 from exporter.snapshot import SnapshotStore
-from exporter.state import StateDatabase, save_run
-from exporter.training import TrainingRun
+from exporter.training.storage import StateDatabase, save_run
+from exporter.training.schema import TrainingRun
 
 STATE = f"sqlite:///{tempfile.mkdtemp(prefix='mlmon-api-fuzz-')}/state.sqlite"
 app = create_app(parse_settings({"stores": {}, "models": [], "state": {"url": STATE}}))

@@ -20,11 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.metrics import log_loss, roc_auc_score
 
 from exporter.config import parse_settings
-from exporter.loop import refresh_once
-from exporter.refresh import ModelRefresher
-from exporter.state import StateDatabase, save_run
-from exporter.stores import SchemaError, Stores
-from exporter.training import VERSION_MAX_LENGTH, TrainingRun
+from exporter.server.loop import refresh_once
+from exporter.predictions.refresh import ModelRefresher
+from exporter.training.storage import StateDatabase, save_run
+from exporter.predictions.stores import SchemaError, Stores
+from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
 
@@ -354,7 +354,7 @@ def test_serving_versions_not_utf8_or_1mb_long_match_no_run_and_are_reported(cas
             conn.execute(sa.text(f"INSERT INTO {labels} VALUES ({i}, {i % 2})"))
     engine.dispose()
 
-    with caplog.at_level(logging.WARNING, logger="exporter.refresh"):
+    with caplog.at_level(logging.WARNING, logger="exporter.predictions.refresh"):
         text = refresh_once(_settings(url, schema, version=True, state=_state(tmp_path)), AS_OF).decode()
     _no_nan(text)
     got = _samples(text)
@@ -394,7 +394,7 @@ def test_a_bad_serving_version_is_logged_once_until_it_changes(tmp_path, caplog)
     settings = _settings(url, version=True)
     stores = Stores(settings)
     refresher = ModelRefresher(settings.models[0], settings, stores)
-    with caplog.at_level(logging.WARNING, logger="exporter.refresh"):
+    with caplog.at_level(logging.WARNING, logger="exporter.predictions.refresh"):
         snaps = [refresher.refresh(AS_OF + timedelta(minutes=k)) for k in range(3)]
         assert all(s.sources["labels"].up for s in snaps) and warnings() == 1
         set_version("'v1'")

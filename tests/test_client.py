@@ -3,6 +3,8 @@
 
 import json
 import math
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import numpy as np
@@ -14,7 +16,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.client import build_training_run, summarize_features, validation_metrics
 from exporter.errors import error_lines
-from exporter.training import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
+from exporter.training.schema import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
 
 
 def _by_name(summaries):
@@ -373,7 +375,7 @@ def test_cli_unreachable_server_exits_1_naming_the_url(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# reporting to the server (exporter.app's POST /api/v1/training-runs)
+# reporting to the server (exporter.server.app's POST /api/v1/training-runs)
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -391,7 +393,7 @@ def server(tmp_path, monkeypatch):
     """A TestClient of the app with an open API (no token)."""
     from fastapi.testclient import TestClient
 
-    from exporter.app import create_app
+    from exporter.server.app import create_app
 
     monkeypatch.delenv("MLMON_API_TOKEN", raising=False)
     return TestClient(create_app(_settings(tmp_path)))
@@ -428,7 +430,7 @@ def test_report_created_then_unchanged_then_conflict(server, frame):
 def test_report_with_token(tmp_path, frame, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from exporter.app import create_app
+    from exporter.server.app import create_app
     from exporter.client import ReportError
 
     monkeypatch.delenv("MLMON_API_TOKEN", raising=False)
@@ -550,7 +552,7 @@ def live_url(tmp_path, monkeypatch):
 
     import uvicorn
 
-    from exporter.app import create_app
+    from exporter.server.app import create_app
 
     monkeypatch.delenv("MLMON_API_TOKEN", raising=False)
     with socket.socket() as probe:
@@ -582,3 +584,45 @@ def test_cli_reports_to_a_live_server(tmp_path, live_url, frame):
     conflict = runner.invoke(app, ["report-training", "--url", live_url, str(path)])
     assert conflict.exit_code == 1
     assert f"{live_url}: mlmon rejected the training run (HTTP 409)" in conflict.output
+
+
+#: What a pipeline that only reports runs must not need installed (the service's stack, the loader's).
+SERVICE_ONLY_MODULES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "pyarrow", "rich", "typer")
+
+
+def test_client_does_not_pull_the_service_in():
+    """``import exporter.client`` loads none of the service's packages, and it still builds and
+    serializes a run when they are absent: each is made unimportable, as if not installed
+    (pandas imports pyarrow and httpx imports rich when they are installed, and both carry on
+    without them)."""
+    code = f"""
+import sys
+names = {SERVICE_ONLY_MODULES!r}
+
+class Absent:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in names:
+            raise ImportError(f"{{fullname}} is not installed")
+        return None
+
+sys.meta_path.insert(0, Absent())
+import pandas as pd
+from datetime import datetime, timezone
+from exporter.client import build_training_run
+run = build_training_run(
+    model="m", version="v1", trained_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    training_data=pd.DataFrame({{"x": [1.0, 2.0, 3.0]}}), validation=([0, 1, 1], [0.2, 0.7, 0.9]),
+)
+print(run.model_dump_json())
+print(sorted(n for n in names if n in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    run_json, loaded = done.stdout.splitlines()
+    assert json.loads(run_json)["training_rows"] == 3
+    assert loaded == "[]"
+
+    plain = "import sys, exporter.client; print(sorted(m for m in ('fastapi', 'uvicorn', 'sqlalchemy', 'alembic') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -406,9 +406,9 @@ def test_by_version_panel_rows_are_in_training_order(tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
     from exporter.config import parse_settings
-    from exporter.loop import refresh_once
-    from exporter.state import StateDatabase, save_run
-    from exporter.training import TrainingRun
+    from exporter.server.loop import refresh_once
+    from exporter.training.storage import StateDatabase, save_run
+    from exporter.training.schema import TrainingRun
 
     now = datetime(2026, 11, 28, tzinfo=timezone.utc)
     trained = ["v3", "v9", "v10", "v11", "v2-hotfix"]  # oldest first

@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
-from exporter.stores import Stores, from_wall_clock, to_wall_clock
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores, from_wall_clock, to_wall_clock
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)

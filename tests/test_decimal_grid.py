@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 from test_bad_data import _predictions_table, _qualified, _samples, _settings
 
-from exporter.loop import refresh_once
+from exporter.server.loop import refresh_once
 from exporter.monitoring_math import (
     grid_index,
     percentiles_from_buckets,
@@ -26,8 +26,8 @@ from exporter.monitoring_math import (
     roc_auc_from_counts,
     round_half_up_index,
 )
-from exporter.refresh import ModelRefresher
-from exporter.stores import Stores
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 store = test_refresh_metrics.store  # the sqlite/postgresql/duckdb fixture

@@ -17,10 +17,10 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.app import create_app
-from exporter.demo import append, demo_settings, seed, seed_training_runs, state_path
-from exporter.loop import refresh_once
-from exporter.stores import utc_now
+from exporter.server.app import create_app
+from exporter.tools.demo import append, demo_settings, seed, seed_training_runs, state_path
+from exporter.server.loop import refresh_once
+from exporter.predictions.stores import utc_now
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 README = Path(__file__).parent.parent / "README.md"
@@ -386,7 +386,7 @@ def test_readme_online_numbers_hold_at_other_starts(tmp_path, hour, rng_seed):
 
 
 def test_systematic_clicks_keep_each_probability_and_every_stretch_near_its_sum():
-    from exporter.demo import _systematic_clicks
+    from exporter.tools.demo import _systematic_clicks
 
     rng = np.random.default_rng(5)
     p = rng.beta(1.8, 58.2, 5000)

@@ -16,11 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from conftest import catalog, require
-from exporter.app import create_app
+from exporter.server.app import create_app
 from exporter.cli import app as cli
-from exporter.collector import METRICS
+from exporter.server.collector import METRICS
 from exporter.config import parse_settings
-from exporter.loop import refresh_once
+from exporter.server.loop import refresh_once
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -107,8 +107,8 @@ def test_exact_exposition_lines(tmp_path):
 
 def _report_runs(settings) -> None:
     """Three training runs of ``ctr``: 40 days ago, yesterday and now (relative to AS_OF)."""
-    from exporter.state import StateDatabase, save_run
-    from exporter.training import TrainingRun
+    from exporter.training.storage import StateDatabase, save_run
+    from exporter.training.schema import TrainingRun
 
     state = StateDatabase(settings.state.resolved_url())
     feature = {"name": "country", "kind": "categorical", "count": 10, "missing_ratio": 0.1, "categories": {"fr": 0.6, "__other__": 0.4}}

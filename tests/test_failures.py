@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from conftest import table_locked, waiting_on_a_lock
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher, classify_error
-from exporter.stores import Stores
+from exporter.predictions.refresh import ModelRefresher, classify_error
+from exporter.predictions.stores import Stores
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -119,7 +119,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
 
 
 def test_a_source_reads_one_snapshot(tmp_path, postgres_engine):
-    from exporter.stores import create_store_engine, timed_connection
+    from exporter.predictions.stores import create_store_engine, timed_connection
 
     sqlite = create_store_engine(f"sqlite:///{tmp_path}/s.sqlite")
     with timed_connection(sqlite, 5) as conn:
@@ -152,9 +152,9 @@ def test_a_server_that_accepts_but_never_answers_is_a_connection_error():
 def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
     import asyncio
 
-    from exporter.loop import RefreshLoop
+    from exporter.server.loop import RefreshLoop
     from exporter.snapshot import SnapshotStore
-    from exporter.state import StateDatabase
+    from exporter.training.storage import StateDatabase
 
     url = f"sqlite:///{tmp_path}/s.sqlite"
     _fill(sa.create_engine(url))
@@ -364,7 +364,7 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
 def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     """The default deadline counts the statements a refresh runs: counted here on a refresh
     that runs every one (buckets holding several scores, a version column)."""
-    from exporter.refresh import worst_case_queries
+    from exporter.predictions.refresh import worst_case_queries
 
     url = f"sqlite:///{tmp_path}/s.sqlite"
     engine = sa.create_engine(url)

@@ -1,4 +1,4 @@
-"""``mlmon load`` (exporter.loader) on SQLite and on the real PostgreSQL.
+"""``mlmon load`` (exporter.tools.loader) on SQLite and on the real PostgreSQL.
 
 Every expected instant is computed here with ``datetime`` from the text of the file, not
 with pandas, and the data is read back through SQLAlchemy. The process runs in
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from exporter.cli import app
-from exporter.loader import LoadError, load_files
+from exporter.tools.loader import LoadError, load_files
 
 UTC = timezone.utc
 CAR_LOAN = Path(__file__).parent / "data" / "car_loan"

@@ -19,7 +19,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from test_bad_data import _qualified, _refresh, _samples, _settings
 from test_portability import _dialects, _statements
 
-from exporter.loop import refresh_once
+from exporter.server.loop import refresh_once
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 store = test_refresh_metrics.store  # the sqlite/postgresql/duckdb fixture

@@ -11,10 +11,10 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from conftest import like_pattern, open_transactions, table_locked
-from exporter.app import create_app
+from exporter.server.app import create_app
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
-from exporter.stores import Stores
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
 from pg_proxy import Proxy
 
 

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from exporter.config import parse_settings
-from exporter.queries import LabelQueries, PredictionQueries, ReplayQueries
-from exporter.stores import TimeColumn
+from exporter.predictions.queries import LabelQueries, PredictionQueries, ReplayQueries
+from exporter.predictions.stores import TimeColumn
 from test_refresh_metrics import AS_OF, load, make_data, refresh
 
 

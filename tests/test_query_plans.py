@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
-from exporter.stores import Stores, timed_connection
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores, timed_connection
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 N = 20_000

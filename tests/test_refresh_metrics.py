@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from sklearn.metrics import log_loss, roc_auc_score
 
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
-from exporter.stores import Stores
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
 
 AS_OF = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
 DELAY = timedelta(hours=1)

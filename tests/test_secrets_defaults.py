@@ -14,11 +14,11 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from exporter.app import create_app
+from exporter.server.app import create_app
 from exporter.cli import app as cli
 from exporter.config import ConfigError, parse_settings
-from exporter.loop import refresh_once
-from exporter.stores import safe_url
+from exporter.server.loop import refresh_once
+from exporter.predictions.stores import safe_url
 
 SECRETS = ("s3cret", "k3y-pass", "t0ken")
 RUN = {"model": "ctr", "version": "v1", "trained_at": "2026-11-28T10:00:00Z", "training_rows": 1000}
@@ -115,11 +115,11 @@ def _app(tmp_path, **api):
 
 
 def test_an_open_api_is_warned_about_at_start(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="exporter.app"), TestClient(_app(tmp_path)):
+    with caplog.at_level(logging.WARNING, logger="exporter.server.app"), TestClient(_app(tmp_path)):
         pass
     assert [r.getMessage() for r in caplog.records if "api.token is not set" in r.getMessage()]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="exporter.app"), TestClient(_app(tmp_path, token="a-token-of-16-chars")):
+    with caplog.at_level(logging.WARNING, logger="exporter.server.app"), TestClient(_app(tmp_path, token="a-token-of-16-chars")):
         pass
     assert "api.token" not in caplog.text
 

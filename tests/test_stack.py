@@ -523,9 +523,9 @@ def test_traffic_settings_from_the_environment():
 def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
     """init.sql's tables, written by the model server and the traffic generator, pass
     mlmon's check-config and give the numbers they should with stack/mlmon.yml."""
-    from exporter.loop import refresh_once
-    from exporter.refresh import ModelRefresher
-    from exporter.stores import Stores
+    from exporter.server.loop import refresh_once
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
 
     url, schema = postgres_schema
     scoped = f"{url}?options=-csearch_path%3D{schema}"

@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
-from exporter.stores import SchemaError, Stores
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import SchemaError, Stores
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}

@@ -9,8 +9,8 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.config import parse_settings
-from exporter.refresh import ModelRefresher
-from exporter.stores import Stores
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)  # windows: [11:00, 12:00) UTC
 
@@ -90,7 +90,7 @@ def test_naive_column_in_a_configured_time_zone(backend, tmp_path, request):
 
 @pytest.mark.parametrize("key", ["primary key", "unique index", "none"])
 def test_unique_ids_found_in_the_schema(tmp_path, key):
-    from exporter.refresh import ModelRefresher
+    from exporter.predictions.refresh import ModelRefresher
 
     url = f"sqlite:///{tmp_path}/s.sqlite"
     engine = sa.create_engine(url)

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from conftest import table_locked
-from exporter.app import create_app
+from exporter.server.app import create_app
 from exporter.config import parse_settings
 
 TOKEN = "t0ken-for-tests-0123456789"

@@ -28,10 +28,10 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from conftest import free_port, open_transactions, start_process, wait_until_answers
-from exporter.api import RETRY_AFTER_SECONDS
-from exporter.app import create_app
+from exporter.training.api import RETRY_AFTER_SECONDS
+from exporter.server.app import create_app
 from exporter.config import parse_settings
-from exporter.state import migrate
+from exporter.training.storage import migrate
 from pg_proxy import Proxy
 from test_training_api import run
 

@@ -19,14 +19,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import table_locked, waiting_on_a_lock
-from exporter.app import create_app
-from exporter.collector import build_registry, render
+from exporter.server.app import create_app
+from exporter.server.collector import build_registry, render
 from exporter.config import parse_settings
 from exporter.monitoring_math import ratio
-from exporter.offline import TrainingRefresher
+from exporter.training.metrics import TrainingRefresher
 from exporter.snapshot import SnapshotStore
-from exporter.state import StateDatabase, load_histories, save_run, training_runs
-from exporter.training import TrainingRun
+from exporter.training.storage import StateDatabase, load_histories, save_run, training_runs
+from exporter.training.schema import TrainingRun
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 TOKEN = "t0ken-for-tests-0123456789"
@@ -122,7 +122,7 @@ def test_a_stored_run_the_api_now_refuses_is_isolated_to_its_model_and_deleted_b
     # and a newest run of ctr that today's validation refuses
     store_bypassing_validation(engine, body(model="ctr", version="bad-logloss", validation_logloss=-1.0))
     refresher = TrainingRefresher(database, settings)
-    with caplog.at_level(logging.WARNING, logger="exporter.offline"):
+    with caplog.at_level(logging.WARNING, logger="exporter.training.metrics"):
         first = exposition(refresher, settings)
         second = exposition(refresher, settings)
     for got in (first, second):

@@ -16,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import build_training_run, summarize_features
 from exporter.config import parse_settings
-from exporter.loop import refresh_once
-from exporter.offline import TrainingRefresher, feature_psi
-from exporter.state import StateDatabase, save_run
-from exporter.training import OTHER, FeatureSummary, TrainingRun
+from exporter.server.loop import refresh_once
+from exporter.training.metrics import TrainingRefresher, feature_psi
+from exporter.training.storage import StateDatabase, save_run
+from exporter.training.schema import OTHER, FeatureSummary, TrainingRun
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
@@ -184,7 +184,7 @@ def test_state_database_failing_keeps_then_drops_training_metrics(tmp_path):
 
 def test_high_cardinality_category_from_the_same_distribution_is_stable():
     from exporter.client import summarize_features
-    from exporter.offline import feature_psi
+    from exporter.training.metrics import feature_psi
 
     rng = np.random.default_rng(5)
     weights = 1 / np.arange(1, 41)  # 40 categories, many near the top-20 cut
@@ -227,10 +227,10 @@ def test_as_of_with_an_offset_is_an_instant(state_url):
 
 
 def test_the_migrated_schema_is_the_one_the_queries_use(state_url):
-    """exporter.state mirrors the table the migrations create: both must agree."""
+    """exporter.training.storage mirrors the table the migrations create: both must agree."""
     import sqlalchemy as sa
 
-    from exporter.state import training_runs
+    from exporter.training.storage import training_runs
 
     state = StateDatabase(state_url)
     migrated = sa.Table("mlmon_training_runs", sa.MetaData(), autoload_with=state.ready())

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import free_port, require, start_process, wait_until_answers
 from exporter.config import ConfigError
-from exporter.web_config import load_web_config
+from exporter.server.web_config import load_web_config
 
 PASSWORD = "correct horse battery staple"
 

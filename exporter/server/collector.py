@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from exporter import __version__
 from exporter.config import Settings, TrainingSettings
 from exporter.monitoring_math import ratio
-from exporter.offline import TrainingSnapshot
+from exporter.training.metrics import TrainingSnapshot
 from exporter.snapshot import ModelSnapshot, SnapshotStore
 
 

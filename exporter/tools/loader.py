@@ -35,7 +35,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
 from exporter.errors import first_line
-from exporter.stores import create_store_engine, safe_url
+from exporter.predictions.stores import create_store_engine, safe_url
 
 #: Rows read, parsed and inserted at a time.
 CHUNK_ROWS = 50_000

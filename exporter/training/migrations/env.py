@@ -1,4 +1,4 @@
-"""Alembic environment: always run by ``exporter.state.migrate`` with an open connection."""
+"""Alembic environment: always run by ``exporter.training.storage.migrate`` with an open connection."""
 
 from alembic import context
 

@@ -25,8 +25,8 @@ from pydantic import ValidationError
 
 from exporter.config import Settings
 from exporter.errors import first_line, located
-from exporter.state import RunConflict, StateDatabase, TooManyModels, delete_run, list_models, list_versions, save_run
-from exporter.training import TrainingRun
+from exporter.training.storage import RunConflict, StateDatabase, TooManyModels, delete_run, list_models, list_versions, save_run
+from exporter.training.schema import TrainingRun
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ previous response ending (as Apache's ``RequestReadTimeout header=`` and nginx's
 - the response is sent but the client is still sending a body nobody reads (a route that
   answers without reading it, or an early 401/413): closed.
 
-An API request's body has its own limit (``api.body_timeout``, exporter/api.py).
+An API request's body has its own limit (``api.body_timeout``, exporter/training/api.py).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.ext.compiler import compiles
 
-from exporter.stores import create_store_engine
-from exporter.training import BASELINE_AGE, TrainingRun, as_utc  # SQLite reads date-times back naive, written in UTC
+from exporter.predictions.stores import create_store_engine
+from exporter.training.schema import BASELINE_AGE, TrainingRun, as_utc  # SQLite reads date-times back naive, written in UTC
 
 metadata = sa.MetaData()
 #: Mirrors the table created by migrations/versions; queries use this definition.

@@ -27,7 +27,7 @@ from exporter.monitoring_math import (
     roc_auc_from_counts,
     round_half_up_index,
 )
-from exporter.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.predictions.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
 from exporter.snapshot import (
     ModelSnapshot,
     OnlineAccuracy,
@@ -36,7 +36,7 @@ from exporter.snapshot import (
     ScoreStats,
     SourceStatus,
 )
-from exporter.stores import (
+from exporter.predictions.stores import (
     NUMBER_TYPES,
     SchemaError,
     Stores,
@@ -46,7 +46,7 @@ from exporter.stores import (
     timed_connection,
     timestamp_types,
 )
-from exporter.training import VERSION_MAX_LENGTH
+from exporter.training.schema import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from swagger_ui_bundle import swagger_ui_path
 
 from exporter import __version__
-from exporter.api import document_training_run, training_api
-from exporter.collector import build_registry, render
+from exporter.training.api import document_training_run, training_api
+from exporter.server.collector import build_registry, render
 from exporter.config import Settings
-from exporter.loop import RefreshLoop
+from exporter.server.loop import RefreshLoop
 from exporter.snapshot import SnapshotStore
-from exporter.state import StateDatabase
-from exporter.stores import Stores
+from exporter.training.storage import StateDatabase
+from exporter.predictions.stores import Stores
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from exporter.config import Settings
 from exporter.errors import error_lines, first_line
 from exporter.monitoring_math import population_stability_index
-from exporter.refresh import ERROR_REASONS, classify_error
+from exporter.predictions.refresh import ERROR_REASONS, classify_error
 from exporter.snapshot import TrainingState
-from exporter.state import StateDatabase, StoredRun, load_histories
-from exporter.training import OTHER, FeatureSummary
+from exporter.training.storage import StateDatabase, StoredRun, load_histories
+from exporter.training.schema import OTHER, FeatureSummary
 
 log = logging.getLogger(__name__)
 #: The reference's deciles are the edges of the numeric PSI bins.

@@ -50,9 +50,9 @@ import sqlalchemy as sa
 
 from exporter.client import build_training_run
 from exporter.config import Settings, parse_settings
-from exporter.state import StateDatabase, save_run
-from exporter.stores import utc_now
-from exporter.training import as_utc
+from exporter.training.storage import StateDatabase, save_run
+from exporter.predictions.stores import utc_now
+from exporter.training.schema import as_utc
 
 #: Mean gap between two predictions of one model.
 MEAN_GAP_SECONDS = 10.0
@@ -438,8 +438,8 @@ def run_demo(database: Path, host: str, port: int) -> None:
     """
     import uvicorn
 
-    from exporter.app import create_app
-    from exporter.http_server import server_config
+    from exporter.server.app import create_app
+    from exporter.server.http_server import server_config
 
     sock = listening_socket(host, port)
     settings = demo_settings(database)

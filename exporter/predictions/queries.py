@@ -6,7 +6,7 @@ with the number of rows in a window. All windows are half-open ``[start, end)``.
 Dialect differences handled here: scores are cast to double precision
 (float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
 store it and order it above every number; SQLite and MySQL cannot store it); the
-natural logarithm is ``ln`` on every engine (``exporter.stores`` supplies it to SQLite
+natural logarithm is ``ln`` on every engine (``exporter.predictions.stores`` supplies it to SQLite
 builds without math functions); ``round`` is written ``floor(x + 0.5)`` because
 PostgreSQL has no ``round(double precision, int)``; grouping keys are computed in a
 subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
@@ -20,8 +20,8 @@ import sqlalchemy as sa
 
 from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
 from exporter.monitoring_math import LOGLOSS_EPS
-from exporter.stores import TimeColumn
-from exporter.training import VERSION_MAX_LENGTH
+from exporter.predictions.stores import TimeColumn
+from exporter.training.schema import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
