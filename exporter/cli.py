@@ -16,7 +16,8 @@ from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 from exporter.errors import first_line
-from exporter.predictions.stores import SchemaError, safe_url, utc_now
+from exporter.predictions.stores import safe_url, utc_now
+from exporter.reasons import SchemaError
 from exporter.training.schema import as_utc
 
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,

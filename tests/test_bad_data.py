@@ -23,7 +23,8 @@ from exporter.config import parse_settings
 from exporter.server.loop import refresh_once
 from exporter.predictions.refresh import ModelRefresher
 from exporter.training.storage import StateDatabase, save_run
-from exporter.predictions.stores import SchemaError, Stores
+from exporter.predictions.stores import Stores
+from exporter.reasons import SchemaError
 from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)

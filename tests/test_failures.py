@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from conftest import table_locked, waiting_on_a_lock
 from exporter.config import parse_settings
-from exporter.predictions.refresh import ModelRefresher, classify_error
+from exporter.predictions.refresh import ModelRefresher
+from exporter.reasons import classify_error
 from exporter.predictions.stores import Stores
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import load_settings
-from exporter.predictions.refresh import ModelRefresher, classify_error
+from exporter.predictions.refresh import ModelRefresher
+from exporter.reasons import classify_error
 from exporter.predictions.stores import Stores
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import SchemaError, Stores
+from exporter.predictions.stores import Stores
+from exporter.reasons import SchemaError
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}

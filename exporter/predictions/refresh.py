@@ -38,7 +38,6 @@ from exporter.snapshot import (
 )
 from exporter.predictions.stores import (
     NUMBER_TYPES,
-    SchemaError,
     Stores,
     reflect_table,
     require_same_id_kind,
@@ -46,40 +45,14 @@ from exporter.predictions.stores import (
     timed_connection,
     timestamp_types,
 )
+from exporter.reasons import ERROR_REASONS, SchemaError, classify_error
 from exporter.training.schema import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
 
-#: Bounded set of ``reason`` label values of ``mlmon_refresh_errors_total``.
-ERROR_REASONS = ("timeout", "connection", "schema", "query", "internal")
 #: Rows stamped less than this after the refresh time are rows written while it runs, not a
 #: clock ahead of mlmon's: ``mlmon_future_predictions`` counts only the later ones.
 FUTURE_TOLERANCE = timedelta(minutes=1)
-
-
-def classify_error(exc: BaseException) -> str:
-    """Map an exception raised by a source refresh to an ``ERROR_REASONS`` value."""
-    if isinstance(exc, SchemaError | sa.exc.NoSuchTableError):
-        return "schema"
-    if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection free in time: the store is saturated
-        return "timeout"
-    if isinstance(exc, sa.exc.DBAPIError):
-        orig = exc.orig
-        sqlstate = getattr(orig, "sqlstate", None)
-        message = str(orig).lower()
-        if sqlstate == "57014" or "interrupted" in message:  # query_canceled / sqlite3 interrupt
-            return "timeout"
-        # undefined table, column or object (PostgreSQL); SQLite reports them as messages.
-        # 42883 (no operator for these types, e.g. bigint = text) is a column type the checks
-        # of check_schema did not know how to classify: the schema, not the query, is at fault.
-        if sqlstate in ("42P01", "42703", "42704", "42883") or "no such table" in message or "no such column" in message:
-            return "schema"
-        if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated:
-            return "connection"
-        return "query"
-    if isinstance(exc, OSError | sa.exc.ArgumentError | sa.exc.NoSuchModuleError):
-        return "connection"
-    return "internal"
 
 
 def _int(value) -> int:

@@ -21,16 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from exporter.config import Settings, TableSource
-
-
-class SchemaError(Exception):
-    """Configured tables or columns do not exist or have unusable types, or a store's URL
-    read from its ``url_file`` is not a SQLAlchemy URL; ``problems`` holds one
-    ``"key.path: message"`` per problem (the message joins them, one a line)."""
-
-    def __init__(self, *problems: str):
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+from exporter.reasons import SchemaError
 
 
 #: Query parameters of a URL that may carry a credential (``?password=`` is honoured by

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from exporter.config import Settings
 from exporter.errors import error_lines, first_line
 from exporter.monitoring_math import population_stability_index
-from exporter.predictions.refresh import ERROR_REASONS, classify_error
+from exporter.reasons import ERROR_REASONS, classify_error
 from exporter.snapshot import TrainingState
 from exporter.training.storage import StateDatabase, StoredRun, load_histories
 from exporter.training.schema import OTHER, FeatureSummary
