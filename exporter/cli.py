@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import sqlalchemy as sa
@@ -41,7 +41,9 @@ class _Command(TyperCommand):
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         params = self.get_params(ctx)
-        arguments = [(_argument_name(p), getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"]
+        arguments = [
+            (_argument_name(p), getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"
+        ]
         options = [record for p in params if p.param_type_name == "option" and (record := p.get_help_record(ctx))]
         for title, rows in (("Arguments", arguments), ("Options", options)):
             if rows:
@@ -164,8 +166,12 @@ def serve(
     host: HostOption = "127.0.0.1",
     port: PortOption = DEFAULT_PORT,
     web_config: Annotated[
-        Optional[Path],
-        typer.Option("--web.config.file", metavar="FILE", help="Web config with TLS and basic auth, in the exporter-toolkit format."),
+        Path | None,
+        typer.Option(
+            "--web.config.file",
+            metavar="FILE",
+            help="Web config with TLS and basic auth, in the exporter-toolkit format.",
+        ),
     ] = None,
 ) -> None:
     """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
@@ -193,7 +199,10 @@ def serve(
 @app.command(short_help="Refresh every model once and print the exposition.")
 def once(
     config: ConfigOption,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", metavar="TIME", help="ISO-8601 time to compute at (default: now); naive means UTC.")] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", metavar="TIME", help="ISO-8601 time to compute at (default: now); naive means UTC."),
+    ] = None,
 ) -> None:
     """Refresh every model once and print exactly the exposition /metrics would serve.
 
@@ -205,7 +214,9 @@ def once(
     settings = _settings(config)
     store = refresh_all(settings, _parse_as_of(as_of))
     sys.stdout.write(render(build_registry(store, settings)).decode())
-    failed = [f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up]
+    failed = [
+        f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up
+    ]
     if failed:
         _fail(f"failed source(s): {', '.join(failed)} (see the log above)", code=1)
 
@@ -218,9 +229,14 @@ def load(
     url: Annotated[str, typer.Option(metavar="URL", help="SQLAlchemy URL of the target database.")],
     table: Annotated[str, typer.Option(metavar="TABLE", help="Target table; created if missing, else appended to.")],
     timestamp: Annotated[
-        Optional[list[str]], typer.Option(metavar="COLUMN", help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present).")
+        list[str] | None,
+        typer.Option(
+            metavar="COLUMN", help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present)."
+        ),
     ] = None,
-    db_schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")] = None,
+    db_schema: Annotated[
+        str | None, typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")
+    ] = None,
     text: Annotated[
         list[str] | None,
         typer.Option(
@@ -244,7 +260,9 @@ def load(
 def demo(
     host: HostOption = "127.0.0.1",
     port: PortOption = DEFAULT_PORT,
-    database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path("mlmon-demo.sqlite"),
+    database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path(
+        "mlmon-demo.sqlite"
+    ),
 ) -> None:
     """Create a SQLite store with a week of history for two CTR models, keep it growing, and serve it."""
     from exporter.tools.demo import run_demo
@@ -258,10 +276,21 @@ def demo(
 
 @app.command("report-training", cls=_Command)
 def report_training(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False
+        ),
+    ],
     url: Annotated[str, typer.Option(metavar="URL", help="Base URL of mlmon, e.g. http://127.0.0.1:9847.")],
     token: Annotated[
-        Optional[str], typer.Option(envvar="MLMON_API_TOKEN", metavar="TOKEN", show_default=False, help="Bearer token (default: $MLMON_API_TOKEN).")
+        str | None,
+        typer.Option(
+            envvar="MLMON_API_TOKEN",
+            metavar="TOKEN",
+            show_default=False,
+            help="Bearer token (default: $MLMON_API_TOKEN).",
+        ),
     ] = None,
 ) -> None:
     """Validate a training-run JSON file and report it to mlmon.

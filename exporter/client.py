@@ -109,14 +109,16 @@ def _numeric_summary(name: str, series: pd.Series, missing: pd.Series, top_k: in
             "max": float(np.max(values)),
             "percentiles": {
                 str(q): float(v)
-                for q, v in zip(FEATURE_PERCENTILES, np.percentile(values, FEATURE_PERCENTILES, method="linear"))
+                for q, v in zip(
+                    FEATURE_PERCENTILES, np.percentile(values, FEATURE_PERCENTILES, method="linear"), strict=False
+                )
             },
         }
         # Few distinct values (a flag, a count): percentiles coincide and cannot tell 70%
         # zeros from 50%, so the exact distribution goes along for the PSI.
         distinct, counts = np.unique(values, return_counts=True)
         if len(distinct) <= top_k:
-            fields["value_shares"] = [(float(v), int(n) / len(values)) for v, n in zip(distinct, counts)]
+            fields["value_shares"] = [(float(v), int(n) / len(values)) for v, n in zip(distinct, counts, strict=False)]
     return FeatureSummary(
         name=name,
         kind="numeric",

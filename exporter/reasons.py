@@ -35,7 +35,11 @@ def classify_error(exc: BaseException) -> str:
         # undefined table, column or object (PostgreSQL); SQLite reports them as messages.
         # 42883 (no operator for these types, e.g. bigint = text) is a column type the checks
         # of check_schema did not know how to classify: the schema, not the query, is at fault.
-        if sqlstate in ("42P01", "42703", "42704", "42883") or "no such table" in message or "no such column" in message:
+        if (
+            sqlstate in ("42P01", "42703", "42704", "42883")
+            or "no such table" in message
+            or "no such column" in message
+        ):
             return "schema"
         if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated:
             return "connection"

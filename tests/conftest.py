@@ -11,8 +11,8 @@ import ssl
 import subprocess
 import time
 import uuid
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -170,10 +170,12 @@ def waiting_on_a_lock(engine: sa.Engine, schema: str) -> bool:
     """Whether a session waits for a lock on a table of ``schema`` (e.g. one that
     ``table_locked`` holds)."""
     with engine.connect() as conn:
-        return bool(conn.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "WHERE NOT l.granted AND c.relnamespace = CAST(:schema AS regnamespace)"
-            ),
-            {"schema": schema},
-        ).scalar())
+        return bool(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE NOT l.granted AND c.relnamespace = CAST(:schema AS regnamespace)"
+                ),
+                {"schema": schema},
+            ).scalar()
+        )

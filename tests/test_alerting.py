@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import catalog, require
+
 from exporter.config import AlertThresholds
 
 REPO = Path(__file__).parent.parent
@@ -25,7 +25,10 @@ DASHBOARD_UIDS = {"mlmon-model", "mlmon-training", "mlmon-exporter"}
 
 def tool(name: str) -> str:
     path = shutil.which(name)
-    require(path is not None, f"{name} not installed (Debian package {'prometheus' if name == 'promtool' else 'prometheus-alertmanager'})")
+    require(
+        path is not None,
+        f"{name} not installed (Debian package {'prometheus' if name == 'promtool' else 'prometheus-alertmanager'})",
+    )
     return path
 
 
@@ -114,17 +117,21 @@ def test_amtool_checks_the_alertmanager_config():
     ],
 )
 def test_routes_by_severity(labels, receiver):
-    result = run(tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER / 'alertmanager.yml'}", *labels)
+    result = run(
+        tool("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER / 'alertmanager.yml'}", *labels
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == receiver
 
 
 def render(template: str, data: str) -> str:
     result = run(
-        tool("amtool"), "template", "render",
+        tool("amtool"),
+        "template",
+        "render",
         f"--template.glob={ALERTMANAGER / 'templates' / '*.tmpl'}",
         f"--template.data={DATA / data}",
-        f"--template.text={{{{ template \"{template}\" . }}}}",
+        f'--template.text={{{{ template "{template}" . }}}}',
     )
     assert result.returncode == 0, result.stderr
     return result.stdout

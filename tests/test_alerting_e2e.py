@@ -12,18 +12,16 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-
 from conftest import free_port, require, start_process, wait_until_answers
 
 REPO = Path(__file__).parent.parent
 STUCK_SCORE = 0.0123
-
 
 
 class SlackStandIn:
@@ -64,9 +62,11 @@ def fill(url: str, stuck: bool) -> None:
     """200 varied predictions in the last hour, plus 1000 identical ones when ``stuck``."""
     engine = sa.create_engine(url)
     metadata = sa.MetaData()
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
+    )
     metadata.create_all(engine)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     with engine.begin() as conn:
         conn.execute(table.delete())
         rows = [{"id": i, "ts": now - timedelta(seconds=10 + i * 10), "p": 0.05 + i * 1e-4} for i in range(200)]
@@ -129,19 +129,49 @@ scrape_configs:
     processes = []
     try:
         mlmon_log = tmp_path / "mlmon.log"
-        processes.append(start_process([sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(mlmon_port)], mlmon_log))
+        processes.append(
+            start_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "exporter",
+                    "serve",
+                    "--config",
+                    str(tmp_path / "mlmon.yml"),
+                    "--port",
+                    str(mlmon_port),
+                ],
+                mlmon_log,
+            )
+        )
         wait_until_answers(f"http://127.0.0.1:{mlmon_port}/readyz", processes[-1], mlmon_log)
         am_log = tmp_path / "alertmanager.log"
-        processes.append(start_process([
-            binaries["prometheus-alertmanager"], "--config.file=alertmanager.yml", f"--storage.path={am_dir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{alertmanager_port}", "--cluster.listen-address=",
-        ], am_log, cwd=am_dir))
+        processes.append(
+            start_process(
+                [
+                    binaries["prometheus-alertmanager"],
+                    "--config.file=alertmanager.yml",
+                    f"--storage.path={am_dir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{alertmanager_port}",
+                    "--cluster.listen-address=",
+                ],
+                am_log,
+                cwd=am_dir,
+            )
+        )
         wait_until_answers(f"http://127.0.0.1:{alertmanager_port}/-/ready", processes[-1], am_log)
         prom_log = tmp_path / "prometheus.log"
-        processes.append(start_process([
-            binaries["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prometheus_port}",
-        ], prom_log))
+        processes.append(
+            start_process(
+                [
+                    binaries["prometheus"],
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                ],
+                prom_log,
+            )
+        )
         wait_until_answers(f"http://127.0.0.1:{prometheus_port}/-/ready", processes[-1], prom_log)
 
         fill(store, stuck=True)  # 1000 of 1200 predictions now share one score

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import schemathesis
 from fastapi.testclient import TestClient
@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.config import parse_settings
 from exporter.server.app import create_app
 from exporter.server.collector import build_registry, render
-from exporter.config import parse_settings
-from exporter.training.metrics import TrainingRefresher
 from exporter.snapshot import SnapshotStore
-from exporter.training.storage import StateDatabase, save_run
+from exporter.training.metrics import TrainingRefresher
 from exporter.training.schema import TrainingRun
+from exporter.training.storage import StateDatabase, save_run
 
 STATE = f"sqlite:///{tempfile.mkdtemp(prefix='mlmon-api-fuzz-')}/state.sqlite"
 app = create_app(parse_settings({"stores": {}, "models": [], "state": {"url": STATE}}))
@@ -38,7 +38,8 @@ def test_no_server_error(case):
 # Runs near and past every edge the API checks, posted one after another to one state
 # database (so versions pile up and are compared), each followed by a training refresh.
 _EXTREME = st.one_of(
-    st.sampled_from([0.0, -0.0, 1e-308, 5e-324, 1e308, -1e308, 1.0, 0.5]), st.floats(allow_nan=False, allow_infinity=False)
+    st.sampled_from([0.0, -0.0, 1e-308, 5e-324, 1e308, -1e308, 1.0, 0.5]),
+    st.floats(allow_nan=False, allow_infinity=False),
 )
 _FEATURE = st.fixed_dictionaries(
     {
@@ -48,20 +49,30 @@ _FEATURE = st.fixed_dictionaries(
         "missing_ratio": st.sampled_from([0.0, 0.5, 1.0]),
     },
     optional={
-        "mean": _EXTREME, "stddev": _EXTREME, "min": _EXTREME, "max": _EXTREME,
+        "mean": _EXTREME,
+        "stddev": _EXTREME,
+        "min": _EXTREME,
+        "max": _EXTREME,
         "percentiles": st.dictionaries(st.sampled_from(["1", "10", "50", "90", "99"]), _EXTREME, max_size=5),
-        "categories": st.dictionaries(st.sampled_from(["a", "b", "__other__"]), st.sampled_from([0.0, 0.5, 1.0]), max_size=3),
+        "categories": st.dictionaries(
+            st.sampled_from(["a", "b", "__other__"]), st.sampled_from([0.0, 0.5, 1.0]), max_size=3
+        ),
     },
 )
 _TIMES = st.datetimes(
-    min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59),
-    timezones=st.sampled_from([None, timezone.utc, timezone(timedelta(hours=1)), timezone(timedelta(hours=-1)), timezone(timedelta(hours=14))]),
+    min_value=datetime(1, 1, 1),
+    max_value=datetime(9999, 12, 31, 23, 59, 59),
+    timezones=st.sampled_from(
+        [None, UTC, timezone(timedelta(hours=1)), timezone(timedelta(hours=-1)), timezone(timedelta(hours=14))]
+    ),
 )
 _RUN = st.fixed_dictionaries(
     {
         "model": st.just("fuzzed"),
         "version": st.text("abv1", min_size=1, max_size=3),
-        "trained_at": st.one_of(_TIMES, st.sampled_from([datetime(1, 1, 10, tzinfo=timezone.utc), datetime(1970, 1, 1)])).map(datetime.isoformat),
+        "trained_at": st.one_of(_TIMES, st.sampled_from([datetime(1, 1, 10, tzinfo=UTC), datetime(1970, 1, 1)])).map(
+            datetime.isoformat
+        ),
         "training_rows": st.sampled_from([0, 1, 1000, 2**63 - 1]),
     },
     optional={
@@ -79,10 +90,12 @@ def test_every_run_the_api_accepts_is_refreshed_and_never_stops_other_models(tmp
     # the test refreshes itself; the app's own loop only every hour
     config = parse_settings({"stores": {}, "models": [], "state": {"url": state}, "refresh_interval": "1h"})
     database = StateDatabase(state)
-    steady = TrainingRun(model="steady", version="s1", trained_at="2026-11-01T00:00:00Z", training_rows=1000, validation_logloss=0.3)
-    save_run(database.ready(), steady, datetime.now(timezone.utc))
+    steady = TrainingRun(
+        model="steady", version="s1", trained_at="2026-11-01T00:00:00Z", training_rows=1000, validation_logloss=0.3
+    )
+    save_run(database.ready(), steady, datetime.now(UTC))
     refresher = TrainingRefresher(database, config)
-    as_of = datetime(9999, 1, 1, tzinfo=timezone.utc)  # every stored run is trained by then
+    as_of = datetime(9999, 1, 1, tzinfo=UTC)  # every stored run is trained by then
 
     @given(run=_RUN)
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -94,7 +107,11 @@ def test_every_run_the_api_accepts_is_refreshed_and_never_stops_other_models(tmp
         store = SnapshotStore([])
         store.put_training(training)
         text = render(build_registry(store, config)).decode()
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
         assert samples[("mlmon_training_rows", (("model", "steady"),))] == 1000
         assert samples[("mlmon_offline_logloss", (("model", "steady"),))] == 0.3
         assert all(math.isfinite(v) for v in samples.values()), [k for k, v in samples.items() if not math.isfinite(v)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pydantic
@@ -20,14 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.metrics import log_loss, roc_auc_score
 
 from exporter.config import parse_settings
-from exporter.server.loop import refresh_once
 from exporter.predictions.refresh import ModelRefresher
-from exporter.training.storage import StateDatabase, save_run
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
+from exporter.server.loop import refresh_once
 from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
+from exporter.training.storage import StateDatabase, save_run
 
-AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -43,7 +43,7 @@ def _qualified(schema: str | None, table: str) -> str:
 
 
 def _naive(instant: datetime) -> datetime:
-    return instant.astimezone(timezone.utc).replace(tzinfo=None)
+    return instant.astimezone(UTC).replace(tzinfo=None)
 
 
 def _settings(url, schema=None, missing="ignore", version=False, labels=True, replays=False, state=None):
@@ -59,7 +59,9 @@ def _settings(url, schema=None, missing="ignore", version=False, labels=True, re
         model["labels"] = {**source, "table": "labels", "columns": {"id": "id", "label": "y"}, "missing": missing}
     if replays:
         model["replays"] = {**source, "table": "replays", "columns": {"id": "id", "score": "p"}}
-    return parse_settings({"stores": {"s": {"url": url}}, "models": [model], **({"state": {"url": state}} if state else {})})
+    return parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [model], **({"state": {"url": state}} if state else {})}
+    )
 
 
 def _predictions_table(engine, schema, rows, version_type=None):
@@ -107,15 +109,25 @@ def _no_nan(text: str) -> None:
 #: a number ('1', '0') is stored as that number, other text ('yes', '') and blobs are kept
 #: as they are and must not pass for a label (a CAST to INTEGER would read them as 0).
 SQLITE_VALUES = [
-    (-1, None), (2, None), (None, None), ("yes", None), ("", None), ("true", None),
-    (b"\x01", None), (0.5, None), ("1", 1), ("0", 0), (1.0, 1),
+    (-1, None),
+    (2, None),
+    (None, None),
+    ("yes", None),
+    ("", None),
+    ("true", None),
+    (b"\x01", None),
+    (0.5, None),
+    ("1", 1),
+    ("0", 0),
+    (1.0, 1),
 ]
 LABEL_CASES = {
     "sqlite-integer": ("sqlite", "INTEGER", SQLITE_VALUES),
     "sqlite-boolean": ("sqlite", "BOOLEAN", SQLITE_VALUES),
     "postgresql-integer": ("postgresql", "integer", [(-1, None), (2, None), (None, None), (1, 1)]),
     "postgresql-double": (
-        "postgresql", "double precision",
+        "postgresql",
+        "double precision",
         [(-1.0, None), (2.0, None), (None, None), (0.5, None), (float("nan"), None), (float("inf"), None), (1.0, 1)],
     ),
     "postgresql-boolean": ("postgresql", "boolean", [(None, None), (True, 1), (False, 0)]),
@@ -134,7 +146,9 @@ def test_labels_that_are_not_0_or_1_are_counted_and_left_out(case, tmp_path, req
     n = 300
     scores = np.round(rng.beta(2, 5, n), 2)  # two decimals: exact buckets, ties
     _predictions_table(
-        engine, schema, [{"id": i, "ts": AS_OF - timedelta(seconds=10 + 11 * i), "p": float(s)} for i, s in enumerate(scores)]
+        engine,
+        schema,
+        [{"id": i, "ts": AS_OF - timedelta(seconds=10 + 11 * i), "p": float(s)} for i, s in enumerate(scores)],
     )
     boolean = label_type.lower() == "boolean"
     rows = [(i, int(rng.random() < scores[i])) for i in range(200)]  # (id, meaning): valid labels
@@ -193,7 +207,9 @@ def test_a_text_label_column_is_a_schema_error_naming_the_key(store, caplog):
     settings = _settings(url, schema)
     stores = Stores(settings)
     refresher = ModelRefresher(settings.models[0], settings, stores)
-    with pytest.raises(SchemaError, match=r"^models\[0\]\.labels\.columns\.label: column 'y' .*TEXT.*expected a number or a boolean"):
+    with pytest.raises(
+        SchemaError, match=r"^models\[0\]\.labels\.columns\.label: column 'y' .*TEXT.*expected a number or a boolean"
+    ):
         refresher.check_schema()
     with caplog.at_level(logging.WARNING):
         snap = refresher.refresh(AS_OF)
@@ -223,7 +239,7 @@ def test_predictions_stamped_in_the_future_are_reported_and_counted_only_when_th
     snaps = _refresh(_settings(url, schema, labels=False), *times)
 
     counted: list[dict] = []
-    for when, snap in zip(times[1:], snaps[1:]):
+    for when, snap in zip(times[1:], snaps[1:], strict=False):
         assert snap.sources["predictions"].up, snap.errors
         assert snap.future_predictions == sum(1 for r in rows if r["ts"] >= when + timedelta(minutes=1))
         counted = [r for r in rows if times[0] <= r["ts"] < when and r["p"] is not None]
@@ -235,7 +251,12 @@ def test_predictions_stamped_in_the_future_are_reported_and_counted_only_when_th
         in_window = [r["p"] for r in rows if when - timedelta(hours=1) <= r["ts"] < when and r["p"] is not None]
         assert snap.score_stats[0].predictions == len(in_window)
         assert snap.score_stats[0].mean == (pytest.approx(np.mean(in_window), rel=1e-12) if in_window else None)
-    assert [s.future_predictions for s in snaps] == [34, 3, 2, 0]  # at first also the 29 past rows of [as_of - 29m, as_of)
+    assert [s.future_predictions for s in snaps] == [
+        34,
+        3,
+        2,
+        0,
+    ]  # at first also the 29 past rows of [as_of - 29m, as_of)
     assert snaps[-1].counter.total == 30 + 4  # each counted once, the NULL score never
 
     text = refresh_once(_settings(url, schema, labels=False), AS_OF).decode()
@@ -262,34 +283,60 @@ def test_empty_tables_keep_sources_up_with_zero_counts_and_no_undefined_numbers(
     for missing in ("ignore", "negative"):
         settings = _settings(url, schema, missing=missing, replays=True)
         _, snap = _refresh(settings, AS_OF - timedelta(minutes=5), AS_OF)  # the second one runs the counter query
-        assert {name: s.up for name, s in snap.sources.items()} == {"predictions": True, "labels": True, "replays": True}
+        assert {name: s.up for name, s in snap.sources.items()} == {
+            "predictions": True,
+            "labels": True,
+            "replays": True,
+        }
         assert not any(snap.errors.values())
         stats, online, replay = snap.score_stats[0], snap.online[0], snap.replays[0]
         assert stats.predictions == 0
-        assert dict(stats.invalid) == dict.fromkeys(["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp"], 0)
+        assert dict(stats.invalid) == dict.fromkeys(
+            ["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp"], 0
+        )
         assert (stats.mean, stats.stddev, stats.percentiles, stats.mode_share) == (None, None, {}, None)
         assert snap.last_prediction_timestamp is None and snap.future_predictions == 0
         counter = snap.counter
         assert (counter.total, counter.score_sum, counter.cumulative_buckets) == (0, 0.0, (0,) * len(counter.bounds))
         assert (online.predictions, online.labeled, online.positives, online.extreme_scores) == (0, 0, 0, 0)
         assert dict(online.invalid_labels) == {"conflicting": 0, "invalid_value": 0}
-        undefined = (online.logloss, online.roc_auc, online.roc_auc_error_bound, online.calibration_ratio,
-                     online.positive_ratio, online.label_coverage)
+        undefined = (
+            online.logloss,
+            online.roc_auc,
+            online.roc_auc_error_bound,
+            online.calibration_ratio,
+            online.positive_ratio,
+            online.label_coverage,
+        )
         assert undefined == (None,) * 6
         assert (replay.replayed, replay.ratio, replay.abs_error_max) == (0, None, None)
 
         text = refresh_once(settings, AS_OF).decode()
         _no_nan(text)
         names = {name for name, _ in _samples(text)}
-        for name in ["mlmon_prediction_score_mean", "mlmon_prediction_score_stddev", "mlmon_prediction_score_percentile",
-                     "mlmon_prediction_mode_share_ratio", "mlmon_prediction_last_timestamp_seconds", "mlmon_online_logloss",
-                     "mlmon_online_roc_auc", "mlmon_online_positive_ratio", "mlmon_online_calibration_ratio",
-                     "mlmon_online_label_coverage_ratio", "mlmon_replay_reproducibility_ratio", "mlmon_replay_abs_error_max"]:
+        for name in [
+            "mlmon_prediction_score_mean",
+            "mlmon_prediction_score_stddev",
+            "mlmon_prediction_score_percentile",
+            "mlmon_prediction_mode_share_ratio",
+            "mlmon_prediction_last_timestamp_seconds",
+            "mlmon_online_logloss",
+            "mlmon_online_roc_auc",
+            "mlmon_online_positive_ratio",
+            "mlmon_online_calibration_ratio",
+            "mlmon_online_label_coverage_ratio",
+            "mlmon_replay_reproducibility_ratio",
+            "mlmon_replay_abs_error_max",
+        ]:
             assert name not in names, name
         got = _samples(text)
         windowed = frozenset({("model", "ctr"), ("window", "1h")})
-        for name in ["mlmon_window_predictions", "mlmon_online_predictions", "mlmon_online_labeled_predictions",
-                     "mlmon_replay_predictions"]:
+        for name in [
+            "mlmon_window_predictions",
+            "mlmon_online_predictions",
+            "mlmon_online_labeled_predictions",
+            "mlmon_replay_predictions",
+        ]:
             assert got[(name, windowed)] == 0, name
         model = frozenset({("model", "ctr")})
         assert got[("mlmon_predictions_total", model)] == 0 and got[("mlmon_future_predictions", model)] == 0
@@ -305,7 +352,13 @@ def _state(tmp_path) -> str:
     url = f"sqlite:///{tmp_path}/state.sqlite"
     state = StateDatabase(url)
     for version, days, logloss in [("v1", 2, 0.25), ("v2", 1, 0.2)]:
-        run = TrainingRun(model="ctr", version=version, trained_at=AS_OF - timedelta(days=days), training_rows=100, validation_logloss=logloss)
+        run = TrainingRun(
+            model="ctr",
+            version=version,
+            trained_at=AS_OF - timedelta(days=days),
+            training_rows=100,
+            validation_logloss=logloss,
+        )
         save_run(state.ready(), run, AS_OF)
     state.engine.dispose()
     return url
@@ -346,12 +399,21 @@ def test_serving_versions_not_utf8_or_1mb_long_match_no_run_and_are_reported(cas
     scores = [0.2 + 0.1 * (i % 2) for i in range(10)]
     predictions, labels = _qualified(schema, "predictions"), _qualified(schema, "labels")
     with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE TABLE {predictions} (id BIGINT, ts TIMESTAMP, p DOUBLE PRECISION, v {version_type})"))
+        conn.execute(
+            sa.text(f"CREATE TABLE {predictions} (id BIGINT, ts TIMESTAMP, p DOUBLE PRECISION, v {version_type})")
+        )
         conn.execute(sa.text(f"CREATE TABLE {labels} (id BIGINT, y INTEGER)"))
-        old = "'1'" if version_type == "integer" else ("CAST('v1' AS BYTEA)" if version_type in ("bytea", "BLOB") else "'v1'")
+        old = (
+            "'1'"
+            if version_type == "integer"
+            else ("CAST('v1' AS BYTEA)" if version_type in ("bytea", "BLOB") else "'v1'")
+        )
         for i, p in enumerate(scores):  # id 0 is the newest prediction, with the odd version
             ts = f"'{_naive(AS_OF - timedelta(minutes=10 + i)):%Y-%m-%d %H:%M:%S}'"
-            conn.execute(sa.text(f"INSERT INTO {predictions} VALUES ({i}, {ts}, {p}, {newest_version if i == 0 else old})"), params if i == 0 else {})
+            conn.execute(
+                sa.text(f"INSERT INTO {predictions} VALUES ({i}, {ts}, {p}, {newest_version if i == 0 else old})"),
+                params if i == 0 else {},
+            )
             conn.execute(sa.text(f"INSERT INTO {labels} VALUES ({i}, {i % 2})"))
     engine.dispose()
 
@@ -383,7 +445,10 @@ def test_a_bad_serving_version_is_logged_once_until_it_changes(tmp_path, caplog)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE predictions (id BIGINT, ts TIMESTAMP, p DOUBLE PRECISION, v TEXT)"))
         conn.execute(sa.text("CREATE TABLE labels (id BIGINT, y INTEGER)"))
-        conn.execute(sa.text("INSERT INTO predictions VALUES (1, :ts, 0.3, CAST(x'ff61' AS TEXT))"), {"ts": f"{_naive(AS_OF - timedelta(minutes=5))}"})
+        conn.execute(
+            sa.text("INSERT INTO predictions VALUES (1, :ts, 0.3, CAST(x'ff61' AS TEXT))"),
+            {"ts": f"{_naive(AS_OF - timedelta(minutes=5))}"},
+        )
 
     def set_version(sql: str) -> None:
         with engine.begin() as conn:

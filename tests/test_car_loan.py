@@ -95,9 +95,19 @@ def test_readme_worked_example_as_written(tmp_path):
     section = readme[readme.index("### Historical data") :]
     script = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1)
     before = set(os.listdir(root))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
+    }
     done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert set(os.listdir(root)) == before  # car_loan.db, car_loan.yml and the state database went elsewhere

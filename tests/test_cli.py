@@ -41,7 +41,7 @@ def test_load_help_names_its_arguments_like_a_unix_tool():
 
 def test_command_list_shows_whole_short_help():
     text = CliRunner().invoke(app, ["--help"], terminal_width=100).output
-    commands = text[text.index("Commands:"):]
+    commands = text[text.index("Commands:") :]
     assert "..." not in commands, commands
     assert all(name in commands for name in COMMANDS)
 
@@ -61,7 +61,11 @@ def test_alembic_steps_are_not_logged_at_info(tmp_path):
         "models: [{name: m, predictions: {store: s, table: p, columns: {id: id, timestamp: ts, score: s}}}]\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "exporter", "once", "-c", str(config)], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-m", "exporter", "once", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "mlmon-state.sqlite").exists()  # migrated, silently

@@ -5,7 +5,7 @@ import json
 import math
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,9 @@ def frame():
     n = 1000
     income = rng.lognormal(10, 1, n)
     income[rng.random(n) < 0.1] = np.nan
-    city = rng.choice([f"city_{i:02d}" for i in range(30)], n, p=np.arange(1, 31) / np.arange(1, 31).sum()).astype(object)
+    city = rng.choice([f"city_{i:02d}" for i in range(30)], n, p=np.arange(1, 31) / np.arange(1, 31).sum()).astype(
+        object
+    )
     city[rng.random(n) < 0.05] = None
     return pd.DataFrame(
         {
@@ -109,8 +111,17 @@ def test_value_shares_up_to_top_k_distinct_values_over_non_missing_rows(distinct
     ],
 )
 def test_invalid_value_shares_are_refused_naming_the_field(change, message):
-    feature = {"name": "x", "kind": "numeric", "count": 10, "missing_ratio": 0.0, "mean": 0.5, "stddev": 0.5,
-               "min": 0.0, "max": 1.0, "value_shares": [(0.0, 0.5), (1.0, 0.5)]}
+    feature = {
+        "name": "x",
+        "kind": "numeric",
+        "count": 10,
+        "missing_ratio": 0.0,
+        "mean": 0.5,
+        "stddev": 0.5,
+        "min": 0.0,
+        "max": 1.0,
+        "value_shares": [(0.0, 0.5), (1.0, 0.5)],
+    }
     with pytest.raises(ValueError, match=message):
         FeatureSummary(**{**feature, **change})
 
@@ -118,9 +129,22 @@ def test_invalid_value_shares_are_refused_naming_the_field(change, message):
 def test_a_run_without_value_shares_keeps_its_earlier_body():
     """Runs stored before value_shares existed: same JSON, same digest, no conflict."""
     run = TrainingRun(
-        model="m", version="v1", trained_at="2026-01-01T00:00:00Z", training_rows=3,
-        features=[{"name": "x", "kind": "numeric", "count": 3, "missing_ratio": 0.0, "mean": 1.0, "stddev": 0.0,
-                   "min": 1.0, "max": 1.0}],
+        model="m",
+        version="v1",
+        trained_at="2026-01-01T00:00:00Z",
+        training_rows=3,
+        features=[
+            {
+                "name": "x",
+                "kind": "numeric",
+                "count": 3,
+                "missing_ratio": 0.0,
+                "mean": 1.0,
+                "stddev": 0.0,
+                "min": 1.0,
+                "max": 1.0,
+            }
+        ],
     )
     body = json.loads(run.canonical_json())
     assert "value_shares" not in body["features"][0]
@@ -314,7 +338,9 @@ def test_build_training_run_validates_and_round_trips(frame):
 
 
 def test_build_training_run_rows_override_and_requirements(frame):
-    run = build_training_run(model="m", version="v1", trained_at="2026-01-01", training_data=frame.head(10), training_rows=10_000)
+    run = build_training_run(
+        model="m", version="v1", trained_at="2026-01-01", training_data=frame.head(10), training_rows=10_000
+    )
     assert run.training_rows == 10_000 and run.features[0].count == 10
     bare = build_training_run(model="m", version="v1", trained_at="2026-01-01", training_rows=5)
     assert (bare.features, bare.validation_rows, bare.validation_roc_auc) == ([], None, None)
@@ -383,7 +409,10 @@ TOKEN = "s3cret-token-0123456789"
 def _settings(tmp_path, **extra):
     from exporter.config import parse_settings
 
-    model = {"name": "ctr", "predictions": {"store": "s", "table": "p", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}}
+    model = {
+        "name": "ctr",
+        "predictions": {"store": "s", "table": "p", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+    }
     state = {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"}
     return parse_settings({"stores": {"s": {"url": "sqlite://"}}, "models": [model], "state": state, **extra})
 
@@ -430,8 +459,8 @@ def test_report_created_then_unchanged_then_conflict(server, frame):
 def test_report_with_token(tmp_path, frame, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from exporter.server.app import create_app
     from exporter.client import ReportError
+    from exporter.server.app import create_app
 
     monkeypatch.delenv("MLMON_API_TOKEN", raising=False)
     http = TestClient(create_app(_settings(tmp_path, api={"token": TOKEN})))
@@ -448,8 +477,15 @@ def test_server_validation_errors_are_reported_by_key_path(server):
 
     # Built without validation, to see the server's own 422 through the client.
     run = TrainingRun.model_construct(
-        model="m", version="v", trained_at=datetime(2026, 1, 1, tzinfo=timezone.utc), training_rows=-1, validation_rows=None,
-        validation_logloss=None, validation_roc_auc=None, extra_metrics={}, features=[],
+        model="m",
+        version="v",
+        trained_at=datetime(2026, 1, 1, tzinfo=UTC),
+        training_rows=-1,
+        validation_rows=None,
+        validation_logloss=None,
+        validation_roc_auc=None,
+        extra_metrics={},
+        features=[],
     )
     with pytest.raises(ReportError) as info:
         post_training_run("http://testserver", run, http=server)
@@ -479,7 +515,9 @@ def _answering(*answers):
         sent.append(request.content)
         if isinstance(answer, type):
             raise answer("simulated", request=request)
-        return httpx.Response(answer, json={"status": "created", "model": "m", "version": "v"} if answer == 201 else {"detail": "no"})
+        return httpx.Response(
+            answer, json={"status": "created", "model": "m", "version": "v"} if answer == 201 else {"detail": "no"}
+        )
 
     return httpx.Client(transport=httpx.MockTransport(handle)), sent
 
@@ -509,9 +547,13 @@ def test_retry_after_is_honoured_and_credentials_stay_out_of_the_log(monkeypatch
 
     slept = []
     monkeypatch.setattr("exporter.client.time.sleep", slept.append)
-    answers = iter([httpx.Response(503, headers={"Retry-After": "5"}, json={"detail": "busy"}),
-                    httpx.Response(503, headers={"Retry-After": "3600"}, json={"detail": "busy"}),
-                    httpx.Response(201, json={"status": "created"})])
+    answers = iter(
+        [
+            httpx.Response(503, headers={"Retry-After": "5"}, json={"detail": "busy"}),
+            httpx.Response(503, headers={"Retry-After": "3600"}, json={"detail": "busy"}),
+            httpx.Response(201, json={"status": "created"}),
+        ]
+    )
     http = httpx.Client(transport=httpx.MockTransport(lambda request: next(answers)))
     run = TrainingRun.model_validate(_valid_run())
     with caplog.at_level("WARNING"):
@@ -559,7 +601,9 @@ def live_url(tmp_path, monkeypatch):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # lifespan off: no refresh loop against the empty prediction store, only the API.
-    server = uvicorn.Server(uvicorn.Config(create_app(_settings(tmp_path)), port=port, lifespan="off", log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(_settings(tmp_path)), port=port, lifespan="off", log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -115,7 +115,10 @@ def test_url_from_file(tmp_path):
     secret.write_text("sqlite:///from-file.db\n")
     data = _config()
     data["stores"]["s"] = {"url_file": str(secret)}
-    assert parse_settings(data).stores["s"].resolved_url().render_as_string(hide_password=False) == "sqlite:///from-file.db"
+    assert (
+        parse_settings(data).stores["s"].resolved_url().render_as_string(hide_password=False)
+        == "sqlite:///from-file.db"
+    )
 
 
 def test_password_apart_from_the_url_needs_no_encoding(monkeypatch, tmp_path):
@@ -172,7 +175,9 @@ CONFIG = """
 def test_check_config_ok(tmp_path):
     url = f"sqlite:///{tmp_path}/db.sqlite"
     _table(url)
-    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table="predictions", score="p")))])
+    result = CliRunner().invoke(
+        app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table="predictions", score="p")))]
+    )
     assert result.exit_code == 0, result.output
     assert "OK (1 model(s), 1 store(s))" in result.output
 
@@ -187,7 +192,9 @@ def test_check_config_ok(tmp_path):
 def test_check_config_missing_table_or_column(tmp_path, table, score, message):
     url = f"sqlite:///{tmp_path}/db.sqlite"
     _table(url)
-    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table=table, score=score)))])
+    result = CliRunner().invoke(
+        app, ["check-config", "--config", str(_write(tmp_path, CONFIG.format(url=url, table=table, score=score)))]
+    )
     assert result.exit_code == 2
     assert message in result.output
 
@@ -200,11 +207,16 @@ def test_check_config_names_a_driver_that_is_not_installed(tmp_path):
     config = CONFIG.format(url="postgresql+pg8000://mlmon@127.0.0.1/test", table="predictions", score="p")
     result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "the driver of 'postgresql+pg8000' is not installed: pip install the package of module 'pg8000'" in result.output
+    assert (
+        "the driver of 'postgresql+pg8000' is not installed: pip install the package of module 'pg8000'"
+        in result.output
+    )
 
 
 def test_check_config_invalid_yaml_key(tmp_path):
-    path = _write(tmp_path, "    refresh_interval: soon" + CONFIG.format(url="sqlite://", table="predictions", score="p"))
+    path = _write(
+        tmp_path, "    refresh_interval: soon" + CONFIG.format(url="sqlite://", table="predictions", score="p")
+    )
     result = CliRunner().invoke(app, ["check-config", "--config", str(path)])
     assert result.exit_code == 2
     assert "refresh_interval: invalid duration 'soon'" in result.output
@@ -222,7 +234,9 @@ def test_check_config_unreachable_store_hides_password(tmp_path):
     # Named by the key that holds the URL, once for both models on it.
     lines = result.output.splitlines()
     assert lines[0] == "invalid configuration:" and len(lines) == 2, result.output
-    assert lines[1].startswith("  stores.s.url: cannot reach store 's' at postgresql+psycopg://mlmon:***@127.0.0.1:1/test: ")
+    assert lines[1].startswith(
+        "  stores.s.url: cannot reach store 's' at postgresql+psycopg://mlmon:***@127.0.0.1:1/test: "
+    )
     assert "s3cret" not in result.output
 
 

@@ -22,10 +22,19 @@ BASE = {
         {
             "name": "ctr",
             "predictions": {
-                "store": "s", "table": "p", "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"},
-                "filter": {"model": "ctr"}, "timezone": "UTC", "ingestion_delay": "0s",
+                "store": "s",
+                "table": "p",
+                "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"},
+                "filter": {"model": "ctr"},
+                "timezone": "UTC",
+                "ingestion_delay": "0s",
             },
-            "labels": {"store": "s", "table": "l", "columns": {"id": "id", "label": "y", "timestamp": "ts"}, "missing": "negative"},
+            "labels": {
+                "store": "s",
+                "table": "l",
+                "columns": {"id": "id", "label": "y", "timestamp": "ts"},
+                "missing": "negative",
+            },
             "replays": {"store": "s", "table": "r", "columns": {"id": "id", "score": "p"}},
             "windows": ["1h", "24h"],
             "label_delay": "1h",

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 from types import ModuleType
 
@@ -108,9 +109,7 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
 
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, dict]:
-    require(
-        SCHEMAS.is_dir(), f"Grafana JSON Schemas not found at {SCHEMAS}"
-    )
+    require(SCHEMAS.is_dir(), f"Grafana JSON Schemas not found at {SCHEMAS}")
     return {
         path.name.removesuffix(".jsonschema.json"): json.loads(path.read_text())
         for path in SCHEMAS.glob("*.jsonschema.json")
@@ -229,7 +228,6 @@ def test_queries_use_only_cataloged_metrics_and_known_thresholds():
 
 
 # --- every query returns data from the real Prometheus scraping the real demo -----------
-
 
 
 @pytest.fixture(scope="module")
@@ -401,22 +399,28 @@ def test_by_version_panels_sort_versions_by_training_time():
 def test_by_version_panel_rows_are_in_training_order(tmp_path):
     """Grafana's merge, sortBy and organize applied (as Grafana does) to the instant
     vectors of a real exposition whose version names do not sort in training order."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from prometheus_client.parser import text_string_to_metric_families
 
     from exporter.config import parse_settings
     from exporter.server.loop import refresh_once
-    from exporter.training.storage import StateDatabase, save_run
     from exporter.training.schema import TrainingRun
+    from exporter.training.storage import StateDatabase, save_run
 
-    now = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 28, tzinfo=UTC)
     trained = ["v3", "v9", "v10", "v11", "v2-hotfix"]  # oldest first
     state = f"sqlite:///{tmp_path}/state.sqlite"
     database = StateDatabase(state)
     for age, version in enumerate(reversed(trained)):
-        run = TrainingRun(model="m", version=version, trained_at=now - timedelta(days=age), training_rows=100 + age,
-                          validation_logloss=0.3, validation_roc_auc=0.8)
+        run = TrainingRun(
+            model="m",
+            version=version,
+            trained_at=now - timedelta(days=age),
+            training_rows=100 + age,
+            validation_logloss=0.3,
+            validation_roc_auc=0.8,
+        )
         save_run(database.ready(), run, now)
     database.engine.dispose()
     settings = parse_settings({"stores": {}, "models": [], "state": {"url": state}})

@@ -10,7 +10,7 @@ from the real instants the rows were generated from, never from exporter code.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -30,7 +30,7 @@ def transition(zone: str, day: datetime) -> datetime:
     """The UTC instant (a whole minute) at which ``zone`` changes its offset on ``day``,
     found by stepping minute by minute through the day."""
     tz = ZoneInfo(zone)
-    t = day.replace(tzinfo=timezone.utc)
+    t = day.replace(tzinfo=UTC)
     previous = t.astimezone(tz).utcoffset()
     for _ in range(2 * 24 * 60):
         t += MINUTE
@@ -52,7 +52,7 @@ CHANGES = [
 
 def test_the_issue_instants_are_the_paris_change():
     # The issue's example: rows from 2024-10-26T22:00Z to 2024-10-27T04:00Z, clocks back at 01:00Z.
-    assert transition("Europe/Paris", datetime(2024, 10, 27)) == datetime(2024, 10, 27, 1, tzinfo=timezone.utc)
+    assert transition("Europe/Paris", datetime(2024, 10, 27)) == datetime(2024, 10, 27, 1, tzinfo=UTC)
 
 
 def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> None:
@@ -134,12 +134,12 @@ def test_the_issue_example_on_sqlite_text(tmp_path):
     """The issue's rows as ISO text ('T' separator) in a TEXT column: at 01:00Z and 01:30Z the
     hour window was empty and the newest row read 3660 s old; at 02:00Z it held 120."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
-    first = datetime(2024, 10, 26, 22, tzinfo=timezone.utc)
+    first = datetime(2024, 10, 26, 22, tzinfo=UTC)
     _load(url, None, "Europe/Paris", first, 360, as_text=True)
     refresher, stores = _refresher(url, None, "Europe/Paris", ["1h", "6h"])
     try:
-        snaps = {h: refresher.refresh(datetime(2024, 10, 27, h, tzinfo=timezone.utc)) for h in (0, 1, 2, 3, 4)}
-        half_past = refresher.refresh(datetime(2024, 10, 27, 1, 30, tzinfo=timezone.utc))
+        snaps = {h: refresher.refresh(datetime(2024, 10, 27, h, tzinfo=UTC)) for h in (0, 1, 2, 3, 4)}
+        half_past = refresher.refresh(datetime(2024, 10, 27, 1, 30, tzinfo=UTC))
     finally:
         stores.dispose()
     for snap in [*snaps.values(), half_past]:
@@ -147,7 +147,7 @@ def test_the_issue_example_on_sqlite_text(tmp_path):
         assert snap.score_stats[0].invalid["bad_timestamp"] == 0
     assert snaps[4].score_stats[1].predictions == 360
     for h in (1, 2):
-        age = datetime(2024, 10, 27, h, tzinfo=timezone.utc).timestamp() - snaps[h].last_prediction_timestamp
+        age = datetime(2024, 10, 27, h, tzinfo=UTC).timestamp() - snaps[h].last_prediction_timestamp
         assert 60 <= age <= 120
 
 
@@ -180,7 +180,7 @@ def test_window_edges_and_wall_times_agree(near, a, b):
     changes."""
     zone, centre = near
     tz = ZoneInfo(zone)
-    s = centre.replace(tzinfo=timezone.utc) + a
+    s = centre.replace(tzinfo=UTC) + a
     w = centre + b  # a naive wall time
     assert (to_wall_clock(s, tz) <= w) == (s <= from_wall_clock(w, tz))
     s2 = s + abs(b)
@@ -200,7 +200,7 @@ def test_the_chosen_readings_of_paris():
     and 01:30Z and is read at 01:00Z, half way; 02:30 on 2024-03-31 never occurred and is
     read at the change, 01:00Z."""
     paris = ZoneInfo("Europe/Paris")
-    utc = timezone.utc
+    utc = UTC
     assert from_wall_clock(datetime(2024, 10, 27, 2, 30), paris) == datetime(2024, 10, 27, 1, 0, tzinfo=utc)
     assert from_wall_clock(datetime(2024, 10, 27, 2, 0), paris) == datetime(2024, 10, 27, 0, 0, tzinfo=utc)
     assert from_wall_clock(datetime(2024, 10, 27, 2, 59), paris) == datetime(2024, 10, 27, 1, 58, tzinfo=utc)
@@ -230,12 +230,12 @@ def test_rows_stamped_in_a_skipped_hour_count_at_the_change(backend, tmp_path, r
         conn.execute(table.insert(), [{"id": i, "ts": w, "p": 0.5} for i, w in enumerate(walls)])
     engine.dispose()
     refresher, stores = _refresher(url, schema, "Europe/Paris", ["30m"])
-    change = datetime(2024, 3, 31, 1, tzinfo=timezone.utc)
+    change = datetime(2024, 3, 31, 1, tzinfo=UTC)
     try:
         before, after, later = (refresher.refresh(change + k * 30 * MINUTE) for k in (0, 1, 2))
     finally:
         stores.dispose()
     # 01:50 CET is 00:50Z: in [00:30Z, 01:00Z); the two skipped times in [01:00Z, 01:30Z)
     assert [s.score_stats[0].predictions for s in (before, after, later)] == [1, 2, 0]
-    assert before.last_prediction_timestamp == datetime(2024, 3, 31, 0, 50, tzinfo=timezone.utc).timestamp()
+    assert before.last_prediction_timestamp == datetime(2024, 3, 31, 0, 50, tzinfo=UTC).timestamp()
     assert after.last_prediction_timestamp == later.last_prediction_timestamp == change.timestamp()

@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
 from test_bad_data import _predictions_table, _qualified, _samples, _settings
 
-from exporter.server.loop import refresh_once
 from exporter.monitoring_math import (
     grid_index,
     percentiles_from_buckets,
@@ -28,6 +27,7 @@ from exporter.monitoring_math import (
 )
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
+from exporter.server.loop import refresh_once
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 store = test_refresh_metrics.store  # the sqlite/postgresql/duckdb fixture
@@ -41,7 +41,10 @@ def _with(settings, **model_fields):
 def _labels_table(engine, schema, labels: dict[int, int]) -> None:
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE TABLE {_qualified(schema, 'labels')} (id BIGINT, y INTEGER)"))
-        conn.execute(sa.text(f"INSERT INTO {_qualified(schema, 'labels')} VALUES (:i, :y)"), [{"i": i, "y": y} for i, y in labels.items()])
+        conn.execute(
+            sa.text(f"INSERT INTO {_qualified(schema, 'labels')} VALUES (:i, :y)"),
+            [{"i": i, "y": y} for i, y in labels.items()],
+        )
 
 
 # -- the promise itself, in SQL ------------------------------------------------------------
@@ -57,7 +60,9 @@ def test_every_value_with_at_most_k_decimals_is_the_lower_edge_of_its_own_bucket
     url, schema, _ = store
     engine = sa.create_engine(url)
     values = [float(f"{i // N5}.{i % N5:05d}") for i in range(N5 + 1)]  # parsed from the decimal text
-    _predictions_table(engine, schema, [{"id": i, "ts": AS_OF - timedelta(minutes=30), "p": v} for i, v in enumerate(values)])
+    _predictions_table(
+        engine, schema, [{"id": i, "ts": AS_OF - timedelta(minutes=30), "p": v} for i, v in enumerate(values)]
+    )
     engine.dispose()
     settings = _settings(url, schema, labels=False)
     for k in range(1, 6):
@@ -91,7 +96,9 @@ def test_neighbours_of_the_edges_fall_on_the_right_side(store):
     edges = np.arange(10**k + 1) / 10**k
     values = np.concatenate([np.nextafter(edges[1:], 0.0), edges, np.nextafter(edges[:-1], 1.0), rng.random(2000)])
     engine = sa.create_engine(url)
-    _predictions_table(engine, schema, [{"id": i, "ts": AS_OF - timedelta(minutes=30), "p": float(v)} for i, v in enumerate(values)])
+    _predictions_table(
+        engine, schema, [{"id": i, "ts": AS_OF - timedelta(minutes=30), "p": float(v)} for i, v in enumerate(values)]
+    )
     engine.dispose()
     settings = _with(_settings(url, schema, labels=False), bucket_decimals=k)
     stores = Stores(settings)
@@ -132,7 +139,11 @@ def test_halves_round_up_in_the_mode_share(tmp_path, bucket_decimals):
     buckets are impure, from the buckets in numpy when each holds one score."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     scores = [0.285, 0.29, 0.29, 0.284999, 0.1, 0.7]
-    _predictions_table(sa.create_engine(url), None, [{"id": i, "ts": AS_OF - timedelta(minutes=5 + i), "p": s} for i, s in enumerate(scores)])
+    _predictions_table(
+        sa.create_engine(url),
+        None,
+        [{"id": i, "ts": AS_OF - timedelta(minutes=5 + i), "p": s} for i, s in enumerate(scores)],
+    )
     settings = _with(_settings(url, labels=False), mode_share_decimals=2, bucket_decimals=bucket_decimals)
     stores = Stores(settings)
     try:

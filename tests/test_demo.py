@@ -7,7 +7,7 @@ import json
 import re
 import sqlite3
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,12 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.server.app import create_app
-from exporter.tools.demo import append, demo_settings, seed, seed_training_runs, state_path
-from exporter.server.loop import refresh_once
 from exporter.predictions.stores import utc_now
+from exporter.server.app import create_app
+from exporter.server.loop import refresh_once
+from exporter.tools.demo import append, demo_settings, seed, seed_training_runs, state_path
 
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 README = Path(__file__).parent.parent / "README.md"
 MODELS = ("ctr_search", "ctr_feed")
 #: Training-run features of the demo and the one that changes in ctr_feed's newest version.
@@ -203,9 +203,7 @@ def test_newest_version_and_its_offline_numbers(exposition, runs):
         newest = runs[model].iloc[0]
         assert _by(exposition, "mlmon_model_info", model, "version") == {"2026-11-28": 1.0}
         values = {s.name: s.value for s in exposition if s.labels == {"model": model}}
-        assert (
-            values["mlmon_model_trained_timestamp_seconds"] == datetime(2026, 11, 28, tzinfo=timezone.utc).timestamp()
-        )
+        assert values["mlmon_model_trained_timestamp_seconds"] == datetime(2026, 11, 28, tzinfo=UTC).timestamp()
         assert values["mlmon_training_rows"] == newest["training_rows"]
         assert values["mlmon_validation_rows"] == newest["validation_rows"]
         assert values["mlmon_offline_logloss"] == pytest.approx(newest["validation_logloss"], rel=1e-12)
@@ -247,14 +245,16 @@ def test_feed_newest_version_regressed_offline(exposition):
 def test_history_of_the_newest_ten_versions_shows_the_feed_row_drop(exposition, runs):
     for model in MODELS:
         newest_ten = runs[model].iloc[:10]
-        expected = dict(zip(newest_ten["version"], newest_ten["training_rows"].astype(float)))
+        expected = dict(zip(newest_ten["version"], newest_ten["training_rows"].astype(float), strict=False))
         assert _by(exposition, "mlmon_version_training_rows", model, "version") == expected
         for metric, column in [
             ("mlmon_version_offline_logloss", "validation_logloss"),
             ("mlmon_version_offline_roc_auc", "validation_roc_auc"),
         ]:
             values = _by(exposition, metric, model, "version")
-            assert values == pytest.approx(dict(zip(newest_ten["version"], newest_ten[column])), rel=1e-12)
+            assert values == pytest.approx(
+                dict(zip(newest_ten["version"], newest_ten[column], strict=False)), rel=1e-12
+            )
 
     rows = [v for _, v in sorted(_by(exposition, "mlmon_version_training_rows", "ctr_feed", "version").items())]
     dips = [i for i in range(1, 9) if rows[i] < 0.6 * (rows[i - 1] + rows[i + 1]) / 2]
@@ -317,7 +317,7 @@ def test_training_runs_seeded_just_after_midnight_are_shown(tmp_path):
     """Just after 00:00 UTC the day's version is already trained, and the version that served
     the labelled predictions (the day before's) is in the history."""
     path = tmp_path / "demo.sqlite"
-    now = datetime(2026, 11, 28, 0, 20, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 28, 0, 20, tzinfo=UTC)
     seed(f"sqlite:///{path}", now, days=1)
     state_url = demo_settings(path).state.resolved_url()
     seed_training_runs(state_url, now, days=3)
@@ -340,7 +340,7 @@ def _readme_demo_table() -> list[tuple[str, dict[str, str], str, str]]:
         metric, *values = [cell.strip() for cell in line.strip("|").split("|")]
         name, labels = re.fullmatch(r"`(\w+)(?:\{(.*)\})?`", metric).groups()
         labels = dict(re.findall(r'(\w+)="([^"]*)"', labels or ""))
-        cells += [(name, labels, model, value.split(":")[0]) for model, value in zip(models, values)]
+        cells += [(name, labels, model, value.split(":")[0]) for model, value in zip(models, values, strict=False)]
     return cells
 
 
@@ -348,7 +348,9 @@ def _check_stated(exposition, name: str, labels: dict[str, str], model: str, sta
     [value] = [
         s.value
         for s in exposition
-        if s.name == name and s.labels.get("model") == model and s.labels.get("window", "24h") == "24h"
+        if s.name == name
+        and s.labels.get("model") == model
+        and s.labels.get("window", "24h") == "24h"
         and all(s.labels.get(k) == v for k, v in labels.items())
     ]
     where = f"{name}{labels} of {model}: README says {stated!r}, the demo reads {value}"
@@ -371,7 +373,7 @@ def test_readme_demo_table_matches_the_demo(exposition):
 @pytest.mark.parametrize("hour, rng_seed", [(3, 1), (9, 2), (20, 3)])
 def test_readme_online_numbers_hold_at_other_starts(tmp_path, hour, rng_seed):
     """The README's online numbers are what any start of the demo shows, not one lucky seed."""
-    now = datetime(2026, 12, 2, hour, 17, tzinfo=timezone.utc)
+    now = datetime(2026, 12, 2, hour, 17, tzinfo=UTC)
     path = tmp_path / "demo.sqlite"
     seed(f"sqlite:///{path}", now, days=2, rng_seed=rng_seed)
     seed_training_runs(demo_settings(path).state.resolved_url(), now, days=3, rng_seed=rng_seed)

@@ -7,8 +7,14 @@ from exporter.durations import parse_duration
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("90s", timedelta(seconds=90)), ("1h", timedelta(hours=1)), ("1h30m", timedelta(minutes=90)),
-     ("7d", timedelta(days=7)), ("500ms", timedelta(milliseconds=500)), ("2w", timedelta(weeks=2))],
+    [
+        ("90s", timedelta(seconds=90)),
+        ("1h", timedelta(hours=1)),
+        ("1h30m", timedelta(minutes=90)),
+        ("7d", timedelta(days=7)),
+        ("500ms", timedelta(milliseconds=500)),
+        ("2w", timedelta(weeks=2)),
+    ],
 )
 def test_valid(text, expected):
     assert parse_duration(text) == expected

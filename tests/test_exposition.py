@@ -6,23 +6,23 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import catalog, require
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from conftest import catalog, require
-from exporter.server.app import create_app
 from exporter.cli import app as cli
-from exporter.server.collector import METRICS
 from exporter.config import parse_settings
+from exporter.server.app import create_app
+from exporter.server.collector import METRICS
 from exporter.server.loop import refresh_once
 
-AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_catalog_lists_exactly_the_metrics_of_the_code():
@@ -42,7 +42,9 @@ def _store(path: Path) -> str:
 def _fill(url: str, schema: str | None, as_of: datetime = AS_OF) -> None:
     engine = sa.create_engine(url)
     metadata = sa.MetaData(schema=schema)
-    predictions = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double))
+    predictions = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
+    )
     labels = sa.Table("labels", metadata, sa.Column("id", sa.Integer), sa.Column("y", sa.Integer))
     replays = sa.Table("replays", metadata, sa.Column("id", sa.Integer), sa.Column("p", sa.Double))
     metadata.create_all(engine)
@@ -67,7 +69,11 @@ def _settings(url: str, schema: str | None = None, **model):
             "models": [
                 {
                     "name": "ctr",
-                    "predictions": {**source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "predictions": {
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
                     "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
                     "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "p"}},
                     "windows": ["1h"],
@@ -107,17 +113,40 @@ def test_exact_exposition_lines(tmp_path):
 
 def _report_runs(settings) -> None:
     """Three training runs of ``ctr``: 40 days ago, yesterday and now (relative to AS_OF)."""
-    from exporter.training.storage import StateDatabase, save_run
     from exporter.training.schema import TrainingRun
+    from exporter.training.storage import StateDatabase, save_run
 
     state = StateDatabase(settings.state.resolved_url())
-    feature = {"name": "country", "kind": "categorical", "count": 10, "missing_ratio": 0.1, "categories": {"fr": 0.6, "__other__": 0.4}}
+    feature = {
+        "name": "country",
+        "kind": "categorical",
+        "count": 10,
+        "missing_ratio": 0.1,
+        "categories": {"fr": 0.6, "__other__": 0.4},
+    }
     for days, rows in [(40, 1000), (1, 900), (0, 500)]:
         run = TrainingRun(
-            model="ctr", version=f"v{40 - days}", trained_at=AS_OF - timedelta(days=days), training_rows=rows,
-            validation_rows=100, validation_logloss=0.2, validation_roc_auc=0.8,
-            features=[feature, {"name": "age", "kind": "numeric", "count": 10, "missing_ratio": 0.0, "mean": 30.0,
-                                "stddev": 5.0, "min": 20.0, "max": 40.0, "percentiles": {"50": 30.0}}],
+            model="ctr",
+            version=f"v{40 - days}",
+            trained_at=AS_OF - timedelta(days=days),
+            training_rows=rows,
+            validation_rows=100,
+            validation_logloss=0.2,
+            validation_roc_auc=0.8,
+            features=[
+                feature,
+                {
+                    "name": "age",
+                    "kind": "numeric",
+                    "count": 10,
+                    "missing_ratio": 0.0,
+                    "mean": 30.0,
+                    "stddev": 5.0,
+                    "min": 20.0,
+                    "max": 40.0,
+                    "percentiles": {"50": 30.0},
+                },
+            ],
         )
         save_run(state.ready(), run, AS_OF)
     state.engine.dispose()
@@ -129,11 +158,16 @@ def _full_exposition(tmp_path) -> str:
     url = _store(tmp_path / "s.sqlite")
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # 0.25 (negative) shares the 0.2x bucket with 0.2 (positive)
-        conn.execute(sa.text("INSERT INTO predictions VALUES (4, :ts, 0.25)"), {"ts": (AS_OF - timedelta(minutes=45)).replace(tzinfo=None)})
+        conn.execute(
+            sa.text("INSERT INTO predictions VALUES (4, :ts, 0.25)"),
+            {"ts": (AS_OF - timedelta(minutes=45)).replace(tzinfo=None)},
+        )
         conn.execute(sa.text("INSERT INTO labels VALUES (4, 0)"))
     engine.dispose()
     bucketed = _settings(url, bucket_decimals=1).models[0]
-    broken = bucketed.model_copy(update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})})
+    broken = bucketed.model_copy(
+        update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})}
+    )
     settings = _settings(url).model_copy(update={"models": [bucketed, broken]})
     _report_runs(settings)
     return refresh_once(settings, AS_OF).decode()
@@ -141,7 +175,11 @@ def _full_exposition(tmp_path) -> str:
 
 def test_every_exposed_metric_is_cataloged_and_every_cataloged_one_exposed(tmp_path):
     families = {f.name: f.type for f in text_string_to_metric_families(_full_exposition(tmp_path))}
-    exposed = {name + ("_total" if kind == "counter" else ""): kind for name, kind in families.items() if name.startswith("mlmon_")}
+    exposed = {
+        name + ("_total" if kind == "counter" else ""): kind
+        for name, kind in families.items()
+        if name.startswith("mlmon_")
+    }
     documented = catalog()
     assert set(exposed) == set(documented)
     assert all(documented[name][0] == kind for name, kind in exposed.items())
@@ -150,7 +188,9 @@ def test_every_exposed_metric_is_cataloged_and_every_cataloged_one_exposed(tmp_p
 def test_promtool_check_metrics_is_clean(tmp_path):
     promtool = shutil.which("promtool")
     require(promtool is not None, "promtool not installed (Debian package prometheus)")
-    result = subprocess.run([promtool, "check", "metrics"], input=_full_exposition(tmp_path), capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=_full_exposition(tmp_path), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout + result.stderr
 
 
@@ -161,7 +201,7 @@ def live_store(request, tmp_path):
     url, schema = f"sqlite:///{tmp_path}/s.sqlite", None
     if request.param == "postgresql":
         url, schema = request.getfixturevalue("postgres_schema")
-    _fill(url, schema, as_of=datetime.now(timezone.utc))
+    _fill(url, schema, as_of=datetime.now(UTC))
     return url, schema
 
 
@@ -234,7 +274,11 @@ def test_mode_share_rounds_half_up_to_the_configured_decimals(tmp_path):
             "models": [
                 {
                     "name": "ctr",
-                    "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "predictions": {
+                        "store": "s",
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
                     "windows": ["1h"],
                     "mode_share_decimals": 2,
                 }

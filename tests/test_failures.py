@@ -6,18 +6,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-
 from conftest import table_locked, waiting_on_a_lock
+
 from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
-from exporter.reasons import classify_error
 from exporter.predictions.stores import Stores
+from exporter.reasons import classify_error
 
-AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def _nonzero(errors):
@@ -26,11 +26,19 @@ def _nonzero(errors):
 
 def _fill(engine, schema=None):
     metadata = sa.MetaData(schema=schema)
-    predictions = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double))
+    predictions = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
+    )
     labels = sa.Table("labels", metadata, sa.Column("id", sa.Integer), sa.Column("y", sa.Integer))
     metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(predictions.insert(), [{"id": i, "ts": (AS_OF - timedelta(minutes=i)).replace(tzinfo=None), "p": (i % 10) / 10} for i in range(1, 200)])
+        conn.execute(
+            predictions.insert(),
+            [
+                {"id": i, "ts": (AS_OF - timedelta(minutes=i)).replace(tzinfo=None), "p": (i % 10) / 10}
+                for i in range(1, 200)
+            ],
+        )
         conn.execute(labels.insert(), [{"id": i, "y": i % 2} for i in range(1, 200)])
 
 
@@ -44,7 +52,11 @@ def _settings(url, schema=None, **top):
             "models": [
                 {
                     "name": "ctr",
-                    "predictions": {**source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}},
+                    "predictions": {
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
                     "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
                     "windows": ["1h"],
                     "label_delay": "0s",
@@ -63,7 +75,9 @@ def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
     refresher = ModelRefresher(settings.models[0], settings, stores)
 
     first = refresher.refresh(AS_OF)
-    assert first.sources["labels"].up and first.online[0].labeled == 60  # ids 1..60: minutes before as_of, start inclusive
+    assert (
+        first.sources["labels"].up and first.online[0].labeled == 60
+    )  # ids 1..60: minutes before as_of, start inclusive
 
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE labels RENAME TO labels_old"))
@@ -263,7 +277,18 @@ def test_hostile_strings_in_a_filtered_text_column(tmp_path):
     settings = parse_settings(
         {
             "stores": {"s": {"url": url}},
-            "models": [{"name": "ctr", "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}, "filter": {"model_name": "ctr"}}, "windows": ["1h"]}],
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {
+                        "store": "s",
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                        "filter": {"model_name": "ctr"},
+                    },
+                    "windows": ["1h"],
+                }
+            ],
         }
     )
     stores = Stores(settings)
@@ -284,7 +309,9 @@ def test_ids_beyond_2_to_the_53_join_exactly(tmp_path):
         conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
         ts = (AS_OF - timedelta(minutes=5)).replace(tzinfo=None)
         for i in range(4):  # big + 0 .. big + 3 are one float64 value
-            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"), {"i": big + i, "ts": ts, "p": 0.1 * (i + 1)})
+            conn.execute(
+                sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"), {"i": big + i, "ts": ts, "p": 0.1 * (i + 1)}
+            )
         conn.execute(sa.text("INSERT INTO labels VALUES (:i, 1)"), {"i": big + 3})
     engine.dispose()
     settings = _settings(url)
@@ -319,7 +346,12 @@ def _with_replays(engine, settings, schema=None, **model_changes):
     with engine.begin() as conn:
         conn.execute(replays.insert(), [{"id": i, "p": (i % 10) / 10} for i in range(1, 200)])
     source = ReplaySource.model_validate(
-        {"store": "s", "table": "replays", "columns": {"id": "id", "score": "p"}, **({"schema": schema} if schema else {})}
+        {
+            "store": "s",
+            "table": "replays",
+            "columns": {"id": "id", "score": "p"},
+            **({"schema": schema} if schema else {}),
+        }
     )
     model = settings.models[0].model_copy(update={"replays": source, **model_changes})
     return settings.model_copy(update={"models": [model]})
@@ -354,7 +386,9 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
         assert stalled.sources["predictions"].up and stalled.sources["predictions"].last_success == later.timestamp()
         assert not stalled.sources["labels"].up and stalled.sources["labels"].last_success == AS_OF.timestamp()
         assert stalled.sources["replays"].up and stalled.sources["replays"].last_success == AS_OF.timestamp()
-        assert stalled.score_stats[0].predictions == 59  # this refresh's: ids 1..59 in [later - 1h, later), not the 60 before
+        assert (
+            stalled.score_stats[0].predictions == 59
+        )  # this refresh's: ids 1..59 in [later - 1h, later), not the 60 before
     assert _nonzero(second.errors) == {("labels", "timeout"): 1}
     ended = result["snap"]  # cancelled at query_timeout, counted once, replays refreshed after it
     assert _nonzero(ended.errors) == {("labels", "timeout"): 1}
@@ -403,8 +437,12 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings)
     assert ModelRefresher(settings.models[0], settings, stores).deadline() == timedelta(seconds=(2 + 4 + 2 + 2 + 3) * 3)
-    quick = settings.model_copy(update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)})
-    assert ModelRefresher(quick.models[0], quick, stores).deadline() == timedelta(seconds=60.1)  # never below interval + timeout
+    quick = settings.model_copy(
+        update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
+    )
+    assert ModelRefresher(quick.models[0], quick, stores).deadline() == timedelta(
+        seconds=60.1
+    )  # never below interval + timeout
     fixed = settings.model_copy(update={"refresh_timeout": timedelta(seconds=5)})
     assert ModelRefresher(fixed.models[0], fixed, stores).deadline() == timedelta(seconds=5)
     stores.dispose()
@@ -421,7 +459,10 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     config.write_text(common + "refresh_timeout: 5s\n")
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    assert "warning: refresh_timeout: 5 s is shorter than the 39 s a refresh of models[0] ('ctr') may take" in result.stderr
+    assert (
+        "warning: refresh_timeout: 5 s is shorter than the 39 s a refresh of models[0] ('ctr') may take"
+        in result.stderr
+    )
     config.write_text(common)
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0 and "warning" not in result.stderr, result.output

@@ -9,14 +9,15 @@ import sys
 
 import httpx
 import pytest
-
 from conftest import free_port, start_process, wait_until_answers
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("server")
-    (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n')
+    (tmp_path / "mlmon.yml").write_text(
+        f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n'
+    )
     port = free_port()
     log = tmp_path / "server.log"
     process = start_process(

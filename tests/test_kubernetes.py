@@ -54,7 +54,10 @@ def test_servicemonitor_scrapes_the_service_port_at_metrics():
     assert selector.items() <= service["metadata"]["labels"].items(), "the ServiceMonitor does not select the Service"
     port_names = {port["name"] for port in service["spec"]["ports"]}
     endpoints = monitor["spec"]["endpoints"]
-    assert endpoints and all(e["port"] in port_names and e["path"] == "/metrics" for e in endpoints), (endpoints, port_names)
+    assert endpoints and all(e["port"] in port_names and e["path"] == "/metrics" for e in endpoints), (
+        endpoints,
+        port_names,
+    )
     assert [p["port"] for p in service["spec"]["ports"] if p["name"] == endpoints[0]["port"]] == [DEFAULT_PORT]
 
 

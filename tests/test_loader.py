@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.tools.loader import LoadError, load_files
 
-UTC = timezone.utc
+UTC = UTC
 CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
 
 
@@ -386,7 +386,9 @@ def test_a_value_that_does_not_fit_a_numeric_column_loads_nothing(target, tmp_pa
     good = write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], NAIVE_ROWS)
     load_files(target.url, "predictions", [good], schema=target.schema)
     row = {"id": 7, "timestamp": "2019-02-01T00:00:00", "y_pred_proba": 0.5, column: value}
-    bad = write_csv(tmp_path / "b.csv", ["id", "timestamp", "y_pred_proba"], [[8, "2019-02-01T00:00:00", 0.4], list(row.values())])
+    bad = write_csv(
+        tmp_path / "b.csv", ["id", "timestamp", "y_pred_proba"], [[8, "2019-02-01T00:00:00", 0.4], list(row.values())]
+    )
 
     with pytest.raises(LoadError) as caught:
         load_files(target.url, "predictions", [bad], schema=target.schema)
@@ -399,7 +401,13 @@ def test_a_value_that_does_not_fit_a_numeric_column_loads_nothing(target, tmp_pa
 def test_later_chunks_of_a_new_table_are_checked_against_its_first_chunk(target, tmp_path):
     rows = [[1, "2019-01-01T00:00:00", 0.1], [2, "2019-01-01T00:01:00", 0.2], [3, "2019-01-01T00:02:00", "oops"]]
     with pytest.raises(LoadError, match="row 3: 'oops' is not a number"):
-        load_files(target.url, "predictions", [write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], rows)], schema=target.schema, chunk_rows=2)
+        load_files(
+            target.url,
+            "predictions",
+            [write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], rows)],
+            schema=target.schema,
+            chunk_rows=2,
+        )
     assert not target.exists("predictions")
 
 

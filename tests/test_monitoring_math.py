@@ -102,7 +102,10 @@ def test_pooled_variance_matches_numpy_where_the_naive_formula_fails():
     groups = [sample[keys == k] for k in np.unique(keys)]
     edges = [k * 1e-4 for k in np.unique(keys)]
     variance = pooled_variance(
-        [len(g) for g in groups], edges, [np.sum(g - e) for g, e in zip(groups, edges)], [np.sum((g - e) ** 2) for g, e in zip(groups, edges)]
+        [len(g) for g in groups],
+        edges,
+        [np.sum(g - e) for g, e in zip(groups, edges, strict=False)],
+        [np.sum((g - e) ** 2) for g, e in zip(groups, edges, strict=False)],
     )
     assert variance == pytest.approx(np.var(sample), rel=1e-6)
     naive = np.mean(sample**2) - np.mean(sample) ** 2

@@ -92,8 +92,19 @@ def test_every_kind_of_non_number_and_numbers_sqlite_stores_as_numbers(tmp_path)
     """Text ('', 'abc', ' ', 'NaN', '0.5x') and blobs are not numbers; text that the
     column's affinity turns into a number ('0.7', '1') is that number; integers 0 and 1
     are numbers; the mode share and the counter agree."""
-    rows = [(1, 0.1, 0), (2, "0.7", 1), (3, 1, 1), (4, 0, 0), (5, 0.7, 1),
-            (6, "", 1), (7, "abc", 0), (8, " ", 1), (9, "NaN", 0), (10, "0.5x", 1), (11, b"\x00\x01", 0)]
+    rows = [
+        (1, 0.1, 0),
+        (2, "0.7", 1),
+        (3, 1, 1),
+        (4, 0, 0),
+        (5, 0.7, 1),
+        (6, "", 1),
+        (7, "abc", 0),
+        (8, " ", 1),
+        (9, "NaN", 0),
+        (10, "0.5x", 1),
+        (11, b"\x00\x01", 0),
+    ]
     url = f"sqlite:///{tmp_path}/store.sqlite"
     _tables(url, None, "REAL", rows)
     settings = _settings(url)
@@ -102,7 +113,14 @@ def test_every_kind_of_non_number_and_numbers_sqlite_stores_as_numbers(tmp_path)
     scores = np.array([0.1, 0.7, 1.0, 0.0, 0.7])
     y = np.array([0, 1, 1, 0, 1])
     assert stats.predictions == 5
-    assert dict(stats.invalid) == {"null_score": 0, "non_numeric_score": 6, "nan_score": 0, "out_of_range": 0, "duplicate_id": 0, "bad_timestamp": 0}
+    assert dict(stats.invalid) == {
+        "null_score": 0,
+        "non_numeric_score": 6,
+        "nan_score": 0,
+        "out_of_range": 0,
+        "duplicate_id": 0,
+        "bad_timestamp": 0,
+    }
     assert stats.mean == pytest.approx(scores.mean(), abs=1e-15)
     assert stats.mode_share == 2 / 5  # 0.7 twice; 0.0 once, not the six texts read as 0.0
     assert online.predictions == 5 and online.labeled == 5
@@ -137,13 +155,23 @@ def test_text_in_an_epoch_timestamp_puts_the_row_in_no_window(tmp_path):
     stamps = {1: 660, 2: 720, 3: 780, 4: 840, 5: "", 6: "abc", 7: 3600 + 600}  # seconds after 11:00, or text
     rows = [(i, s, y) for i, s, y in ISSUE_ROWS[:4]] + [(5, 0.9, 1), (6, 0.1, 0), (7, 0.5, 1)]
     eleven = datetime(2024, 6, 1, 11, 0, tzinfo=UTC).timestamp()
-    _tables(url, None, "REAL", rows, ts_type="REAL", stamp=lambda i: stamps[i] if isinstance(stamps[i], str) else eleven + stamps[i])
+    _tables(
+        url,
+        None,
+        "REAL",
+        rows,
+        ts_type="REAL",
+        stamp=lambda i: stamps[i] if isinstance(stamps[i], str) else eleven + stamps[i],
+    )
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # labels with an epoch timestamp: id 4's is text
         conn.execute(sa.text("DROP TABLE labels"))
         conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER, ts INTEGER)"))
         for i, _, label in rows:
-            conn.execute(sa.text("INSERT INTO labels VALUES (:i, :y, :ts)"), {"i": i, "y": label, "ts": "" if i == 4 else eleven + 900})
+            conn.execute(
+                sa.text("INSERT INTO labels VALUES (:i, :y, :ts)"),
+                {"i": i, "y": label, "ts": "" if i == 4 else eleven + 900},
+            )
     engine.dispose()
     settings = _settings(url)
     model = settings.models[0]

@@ -5,26 +5,34 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
-
 from conftest import like_pattern, open_transactions, table_locked
-from exporter.server.app import create_app
+from fastapi.testclient import TestClient
+from pg_proxy import Proxy
+
 from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
-from pg_proxy import Proxy
+from exporter.server.app import create_app
 
 
 def _fill(engine, schema: str) -> None:
     metadata = sa.MetaData(schema=schema)
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("ts", sa.DateTime(timezone=True)), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("ts", sa.DateTime(timezone=True)),
+        sa.Column("p", sa.Double),
+    )
     metadata.create_all(engine)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with engine.begin() as conn:
-        conn.execute(table.insert(), [{"id": i, "ts": now - timedelta(minutes=i + 1), "p": 0.01 * (i % 50)} for i in range(100)])
+        conn.execute(
+            table.insert(), [{"id": i, "ts": now - timedelta(minutes=i + 1), "p": 0.01 * (i % 50)} for i in range(100)]
+        )
 
 
 def _settings(url: str, schema: str, state: str):
@@ -34,7 +42,18 @@ def _settings(url: str, schema: str, state: str):
             "query_timeout": "2s",
             "stores": {"pg": {"url": url}},
             "state": {"url": state},
-            "models": [{"name": "ctr", "predictions": {"store": "pg", "schema": schema, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}, "windows": ["1h"]}],
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {
+                        "store": "pg",
+                        "schema": schema,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
+                    "windows": ["1h"],
+                }
+            ],
         }
     )
 
@@ -76,7 +95,7 @@ def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engi
     backends: set[int] = set()
     sa.event.listen(stores.engine("pg"), "connect", lambda connection, _: backends.add(connection.info.backend_pid))
     refresher = ModelRefresher(settings.models[0], settings, stores)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         assert refresher.refresh(now).sources["predictions"].up
 
@@ -169,13 +188,17 @@ def _value(text: str, series: str) -> float | None:
     return None
 
 
-def test_a_sleeping_query_is_cancelled_on_the_server_and_other_models_keep_refreshing(postgres_schema, postgres_engine, tmp_path):
+def test_a_sleeping_query_is_cancelled_on_the_server_and_other_models_keep_refreshing(
+    postgres_schema, postgres_engine, tmp_path
+):
     url, schema = postgres_schema
     _fill(postgres_engine, schema)
     _sleeping_view(postgres_engine, schema, 30)  # far beyond the 2 s query_timeout
     base = _settings(url, schema, f"sqlite:///{tmp_path}/state.sqlite")
     fast = base.models[0]
-    slow = fast.model_copy(update={"name": "slow", "predictions": fast.predictions.model_copy(update={"table": "slow_predictions"})})
+    slow = fast.model_copy(
+        update={"name": "slow", "predictions": fast.predictions.model_copy(update={"table": "slow_predictions"})}
+    )
     models = [fast.model_copy(update={"name": name}) for name in ("a", "b")] + [slow]
     settings = base.model_copy(update={"models": models})  # query_timeout 2 s, refresh every 1 s
 
@@ -200,7 +223,9 @@ def test_a_sleeping_query_is_cancelled_on_the_server_and_other_models_keep_refre
         assert all(len(times) >= 3 for times in successes.values()), successes
         for name in ("a", "b"):
             assert f'mlmon_source_up{{model="{name}",source="predictions"}} 1.0' in text
-            assert _value(text, f'mlmon_refresh_errors_total{{model="{name}",reason="timeout",source="predictions"}}') == 0
+            assert (
+                _value(text, f'mlmon_refresh_errors_total{{model="{name}",reason="timeout",source="predictions"}}') == 0
+            )
         # The sleeping query was cancelled by the server at query_timeout, every time.
         assert longest_sleep < 3.0, longest_sleep
         assert _value(text, 'mlmon_refresh_errors_total{model="slow",reason="timeout",source="predictions"}') >= 2
@@ -223,7 +248,7 @@ def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, 
     stores = Stores(settings)
     refresher = ModelRefresher(model, settings, stores)
     results = []
-    worker = threading.Thread(target=lambda: results.append(refresher.refresh(datetime.now(timezone.utc))))
+    worker = threading.Thread(target=lambda: results.append(refresher.refresh(datetime.now(UTC))))
     worker.start()
 
     try:
@@ -240,7 +265,7 @@ def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, 
         assert failed.errors[("predictions", "connection")] == 1
 
         _sleeping_view(postgres_engine, schema, 0)  # the database is fast again
-        again = refresher.refresh(datetime.now(timezone.utc))
+        again = refresher.refresh(datetime.now(UTC))
         assert again.sources["predictions"].up  # same process, same pool: it reconnected
         assert again.errors[("predictions", "connection")] == 1  # counted once, nothing more
         assert open_transactions(postgres_engine, schema) == []

@@ -50,7 +50,7 @@ def _unanalyzed_tables(url: str, schema: str, replay_index: bool = False) -> dic
             sa.text(f'INSERT INTO "{schema}".predictions VALUES (:id, :ts, :p, :v)'),
             [
                 {"id": int(i), "ts": start + timedelta(seconds=float(s)), "p": float(p), "v": "v7"}
-                for i, s, p in zip(ids, seconds, scores)
+                for i, s, p in zip(ids, seconds, scores, strict=False)
             ],
         )
         order = rng.permutation(N)  # labels and replays in another order than the predictions
@@ -84,7 +84,9 @@ def _settings(url: str, schema: str):
                 {
                     "name": "ctr",
                     "predictions": {
-                        **source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"}
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"},
                     },
                     "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
                     "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "p"}},
@@ -140,7 +142,11 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
         # Another refresh, so that the counter query (new_predictions) runs too.
         second = refresher.refresh(AS_OF + timedelta(minutes=1))
 
-        assert {name: s.up for name, s in snap.sources.items()} == {"predictions": True, "labels": True, "replays": True}
+        assert {name: s.up for name, s in snap.sources.items()} == {
+            "predictions": True,
+            "labels": True,
+            "replays": True,
+        }
         assert all(s.up for s in second.sources.values())
         assert not any(snap.errors.values()), {k: v for k, v in snap.errors.items() if v}
         # Nested loops took minutes here; hash joins take well under a second.
@@ -150,7 +156,9 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
         online = snap.online[0]
         assert online.predictions == online.labeled == N
         assert online.positives == int(labels.sum())
-        assert online.roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=max(online.roc_auc_error_bound or 0, 1e-12))
+        assert online.roc_auc == pytest.approx(
+            roc_auc_score(labels, scores), abs=max(online.roc_auc_error_bound or 0, 1e-12)
+        )
         assert online.logloss == pytest.approx(log_loss(labels, scores), rel=1e-9)
         assert snap.score_stats[0].predictions == N
         assert snap.score_stats[0].mean == pytest.approx(scores.mean(), rel=1e-12)
@@ -194,9 +202,13 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
 def test_load_leaves_its_tables_analyzed(postgres_schema, postgres_engine, tmp_path):
     url, schema = postgres_schema
     first, second = tmp_path / "a.csv", tmp_path / "b.csv"
-    first.write_text("id,timestamp,score\n" + "".join(f"{i},2024-06-01T11:{i % 60:02d}:00Z,0.{i % 10}\n" for i in range(1500)))
+    first.write_text(
+        "id,timestamp,score\n" + "".join(f"{i},2024-06-01T11:{i % 60:02d}:00Z,0.{i % 10}\n" for i in range(1500))
+    )
     second.write_text("id,timestamp,score\n" + "".join(f"{i},2024-06-01T12:00:00Z,0.5\n" for i in range(1500, 2000)))
-    result = CliRunner().invoke(app, ["load", str(first), str(second), "--url", url, "--table", "preds", "--schema", schema])
+    result = CliRunner().invoke(
+        app, ["load", str(first), str(second), "--url", url, "--table", "preds", "--schema", schema]
+    )
     assert result.exit_code == 0, result.output
     with postgres_engine.connect() as conn:
         # ANALYZE sets reltuples (-1 until then), transactionally; the second file's ANALYZE counts both.
@@ -205,14 +217,20 @@ def test_load_leaves_its_tables_analyzed(postgres_schema, postgres_engine, tmp_p
         ).scalar()
         assert reltuples == 2000
         # The statistics of the time column exist: the planner reads windows from them.
-        columns = conn.execute(
-            sa.text("SELECT attname FROM pg_stats WHERE schemaname = :s AND tablename = 'preds' ORDER BY attname"), {"s": schema}
-        ).scalars().all()
+        columns = (
+            conn.execute(
+                sa.text("SELECT attname FROM pg_stats WHERE schemaname = :s AND tablename = 'preds' ORDER BY attname"),
+                {"s": schema},
+            )
+            .scalars()
+            .all()
+        )
         assert columns == ["id", "score", "timestamp"]
         deadline = time.monotonic() + 10  # the cumulative statistics reach pg_stat_* within a second or so
         while True:
             last = conn.execute(
-                sa.text("SELECT last_analyze FROM pg_stat_user_tables WHERE schemaname = :s AND relname = 'preds'"), {"s": schema}
+                sa.text("SELECT last_analyze FROM pg_stat_user_tables WHERE schemaname = :s AND relname = 'preds'"),
+                {"s": schema},
             ).scalar()
             if last is not None or time.monotonic() > deadline:
                 break

@@ -18,12 +18,11 @@ import os
 import shutil
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
-
 from conftest import free_port, require, start_process, wait_until_answers
 
 UID = 10001  # USER of the Dockerfile
@@ -52,9 +51,15 @@ def test_serve_runs_as_non_root_on_a_read_only_filesystem(postgres_schema, postg
     )
     url, schema = postgres_schema
     metadata = sa.MetaData(schema=schema)
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime(timezone=True)), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.Integer),
+        sa.Column("ts", sa.DateTime(timezone=True)),
+        sa.Column("p", sa.Double),
+    )
     metadata.create_all(postgres_engine)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with postgres_engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "ts": now - timedelta(minutes=i + 1), "p": 0.5} for i in range(30)])
 
@@ -82,15 +87,34 @@ def _serve_read_only(home: Path, url: str, schema: str) -> None:
     # descriptor, outside its read-only view and outside the state directory.
     log = home / "server.log"
     server = start_process(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh",
-         sys.executable, "-m", "exporter", "serve", "--config", str(config), "--port", str(port)],
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            NAMESPACE_SCRIPT,
+            "sh",
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+        ],
         log,
         env={**os.environ, "STATE": str(state), "PROBE": str(home / "probe"), "UID": str(UID)},
     )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_answers(
-            f"{base}/metrics", server, log, timeout=30,
+            f"{base}/metrics",
+            server,
+            log,
+            timeout=30,
             ready=lambda response: 'mlmon_source_up{model="ctr",source="predictions"} 1.0' in response.text,
         )
         assert 'mlmon_window_predictions{model="ctr",window="1h"} 30.0' in _metrics(base)
@@ -98,8 +122,16 @@ def _serve_read_only(home: Path, url: str, schema: str) -> None:
             uids = next(line for line in status if line.startswith("Uid:")).split()[1:]
         assert uids == [str(UID)] * 4  # real, effective, saved, filesystem
 
-        run = {"model": "ctr", "version": "v1", "trained_at": "2026-11-28T10:00:00Z", "training_rows": 1000,
-               "validation_rows": 200, "validation_logloss": 0.31, "validation_roc_auc": 0.74, "features": []}
+        run = {
+            "model": "ctr",
+            "version": "v1",
+            "trained_at": "2026-11-28T10:00:00Z",
+            "training_rows": 1000,
+            "validation_rows": 200,
+            "validation_logloss": 0.31,
+            "validation_roc_auc": 0.74,
+            "features": [],
+        }
         assert httpx.post(f"{base}/api/v1/training-runs", json=run).status_code == 201
         assert httpx.get(f"{base}/api/v1/models/ctr/versions").json()["versions"][0]["version"] == "v1"
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 
-AS_OF = datetime(2026, 1, 10, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 DELAY = timedelta(hours=1)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
 ATOL, RTOL = 1e-6, 1e-3
@@ -35,20 +35,20 @@ class Data:
 def make_data(seed: int, stores_nan: bool) -> Data:
     rng = np.random.default_rng(seed)
     n = 4000
-    offsets = [timezone.utc, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30))]
+    offsets = [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-5, minutes=-30))]
     predictions = []
     for i in range(n):
         instant = AS_OF - timedelta(seconds=float(rng.uniform(0, 27 * 3600)))
         score = float(np.round(rng.beta(1.5, 6), 2))  # two decimals: many ties
         predictions.append({"id": i, "ts": instant.astimezone(offsets[i % 3]), "score": score})
     # exact 0 and 1 scores, invalid scores, duplicate ids, a prediction exactly at as_of (excluded)
-    for i, score in zip(range(0, 40), [0.0, 1.0] * 20):
+    for i, score in zip(range(0, 40), [0.0, 1.0] * 20, strict=False):
         predictions[i]["score"] = score
     for i in range(40, 50):
         predictions[i]["score"] = None
     for i in range(50, 60):
         predictions[i]["score"] = float("nan") if stores_nan else None
-    for i, score in zip(range(60, 70), [1.5, -0.2, 1e200, -1e200, float("inf")] * 2):
+    for i, score in zip(range(60, 70), [1.5, -0.2, 1e200, -1e200, float("inf")] * 2, strict=False):
         predictions[i]["score"] = score
     for i in range(70, 80):
         predictions.append({**predictions[i], "ts": predictions[i]["ts"] - timedelta(minutes=1), "score": 0.5})
@@ -60,7 +60,9 @@ def make_data(seed: int, stores_nan: bool) -> Data:
             y = int(rng.random() < (p["score"] if isinstance(p["score"], float) and 0 <= p["score"] <= 1 else 0.5))
             labels.append({"id": p["id"], "y": y, "ts": AS_OF - timedelta(seconds=float(rng.uniform(0, 3600)))})
     labels += [{"id": 100 + i, "y": 2, "ts": AS_OF - timedelta(hours=2)} for i in range(5)]  # invalid value
-    labels += [{"id": 200 + i, "y": y, "ts": AS_OF - timedelta(hours=2)} for i in range(5) for y in (0, 1)]  # conflicting
+    labels += [
+        {"id": 200 + i, "y": y, "ts": AS_OF - timedelta(hours=2)} for i in range(5) for y in (0, 1)
+    ]  # conflicting
     labels += [{"id": 300 + i, "y": 1, "ts": AS_OF + timedelta(minutes=5)} for i in range(50)]  # not arrived yet
 
     replays = []
@@ -81,14 +83,16 @@ def _create(engine, schema, aware: bool, label_type):
     predictions = sa.Table(
         "predictions", metadata, sa.Column("id", sa.BigInteger), sa.Column("ts", ts_type), sa.Column("p", sa.Double)
     )
-    labels = sa.Table("labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", label_type), sa.Column("ts", ts_type))
+    labels = sa.Table(
+        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", label_type), sa.Column("ts", ts_type)
+    )
     replays = sa.Table("replays", metadata, sa.Column("id", sa.BigInteger), sa.Column("p", sa.Double))
     metadata.create_all(engine)
     return predictions, labels, replays
 
 
 def _ts(value: datetime, aware: bool):
-    return value if aware else value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value if aware else value.astimezone(UTC).replace(tzinfo=None)
 
 
 def load(engine, schema, data: Data, aware: bool, label_type=sa.Integer):
@@ -96,9 +100,14 @@ def load(engine, schema, data: Data, aware: bool, label_type=sa.Integer):
     if label_type is sa.Boolean:  # a boolean column cannot hold the invalid values
         data.labels = [dict(r, y=bool(r["y"])) for r in data.labels if r["y"] in (0, 1)]
     with engine.begin() as conn:
-        conn.execute(predictions.insert(), [{"id": p["id"], "ts": _ts(p["ts"], aware), "p": p["score"]} for p in data.predictions])
+        conn.execute(
+            predictions.insert(),
+            [{"id": p["id"], "ts": _ts(p["ts"], aware), "p": p["score"]} for p in data.predictions],
+        )
         if data.labels:
-            conn.execute(labels.insert(), [{"id": r["id"], "y": r["y"], "ts": _ts(r["ts"], aware)} for r in data.labels])
+            conn.execute(
+                labels.insert(), [{"id": r["id"], "y": r["y"], "ts": _ts(r["ts"], aware)} for r in data.labels]
+            )
         if data.replays:
             conn.execute(replays.insert(), [{"id": r["id"], "p": r["score"]} for r in data.replays])
 
@@ -152,7 +161,9 @@ def classify(data: Data, start, end, stores_nan: bool):
     """(valid (id, score) pairs, invalid counts by reason) of the window, by the rules of docs/metrics.md."""
     rows = [p for p in data.predictions if start <= p["ts"] < end]
     ids = [p["id"] for p in rows]
-    invalid = dict.fromkeys(["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp"], 0)
+    invalid = dict.fromkeys(
+        ["null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp"], 0
+    )
     valid = []
     for p in rows:
         s = p["score"]
@@ -186,7 +197,13 @@ def refresh(url, schema, **kwargs):
 @pytest.mark.parametrize(
     "store, aware",
     [("sqlite", False), ("postgresql", False), ("postgresql", True), ("duckdb", False), ("duckdb", True)],
-    ids=["sqlite-naive-utc", "postgresql-naive-utc", "postgresql-timestamptz", "duckdb-naive-utc", "duckdb-timestamptz"],
+    ids=[
+        "sqlite-naive-utc",
+        "postgresql-naive-utc",
+        "postgresql-timestamptz",
+        "duckdb-naive-utc",
+        "duckdb-timestamptz",
+    ],
     indirect=["store"],
 )
 def test_prediction_statistics(store, aware):
@@ -225,8 +242,11 @@ def test_counter_and_histogram_count_each_new_prediction_once(store, delay):
     snap = refresh(url, schema, ingestion_delay=f"{int(delay.total_seconds())}s")
     start, end = AS_OF - timedelta(minutes=30) - delay, AS_OF - delay
     scores = np.array(
-        [p["score"] for p in data.predictions
-         if start <= p["ts"] < end and p["score"] is not None and not math.isnan(p["score"]) and 0 <= p["score"] <= 1]
+        [
+            p["score"]
+            for p in data.predictions
+            if start <= p["ts"] < end and p["score"] is not None and not math.isnan(p["score"]) and 0 <= p["score"] <= 1
+        ]
     )
     counter = snap.counter
     assert counter.total == len(scores) > 0
@@ -236,7 +256,12 @@ def test_counter_and_histogram_count_each_new_prediction_once(store, delay):
 
 @pytest.mark.parametrize(
     "missing, label_timestamp, label_type",
-    [("ignore", True, sa.Integer), ("negative", True, sa.Integer), ("ignore", False, sa.Integer), ("ignore", True, sa.Boolean)],
+    [
+        ("ignore", True, sa.Integer),
+        ("negative", True, sa.Integer),
+        ("ignore", False, sa.Integer),
+        ("ignore", True, sa.Boolean),
+    ],
     ids=["ignore", "negative", "no-label-timestamp", "boolean-labels"],
 )
 def test_online_accuracy(store, missing, label_timestamp, label_type):
@@ -309,7 +334,10 @@ def test_bucketed_auc_and_percentiles_of_continuous_scores(tmp_path):
     n = 3000
     scores = rng.beta(1, 20, n)  # continuous: ~n distinct scores
     data = Data(
-        [{"id": i, "ts": AS_OF - DELAY - timedelta(seconds=float(rng.uniform(1, 3500))), "score": float(s)} for i, s in enumerate(scores)],
+        [
+            {"id": i, "ts": AS_OF - DELAY - timedelta(seconds=float(rng.uniform(1, 3500))), "score": float(s)}
+            for i, s in enumerate(scores)
+        ],
         [{"id": i, "y": int(rng.random() < s * 4), "ts": AS_OF - timedelta(hours=2)} for i, s in enumerate(scores)],
         [],
     )
@@ -346,7 +374,9 @@ def test_single_class_and_empty_windows(tmp_path):
     one_hour = next(o for o in snap.online if o.window == "1h")
     assert one_hour.labeled == 20 and one_hour.positives == 20
     assert one_hour.roc_auc is None  # one class: absent, never 0 or 0.5
-    assert one_hour.logloss == pytest.approx(log_loss(np.ones(20), np.clip([0.1 * (i % 5) for i in range(20)], 1e-15, 1), labels=[0, 1]))
+    assert one_hour.logloss == pytest.approx(
+        log_loss(np.ones(20), np.clip([0.1 * (i % 5) for i in range(20)], 1e-15, 1), labels=[0, 1])
+    )
     empty = next(s for s in snap.score_stats if s.window == "1h")  # nothing in [as_of - 1h, as_of)
     assert empty.predictions == 0 and empty.mean is None and empty.percentiles == {} and empty.mode_share is None
 
@@ -354,14 +384,18 @@ def test_single_class_and_empty_windows(tmp_path):
 def test_all_negative_window_and_empty_online_and_replay_windows(tmp_path):
     url = f"sqlite:///{tmp_path}/store.sqlite"
     # 10 predictions in the online 1h window, no label rows at all, no replays
-    data = Data([{"id": i, "ts": AS_OF - DELAY - timedelta(minutes=5 + i), "score": 0.01 * i} for i in range(10)], [], [])
+    data = Data(
+        [{"id": i, "ts": AS_OF - DELAY - timedelta(minutes=5 + i), "score": 0.01 * i} for i in range(10)], [], []
+    )
     load(sa.create_engine(url), None, data, False)
     negative = refresh(url, None, missing="negative")
     online = {o.window: o for o in negative.online}
     assert online["1h"].labeled == 10 and online["1h"].positives == 0
     assert online["1h"].roc_auc is None and online["1h"].calibration_ratio is None  # one class, no positive
     assert online["1h"].label_coverage == 0.0
-    assert online["1h"].logloss == pytest.approx(log_loss(np.zeros(10), np.clip(0.01 * np.arange(10), 1e-15, 1), labels=[0, 1]))
+    assert online["1h"].logloss == pytest.approx(
+        log_loss(np.zeros(10), np.clip(0.01 * np.arange(10), 1e-15, 1), labels=[0, 1])
+    )
     ignore = {o.window: o for o in refresh(url, None, missing="ignore").online}
     assert ignore["1h"].labeled == 0 and ignore["1h"].logloss is None and ignore["1h"].positive_ratio is None
     assert all(r.replayed == 0 and r.ratio is None and r.abs_error_max is None for r in negative.replays)

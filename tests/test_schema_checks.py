@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.config import load_settings
 from exporter.predictions.refresh import ModelRefresher
-from exporter.reasons import classify_error
 from exporter.predictions.stores import Stores
+from exporter.reasons import classify_error
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 #: (id, minute after 11:00, score, label, market, model_version, shard, active, weight)
@@ -49,10 +49,12 @@ def _tables(url: str, schema: str | None, id_types: dict[str, str], ids: dict[st
     ids = {table: ids.get(table) if ids else None for table in ("predictions", "labels", "replays")}
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text(
-            f"CREATE TABLE {q('predictions')} (id {id_types['predictions']}, ts TIMESTAMP, p DOUBLE PRECISION, "
-            "market VARCHAR(8), model_version TEXT, shard INTEGER, active BOOLEAN, weight REAL)"
-        ))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {q('predictions')} (id {id_types['predictions']}, ts TIMESTAMP, p DOUBLE PRECISION, "
+                "market VARCHAR(8), model_version TEXT, shard INTEGER, active BOOLEAN, weight REAL)"
+            )
+        )
         conn.execute(sa.text(f"CREATE TABLE {q('labels')} (id {id_types['labels']}, y INTEGER)"))
         conn.execute(sa.text(f"CREATE TABLE {q('replays')} (id {id_types['replays']}, p DOUBLE PRECISION)"))
         for k, (i, minute, score, label, market, version, shard, active, weight) in enumerate(ROWS):
@@ -61,8 +63,16 @@ def _tables(url: str, schema: str | None, id_types: dict[str, str], ids: dict[st
             values = {t: str(v) if "CHAR" in id_types[t] or "TEXT" in id_types[t] else v for t, v in values.items()}
             conn.execute(
                 sa.text(f"INSERT INTO {q('predictions')} VALUES (:i, :ts, :p, :m, :v, :s, :a, :w)"),
-                {"i": values["predictions"], "ts": datetime(2024, 6, 1, 11, minute), "p": score, "m": market,
-                 "v": version, "s": shard, "a": active, "w": weight},
+                {
+                    "i": values["predictions"],
+                    "ts": datetime(2024, 6, 1, 11, minute),
+                    "p": score,
+                    "m": market,
+                    "v": version,
+                    "s": shard,
+                    "a": active,
+                    "w": weight,
+                },
             )
             conn.execute(sa.text(f"INSERT INTO {q('labels')} VALUES (:i, :y)"), {"i": values["labels"], "y": label})
             conn.execute(sa.text(f"INSERT INTO {q('replays')} VALUES (:i, :p)"), {"i": values["replays"], "p": score})
@@ -76,8 +86,12 @@ def _config(tmp_path, url: str, schema: str | None, filter_yaml: str = "{}", rep
         "name": "ctr",
         "windows": ["1h"],
         "label_delay": "0s",
-        "predictions": {**source, "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                        "filter": "FILTER"},
+        "predictions": {
+            **source,
+            "table": "predictions",
+            "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+            "filter": "FILTER",
+        },
         "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
     }
     if replays:
@@ -128,8 +142,10 @@ def test_ids_of_different_kinds_are_a_schema_error_in_check_config_and_in_every_
     ids = None
     if "UUID" in predictions_type:
         numbers = [r[0] for r in ROWS]
-        ids = {t: (uuids if typ in ("UUID", "TEXT") else numbers) for t, typ in
-               (("predictions", predictions_type), ("labels", labels_type), ("replays", replays_type))}
+        ids = {
+            t: (uuids if typ in ("UUID", "TEXT") else numbers)
+            for t, typ in (("predictions", predictions_type), ("labels", labels_type), ("replays", replays_type))
+        }
     _tables(url, schema, {"predictions": predictions_type, "labels": labels_type, "replays": replays_type}, ids)
     path = _config(tmp_path, url, schema)
 
@@ -214,14 +230,22 @@ BAD_FILTERS = {
     "boolean-in-number-column": ("{weight: on}", "weight", ["the boolean true", "REAL", "without quotes"]),
     "boolean-in-integer-column": ("{shard: yes}", "shard", ["the boolean true", "INTEGER", "without quotes"]),
     "text-in-boolean-column": ("{active: 'true'}", "active", ["the text 'true'", "BOOLEAN", "true or false"]),
-    "timestamp-column": ('{ts: "2024-06-01 11:01:00"}', "ts", ["filters compare text, number, boolean or uuid columns only"]),
+    "timestamp-column": (
+        '{ts: "2024-06-01 11:01:00"}',
+        "ts",
+        ["filters compare text, number, boolean or uuid columns only"],
+    ),
 }
 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize(
     "value, words",
-    [('"00000000-0000-4000-8000-000000000001"', None), ('"0000-1"', ["the text '0000-1'", "UUID", "which this text is not"]), ("1", ["the number 1"])],
+    [
+        ('"00000000-0000-4000-8000-000000000001"', None),
+        ('"0000-1"', ["the text '0000-1'", "UUID", "which this text is not"]),
+        ("1", ["the number 1"]),
+    ],
 )
 def test_a_uuid_column_is_filtered_by_a_uuid_written_as_text(value, words, postgres_schema, tmp_path):
     url, schema = postgres_schema
@@ -229,7 +253,11 @@ def test_a_uuid_column_is_filtered_by_a_uuid_written_as_text(value, words, postg
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text(f'ALTER TABLE "{schema}".predictions ADD COLUMN tenant uuid'))
-        conn.execute(sa.text(f"UPDATE \"{schema}\".predictions SET tenant = CAST('00000000-0000-4000-8000-00000000000' || (id % 2) AS uuid)"))
+        conn.execute(
+            sa.text(
+                f"UPDATE \"{schema}\".predictions SET tenant = CAST('00000000-0000-4000-8000-00000000000' || (id % 2) AS uuid)"
+            )
+        )
     engine.dispose()
     result = _check_config(_config(tmp_path, url, schema, f"{{tenant: {value}}}", replays=False))
     if words is None:

@@ -7,18 +7,18 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from exporter.server.app import create_app
 from exporter.cli import app as cli
 from exporter.config import ConfigError, parse_settings
-from exporter.server.loop import refresh_once
 from exporter.predictions.stores import safe_url
+from exporter.server.app import create_app
+from exporter.server.loop import refresh_once
 
 SECRETS = ("s3cret", "k3y-pass", "t0ken")
 RUN = {"model": "ctr", "version": "v1", "trained_at": "2026-11-28T10:00:00Z", "training_rows": 1000}
@@ -38,11 +38,18 @@ models:
     "url, shown",
     [
         ("postgresql+psycopg://mlmon@db/serving?password=s3cret", "postgresql+psycopg://mlmon@db/serving?password=***"),
-        ("postgresql+psycopg://mlmon:s3cret@db:5432/serving?sslmode=require&sslpassword=k3y-pass",
-         "postgresql+psycopg://mlmon:***@db:5432/serving?sslmode=require&sslpassword=***"),
-        ("snowflake://u@acct/db?private_key_file_pwd=s3cret&token=t0ken&authenticator=oauth",
-         "snowflake://u@acct/db?authenticator=***&private_key_file_pwd=***&token=***"),
-        ("postgresql+psycopg://mlmon@db/serving?options=-csearch_path%3Dx", "postgresql+psycopg://mlmon@db/serving?options=-csearch_path%3Dx"),
+        (
+            "postgresql+psycopg://mlmon:s3cret@db:5432/serving?sslmode=require&sslpassword=k3y-pass",
+            "postgresql+psycopg://mlmon:***@db:5432/serving?sslmode=require&sslpassword=***",
+        ),
+        (
+            "snowflake://u@acct/db?private_key_file_pwd=s3cret&token=t0ken&authenticator=oauth",
+            "snowflake://u@acct/db?authenticator=***&private_key_file_pwd=***&token=***",
+        ),
+        (
+            "postgresql+psycopg://mlmon@db/serving?options=-csearch_path%3Dx",
+            "postgresql+psycopg://mlmon@db/serving?options=-csearch_path%3Dx",
+        ),
         ("postgresql://u:s3cret@host:notaport/db", "<unparsable URL>"),
     ],
 )
@@ -70,11 +77,16 @@ def test_mlmon_load_masks_a_password_in_the_query_string(postgres_schema, tmp_pa
     assert result.exit_code == 0, result.output
     assert "loaded 1 row(s) into t at" in result.output and "password=***" in result.output
     assert "s3cret" not in result.output
-    failing = CliRunner().invoke(cli, ["load", "--url", "postgresql+psycopg://u@127.0.0.1:1/x?password=s3cret", "--table", "t", str(csv)])
+    failing = CliRunner().invoke(
+        cli, ["load", "--url", "postgresql+psycopg://u@127.0.0.1:1/x?password=s3cret", "--table", "t", str(csv)]
+    )
     assert failing.exit_code == 2 and "s3cret" not in failing.output, failing.output
 
 
-@pytest.mark.parametrize("content", ["postgresql+psycopg://u:s3cret@db:notaport/x", "postgresql+psycopg://u:s3cret@db:70000/x", "not a url s3cret"])
+@pytest.mark.parametrize(
+    "content",
+    ["postgresql+psycopg://u:s3cret@db:notaport/x", "postgresql+psycopg://u:s3cret@db:70000/x", "not a url s3cret"],
+)
 def test_a_url_file_that_is_not_a_url_is_a_config_error_naming_the_key(tmp_path, content):
     secret = tmp_path / "url"
     secret.write_text(content + "\n")
@@ -97,13 +109,24 @@ def test_a_url_file_broken_after_start_is_a_schema_error_not_internal(tmp_path, 
     secret = tmp_path / "url"
     secret.write_text(f"sqlite:///{tmp_path}/store.sqlite\n")
     settings = parse_settings(
-        {"stores": {"s": {"url_file": str(secret)}},
-         "models": [{"name": "ctr", "predictions": {"store": "s", "table": "p", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}}],
-         "state": {"url": f"sqlite:///{tmp_path}/state.sqlite"}}
+        {
+            "stores": {"s": {"url_file": str(secret)}},
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {
+                        "store": "s",
+                        "table": "p",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
+                }
+            ],
+            "state": {"url": f"sqlite:///{tmp_path}/state.sqlite"},
+        }
     )
     secret.write_text("postgresql+psycopg://u:s3cret@db:notaport/x\n")  # rewritten while mlmon runs
     with caplog.at_level(logging.WARNING):
-        text = refresh_once(settings, datetime(2026, 11, 28, tzinfo=timezone.utc)).decode()
+        text = refresh_once(settings, datetime(2026, 11, 28, tzinfo=UTC)).decode()
     assert 'mlmon_refresh_errors_total{model="ctr",reason="schema",source="predictions"} 1.0' in text.splitlines()
     assert 'mlmon_refresh_errors_total{model="ctr",reason="internal",source="predictions"} 0.0' in text.splitlines()
     assert "stores.s.url_file: not a SQLAlchemy URL" in caplog.text
@@ -111,7 +134,9 @@ def test_a_url_file_broken_after_start_is_a_schema_error_not_internal(tmp_path, 
 
 
 def _app(tmp_path, **api):
-    return create_app(parse_settings({"stores": {}, "models": [], "state": {"url": f"sqlite:///{tmp_path}/state.sqlite"}, "api": api}))
+    return create_app(
+        parse_settings({"stores": {}, "models": [], "state": {"url": f"sqlite:///{tmp_path}/state.sqlite"}, "api": api})
+    )
 
 
 def test_an_open_api_is_warned_about_at_start(tmp_path, caplog):
@@ -119,7 +144,10 @@ def test_an_open_api_is_warned_about_at_start(tmp_path, caplog):
         pass
     assert [r.getMessage() for r in caplog.records if "api.token is not set" in r.getMessage()]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="exporter.server.app"), TestClient(_app(tmp_path, token="a-token-of-16-chars")):
+    with (
+        caplog.at_level(logging.WARNING, logger="exporter.server.app"),
+        TestClient(_app(tmp_path, token="a-token-of-16-chars")),
+    ):
         pass
     assert "api.token" not in caplog.text
 
@@ -129,7 +157,12 @@ def test_an_open_api_is_warned_about_at_start(tmp_path, caplog):
     [
         # DNS rebinding: evil.example resolves to mlmon's address, the page is same-origin to the browser
         ("POST", "/api/v1/training-runs", {"host": "evil.example:9847", "origin": "http://evil.example:9847"}, 403),
-        ("DELETE", "/api/v1/models/ctr/versions/v1", {"host": "evil.example:9847", "origin": "http://evil.example:9847"}, 403),
+        (
+            "DELETE",
+            "/api/v1/models/ctr/versions/v1",
+            {"host": "evil.example:9847", "origin": "http://evil.example:9847"},
+            403,
+        ),
         # a cross-site page posting to the loopback address
         ("POST", "/api/v1/training-runs", {"host": "127.0.0.1:9847", "origin": "https://evil.example"}, 403),
         ("POST", "/api/v1/training-runs", {"host": "127.0.0.1:9847", "origin": "http://127.0.0.1:8080"}, 403),
@@ -158,7 +191,12 @@ def test_with_a_token_the_token_decides_whatever_the_origin(tmp_path):
     with TestClient(_app(tmp_path, token=token)) as client:
         headers = {"host": "evil.example:9847", "origin": "http://evil.example:9847"}
         assert client.post("/api/v1/training-runs", json=RUN, headers=headers).status_code == 401
-        assert client.post("/api/v1/training-runs", json=RUN, headers={**headers, "Authorization": f"Bearer {token}"}).status_code == 201
+        assert (
+            client.post(
+                "/api/v1/training-runs", json=RUN, headers={**headers, "Authorization": f"Bearer {token}"}
+            ).status_code
+            == 201
+        )
 
 
 def test_the_sqlite_state_database_is_created_readable_by_its_owner_only(tmp_path):
@@ -169,7 +207,9 @@ def test_the_sqlite_state_database_is_created_readable_by_its_owner_only(tmp_pat
     finally:
         os.umask(previous)
     created = [p for p in tmp_path.iterdir() if p.name.startswith("state.sqlite")]
-    assert created and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in created), [(p.name, oct(p.stat().st_mode)) for p in created]
+    assert created and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in created), [
+        (p.name, oct(p.stat().st_mode)) for p in created
+    ]
     # an existing file keeps the mode its owner gave it
     existing = tmp_path / "shared"
     existing.mkdir()

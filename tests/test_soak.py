@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import free_port, start_process, wait_until_answers
+from prometheus_client.parser import text_string_to_metric_families
 
 MODELS = 50
 SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 600))
@@ -33,8 +32,13 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
     engine = sa.create_engine(url)
     metadata = sa.MetaData()
     predictions = sa.Table(
-        "predictions", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("model_name", sa.String),
-        sa.Column("ts", sa.DateTime), sa.Column("score", sa.Double), sa.Index("ix_model_ts", "model_name", "ts"),
+        "predictions",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("model_name", sa.String),
+        sa.Column("ts", sa.DateTime),
+        sa.Column("score", sa.Double),
+        sa.Index("ix_model_ts", "model_name", "ts"),
     )
     labels = sa.Table("labels", metadata, sa.Column("id", sa.Integer, index=True), sa.Column("clicked", sa.Integer))
     metadata.create_all(engine)
@@ -49,7 +53,14 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
         for m in range(MODELS):
             for offset in rng.uniform(0, (end - start).total_seconds(), per_model):
                 score = float(np.round(rng.beta(1.2, 40), 4))
-                rows.append({"id": next_id, "model_name": f"m{m}", "ts": start + timedelta(seconds=float(offset)), "score": score})
+                rows.append(
+                    {
+                        "id": next_id,
+                        "model_name": f"m{m}",
+                        "ts": start + timedelta(seconds=float(offset)),
+                        "score": score,
+                    }
+                )
                 if rng.random() < score:
                     clicks.append({"id": next_id, "clicked": 1})
                 next_id += 1
@@ -58,7 +69,7 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
             if clicks:
                 conn.execute(labels.insert(), clicks)
 
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     append(now - timedelta(hours=24), now, per_model=2000)
     model_lines = "\n".join(
         f"  - {{name: m{m}, predictions: {{store: s, table: predictions, columns: {{id: id, timestamp: ts, score: score}}, "
@@ -91,7 +102,7 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
             except httpx.HTTPError:
                 failures += 1
             if tick - last_append >= 5:  # new predictions keep arriving
-                end = datetime.now(timezone.utc).replace(tzinfo=None)
+                end = datetime.now(UTC).replace(tzinfo=None)
                 append(end - timedelta(seconds=5), end, per_model=5)
                 last_append = tick
             if not samples or elapsed - samples[-1][0] >= 10:
@@ -103,7 +114,10 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
         server.wait(timeout=30)
 
     with capsys.disabled():
-        print(f"\nsoak: {MODELS} models, {SECONDS:.0f} s, RSS MB over time: " + ", ".join(f"{t:.0f}s={r:.0f}" for t, r in samples))
+        print(
+            f"\nsoak: {MODELS} models, {SECONDS:.0f} s, RSS MB over time: "
+            + ", ".join(f"{t:.0f}s={r:.0f}" for t, r in samples)
+        )
     families = {f.name: f for f in text_string_to_metric_families(final)}
     assert failures == 0
     assert {s.value for s in families["mlmon_source_up"].samples} == {1.0}

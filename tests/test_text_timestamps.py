@@ -9,7 +9,7 @@ from ``datetime.fromisoformat``, never from exporter code.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -20,7 +20,7 @@ from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
 
-AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
+AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
 
 # Forms SQLite's date functions read: date only (midnight), 'T' or space, minutes or
@@ -141,7 +141,7 @@ def test_offset_and_naive_text_mixed_across_a_change(tmp_path):
     at their instant; naive rows by the documented reading, by hand: outside 02:00-02:59
     the only one, inside it 00:00Z + twice the time past 02:00."""
     paris = ZoneInfo("Europe/Paris")
-    first = datetime(2024, 10, 26, 22, tzinfo=timezone.utc)
+    first = datetime(2024, 10, 26, 22, tzinfo=UTC)
     instants = [first + timedelta(minutes=i) for i in range(360)]
     texts, readings = [], []
     for i, t in enumerate(instants):
@@ -153,18 +153,18 @@ def test_offset_and_naive_text_mixed_across_a_change(tmp_path):
             wall = local.replace(tzinfo=None)
             texts.append(wall.isoformat(sep=" "))
             if datetime(2024, 10, 27, 2) <= wall < datetime(2024, 10, 27, 3):
-                readings.append(datetime(2024, 10, 27, tzinfo=timezone.utc) + 2 * (wall - datetime(2024, 10, 27, 2)))
+                readings.append(datetime(2024, 10, 27, tzinfo=UTC) + 2 * (wall - datetime(2024, 10, 27, 2)))
             else:
                 readings.append(wall.replace(tzinfo=paris))
     url = _sqlite(tmp_path, "TEXT", texts)
     as_ofs = [first + timedelta(minutes=10 * k) for k in range(6, 37)]
     snaps = _refresh(_settings(url, "Europe/Paris", windows=["1h"]), *as_ofs)
-    for as_of, snap in zip(as_ofs, snaps):
+    for as_of, snap in zip(as_ofs, snaps, strict=False):
         window = [r for r in readings if as_of - timedelta(hours=1) <= r < as_of]
         assert snap.score_stats[0].predictions == len(window) > 0, as_of
         assert snap.last_prediction_timestamp == max(window).timestamp()
         assert as_of.timestamp() - snap.last_prediction_timestamp <= 120
-    hourly = [s.score_stats[0].predictions for a, s in zip(as_ofs, snaps) if a.minute == 0]
+    hourly = [s.score_stats[0].predictions for a, s in zip(as_ofs, snaps, strict=False) if a.minute == 0]
     assert sum(hourly) == 360  # the six hours from 22:00Z to 04:00Z partition the rows
     assert snaps[-1].counter.total == 300  # every row from the first refresh (23:00Z) on, once
 

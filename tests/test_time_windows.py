@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -12,13 +12,15 @@ from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 
-AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)  # windows: [11:00, 12:00) UTC
+AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)  # windows: [11:00, 12:00) UTC
 
 
 def _snapshot(url, column_type, values, schema=None, timezone_name="UTC"):
     engine = sa.create_engine(url)
     metadata = sa.MetaData(schema=schema)
-    table = sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", column_type), sa.Column("p", sa.Double))
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", column_type), sa.Column("p", sa.Double)
+    )
     metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": i, "ts": v, "p": 0.5} for i, v in enumerate(values)])
@@ -58,14 +60,26 @@ def test_sqlite_text_in_any_format_respects_both_edges(tmp_path):
     settings = parse_settings(
         {
             "stores": {"s": {"url": url}},
-            "models": [{"name": "m", "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}, "windows": ["1h"]}],
+            "models": [
+                {
+                    "name": "m",
+                    "predictions": {
+                        "store": "s",
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
+                    "windows": ["1h"],
+                }
+            ],
         }
     )
     stores = Stores(settings)
     snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
     stores.dispose()
     assert snap.score_stats[0].predictions == 4
-    assert snap.last_prediction_timestamp == pytest.approx(datetime(2026, 3, 1, 11, 45, 0, 123000, tzinfo=timezone.utc).timestamp())
+    assert snap.last_prediction_timestamp == pytest.approx(
+        datetime(2026, 3, 1, 11, 45, 0, 123000, tzinfo=UTC).timestamp()
+    )
 
 
 def test_epoch_seconds_column(tmp_path):
@@ -95,12 +109,28 @@ def test_unique_ids_found_in_the_schema(tmp_path, key):
     url = f"sqlite:///{tmp_path}/s.sqlite"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE TABLE predictions (id INTEGER{' PRIMARY KEY' if key == 'primary key' else ''}, ts DATETIME, p FLOAT)"))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE predictions (id INTEGER{' PRIMARY KEY' if key == 'primary key' else ''}, ts DATETIME, p FLOAT)"
+            )
+        )
         if key == "unique index":
             conn.execute(sa.text("CREATE UNIQUE INDEX ux_id ON predictions (id)"))
     engine.dispose()
     settings = parse_settings(
-        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}}]}
+        {
+            "stores": {"s": {"url": url}},
+            "models": [
+                {
+                    "name": "m",
+                    "predictions": {
+                        "store": "s",
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
+                }
+            ],
+        }
     )
     stores = Stores(settings)
     refresher = ModelRefresher(settings.models[0], settings, stores)

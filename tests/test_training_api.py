@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 import sqlalchemy as sa
+from conftest import table_locked
 from fastapi.testclient import TestClient
 
-from conftest import table_locked
-from exporter.server.app import create_app
 from exporter.config import parse_settings
+from exporter.server.app import create_app
 
 TOKEN = "t0ken-for-tests-0123456789"
 
@@ -29,8 +29,24 @@ def run(version="v1", **changes) -> dict:
         "validation_logloss": 0.31,
         "validation_roc_auc": 0.74,
         "features": [
-            {"name": "country", "kind": "categorical", "count": 1000, "missing_ratio": 0.1, "categories": {"fr": 0.7, "__other__": 0.3}},
-            {"name": "age", "kind": "numeric", "count": 1000, "missing_ratio": 0.0, "mean": 31.5, "stddev": 4.0, "min": 18.0, "max": 70.0, "percentiles": {"50": 30.0}},
+            {
+                "name": "country",
+                "kind": "categorical",
+                "count": 1000,
+                "missing_ratio": 0.1,
+                "categories": {"fr": 0.7, "__other__": 0.3},
+            },
+            {
+                "name": "age",
+                "kind": "numeric",
+                "count": 1000,
+                "missing_ratio": 0.0,
+                "mean": 31.5,
+                "stddev": 4.0,
+                "min": 18.0,
+                "max": 70.0,
+                "percentiles": {"50": 30.0},
+            },
         ],
     }
     body.update(changes)
@@ -58,7 +74,11 @@ def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
         first = client.post("/api/v1/training-runs", json=run())
         assert first.status_code == 201 and first.json() == {"status": "created", "model": "ctr", "version": "v1"}
         # the same run with its keys in another order is the same run
-        again = client.post("/api/v1/training-runs", content=json.dumps(dict(reversed(run().items()))), headers={"content-type": "application/json"})
+        again = client.post(
+            "/api/v1/training-runs",
+            content=json.dumps(dict(reversed(run().items()))),
+            headers={"content-type": "application/json"},
+        )
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
         conflict = client.post("/api/v1/training-runs", json=run(training_rows=999))
         assert conflict.status_code == 409 and "already stored with a different body" in conflict.json()["detail"]
@@ -91,8 +111,15 @@ def test_token_required_when_configured(state_url, caplog):
         ({"version": "v 1/2"}, "version", "should match pattern"),
         ({"trained_at": "yesterday"}, "trained_at", "datetime"),
         ({"colour": "blue"}, "colour", "Extra inputs are not permitted"),
-        ({"features": [{"name": "c", "kind": "categorical", "count": 3, "missing_ratio": 0.0, "categories": {"a": 0.5}}]},
-         "features[0].categories", "shares must sum to 1"),
+        (
+            {
+                "features": [
+                    {"name": "c", "kind": "categorical", "count": 3, "missing_ratio": 0.0, "categories": {"a": 0.5}}
+                ]
+            },
+            "features[0].categories",
+            "shares must sum to 1",
+        ),
     ],
 )
 def test_invalid_run_rejected_whole_with_its_key_path(state_url, changes, loc, message):
@@ -115,8 +142,18 @@ def test_oversized_and_non_json_bodies_rejected(state_url):
 
         streamed = client.post("/api/v1/training-runs", content=chunks(), headers={"content-type": "application/json"})
         assert streamed.status_code == 413
-        assert client.post("/api/v1/training-runs", content=json.dumps(run()), headers={"content-type": "text/plain"}).status_code == 415
-        assert client.post("/api/v1/training-runs", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+        assert (
+            client.post(
+                "/api/v1/training-runs", content=json.dumps(run()), headers={"content-type": "text/plain"}
+            ).status_code
+            == 415
+        )
+        assert (
+            client.post(
+                "/api/v1/training-runs", content=b"{not json", headers={"content-type": "application/json"}
+            ).status_code
+            == 422
+        )
         assert versions(client) == []
 
 
@@ -161,7 +198,16 @@ def test_a_locked_state_database_answers_503_and_metrics_keep_refreshing(postgre
             "refresh_interval": "1s",
             "query_timeout": "3s",
             "stores": {"p": {"url": f"sqlite:///{tmp_path}/p.sqlite"}},
-            "models": [{"name": "ctr", "predictions": {"store": "p", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p"}}}],
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {
+                        "store": "p",
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                    },
+                }
+            ],
             "state": {"url": f"{url}?options=-csearch_path%3D{schema}"},
         }
     )
@@ -170,7 +216,9 @@ def test_a_locked_state_database_answers_503_and_metrics_keep_refreshing(postgre
         with table_locked(postgres_engine, schema, "mlmon_training_runs", "EXCLUSIVE"):
             answers = []
             reports = [
-                threading.Thread(target=lambda i=i: answers.append(client.post("/api/v1/training-runs", json=run(f"v{i + 1}"))))
+                threading.Thread(
+                    target=lambda i=i: answers.append(client.post("/api/v1/training-runs", json=run(f"v{i + 1}")))
+                )
                 for i in range(8)
             ]
             started = time.monotonic()
@@ -209,7 +257,9 @@ def test_deeply_nested_json_is_rejected_cleanly(state_url):
 
 
 def test_a_slow_client_gets_408(tmp_path):
-    settings = parse_settings({"stores": {}, "models": [], "state": {"url": f"sqlite:///{tmp_path}/s.sqlite"}, "api": {"body_timeout": "1s"}})
+    settings = parse_settings(
+        {"stores": {}, "models": [], "state": {"url": f"sqlite:///{tmp_path}/s.sqlite"}, "api": {"body_timeout": "1s"}}
+    )
     app = create_app(settings)
 
     async def slow_body():
@@ -221,7 +271,9 @@ def test_a_slow_client_gets_408(tmp_path):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://mlmon") as client:
             started = time.monotonic()
-            response = await client.post("/api/v1/training-runs", content=slow_body(), headers={"content-type": "application/json"})
+            response = await client.post(
+                "/api/v1/training-runs", content=slow_body(), headers={"content-type": "application/json"}
+            )
             return response, time.monotonic() - started
 
     response, elapsed = asyncio.run(post())

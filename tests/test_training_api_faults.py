@@ -25,15 +25,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from fastapi.testclient import TestClient
-
 from conftest import free_port, open_transactions, start_process, wait_until_answers
-from exporter.training.api import RETRY_AFTER_SECONDS
-from exporter.server.app import create_app
-from exporter.config import parse_settings
-from exporter.training.storage import migrate
+from fastapi.testclient import TestClient
 from pg_proxy import Proxy
 from test_training_api import run
+
+from exporter.config import parse_settings
+from exporter.server.app import create_app
+from exporter.training.api import RETRY_AFTER_SECONDS
+from exporter.training.storage import migrate
 
 pytestmark = pytest.mark.postgres
 
@@ -181,7 +181,9 @@ def test_a_crash_between_request_and_commit_stores_nothing_and_the_retry_stores_
 
         def backend_gone() -> bool:
             with postgres_engine.connect() as conn:
-                alive = conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": backend})
+                alive = conn.execute(
+                    sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": backend}
+                )
                 return alive.scalar() == 0
 
         _wait_until(backend_gone, 10, f"the killed server's backend {backend} ending")

@@ -11,24 +11,24 @@ import logging
 import math
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from conftest import table_locked, waiting_on_a_lock
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import table_locked, waiting_on_a_lock
-from exporter.server.app import create_app
-from exporter.server.collector import build_registry, render
 from exporter.config import parse_settings
 from exporter.monitoring_math import ratio
-from exporter.training.metrics import TrainingRefresher
+from exporter.server.app import create_app
+from exporter.server.collector import build_registry, render
 from exporter.snapshot import SnapshotStore
-from exporter.training.storage import StateDatabase, load_histories, save_run, training_runs
+from exporter.training.metrics import TrainingRefresher
 from exporter.training.schema import TrainingRun
+from exporter.training.storage import StateDatabase, load_histories, save_run, training_runs
 
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 TOKEN = "t0ken-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -40,8 +40,13 @@ def settings_for(state_url: str, token: str | None = None, **training):
 
 def body(model="ctr", version="v1", trained_at="2026-11-28T10:00:00Z", **changes) -> dict:
     run = {
-        "model": model, "version": version, "trained_at": trained_at, "training_rows": 1000,
-        "validation_rows": 200, "validation_logloss": 0.31, "validation_roc_auc": 0.74,
+        "model": model,
+        "version": version,
+        "trained_at": trained_at,
+        "training_rows": 1000,
+        "validation_rows": 200,
+        "validation_logloss": 0.31,
+        "validation_roc_auc": 0.74,
     }
     run.update(changes)
     return run
@@ -68,12 +73,20 @@ def store_bypassing_validation(engine: sa.Engine, run: dict) -> None:
     text = json.dumps(run, sort_keys=True, separators=(",", ":"))
     trained_at = datetime.fromisoformat(run["trained_at"])
     with engine.begin() as conn:
-        conn.execute(training_runs.insert().values(
-            model=run["model"], version=run["version"], trained_at=trained_at, training_rows=run["training_rows"],
-            validation_rows=run["validation_rows"], validation_logloss=run["validation_logloss"],
-            validation_roc_auc=run["validation_roc_auc"], body=text, body_sha256=hashlib.sha256(text.encode()).hexdigest(),
-            received_at=NOW,
-        ))
+        conn.execute(
+            training_runs.insert().values(
+                model=run["model"],
+                version=run["version"],
+                trained_at=trained_at,
+                training_rows=run["training_rows"],
+                validation_rows=run["validation_rows"],
+                validation_logloss=run["validation_logloss"],
+                validation_roc_auc=run["validation_roc_auc"],
+                body=text,
+                body_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                received_at=NOW,
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -95,14 +108,16 @@ def test_trained_at_outside_1970_to_9999_is_a_422_naming_the_key(state_url, trai
         assert client.get("/api/v1/models").json() == {"models": []}
 
 
-@pytest.mark.parametrize("trained_at", ["1970-01-01T00:00:00Z", "1970-01-01T01:00:00+01:00", "9998-12-31T23:59:59.999999Z"])
+@pytest.mark.parametrize(
+    "trained_at", ["1970-01-01T00:00:00Z", "1970-01-01T01:00:00+01:00", "9998-12-31T23:59:59.999999Z"]
+)
 def test_the_edges_of_the_trained_at_range_are_stored_and_exported(state_url, trained_at):
     settings = settings_for(state_url)
     with TestClient(create_app(settings)) as client:
         assert client.post("/api/v1/training-runs", json=body(trained_at=trained_at)).status_code == 201
         assert client.post("/api/v1/training-runs", json=body(model="steady", version="s1")).status_code == 201
     database = StateDatabase(state_url)
-    got = exposition(TrainingRefresher(database, settings), settings, now=datetime(9999, 1, 1, tzinfo=timezone.utc))
+    got = exposition(TrainingRefresher(database, settings), settings, now=datetime(9999, 1, 1, tzinfo=UTC))
     database.engine.dispose()
     expected = datetime.fromisoformat(trained_at).timestamp()
     assert value(got, "mlmon_model_trained_timestamp_seconds", model="ctr") == expected
@@ -115,7 +130,11 @@ def test_a_stored_run_the_api_now_refuses_is_isolated_to_its_model_and_deleted_b
     database = StateDatabase(state_url)
     engine = database.ready()
     save_run(engine, TrainingRun(**body(model="steady", version="s1")), NOW)
-    save_run(engine, TrainingRun(**body(model="ctr", version="older", trained_at="2026-10-01T00:00:00Z", training_rows=800)), NOW)
+    save_run(
+        engine,
+        TrainingRun(**body(model="ctr", version="older", trained_at="2026-10-01T00:00:00Z", training_rows=800)),
+        NOW,
+    )
     save_run(engine, TrainingRun(**body(model="ctr", version="good", trained_at="2026-11-01T00:00:00Z")), NOW)
     # the reproduction, as an older mlmon stored it: 30 days before it is before year 1
     store_bypassing_validation(engine, body(model="ancient", version="year-1", trained_at="0001-01-10T00:00:00+00:00"))
@@ -145,7 +164,11 @@ def test_a_stored_run_the_api_now_refuses_is_isolated_to_its_model_and_deleted_b
         assert client.delete("/api/v1/models/ctr/versions/nope", headers=AUTH).status_code == 404
         assert client.delete("/api/v1/models/nope/versions/bad-logloss", headers=AUTH).status_code == 404
         deleted = client.delete(path, headers=AUTH)
-        assert deleted.status_code == 200 and deleted.json() == {"status": "deleted", "model": "ctr", "version": "bad-logloss"}
+        assert deleted.status_code == 200 and deleted.json() == {
+            "status": "deleted",
+            "model": "ctr",
+            "version": "bad-logloss",
+        }
         assert client.delete(path, headers=AUTH).status_code == 404
         listed = client.get("/api/v1/models/ctr/versions", headers=AUTH).json()["versions"]
         assert [v["version"] for v in listed] == ["good", "older"]
@@ -167,7 +190,10 @@ def test_a_failing_psi_computation_is_isolated_or_computed(state_url):
     empty = {"name": "x", "kind": "numeric", "count": 10, "missing_ratio": 1.0, "min": 0.0}
     with TestClient(create_app(settings)) as client:
         for version, day in (("a", "26"), ("b", "27")):
-            sent = client.post("/api/v1/training-runs", json=body(version=version, trained_at=f"2026-11-{day}T00:00:00Z", features=[empty]))
+            sent = client.post(
+                "/api/v1/training-runs",
+                json=body(version=version, trained_at=f"2026-11-{day}T00:00:00Z", features=[empty]),
+            )
             assert sent.status_code == 201, sent.text
         assert client.post("/api/v1/training-runs", json=body(model="steady", version="s1")).status_code == 201
     database = StateDatabase(state_url)
@@ -182,7 +208,11 @@ def test_a_failing_psi_computation_is_isolated_or_computed(state_url):
 def test_a_change_ratio_that_overflows_is_absent_not_inf(state_url):
     settings = settings_for(state_url)
     database = StateDatabase(state_url)
-    save_run(database.ready(), TrainingRun(**body(version="a", trained_at="2026-11-27T00:00:00Z", validation_logloss=1e-308)), NOW)
+    save_run(
+        database.ready(),
+        TrainingRun(**body(version="a", trained_at="2026-11-27T00:00:00Z", validation_logloss=1e-308)),
+        NOW,
+    )
     save_run(database.ready(), TrainingRun(**body(version="b", validation_logloss=1e308)), NOW)
     got = exposition(TrainingRefresher(database, settings), settings)
     database.engine.dispose()
@@ -195,8 +225,16 @@ def test_a_change_ratio_that_overflows_is_absent_not_inf(state_url):
 
 @pytest.mark.parametrize(
     "numerator, denominator, expected",
-    [(1e308, 1e-308, None), (-1e308, 1e-308, None), (1.0, 3.0, 1 / 3), (0.0, 2.0, 0.0), (1.0, 0.0, None), (None, 1.0, None),
-     (10**400, 1, None), (2**63 - 1, 1, float(2**63 - 1))],
+    [
+        (1e308, 1e-308, None),
+        (-1e308, 1e-308, None),
+        (1.0, 3.0, 1 / 3),
+        (0.0, 2.0, 0.0),
+        (1.0, 0.0, None),
+        (None, 1.0, None),
+        (10**400, 1, None),
+        (2**63 - 1, 1, float(2**63 - 1)),
+    ],
 )
 def test_ratio_is_undefined_when_not_a_finite_float(numerator, denominator, expected):
     assert ratio(numerator, denominator) == expected
@@ -208,18 +246,26 @@ def test_a_30d_baseline_exactly_720_hours_older_counts_and_a_microsecond_younger
     '30 days' would be 721 hours."""
     if state_url.startswith("postgresql"):
         state_url += "%20-ctimezone%3DEurope/Paris"
-    newest = datetime(2026, 11, 10, 12, 0, 0, 250000, tzinfo=timezone.utc)
+    newest = datetime(2026, 11, 10, 12, 0, 0, 250000, tzinfo=UTC)
     database = StateDatabase(state_url)
     engine = database.ready()
-    runs = [("older", newest - timedelta(hours=720, microseconds=1), 500), ("exact", newest - timedelta(hours=720), 800),
-            ("younger", newest - timedelta(hours=720) + timedelta(microseconds=1), 900), ("new", newest, 1000)]
+    runs = [
+        ("older", newest - timedelta(hours=720, microseconds=1), 500),
+        ("exact", newest - timedelta(hours=720), 800),
+        ("younger", newest - timedelta(hours=720) + timedelta(microseconds=1), 900),
+        ("new", newest, 1000),
+    ]
     for version, trained_at, rows in runs:
-        save_run(engine, TrainingRun(**body(version=version, trained_at=trained_at.isoformat(), training_rows=rows)), NOW)
+        save_run(
+            engine, TrainingRun(**body(version=version, trained_at=trained_at.isoformat(), training_rows=rows)), NOW
+        )
     histories, failures = load_histories(engine, 10, NOW)
     assert failures == {}
     assert histories["ctr"].month_ago.version == "exact"
     assert [r.version for r in histories["ctr"].recent] == ["new", "younger", "exact", "older"]
-    save_run(engine, TrainingRun(**body(version="newer", trained_at=(newest + timedelta(microseconds=1)).isoformat())), NOW)
+    save_run(
+        engine, TrainingRun(**body(version="newer", trained_at=(newest + timedelta(microseconds=1)).isoformat())), NOW
+    )
     histories, _ = load_histories(engine, 10, NOW)
     assert histories["ctr"].month_ago.version == "younger"
     database.engine.dispose()
@@ -231,7 +277,13 @@ def test_training_history_is_read_in_two_queries_whatever_the_number_of_models(s
     for i in range(30):
         for day in (40, 1, 0):
             trained_at = (NOW - timedelta(days=day, minutes=i)).isoformat()
-            save_run(engine, TrainingRun(**body(model=f"m{i}", version=f"d{day}", trained_at=trained_at, training_rows=1000 + i + day)), NOW)
+            save_run(
+                engine,
+                TrainingRun(
+                    **body(model=f"m{i}", version=f"d{day}", trained_at=trained_at, training_rows=1000 + i + day)
+                ),
+                NOW,
+            )
     statements = []
     sa.event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
     histories, failures = load_histories(engine, 2, NOW)
@@ -253,7 +305,9 @@ def test_runs_of_more_models_than_training_max_models_are_refused_and_counted(st
         assert client.post("/api/v1/training-runs", json=body(model="b")).status_code == 201
         refused = client.post("/api/v1/training-runs", json=body(model="c"))
         assert refused.status_code == 409 and "training.max_models = 2" in refused.json()["detail"]
-        assert client.post("/api/v1/training-runs", json=body(model="a", version="v2")).status_code == 201  # known model
+        assert (
+            client.post("/api/v1/training-runs", json=body(model="a", version="v2")).status_code == 201
+        )  # known model
         assert client.post("/api/v1/training-runs", json=body(model="b")).status_code == 200  # the same run again
         assert client.get("/api/v1/models").json() == {"models": ["a", "b"]}
         text = render(build_registry(app.state.snapshots, settings)).decode()

@@ -4,7 +4,7 @@ version, baselines (previous version, 30 days), history, features and PSI."""
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +18,10 @@ from exporter.client import build_training_run, summarize_features
 from exporter.config import parse_settings
 from exporter.server.loop import refresh_once
 from exporter.training.metrics import TrainingRefresher, feature_psi
-from exporter.training.storage import StateDatabase, save_run
 from exporter.training.schema import OTHER, FeatureSummary, TrainingRun
+from exporter.training.storage import StateDatabase, save_run
 
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
 
 
@@ -36,10 +36,18 @@ def report(state_url, *runs: TrainingRun) -> None:
     state.engine.dispose()
 
 
-def simple_run(version: str, days_ago: float, rows: int, logloss: float, auc: float, model="ctr", **fields) -> TrainingRun:
+def simple_run(
+    version: str, days_ago: float, rows: int, logloss: float, auc: float, model="ctr", **fields
+) -> TrainingRun:
     return TrainingRun(
-        model=model, version=version, trained_at=NOW - timedelta(days=days_ago), training_rows=rows,
-        validation_rows=rows // 10, validation_logloss=logloss, validation_roc_auc=auc, **fields,
+        model=model,
+        version=version,
+        trained_at=NOW - timedelta(days=days_ago),
+        training_rows=rows,
+        validation_rows=rows // 10,
+        validation_logloss=logloss,
+        validation_roc_auc=auc,
+        **fields,
     )
 
 
@@ -59,13 +67,19 @@ def value(samples_, name, **labels):
 
 def test_newest_version_baselines_and_history(state_url):
     runs = [  # (version, days ago, rows, logloss, auc); a 30-day baseline is v31, trained 31 days before v0
-        ("v45", 45, 2000, 0.30, 0.80), ("v31", 31, 1800, 0.31, 0.79), ("v29", 29, 1700, 0.29, 0.81),
-        ("v2", 2, 1600, 0.28, 0.82), ("v1", 1, 1500, 0.27, 0.83), ("v0", 0, 750, 0.36, 0.75),
+        ("v45", 45, 2000, 0.30, 0.80),
+        ("v31", 31, 1800, 0.31, 0.79),
+        ("v29", 29, 1700, 0.29, 0.81),
+        ("v2", 2, 1600, 0.28, 0.82),
+        ("v1", 1, 1500, 0.27, 0.83),
+        ("v0", 0, 750, 0.36, 0.75),
     ]
     report(state_url, *[simple_run(*r) for r in runs])
     got = samples(state_url, history_versions=4)
     assert value(got, "mlmon_model_info", model="ctr", version="v0") == 1
-    assert [k for k in got if k[0] == "mlmon_model_info"] == [("mlmon_model_info", frozenset({("model", "ctr"), ("version", "v0")}))]
+    assert [k for k in got if k[0] == "mlmon_model_info"] == [
+        ("mlmon_model_info", frozenset({("model", "ctr"), ("version", "v0")}))
+    ]
     assert value(got, "mlmon_model_trained_timestamp_seconds", model="ctr") == NOW.timestamp()
     assert value(got, "mlmon_training_rows", model="ctr") == 750
     assert value(got, "mlmon_validation_rows", model="ctr") == 75
@@ -113,8 +127,13 @@ def test_categorical_feature_breakdown_and_psi(state_url):
     )
     got = samples(state_url)
     assert value(got, "mlmon_training_feature_missing_ratio", model="ctr", feature="device") == 0.5
-    assert value(got, "mlmon_training_feature_category_share_ratio", model="ctr", feature="device", category="ios") == 0.8
-    assert value(got, "mlmon_training_feature_category_share_ratio", model="ctr", feature="device", category="__other__") == 0.2
+    assert (
+        value(got, "mlmon_training_feature_category_share_ratio", model="ctr", feature="device", category="ios") == 0.8
+    )
+    assert (
+        value(got, "mlmon_training_feature_category_share_ratio", model="ctr", feature="device", category="__other__")
+        == 0.2
+    )
     # "android" may hide in the new version's __other__: bins ios, __other__ (android with
     # it), missing; shares of all rows; a share of 0 counts as 1e-4
     expected = np.array([0.5, 0.5, 1e-4])
@@ -131,17 +150,32 @@ def test_online_logloss_against_the_offline_logloss_of_the_serving_version(tmp_p
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p FLOAT, v TEXT)"))
         conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
-        rows = [(i, (NOW - timedelta(minutes=10 + i)).replace(tzinfo=None), 0.2 + 0.1 * (i % 2), "v1" if i < 5 else "v0") for i in range(10)]
+        rows = [
+            (i, (NOW - timedelta(minutes=10 + i)).replace(tzinfo=None), 0.2 + 0.1 * (i % 2), "v1" if i < 5 else "v0")
+            for i in range(10)
+        ]
         for row in rows:
-            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :v)"), dict(zip("i ts p v".split(), row)))
+            conn.execute(
+                sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :v)"),
+                dict(zip("i ts p v".split(), row, strict=False)),
+            )
         for i in range(10):
             conn.execute(sa.text("INSERT INTO labels VALUES (:i, :y)"), {"i": i, "y": i % 2})
     engine.dispose()
     state = f"sqlite:///{tmp_path}/state.sqlite"
-    report(state, simple_run("v0", 2, 100, 0.5, 0.8), simple_run("v1", 1, 100, 0.25, 0.8), simple_run("v2", 0, 100, 0.2, 0.8))
+    report(
+        state,
+        simple_run("v0", 2, 100, 0.5, 0.8),
+        simple_run("v1", 1, 100, 0.25, 0.8),
+        simple_run("v2", 0, 100, 0.2, 0.8),
+    )
     model = {
         "name": "ctr",
-        "predictions": {"store": "s", "table": "predictions", "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"}},
+        "predictions": {
+            "store": "s",
+            "table": "predictions",
+            "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"},
+        },
         "labels": {"store": "s", "table": "labels", "columns": {"id": "id", "label": "y"}},
         "windows": ["1h"],
         "label_delay": "0s",
@@ -188,7 +222,10 @@ def test_high_cardinality_category_from_the_same_distribution_is_stable():
 
     rng = np.random.default_rng(5)
     weights = 1 / np.arange(1, 41)  # 40 categories, many near the top-20 cut
-    draw = lambda: pd.DataFrame({"site": rng.choice([f"s{i}" for i in range(40)], 20_000, p=weights / weights.sum())})
+
+    def draw():
+        return pd.DataFrame({"site": rng.choice([f"s{i}" for i in range(40)], 20_000, p=weights / weights.sum())})
+
     (a,), (b,) = summarize_features(draw(), top_k=20), summarize_features(draw(), top_k=20)
     assert feature_psi(a, b) < 0.01
 
@@ -196,13 +233,23 @@ def test_high_cardinality_category_from_the_same_distribution_is_stable():
 def test_car_loan_reference_against_a_shifted_copy(state_url):
     reference = pd.read_csv(CAR_LOAN / "synthetic_car_loan_reference.csv")
     features = reference[
-        ["car_value", "salary_range", "debt_to_income_ratio", "loan_length", "repaid_loan_on_prev_car", "size_of_downpayment", "driver_tenure"]
+        [
+            "car_value",
+            "salary_range",
+            "debt_to_income_ratio",
+            "loan_length",
+            "repaid_loan_on_prev_car",
+            "size_of_downpayment",
+            "driver_tenure",
+        ]
     ]
     # version B: another sample of the same population (a bootstrap of A's rows), with one feature changed
     resampled = features.sample(frac=1.0, replace=True, random_state=1).reset_index(drop=True)
     shifted = resampled.assign(car_value=resampled["car_value"] * 1.5)
     validation = (reference["repaid"].astype(int), reference["y_pred_proba"])
-    a = build_training_run(model="car_loan", version="A", trained_at=NOW - timedelta(days=1), training_data=features, validation=validation)
+    a = build_training_run(
+        model="car_loan", version="A", trained_at=NOW - timedelta(days=1), training_data=features, validation=validation
+    )
     b = build_training_run(model="car_loan", version="B", trained_at=NOW, training_data=shifted, validation=validation)
     report(state_url, a, b)
     got = samples(state_url)
@@ -221,7 +268,9 @@ def test_as_of_with_an_offset_is_an_instant(state_url):
     report(state_url, simple_run("v0", 0, 100, 0.3, 0.8))  # trained at 12:00 UTC
     plus2 = timezone(timedelta(hours=2))
     before = refresh_once(settings_for(state_url), datetime(2026, 11, 28, 13, 30, tzinfo=plus2)).decode()  # 11:30 UTC
-    after = refresh_once(settings_for(state_url), datetime(2026, 11, 28, 10, 30, tzinfo=timezone(-timedelta(hours=2)))).decode()  # 12:30 UTC
+    after = refresh_once(
+        settings_for(state_url), datetime(2026, 11, 28, 10, 30, tzinfo=timezone(-timedelta(hours=2)))
+    ).decode()  # 12:30 UTC
     assert "mlmon_model_info" not in before
     assert 'mlmon_model_info{model="ctr",version="v0"} 1.0' in after
 
@@ -245,8 +294,13 @@ def test_the_migrated_schema_is_the_one_the_queries_use(state_url):
 
 def test_feature_and_category_series_are_bounded(state_url):
     features = [
-        {"name": f"f{i:02d}", "kind": "categorical", "count": 10, "missing_ratio": 0.0,
-         "categories": {f"c{j}": 0.1 for j in range(10)}}
+        {
+            "name": f"f{i:02d}",
+            "kind": "categorical",
+            "count": 10,
+            "missing_ratio": 0.0,
+            "categories": {f"c{j}": 0.1 for j in range(10)},
+        }
         for i in range(5)
     ]
     report(state_url, simple_run("v0", 0, 100, 0.3, 0.8, features=features))
@@ -271,8 +325,10 @@ def raw_psi(expected: np.ndarray, actual: np.ndarray) -> float:
 def raw_value_psi(reference: np.ndarray, current: np.ndarray) -> float:
     """PSI on the raw rows, one bin per distinct value (NaN: the missing bin)."""
     values = np.union1d(reference[~np.isnan(reference)], current[~np.isnan(current)])
+
     def shares(x):
         return np.append([np.mean(x == v) for v in values], np.mean(np.isnan(x)))
+
     return raw_psi(shares(reference), shares(current))
 
 
@@ -326,8 +382,10 @@ def test_discrete_reference_against_a_continuous_current_uses_the_reference_valu
     # raw data over the bins (-inf, 0], (0, 1], (1, 2], (2, 3], (3, inf) and missing; the
     # current's side is read through its interpolated percentiles: close, not exact
     edges = np.array([0.0, 1.0, 2.0, 3.0])
+
     def shares(x):
         return np.append(np.bincount(np.searchsorted(edges, x, side="left"), minlength=5) / len(x), 0.0)
+
     expected = raw_psi(shares(reference), shares(current))
     assert expected > 0.25
     assert feature_psi(ref, cur) == pytest.approx(expected, rel=0.05)
@@ -336,7 +394,9 @@ def test_discrete_reference_against_a_continuous_current_uses_the_reference_valu
 def test_discrete_feature_psi_through_the_training_refresh(state_url):
     reference, current, _ = discrete_cases()["binary 70% -> 50% zeros"]
     a, b = (
-        build_training_run(model="ctr", version=v, trained_at=NOW - timedelta(days=d), training_data=pd.DataFrame({"f": x}))
+        build_training_run(
+            model="ctr", version=v, trained_at=NOW - timedelta(days=d), training_data=pd.DataFrame({"f": x})
+        )
         for v, d, x in (("a", 1, reference), ("b", 0, current))
     )
     report(state_url, a, b)
@@ -393,10 +453,12 @@ def union_bins_psi(reference: np.ndarray, current: np.ndarray, ref: dict, cur: d
     """Raw-data PSI over the bins of docs/metrics.md: every category either summary lists,
     one bin for all others, one for missing (None)."""
     listed = sorted((set(ref) | set(cur)) - {OTHER})
+
     def shares(x):
         present = np.array([v is not None for v in x])
         known = [np.mean(x == c) for c in listed]
         return np.array(known + [present.mean() - sum(known), 1 - present.mean()])
+
     return raw_psi(shares(reference), shares(current))
 
 
@@ -449,8 +511,10 @@ def test_new_category_hidden_in_the_previous_versions_other_reads_the_least_cons
     assert "new" in cur and "new" not in ref and ref[OTHER] > 0.1
     # today's reading: the categories both list, everything else in one bin
     both = sorted((set(ref) & set(cur)) - {OTHER})
-    folded = raw_psi(np.array([ref[c] for c in both] + [1 - sum(ref[c] for c in both)]),
-                     np.array([cur[c] for c in both] + [1 - sum(cur[c] for c in both)]))
+    folded = raw_psi(
+        np.array([ref[c] for c in both] + [1 - sum(ref[c] for c in both)]),
+        np.array([cur[c] for c in both] + [1 - sum(cur[c] for c in both)]),
+    )
     assert folded < 0.2
     least = least_consistent_psi(ref, cur)
     assert least > 0.4
@@ -512,17 +576,17 @@ def feature_summaries(draw, kind: str) -> FeatureSummary:
         weights = [draw(st.floats(0.0, 1.0)) for _ in names]
         if sum(weights) == 0:
             weights[0] = 1.0
-        return FeatureSummary(**fields, categories={n: w / sum(weights) for n, w in zip(names, weights)})
+        return FeatureSummary(**fields, categories={n: w / sum(weights) for n, w in zip(names, weights, strict=False)})
     magnitude = draw(st.sampled_from([1.0, 1e-300, 1e300]))
     values = sorted(draw(st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=12)))
     values = [v * magnitude for v in values]
     fields.update(mean=values[0], stddev=0.0, min=values[0], max=values[-1])
     quantiles = draw(st.lists(st.sampled_from([1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]), unique=True))
-    fields["percentiles"] = {str(q): v for q, v in zip(sorted(quantiles), values[1:-1])}
+    fields["percentiles"] = {str(q): v for q, v in zip(sorted(quantiles), values[1:-1], strict=False)}
     distinct = sorted(set(values))
     if draw(st.booleans()):
         shares = [draw(st.integers(1, 5)) for _ in distinct]
-        fields["value_shares"] = [(v, n / sum(shares)) for v, n in zip(distinct, shares)]
+        fields["value_shares"] = [(v, n / sum(shares)) for v, n in zip(distinct, shares, strict=False)]
     return FeatureSummary(**fields)
 
 

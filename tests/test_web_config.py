@@ -12,13 +12,12 @@ from pathlib import Path
 import bcrypt
 import httpx
 import pytest
-
 from conftest import free_port, require, start_process, wait_until_answers
+
 from exporter.config import ConfigError
 from exporter.server.web_config import load_web_config
 
 PASSWORD = "correct horse battery staple"
-
 
 
 @pytest.fixture
@@ -26,25 +25,56 @@ def certificate(tmp_path) -> tuple[Path, Path]:
     require(shutil.which("openssl") is not None, "openssl not installed")
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
 
 def test_tls_and_basic_auth_on_the_real_server(tmp_path, certificate):
     cert, key = certificate
-    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode().replace("$2b$", "$2y$", 1)  # htpasswd style
+    hashed = (
+        bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode().replace("$2b$", "$2y$", 1)
+    )  # htpasswd style
     (tmp_path / "web.yml").write_text(
         f"tls_server_config: {{cert_file: {cert.name}, key_file: {key.name}}}\nbasic_auth_users: {{prometheus: '{hashed}'}}\n"
     )
-    (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n')
+    (tmp_path / "mlmon.yml").write_text(
+        f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n'
+    )
     port = free_port()
     log = tmp_path / "server.log"
     server = start_process(
-        [sys.executable, "-m", "exporter", "serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port),
-         "--web.config.file", str(tmp_path / "web.yml")],
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "serve",
+            "--config",
+            str(tmp_path / "mlmon.yml"),
+            "--port",
+            str(port),
+            "--web.config.file",
+            str(tmp_path / "web.yml"),
+        ],
         log,
     )
     base = f"https://127.0.0.1:{port}"
@@ -60,7 +90,9 @@ def test_tls_and_basic_auth_on_the_real_server(tmp_path, certificate):
         # the training-run API keeps its own bearer token, in the same header; probes stay open
         assert httpx.get(f"{base}/api/v1/models", verify=trust).status_code == 200
         assert httpx.get(f"{base}/healthz", verify=trust).status_code == 200
-        assert httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", "x" * 100)).status_code == 401  # > 72 bytes
+        assert (
+            httpx.get(f"{base}/metrics", verify=trust, auth=("prometheus", "x" * 100)).status_code == 401
+        )  # > 72 bytes
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
     finally:
@@ -69,11 +101,15 @@ def test_tls_and_basic_auth_on_the_real_server(tmp_path, certificate):
 
 
 def test_web_config_errors_are_named(tmp_path):
-    (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain}\nextra: 1\n")
+    (tmp_path / "web.yml").write_text(
+        "tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain}\nextra: 1\n"
+    )
     with pytest.raises(ConfigError) as caught:
         load_web_config(tmp_path / "web.yml")
     assert caught.value.errors == ["extra: unknown key 'extra' (allowed: basic_auth_users, tls_server_config)"]
-    (tmp_path / "web.yml").write_text("tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain, v: $2y$10$garbage}\n")
+    (tmp_path / "web.yml").write_text(
+        "tls_server_config: {cert_file: missing.crt, key_file: missing.key}\nbasic_auth_users: {u: plain, v: $2y$10$garbage}\n"
+    )
     with pytest.raises(ConfigError) as caught:
         load_web_config(tmp_path / "web.yml")
     assert caught.value.errors == [

@@ -118,7 +118,9 @@ def _indexed_by(table: sa.Table, column: str) -> bool:
     keys = [list(table.primary_key.columns.keys())]
     keys += [list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
     leading = [key[0] for key in keys if key]
-    leading += [i.expressions[0].name for i in table.indexes if i.expressions and isinstance(i.expressions[0], sa.Column)]
+    leading += [
+        i.expressions[0].name for i in table.indexes if i.expressions and isinstance(i.expressions[0], sa.Column)
+    ]
     return column in leading
 
 
@@ -180,7 +182,12 @@ class PredictionQueries:
             duplicates = self._duplicates(start, end)
             conditions.append(duplicates.c.id.is_(None))
             source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
-        return sa.select(self.id.label("id"), self.score.label("score")).select_from(source).where(*conditions).subquery("valid_rows")
+        return (
+            sa.select(self.id.label("id"), self.score.label("score"))
+            .select_from(source)
+            .where(*conditions)
+            .subquery("valid_rows")
+        )
 
     def _duplicates(self, start: datetime, end: datetime) -> sa.Subquery:
         return (
@@ -214,17 +221,14 @@ class PredictionQueries:
         ).subquery("keyed")
         # Only valid rows: an excluded score (1e200, NaN) would overflow or poison the sums.
         deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key / scale), else_=None)
-        return (
-            sa.select(
-                keyed.c.key,
-                sa.func.count().label("n"),
-                sa.func.min(keyed.c.score).label("low"),
-                sa.func.max(keyed.c.score).label("high"),
-                sa.func.sum(deviation).label("s1"),
-                sa.func.sum(deviation * deviation).label("s2"),
-            )
-            .group_by(keyed.c.key)
-        )
+        return sa.select(
+            keyed.c.key,
+            sa.func.count().label("n"),
+            sa.func.min(keyed.c.score).label("low"),
+            sa.func.max(keyed.c.score).label("high"),
+            sa.func.sum(deviation).label("s1"),
+            sa.func.sum(deviation * deviation).label("s2"),
+        ).group_by(keyed.c.key)
 
     def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
         """One row: the count of the most frequent valid score, rounded half up to ``decimals``
@@ -336,23 +340,20 @@ class PredictionQueries:
         )
         labeled = keyed.c.y.is_not(None)
         labeled_score = sa.case((labeled, keyed.c.score), else_=None)
-        return (
-            sa.select(
-                keyed.c.key,
-                sa.func.count().label("predictions"),
-                _count_if(keyed.c.has_label).label("with_label"),
-                _count_if(keyed.c.y == 1).label("positives"),
-                _count_if(keyed.c.y == 0).label("negatives"),
-                sa.func.min(labeled_score).label("low"),
-                sa.func.max(labeled_score).label("high"),
-                sa.func.sum(labeled_score).label("labeled_score_sum"),
-                sa.func.sum(log_loss_term).label("log_loss_sum"),
-                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label("extreme"),
-                _count_if(keyed.c.conflicting).label("conflicting"),
-                _count_if(keyed.c.invalid).label("invalid"),
-            )
-            .group_by(keyed.c.key)
-        )
+        return sa.select(
+            keyed.c.key,
+            sa.func.count().label("predictions"),
+            _count_if(keyed.c.has_label).label("with_label"),
+            _count_if(keyed.c.y == 1).label("positives"),
+            _count_if(keyed.c.y == 0).label("negatives"),
+            sa.func.min(labeled_score).label("low"),
+            sa.func.max(labeled_score).label("high"),
+            sa.func.sum(labeled_score).label("labeled_score_sum"),
+            sa.func.sum(log_loss_term).label("log_loss_sum"),
+            _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label("extreme"),
+            _count_if(keyed.c.conflicting).label("conflicting"),
+            _count_if(keyed.c.invalid).label("invalid"),
+        ).group_by(keyed.c.key)
 
     def replays_by_lookup(self, replays: ReplayQueries) -> bool:
         """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
@@ -383,14 +384,11 @@ class PredictionQueries:
         diff = sa.func.abs(online - offline)
         larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
         within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
-        return (
-            sa.select(
-                sa.func.count(),
-                _count_if(sa.and_(valid, within)),
-                sa.func.max(sa.case((valid, diff), else_=None)),
-            )
-            .select_from(source)
-        )
+        return sa.select(
+            sa.func.count(),
+            _count_if(sa.and_(valid, within)),
+            sa.func.max(sa.case((valid, diff), else_=None)),
+        ).select_from(source)
 
 
 class LabelQueries:

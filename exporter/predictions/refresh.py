@@ -21,21 +21,13 @@ from exporter.durations import parse_duration
 from exporter.errors import first_line
 from exporter.monitoring_math import (
     percentiles_from_buckets,
-    ratio,
     pooled_variance,
+    ratio,
     roc_auc_bucket_error_bound,
     roc_auc_from_counts,
     round_half_up_index,
 )
 from exporter.predictions.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
-from exporter.snapshot import (
-    ModelSnapshot,
-    OnlineAccuracy,
-    PredictionCounter,
-    Reproducibility,
-    ScoreStats,
-    SourceStatus,
-)
 from exporter.predictions.stores import (
     NUMBER_TYPES,
     Stores,
@@ -46,6 +38,14 @@ from exporter.predictions.stores import (
     timestamp_types,
 )
 from exporter.reasons import ERROR_REASONS, SchemaError, classify_error
+from exporter.snapshot import (
+    ModelSnapshot,
+    OnlineAccuracy,
+    PredictionCounter,
+    Reproducibility,
+    ScoreStats,
+    SourceStatus,
+)
 from exporter.training.schema import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,14 @@ class ModelRefresher:
             source = self.model.predictions
             engine = self.stores.engine(source.store)
             path = self._key_path("predictions")
-            types = {"score": (NUMBER_TYPES, "a number (probability)"), "timestamp": timestamp_types(engine.dialect.name, path)}
+            types = {
+                "score": (NUMBER_TYPES, "a number (probability)"),
+                "timestamp": timestamp_types(engine.dialect.name, path),
+            }
             table = reflect_table(engine, source, source.columns.model_dump(), path, types)
-            time_col = time_column(table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name)
+            time_col = time_column(
+                table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
+            )
             self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
         return self._prediction_queries
 
@@ -231,7 +236,14 @@ class ModelRefresher:
                 invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(row.n)
         if not buckets:
             return ScoreStats(
-                window=window, predictions=0, invalid=invalid, mean=None, stddev=None, percentiles={}, mode_share=None, bucketed=False
+                window=window,
+                predictions=0,
+                invalid=invalid,
+                mean=None,
+                stddev=None,
+                percentiles={},
+                mode_share=None,
+                bucketed=False,
             )
         buckets.sort(key=lambda b: b.key)
         counts = np.array([_int(b.n) for b in buckets])
@@ -332,7 +344,9 @@ class ModelRefresher:
             if problem is not None:
                 log.warning(
                     "model %s: serving version in column %r is %s; mlmon_online_logloss_vs_offline_ratio is absent",
-                    self.model.name, self.model.predictions.columns.version, problem,
+                    self.model.name,
+                    self.model.predictions.columns.version,
+                    problem,
                 )
             self._version_problem = problem
         return tuple(replace(o, serving_version=version) for o in online)
@@ -344,7 +358,9 @@ class ModelRefresher:
             if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
                 conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
             for window in self.model.windows:
-                n, reproduced, abs_error_max = conn.execute(q.replays(replays, as_of - parse_duration(window), as_of)).one()
+                n, reproduced, abs_error_max = conn.execute(
+                    q.replays(replays, as_of - parse_duration(window), as_of)
+                ).one()
                 n = _int(n)
                 out.append(
                     Reproducibility(
@@ -385,7 +401,9 @@ class ModelRefresher:
                 if reason == "internal":
                     log.exception("model %s: refreshing %s failed", self.model.name, name)
                 else:
-                    log.warning("model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, first_line(exc))
+                    log.warning(
+                        "model %s: refreshing %s failed (%s): %s", self.model.name, name, reason, first_line(exc)
+                    )
                 with self._lock:
                     if name not in self._counted:  # stalled() counted this failure already
                         self._errors[(name, reason)] += 1
@@ -466,5 +484,3 @@ class ModelRefresher:
             self._label_queries = None
         else:
             self._replay_queries = None
-
-

@@ -10,11 +10,11 @@ import math
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
@@ -22,7 +22,6 @@ from sqlalchemy.engine import Connection, Engine
 
 from exporter.config import Settings, TableSource
 from exporter.reasons import SchemaError
-
 
 #: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
 #: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
@@ -50,8 +49,12 @@ def _sqlite_math(dbapi_connection, _record) -> None:
     try:
         dbapi_connection.execute("SELECT ln(1.0), floor(1.5)").fetchone()
     except Exception:
-        dbapi_connection.create_function("ln", 1, lambda x: None if x is None or x <= 0 else math.log(x), deterministic=True)
-        dbapi_connection.create_function("floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True)
+        dbapi_connection.create_function(
+            "ln", 1, lambda x: None if x is None or x <= 0 else math.log(x), deterministic=True
+        )
+        dbapi_connection.create_function(
+            "floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True
+        )
 
 
 #: The drivers mlmon's extras install (pyproject.toml), by SQLAlchemy URL scheme.
@@ -165,7 +168,7 @@ def _transition_after(zone: ZoneInfo, instant: datetime, within: timedelta) -> d
             low = middle
         else:
             high = middle
-    return datetime.fromtimestamp(high, timezone.utc)
+    return datetime.fromtimestamp(high, UTC)
 
 
 def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
@@ -192,7 +195,7 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
     early, late = zone.utcoffset(wall), zone.utcoffset(wall.replace(fold=1))
     if early > late:  # a repeated wall time: instant is within d of the transition
         d = early - late
-        first = (wall - early).replace(tzinfo=timezone.utc)  # its first pass, before T
+        first = (wall - early).replace(tzinfo=UTC)  # its first pass, before T
         t = _transition_after(zone, first, d)
         elapsed = (instant - (t - d)) // _MICROSECOND
         return (t + late).replace(tzinfo=None) + (elapsed + 1) // 2 * _MICROSECOND  # half, rounded up
@@ -210,13 +213,13 @@ def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
     """
     early, late = zone.utcoffset(wall.replace(fold=0)), zone.utcoffset(wall.replace(fold=1))
     if early == late:
-        return (wall - early).replace(tzinfo=timezone.utc, fold=0)
+        return (wall - early).replace(tzinfo=UTC, fold=0)
     if early > late:  # repeated
         d = early - late
-        t = _transition_after(zone, (wall - early).replace(tzinfo=timezone.utc), d)
+        t = _transition_after(zone, (wall - early).replace(tzinfo=UTC), d)
         return t - d + 2 * (wall.replace(fold=0) - (t + late).replace(tzinfo=None))
     # in a gap: fold 0 reads it with the offset before the transition (the later instant)
-    return _transition_after(zone, (wall - late).replace(tzinfo=timezone.utc), late - early)
+    return _transition_after(zone, (wall - late).replace(tzinfo=UTC), late - early)
 
 
 #: SQLite keeps date-times as text in whatever format the writer chose (``T`` or space,
@@ -241,7 +244,7 @@ def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
     -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
     Python can represent, such as year 0)."""
     try:
-        instant = datetime.fromisoformat(utc_text).replace(tzinfo=timezone.utc)
+        instant = datetime.fromisoformat(utc_text).replace(tzinfo=UTC)
         return _sqlite_text(to_wall_clock(instant, ZoneInfo(zone)))
     except (TypeError, ValueError, OverflowError):
         return None
@@ -595,4 +598,4 @@ class Stores:
 
 def utc_now() -> datetime:
     """The current time, timezone-aware, in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

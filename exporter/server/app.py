@@ -12,18 +12,19 @@ from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+
 # The classic text format 0.0.4 is what every Prometheus (2.x and 3.x) scrapes.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from swagger_ui_bundle import swagger_ui_path
 
 from exporter import __version__
-from exporter.training.api import document_training_run, training_api
-from exporter.server.collector import build_registry, render
 from exporter.config import Settings
+from exporter.predictions.stores import Stores
+from exporter.server.collector import build_registry, render
 from exporter.server.loop import RefreshLoop
 from exporter.snapshot import SnapshotStore
+from exporter.training.api import document_training_run, training_api
 from exporter.training.storage import StateDatabase
-from exporter.predictions.stores import Stores
 
 log = logging.getLogger(__name__)
 

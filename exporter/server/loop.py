@@ -14,13 +14,13 @@ import logging
 import threading
 from datetime import datetime
 
-from exporter.server.collector import build_registry, render
 from exporter.config import Settings
-from exporter.training.metrics import TrainingRefresher
 from exporter.predictions.refresh import ModelRefresher
-from exporter.snapshot import SnapshotStore
-from exporter.training.storage import StateDatabase
 from exporter.predictions.stores import Stores, utc_now
+from exporter.server.collector import build_registry, render
+from exporter.snapshot import SnapshotStore
+from exporter.training.metrics import TrainingRefresher
+from exporter.training.storage import StateDatabase
 
 log = logging.getLogger(__name__)
 

@@ -103,7 +103,9 @@ def load_web_config(path: str | Path) -> WebConfig:
         config = config.model_copy(update={"tls_server_config": tls.model_copy(update=resolved)})
         if not errors:
             try:  # a bad PEM or a key of another certificate: said now, not as a traceback at startup
-                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(resolved["cert_file"], resolved["key_file"])
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    resolved["cert_file"], resolved["key_file"]
+                )
             except (ssl.SSLError, OSError) as exc:
                 errors.append(f"tls_server_config: cert_file and key_file do not make a usable certificate: {exc}")
     if errors:
@@ -160,6 +162,7 @@ class BasicAuth:
         if await asyncio.to_thread(self._allowed, headers.get(b"authorization", b"").decode("latin-1")):
             await self.app(scope, receive, send)
             return
-        response = PlainTextResponse("unauthorized\n", status_code=401, headers={"WWW-Authenticate": 'Basic realm="mlmon"'})
+        response = PlainTextResponse(
+            "unauthorized\n", status_code=401, headers={"WWW-Authenticate": 'Basic realm="mlmon"'}
+        )
         await response(scope, receive, send)
-

@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,9 @@ import sqlalchemy as sa
 
 from exporter.client import build_training_run
 from exporter.config import Settings, parse_settings
-from exporter.training.storage import StateDatabase, save_run
 from exporter.predictions.stores import utc_now
 from exporter.training.schema import as_utc
+from exporter.training.storage import StateDatabase, save_run
 
 #: Mean gap between two predictions of one model.
 MEAN_GAP_SECONDS = 10.0
@@ -223,19 +223,27 @@ def append(
                 predictions.insert(),
                 [
                     {"id": i, "model_name": model.name, "model_version": f"{v:%Y-%m-%d}", "timestamp": t, "score": s}
-                    for i, v, t, s in zip(ids.tolist(), versions.tolist(), times.tolist(), scores.tolist())
+                    for i, v, t, s in zip(
+                        ids.tolist(), versions.tolist(), times.tolist(), scores.tolist(), strict=False
+                    )
                 ],
             )
             if clicked.any():
                 click_times = (times[clicked] + click_delays[clicked]).tolist()
                 conn.execute(
                     labels.insert(),
-                    [{"id": i, "clicked": 1, "timestamp": t} for i, t in zip(ids[clicked].tolist(), click_times)],
+                    [
+                        {"id": i, "clicked": 1, "timestamp": t}
+                        for i, t in zip(ids[clicked].tolist(), click_times, strict=False)
+                    ],
                 )
             if replayed.any():
                 conn.execute(
                     replays.insert(),
-                    [{"id": i, "score": s} for i, s in zip(ids[replayed].tolist(), replay_scores[replayed].tolist())],
+                    [
+                        {"id": i, "score": s}
+                        for i, s in zip(ids[replayed].tolist(), replay_scores[replayed].tolist(), strict=False)
+                    ],
                 )
 
 
@@ -327,7 +335,7 @@ def seed_training_runs(state_url: sa.URL | str, now: datetime, days: int = 60, r
                 run = build_training_run(
                     model=model.name,
                     version=f"{day:%Y-%m-%d}",
-                    trained_at=datetime.combine(day, time(0), tzinfo=timezone.utc),
+                    trained_at=datetime.combine(day, time(0), tzinfo=UTC),
                     training_data=_training_sample(rng, tablets_as_mobile=broken),
                     training_rows=round(rows),
                     validation=_validation(rng, model, degraded=broken),

@@ -13,9 +13,9 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
@@ -25,8 +25,16 @@ from pydantic import ValidationError
 
 from exporter.config import Settings
 from exporter.errors import first_line, located
-from exporter.training.storage import RunConflict, StateDatabase, TooManyModels, delete_run, list_models, list_versions, save_run
 from exporter.training.schema import TrainingRun
+from exporter.training.storage import (
+    RunConflict,
+    StateDatabase,
+    TooManyModels,
+    delete_run,
+    list_models,
+    list_versions,
+    save_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +114,10 @@ def training_api(
         responses={200: {"description": "identical run already stored"}},
         # The body is read raw (to enforce the size limit first), so describe it here.
         openapi_extra={
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TrainingRun"}}}}
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TrainingRun"}}},
+            }
         },
     )
     async def report_training_run(request: Request, response: Response) -> dict:
@@ -118,10 +129,10 @@ def training_api(
         try:
             run = TrainingRun.model_validate_json(body)
         except ValidationError as exc:
-            detail = [dict(zip(("loc", "msg"), located(e))) for e in exc.errors(include_url=False)]
+            detail = [dict(zip(("loc", "msg"), located(e), strict=False)) for e in exc.errors(include_url=False)]
             raise HTTPException(422, detail) from None
         try:
-            status = await in_state_db(save_run, run, datetime.now(timezone.utc), settings.training.max_models)
+            status = await in_state_db(save_run, run, datetime.now(UTC), settings.training.max_models)
         except RunConflict as exc:
             raise HTTPException(409, str(exc)) from None
         except TooManyModels as exc:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping
 
 import numpy as np
 import sqlalchemy as sa
@@ -20,8 +20,8 @@ from exporter.errors import error_lines, first_line
 from exporter.monitoring_math import population_stability_index
 from exporter.reasons import ERROR_REASONS, classify_error
 from exporter.snapshot import TrainingState
-from exporter.training.storage import StateDatabase, StoredRun, load_histories
 from exporter.training.schema import OTHER, FeatureSummary
+from exporter.training.storage import StateDatabase, StoredRun, load_histories
 
 log = logging.getLogger(__name__)
 #: The reference's deciles are the edges of the numeric PSI bins.
@@ -269,7 +269,9 @@ class TrainingRefresher:
             self._model_errors[model] = self._model_errors.get(model, 0) + 1
             message = _describe(exc)
             if self._logged.get(model) != message:  # once, not every interval
-                log.warning("model %s: its training runs give no metrics (delete or replace the bad run): %s", model, message)
+                log.warning(
+                    "model %s: its training runs give no metrics (delete or replace the bad run): %s", model, message
+                )
                 self._logged[model] = message
         for model in set(self._logged) - set(failures):
             log.info("model %s: training metrics are back", model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -91,7 +91,7 @@ class FeatureSummary(_Body):
             values = [self.percentiles[str(q)] for q in FEATURE_PERCENTILES if str(q) in self.percentiles]
             if self.min is not None and self.max is not None:
                 values = [self.min, *values, self.max]
-            if any(b < a for a, b in zip(values, values[1:])):
+            if any(b < a for a, b in zip(values, values[1:], strict=False)):
                 raise ValueError("min <= percentiles <= max must hold, in percentile order")
         else:
             if any(v is not None for v in (self.mean, self.stddev, self.min, self.max)) or self.percentiles:
@@ -118,7 +118,7 @@ class FeatureSummary(_Body):
 
 def as_utc(value: datetime) -> datetime:
     """``value`` as an aware UTC datetime; naive means UTC, as everywhere in mlmon."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 #: The ``30d`` baseline is the newest run trained at least this long before the newest one:
@@ -129,8 +129,8 @@ BASELINE_AGE = timedelta(days=30)
 #: later stage's date arithmetic fits: the UTC conversion, the baseline's ``- BASELINE_AGE``,
 #: a driver's conversion into its session time zone (at most ±1 day) and the epoch seconds
 #: of ``mlmon_model_trained_timestamp_seconds``. Before 1970 no model was trained.
-TRAINED_AT_MIN = datetime(1970, 1, 1, tzinfo=timezone.utc)
-TRAINED_AT_MAX = datetime(9999, 1, 1, tzinfo=timezone.utc)
+TRAINED_AT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TRAINED_AT_MAX = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def _trained_at(value: datetime) -> datetime:
@@ -139,7 +139,9 @@ def _trained_at(value: datetime) -> datetime:
     except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before the first datetime in UTC
         raise ValueError(f"must be between {TRAINED_AT_MIN.isoformat()} and {TRAINED_AT_MAX.isoformat()}") from None
     if not TRAINED_AT_MIN <= value < TRAINED_AT_MAX:
-        raise ValueError(f"must be between {TRAINED_AT_MIN.isoformat()} and {TRAINED_AT_MAX.isoformat()}, got {value.isoformat()}")
+        raise ValueError(
+            f"must be between {TRAINED_AT_MIN.isoformat()} and {TRAINED_AT_MAX.isoformat()}, got {value.isoformat()}"
+        )
     return value
 
 

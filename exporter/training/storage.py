@@ -11,7 +11,7 @@ import hashlib
 import os
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -20,7 +20,11 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy.ext.compiler import compiles
 
 from exporter.predictions.stores import create_store_engine
-from exporter.training.schema import BASELINE_AGE, TrainingRun, as_utc  # SQLite reads date-times back naive, written in UTC
+from exporter.training.schema import (
+    BASELINE_AGE,
+    TrainingRun,
+    as_utc,
+)  # SQLite reads date-times back naive, written in UTC
 
 metadata = sa.MetaData()
 #: Mirrors the table created by migrations/versions; queries use this definition.
@@ -305,7 +309,7 @@ def load_histories(
     Raises:
         sqlalchemy.exc.SQLAlchemyError: the database failed.
     """
-    as_of = as_of.astimezone(timezone.utc)  # SQLite compares date-times as UTC wall-clock text
+    as_of = as_of.astimezone(UTC)  # SQLite compares date-times as UTC wall-clock text
     runs = training_runs.c
     seen = runs.trained_at <= as_of
     rank = sa.func.row_number().over(partition_by=runs.model, order_by=_NEWEST_FIRST).label("rank")
@@ -319,7 +323,9 @@ def load_histories(
         .where(ranked.c.rank <= versions)
         .order_by(ranked.c.model, ranked.c.rank)
     )
-    newest = sa.select(runs.model, sa.func.max(runs.trained_at).label("newest")).where(seen).group_by(runs.model).subquery()
+    newest = (
+        sa.select(runs.model, sa.func.max(runs.trained_at).label("newest")).where(seen).group_by(runs.model).subquery()
+    )
     older = (
         sa.select(runs.model, *_HEADLINE, rank)
         .join(newest, newest.c.model == runs.model)
