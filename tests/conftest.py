@@ -26,7 +26,10 @@ hypothesis_settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
-CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
+#: The repository root and the tests' data, for tests at any depth of tests/.
+REPO = Path(__file__).resolve().parent.parent
+TEST_DATA = REPO / "tests" / "data"
+CATALOG = REPO / "docs" / "metrics.md"
 POSTGRES_URL = os.environ.get("MLMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

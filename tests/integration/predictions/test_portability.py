@@ -12,11 +12,11 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from test_refresh_metrics import AS_OF, load, make_data, refresh
 
 from exporter.config import parse_settings
 from exporter.predictions.queries import LabelQueries, PredictionQueries, ReplayQueries
 from exporter.predictions.stores import TimeColumn
+from tests.integration.predictions.test_refresh_metrics import AS_OF, load, make_data, refresh
 
 
 def _dialects():

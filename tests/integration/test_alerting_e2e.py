@@ -14,13 +14,12 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import free_port, require, start_process, wait_until_answers
 
-REPO = Path(__file__).parent.parent
+from tests.conftest import REPO, free_port, require, start_process, wait_until_answers
+
 STUCK_SCORE = 0.0123
 
 

@@ -28,13 +28,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import yaml
-from conftest import require
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import DEFAULT_PORT, load_settings, parse_settings
+from tests.conftest import REPO, require
 
-REPO = Path(__file__).parent.parent
 STACK = REPO / "stack"
 SERVICES = {"postgres", "model-server", "traffic", "mlmon", "prometheus", "alertmanager", "grafana"}
 # Variables the compose file reads; unset for the tests, so that the defaults are checked.

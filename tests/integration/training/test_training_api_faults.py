@@ -25,15 +25,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import free_port, open_transactions, start_process, wait_until_answers
 from fastapi.testclient import TestClient
-from pg_proxy import Proxy
-from test_training_api import run
 
 from exporter.config import parse_settings
 from exporter.server.app import create_app
 from exporter.training.api import RETRY_AFTER_SECONDS
 from exporter.training.storage import migrate
+from tests.conftest import free_port, open_transactions, start_process, wait_until_answers
+from tests.integration.training.test_training_api import run
+from tests.pg_proxy import Proxy
 
 pytestmark = pytest.mark.postgres
 

@@ -8,14 +8,14 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from conftest import like_pattern, open_transactions, table_locked
 from fastapi.testclient import TestClient
-from pg_proxy import Proxy
 
 from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.server.app import create_app
+from tests.conftest import like_pattern, open_transactions, table_locked
+from tests.pg_proxy import Proxy
 
 
 def _fill(engine, schema: str) -> None:

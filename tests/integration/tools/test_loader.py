@@ -25,9 +25,10 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.tools.loader import LoadError, load_files
+from tests.conftest import TEST_DATA
 
 UTC = UTC
-CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
+CAR_LOAN = TEST_DATA / "car_loan"
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
 from exporter.cli import app
+from tests.conftest import REPO, TEST_DATA
 
-DATA = Path(__file__).parent / "data" / "car_loan"
+DATA = TEST_DATA / "car_loan"
 AS_OF = pd.Timestamp("2018-11-10T00:00:00Z")
 WINDOWS = {"24h": pd.Timedelta(hours=24), "7d": pd.Timedelta(days=7)}
 
@@ -90,7 +91,7 @@ def test_readme_worked_example_as_written(tmp_path):
     import subprocess
     import sys
 
-    root = Path(__file__).parent.parent
+    root = REPO
     readme = (root / "README.md").read_text()
     section = readme[readme.index("### Historical data") :]
     script = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1)

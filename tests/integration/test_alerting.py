@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import catalog, require
 
 from exporter.config import AlertThresholds
+from tests.conftest import REPO, TEST_DATA, catalog, require
 
-REPO = Path(__file__).parent.parent
 RULES = REPO / "prometheus" / "rules" / "mlmon.yml"
 ALERTMANAGER = REPO / "alertmanager"
-DATA = Path(__file__).parent / "data" / "alertmanager"
+DATA = TEST_DATA / "alertmanager"
 #: Dashboards of grafana/dashboards that alerts link to (uid).
 DASHBOARD_UIDS = {"mlmon-model", "mlmon-training", "mlmon-exporter"}
 

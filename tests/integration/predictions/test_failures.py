@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from conftest import table_locked, waiting_on_a_lock
 
 from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import classify_error
+from tests.conftest import table_locked, waiting_on_a_lock
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import table_locked
 from fastapi.testclient import TestClient
 
 from exporter.config import parse_settings
 from exporter.server.app import create_app
+from tests.conftest import table_locked
 
 TOKEN = "t0ken-for-tests-0123456789"
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require
 
 from exporter.config import DEFAULT_PORT
+from tests.conftest import REPO, require
 
-REPO = Path(__file__).parent.parent
 K8S = REPO / "deploy" / "kubernetes"
 
 

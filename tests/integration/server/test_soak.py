@@ -13,8 +13,9 @@ import httpx
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from conftest import free_port, start_process, wait_until_answers
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import free_port, start_process, wait_until_answers
 
 MODELS = 50
 SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 600))

@@ -9,7 +9,8 @@ import sys
 
 import httpx
 import pytest
-from conftest import free_port, start_process, wait_until_answers
+
+from tests.conftest import free_port, start_process, wait_until_answers
 
 
 @pytest.fixture(scope="module")

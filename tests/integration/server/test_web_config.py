@@ -12,10 +12,10 @@ from pathlib import Path
 import bcrypt
 import httpx
 import pytest
-from conftest import free_port, require, start_process, wait_until_answers
 
 from exporter.config import ConfigError
 from exporter.server.web_config import load_web_config
+from tests.conftest import free_port, require, start_process, wait_until_answers
 
 PASSWORD = "correct horse battery staple"
 

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from conftest import table_locked, waiting_on_a_lock
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +26,7 @@ from exporter.snapshot import SnapshotStore
 from exporter.training.metrics import TrainingRefresher
 from exporter.training.schema import TrainingRun
 from exporter.training.storage import StateDatabase, load_histories, save_run, training_runs
+from tests.conftest import table_locked, waiting_on_a_lock
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 TOKEN = "t0ken-for-tests-0123456789"

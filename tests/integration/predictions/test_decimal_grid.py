@@ -11,12 +11,10 @@ from decimal import ROUND_HALF_UP, Decimal
 import numpy as np
 import pytest
 import sqlalchemy as sa
-import test_refresh_metrics
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sklearn.metrics import log_loss, roc_auc_score
-from test_bad_data import _predictions_table, _qualified, _samples, _settings
 
 from exporter.monitoring_math import (
     grid_index,
@@ -28,6 +26,8 @@ from exporter.monitoring_math import (
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.server.loop import refresh_once
+from tests.integration.predictions import test_refresh_metrics
+from tests.integration.predictions.test_bad_data import _predictions_table, _qualified, _samples, _settings
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 store = test_refresh_metrics.store  # the sqlite/postgresql/duckdb fixture

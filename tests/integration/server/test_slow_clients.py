@@ -14,7 +14,8 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, start_process, wait_until_answers
+
+from tests.conftest import free_port, start_process, wait_until_answers
 
 TIMEOUT = 2.0  # header_timeout and api.body_timeout of the server under test
 

@@ -13,18 +13,16 @@ import subprocess
 import sys
 import time
 from datetime import UTC
-from pathlib import Path
 from types import ModuleType
 
 import httpx
 import pytest
 import yaml
-from conftest import catalog, free_port, require, start_process, wait_until_answers
 from jsonschema import Draft7Validator
 
 from exporter.config import AlertThresholds
+from tests.conftest import REPO, catalog, free_port, require, start_process, wait_until_answers
 
-REPO = Path(__file__).parent.parent
 GRAFANA = REPO / "grafana"
 # Vendored from shared/schemas/grafana (with its licence), so a fresh clone tests on its own.
 SCHEMAS = REPO / "tests" / "data" / "grafana_schemas"

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 import sqlalchemy as sa
-from conftest import free_port, require, start_process, wait_until_answers
+
+from tests.conftest import free_port, require, start_process, wait_until_answers
 
 UID = 10001  # USER of the Dockerfile
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import catalog, require
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
@@ -21,6 +20,7 @@ from exporter.config import parse_settings
 from exporter.server.app import create_app
 from exporter.server.collector import METRICS
 from exporter.server.loop import refresh_once
+from tests.conftest import catalog, require
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

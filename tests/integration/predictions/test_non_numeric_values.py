@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 import sqlalchemy as sa
-import test_refresh_metrics
 from sklearn.metrics import log_loss, roc_auc_score
-from test_bad_data import _qualified, _refresh, _samples, _settings
-from test_portability import _dialects, _statements
 
 from exporter.server.loop import refresh_once
+from tests.integration.predictions import test_refresh_metrics
+from tests.integration.predictions.test_bad_data import _qualified, _refresh, _samples, _settings
+from tests.integration.predictions.test_portability import _dialects, _statements
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 store = test_refresh_metrics.store  # the sqlite/postgresql/duckdb fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,9 +19,10 @@ from exporter.server.loop import refresh_once
 from exporter.training.metrics import TrainingRefresher, feature_psi
 from exporter.training.schema import OTHER, FeatureSummary, TrainingRun
 from exporter.training.storage import StateDatabase, save_run
+from tests.conftest import TEST_DATA
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-CAR_LOAN = Path(__file__).parent / "data" / "car_loan"
+CAR_LOAN = TEST_DATA / "car_loan"
 
 
 def settings_for(state_url, models=(), **training):

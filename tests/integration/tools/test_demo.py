@@ -8,7 +8,6 @@ import re
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,9 +20,10 @@ from exporter.predictions.stores import utc_now
 from exporter.server.app import create_app
 from exporter.server.loop import refresh_once
 from exporter.tools.demo import append, demo_settings, seed, seed_training_runs, state_path
+from tests.conftest import REPO
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-README = Path(__file__).parent.parent / "README.md"
+README = REPO / "README.md"
 MODELS = ("ctr_search", "ctr_feed")
 #: Training-run features of the demo and the one that changes in ctr_feed's newest version.
 FEATURES = ("country", "device", "hour", "user_age_days")
