@@ -133,6 +133,18 @@ def postgres_schema(postgres_engine):
         conn.execute(sa.schema.DropSchema(schema, cascade=True))
 
 
+@pytest.fixture(params=["sqlite", "postgresql", "duckdb"])
+def store(request, tmp_path):
+    """(url, schema, dialect) of an empty store: a SQLite file, a fresh PostgreSQL schema
+    or a DuckDB file."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.sqlite", None, "sqlite"
+    elif request.param == "duckdb":
+        yield f"duckdb:///{tmp_path}/store.duckdb", None, "duckdb"
+    else:
+        yield request.getfixturevalue("postgres_schema") + ("postgresql",)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def state_url(request, tmp_path):
     """URL of an empty state database: a SQLite file, or a fresh PostgreSQL schema."""

@@ -17,12 +17,10 @@ import sqlalchemy as sa
 from sklearn.metrics import log_loss, roc_auc_score
 
 from exporter.server.loop import refresh_once
-from tests.integration.predictions import test_refresh_metrics
 from tests.integration.predictions.test_bad_data import _qualified, _refresh, _samples, _settings
 from tests.integration.predictions.test_portability import _dialects, _statements
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
-store = test_refresh_metrics.store  # the sqlite/postgresql/duckdb fixture
 W = frozenset({("model", "ctr"), ("window", "1h")})
 
 #: Issue 11's rows: (id, score, label); the scores of ids 5 and 6 are the text ''.

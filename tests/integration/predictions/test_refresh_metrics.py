@@ -112,18 +112,6 @@ def load(engine, schema, data: Data, aware: bool, label_type=sa.Integer):
             conn.execute(replays.insert(), [{"id": r["id"], "p": r["score"]} for r in data.replays])
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "duckdb"])
-def store(request, tmp_path):
-    """(url, schema, dialect) of an empty store: a SQLite file, a fresh PostgreSQL schema
-    or a DuckDB file."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/store.sqlite", None, "sqlite"
-    elif request.param == "duckdb":
-        yield f"duckdb:///{tmp_path}/store.duckdb", None, "duckdb"
-    else:
-        yield request.getfixturevalue("postgres_schema") + ("postgresql",)
-
-
 def settings_for(url, schema, missing="ignore", label_timestamp=True, ingestion_delay="0s"):
     source = {"store": "s", "schema": schema} if schema else {"store": "s"}
     return parse_settings(
