@@ -13,12 +13,17 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 from hypothesis import settings as hypothesis_settings
+
+from exporter.config import Settings
+from exporter.server.collector import build_registry, render
+from exporter.server.loop import refresh_all
 
 # In CI, Hypothesis draws the same examples every run, so a failure there can be replayed
 # and a landing is not decided by luck; locally it keeps exploring new ones.
@@ -194,3 +199,9 @@ def waiting_on_a_lock(engine: sa.Engine, schema: str) -> bool:
                 {"schema": schema},
             ).scalar()
         )
+
+
+def refresh_once(settings: Settings, as_of: datetime) -> bytes:
+    """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``
+    (what ``mlmon once`` prints)."""
+    return render(build_registry(refresh_all(settings, as_of), settings))

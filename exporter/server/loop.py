@@ -17,7 +17,6 @@ from datetime import datetime
 from exporter.config import Settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores, utc_now
-from exporter.server.collector import build_registry, render
 from exporter.snapshot import SnapshotStore
 from exporter.training.metrics import TrainingRefresher
 from exporter.training.storage import StateDatabase
@@ -138,8 +137,3 @@ def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
         stores.dispose()
         state.engine.dispose()
     return store
-
-
-def refresh_once(settings: Settings, as_of: datetime) -> bytes:
-    """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``."""
-    return render(build_registry(refresh_all(settings, as_of), settings))

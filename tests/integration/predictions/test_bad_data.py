@@ -23,9 +23,9 @@ from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
-from exporter.server.loop import refresh_once
 from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
 from exporter.training.storage import StateDatabase, save_run
+from tests.conftest import refresh_once
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
 

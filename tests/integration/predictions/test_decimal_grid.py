@@ -25,7 +25,7 @@ from exporter.monitoring_math import (
 )
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
-from exporter.server.loop import refresh_once
+from tests.conftest import refresh_once
 from tests.integration.predictions.test_bad_data import _predictions_table, _qualified, _samples, _settings
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)

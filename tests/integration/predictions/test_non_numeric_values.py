@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sklearn.metrics import log_loss, roc_auc_score
 
-from exporter.server.loop import refresh_once
+from tests.conftest import refresh_once
 from tests.integration.predictions.test_bad_data import _qualified, _refresh, _samples, _settings
 from tests.integration.predictions.test_portability import _dialects, _statements
 

@@ -19,8 +19,7 @@ from exporter.cli import app as cli
 from exporter.config import parse_settings
 from exporter.server.app import create_app
 from exporter.server.collector import METRICS
-from exporter.server.loop import refresh_once
-from tests.conftest import catalog, require
+from tests.conftest import catalog, refresh_once, require
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

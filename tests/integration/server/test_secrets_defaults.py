@@ -18,7 +18,7 @@ from exporter.cli import app as cli
 from exporter.config import ConfigError, parse_settings
 from exporter.predictions.stores import safe_url
 from exporter.server.app import create_app
-from exporter.server.loop import refresh_once
+from tests.conftest import refresh_once
 
 SECRETS = ("s3cret", "k3y-pass", "t0ken")
 RUN = {"model": "ctr", "version": "v1", "trained_at": "2026-11-28T10:00:00Z", "training_rows": 1000}

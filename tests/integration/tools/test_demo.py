@@ -18,9 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.predictions.stores import utc_now
 from exporter.server.app import create_app
-from exporter.server.loop import refresh_once
 from exporter.tools.demo import append, demo_settings, seed, seed_training_runs, state_path
-from tests.conftest import REPO
+from tests.conftest import REPO, refresh_once
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 README = REPO / "README.md"

@@ -15,11 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import build_training_run, summarize_features
 from exporter.config import parse_settings
-from exporter.server.loop import refresh_once
 from exporter.training.metrics import TrainingRefresher, feature_psi
 from exporter.training.schema import OTHER, FeatureSummary, TrainingRun
 from exporter.training.storage import StateDatabase, save_run
-from tests.conftest import TEST_DATA
+from tests.conftest import TEST_DATA, refresh_once
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 CAR_LOAN = TEST_DATA / "car_loan"
