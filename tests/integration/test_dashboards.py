@@ -402,9 +402,9 @@ def test_by_version_panel_rows_are_in_training_order(tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
     from exporter.config import parse_settings
-    from exporter.server.loop import refresh_once
     from exporter.training.schema import TrainingRun
     from exporter.training.storage import StateDatabase, save_run
+    from tests.conftest import refresh_once
 
     now = datetime(2026, 11, 28, tzinfo=UTC)
     trained = ["v3", "v9", "v10", "v11", "v2-hotfix"]  # oldest first

@@ -587,7 +587,7 @@ def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
     mlmon's check-config and give the numbers they should with stack/mlmon.yml."""
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
-    from exporter.server.loop import refresh_once
+    from tests.conftest import refresh_once
 
     url, schema = postgres_schema
     scoped = f"{url}?options=-csearch_path%3D{schema}"
