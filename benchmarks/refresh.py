@@ -76,8 +76,8 @@ def _bind(engine, instant):
 
 
 def run_mlmon(url: str) -> dict:
-    from exporter.refresh import ModelRefresher
-    from exporter.stores import Stores
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
 
     config = settings(url)
     stores = Stores(config)

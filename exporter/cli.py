@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import sqlalchemy as sa
@@ -16,8 +16,9 @@ from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
 from exporter.errors import first_line
-from exporter.stores import SchemaError, safe_url, utc_now
-from exporter.training import as_utc
+from exporter.predictions.stores import safe_url, utc_now
+from exporter.reasons import SchemaError
+from exporter.training.schema import as_utc
 
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
 # <bool>) beside every option, whose metavar below already says what to give.
@@ -40,7 +41,9 @@ class _Command(TyperCommand):
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         params = self.get_params(ctx)
-        arguments = [(_argument_name(p), getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"]
+        arguments = [
+            (_argument_name(p), getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"
+        ]
         options = [record for p in params if p.param_type_name == "option" and (record := p.get_help_record(ctx))]
         for title, rows in (("Arguments", arguments), ("Options", options)):
             if rows:
@@ -111,8 +114,8 @@ def check_config(config: ConfigOption) -> None:
     A ``refresh_timeout`` shorter than a model's refresh may legitimately take is warned
     about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
-    from exporter.refresh import ModelRefresher, worst_case_duration, worst_case_queries
-    from exporter.stores import Stores
+    from exporter.predictions.refresh import ModelRefresher, worst_case_duration, worst_case_queries
+    from exporter.predictions.stores import Stores
 
     settings = _settings(config)
     stores = Stores(settings)
@@ -163,16 +166,20 @@ def serve(
     host: HostOption = "127.0.0.1",
     port: PortOption = DEFAULT_PORT,
     web_config: Annotated[
-        Optional[Path],
-        typer.Option("--web.config.file", metavar="FILE", help="Web config with TLS and basic auth, in the exporter-toolkit format."),
+        Path | None,
+        typer.Option(
+            "--web.config.file",
+            metavar="FILE",
+            help="Web config with TLS and basic auth, in the exporter-toolkit format.",
+        ),
     ] = None,
 ) -> None:
     """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
     import uvicorn
 
-    from exporter.app import create_app
-    from exporter.http_server import server_config
-    from exporter.web_config import BasicAuth, load_web_config
+    from exporter.server.app import create_app
+    from exporter.server.http_server import server_config
+    from exporter.server.web_config import BasicAuth, load_web_config
 
     _logging()
     settings = _settings(config)
@@ -192,19 +199,24 @@ def serve(
 @app.command(short_help="Refresh every model once and print the exposition.")
 def once(
     config: ConfigOption,
-    as_of: Annotated[Optional[str], typer.Option("--as-of", metavar="TIME", help="ISO-8601 time to compute at (default: now); naive means UTC.")] = None,
+    as_of: Annotated[
+        str | None,
+        typer.Option("--as-of", metavar="TIME", help="ISO-8601 time to compute at (default: now); naive means UTC."),
+    ] = None,
 ) -> None:
     """Refresh every model once and print exactly the exposition /metrics would serve.
 
     Exit code 1 when a source failed (the exposition is printed all the same)."""
-    from exporter.collector import build_registry, render
-    from exporter.loop import refresh_all
+    from exporter.server.collector import build_registry, render
+    from exporter.server.loop import refresh_all
 
     _logging()
     settings = _settings(config)
     store = refresh_all(settings, _parse_as_of(as_of))
     sys.stdout.write(render(build_registry(store, settings)).decode())
-    failed = [f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up]
+    failed = [
+        f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up
+    ]
     if failed:
         _fail(f"failed source(s): {', '.join(failed)} (see the log above)", code=1)
 
@@ -217,9 +229,14 @@ def load(
     url: Annotated[str, typer.Option(metavar="URL", help="SQLAlchemy URL of the target database.")],
     table: Annotated[str, typer.Option(metavar="TABLE", help="Target table; created if missing, else appended to.")],
     timestamp: Annotated[
-        Optional[list[str]], typer.Option(metavar="COLUMN", help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present).")
+        list[str] | None,
+        typer.Option(
+            metavar="COLUMN", help="Column to parse as a UTC timestamp (repeatable; default: 'timestamp' if present)."
+        ),
     ] = None,
-    db_schema: Annotated[Optional[str], typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")] = None,
+    db_schema: Annotated[
+        str | None, typer.Option("--schema", metavar="SCHEMA", help="Database schema of the table.")
+    ] = None,
     text: Annotated[
         list[str] | None,
         typer.Option(
@@ -230,7 +247,7 @@ def load(
     ] = None,
 ) -> None:
     """Load CSV or Parquet files into a table, one transaction per file."""
-    from exporter.loader import LoadError, load_files
+    from exporter.tools.loader import LoadError, load_files
 
     try:
         total = load_files(url, table, files, timestamp_columns=timestamp, schema=db_schema, text_columns=text)
@@ -243,10 +260,12 @@ def load(
 def demo(
     host: HostOption = "127.0.0.1",
     port: PortOption = DEFAULT_PORT,
-    database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path("mlmon-demo.sqlite"),
+    database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path(
+        "mlmon-demo.sqlite"
+    ),
 ) -> None:
     """Create a SQLite store with a week of history for two CTR models, keep it growing, and serve it."""
-    from exporter.demo import run_demo
+    from exporter.tools.demo import run_demo
 
     _logging()
     try:
@@ -257,10 +276,21 @@ def demo(
 
 @app.command("report-training", cls=_Command)
 def report_training(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="Training run as JSON (the body of POST /api/v1/training-runs).", dir_okay=False
+        ),
+    ],
     url: Annotated[str, typer.Option(metavar="URL", help="Base URL of mlmon, e.g. http://127.0.0.1:9847.")],
     token: Annotated[
-        Optional[str], typer.Option(envvar="MLMON_API_TOKEN", metavar="TOKEN", show_default=False, help="Bearer token (default: $MLMON_API_TOKEN).")
+        str | None,
+        typer.Option(
+            envvar="MLMON_API_TOKEN",
+            metavar="TOKEN",
+            show_default=False,
+            help="Bearer token (default: $MLMON_API_TOKEN).",
+        ),
     ] = None,
 ) -> None:
     """Validate a training-run JSON file and report it to mlmon.
@@ -274,7 +304,7 @@ def report_training(
 
     from exporter.client import ReportError, post_training_run, redact_url
     from exporter.errors import error_lines
-    from exporter.training import TrainingRun
+    from exporter.training.schema import TrainingRun
 
     _logging(logging.WARNING)  # the client's retries; not httpx's line per request
 

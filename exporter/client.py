@@ -2,7 +2,7 @@
 
 A training pipeline calls :func:`report_training_run` with its training DataFrame and its
 validation labels and scores. The summary (row counts, validation log loss and ROC AUC,
-one :class:`~exporter.training.FeatureSummary` per column) is computed here, with the
+one :class:`~exporter.training.schema.FeatureSummary` per column) is computed here, with the
 same conventions as the server (docs/metrics.md); only the summary is sent, never rows.
 
 Example::
@@ -38,7 +38,7 @@ import pandas as pd
 
 from exporter.errors import error_lines
 from exporter.monitoring_math import LOGLOSS_EPS, roc_auc_from_counts
-from exporter.training import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
+from exporter.training.schema import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,16 @@ def _numeric_summary(name: str, series: pd.Series, missing: pd.Series, top_k: in
             "max": float(np.max(values)),
             "percentiles": {
                 str(q): float(v)
-                for q, v in zip(FEATURE_PERCENTILES, np.percentile(values, FEATURE_PERCENTILES, method="linear"))
+                for q, v in zip(
+                    FEATURE_PERCENTILES, np.percentile(values, FEATURE_PERCENTILES, method="linear"), strict=False
+                )
             },
         }
         # Few distinct values (a flag, a count): percentiles coincide and cannot tell 70%
         # zeros from 50%, so the exact distribution goes along for the PSI.
         distinct, counts = np.unique(values, return_counts=True)
         if len(distinct) <= top_k:
-            fields["value_shares"] = [(float(v), int(n) / len(values)) for v, n in zip(distinct, counts)]
+            fields["value_shares"] = [(float(v), int(n) / len(values)) for v, n in zip(distinct, counts, strict=False)]
     return FeatureSummary(
         name=name,
         kind="numeric",

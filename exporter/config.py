@@ -35,8 +35,27 @@ DEFAULT_PORT = 9847
 #: Upper bounds of the ``mlmon_prediction_score`` histogram: fine steps below 0.1 for
 #: CTR/CVR-like probabilities, coarser ones up to 1 for balanced classifiers.
 DEFAULT_SCORE_BUCKETS = (
-    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
-    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0,
+    0.0001,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    0.95,
+    0.99,
+    1.0,
 )
 
 
@@ -274,7 +293,7 @@ class ModelConfig(Strict):
         if len(set(self.windows)) != len(self.windows):
             raise ValueError(f"windows: duplicate window in {self.windows}")
         buckets = self.histogram_buckets
-        if any(b <= a for a, b in zip(buckets, buckets[1:])):
+        if any(b <= a for a, b in zip(buckets, buckets[1:], strict=False)):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")
         return self
 
@@ -345,7 +364,7 @@ class Settings(Strict):
     """How long a failed source keeps its last values; default 3 refresh intervals."""
     refresh_timeout: Duration | None = None
     """A refresh still running after this is reported as stalled; default derived from the
-    model's work (``exporter.refresh.ModelRefresher.deadline``)."""
+    model's work (``exporter.predictions.refresh.ModelRefresher.deadline``)."""
     header_timeout: Duration = timedelta(seconds=10)
     """Every HTTP request's line and headers must arrive within this (slow clients get 408)."""
     stores: dict[Identifier, Store]
@@ -369,9 +388,7 @@ class Settings(Strict):
         names, unknown stores, labels or replays outside the predictions' store."""
         names = [m.name for m in self.models]
         errors = [
-            f"models[{i}].name: duplicate model name {name!r}"
-            for i, name in enumerate(names)
-            if names.index(name) != i
+            f"models[{i}].name: duplicate model name {name!r}" for i, name in enumerate(names) if names.index(name) != i
         ]
         for i, model in enumerate(self.models):
             for source_name, source in model.sources().items():
@@ -440,7 +457,6 @@ def parse_settings(data: Any) -> Settings:
     if errors:
         raise ConfigError(errors)
     return settings
-
 
 
 def load_settings(path: str | Path) -> Settings:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 import types
-from typing import Annotated, Any, Mapping, Sequence, Union, get_args, get_origin
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -81,7 +82,13 @@ def allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
                 below.append(get_args(annotation)[-1])
         current = below
     return sorted(
-        {f.alias or name for t in current for t2 in _candidates(t) if _is_model(t2) for name, f in t2.model_fields.items()}
+        {
+            f.alias or name
+            for t in current
+            for t2 in _candidates(t)
+            if _is_model(t2)
+            for name, f in t2.model_fields.items()
+        }
     )
 
 

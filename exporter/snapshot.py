@@ -4,10 +4,9 @@ scrape never touches a database."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
-
 
 #: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
 REFUSAL_REASONS = ("max_models",)
@@ -81,7 +80,7 @@ class PredictionCounter:
             self.bounds,
             self.total + count,
             self.score_sum + score_sum,
-            tuple(a + b for a, b in zip(old, cumulative_buckets)),
+            tuple(a + b for a, b in zip(old, cumulative_buckets, strict=False)),
         )
 
 
@@ -118,7 +117,7 @@ class ModelSnapshot:
 
 @dataclass(frozen=True)
 class TrainingState:
-    """Training snapshots by model (``exporter.offline.TrainingSnapshot``), whether the
+    """Training snapshots by model (``exporter.training.metrics.TrainingSnapshot``), whether the
     last read of the state database succeeded, its error counts by reason, and by model
     the refreshes in which that model's runs gave no snapshot."""
 

@@ -1,5 +1,5 @@
 """The dashboards' PromQL as Grafana would send it: variables resolved against a real
-Prometheus and substituted. Used by tests/test_dashboards.py and grafana/render.py."""
+Prometheus and substituted. Used by tests/integration/test_dashboards.py and grafana/render.py."""
 
 from __future__ import annotations
 

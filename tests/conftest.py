@@ -11,8 +11,9 @@ import ssl
 import subprocess
 import time
 import uuid
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -20,13 +21,20 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import settings as hypothesis_settings
 
+from exporter.config import Settings
+from exporter.server.collector import build_registry, render
+from exporter.server.loop import refresh_all
+
 # In CI, Hypothesis draws the same examples every run, so a failure there can be replayed
 # and a landing is not decided by luck; locally it keeps exploring new ones.
 hypothesis_settings.register_profile("ci", derandomize=True)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
-CATALOG = Path(__file__).parent.parent / "docs" / "metrics.md"
+#: The repository root and the tests' data, for tests at any depth of tests/.
+REPO = Path(__file__).resolve().parent.parent
+TEST_DATA = REPO / "tests" / "data"
+CATALOG = REPO / "docs" / "metrics.md"
 POSTGRES_URL = os.environ.get("MLMON_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -130,6 +138,18 @@ def postgres_schema(postgres_engine):
         conn.execute(sa.schema.DropSchema(schema, cascade=True))
 
 
+@pytest.fixture(params=["sqlite", "postgresql", "duckdb"])
+def store(request, tmp_path):
+    """(url, schema, dialect) of an empty store: a SQLite file, a fresh PostgreSQL schema
+    or a DuckDB file."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/store.sqlite", None, "sqlite"
+    elif request.param == "duckdb":
+        yield f"duckdb:///{tmp_path}/store.duckdb", None, "duckdb"
+    else:
+        yield request.getfixturevalue("postgres_schema") + ("postgresql",)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def state_url(request, tmp_path):
     """URL of an empty state database: a SQLite file, or a fresh PostgreSQL schema."""
@@ -170,10 +190,18 @@ def waiting_on_a_lock(engine: sa.Engine, schema: str) -> bool:
     """Whether a session waits for a lock on a table of ``schema`` (e.g. one that
     ``table_locked`` holds)."""
     with engine.connect() as conn:
-        return bool(conn.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                "WHERE NOT l.granted AND c.relnamespace = CAST(:schema AS regnamespace)"
-            ),
-            {"schema": schema},
-        ).scalar())
+        return bool(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE NOT l.granted AND c.relnamespace = CAST(:schema AS regnamespace)"
+                ),
+                {"schema": schema},
+            ).scalar()
+        )
+
+
+def refresh_once(settings: Settings, as_of: datetime) -> bytes:
+    """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``
+    (what ``mlmon once`` prints)."""
+    return render(build_registry(refresh_all(settings, as_of), settings))

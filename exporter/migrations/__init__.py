@@ -1,1 +1,0 @@
-"""Alembic migrations of mlmon's state database (see ``exporter.state.migrate``)."""

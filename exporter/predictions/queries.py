@@ -1,0 +1,450 @@
+"""The pushed-down SQL, as SQLAlchemy Core statements.
+
+Each statement returns a handful of aggregate rows (per score bucket, or one row), never raw predictions, so the exporter's memory does not grow
+with the number of rows in a window. All windows are half-open ``[start, end)``.
+
+Dialect differences handled here: scores are cast to double precision
+(float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
+store it and order it above every number; SQLite and MySQL cannot store it); the
+natural logarithm is ``ln`` on every engine (``exporter.predictions.stores`` supplies it to SQLite
+builds without math functions); ``round`` is written ``floor(x + 0.5)`` because
+PostgreSQL has no ``round(double precision, int)``; grouping keys are computed in a
+subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
+from exporter.monitoring_math import LOGLOSS_EPS
+from exporter.predictions.stores import TimeColumn
+from exporter.training.schema import VERSION_MAX_LENGTH
+
+#: Why a prediction row was excluded from the math, in order of precedence; in SQL each
+#: reason is its position + 1 (integers group faster than text), 0 meaning valid.
+INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp")
+#: Rows whose timestamp is no instant are in no window: ``bad_timestamp`` counts them over
+#: the whole table (``PredictionQueries.last_timestamp``), never in a window's histogram.
+OK = 0
+
+
+def _double(value: float) -> sa.ColumnElement:
+    return sa.literal(float(value), sa.Double())
+
+
+def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
+    return sa.func.sum(sa.case((condition, 1), else_=0))
+
+
+def is_nan(dialect: str, value: sa.ColumnElement) -> sa.ColumnElement | None:
+    """A predicate true for NaN where the dialect has one, else ``None``.
+
+    PostgreSQL and DuckDB order NaN above every number, so it must be named to be told
+    apart from out-of-range values; elsewhere a NaN fails every comparison and the range
+    checks below (written as ``NOT (0 <= score <= 1)``) count it as out of range.
+    """
+    if dialect == "postgresql":
+        return value == sa.cast(sa.literal("NaN"), sa.Double())
+    if dialect == "duckdb":
+        return sa.func.isnan(value)
+    if dialect == "trino":
+        return sa.func.is_nan(value)
+    return None
+
+
+def is_number(dialect: str, column: sa.ColumnElement) -> sa.ColumnElement | None:
+    """A predicate true when ``column`` (the stored value, not a cast of it) holds a number,
+    on a dialect whose numeric columns may hold other values; else ``None``.
+
+    SQLite stores what it is given: text that does not read as a number (``''``, which
+    the sqlite3 shell's ``.import`` writes for an empty CSV field, or ``'abc'``) and blobs
+    stay as they are in a REAL or INTEGER column, and ``CAST('' AS REAL)`` is 0.0, so a
+    cast alone would pass them for the number 0. Typed engines (PostgreSQL, DuckDB, MySQL,
+    Trino) refuse such values in a numeric column.
+    """
+    if dialect == "sqlite":
+        return sa.func.typeof(column).in_(["integer", "real"])
+    return None
+
+
+def _valid_probability(dialect: str, score: sa.ColumnElement, number: sa.ColumnElement | None) -> sa.ColumnElement:
+    """``score`` (cast to double) is a probability; ``number``: ``is_number`` of the stored value."""
+    conditions = [score.is_not(None), score >= 0.0, score <= 1.0]
+    if number is not None:
+        conditions.append(number)
+    nan = is_nan(dialect, score)
+    if nan is not None:
+        conditions.append(sa.not_(nan))
+    return sa.and_(*conditions)
+
+
+def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
+    """The index m of the decimal grid cell ``[fl(m / scale), fl((m + 1) / scale))``
+    holding ``value`` (a double in [0, 1]), as a double; fl(m / scale) is the float64
+    nearest to the decimal m / scale.
+
+    ``monitoring_math.grid_index`` gives the same in numpy and proves it: nearest =
+    floor(value * scale + 0.5) is m or m + 1, and the second exactly when nearest / scale
+    (IEEE division, correctly rounded on every engine) lies above the value. A score with
+    at most log10(scale) decimals is thus the lower edge of its own cell, which
+    ``floor(value * scale)`` misses (0.29 * 100 = 28.999999999999996 in float64).
+    """
+    s = _double(scale)
+    nearest = sa.func.floor(value * s + _double(0.5), type_=sa.Double())
+    return nearest - sa.case((nearest / s > value, _double(1.0)), else_=_double(0.0))
+
+
+def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElement:
+    """``value`` rounded half up to ``decimals`` decimals, times 10**decimals, as a double;
+    half is the decimal midpoint as stored (``monitoring_math.round_half_up_index``)."""
+    cell = grid_index(value, 2 * 10**decimals)
+    return sa.func.floor((cell + _double(1.0)) / _double(2.0), type_=sa.Double())
+
+
+def _unique_by_schema(table: sa.Table, column: str) -> bool:
+    """Whether a primary key, unique constraint or unique index makes ``column`` unique."""
+    keys = [list(table.primary_key.columns.keys())]
+    keys += [list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+    keys += [list(i.columns.keys()) for i in table.indexes if i.unique]
+    return [column] in keys
+
+
+def _indexed_by(table: sa.Table, column: str) -> bool:
+    """Whether the primary key, a unique constraint or an index starts with ``column``, so
+    that looking up one value of it reads a few pages rather than the table."""
+    keys = [list(table.primary_key.columns.keys())]
+    keys += [list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+    leading = [key[0] for key in keys if key]
+    leading += [
+        i.expressions[0].name for i in table.indexes if i.expressions and isinstance(i.expressions[0], sa.Column)
+    ]
+    return column in leading
+
+
+class PredictionQueries:
+    """Statements over one model's prediction table (and the label and replay tables
+    joined to it, which must live in the same store)."""
+
+    def __init__(self, model: ModelConfig, table: sa.Table, time: TimeColumn, dialect: str):
+        """``table`` is the reflected prediction table; its primary key or a unique
+        constraint on the id column (or ``predictions.unique_ids``) spares the duplicate search."""
+        source: PredictionSource = model.predictions
+        self.model = model
+        self.table = table
+        self.time = time
+        self.dialect = dialect
+        self.id = table.c[source.columns.id]
+        self.score = sa.cast(table.c[source.columns.score], sa.Double())
+        self.score_is_number = is_number(dialect, table.c[source.columns.score])
+        self.indexed = _indexed_by(table, source.columns.id)
+        self.filters = [table.c[name] == value for name, value in source.filter.items()]
+        self.version = None if source.columns.version is None else table.c[source.columns.version]
+        self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
+
+    def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
+        return sa.and_(self.time.between(start, end), *self.filters)
+
+    def rows(self, start: datetime, end: datetime) -> sa.Subquery:
+        """The window's predictions as (id, score, reason); ``reason`` is ``OK`` or why the
+        row is excluded. A duplicate id excludes every row that carries it; the costly
+        duplicate search is skipped when ids are unique by schema or by config."""
+        in_window = self._in_window(start, end)
+        code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
+        whens = [(self.score.is_(None), code["null_score"])]
+        if self.score_is_number is not None:
+            whens.append((sa.not_(self.score_is_number), code["non_numeric_score"]))
+        nan = is_nan(self.dialect, self.score)
+        if nan is not None:
+            whens.append((nan, code["nan_score"]))
+        whens.append((sa.not_(sa.and_(self.score >= 0.0, self.score <= 1.0)), code["out_of_range"]))
+        source = self.table
+        if not self.unique_ids:
+            duplicates = self._duplicates(start, end)
+            whens.append((duplicates.c.id.is_not(None), code["duplicate_id"]))
+            source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
+        return (
+            sa.select(self.id.label("id"), self.score.label("score"), sa.case(*whens, else_=OK).label("reason"))
+            .select_from(source)
+            .where(in_window)
+            .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
+        )
+
+    def valid_rows(self, start: datetime, end: datetime) -> sa.Subquery:
+        """The window's valid predictions as (id, score). Filtered by plain predicates on
+        the score rather than by ``reason``: PostgreSQL estimates those well, and a wrong
+        estimate makes it sort the window instead of hashing it."""
+        conditions = [self._in_window(start, end), _valid_probability(self.dialect, self.score, self.score_is_number)]
+        source = self.table
+        if not self.unique_ids:
+            duplicates = self._duplicates(start, end)
+            conditions.append(duplicates.c.id.is_(None))
+            source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
+        return (
+            sa.select(self.id.label("id"), self.score.label("score"))
+            .select_from(source)
+            .where(*conditions)
+            .subquery("valid_rows")
+        )
+
+    def _duplicates(self, start: datetime, end: datetime) -> sa.Subquery:
+        return (
+            sa.select(self.id.label("id"))
+            .where(self._in_window(start, end))
+            .group_by(self.id)
+            .having(sa.func.count() > 1)
+            .subquery("dup")
+        )
+
+    def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
+        return grid_index(score, 10**self.model.bucket_decimals)
+
+    def histogram(self, start: datetime, end: datetime) -> sa.Select:
+        """The window in one pass, grouped by one key: the bucket ``grid_index(score, 10**k)``
+        for a valid score, with (count, min, max, sum and sum of squares of the score minus
+        the bucket's lower edge ``key / 10**k``), and ``-code`` of the reason for an
+        excluded row; in no order.
+
+        One grouping key, not (reason, bucket): PostgreSQL then aggregates in a hash table
+        instead of sorting the window. A score lies in [edge, edge + 10**-k), so its
+        deviation from the edge is exact (Sterbenz: score <= 2 edge unless edge = 0), 0
+        for a score with at most k decimals, and its square loses no precision when the
+        variance is pooled (``monitoring_math.pooled_variance``).
+        """
+        rows = self.rows(start, end)
+        scale = _double(10**self.model.bucket_decimals)
+        keyed = sa.select(
+            sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=-rows.c.reason).label("key"),
+            rows.c.score,
+        ).subquery("keyed")
+        # Only valid rows: an excluded score (1e200, NaN) would overflow or poison the sums.
+        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key / scale), else_=None)
+        return sa.select(
+            keyed.c.key,
+            sa.func.count().label("n"),
+            sa.func.min(keyed.c.score).label("low"),
+            sa.func.max(keyed.c.score).label("high"),
+            sa.func.sum(deviation).label("s1"),
+            sa.func.sum(deviation * deviation).label("s2"),
+        ).group_by(keyed.c.key)
+
+    def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
+        """One row: the count of the most frequent valid score, rounded half up to ``decimals``
+        (``round_half_up_index``)."""
+        rows = self.rows(start, end)
+        rounded = (
+            sa.select(round_half_up_index(rows.c.score, decimals).label("key"))
+            .where(rows.c.reason == OK)
+            .subquery("rounded")
+        )
+        counts = sa.select(sa.func.count().label("n")).select_from(rounded).group_by(rounded.c.key).subquery("counts")
+        return sa.select(sa.func.max(counts.c.n))
+
+    def last_timestamp(self, end: datetime, future_from: datetime) -> sa.Select:
+        """One row (``newest``, ``future``, ``unreadable``): the newest prediction time before
+        ``end``, in the column's own representation (``TimeColumn.to_epoch`` converts it), the
+        number of rows stamped at or after ``future_from`` (a writer's clock ahead of mlmon's,
+        or wrong timestamps), and the number of rows whose timestamp is no instant (NULL, or
+        unreadable text on SQLite: ``TimeColumn.unreadable``), which are in no window.
+
+        Scalar subqueries in one round trip rather than one scan with conditional
+        aggregates, so that each can use an index on the timestamp.
+        """
+        ts = self.time.expr
+        newest = sa.select(sa.func.max(ts)).where(self.time.between(None, end), *self.filters).scalar_subquery()
+        future = (
+            sa.select(sa.func.count())
+            .select_from(self.table)
+            .where(self.time.between(future_from, None), *self.filters)
+        ).scalar_subquery()
+        unreadable = (
+            sa.select(sa.func.count()).select_from(self.table).where(self.time.unreadable(), *self.filters)
+        ).scalar_subquery()
+        return sa.select(newest.label("newest"), future.label("future"), unreadable.label("unreadable"))
+
+    def serving_version(self, end: datetime) -> sa.Select:
+        """One row: the model version of the newest prediction before ``end`` (needs the
+        ``version`` column), cut after ``VERSION_MAX_LENGTH + 1`` characters (a longer one
+        can name no training run), as text, or
+        as bytes when the column is binary or the store is SQLite.
+
+        On SQLite the value is read as bytes, because its driver raises on text that is not
+        UTF-8; the cut then counts bytes, which changes nothing for a version that can name
+        a run (ASCII). Other types (numbers) are cast to text.
+        """
+        ts = self.time.expr
+        version = self.version
+        if self.dialect == "sqlite":
+            version = sa.cast(version, sa.LargeBinary())
+        elif not isinstance(version.type, sa.String | sa.LargeBinary):
+            version = sa.cast(version, sa.String())
+        cut = sa.func.array_slice if self.dialect == "duckdb" else sa.func.substr  # DuckDB's substr takes no BLOB
+        value = cut(version, 1, VERSION_MAX_LENGTH + 1, type_=version.type)
+        return sa.select(value).where(self.time.between(None, end), *self.filters).order_by(ts.desc()).limit(1)
+
+    def new_predictions(self, start: datetime, end: datetime, buckets: list[float]) -> sa.Select:
+        """One row for the counters: (count, sum of scores, cumulative count per bucket bound)
+        of predictions with a valid score and a timestamp in ``[start, end)``."""
+        valid = _valid_probability(self.dialect, self.score, self.score_is_number)
+        return sa.select(
+            sa.func.count(),
+            sa.func.sum(self.score),
+            *[_count_if(self.score <= bound) for bound in buckets],
+        ).where(self._in_window(start, end), valid)
+
+    def online(self, labels: LabelQueries, start: datetime, end: datetime, as_of: datetime) -> sa.Select:
+        """Online accuracy aggregates of the window's valid predictions joined to their labels,
+        grouped by bucket ``grid_index(score, 10**k)``, in no order (an ORDER BY would make
+        PostgreSQL sort the window rather than hash it).
+
+        Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
+        ``positives``, ``negatives``, ``low``/``high`` (smallest and largest labeled score
+        of the bucket: equal means its pairs are true ties), ``labeled_score_sum``,
+        ``log_loss_sum``, ``extreme`` (labeled at exactly 0 or 1), ``conflicting`` (labels
+        0 and 1), ``invalid`` (only labels other than 0/1).
+        Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
+        clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
+        """
+        valid_rows = self.valid_rows(start, end)
+        agg = labels.per_id(start, as_of)
+        has_label = sa.and_(agg.c.low.is_not(None), agg.c.low == agg.c.high)
+        no_label_row = agg.c.id.is_(None)
+        y = sa.case(
+            (has_label, agg.c.low),
+            (no_label_row, 0 if labels.source.missing == "negative" else None),
+            else_=None,
+        )
+        keyed = (
+            sa.select(
+                self._key(valid_rows.c.score).label("key"),
+                valid_rows.c.score,
+                y.label("y"),
+                has_label.label("has_label"),
+                (agg.c.low != agg.c.high).label("conflicting"),
+                sa.and_(agg.c.id.is_not(None), agg.c.low.is_(None)).label("invalid"),
+            )
+            .select_from(valid_rows.outerjoin(agg, valid_rows.c.id == agg.c.id))
+            .subquery("keyed")
+        )
+        p = sa.case(
+            (keyed.c.score < LOGLOSS_EPS, _double(LOGLOSS_EPS)),
+            (keyed.c.score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
+            else_=keyed.c.score,
+        )
+        log_loss_term = sa.case(
+            (keyed.c.y == 1, -sa.func.ln(p)),
+            (keyed.c.y == 0, -sa.func.ln(_double(1.0) - p)),
+            else_=None,
+        )
+        labeled = keyed.c.y.is_not(None)
+        labeled_score = sa.case((labeled, keyed.c.score), else_=None)
+        return sa.select(
+            keyed.c.key,
+            sa.func.count().label("predictions"),
+            _count_if(keyed.c.has_label).label("with_label"),
+            _count_if(keyed.c.y == 1).label("positives"),
+            _count_if(keyed.c.y == 0).label("negatives"),
+            sa.func.min(labeled_score).label("low"),
+            sa.func.max(labeled_score).label("high"),
+            sa.func.sum(labeled_score).label("labeled_score_sum"),
+            sa.func.sum(log_loss_term).label("log_loss_sum"),
+            _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label("extreme"),
+            _count_if(keyed.c.conflicting).label("conflicting"),
+            _count_if(keyed.c.invalid).label("invalid"),
+        ).group_by(keyed.c.key)
+
+    def replays_by_lookup(self, replays: ReplayQueries) -> bool:
+        """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
+        an index on the replay id): a nested loop by construction, whose cost under
+        ``enable_nestloop = off`` exceeds ``jit_above_cost``; the caller turns JIT off, as
+        compiling would take longer than the lookups."""
+        return self.dialect == "postgresql" and replays.indexed
+
+    def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
+        """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
+        window's valid predictions that have a replay row. Reproduced means
+        ``|a - b| <= atol + rtol * max(|a|, |b|)``; a replay that is not a valid probability
+        (NULL, NaN, infinite, outside [0, 1], text or a blob in SQLite) never is and is left out of the max."""
+        rows = self.valid_rows(start, end)
+        online = rows.c.score
+        if self.replays_by_lookup(replays):
+            # Each window row looks its replays up in the index: linear in the window's rows,
+            # whereas the hash join the refresh transaction's planner settings leave
+            # (stores.timed_connection) would read the whole replay table. OFFSET 0 keeps
+            # PostgreSQL from flattening the lookup back into a join it would plan by statistics.
+            lookup = sa.select(replays.score.label("score")).where(replays.id == rows.c.id).offset(0).lateral("replay")
+            source, offline = rows.join(lookup, sa.true()), lookup.c.score
+        else:
+            source, offline = rows.join(replays.table, rows.c.id == replays.id), replays.score
+        tolerance = self.model.replay_tolerance
+        # NULL, NaN, ±inf, outside [0, 1] or not a number: never reproduced
+        valid = _valid_probability(self.dialect, offline, is_number(self.dialect, replays.column))
+        diff = sa.func.abs(online - offline)
+        larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
+        within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
+        return sa.select(
+            sa.func.count(),
+            _count_if(sa.and_(valid, within)),
+            sa.func.max(sa.case((valid, diff), else_=None)),
+        ).select_from(source)
+
+
+class LabelQueries:
+    """The label table: one row per prediction id, with labels that arrived before ``as_of``."""
+
+    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None, dialect: str):
+        """``table`` is the reflected label table, ``time`` its timestamp column (``None``:
+        every label row counts), ``dialect`` its engine's name (SQLite needs a check that a
+        numeric timestamp is a number)."""
+        self.source = source
+        self.table = table
+        self.time = time
+        self.dialect = dialect
+        self.id = table.c[source.columns.id]
+        label = table.c[source.columns.label]
+        if isinstance(label.type, sa.Boolean):
+            # Compared with true/false rather than cast to an integer (PostgreSQL refuses
+            # boolean = integer): SQLite's CAST('yes' AS INTEGER) is 0, and a BOOLEAN column
+            # there may hold any text.
+            self.valid_value = sa.case((label == sa.true(), 1), (label == sa.false(), 0), else_=None)
+        else:
+            self.valid_value = sa.case((sa.or_(label == 0, label == 1), label), else_=None)
+
+    def per_id(self, since: datetime, as_of: datetime) -> sa.Subquery:
+        """(id, low, high) per labeled id: the smallest and largest valid label (NULL when
+        every label row of that id is invalid).
+
+        With a label timestamp, only labels recorded in ``[since, as_of)`` count: a label
+        is recorded after its prediction, so ``since`` (the window start) bounds the scan
+        to recent labels. Without one, every label row is read.
+        """
+        conditions = []
+        if self.time is not None:
+            conditions.append(self.time.between(since, as_of))
+        return (
+            sa.select(
+                self.id.label("id"),
+                sa.func.min(self.valid_value).label("low"),
+                sa.func.max(self.valid_value).label("high"),
+            )
+            .where(*conditions)
+            .group_by(self.id)
+            .subquery("labels_per_id")
+        )
+
+
+class ReplayQueries:
+    """The replay table: offline re-computations of served scores, joined by id.
+
+    ``indexed``: the id column leads the primary key, a unique constraint or an index, so
+    that PostgreSQL looks the window's ids up in it (``PredictionQueries.replays``).
+    """
+
+    def __init__(self, source: ReplaySource, table: sa.Table):
+        self.table = table
+        self.id = table.c[source.columns.id]
+        self.column = table.c[source.columns.score]
+        self.score = sa.cast(self.column, sa.Double())
+        self.indexed = _indexed_by(table, source.columns.id)

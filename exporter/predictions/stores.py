@@ -1,0 +1,601 @@
+"""SQL stores: engines per configured store, table reflection and time binding.
+
+Identifiers come only from the config and reach SQL through SQLAlchemy's reflected
+``Table`` objects, which quote them; no SQL string is ever formatted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from exporter.config import Settings, TableSource
+from exporter.reasons import SchemaError
+
+#: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
+#: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
+_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth", re.IGNORECASE)
+
+
+def safe_url(url: str | sa.URL) -> str:
+    """The URL with its password and every credential-bearing query parameter masked
+    (``***``), for logs and error messages."""
+    try:
+        parsed = sa.make_url(url)
+        masked = {key: "***" for key in parsed.query if _SECRET_QUERY_KEY.search(key)}
+        # The URL-encoded mask ("%2A%2A%2A") shown as it is written.
+        return parsed.update_query_dict(masked).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+    except Exception:  # an unparsable URL may hold a secret anywhere: show nothing of it
+        return "<unparsable URL>"
+
+
+def _sqlite_math(dbapi_connection, _record) -> None:
+    """Give SQLite ``ln`` and ``floor`` where its build lacks the math functions.
+
+    SQLite ships them only when compiled with SQLITE_ENABLE_MATH_FUNCTIONS (3.35+); probing
+    keeps the native ones, which are faster, wherever they exist.
+    """
+    try:
+        dbapi_connection.execute("SELECT ln(1.0), floor(1.5)").fetchone()
+    except Exception:
+        dbapi_connection.create_function(
+            "ln", 1, lambda x: None if x is None or x <= 0 else math.log(x), deterministic=True
+        )
+        dbapi_connection.create_function(
+            "floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True
+        )
+
+
+#: The drivers mlmon's extras install (pyproject.toml), by SQLAlchemy URL scheme.
+_DRIVER_EXTRAS = {"postgresql+psycopg": "postgresql", "duckdb": "duckdb"}
+
+
+def create_store_engine(url: str, connect_timeout: float | None = None) -> Engine:
+    """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
+
+    With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it,
+    use TCP keepalives (so that a server that vanished mid-query is noticed) and carry the
+    application name ``mlmon``.
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
+        sqlalchemy.exc.NoSuchModuleError: the dialect or its driver is not installed (the
+            message says what to install).
+    """
+    connect_args = {}
+    if connect_timeout is not None and sa.make_url(url).get_backend_name() == "postgresql":
+        connect_args = {
+            "connect_timeout": max(1, math.ceil(connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+            # Shows in pg_stat_activity, so that a DBA can tell mlmon's queries apart.
+            "application_name": "mlmon",
+        }
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    except ImportError as exc:  # SQLAlchemy imports the driver here; a bare traceback helps nobody
+        driver = sa.make_url(url).drivername
+        extra = _DRIVER_EXTRAS.get(driver)
+        hint = f"pip install 'mlmon[{extra}]'" if extra else f"pip install the package of module {exc.name!r}"
+        raise sa.exc.NoSuchModuleError(f"the driver of {driver!r} is not installed: {hint}") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_math)
+        sa.event.listen(engine, "connect", _sqlite_functions)
+    return engine
+
+
+def require_existing_sqlite_file(url: str) -> None:
+    """Refuse a SQLite URL whose file does not exist, which SQLite would create empty and
+    then report as missing tables.
+
+    Raises:
+        FileNotFoundError: names the path, resolved against the working directory.
+    """
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database)
+        if not parsed.database.startswith("file:") and not path.exists():
+            raise FileNotFoundError(f"SQLite database file {str(path.resolve())!r} does not exist")
+
+
+@contextmanager
+def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connection]:
+    """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
+
+    PostgreSQL cancels each statement after ``timeout_seconds`` on the server
+    (``statement_timeout``, local to the transaction) and plans without nested loops
+    (``enable_nestloop``, local too), so that missing statistics cannot make a join
+    quadratic; SQLite is interrupted from a timer
+    thread once the whole transaction exceeds it. Other dialects rely on their own limits.
+    The cancelled statement raises the driver's error, classified as ``timeout``.
+    """
+    with engine.connect() as conn:
+        timer = None
+        if engine.dialect.name == "postgresql":
+            # One snapshot for all the queries of a source: counts and sums of one window
+            # must not come from two states of a table that is being appended to.
+            conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
+            # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
+            conn.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
+            # Without statistics (a table loaded and queried before ANALYZE, or autovacuum off
+            # or lagging) PostgreSQL guesses that a window holds a handful of rows and joins
+            # predictions to labels, replays and duplicate ids by nested loops: quadratic in
+            # the window, 20,000 rows a side already run past 30 s. Every join mlmon sends is
+            # an equi-join, which a hash or merge join does in time linear in the rows (plus a
+            # sort), whatever the estimates (docs/scaling.md).
+            conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
+        elif engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
+            raw = conn.connection.driver_connection
+            timer = threading.Timer(timeout_seconds, raw.interrupt)
+            timer.daemon = True
+            timer.start()
+        try:
+            yield conn
+        finally:
+            if timer is not None:
+                timer.cancel()
+            conn.rollback()
+
+
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _transition_after(zone: ZoneInfo, instant: datetime, within: timedelta) -> datetime:
+    """The first instant after ``instant`` at which ``zone`` changes its UTC offset, known
+    to lie at most ``within`` (plus a second) after it; found by bisection on whole
+    seconds, where the tz database puts every transition."""
+    low = math.floor(instant.timestamp())
+    high = low + math.ceil(within.total_seconds()) + 1
+    offset = datetime.fromtimestamp(low, zone).utcoffset()
+    while high - low > 1:  # invariant: the offset at low is the old one, at high the new one
+        middle = (low + high) // 2
+        if datetime.fromtimestamp(middle, zone).utcoffset() == offset:
+            low = middle
+        else:
+            high = middle
+    return datetime.fromtimestamp(high, UTC)
+
+
+def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
+    """The naive wall-clock time of ``zone`` that a window edge at ``instant`` (timezone-aware)
+    is compared with, to the microsecond (rounded up).
+
+    A non-decreasing map, so that consecutive windows ``[a, b)``, ``[b, c)`` become
+    consecutive wall-clock intervals and count every row once: the plain conversion
+    jumps back an hour when clocks fall back, which made windows in that hour empty.
+
+    - Outside transitions: the usual local time.
+    - Clocks set back by ``d`` at instant ``T`` (wall times ``[W, W + d)`` occur twice,
+      once in ``[T - d, T)`` and again in ``[T, T + d)``): the two passes, ``2d`` of real
+      time, map linearly onto the ``d`` of repeated wall time, ``T - d + x`` to ``W + x/2``.
+      A window there covers half its length of wall time, which holds rows of both passes.
+    - Clocks set forward at ``T`` (wall times ``[W, W + d)`` never occur): ``T`` itself
+      maps to ``W``, every later instant to its usual local time, so that a row stamped
+      in the gap counts as written at ``T``.
+
+    ``from_wall_clock`` is its inverse (docs/metrics.md, "Timestamps and time zones").
+    """
+    local = instant.astimezone(zone)
+    wall = local.replace(tzinfo=None, fold=0)
+    early, late = zone.utcoffset(wall), zone.utcoffset(wall.replace(fold=1))
+    if early > late:  # a repeated wall time: instant is within d of the transition
+        d = early - late
+        first = (wall - early).replace(tzinfo=UTC)  # its first pass, before T
+        t = _transition_after(zone, first, d)
+        elapsed = (instant - (t - d)) // _MICROSECOND
+        return (t + late).replace(tzinfo=None) + (elapsed + 1) // 2 * _MICROSECOND  # half, rounded up
+    before = (instant - _MICROSECOND).astimezone(zone)
+    if before.utcoffset() < local.utcoffset():  # instant is the transition at the end of a gap
+        return before.replace(tzinfo=None) + _MICROSECOND
+    return wall
+
+
+def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The instant (UTC) a naive wall-clock time of ``zone`` stands for: the inverse of
+    ``to_wall_clock``. A repeated wall time ``W + x`` (clocks set back by ``d`` at ``T``)
+    is ``T - d + 2x``, between its two possible readings; a wall time in a gap (clocks set
+    forward at ``T``) is ``T``. Elsewhere the only reading.
+    """
+    early, late = zone.utcoffset(wall.replace(fold=0)), zone.utcoffset(wall.replace(fold=1))
+    if early == late:
+        return (wall - early).replace(tzinfo=UTC, fold=0)
+    if early > late:  # repeated
+        d = early - late
+        t = _transition_after(zone, (wall - early).replace(tzinfo=UTC), d)
+        return t - d + 2 * (wall.replace(fold=0) - (t + late).replace(tzinfo=None))
+    # in a gap: fold 0 reads it with the offset before the transition (the later instant)
+    return _transition_after(zone, (wall - late).replace(tzinfo=UTC), late - early)
+
+
+#: SQLite keeps date-times as text in whatever format the writer chose (``T`` or space,
+#: with or without seconds and fraction, ``Z`` or a ``±HH:MM`` offset or none); comparing
+#: that text with a bound would be wrong at the window edges, so both sides are normalised
+#: by SQLite's own strftime (which reads fractions to the millisecond and converts text
+#: with an offset to UTC), padded to microseconds like the bounds.
+_SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
+#: Seconds since the epoch that are a date-time (years 1 to 9999); NaN, ±infinity and, in
+#: SQLite, text in a numeric column fall outside.
+_EPOCH_RANGE = (-62135596800.0, 253402300800.0)
+
+
+def _sqlite_text(wall: datetime) -> str:
+    """A naive date-time in the fixed-width text of ``_sqlite_timestamp``: one format for
+    every value, so that text order is time order."""
+    return wall.isoformat(sep=" ", timespec="microseconds")
+
+
+def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
+    """SQL function ``mlmon_wall_clock(text, zone)``: UTC text as SQLite's strftime writes it
+    -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
+    Python can represent, such as year 0)."""
+    try:
+        instant = datetime.fromisoformat(utc_text).replace(tzinfo=UTC)
+        return _sqlite_text(to_wall_clock(instant, ZoneInfo(zone)))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _sqlite_functions(dbapi_connection, _record) -> None:
+    dbapi_connection.create_function("mlmon_wall_clock", 2, _sqlite_wall_clock, deterministic=True)
+
+
+def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
+    """The SQLite expression of ``TimeColumn`` kind ``"sqlite"``: a date-time text column as
+    naive wall-clock text of ``zone`` (``%Y-%m-%d %H:%M:%S.ffffff``), NULL when unreadable.
+
+    Readable: text that SQLite's date functions read (else strftime gives NULL) and that
+    starts with a real calendar date ``YYYY-MM-DD``, checked by a round trip through
+    ``date`` (SQLite itself would read ``2024-02-30`` as March 1, hour 24 as the next day,
+    ``now`` as the current time and a bare number as a Julian day). Text with an offset
+    denotes an instant: outside UTC it is mapped to the zone's wall clock by
+    ``mlmon_wall_clock``, so that both kinds of row compare with the same bounds.
+
+    Every call of a function costs per row and SQLite evaluates the expression once per
+    use: strftime is called once, and windows compare with BETWEEN (``TimeColumn.between``).
+    """
+    normalised = sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String)
+    date = sa.func.substr(column, 1, 10)
+    readable = sa.and_(
+        sa.func.date(date, "+0 days") == date,  # the modifier makes SQLite normalise the date
+        sa.func.substr(column, 12, 2) != "24",
+    )
+    wall = normalised.concat("000")  # microseconds, as the bounds
+    if zone != "UTC":
+        text = sa.func.rtrim(column)
+        has_offset = sa.or_(
+            sa.func.upper(sa.func.substr(text, -1)) == "Z",
+            sa.and_(sa.func.substr(text, -6, 1).in_(["+", "-"]), sa.func.substr(text, -3, 1) == ":"),
+        )
+        wall = sa.case((has_offset, sa.func.mlmon_wall_clock(normalised, zone, type_=sa.String)), else_=wall)
+    return sa.case((readable, wall), else_=None)
+
+
+@dataclass(frozen=True)
+class TimeColumn:
+    """How to compare a timestamp column with UTC instants.
+
+    ``kind`` is ``"aware"`` (timestamp with time zone), ``"naive"`` (timestamp without time
+    zone, wall-clock time of ``zone``), ``"sqlite"`` (SQLite date-time text, normalised by
+    ``_sqlite_timestamp``; text without an offset is wall-clock time of ``zone``) or
+    ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL expression that
+    windows compare with ``bind(instant)``; wall-clock times go through ``to_wall_clock``
+    and ``from_wall_clock``, which keep windows consistent across daylight-saving changes.
+    """
+
+    expr: sa.ColumnElement
+    kind: str
+    zone: str
+
+    def bind(self, instant: datetime):
+        """The value to compare ``expr`` with for a timezone-aware ``instant``."""
+        if self.kind == "epoch":
+            return instant.timestamp()
+        if self.kind == "aware":
+            return instant
+        naive = to_wall_clock(instant, ZoneInfo(self.zone))
+        return _sqlite_text(naive) if self.kind == "sqlite" else naive
+
+    def between(self, start: datetime | None, end: datetime | None) -> sa.ColumnElement:
+        """A predicate true for rows whose timestamp is an instant in ``[start, end)``;
+        ``None`` leaves that side open (an unreadable timestamp is in no range)."""
+        if self.kind == "sqlite" and start is not None and end is not None:
+            # BETWEEN evaluates the expression once; every value has the same fixed-width
+            # text, so < end is <= the text one microsecond earlier.
+            last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
+            return self.expr.between(self.bind(start), last)
+        conditions = []
+        if start is not None:
+            conditions.append(self.expr >= self.bind(start))
+        elif self.kind == "epoch":  # NaN and infinities sort outside every number; SQLite text above them
+            conditions.append(self.expr >= _EPOCH_RANGE[0])
+        if end is not None:
+            conditions.append(self.expr < self.bind(end))
+        elif self.kind == "epoch":
+            conditions.append(self.expr < _EPOCH_RANGE[1])
+        return sa.and_(*conditions)
+
+    def unreadable(self) -> sa.ColumnElement:
+        """A predicate true (never NULL) for rows whose timestamp is no instant: NULL, and
+        on SQLite unreadable text; for epoch seconds also NaN, ±infinity, text, and values
+        outside years 1 to 9999."""
+        if self.kind == "epoch":
+            in_range = sa.and_(self.expr >= _EPOCH_RANGE[0], self.expr < _EPOCH_RANGE[1])
+            return sa.or_(self.expr.is_(None), sa.not_(in_range))
+        return self.expr.is_(None)
+
+    def to_epoch(self, value) -> float | None:
+        """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``)."""
+        if value is None:
+            return None
+        if self.kind == "epoch":
+            return float(value)
+        if self.kind == "sqlite":
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            value = from_wall_clock(value, ZoneInfo(self.zone))
+        return value.timestamp()
+
+
+def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, dialect: str) -> TimeColumn:
+    """Classify a reflected timestamp column.
+
+    On SQLite a text column (or one declared DATE or DATETIME, which SQLite stores as
+    text too) holds ISO-8601 text; elsewhere text cannot be compared as instants.
+
+    Raises:
+        SchemaError: the column is neither a date-time nor a number (nor text on SQLite);
+            the message names ``key_path``.
+    """
+    column = table.c[name]
+    expected = "a timestamp or a number of seconds since the epoch"
+    if dialect == "sqlite":
+        types = (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES)
+        require_type(table, name, types, key_path, f"{expected}, or ISO-8601 text")
+        if isinstance(column.type, NUMBER_TYPES):
+            return TimeColumn(column, "epoch", source.timezone)
+        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
+    if isinstance(column.type, sa.String):
+        raise SchemaError(
+            f"{key_path}: column {name!r} of table {table.name!r} has type {column.type}; expected {expected} "
+            f"({dialect} cannot compare text as instants: change the column's type, or point "
+            f"{key_path.rsplit('.columns.', 1)[0]}.table at a view that casts it)"
+        )
+    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, expected)
+    if not isinstance(column.type, sa.DateTime):
+        return TimeColumn(column, "epoch", source.timezone)
+    return TimeColumn(column, "aware" if column.type.timezone else "naive", source.timezone)
+
+
+NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
+
+
+def timestamp_types(dialect: str, source_path: str) -> tuple[tuple[type, ...], str]:
+    """The column types a timestamp column may have on ``dialect``, and how an error calls
+    them (``reflect_table``'s ``types``; ``source_path`` is the source's config key, such as
+    ``models[0].predictions``); ``time_column`` classifies an accepted column."""
+    expected = "a timestamp or a number of seconds since the epoch"
+    if dialect == "sqlite":
+        return (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES), f"{expected}, or ISO-8601 text"
+    return (sa.DateTime, *NUMBER_TYPES), (
+        f"{expected} ({dialect} cannot compare text as instants: change the column's type, "
+        f"or point {source_path}.table at a view that casts it)"
+    )
+
+
+def _type_problem(table: sa.Table, name: str, types: tuple[type, ...], expected: str, key_path: str) -> str | None:
+    column_type = table.c[name].type
+    if isinstance(column_type, types):
+        return None
+    return f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}"
+
+
+def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: str, expected: str) -> None:
+    """Check that a reflected column has one of ``types``.
+
+    Raises:
+        SchemaError: it does not; the message names the config key and the type found.
+    """
+    problem = _type_problem(table, name, types, expected, key_path)
+    if problem is not None:
+        raise SchemaError(problem)
+
+
+def reflect_table(
+    engine: Engine,
+    source: TableSource,
+    columns: dict[str, str | None],
+    key_path: str,
+    types: dict[str, tuple[tuple[type, ...], str]] | None = None,
+) -> sa.Table:
+    """Reflect a configured table and check every configured column: that it exists and,
+    for the fields in ``types``, that its type fits.
+
+    Args:
+        columns: logical field -> column name (``None`` for unset optional fields).
+        key_path: the config path of the source, for error messages.
+        types: logical field -> (accepted SQLAlchemy types, what an error calls them).
+
+    Raises:
+        SchemaError: the table is missing, or every missing column, wrong column type and
+            unknown filter column at once, one problem each (each names its config key).
+        sqlalchemy.exc.OperationalError: the store cannot be reached.
+    """
+    metadata = sa.MetaData()
+    try:
+        table = sa.Table(source.table, metadata, schema=source.db_schema, autoload_with=engine)
+    except sa.exc.NoSuchTableError:
+        where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
+        raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
+    problems = []
+    for field, name in columns.items():
+        if name is None:
+            continue
+        if name not in table.c:
+            problems.append(
+                f"{key_path}.columns.{field}: column {name!r} does not exist in table {source.table!r} "
+                f"(columns: {', '.join(table.c.keys())})"
+            )
+        elif types and field in types:
+            problems.append(_type_problem(table, name, *types[field], f"{key_path}.columns.{field}"))
+    for name, value in getattr(source, "filter", {}).items():
+        if name not in table.c:
+            problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+            continue
+        try:
+            check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+        except SchemaError as exc:
+            problems.extend(exc.problems)
+    problems = [p for p in problems if p is not None]
+    if problems:
+        raise SchemaError(*problems)
+    return table
+
+
+def type_kind(column_type: sa.types.TypeEngine) -> str | None:
+    """The kind of values a reflected column type holds, as far as ``=`` is concerned:
+    ``"boolean"``, ``"number"`` (integers, decimals and floats compare with each other on
+    every dialect), ``"text"``, ``"uuid"``, ``"binary"``, ``"datetime"``, ``"date"`` or
+    ``"time"``; ``None`` for a type SQLAlchemy does not know (e.g. a SQLite column declared
+    without a type, or an extension's type), whose comparisons mlmon cannot predict.
+
+    The reflected type of a SQLite column follows SQLite's affinity rules (INT -> integer,
+    CHAR/CLOB/TEXT -> text, REAL/FLOA/DOUB -> float, otherwise numeric).
+    """
+    kinds = [
+        (sa.Boolean, "boolean"),
+        ((sa.Integer, sa.Numeric, sa.Float), "number"),
+        (sa.String, "text"),  # VARCHAR, TEXT, CHAR, enums
+        (sa.Uuid, "uuid"),
+        ((sa.LargeBinary, sa.BINARY, sa.VARBINARY), "binary"),
+        (sa.DateTime, "datetime"),
+        (sa.Date, "date"),
+        (sa.Time, "time"),
+    ]
+    return next((kind for types, kind in kinds if isinstance(column_type, types)), None)
+
+
+def require_same_id_kind(table: sa.Table, name: str, key_path: str, predictions: sa.Table, predictions_id: str) -> None:
+    """Check that an id column joined to the predictions' id holds the same kind of values.
+
+    Ids of different kinds compare differently on every dialect: PostgreSQL refuses
+    ``bigint = text`` at every refresh, SQLite and DuckDB convert the text to a number (so
+    '02' matches 2), and comparing as text would not. mlmon refuses them all alike
+    (docs/configuration.md); a type SQLAlchemy does not know is not checked.
+
+    Raises:
+        SchemaError: the kinds differ; names ``key_path`` and both columns' types.
+    """
+    column_type, predictions_type = table.c[name].type, predictions.c[predictions_id].type
+    kind, predictions_kind = type_kind(column_type), type_kind(predictions_type)
+    if kind is not None and predictions_kind is not None and kind != predictions_kind:
+        raise SchemaError(
+            f"{key_path}: column {name!r} of table {table.name!r} has type {column_type} ({kind}), but the predictions' "
+            f"id column {predictions_id!r} of table {predictions.name!r} has type {predictions_type} ({predictions_kind}); "
+            "ids are joined with '=', which needs both of one kind: change one column's type, or read one table "
+            "through a view that casts its id"
+        )
+
+
+#: Per column kind: the Python types a filter value of that column may have, and how to write one.
+_FILTER_VALUES = {
+    "text": ((str,), "text: write the value in quotes exactly as stored"),
+    "number": ((int, float), "numbers: write the number without quotes"),
+    "boolean": ((bool,), "booleans: write true or false"),
+    "uuid": ((str,), "uuids: write the uuid in quotes"),
+}
+
+
+def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str) -> None:
+    """Check that a ``filter`` value (as YAML read it) can equal values of its column.
+
+    YAML reads unquoted ``NO``/``yes``/``off`` as booleans and ``1.10`` as the number 1.1;
+    compared with a text column, such a value matches no row on SQLite and fails every
+    refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
+    number columns take numbers (integer columns: integers), boolean columns take
+    booleans, uuid columns take a uuid as text; a column of another kind (date-time,
+    binary) cannot be filtered on; a type SQLAlchemy does not know is not checked.
+
+    Raises:
+        SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
+    """
+    column_type = table.c[name].type
+    kind = type_kind(column_type)
+    if kind is None:
+        return
+    where = f"column {name!r} of table {table.name!r} has type {column_type}"
+    if kind not in _FILTER_VALUES:
+        raise SchemaError(f"{key_path}: {where} ({kind}); filters compare text, number, boolean or uuid columns only")
+    types, advice = _FILTER_VALUES[kind]
+    fits = isinstance(value, types) and (kind == "boolean" or not isinstance(value, bool))
+    if fits and kind == "number" and isinstance(column_type, sa.Integer) and not isinstance(value, int):
+        fits, advice = False, "integers: write an integer"
+    if fits and kind == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            fits, advice = False, "uuids, which this text is not"
+    if not fits:
+        if isinstance(value, bool):
+            read = f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"
+        elif isinstance(value, str):
+            read = f"the text {value!r}"
+        else:
+            read = f"the number {value!r}"
+            if kind == "text":
+                read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
+        raise SchemaError(f"{key_path}: YAML read {read}, but {where}, which holds {advice}")
+
+
+class Stores:
+    """The engines of all configured stores, created lazily, disposed together."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+
+    def engine(self, name: str) -> Engine:
+        """The engine of store ``name`` (created on first use).
+
+        Raises:
+            OSError: ``url_file`` cannot be read, or a SQLite file does not exist.
+            SchemaError: ``url_file`` does not hold a SQLAlchemy URL (naming the key).
+            sqlalchemy.exc.NoSuchModuleError: missing driver.
+        """
+        with self._lock:
+            if name not in self._engines:
+                store = self._settings.stores[name]
+                try:
+                    url = store.resolved_url()
+                except ValueError as exc:  # a url_file rewritten since the config was loaded
+                    raise SchemaError(f"stores.{name}.{exc}") from None  # "url_file: not a SQLAlchemy URL ..."
+                require_existing_sqlite_file(url)  # monitored stores are read, never created
+                self._engines[name] = create_store_engine(url, self._settings.query_timeout.total_seconds())
+            return self._engines[name]
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        with self._lock:
+            for engine in self._engines.values():
+                engine.dispose()
+            self._engines.clear()
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)

@@ -1,0 +1,295 @@
+"""Training metrics of each model from its stored runs: the newest version, its
+baselines (previous version, about 30 days before), the version history and the feature
+breakdown with each feature's PSI against the previous version."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from exporter.config import Settings
+from exporter.errors import error_lines, first_line
+from exporter.monitoring_math import population_stability_index
+from exporter.reasons import ERROR_REASONS, classify_error
+from exporter.snapshot import TrainingState
+from exporter.training.schema import OTHER, FeatureSummary
+from exporter.training.storage import StateDatabase, StoredRun, load_histories
+
+log = logging.getLogger(__name__)
+#: The reference's deciles are the edges of the numeric PSI bins.
+DECILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """One model's training metrics. ``history`` is newest first (at most the configured
+    number of versions); ``baselines`` maps ``previous_version`` and ``30d`` to their run
+    when it exists; ``feature_psi`` holds the features whose PSI against the previous
+    version is defined."""
+
+    model: str
+    newest: StoredRun
+    baselines: Mapping[str, StoredRun]
+    history: tuple[StoredRun, ...]
+    features: tuple[FeatureSummary, ...]
+    feature_psi: Mapping[str, float]
+
+    def validation_logloss(self, version: str | None) -> float | None:
+        """Offline log loss of ``version`` (``None``: the newest), if it is in the history."""
+        if version is None:
+            return self.newest.validation_logloss
+        return next((run.validation_logloss for run in self.history if run.version == version), None)
+
+
+def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
+    """The share of non-missing values <= x: exact (a step function) from ``value_shares``
+    when given, else by linear interpolation through the feature's (min, 0),
+    (percentile value, q / 100) ..., (max, 1) points."""
+    if feature.value_shares is not None:
+        values = np.array([v for v, _ in feature.value_shares])
+        cumulative = np.concatenate([[0.0], np.cumsum([share for _, share in feature.value_shares])])
+        return np.minimum(cumulative[np.searchsorted(values, x, side="right")], 1.0)
+    points = [(feature.min, 0.0)] + [(v, int(q) / 100) for q, v in feature.percentiles.items()] + [(feature.max, 1.0)]
+    points.sort()
+    values = np.array([v for v, _ in points])
+    shares = np.array([s for _, s in points])
+    # Tied values (a stuck feature) keep the largest share: the CDF is right-continuous.
+    unique, last = np.unique(values[::-1], return_index=True)
+    return np.interp(x, unique, shares[::-1][last], left=0.0, right=1.0)
+
+
+def _numeric_edges(reference: FeatureSummary, current: FeatureSummary) -> np.ndarray:
+    """The upper edges of the numeric PSI bins (each bin is (previous edge, edge], plus an
+    open bin above the last): every distinct value either side lists when both give
+    ``value_shares`` (one bin per value, exact); the reference's distinct values when only
+    it gives them; else the reference's deciles (ties merged). No edge without values."""
+    if not reference.present:
+        return np.array([])
+    if reference.value_shares is not None:
+        values = [v for v, _ in reference.value_shares]
+        if current.present and current.value_shares is not None:
+            values += [v for v, _ in current.value_shares]
+        return np.unique(values)
+    return np.unique([reference.percentiles[str(q)] for q in DECILES if str(q) in reference.percentiles])
+
+
+def _numeric_shares(feature: FeatureSummary, edges: np.ndarray) -> np.ndarray:
+    if not feature.present:  # every value missing (min may still be given, max not)
+        return np.array([0.0] * (len(edges) + 1) + [feature.missing_ratio])
+    cdf = np.concatenate([[0.0], _cdf(feature, edges), [1.0]])
+    return np.append(np.diff(cdf) * (1.0 - feature.missing_ratio), feature.missing_ratio)
+
+
+def _category_shares(reference: FeatureSummary, current: FeatureSummary) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, actual) shares of all rows over the categorical PSI bins: every category
+    either side lists, one bin for all other categories, one for missing values.
+
+    A side with an ``__other__`` share does not say how it splits over the categories only
+    the other side lists; that split is chosen to give the smallest PSI any pair of
+    distributions consistent with both summaries has on these bins (a lower bound of the
+    true PSI; docs/metrics.md). Consistent means: the shares the summaries give, a
+    category a summary does not list holds at most the smallest share it lists (they are
+    its top k) and at most its ``__other__`` share, and a summary without ``__other__``
+    lists every category it has.
+
+    Without the floor, PSI = sum f(a, e) with f(a, e) = (a - e) ln(a / e) is jointly
+    convex, and its derivatives depend on a / e alone, so at the optimum (KKT) every
+    unlisted share has the same ratio to the other side's share as the two "other
+    category" bins have to each other, up to its cap: x_c = min(t r_c, cap), y_c =
+    min(c_c / t, cap) with t = (current rest) / (reference rest), found by bisection. When
+    no such t leaves both rests positive, both rests are 0 and each side's unknown shares
+    fill its ``__other__`` share in proportion to the other side's.
+    """
+    ref_present, cur_present = 1.0 - reference.missing_ratio, 1.0 - current.missing_ratio
+    ref = {c: s * ref_present for c, s in reference.categories.items() if c != OTHER}
+    cur = {c: s * cur_present for c, s in current.categories.items() if c != OTHER}
+    # The other side's unknown share of a category: at most its __other__ share (0 when it
+    # lists every category) and at most its smallest listed share.
+    ref_other = reference.categories.get(OTHER, 0.0) * ref_present
+    cur_other = current.categories.get(OTHER, 0.0) * cur_present
+    ref_cap = min([ref_other, *ref.values()])
+    cur_cap = min([cur_other, *cur.values()])
+    only_ref = sorted(set(ref) - set(cur))  # current share x_c unknown
+    only_cur = sorted(set(cur) - set(ref))  # reference share y_c unknown
+    ref_known = np.array([ref[k] for k in only_ref])
+    cur_known = np.array([cur[k] for k in only_cur])
+
+    def rests(t: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+        x, y = np.minimum(t * ref_known, cur_cap), np.minimum(cur_known / t, ref_cap)
+        return x, y, cur_other - float(x.sum()), ref_other - float(y.sum())
+
+    low, high = -700.0, 700.0  # bisection on ln t, within float range
+    while (only_ref or only_cur) and high - low > 1e-12:
+        middle = (low + high) / 2
+        _, _, cur_rest, ref_rest = rests(math.exp(middle))
+        too_small = cur_rest > 0 and (ref_rest <= 0 or cur_rest > math.exp(middle) * ref_rest)
+        low, high = (middle, high) if too_small else (low, middle)
+    x, y, cur_rest, ref_rest = rests(math.exp(low))
+    if not (cur_rest > 1e-12 and ref_rest > 1e-12):
+        x, cur_rest = _fill(ref_known, cur_cap, cur_other)
+        y, ref_rest = _fill(cur_known, ref_cap, ref_other)
+    both = sorted(set(ref) & set(cur))
+    expected = [ref[k] for k in both] + list(ref_known) + list(y) + [max(0.0, ref_rest), reference.missing_ratio]
+    actual = [cur[k] for k in both] + list(x) + list(cur_known) + [max(0.0, cur_rest), current.missing_ratio]
+    return np.array(expected), np.array(actual)
+
+
+def _fill(weights: np.ndarray, cap: float, total: float) -> tuple[np.ndarray, float]:
+    """Shares min(s * weights, cap) summing to ``total`` (the largest such s, by bisection
+    on ln s), and what is left of ``total`` when the caps do not let them reach it."""
+    if len(weights) == 0 or cap <= 0.0:
+        return np.zeros(len(weights)), total
+    low, high = -700.0, 700.0
+    for _ in range(100):  # 1400 / 2**100: far below float precision
+        middle = (low + high) / 2
+        fits = float(np.minimum(math.exp(middle) * weights, cap).sum()) <= total
+        low, high = (middle, high) if fits else (low, middle)
+    shares = np.minimum(math.exp(low) * weights, cap)
+    return shares, max(0.0, total - float(shares.sum()))
+
+
+def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | None:
+    """PSI of one feature between two versions (``None`` when the kinds differ or either
+    side has no rows).
+
+    Numeric features: bins from ``_numeric_edges`` with an open top bin, both sides'
+    shares read from their CDFs (``_cdf``: exact with ``value_shares``, else interpolated
+    through the percentiles). Categorical features: ``_category_shares``, a lower bound
+    when an ``__other__`` share hides categories the other side lists. Missing values
+    form one more bin on both sides. Never raises for valid summaries.
+    """
+    if reference.kind != current.kind or reference.count == 0 or current.count == 0:
+        return None
+    if reference.kind == "numeric":
+        edges = _numeric_edges(reference, current)
+        expected, actual = _numeric_shares(reference, edges), _numeric_shares(current, edges)
+    else:
+        expected, actual = _category_shares(reference, current)
+    return population_stability_index(expected, actual)
+
+
+def training_snapshot(model: str, recent: list[StoredRun], month_ago: StoredRun | None) -> TrainingSnapshot:
+    """Build a model's snapshot from its newest runs (newest first, the first two with
+    bodies) and its 30-day baseline."""
+    newest = recent[0]
+    baselines = {"previous_version": recent[1]} if len(recent) > 1 else {}
+    if month_ago is not None:
+        baselines["30d"] = month_ago
+    features = tuple(newest.run.features) if newest.run else ()
+    psi = {}
+    if len(recent) > 1 and recent[1].run is not None:
+        previous = {f.name: f for f in recent[1].run.features}
+        for feature in features:
+            value = feature_psi(previous[feature.name], feature) if feature.name in previous else None
+            if value is not None:
+                psi[feature.name] = value
+    return TrainingSnapshot(model, newest, baselines, tuple(recent), features, psi)
+
+
+def load_training_snapshots(
+    engine: sa.Engine, versions: int, as_of: datetime
+) -> tuple[dict[str, TrainingSnapshot], dict[str, Exception]]:
+    """Every model's training snapshot from the runs trained at or before ``as_of``.
+
+    Returns:
+        (snapshot by model, the exception by model whose runs could not be read or turned
+        into a snapshot): a failure in one model's data leaves the others' snapshots intact.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the state database failed.
+    """
+    histories, failures = load_histories(engine, versions, as_of)
+    snapshots = {}
+    for model, history in histories.items():
+        try:
+            snapshots[model] = training_snapshot(model, history.recent, history.month_ago)
+        except Exception as exc:  # a bug guard per model: its data must not stop the others
+            failures[model] = exc
+    return snapshots, failures
+
+
+def _describe(exc: Exception) -> str:
+    """One line naming what is wrong: the key paths of a stored body that no longer
+    validates, else the exception's type and first line."""
+    if isinstance(exc, ValidationError):
+        return "stored run invalid: " + "; ".join(error_lines(exc.errors(include_url=False)))
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+class TrainingRefresher:
+    """Reads every model's training snapshot from the state database on each refresh.
+
+    Like a failing source, a failing state database keeps its last snapshots, here for
+    ``training.staleness`` (``mlmon_state_up`` 0, error counted), then drops them.
+    A model whose runs cannot be turned into metrics has none (its failed refreshes
+    counted per model, the error logged once until it changes); the others are exported.
+    ``stalled`` may be called from another thread while ``refresh`` hangs.
+    """
+
+    def __init__(self, state: StateDatabase, settings: Settings):
+        self.state = state
+        self.settings = settings
+        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._model_errors: dict[str, int] = {}
+        self._logged: dict[str, str] = {}  # model -> the error last logged for it
+        self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
+        self._stall_counted = False  # stalled() counted the running refresh's timeout
+        self._lock = threading.Lock()
+
+    def refresh(self, now: datetime) -> TrainingState:
+        """The training state at ``now`` (timezone-aware). Never raises."""
+        with self._lock:
+            self._stall_counted = False
+        try:
+            snapshots, failures = load_training_snapshots(
+                self.state.ready(), self.settings.training.history_versions, now
+            )
+        except Exception as exc:  # failures are data, as for the prediction stores
+            self.state.failed()
+            log.warning("state database: reading training runs failed: %s", first_line(exc))
+            return self._failed(now, classify_error(exc))
+        with self._lock:
+            self._count_model_failures(snapshots, failures)
+            self._last_good = (now.timestamp(), snapshots)
+            return TrainingState(snapshots, True, dict(self._errors), dict(self._model_errors))
+
+    def _count_model_failures(self, snapshots: dict[str, TrainingSnapshot], failures: dict[str, Exception]) -> None:
+        # Every model with runs has its counter, 0 before any failure (so that rate() sees
+        # the first one); a model whose runs were all deleted has none.
+        self._model_errors = {m: self._model_errors.get(m, 0) for m in sorted(snapshots.keys() | failures.keys())}
+        for model, exc in failures.items():
+            self._model_errors[model] = self._model_errors.get(model, 0) + 1
+            message = _describe(exc)
+            if self._logged.get(model) != message:  # once, not every interval
+                log.warning(
+                    "model %s: its training runs give no metrics (delete or replace the bad run): %s", model, message
+                )
+                self._logged[model] = message
+        for model in set(self._logged) - set(failures):
+            log.info("model %s: training metrics are back", model)
+            del self._logged[model]
+
+    def stalled(self, now: datetime) -> TrainingState:
+        """The state to publish while a refresh is still running past its deadline: one
+        ``timeout`` counted per refresh, however often it is reported stalled, and not
+        another error when it then fails."""
+        return self._failed(now, "timeout")
+
+    def _failed(self, now: datetime, reason: str) -> TrainingState:
+        with self._lock:
+            if not self._stall_counted:
+                self._errors[reason] += 1
+            self._stall_counted = self._stall_counted or reason == "timeout"
+            fresh = {}
+            staleness = self.settings.training.staleness.total_seconds()
+            if self._last_good and now.timestamp() - self._last_good[0] <= staleness:
+                fresh = self._last_good[1]
+            return TrainingState(fresh, False, dict(self._errors), dict(self._model_errors))

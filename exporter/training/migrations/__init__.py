@@ -1,0 +1,1 @@
+"""Alembic migrations of mlmon's state database (see ``exporter.training.storage.migrate``)."""

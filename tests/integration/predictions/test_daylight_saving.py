@@ -1,0 +1,241 @@
+"""Naive local timestamps across daylight-saving changes (docs/metrics.md, "Time zones").
+
+One prediction per real minute for three hours either side of a transition, stored as the
+naive wall-clock time of the configured zone: in a repeated hour two rows carry each wall
+time, in a skipped hour none does. Whatever the reading of the repeated wall times,
+consecutive windows must count every row once, a window in which rows were written is
+never empty and the newest prediction never reads an hour old. The expected counts come
+from the real instants the rows were generated from, never from exporter code.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.config import parse_settings
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores, from_wall_clock, to_wall_clock
+
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+
+
+def transition(zone: str, day: datetime) -> datetime:
+    """The UTC instant (a whole minute) at which ``zone`` changes its offset on ``day``,
+    found by stepping minute by minute through the day."""
+    tz = ZoneInfo(zone)
+    t = day.replace(tzinfo=UTC)
+    previous = t.astimezone(tz).utcoffset()
+    for _ in range(2 * 24 * 60):
+        t += MINUTE
+        if t.astimezone(tz).utcoffset() != previous:
+            return t
+    raise AssertionError(f"no transition in {zone} on {day:%Y-%m-%d}")
+
+
+# (zone, a UTC day that holds one of its transitions): both directions, two zones, and a
+# 30-minute change (Lord Howe), so that nothing depends on one hour.
+CHANGES = [
+    ("Europe/Paris", datetime(2024, 10, 27)),  # 03:00 CEST -> 02:00 CET at 01:00Z: 02:00-02:59 twice
+    ("Europe/Paris", datetime(2024, 3, 31)),  # 02:00 CET -> 03:00 CEST at 01:00Z: 02:00-02:59 never
+    ("America/New_York", datetime(2024, 11, 3)),
+    ("America/New_York", datetime(2024, 3, 10)),
+    ("Australia/Lord_Howe", datetime(2024, 4, 6)),  # +11:00 -> +10:30
+]
+
+
+def test_the_issue_instants_are_the_paris_change():
+    # The issue's example: rows from 2024-10-26T22:00Z to 2024-10-27T04:00Z, clocks back at 01:00Z.
+    assert transition("Europe/Paris", datetime(2024, 10, 27)) == datetime(2024, 10, 27, 1, tzinfo=UTC)
+
+
+def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> None:
+    """One row a minute from ``first`` (UTC), stamped with the naive wall-clock time of ``zone``."""
+    tz = ZoneInfo(zone)
+    wall = [(first + i * MINUTE).astimezone(tz).replace(tzinfo=None) for i in range(n)]
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    ts_type = sa.Text if as_text else sa.DateTime(timezone=False)
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", ts_type), sa.Column("p", sa.Double)
+    )
+    metadata.create_all(engine)
+    rows = [{"id": i, "ts": w.isoformat(sep="T") if as_text else w, "p": 0.25} for i, w in enumerate(wall)]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), rows)
+    engine.dispose()
+
+
+def _refresher(url, schema, zone: str, windows: list[str]):
+    source = {
+        "store": "s",
+        "table": "predictions",
+        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+        "timezone": zone,
+    }
+    source.update({"schema": schema} if schema else {})
+    config = parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": windows}]}
+    )
+    stores = Stores(config)
+    return ModelRefresher(config.models[0], config, stores), stores
+
+
+@pytest.mark.parametrize("zone, day", CHANGES, ids=[f"{z}-{d:%Y-%m-%d}" for z, d in CHANGES])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "duckdb"])
+def test_windows_around_a_change(backend, zone, day, tmp_path, request):
+    url, schema = f"{backend}:///{tmp_path}/store.{backend}", None
+    if backend == "postgresql":  # timestamp without time zone
+        url, schema = request.getfixturevalue("postgres_schema")
+    t = transition(zone, day)
+    first, n = t - 3 * HOUR, 360
+    instants = [first + i * MINUTE for i in range(n)]  # the truth
+    _load(url, schema, zone, first, n, as_text=False)
+    refresher, stores = _refresher(url, schema, zone, ["1h"])
+    try:
+        as_ofs = [t - 3 * HOUR + k * 10 * MINUTE for k in range(37)]  # every 10 minutes, both edges of the table
+        snaps = {as_of: refresher.refresh(as_of) for as_of in as_ofs}  # in time order: also feeds the counter
+    finally:
+        stores.dispose()
+    assert all(s.sources["predictions"].up for s in snaps.values()), [s.errors for s in snaps.values()]
+
+    counts = {as_of: snap.score_stats[0].predictions for as_of, snap in snaps.items()}
+    for as_of, count in counts.items():
+        written = sum(as_of - HOUR <= i < as_of for i in instants)
+        if written:  # a window in which rows were written is never empty ...
+            assert count > 0, (as_of, count)
+        # ... and, one row a minute, holds what was written (docs/metrics.md: the repeated
+        # hour's rows are read at twice their wall-clock pace)
+        assert count == written, (as_of, count, written)
+    # consecutive windows partition the rows: six hours from the first row hold all 360
+    hourly = [counts[first + k * HOUR] for k in range(1, 7)]
+    assert sum(hourly) == n, hourly
+    # the counter counts each row once through its watermark: rows in [first as_of, last as_of)
+    assert snaps[as_ofs[-1]].counter.total == sum(as_ofs[0] <= i < as_ofs[-1] for i in instants) == n
+
+    for as_of, snap in snaps.items():
+        if as_of <= first:
+            assert snap.last_prediction_timestamp is None
+            continue
+        age = as_of.timestamp() - snap.last_prediction_timestamp
+        true_age = (as_of - max(i for i in instants if i < as_of)).total_seconds()
+        # never an hour old while a row arrives every minute: at most twice the true age
+        # (in the repeated hour), never in the future
+        assert 0 < age <= 2 * true_age <= 120, (as_of, age, true_age)
+
+
+def test_the_issue_example_on_sqlite_text(tmp_path):
+    """The issue's rows as ISO text ('T' separator) in a TEXT column: at 01:00Z and 01:30Z the
+    hour window was empty and the newest row read 3660 s old; at 02:00Z it held 120."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    first = datetime(2024, 10, 26, 22, tzinfo=UTC)
+    _load(url, None, "Europe/Paris", first, 360, as_text=True)
+    refresher, stores = _refresher(url, None, "Europe/Paris", ["1h", "6h"])
+    try:
+        snaps = {h: refresher.refresh(datetime(2024, 10, 27, h, tzinfo=UTC)) for h in (0, 1, 2, 3, 4)}
+        half_past = refresher.refresh(datetime(2024, 10, 27, 1, 30, tzinfo=UTC))
+    finally:
+        stores.dispose()
+    for snap in [*snaps.values(), half_past]:
+        assert snap.score_stats[0].predictions == 60  # one a minute in every real hour
+        assert snap.score_stats[0].invalid["bad_timestamp"] == 0
+    assert snaps[4].score_stats[1].predictions == 360
+    for h in (1, 2):
+        age = datetime(2024, 10, 27, h, tzinfo=UTC).timestamp() - snaps[h].last_prediction_timestamp
+        assert 60 <= age <= 120
+
+
+# -- the map itself: window edges (instants) to wall-clock bounds -----------------------
+
+ZONES = ["Europe/Paris", "America/New_York", "Australia/Lord_Howe", "Pacific/Apia", "Asia/Kolkata", "UTC"]
+# Pacific/Apia skipped 2011-12-30 whole (a 24-hour gap) and had DST before 2021.
+NEAR = [
+    ("Europe/Paris", datetime(2024, 10, 27, 1)),
+    ("Europe/Paris", datetime(2024, 3, 31, 1)),
+    ("America/New_York", datetime(2024, 11, 3, 6)),
+    ("America/New_York", datetime(2024, 3, 10, 7)),
+    ("Australia/Lord_Howe", datetime(2024, 4, 6, 15)),
+    ("Pacific/Apia", datetime(2011, 12, 30, 10)),
+    ("Asia/Kolkata", datetime(2024, 6, 1)),
+    ("UTC", datetime(2024, 6, 1)),
+]
+around = st.integers(min_value=-26 * 3600 * 10**6, max_value=26 * 3600 * 10**6).map(
+    lambda us: timedelta(microseconds=us)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(NEAR), around, around)
+def test_window_edges_and_wall_times_agree(near, a, b):
+    """A row stamped with wall time ``w`` is at or after an edge ``s`` exactly when its
+    reading is: ``to_wall_clock(s) <= w`` iff ``s <= from_wall_clock(w)``. That makes
+    ``[s, e)`` select the rows read in ``[s, e)``, for every edge, so consecutive windows
+    partition the rows; the map is also non-decreasing and the plain local time outside
+    changes."""
+    zone, centre = near
+    tz = ZoneInfo(zone)
+    s = centre.replace(tzinfo=UTC) + a
+    w = centre + b  # a naive wall time
+    assert (to_wall_clock(s, tz) <= w) == (s <= from_wall_clock(w, tz))
+    s2 = s + abs(b)
+    assert to_wall_clock(s, tz) <= to_wall_clock(s2, tz)
+    # where the wall time occurs once, both are the usual conversions
+    wall = s.astimezone(tz).replace(tzinfo=None, fold=0)
+    if tz.utcoffset(wall) == tz.utcoffset(wall.replace(fold=1)):
+        assert from_wall_clock(wall, tz) == s
+        if (s - timedelta(microseconds=1)).astimezone(tz).utcoffset() == s.astimezone(
+            tz
+        ).utcoffset():  # not a gap's end
+            assert to_wall_clock(s, tz) == wall
+
+
+def test_the_chosen_readings_of_paris():
+    """The convention of docs/metrics.md, by hand: 02:30 on 2024-10-27 occurred at 00:30Z
+    and 01:30Z and is read at 01:00Z, half way; 02:30 on 2024-03-31 never occurred and is
+    read at the change, 01:00Z."""
+    paris = ZoneInfo("Europe/Paris")
+    utc = UTC
+    assert from_wall_clock(datetime(2024, 10, 27, 2, 30), paris) == datetime(2024, 10, 27, 1, 0, tzinfo=utc)
+    assert from_wall_clock(datetime(2024, 10, 27, 2, 0), paris) == datetime(2024, 10, 27, 0, 0, tzinfo=utc)
+    assert from_wall_clock(datetime(2024, 10, 27, 2, 59), paris) == datetime(2024, 10, 27, 1, 58, tzinfo=utc)
+    assert from_wall_clock(datetime(2024, 10, 27, 3, 0), paris) == datetime(2024, 10, 27, 2, 0, tzinfo=utc)
+    assert to_wall_clock(datetime(2024, 10, 27, 1, 30, tzinfo=utc), paris) == datetime(2024, 10, 27, 2, 45)
+    assert from_wall_clock(datetime(2024, 3, 31, 2, 30), paris) == datetime(2024, 3, 31, 1, 0, tzinfo=utc)
+    assert to_wall_clock(datetime(2024, 3, 31, 1, 0, tzinfo=utc), paris) == datetime(2024, 3, 31, 2, 0)
+    assert to_wall_clock(datetime(2024, 3, 31, 1, 0, 0, 1, tzinfo=utc), paris) == datetime(2024, 3, 31, 3, 0, 0, 1)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rows_stamped_in_a_skipped_hour_count_at_the_change(backend, tmp_path, request):
+    """02:00-02:59 never occurred in Paris on 2024-03-31 (clocks went from 02:00 to 03:00 at
+    01:00Z); a writer that stamps it anyway is read as writing at 01:00Z: in the window that
+    holds 01:00Z, in no other, and the newest row from then on."""
+    url, schema = f"sqlite:///{tmp_path}/s.sqlite", None
+    if backend == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
+    )
+    metadata.create_all(engine)
+    walls = [datetime(2024, 3, 31, 1, 50), datetime(2024, 3, 31, 2, 0), datetime(2024, 3, 31, 2, 59, 59)]
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": i, "ts": w, "p": 0.5} for i, w in enumerate(walls)])
+    engine.dispose()
+    refresher, stores = _refresher(url, schema, "Europe/Paris", ["30m"])
+    change = datetime(2024, 3, 31, 1, tzinfo=UTC)
+    try:
+        before, after, later = (refresher.refresh(change + k * 30 * MINUTE) for k in (0, 1, 2))
+    finally:
+        stores.dispose()
+    # 01:50 CET is 00:50Z: in [00:30Z, 01:00Z); the two skipped times in [01:00Z, 01:30Z)
+    assert [s.score_stats[0].predictions for s in (before, after, later)] == [1, 2, 0]
+    assert before.last_prediction_timestamp == datetime(2024, 3, 31, 0, 50, tzinfo=UTC).timestamp()
+    assert after.last_prediction_timestamp == later.last_prediction_timestamp == change.timestamp()

@@ -1,0 +1,252 @@
+"""Query plans stay linear in the window's rows when PostgreSQL has no statistics (issue 11, section 6).
+
+Tables loaded and queried before ANALYZE (``autovacuum_enabled = false`` keeps autovacuum
+from analyzing them during the test) make PostgreSQL guess a window of a few rows and join
+by nested loops; mlmon's refresh transaction forbids them (``stores.timed_connection``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sklearn.metrics import log_loss, roc_auc_score
+from typer.testing import CliRunner
+
+from exporter.cli import app
+from exporter.config import parse_settings
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores, timed_connection
+
+AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+N = 20_000
+
+
+def _unanalyzed_tables(url: str, schema: str, replay_index: bool = False) -> dict[str, np.ndarray]:
+    """predictions (id, ts, p, v), labels (id, y), replays (id, p): N rows each over the 30
+    days before AS_OF, ids bigint, no index (but one on the replay id with ``replay_index``),
+    never analyzed. Returns the rows as arrays."""
+    rng = np.random.default_rng(11)
+    ids = rng.permutation(N).astype(np.int64) + 1_000_000  # ids in no relation to the insertion order
+    seconds = rng.uniform(1, 30 * 86_400 - 1, N)
+    scores = rng.beta(2, 5, N)
+    labels = (rng.random(N) < scores).astype(int)
+    replays = np.where(rng.random(N) < 0.9, scores, np.clip(scores + rng.normal(0, 0.01, N), 0, 1))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for ddl in (
+            "predictions (id bigint, ts timestamp, p double precision, v text)",
+            "labels (id bigint, y integer)",
+            "replays (id bigint, p double precision)",
+        ):
+            conn.execute(sa.text(f'CREATE TABLE "{schema}".{ddl} WITH (autovacuum_enabled = false)'))
+        if replay_index:
+            conn.execute(sa.text(f'CREATE INDEX ON "{schema}".replays (id)'))
+        start = AS_OF.replace(tzinfo=None) - timedelta(days=30)
+        conn.execute(
+            sa.text(f'INSERT INTO "{schema}".predictions VALUES (:id, :ts, :p, :v)'),
+            [
+                {"id": int(i), "ts": start + timedelta(seconds=float(s)), "p": float(p), "v": "v7"}
+                for i, s, p in zip(ids, seconds, scores, strict=False)
+            ],
+        )
+        order = rng.permutation(N)  # labels and replays in another order than the predictions
+        conn.execute(
+            sa.text(f'INSERT INTO "{schema}".labels VALUES (:id, :y)'),
+            [{"id": int(ids[k]), "y": int(labels[k])} for k in order],
+        )
+        conn.execute(
+            sa.text(f'INSERT INTO "{schema}".replays VALUES (:id, :p)'),
+            [{"id": int(ids[k]), "p": float(replays[k])} for k in order],
+        )
+    with engine.connect() as conn:
+        never_analyzed = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_user_tables WHERE schemaname = :s "
+                "AND last_analyze IS NULL AND last_autoanalyze IS NULL"
+            ),
+            {"s": schema},
+        ).scalar()
+    engine.dispose()
+    assert never_analyzed == 3
+    return {"scores": scores, "labels": labels, "replays": replays}
+
+
+def _settings(url: str, schema: str):
+    source = {"store": "s", "schema": schema}
+    return parse_settings(
+        {
+            "stores": {"s": {"url": url}},
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": {
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p", "version": "v"},
+                    },
+                    "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
+                    "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "p"}},
+                    "windows": ["30d"],
+                    "label_delay": "0s",
+                }
+            ],
+        }
+    )
+
+
+def _plan(conn, statement) -> dict:
+    """EXPLAIN (FORMAT JSON) of a statement, run on ``conn`` (with its planner settings): the top plan node."""
+    compiled = statement.compile(dialect=conn.dialect)
+    return conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, compiled.params).scalar()[0]["Plan"]
+
+
+def _quadratic_loops(node: dict) -> list[str]:
+    """The nested loops of a plan whose inner side is not an index lookup: each rescans a
+    whole input per outer row, quadratic in the rows."""
+    found = []
+    if node["Node Type"] == "Nested Loop":
+        inner = node["Plans"][1]
+        while inner["Node Type"] in ("Limit", "Subquery Scan") and inner.get("Plans"):
+            inner = inner["Plans"][0]
+        if inner["Node Type"] not in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan"):
+            found.append(f"Nested Loop over {inner['Node Type']}")
+    for child in node.get("Plans", []):
+        found += _quadratic_loops(child)
+    return found
+
+
+def _node_types(node: dict, relation: str | None = None) -> set[str]:
+    """The node types of a plan (only those reading ``relation`` when given)."""
+    own = {node["Node Type"]} if relation is None or node.get("Relation Name") == relation else set()
+    return own.union(*(_node_types(child, relation) for child in node.get("Plans", [])))
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("replay_index", [False, True], ids=["no-index", "replay-id-index"])
+def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a_scan(replay_index, postgres_schema):
+    """Without any index every join must be a hash (or merge) join; with an index on the
+    replay id, replays are looked up in it, row by row of the window."""
+    url, schema = postgres_schema
+    rows = _unanalyzed_tables(url, schema, replay_index)
+    settings = _settings(url, schema)
+    stores = Stores(settings)
+    try:
+        refresher = ModelRefresher(settings.models[0], settings, stores)
+        started = time.perf_counter()
+        snap = refresher.refresh(AS_OF)
+        elapsed = time.perf_counter() - started
+        # Another refresh, so that the counter query (new_predictions) runs too.
+        second = refresher.refresh(AS_OF + timedelta(minutes=1))
+
+        assert {name: s.up for name, s in snap.sources.items()} == {
+            "predictions": True,
+            "labels": True,
+            "replays": True,
+        }
+        assert all(s.up for s in second.sources.values())
+        assert not any(snap.errors.values()), {k: v for k, v in snap.errors.items() if v}
+        # Nested loops took minutes here; hash joins take well under a second.
+        assert elapsed < settings.query_timeout.total_seconds() / 3, elapsed
+
+        scores, labels, replays = rows["scores"], rows["labels"], rows["replays"]
+        online = snap.online[0]
+        assert online.predictions == online.labeled == N
+        assert online.positives == int(labels.sum())
+        assert online.roc_auc == pytest.approx(
+            roc_auc_score(labels, scores), abs=max(online.roc_auc_error_bound or 0, 1e-12)
+        )
+        assert online.logloss == pytest.approx(log_loss(labels, scores), rel=1e-9)
+        assert snap.score_stats[0].predictions == N
+        assert snap.score_stats[0].mean == pytest.approx(scores.mean(), rel=1e-12)
+        (replay,) = snap.replays
+        assert replay.replayed == N
+        assert replay.abs_error_max == pytest.approx(np.abs(scores - replays).max(), abs=1e-15)
+        diff = np.abs(scores - replays)
+        assert replay.ratio == pytest.approx(np.mean(diff <= 1e-6 + 1e-6 * np.maximum(scores, replays)), abs=1e-15)
+
+        q, label_q, replay_q = refresher._predictions(), refresher._labels(), refresher._replays()
+        start, end = AS_OF - timedelta(days=30), AS_OF
+        statements = {
+            "histogram": q.histogram(start, end),
+            "mode_count": q.mode_count(start, end, 6),
+            "online": q.online(label_q, start, end, end),
+            "replays": q.replays(replay_q, start, end),
+            "last_timestamp": q.last_timestamp(end, end),
+            "new_predictions": q.new_predictions(start, end, [0.5]),
+            "serving_version": q.serving_version(end),
+        }
+        engine = stores.engine("s")
+        with timed_connection(engine, 30) as conn:
+            plans = {name: _plan(conn, statement) for name, statement in statements.items()}
+        with engine.connect() as conn:  # the premise: left to its guesses, PostgreSQL loops
+            default_plan = _plan(conn, statements["online"])
+    finally:
+        stores.dispose()
+    assert _quadratic_loops(default_plan), default_plan
+    looping = {name: _quadratic_loops(plan) for name, plan in plans.items() if _quadratic_loops(plan)}
+    assert not looping, looping
+    assert "Hash Join" in _node_types(plans["online"]), plans["online"]
+    # The replay table is read through its index when it has one, else scanned once.
+    replay_reads = _node_types(plans["replays"], "replays")
+    if replay_index:
+        assert replay_reads and replay_reads <= {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}, replay_reads
+    else:
+        assert replay_reads == {"Seq Scan"}, replay_reads
+
+
+@pytest.mark.postgres
+def test_load_leaves_its_tables_analyzed(postgres_schema, postgres_engine, tmp_path):
+    url, schema = postgres_schema
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text(
+        "id,timestamp,score\n" + "".join(f"{i},2024-06-01T11:{i % 60:02d}:00Z,0.{i % 10}\n" for i in range(1500))
+    )
+    second.write_text("id,timestamp,score\n" + "".join(f"{i},2024-06-01T12:00:00Z,0.5\n" for i in range(1500, 2000)))
+    result = CliRunner().invoke(
+        app, ["load", str(first), str(second), "--url", url, "--table", "preds", "--schema", schema]
+    )
+    assert result.exit_code == 0, result.output
+    with postgres_engine.connect() as conn:
+        # ANALYZE sets reltuples (-1 until then), transactionally; the second file's ANALYZE counts both.
+        reltuples = conn.execute(
+            sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:t AS regclass)"), {"t": f'"{schema}".preds'}
+        ).scalar()
+        assert reltuples == 2000
+        # The statistics of the time column exist: the planner reads windows from them.
+        columns = (
+            conn.execute(
+                sa.text("SELECT attname FROM pg_stats WHERE schemaname = :s AND tablename = 'preds' ORDER BY attname"),
+                {"s": schema},
+            )
+            .scalars()
+            .all()
+        )
+        assert columns == ["id", "score", "timestamp"]
+        deadline = time.monotonic() + 10  # the cumulative statistics reach pg_stat_* within a second or so
+        while True:
+            last = conn.execute(
+                sa.text("SELECT last_analyze FROM pg_stat_user_tables WHERE schemaname = :s AND relname = 'preds'"),
+                {"s": schema},
+            ).scalar()
+            if last is not None or time.monotonic() > deadline:
+                break
+            conn.rollback()  # a new snapshot of the statistics
+            time.sleep(0.2)
+        assert last is not None
+
+
+def test_load_analyzes_sqlite_tables_too(tmp_path):
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    path = tmp_path / "labels.csv"
+    path.write_text("id,label\n" + "".join(f"{i},{i % 2}\n" for i in range(300)))
+    result = CliRunner().invoke(app, ["load", str(path), "--url", url, "--table", "labels"])
+    assert result.exit_code == 0, result.output
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        # Without an index, SQLite keeps the table's row count in a row whose idx is NULL.
+        assert conn.execute(sa.text("SELECT stat FROM sqlite_stat1 WHERE tbl = 'labels'")).scalar() == "300"
+    engine.dispose()

@@ -1,0 +1,333 @@
+"""Schema mismatches are found by check-config, not by every refresh (issue 11, section 5):
+id columns of different kinds joined by '=', and filter values YAML typed otherwise than
+their column (docs/configuration.md, "Types of ids and filter values").
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import yaml
+from sklearn.metrics import log_loss, roc_auc_score
+from typer.testing import CliRunner
+
+from exporter.cli import app
+from exporter.config import load_settings
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
+from exporter.reasons import classify_error
+
+AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+#: (id, minute after 11:00, score, label, market, model_version, shard, active, weight)
+ROWS = [
+    (1, 1, 0.2, 0, "NO", "1.10", 3, True, 1.0),
+    (2, 2, 0.4, 0, "NO", "1.1", 3, False, 2.0),
+    (3, 3, 0.6, 1, "SE", "1.10", 2, True, 1.0),
+    (4, 4, 0.8, 1, "NO", "1.10", 2, True, 0.5),
+    (5, 5, 0.3, 1, "DK", "1.2", 3, False, 1.0),
+    (6, 6, 0.7, 0, "NO", "1.10", 3, True, 1.0),
+]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), "duckdb"])
+def store(request, tmp_path):
+    """(url, schema, dialect) of an empty store."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.sqlite", None, "sqlite"
+    if request.param == "duckdb":
+        return f"duckdb:///{tmp_path}/store.duckdb", None, "duckdb"
+    return (*request.getfixturevalue("postgres_schema"), "postgresql")
+
+
+def _tables(url: str, schema: str | None, id_types: dict[str, str], ids: dict[str, list] | None = None) -> None:
+    """predictions, labels and replays with ``ROWS``; ``id_types``: table -> SQL type of its id
+    column; ``ids``: table -> the id values stored (default: ``ROWS``' ids)."""
+    q = (lambda t: f'"{schema}".{t}') if schema else (lambda t: t)
+    ids = {table: ids.get(table) if ids else None for table in ("predictions", "labels", "replays")}
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {q('predictions')} (id {id_types['predictions']}, ts TIMESTAMP, p DOUBLE PRECISION, "
+                "market VARCHAR(8), model_version TEXT, shard INTEGER, active BOOLEAN, weight REAL)"
+            )
+        )
+        conn.execute(sa.text(f"CREATE TABLE {q('labels')} (id {id_types['labels']}, y INTEGER)"))
+        conn.execute(sa.text(f"CREATE TABLE {q('replays')} (id {id_types['replays']}, p DOUBLE PRECISION)"))
+        for k, (i, minute, score, label, market, version, shard, active, weight) in enumerate(ROWS):
+            values = {table: (ids[table][k] if ids[table] else i) for table in ids}
+            # PostgreSQL stores no integer parameter in a text column: give text ids as text.
+            values = {t: str(v) if "CHAR" in id_types[t] or "TEXT" in id_types[t] else v for t, v in values.items()}
+            conn.execute(
+                sa.text(f"INSERT INTO {q('predictions')} VALUES (:i, :ts, :p, :m, :v, :s, :a, :w)"),
+                {
+                    "i": values["predictions"],
+                    "ts": datetime(2024, 6, 1, 11, minute),
+                    "p": score,
+                    "m": market,
+                    "v": version,
+                    "s": shard,
+                    "a": active,
+                    "w": weight,
+                },
+            )
+            conn.execute(sa.text(f"INSERT INTO {q('labels')} VALUES (:i, :y)"), {"i": values["labels"], "y": label})
+            conn.execute(sa.text(f"INSERT INTO {q('replays')} VALUES (:i, :p)"), {"i": values["replays"], "p": score})
+    engine.dispose()
+
+
+def _config(tmp_path, url: str, schema: str | None, filter_yaml: str = "{}", replays: bool = True):
+    """Write the config file; ``filter_yaml`` is pasted into it as written, so YAML types its values."""
+    source = {"store": "s", **({"schema": schema} if schema else {})}
+    model = {
+        "name": "ctr",
+        "windows": ["1h"],
+        "label_delay": "0s",
+        "predictions": {
+            **source,
+            "table": "predictions",
+            "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+            "filter": "FILTER",
+        },
+        "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
+    }
+    if replays:
+        model["replays"] = {**source, "table": "replays", "columns": {"id": "id", "score": "p"}}
+    text = yaml.safe_dump({"stores": {"s": {"url": url}}, "models": [model]})
+    assert text.count("filter: FILTER\n") == 1
+    path = tmp_path / "mlmon.yml"
+    path.write_text(text.replace("filter: FILTER\n", f"filter: {filter_yaml}\n"))
+    return path
+
+
+def _check_config(path):
+    return CliRunner().invoke(app, ["check-config", "--config", str(path)])
+
+
+def _refresh(path):
+    settings = load_settings(path)
+    stores = Stores(settings)
+    try:
+        return ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    finally:
+        stores.dispose()
+
+
+def _errors(snap) -> dict:
+    return {key: n for key, n in snap.errors.items() if n}
+
+
+# -- ids of different kinds ----------------------------------------------------------------
+
+ID_MISMATCHES = {
+    # (dialect or None for all, predictions id type, labels id type, replays id type, bad sources)
+    "bigint-text": (None, "BIGINT", "TEXT", "BIGINT", ["labels"]),
+    "bigint-varchar-replays": (None, "BIGINT", "BIGINT", "VARCHAR(20)", ["replays"]),
+    "text-integer-both": (None, "TEXT", "INTEGER", "INTEGER", ["labels", "replays"]),
+    "uuid-text": ("postgresql", "UUID", "TEXT", "UUID", ["labels"]),
+    "uuid-bigint": ("postgresql", "UUID", "UUID", "BIGINT", ["replays"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ID_MISMATCHES))
+def test_ids_of_different_kinds_are_a_schema_error_in_check_config_and_in_every_refresh(case, store, tmp_path):
+    only, predictions_type, labels_type, replays_type, bad = ID_MISMATCHES[case]
+    url, schema, dialect = store
+    if only is not None and dialect != only:
+        pytest.skip(f"{only} only")
+    uuids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 7)]
+    ids = None
+    if "UUID" in predictions_type:
+        numbers = [r[0] for r in ROWS]
+        ids = {
+            t: (uuids if typ in ("UUID", "TEXT") else numbers)
+            for t, typ in (("predictions", predictions_type), ("labels", labels_type), ("replays", replays_type))
+        }
+    _tables(url, schema, {"predictions": predictions_type, "labels": labels_type, "replays": replays_type}, ids)
+    path = _config(tmp_path, url, schema)
+
+    result = _check_config(path)
+    assert result.exit_code == 2, result.output
+    for source in bad[:1]:  # check-config reports the first problem of each model
+        line = next(line for line in result.output.splitlines() if f"models[0].{source}.columns.id:" in line)
+        # both types named, and what to do
+        source_type = {"labels": labels_type, "replays": replays_type}[source]
+        assert source_type.split("(")[0] in line.upper() and predictions_type in line.upper(), line
+        assert "ids are joined with '='" in line and "change one column's type" in line
+    assert "Traceback" not in result.output
+
+    snap = _refresh(path)
+    # The predictions need no join: they stay up; each mismatched source is down for the schema.
+    expected_up = {"predictions": True, "labels": "labels" not in bad, "replays": "replays" not in bad}
+    assert {name: s.up for name, s in snap.sources.items()} == expected_up
+    assert _errors(snap) == {(source, "schema"): 1 for source in bad}
+    assert snap.score_stats[0].predictions == len(ROWS)
+
+
+ID_MATCHES = {
+    # (dialect or None for all, predictions id type, labels id type, replays id type)
+    "bigint-integer": (None, "BIGINT", "INTEGER", "SMALLINT"),
+    "bigint-numeric": (None, "BIGINT", "NUMERIC(20, 0)", "DECIMAL(18, 0)"),
+    "text-varchar": (None, "TEXT", "VARCHAR(20)", "CHAR(1)"),
+    "uuid-uuid": ("postgresql", "UUID", "UUID", "UUID"),
+}
+
+
+@pytest.mark.parametrize("case", list(ID_MATCHES))
+def test_ids_of_one_kind_join(case, store, tmp_path):
+    only, predictions_type, labels_type, replays_type = ID_MATCHES[case]
+    url, schema, dialect = store
+    if only is not None and dialect != only:
+        pytest.skip(f"{only} only")
+    ids = None
+    if predictions_type == "UUID":
+        uuids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 7)]
+        ids = dict.fromkeys(("predictions", "labels", "replays"), uuids)
+    _tables(url, schema, {"predictions": predictions_type, "labels": labels_type, "replays": replays_type}, ids)
+    path = _config(tmp_path, url, schema)
+    result = _check_config(path)
+    assert result.exit_code == 0, result.output
+
+    snap = _refresh(path)
+    assert all(s.up for s in snap.sources.values()) and not _errors(snap), _errors(snap)
+    scores = np.array([r[2] for r in ROWS])
+    labels = np.array([r[3] for r in ROWS])
+    online = snap.online[0]
+    assert online.labeled == len(ROWS)
+    assert online.roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert online.logloss == pytest.approx(log_loss(labels, scores), rel=1e-12)
+    assert snap.replays[0].replayed == len(ROWS) and snap.replays[0].ratio == 1.0
+
+
+def test_sqlite_would_match_text_ids_to_integers_by_affinity_which_is_why_they_are_refused(tmp_path):
+    # What SQLite does with INTEGER = TEXT ids: it converts the text to a number, so '02'
+    # and ' 3' match 2 and 3, where PostgreSQL refuses the comparison and a text
+    # comparison would match neither. One config must not mean three things.
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/s.sqlite")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE p (id INTEGER)"))
+        conn.execute(sa.text("CREATE TABLE l (id TEXT)"))
+        conn.execute(sa.text("INSERT INTO p VALUES (1), (2), (3)"))
+        conn.execute(sa.text("INSERT INTO l VALUES ('1'), ('02'), (' 3')"))
+        matched = conn.execute(sa.text("SELECT count(*) FROM p JOIN l ON p.id = l.id")).scalar()
+    engine.dispose()
+    assert matched == 3
+
+
+# -- filter values typed by YAML -----------------------------------------------------------
+
+#: (filter as written in YAML, key named, words of the message)
+BAD_FILTERS = {
+    "no-read-as-false": ("{market: NO}", "market", ["the boolean false", "VARCHAR", "in quotes"]),
+    "version-read-as-number": ("{model_version: 1.10}", "model_version", ["the number 1.1", "TEXT", "in quotes"]),
+    "octal-read-as-number": ("{model_version: 007}", "model_version", ["the number 7", "in quotes"]),
+    "text-in-integer-column": ('{shard: "3"}', "shard", ["the text '3'", "INTEGER", "without quotes"]),
+    "fraction-in-integer-column": ("{shard: 2.5}", "shard", ["the number 2.5", "write an integer"]),
+    "number-in-boolean-column": ("{active: 1}", "active", ["the number 1", "BOOLEAN", "true or false"]),
+    "boolean-in-number-column": ("{weight: on}", "weight", ["the boolean true", "REAL", "without quotes"]),
+    "boolean-in-integer-column": ("{shard: yes}", "shard", ["the boolean true", "INTEGER", "without quotes"]),
+    "text-in-boolean-column": ("{active: 'true'}", "active", ["the text 'true'", "BOOLEAN", "true or false"]),
+    "timestamp-column": (
+        '{ts: "2024-06-01 11:01:00"}',
+        "ts",
+        ["filters compare text, number, boolean or uuid columns only"],
+    ),
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ('"00000000-0000-4000-8000-000000000001"', None),
+        ('"0000-1"', ["the text '0000-1'", "UUID", "which this text is not"]),
+        ("1", ["the number 1"]),
+    ],
+)
+def test_a_uuid_column_is_filtered_by_a_uuid_written_as_text(value, words, postgres_schema, tmp_path):
+    url, schema = postgres_schema
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'ALTER TABLE "{schema}".predictions ADD COLUMN tenant uuid'))
+        conn.execute(
+            sa.text(
+                f"UPDATE \"{schema}\".predictions SET tenant = CAST('00000000-0000-4000-8000-00000000000' || (id % 2) AS uuid)"
+            )
+        )
+    engine.dispose()
+    result = _check_config(_config(tmp_path, url, schema, f"{{tenant: {value}}}", replays=False))
+    if words is None:
+        assert result.exit_code == 0, result.output
+        snap = _refresh(tmp_path / "mlmon.yml")
+        assert snap.score_stats[0].predictions == 3 and not _errors(snap)  # ids 1, 3, 5
+        return
+    assert result.exit_code == 2
+    line = next(line for line in result.output.splitlines() if "models[0].predictions.filter.tenant:" in line)
+    assert all(word.lower() in line.lower() for word in words), line
+
+
+@pytest.mark.parametrize("case", list(BAD_FILTERS))
+def test_a_filter_value_that_does_not_fit_its_column_is_a_schema_error_naming_the_key(case, store, tmp_path):
+    filter_yaml, key, words = BAD_FILTERS[case]
+    url, schema, _ = store
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    path = _config(tmp_path, url, schema, filter_yaml, replays=False)
+
+    result = _check_config(path)
+    assert result.exit_code == 2, result.output
+    line = next(line for line in result.output.splitlines() if f"models[0].predictions.filter.{key}:" in line)
+    for word in words:
+        assert word.lower() in line.lower(), line
+
+    snap = _refresh(path)
+    # Every source reads the predictions through the filter: all down, for the schema.
+    assert {name: s.up for name, s in snap.sources.items()} == {"predictions": False, "labels": False}
+    assert _errors(snap) == {("predictions", "schema"): 1, ("labels", "schema"): 1}
+
+
+#: (filter as written in YAML, the ROWS it keeps, by hand)
+GOOD_FILTERS = {
+    "quoted-no": ('{market: "NO"}', [1, 2, 4, 6]),
+    "quoted-version": ("{model_version: '1.10'}", [1, 3, 4, 6]),
+    "both": ("{market: 'NO', model_version: '1.10'}", [1, 4, 6]),
+    "integer": ("{shard: 3}", [1, 2, 5, 6]),
+    "boolean-yes": ("{active: yes}", [1, 3, 4, 6]),
+    "boolean-false": ("{active: false, shard: 3}", [2, 5]),
+    "integer-in-real-column": ("{weight: 1}", [1, 3, 5, 6]),
+    "fraction-in-real-column": ("{weight: 0.5}", [4]),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_FILTERS))
+def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, store, tmp_path):
+    filter_yaml, kept = GOOD_FILTERS[case]
+    url, schema, _ = store
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    path = _config(tmp_path, url, schema, filter_yaml, replays=False)
+    result = _check_config(path)
+    assert result.exit_code == 0, result.output
+
+    snap = _refresh(path)
+    assert all(s.up for s in snap.sources.values()) and not _errors(snap), _errors(snap)
+    rows = [r for r in ROWS if r[0] in kept]
+    scores = np.array([r[2] for r in rows])
+    assert snap.score_stats[0].predictions == len(kept)
+    assert snap.score_stats[0].mean == pytest.approx(scores.mean(), rel=1e-12)
+    assert snap.online[0].labeled == len(kept)
+    labels = [r[3] for r in rows]
+    if len(set(labels)) == 2:
+        assert snap.online[0].roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.postgres
+def test_an_operator_missing_for_the_column_types_counts_as_a_schema_error(postgres_engine):
+    # For column types the checks above cannot classify, PostgreSQL's own refusal
+    # (42883, as for bigint = text) is still a schema fault, not a query fault.
+    with postgres_engine.connect() as conn, pytest.raises(sa.exc.DBAPIError) as info:
+        conn.execute(sa.text("SELECT CAST(1 AS bigint) = CAST('1' AS text)"))
+    assert info.value.orig.sqlstate == "42883"
+    assert classify_error(info.value) == "schema"

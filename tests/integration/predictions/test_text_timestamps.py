@@ -1,0 +1,258 @@
+"""Timestamps as ISO-8601 text in SQLite, and timestamps that are no instant at all
+(docs/metrics.md, "Time zones" and reason ``bad_timestamp``).
+
+SQLite has no date type: tables made by hand or by other tools hold ISO-8601 text in a
+TEXT column. Every form SQLite's date functions read is placed in its window; text that is
+no date-time is counted as ``bad_timestamp`` over the whole table. Expected instants come
+from ``datetime.fromisoformat``, never from exporter code.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+import sqlalchemy as sa
+
+from exporter.config import parse_settings
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
+from exporter.reasons import SchemaError
+
+AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
+
+# Forms SQLite's date functions read: date only (midnight), 'T' or space, minutes or
+# seconds, fractions (to the millisecond), 'Z', '±HH:MM' with or without a space before.
+READABLE = [
+    "2024-06-01",
+    "2024-06-01 11:00",
+    "2024-06-01T11:00:00",  # the 1h window's start: in
+    "2024-06-01 11:15:30.5",
+    "2024-06-01T11:59:59.999",
+    "2024-06-01T11:59:59.123456",
+    "2024-06-01T12:00:00",  # the end: out
+    "2024-06-01 12:30:00",
+    "2024-06-01T11:30:00Z",
+    "2024-06-01 11:45:00.250Z",
+    "2024-06-01T13:30:00+02:00",
+    "2024-06-01T13:59:59.999+02:00",  # 11:59:59.999Z: in
+    "2024-06-01T14:00:00+02:00",  # 12:00Z: out
+    "2024-06-01T06:45:00-05:00",
+    "2024-06-01 17:00:00+05:30",
+    "2024-06-01T10:59:59.999Z",
+    "2024-05-31T23:30:00-12:00",  # 11:30Z on the next day
+    "2024-06-01T12:45:00+00:00",  # 45 minutes after the refresh: future
+    "2024-06-01 11:20:00 +01:00",
+    "2024-05-31 09:00:00",
+]
+# No instant: words, empty text, impossible dates and hours (SQLite itself would read
+# 2024-02-30 as March 1 and 24:00 as the next day), a time without a date (SQLite: on
+# 2000-01-01), 'now' (SQLite: the current time), a Julian day number, forms SQLite does
+# not read (offset without colon, compact ISO, one-digit month, a leading space), NULL.
+UNREADABLE = [
+    "yesterday",
+    "",
+    "2024-13-45",
+    "2024-02-30 11:30:00",
+    "2024-06-01 24:00:00",
+    "11:30",
+    "now",
+    "2460462.5",
+    "2024-06-01T11:30:00+0200",
+    "20240601T113000",
+    "2024-6-1 11:30",
+    " 2024-06-01 11:30",
+    None,
+]
+
+
+def _instant(text: str, zone: str) -> datetime:
+    """The instant a readable text stands for: its offset, else wall-clock time of ``zone``."""
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=ZoneInfo(zone))
+
+
+def _settings(url, zone="UTC", windows=("1h", "24h"), schema=None):
+    source = {
+        "store": "s",
+        "table": "predictions",
+        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+        "timezone": zone,
+    }
+    source.update({"schema": schema} if schema else {})
+    return parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]}
+    )
+
+
+def _refresh(settings, *as_ofs):
+    stores = Stores(settings)
+    try:
+        refresher = ModelRefresher(settings.models[0], settings, stores)
+        return [refresher.refresh(as_of) for as_of in as_ofs]
+    finally:
+        stores.dispose()
+
+
+def _sqlite(tmp_path, column_type: str, values) -> str:
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE predictions (id INTEGER, ts {column_type}, p REAL)"))
+        for i, value in enumerate(values):
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, :ts, 0.5)"), {"i": i, "ts": value})
+    engine.dispose()
+    return url
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris", "America/New_York"])
+@pytest.mark.parametrize("column_type", ["TEXT", "VARCHAR(40)", "DATETIME"])
+def test_sqlite_iso_text_in_every_form(tmp_path, zone, column_type):
+    url = _sqlite(tmp_path, column_type, READABLE + UNREADABLE)
+    (snap,) = _refresh(_settings(url, zone), AS_OF)
+    assert snap.sources["predictions"].up, snap.errors
+    instants = [_instant(text, zone) for text in READABLE]
+    for stats in snap.score_stats:
+        start = AS_OF - WINDOWS[stats.window]
+        assert stats.predictions == sum(start <= t < AS_OF for t in instants), stats.window
+        # in no window, so counted over the whole table: the same in every window
+        assert stats.invalid["bad_timestamp"] == len(UNREADABLE)
+    assert snap.last_prediction_timestamp == pytest.approx(max(t for t in instants if t < AS_OF).timestamp(), abs=1e-3)
+    assert snap.future_predictions == sum(t >= AS_OF + timedelta(minutes=1) for t in instants)
+
+
+def test_sqlite_text_counts_move_with_the_zone(tmp_path):
+    """The same naive text in the 1h window in one zone and not in another: the zone applies
+    to text without an offset only."""
+    url = _sqlite(tmp_path, "TEXT", ["2024-06-01 13:30:00", "2024-06-01 07:30", "2024-06-01T11:30:00Z"])
+    counts = {}
+    for zone in ("UTC", "Europe/Paris", "America/New_York"):
+        (snap,) = _refresh(_settings(url, zone, windows=["1h"]), AS_OF)
+        counts[zone] = snap.score_stats[0].predictions
+    assert counts == {"UTC": 1, "Europe/Paris": 2, "America/New_York": 2}
+
+
+def test_offset_and_naive_text_mixed_across_a_change(tmp_path):
+    """One row a minute over Paris's 2024-10-27 change (clocks back from 03:00 to 02:00 at
+    01:00Z), every other one written with its offset (an exact instant) and the others as
+    naive Paris time: both kinds compare with the same window bounds. Expected: offset rows
+    at their instant; naive rows by the documented reading, by hand: outside 02:00-02:59
+    the only one, inside it 00:00Z + twice the time past 02:00."""
+    paris = ZoneInfo("Europe/Paris")
+    first = datetime(2024, 10, 26, 22, tzinfo=UTC)
+    instants = [first + timedelta(minutes=i) for i in range(360)]
+    texts, readings = [], []
+    for i, t in enumerate(instants):
+        local = t.astimezone(paris)
+        if i % 2:
+            texts.append(local.isoformat())
+            readings.append(t)
+        else:
+            wall = local.replace(tzinfo=None)
+            texts.append(wall.isoformat(sep=" "))
+            if datetime(2024, 10, 27, 2) <= wall < datetime(2024, 10, 27, 3):
+                readings.append(datetime(2024, 10, 27, tzinfo=UTC) + 2 * (wall - datetime(2024, 10, 27, 2)))
+            else:
+                readings.append(wall.replace(tzinfo=paris))
+    url = _sqlite(tmp_path, "TEXT", texts)
+    as_ofs = [first + timedelta(minutes=10 * k) for k in range(6, 37)]
+    snaps = _refresh(_settings(url, "Europe/Paris", windows=["1h"]), *as_ofs)
+    for as_of, snap in zip(as_ofs, snaps, strict=False):
+        window = [r for r in readings if as_of - timedelta(hours=1) <= r < as_of]
+        assert snap.score_stats[0].predictions == len(window) > 0, as_of
+        assert snap.last_prediction_timestamp == max(window).timestamp()
+        assert as_of.timestamp() - snap.last_prediction_timestamp <= 120
+    hourly = [s.score_stats[0].predictions for a, s in zip(as_ofs, snaps, strict=False) if a.minute == 0]
+    assert sum(hourly) == 360  # the six hours from 22:00Z to 04:00Z partition the rows
+    assert snaps[-1].counter.total == 300  # every row from the first refresh (23:00Z) on, once
+
+
+def test_sqlite_epoch_column_with_text(tmp_path):
+    """Seconds since the epoch in a REAL column that also holds text (SQLite stores what it
+    is given): the text is no instant, neither in a window nor in the future."""
+    base = AS_OF.timestamp()
+    url = _sqlite(
+        tmp_path, "REAL", [base - 60, base - 7200, "", "soon", "2024-06-01 11:30:00", None, 1e400, base + 600]
+    )
+    (snap,) = _refresh(_settings(url), AS_OF)
+    stats = {s.window: s for s in snap.score_stats}
+    assert stats["1h"].predictions == 1 and stats["24h"].predictions == 2
+    assert stats["1h"].invalid["bad_timestamp"] == 5  # '', 'soon', the ISO text, NULL, infinity
+    assert snap.future_predictions == 1
+    assert snap.last_prediction_timestamp == base - 60
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_postgresql_null_timestamps_are_counted(postgres_schema, aware):
+    url, schema = postgres_schema
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.Integer),
+        sa.Column("ts", sa.DateTime(timezone=aware)),
+        sa.Column("p", sa.Double),
+    )
+    metadata.create_all(engine)
+    stamp = AS_OF - timedelta(minutes=5)
+    with engine.begin() as conn:
+        conn.execute(
+            table.insert(),
+            [{"id": i, "ts": stamp if aware else stamp.replace(tzinfo=None), "p": 0.5} for i in range(3)],
+        )
+        conn.execute(table.insert(), [{"id": 10 + i, "ts": None, "p": 0.5} for i in range(2)])
+    engine.dispose()
+    (snap,) = _refresh(_settings(url, schema=schema), AS_OF)
+    for stats in snap.score_stats:
+        assert stats.predictions == 3 and stats.invalid["bad_timestamp"] == 2
+
+
+def test_postgresql_epoch_nan_is_no_instant(postgres_schema):
+    url, schema = postgres_schema
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.Double), sa.Column("p", sa.Double)
+    )
+    metadata.create_all(engine)
+    base = AS_OF.timestamp()
+    with engine.begin() as conn:
+        values = [base - 60, float("nan"), float("inf"), float("-inf"), None]
+        conn.execute(table.insert(), [{"id": i, "ts": v, "p": 0.5} for i, v in enumerate(values)])
+    engine.dispose()
+    (snap,) = _refresh(_settings(url, schema=schema), AS_OF)
+    assert snap.score_stats[0].predictions == 1 and snap.score_stats[0].invalid["bad_timestamp"] == 4
+    assert snap.future_predictions == 0  # PostgreSQL sorts NaN above every number
+    assert snap.last_prediction_timestamp == base - 60
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "duckdb"])
+def test_text_timestamp_refused_where_it_cannot_be_compared(backend, tmp_path, request):
+    """PostgreSQL and DuckDB compare text as text ('2024-06-01T09:00:00+02:00' would sort after
+    '2024-06-01 08:00:00Z'): a text column is a schema error naming the key."""
+    url, schema = f"duckdb:///{tmp_path}/s.duckdb", None
+    if backend == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.Text), sa.Column("p", sa.Double))
+    metadata.create_all(engine)
+    engine.dispose()
+    settings = _settings(url, schema=schema)
+    stores = Stores(settings)
+    try:
+        refresher = ModelRefresher(settings.models[0], settings, stores)
+        with pytest.raises(SchemaError) as error:
+            refresher.check_schema()
+        message = str(error.value)
+        assert message.startswith(
+            "models[0].predictions.columns.timestamp: column 'ts' of table 'predictions' has type"
+        )
+        assert "text" in message.lower() and "models[0].predictions.table" in message
+        snap = refresher.refresh(AS_OF)
+        assert not snap.sources["predictions"].up and snap.errors[("predictions", "schema")] == 1
+    finally:
+        stores.dispose()
