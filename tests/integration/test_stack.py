@@ -484,7 +484,6 @@ def test_model_server_caches_logs_and_counts(sqlite_stack):
     assert bounds[0] <= 0.001 and sum(b < 0.1 for b in bounds) >= 6
 
 
-
 def test_serving_standin_has_the_model_servers_latency_buckets():
     # The stand-in draws docs/images/mlmon-serving.png: its p95 must read as the model server's would.
     standin = load_module("grafana_serving_standin", REPO / "grafana" / "serving_standin.py")
@@ -496,6 +495,7 @@ def test_serving_standin_has_the_model_servers_latency_buckets():
         if name == "http_request_duration_seconds_bucket" and dict(labels)["handler"] == "/predict"
     )
     assert bounds == [*model_server.LATENCY_BUCKETS, float("inf")]
+
 
 def test_model_server_keeps_serving_when_the_log_store_fails(tmp_path):
     app = model_server.create_app(database_url=f"sqlite:///{tmp_path}/no-tables.sqlite")
