@@ -548,3 +548,13 @@ def test_cli_load_progress_never_shows_a_rejected_file_as_done(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "100%" in result.stderr and "2 rows" in result.stderr
+
+
+def test_a_postgres_url_is_refused_with_the_scheme_to_use(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], NAIVE_ROWS)
+    with pytest.raises(LoadError) as caught:
+        load_files("postgres://mlmon:secret@127.0.0.1/test", "predictions", [path])
+    assert str(caught.value).startswith(
+        "cannot use database URL postgres://mlmon:***@127.0.0.1/test: unknown database type 'postgres' in the URL: "
+        "for PostgreSQL write postgresql+psycopg://user@host/db"
+    ), caught.value
