@@ -463,8 +463,8 @@ def run_demo(database: Path, host: str, port: int) -> None:
     server = uvicorn.Server(server_config(create_app(settings), settings, host, port))
     base = f"http://{host}:{port}"
     print(
-        f"mlmon demo: {database} holds a week of predictions of {', '.join(m.name for m in MODELS)},\n"
-        f"  {state_path(database)} 60 days of their daily training runs.\n"
+        f"mlmon demo: {database}: a week of predictions of {' and '.join(m.name for m in MODELS)}.\n"
+        f"  {state_path(database)}: 60 days of their daily training runs.\n"
         f"  open {base}/metrics (what Prometheus scrapes) and {base}/ (the landing page);\n"
         "  ctr_search is healthy; ctr_feed has incidents: stuck predictions (mlmon_prediction_mode_share_ratio),\n"
         "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
