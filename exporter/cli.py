@@ -20,6 +20,7 @@ from exporter.predictions.stores import safe_url, utc_now
 from exporter.reasons import SchemaError
 from exporter.training.schema import as_utc
 
+# Command docstrings are the --help text: plain text, no reStructuredText markup.
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
 # <bool>) beside every option, whose metavar below already says what to give.
 app = typer.Typer(
@@ -111,7 +112,7 @@ def check_config(config: ConfigOption) -> None:
     """Validate the config and every configured table and column, without serving.
 
     Exit code 0 when valid, 2 with one line per problem (naming its key path) otherwise.
-    A ``refresh_timeout`` shorter than a model's refresh may legitimately take is warned
+    A refresh_timeout shorter than a model's refresh may legitimately take is warned
     about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
     from exporter.predictions.refresh import ModelRefresher, worst_case_duration, worst_case_queries

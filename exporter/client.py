@@ -68,7 +68,9 @@ class ReportError(Exception):
     """
 
     def __init__(self, status_code: int, detail: str):
-        super().__init__(f"mlmon rejected the training run (HTTP {status_code}): {detail}")
+        # The usual cause of a 401 is a token not given at all: say both ways to give it.
+        hint = f"; pass the token (token=, or --token) or set ${TOKEN_ENV}" if status_code == 401 else ""
+        super().__init__(f"mlmon rejected the training run (HTTP {status_code}): {detail}{hint}")
         self.status_code = status_code
         self.detail = detail
 

@@ -71,7 +71,7 @@ def create_store_engine(url: str, connect_timeout: float | None = None) -> Engin
     Raises:
         sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
         sqlalchemy.exc.NoSuchModuleError: the dialect or its driver is not installed (the
-            message says what to install).
+            message says what to install, or which URL schemes mlmon supports).
     """
     connect_args = {}
     if connect_timeout is not None and sa.make_url(url).get_backend_name() == "postgresql":
@@ -86,15 +86,35 @@ def create_store_engine(url: str, connect_timeout: float | None = None) -> Engin
         }
     try:
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+    except sa.exc.NoSuchModuleError:  # "Can't load plugin: sqlalchemy.dialects:postgres" names no fix
+        raise sa.exc.NoSuchModuleError(_unknown_dialect(sa.make_url(url).drivername)) from None
     except ImportError as exc:  # SQLAlchemy imports the driver here; a bare traceback helps nobody
         driver = sa.make_url(url).drivername
         extra = _DRIVER_EXTRAS.get(driver)
-        hint = f"pip install 'mlmon[{extra}]'" if extra else f"pip install the package of module {exc.name!r}"
+        # mlmon is installed from a clone (README), not from an index: name the editable install.
+        hint = (
+            f"pip install -e '.[{extra}]' in mlmon's clone"
+            if extra
+            else f"pip install the package of module {exc.name!r}"
+        )
         raise sa.exc.NoSuchModuleError(f"the driver of {driver!r} is not installed: {hint}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_math)
         sa.event.listen(engine, "connect", _sqlite_functions)
     return engine
+
+
+def _unknown_dialect(scheme: str) -> str:
+    """The error message for a URL scheme that names no installed SQLAlchemy dialect or driver."""
+    suggestion = ""
+    if scheme.split("+")[0] in ("postgres", "postgresql", "pg"):
+        # libpq and Heroku-style URLs say postgres://, which SQLAlchemy 1.4+ no longer accepts.
+        suggestion = "for PostgreSQL write postgresql+psycopg://user@host/db; "
+    return (
+        f"unknown database type {scheme!r} in the URL: {suggestion}mlmon supports sqlite:///path.db, "
+        "postgresql+psycopg://user@host/db and duckdb:///path.duckdb, and other databases through "
+        "their SQLAlchemy dialect package (docs/scaling.md)"
+    )
 
 
 def require_existing_sqlite_file(url: str) -> None:

@@ -23,6 +23,12 @@ from exporter.training.storage import StateDatabase
 
 log = logging.getLogger(__name__)
 
+#: Seconds ``RefreshLoop.stop`` waits for refreshes still running in their threads, so that
+#: the engines disposed after it close every connection (a SQLite store in WAL mode keeps its
+#: -wal and -shm files while a connection stays open); a refresh hung longer is left to die
+#: with the process.
+STOP_GRACE_SECONDS = 5.0
+
 
 def _in_daemon_thread(fn, *args) -> asyncio.Future:
     """Run ``fn(*args)`` in a daemon thread; the returned future gets its result.
@@ -63,6 +69,14 @@ class RefreshLoop:
         self.training = TrainingRefresher(state, settings)
         self._training_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._running: set[asyncio.Future] = set()
+
+    def _start(self, fn, *args) -> asyncio.Future:
+        """``_in_daemon_thread(fn, *args)``, remembered until done so that ``stop`` can wait for it."""
+        future = _in_daemon_thread(fn, *args)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return future
 
     def training_changed(self) -> None:
         """Re-read the training runs now rather than at the next interval (a run was stored)."""
@@ -75,7 +89,7 @@ class RefreshLoop:
         while True:
             self._training_changed.clear()
             if running is None:
-                running = _in_daemon_thread(self.training.refresh, utc_now())
+                running = self._start(self.training.refresh, utc_now())
             done, _ = await asyncio.wait({running}, timeout=deadline)
             if done:
                 self.store.put_training(running.result())  # refresh() never raises
@@ -95,7 +109,7 @@ class RefreshLoop:
         while True:
             started = loop.time()
             if running is None:
-                running = _in_daemon_thread(refresher.refresh, utc_now())
+                running = self._start(refresher.refresh, utc_now())
             done, _ = await asyncio.wait({running}, timeout=deadline)
             if done:
                 try:
@@ -115,12 +129,16 @@ class RefreshLoop:
         self._tasks = [asyncio.create_task(self._run(r), name=f"refresh-{r.model.name}") for r in self.refreshers]
         self._tasks.append(asyncio.create_task(self._run_training(), name="refresh-training"))
 
-    async def stop(self) -> None:
-        """Cancel the tasks and wait for them (a refresh in a worker thread finishes on its own)."""
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Cancel the tasks and wait for them, then up to ``grace`` seconds for the refreshes
+        still running in worker threads, which hold database connections until they return."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._running:
+            log.info("waiting up to %.0f s for %d running refresh(es) to finish", grace, len(self._running))
+            await asyncio.wait(set(self._running), timeout=grace)
 
 
 def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:

@@ -455,28 +455,29 @@ def run_demo(database: Path, host: str, port: int) -> None:
     # Recreated too: runs of other days would be kept, and a day seeded again conflicts.
     state_path(database).unlink(missing_ok=True)
     engine = sa.create_engine(f"sqlite:///{database.resolve()}")
-    now = utc_now()
-    carry = seed(engine, now)
-    seed_training_runs(settings.state.resolved_url(), now)
-    feed = next(m for m in MODELS if m.half_rows_days_ago is not None)
-    half_rows_version = f"{_naive_utc(now) - timedelta(days=feed.half_rows_days_ago):%Y-%m-%d}"
-    server = uvicorn.Server(server_config(create_app(settings), settings, host, port))
-    base = f"http://{host}:{port}"
-    print(
-        f"mlmon demo: {database} holds a week of predictions of {', '.join(m.name for m in MODELS)},\n"
-        f"  {state_path(database)} 60 days of their daily training runs.\n"
-        f"  open {base}/metrics (what Prometheus scrapes) and {base}/ (the landing page);\n"
-        "  ctr_search is healthy; ctr_feed has incidents: stuck predictions (mlmon_prediction_mode_share_ratio),\n"
-        "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
-        "  (mlmon_online_calibration_ratio); in training, its newest version logs tablets as mobile\n"
-        '  (mlmon_training_feature_psi{feature="device"}) and regressed offline\n'
-        "  (mlmon_offline_logloss_change_ratio about 1.2, so it is not deployed: the previous version serves),\n"
-        f"  and version {half_rows_version} was trained on half the rows\n"
-        "  (mlmon_version_training_rows; mlmon_training_rows_change_ratio shows such a drop while the version is newest).\n"
-        "  New rows are appended every 5 s; Ctrl-C stops.",
-        flush=True,
-    )
+    # Disposed also when Ctrl-C comes while seeding: an open connection keeps the -wal and -shm files.
     try:
+        now = utc_now()
+        carry = seed(engine, now)
+        seed_training_runs(settings.state.resolved_url(), now)
+        feed = next(m for m in MODELS if m.half_rows_days_ago is not None)
+        half_rows_version = f"{_naive_utc(now) - timedelta(days=feed.half_rows_days_ago):%Y-%m-%d}"
+        server = uvicorn.Server(server_config(create_app(settings), settings, host, port))
+        base = f"http://{host}:{port}"
+        print(
+            f"mlmon demo: {database}: a week of predictions of {' and '.join(m.name for m in MODELS)}.\n"
+            f"  {state_path(database)}: 60 days of their daily training runs.\n"
+            f"  open {base}/metrics (what Prometheus scrapes) and {base}/ (the landing page);\n"
+            "  ctr_search is healthy; ctr_feed has incidents: stuck predictions (mlmon_prediction_mode_share_ratio),\n"
+            "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
+            "  (mlmon_online_calibration_ratio); in training, its newest version logs tablets as mobile\n"
+            '  (mlmon_training_feature_psi{feature="device"}) and regressed offline\n'
+            "  (mlmon_offline_logloss_change_ratio about 1.2, so it is not deployed: the previous version serves),\n"
+            f"  and version {half_rows_version} was trained on half the rows\n"
+            "  (mlmon_version_training_rows; mlmon_training_rows_change_ratio shows such a drop while the version is newest).\n"
+            "  New rows are appended every 5 s; Ctrl-C stops.",
+            flush=True,
+        )
         asyncio.run(_serve(server, sock, engine, now, carry))
     finally:
         engine.dispose()

@@ -85,7 +85,9 @@ def load_files(
 
     Raises:
         LoadError: the URL is unusable, or a file has an unknown suffix, cannot be read,
-            is empty, has a row with more fields than its header, lacks a named timestamp
+            is empty or not UTF-8, has a single header column holding another delimiter
+            (``;``, tab, ``|``), repeats a column name, has a row with more or fewer fields
+            than its header, lacks a named timestamp
             column, has an unparsable timestamp (row numbers count data rows from 1, header
             excluded), has columns other than the existing table's, would create a column
             that mixes numbers and other values (outside ``text_columns``), or the database
@@ -254,15 +256,11 @@ class _CsvSource:
     def __init__(self, path: Path, compression: str | None, timestamp_columns: list[str] | None):
         self.path = path
         self.compression = compression
-        try:
-            self.columns = list(pd.read_csv(path, nrows=0, compression=compression).columns)
-        except pd.errors.EmptyDataError:
-            raise LoadError(f"{path}: the file is empty (not even a header line with the column names)") from None
-        # pandas would take a first row with one field too many as the header of an index
-        # column and shift every column by one; later long rows make it raise ParserError.
-        long_row = self._long_row(first_only=True)
-        if long_row is not None:
-            raise LoadError(long_row)
+        # One pass of Python's csv module over the whole file before pandas reads it: pandas
+        # would load a short row with NULLs, mangle a duplicate column name into "id.1",
+        # report an undecodable byte without its line, and take a first row with one field
+        # too many as the header of an index column (shifting every column by one).
+        self.columns = self._check_rows()
         self.timestamps = _timestamp_columns(path, self.columns, timestamp_columns)
         self.total = path.stat().st_size
 
@@ -271,7 +269,7 @@ class _CsvSource:
         columns still text.
 
         Raises:
-            LoadError: a row has more fields than the header (names the row and the counts).
+            LoadError: pandas cannot parse the file (the rows were checked before, so rarely).
         """
         with open(self.path, "rb") as raw:
             # Timestamp columns stay text here: pandas' own type guess could turn them
@@ -282,25 +280,66 @@ class _CsvSource:
                     for chunk in reader:
                         yield chunk, raw.tell()
             except pd.errors.ParserError as exc:
-                raise LoadError(self._long_row() or f"{self.path}: {first_line(exc)}") from None
+                raise LoadError(f"{self.path}: {first_line(exc)}") from None
 
-    def _long_row(self, first_only: bool = False) -> str | None:
-        """The first data row (of all, or only the first) with more fields than the header,
-        as an error message; ``None`` when there is none."""
+    def _lines(self) -> Iterator[str]:
+        """The file's lines decoded as UTF-8 (a BOM on the first line dropped), ends kept.
+
+        Raises:
+            LoadError: a line is not valid UTF-8 (names the line, byte offset and byte).
+        """
         opener = gzip.open if self.compression == "gzip" else open
-        with opener(self.path, "rt", newline="", errors="replace") as text:
-            reader = csv.reader(text)
-            header = next(reader, [])
-            rows = (fields for fields in reader if fields)  # pandas skips blank lines too
-            for row, fields in enumerate(rows, 1):
-                if len(fields) > len(header):
-                    return (
-                        f"{self.path}: row {row} (line {reader.line_num}) has {len(fields)} fields, "
-                        f"the header {len(header)} ({', '.join(header)})"
+        offset = 0
+        with opener(self.path, "rb") as raw:
+            for number, line in enumerate(raw, 1):
+                try:
+                    yield line.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    where = " of the uncompressed data" if self.compression else ""
+                    raise LoadError(
+                        f"{self.path}: line {number} (byte offset {offset + exc.start}{where}) is not UTF-8: "
+                        f"cannot decode byte 0x{line[exc.start]:02x}; re-encode the file to UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8 {self.path.name} > fixed.csv"
+                    ) from None
+                offset += len(line)
+
+    def _check_rows(self) -> list[str]:
+        """The header's column names, once every row of the file is known to fit it.
+
+        Blank lines are no rows (pandas skips them too); rows count data rows from 1.
+
+        Raises:
+            LoadError: the file is empty, is not UTF-8, has a single header column holding
+                ``;``, a tab or ``|`` (another delimiter), repeats a column name, or has a
+                row with more or fewer fields than the header.
+        """
+        reader = csv.reader(self._lines())
+        header = next(reader, None)
+        while header == []:  # leading blank lines
+            header = next(reader, None)
+        if header is None:
+            raise LoadError(f"{self.path}: the file is empty (not even a header line with the column names)")
+        if len(header) == 1:
+            for delimiter, name in ((";", "';'"), ("\t", "a tab"), ("|", "'|'")):
+                if delimiter in header[0]:
+                    raise LoadError(
+                        f"{self.path}: the header {header[0]!r} is a single column; the file seems separated by "
+                        f"{name}, but mlmon load reads comma-separated files: convert it to commas"
                     )
-                if first_only:
-                    break
-        return None
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise LoadError(
+                f"{self.path}: the header repeats column(s) {', '.join(map(repr, repeated))} "
+                f"({', '.join(header)}); every column needs its own name"
+            )
+        rows = (fields for fields in reader if fields)
+        for row, fields in enumerate(rows, 1):
+            if len(fields) != len(header):
+                raise LoadError(
+                    f"{self.path}: row {row} (line {reader.line_num}) has {len(fields)} fields; "
+                    f"the header has {len(header)} ({', '.join(header)})"
+                )
+        return header
 
 
 class _ParquetSource:

@@ -32,6 +32,17 @@ def test_help_has_no_type_placeholders(command):
         assert text.startswith(f"Usage: mlmon {command[0]} [OPTIONS]")
 
 
+def test_every_command_is_registered_and_its_help_is_plain_text():
+    """Help is read in a terminal: no reStructuredText markup (``literal``, :role:`x`) from docstrings."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS)  # a new command gets the help checks above too
+    for command in [[], *([c] for c in COMMANDS)]:
+        text = CliRunner().invoke(app, [*command, "--help"], prog_name="mlmon", terminal_width=100).output
+        assert not re.search(r"``|:\w+:`|`_", text), text
+
+
 def test_load_help_names_its_arguments_like_a_unix_tool():
     text = CliRunner().invoke(app, ["load", "--help"], prog_name="mlmon", terminal_width=100).output
     assert "Usage: mlmon load [OPTIONS] FILE...\n" in text

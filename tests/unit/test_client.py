@@ -467,6 +467,7 @@ def test_report_with_token(tmp_path, frame, monkeypatch):
     with pytest.raises(ReportError) as info:
         _report(http, frame)
     assert info.value.status_code == 401 and "bearer token" in info.value.detail
+    assert str(info.value).endswith("; pass the token (token=, or --token) or set $MLMON_API_TOKEN"), info.value
     assert _report(http, frame, token=TOKEN)["status"] == "created"
     monkeypatch.setenv("MLMON_API_TOKEN", TOKEN)  # the default token
     assert _report(http, frame)["status"] == "unchanged"

@@ -213,6 +213,41 @@ def test_check_config_names_a_driver_that_is_not_installed(tmp_path):
     )
 
 
+def test_a_missing_driver_of_an_mlmon_extra_names_the_editable_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # makes `import psycopg` fail, as if not installed
+    config = CONFIG.format(url="postgresql+psycopg://mlmon@127.0.0.1/test", table="predictions", score="p")
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert (
+        "the driver of 'postgresql+psycopg' is not installed: pip install -e '.[postgresql]' in mlmon's clone"
+        in " ".join(result.output.split())
+    ), result.output
+
+
+@pytest.mark.parametrize(
+    "url, postgres",
+    [
+        ("postgres://mlmon:secret@127.0.0.1/test", True),
+        ("postgres+psycopg://mlmon@127.0.0.1/test", True),
+        ("postgresql+nodriver://mlmon@127.0.0.1/test", True),
+        ("oracle+nodriver://mlmon@127.0.0.1/test", False),
+        ("mssqlx://mlmon@127.0.0.1/test", False),
+    ],
+)
+def test_an_unknown_dialect_lists_the_supported_schemes(tmp_path, url, postgres):
+    config = CONFIG.format(url=url, table="predictions", score="p")
+    result = CliRunner().invoke(app, ["check-config", "--config", str(_write(tmp_path, config))])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in output and "Can't load plugin" not in output, output
+    scheme = url.split("://")[0]
+    assert f"unknown database type {scheme!r} in the URL" in output, output
+    assert "mlmon supports sqlite:///path.db, postgresql+psycopg://user@host/db and duckdb:///path.duckdb" in output
+    assert ("for PostgreSQL write postgresql+psycopg://user@host/db" in output) is postgres
+    assert "secret" not in output
+
+
 def test_check_config_invalid_yaml_key(tmp_path):
     path = _write(
         tmp_path, "    refresh_interval: soon" + CONFIG.format(url="sqlite://", table="predictions", score="p")

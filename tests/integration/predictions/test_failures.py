@@ -466,3 +466,56 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     config.write_text(common)
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+
+
+@pytest.mark.parametrize("work_seconds, waited", [(1.0, True), (30.0, False)])
+def test_stop_waits_for_a_running_refresh_so_that_its_connection_closes(tmp_path, work_seconds, waited):
+    """A SQLite store in WAL mode keeps its -wal and -shm files while any connection stays
+    open: a refresh still in its thread at shutdown held one past ``stores.dispose()`` (the
+    demo's files left behind after Ctrl-C). ``stop`` waits for it, up to its grace."""
+    import asyncio
+
+    from exporter.server.loop import RefreshLoop
+    from exporter.snapshot import SnapshotStore
+    from exporter.training.storage import StateDatabase
+
+    path = tmp_path / "s.sqlite"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    _fill(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    engine.dispose()
+    settings = _settings(f"sqlite:///{path}")
+    store = SnapshotStore([m.name for m in settings.models])
+    stores = Stores(settings)
+    loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
+    refresher = loop.refreshers[0]
+    real_labels = refresher._refresh_labels
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_labels(as_of):  # a long refresh: a connection of the store open all along
+        with stores.engine("s").connect() as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM labels").scalar()
+            inside.set()
+            release.wait(work_seconds)
+        return real_labels(as_of)
+
+    refresher._refresh_labels = slow_labels
+
+    async def scenario() -> float:
+        loop.start()
+        while not inside.is_set():
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await loop.stop(grace=3.0)
+        return time.monotonic() - started
+
+    took = asyncio.run(scenario())
+    stores.dispose()
+    try:
+        assert (took < 2.9) is waited, took  # a refresh that outlasts the grace is not waited for longer
+        assert (path.with_name("s.sqlite-wal").exists()) is not waited
+        if waited:
+            assert not path.with_name("s.sqlite-shm").exists()
+    finally:
+        release.set()

@@ -332,7 +332,7 @@ def test_training_runs_seeded_just_after_midnight_are_shown(tmp_path):
 def _readme_demo_table() -> list[tuple[str, dict[str, str], str, str]]:
     """(metric, its labels, model, stated value) of each cell of the README's demo table."""
     text = README.read_text()
-    table = text[text.index("| metric (`24h` window) |") :].split("\n\n")[0].splitlines()
+    table = text[text.index("| metric (`24h` window where it has one) |") :].split("\n\n")[0].splitlines()
     models = re.findall(r"`(\w+)`", table[0])[1:]
     cells = []
     for line in table[2:]:

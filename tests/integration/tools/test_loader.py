@@ -428,9 +428,80 @@ def test_a_row_with_too_many_fields_is_named_with_its_field_count(target, tmp_pa
         load_files(target.url, "predictions", [path], schema=target.schema)
     message = str(caught.value)
     assert message.startswith(
-        f"{path}: row {row} (line {line}) has {fields} fields, the header 3 (id, timestamp, y_pred_proba)"
+        f"{path}: row {row} (line {line}) has {fields} fields; the header has 3 (id, timestamp, y_pred_proba)"
     ), message
     assert not target.exists("predictions")
+
+
+@pytest.mark.parametrize(
+    "lines, row, line, fields",
+    [
+        (["1,2019-01-01T00:00:00,0.5", "2,2019-01-01T00:00:00"], 2, 3, 2),  # pandas would store a NULL score
+        (["1,2019-01-01T00:00:00,0.5", "", "2"], 2, 4, 1),
+    ],
+)
+def test_a_row_with_too_few_fields_is_refused_like_a_long_one(target, tmp_path, lines, row, line, fields):
+    path = tmp_path / "a.csv"
+    path.write_text("id,timestamp,y_pred_proba\n" + "\n".join(lines) + "\n")
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [path], schema=target.schema)
+    message = str(caught.value)
+    assert message.startswith(
+        f"{path}: row {row} (line {line}) has {fields} fields; the header has 3 (id, timestamp, y_pred_proba)"
+    ), message
+    assert not target.exists("predictions")
+
+
+def test_empty_fields_are_not_missing_fields(target, tmp_path):
+    """A row with all its fields, some empty, still loads (the empty ones as NULL)."""
+    path = tmp_path / "a.csv"
+    path.write_text("id,timestamp,y_pred_proba\n1,2019-01-01T00:00:00,\n2,2019-01-01T00:00:00,0.5\n")
+    assert load_files(target.url, "predictions", [path], schema=target.schema) == 2
+    assert [r["y_pred_proba"] for r in target.rows("predictions")] == [None, 0.5]
+
+
+@pytest.mark.parametrize("delimiter, named", [(";", "';'"), ("\t", "a tab"), ("|", "'|'")])
+def test_a_file_separated_by_another_delimiter_is_refused_naming_it(target, tmp_path, delimiter, named):
+    path = tmp_path / "a.csv"
+    path.write_text(delimiter.join(["id", "timestamp", "score"]) + "\n" + delimiter.join(["1", "2019-01-01", "0.5"]))
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [path], schema=target.schema)
+    assert f"the file seems separated by {named}, but mlmon load reads comma-separated files" in str(caught.value)
+    assert not target.exists("predictions")
+
+
+def test_a_repeated_column_name_is_refused_naming_it(target, tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("id,id,score,score,timestamp\n1,2,0.5,0.4,2019-01-01\n")
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [path], schema=target.schema)
+    assert f"{path}: the header repeats column(s) 'id', 'score' (id, id, score, score, timestamp)" in str(caught.value)
+    assert not target.exists("predictions")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_byte_that_is_not_utf8_is_named_with_its_line_and_offset(target, tmp_path, compressed):
+    # "\xe9" is Latin-1 for e-acute; line 3 starts at byte 23 + 20 = 43, the byte is its 5th.
+    data = b"id,timestamp,y_pred_proba\n1,2019-01-01,0.5\n2,caf\xe9,0.4\n"
+    assert data.index(b"\xe9") == len(b"id,timestamp,y_pred_proba\n1,2019-01-01,0.5\n2,caf")
+    offset = data.index(b"\xe9")
+    path = tmp_path / ("a.csv.gz" if compressed else "a.csv")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    with pytest.raises(LoadError) as caught:
+        load_files(target.url, "predictions", [path], schema=target.schema)
+    where = " of the uncompressed data" if compressed else ""
+    assert str(caught.value).startswith(
+        f"{path}: line 3 (byte offset {offset}{where}) is not UTF-8: cannot decode byte 0xe9; "
+        "re-encode the file to UTF-8"
+    ), caught.value
+    assert not target.exists("predictions")
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column_name(target, tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_bytes("\ufeffid,timestamp,y_pred_proba\n1,2019-01-01,0.5\n".encode())
+    assert load_files(target.url, "predictions", [path], schema=target.schema) == 1
+    assert list(target.rows("predictions")[0]) == ["id", "timestamp", "y_pred_proba"]
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n", gzip.compress(b"")])
@@ -477,3 +548,13 @@ def test_cli_load_progress_never_shows_a_rejected_file_as_done(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "100%" in result.stderr and "2 rows" in result.stderr
+
+
+def test_a_postgres_url_is_refused_with_the_scheme_to_use(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ["id", "timestamp", "y_pred_proba"], NAIVE_ROWS)
+    with pytest.raises(LoadError) as caught:
+        load_files("postgres://mlmon:secret@127.0.0.1/test", "predictions", [path])
+    assert str(caught.value).startswith(
+        "cannot use database URL postgres://mlmon:***@127.0.0.1/test: unknown database type 'postgres' in the URL: "
+        "for PostgreSQL write postgresql+psycopg://user@host/db"
+    ), caught.value
