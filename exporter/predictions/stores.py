@@ -25,14 +25,22 @@ from exporter.reasons import SchemaError
 
 #: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
 #: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
-_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth", re.IGNORECASE)
+#: ``pwd`` is ODBC's password keyword, and ``odbc_connect`` a whole ODBC connection string
+#: that may hold ``PWD=...``.
+_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth|pwd|odbc_connect", re.IGNORECASE)
 
 
 def safe_url(url: str | sa.URL) -> str:
     """The URL with its password and every credential-bearing query parameter masked
-    (``***``), for logs and error messages."""
+    (``***``), for logs and error messages.
+
+    A password holding an unencoded ``@`` (``user:S3cr@tPart2@host``) is parsed by
+    SQLAlchemy as password ``S3cr`` and host ``tPart2@host``; everything between the
+    user name and the last ``@`` of the authority is masked then (``user:***@host``)."""
     try:
         parsed = sa.make_url(url)
+        if parsed.host is not None and "@" in parsed.host:
+            parsed = parsed.set(password="***", host=parsed.host.rpartition("@")[2])
         masked = {key: "***" for key in parsed.query if _SECRET_QUERY_KEY.search(key)}
         # The URL-encoded mask ("%2A%2A%2A") shown as it is written.
         return parsed.update_query_dict(masked).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
