@@ -179,7 +179,8 @@ def save_run(engine: sa.Engine, run: TrainingRun, received_at: datetime, max_mod
         return "unchanged"
     raise RunConflict(
         f"model {run.model!r} version {run.version!r} is already stored with a different body; "
-        "report a new version instead of changing a stored one"
+        "report a new version instead of changing a stored one, "
+        f"or delete it first: DELETE /api/v1/models/{run.model}/versions/{run.version}"
     )
 
 

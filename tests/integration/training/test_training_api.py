@@ -73,7 +73,12 @@ def versions(client) -> list[dict]:
 def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
     with TestClient(app_for(state_url)) as client:
         first = client.post("/api/v1/training-runs", json=run())
-        assert first.status_code == 201 and first.json() == {"status": "created", "model": "ctr", "version": "v1"}
+        assert first.status_code == 201 and first.json() == {
+            "status": "created",
+            "model": "ctr",
+            "version": "v1",
+            "in_config": False,  # the API serves models from training alone
+        }
         # the same run with its keys in another order is the same run
         again = client.post(
             "/api/v1/training-runs",
@@ -83,6 +88,7 @@ def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
         conflict = client.post("/api/v1/training-runs", json=run(training_rows=999))
         assert conflict.status_code == 409 and "already stored with a different body" in conflict.json()["detail"]
+        assert conflict.json()["detail"].endswith("or delete it first: DELETE /api/v1/models/ctr/versions/v1")
         assert [v["training_rows"] for v in versions(client)] == [1000]  # nothing overwritten
         assert client.get("/api/v1/models").json() == {"models": ["ctr"]}
         assert client.get("/api/v1/models/nope/versions").status_code == 404
