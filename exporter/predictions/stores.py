@@ -10,7 +10,7 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -429,6 +429,7 @@ def reflect_table(
     columns: dict[str, str | None],
     key_path: str,
     types: dict[str, tuple[tuple[type, ...], str]] | None = None,
+    check: Callable[[sa.Table], None] | None = None,
 ) -> sa.Table:
     """Reflect a configured table and check every configured column: that it exists and,
     for the fields in ``types``, that its type fits.
@@ -437,6 +438,9 @@ def reflect_table(
         columns: logical field -> column name (``None`` for unset optional fields).
         key_path: the config path of the source, for error messages.
         types: logical field -> (accepted SQLAlchemy types, what an error calls them).
+        check: a further check of the reflected table (e.g. the id kind), run even when
+            the column checks found problems, so that all show in one run; the problems
+            of the ``SchemaError`` it raises join the others.
 
     Raises:
         SchemaError: the table is missing, or every missing column, wrong column type and
@@ -466,6 +470,11 @@ def reflect_table(
             continue
         try:
             check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+        except SchemaError as exc:
+            problems.extend(exc.problems)
+    if check is not None:
+        try:
+            check(table)
         except SchemaError as exc:
             problems.extend(exc.problems)
     problems = [p for p in problems if p is not None]
