@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import settings as hypothesis_settings
 
-from exporter.config import Settings
+from exporter.config import Settings, parse_settings
 from exporter.server.collector import build_registry, render
 from exporter.server.loop import refresh_all
 
@@ -174,6 +174,22 @@ def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
         if match:
             rows[match.group(1)] = (match.group(2), tuple(re.findall(r"`(\w+)`", match.group(3))))
     return rows
+
+
+def zoned_predictions_settings(url: str, zone: str = "UTC", windows=("1h", "24h"), schema: str | None = None):
+    """Settings of one model ``m`` whose predictions (``predictions``: id, ts, p) are in store
+    ``s`` at ``url``, their timestamps wall-clock time of ``zone`` (daylight saving, text
+    timestamps)."""
+    source = {
+        "store": "s",
+        "table": "predictions",
+        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+        "timezone": zone,
+    }
+    source.update({"schema": schema} if schema else {})
+    return parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]}
+    )
 
 
 @contextmanager
