@@ -9,6 +9,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -215,6 +216,25 @@ def waiting_on_a_lock(engine: sa.Engine, schema: str) -> bool:
                 {"schema": schema},
             ).scalar()
         )
+
+
+@contextmanager
+def stalled_on_a_lock(engine: sa.Engine, schema: str, table: str, refresh: Callable[[], object], what: str):
+    """Run ``refresh`` in a thread while ``table_locked`` holds ``schema.table``; the block
+    runs once the refresh waits on the lock (at most 10 s, else the test fails naming
+    ``what``). After the block the lock is held until the refresh ends (within 10 s, by
+    its own timeout). Yields a dict whose ``"result"`` is the refresh's return value then."""
+    result: dict = {}
+    with table_locked(engine, schema, table):
+        running = threading.Thread(target=lambda: result.update(result=refresh()))
+        running.start()
+        deadline = time.monotonic() + 10
+        while not waiting_on_a_lock(engine, schema):
+            assert time.monotonic() < deadline, f"{what} never waited on the lock"
+            time.sleep(0.05)
+        yield result
+        running.join(10)  # still locked: the refresh ends by its own timeout, not by the release
+    assert not running.is_alive()
 
 
 def refresh_once(settings: Settings, as_of: datetime) -> bytes:

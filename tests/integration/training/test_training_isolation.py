@@ -9,8 +9,6 @@ import hashlib
 import json
 import logging
 import math
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,7 +24,7 @@ from exporter.snapshot import SnapshotStore
 from exporter.training.metrics import TrainingRefresher
 from exporter.training.schema import TrainingRun
 from exporter.training.storage import StateDatabase, load_histories, save_run, training_runs
-from tests.conftest import table_locked, waiting_on_a_lock
+from tests.conftest import stalled_on_a_lock
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 TOKEN = "t0ken-for-tests-0123456789"
@@ -326,19 +324,12 @@ def test_a_hung_training_refresh_counts_one_timeout(postgres_schema, postgres_en
     save_run(database.ready(), TrainingRun(**body()), NOW)
     refresher = TrainingRefresher(database, settings_for(url))
     assert refresher.refresh(NOW).up
-    with table_locked(postgres_engine, schema, "mlmon_training_runs"):
-        result = {}
-        running = threading.Thread(target=lambda: result.update(state=refresher.refresh(NOW)))
-        running.start()
-        deadline = time.monotonic() + 10
-        while not waiting_on_a_lock(postgres_engine, schema):
-            assert time.monotonic() < deadline, "the training refresh never waited on the lock"
-            time.sleep(0.05)
+    with stalled_on_a_lock(
+        postgres_engine, schema, "mlmon_training_runs", lambda: refresher.refresh(NOW), "the training refresh"
+    ) as result:
         stalled = [refresher.stalled(NOW), refresher.stalled(NOW)]
-        running.join(10)
-    assert not running.is_alive()
     assert [s.up for s in stalled] == [False, False] and all("ctr" in s.models for s in stalled)  # kept: staleness
-    assert {r: n for r, n in result["state"].errors.items() if n} == {"timeout": 1}
-    assert result["state"].up is False
+    assert {r: n for r, n in result["result"].errors.items() if n} == {"timeout": 1}
+    assert result["result"].up is False
     assert refresher.refresh(NOW).errors["timeout"] == 1  # the next refresh succeeds, nothing more counted
     database.engine.dispose()
