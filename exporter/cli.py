@@ -321,4 +321,6 @@ def report_training(
         _fail(f"{redact_url(url)}: {exc}", code=1)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         _fail(f"cannot reach mlmon at {redact_url(url)}: {exc}", code=1)
-    typer.echo(f"{answer.get('status', 'reported')} {run.model} {run.version}")
+    # An older server's answer has no in_config: say nothing then.
+    aside = f" (model {run.model!r} is not in mlmon's config)" if answer.get("in_config") is False else ""
+    typer.echo(f"{answer.get('status', 'reported')} {run.model} {run.version}{aside}")

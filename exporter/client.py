@@ -38,7 +38,7 @@ import pandas as pd
 
 from exporter.errors import error_lines
 from exporter.monitoring_math import LOGLOSS_EPS, roc_auc_from_counts
-from exporter.training.schema import FEATURE_PERCENTILES, OTHER, FeatureSummary, TrainingRun
+from exporter.training.schema import FEATURE_PERCENTILES, OTHER, VALUE_SHARES_MAX, FeatureSummary, TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ TRAINING_RUNS_PATH = "/api/v1/training-runs"
 TOKEN_ENV = "MLMON_API_TOKEN"
 #: Category text longer than this is rejected by the server (``FeatureSummary`` names).
 _MAX_CATEGORY_CHARS = 200
+#: Default most distinct values of a numeric feature sent exactly (``value_shares``): enough
+#: for count-like features (Poisson(30) has ~50 distinct values), well under the API's cap.
+MAX_EXACT_VALUES = 200
 #: Non-JSON error bodies (a proxy's HTML page) are cut to this many characters.
 _MAX_DETAIL_CHARS = 500
 #: Seconds to wait before each retry of a report (4 retries, 15 s of waiting in all):
@@ -92,7 +95,7 @@ def _is_numeric(dtype: Any) -> bool:
     )
 
 
-def _numeric_summary(name: str, series: pd.Series, missing: pd.Series, top_k: int) -> FeatureSummary:
+def _numeric_summary(name: str, series: pd.Series, missing: pd.Series, max_exact_values: int) -> FeatureSummary:
     count = len(series)
     values = series[~missing].to_numpy(dtype=np.float64)
     infinite = np.flatnonzero(np.isinf(values))
@@ -117,9 +120,10 @@ def _numeric_summary(name: str, series: pd.Series, missing: pd.Series, top_k: in
             },
         }
         # Few distinct values (a flag, a count): percentiles coincide and cannot tell 70%
-        # zeros from 50%, so the exact distribution goes along for the PSI.
+        # zeros from 50%, and interpolating a step CDF misreads counts (Poisson(15) read
+        # 0.055 unchanged), so the exact distribution goes along for the PSI.
         distinct, counts = np.unique(values, return_counts=True)
-        if len(distinct) <= top_k:
+        if len(distinct) <= max_exact_values:
             fields["value_shares"] = [(float(v), int(n) / len(values)) for v, n in zip(distinct, counts, strict=False)]
     return FeatureSummary(
         name=name,
@@ -160,7 +164,9 @@ def _categorical_summary(name: str, series: pd.Series, missing: pd.Series, top_k
     )
 
 
-def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterable[str] = ()) -> list[FeatureSummary]:
+def summarize_features(
+    frame: pd.DataFrame, top_k: int = 20, categorical: Iterable[str] = (), max_exact_values: int = MAX_EXACT_VALUES
+) -> list[FeatureSummary]:
     """One summary per column of ``frame``, in column order (feature name = ``str(column)``).
 
     Integer and float columns are ``numeric`` unless named in ``categorical``; every other
@@ -171,9 +177,10 @@ def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterab
     - numeric: mean, population stddev (ddof=0), min, max and the percentiles
       ``FEATURE_PERCENTILES`` (``numpy.percentile``, linear interpolation; keys are the
       percentiles as strings) over the non-missing values; all ``None`` when there is none.
-      A numeric column with at most ``top_k`` distinct non-missing values (low cardinality:
-      a flag, a small count) also gets ``value_shares``: each distinct value (ascending)
-      with its share of the non-missing values, which makes its PSI exact.
+      A numeric column with at most ``max_exact_values`` (default 200, at most
+      ``VALUE_SHARES_MAX`` = 1000) distinct non-missing values (a flag, a count) also gets
+      ``value_shares``: each distinct value (ascending) with its share of the non-missing
+      values, which makes its PSI exact (docs/metrics.md).
     - categorical: share of the non-missing values for each of the ``top_k`` most frequent
       categories (ties broken by category text), keyed by ``str(value)`` (``"True"``,
       ``"False"`` for bools; a float column named in ``categorical`` gives ``"1.0"``),
@@ -181,7 +188,8 @@ def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterab
       are more than ``top_k``. Shares sum to 1 (up to float rounding).
 
     Raises:
-        ValueError: ``top_k`` < 1; a name in ``categorical`` is not a column; a numeric
+        ValueError: ``top_k`` < 1; ``max_exact_values`` not in 0 .. 1000; a name in
+            ``categorical`` is not a column; a numeric
             column holds ±inf (it names the row); a reported category is empty, longer
             than 200 characters or equal to ``"__other__"``; a summary is invalid for
             ``FeatureSummary`` (e.g. an empty column name; pydantic's ``ValidationError``
@@ -189,6 +197,8 @@ def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterab
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if not 0 <= max_exact_values <= VALUE_SHARES_MAX:
+        raise ValueError(f"max_exact_values must be 0 to {VALUE_SHARES_MAX}, got {max_exact_values}")
     forced = set(categorical)
     unknown = forced - {str(column) for column in frame.columns}
     if unknown:
@@ -198,7 +208,7 @@ def summarize_features(frame: pd.DataFrame, top_k: int = 20, categorical: Iterab
         name = str(column)
         missing = series.isna()
         if _is_numeric(series.dtype) and name not in forced:
-            summaries.append(_numeric_summary(name, series, missing, top_k))
+            summaries.append(_numeric_summary(name, series, missing, max_exact_values))
         else:
             summaries.append(_categorical_summary(name, series, missing, top_k))
     return summaries
@@ -310,6 +320,7 @@ def build_training_run(
     extra_metrics: Mapping[str, float] | None = None,
     top_k: int = 20,
     categorical: Iterable[str] = (),
+    max_exact_values: int = MAX_EXACT_VALUES,
 ) -> TrainingRun:
     """The :class:`TrainingRun` of one model version, summarized locally.
 
@@ -323,7 +334,7 @@ def build_training_run(
             ``training_data`` is a sample).
         validation: ``(y_true, y_score)`` of the validation set (:func:`validation_metrics`).
         extra_metrics: any other finite numbers to keep with the run (name -> value).
-        top_k, categorical: passed to :func:`summarize_features`.
+        top_k, categorical, max_exact_values: passed to :func:`summarize_features`.
 
     Raises:
         ValueError: neither ``training_data`` nor ``training_rows`` is given, or the
@@ -338,7 +349,7 @@ def build_training_run(
     if validation is not None:
         y_true, y_score = validation
         validation_rows, validation_logloss, validation_roc_auc = validation_metrics(y_true, y_score)
-    features = [] if training_data is None else summarize_features(training_data, top_k, categorical)
+    features = [] if training_data is None else summarize_features(training_data, top_k, categorical, max_exact_values)
     return TrainingRun(
         model=model,
         version=version,
@@ -452,6 +463,7 @@ def report_training_run(
     token: str | None = None,
     top_k: int = 20,
     categorical: Iterable[str] = (),
+    max_exact_values: int = MAX_EXACT_VALUES,
     timeout: float = 10.0,
     http: httpx.Client | None = None,
     retry_delays: Sequence[float] | None = None,
@@ -478,5 +490,6 @@ def report_training_run(
         extra_metrics=extra_metrics,
         top_k=top_k,
         categorical=categorical,
+        max_exact_values=max_exact_values,
     )
     return post_training_run(url, run, token=token, timeout=timeout, http=http, retry_delays=retry_delays)

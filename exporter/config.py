@@ -107,13 +107,20 @@ class Strict(BaseModel):
 
 def _parse_url(text: str, key: str) -> sa.URL:
     """``text`` as a SQLAlchemy URL; a ValueError starting with ``key`` that never echoes
-    the text (it may hold a password) when it is not one or its port is not in 1-65535."""
+    the text (it may hold a password) when it is not one, its port is not in 1-65535 or
+    its host holds an '@' (an unencoded '@' in the password)."""
     try:
         url = sa.make_url(text)
     except Exception:  # ArgumentError, or ValueError for a port that is not a number
         url = None
     if url is None or (url.port is not None and not 1 <= url.port <= 65535):
         raise ValueError(f"{key}: not a SQLAlchemy URL (dialect+driver://user@host:port/database, port 1-65535)")
+    if url.host is not None and "@" in url.host:
+        # SQLAlchemy splits at the first '@': the rest of the password would be taken as the host.
+        raise ValueError(
+            f"{key}: the host part holds an '@': percent-encode '@' in the password as %40 "
+            "(or give the password apart, as 'password' or 'password_file')"
+        )
     return url
 
 

@@ -9,6 +9,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import settings as hypothesis_settings
 
-from exporter.config import Settings
+from exporter.config import Settings, parse_settings
 from exporter.server.collector import build_registry, render
 from exporter.server.loop import refresh_all
 
@@ -176,6 +177,22 @@ def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
     return rows
 
 
+def zoned_predictions_settings(url: str, zone: str = "UTC", windows=("1h", "24h"), schema: str | None = None):
+    """Settings of one model ``m`` whose predictions (``predictions``: id, ts, p) are in store
+    ``s`` at ``url``, their timestamps wall-clock time of ``zone`` (daylight saving, text
+    timestamps)."""
+    source = {
+        "store": "s",
+        "table": "predictions",
+        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+        "timezone": zone,
+    }
+    source.update({"schema": schema} if schema else {})
+    return parse_settings(
+        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]}
+    )
+
+
 @contextmanager
 def table_locked(engine: sa.Engine, schema: str, table: str, mode: str = "ACCESS EXCLUSIVE"):
     """Hold a lock on ``schema.table`` in a session of the test's own until the block ends
@@ -199,6 +216,25 @@ def waiting_on_a_lock(engine: sa.Engine, schema: str) -> bool:
                 {"schema": schema},
             ).scalar()
         )
+
+
+@contextmanager
+def stalled_on_a_lock(engine: sa.Engine, schema: str, table: str, refresh: Callable[[], object], what: str):
+    """Run ``refresh`` in a thread while ``table_locked`` holds ``schema.table``; the block
+    runs once the refresh waits on the lock (at most 10 s, else the test fails naming
+    ``what``). After the block the lock is held until the refresh ends (within 10 s, by
+    its own timeout). Yields a dict whose ``"result"`` is the refresh's return value then."""
+    result: dict = {}
+    with table_locked(engine, schema, table):
+        running = threading.Thread(target=lambda: result.update(result=refresh()))
+        running.start()
+        deadline = time.monotonic() + 10
+        while not waiting_on_a_lock(engine, schema):
+            assert time.monotonic() < deadline, f"{what} never waited on the lock"
+            time.sleep(0.05)
+        yield result
+        running.join(10)  # still locked: the refresh ends by its own timeout, not by the release
+    assert not running.is_alive()
 
 
 def refresh_once(settings: Settings, as_of: datetime) -> bytes:

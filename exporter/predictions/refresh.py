@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -170,8 +171,9 @@ class ModelRefresher:
                 "label": ((sa.Boolean, *NUMBER_TYPES), "a number or a boolean (0/1)"),
                 "timestamp": timestamp_types(engine.dialect.name, path),
             }
-            table = reflect_table(engine, source, source.columns.model_dump(), path, types)
-            self._require_joinable_ids(table, source.columns.id, f"{path}.columns.id")
+            table = reflect_table(
+                engine, source, source.columns.model_dump(), path, types, self._joinable_ids(source.columns.id, path)
+            )
             time_col = None
             if source.columns.timestamp is not None:
                 time_col = time_column(
@@ -186,19 +188,29 @@ class ModelRefresher:
             engine = self.stores.engine(source.store)
             path = self._key_path("replays")
             types = {"score": (NUMBER_TYPES, "a number (probability)")}
-            table = reflect_table(engine, source, source.columns.model_dump(), path, types)
-            self._require_joinable_ids(table, source.columns.id, f"{path}.columns.id")
+            table = reflect_table(
+                engine, source, source.columns.model_dump(), path, types, self._joinable_ids(source.columns.id, path)
+            )
             self._replay_queries = ReplayQueries(source, table)
         return self._replay_queries
 
-    def _require_joinable_ids(self, table: sa.Table, id_column: str, key_path: str) -> None:
-        """Check that ``table``'s id column (labels or replays) can be joined to the predictions' id.
+    def _joinable_ids(self, id_column: str, path: str) -> Callable[[sa.Table], None]:
+        """The check, for ``reflect_table``, that a table's id column (labels or replays, at
+        config path ``path``) can be joined to the predictions' id; a missing id column is
+        left to the column checks.
 
-        Raises:
+        The check raises:
             SchemaError: as ``stores.require_same_id_kind``, or from reflecting the predictions.
         """
-        predictions = self._predictions()
-        require_same_id_kind(table, id_column, key_path, predictions.table, self.model.predictions.columns.id)
+
+        def check(table: sa.Table) -> None:
+            if id_column in table.c:
+                predictions = self._predictions()
+                require_same_id_kind(
+                    table, id_column, f"{path}.columns.id", predictions.table, self.model.predictions.columns.id
+                )
+
+        return check
 
     def check_schema(self) -> None:
         """Reflect every configured table and check its columns (``mlmon check-config``).

@@ -10,7 +10,7 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,14 +25,22 @@ from exporter.reasons import SchemaError
 
 #: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
 #: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
-_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth", re.IGNORECASE)
+#: ``pwd`` is ODBC's password keyword, and ``odbc_connect`` a whole ODBC connection string
+#: that may hold ``PWD=...``.
+_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth|pwd|odbc_connect", re.IGNORECASE)
 
 
 def safe_url(url: str | sa.URL) -> str:
     """The URL with its password and every credential-bearing query parameter masked
-    (``***``), for logs and error messages."""
+    (``***``), for logs and error messages.
+
+    A password holding an unencoded ``@`` (``user:S3cr@tPart2@host``) is parsed by
+    SQLAlchemy as password ``S3cr`` and host ``tPart2@host``; everything between the
+    user name and the last ``@`` of the authority is masked then (``user:***@host``)."""
     try:
         parsed = sa.make_url(url)
+        if parsed.host is not None and "@" in parsed.host:
+            parsed = parsed.set(password="***", host=parsed.host.rpartition("@")[2])
         masked = {key: "***" for key in parsed.query if _SECRET_QUERY_KEY.search(key)}
         # The URL-encoded mask ("%2A%2A%2A") shown as it is written.
         return parsed.update_query_dict(masked).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
@@ -441,6 +449,7 @@ def reflect_table(
     columns: dict[str, str | None],
     key_path: str,
     types: dict[str, tuple[tuple[type, ...], str]] | None = None,
+    check: Callable[[sa.Table], None] | None = None,
 ) -> sa.Table:
     """Reflect a configured table and check every configured column: that it exists and,
     for the fields in ``types``, that its type fits.
@@ -449,6 +458,9 @@ def reflect_table(
         columns: logical field -> column name (``None`` for unset optional fields).
         key_path: the config path of the source, for error messages.
         types: logical field -> (accepted SQLAlchemy types, what an error calls them).
+        check: a further check of the reflected table (e.g. the id kind), run even when
+            the column checks found problems, so that all show in one run; the problems
+            of the ``SchemaError`` it raises join the others.
 
     Raises:
         SchemaError: the table is missing, or every missing column, wrong column type and
@@ -478,6 +490,11 @@ def reflect_table(
             continue
         try:
             check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+        except SchemaError as exc:
+            problems.extend(exc.problems)
+    if check is not None:
+        try:
+            check(table)
         except SchemaError as exc:
             problems.extend(exc.problems)
     problems = [p for p in problems if p is not None]

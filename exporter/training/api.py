@@ -65,6 +65,7 @@ def training_api(
     token = settings.api.resolved_token()
     limit = settings.api.max_body_bytes
     body_timeout = settings.api.body_timeout.total_seconds()
+    configured = {model.name for model in settings.models}
 
     def authorize(request: Request) -> None:
         if token is None:
@@ -122,7 +123,9 @@ def training_api(
     )
     async def report_training_run(request: Request, response: Response) -> dict:
         """Store a training run; the same body again is a no-op (200), another body for a
-        stored version is a conflict (409)."""
+        stored version is a conflict (409). The answer: ``status`` (created, unchanged),
+        ``model``, ``version`` and ``in_config`` (whether the config has the model; a run of
+        another model is stored and exported all the same)."""
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise HTTPException(415, "send the run as application/json")
         body = await read_body(request)
@@ -142,7 +145,9 @@ def training_api(
             on_stored()
         else:
             response.status_code = 200
-        return {"status": status, "model": run.model, "version": run.version}
+        # Stored either way (the API serves models from training alone), but a model missing
+        # from the config is often a typo the pipeline should be told about.
+        return {"status": status, "model": run.model, "version": run.version, "in_config": run.model in configured}
 
     @router.get("/models")
     async def models() -> dict:

@@ -145,16 +145,28 @@ def _trained_at(value: datetime) -> datetime:
     return value
 
 
+def _addressable(value: str) -> str:
+    # '.' and '..' are dot segments: curl, httpx and browsers remove them from a URL path, so
+    # DELETE /api/v1/models/{model}/versions/{version} could never reach such a run.
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} cannot be a URL path segment; use another name")
+    return value
+
+
 class TrainingRun(_Body):
     """One training run of one model version, as reported to ``POST /api/v1/training-runs``.
 
     ``validation_logloss`` (natural log, probabilities clipped to [1e-15, 1 - 1e-15]) and
     ``validation_roc_auc`` (Mann–Whitney with ties ½) follow docs/metrics.md. ``trained_at``
-    (naive means UTC) must lie in [``TRAINED_AT_MIN``, ``TRAINED_AT_MAX``).
+    (naive means UTC) must lie in [``TRAINED_AT_MIN``, ``TRAINED_AT_MAX``). ``model`` and
+    ``version`` are path segments of the API's URLs: letters, digits and ``_.:-`` (``+``
+    too in a version), not ``.`` or ``..`` (raises ``ValueError`` naming the field).
     """
 
-    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
-    version: Annotated[str, Field(pattern=rf"^[A-Za-z0-9_.:+-]{{1,{VERSION_MAX_LENGTH}}}$")]
+    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$"), AfterValidator(_addressable)]
+    version: Annotated[
+        str, Field(pattern=rf"^[A-Za-z0-9_.:+-]{{1,{VERSION_MAX_LENGTH}}}$"), AfterValidator(_addressable)
+    ]
     trained_at: Annotated[datetime, AfterValidator(_trained_at)]
     training_rows: Rows
     validation_rows: Rows | None = None

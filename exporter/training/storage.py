@@ -179,7 +179,8 @@ def save_run(engine: sa.Engine, run: TrainingRun, received_at: datetime, max_mod
         return "unchanged"
     raise RunConflict(
         f"model {run.model!r} version {run.version!r} is already stored with a different body; "
-        "report a new version instead of changing a stored one"
+        "report a new version instead of changing a stored one, "
+        f"or delete it first: DELETE /api/v1/models/{run.model}/versions/{run.version}"
     )
 
 
@@ -271,7 +272,9 @@ class ModelHistory:
 
 
 class _before(sa.sql.expression.FunctionElement):
-    """``timestamp - BASELINE_AGE`` in SQL, exact to the microsecond in every dialect."""
+    """``timestamp - BASELINE_AGE`` in SQL, exact to the microsecond, for the state
+    databases mlmon supports: SQLite and PostgreSQL (tested; DuckDB takes the same SQL),
+    plus a MySQL/MariaDB form that is compiled in the tests but not run."""
 
     type = sa.DateTime(timezone=True)
     name = "mlmon_before"
@@ -283,6 +286,13 @@ def _before_interval(element, compiler, **kw) -> str:
     # Hours, not days: a day on a PostgreSQL timestamptz follows the session's DST changes.
     hours = int(BASELINE_AGE.total_seconds() // 3600)
     return f"({compiler.process(element.clauses, **kw)} - INTERVAL '{hours} hours')"
+
+
+@compiles(_before, "mysql")  # MariaDB compiles with the mysql dialect too
+def _before_mysql(element, compiler, **kw) -> str:
+    # MySQL has no quoted interval literal ('720 hours'): its unit is a keyword.
+    hours = int(BASELINE_AGE.total_seconds() // 3600)
+    return f"({compiler.process(element.clauses, **kw)} - INTERVAL {hours} HOUR)"
 
 
 @compiles(_before, "sqlite")

@@ -78,14 +78,14 @@ def test_low_cardinality_numeric_column_reports_its_value_shares(frame):
     assert [v for v, _ in segment.value_shares] == [float(v) for v in expected.index]
     assert [s for _, s in segment.value_shares] == pytest.approx(expected.to_list(), rel=1e-12)
     assert segment.percentiles["50"] == pytest.approx(frame["segment"].quantile(0.5))  # still reported
-    assert summaries["age"].value_shares is None  # 62 distinct values > top_k
+    assert len(summaries["age"].value_shares) == 62  # 62 distinct values: over top_k, within max_exact_values
     assert summaries["income"].value_shares is None
 
 
 @pytest.mark.parametrize(("distinct", "given"), [(5, True), (6, False)])
-def test_value_shares_up_to_top_k_distinct_values_over_non_missing_rows(distinct, given):
+def test_value_shares_up_to_max_exact_values_distinct_values_over_non_missing_rows(distinct, given):
     values = [0.5 * i for i in range(distinct)] * 3 + [0.0, np.nan, np.nan]
-    x = summarize_features(pd.DataFrame({"x": values}), top_k=5)[0]
+    x = summarize_features(pd.DataFrame({"x": values}), max_exact_values=5)[0]
     assert x.missing_ratio == pytest.approx(2 / len(values))
     if not given:
         assert x.value_shares is None
@@ -445,7 +445,13 @@ def _report(http, frame, **overrides):
 def test_report_created_then_unchanged_then_conflict(server, frame):
     from exporter.client import ReportError
 
-    assert _report(server, frame) == {"status": "created", "model": "car_loan", "version": "2026-11-28"}
+    assert _report(server, frame) == {
+        "status": "created",
+        "model": "car_loan",
+        "version": "2026-11-28",
+        "in_config": False,  # the config has only 'ctr': stored all the same
+    }
+    assert _report(server, frame, model="ctr")["in_config"] is True
     assert _report(server, frame)["status"] == "unchanged"  # the same summary again: idempotent
     with pytest.raises(ReportError) as info:
         _report(server, frame, training_rows=5)
@@ -622,9 +628,10 @@ def test_cli_reports_to_a_live_server(tmp_path, live_url, frame):
     path.write_text(run.canonical_json())
     runner = CliRunner()
     first = runner.invoke(app, ["report-training", "--url", live_url, str(path)])
-    assert (first.exit_code, first.output) == (0, "created car_loan 2026-11-28\n")
+    aside = " (model 'car_loan' is not in mlmon's config)"  # the config has only 'ctr'
+    assert (first.exit_code, first.output) == (0, f"created car_loan 2026-11-28{aside}\n")
     again = runner.invoke(app, ["report-training", "--url", live_url, str(path)])
-    assert (again.exit_code, again.output) == (0, "unchanged car_loan 2026-11-28\n")
+    assert (again.exit_code, again.output) == (0, f"unchanged car_loan 2026-11-28{aside}\n")
     path.write_text(json.dumps(json.loads(run.canonical_json()) | {"training_rows": 1}))
     conflict = runner.invoke(app, ["report-training", "--url", live_url, str(path)])
     assert conflict.exit_code == 1

@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores, from_wall_clock, to_wall_clock
+from tests.conftest import zoned_predictions_settings
 
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
@@ -73,16 +73,7 @@ def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> Non
 
 
 def _refresher(url, schema, zone: str, windows: list[str]):
-    source = {
-        "store": "s",
-        "table": "predictions",
-        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-        "timezone": zone,
-    }
-    source.update({"schema": schema} if schema else {})
-    config = parse_settings(
-        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": windows}]}
-    )
+    config = zoned_predictions_settings(url, zone, windows, schema)
     stores = Stores(config)
     return ModelRefresher(config.models[0], config, stores), stores
 

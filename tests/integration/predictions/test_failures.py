@@ -15,7 +15,7 @@ from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import classify_error
-from tests.conftest import table_locked, waiting_on_a_lock
+from tests.conftest import stalled_on_a_lock, table_locked, waiting_on_a_lock
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -370,18 +370,11 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
     refresher = ModelRefresher(settings.models[0], settings, stores)
     assert all(s.up for s in refresher.refresh(AS_OF).sources.values())
     later = AS_OF + timedelta(minutes=1)
-    with table_locked(postgres_engine, schema, "labels"):
-        result = {}
-        running = threading.Thread(target=lambda: result.update(snap=refresher.refresh(later)))
-        running.start()
-        deadline = time.monotonic() + 10
-        while not waiting_on_a_lock(postgres_engine, schema):
-            assert time.monotonic() < deadline, "the labels query never waited on the lock"
-            time.sleep(0.05)
+    with stalled_on_a_lock(
+        postgres_engine, schema, "labels", lambda: refresher.refresh(later), "the labels query"
+    ) as result:
         first = refresher.stalled(later + timedelta(seconds=1))
         second = refresher.stalled(later + timedelta(seconds=2))
-        running.join(10)
-    assert not running.is_alive()
     for stalled in (first, second):
         assert stalled.sources["predictions"].up and stalled.sources["predictions"].last_success == later.timestamp()
         assert not stalled.sources["labels"].up and stalled.sources["labels"].last_success == AS_OF.timestamp()
@@ -390,7 +383,7 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
             stalled.score_stats[0].predictions == 59
         )  # this refresh's: ids 1..59 in [later - 1h, later), not the 60 before
     assert _nonzero(second.errors) == {("labels", "timeout"): 1}
-    ended = result["snap"]  # cancelled at query_timeout, counted once, replays refreshed after it
+    ended = result["result"]  # cancelled at query_timeout, counted once, replays refreshed after it
     assert _nonzero(ended.errors) == {("labels", "timeout"): 1}
     assert {name: s.up for name, s in ended.sources.items()} == {"predictions": True, "labels": False, "replays": True}
     stores.dispose()

@@ -151,7 +151,7 @@ def test_ids_of_different_kinds_are_a_schema_error_in_check_config_and_in_every_
 
     result = _check_config(path)
     assert result.exit_code == 2, result.output
-    for source in bad[:1]:  # check-config reports the first problem of each model
+    for source in bad:  # check-config reports every problem in one run
         line = next(line for line in result.output.splitlines() if f"models[0].{source}.columns.id:" in line)
         # both types named, and what to do
         source_type = {"labels": labels_type, "replays": replays_type}[source]
@@ -165,6 +165,21 @@ def test_ids_of_different_kinds_are_a_schema_error_in_check_config_and_in_every_
     assert {name: s.up for name, s in snap.sources.items()} == expected_up
     assert _errors(snap) == {(source, "schema"): 1 for source in bad}
     assert snap.score_stats[0].predictions == len(ROWS)
+
+
+def test_a_missing_label_column_and_a_mismatched_id_kind_show_in_one_run(store, tmp_path):
+    """Issue B6: the id kind is checked even when the labels table has other column problems."""
+    url, schema, _ = store
+    _tables(url, schema, {"predictions": "BIGINT", "labels": "TEXT", "replays": "BIGINT"})
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {f'{schema}.' if schema else ''}labels RENAME COLUMN y TO y_renamed"))
+    engine.dispose()
+    result = _check_config(_config(tmp_path, url, schema))
+    assert result.exit_code == 2, result.output
+    assert "models[0].labels.columns.label: column 'y' does not exist" in result.output
+    assert "models[0].labels.columns.id: column 'id'" in result.output and "ids are joined with '='" in result.output
+    assert "models[0].replays" not in result.output
 
 
 ID_MATCHES = {

@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
+from tests.conftest import zoned_predictions_settings
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
@@ -74,19 +74,6 @@ def _instant(text: str, zone: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=ZoneInfo(zone))
 
 
-def _settings(url, zone="UTC", windows=("1h", "24h"), schema=None):
-    source = {
-        "store": "s",
-        "table": "predictions",
-        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-        "timezone": zone,
-    }
-    source.update({"schema": schema} if schema else {})
-    return parse_settings(
-        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]}
-    )
-
-
 def _refresh(settings, *as_ofs):
     stores = Stores(settings)
     try:
@@ -111,7 +98,7 @@ def _sqlite(tmp_path, column_type: str, values) -> str:
 @pytest.mark.parametrize("column_type", ["TEXT", "VARCHAR(40)", "DATETIME"])
 def test_sqlite_iso_text_in_every_form(tmp_path, zone, column_type):
     url = _sqlite(tmp_path, column_type, READABLE + UNREADABLE)
-    (snap,) = _refresh(_settings(url, zone), AS_OF)
+    (snap,) = _refresh(zoned_predictions_settings(url, zone), AS_OF)
     assert snap.sources["predictions"].up, snap.errors
     instants = [_instant(text, zone) for text in READABLE]
     for stats in snap.score_stats:
@@ -129,7 +116,7 @@ def test_sqlite_text_counts_move_with_the_zone(tmp_path):
     url = _sqlite(tmp_path, "TEXT", ["2024-06-01 13:30:00", "2024-06-01 07:30", "2024-06-01T11:30:00Z"])
     counts = {}
     for zone in ("UTC", "Europe/Paris", "America/New_York"):
-        (snap,) = _refresh(_settings(url, zone, windows=["1h"]), AS_OF)
+        (snap,) = _refresh(zoned_predictions_settings(url, zone, windows=["1h"]), AS_OF)
         counts[zone] = snap.score_stats[0].predictions
     assert counts == {"UTC": 1, "Europe/Paris": 2, "America/New_York": 2}
 
@@ -158,7 +145,7 @@ def test_offset_and_naive_text_mixed_across_a_change(tmp_path):
                 readings.append(wall.replace(tzinfo=paris))
     url = _sqlite(tmp_path, "TEXT", texts)
     as_ofs = [first + timedelta(minutes=10 * k) for k in range(6, 37)]
-    snaps = _refresh(_settings(url, "Europe/Paris", windows=["1h"]), *as_ofs)
+    snaps = _refresh(zoned_predictions_settings(url, "Europe/Paris", windows=["1h"]), *as_ofs)
     for as_of, snap in zip(as_ofs, snaps, strict=False):
         window = [r for r in readings if as_of - timedelta(hours=1) <= r < as_of]
         assert snap.score_stats[0].predictions == len(window) > 0, as_of
@@ -176,7 +163,7 @@ def test_sqlite_epoch_column_with_text(tmp_path):
     url = _sqlite(
         tmp_path, "REAL", [base - 60, base - 7200, "", "soon", "2024-06-01 11:30:00", None, 1e400, base + 600]
     )
-    (snap,) = _refresh(_settings(url), AS_OF)
+    (snap,) = _refresh(zoned_predictions_settings(url), AS_OF)
     stats = {s.window: s for s in snap.score_stats}
     assert stats["1h"].predictions == 1 and stats["24h"].predictions == 2
     assert stats["1h"].invalid["bad_timestamp"] == 5  # '', 'soon', the ISO text, NULL, infinity
@@ -205,7 +192,7 @@ def test_postgresql_null_timestamps_are_counted(postgres_schema, aware):
         )
         conn.execute(table.insert(), [{"id": 10 + i, "ts": None, "p": 0.5} for i in range(2)])
     engine.dispose()
-    (snap,) = _refresh(_settings(url, schema=schema), AS_OF)
+    (snap,) = _refresh(zoned_predictions_settings(url, schema=schema), AS_OF)
     for stats in snap.score_stats:
         assert stats.predictions == 3 and stats.invalid["bad_timestamp"] == 2
 
@@ -223,7 +210,7 @@ def test_postgresql_epoch_nan_is_no_instant(postgres_schema):
         values = [base - 60, float("nan"), float("inf"), float("-inf"), None]
         conn.execute(table.insert(), [{"id": i, "ts": v, "p": 0.5} for i, v in enumerate(values)])
     engine.dispose()
-    (snap,) = _refresh(_settings(url, schema=schema), AS_OF)
+    (snap,) = _refresh(zoned_predictions_settings(url, schema=schema), AS_OF)
     assert snap.score_stats[0].predictions == 1 and snap.score_stats[0].invalid["bad_timestamp"] == 4
     assert snap.future_predictions == 0  # PostgreSQL sorts NaN above every number
     assert snap.last_prediction_timestamp == base - 60
@@ -241,7 +228,7 @@ def test_text_timestamp_refused_where_it_cannot_be_compared(backend, tmp_path, r
     sa.Table("predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.Text), sa.Column("p", sa.Double))
     metadata.create_all(engine)
     engine.dispose()
-    settings = _settings(url, schema=schema)
+    settings = zoned_predictions_settings(url, schema=schema)
     stores = Stores(settings)
     try:
         refresher = ModelRefresher(settings.models[0], settings, stores)

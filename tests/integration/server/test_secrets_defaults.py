@@ -51,6 +51,13 @@ models:
             "postgresql+psycopg://mlmon@db/serving?options=-csearch_path%3Dx",
         ),
         ("postgresql://u:s3cret@host:notaport/db", "<unparsable URL>"),
+        # issue B3: an unencoded '@' in the password; SQLAlchemy takes 'tPart2@host' as the host
+        ("postgresql+psycopg://postgres:S3cr@tPart2@host/db", "postgresql+psycopg://postgres:***@host/db"),
+        ("postgresql+psycopg://postgres:a@b@c@host:5432/db", "postgresql+psycopg://postgres:***@host:5432/db"),
+        (
+            "mssql+pyodbc://u@dsn/db?pwd=s3cret&odbc_connect=DRIVER%3Dx%3BPWD%3Ds3cret",
+            "mssql+pyodbc://u@dsn/db?odbc_connect=***&pwd=***",
+        ),
     ],
 )
 def test_safe_url_masks_every_credential_bearing_part(url, shown):
@@ -218,3 +225,20 @@ def test_the_sqlite_state_database_is_created_readable_by_its_owner_only(tmp_pat
     with TestClient(_app(existing)):
         pass
     assert stat.S_IMODE((existing / "state.sqlite").stat().st_mode) == 0o640
+
+
+def test_an_unencoded_at_in_the_password_is_a_config_error_saying_how_to_encode_it(tmp_path):
+    """Issue B3: SQLAlchemy would take 'tPart2@host' as the host and fail to resolve it."""
+    url = "postgresql+psycopg://postgres:S3cr@tPart2@host/db"
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"stores": {"s": {"url": url}}, "models": []})
+    (error,) = info.value.errors
+    assert error.startswith("stores.s.url: ") and "percent-encode '@' in the password as %40" in error
+    assert "S3cr" not in error and "tPart2" not in error
+    path = tmp_path / "mlmon.yml"
+    path.write_text(CONFIG.format(store=f"{{url: '{url}'}}"))
+    result = CliRunner().invoke(cli, ["check-config", "--config", str(path)])
+    assert result.exit_code == 2 and "percent-encode '@' in the password as %40" in result.output
+    assert "S3cr" not in result.output and "tPart2" not in result.output
+    encoded = url.replace("S3cr@tPart2", "S3cr%40tPart2")
+    assert parse_settings({"stores": {"s": {"url": encoded}}, "models": []}).stores["s"].resolved_url().host == "host"

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from exporter.client import build_training_run
 from exporter.config import parse_settings
 from exporter.server.app import create_app
 from tests.conftest import table_locked
@@ -72,7 +73,12 @@ def versions(client) -> list[dict]:
 def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
     with TestClient(app_for(state_url)) as client:
         first = client.post("/api/v1/training-runs", json=run())
-        assert first.status_code == 201 and first.json() == {"status": "created", "model": "ctr", "version": "v1"}
+        assert first.status_code == 201 and first.json() == {
+            "status": "created",
+            "model": "ctr",
+            "version": "v1",
+            "in_config": False,  # the API serves models from training alone
+        }
         # the same run with its keys in another order is the same run
         again = client.post(
             "/api/v1/training-runs",
@@ -82,6 +88,7 @@ def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
         conflict = client.post("/api/v1/training-runs", json=run(training_rows=999))
         assert conflict.status_code == 409 and "already stored with a different body" in conflict.json()["detail"]
+        assert conflict.json()["detail"].endswith("or delete it first: DELETE /api/v1/models/ctr/versions/v1")
         assert [v["training_rows"] for v in versions(client)] == [1000]  # nothing overwritten
         assert client.get("/api/v1/models").json() == {"models": ["ctr"]}
         assert client.get("/api/v1/models/nope/versions").status_code == 404
@@ -109,6 +116,11 @@ def test_token_required_when_configured(state_url, caplog):
         ({"training_rows": 2**63}, "training_rows", "less than or equal to 9223372036854775807"),  # over BIGINT
         ({"validation_roc_auc": 1.5}, "validation_roc_auc", "less than or equal to 1"),
         ({"version": "v 1/2"}, "version", "should match pattern"),
+        # dot segments: curl and httpx drop them from the DELETE path (issue B4)
+        ({"version": "."}, "version", "'.' cannot be a URL path segment"),
+        ({"version": ".."}, "version", "'..' cannot be a URL path segment"),
+        ({"model": ".."}, "model", "'..' cannot be a URL path segment"),
+        ({"model": "ctr/a"}, "model", "should match pattern"),
         ({"trained_at": "yesterday"}, "trained_at", "datetime"),
         ({"colour": "blue"}, "colour", "Extra inputs are not permitted"),
         (
@@ -129,6 +141,15 @@ def test_invalid_run_rejected_whole_with_its_key_path(state_url, changes, loc, m
         (problem,) = response.json()["detail"]
         assert problem["loc"] == loc and message in problem["msg"]
         assert versions(client) == []
+
+
+def test_the_client_refuses_names_the_api_refuses():
+    with pytest.raises(ValueError, match="'..' cannot be a URL path segment"):
+        build_training_run(model="ctr", version="..", trained_at="2026-11-28T00:00:00Z", training_rows=1)
+    with pytest.raises(ValueError, match="'.' cannot be a URL path segment"):
+        build_training_run(model=".", version="v1", trained_at="2026-11-28T00:00:00Z", training_rows=1)
+    dotted = build_training_run(model="ctr.v2", version="1.0..2", trained_at="2026-11-28T00:00:00Z", training_rows=1)
+    assert (dotted.model, dotted.version) == ("ctr.v2", "1.0..2")
 
 
 def test_oversized_and_non_json_bodies_rejected(state_url):

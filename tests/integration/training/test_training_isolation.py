@@ -9,8 +9,6 @@ import hashlib
 import json
 import logging
 import math
-import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -26,7 +24,7 @@ from exporter.snapshot import SnapshotStore
 from exporter.training.metrics import TrainingRefresher
 from exporter.training.schema import TrainingRun
 from exporter.training.storage import StateDatabase, load_histories, save_run, training_runs
-from tests.conftest import table_locked, waiting_on_a_lock
+from tests.conftest import stalled_on_a_lock
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 TOKEN = "t0ken-for-tests-0123456789"
@@ -184,8 +182,9 @@ def test_a_stored_run_the_api_now_refuses_is_isolated_to_its_model_and_deleted_b
 
 def test_a_failing_psi_computation_is_isolated_or_computed(state_url):
     """Two versions of a numeric feature whose values are all missing with only ``min``
-    given (the issue's reproduction): whatever the PSI code does with them, the refresh
-    succeeds and the other model is exported."""
+    given (the issue's reproduction): the API accepts them, so the refresh exports them
+    without an error (PSI 0: all rows in the missing bin on both sides), and the other
+    model is exported."""
     settings = settings_for(state_url)
     empty = {"name": "x", "kind": "numeric", "count": 10, "missing_ratio": 1.0, "min": 0.0}
     with TestClient(create_app(settings)) as client:
@@ -201,8 +200,9 @@ def test_a_failing_psi_computation_is_isolated_or_computed(state_url):
     database.engine.dispose()
     assert value(got, "mlmon_state_up") == 1
     assert value(got, "mlmon_training_rows", model="steady") == 1000
-    exported = value(got, "mlmon_model_info", model="ctr", version="b") == 1
-    assert exported != (value(got, "mlmon_training_errors_total", model="ctr") == 1)
+    assert value(got, "mlmon_model_info", model="ctr", version="b") == 1
+    assert not value(got, "mlmon_training_errors_total", model="ctr")
+    assert value(got, "mlmon_training_feature_psi", model="ctr", feature="x") == 0.0
 
 
 def test_a_change_ratio_that_overflows_is_absent_not_inf(state_url):
@@ -324,19 +324,12 @@ def test_a_hung_training_refresh_counts_one_timeout(postgres_schema, postgres_en
     save_run(database.ready(), TrainingRun(**body()), NOW)
     refresher = TrainingRefresher(database, settings_for(url))
     assert refresher.refresh(NOW).up
-    with table_locked(postgres_engine, schema, "mlmon_training_runs"):
-        result = {}
-        running = threading.Thread(target=lambda: result.update(state=refresher.refresh(NOW)))
-        running.start()
-        deadline = time.monotonic() + 10
-        while not waiting_on_a_lock(postgres_engine, schema):
-            assert time.monotonic() < deadline, "the training refresh never waited on the lock"
-            time.sleep(0.05)
+    with stalled_on_a_lock(
+        postgres_engine, schema, "mlmon_training_runs", lambda: refresher.refresh(NOW), "the training refresh"
+    ) as result:
         stalled = [refresher.stalled(NOW), refresher.stalled(NOW)]
-        running.join(10)
-    assert not running.is_alive()
     assert [s.up for s in stalled] == [False, False] and all("ctr" in s.models for s in stalled)  # kept: staleness
-    assert {r: n for r, n in result["state"].errors.items() if n} == {"timeout": 1}
-    assert result["state"].up is False
+    assert {r: n for r, n in result["result"].errors.items() if n} == {"timeout": 1}
+    assert result["result"].up is False
     assert refresher.refresh(NOW).errors["timeout"] == 1  # the next refresh succeeds, nothing more counted
     database.engine.dispose()

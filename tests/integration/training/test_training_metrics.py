@@ -601,3 +601,33 @@ def test_feature_psi_never_raises_and_is_finite_or_absent(data, kind):
     else:
         assert got is not None and math.isfinite(got) and got >= -1e-12
         assert feature_psi(reference, reference) == pytest.approx(0.0, abs=1e-9)
+
+
+def count_like_cases():
+    """Issue B1: count-like features with more than top_k distinct values (the given
+    inputs: mlmon read 0.055, 0.381 and 0.377 where the raw data gives 0.002, 0.248, 0.295)."""
+    rng = np.random.default_rng(5)
+    twenty = np.arange(20.0)
+    return {
+        "unchanged Poisson(15)": (rng.poisson(15, 20000) * 1.0, rng.poisson(15, 20000) * 1.0),
+        "Poisson(15) -> Poisson(17)": (rng.poisson(15, 20000) * 1.0, rng.poisson(17, 20000) * 1.0),
+        "Poisson(30) -> Poisson(32)": (rng.poisson(30, 20000) * 1.0, rng.poisson(32, 20000) * 1.0),
+        "20 distinct values -> 21": (np.repeat(twenty, 50), np.append(np.repeat(twenty, 40), [20.0] * 200)),
+    }
+
+
+@pytest.mark.parametrize("case", list(count_like_cases()))
+def test_psi_of_a_count_like_feature_beyond_top_k_is_the_raw_data_value(case):
+    reference, current = count_like_cases()[case]
+    assert len(np.unique(current)) > 20
+    ref, cur = summaries(reference, current)
+    assert ref.value_shares is not None and cur.value_shares is not None
+    assert feature_psi(ref, cur) == pytest.approx(raw_value_psi(reference, current), rel=1e-9, abs=1e-12)
+
+
+def test_a_feature_crossing_the_exact_limit_falls_back_to_its_interpolated_cdf():
+    reference, current = np.arange(10.0).repeat(10), np.arange(12.0).repeat(10)
+    (ref,), (cur,) = (summarize_features(pd.DataFrame({"x": x}), max_exact_values=10) for x in (reference, current))
+    assert ref.value_shares is not None and cur.value_shares is None
+    with pytest.raises(ValueError, match="max_exact_values must be 0 to 1000, got 1001"):
+        summarize_features(pd.DataFrame({"x": reference}), max_exact_values=1001)

@@ -116,9 +116,10 @@ def test_every_run_the_api_accepts_is_refreshed_and_never_stops_other_models(tmp
         assert samples[("mlmon_offline_logloss", (("model", "steady"),))] == 0.3
         assert all(math.isfinite(v) for v in samples.values()), [k for k, v in samples.items() if not math.isfinite(v)]
         if answer.status_code == 201:
-            # every accepted run is handled: exported, or (a bug) isolated to its model and counted
-            exported = "fuzzed" in training.models
-            assert exported or training.model_errors.get("fuzzed", 0) > 0, run
+            # every accepted run is exported, and its model's metrics are computed without error
+            assert "fuzzed" in training.models, run
+            assert training.model_errors.get("fuzzed", 0) == 0, run
+            assert samples.get(("mlmon_training_errors_total", (("model", "fuzzed"),)), 0) == 0, run
 
     with TestClient(create_app(config)) as client:
         posted_then_refreshed(client)
