@@ -177,19 +177,50 @@ def catalog() -> dict[str, tuple[str, tuple[str, ...]]]:
     return rows
 
 
+def model_settings(
+    url: str,
+    schema: str | None = None,
+    *,
+    labels: bool | dict = True,
+    replays: bool | dict = False,
+    predictions: dict | None = None,
+    model: dict | None = None,
+    **top,
+) -> Settings:
+    """Settings of one model ``ctr`` over the tests' standard tables in store ``s`` at
+    ``url`` (in ``schema`` when given): ``predictions`` (id, ts, p), ``labels`` (id, y) and
+    ``replays`` (id, p), with a ``1h`` window and no label delay.
+
+    ``labels``, ``replays``: ``True`` for the standard source, ``False`` for none, or a dict
+    of its keys to change; ``predictions``: keys of its source to change (``columns`` are
+    merged with the standard ones); ``model``: keys of the model (``name``, ``windows``...);
+    ``top``: top-level keys (``refresh_interval``, ``state``...).
+    """
+    where = {"store": "s", **({"schema": schema} if schema else {})}
+
+    def source(table: str, columns: dict, change: bool | dict | None) -> dict:
+        change = dict(change) if isinstance(change, dict) else {}
+        return {**where, "table": table, **change, "columns": {**columns, **change.get("columns", {})}}
+
+    config = {
+        "name": "ctr",
+        "predictions": source("predictions", {"id": "id", "timestamp": "ts", "score": "p"}, predictions),
+        "windows": ["1h"],
+        "label_delay": "0s",
+    }
+    if labels:
+        config["labels"] = source("labels", {"id": "id", "label": "y"}, labels)
+    if replays:
+        config["replays"] = source("replays", {"id": "id", "score": "p"}, replays)
+    return parse_settings({"stores": {"s": {"url": url}}, **top, "models": [{**config, **(model or {})}]})
+
+
 def zoned_predictions_settings(url: str, zone: str = "UTC", windows=("1h", "24h"), schema: str | None = None):
     """Settings of one model ``m`` whose predictions (``predictions``: id, ts, p) are in store
     ``s`` at ``url``, their timestamps wall-clock time of ``zone`` (daylight saving, text
     timestamps)."""
-    source = {
-        "store": "s",
-        "table": "predictions",
-        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-        "timezone": zone,
-    }
-    source.update({"schema": schema} if schema else {})
-    return parse_settings(
-        {"stores": {"s": {"url": url}}, "models": [{"name": "m", "predictions": source, "windows": list(windows)}]}
+    return model_settings(
+        url, schema, labels=False, predictions={"timezone": zone}, model={"name": "m", "windows": list(windows)}
     )
 
 

@@ -19,13 +19,12 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sklearn.metrics import log_loss, roc_auc_score
 
-from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
 from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
 from exporter.training.storage import StateDatabase, save_run
-from tests.conftest import refresh_once
+from tests.conftest import model_settings, refresh_once
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
 
@@ -47,20 +46,13 @@ def _naive(instant: datetime) -> datetime:
 
 
 def _settings(url, schema=None, missing="ignore", version=False, labels=True, replays=False, state=None):
-    source = {"store": "s", **({"schema": schema} if schema else {})}
-    columns = {"id": "id", "timestamp": "ts", "score": "p", **({"version": "v"} if version else {})}
-    model = {
-        "name": "ctr",
-        "predictions": {**source, "table": "predictions", "columns": columns},
-        "windows": ["1h"],
-        "label_delay": "0s",
-    }
-    if labels:
-        model["labels"] = {**source, "table": "labels", "columns": {"id": "id", "label": "y"}, "missing": missing}
-    if replays:
-        model["replays"] = {**source, "table": "replays", "columns": {"id": "id", "score": "p"}}
-    return parse_settings(
-        {"stores": {"s": {"url": url}}, "models": [model], **({"state": {"url": state}} if state else {})}
+    return model_settings(
+        url,
+        schema,
+        labels=labels and {"missing": missing},
+        replays=replays,
+        predictions={"columns": {"version": "v"}} if version else None,
+        **({"state": {"url": state}} if state else {}),
     )
 
 

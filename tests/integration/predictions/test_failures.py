@@ -15,7 +15,7 @@ from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import classify_error
-from tests.conftest import stalled_on_a_lock, table_locked, waiting_on_a_lock
+from tests.conftest import model_settings, stalled_on_a_lock, table_locked, waiting_on_a_lock
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -43,27 +43,7 @@ def _fill(engine, schema=None):
 
 
 def _settings(url, schema=None, **top):
-    source = {"store": "s", **({"schema": schema} if schema else {})}
-    return parse_settings(
-        {
-            "stores": {"s": {"url": url}},
-            "refresh_interval": "60s",
-            **top,
-            "models": [
-                {
-                    "name": "ctr",
-                    "predictions": {
-                        **source,
-                        "table": "predictions",
-                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                    },
-                    "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
-                    "windows": ["1h"],
-                    "label_delay": "0s",
-                }
-            ],
-        }
-    )
+    return model_settings(url, schema, **{"refresh_interval": "60s", **top})
 
 
 def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):

@@ -10,11 +10,10 @@ from datetime import UTC, datetime, timedelta
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.server.app import create_app
-from tests.conftest import like_pattern, open_transactions, table_locked
+from tests.conftest import like_pattern, model_settings, open_transactions, table_locked
 from tests.pg_proxy import Proxy
 
 
@@ -36,26 +35,7 @@ def _fill(engine, schema: str) -> None:
 
 
 def _settings(url: str, schema: str, state: str):
-    return parse_settings(
-        {
-            "refresh_interval": "1s",
-            "query_timeout": "2s",
-            "stores": {"pg": {"url": url}},
-            "state": {"url": state},
-            "models": [
-                {
-                    "name": "ctr",
-                    "predictions": {
-                        "store": "pg",
-                        "schema": schema,
-                        "table": "predictions",
-                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                    },
-                    "windows": ["1h"],
-                }
-            ],
-        }
-    )
+    return model_settings(url, schema, labels=False, refresh_interval="1s", query_timeout="2s", state={"url": state})
 
 
 def _wait_for(client, line: str, seconds: float = 20) -> None:
@@ -93,7 +73,7 @@ def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engi
     # The backends of this test's pool: an idle session's last query is mlmon's ROLLBACK,
     # which names no schema, and other test sessions may have mlmon sessions on the server.
     backends: set[int] = set()
-    sa.event.listen(stores.engine("pg"), "connect", lambda connection, _: backends.add(connection.info.backend_pid))
+    sa.event.listen(stores.engine("s"), "connect", lambda connection, _: backends.add(connection.info.backend_pid))
     refresher = ModelRefresher(settings.models[0], settings, stores)
     now = datetime.now(UTC)
     try:

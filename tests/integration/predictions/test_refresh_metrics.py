@@ -15,9 +15,9 @@ import pytest
 import sqlalchemy as sa
 from sklearn.metrics import log_loss, roc_auc_score
 
-from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
+from tests.conftest import model_settings
 
 AS_OF = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 DELAY = timedelta(hours=1)
@@ -113,32 +113,13 @@ def load(engine, schema, data: Data, aware: bool, label_type=sa.Integer):
 
 
 def settings_for(url, schema, missing="ignore", label_timestamp=True, ingestion_delay="0s"):
-    source = {"store": "s", "schema": schema} if schema else {"store": "s"}
-    return parse_settings(
-        {
-            "stores": {"s": {"url": url}},
-            "models": [
-                {
-                    "name": "ctr",
-                    "predictions": {
-                        **source,
-                        "table": "predictions",
-                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                        "ingestion_delay": ingestion_delay,
-                    },
-                    "labels": {
-                        **source,
-                        "table": "labels",
-                        "columns": {"id": "id", "label": "y", **({"timestamp": "ts"} if label_timestamp else {})},
-                        "missing": missing,
-                    },
-                    "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "p"}},
-                    "windows": list(WINDOWS),
-                    "label_delay": "1h",
-                    "replay_tolerance": {"atol": ATOL, "rtol": RTOL},
-                }
-            ],
-        }
+    return model_settings(
+        url,
+        schema,
+        predictions={"ingestion_delay": ingestion_delay},
+        labels={"missing": missing, "columns": {"timestamp": "ts"} if label_timestamp else {}},
+        replays=True,
+        model={"windows": list(WINDOWS), "label_delay": "1h", "replay_tolerance": {"atol": ATOL, "rtol": RTOL}},
     )
 
 

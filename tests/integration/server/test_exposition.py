@@ -19,7 +19,7 @@ from exporter.cli import app as cli
 from exporter.config import parse_settings
 from exporter.server.app import create_app
 from exporter.server.collector import METRICS
-from tests.conftest import catalog, refresh_once, require
+from tests.conftest import catalog, model_settings, refresh_once, require
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -61,27 +61,7 @@ def _fill(url: str, schema: str | None, as_of: datetime = AS_OF) -> None:
 
 
 def _settings(url: str, schema: str | None = None, **model):
-    source = {"store": "s", **({"schema": schema} if schema else {})}
-    return parse_settings(
-        {
-            "stores": {"s": {"url": url}},
-            "models": [
-                {
-                    "name": "ctr",
-                    "predictions": {
-                        **source,
-                        "table": "predictions",
-                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                    },
-                    "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y"}},
-                    "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "p"}},
-                    "windows": ["1h"],
-                    "label_delay": "0s",
-                    **model,
-                }
-            ],
-        }
-    )
+    return model_settings(url, schema, replays=True, model=model)
 
 
 def test_exact_exposition_lines(tmp_path):
