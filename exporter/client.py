@@ -237,7 +237,7 @@ def _labels(labels: np.ndarray) -> np.ndarray:
     if labels.dtype.kind in "iuf":
         bad = np.flatnonzero((labels != 0) & (labels != 1))  # NaN compares unequal to both
     else:
-        bad = [i for i, value in enumerate(labels) if not _is_label(value)]
+        bad = np.array([i for i, value in enumerate(labels) if not _is_label(value)], dtype=int)
     if len(bad):
         i = int(bad[0])
         raise ValueError(f"y_true[{i}] = {_show(labels[i])} is not a label 0 or 1")

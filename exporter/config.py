@@ -141,17 +141,25 @@ class Store(Strict):
             raise ValueError("give exactly one of 'url' or 'url_file'")
         if self.password is not None and self.password_file is not None:
             raise ValueError("give at most one of 'password' or 'password_file'")
-        if self.url is not None:
-            _parse_url(self.url, "url")
-        else:
-            # Checked at load, as the API's token_file: a bad file is a config error naming
-            # the key (check-config exits 2), not a traceback at every refresh.
-            try:
-                text = Path(self.url_file).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"url_file: cannot read {self.url_file}: {exc.strerror}") from None
-            _parse_url(text, "url_file")
+        # url_file is checked at load, as the API's token_file: a bad file is a config error
+        # naming the key (check-config exits 2), not a traceback at every refresh.
+        try:
+            text, key = self._url_text()
+        except OSError as exc:
+            raise ValueError(f"url_file: cannot read {self.url_file}: {exc.strerror}") from None
+        _parse_url(text, key)
         return self
+
+    def _url_text(self) -> tuple[str, str]:
+        """The configured URL's text and the key that gives it (``url_file`` read now).
+
+        Raises:
+            OSError: ``url_file`` cannot be read.
+        """
+        if self.url is not None:
+            return self.url, "url"
+        assert self.url_file is not None  # the validator requires exactly one of the two
+        return Path(self.url_file).read_text().strip(), "url_file"
 
     def resolved_url(self) -> sa.URL:
         """The URL as a SQLAlchemy ``URL`` (whose ``str`` masks the password), reading
@@ -161,8 +169,7 @@ class Store(Strict):
             OSError: a file cannot be read.
             ValueError: ``url_file`` no longer holds a SQLAlchemy URL (the URL not echoed).
         """
-        key = "url" if self.url is not None else "url_file"
-        url = _parse_url(self.url if self.url is not None else Path(self.url_file).read_text().strip(), key)
+        url = _parse_url(*self._url_text())
         password = self.password
         if self.password_file is not None:
             password = Path(self.password_file).read_text().rstrip("\n")
@@ -327,7 +334,7 @@ class ApiSettings(Strict):
         if self.token_file is not None:
             # Checked here, not at first use: an empty file must not leave the API open.
             try:
-                token = self.resolved_token()
+                token = self.resolved_token() or ""
             except OSError as exc:
                 raise ValueError(f"token_file: cannot read {self.token_file}: {exc.strerror}") from None
             if len(token) < 16:

@@ -69,7 +69,7 @@ def _sqlite_math(dbapi_connection, _record) -> None:
 _DRIVER_EXTRAS = {"postgresql+psycopg": "postgresql", "duckdb": "duckdb"}
 
 
-def create_store_engine(url: str, connect_timeout: float | None = None) -> Engine:
+def create_store_engine(url: str | sa.URL, connect_timeout: float | None = None) -> Engine:
     """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
 
     With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it,

@@ -59,19 +59,21 @@ class ExpositionCache:
 
     def latest(self, gzipped: bool = False) -> bytes:
         """The newest rendering, plain or gzip-compressed (rendered now if there is none yet)."""
-        if self._bodies is None:
-            self._render()
-        plain, compressed = self._bodies
+        bodies = self._bodies
+        if bodies is None:
+            bodies = self._render()
+        plain, compressed = bodies
         return compressed if gzipped else plain
 
-    def _render(self) -> None:
+    def _render(self) -> tuple[bytes, bytes]:
         # Read first: a put during the rendering triggers another one.
         version, ready = self._store.version, self._store.ready
         body = render(self._registry)
         # Prometheus asks for gzip: a tenth of the bytes to send, compressed once per rendering.
-        self._bodies = (body, gzip.compress(body, compresslevel=1))
+        self._bodies = bodies = (body, gzip.compress(body, compresslevel=1))
         self._version, self._rendered_at = version, time.monotonic()
         self.ready = self.ready or ready
+        return bodies
 
     async def keep_fresh(self) -> None:
         """Re-render whenever needed, until cancelled; a failed rendering is logged and retried."""

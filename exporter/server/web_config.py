@@ -64,7 +64,7 @@ class WebConfig(_Strict):
         tls = self.tls_server_config
         if tls is None:
             return {}
-        options = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+        options: dict[str, str | int] = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
         if tls.client_ca_file is not None:
             options["ssl_ca_certs"] = str(tls.client_ca_file)
         if tls.client_auth_type == "RequireAndVerifyClientCert":

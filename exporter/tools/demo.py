@@ -460,8 +460,8 @@ def run_demo(database: Path, host: str, port: int) -> None:
         now = utc_now()
         carry = seed(engine, now)
         seed_training_runs(settings.state.resolved_url(), now)
-        feed = next(m for m in MODELS if m.half_rows_days_ago is not None)
-        half_rows_version = f"{_naive_utc(now) - timedelta(days=feed.half_rows_days_ago):%Y-%m-%d}"
+        half_rows_days_ago = next(m.half_rows_days_ago for m in MODELS if m.half_rows_days_ago is not None)
+        half_rows_version = f"{_naive_utc(now) - timedelta(days=half_rows_days_ago):%Y-%m-%d}"
         server = uvicorn.Server(server_config(create_app(settings), settings, host, port))
         base = f"http://{host}:{port}"
         print(

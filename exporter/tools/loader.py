@@ -466,8 +466,9 @@ def _stores_aware(dialect: str, existing: dict[str, sa.types.TypeEngine] | None,
     PostgreSQL ``timestamp without time zone`` column would convert it to the session's
     time zone, not to UTC. A new column is aware only where the dialect can store it.
     """
-    if existing is not None and isinstance(existing[name], sa.DateTime):
-        return bool(existing[name].timezone)
+    column_type = None if existing is None else existing[name]
+    if isinstance(column_type, sa.DateTime):
+        return bool(column_type.timezone)
     return dialect in _AWARE_DIALECTS
 
 

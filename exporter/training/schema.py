@@ -106,12 +106,13 @@ class FeatureSummary(_Body):
             raise ValueError("value_shares: only for numeric features")
         if not present:
             raise ValueError("value_shares: only for a feature with non-missing values")
-        values = [v for v, _ in self.value_shares]
+        shares = self.value_shares or []  # called only when given
+        values = [v for v, _ in shares]
         if any(b <= a for a, b in itertools.pairwise(values)):
             raise ValueError("value_shares: values must be distinct and ascending")
         if (values[0], values[-1]) != (self.min, self.max):
             raise ValueError(f"value_shares: values must run from min to max, got {values[0]} to {values[-1]}")
-        total = math.fsum(share for _, share in self.value_shares)
+        total = math.fsum(share for _, share in shares)
         if abs(total - 1.0) > SHARE_TOLERANCE:
             raise ValueError(f"value_shares: shares must sum to 1, got {total}")
 
