@@ -124,6 +124,14 @@ def _indexed_by(table: sa.Table, column: str) -> bool:
     return column in leading
 
 
+def _same_type(a: sa.ColumnElement, b: sa.ColumnElement, dialect: str) -> bool:
+    """Whether two reflected columns have the same type: the same SQLAlchemy type class and
+    the same type name as ``dialect`` writes it (``NUMERIC(20, 0)`` is not ``NUMERIC(10, 0)``)."""
+    compiler = sa.make_url(f"{dialect}://").get_dialect()()
+    first, second = (column.type.compile(dialect=compiler) for column in (a, b))
+    return type(a.type) is type(b.type) and first == second
+
+
 class PredictionQueries:
     """Statements over one model's prediction table (and the label and replay tables
     joined to it, which must live in the same store)."""
@@ -357,10 +365,16 @@ class PredictionQueries:
 
     def replays_by_lookup(self, replays: ReplayQueries) -> bool:
         """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
-        an index on the replay id): a nested loop by construction, whose cost under
-        ``enable_nestloop = off`` exceeds ``jit_above_cost``; the caller turns JIT off, as
-        compiling would take longer than the lookups."""
-        return self.dialect == "postgresql" and replays.indexed
+        an index on the replay id of the very type of the predictions' id): a nested loop by
+        construction, whose cost under ``enable_nestloop = off`` exceeds ``jit_above_cost``;
+        the caller turns JIT off, as compiling would take longer than the lookups.
+
+        Ids of different types (``double precision`` or ``numeric`` predictions, ``bigint``
+        replays) are compared after PostgreSQL casts the replay id, which no index on it
+        serves: each window row would then scan the replay table (quadratic; 44.7 s at 3,000
+        window rows by 200,000 replays), so those take the hash join.
+        """
+        return self.dialect == "postgresql" and replays.indexed and _same_type(self.id, replays.id, self.dialect)
 
     def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
         """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
