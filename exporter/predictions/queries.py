@@ -408,14 +408,12 @@ class PredictionQueries:
 class LabelQueries:
     """The label table: one row per prediction id, with labels that arrived before ``as_of``."""
 
-    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None, dialect: str):
+    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None):
         """``table`` is the reflected label table, ``time`` its timestamp column (``None``:
-        every label row counts), ``dialect`` its engine's name (SQLite needs a check that a
-        numeric timestamp is a number)."""
+        every label row counts)."""
         self.source = source
         self.table = table
         self.time = time
-        self.dialect = dialect
         self.id = table.c[source.columns.id]
         label = table.c[source.columns.label]
         if isinstance(label.type, sa.Boolean):

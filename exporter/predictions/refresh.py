@@ -179,7 +179,7 @@ class ModelRefresher:
                 time_col = time_column(
                     table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
                 )
-            self._label_queries = LabelQueries(source, table, time_col, engine.dialect.name)
+            self._label_queries = LabelQueries(source, table, time_col)
         return self._label_queries
 
     def _replays(self) -> ReplayQueries:

@@ -75,7 +75,7 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
     )
     r = sa.Table("r", metadata, sa.Column("id", sa.BigInteger), sa.Column("score", sa.Double))
     q = PredictionQueries(model, p, TimeColumn(p.c.ts, "aware", "UTC"), dialect_name)
-    labels = LabelQueries(model.labels, label_table, TimeColumn(label_table.c.ts, "aware", "UTC"), dialect_name)
+    labels = LabelQueries(model.labels, label_table, TimeColumn(label_table.c.ts, "aware", "UTC"))
     replays = ReplayQueries(model.replays, r)
     start, end = AS_OF - timedelta(hours=1), AS_OF
     return {
