@@ -156,9 +156,7 @@ class ModelRefresher:
                 "timestamp": timestamp_types(engine.dialect.name, path),
             }
             table = reflect_table(engine, source, source.columns.model_dump(), path, types)
-            time_col = time_column(
-                table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
-            )
+            time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
             self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
         return self._prediction_queries
 
@@ -176,9 +174,7 @@ class ModelRefresher:
             )
             time_col = None
             if source.columns.timestamp is not None:
-                time_col = time_column(
-                    table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
-                )
+                time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
             self._label_queries = LabelQueries(source, table, time_col)
         return self._label_queries
 

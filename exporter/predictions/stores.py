@@ -379,34 +379,23 @@ class TimeColumn:
         return value.timestamp()
 
 
-def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, dialect: str) -> TimeColumn:
-    """Classify a reflected timestamp column.
+def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -> TimeColumn:
+    """Classify a reflected timestamp column that ``reflect_table`` accepted with
+    ``timestamp_types`` (the one place that says which types are accepted, and how an error
+    names the others).
 
     On SQLite a text column (or one declared DATE or DATETIME, which SQLite stores as
-    text too) holds ISO-8601 text; elsewhere text cannot be compared as instants.
-
-    Raises:
-        SchemaError: the column is neither a date-time nor a number (nor text on SQLite);
-            the message names ``key_path``.
+    text too) holds ISO-8601 text; a number column holds seconds since the epoch
+    everywhere, a date-time column an instant (with time zone) or a wall-clock time of
+    ``source.timezone`` (without).
     """
     column = table.c[name]
-    expected = "a timestamp or a number of seconds since the epoch"
-    if dialect == "sqlite":
-        types = (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES)
-        require_type(table, name, types, key_path, f"{expected}, or ISO-8601 text")
-        if isinstance(column.type, NUMBER_TYPES):
-            return TimeColumn(column, "epoch", source.timezone)
-        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
-    if isinstance(column.type, sa.String):
-        raise SchemaError(
-            f"{key_path}: column {name!r} of table {table.name!r} has type {column.type}; expected {expected} "
-            f"({dialect} cannot compare text as instants: change the column's type, or point "
-            f"{key_path.rsplit('.columns.', 1)[0]}.table at a view that casts it)"
-        )
-    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, expected)
-    if not isinstance(column.type, sa.DateTime):
+    if isinstance(column.type, NUMBER_TYPES):
         return TimeColumn(column, "epoch", source.timezone)
-    return TimeColumn(column, "aware" if column.type.timezone else "naive", source.timezone)
+    if dialect == "sqlite":
+        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
+    aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
+    return TimeColumn(column, "aware" if aware else "naive", source.timezone)
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
@@ -430,17 +419,6 @@ def _type_problem(table: sa.Table, name: str, types: tuple[type, ...], expected:
     if isinstance(column_type, types):
         return None
     return f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}"
-
-
-def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: str, expected: str) -> None:
-    """Check that a reflected column has one of ``types``.
-
-    Raises:
-        SchemaError: it does not; the message names the config key and the type found.
-    """
-    problem = _type_problem(table, name, types, expected, key_path)
-    if problem is not None:
-        raise SchemaError(problem)
 
 
 def reflect_table(

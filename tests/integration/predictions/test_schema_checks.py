@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.config import load_settings
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import Stores
+from exporter.predictions.stores import Stores, reflect_table, time_column, timestamp_types
 from exporter.reasons import classify_error
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -346,3 +346,84 @@ def test_an_operator_missing_for_the_column_types_counts_as_a_schema_error(postg
         conn.execute(sa.text("SELECT CAST(1 AS bigint) = CAST('1' AS text)"))
     assert info.value.orig.sqlstate == "42883"
     assert classify_error(info.value) == "schema"
+
+
+# -- timestamp columns ---------------------------------------------------------------------
+
+#: Per dialect: (declared SQL type of a timestamp column, the TimeColumn kind it is read as), by hand
+TIMESTAMP_KINDS = {
+    "sqlite": [
+        ("TEXT", "sqlite"),
+        ("DATETIME", "sqlite"),
+        ("DATE", "sqlite"),
+        ("VARCHAR(32)", "sqlite"),
+        ("INTEGER", "epoch"),
+        ("REAL", "epoch"),
+        ("NUMERIC", "epoch"),
+    ],
+    "postgresql": [
+        ("TIMESTAMP WITH TIME ZONE", "aware"),
+        ("TIMESTAMP", "naive"),
+        ("BIGINT", "epoch"),
+        ("INTEGER", "epoch"),
+        ("DOUBLE PRECISION", "epoch"),
+        ("NUMERIC(20, 6)", "epoch"),
+    ],
+    "duckdb": [
+        ("TIMESTAMPTZ", "aware"),
+        ("TIMESTAMP", "naive"),
+        ("BIGINT", "epoch"),
+        ("DOUBLE", "epoch"),
+        ("DECIMAL(18, 3)", "epoch"),
+    ],
+}
+
+
+def test_time_column_classifies_every_accepted_timestamp_type(store, tmp_path):
+    url, schema, dialect = store
+    kinds = TIMESTAMP_KINDS[dialect]
+    table_name = f'"{schema}".t' if schema else "t"
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            columns = ", ".join(f"c{i} {sql_type}" for i, (sql_type, _) in enumerate(kinds))
+            conn.execute(sa.text(f"CREATE TABLE {table_name} ({columns})"))
+        source = load_settings(_config(tmp_path, url, schema)).models[0].predictions.model_copy(update={"table": "t"})
+        types, _ = timestamp_types(dialect, "models[0].predictions")
+        table = reflect_table(
+            engine,
+            source,
+            {f"c{i}": f"c{i}" for i in range(len(kinds))},
+            "models[0].predictions",
+            {f"c{i}": (types, "") for i in range(len(kinds))},
+        )
+    finally:
+        engine.dispose()
+    found = [time_column(table, f"c{i}", source, dialect).kind for i in range(len(kinds))]
+    assert found == [kind for _, kind in kinds]
+
+
+@pytest.mark.parametrize("source", ["predictions", "labels"])
+def test_a_text_timestamp_is_one_schema_problem_naming_its_key_where_text_is_no_instant(source, store, tmp_path):
+    url, schema, dialect = store
+    if dialect == "sqlite":
+        pytest.skip("SQLite reads ISO-8601 text as instants (test_text_timestamps.py)")
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    q = f'"{schema}".{source}' if schema else source
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {q} ADD COLUMN stamp TEXT"))
+    engine.dispose()
+    path = _config(tmp_path, url, schema, replays=False)
+    config = yaml.safe_load(path.read_text())
+    config["models"][0][source]["columns"]["timestamp"] = "stamp"
+    path.write_text(yaml.safe_dump(config))
+
+    result = _check_config(path)
+    assert result.exit_code == 2, result.output
+    reflected = {"postgresql": "TEXT", "duckdb": "VARCHAR"}[dialect]  # DuckDB's TEXT is an alias of VARCHAR
+    assert result.output.splitlines()[1:] == [
+        f"  models[0].{source}.columns.timestamp: column 'stamp' of table '{source}' has type {reflected}; "
+        f"expected a timestamp or a number of seconds since the epoch ({dialect} cannot compare text as "
+        f"instants: change the column's type, or point models[0].{source}.table at a view that casts it)"
+    ]
