@@ -7,9 +7,10 @@ Dialect differences handled here: scores are cast to double precision
 (float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
 store it and order it above every number; SQLite and MySQL cannot store it); the
 natural logarithm is ``ln`` on every engine (``exporter.predictions.stores`` supplies it to SQLite
-builds without math functions); ``round`` is written ``floor(x + 0.5)`` because
-PostgreSQL has no ``round(double precision, int)``; grouping keys are computed in a
-subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
+builds without math functions); SQL ``round`` is never used (PostgreSQL has no
+``round(double precision, int)``): bucket keys are ``grid_index`` and rounding half up is
+``round_half_up_index``, both ``floor`` of doubles, exact on decimal grids; grouping keys
+are computed in a subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
 """
 
 from __future__ import annotations
