@@ -256,9 +256,14 @@ def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
 #: by SQLite's own strftime (which reads fractions to the millisecond and converts text
 #: with an offset to UTC), padded to microseconds like the bounds.
 _SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
-#: Seconds since the epoch that are a date-time (years 1 to 9999); NaN, ±infinity and, in
-#: SQLite, text in a numeric column fall outside.
-_EPOCH_RANGE = (-62135596800.0, 253402300800.0)
+#: The instants a timestamp may stand for, ``[first, end)``: years 1 to 9999 but their first
+#: and last day, so that every such instant, in any time zone (offsets are under 24 hours)
+#: and as any driver converts it to its session's zone, is a Python ``datetime``. Outside:
+#: PostgreSQL's and DuckDB's ``±infinity``, year 0 and BC dates, years past 9999, and the
+#: sentinels 0001-01-01 and 9999-12-31; NaN, ±infinity and text in a numeric column.
+INSTANT_RANGE = (datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC))
+#: The same range as written dates of SQLite text (``_sqlite_timestamp``), inclusive.
+_SQLITE_DATE_RANGE = ("0001-01-02", "9999-12-30")
 
 
 def _sqlite_text(wall: datetime) -> str:
@@ -298,9 +303,16 @@ def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
     """
     normalised = sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String)
     date = sa.func.substr(column, 1, 10)
+    hour = sa.func.substr(column, 12, 2)
     readable = sa.and_(
         sa.func.date(date, "+0 days") == date,  # the modifier makes SQLite normalise the date
-        sa.func.substr(column, 12, 2) != "24",
+        date.between(*_SQLITE_DATE_RANGE),  # INSTANT_RANGE, as written
+        # The date alone, or one separator and an hour 00-23 (SQLite reads any run of
+        # spaces, tabs and Ts, and hour 24 as the next day).
+        sa.or_(
+            sa.func.length(column) == 10,
+            sa.and_(sa.func.substr(column, 11, 1).in_(["T", " "]), hour.between("00", "23")),
+        ),
     )
     wall = normalised.concat("000")  # microseconds, as the bounds
     if zone != "UTC":
@@ -346,28 +358,30 @@ class TimeColumn:
             # text, so < end is <= the text one microsecond earlier.
             last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
             return self.expr.between(self.bind(start), last)
+        # An open side is bounded by INSTANT_RANGE (SQLite text: NULL outside it already):
+        # ±infinity sorts outside every date-time, NaN outside every number, and SQLite
+        # text in a numeric column above them.
+        bounded = self.kind != "sqlite"
         conditions = []
-        if start is not None:
-            conditions.append(self.expr >= self.bind(start))
-        elif self.kind == "epoch":  # NaN and infinities sort outside every number; SQLite text above them
-            conditions.append(self.expr >= _EPOCH_RANGE[0])
-        if end is not None:
-            conditions.append(self.expr < self.bind(end))
-        elif self.kind == "epoch":
-            conditions.append(self.expr < _EPOCH_RANGE[1])
+        if start is not None or bounded:
+            conditions.append(self.expr >= self.bind(INSTANT_RANGE[0] if start is None else start))
+        if end is not None or bounded:
+            conditions.append(self.expr < self.bind(INSTANT_RANGE[1] if end is None else end))
         return sa.and_(*conditions)
 
     def unreadable(self) -> sa.ColumnElement:
-        """A predicate true (never NULL) for rows whose timestamp is no instant: NULL, and
-        on SQLite unreadable text; for epoch seconds also NaN, ±infinity, text, and values
-        outside years 1 to 9999."""
-        if self.kind == "epoch":
-            in_range = sa.and_(self.expr >= _EPOCH_RANGE[0], self.expr < _EPOCH_RANGE[1])
-            return sa.or_(self.expr.is_(None), sa.not_(in_range))
-        return self.expr.is_(None)
+        """A predicate true (never NULL) for rows whose timestamp is no instant: NULL,
+        unreadable text on SQLite, and any value outside ``INSTANT_RANGE`` (``±infinity`` of
+        a date-time column; NaN, ±infinity and text for epoch seconds)."""
+        if self.kind == "sqlite":
+            return self.expr.is_(None)
+        # NOT (a AND b) rather than two comparisons: NaN fails both on engines that do not order it.
+        in_range = self.between(None, None)
+        return sa.or_(self.expr.is_(None), sa.not_(in_range))
 
     def to_epoch(self, value) -> float | None:
-        """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``)."""
+        """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``);
+        ``between`` keeps every other value out of what is read, so this never raises."""
         if value is None:
             return None
         if self.kind == "epoch":
