@@ -481,7 +481,7 @@ def reflect_table(
             problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
             continue
         try:
-            check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+            check_filter_value(table, name, value, f"{key_path}.filter.{name}", engine.dialect.name)
         except SchemaError as exc:
             problems.extend(exc.problems)
     if check is not None:
@@ -549,15 +549,71 @@ _FILTER_VALUES = {
 }
 
 
-def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str) -> None:
-    """Check that a ``filter`` value (as YAML read it) can equal values of its column.
+def _signed(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _unsigned(bits: int) -> tuple[int, int]:
+    return 0, 2**bits - 1
+
+
+#: The integers an integer column type holds, by the name of its SQLAlchemy type class or of
+#: the nearest base class named here (generic types, and DuckDB's extension types); ``None``:
+#: any (DuckDB's VARINT).
+_INTEGER_RANGES: dict[str, tuple[int, int] | None] = {
+    "SmallInteger": _signed(16),
+    "Integer": _signed(32),
+    "BigInteger": _signed(64),
+    "TinyInteger": _signed(8),
+    "HugeInteger": _signed(128),
+    "UTinyInteger": _unsigned(8),
+    "UInt8": _unsigned(8),
+    "USmallInteger": _unsigned(16),
+    "UInt16": _unsigned(16),
+    "UInteger": _unsigned(32),
+    "UInt32": _unsigned(32),
+    "UBigInteger": _unsigned(64),
+    "UInt64": _unsigned(64),
+    "UHugeInteger": _unsigned(128),
+    "VarInt": None,
+}
+
+
+def integer_range(column_type: sa.types.TypeEngine, dialect: str) -> tuple[int, int] | None:
+    """The integers a filter on a number column of ``column_type`` can compare with, as
+    (lowest, highest), or ``None`` for any.
+
+    On SQLite every number column holds 64-bit signed integers whatever its declared type,
+    and its driver binds no larger ones (OverflowError). Elsewhere an integer column holds
+    its type's range (``smallint`` 16 bits, ``integer`` 32, ``bigint`` 64, signed; DuckDB's
+    unsigned and 128-bit types theirs), and PostgreSQL casts the value to it (an error out
+    of range); an integer compared with a decimal or float column is bound as a 64-bit
+    integer (PostgreSQL: ``bigint out of range``).
+    """
+    if dialect == "sqlite" or not isinstance(column_type, sa.Integer):
+        return _signed(64)
+    names = (cls.__name__ for cls in type(column_type).__mro__)
+    return next(_INTEGER_RANGES[name] for name in names if name in _INTEGER_RANGES)
+
+
+def _number_text(value: float) -> str:
+    """A number as an error message shows it: an integer of many digits by its size."""
+    text = str(value)
+    return f"{text[:12]}... ({len(text.lstrip('-'))} digits)" if len(text) > 40 else text
+
+
+def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str, dialect: str) -> None:
+    """Check that a ``filter`` value (as YAML read it) can equal values of its column on
+    ``dialect`` (its engine's name).
 
     YAML reads unquoted ``NO``/``yes``/``off`` as booleans and ``1.10`` as the number 1.1;
     compared with a text column, such a value matches no row on SQLite and fails every
     refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
-    number columns take numbers (integer columns: integers), boolean columns take
-    booleans, uuid columns take a uuid as text; a column of another kind (date-time,
-    binary) cannot be filtered on; a type SQLAlchemy does not know is not checked.
+    number columns take numbers (integer columns: integers in the range of
+    ``integer_range``), boolean columns take booleans, uuid columns take a uuid as text;
+    a column of another kind (date-time, binary) cannot be filtered on; a type SQLAlchemy
+    does not know is not checked. PostgreSQL text holds no NUL character (psycopg refuses
+    to send one).
 
     Raises:
         SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
@@ -573,6 +629,19 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     fits = isinstance(value, types) and (kind == "boolean" or not isinstance(value, bool))
     if fits and kind == "number" and isinstance(column_type, sa.Integer) and not isinstance(value, int):
         fits, advice = False, "integers: write an integer"
+    if fits and kind == "number" and isinstance(value, int):
+        bounds = integer_range(column_type, dialect)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            where += f" on {dialect}"
+            advice = f"integers from {bounds[0]} to {bounds[1]}"
+            if not isinstance(column_type, sa.Integer):
+                advice = f"numbers; an integer is compared with it as a 64-bit one, from {bounds[0]} to {bounds[1]}: "
+                advice += "write a larger number as a float (1.0e+20)"
+            fits = False
+    if fits and kind == "text" and dialect == "postgresql" and "\0" in value:
+        raise SchemaError(
+            f"{key_path}: YAML read the text {value!r}, but {where} on postgresql, whose text cannot hold a NUL character"
+        )
     if fits and kind == "uuid":
         try:
             uuid.UUID(value)
@@ -584,7 +653,7 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
         elif isinstance(value, str):
             read = f"the text {value!r}"
         else:
-            read = f"the number {value!r}"
+            read = f"the number {_number_text(value)}"
             if kind == "text":
                 read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
         raise SchemaError(f"{key_path}: YAML read {read}, but {where}, which holds {advice}")

@@ -427,3 +427,91 @@ def test_a_text_timestamp_is_one_schema_problem_naming_its_key_where_text_is_no_
         f"expected a timestamp or a number of seconds since the epoch ({dialect} cannot compare text as "
         f"instants: change the column's type, or point models[0].{source}.table at a view that casts it)"
     ]
+
+
+# -- filter values their column cannot hold ---------------------------------------------------
+
+INT64 = "from -9223372036854775808 to 9223372036854775807"  # 2**63, by hand
+#: (dialect, filter as written in YAML, its key, words of the error); ``small`` is a SMALLINT column
+OUT_OF_RANGE = [
+    ("sqlite", "{shard: 18446744073709551616}", "shard", ["18446744073709551616", "INTEGER on sqlite", INT64]),
+    ("sqlite", "{shard: 9223372036854775808}", "shard", [INT64]),
+    ("sqlite", "{shard: -9223372036854775809}", "shard", [INT64]),
+    ("sqlite", "{small: 9223372036854775808}", "small", ["SMALLINT on sqlite", INT64]),  # 64-bit whatever declared
+    ("sqlite", "{weight: 9223372036854775808}", "weight", ["REAL on sqlite", "64-bit", INT64, "1.0e+20"]),
+    ("sqlite", "{shard: 1" + "0" * 400 + "}", "shard", ["(401 digits)", INT64]),
+    ("postgresql", "{shard: 2147483648}", "shard", ["INTEGER on postgresql", "from -2147483648 to 2147483647"]),
+    ("postgresql", "{shard: -2147483649}", "shard", ["from -2147483648 to 2147483647"]),
+    ("postgresql", "{small: 32768}", "small", ["SMALLINT on postgresql", "from -32768 to 32767"]),
+    ("postgresql", "{id: 9223372036854775808}", "id", ["BIGINT on postgresql", INT64]),
+    ("postgresql", "{weight: 18446744073709551616}", "weight", ["REAL on postgresql", "64-bit", INT64]),
+    ("postgresql", '{market: "a\\0b"}', "market", ["'a\\x00b'", "VARCHAR(8) on postgresql", "NUL character"]),
+    ("postgresql", "{model_version: !!binary YQBi}", "model_version", ["'a\\x00b'", "NUL"]),  # base64 of a\0b
+    ("duckdb", "{shard: 2147483648}", "shard", ["INTEGER on duckdb", "from -2147483648 to 2147483647"]),
+    ("duckdb", "{small: -32769}", "small", ["SMALLINT on duckdb", "from -32768 to 32767"]),
+]
+
+
+def _with_smallint(url: str, schema: str | None) -> None:
+    """``_tables`` plus a SMALLINT column ``small`` (NULL in every row) in the predictions."""
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {f'{schema}.' if schema else ''}predictions ADD COLUMN small SMALLINT"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("store", "filter_yaml", "key", "words"),
+    [pytest.param(d, f, k, w, id=f"{d}-{f}"[:60]) for d, f, k, w in OUT_OF_RANGE],
+    indirect=["store"],
+)
+def test_a_filter_value_its_column_cannot_hold_is_a_schema_error_naming_the_key_and_the_range(
+    store, filter_yaml, key, words, tmp_path
+):
+    url, schema, _ = store
+    _with_smallint(url, schema)
+    path = _config(tmp_path, url, schema, filter_yaml, replays=False)
+
+    result = _check_config(path)
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if f"models[0].predictions.filter.{key}:" in line]
+    for word in words:
+        assert word in line, line
+    assert "Traceback" not in result.output
+
+    snap = _refresh(path)  # the schema, not an overflow (internal) or a query error each refresh
+    assert _errors(snap) == {("predictions", "schema"): 1, ("labels", "schema"): 1}
+
+
+#: (dialect, filter, the ROWS ids kept, by hand): the edges of each range, and NUL where text holds it
+IN_RANGE = [
+    ("sqlite", "{shard: 9223372036854775807}", []),
+    ("sqlite", "{shard: -9223372036854775808}", []),
+    ("sqlite", "{small: 9223372036854775807}", []),
+    ("sqlite", '{market: "N\\0O"}', []),
+    ("postgresql", "{shard: 2147483647}", []),
+    ("postgresql", "{small: -32768}", []),
+    ("postgresql", "{id: 9223372036854775807}", []),
+    ("postgresql", "{weight: -9223372036854775808}", []),
+    ("postgresql", "{shard: 2}", [3, 4]),
+    ("duckdb", "{shard: -2147483648}", []),
+    ("duckdb", "{small: 32767}", []),
+    ("duckdb", '{market: "N\\0O"}', []),
+]
+
+
+@pytest.mark.parametrize(
+    ("store", "filter_yaml", "kept"),
+    [pytest.param(d, f, k, id=f"{d}-{f}"[:60]) for d, f, k in IN_RANGE],
+    indirect=["store"],
+)
+def test_filter_values_at_the_edges_of_their_column_range_are_accepted(store, filter_yaml, kept, tmp_path):
+    url, schema, _ = store
+    _with_smallint(url, schema)
+    path = _config(tmp_path, url, schema, filter_yaml, replays=False)
+    result = _check_config(path)
+    assert result.exit_code == 0, result.output
+    snap = _refresh(path)
+    assert not _errors(snap), _errors(snap)
+    assert snap.score_stats[0].predictions == len(kept)
