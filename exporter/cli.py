@@ -96,14 +96,28 @@ def _logging(level: int = logging.INFO) -> None:
     logging.getLogger("alembic").setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
-def _parse_as_of(text: str | None) -> datetime:
+def _parse_as_of(text: str | None, settings: Settings) -> datetime:
+    """The refresh time ``--as-of`` gives (default: now), in UTC; a usage error (exit 2)
+    when it is no ISO-8601 time or outside ``refresh.as_of_range`` of ``settings``."""
+    from exporter.predictions.refresh import as_of_range
+
     if text is None:
         return utc_now()
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         _fail(f"--as-of: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
-    # Naive times are UTC (docs/configuration.md).
+    first, last = as_of_range(settings)
+    try:
+        in_range = first <= as_utc(value) <= last  # naive times are UTC (docs/configuration.md)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is before the first datetime in UTC
+        in_range = False
+    if not in_range:
+        _fail(
+            f"--as-of: {text!r} is outside the times this config can be computed at, {first.isoformat()} to "
+            f"{last.isoformat()} (UTC): every window, label_delay and ingestion_delay before it and the minute "
+            "after it must lie within 0001-01-02 and 9999-12-31"
+        )
     return as_utc(value)
 
 
@@ -213,7 +227,7 @@ def once(
 
     _logging()
     settings = _settings(config)
-    store = refresh_all(settings, _parse_as_of(as_of))
+    store = refresh_all(settings, _parse_as_of(as_of, settings))
     sys.stdout.write(render(build_registry(store, settings)).decode())
     failed = [
         f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up

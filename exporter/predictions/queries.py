@@ -7,9 +7,10 @@ Dialect differences handled here: scores are cast to double precision
 (float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
 store it and order it above every number; SQLite and MySQL cannot store it); the
 natural logarithm is ``ln`` on every engine (``exporter.predictions.stores`` supplies it to SQLite
-builds without math functions); ``round`` is written ``floor(x + 0.5)`` because
-PostgreSQL has no ``round(double precision, int)``; grouping keys are computed in a
-subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
+builds without math functions); SQL ``round`` is never used (PostgreSQL has no
+``round(double precision, int)``): bucket keys are ``grid_index`` and rounding half up is
+``round_half_up_index``, both ``floor`` of doubles, exact on decimal grids; grouping keys
+are computed in a subquery because PostgreSQL does not match GROUP BY expressions that hold parameters.
 """
 
 from __future__ import annotations
@@ -122,6 +123,14 @@ def _indexed_by(table: sa.Table, column: str) -> bool:
         i.expressions[0].name for i in table.indexes if i.expressions and isinstance(i.expressions[0], sa.Column)
     ]
     return column in leading
+
+
+def _same_type(a: sa.ColumnElement, b: sa.ColumnElement, dialect: str) -> bool:
+    """Whether two reflected columns have the same type: the same SQLAlchemy type class and
+    the same type name as ``dialect`` writes it (``NUMERIC(20, 0)`` is not ``NUMERIC(10, 0)``)."""
+    compiler = sa.make_url(f"{dialect}://").get_dialect()()
+    first, second = (column.type.compile(dialect=compiler) for column in (a, b))
+    return type(a.type) is type(b.type) and first == second
 
 
 class PredictionQueries:
@@ -357,10 +366,16 @@ class PredictionQueries:
 
     def replays_by_lookup(self, replays: ReplayQueries) -> bool:
         """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
-        an index on the replay id): a nested loop by construction, whose cost under
-        ``enable_nestloop = off`` exceeds ``jit_above_cost``; the caller turns JIT off, as
-        compiling would take longer than the lookups."""
-        return self.dialect == "postgresql" and replays.indexed
+        an index on the replay id of the very type of the predictions' id): a nested loop by
+        construction, whose cost under ``enable_nestloop = off`` exceeds ``jit_above_cost``;
+        the caller turns JIT off, as compiling would take longer than the lookups.
+
+        Ids of different types (``double precision`` or ``numeric`` predictions, ``bigint``
+        replays) are compared after PostgreSQL casts the replay id, which no index on it
+        serves: each window row would then scan the replay table (quadratic; 44.7 s at 3,000
+        window rows by 200,000 replays), so those take the hash join.
+        """
+        return self.dialect == "postgresql" and replays.indexed and _same_type(self.id, replays.id, self.dialect)
 
     def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
         """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
@@ -394,14 +409,12 @@ class PredictionQueries:
 class LabelQueries:
     """The label table: one row per prediction id, with labels that arrived before ``as_of``."""
 
-    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None, dialect: str):
+    def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None):
         """``table`` is the reflected label table, ``time`` its timestamp column (``None``:
-        every label row counts), ``dialect`` its engine's name (SQLite needs a check that a
-        numeric timestamp is a number)."""
+        every label row counts)."""
         self.source = source
         self.table = table
         self.time = time
-        self.dialect = dialect
         self.id = table.c[source.columns.id]
         label = table.c[source.columns.label]
         if isinstance(label.type, sa.Boolean):

@@ -30,6 +30,7 @@ from exporter.monitoring_math import (
 )
 from exporter.predictions.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
 from exporter.predictions.stores import (
+    INSTANT_RANGE,
     NUMBER_TYPES,
     Stores,
     reflect_table,
@@ -79,6 +80,21 @@ def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | N
         return bytes(raw).decode("utf-8"), problem
     except UnicodeDecodeError:  # the cut may split a character: the length is the reason then
         return bytes(raw).decode("utf-8", "backslashreplace"), problem or "not UTF-8"
+
+
+def as_of_range(settings: Settings) -> tuple[datetime, datetime]:
+    """The refresh times every model of ``settings`` can be computed at, ``[first, last]``
+    (UTC): those whose every window start (``label_delay`` earlier for online accuracy), the
+    counter's horizon (``ingestion_delay`` earlier) and the future rows' bound
+    (``FUTURE_TOLERANCE`` later) are instants of ``stores.INSTANT_RANGE``, which every
+    time zone's wall clock and every driver can represent.
+    """
+    reach = timedelta(0)
+    for model in settings.models:
+        longest = max(parse_duration(window) for window in model.windows)
+        label_delay = model.label_delay if model.labels is not None else timedelta(0)
+        reach = max(reach, longest + label_delay, model.predictions.ingestion_delay)
+    return INSTANT_RANGE[0] + reach, INSTANT_RANGE[1] - FUTURE_TOLERANCE
 
 
 def worst_case_queries(model: ModelConfig) -> int:
@@ -156,9 +172,7 @@ class ModelRefresher:
                 "timestamp": timestamp_types(engine.dialect.name, path),
             }
             table = reflect_table(engine, source, source.columns.model_dump(), path, types)
-            time_col = time_column(
-                table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
-            )
+            time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
             self._prediction_queries = PredictionQueries(self.model, table, time_col, engine.dialect.name)
         return self._prediction_queries
 
@@ -176,10 +190,8 @@ class ModelRefresher:
             )
             time_col = None
             if source.columns.timestamp is not None:
-                time_col = time_column(
-                    table, source.columns.timestamp, source, f"{path}.columns.timestamp", engine.dialect.name
-                )
-            self._label_queries = LabelQueries(source, table, time_col, engine.dialect.name)
+                time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
+            self._label_queries = LabelQueries(source, table, time_col)
         return self._label_queries
 
     def _replays(self) -> ReplayQueries:

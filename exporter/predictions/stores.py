@@ -256,9 +256,14 @@ def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
 #: by SQLite's own strftime (which reads fractions to the millisecond and converts text
 #: with an offset to UTC), padded to microseconds like the bounds.
 _SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%f"
-#: Seconds since the epoch that are a date-time (years 1 to 9999); NaN, ±infinity and, in
-#: SQLite, text in a numeric column fall outside.
-_EPOCH_RANGE = (-62135596800.0, 253402300800.0)
+#: The instants a timestamp may stand for, ``[first, end)``: years 1 to 9999 but their first
+#: and last day, so that every such instant, in any time zone (offsets are under 24 hours)
+#: and as any driver converts it to its session's zone, is a Python ``datetime``. Outside:
+#: PostgreSQL's and DuckDB's ``±infinity``, year 0 and BC dates, years past 9999, and the
+#: sentinels 0001-01-01 and 9999-12-31; NaN, ±infinity and text in a numeric column.
+INSTANT_RANGE = (datetime(1, 1, 2, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC))
+#: The same range as written dates of SQLite text (``_sqlite_timestamp``), inclusive.
+_SQLITE_DATE_RANGE = ("0001-01-02", "9999-12-30")
 
 
 def _sqlite_text(wall: datetime) -> str:
@@ -298,9 +303,16 @@ def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
     """
     normalised = sa.func.strftime(_SQLITE_TIME_FORMAT, column, type_=sa.String)
     date = sa.func.substr(column, 1, 10)
+    hour = sa.func.substr(column, 12, 2)
     readable = sa.and_(
         sa.func.date(date, "+0 days") == date,  # the modifier makes SQLite normalise the date
-        sa.func.substr(column, 12, 2) != "24",
+        date.between(*_SQLITE_DATE_RANGE),  # INSTANT_RANGE, as written
+        # The date alone, or one separator and an hour 00-23 (SQLite reads any run of
+        # spaces, tabs and Ts, and hour 24 as the next day).
+        sa.or_(
+            sa.func.length(column) == 10,
+            sa.and_(sa.func.substr(column, 11, 1).in_(["T", " "]), hour.between("00", "23")),
+        ),
     )
     wall = normalised.concat("000")  # microseconds, as the bounds
     if zone != "UTC":
@@ -346,28 +358,30 @@ class TimeColumn:
             # text, so < end is <= the text one microsecond earlier.
             last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
             return self.expr.between(self.bind(start), last)
+        # An open side is bounded by INSTANT_RANGE (SQLite text: NULL outside it already):
+        # ±infinity sorts outside every date-time, NaN outside every number, and SQLite
+        # text in a numeric column above them.
+        bounded = self.kind != "sqlite"
         conditions = []
-        if start is not None:
-            conditions.append(self.expr >= self.bind(start))
-        elif self.kind == "epoch":  # NaN and infinities sort outside every number; SQLite text above them
-            conditions.append(self.expr >= _EPOCH_RANGE[0])
-        if end is not None:
-            conditions.append(self.expr < self.bind(end))
-        elif self.kind == "epoch":
-            conditions.append(self.expr < _EPOCH_RANGE[1])
+        if start is not None or bounded:
+            conditions.append(self.expr >= self.bind(INSTANT_RANGE[0] if start is None else start))
+        if end is not None or bounded:
+            conditions.append(self.expr < self.bind(INSTANT_RANGE[1] if end is None else end))
         return sa.and_(*conditions)
 
     def unreadable(self) -> sa.ColumnElement:
-        """A predicate true (never NULL) for rows whose timestamp is no instant: NULL, and
-        on SQLite unreadable text; for epoch seconds also NaN, ±infinity, text, and values
-        outside years 1 to 9999."""
-        if self.kind == "epoch":
-            in_range = sa.and_(self.expr >= _EPOCH_RANGE[0], self.expr < _EPOCH_RANGE[1])
-            return sa.or_(self.expr.is_(None), sa.not_(in_range))
-        return self.expr.is_(None)
+        """A predicate true (never NULL) for rows whose timestamp is no instant: NULL,
+        unreadable text on SQLite, and any value outside ``INSTANT_RANGE`` (``±infinity`` of
+        a date-time column; NaN, ±infinity and text for epoch seconds)."""
+        if self.kind == "sqlite":
+            return self.expr.is_(None)
+        # NOT (a AND b) rather than two comparisons: NaN fails both on engines that do not order it.
+        in_range = self.between(None, None)
+        return sa.or_(self.expr.is_(None), sa.not_(in_range))
 
     def to_epoch(self, value) -> float | None:
-        """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``)."""
+        """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``);
+        ``between`` keeps every other value out of what is read, so this never raises."""
         if value is None:
             return None
         if self.kind == "epoch":
@@ -379,34 +393,23 @@ class TimeColumn:
         return value.timestamp()
 
 
-def time_column(table: sa.Table, name: str, source: TableSource, key_path: str, dialect: str) -> TimeColumn:
-    """Classify a reflected timestamp column.
+def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -> TimeColumn:
+    """Classify a reflected timestamp column that ``reflect_table`` accepted with
+    ``timestamp_types`` (the one place that says which types are accepted, and how an error
+    names the others).
 
     On SQLite a text column (or one declared DATE or DATETIME, which SQLite stores as
-    text too) holds ISO-8601 text; elsewhere text cannot be compared as instants.
-
-    Raises:
-        SchemaError: the column is neither a date-time nor a number (nor text on SQLite);
-            the message names ``key_path``.
+    text too) holds ISO-8601 text; a number column holds seconds since the epoch
+    everywhere, a date-time column an instant (with time zone) or a wall-clock time of
+    ``source.timezone`` (without).
     """
     column = table.c[name]
-    expected = "a timestamp or a number of seconds since the epoch"
-    if dialect == "sqlite":
-        types = (sa.DateTime, sa.Date, sa.String, *NUMBER_TYPES)
-        require_type(table, name, types, key_path, f"{expected}, or ISO-8601 text")
-        if isinstance(column.type, NUMBER_TYPES):
-            return TimeColumn(column, "epoch", source.timezone)
-        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
-    if isinstance(column.type, sa.String):
-        raise SchemaError(
-            f"{key_path}: column {name!r} of table {table.name!r} has type {column.type}; expected {expected} "
-            f"({dialect} cannot compare text as instants: change the column's type, or point "
-            f"{key_path.rsplit('.columns.', 1)[0]}.table at a view that casts it)"
-        )
-    require_type(table, name, (sa.DateTime, *NUMBER_TYPES), key_path, expected)
-    if not isinstance(column.type, sa.DateTime):
+    if isinstance(column.type, NUMBER_TYPES):
         return TimeColumn(column, "epoch", source.timezone)
-    return TimeColumn(column, "aware" if column.type.timezone else "naive", source.timezone)
+    if dialect == "sqlite":
+        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
+    aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
+    return TimeColumn(column, "aware" if aware else "naive", source.timezone)
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
@@ -430,17 +433,6 @@ def _type_problem(table: sa.Table, name: str, types: tuple[type, ...], expected:
     if isinstance(column_type, types):
         return None
     return f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}"
-
-
-def require_type(table: sa.Table, name: str, types: tuple[type, ...], key_path: str, expected: str) -> None:
-    """Check that a reflected column has one of ``types``.
-
-    Raises:
-        SchemaError: it does not; the message names the config key and the type found.
-    """
-    problem = _type_problem(table, name, types, expected, key_path)
-    if problem is not None:
-        raise SchemaError(problem)
 
 
 def reflect_table(
@@ -489,7 +481,7 @@ def reflect_table(
             problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
             continue
         try:
-            check_filter_value(table, name, value, f"{key_path}.filter.{name}")
+            check_filter_value(table, name, value, f"{key_path}.filter.{name}", engine.dialect.name)
         except SchemaError as exc:
             problems.extend(exc.problems)
     if check is not None:
@@ -557,15 +549,71 @@ _FILTER_VALUES = {
 }
 
 
-def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str) -> None:
-    """Check that a ``filter`` value (as YAML read it) can equal values of its column.
+def _signed(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _unsigned(bits: int) -> tuple[int, int]:
+    return 0, 2**bits - 1
+
+
+#: The integers an integer column type holds, by the name of its SQLAlchemy type class or of
+#: the nearest base class named here (generic types, and DuckDB's extension types); ``None``:
+#: any (DuckDB's VARINT).
+_INTEGER_RANGES: dict[str, tuple[int, int] | None] = {
+    "SmallInteger": _signed(16),
+    "Integer": _signed(32),
+    "BigInteger": _signed(64),
+    "TinyInteger": _signed(8),
+    "HugeInteger": _signed(128),
+    "UTinyInteger": _unsigned(8),
+    "UInt8": _unsigned(8),
+    "USmallInteger": _unsigned(16),
+    "UInt16": _unsigned(16),
+    "UInteger": _unsigned(32),
+    "UInt32": _unsigned(32),
+    "UBigInteger": _unsigned(64),
+    "UInt64": _unsigned(64),
+    "UHugeInteger": _unsigned(128),
+    "VarInt": None,
+}
+
+
+def integer_range(column_type: sa.types.TypeEngine, dialect: str) -> tuple[int, int] | None:
+    """The integers a filter on a number column of ``column_type`` can compare with, as
+    (lowest, highest), or ``None`` for any.
+
+    On SQLite every number column holds 64-bit signed integers whatever its declared type,
+    and its driver binds no larger ones (OverflowError). Elsewhere an integer column holds
+    its type's range (``smallint`` 16 bits, ``integer`` 32, ``bigint`` 64, signed; DuckDB's
+    unsigned and 128-bit types theirs), and PostgreSQL casts the value to it (an error out
+    of range); an integer compared with a decimal or float column is bound as a 64-bit
+    integer (PostgreSQL: ``bigint out of range``).
+    """
+    if dialect == "sqlite" or not isinstance(column_type, sa.Integer):
+        return _signed(64)
+    names = (cls.__name__ for cls in type(column_type).__mro__)
+    return next(_INTEGER_RANGES[name] for name in names if name in _INTEGER_RANGES)
+
+
+def _number_text(value: float) -> str:
+    """A number as an error message shows it: an integer of many digits by its size."""
+    text = str(value)
+    return f"{text[:12]}... ({len(text.lstrip('-'))} digits)" if len(text) > 40 else text
+
+
+def check_filter_value(table: sa.Table, name: str, value: str | float | bool, key_path: str, dialect: str) -> None:
+    """Check that a ``filter`` value (as YAML read it) can equal values of its column on
+    ``dialect`` (its engine's name).
 
     YAML reads unquoted ``NO``/``yes``/``off`` as booleans and ``1.10`` as the number 1.1;
     compared with a text column, such a value matches no row on SQLite and fails every
     refresh on PostgreSQL. The rule (docs/configuration.md): text columns take strings,
-    number columns take numbers (integer columns: integers), boolean columns take
-    booleans, uuid columns take a uuid as text; a column of another kind (date-time,
-    binary) cannot be filtered on; a type SQLAlchemy does not know is not checked.
+    number columns take numbers (integer columns: integers in the range of
+    ``integer_range``), boolean columns take booleans, uuid columns take a uuid as text;
+    a column of another kind (date-time, binary) cannot be filtered on; a type SQLAlchemy
+    does not know is not checked. PostgreSQL text holds no NUL character (psycopg refuses
+    to send one).
 
     Raises:
         SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
@@ -581,6 +629,19 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     fits = isinstance(value, types) and (kind == "boolean" or not isinstance(value, bool))
     if fits and kind == "number" and isinstance(column_type, sa.Integer) and not isinstance(value, int):
         fits, advice = False, "integers: write an integer"
+    if fits and kind == "number" and isinstance(value, int):
+        bounds = integer_range(column_type, dialect)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            where += f" on {dialect}"
+            advice = f"integers from {bounds[0]} to {bounds[1]}"
+            if not isinstance(column_type, sa.Integer):
+                advice = f"numbers; an integer is compared with it as a 64-bit one, from {bounds[0]} to {bounds[1]}: "
+                advice += "write a larger number as a float (1.0e+20)"
+            fits = False
+    if fits and kind == "text" and dialect == "postgresql" and "\0" in value:
+        raise SchemaError(
+            f"{key_path}: YAML read the text {value!r}, but {where} on postgresql, whose text cannot hold a NUL character"
+        )
     if fits and kind == "uuid":
         try:
             uuid.UUID(value)
@@ -592,7 +653,7 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
         elif isinstance(value, str):
             read = f"the text {value!r}"
         else:
-            read = f"the number {value!r}"
+            read = f"the number {_number_text(value)}"
             if kind == "text":
                 read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
         raise SchemaError(f"{key_path}: YAML read {read}, but {where}, which holds {advice}")

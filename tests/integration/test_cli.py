@@ -102,3 +102,61 @@ def test_demo_on_a_port_in_use_fails_before_seeding(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert not (tmp_path / "d.sqlite").exists()
     assert time.monotonic() - started < 8  # seeding alone takes about 10 s
+
+
+#: ``--as-of`` -> accepted, for a model with windows up to 7d, label_delay 1d and ingestion_delay
+#: 2d, by hand: from 0001-01-02 + 8 days to 9999-12-31 - 1 minute (UTC), both included
+AS_OF_EDGES = {
+    "9999-12-31T23:59:30Z": False,
+    "9999-12-31T00:00:00Z": False,
+    "9999-12-30T23:59:00.000001Z": False,
+    "9999-12-30T23:59:00Z": True,
+    "9999-12-30T23:59:00-14:00": False,  # 9999-12-31T13:59Z
+    "0001-01-01T00:00:00Z": False,
+    "0001-01-01T00:00:00+01:00": False,  # before the first datetime in UTC
+    "0001-01-09T23:59:59.999999Z": False,
+    "0001-01-10T00:00:00Z": True,
+    "0001-01-10T05:00:00+05:00": True,
+    "0001-01-10": True,  # naive: UTC
+}
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Pacific/Kiritimati", "America/Adak"])
+def test_once_refuses_an_as_of_whose_windows_leave_the_computable_range(tmp_path, zone):
+    """A refresh time whose windows start before 0001-01-02 or whose future bound passes
+    9999-12-31 failed every source with an overflow; now it is a usage error naming --as-of
+    and the range, and the edges themselves refresh every source (SQLite text timestamps in
+    ``zone``: window edges converted to wall clock at both ends of the calendar)."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE p (id INTEGER, ts TEXT, s FLOAT)"))
+        conn.execute(sa.text("CREATE TABLE l (id INTEGER, ts TEXT, y INTEGER)"))
+        conn.execute(sa.text("INSERT INTO p VALUES (1, '0001-01-09 12:00:00', 0.5), (2, '9999-12-30 12:00', 0.5)"))
+        conn.execute(sa.text("INSERT INTO l VALUES (1, '0001-01-09 13:00:00', 1), (2, '9999-12-30 13:00', 0)"))
+    engine.dispose()
+    config = tmp_path / "mlmon.yml"
+    config.write_text(
+        f'stores: {{s: {{url: "{url}"}}}}\n'
+        "models:\n"
+        "  - name: m\n"
+        f"    predictions: {{store: s, table: p, columns: {{id: id, timestamp: ts, score: s}}, timezone: {zone},\n"
+        "                  ingestion_delay: 2d}\n"
+        f"    labels: {{store: s, table: l, columns: {{id: id, timestamp: ts, label: y}}, timezone: {zone}}}\n"
+        "    windows: [1h, 7d]\n"
+        "    label_delay: 1d\n"
+    )
+    for as_of, accepted in AS_OF_EDGES.items():
+        result = CliRunner().invoke(app, ["once", "--config", str(config), "--as-of", as_of])
+        if accepted:
+            assert result.exit_code == 0, (as_of, result.output)
+            assert 'mlmon_source_up{model="m",source="labels"} 1.0' in result.stdout.splitlines()
+        else:
+            assert result.exit_code == 2, (as_of, result.output)
+            assert result.output.splitlines() == [
+                f"--as-of: {as_of!r} is outside the times this config can be computed at, 0001-01-10T00:00:00+00:00 "
+                "to 9999-12-30T23:59:00+00:00 (UTC): every window, label_delay and ingestion_delay before it and "
+                "the minute after it must lie within 0001-01-02 and 9999-12-31"
+            ]

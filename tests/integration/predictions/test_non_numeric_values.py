@@ -200,5 +200,5 @@ def test_postgresql_and_duckdb_need_no_check_and_keep_their_numbers(store):
     assert got[("mlmon_invalid_predictions", W | {("reason", "non_numeric_score")})] == 0
     assert got[("mlmon_online_roc_auc", W)] == 1.0
     assert got[("mlmon_online_logloss", W)] == pytest.approx(log_loss(y, scores), abs=1e-12)
-    sql = " ".join(str(s.compile(dialect=_dialects()[dialect])) for s in _statements(dialect).values())
+    sql = " ".join(str(s.compile(dialect=_dialects()[dialect])) for s in _statements(dialect)[1].values())
     assert ("typeof(" in sql) == (dialect == "sqlite")

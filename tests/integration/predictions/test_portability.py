@@ -15,7 +15,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from exporter.config import parse_settings
 from exporter.predictions.queries import LabelQueries, PredictionQueries, ReplayQueries
-from exporter.predictions.stores import TimeColumn
+from exporter.predictions.stores import time_column
 from tests.integration.predictions.test_refresh_metrics import AS_OF, load, make_data, refresh
 
 
@@ -32,7 +32,25 @@ def _dialects():
     }
 
 
-def _statements(dialect_name: str) -> dict[str, sa.Select]:
+#: Timestamp column types: each dialect's ``time_column`` makes of them what it reads
+#: (SQLite: date-time text for every non-number, "sqlite"; elsewhere "aware", "naive" or "epoch").
+TIMESTAMP_TYPES = {
+    "timestamptz": sa.DateTime(timezone=True),
+    "timestamp": sa.DateTime(),
+    "epoch-double": sa.Double(),
+    "epoch-bigint": sa.BigInteger(),
+    "text": sa.String(),  # SQLite only: text is no instant elsewhere
+}
+
+
+def _statements(
+    dialect_name: str, timestamp: str = "timestamptz", replay_index: bool = False, zone: str = "UTC"
+) -> tuple[str, dict[str, sa.Select]]:
+    """(the ``TimeColumn`` kind, every pushed-down statement) of a model with predictions,
+    labels and replays whose timestamps (predictions' and labels') have type
+    ``TIMESTAMP_TYPES[timestamp]`` in time zone ``zone``; with ``replay_index`` the replay id
+    is the replay table's primary key, which takes PostgreSQL's ``LATERAL`` lookup
+    (``PredictionQueries.replays_by_lookup``)."""
     model = parse_settings(
         {
             "stores": {"s": {"url": "sqlite://"}},
@@ -44,12 +62,14 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
                         "table": "p",
                         "columns": {"id": "id", "timestamp": "ts", "score": "score", "version": "v"},
                         "filter": {"model_name": "ctr"},
+                        "timezone": zone,
                     },
                     "labels": {
                         "store": "s",
                         "table": "l",
                         "columns": {"id": "id", "label": "y", "timestamp": "ts"},
                         "missing": "negative",
+                        "timezone": zone,
                     },
                     "replays": {"store": "s", "table": "r", "columns": {"id": "id", "score": "score"}},
                 }
@@ -57,11 +77,12 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
         }
     ).models[0]
     metadata = sa.MetaData()
+    ts_type = TIMESTAMP_TYPES[timestamp]
     p = sa.Table(
         "p",
         metadata,
         sa.Column("id", sa.BigInteger),
-        sa.Column("ts", sa.DateTime(timezone=True)),
+        sa.Column("ts", ts_type),
         sa.Column("score", sa.Double),
         sa.Column("v", sa.String),
         sa.Column("model_name", sa.String),
@@ -71,14 +92,15 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
         metadata,
         sa.Column("id", sa.BigInteger),
         sa.Column("y", sa.Integer),
-        sa.Column("ts", sa.DateTime(timezone=True)),
+        sa.Column("ts", ts_type),
     )
-    r = sa.Table("r", metadata, sa.Column("id", sa.BigInteger), sa.Column("score", sa.Double))
-    q = PredictionQueries(model, p, TimeColumn(p.c.ts, "aware", "UTC"), dialect_name)
-    labels = LabelQueries(model.labels, label_table, TimeColumn(label_table.c.ts, "aware", "UTC"), dialect_name)
+    r = sa.Table("r", metadata, sa.Column("id", sa.BigInteger, primary_key=replay_index), sa.Column("score", sa.Double))
+    time = time_column(p, "ts", model.predictions, dialect_name)
+    q = PredictionQueries(model, p, time, dialect_name)
+    labels = LabelQueries(model.labels, label_table, time_column(label_table, "ts", model.labels, dialect_name))
     replays = ReplayQueries(model.replays, r)
     start, end = AS_OF - timedelta(hours=1), AS_OF
-    return {
+    return time.kind, {
         "histogram": q.histogram(start, end),
         "mode_count": q.mode_count(start, end, 6),
         "last_timestamp": q.last_timestamp(end, end + timedelta(minutes=1)),
@@ -89,15 +111,45 @@ def _statements(dialect_name: str) -> dict[str, sa.Select]:
     }
 
 
+#: (timestamp type, replay id indexed, time zone) per compiled variant
+VARIANTS = [
+    ("timestamptz", False, "UTC"),
+    ("timestamp", True, "Europe/Oslo"),
+    ("epoch-double", True, "UTC"),
+    ("epoch-bigint", False, "UTC"),
+    ("text", False, "UTC"),
+    ("text", True, "Asia/Kathmandu"),
+]
+
+
 @pytest.mark.filterwarnings("ignore:Datatype DOUBLE does not support CAST on MySQL")
-@pytest.mark.parametrize("dialect", ["postgresql", "mysql", "duckdb", "sqlite", "trino"])
-def test_every_query_compiles(dialect):
-    compiled = {name: str(stmt.compile(dialect=_dialects()[dialect])) for name, stmt in _statements(dialect).items()}
+@pytest.mark.parametrize(
+    ("dialect", "timestamp", "replay_index", "zone"),
+    [
+        (dialect, *variant)
+        for dialect in ("postgresql", "mysql", "duckdb", "sqlite", "trino")
+        for variant in VARIANTS
+        if variant[0] != "text" or dialect == "sqlite"  # text is no instant elsewhere (stores.timestamp_types)
+    ],
+)
+def test_every_query_compiles(dialect, timestamp, replay_index, zone):
+    kind, statements = _statements(dialect, timestamp, replay_index, zone)
+    if timestamp.startswith("epoch"):
+        assert kind == "epoch"
+    else:
+        assert kind == ("sqlite" if dialect == "sqlite" else {"timestamptz": "aware", "timestamp": "naive"}[timestamp])
+    compiled = {name: str(stmt.compile(dialect=_dialects()[dialect])) for name, stmt in statements.items()}
     for name, sql in compiled.items():
         assert sql.lstrip().upper().startswith(("SELECT", "WITH")), (name, sql[:80])
         assert re.search(r"\bln\(", sql.lower()) or name != "online", name  # natural log everywhere
         assert not re.search(r"\blog\(", sql.lower()), name  # LOG is base 10 on some engines
-        assert "round(" not in sql.lower(), name  # rounding is floor(x + 0.5): PostgreSQL has no round(double, int)
+        # Rounding is grid_index / round_half_up_index (floor of a double): PostgreSQL has no round(double, int).
+        assert "round(" not in sql.lower(), name
+        # SQLite date-time text is normalised by strftime, and only there; outside UTC also by mlmon_wall_clock.
+        assert ("strftime(" in sql.lower()) == (kind == "sqlite"), name
+        assert ("mlmon_wall_clock(" in sql.lower()) == (kind == "sqlite" and zone != "UTC"), name
+    # The replay id's index is used by a LATERAL lookup, on PostgreSQL only.
+    assert (" LATERAL " in compiled["replays"].upper()) == (dialect == "postgresql" and replay_index)
 
 
 def _close(a, b) -> bool:

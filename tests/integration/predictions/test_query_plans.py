@@ -18,17 +18,20 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import parse_settings
+from exporter.predictions.queries import PredictionQueries, ReplayQueries
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import Stores, timed_connection
+from exporter.predictions.stores import Stores, TimeColumn, timed_connection
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 N = 20_000
 
 
-def _unanalyzed_tables(url: str, schema: str, replay_index: bool = False) -> dict[str, np.ndarray]:
+def _unanalyzed_tables(
+    url: str, schema: str, replay_index: bool = False, predictions_id: str = "bigint"
+) -> dict[str, np.ndarray]:
     """predictions (id, ts, p, v), labels (id, y), replays (id, p): N rows each over the 30
-    days before AS_OF, ids bigint, no index (but one on the replay id with ``replay_index``),
-    never analyzed. Returns the rows as arrays."""
+    days before AS_OF, ids bigint (the predictions' of type ``predictions_id``), no index (but
+    one on the replay id with ``replay_index``), never analyzed. Returns the rows as arrays."""
     rng = np.random.default_rng(11)
     ids = rng.permutation(N).astype(np.int64) + 1_000_000  # ids in no relation to the insertion order
     seconds = rng.uniform(1, 30 * 86_400 - 1, N)
@@ -38,7 +41,7 @@ def _unanalyzed_tables(url: str, schema: str, replay_index: bool = False) -> dic
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         for ddl in (
-            "predictions (id bigint, ts timestamp, p double precision, v text)",
+            f"predictions (id {predictions_id}, ts timestamp, p double precision, v text)",
             "labels (id bigint, y integer)",
             "replays (id bigint, p double precision)",
         ):
@@ -126,12 +129,20 @@ def _node_types(node: dict, relation: str | None = None) -> set[str]:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("replay_index", [False, True], ids=["no-index", "replay-id-index"])
-def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a_scan(replay_index, postgres_schema):
+@pytest.mark.parametrize(
+    ("replay_index", "predictions_id"),
+    [(False, "bigint"), (True, "bigint"), (True, "double precision"), (True, "numeric")],
+    ids=["no-index", "replay-id-index", "replay-id-index-double-ids", "replay-id-index-numeric-ids"],
+)
+def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a_scan(
+    replay_index, predictions_id, postgres_schema
+):
     """Without any index every join must be a hash (or merge) join; with an index on the
-    replay id, replays are looked up in it, row by row of the window."""
+    replay id, replays are looked up in it, row by row of the window, when both ids have
+    one type: ``double precision`` or ``numeric`` predictions ids make PostgreSQL cast the
+    bigint replay id, which its index does not serve, so the replays are hash joined."""
     url, schema = postgres_schema
-    rows = _unanalyzed_tables(url, schema, replay_index)
+    rows = _unanalyzed_tables(url, schema, replay_index, predictions_id)
     settings = _settings(url, schema)
     stores = Stores(settings)
     try:
@@ -190,12 +201,54 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
     looping = {name: _quadratic_loops(plan) for name, plan in plans.items() if _quadratic_loops(plan)}
     assert not looping, looping
     assert "Hash Join" in _node_types(plans["online"]), plans["online"]
-    # The replay table is read through its index when it has one, else scanned once.
+    # The replay table is read through its index when it has one that serves the join, else scanned once.
     replay_reads = _node_types(plans["replays"], "replays")
-    if replay_index:
+    if replay_index and predictions_id == "bigint":
         assert replay_reads and replay_reads <= {"Index Scan", "Index Only Scan", "Bitmap Heap Scan"}, replay_reads
     else:
         assert replay_reads == {"Seq Scan"}, replay_reads
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("predictions_id", "replay_id", "lookup"),
+    [
+        ("bigint", "bigint", True),
+        ("integer", "integer", True),
+        ("numeric(20, 0)", "numeric(20, 0)", True),
+        ("text", "text", True),
+        ("double precision", "bigint", False),
+        ("numeric", "bigint", False),
+        ("bigint", "numeric", False),
+        ("integer", "bigint", False),
+        ("numeric(20, 0)", "numeric(10, 0)", False),
+        ("varchar(20)", "text", False),
+    ],
+)
+def test_replays_are_looked_up_by_index_only_when_both_ids_have_one_type(
+    predictions_id, replay_id, lookup, postgres_schema
+):
+    """The LATERAL lookup only where the index on the replay id serves ``replay.id = window.id``
+    as written: the same reflected type on both sides (else PostgreSQL may cast the indexed side)."""
+    url, schema = postgres_schema
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(f'CREATE TABLE "{schema}".predictions (id {predictions_id}, ts timestamp, p float8, v text)')
+            )
+            conn.execute(sa.text(f'CREATE TABLE "{schema}".replays (id {replay_id} PRIMARY KEY, p float8)'))
+        model = _settings(url, schema).models[0]
+        metadata = sa.MetaData()
+        predictions = sa.Table("predictions", metadata, schema=schema, autoload_with=engine)
+        replays = sa.Table("replays", metadata, schema=schema, autoload_with=engine)
+    finally:
+        engine.dispose()
+    q = PredictionQueries(model, predictions, TimeColumn(predictions.c.ts, "naive", "UTC"), "postgresql")
+    replay_q = ReplayQueries(model.replays, replays)
+    assert replay_q.indexed
+    assert q.replays_by_lookup(replay_q) is lookup
+    assert (" LATERAL " in str(q.replays(replay_q, AS_OF - timedelta(hours=1), AS_OF))) is lookup
 
 
 @pytest.mark.postgres

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.config import load_settings
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import Stores
+from exporter.predictions.stores import Stores, reflect_table, time_column, timestamp_types
 from exporter.reasons import classify_error
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
@@ -346,3 +346,172 @@ def test_an_operator_missing_for_the_column_types_counts_as_a_schema_error(postg
         conn.execute(sa.text("SELECT CAST(1 AS bigint) = CAST('1' AS text)"))
     assert info.value.orig.sqlstate == "42883"
     assert classify_error(info.value) == "schema"
+
+
+# -- timestamp columns ---------------------------------------------------------------------
+
+#: Per dialect: (declared SQL type of a timestamp column, the TimeColumn kind it is read as), by hand
+TIMESTAMP_KINDS = {
+    "sqlite": [
+        ("TEXT", "sqlite"),
+        ("DATETIME", "sqlite"),
+        ("DATE", "sqlite"),
+        ("VARCHAR(32)", "sqlite"),
+        ("INTEGER", "epoch"),
+        ("REAL", "epoch"),
+        ("NUMERIC", "epoch"),
+    ],
+    "postgresql": [
+        ("TIMESTAMP WITH TIME ZONE", "aware"),
+        ("TIMESTAMP", "naive"),
+        ("BIGINT", "epoch"),
+        ("INTEGER", "epoch"),
+        ("DOUBLE PRECISION", "epoch"),
+        ("NUMERIC(20, 6)", "epoch"),
+    ],
+    "duckdb": [
+        ("TIMESTAMPTZ", "aware"),
+        ("TIMESTAMP", "naive"),
+        ("BIGINT", "epoch"),
+        ("DOUBLE", "epoch"),
+        ("DECIMAL(18, 3)", "epoch"),
+    ],
+}
+
+
+def test_time_column_classifies_every_accepted_timestamp_type(store, tmp_path):
+    url, schema, dialect = store
+    kinds = TIMESTAMP_KINDS[dialect]
+    table_name = f'"{schema}".t' if schema else "t"
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            columns = ", ".join(f"c{i} {sql_type}" for i, (sql_type, _) in enumerate(kinds))
+            conn.execute(sa.text(f"CREATE TABLE {table_name} ({columns})"))
+        source = load_settings(_config(tmp_path, url, schema)).models[0].predictions.model_copy(update={"table": "t"})
+        types, _ = timestamp_types(dialect, "models[0].predictions")
+        table = reflect_table(
+            engine,
+            source,
+            {f"c{i}": f"c{i}" for i in range(len(kinds))},
+            "models[0].predictions",
+            {f"c{i}": (types, "") for i in range(len(kinds))},
+        )
+    finally:
+        engine.dispose()
+    found = [time_column(table, f"c{i}", source, dialect).kind for i in range(len(kinds))]
+    assert found == [kind for _, kind in kinds]
+
+
+@pytest.mark.parametrize("source", ["predictions", "labels"])
+def test_a_text_timestamp_is_one_schema_problem_naming_its_key_where_text_is_no_instant(source, store, tmp_path):
+    url, schema, dialect = store
+    if dialect == "sqlite":
+        pytest.skip("SQLite reads ISO-8601 text as instants (test_text_timestamps.py)")
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    q = f'"{schema}".{source}' if schema else source
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {q} ADD COLUMN stamp TEXT"))
+    engine.dispose()
+    path = _config(tmp_path, url, schema, replays=False)
+    config = yaml.safe_load(path.read_text())
+    config["models"][0][source]["columns"]["timestamp"] = "stamp"
+    path.write_text(yaml.safe_dump(config))
+
+    result = _check_config(path)
+    assert result.exit_code == 2, result.output
+    reflected = {"postgresql": "TEXT", "duckdb": "VARCHAR"}[dialect]  # DuckDB's TEXT is an alias of VARCHAR
+    assert result.output.splitlines()[1:] == [
+        f"  models[0].{source}.columns.timestamp: column 'stamp' of table '{source}' has type {reflected}; "
+        f"expected a timestamp or a number of seconds since the epoch ({dialect} cannot compare text as "
+        f"instants: change the column's type, or point models[0].{source}.table at a view that casts it)"
+    ]
+
+
+# -- filter values their column cannot hold ---------------------------------------------------
+
+INT64 = "from -9223372036854775808 to 9223372036854775807"  # 2**63, by hand
+#: (dialect, filter as written in YAML, its key, words of the error); ``small`` is a SMALLINT column
+OUT_OF_RANGE = [
+    ("sqlite", "{shard: 18446744073709551616}", "shard", ["18446744073709551616", "INTEGER on sqlite", INT64]),
+    ("sqlite", "{shard: 9223372036854775808}", "shard", [INT64]),
+    ("sqlite", "{shard: -9223372036854775809}", "shard", [INT64]),
+    ("sqlite", "{small: 9223372036854775808}", "small", ["SMALLINT on sqlite", INT64]),  # 64-bit whatever declared
+    ("sqlite", "{weight: 9223372036854775808}", "weight", ["REAL on sqlite", "64-bit", INT64, "1.0e+20"]),
+    ("sqlite", "{shard: 1" + "0" * 400 + "}", "shard", ["(401 digits)", INT64]),
+    ("postgresql", "{shard: 2147483648}", "shard", ["INTEGER on postgresql", "from -2147483648 to 2147483647"]),
+    ("postgresql", "{shard: -2147483649}", "shard", ["from -2147483648 to 2147483647"]),
+    ("postgresql", "{small: 32768}", "small", ["SMALLINT on postgresql", "from -32768 to 32767"]),
+    ("postgresql", "{id: 9223372036854775808}", "id", ["BIGINT on postgresql", INT64]),
+    ("postgresql", "{weight: 18446744073709551616}", "weight", ["REAL on postgresql", "64-bit", INT64]),
+    ("postgresql", '{market: "a\\0b"}', "market", ["'a\\x00b'", "VARCHAR(8) on postgresql", "NUL character"]),
+    ("postgresql", "{model_version: !!binary YQBi}", "model_version", ["'a\\x00b'", "NUL"]),  # base64 of a\0b
+    ("duckdb", "{shard: 2147483648}", "shard", ["INTEGER on duckdb", "from -2147483648 to 2147483647"]),
+    ("duckdb", "{small: -32769}", "small", ["SMALLINT on duckdb", "from -32768 to 32767"]),
+]
+
+
+def _with_smallint(url: str, schema: str | None) -> None:
+    """``_tables`` plus a SMALLINT column ``small`` (NULL in every row) in the predictions."""
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {f'{schema}.' if schema else ''}predictions ADD COLUMN small SMALLINT"))
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("store", "filter_yaml", "key", "words"),
+    [pytest.param(d, f, k, w, id=f"{d}-{f}"[:60]) for d, f, k, w in OUT_OF_RANGE],
+    indirect=["store"],
+)
+def test_a_filter_value_its_column_cannot_hold_is_a_schema_error_naming_the_key_and_the_range(
+    store, filter_yaml, key, words, tmp_path
+):
+    url, schema, _ = store
+    _with_smallint(url, schema)
+    path = _config(tmp_path, url, schema, filter_yaml, replays=False)
+
+    result = _check_config(path)
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if f"models[0].predictions.filter.{key}:" in line]
+    for word in words:
+        assert word in line, line
+    assert "Traceback" not in result.output
+
+    snap = _refresh(path)  # the schema, not an overflow (internal) or a query error each refresh
+    assert _errors(snap) == {("predictions", "schema"): 1, ("labels", "schema"): 1}
+
+
+#: (dialect, filter, the ROWS ids kept, by hand): the edges of each range, and NUL where text holds it
+IN_RANGE = [
+    ("sqlite", "{shard: 9223372036854775807}", []),
+    ("sqlite", "{shard: -9223372036854775808}", []),
+    ("sqlite", "{small: 9223372036854775807}", []),
+    ("sqlite", '{market: "N\\0O"}', []),
+    ("postgresql", "{shard: 2147483647}", []),
+    ("postgresql", "{small: -32768}", []),
+    ("postgresql", "{id: 9223372036854775807}", []),
+    ("postgresql", "{weight: -9223372036854775808}", []),
+    ("postgresql", "{shard: 2}", [3, 4]),
+    ("duckdb", "{shard: -2147483648}", []),
+    ("duckdb", "{small: 32767}", []),
+    ("duckdb", '{market: "N\\0O"}', []),
+]
+
+
+@pytest.mark.parametrize(
+    ("store", "filter_yaml", "kept"),
+    [pytest.param(d, f, k, id=f"{d}-{f}"[:60]) for d, f, k in IN_RANGE],
+    indirect=["store"],
+)
+def test_filter_values_at_the_edges_of_their_column_range_are_accepted(store, filter_yaml, kept, tmp_path):
+    url, schema, _ = store
+    _with_smallint(url, schema)
+    path = _config(tmp_path, url, schema, filter_yaml, replays=False)
+    result = _check_config(path)
+    assert result.exit_code == 0, result.output
+    snap = _refresh(path)
+    assert not _errors(snap), _errors(snap)
+    assert snap.score_stats[0].predictions == len(kept)

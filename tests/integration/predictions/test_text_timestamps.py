@@ -64,6 +64,18 @@ UNREADABLE = [
     "20240601T113000",
     "2024-6-1 11:30",
     " 2024-06-01 11:30",
+    # Hour 24 however it is separated, and separators other than one T or space (SQLite
+    # reads any run of spaces, tabs and Ts).
+    "2024-06-01  24:00:00",
+    "2024-06-01T 24:00:00",
+    "2024-06-01\t11:30:00",
+    "2024-06-01  11:30:00",
+    "2024-06-01TT11:30:00",
+    # Outside 0001-01-02 to 9999-12-30 as written: year 0, the first and last days (sentinels)
+    "0000-06-01 12:00:00",
+    "0001-01-01T00:30:00+01:00",
+    "0001-01-01 12:00:00",
+    "9999-12-31 12:00:00",
     None,
 ]
 
@@ -243,3 +255,103 @@ def test_text_timestamp_refused_where_it_cannot_be_compared(backend, tmp_path, r
         assert not snap.sources["predictions"].up and snap.errors[("predictions", "schema")] == 1
     finally:
         stores.dispose()
+
+
+#: Text that is no instant but that SQLite's strftime reads, each of which, as the only row
+#: before the refresh time, used to be read back as the newest timestamp and fail every
+#: refresh (Python has no year 0 nor hour 24).
+NEWEST_NO_INSTANT = [
+    "0001-01-01T00:30:00+01:00",  # 0000-12-31T23:30Z
+    "0000-06-01 12:00:00",
+    "0000-01-01",
+    "2024-06-01  24:00:00",
+    "2024-06-01T 24:00:00",
+]
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kathmandu"])
+@pytest.mark.parametrize("text", NEWEST_NO_INSTANT)
+def test_sqlite_text_that_is_no_instant_is_bad_timestamp_even_as_the_only_row(tmp_path, text, zone):
+    url = _sqlite(tmp_path, "TEXT", [text])
+    (snap,) = _refresh(zoned_predictions_settings(url, zone), AS_OF + timedelta(days=2))
+    assert snap.sources["predictions"].up, snap.errors
+    assert not any(snap.errors.values())
+    assert [(s.predictions, s.invalid["bad_timestamp"]) for s in snap.score_stats] == [(0, 1), (0, 1)]
+    assert snap.last_prediction_timestamp is None
+    assert snap.future_predictions == 0
+
+
+def test_sqlite_text_at_the_edges_of_the_instant_range(tmp_path):
+    """0001-01-02 and 9999-12-30 as written are instants (read back exactly); the days
+    before and after are not."""
+    first, last = "0001-01-02 00:00:00", "9999-12-30T23:59:59.999"
+    url = _sqlite(tmp_path, "TEXT", [first, "0001-01-01T23:59:59.999", "9999-12-31"])
+    (snap,) = _refresh(zoned_predictions_settings(url), AS_OF)
+    assert snap.last_prediction_timestamp == datetime.fromisoformat(first).replace(tzinfo=UTC).timestamp()
+    assert snap.score_stats[0].invalid["bad_timestamp"] == 2
+    (tmp_path / "last").mkdir()
+    url = _sqlite(tmp_path / "last", "TEXT", [last])
+    (snap,) = _refresh(zoned_predictions_settings(url), datetime(9999, 12, 31, tzinfo=UTC))
+    assert snap.last_prediction_timestamp == pytest.approx(
+        datetime.fromisoformat(last).replace(tzinfo=UTC).timestamp(), abs=1e-3
+    )
+    assert snap.score_stats[0].invalid["bad_timestamp"] == 0
+
+
+#: Date-time values of PostgreSQL and DuckDB outside the instants mlmon reads (years 1 to
+#: 9999 but their first and last day): psycopg refuses to read ±infinity, BC dates and years
+#: past 9999, DuckDB returns them as text or as datetime.min/max.
+#: Written without an offset: a timestamptz reads them in the session's zone, outside the range in every zone.
+NO_INSTANT_DATETIMES = [
+    "infinity",
+    "-infinity",
+    "0044-03-15 00:00:00 BC",
+    "10000-01-01 00:00:00",
+    "0001-01-01 00:00:00",
+]
+
+
+@pytest.mark.parametrize("with_valid_rows", [True, False], ids=["with-valid-rows", "only-no-instants"])
+@pytest.mark.parametrize("aware", [True, False], ids=["timestamptz", "timestamp"])
+@pytest.mark.parametrize("backend", ["postgresql", "duckdb"])
+def test_datetime_infinities_and_out_of_range_dates_are_bad_timestamps(
+    backend, aware, with_valid_rows, tmp_path, request
+):
+    url, schema = f"duckdb:///{tmp_path}/s.duckdb", None
+    if backend == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+    table = f'"{schema}".predictions' if schema else "predictions"
+    sql_type = "TIMESTAMP WITH TIME ZONE" if aware else "TIMESTAMP"
+    stamps = [AS_OF - timedelta(minutes=5), AS_OF - timedelta(hours=2)] if with_valid_rows else []
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {table} (id INTEGER, ts {sql_type}, p DOUBLE PRECISION)"))
+        for i, value in enumerate(NO_INSTANT_DATETIMES):
+            if backend == "duckdb":  # DuckDB writes BC dates as "YYYY-MM-DD (BC) HH:MM:SS"
+                value = value.replace(" 00:00:00 BC", " (BC) 00:00:00")
+            conn.execute(sa.text(f"INSERT INTO {table} VALUES ({i}, CAST(:ts AS {sql_type}), 0.5)"), {"ts": value})
+        for i, stamp in enumerate(stamps):
+            conn.execute(
+                sa.text(f"INSERT INTO {table} VALUES (:i, :ts, 0.5)"),
+                {"i": 100 + i, "ts": stamp if aware else stamp.replace(tzinfo=None)},
+            )
+    engine.dispose()
+    (snap,) = _refresh(zoned_predictions_settings(url, schema=schema), AS_OF)
+    assert snap.sources["predictions"].up, snap.errors
+    by_window = {s.window: (s.predictions, s.invalid["bad_timestamp"]) for s in snap.score_stats}
+    bad = len(NO_INSTANT_DATETIMES)
+    assert by_window == {"1h": (len(stamps) and 1, bad), "24h": (len(stamps), bad)}
+    assert snap.future_predictions == 0  # infinity is no instant, not one in the future
+    assert snap.last_prediction_timestamp == (stamps[0].timestamp() if stamps else None)
+
+
+def test_epoch_seconds_at_the_edges_of_the_instant_range(tmp_path):
+    """Seconds of 0001-01-02T00:00Z and of one second before 9999-12-31T00:00Z are
+    instants; those of 0001-01-01T00:00Z and 9999-12-31T00:00Z are not (by hand, datetime)."""
+    first = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+    end = datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+    url = _sqlite(tmp_path, "REAL", [first, datetime(1, 1, 1, tzinfo=UTC).timestamp(), end, end - 1])
+    (snap,) = _refresh(zoned_predictions_settings(url), AS_OF)
+    assert snap.last_prediction_timestamp == first
+    assert snap.future_predictions == 1  # end - 1
+    assert snap.score_stats[0].invalid["bad_timestamp"] == 2
