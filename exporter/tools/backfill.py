@@ -24,7 +24,6 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from exporter.config import Settings
-from exporter.errors import first_line
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import INSTANT_RANGE, Stores
 from exporter.server.collector import MlmonCollector
@@ -150,11 +149,12 @@ class Chunk:
         count and sum of one instant together."""
         rank = {"_bucket": 0, "_count": 1, "_sum": 2}
         for family in self._families.values():
+            n = len(family.name)
             family.samples.sort(
-                key=lambda s, n=len(family.name): (
+                key=lambda s: (
                     sorted((k, v) for k, v in s.labels.items() if k != "le"),
                     s.timestamp,
-                    rank.get(s.name[n:], 3),
+                    rank.get(s.name[n:], 3),  # noqa: B023 (sorted here, within the iteration)
                     float(s.labels.get("le", "0")),
                 )
             )
@@ -209,8 +209,8 @@ def promtool_command(promtool: str, path: Path, data: Path) -> list[str]:
 
 def series_selector(settings: Settings, labels: Mapping[str, str]) -> str:
     """The PromQL selector of mlmon's per-model series the backfill writes."""
-    models = "|".join(re.escape(m.name) for m in settings.models)
-    matchers = [f'__name__=~"mlmon_.+"', f'model=~"{models}"'] + [
+    models = _escape("|".join(re.escape(m.name) for m in settings.models))
+    matchers = ['__name__=~"mlmon_.+"', f'model=~"{models}"'] + [
         f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())
     ]
     return "{" + ",".join(matchers) + "}"
@@ -255,7 +255,7 @@ def existing_samples(promtool: str, data: Path, selector: str, first: datetime, 
             return line.strip()
         error = process.stderr.read()
         if process.wait() != 0:
-            raise BackfillError(f"{shlex.join(command)} failed: {first_line(error) or process.returncode}")
+            raise BackfillError(f"{shlex.join(command)} failed: {error.strip()[-2000:] or process.returncode}")
     return None
 
 
@@ -337,4 +337,3 @@ class Backfill:
         finally:
             evaluator.close()
         return [p for _, _, p in covered(self.output)]
-
