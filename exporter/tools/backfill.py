@@ -282,6 +282,9 @@ class Backfill:
         if self.data is None or not self.data.exists() or not todo:
             return
         assert self.promtool is not None
+        # promtool's dump refuses a directory without a write-ahead log (one promtool wrote,
+        # never served); Prometheus creates the same empty directory when it starts.
+        (self.data / "wal").mkdir(exist_ok=True)
         selector = series_selector(self.settings, self.labels)
         for first, last in runs(todo, self.step):
             line = existing_samples(self.promtool, self.data, selector, first, last)
