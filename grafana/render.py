@@ -2,11 +2,14 @@
 screenshot (Grafana does not run on the machines that build mlmon).
 
     python grafana/render.py --prometheus http://127.0.0.1:9090 [--minutes 30] [--model ctr_feed] [--window 24h]
+        [--end 2018-11-18T00:00:00Z --dashboard mlmon-model --suffix car-loan]
 
-Reads grafana/dashboards/*.json, resolves the variables against that Prometheus as
-Grafana would, runs every panel's queries over the last ``--minutes`` (range queries;
-stats, bar gauges and tables take the last value) and writes docs/images/<uid>.png with
-the panels where the dashboard puts them. Needs matplotlib (the ``dashboards`` extra).
+Reads grafana/dashboards/*.json (or the one of ``--dashboard``), resolves the variables
+against that Prometheus as Grafana would, runs every panel's queries over the ``--minutes``
+before ``--end`` (default: now; range queries; stats, bar gauges and tables take the last
+value) and writes docs/images/<uid>[-<suffix>].png with the panels where the dashboard
+puts them. Needs matplotlib (the ``dashboards`` extra). A backfilled history
+(docs/backfill.md) is drawn with ``--end`` at its end.
 """
 
 from __future__ import annotations
@@ -254,8 +257,10 @@ def draw_table(ax, panel: Panel) -> None:
 DRAW = {"stat": draw_stat, "bargauge": draw_bargauge, "heatmap": draw_heatmap, "table": draw_table}
 
 
-def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h") -> None:
-    end = time.time()
+def render(
+    prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h", end: float | None = None
+) -> None:
+    end = time.time() if end is None else end
     start, step = end - minutes * 60, max(5.0, minutes * 60 / 150)
     wanted = {"model": model, "window": window}
     values = queries.resolve_variables(prometheus, dashboard, wanted)
@@ -308,12 +313,18 @@ def main() -> None:
     parser.add_argument("--model", default="ctr_feed", help="value of the model variable")
     # The README's recommended window: the first in sort order, 1h, holds too few clicks.
     parser.add_argument("--window", default="24h", help="value of the window variable")
+    parser.add_argument("--end", type=datetime.fromisoformat, help="ISO-8601 end of the range (default: now)")
+    parser.add_argument("--dashboard", help="uid of the one dashboard to draw (default: all)")
+    parser.add_argument("--suffix", help="appended to the file name: <uid>-<suffix>.png")
     args = parser.parse_args()
     IMAGES.mkdir(parents=True, exist_ok=True)
+    end = args.end.timestamp() if args.end else None
     for path in sorted((Path(__file__).parent / "dashboards").glob("*.json")):
         dashboard = json.loads(path.read_text())
-        out = IMAGES / f"{dashboard['uid']}.png"
-        render(args.prometheus, dashboard, args.minutes, args.model, out, args.window)
+        if args.dashboard not in (None, dashboard["uid"]):
+            continue
+        out = IMAGES / f"{dashboard['uid']}{'-' + args.suffix if args.suffix else ''}.png"
+        render(args.prometheus, dashboard, args.minutes, args.model, out, args.window, end)
         print(f"wrote {out.relative_to(REPO)} ({out.stat().st_size // 1024} KiB)")
 
 
