@@ -10,6 +10,8 @@ import math
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,6 +64,45 @@ def backfilled(tmp_path_factory):
     binaries = {name: shutil.which(name) for name in ("promtool", "prometheus")}
     require(all(binaries.values()), f"needs promtool and prometheus (Debian package prometheus); found {binaries}")
     tmp = tmp_path_factory.mktemp("backfill")
+    config = _car_loan(tmp)
+    prom_data, output = tmp / "tsdb", tmp / "out"
+    common = ["backfill", "--config", str(config), "--step", "1h", "--output", str(output)]
+    common += ["--prometheus-data", str(prom_data), "--label", "job=mlmon", "--label", "instance=mlmon:9847"]
+    first = _cli(*common, "--from", START.isoformat(), "--to", MIDDLE.isoformat())
+    assert "5 step(s) evaluated, 2 file(s)" in first  # 20:00..00:00: two UTC days
+    second = _cli(*common, "--from", START.isoformat(), "--to", END.isoformat())
+
+    with _serving(prom_data, tmp) as base:
+        yield tmp, config, base, second
+
+
+@contextmanager
+def _serving(data: Path, tmp: Path) -> Iterator[str]:
+    """The real Prometheus on ``data``; yields its base URL."""
+    port = free_port()
+    (tmp / "prometheus.yml").write_text("global: {scrape_interval: 1m}\n")
+    log = tmp / "prometheus.log"
+    process = start_process(
+        [
+            shutil.which("prometheus") or "prometheus",
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={data}",
+            "--storage.tsdb.retention.time=100y",  # the default 15d would delete 2018 at once
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        log,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_answers(f"{base}/-/ready", process, log)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _car_loan(tmp: Path) -> Path:
+    """The car_loan store, its state database with ``RUNS``, and their config, in ``tmp``."""
     url = f"sqlite:///{tmp / 'car_loan.db'}"
     _cli("load", "--url", url, "--table", "predictions", str(DATA / "synthetic_car_loan_analysis.csv"))
     _cli("load", "--url", url, "--table", "labels", str(DATA / "synthetic_car_loan_analysis_target.csv"))
@@ -94,33 +135,7 @@ models:
         save_run(engine, run, pd.Timestamp(trained_at).to_pydatetime())
     engine.dispose()
 
-    prom_data, output = tmp / "tsdb", tmp / "out"
-    common = ["backfill", "--config", str(config), "--step", "1h", "--output", str(output)]
-    common += ["--prometheus-data", str(prom_data), "--label", "job=mlmon", "--label", "instance=mlmon:9847"]
-    first = _cli(*common, "--from", START.isoformat(), "--to", MIDDLE.isoformat())
-    assert "5 step(s) evaluated, 2 file(s)" in first  # 20:00..00:00: two UTC days
-    second = _cli(*common, "--from", START.isoformat(), "--to", END.isoformat())
-
-    port = free_port()
-    (tmp / "prometheus.yml").write_text("global: {scrape_interval: 1m}\n")
-    log = tmp / "prometheus.log"
-    process = start_process(
-        [
-            binaries["prometheus"],
-            f"--config.file={tmp / 'prometheus.yml'}",
-            f"--storage.tsdb.path={prom_data}",
-            "--storage.tsdb.retention.time=100y",  # the default 15d would delete 2018 at once
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        log,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_answers(f"{base}/-/ready", process, log)
-        yield tmp, config, base, second
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return config
 
 
 def _prometheus(base: str) -> dict[pd.Timestamp, dict[tuple, float]]:
@@ -335,3 +350,62 @@ def test_a_failing_source_stops_the_run_and_a_second_run_continues(tmp_path):
     # The counter at 18:00 counts both rows, the one of the first run's day included.
     assert 'mlmon_predictions_total{job="mlmon",model="m"} 2.0 1541872800.0' in text
     assert 'mlmon_predictions_total{job="mlmon",model="m"} 1.0 1541808000.0' in text
+
+
+def test_recording_rules_backfill_from_the_backfilled_series(tmp_path):
+    """docs/backfill.md's step 4, at the default 5-minute step: promtool evaluates the
+    shipped recording rules over the backfilled range through Prometheus's API (at points
+    offset by the rule group's hash, hence a step within the 5-minute look-back) and
+    writes their blocks; given only the recording rules, as the docs say."""
+    require(shutil.which("promtool") and shutil.which("prometheus"), "needs the Debian package prometheus")
+    config = _car_loan(tmp_path)
+    start, end = pd.Timestamp("2018-11-10T00:00Z"), pd.Timestamp("2018-11-10T01:00Z")
+    _cli(
+        *["backfill", "--config", str(config), "--from", start.isoformat(), "--to", end.isoformat()],
+        *["--output", str(tmp_path / "out"), "--prometheus-data", str(tmp_path / "tsdb")],
+    )
+    rules = yaml.safe_load((REPO / "prometheus" / "rules" / "mlmon.yml").read_text())
+    for group in rules["groups"]:
+        group["rules"] = [rule for rule in group["rules"] if "record" in rule]
+    (tmp_path / "recording.yml").write_text(yaml.safe_dump(rules))
+    blocks = tmp_path / "rule-blocks"
+    with _serving(tmp_path / "tsdb", tmp_path) as base:
+        done = subprocess.run(
+            ["promtool", "tsdb", "create-blocks-from", "rules", f"--start={start.isoformat()}"]
+            + [f"--end={end.isoformat()}", f"--url={base}", f"--output-dir={blocks}", str(tmp_path / "recording.yml")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        backfilled = _prometheus_range(base, "mlmon_prediction_score_mean", start, end)
+    (blocks / "wal").mkdir(exist_ok=True)  # promtool's dump wants one
+    dump = subprocess.run(
+        ["promtool", "tsdb", "dump", str(blocks)], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    recorded = [line.rsplit(" ", 2) for line in dump.splitlines()]
+    assert {series.split('"')[1] for series, _, _ in recorded} == {
+        r["record"] for g in rules["groups"] for r in g["rules"]
+    }
+    mean = '{__name__="job_model_window:mlmon_prediction_score_mean:max", job="mlmon", model="car_loan", window="1d"}'
+    points = [
+        (pd.Timestamp(int(stamp), unit="ms", tz="UTC"), float(v)) for series, v, stamp in recorded if series == mean
+    ]
+    assert len(points) >= 50  # one a minute over the hour, from the group's offset on
+    for at, value in points:
+        # The backfilled sample Prometheus looks back to: the last step at or before ``at``.
+        step = max(t for t in backfilled if t <= at)
+        assert at - step < pd.Timedelta(minutes=5)
+        assert value == backfilled[step], at
+
+
+def _prometheus_range(base: str, selector: str, start: pd.Timestamp, end: pd.Timestamp) -> dict[pd.Timestamp, float]:
+    """The samples of the one series of ``selector``, window 1d, at the 5-minute steps."""
+    answer = httpx.get(
+        f"{base}/api/v1/query_range",
+        params={"query": f'{selector}{{window="1d"}}', "start": start.timestamp(), "end": end.timestamp(), "step": 300},
+        timeout=30,
+    ).json()
+    [series] = answer["data"]["result"]
+    return {pd.Timestamp(when, unit="s", tz="UTC"): float(v) for when, v in series["values"]}
