@@ -47,7 +47,7 @@ NOT_HISTORY = frozenset(
 )
 _FILE = re.compile(r"^mlmon-(\d{8}T\d{6}Z)-(\d{8}T\d{6}Z)\.om$")
 _STAMP = "%Y%m%dT%H%M%SZ"
-#: Marker beside a file that promtool has turned into blocks of a data directory.
+#: Marker beside a file that promtool has turned into blocks of the data directory it names.
 IMPORTED = ".imported"
 
 
@@ -298,20 +298,20 @@ class Backfill:
                 )
 
     def import_file(self, path: Path) -> None:
-        """Turn ``path`` into blocks of ``data`` once (a marker file remembers it).
+        """Turn ``path`` into blocks of ``data`` once (a marker file beside it names ``data``).
 
         Raises:
             BackfillError: promtool failed; its message is given.
         """
         marker = path.with_name(path.name + IMPORTED)
-        if self.data is None or marker.exists():
+        if self.data is None or (marker.exists() and marker.read_text().strip() == str(self.data.resolve())):
             return
         assert self.promtool is not None
         command = promtool_command(self.promtool, path, self.data)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BackfillError(f"{shlex.join(command)} failed:\n{(done.stderr or done.stdout)[-2000:]}")
-        marker.write_text(f"{self.data}\n")
+        marker.write_text(f"{self.data.resolve()}\n")
 
     def pending(self) -> list[datetime]:
         """The instants still to evaluate: those of no finished file of ``output``."""

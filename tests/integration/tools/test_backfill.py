@@ -229,6 +229,8 @@ def test_second_run_continues_without_duplicates(backfilled):
         "mlmon-20181110T000000Z-20181110T000000Z.om",
         "mlmon-20181110T010000Z-20181110T030000Z.om",
     ]
+    for f in files:  # each turned into blocks of the data directory once
+        assert f.with_name(f.name + ".imported").read_text() == f"{(tmp / 'tsdb').resolve()}\n"
     seen: set[tuple] = set()
     stamps = set()
     for f in files:
