@@ -172,7 +172,6 @@ def draw_timeseries(ax, panel: Panel, annotations: list[float]) -> None:
         )
     )
     ax.tick_params(labelsize=7)
-    ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%H:%M", tz=UTC))
     if ax.lines:
         ax.legend(fontsize=6, loc="best", ncol=4, framealpha=0.6)
 
@@ -218,7 +217,6 @@ def draw_heatmap(ax, panel: Panel) -> None:
     ticks = range(0, len(series), max(1, len(series) // 8))
     ax.set_yticks(ticks, [series[i]["metric"]["le"] for i in ticks], fontsize=6)
     ax.set_ylabel("score bucket (le)", fontsize=7)
-    ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%H:%M", tz=UTC))
     ax.tick_params(axis="x", labelsize=7)
 
 
@@ -270,8 +268,12 @@ def render(
         if name in values and values[name] != value:
             raise SystemExit(f"{dashboard['uid']}: Prometheus offers no {name}={value} (took {values[name]})")
 
+    # Grafana's $__rate_interval: at least four 15 s scrapes, and more than one step, so
+    # that a rate() over a long range (backfilled history at 5-minute steps) has samples.
+    rate_interval = f"{max(60, int(step) + 15)}s"
+
     def run(expr: str) -> list[dict]:
-        return fetch(prometheus, queries.substitute(expr, values), start, end, step)
+        return fetch(prometheus, queries.substitute(expr, values, rate_interval), start, end, step)
 
     # Annotations with useValueForTime: each distinct value is an event time in ms.
     expressions = [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
@@ -302,6 +304,9 @@ def render(
             draw_timeseries(ax, panel, annotations)
         else:
             DRAW[spec["type"]](ax, panel)
+        if spec["type"] in ("timeseries", "heatmap"):  # days on a range of days
+            clock = "%H:%M" if minutes <= 24 * 60 else "%m-%d"
+            ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter(clock, tz=UTC))
     figure.savefig(path, dpi=72)
     plt.close(figure)
 
