@@ -280,6 +280,8 @@ def backfill(
     start, end = _parse_as_of(from_, settings, "--from"), _parse_as_of(to, settings, "--to")
     if start >= end:
         _fail(f"--from {from_!r} must be before --to {to!r}")
+    if end > utc_now():  # samples ahead of the clock would collide with the scrapes to come
+        _fail(f"--to {to!r} is in the future: backfill the past, up to mlmon's first scrape (docs/backfill.md)")
     try:
         every = parse_duration(step)
     except ValueError as exc:

@@ -103,6 +103,7 @@ def test_selector_matches_the_models_and_target_labels():
     [
         (["--from", "2018-11-10", "--to", "2018-11-10"], "--from '2018-11-10' must be before --to '2018-11-10'"),
         (["--from", "yesterday", "--to", "2018-11-10"], "--from: 'yesterday' is not an ISO-8601 time"),
+        (["--from", "2018-11-09", "--to", "2999-01-01"], "--to '2999-01-01' is in the future"),
         (
             ["--from", "2018-11-09", "--to", "2018-11-10", "--step", "0s"],
             "--step: duration '0s' must be greater than zero",
