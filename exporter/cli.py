@@ -1,8 +1,9 @@
-"""The ``mlmon`` command line: check-config, serve, once, load, demo, report-training."""
+"""The ``mlmon`` command line: check-config, serve, once, backfill, load, demo, report-training."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import datetime
 from importlib.metadata import version as package_version
@@ -96,8 +97,8 @@ def _logging(level: int = logging.INFO) -> None:
     logging.getLogger("alembic").setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
-def _parse_as_of(text: str | None, settings: Settings) -> datetime:
-    """The refresh time ``--as-of`` gives (default: now), in UTC; a usage error (exit 2)
+def _parse_as_of(text: str | None, settings: Settings, option: str = "--as-of") -> datetime:
+    """The refresh time ``option`` gives (default: now), in UTC; a usage error (exit 2)
     when it is no ISO-8601 time or outside ``refresh.as_of_range`` of ``settings``."""
     from exporter.predictions.refresh import as_of_range
 
@@ -106,7 +107,7 @@ def _parse_as_of(text: str | None, settings: Settings) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        _fail(f"--as-of: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
+        _fail(f"{option}: {text!r} is not an ISO-8601 time (e.g. 2019-03-01T12:00:00Z)")
     first, last = as_of_range(settings)
     try:
         in_range = first <= as_utc(value) <= last  # naive times are UTC (docs/configuration.md)
@@ -114,7 +115,7 @@ def _parse_as_of(text: str | None, settings: Settings) -> datetime:
         in_range = False
     if not in_range:
         _fail(
-            f"--as-of: {text!r} is outside the times this config can be computed at, {first.isoformat()} to "
+            f"{option}: {text!r} is outside the times this config can be computed at, {first.isoformat()} to "
             f"{last.isoformat()} (UTC): every window, label_delay and ingestion_delay before it and the minute "
             "after it must lie within 0001-01-02 and 9999-12-31"
         )
@@ -234,6 +235,97 @@ def once(
     ]
     if failed:
         _fail(f"failed source(s): {', '.join(failed)} (see the log above)", code=1)
+
+
+@app.command(short_help="Write Prometheus history of every model from the stores.")
+def backfill(
+    config: ConfigOption,
+    from_: Annotated[str, typer.Option("--from", metavar="TIME", help="ISO-8601 start (inclusive); naive means UTC.")],
+    to: Annotated[str, typer.Option("--to", metavar="TIME", help="ISO-8601 end (exclusive); naive means UTC.")],
+    output: Annotated[
+        Path, typer.Option(metavar="DIR", file_okay=False, help="Directory of the OpenMetrics files (kept to resume).")
+    ],
+    step: Annotated[str, typer.Option(metavar="DURATION", help="Time between two evaluations.")] = "5m",
+    prometheus_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--prometheus-data", metavar="DIR", file_okay=False, help="Prometheus data directory to write blocks into."
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=VALUE",
+            help="Target label of every series, as Prometheus adds when scraping (repeatable; default: job=mlmon).",
+        ),
+    ] = None,
+) -> None:
+    """Evaluate every model at each step in [--from, --to) as `mlmon once --as-of` does and
+    write OpenMetrics files for `promtool tsdb create-blocks-from openmetrics`; with
+    --prometheus-data, run promtool too. Running it again continues an interrupted run.
+
+    Exit code 0 when done, 1 when a source, the state database or promtool failed, 2 for a
+    usage error or data Prometheus already has in the range (docs/backfill.md)."""
+    import shlex
+    import shutil
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from exporter.durations import parse_duration
+    from exporter.tools.backfill import Backfill, BackfillError, OverlapError, promtool_command
+
+    _logging(logging.WARNING)  # a line per step would drown the progress bar
+    settings = _settings(config)
+    start, end = _parse_as_of(from_, settings, "--from"), _parse_as_of(to, settings, "--to")
+    if start >= end:
+        _fail(f"--from {from_!r} must be before --to {to!r}")
+    if end > utc_now():  # samples ahead of the clock would collide with the scrapes to come
+        _fail(f"--to {to!r} is in the future: backfill the past, up to mlmon's first scrape (docs/backfill.md)")
+    try:
+        every = parse_duration(step)
+    except ValueError as exc:
+        _fail(f"--step: {exc}")
+    if every.total_seconds() < 1 or every.total_seconds() % 1:
+        _fail(f"--step: {step!r} must be a whole number of seconds, at least 1 s")
+    labels = {}
+    for item in label if label is not None else ["job=mlmon"]:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name) or name in ("model", "__name__"):
+            _fail(f"--label: {item!r} is not NAME=VALUE with a Prometheus label name other than model")
+        labels[name] = value
+    promtool = shutil.which("promtool")
+    if prometheus_data is not None and promtool is None:
+        _fail("--prometheus-data needs promtool on the PATH (Debian package prometheus)")
+    job = Backfill(settings, start, end, every, output, labels, prometheus_data, promtool)
+    output.mkdir(parents=True, exist_ok=True)
+    todo = job.pending()
+    progress = Progress(
+        TextColumn("backfill"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    try:
+        with progress:
+            task = progress.add_task("backfill", total=len(todo))
+            files = job.run(todo, lambda n: progress.advance(task, n))
+    except OverlapError as exc:
+        _fail(f"mlmon backfill: {exc}")
+    except BackfillError as exc:
+        _fail(f"mlmon backfill: {exc}", code=1)
+    done = len(files)
+    typer.echo(f"{len(todo)} step(s) evaluated, {done} file(s) in {output}")
+    if prometheus_data is not None:
+        typer.echo(f"blocks written into {prometheus_data}")
+    elif files:
+        command = shlex.join(promtool_command("promtool", Path("FILE"), Path("DATA_DIR"))).replace("FILE", '"$f"')
+        typer.echo(
+            "next, with DATA_DIR the Prometheus data directory (docs/backfill.md):\n"
+            f"  for f in {shlex.quote(str(output))}/mlmon-*.om; do {command}; done"
+        )
 
 
 @app.command(cls=_Command, short_help="Load CSV or Parquet files into a table.")

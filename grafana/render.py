@@ -2,11 +2,14 @@
 screenshot (Grafana does not run on the machines that build mlmon).
 
     python grafana/render.py --prometheus http://127.0.0.1:9090 [--minutes 30] [--model ctr_feed] [--window 24h]
+        [--end 2018-11-18T00:00:00Z --dashboard mlmon-model --suffix car-loan]
 
-Reads grafana/dashboards/*.json, resolves the variables against that Prometheus as
-Grafana would, runs every panel's queries over the last ``--minutes`` (range queries;
-stats, bar gauges and tables take the last value) and writes docs/images/<uid>.png with
-the panels where the dashboard puts them. Needs matplotlib (the ``dashboards`` extra).
+Reads grafana/dashboards/*.json (or the one of ``--dashboard``), resolves the variables
+against that Prometheus as Grafana would, runs every panel's queries over the ``--minutes``
+before ``--end`` (default: now; range queries; stats, bar gauges and tables take the last
+value) and writes docs/images/<uid>[-<suffix>].png with the panels where the dashboard
+puts them. Needs matplotlib (the ``dashboards`` extra). A backfilled history
+(docs/backfill.md) is drawn with ``--end`` at its end.
 """
 
 from __future__ import annotations
@@ -169,7 +172,6 @@ def draw_timeseries(ax, panel: Panel, annotations: list[float]) -> None:
         )
     )
     ax.tick_params(labelsize=7)
-    ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%H:%M", tz=UTC))
     if ax.lines:
         ax.legend(fontsize=6, loc="best", ncol=4, framealpha=0.6)
 
@@ -215,7 +217,6 @@ def draw_heatmap(ax, panel: Panel) -> None:
     ticks = range(0, len(series), max(1, len(series) // 8))
     ax.set_yticks(ticks, [series[i]["metric"]["le"] for i in ticks], fontsize=6)
     ax.set_ylabel("score bucket (le)", fontsize=7)
-    ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter("%H:%M", tz=UTC))
     ax.tick_params(axis="x", labelsize=7)
 
 
@@ -254,8 +255,10 @@ def draw_table(ax, panel: Panel) -> None:
 DRAW = {"stat": draw_stat, "bargauge": draw_bargauge, "heatmap": draw_heatmap, "table": draw_table}
 
 
-def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h") -> None:
-    end = time.time()
+def render(
+    prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h", end: float | None = None
+) -> None:
+    end = time.time() if end is None else end
     start, step = end - minutes * 60, max(5.0, minutes * 60 / 150)
     wanted = {"model": model, "window": window}
     values = queries.resolve_variables(prometheus, dashboard, wanted)
@@ -265,8 +268,12 @@ def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Pat
         if name in values and values[name] != value:
             raise SystemExit(f"{dashboard['uid']}: Prometheus offers no {name}={value} (took {values[name]})")
 
+    # Grafana's $__rate_interval: at least four 15 s scrapes, and more than one step, so
+    # that a rate() over a long range (backfilled history at 5-minute steps) has samples.
+    rate_interval = f"{max(60, int(step) + 15)}s"
+
     def run(expr: str) -> list[dict]:
-        return fetch(prometheus, queries.substitute(expr, values), start, end, step)
+        return fetch(prometheus, queries.substitute(expr, values, rate_interval), start, end, step)
 
     # Annotations with useValueForTime: each distinct value is an event time in ms.
     expressions = [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
@@ -297,6 +304,9 @@ def render(prometheus: str, dashboard: dict, minutes: int, model: str, path: Pat
             draw_timeseries(ax, panel, annotations)
         else:
             DRAW[spec["type"]](ax, panel)
+        if spec["type"] in ("timeseries", "heatmap"):  # days on a range of days
+            clock = "%H:%M" if minutes <= 24 * 60 else "%m-%d"
+            ax.xaxis.set_major_formatter(matplotlib.dates.DateFormatter(clock, tz=UTC))
     figure.savefig(path, dpi=72)
     plt.close(figure)
 
@@ -308,12 +318,18 @@ def main() -> None:
     parser.add_argument("--model", default="ctr_feed", help="value of the model variable")
     # The README's recommended window: the first in sort order, 1h, holds too few clicks.
     parser.add_argument("--window", default="24h", help="value of the window variable")
+    parser.add_argument("--end", type=datetime.fromisoformat, help="ISO-8601 end of the range (default: now)")
+    parser.add_argument("--dashboard", help="uid of the one dashboard to draw (default: all)")
+    parser.add_argument("--suffix", help="appended to the file name: <uid>-<suffix>.png")
     args = parser.parse_args()
     IMAGES.mkdir(parents=True, exist_ok=True)
+    end = args.end.timestamp() if args.end else None
     for path in sorted((Path(__file__).parent / "dashboards").glob("*.json")):
         dashboard = json.loads(path.read_text())
-        out = IMAGES / f"{dashboard['uid']}.png"
-        render(args.prometheus, dashboard, args.minutes, args.model, out, args.window)
+        if args.dashboard not in (None, dashboard["uid"]):
+            continue
+        out = IMAGES / f"{dashboard['uid']}{'-' + args.suffix if args.suffix else ''}.png"
+        render(args.prometheus, dashboard, args.minutes, args.model, out, args.window, end)
         print(f"wrote {out.relative_to(REPO)} ({out.stat().st_size // 1024} KiB)")
 
 

@@ -130,14 +130,17 @@ class ModelRefresher:
     counter and its watermark, the last good values of each source, error counts.
     """
 
-    def __init__(self, model: ModelConfig, settings: Settings, stores: Stores):
+    def __init__(self, model: ModelConfig, settings: Settings, stores: Stores, count_from: datetime | None = None):
+        """``count_from``: the counters (``mlmon_predictions_total``, the score histogram)
+        count predictions stamped from then on; ``None`` (``serve``, ``once``): from the
+        first refresh's horizon, i.e. they start at 0 with the process."""
         self.model = model
         self.settings = settings
         self.stores = stores
         self._prediction_queries: PredictionQueries | None = None
         self._label_queries: LabelQueries | None = None
         self._replay_queries: ReplayQueries | None = None
-        self._watermark: datetime | None = None
+        self._watermark: datetime | None = count_from
         self._counter = PredictionCounter(tuple(model.histogram_buckets))
         # Every (source, reason) starts at 0, so that increase() sees the first error.
         self._errors = {(source, reason): 0 for source in model.sources() for reason in ERROR_REASONS}

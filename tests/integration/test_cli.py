@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 
-COMMANDS = ["check-config", "serve", "once", "load", "demo", "report-training"]
+COMMANDS = ["check-config", "serve", "once", "backfill", "load", "demo", "report-training"]
 
 
 def test_version():

@@ -1,0 +1,342 @@
+"""``mlmon backfill``: Prometheus history from the stores (docs/backfill.md).
+
+Every model is evaluated at each step ``from + k * step`` in ``[from, to)`` exactly as
+``mlmon once --as-of`` computes it; the samples of each UTC day go to one OpenMetrics
+file (``mlmon-<first>-<last>.om``, timestamps in seconds, families grouped, each series
+sorted by time, ``# EOF``) that ``promtool tsdb create-blocks-from openmetrics`` turns
+into TSDB blocks. A file is written whole or not at all (written aside, then renamed),
+so a run cut short is continued by running it again: the instants inside the span of an
+existing file are not evaluated twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prometheus_client.core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+from exporter.config import Settings
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import INSTANT_RANGE, Stores
+from exporter.server.collector import MlmonCollector
+from exporter.snapshot import SnapshotStore
+from exporter.training.metrics import TrainingRefresher
+from exporter.training.storage import StateDatabase
+
+log = logging.getLogger(__name__)
+
+#: Series about the exporter process, not about the data: in backfilled history they would
+#: describe the backfill run (its build, its durations, its error counts), so they are left out.
+NOT_HISTORY = frozenset(
+    {
+        "mlmon_build_info",
+        "mlmon_refresh_duration_seconds",
+        "mlmon_refresh_errors_total",
+        "mlmon_state_errors_total",
+        "mlmon_training_errors_total",
+        "mlmon_training_runs_refused_total",
+    }
+)
+_FILE = re.compile(r"^mlmon-(\d{8}T\d{6}Z)-(\d{8}T\d{6}Z)\.om$")
+_STAMP = "%Y%m%dT%H%M%SZ"
+#: Marker beside a file that promtool has turned into blocks of the data directory it names.
+IMPORTED = ".imported"
+
+
+class BackfillError(Exception):
+    """The backfill cannot go on; the message says why and what to do."""
+
+
+class OverlapError(BackfillError):
+    """The Prometheus data directory already holds some of the series in the range."""
+
+
+class Evaluator:
+    """Evaluates every model, and its training runs, at increasing instants.
+
+    The one seam between the backfill and the refresh machinery: today each ``evaluate``
+    is a full ``mlmon once --as-of`` refresh (reflection cached across steps, the counters
+    fed incrementally); the incremental refresh (issue 12) is meant to replace its inside.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._stores = Stores(settings)
+        self._state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
+        # The counters count every prediction stamped before the step's horizon, from the
+        # first instant a store can hold: the same value at an instant whatever range or
+        # resumed run computed it (docs/backfill.md).
+        self._refreshers = [
+            ModelRefresher(model, settings, self._stores, count_from=INSTANT_RANGE[0]) for model in settings.models
+        ]
+        self._training = TrainingRefresher(self._state, settings)
+        self._last: datetime | None = None
+
+    def evaluate(self, at: datetime) -> list[Metric]:
+        """The metric families of every model at ``at`` (timezone-aware, later than the
+        previous call's), as ``mlmon once --as-of`` prints them, without ``NOT_HISTORY``.
+
+        Raises:
+            BackfillError: a source or the state database failed at ``at``, or a model's
+                training runs give no metrics: history with a hole would pass for data.
+        """
+        if self._last is not None and at <= self._last:
+            raise ValueError(f"instants must increase: {at.isoformat()} after {self._last.isoformat()}")
+        self._last = at
+        store = SnapshotStore([m.name for m in self.settings.models])
+        for refresher in self._refreshers:
+            snapshot = refresher.refresh(at)
+            failed = sorted(name for name, status in snapshot.sources.items() if not status.up)
+            if failed:
+                raise BackfillError(
+                    f"at {at.isoformat()}: model {snapshot.model!r}: source(s) {', '.join(failed)} failed (see the log "
+                    "above); fix the store or take the model out of the config, then run the same command again"
+                )
+            store.put(snapshot)
+        training = self._training.refresh(at)
+        if not training.up:
+            raise BackfillError(f"at {at.isoformat()}: reading the state database failed (see the log above)")
+        if bad := sorted(model for model, count in training.model_errors.items() if count):
+            raise BackfillError(
+                f"at {at.isoformat()}: the training runs of model(s) {', '.join(bad)} give no metrics (see the log "
+                "above); delete or replace the bad run, then run the same command again"
+            )
+        store.put_training(training)
+        families = []
+        for family in MlmonCollector(store, self.settings).collect():
+            family.samples = [s for s in family.samples if s.name not in NOT_HISTORY]
+            if family.samples:
+                families.append(family)
+        return families
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._stores.dispose()
+        self._state.engine.dispose()
+
+
+class Chunk:
+    """The samples of several instants, grouped by family, with the target labels added."""
+
+    def __init__(self, labels: Mapping[str, str]):
+        self._labels = dict(labels)
+        self._families: dict[str, Metric] = {}
+        self.instants: list[datetime] = []
+
+    def add(self, at: datetime, families: list[Metric]) -> None:
+        """Add the samples of ``families``, stamped ``at``."""
+        self.instants.append(at)
+        seconds = at.timestamp()
+        for family in families:
+            into = self._families.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            into.samples.extend(
+                s._replace(labels={**self._labels, **s.labels}, timestamp=seconds) for s in family.samples
+            )
+
+    def collect(self) -> list[Metric]:
+        """The families, each series in time order (promtool appends a series' samples in
+        the order read and refuses one older than the previous), a histogram's buckets,
+        count and sum of one instant together."""
+        rank = {"_bucket": 0, "_count": 1, "_sum": 2}
+        for family in self._families.values():
+            n = len(family.name)
+            family.samples.sort(
+                key=lambda s: (
+                    sorted((k, v) for k, v in s.labels.items() if k != "le"),
+                    s.timestamp,
+                    rank.get(s.name[n:], 3),  # noqa: B023 (sorted here, within the iteration)
+                    float(s.labels.get("le", "0")),
+                )
+            )
+        return sorted(self._families.values(), key=lambda f: f.name)
+
+    def write(self, directory: Path) -> Path:
+        """Write the OpenMetrics file of the chunk into ``directory`` (whole or not at all)."""
+        first, last = self.instants[0], self.instants[-1]
+        path = directory / f"mlmon-{first.strftime(_STAMP)}-{last.strftime(_STAMP)}.om"
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(openmetrics(self))
+        partial.replace(path)
+        return path
+
+
+def covered(directory: Path) -> list[tuple[datetime, datetime, Path]]:
+    """``(first, last, path)`` of every finished file of ``directory``: the instants in
+    ``[first, last]`` are done."""
+    spans = []
+    for path in sorted(directory.glob("mlmon-*.om")):
+        if match := _FILE.match(path.name):
+            first, last = (datetime.strptime(s, _STAMP).replace(tzinfo=UTC) for s in match.groups())
+            spans.append((first, last, path))
+    return spans
+
+
+def pending(start: datetime, end: datetime, step: timedelta, done: list[tuple[datetime, datetime, Path]]) -> list:
+    """The instants ``start + k * step`` in ``[start, end)`` outside every span of ``done``."""
+    if step <= timedelta(0):
+        raise BackfillError("--step must be positive")
+    out = []
+    at = start
+    while at < end:
+        if not any(first <= at <= last for first, last, _ in done):
+            out.append(at)
+        at += step
+    return out
+
+
+def by_day(instants: list[datetime]) -> list[list[datetime]]:
+    """``instants`` in runs of one UTC day each: one file, a few TSDB blocks of promtool's 2 h."""
+    days: dict = {}
+    for at in instants:
+        days.setdefault(at.date(), []).append(at)
+    return list(days.values())
+
+
+def promtool_command(promtool: str, path: Path, data: Path) -> list[str]:
+    """The promtool command that turns the OpenMetrics file ``path`` into blocks in ``data``."""
+    return [promtool, "tsdb", "create-blocks-from", "openmetrics", str(path), str(data)]
+
+
+def series_selector(settings: Settings, labels: Mapping[str, str]) -> str:
+    """The PromQL selector of mlmon's per-model series the backfill writes."""
+    models = _escape("|".join(re.escape(m.name) for m in settings.models))
+    matchers = ['__name__=~"mlmon_.+"', f'model=~"{models}"'] + [
+        f'{k}="{_escape(v)}"' for k, v in sorted(labels.items())
+    ]
+    return "{" + ",".join(matchers) + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def runs(instants: list[datetime], step: timedelta) -> list[tuple[datetime, datetime]]:
+    """``(first, last)`` of each run of consecutive instants (``step`` apart)."""
+    out: list[tuple[datetime, datetime]] = []
+    for at in instants:
+        if out and at - out[-1][1] == step:
+            out[-1] = (out[-1][0], at)
+        else:
+            out.append((at, at))
+    return out
+
+
+def existing_samples(promtool: str, data: Path, selector: str, first: datetime, last: datetime) -> str | None:
+    """The first sample line ``promtool tsdb dump`` prints for ``selector`` in ``[first,
+    last]`` from the blocks and the write-ahead log of ``data``, or ``None``.
+
+    Raises:
+        BackfillError: promtool failed.
+    """
+    command = [
+        promtool,
+        "tsdb",
+        "dump",
+        f"--min-time={int(first.timestamp() * 1000)}",
+        f"--max-time={int(last.timestamp() * 1000)}",
+        f"--match={selector}",
+        str(data),
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None and process.stderr is not None
+        line = process.stdout.readline()  # one is enough: the dump of a large range is large
+        if line:
+            process.kill()
+            return line.strip()
+        error = process.stderr.read()
+        if process.wait() != 0:
+            raise BackfillError(f"{shlex.join(command)} failed: {error.strip()[-2000:] or process.returncode}")
+    return None
+
+
+@dataclass
+class Backfill:
+    """One ``mlmon backfill`` run: ``[start, end)`` every ``step`` into ``output``, and
+    into the Prometheus data directory ``data`` when given (with ``promtool``)."""
+
+    settings: Settings
+    start: datetime
+    end: datetime
+    step: timedelta
+    output: Path
+    labels: Mapping[str, str]
+    data: Path | None = None
+    promtool: str | None = None
+
+    def check_overlap(self, todo: list[datetime]) -> None:
+        """Refuse instants for which ``data`` already holds one of the series written.
+
+        Raises:
+            OverlapError: naming the first existing sample and what to do.
+        """
+        if self.data is None or not self.data.exists() or not todo:
+            return
+        assert self.promtool is not None
+        # promtool's dump refuses a directory without a write-ahead log (one promtool wrote,
+        # never served); Prometheus creates the same empty directory when it starts.
+        (self.data / "wal").mkdir(exist_ok=True)
+        selector = series_selector(self.settings, self.labels)
+        for first, last in runs(todo, self.step):
+            line = existing_samples(self.promtool, self.data, selector, first, last)
+            if line is not None:
+                raise OverlapError(
+                    f"{self.data} already holds mlmon series between {first.isoformat()} and {last.isoformat()}, "
+                    f"e.g. {line} (a sample's time in ms after its value). Prometheus keeps one value per series "
+                    "and instant and would mix the two histories: backfill only the time before the existing "
+                    "data (an earlier --to), or give other target labels (--label), or delete those series "
+                    "first (the admin API's delete_series, then clean_tombstones)"
+                )
+
+    def import_file(self, path: Path) -> None:
+        """Turn ``path`` into blocks of ``data`` once (a marker file beside it names ``data``).
+
+        Raises:
+            BackfillError: promtool failed; its message is given.
+        """
+        marker = path.with_name(path.name + IMPORTED)
+        if self.data is None or (marker.exists() and marker.read_text().strip() == str(self.data.resolve())):
+            return
+        assert self.promtool is not None
+        command = promtool_command(self.promtool, path, self.data)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BackfillError(f"{shlex.join(command)} failed:\n{(done.stderr or done.stdout)[-2000:]}")
+        marker.write_text(f"{self.data.resolve()}\n")
+
+    def pending(self) -> list[datetime]:
+        """The instants still to evaluate: those of no finished file of ``output``."""
+        return pending(self.start, self.end, self.step, covered(self.output))
+
+    def run(self, todo: list[datetime], progress: Callable[[int], object]) -> list[Path]:
+        """Evaluate the instants ``todo`` (``pending``), write a file per UTC day, import the files.
+
+        ``progress(advance)`` is called once per instant evaluated.
+
+        Returns: every finished file of ``output`` (those of earlier runs included).
+        Raises:
+            BackfillError: an overlap with ``data``, a failed source, a failed promtool.
+        """
+        self.check_overlap(todo)
+        for path in [p for _, _, p in covered(self.output)]:  # written by a run stopped before promtool
+            self.import_file(path)
+        evaluator = Evaluator(self.settings)
+        try:
+            for day in by_day(todo):
+                chunk = Chunk(self.labels)
+                for at in day:
+                    chunk.add(at, evaluator.evaluate(at))
+                    progress(1)
+                self.import_file(chunk.write(self.output))
+        finally:
+            evaluator.close()
+        return [p for _, _, p in covered(self.output)]
