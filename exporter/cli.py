@@ -15,8 +15,9 @@ import typer
 from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+from exporter.db import safe_url
 from exporter.errors import first_line
-from exporter.predictions.stores import safe_url, utc_now
+from exporter.predictions.stores import utc_now
 from exporter.reasons import SchemaError
 from exporter.training.schema import as_utc
 

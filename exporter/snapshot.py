@@ -7,10 +7,8 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the training side imports this module: no import at run time
-    from exporter.training.metrics import TrainingSnapshot
+from exporter.training.metrics import TrainingState
 
 #: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
 REFUSAL_REASONS = ("max_models",)
@@ -117,18 +115,6 @@ class ModelSnapshot:
     """(source, reason) -> cumulative count."""
     refresh_duration: float | None = None
     last_success: float | None = None
-
-
-@dataclass(frozen=True)
-class TrainingState:
-    """Training snapshots by model (``exporter.training.metrics.TrainingSnapshot``), whether the
-    last read of the state database succeeded, its error counts by reason, and by model
-    the refreshes in which that model's runs gave no snapshot."""
-
-    models: Mapping[str, TrainingSnapshot] = field(default_factory=dict)
-    up: bool | None = None
-    errors: Mapping[str, int] = field(default_factory=dict)
-    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class SnapshotStore:

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
 from exporter.monitoring_math import LOGLOSS_EPS
 from exporter.predictions.stores import TimeColumn
-from exporter.training.schema import VERSION_MAX_LENGTH
+from exporter.versions import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
@@ -387,7 +387,7 @@ class PredictionQueries:
         if self.replays_by_lookup(replays):
             # Each window row looks its replays up in the index: linear in the window's rows,
             # whereas the hash join the refresh transaction's planner settings leave
-            # (stores.timed_connection) would read the whole replay table. OFFSET 0 keeps
+            # (db.timed_connection) would read the whole replay table. OFFSET 0 keeps
             # PostgreSQL from flattening the lookup back into a join it would plan by statistics.
             lookup = sa.select(replays.score.label("score")).where(replays.id == rows.c.id).offset(0).lateral("replay")
             source, offline = rows.join(lookup, sa.true()), lookup.c.score

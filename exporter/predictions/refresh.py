@@ -18,6 +18,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from exporter.config import ModelConfig, Settings
+from exporter.db import timed_connection
 from exporter.durations import parse_duration
 from exporter.errors import first_line
 from exporter.monitoring_math import (
@@ -36,7 +37,6 @@ from exporter.predictions.stores import (
     reflect_table,
     require_same_id_kind,
     time_column,
-    timed_connection,
     timestamp_types,
 )
 from exporter.reasons import ERROR_REASONS, SchemaError, classify_error
@@ -48,7 +48,7 @@ from exporter.snapshot import (
     ScoreStats,
     SourceStatus,
 )
-from exporter.training.schema import VERSION_MAX_LENGTH
+from exporter.versions import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
 

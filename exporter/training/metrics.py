@@ -8,7 +8,7 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
@@ -19,7 +19,6 @@ from exporter.config import Settings
 from exporter.errors import error_lines, first_line
 from exporter.monitoring_math import population_stability_index
 from exporter.reasons import ERROR_REASONS, classify_error
-from exporter.snapshot import TrainingState
 from exporter.training.schema import OTHER, FeatureSummary
 from exporter.training.storage import StateDatabase, StoredRun, load_histories
 
@@ -47,6 +46,18 @@ class TrainingSnapshot:
         if version is None:
             return self.newest.validation_logloss
         return next((run.validation_logloss for run in self.history if run.version == version), None)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Training snapshots by model, whether the
+    last read of the state database succeeded, its error counts by reason, and by model
+    the refreshes in which that model's runs gave no snapshot."""
+
+    models: Mapping[str, TrainingSnapshot] = field(default_factory=dict)
+    up: bool | None = None
+    errors: Mapping[str, int] = field(default_factory=dict)
+    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:

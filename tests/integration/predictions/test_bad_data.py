@@ -22,8 +22,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
-from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
+from exporter.training.schema import TrainingRun
 from exporter.training.storage import StateDatabase, save_run
+from exporter.versions import VERSION_MAX_LENGTH
 from tests.conftest import model_settings, refresh_once
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)

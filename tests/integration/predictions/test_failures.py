@@ -114,7 +114,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
 
 
 def test_a_source_reads_one_snapshot(tmp_path, postgres_engine):
-    from exporter.predictions.stores import create_store_engine, timed_connection
+    from exporter.db import create_store_engine, timed_connection
 
     sqlite = create_store_engine(f"sqlite:///{tmp_path}/s.sqlite")
     with timed_connection(sqlite, 5) as conn:

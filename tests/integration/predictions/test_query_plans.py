@@ -2,7 +2,7 @@
 
 Tables loaded and queried before ANALYZE (``autovacuum_enabled = false`` keeps autovacuum
 from analyzing them during the test) make PostgreSQL guess a window of a few rows and join
-by nested loops; mlmon's refresh transaction forbids them (``stores.timed_connection``).
+by nested loops; mlmon's refresh transaction forbids them (``db.timed_connection``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import parse_settings
+from exporter.db import timed_connection
 from exporter.predictions.queries import PredictionQueries, ReplayQueries
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import Stores, TimeColumn, timed_connection
+from exporter.predictions.stores import Stores, TimeColumn
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 N = 20_000
