@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from exporter.health import SourceStatus
 from exporter.training.metrics import TrainingState
 
 #: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
@@ -87,14 +88,6 @@ class PredictionCounter:
 
 
 @dataclass(frozen=True)
-class SourceStatus:
-    """Whether the last refresh of a source succeeded, and when it last did (epoch seconds)."""
-
-    up: bool
-    last_success: float | None
-
-
-@dataclass(frozen=True)
 class ModelSnapshot:
     """Everything exported for one model after one refresh.
 
@@ -108,7 +101,7 @@ class ModelSnapshot:
     score_stats: tuple[ScoreStats, ...] = ()
     last_prediction_timestamp: float | None = None
     future_predictions: int | None = None
-    """Prediction rows stamped ``refresh.FUTURE_TOLERANCE`` or more after the refresh time."""
+    """Prediction rows stamped ``sources.FUTURE_TOLERANCE`` or more after the refresh time."""
     online: tuple[OnlineAccuracy, ...] = ()
     replays: tuple[Reproducibility, ...] = ()
     errors: Mapping[tuple[str, str], int] = field(default_factory=dict)

@@ -9,7 +9,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 import sqlalchemy as sa
@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from exporter.config import Settings
 from exporter.errors import error_lines, first_line
+from exporter.health import SourceHealth
 from exporter.monitoring_math import population_stability_index
-from exporter.reasons import ERROR_REASONS, classify_error
+from exporter.reasons import classify_error
 from exporter.training.schema import OTHER, FeatureSummary
 from exporter.training.storage import StateDatabase, StoredRun, load_histories
 
@@ -239,26 +240,30 @@ class TrainingRefresher:
     """Reads every model's training snapshot from the state database on each refresh.
 
     Like a failing source, a failing state database keeps its last snapshots, here for
-    ``training.staleness`` (``mlmon_state_up`` 0, error counted), then drops them.
-    A model whose runs cannot be turned into metrics has none (its failed refreshes
-    counted per model, the error logged once until it changes); the others are exported.
-    ``stalled`` may be called from another thread while ``refresh`` hangs.
+    ``training.staleness`` (``mlmon_state_up`` 0, error counted; ``exporter.health``), then
+    drops them. A model whose runs cannot be turned into metrics has none (its failed
+    refreshes counted per model, the error logged once until it changes); the others are
+    exported. ``stalled`` may be called from another thread while ``refresh`` hangs.
     """
+
+    name = "training runs"
 
     def __init__(self, state: StateDatabase, settings: Settings):
         self.state = state
         self.settings = settings
-        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self._health: SourceHealth[dict[str, TrainingSnapshot]] = SourceHealth(settings.training.staleness)
         self._model_errors: dict[str, int] = {}
         self._logged: dict[str, str] = {}  # model -> the error last logged for it
-        self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
-        self._stall_counted = False  # stalled() counted the running refresh's timeout
         self._lock = threading.Lock()
+
+    def deadline(self) -> timedelta:
+        """How long a refresh may run before it is reported stalled (``Settings.refresh_deadline``)."""
+        return self.settings.refresh_deadline
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
         with self._lock:
-            self._stall_counted = False
+            self._health.started()
         try:
             snapshots, failures = load_training_snapshots(
                 self.state.ready(), self.settings.training.history_versions, now
@@ -266,11 +271,13 @@ class TrainingRefresher:
         except Exception as exc:  # failures are data, as for the prediction stores
             self.state.failed()
             log.warning("state database: reading training runs failed: %s", first_line(exc))
-            return self._failed(now, classify_error(exc))
+            with self._lock:
+                self._health.failed(classify_error(exc))
+                return self._state(now, up=False)
         with self._lock:
             self._count_model_failures(snapshots, failures)
-            self._last_good = (now.timestamp(), snapshots)
-            return TrainingState(snapshots, True, dict(self._errors), dict(self._model_errors))
+            self._health.succeeded(now.timestamp(), snapshots)
+            return self._state(now, up=True)
 
     def _count_model_failures(self, snapshots: dict[str, TrainingSnapshot], failures: dict[str, Exception]) -> None:
         # Every model with runs has its counter, 0 before any failure (so that rate() sees
@@ -290,17 +297,11 @@ class TrainingRefresher:
 
     def stalled(self, now: datetime) -> TrainingState:
         """The state to publish while a refresh is still running past its deadline: one
-        ``timeout`` counted per refresh, however often it is reported stalled, and not
-        another error when it then fails."""
-        return self._failed(now, "timeout")
-
-    def _failed(self, now: datetime, reason: str) -> TrainingState:
+        ``timeout`` counted per refresh (``SourceHealth.stalled``)."""
         with self._lock:
-            if not self._stall_counted:
-                self._errors[reason] += 1
-            self._stall_counted = self._stall_counted or reason == "timeout"
-            fresh = {}
-            staleness = self.settings.training.staleness.total_seconds()
-            if self._last_good and now.timestamp() - self._last_good[0] <= staleness:
-                fresh = self._last_good[1]
-            return TrainingState(fresh, False, dict(self._errors), dict(self._model_errors))
+            self._health.stalled()
+            return self._state(now, up=False)
+
+    def _state(self, now: datetime, up: bool) -> TrainingState:
+        fresh = self._health.fresh(now.timestamp()) or {}
+        return TrainingState(fresh, up, dict(self._health.errors), dict(self._model_errors))

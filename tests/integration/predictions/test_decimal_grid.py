@@ -67,7 +67,7 @@ def test_every_value_with_at_most_k_decimals_is_the_lower_edge_of_its_own_bucket
         model = settings.models[0].model_copy(update={"bucket_decimals": k})
         stores = Stores(settings)
         try:
-            q = ModelRefresher(model, settings, stores)._predictions()
+            q = ModelRefresher(model, settings, stores).predictions.queries()
             with stores.engine("s").connect() as conn:
                 rows = sorted(conn.execute(q.histogram(AS_OF - timedelta(hours=1), AS_OF)).all(), key=lambda r: r.key)
         finally:
@@ -101,7 +101,7 @@ def test_neighbours_of_the_edges_fall_on_the_right_side(store):
     settings = _with(_settings(url, schema, labels=False), bucket_decimals=k)
     stores = Stores(settings)
     try:
-        q = ModelRefresher(settings.models[0], settings, stores)._predictions()
+        q = ModelRefresher(settings.models[0], settings, stores).predictions.queries()
         keyed = sa.select(q.rows(AS_OF - timedelta(hours=1), AS_OF)).subquery()
         stmt = sa.select(keyed.c.id, q._key(keyed.c.score))
         with stores.engine("s").connect() as conn:

@@ -159,7 +159,7 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
     loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     release = threading.Event()
     refresher = loop.refreshers[0]
-    real_labels = refresher._refresh_labels
+    real_labels = refresher.sources["labels"].run
     calls = []
 
     def hang_on_second_call(as_of):  # the first refresh succeeds, the second hangs
@@ -168,7 +168,7 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
             release.wait(30)
         return real_labels(as_of)
 
-    refresher._refresh_labels = hang_on_second_call
+    refresher.sources["labels"].run = hang_on_second_call
 
     async def scenario():
         loop.start()
@@ -463,7 +463,7 @@ def test_stop_waits_for_a_running_refresh_so_that_its_connection_closes(tmp_path
     stores = Stores(settings)
     loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     refresher = loop.refreshers[0]
-    real_labels = refresher._refresh_labels
+    real_labels = refresher.sources["labels"].run
     inside, release = threading.Event(), threading.Event()
 
     def slow_labels(as_of):  # a long refresh: a connection of the store open all along
@@ -473,7 +473,7 @@ def test_stop_waits_for_a_running_refresh_so_that_its_connection_closes(tmp_path
             release.wait(work_seconds)
         return real_labels(as_of)
 
-    refresher._refresh_labels = slow_labels
+    refresher.sources["labels"].run = slow_labels
 
     async def scenario() -> float:
         loop.start()

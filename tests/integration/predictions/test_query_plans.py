@@ -180,7 +180,7 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
         diff = np.abs(scores - replays)
         assert replay.ratio == pytest.approx(np.mean(diff <= 1e-6 + 1e-6 * np.maximum(scores, replays)), abs=1e-15)
 
-        q, label_q, replay_q = refresher._predictions(), refresher._labels(), refresher._replays()
+        q, label_q, replay_q = (refresher.sources[name].queries() for name in ("predictions", "labels", "replays"))
         start, end = AS_OF - timedelta(days=30), AS_OF
         statements = {
             "histogram": q.histogram(start, end),

@@ -135,5 +135,5 @@ def test_unique_ids_found_in_the_schema(tmp_path, key):
     stores = Stores(settings)
     refresher = ModelRefresher(settings.models[0], settings, stores)
     refresher.check_schema()
-    assert refresher._prediction_queries.unique_ids is (key != "none")  # no duplicate search when unique
+    assert refresher.predictions.queries().unique_ids is (key != "none")  # no duplicate search when unique
     stores.dispose()
