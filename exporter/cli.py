@@ -229,7 +229,7 @@ def once(
     _logging()
     settings = _settings(config)
     store = refresh_all(settings, _parse_as_of(as_of, settings))
-    sys.stdout.write(render(build_registry(store, settings)).decode())
+    sys.stdout.write(render(build_registry(store, settings.thresholds)).decode())
     failed = [
         f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up
     ]

@@ -15,10 +15,10 @@ import numpy as np
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from exporter.config import Settings
+from exporter.config import Settings, TrainingSettings
 from exporter.errors import error_lines, first_line
 from exporter.health import SourceHealth
-from exporter.monitoring_math import population_stability_index
+from exporter.monitoring_math import population_stability_index, ratio
 from exporter.reasons import classify_error
 from exporter.training.schema import OTHER, FeatureSummary
 from exporter.training.storage import StateDatabase, StoredRun, load_histories
@@ -29,18 +29,44 @@ DECILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
 
 @dataclass(frozen=True)
+class ChangeRatios:
+    """The newest run's value / a baseline run's value (``monitoring_math.ratio``: ``None``
+    when either is missing or the baseline is 0)."""
+
+    training_rows: float | None
+    offline_logloss: float | None
+    offline_roc_auc: float | None
+
+
+@dataclass(frozen=True)
+class FeatureSeries:
+    """The exported series of one feature of the newest run: its missing share, mean
+    (numeric features), its largest category shares (at most ``training.max_categories``,
+    largest first, ties by name) and its PSI against the previous version (``None``:
+    undefined or no previous version)."""
+
+    name: str
+    missing_ratio: float
+    mean: float | None
+    categories: tuple[tuple[str, float], ...]
+    psi: float | None
+
+
+@dataclass(frozen=True)
 class TrainingSnapshot:
     """One model's training metrics. ``history`` is newest first (at most the configured
-    number of versions); ``baselines`` maps ``previous_version`` and ``30d`` to their run
-    when it exists; ``feature_psi`` holds the features whose PSI against the previous
-    version is defined."""
+    number of versions); ``change_ratios`` maps ``previous_version`` and ``30d`` to the
+    newest run's ratios against that run when it exists; ``features`` holds at most
+    ``training.max_features`` features (by name), and ``over_limit`` counts the ``feature``
+    and ``category`` series left out by the caps, so that label cardinality is bounded
+    whatever a training run holds."""
 
     model: str
     newest: StoredRun
-    baselines: Mapping[str, StoredRun]
     history: tuple[StoredRun, ...]
-    features: tuple[FeatureSummary, ...]
-    feature_psi: Mapping[str, float]
+    change_ratios: Mapping[str, ChangeRatios]
+    features: tuple[FeatureSeries, ...]
+    over_limit: Mapping[str, int]
 
     def validation_logloss(self, version: str | None) -> float | None:
         """Offline log loss of ``version`` (``None``: the newest), if it is in the history."""
@@ -188,28 +214,44 @@ def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | N
     return population_stability_index(expected, actual)
 
 
-def training_snapshot(model: str, recent: list[StoredRun], month_ago: StoredRun | None) -> TrainingSnapshot:
+def training_snapshot(
+    model: str, recent: list[StoredRun], month_ago: StoredRun | None, limits: TrainingSettings
+) -> TrainingSnapshot:
     """Build a model's snapshot from its newest runs (newest first, the first two with
-    bodies) and its 30-day baseline."""
+    bodies) and its 30-day baseline, its features capped by ``limits``."""
     newest = recent[0]
     baselines = {"previous_version": recent[1]} if len(recent) > 1 else {}
     if month_ago is not None:
         baselines["30d"] = month_ago
-    features = tuple(newest.run.features) if newest.run else ()
-    psi = {}
-    if len(recent) > 1 and recent[1].run is not None:
-        previous = {f.name: f for f in recent[1].run.features}
-        for feature in features:
-            value = feature_psi(previous[feature.name], feature) if feature.name in previous else None
-            if value is not None:
-                psi[feature.name] = value
-    return TrainingSnapshot(model, newest, baselines, tuple(recent), features, psi)
+    changes = {
+        name: ChangeRatios(
+            ratio(newest.training_rows, run.training_rows),
+            ratio(newest.validation_logloss, run.validation_logloss),
+            ratio(newest.validation_roc_auc, run.validation_roc_auc),
+        )
+        for name, run in baselines.items()
+    }
+    features = sorted(newest.run.features if newest.run else (), key=lambda f: f.name)
+    previous = {f.name: f for f in recent[1].run.features} if len(recent) > 1 and recent[1].run is not None else {}
+    over = {"feature": max(0, len(features) - limits.max_features), "category": 0}
+    series = []
+    for feature in features[: limits.max_features]:
+        categories = sorted(feature.categories.items(), key=lambda item: (-item[1], item[0]))
+        over["category"] += max(0, len(categories) - limits.max_categories)
+        psi = feature_psi(previous[feature.name], feature) if feature.name in previous else None
+        series.append(
+            FeatureSeries(
+                feature.name, feature.missing_ratio, feature.mean, tuple(categories[: limits.max_categories]), psi
+            )
+        )
+    return TrainingSnapshot(model, newest, tuple(recent), changes, tuple(series), over)
 
 
 def load_training_snapshots(
-    engine: sa.Engine, versions: int, as_of: datetime
+    engine: sa.Engine, limits: TrainingSettings, as_of: datetime
 ) -> tuple[dict[str, TrainingSnapshot], dict[str, Exception]]:
-    """Every model's training snapshot from the runs trained at or before ``as_of``.
+    """Every model's training snapshot from the runs trained at or before ``as_of``: the
+    newest ``limits.history_versions`` versions, features capped by ``limits``.
 
     Returns:
         (snapshot by model, the exception by model whose runs could not be read or turned
@@ -218,11 +260,11 @@ def load_training_snapshots(
     Raises:
         sqlalchemy.exc.SQLAlchemyError: the state database failed.
     """
-    histories, failures = load_histories(engine, versions, as_of)
+    histories, failures = load_histories(engine, limits.history_versions, as_of)
     snapshots = {}
     for model, history in histories.items():
         try:
-            snapshots[model] = training_snapshot(model, history.recent, history.month_ago)
+            snapshots[model] = training_snapshot(model, history.recent, history.month_ago, limits)
         except Exception as exc:  # a bug guard per model: its data must not stop the others
             failures[model] = exc
     return snapshots, failures
@@ -265,9 +307,7 @@ class TrainingRefresher:
         with self._lock:
             self._health.started()
         try:
-            snapshots, failures = load_training_snapshots(
-                self.state.ready(), self.settings.training.history_versions, now
-            )
+            snapshots, failures = load_training_snapshots(self.state.ready(), self.settings.training, now)
         except Exception as exc:  # failures are data, as for the prediction stores
             self.state.failed()
             log.warning("state database: reading training runs failed: %s", first_line(exc))

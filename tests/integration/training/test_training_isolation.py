@@ -54,7 +54,7 @@ def exposition(refresher: TrainingRefresher, settings, now=NOW) -> dict:
     """(name, frozenset of labels) -> value of the training refresh at ``now``, rendered."""
     store = SnapshotStore([])
     store.put_training(refresher.refresh(now))
-    text = render(build_registry(store, settings)).decode()
+    text = render(build_registry(store, settings.thresholds)).decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -310,7 +310,7 @@ def test_runs_of_more_models_than_training_max_models_are_refused_and_counted(st
         )  # known model
         assert client.post("/api/v1/training-runs", json=body(model="b")).status_code == 200  # the same run again
         assert client.get("/api/v1/models").json() == {"models": ["a", "b"]}
-        text = render(build_registry(app.state.snapshots, settings)).decode()
+        text = render(build_registry(app.state.snapshots, settings.thresholds)).decode()
         assert 'mlmon_training_runs_refused_total{reason="max_models"} 1.0' in text.splitlines()
         assert client.delete("/api/v1/models/b/versions/v1").status_code == 200  # room for one more
         assert client.post("/api/v1/training-runs", json=body(model="c")).status_code == 201

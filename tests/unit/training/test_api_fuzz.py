@@ -106,7 +106,7 @@ def test_every_run_the_api_accepts_is_refreshed_and_never_stops_other_models(tmp
         assert training.up, run
         store = SnapshotStore([])
         store.put_training(training)
-        text = render(build_registry(store, config)).decode()
+        text = render(build_registry(store, config.thresholds)).decode()
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text)
