@@ -150,8 +150,8 @@ def check_config(config: ConfigOption) -> None:
                 key = "url" if store.url is not None else "url_file"
                 problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
         for i, model in enumerate(settings.models):
-            refresher = ModelRefresher(model, settings, stores)
-            work = worst_case_duration(model, settings)
+            refresher = ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores)
+            work = worst_case_duration(model, settings.query_timeout)
             if refresher.deadline() < work:
                 typer.echo(
                     f"warning: refresh_timeout: {refresher.deadline().total_seconds():g} s is shorter than the "

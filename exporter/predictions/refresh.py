@@ -13,7 +13,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from exporter.config import ModelConfig, Settings
+from exporter.config import ModelConfig, RefreshPolicy, Settings
 from exporter.durations import parse_duration
 from exporter.errors import first_line
 from exporter.health import SourceStatus
@@ -64,11 +64,11 @@ def worst_case_queries(model: ModelConfig) -> int:
     return count
 
 
-def worst_case_duration(model: ModelConfig, settings: Settings) -> timedelta:
+def worst_case_duration(model: ModelConfig, query_timeout: timedelta) -> timedelta:
     """The longest a refresh of ``model`` takes without any query timing out:
     ``worst_case_queries`` statements and one connection per source, each up to
     ``query_timeout`` (waiting for a free pooled connection not counted)."""
-    return (worst_case_queries(model) + len(model.sources())) * settings.query_timeout
+    return (worst_case_queries(model) + len(model.sources())) * query_timeout
 
 
 class ModelRefresher:
@@ -80,11 +80,11 @@ class ModelRefresher:
     between refreshes, the predictions source also the prediction counter.
     """
 
-    def __init__(self, model: ModelConfig, settings: Settings, stores: Stores):
+    def __init__(self, model: ModelConfig, key_path: str, policy: RefreshPolicy, stores: Stores):
+        """``key_path`` is the model's config path (``models[i]``), named by schema errors."""
         self.model = model
-        self.settings = settings
-        index = [m.name for m in settings.models].index(model.name)
-        args = (model, f"models[{index}]", stores, settings.query_timeout, settings.staleness_period)
+        self.policy = policy
+        args = (model, key_path, stores, policy.query_timeout, policy.staleness)
         self.predictions = PredictionsSource(*args)
         self.sources: dict[str, Source[Any, Any]] = {"predictions": self.predictions}
         if model.labels is not None:
@@ -185,10 +185,10 @@ class ModelRefresher:
         or the longest a refresh that works may take, at least one refresh interval plus
         one query timeout: ``worst_case_queries`` statements and a connection per source,
         each up to ``query_timeout``."""
-        if self.settings.refresh_timeout is not None:
-            return self.settings.refresh_timeout
-        work = worst_case_duration(self.model, self.settings)
-        return max(self.settings.refresh_interval + self.settings.query_timeout, work)
+        if self.policy.refresh_timeout is not None:
+            return self.policy.refresh_timeout
+        work = worst_case_duration(self.model, self.policy.query_timeout)
+        return max(self.policy.interval + self.policy.query_timeout, work)
 
     def _snapshot(self, now: float, sources: dict[str, SourceStatus]) -> ModelSnapshot:
         predictions = self.predictions.health.fresh(now)

@@ -93,8 +93,11 @@ class RefreshLoop:
     def __init__(self, settings: Settings, store: SnapshotStore, stores: Stores, state: StateDatabase):
         self.interval = settings.refresh_interval
         self.store = store
-        self.refreshers = [ModelRefresher(model, settings, stores) for model in settings.models]
-        self.training = TrainingRefresher(state, settings)
+        policy = settings.refresh_policy
+        self.refreshers = [
+            ModelRefresher(model, f"models[{i}]", policy, stores) for i, model in enumerate(settings.models)
+        ]
+        self.training = TrainingRefresher(state, settings.training, policy)
         self._training_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._running: set[asyncio.Future] = set()
@@ -179,9 +182,10 @@ def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
     stores = Stores(settings)
     state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     try:
-        for model in settings.models:
-            store.put(ModelRefresher(model, settings, stores).refresh(as_of))
-        store.put_training(TrainingRefresher(state, settings).refresh(as_of))
+        policy = settings.refresh_policy
+        for i, model in enumerate(settings.models):
+            store.put(ModelRefresher(model, f"models[{i}]", policy, stores).refresh(as_of))
+        store.put_training(TrainingRefresher(state, settings.training, policy).refresh(as_of))
     finally:
         stores.dispose()
         state.engine.dispose()

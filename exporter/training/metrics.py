@@ -15,7 +15,7 @@ import numpy as np
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from exporter.config import Settings, TrainingSettings
+from exporter.config import RefreshPolicy, TrainingSettings
 from exporter.errors import error_lines, first_line
 from exporter.health import SourceHealth
 from exporter.monitoring_math import population_stability_index, ratio
@@ -290,24 +290,25 @@ class TrainingRefresher:
 
     name = "training runs"
 
-    def __init__(self, state: StateDatabase, settings: Settings):
+    def __init__(self, state: StateDatabase, training: TrainingSettings, policy: RefreshPolicy):
         self.state = state
-        self.settings = settings
-        self._health: SourceHealth[dict[str, TrainingSnapshot]] = SourceHealth(settings.training.staleness)
+        self.training = training
+        self.policy = policy
+        self._health: SourceHealth[dict[str, TrainingSnapshot]] = SourceHealth(training.staleness)
         self._model_errors: dict[str, int] = {}
         self._logged: dict[str, str] = {}  # model -> the error last logged for it
         self._lock = threading.Lock()
 
     def deadline(self) -> timedelta:
-        """How long a refresh may run before it is reported stalled (``Settings.refresh_deadline``)."""
-        return self.settings.refresh_deadline
+        """How long a refresh may run before it is reported stalled (``RefreshPolicy.deadline``)."""
+        return self.policy.deadline
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
         with self._lock:
             self._health.started()
         try:
-            snapshots, failures = load_training_snapshots(self.state.ready(), self.settings.training, now)
+            snapshots, failures = load_training_snapshots(self.state.ready(), self.training, now)
         except Exception as exc:  # failures are data, as for the prediction stores
             self.state.failed()
             log.warning("state database: reading training runs failed: %s", first_line(exc))

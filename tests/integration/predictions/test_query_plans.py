@@ -147,7 +147,7 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
     settings = _settings(url, schema)
     stores = Stores(settings)
     try:
-        refresher = ModelRefresher(settings.models[0], settings, stores)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         started = time.perf_counter()
         snap = refresher.refresh(AS_OF)
         elapsed = time.perf_counter() - started

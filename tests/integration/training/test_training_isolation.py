@@ -115,7 +115,11 @@ def test_the_edges_of_the_trained_at_range_are_stored_and_exported(state_url, tr
         assert client.post("/api/v1/training-runs", json=body(trained_at=trained_at)).status_code == 201
         assert client.post("/api/v1/training-runs", json=body(model="steady", version="s1")).status_code == 201
     database = StateDatabase(state_url)
-    got = exposition(TrainingRefresher(database, settings), settings, now=datetime(9999, 1, 1, tzinfo=UTC))
+    got = exposition(
+        TrainingRefresher(database, settings.training, settings.refresh_policy),
+        settings,
+        now=datetime(9999, 1, 1, tzinfo=UTC),
+    )
     database.engine.dispose()
     expected = datetime.fromisoformat(trained_at).timestamp()
     assert value(got, "mlmon_model_trained_timestamp_seconds", model="ctr") == expected
@@ -138,7 +142,7 @@ def test_a_stored_run_the_api_now_refuses_is_isolated_to_its_model_and_deleted_b
     store_bypassing_validation(engine, body(model="ancient", version="year-1", trained_at="0001-01-10T00:00:00+00:00"))
     # and a newest run of ctr that today's validation refuses
     store_bypassing_validation(engine, body(model="ctr", version="bad-logloss", validation_logloss=-1.0))
-    refresher = TrainingRefresher(database, settings)
+    refresher = TrainingRefresher(database, settings.training, settings.refresh_policy)
     with caplog.at_level(logging.WARNING, logger="exporter.training.metrics"):
         first = exposition(refresher, settings)
         second = exposition(refresher, settings)
@@ -196,7 +200,7 @@ def test_a_failing_psi_computation_is_isolated_or_computed(state_url):
             assert sent.status_code == 201, sent.text
         assert client.post("/api/v1/training-runs", json=body(model="steady", version="s1")).status_code == 201
     database = StateDatabase(state_url)
-    got = exposition(TrainingRefresher(database, settings), settings)
+    got = exposition(TrainingRefresher(database, settings.training, settings.refresh_policy), settings)
     database.engine.dispose()
     assert value(got, "mlmon_state_up") == 1
     assert value(got, "mlmon_training_rows", model="steady") == 1000
@@ -214,7 +218,7 @@ def test_a_change_ratio_that_overflows_is_absent_not_inf(state_url):
         NOW,
     )
     save_run(database.ready(), TrainingRun(**body(version="b", validation_logloss=1e308)), NOW)
-    got = exposition(TrainingRefresher(database, settings), settings)
+    got = exposition(TrainingRefresher(database, settings.training, settings.refresh_policy), settings)
     database.engine.dispose()
     assert math.isinf(1e308 / 1e-308)  # in float arithmetic the ratio is +Inf: undefined
     assert value(got, "mlmon_offline_logloss_change_ratio", model="ctr", baseline="previous_version") is None
@@ -322,7 +326,8 @@ def test_a_hung_training_refresh_counts_one_timeout(postgres_schema, postgres_en
     url, schema = postgres_schema
     database = StateDatabase(f"{url}?options=-csearch_path%3D{schema}", timeout=2)
     save_run(database.ready(), TrainingRun(**body()), NOW)
-    refresher = TrainingRefresher(database, settings_for(url))
+    settings = settings_for(url)
+    refresher = TrainingRefresher(database, settings.training, settings.refresh_policy)
     assert refresher.refresh(NOW).up
     with stalled_on_a_lock(
         postgres_engine, schema, "mlmon_training_runs", lambda: refresher.refresh(NOW), "the training refresh"
