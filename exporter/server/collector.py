@@ -259,7 +259,9 @@ METRICS = {
 def _emit(families: dict[str, Metric], name: str, labels: list[str], value: float | None) -> None:
     # An undefined number is absent, never exported as NaN: NaN would pass for a value.
     if value is not None and not math.isnan(value):
-        families[name].add_metric(labels, value)
+        family = families[name]
+        assert isinstance(family, GaugeMetricFamily | CounterMetricFamily), name  # one value per sample
+        family.add_metric(labels, value)
 
 
 def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
@@ -277,7 +279,9 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
     buckets = [(repr(float(b)), c) for b, c in zip(counter.bounds, cumulative, strict=False)] + [
         ("+Inf", counter.total)
     ]
-    families["mlmon_prediction_score"].add_metric([m], buckets, counter.score_sum)
+    histogram = families["mlmon_prediction_score"]
+    assert isinstance(histogram, HistogramMetricFamily)
+    histogram.add_metric([m], buckets, counter.score_sum)
     _emit(families, "mlmon_prediction_last_timestamp_seconds", [m], snap.last_prediction_timestamp)
     _emit(families, "mlmon_future_predictions", [m], snap.future_predictions)
 
@@ -371,7 +375,7 @@ class MlmonCollector:
     def collect(self) -> Iterator[Metric]:
         """The non-empty families of the current snapshots."""
         families = {name: spec.family() for name, spec in METRICS.items()}
-        families["mlmon_build_info"].add_metric([__version__], 1.0)
+        _emit(families, "mlmon_build_info", [__version__], 1.0)
         models = self._store.models  # one reference: a refresh may swap the mapping meanwhile
         training = self._store.training
         for name in sorted(models):
