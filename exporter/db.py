@@ -116,7 +116,7 @@ def _unknown_dialect(scheme: str) -> str:
     )
 
 
-def require_existing_sqlite_file(url: str) -> None:
+def require_existing_sqlite_file(url: str | sa.URL) -> None:
     """Refuse a SQLite URL whose file does not exist, which SQLite would create empty and
     then report as missing tables.
 

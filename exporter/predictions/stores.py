@@ -40,6 +40,14 @@ def _transition_after(zone: ZoneInfo, instant: datetime, within: timedelta) -> d
     return datetime.fromtimestamp(high, UTC)
 
 
+def _offset(zone: ZoneInfo, wall: datetime) -> timedelta:
+    """``zone``'s UTC offset at the wall time of ``wall`` (its ``fold`` picks the reading;
+    a tzinfo is ignored)."""
+    offset = zone.utcoffset(wall)
+    assert offset is not None  # a ZoneInfo has an offset at every time
+    return offset
+
+
 def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
     """The naive wall-clock time of ``zone`` that a window edge at ``instant`` (timezone-aware)
     is compared with, to the microsecond (rounded up).
@@ -61,7 +69,7 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
     """
     local = instant.astimezone(zone)
     wall = local.replace(tzinfo=None, fold=0)
-    early, late = zone.utcoffset(wall), zone.utcoffset(wall.replace(fold=1))
+    early, late = _offset(zone, wall), _offset(zone, wall.replace(fold=1))
     if early > late:  # a repeated wall time: instant is within d of the transition
         d = early - late
         first = (wall - early).replace(tzinfo=UTC)  # its first pass, before T
@@ -69,7 +77,7 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
         elapsed = (instant - (t - d)) // _MICROSECOND
         return (t + late).replace(tzinfo=None) + (elapsed + 1) // 2 * _MICROSECOND  # half, rounded up
     before = (instant - _MICROSECOND).astimezone(zone)
-    if before.utcoffset() < local.utcoffset():  # instant is the transition at the end of a gap
+    if _offset(zone, before) < _offset(zone, local):  # instant is the transition at the end of a gap
         return before.replace(tzinfo=None) + _MICROSECOND
     return wall
 
@@ -80,7 +88,7 @@ def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
     is ``T - d + 2x``, between its two possible readings; a wall time in a gap (clocks set
     forward at ``T``) is ``T``. Elsewhere the only reading.
     """
-    early, late = zone.utcoffset(wall.replace(fold=0)), zone.utcoffset(wall.replace(fold=1))
+    early, late = _offset(zone, wall.replace(fold=0)), _offset(zone, wall.replace(fold=1))
     if early == late:
         return (wall - early).replace(tzinfo=UTC, fold=0)
     if early > late:  # repeated
@@ -117,6 +125,8 @@ def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
     """SQL function ``mlmon_wall_clock(text, zone)``: UTC text as SQLite's strftime writes it
     -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
     Python can represent, such as year 0)."""
+    if utc_text is None:
+        return None
     try:
         instant = datetime.fromisoformat(utc_text).replace(tzinfo=UTC)
         return _sqlite_text(to_wall_clock(instant, ZoneInfo(zone)))
@@ -306,7 +316,7 @@ def reflect_table(
     except sa.exc.NoSuchTableError:
         where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
         raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
-    problems = []
+    problems: list[str | None] = []  # None: a column whose type fits (_type_problem)
     for field, name in columns.items():
         if name is None:
             continue
@@ -330,9 +340,9 @@ def reflect_table(
             check(table)
         except SchemaError as exc:
             problems.extend(exc.problems)
-    problems = [p for p in problems if p is not None]
-    if problems:
-        raise SchemaError(*problems)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise SchemaError(*found)
     return table
 
 
@@ -346,7 +356,7 @@ def type_kind(column_type: sa.types.TypeEngine) -> str | None:
     The reflected type of a SQLite column follows SQLite's affinity rules (INT -> integer,
     CHAR/CLOB/TEXT -> text, REAL/FLOA/DOUB -> float, otherwise numeric).
     """
-    kinds = [
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
         (sa.Boolean, "boolean"),
         ((sa.Integer, sa.Numeric, sa.Float), "number"),
         (sa.String, "text"),  # VARCHAR, TEXT, CHAR, enums
@@ -479,11 +489,11 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
                 advice = f"numbers; an integer is compared with it as a 64-bit one, from {bounds[0]} to {bounds[1]}: "
                 advice += "write a larger number as a float (1.0e+20)"
             fits = False
-    if fits and kind == "text" and dialect == "postgresql" and "\0" in value:
+    if fits and kind == "text" and dialect == "postgresql" and isinstance(value, str) and "\0" in value:
         raise SchemaError(
             f"{key_path}: YAML read the text {value!r}, but {where} on postgresql, whose text cannot hold a NUL character"
         )
-    if fits and kind == "uuid":
+    if fits and kind == "uuid" and isinstance(value, str):
         try:
             uuid.UUID(value)
         except ValueError:
