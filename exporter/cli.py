@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -20,6 +20,9 @@ from exporter.errors import first_line
 from exporter.predictions.stores import utc_now
 from exporter.reasons import SchemaError
 from exporter.training.schema import as_utc
+
+if TYPE_CHECKING:  # the server is imported only by the commands that serve
+    from fastapi import FastAPI
 
 # Command docstrings are the --help text: plain text, no reStructuredText markup.
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
@@ -78,7 +81,7 @@ HostOption = Annotated[str, typer.Option(metavar="HOST", help="Address to listen
 PortOption = Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(message, err=True)
     raise typer.Exit(code)
 
@@ -199,7 +202,7 @@ def serve(
 
     _logging()
     settings = _settings(config)
-    app_ = create_app(settings)
+    app_: FastAPI | BasicAuth = create_app(settings)
     options = {}
     if web_config is not None:
         try:
