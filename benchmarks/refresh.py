@@ -81,7 +81,7 @@ def run_mlmon(url: str) -> dict:
 
     config = settings(url)
     stores = Stores(config)
-    refresher = ModelRefresher(config.models[0], config, stores)
+    refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores)
     refresher.check_schema()  # reflection is done once per process, not per refresh
     started = time.perf_counter()
     snapshot = refresher.refresh(NOW)

@@ -8,7 +8,7 @@ import sys
 from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -16,10 +16,14 @@ import typer
 from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
+from exporter.db import safe_url
 from exporter.errors import first_line
-from exporter.predictions.stores import safe_url, utc_now
+from exporter.predictions.stores import utc_now
 from exporter.reasons import SchemaError
 from exporter.training.schema import as_utc
+
+if TYPE_CHECKING:  # the server is imported only by the commands that serve
+    from fastapi import FastAPI
 
 # Command docstrings are the --help text: plain text, no reStructuredText markup.
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
@@ -78,7 +82,7 @@ HostOption = Annotated[str, typer.Option(metavar="HOST", help="Address to listen
 PortOption = Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(message, err=True)
     raise typer.Exit(code)
 
@@ -150,8 +154,8 @@ def check_config(config: ConfigOption) -> None:
                 key = "url" if store.url is not None else "url_file"
                 problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
         for i, model in enumerate(settings.models):
-            refresher = ModelRefresher(model, settings, stores)
-            work = worst_case_duration(model, settings)
+            refresher = ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores)
+            work = worst_case_duration(model, settings.query_timeout)
             if refresher.deadline() < work:
                 typer.echo(
                     f"warning: refresh_timeout: {refresher.deadline().total_seconds():g} s is shorter than the "
@@ -199,7 +203,7 @@ def serve(
 
     _logging()
     settings = _settings(config)
-    app_ = create_app(settings)
+    app_: FastAPI | BasicAuth = create_app(settings)
     options = {}
     if web_config is not None:
         try:
@@ -229,7 +233,7 @@ def once(
     _logging()
     settings = _settings(config)
     store = refresh_all(settings, _parse_as_of(as_of, settings))
-    sys.stdout.write(render(build_registry(store, settings)).decode())
+    sys.stdout.write(render(build_registry(store, settings.thresholds)).decode())
     failed = [
         f"{name}/{source}" for name, snap in store.models.items() for source, s in snap.sources.items() if not s.up
     ]

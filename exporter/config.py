@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -369,6 +370,25 @@ class TrainingSettings(Strict):
     every model adds series to each scrape and work to each refresh."""
 
 
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """The slice of ``Settings`` a refresher needs: how often it runs (``interval``), how
+    long one query may take (``query_timeout``), how long a failed source keeps its last
+    values (``staleness``, resolved) and the configured ``refresh_timeout`` (``None``: each
+    refresher derives its deadline)."""
+
+    interval: timedelta
+    query_timeout: timedelta
+    staleness: timedelta
+    refresh_timeout: timedelta | None
+
+    @property
+    def deadline(self) -> timedelta:
+        """``refresh_timeout``, or one interval plus one query timeout: the deadline of the
+        training refresh (a model's is ``ModelRefresher.deadline``)."""
+        return self.refresh_timeout if self.refresh_timeout is not None else self.interval + self.query_timeout
+
+
 class Settings(Strict):
     """The whole configuration file."""
 
@@ -423,10 +443,9 @@ class Settings(Strict):
         return self.staleness if self.staleness is not None else 3 * self.refresh_interval
 
     @property
-    def refresh_deadline(self) -> timedelta:
-        """``refresh_timeout``, or one refresh interval plus one query timeout: the deadline
-        of the training refresh (a model's is ``ModelRefresher.deadline``)."""
-        return self.refresh_timeout if self.refresh_timeout is not None else self.refresh_interval + self.query_timeout
+    def refresh_policy(self) -> RefreshPolicy:
+        """The refresh settings, with ``staleness`` resolved (``staleness_period``)."""
+        return RefreshPolicy(self.refresh_interval, self.query_timeout, self.staleness_period, self.refresh_timeout)
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -7,10 +7,9 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the training side imports this module: no import at run time
-    from exporter.training.metrics import TrainingSnapshot
+from exporter.health import SourceStatus
+from exporter.training.metrics import TrainingState
 
 #: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
 REFUSAL_REASONS = ("max_models",)
@@ -89,14 +88,6 @@ class PredictionCounter:
 
 
 @dataclass(frozen=True)
-class SourceStatus:
-    """Whether the last refresh of a source succeeded, and when it last did (epoch seconds)."""
-
-    up: bool
-    last_success: float | None
-
-
-@dataclass(frozen=True)
 class ModelSnapshot:
     """Everything exported for one model after one refresh.
 
@@ -110,25 +101,13 @@ class ModelSnapshot:
     score_stats: tuple[ScoreStats, ...] = ()
     last_prediction_timestamp: float | None = None
     future_predictions: int | None = None
-    """Prediction rows stamped ``refresh.FUTURE_TOLERANCE`` or more after the refresh time."""
+    """Prediction rows stamped ``sources.FUTURE_TOLERANCE`` or more after the refresh time."""
     online: tuple[OnlineAccuracy, ...] = ()
     replays: tuple[Reproducibility, ...] = ()
     errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
     """(source, reason) -> cumulative count."""
     refresh_duration: float | None = None
     last_success: float | None = None
-
-
-@dataclass(frozen=True)
-class TrainingState:
-    """Training snapshots by model (``exporter.training.metrics.TrainingSnapshot``), whether the
-    last read of the state database succeeded, its error counts by reason, and by model
-    the refreshes in which that model's runs gave no snapshot."""
-
-    models: Mapping[str, TrainingSnapshot] = field(default_factory=dict)
-    up: bool | None = None
-    errors: Mapping[str, int] = field(default_factory=dict)
-    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class SnapshotStore:

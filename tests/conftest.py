@@ -271,4 +271,4 @@ def stalled_on_a_lock(engine: sa.Engine, schema: str, table: str, refresh: Calla
 def refresh_once(settings: Settings, as_of: datetime) -> bytes:
     """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``
     (what ``mlmon once`` prints)."""
-    return render(build_registry(refresh_all(settings, as_of), settings))
+    return render(build_registry(refresh_all(settings, as_of), settings.thresholds))

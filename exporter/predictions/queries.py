@@ -16,13 +16,14 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
 from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
 from exporter.monitoring_math import LOGLOSS_EPS
 from exporter.predictions.stores import TimeColumn
-from exporter.training.schema import VERSION_MAX_LENGTH
+from exporter.versions import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
@@ -94,7 +95,7 @@ def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
     ``floor(value * scale)`` misses (0.29 * 100 = 28.999999999999996 in float64).
     """
     s = _double(scale)
-    nearest = sa.func.floor(value * s + _double(0.5), type_=sa.Double())
+    nearest: sa.ColumnElement[float] = sa.func.floor(value * s + _double(0.5), type_=sa.Double())
     return nearest - sa.case((nearest / s > value, _double(1.0)), else_=_double(0.0))
 
 
@@ -146,7 +147,7 @@ class PredictionQueries:
         self.time = time
         self.dialect = dialect
         self.id = table.c[source.columns.id]
-        self.score = sa.cast(table.c[source.columns.score], sa.Double())
+        self.score: sa.ColumnElement[float] = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
         self.indexed = _indexed_by(table, source.columns.id)
         self.filters = [table.c[name] == value for name, value in source.filter.items()]
@@ -162,14 +163,14 @@ class PredictionQueries:
         duplicate search is skipped when ids are unique by schema or by config."""
         in_window = self._in_window(start, end)
         code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
-        whens = [(self.score.is_(None), code["null_score"])]
+        whens: list[tuple[sa.ColumnElement[bool], int]] = [(self.score.is_(None), code["null_score"])]
         if self.score_is_number is not None:
             whens.append((sa.not_(self.score_is_number), code["non_numeric_score"]))
         nan = is_nan(self.dialect, self.score)
         if nan is not None:
             whens.append((nan, code["nan_score"]))
         whens.append((sa.not_(sa.and_(self.score >= 0.0, self.score <= 1.0)), code["out_of_range"]))
-        source = self.table
+        source: sa.FromClause = self.table
         if not self.unique_ids:
             duplicates = self._duplicates(start, end)
             whens.append((duplicates.c.id.is_not(None), code["duplicate_id"]))
@@ -186,7 +187,7 @@ class PredictionQueries:
         the score rather than by ``reason``: PostgreSQL estimates those well, and a wrong
         estimate makes it sort the window instead of hashing it."""
         conditions = [self._in_window(start, end), _valid_probability(self.dialect, self.score, self.score_is_number)]
-        source = self.table
+        source: sa.FromClause = self.table
         if not self.unique_ids:
             duplicates = self._duplicates(start, end)
             conditions.append(duplicates.c.id.is_(None))
@@ -284,7 +285,8 @@ class PredictionQueries:
         a run (ASCII). Other types (numbers) are cast to text.
         """
         ts = self.time.expr
-        version = self.version
+        assert self.version is not None, "serving_version needs the predictions' version column"
+        version: sa.ColumnElement[Any] = self.version
         if self.dialect == "sqlite":
             version = sa.cast(version, sa.LargeBinary())
         elif not isinstance(version.type, sa.String | sa.LargeBinary):
@@ -384,10 +386,11 @@ class PredictionQueries:
         (NULL, NaN, infinite, outside [0, 1], text or a blob in SQLite) never is and is left out of the max."""
         rows = self.valid_rows(start, end)
         online = rows.c.score
+        offline: sa.ColumnElement[float]
         if self.replays_by_lookup(replays):
             # Each window row looks its replays up in the index: linear in the window's rows,
             # whereas the hash join the refresh transaction's planner settings leave
-            # (stores.timed_connection) would read the whole replay table. OFFSET 0 keeps
+            # (db.timed_connection) would read the whole replay table. OFFSET 0 keeps
             # PostgreSQL from flattening the lookup back into a join it would plan by statistics.
             lookup = sa.select(replays.score.label("score")).where(replays.id == rows.c.id).offset(0).lateral("replay")
             source, offline = rows.join(lookup, sa.true()), lookup.c.score
@@ -459,5 +462,5 @@ class ReplayQueries:
         self.table = table
         self.id = table.c[source.columns.id]
         self.column = table.c[source.columns.score]
-        self.score = sa.cast(self.column, sa.Double())
+        self.score: sa.ColumnElement[float] = sa.cast(self.column, sa.Double())
         self.indexed = _indexed_by(table, source.columns.id)

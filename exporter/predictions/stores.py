@@ -7,178 +7,19 @@ Identifiers come only from the config and reach SQL through SQLAlchemy's reflect
 from __future__ import annotations
 
 import math
-import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from exporter.config import Settings, TableSource
+from exporter.db import create_store_engine, require_existing_sqlite_file
 from exporter.reasons import SchemaError
-
-#: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
-#: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
-#: ``pwd`` is ODBC's password keyword, and ``odbc_connect`` a whole ODBC connection string
-#: that may hold ``PWD=...``.
-_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key|credential|auth|pwd|odbc_connect", re.IGNORECASE)
-
-
-def safe_url(url: str | sa.URL) -> str:
-    """The URL with its password and every credential-bearing query parameter masked
-    (``***``), for logs and error messages.
-
-    A password holding an unencoded ``@`` (``user:S3cr@tPart2@host``) is parsed by
-    SQLAlchemy as password ``S3cr`` and host ``tPart2@host``; everything between the
-    user name and the last ``@`` of the authority is masked then (``user:***@host``)."""
-    try:
-        parsed = sa.make_url(url)
-        if parsed.host is not None and "@" in parsed.host:
-            parsed = parsed.set(password="***", host=parsed.host.rpartition("@")[2])
-        masked = {key: "***" for key in parsed.query if _SECRET_QUERY_KEY.search(key)}
-        # The URL-encoded mask ("%2A%2A%2A") shown as it is written.
-        return parsed.update_query_dict(masked).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
-    except Exception:  # an unparsable URL may hold a secret anywhere: show nothing of it
-        return "<unparsable URL>"
-
-
-def _sqlite_math(dbapi_connection, _record) -> None:
-    """Give SQLite ``ln`` and ``floor`` where its build lacks the math functions.
-
-    SQLite ships them only when compiled with SQLITE_ENABLE_MATH_FUNCTIONS (3.35+); probing
-    keeps the native ones, which are faster, wherever they exist.
-    """
-    try:
-        dbapi_connection.execute("SELECT ln(1.0), floor(1.5)").fetchone()
-    except Exception:
-        dbapi_connection.create_function(
-            "ln", 1, lambda x: None if x is None or x <= 0 else math.log(x), deterministic=True
-        )
-        dbapi_connection.create_function(
-            "floor", 1, lambda x: None if x is None else float(math.floor(x)), deterministic=True
-        )
-
-
-#: The drivers mlmon's extras install (pyproject.toml), by SQLAlchemy URL scheme.
-_DRIVER_EXTRAS = {"postgresql+psycopg": "postgresql", "duckdb": "duckdb"}
-
-
-def create_store_engine(url: str | sa.URL, connect_timeout: float | None = None) -> Engine:
-    """A pooled engine for one store URL, with per-dialect setup (SQLite math functions).
-
-    With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it,
-    use TCP keepalives (so that a server that vanished mid-query is noticed) and carry the
-    application name ``mlmon``.
-
-    Raises:
-        sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
-        sqlalchemy.exc.NoSuchModuleError: the dialect or its driver is not installed (the
-            message says what to install, or which URL schemes mlmon supports).
-    """
-    connect_args = {}
-    if connect_timeout is not None and sa.make_url(url).get_backend_name() == "postgresql":
-        connect_args = {
-            "connect_timeout": max(1, math.ceil(connect_timeout)),
-            "keepalives": 1,
-            "keepalives_idle": 30,
-            "keepalives_interval": 10,
-            "keepalives_count": 3,
-            # Shows in pg_stat_activity, so that a DBA can tell mlmon's queries apart.
-            "application_name": "mlmon",
-        }
-    try:
-        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    except sa.exc.NoSuchModuleError:  # "Can't load plugin: sqlalchemy.dialects:postgres" names no fix
-        raise sa.exc.NoSuchModuleError(_unknown_dialect(sa.make_url(url).drivername)) from None
-    except ImportError as exc:  # SQLAlchemy imports the driver here; a bare traceback helps nobody
-        driver = sa.make_url(url).drivername
-        extra = _DRIVER_EXTRAS.get(driver)
-        # mlmon is installed from a clone (README), not from an index: name the editable install.
-        hint = (
-            f"pip install -e '.[{extra}]' in mlmon's clone"
-            if extra
-            else f"pip install the package of module {exc.name!r}"
-        )
-        raise sa.exc.NoSuchModuleError(f"the driver of {driver!r} is not installed: {hint}") from None
-    if engine.dialect.name == "sqlite":
-        sa.event.listen(engine, "connect", _sqlite_math)
-        sa.event.listen(engine, "connect", _sqlite_functions)
-    return engine
-
-
-def _unknown_dialect(scheme: str) -> str:
-    """The error message for a URL scheme that names no installed SQLAlchemy dialect or driver."""
-    suggestion = ""
-    if scheme.split("+")[0] in ("postgres", "postgresql", "pg"):
-        # libpq and Heroku-style URLs say postgres://, which SQLAlchemy 1.4+ no longer accepts.
-        suggestion = "for PostgreSQL write postgresql+psycopg://user@host/db; "
-    return (
-        f"unknown database type {scheme!r} in the URL: {suggestion}mlmon supports sqlite:///path.db, "
-        "postgresql+psycopg://user@host/db and duckdb:///path.duckdb, and other databases through "
-        "their SQLAlchemy dialect package (docs/scaling.md)"
-    )
-
-
-def require_existing_sqlite_file(url: str) -> None:
-    """Refuse a SQLite URL whose file does not exist, which SQLite would create empty and
-    then report as missing tables.
-
-    Raises:
-        FileNotFoundError: names the path, resolved against the working directory.
-    """
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        path = Path(parsed.database)
-        if not parsed.database.startswith("file:") and not path.exists():
-            raise FileNotFoundError(f"SQLite database file {str(path.resolve())!r} does not exist")
-
-
-@contextmanager
-def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connection]:
-    """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
-
-    PostgreSQL cancels each statement after ``timeout_seconds`` on the server
-    (``statement_timeout``, local to the transaction) and plans without nested loops
-    (``enable_nestloop``, local too), so that missing statistics cannot make a join
-    quadratic; SQLite is interrupted from a timer
-    thread once the whole transaction exceeds it. Other dialects rely on their own limits.
-    The cancelled statement raises the driver's error, classified as ``timeout``.
-    """
-    with engine.connect() as conn:
-        timer = None
-        if engine.dialect.name == "postgresql":
-            # One snapshot for all the queries of a source: counts and sums of one window
-            # must not come from two states of a table that is being appended to.
-            conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
-            conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
-            # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
-            conn.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
-            # Without statistics (a table loaded and queried before ANALYZE, or autovacuum off
-            # or lagging) PostgreSQL guesses that a window holds a handful of rows and joins
-            # predictions to labels, replays and duplicate ids by nested loops: quadratic in
-            # the window, 20,000 rows a side already run past 30 s. Every join mlmon sends is
-            # an equi-join, which a hash or merge join does in time linear in the rows (plus a
-            # sort), whatever the estimates (docs/scaling.md).
-            conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
-        elif engine.dialect.name == "sqlite":
-            conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
-            raw = conn.connection.driver_connection
-            timer = threading.Timer(timeout_seconds, raw.interrupt)
-            timer.daemon = True
-            timer.start()
-        try:
-            yield conn
-        finally:
-            if timer is not None:
-                timer.cancel()
-            conn.rollback()
-
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -197,6 +38,14 @@ def _transition_after(zone: ZoneInfo, instant: datetime, within: timedelta) -> d
         else:
             high = middle
     return datetime.fromtimestamp(high, UTC)
+
+
+def _offset(zone: ZoneInfo, wall: datetime) -> timedelta:
+    """``zone``'s UTC offset at the wall time of ``wall`` (its ``fold`` picks the reading;
+    a tzinfo is ignored)."""
+    offset = zone.utcoffset(wall)
+    assert offset is not None  # a ZoneInfo has an offset at every time
+    return offset
 
 
 def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
@@ -220,7 +69,7 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
     """
     local = instant.astimezone(zone)
     wall = local.replace(tzinfo=None, fold=0)
-    early, late = zone.utcoffset(wall), zone.utcoffset(wall.replace(fold=1))
+    early, late = _offset(zone, wall), _offset(zone, wall.replace(fold=1))
     if early > late:  # a repeated wall time: instant is within d of the transition
         d = early - late
         first = (wall - early).replace(tzinfo=UTC)  # its first pass, before T
@@ -228,7 +77,7 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
         elapsed = (instant - (t - d)) // _MICROSECOND
         return (t + late).replace(tzinfo=None) + (elapsed + 1) // 2 * _MICROSECOND  # half, rounded up
     before = (instant - _MICROSECOND).astimezone(zone)
-    if before.utcoffset() < local.utcoffset():  # instant is the transition at the end of a gap
+    if _offset(zone, before) < _offset(zone, local):  # instant is the transition at the end of a gap
         return before.replace(tzinfo=None) + _MICROSECOND
     return wall
 
@@ -239,7 +88,7 @@ def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
     is ``T - d + 2x``, between its two possible readings; a wall time in a gap (clocks set
     forward at ``T``) is ``T``. Elsewhere the only reading.
     """
-    early, late = zone.utcoffset(wall.replace(fold=0)), zone.utcoffset(wall.replace(fold=1))
+    early, late = _offset(zone, wall.replace(fold=0)), _offset(zone, wall.replace(fold=1))
     if early == late:
         return (wall - early).replace(tzinfo=UTC, fold=0)
     if early > late:  # repeated
@@ -276,6 +125,8 @@ def _sqlite_wall_clock(utc_text: str | None, zone: str) -> str | None:
     """SQL function ``mlmon_wall_clock(text, zone)``: UTC text as SQLite's strftime writes it
     -> ``to_wall_clock`` in ``zone``, as ``_sqlite_text`` (``None`` when it is no date-time
     Python can represent, such as year 0)."""
+    if utc_text is None:
+        return None
     try:
         instant = datetime.fromisoformat(utc_text).replace(tzinfo=UTC)
         return _sqlite_text(to_wall_clock(instant, ZoneInfo(zone)))
@@ -465,7 +316,7 @@ def reflect_table(
     except sa.exc.NoSuchTableError:
         where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
         raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
-    problems = []
+    problems: list[str | None] = []  # None: a column whose type fits (_type_problem)
     for field, name in columns.items():
         if name is None:
             continue
@@ -489,9 +340,9 @@ def reflect_table(
             check(table)
         except SchemaError as exc:
             problems.extend(exc.problems)
-    problems = [p for p in problems if p is not None]
-    if problems:
-        raise SchemaError(*problems)
+    found = [p for p in problems if p is not None]
+    if found:
+        raise SchemaError(*found)
     return table
 
 
@@ -505,7 +356,7 @@ def type_kind(column_type: sa.types.TypeEngine) -> str | None:
     The reflected type of a SQLite column follows SQLite's affinity rules (INT -> integer,
     CHAR/CLOB/TEXT -> text, REAL/FLOA/DOUB -> float, otherwise numeric).
     """
-    kinds = [
+    kinds: list[tuple[type | tuple[type, ...], str]] = [
         (sa.Boolean, "boolean"),
         ((sa.Integer, sa.Numeric, sa.Float), "number"),
         (sa.String, "text"),  # VARCHAR, TEXT, CHAR, enums
@@ -638,11 +489,11 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
                 advice = f"numbers; an integer is compared with it as a 64-bit one, from {bounds[0]} to {bounds[1]}: "
                 advice += "write a larger number as a float (1.0e+20)"
             fits = False
-    if fits and kind == "text" and dialect == "postgresql" and "\0" in value:
+    if fits and kind == "text" and dialect == "postgresql" and isinstance(value, str) and "\0" in value:
         raise SchemaError(
             f"{key_path}: YAML read the text {value!r}, but {where} on postgresql, whose text cannot hold a NUL character"
         )
-    if fits and kind == "uuid":
+    if fits and kind == "uuid" and isinstance(value, str):
         try:
             uuid.UUID(value)
         except ValueError:
@@ -683,7 +534,10 @@ class Stores:
                 except ValueError as exc:  # a url_file rewritten since the config was loaded
                     raise SchemaError(f"stores.{name}.{exc}") from None  # "url_file: not a SQLAlchemy URL ..."
                 require_existing_sqlite_file(url)  # monitored stores are read, never created
-                self._engines[name] = create_store_engine(url, self._settings.query_timeout.total_seconds())
+                engine = create_store_engine(url, self._settings.query_timeout.total_seconds())
+                if engine.dialect.name == "sqlite":  # time columns of a zone other than UTC call it
+                    sa.event.listen(engine, "connect", _sqlite_functions)
+                self._engines[name] = engine
             return self._engines[name]
 
     def dispose(self) -> None:

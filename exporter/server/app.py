@@ -90,7 +90,7 @@ class ExpositionCache:
 def create_app(settings: Settings) -> FastAPI:
     """The ASGI app. The refresh loop starts with the app's lifespan and stops with it."""
     store = SnapshotStore([m.name for m in settings.models])
-    registry = build_registry(store, settings)
+    registry = build_registry(store, settings.thresholds)
     stores = Stores(settings)
     state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     loop = RefreshLoop(settings, store, stores, state)

@@ -7,14 +7,13 @@ same names and a test keeps the two in sync.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from exporter import __version__
-from exporter.config import Settings, TrainingSettings
 from exporter.monitoring_math import ratio
 from exporter.snapshot import ModelSnapshot, SnapshotStore
 from exporter.training.metrics import TrainingSnapshot
@@ -260,7 +259,9 @@ METRICS = {
 def _emit(families: dict[str, Metric], name: str, labels: list[str], value: float | None) -> None:
     # An undefined number is absent, never exported as NaN: NaN would pass for a value.
     if value is not None and not math.isnan(value):
-        families[name].add_metric(labels, value)
+        family = families[name]
+        assert isinstance(family, GaugeMetricFamily | CounterMetricFamily), name  # one value per sample
+        family.add_metric(labels, value)
 
 
 def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
@@ -278,7 +279,9 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
     buckets = [(repr(float(b)), c) for b, c in zip(counter.bounds, cumulative, strict=False)] + [
         ("+Inf", counter.total)
     ]
-    families["mlmon_prediction_score"].add_metric([m], buckets, counter.score_sum)
+    histogram = families["mlmon_prediction_score"]
+    assert isinstance(histogram, HistogramMetricFamily)
+    histogram.add_metric([m], buckets, counter.score_sum)
     _emit(families, "mlmon_prediction_last_timestamp_seconds", [m], snap.last_prediction_timestamp)
     _emit(families, "mlmon_future_predictions", [m], snap.future_predictions)
 
@@ -315,7 +318,7 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         _emit(families, "mlmon_replay_abs_error_max", w, r.abs_error_max)
 
 
-def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot, limits: TrainingSettings) -> None:
+def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> None:
     m, newest = snap.model, snap.newest
     _emit(families, "mlmon_model_info", [m, newest.version], 1.0)
     _emit(families, "mlmon_model_trained_timestamp_seconds", [m], newest.trained_at.timestamp())
@@ -323,41 +326,25 @@ def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot, limit
     _emit(families, "mlmon_validation_rows", [m], newest.validation_rows)
     _emit(families, "mlmon_offline_logloss", [m], newest.validation_logloss)
     _emit(families, "mlmon_offline_roc_auc", [m], newest.validation_roc_auc)
-    for baseline, run in snap.baselines.items():
+    for baseline, change in snap.change_ratios.items():
         labels = [m, baseline]
-        _emit(families, "mlmon_training_rows_change_ratio", labels, ratio(newest.training_rows, run.training_rows))
-        _emit(
-            families,
-            "mlmon_offline_logloss_change_ratio",
-            labels,
-            ratio(newest.validation_logloss, run.validation_logloss),
-        )
-        _emit(
-            families,
-            "mlmon_offline_roc_auc_change_ratio",
-            labels,
-            ratio(newest.validation_roc_auc, run.validation_roc_auc),
-        )
+        _emit(families, "mlmon_training_rows_change_ratio", labels, change.training_rows)
+        _emit(families, "mlmon_offline_logloss_change_ratio", labels, change.offline_logloss)
+        _emit(families, "mlmon_offline_roc_auc_change_ratio", labels, change.offline_roc_auc)
     for run in snap.history:
         labels = [m, run.version]
         _emit(families, "mlmon_version_trained_timestamp_seconds", labels, run.trained_at.timestamp())
         _emit(families, "mlmon_version_training_rows", labels, run.training_rows)
         _emit(families, "mlmon_version_offline_logloss", labels, run.validation_logloss)
         _emit(families, "mlmon_version_offline_roc_auc", labels, run.validation_roc_auc)
-    # Label cardinality is bounded whatever a training run holds: what exceeds the limits
-    # is counted, not exposed.
-    features = sorted(snap.features, key=lambda f: f.name)
-    over = {"feature": max(0, len(features) - limits.max_features), "category": 0}
-    for feature in features[: limits.max_features]:
+    for feature in snap.features:
         labels = [m, feature.name]
         _emit(families, "mlmon_training_feature_missing_ratio", labels, feature.missing_ratio)
         _emit(families, "mlmon_training_feature_mean", labels, feature.mean)
-        categories = sorted(feature.categories.items(), key=lambda item: (-item[1], item[0]))
-        over["category"] += max(0, len(categories) - limits.max_categories)
-        for category, share in categories[: limits.max_categories]:
+        for category, share in feature.categories:
             _emit(families, "mlmon_training_feature_category_share_ratio", labels + [category], share)
-        _emit(families, "mlmon_training_feature_psi", labels, snap.feature_psi.get(feature.name))
-    for kind, count in over.items():
+        _emit(families, "mlmon_training_feature_psi", labels, feature.psi)
+    for kind, count in snap.over_limit.items():
         _emit(families, "mlmon_training_series_over_limit", [m, kind], count)
 
 
@@ -369,13 +356,17 @@ def _offline_comparison(families: dict[str, Metric], snap: ModelSnapshot, traini
         _emit(families, "mlmon_online_logloss_vs_offline_ratio", [snap.model, o.window], ratio(o.logloss, offline))
 
 
+#: A model's effective alert thresholds by name (``config.Settings.thresholds``).
+Thresholds = Callable[[str], Mapping[str, float]]
+
+
 class MlmonCollector:
     """A custom collector over a ``SnapshotStore``: a scrape only reads the snapshots;
-    the alert thresholds come from ``settings``."""
+    the alert thresholds come from ``thresholds``."""
 
-    def __init__(self, store: SnapshotStore, settings: Settings):
+    def __init__(self, store: SnapshotStore, thresholds: Thresholds):
         self._store = store
-        self._settings = settings
+        self._thresholds = thresholds
 
     def describe(self) -> Iterator[Metric]:
         """Every family mlmon can expose (lets the registry detect name clashes)."""
@@ -384,16 +375,16 @@ class MlmonCollector:
     def collect(self) -> Iterator[Metric]:
         """The non-empty families of the current snapshots."""
         families = {name: spec.family() for name, spec in METRICS.items()}
-        families["mlmon_build_info"].add_metric([__version__], 1.0)
+        _emit(families, "mlmon_build_info", [__version__], 1.0)
         models = self._store.models  # one reference: a refresh may swap the mapping meanwhile
         training = self._store.training
         for name in sorted(models):
             _model_samples(families, models[name])
             _offline_comparison(families, models[name], training.models.get(name))
         for name in sorted(training.models):
-            _training_samples(families, training.models[name], self._settings.training)
+            _training_samples(families, training.models[name])
         for name in sorted(set(models) | set(training.models)):
-            for threshold, value in self._settings.thresholds(name).items():
+            for threshold, value in self._thresholds(name).items():
                 _emit(families, "mlmon_alert_threshold", [name, threshold], value)
         if training.up is not None:
             _emit(families, "mlmon_state_up", [], 1.0 if training.up else 0.0)
@@ -406,11 +397,11 @@ class MlmonCollector:
         return (family for family in families.values() if family.samples)
 
 
-def build_registry(store: SnapshotStore, settings: Settings) -> CollectorRegistry:
+def build_registry(store: SnapshotStore, thresholds: Thresholds) -> CollectorRegistry:
     """The registry served on ``/metrics`` and printed by ``mlmon once``: mlmon's metrics
     plus the standard process, platform and garbage-collector metrics."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(MlmonCollector(store, settings))
+    registry.register(MlmonCollector(store, thresholds))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from datetime import datetime
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
 
 from exporter.config import Settings
 from exporter.predictions.refresh import ModelRefresher
@@ -23,6 +25,9 @@ from exporter.training.storage import StateDatabase
 
 log = logging.getLogger(__name__)
 
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
+
 #: Seconds ``RefreshLoop.stop`` waits for refreshes still running in their threads, so that
 #: the engines disposed after it close every connection (a SQLite store in WAL mode keeps its
 #: -wal and -shm files while a connection stays open); a refresh hung longer is left to die
@@ -30,24 +35,24 @@ log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 5.0
 
 
-def _in_daemon_thread(fn, *args) -> asyncio.Future:
-    """Run ``fn(*args)`` in a daemon thread; the returned future gets its result.
+def _in_daemon_thread(fn: Callable[[datetime], S], now: datetime) -> asyncio.Future[S]:
+    """Run ``fn(now)`` in a daemon thread; the returned future gets its result.
 
     Not ``asyncio.to_thread``: its executor is joined at shutdown, so one refresh hung on a
     dead database would keep the process from exiting.
     """
     loop = asyncio.get_running_loop()
-    future = loop.create_future()
+    future: asyncio.Future[S] = loop.create_future()
 
-    def deliver(setter, value) -> None:
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
         if not future.done():
             setter(value)
 
     def work() -> None:
         try:
-            result = fn(*args)
+            result = fn(now)
         except BaseException as exc:  # handed to the awaiting task, which logs it
-            outcome = (future.set_exception, exc)
+            outcome: tuple[Callable[[Any], None], Any] = (future.set_exception, exc)
         else:
             outcome = (future.set_result, result)
         try:
@@ -59,21 +64,47 @@ def _in_daemon_thread(fn, *args) -> asyncio.Future:
     return future
 
 
+class Refresher(Protocol[S_co]):
+    """What the loop runs: a model's refresher (``predictions.refresh.ModelRefresher``) or
+    the training refresher (``training.metrics.TrainingRefresher``)."""
+
+    @property
+    def name(self) -> str:
+        """How logs name it."""
+        ...
+
+    def refresh(self, now: datetime) -> S_co:
+        """The snapshot at ``now``; counts its failures itself rather than raising."""
+        ...
+
+    def stalled(self, now: datetime) -> S_co:
+        """The snapshot to publish while ``refresh`` runs past ``deadline``."""
+        ...
+
+    def deadline(self) -> timedelta:
+        """How long ``refresh`` may run before it is reported stalled."""
+        ...
+
+
 class RefreshLoop:
-    """Runs every model's refresh every ``settings.refresh_interval`` until stopped."""
+    """Runs every model's refresh, and the training runs', every ``settings.refresh_interval``
+    until stopped."""
 
     def __init__(self, settings: Settings, store: SnapshotStore, stores: Stores, state: StateDatabase):
-        self.settings = settings
+        self.interval = settings.refresh_interval
         self.store = store
-        self.refreshers = [ModelRefresher(model, settings, stores) for model in settings.models]
-        self.training = TrainingRefresher(state, settings)
+        policy = settings.refresh_policy
+        self.refreshers = [
+            ModelRefresher(model, f"models[{i}]", policy, stores) for i, model in enumerate(settings.models)
+        ]
+        self.training = TrainingRefresher(state, settings.training, policy)
         self._training_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._running: set[asyncio.Future] = set()
 
-    def _start(self, fn, *args) -> asyncio.Future:
-        """``_in_daemon_thread(fn, *args)``, remembered until done so that ``stop`` can wait for it."""
-        future = _in_daemon_thread(fn, *args)
+    def _start(self, fn: Callable[[datetime], S], now: datetime) -> asyncio.Future[S]:
+        """``_in_daemon_thread(fn, now)``, remembered until done so that ``stop`` can wait for it."""
+        future = _in_daemon_thread(fn, now)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
         return future
@@ -82,52 +113,55 @@ class RefreshLoop:
         """Re-read the training runs now rather than at the next interval (a run was stored)."""
         self._training_changed.set()
 
-    async def _run_training(self) -> None:
-        interval = self.settings.refresh_interval.total_seconds()
-        deadline = self.settings.refresh_deadline.total_seconds()
-        running: asyncio.Future | None = None
-        while True:
-            self._training_changed.clear()
-            if running is None:
-                running = self._start(self.training.refresh, utc_now())
-            done, _ = await asyncio.wait({running}, timeout=deadline)
-            if done:
-                self.store.put_training(running.result())  # refresh() never raises
-                running = None
-            else:  # a hung state database must not freeze the training metrics as "up"
-                self.store.put_training(self.training.stalled(utc_now()))
-            try:
-                await asyncio.wait_for(self._training_changed.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+    async def _run(
+        self, refresher: Refresher[S], publish: Callable[[S], None], wake: asyncio.Event | None = None
+    ) -> None:
+        """Refresh, publish, wait for the rest of the interval (or until ``wake`` is set), forever.
 
-    async def _run(self, refresher: ModelRefresher) -> None:
-        interval = self.settings.refresh_interval.total_seconds()
+        A refresh still running at its deadline is published as ``stalled`` and awaited
+        again in the next interval rather than started anew.
+        """
+        interval = self.interval.total_seconds()
         deadline = refresher.deadline().total_seconds()
         loop = asyncio.get_running_loop()
-        running: asyncio.Future | None = None
+        running: asyncio.Future[S] | None = None
         while True:
             started = loop.time()
+            if wake is not None:
+                wake.clear()
             if running is None:
                 running = self._start(refresher.refresh, utc_now())
             done, _ = await asyncio.wait({running}, timeout=deadline)
             if done:
                 try:
-                    self.store.put(running.result())
-                except Exception:  # refresh() counts source failures itself; this is a bug guard
-                    log.exception("model %s: refresh crashed", refresher.model.name)
+                    publish(running.result())
+                except Exception:  # refresh() counts its failures itself; this is a bug guard
+                    log.exception("%s: refresh crashed", refresher.name)
                 running = None
             else:
                 # A database that accepts connections but never answers must not freeze the
-                # model's metrics: report it down and let staleness drop its values.
-                log.warning("model %s: refresh still running after %.0f s", refresher.model.name, deadline)
-                self.store.put(refresher.stalled(utc_now()))
-            await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
+                # metrics: report it down and let staleness drop its values.
+                log.warning("%s: refresh still running after %.0f s", refresher.name, deadline)
+                publish(refresher.stalled(utc_now()))
+            rest = max(0.0, interval - (loop.time() - started))
+            if wake is None:
+                await asyncio.sleep(rest)
+            else:
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=rest)
+                except TimeoutError:
+                    pass
 
     def start(self) -> None:
-        """Start one task per model on the running event loop."""
-        self._tasks = [asyncio.create_task(self._run(r), name=f"refresh-{r.model.name}") for r in self.refreshers]
-        self._tasks.append(asyncio.create_task(self._run_training(), name="refresh-training"))
+        """Start one task per model and one for the training runs on the running event loop."""
+        self._tasks = [
+            asyncio.create_task(self._run(r, self.store.put), name=f"refresh-{r.model.name}") for r in self.refreshers
+        ]
+        self._tasks.append(
+            asyncio.create_task(
+                self._run(self.training, self.store.put_training, self._training_changed), name="refresh-training"
+            )
+        )
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Cancel the tasks and wait for them, then up to ``grace`` seconds for the refreshes
@@ -148,9 +182,10 @@ def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
     stores = Stores(settings)
     state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     try:
-        for model in settings.models:
-            store.put(ModelRefresher(model, settings, stores).refresh(as_of))
-        store.put_training(TrainingRefresher(state, settings).refresh(as_of))
+        policy = settings.refresh_policy
+        for i, model in enumerate(settings.models):
+            store.put(ModelRefresher(model, f"models[{i}]", policy, stores).refresh(as_of))
+        store.put_training(TrainingRefresher(state, settings.training, policy).refresh(as_of))
     finally:
         stores.dispose()
         state.engine.dispose()

@@ -75,9 +75,10 @@ class Evaluator:
         # first instant a store can hold: the same value at an instant whatever range or
         # resumed run computed it (docs/backfill.md).
         self._refreshers = [
-            ModelRefresher(model, settings, self._stores, count_from=INSTANT_RANGE[0]) for model in settings.models
+            ModelRefresher(model, f"models[{i}]", settings.refresh_policy, self._stores, count_from=INSTANT_RANGE[0])
+            for i, model in enumerate(settings.models)
         ]
-        self._training = TrainingRefresher(self._state, settings)
+        self._training = TrainingRefresher(self._state, settings.training, settings.refresh_policy)
         self._last: datetime | None = None
 
     def evaluate(self, at: datetime) -> list[Metric]:
@@ -111,7 +112,7 @@ class Evaluator:
             )
         store.put_training(training)
         families = []
-        for family in MlmonCollector(store, self.settings).collect():
+        for family in MlmonCollector(store, self.settings.thresholds).collect():
             family.samples = [s for s in family.samples if s.name not in NOT_HISTORY]
             if family.samples:
                 families.append(family)

@@ -34,8 +34,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Connection, Engine
 
+from exporter.db import create_store_engine, safe_url
 from exporter.errors import first_line
-from exporter.predictions.stores import create_store_engine, safe_url
 
 #: Rows read, parsed and inserted at a time.
 CHUNK_ROWS = 50_000

@@ -8,18 +8,18 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import numpy as np
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from exporter.config import Settings
+from exporter.config import RefreshPolicy, TrainingSettings
 from exporter.errors import error_lines, first_line
-from exporter.monitoring_math import population_stability_index
-from exporter.reasons import ERROR_REASONS, classify_error
-from exporter.snapshot import TrainingState
+from exporter.health import SourceHealth
+from exporter.monitoring_math import population_stability_index, ratio
+from exporter.reasons import classify_error
 from exporter.training.schema import OTHER, FeatureSummary
 from exporter.training.storage import StateDatabase, StoredRun, load_histories
 
@@ -29,24 +29,62 @@ DECILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
 
 
 @dataclass(frozen=True)
+class ChangeRatios:
+    """The newest run's value / a baseline run's value (``monitoring_math.ratio``: ``None``
+    when either is missing or the baseline is 0)."""
+
+    training_rows: float | None
+    offline_logloss: float | None
+    offline_roc_auc: float | None
+
+
+@dataclass(frozen=True)
+class FeatureSeries:
+    """The exported series of one feature of the newest run: its missing share, mean
+    (numeric features), its largest category shares (at most ``training.max_categories``,
+    largest first, ties by name) and its PSI against the previous version (``None``:
+    undefined or no previous version)."""
+
+    name: str
+    missing_ratio: float
+    mean: float | None
+    categories: tuple[tuple[str, float], ...]
+    psi: float | None
+
+
+@dataclass(frozen=True)
 class TrainingSnapshot:
     """One model's training metrics. ``history`` is newest first (at most the configured
-    number of versions); ``baselines`` maps ``previous_version`` and ``30d`` to their run
-    when it exists; ``feature_psi`` holds the features whose PSI against the previous
-    version is defined."""
+    number of versions); ``change_ratios`` maps ``previous_version`` and ``30d`` to the
+    newest run's ratios against that run when it exists; ``features`` holds at most
+    ``training.max_features`` features (by name), and ``over_limit`` counts the ``feature``
+    and ``category`` series left out by the caps, so that label cardinality is bounded
+    whatever a training run holds."""
 
     model: str
     newest: StoredRun
-    baselines: Mapping[str, StoredRun]
     history: tuple[StoredRun, ...]
-    features: tuple[FeatureSummary, ...]
-    feature_psi: Mapping[str, float]
+    change_ratios: Mapping[str, ChangeRatios]
+    features: tuple[FeatureSeries, ...]
+    over_limit: Mapping[str, int]
 
     def validation_logloss(self, version: str | None) -> float | None:
         """Offline log loss of ``version`` (``None``: the newest), if it is in the history."""
         if version is None:
             return self.newest.validation_logloss
         return next((run.validation_logloss for run in self.history if run.version == version), None)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Training snapshots by model, whether the
+    last read of the state database succeeded, its error counts by reason, and by model
+    the refreshes in which that model's runs gave no snapshot."""
+
+    models: Mapping[str, TrainingSnapshot] = field(default_factory=dict)
+    up: bool | None = None
+    errors: Mapping[str, int] = field(default_factory=dict)
+    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
@@ -176,28 +214,44 @@ def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | N
     return population_stability_index(expected, actual)
 
 
-def training_snapshot(model: str, recent: list[StoredRun], month_ago: StoredRun | None) -> TrainingSnapshot:
+def training_snapshot(
+    model: str, recent: list[StoredRun], month_ago: StoredRun | None, limits: TrainingSettings
+) -> TrainingSnapshot:
     """Build a model's snapshot from its newest runs (newest first, the first two with
-    bodies) and its 30-day baseline."""
+    bodies) and its 30-day baseline, its features capped by ``limits``."""
     newest = recent[0]
     baselines = {"previous_version": recent[1]} if len(recent) > 1 else {}
     if month_ago is not None:
         baselines["30d"] = month_ago
-    features = tuple(newest.run.features) if newest.run else ()
-    psi = {}
-    if len(recent) > 1 and recent[1].run is not None:
-        previous = {f.name: f for f in recent[1].run.features}
-        for feature in features:
-            value = feature_psi(previous[feature.name], feature) if feature.name in previous else None
-            if value is not None:
-                psi[feature.name] = value
-    return TrainingSnapshot(model, newest, baselines, tuple(recent), features, psi)
+    changes = {
+        name: ChangeRatios(
+            ratio(newest.training_rows, run.training_rows),
+            ratio(newest.validation_logloss, run.validation_logloss),
+            ratio(newest.validation_roc_auc, run.validation_roc_auc),
+        )
+        for name, run in baselines.items()
+    }
+    features = sorted(newest.run.features if newest.run else (), key=lambda f: f.name)
+    previous = {f.name: f for f in recent[1].run.features} if len(recent) > 1 and recent[1].run is not None else {}
+    over = {"feature": max(0, len(features) - limits.max_features), "category": 0}
+    series = []
+    for feature in features[: limits.max_features]:
+        categories = sorted(feature.categories.items(), key=lambda item: (-item[1], item[0]))
+        over["category"] += max(0, len(categories) - limits.max_categories)
+        psi = feature_psi(previous[feature.name], feature) if feature.name in previous else None
+        series.append(
+            FeatureSeries(
+                feature.name, feature.missing_ratio, feature.mean, tuple(categories[: limits.max_categories]), psi
+            )
+        )
+    return TrainingSnapshot(model, newest, tuple(recent), changes, tuple(series), over)
 
 
 def load_training_snapshots(
-    engine: sa.Engine, versions: int, as_of: datetime
+    engine: sa.Engine, limits: TrainingSettings, as_of: datetime
 ) -> tuple[dict[str, TrainingSnapshot], dict[str, Exception]]:
-    """Every model's training snapshot from the runs trained at or before ``as_of``.
+    """Every model's training snapshot from the runs trained at or before ``as_of``: the
+    newest ``limits.history_versions`` versions, features capped by ``limits``.
 
     Returns:
         (snapshot by model, the exception by model whose runs could not be read or turned
@@ -206,11 +260,11 @@ def load_training_snapshots(
     Raises:
         sqlalchemy.exc.SQLAlchemyError: the state database failed.
     """
-    histories, failures = load_histories(engine, versions, as_of)
+    histories, failures = load_histories(engine, limits.history_versions, as_of)
     snapshots = {}
     for model, history in histories.items():
         try:
-            snapshots[model] = training_snapshot(model, history.recent, history.month_ago)
+            snapshots[model] = training_snapshot(model, history.recent, history.month_ago, limits)
         except Exception as exc:  # a bug guard per model: its data must not stop the others
             failures[model] = exc
     return snapshots, failures
@@ -228,38 +282,43 @@ class TrainingRefresher:
     """Reads every model's training snapshot from the state database on each refresh.
 
     Like a failing source, a failing state database keeps its last snapshots, here for
-    ``training.staleness`` (``mlmon_state_up`` 0, error counted), then drops them.
-    A model whose runs cannot be turned into metrics has none (its failed refreshes
-    counted per model, the error logged once until it changes); the others are exported.
-    ``stalled`` may be called from another thread while ``refresh`` hangs.
+    ``training.staleness`` (``mlmon_state_up`` 0, error counted; ``exporter.health``), then
+    drops them. A model whose runs cannot be turned into metrics has none (its failed
+    refreshes counted per model, the error logged once until it changes); the others are
+    exported. ``stalled`` may be called from another thread while ``refresh`` hangs.
     """
 
-    def __init__(self, state: StateDatabase, settings: Settings):
+    name = "training runs"
+
+    def __init__(self, state: StateDatabase, training: TrainingSettings, policy: RefreshPolicy):
         self.state = state
-        self.settings = settings
-        self._errors = dict.fromkeys(ERROR_REASONS, 0)
+        self.training = training
+        self.policy = policy
+        self._health: SourceHealth[dict[str, TrainingSnapshot]] = SourceHealth(training.staleness)
         self._model_errors: dict[str, int] = {}
         self._logged: dict[str, str] = {}  # model -> the error last logged for it
-        self._last_good: tuple[float, dict[str, TrainingSnapshot]] | None = None
-        self._stall_counted = False  # stalled() counted the running refresh's timeout
         self._lock = threading.Lock()
+
+    def deadline(self) -> timedelta:
+        """How long a refresh may run before it is reported stalled (``RefreshPolicy.deadline``)."""
+        return self.policy.deadline
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
         with self._lock:
-            self._stall_counted = False
+            self._health.started()
         try:
-            snapshots, failures = load_training_snapshots(
-                self.state.ready(), self.settings.training.history_versions, now
-            )
+            snapshots, failures = load_training_snapshots(self.state.ready(), self.training, now)
         except Exception as exc:  # failures are data, as for the prediction stores
             self.state.failed()
             log.warning("state database: reading training runs failed: %s", first_line(exc))
-            return self._failed(now, classify_error(exc))
+            with self._lock:
+                self._health.failed(classify_error(exc))
+                return self._state(now, up=False)
         with self._lock:
             self._count_model_failures(snapshots, failures)
-            self._last_good = (now.timestamp(), snapshots)
-            return TrainingState(snapshots, True, dict(self._errors), dict(self._model_errors))
+            self._health.succeeded(now.timestamp(), snapshots)
+            return self._state(now, up=True)
 
     def _count_model_failures(self, snapshots: dict[str, TrainingSnapshot], failures: dict[str, Exception]) -> None:
         # Every model with runs has its counter, 0 before any failure (so that rate() sees
@@ -279,17 +338,11 @@ class TrainingRefresher:
 
     def stalled(self, now: datetime) -> TrainingState:
         """The state to publish while a refresh is still running past its deadline: one
-        ``timeout`` counted per refresh, however often it is reported stalled, and not
-        another error when it then fails."""
-        return self._failed(now, "timeout")
-
-    def _failed(self, now: datetime, reason: str) -> TrainingState:
+        ``timeout`` counted per refresh (``SourceHealth.stalled``)."""
         with self._lock:
-            if not self._stall_counted:
-                self._errors[reason] += 1
-            self._stall_counted = self._stall_counted or reason == "timeout"
-            fresh = {}
-            staleness = self.settings.training.staleness.total_seconds()
-            if self._last_good and now.timestamp() - self._last_good[0] <= staleness:
-                fresh = self._last_good[1]
-            return TrainingState(fresh, False, dict(self._errors), dict(self._model_errors))
+            self._health.stalled()
+            return self._state(now, up=False)
+
+    def _state(self, now: datetime, up: bool) -> TrainingState:
+        fresh = self._health.fresh(now.timestamp()) or {}
+        return TrainingState(fresh, up, dict(self._health.errors), dict(self._model_errors))

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from exporter.versions import VERSION_MAX_LENGTH
+
 #: Percentiles reported for numeric features; the deciles serve as the PSI bins.
 FEATURE_PERCENTILES = (1, 5, 10, 20, 25, 30, 40, 50, 60, 70, 75, 80, 90, 95, 99)
 #: The category that holds the shares of every category outside the top k.
@@ -34,8 +36,6 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 #: Row counts are stored as BIGINT in the state database: a larger one must be a 422, not
 #: an overflow in the database driver.
 Rows = Annotated[int, Field(ge=0, le=2**63 - 1)]
-#: The longest model version a run may have.
-VERSION_MAX_LENGTH = 100
 #: The most distinct values a numeric feature's ``value_shares`` may list.
 VALUE_SHARES_MAX = 1000
 

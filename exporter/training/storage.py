@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.ext.compiler import compiles
 
-from exporter.predictions.stores import create_store_engine
+from exporter.db import create_store_engine
 from exporter.training.schema import (
     BASELINE_AGE,
     TrainingRun,

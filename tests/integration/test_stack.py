@@ -626,8 +626,8 @@ def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
     settings = parse_settings(config)
     stores = Stores(settings)
     try:
-        for model in settings.models:
-            ModelRefresher(model, settings, stores).check_schema()
+        for i, model in enumerate(settings.models):
+            ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores).check_schema()
     finally:
         stores.dispose()
 

@@ -22,8 +22,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
-from exporter.training.schema import VERSION_MAX_LENGTH, TrainingRun
+from exporter.training.schema import TrainingRun
 from exporter.training.storage import StateDatabase, save_run
+from exporter.versions import VERSION_MAX_LENGTH
 from tests.conftest import model_settings, refresh_once
 
 AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
@@ -74,7 +75,7 @@ def _refresh(settings, *times):
     """The snapshots of one refresher refreshed at each of ``times`` in turn."""
     stores = Stores(settings)
     try:
-        refresher = ModelRefresher(settings.models[0], settings, stores)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         return [refresher.refresh(t) for t in times]
     finally:
         stores.dispose()
@@ -198,7 +199,7 @@ def test_a_text_label_column_is_a_schema_error_naming_the_key(store, caplog):
     engine.dispose()
     settings = _settings(url, schema)
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     with pytest.raises(
         SchemaError, match=r"^models\[0\]\.labels\.columns\.label: column 'y' .*TEXT.*expected a number or a boolean"
     ):
@@ -451,7 +452,7 @@ def test_a_bad_serving_version_is_logged_once_until_it_changes(tmp_path, caplog)
 
     settings = _settings(url, version=True)
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     with caplog.at_level(logging.WARNING, logger="exporter.predictions.refresh"):
         snaps = [refresher.refresh(AS_OF + timedelta(minutes=k)) for k in range(3)]
         assert all(s.sources["labels"].up for s in snaps) and warnings() == 1

@@ -75,7 +75,7 @@ def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> Non
 def _refresher(url, schema, zone: str, windows: list[str]):
     config = zoned_predictions_settings(url, zone, windows, schema)
     stores = Stores(config)
-    return ModelRefresher(config.models[0], config, stores), stores
+    return ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores), stores
 
 
 @pytest.mark.parametrize("zone, day", CHANGES, ids=[f"{z}-{d:%Y-%m-%d}" for z, d in CHANGES])

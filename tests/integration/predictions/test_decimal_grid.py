@@ -67,7 +67,7 @@ def test_every_value_with_at_most_k_decimals_is_the_lower_edge_of_its_own_bucket
         model = settings.models[0].model_copy(update={"bucket_decimals": k})
         stores = Stores(settings)
         try:
-            q = ModelRefresher(model, settings, stores)._predictions()
+            q = ModelRefresher(model, "models[0]", settings.refresh_policy, stores).predictions.queries()
             with stores.engine("s").connect() as conn:
                 rows = sorted(conn.execute(q.histogram(AS_OF - timedelta(hours=1), AS_OF)).all(), key=lambda r: r.key)
         finally:
@@ -101,7 +101,7 @@ def test_neighbours_of_the_edges_fall_on_the_right_side(store):
     settings = _with(_settings(url, schema, labels=False), bucket_decimals=k)
     stores = Stores(settings)
     try:
-        q = ModelRefresher(settings.models[0], settings, stores)._predictions()
+        q = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).predictions.queries()
         keyed = sa.select(q.rows(AS_OF - timedelta(hours=1), AS_OF)).subquery()
         stmt = sa.select(keyed.c.id, q._key(keyed.c.score))
         with stores.engine("s").connect() as conn:
@@ -145,7 +145,11 @@ def test_halves_round_up_in_the_mode_share(tmp_path, bucket_decimals):
     settings = _with(_settings(url, labels=False), mode_share_decimals=2, bucket_decimals=bucket_decimals)
     stores = Stores(settings)
     try:
-        stats = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF).score_stats[0]
+        stats = (
+            ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+            .refresh(AS_OF)
+            .score_stats[0]
+        )
     finally:
         stores.dispose()
     assert stats.bucketed == (bucket_decimals == 1)

@@ -52,7 +52,7 @@ def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
     _fill(engine)
     settings = _settings(url, staleness="5m")
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
 
     first = refresher.refresh(AS_OF)
     assert (
@@ -83,7 +83,7 @@ def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
 def test_unreachable_store_is_counted_as_connection_error(caplog):
     settings = _settings("postgresql+psycopg://mlmon:s3cr3t-pw@127.0.0.1:1/none")
     stores = Stores(settings)
-    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     assert {name: s.up for name, s in snap.sources.items()} == {"predictions": False, "labels": False}
     assert _nonzero(snap.errors) == {("predictions", "connection"): 1, ("labels", "connection"): 1}
     assert snap.score_stats == () and snap.last_success is None
@@ -96,7 +96,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
     _fill(postgres_engine, schema)
     settings = _settings(url, schema, query_timeout="1s")
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.check_schema()
 
     with table_locked(postgres_engine, schema, "labels"):
@@ -114,7 +114,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
 
 
 def test_a_source_reads_one_snapshot(tmp_path, postgres_engine):
-    from exporter.predictions.stores import create_store_engine, timed_connection
+    from exporter.db import create_store_engine, timed_connection
 
     sqlite = create_store_engine(f"sqlite:///{tmp_path}/s.sqlite")
     with timed_connection(sqlite, 5) as conn:
@@ -137,7 +137,7 @@ def test_a_server_that_accepts_but_never_answers_is_a_connection_error():
     settings = _settings(f"postgresql+psycopg://u@127.0.0.1:{port}/db", query_timeout="1s")
     stores = Stores(settings)
     started = time.monotonic()
-    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     assert time.monotonic() - started < 10
     assert _nonzero(snap.errors) == {("predictions", "connection"): 1, ("labels", "connection"): 1}
     stores.dispose()
@@ -159,7 +159,7 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
     loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     release = threading.Event()
     refresher = loop.refreshers[0]
-    real_labels = refresher._refresh_labels
+    real_labels = refresher.sources["labels"].run
     calls = []
 
     def hang_on_second_call(as_of):  # the first refresh succeeds, the second hangs
@@ -168,7 +168,7 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
             release.wait(30)
         return real_labels(as_of)
 
-    refresher._refresh_labels = hang_on_second_call
+    refresher.sources["labels"].run = hang_on_second_call
 
     async def scenario():
         loop.start()
@@ -199,7 +199,7 @@ def test_counter_catches_up_after_a_failed_refresh(tmp_path):
     _fill(engine)  # predictions 1..199 minutes before AS_OF, scores (i % 10) / 10
     settings = _settings(url)
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.refresh(AS_OF - timedelta(minutes=100))  # starts the watermark
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE predictions RENAME TO moved"))
@@ -225,13 +225,13 @@ def test_a_restarted_process_counts_only_new_rows(tmp_path):
     _fill(sa.create_engine(url))  # predictions 1..199 minutes before AS_OF
     settings = _settings(url)
     first = Stores(settings)
-    before = ModelRefresher(settings.models[0], settings, first)
+    before = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, first)
     before.refresh(AS_OF - timedelta(minutes=60))
     assert before.refresh(AS_OF - timedelta(minutes=30)).counter.total == 30  # i in (30, 60]
     first.dispose()
 
     second = Stores(settings)  # the restart: a new refresher, no shared state
-    after = ModelRefresher(settings.models[0], settings, second)
+    after = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, second)
     restarted = after.refresh(AS_OF - timedelta(minutes=20))
     assert restarted.counter.total == 0  # i in (20, 30] arrived during the restart
     assert restarted.score_stats[0].predictions == 60  # the 1h window: i in (20, 80], those rows included
@@ -272,7 +272,7 @@ def test_hostile_strings_in_a_filtered_text_column(tmp_path):
         }
     )
     stores = Stores(settings)
-    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     assert snap.sources["predictions"].up, snap.errors
     assert snap.score_stats[0].predictions == 1  # the filter compares in the database; odd rows are just other models
@@ -296,7 +296,7 @@ def test_ids_beyond_2_to_the_53_join_exactly(tmp_path):
     engine.dispose()
     settings = _settings(url)
     stores = Stores(settings)
-    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     online = snap.online[0]
     assert snap.score_stats[0].predictions == 4 and snap.score_stats[0].invalid["duplicate_id"] == 0
@@ -347,7 +347,7 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
     _fill(postgres_engine, schema)
     settings = _with_replays(postgres_engine, _settings(url, schema, query_timeout="3s"), schema)
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     assert all(s.up for s in refresher.refresh(AS_OF).sources.values())
     later = AS_OF + timedelta(minutes=1)
     with stalled_on_a_lock(
@@ -385,7 +385,7 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     versioned = predictions.model_copy(update={"columns": predictions.columns.model_copy(update={"version": "v"})})
     settings = _with_replays(engine, settings, windows=["1h", "2h", "3h"], bucket_decimals=1, predictions=versioned)
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.refresh(AS_OF - timedelta(minutes=1))  # reflection, and the counter's watermark
     statements = []
     sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
@@ -409,15 +409,17 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     _fill(engine)
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings)
-    assert ModelRefresher(settings.models[0], settings, stores).deadline() == timedelta(seconds=(2 + 4 + 2 + 2 + 3) * 3)
+    assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
+        seconds=(2 + 4 + 2 + 2 + 3) * 3
+    )
     quick = settings.model_copy(
         update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
     )
-    assert ModelRefresher(quick.models[0], quick, stores).deadline() == timedelta(
+    assert ModelRefresher(quick.models[0], "models[0]", quick.refresh_policy, stores).deadline() == timedelta(
         seconds=60.1
     )  # never below interval + timeout
     fixed = settings.model_copy(update={"refresh_timeout": timedelta(seconds=5)})
-    assert ModelRefresher(fixed.models[0], fixed, stores).deadline() == timedelta(seconds=5)
+    assert ModelRefresher(fixed.models[0], "models[0]", fixed.refresh_policy, stores).deadline() == timedelta(seconds=5)
     stores.dispose()
 
     config = tmp_path / "mlmon.yml"
@@ -463,7 +465,7 @@ def test_stop_waits_for_a_running_refresh_so_that_its_connection_closes(tmp_path
     stores = Stores(settings)
     loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     refresher = loop.refreshers[0]
-    real_labels = refresher._refresh_labels
+    real_labels = refresher.sources["labels"].run
     inside, release = threading.Event(), threading.Event()
 
     def slow_labels(as_of):  # a long refresh: a connection of the store open all along
@@ -473,7 +475,7 @@ def test_stop_waits_for_a_running_refresh_so_that_its_connection_closes(tmp_path
             release.wait(work_seconds)
         return real_labels(as_of)
 
-    refresher._refresh_labels = slow_labels
+    refresher.sources["labels"].run = slow_labels
 
     async def scenario() -> float:
         loop.start()

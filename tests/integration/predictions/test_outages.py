@@ -74,7 +74,7 @@ def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engi
     # which names no schema, and other test sessions may have mlmon sessions on the server.
     backends: set[int] = set()
     sa.event.listen(stores.engine("s"), "connect", lambda connection, _: backends.add(connection.info.backend_pid))
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     now = datetime.now(UTC)
     try:
         assert refresher.refresh(now).sources["predictions"].up
@@ -226,7 +226,7 @@ def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, 
     model = settings.models[0]
     model = model.model_copy(update={"predictions": model.predictions.model_copy(update={"table": "slow_predictions"})})
     stores = Stores(settings)
-    refresher = ModelRefresher(model, settings, stores)
+    refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores)
     results = []
     worker = threading.Thread(target=lambda: results.append(refresher.refresh(datetime.now(UTC))))
     worker.start()

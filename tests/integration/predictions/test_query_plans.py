@@ -2,7 +2,7 @@
 
 Tables loaded and queried before ANALYZE (``autovacuum_enabled = false`` keeps autovacuum
 from analyzing them during the test) make PostgreSQL guess a window of a few rows and join
-by nested loops; mlmon's refresh transaction forbids them (``stores.timed_connection``).
+by nested loops; mlmon's refresh transaction forbids them (``db.timed_connection``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import parse_settings
+from exporter.db import timed_connection
 from exporter.predictions.queries import PredictionQueries, ReplayQueries
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import Stores, TimeColumn, timed_connection
+from exporter.predictions.stores import Stores, TimeColumn
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 N = 20_000
@@ -146,7 +147,7 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
     settings = _settings(url, schema)
     stores = Stores(settings)
     try:
-        refresher = ModelRefresher(settings.models[0], settings, stores)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         started = time.perf_counter()
         snap = refresher.refresh(AS_OF)
         elapsed = time.perf_counter() - started
@@ -179,7 +180,7 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
         diff = np.abs(scores - replays)
         assert replay.ratio == pytest.approx(np.mean(diff <= 1e-6 + 1e-6 * np.maximum(scores, replays)), abs=1e-15)
 
-        q, label_q, replay_q = refresher._predictions(), refresher._labels(), refresher._replays()
+        q, label_q, replay_q = (refresher.sources[name].queries() for name in ("predictions", "labels", "replays"))
         start, end = AS_OF - timedelta(days=30), AS_OF
         statements = {
             "histogram": q.histogram(start, end),

@@ -153,7 +153,7 @@ def refresh(url, schema, **kwargs):
     settings = settings_for(url, schema, **kwargs)
     stores = Stores(settings)
     try:
-        refresher = ModelRefresher(settings.models[0], settings, stores)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         refresher.refresh(AS_OF - timedelta(minutes=30))  # starts the counters' watermark
         return refresher.refresh(AS_OF)
     finally:
@@ -314,7 +314,7 @@ def test_bucketed_auc_and_percentiles_of_continuous_scores(tmp_path):
     settings = settings_for(url, None)
     model = settings.models[0].model_copy(update={"bucket_decimals": 3})
     stores = Stores(settings)
-    snap = ModelRefresher(model, settings, stores).refresh(AS_OF)
+    snap = ModelRefresher(model, "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     online = next(o for o in snap.online if o.window == "1h")
     y = np.array([r["y"] for r in data.labels])

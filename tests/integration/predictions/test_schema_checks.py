@@ -111,7 +111,7 @@ def _refresh(path):
     settings = load_settings(path)
     stores = Stores(settings)
     try:
-        return ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+        return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     finally:
         stores.dispose()
 

@@ -89,7 +89,7 @@ def _instant(text: str, zone: str) -> datetime:
 def _refresh(settings, *as_ofs):
     stores = Stores(settings)
     try:
-        refresher = ModelRefresher(settings.models[0], settings, stores)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         return [refresher.refresh(as_of) for as_of in as_ofs]
     finally:
         stores.dispose()
@@ -243,7 +243,7 @@ def test_text_timestamp_refused_where_it_cannot_be_compared(backend, tmp_path, r
     settings = zoned_predictions_settings(url, schema=schema)
     stores = Stores(settings)
     try:
-        refresher = ModelRefresher(settings.models[0], settings, stores)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         with pytest.raises(SchemaError) as error:
             refresher.check_schema()
         message = str(error.value)

@@ -35,7 +35,7 @@ def _snapshot(url, column_type, values, schema=None, timezone_name="UTC"):
     )
     stores = Stores(settings)
     try:
-        return ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+        return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     finally:
         stores.dispose()
 
@@ -74,7 +74,7 @@ def test_sqlite_text_in_any_format_respects_both_edges(tmp_path):
         }
     )
     stores = Stores(settings)
-    snap = ModelRefresher(settings.models[0], settings, stores).refresh(AS_OF)
+    snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     assert snap.score_stats[0].predictions == 4
     assert snap.last_prediction_timestamp == pytest.approx(
@@ -133,7 +133,7 @@ def test_unique_ids_found_in_the_schema(tmp_path, key):
         }
     )
     stores = Stores(settings)
-    refresher = ModelRefresher(settings.models[0], settings, stores)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.check_schema()
-    assert refresher._prediction_queries.unique_ids is (key != "none")  # no duplicate search when unique
+    assert refresher.predictions.queries().unique_ids is (key != "none")  # no duplicate search when unique
     stores.dispose()

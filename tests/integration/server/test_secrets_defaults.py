@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import app as cli
 from exporter.config import ConfigError, parse_settings
-from exporter.predictions.stores import safe_url
+from exporter.db import safe_url
 from exporter.server.app import create_app
 from tests.conftest import refresh_once
 

@@ -54,7 +54,7 @@ def exposition(refresher: TrainingRefresher, settings, now=NOW) -> dict:
     """(name, frozenset of labels) -> value of the training refresh at ``now``, rendered."""
     store = SnapshotStore([])
     store.put_training(refresher.refresh(now))
-    text = render(build_registry(store, settings)).decode()
+    text = render(build_registry(store, settings.thresholds)).decode()
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
@@ -115,7 +115,11 @@ def test_the_edges_of_the_trained_at_range_are_stored_and_exported(state_url, tr
         assert client.post("/api/v1/training-runs", json=body(trained_at=trained_at)).status_code == 201
         assert client.post("/api/v1/training-runs", json=body(model="steady", version="s1")).status_code == 201
     database = StateDatabase(state_url)
-    got = exposition(TrainingRefresher(database, settings), settings, now=datetime(9999, 1, 1, tzinfo=UTC))
+    got = exposition(
+        TrainingRefresher(database, settings.training, settings.refresh_policy),
+        settings,
+        now=datetime(9999, 1, 1, tzinfo=UTC),
+    )
     database.engine.dispose()
     expected = datetime.fromisoformat(trained_at).timestamp()
     assert value(got, "mlmon_model_trained_timestamp_seconds", model="ctr") == expected
@@ -138,7 +142,7 @@ def test_a_stored_run_the_api_now_refuses_is_isolated_to_its_model_and_deleted_b
     store_bypassing_validation(engine, body(model="ancient", version="year-1", trained_at="0001-01-10T00:00:00+00:00"))
     # and a newest run of ctr that today's validation refuses
     store_bypassing_validation(engine, body(model="ctr", version="bad-logloss", validation_logloss=-1.0))
-    refresher = TrainingRefresher(database, settings)
+    refresher = TrainingRefresher(database, settings.training, settings.refresh_policy)
     with caplog.at_level(logging.WARNING, logger="exporter.training.metrics"):
         first = exposition(refresher, settings)
         second = exposition(refresher, settings)
@@ -196,7 +200,7 @@ def test_a_failing_psi_computation_is_isolated_or_computed(state_url):
             assert sent.status_code == 201, sent.text
         assert client.post("/api/v1/training-runs", json=body(model="steady", version="s1")).status_code == 201
     database = StateDatabase(state_url)
-    got = exposition(TrainingRefresher(database, settings), settings)
+    got = exposition(TrainingRefresher(database, settings.training, settings.refresh_policy), settings)
     database.engine.dispose()
     assert value(got, "mlmon_state_up") == 1
     assert value(got, "mlmon_training_rows", model="steady") == 1000
@@ -214,7 +218,7 @@ def test_a_change_ratio_that_overflows_is_absent_not_inf(state_url):
         NOW,
     )
     save_run(database.ready(), TrainingRun(**body(version="b", validation_logloss=1e308)), NOW)
-    got = exposition(TrainingRefresher(database, settings), settings)
+    got = exposition(TrainingRefresher(database, settings.training, settings.refresh_policy), settings)
     database.engine.dispose()
     assert math.isinf(1e308 / 1e-308)  # in float arithmetic the ratio is +Inf: undefined
     assert value(got, "mlmon_offline_logloss_change_ratio", model="ctr", baseline="previous_version") is None
@@ -310,7 +314,7 @@ def test_runs_of_more_models_than_training_max_models_are_refused_and_counted(st
         )  # known model
         assert client.post("/api/v1/training-runs", json=body(model="b")).status_code == 200  # the same run again
         assert client.get("/api/v1/models").json() == {"models": ["a", "b"]}
-        text = render(build_registry(app.state.snapshots, settings)).decode()
+        text = render(build_registry(app.state.snapshots, settings.thresholds)).decode()
         assert 'mlmon_training_runs_refused_total{reason="max_models"} 1.0' in text.splitlines()
         assert client.delete("/api/v1/models/b/versions/v1").status_code == 200  # room for one more
         assert client.post("/api/v1/training-runs", json=body(model="c")).status_code == 201
@@ -322,7 +326,8 @@ def test_a_hung_training_refresh_counts_one_timeout(postgres_schema, postgres_en
     url, schema = postgres_schema
     database = StateDatabase(f"{url}?options=-csearch_path%3D{schema}", timeout=2)
     save_run(database.ready(), TrainingRun(**body()), NOW)
-    refresher = TrainingRefresher(database, settings_for(url))
+    settings = settings_for(url)
+    refresher = TrainingRefresher(database, settings.training, settings.refresh_policy)
     assert refresher.refresh(NOW).up
     with stalled_on_a_lock(
         postgres_engine, schema, "mlmon_training_runs", lambda: refresher.refresh(NOW), "the training refresh"

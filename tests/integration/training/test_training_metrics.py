@@ -197,7 +197,7 @@ def test_state_database_failing_keeps_then_drops_training_metrics(tmp_path):
     report(state, simple_run("v0", 0, 100, 0.3, 0.8))
     settings = settings_for(state, staleness="5m")
     database = StateDatabase(state)
-    refresher = TrainingRefresher(database, settings)
+    refresher = TrainingRefresher(database, settings.training, settings.refresh_policy)
     assert "ctr" in refresher.refresh(NOW).models
 
     def rename(old, new):

@@ -94,7 +94,7 @@ def test_every_run_the_api_accepts_is_refreshed_and_never_stops_other_models(tmp
         model="steady", version="s1", trained_at="2026-11-01T00:00:00Z", training_rows=1000, validation_logloss=0.3
     )
     save_run(database.ready(), steady, datetime.now(UTC))
-    refresher = TrainingRefresher(database, config)
+    refresher = TrainingRefresher(database, config.training, config.refresh_policy)
     as_of = datetime(9999, 1, 1, tzinfo=UTC)  # every stored run is trained by then
 
     @given(run=_RUN)
@@ -106,7 +106,7 @@ def test_every_run_the_api_accepts_is_refreshed_and_never_stops_other_models(tmp
         assert training.up, run
         store = SnapshotStore([])
         store.put_training(training)
-        text = render(build_registry(store, config)).decode()
+        text = render(build_registry(store, config.thresholds)).decode()
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text)

@@ -1,0 +1,407 @@
+"""The sources of one model: predictions, labels, replays. Each owns its reflection
+(cached until it fails), its queries and its health; ``run`` reads its values at a time.
+
+A new kind of source plugs in the same way: subclass ``Source``, give it a ``name``,
+``_reflect`` and ``run``, and let ``refresh.ModelRefresher`` build it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from exporter.config import ModelConfig
+from exporter.db import timed_connection
+from exporter.durations import parse_duration
+from exporter.health import SourceHealth
+from exporter.monitoring_math import (
+    percentiles_from_buckets,
+    pooled_variance,
+    ratio,
+    roc_auc_bucket_error_bound,
+    roc_auc_from_counts,
+    round_half_up_index,
+)
+from exporter.predictions.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.predictions.stores import (
+    NUMBER_TYPES,
+    Stores,
+    reflect_table,
+    require_same_id_kind,
+    time_column,
+    timestamp_types,
+)
+from exporter.snapshot import OnlineAccuracy, PredictionCounter, Reproducibility, ScoreStats
+from exporter.versions import VERSION_MAX_LENGTH
+
+log = logging.getLogger(__name__)
+
+#: Rows stamped less than this after the refresh time are rows written while it runs, not a
+#: clock ahead of mlmon's: ``mlmon_future_predictions`` counts only the later ones.
+FUTURE_TOLERANCE = timedelta(minutes=1)
+
+Q = TypeVar("Q")
+V = TypeVar("V")
+
+
+def _int(value: Any) -> int:
+    return int(value or 0)
+
+
+def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | None]:
+    """(version, problem) from the value read by ``PredictionQueries.serving_version``.
+
+    ``problem`` is ``None`` or why the value cannot be a training run's version: longer
+    than ``VERSION_MAX_LENGTH`` characters (bytes when read as bytes), or bytes that are not UTF-8.
+    Such a version is kept in a form no stored run can have (its first
+    ``VERSION_MAX_LENGTH + 1`` characters, or ``\\xff`` escapes: run versions are at most
+    that long and hold no backslash), so that it matches no run rather than falling back
+    to the newest one; it is never exposed as a label value.
+    """
+    if raw is None:
+        return None, None
+    problem = f"longer than {VERSION_MAX_LENGTH} characters" if len(raw) > VERSION_MAX_LENGTH else None
+    if isinstance(raw, str):
+        return raw, problem
+    try:
+        return bytes(raw).decode("utf-8"), problem
+    except UnicodeDecodeError:  # the cut may split a character: the length is the reason then
+        return bytes(raw).decode("utf-8", "backslashreplace"), problem or "not UTF-8"
+
+
+@dataclass(frozen=True)
+class PredictionValues:
+    """What one successful read of the predictions gives: the statistics of each window,
+    the newest prediction's time (epoch seconds, ``None`` without rows) and the rows stamped
+    ``FUTURE_TOLERANCE`` or more after the refresh time."""
+
+    score_stats: tuple[ScoreStats, ...]
+    last_prediction_timestamp: float | None
+    future_predictions: int
+
+
+class Source(ABC, Generic[Q, V]):
+    """One configured table of a model.
+
+    ``queries`` reflects the table and checks its columns on first use and keeps the
+    result until ``forget`` (called after a failure: the table may have been altered);
+    ``run`` reads the source's values ``V`` at a refresh time; ``health`` keeps its errors
+    and last good values between refreshes.
+    """
+
+    #: The ``source`` label value and the config key of the source.
+    name: str
+
+    def __init__(
+        self, model: ModelConfig, key_path: str, stores: Stores, query_timeout: timedelta, staleness: timedelta
+    ):
+        """``key_path`` is the model's config path (``models[i]``), for error messages."""
+        self.model = model
+        self.key_path = f"{key_path}.{self.name}"
+        self.stores = stores
+        self.query_timeout = query_timeout
+        self.health: SourceHealth[V] = SourceHealth(staleness)
+        self._queries: Q | None = None
+
+    @abstractmethod
+    def _reflect(self) -> Q:
+        """Reflect the table and build its queries."""
+
+    @abstractmethod
+    def run(self, as_of: datetime) -> V:
+        """The source's values at ``as_of`` (timezone-aware).
+
+        Raises:
+            SchemaError, sqlalchemy.exc.SQLAlchemyError, OSError: as the store does; the
+            refresher classifies them (``reasons.classify_error``).
+        """
+
+    def queries(self) -> Q:
+        """The source's queries, reflecting the table on first use.
+
+        Raises:
+            SchemaError: the table or its columns are missing or unusable (naming the key).
+            sqlalchemy.exc.SQLAlchemyError, OSError: the store failed.
+        """
+        if self._queries is None:
+            self._queries = self._reflect()
+        return self._queries
+
+    def forget(self) -> None:
+        """Reflect again on next use."""
+        self._queries = None
+
+    def _connection(self) -> AbstractContextManager[Connection]:
+        # Every source of a model is read in the predictions' store (the config checks it):
+        # labels and replays are joined to the predictions there.
+        engine = self.stores.engine(self.model.predictions.store)
+        return timed_connection(engine, self.query_timeout.total_seconds())
+
+
+class PredictionsSource(Source[PredictionQueries, PredictionValues]):
+    """The served predictions: window statistics, the newest and future rows, and the
+    cumulative counter (fed through a timestamp watermark, not subject to staleness)."""
+
+    name = "predictions"
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        key_path: str,
+        stores: Stores,
+        query_timeout: timedelta,
+        staleness: timedelta,
+        count_from: datetime | None = None,
+    ):
+        """``count_from``: as ``ModelRefresher``'s (the counter's first watermark)."""
+        super().__init__(model, key_path, stores, query_timeout, staleness)
+        self.counter = PredictionCounter(tuple(model.histogram_buckets))
+        self._watermark: datetime | None = count_from
+
+    def _reflect(self) -> PredictionQueries:
+        source = self.model.predictions
+        engine = self.stores.engine(source.store)
+        types = {
+            "score": (NUMBER_TYPES, "a number (probability)"),
+            "timestamp": timestamp_types(engine.dialect.name, self.key_path),
+        }
+        table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types)
+        time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
+        return PredictionQueries(self.model, table, time_col, engine.dialect.name)
+
+    def joinable_ids(self, id_column: str, path: str) -> Callable[[sa.Table], None]:
+        """The check, for ``reflect_table``, that a table's id column (labels or replays, at
+        config path ``path``) can be joined to the predictions' id; a missing id column is
+        left to the column checks.
+
+        The check raises:
+            SchemaError: as ``stores.require_same_id_kind``, or from reflecting the predictions.
+        """
+
+        def check(table: sa.Table) -> None:
+            if id_column in table.c:
+                require_same_id_kind(
+                    table, id_column, f"{path}.columns.id", self.queries().table, self.model.predictions.columns.id
+                )
+
+        return check
+
+    def _score_stats(self, conn: Connection, window: str, start: datetime, end: datetime) -> ScoreStats:
+        """Prediction statistics of ``[start, end)`` from its bucket histogram (docs/metrics.md)."""
+        q = self.queries()
+        invalid = dict.fromkeys(INVALID_REASONS, 0)
+        buckets = []
+        for row in conn.execute(q.histogram(start, end)):
+            if row.key >= 0:
+                buckets.append(row)
+            else:  # an excluded row's key is minus its reason code
+                invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(row.n)
+        if not buckets:
+            return ScoreStats(
+                window=window,
+                predictions=0,
+                invalid=invalid,
+                mean=None,
+                stddev=None,
+                percentiles={},
+                mode_share=None,
+                bucketed=False,
+            )
+        buckets.sort(key=lambda b: b.key)
+        counts = np.array([_int(b.n) for b in buckets])
+        lows = np.array([float(b.low) for b in buckets])
+        highs = np.array([float(b.high) for b in buckets])
+        edges = np.array([float(b.key) for b in buckets]) / 10.0**self.model.bucket_decimals  # as in SQL: key / 10**k
+        sums = np.array([float(b.s1) for b in buckets])
+        n = int(counts.sum())
+        pure = bool(np.all(lows == highs))  # every bucket one distinct score: all exact
+        if pure:
+            # Round half up as the SQL of mode_count does, and merge the buckets' counts.
+            rounded = round_half_up_index(lows, self.model.mode_share_decimals)
+            _, inverse = np.unique(rounded, return_inverse=True)
+            mode = int(np.bincount(inverse, weights=counts).max())
+        else:
+            mode = _int(conn.execute(q.mode_count(start, end, self.model.mode_share_decimals)).scalar())
+        return ScoreStats(
+            window=window,
+            predictions=n,
+            invalid=invalid,
+            mean=float(np.sum(counts * edges + sums) / n),
+            stddev=math.sqrt(pooled_variance(counts, edges, sums, np.array([float(b.s2) for b in buckets]))),
+            percentiles=percentiles_from_buckets(lows, highs, counts),
+            mode_share=mode / n,
+            bucketed=not pure,
+        )
+
+    def run(self, as_of: datetime) -> PredictionValues:
+        q = self.queries()
+        with self._connection() as conn:
+            # First, so that rows written during the window queries (which may take minutes
+            # on a large table) do not count as stamped in the future.
+            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
+            stats = tuple(
+                self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
+            )
+            # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
+            stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)
+            # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
+            horizon = as_of - self.model.predictions.ingestion_delay
+            if self._watermark is None:
+                self._watermark = horizon  # counters start with the process: old rows are not counted
+            elif horizon > self._watermark:
+                row = conn.execute(q.new_predictions(self._watermark, horizon, self.model.histogram_buckets)).one()
+                count, score_sum, *buckets = row
+                self.counter = self.counter.add(_int(count), float(score_sum or 0.0), tuple(_int(b) for b in buckets))
+                self._watermark = horizon
+        return PredictionValues(stats, q.time.to_epoch(newest), _int(future))
+
+
+class LabelsSource(Source[LabelQueries, tuple[OnlineAccuracy, ...]]):
+    """The delayed labels, joined to the predictions: online accuracy per label-delayed
+    window, and the serving version when the predictions have a version column."""
+
+    name = "labels"
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        key_path: str,
+        stores: Stores,
+        query_timeout: timedelta,
+        staleness: timedelta,
+        predictions: PredictionsSource,
+    ):
+        super().__init__(model, key_path, stores, query_timeout, staleness)
+        self.predictions = predictions
+        self._version_problem: str | None = None
+
+    def _reflect(self) -> LabelQueries:
+        source = self.model.labels
+        assert source is not None  # built only for a model with labels
+        engine = self.stores.engine(source.store)
+        types = {
+            "label": ((sa.Boolean, *NUMBER_TYPES), "a number or a boolean (0/1)"),
+            "timestamp": timestamp_types(engine.dialect.name, self.key_path),
+        }
+        ids = self.predictions.joinable_ids(source.columns.id, self.key_path)
+        table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types, ids)
+        time_col = None
+        if source.columns.timestamp is not None:
+            time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
+        return LabelQueries(source, table, time_col)
+
+    def _online(self, conn: Connection, window: str, as_of: datetime) -> OnlineAccuracy:
+        """Online accuracy of the label-delayed window ending ``label_delay`` before ``as_of``."""
+        q, labels = self.predictions.queries(), self.queries()
+        end = as_of - self.model.label_delay
+        start = end - parse_duration(window)
+        rows = sorted(conn.execute(q.online(labels, start, end, as_of)).all(), key=lambda row: row.key)
+
+        def total(column: str) -> int:
+            return sum(_int(row._mapping[column]) for row in rows)
+
+        def float_total(column: str) -> float:
+            return math.fsum(float(row._mapping[column] or 0.0) for row in rows)
+
+        positives = np.array([_int(row.positives) for row in rows])
+        negatives = np.array([_int(row.negatives) for row in rows])
+        n_pred, n_pos = total("predictions"), int(positives.sum())
+        n_labeled = n_pos + int(negatives.sum())
+        mean_score = ratio(float_total("labeled_score_sum"), n_labeled)
+        positive_ratio = ratio(n_pos, n_labeled)
+        auc = roc_auc_from_counts(positives, negatives)
+        # A bucket whose labeled scores are all equal holds true ties only.
+        pure = np.array([row.low is None or row.low == row.high for row in rows], dtype=bool)
+        bound = roc_auc_bucket_error_bound(positives, negatives, pure)
+        return OnlineAccuracy(
+            window=window,
+            predictions=n_pred,
+            labeled=n_labeled,
+            positives=n_pos,
+            logloss=ratio(float_total("log_loss_sum"), n_labeled),
+            roc_auc=auc,
+            roc_auc_error_bound=bound if bound else None,  # absent when the AUC is exact
+            calibration_ratio=ratio(mean_score, positive_ratio),
+            positive_ratio=positive_ratio,
+            label_coverage=ratio(total("with_label"), n_pred),
+            extreme_scores=total("extreme"),
+            invalid_labels={"conflicting": total("conflicting"), "invalid_value": total("invalid")},
+        )
+
+    def run(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
+        q = self.predictions.queries()
+        self.queries()
+        with self._connection() as conn:
+            online = [self._online(conn, window, as_of) for window in self.model.windows]
+            if q.version is None:
+                return tuple(online)
+            raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
+        version, problem = decode_serving_version(raw)
+        if problem != self._version_problem:  # reported once, not at every refresh
+            if problem is not None:
+                log.warning(
+                    "model %s: serving version in column %r is %s; mlmon_online_logloss_vs_offline_ratio is absent",
+                    self.model.name,
+                    self.model.predictions.columns.version,
+                    problem,
+                )
+            self._version_problem = problem
+        return tuple(replace(o, serving_version=version) for o in online)
+
+
+class ReplaysSource(Source[ReplayQueries, tuple[Reproducibility, ...]]):
+    """The offline replays of served predictions: reproducibility per window."""
+
+    name = "replays"
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        key_path: str,
+        stores: Stores,
+        query_timeout: timedelta,
+        staleness: timedelta,
+        predictions: PredictionsSource,
+    ):
+        super().__init__(model, key_path, stores, query_timeout, staleness)
+        self.predictions = predictions
+
+    def _reflect(self) -> ReplayQueries:
+        source = self.model.replays
+        assert source is not None  # built only for a model with replays
+        engine = self.stores.engine(source.store)
+        types: dict[str, tuple[tuple[type, ...], str]] = {"score": (NUMBER_TYPES, "a number (probability)")}
+        ids = self.predictions.joinable_ids(source.columns.id, self.key_path)
+        table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types, ids)
+        return ReplayQueries(source, table)
+
+    def run(self, as_of: datetime) -> tuple[Reproducibility, ...]:
+        q, replays = self.predictions.queries(), self.queries()
+        out = []
+        with self._connection() as conn:
+            if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
+                conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
+            for window in self.model.windows:
+                n, reproduced, abs_error_max = conn.execute(
+                    q.replays(replays, as_of - parse_duration(window), as_of)
+                ).one()
+                n = _int(n)
+                out.append(
+                    Reproducibility(
+                        window=window,
+                        replayed=n,
+                        ratio=ratio(_int(reproduced), n),
+                        abs_error_max=None if abs_error_max is None else float(abs_error_max),
+                    )
+                )
+        return tuple(out)
