@@ -266,11 +266,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return PredictionValues(stats, q.time.to_epoch(newest), _int(future))
 
 
-class LabelsSource(Source[LabelQueries, tuple[OnlineAccuracy, ...]]):
-    """The delayed labels, joined to the predictions: online accuracy per label-delayed
-    window, and the serving version when the predictions have a version column."""
-
-    name = "labels"
+class JoinedSource(Source[Q, V]):
+    """A source joined to the predictions by id (labels, replays): it reads in the
+    predictions' store and checks its id against theirs through ``predictions``."""
 
     def __init__(
         self,
@@ -283,7 +281,14 @@ class LabelsSource(Source[LabelQueries, tuple[OnlineAccuracy, ...]]):
     ):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.predictions = predictions
-        self._version_problem: str | None = None
+
+
+class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
+    """The delayed labels, joined to the predictions: online accuracy per label-delayed
+    window, and the serving version when the predictions have a version column."""
+
+    name = "labels"
+    _version_problem: str | None = None  # the last version-column problem logged (logged once)
 
     def _reflect(self) -> LabelQueries:
         source = self.model.labels
@@ -359,22 +364,10 @@ class LabelsSource(Source[LabelQueries, tuple[OnlineAccuracy, ...]]):
         return tuple(replace(o, serving_version=version) for o in online)
 
 
-class ReplaysSource(Source[ReplayQueries, tuple[Reproducibility, ...]]):
+class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
     """The offline replays of served predictions: reproducibility per window."""
 
     name = "replays"
-
-    def __init__(
-        self,
-        model: ModelConfig,
-        key_path: str,
-        stores: Stores,
-        query_timeout: timedelta,
-        staleness: timedelta,
-        predictions: PredictionsSource,
-    ):
-        super().__init__(model, key_path, stores, query_timeout, staleness)
-        self.predictions = predictions
 
     def _reflect(self) -> ReplayQueries:
         source = self.model.replays
