@@ -16,7 +16,7 @@ import re
 import shlex
 import subprocess
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -102,7 +102,15 @@ class Evaluator:
                     "above); fix the store or take the model out of the config, then run the same command again"
                 )
             store.put(snapshot)
+        # The state database holds every model's runs: keep the configured ones, as the
+        # overlap check selects them (another config's models are another backfill's).
+        configured = {m.name for m in self.settings.models}
         training = self._training.refresh(at)
+        training = replace(
+            training,
+            models={k: v for k, v in training.models.items() if k in configured},
+            model_errors={k: v for k, v in training.model_errors.items() if k in configured},
+        )
         if not training.up:
             raise BackfillError(f"at {at.isoformat()}: reading the state database failed (see the log above)")
         if bad := sorted(model for model, count in training.model_errors.items() if count):
@@ -274,20 +282,22 @@ class Backfill:
     data: Path | None = None
     promtool: str | None = None
 
-    def check_overlap(self, todo: list[datetime]) -> None:
-        """Refuse instants for which ``data`` already holds one of the series written.
+    def check_overlap(self, spans: list[tuple[datetime, datetime]]) -> None:
+        """Refuse the ``(first, last)`` spans in which ``data`` already holds one of the
+        per-model series written. (``mlmon_state_up``, without a model label, is 1 at every
+        backfilled step: a second backfill's samples of it equal the first's.)
 
         Raises:
             OverlapError: naming the first existing sample and what to do.
         """
-        if self.data is None or not self.data.exists() or not todo:
+        if self.data is None or not self.data.exists() or not spans:
             return
         assert self.promtool is not None
         # promtool's dump refuses a directory without a write-ahead log (one promtool wrote,
         # never served); Prometheus creates the same empty directory when it starts.
         (self.data / "wal").mkdir(exist_ok=True)
         selector = series_selector(self.settings, self.labels)
-        for first, last in runs(todo, self.step):
+        for first, last in spans:
             line = existing_samples(self.promtool, self.data, selector, first, last)
             if line is not None:
                 raise OverlapError(
@@ -304,15 +314,22 @@ class Backfill:
         Raises:
             BackfillError: promtool failed; its message is given.
         """
-        marker = path.with_name(path.name + IMPORTED)
-        if self.data is None or (marker.exists() and marker.read_text().strip() == str(self.data.resolve())):
+        if not self.needs_import(path):
             return
-        assert self.promtool is not None
+        assert self.data is not None and self.promtool is not None  # needs_import: data is set
         command = promtool_command(self.promtool, path, self.data)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BackfillError(f"{shlex.join(command)} failed:\n{(done.stderr or done.stdout)[-2000:]}")
-        marker.write_text(f"{self.data.resolve()}\n")
+        path.with_name(path.name + IMPORTED).write_text(f"{self.data.resolve()}\n")
+
+    def needs_import(self, path: Path) -> bool:
+        """Whether ``path`` is still to be turned into blocks of ``data`` (its marker names
+        no other directory, or there is none)."""
+        if self.data is None:
+            return False
+        marker = path.with_name(path.name + IMPORTED)
+        return not (marker.exists() and marker.read_text().strip() == str(self.data.resolve()))
 
     def pending(self) -> list[datetime]:
         """The instants still to evaluate: those of no finished file of ``output``."""
@@ -327,8 +344,11 @@ class Backfill:
         Raises:
             BackfillError: an overlap with ``data``, a failed source, a failed promtool.
         """
-        self.check_overlap(todo)
-        for path in [p for _, _, p in covered(self.output)]:  # written by a run stopped before promtool
+        # Files written by a run stopped before promtool (or without --prometheus-data) are
+        # imported too: their spans are checked like the instants still to evaluate.
+        unimported = [(first, last, path) for first, last, path in covered(self.output) if self.needs_import(path)]
+        self.check_overlap(runs(todo, self.step) + [(first, last) for first, last, _ in unimported])
+        for _, _, path in unimported:
             self.import_file(path)
         evaluator = Evaluator(self.settings)
         try:

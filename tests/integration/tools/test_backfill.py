@@ -411,3 +411,51 @@ def _prometheus_range(base: str, selector: str, start: pd.Timestamp, end: pd.Tim
     ).json()
     [series] = answer["data"]["result"]
     return {pd.Timestamp(when, unit="s", tz="UTC"): float(v) for when, v in series["values"]}
+
+
+def test_files_written_without_a_data_directory_are_checked_for_overlap_before_import(backfilled):
+    """Files of an earlier run without --prometheus-data are imported by the next run that
+    has one: their instants are checked like those still to evaluate, so series the data
+    directory holds at those instants are refused, not mixed in."""
+    tmp, config, _, _ = backfilled
+    args = ["backfill", "--config", str(config), "--from", "2018-11-10T02:00:00Z", "--to", "2018-11-10T04:00:00Z"]
+    args += ["--step", "1h", "--output", str(tmp / "unimported"), "--label", "job=mlmon"]
+    args += ["--label", "instance=mlmon:9847"]
+    assert "2 step(s) evaluated, 1 file(s)" in _cli(*args)
+    out = _cli(*args, "--prometheus-data", str(tmp / "tsdb"), code=2)
+    assert "already holds mlmon series between 2018-11-10T02:00:00+00:00 and 2018-11-10T03:00:00+00:00" in out
+    assert not list((tmp / "unimported").glob("*.imported"))
+
+
+def test_runs_of_models_outside_the_config_are_not_backfilled(tmp_path):
+    """The state database holds another model's runs (another config's backfill): only the
+    configured model's series are written, as the overlap check selects them."""
+    db = tmp_path / "p.db"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE p (id INTEGER, ts TEXT, score REAL)"))
+        conn.execute(sa.text("INSERT INTO p VALUES (1, '2018-11-09 12:00:00', 0.25)"))
+    state = sa.create_engine(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    migrate(state)
+    frame = pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0]})
+    for model in ("m", "other"):
+        run = build_training_run(
+            model=model,
+            version="v1",
+            trained_at="2018-11-01T00:00Z",
+            training_data=frame,
+            validation=(pd.Series([0, 1, 0, 1]), pd.Series([0.2, 0.7, 0.4, 0.6])),
+        )
+        save_run(state, run, pd.Timestamp("2018-11-01T00:00Z").to_pydatetime())
+    state.dispose()
+    config = tmp_path / "mlmon.yml"
+    config.write_text(
+        f"stores: {{s: {{url: 'sqlite:///{db}'}}}}\n"
+        f"state: {{url: 'sqlite:///{tmp_path / 'state.sqlite'}'}}\n"
+        "models: [{name: m, windows: [1d], predictions: {store: s, table: p, columns: {id: id, timestamp: ts, score: score}}}]\n"
+    )
+    args = ["backfill", "--config", str(config), "--step", "12h", "--output", str(tmp_path / "out")]
+    assert "2 step(s) evaluated" in _cli(*args, "--from", "2018-11-09T00:00:00Z", "--to", "2018-11-10T00:00:00Z")
+    (text,) = [p.read_text() for p in (tmp_path / "out").glob("mlmon-*.om")]
+    assert 'mlmon_version_training_rows{job="mlmon",model="m",version="v1"} 4.0' in text
+    assert 'model="other"' not in text
