@@ -277,7 +277,7 @@ def backfill(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from exporter.durations import parse_duration
-    from exporter.tools.backfill import Backfill, BackfillError, OverlapError, promtool_command
+    from exporter.tools.backfill import Backfill, BackfillError, OverlapError, clashing_label, promtool_command
 
     _logging(logging.WARNING)  # a line per step would drown the progress bar
     settings = _settings(config)
@@ -295,8 +295,11 @@ def backfill(
     labels = {}
     for item in label if label is not None else ["job=mlmon"]:
         name, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name) or name in ("model", "__name__"):
-            _fail(f"--label: {item!r} is not NAME=VALUE with a Prometheus label name other than model")
+        if not sep or not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name) or clashing_label(name):
+            _fail(
+                f"--label: {item!r} is not NAME=VALUE with a Prometheus label name that is neither reserved (__*) "
+                "nor a label of mlmon's own series (model, window, version, le, ...)"
+            )
         labels[name] = value
     promtool = shutil.which("promtool")
     if prometheus_data is not None and promtool is None:

@@ -26,7 +26,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from exporter.config import Settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import INSTANT_RANGE, Stores
-from exporter.server.collector import MlmonCollector
+from exporter.server.collector import METRICS, MlmonCollector
 from exporter.snapshot import SnapshotStore
 from exporter.training.metrics import TrainingRefresher
 from exporter.training.storage import StateDatabase
@@ -209,6 +209,15 @@ def by_day(instants: list[datetime]) -> list[list[datetime]]:
     for at in instants:
         days.setdefault(at.date(), []).append(at)
     return list(days.values())
+
+
+def clashing_label(name: str) -> bool:
+    """Whether a target label ``name`` (``--label``) would clash with a label of mlmon's own
+    series (``model``, ``window``, ..., the histogram's ``le``) or is reserved by Prometheus
+    (``__`` prefix): in a sample the series' own label would win, and the target's be lost
+    silently (a scrape would rename the series' label to ``exported_<name>`` instead)."""
+    own = {label for spec in METRICS.values() for label in spec.labels} | {"le"}
+    return name in own or name.startswith("__")
 
 
 def promtool_command(promtool: str, path: Path, data: Path) -> list[str]:

@@ -113,6 +113,9 @@ def test_selector_matches_the_models_and_target_labels():
         (["--from", "2018-11-09", "--to", "2018-11-10", "--label", "job"], "--label: 'job' is not NAME=VALUE"),
         (["--from", "2018-11-09", "--to", "2018-11-10", "--label", "model=x"], "--label: 'model=x' is not NAME=VALUE"),
         (["--from", "2018-11-09", "--to", "2018-11-10", "--label", "1a=x"], "--label: '1a=x' is not NAME=VALUE"),
+        (["--from", "2018-11-09", "--to", "2018-11-10", "--label", "window=x"], "--label: 'window=x' is not NAME="),
+        (["--from", "2018-11-09", "--to", "2018-11-10", "--label", "le=x"], "--label: 'le=x' is not NAME=VALUE"),
+        (["--from", "2018-11-09", "--to", "2018-11-10", "--label", "__x=y"], "--label: '__x=y' is not NAME=VALUE"),
     ],
 )
 def test_usage_errors_exit_2_naming_the_option(tmp_path: Path, args, message):
