@@ -277,7 +277,14 @@ def backfill(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from exporter.durations import parse_duration
-    from exporter.tools.backfill import Backfill, BackfillError, OverlapError, clashing_label, promtool_command
+    from exporter.tools.backfill import (
+        Backfill,
+        BackfillError,
+        ManifestError,
+        OverlapError,
+        clashing_label,
+        promtool_command,
+    )
 
     _logging(logging.WARNING)  # a line per step would drown the progress bar
     settings = _settings(config)
@@ -319,7 +326,7 @@ def backfill(
         with progress:
             task = progress.add_task("backfill", total=len(todo))
             files = job.run(todo, lambda n: progress.advance(task, n))
-    except OverlapError as exc:
+    except (OverlapError, ManifestError) as exc:
         _fail(f"mlmon backfill: {exc}")
     except BackfillError as exc:
         _fail(f"mlmon backfill: {exc}", code=1)

@@ -11,6 +11,7 @@ existing file are not evaluated twice.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shlex
@@ -57,6 +58,15 @@ class BackfillError(Exception):
 
 class OverlapError(BackfillError):
     """The Prometheus data directory already holds some of the series in the range."""
+
+
+class ManifestError(BackfillError):
+    """``--output`` holds files computed with another step, other target labels or other
+    models than this run's."""
+
+
+#: The file of ``--output`` recording what its files were computed with.
+MANIFEST = "mlmon-backfill.json"
 
 
 class Evaluator:
@@ -291,6 +301,33 @@ class Backfill:
     data: Path | None = None
     promtool: str | None = None
 
+    def check_manifest(self) -> None:
+        """Record in ``output`` what its files are computed with (step, target labels,
+        models), or refuse a run that differs: the files' names are the record of what is
+        done, so a run with another grid, labels or models would take the old files for its
+        own and import them as they are.
+
+        Raises:
+            ManifestError: naming the option and both values.
+        """
+        path = self.output / MANIFEST
+        mine = {
+            "step_seconds": int(self.step.total_seconds()),
+            "labels": dict(sorted(self.labels.items())),
+            "models": sorted(m.name for m in self.settings.models),
+        }
+        if not path.exists():
+            path.write_text(json.dumps(mine, indent=2) + "\n")
+            return
+        theirs = json.loads(path.read_text())
+        for key, option in (("step_seconds", "--step (seconds)"), ("labels", "--label"), ("models", "models")):
+            if theirs.get(key) != mine[key]:
+                raise ManifestError(
+                    f"{self.output} holds files computed with {option} {theirs.get(key)!r}, this run has "
+                    f"{mine[key]!r}: run with the same {option}, or give a new --output (to import into the same "
+                    "data directory, the overlap check then applies)"
+                )
+
     def check_overlap(self, spans: list[tuple[datetime, datetime]]) -> None:
         """Refuse the ``(first, last)`` spans in which ``data`` already holds one of the
         per-model series written. (``mlmon_state_up``, without a model label, is 1 at every
@@ -351,8 +388,10 @@ class Backfill:
 
         Returns: every finished file of ``output`` (those of earlier runs included).
         Raises:
-            BackfillError: an overlap with ``data``, a failed source, a failed promtool.
+            BackfillError: an overlap with ``data`` (``OverlapError``), files of ``output``
+                computed otherwise (``ManifestError``), a failed source, a failed promtool.
         """
+        self.check_manifest()
         # Files written by a run stopped before promtool (or without --prometheus-data) are
         # imported too: their spans are checked like the instants still to evaluate.
         unimported = [(first, last, path) for first, last, path in covered(self.output) if self.needs_import(path)]

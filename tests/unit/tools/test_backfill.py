@@ -12,7 +12,17 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import Settings
-from exporter.tools.backfill import BackfillError, Chunk, by_day, covered, pending, runs, series_selector
+from exporter.tools.backfill import (
+    Backfill,
+    BackfillError,
+    Chunk,
+    ManifestError,
+    by_day,
+    covered,
+    pending,
+    runs,
+    series_selector,
+)
 
 T0 = datetime(2018, 11, 9, 22, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -144,3 +154,21 @@ def test_prometheus_data_without_promtool_is_a_usage_error(tmp_path, monkeypatch
     )
     assert result.exit_code == 2
     assert "--prometheus-data needs promtool on the PATH (Debian package prometheus)" in result.output
+
+
+def test_output_written_with_another_step_labels_or_models_is_refused(tmp_path):
+    """The files' names are the record of what is done: a run with another step, other
+    target labels or other models must not take them for its own."""
+
+    def job(step=HOUR, labels=None, models=("m",)):
+        settings = _settings(*models)
+        return Backfill(settings, T0, T0 + 2 * HOUR, step, tmp_path, labels or {"job": "mlmon"})
+
+    job().check_manifest()
+    job().check_manifest()  # the same run again: continues
+    with pytest.raises(ManifestError, match=r"--step \(seconds\) 3600, this run has 1800"):
+        job(step=HOUR / 2).check_manifest()
+    with pytest.raises(ManifestError, match=r"--label \{'job': 'mlmon'\}, this run has \{'job': 'other'\}"):
+        job(labels={"job": "other"}).check_manifest()
+    with pytest.raises(ManifestError, match=r"models \['m'\], this run has \['m', 'n'\]"):
+        job(models=("m", "n")).check_manifest()
