@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -184,8 +185,18 @@ class Chunk:
         first, last = self.instants[0], self.instants[-1]
         path = directory / f"mlmon-{first.strftime(_STAMP)}-{last.strftime(_STAMP)}.om"
         partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(openmetrics(self))
+        with partial.open("wb") as file:
+            file.write(openmetrics(self))
+            # A finished file's name marks its steps done: its bytes must be on disk before
+            # the name is (a power loss would otherwise leave an empty "done" file).
+            file.flush()
+            os.fsync(file.fileno())
         partial.replace(path)
+        directory_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
         return path
 
 
