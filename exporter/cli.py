@@ -154,7 +154,9 @@ def check_config(config: ConfigOption) -> None:
                 key = "url" if store.url is not None else "url_file"
                 problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
         for i, model in enumerate(settings.models):
-            refresher = ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores)
+            refresher = ModelRefresher(
+                model, f"models[{i}]", settings.refresh_policy, stores, training=settings.training
+            )
             work = worst_case_duration(model, settings.query_timeout)
             if refresher.deadline() < work:
                 typer.echo(

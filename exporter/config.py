@@ -238,6 +238,52 @@ class ReplaySource(TableSource):
     columns: ReplayColumns
 
 
+#: ``numeric: all`` / ``categorical: all``: every column of that kind but the known ones.
+ALL_COLUMNS = "all"
+FeatureColumns = list[Identifier] | Literal["all"]
+
+
+class FeatureSource(Strict):
+    """The serving-time feature values of a model's predictions: columns of the prediction
+    table (no ``table``) or of a table joined to it by id (``table`` and ``id``, in the
+    predictions' store). Each feature is declared ``numeric`` or ``categorical``, as a list
+    of columns or ``all``: every column of that kind (numbers; text or booleans) but the
+    known ones (the predictions' columns and filters, the feature table's id, ``exclude``)."""
+
+    table: Identifier | None = None
+    db_schema: Identifier | None = Field(default=None, alias="schema")
+    id: Identifier | None = None
+    """The feature table's id column, joined to the predictions' id (only with ``table``)."""
+    numeric: FeatureColumns = []
+    categorical: FeatureColumns = []
+    exclude: list[Identifier] = []
+    """Columns ``all`` leaves out."""
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureSource:
+        if (self.table is None) != (self.id is None):
+            raise ValueError(
+                "give 'table' and 'id' together (a joined feature table), or neither (the prediction table)"
+            )
+        if self.db_schema is not None and self.table is None:
+            raise ValueError("schema: only with 'table'")
+        if not self.numeric and not self.categorical:
+            raise ValueError("declare at least one feature in 'numeric' or 'categorical'")
+        if self.numeric == ALL_COLUMNS and self.categorical == ALL_COLUMNS:
+            pass  # kinds split by column type at reflection
+        elif isinstance(self.numeric, list) and isinstance(self.categorical, list):
+            both = sorted(set(self.numeric) & set(self.categorical))
+            if both:
+                raise ValueError(f"column(s) {both} declared both numeric and categorical")
+        for kind in ("numeric", "categorical"):
+            names = getattr(self, kind)
+            if isinstance(names, list) and len(set(names)) != len(names):
+                raise ValueError(f"{kind}: duplicate column in {names}")
+        if self.exclude and ALL_COLUMNS not in (self.numeric, self.categorical):
+            raise ValueError("exclude: only with 'numeric: all' or 'categorical: all'")
+        return self
+
+
 class ReplayTolerance(Strict):
     """A replay reproduces a served score when ``|a - b| <= atol + rtol * max(|a|, |b|)``."""
 
@@ -274,6 +320,14 @@ class AlertThresholds(Strict):
     calibration_ratio_max: float | None = 1.25
     calibration_ratio_min: float | None = 0.8
     label_coverage_ratio_min: float | None = None
+    feature_skew_psi_max: float | None = 0.25
+    """A feature's PSI between serving (window) and the serving version's training data above this."""
+    feature_skew_smd_max: float | None = 0.5
+    """|standardized mean difference| of a numeric feature, serving against training, above this."""
+    feature_skew_missing_ratio_delta_max: float | None = 0.1
+    """A feature's missing share at serving minus its training share, above this."""
+    feature_values_min: float | None = 100
+    """Feature skew alerts need this many rows (served by the compared version) in the window."""
 
 
 class ModelConfig(Strict):
@@ -283,6 +337,7 @@ class ModelConfig(Strict):
     predictions: PredictionSource
     labels: LabelSource | None = None
     replays: ReplaySource | None = None
+    features: FeatureSource | None = None
     windows: Annotated[list[Window], Field(min_length=1)] = ["1h", "24h"]
     label_delay: DurationOrZero = timedelta(hours=1)
     mode_share_decimals: int = Field(default=6, ge=0, le=12)
@@ -435,6 +490,15 @@ class Settings(Strict):
                         f"{path}: must be the predictions store {model.predictions.store!r}, got {source.store!r} "
                         "(labels and replays are joined to predictions inside the database)"
                     )
+            if model.features is not None and model.features.table is None:
+                predictions = model.predictions.columns.model_dump().values()
+                for kind in ("numeric", "categorical"):
+                    names = getattr(model.features, kind)
+                    known = sorted(set(names) & set(predictions)) if isinstance(names, list) else []
+                    if known:
+                        errors.append(
+                            f"models[{i}].features.{kind}: {known} are the predictions' own columns, not features"
+                        )
         return errors
 
     @property

@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from exporter.health import SourceStatus
 from exporter.training.metrics import TrainingState
+from exporter.training.skew import FeatureSkew
 
 #: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
 REFUSAL_REASONS = ("max_models",)
@@ -104,6 +105,12 @@ class ModelSnapshot:
     """Prediction rows stamped ``sources.FUTURE_TOLERANCE`` or more after the refresh time."""
     online: tuple[OnlineAccuracy, ...] = ()
     replays: tuple[Reproducibility, ...] = ()
+    features: tuple[FeatureSkew, ...] = ()
+    """Serving features and their training/serving skew, per window and feature."""
+    feature_reference_version: str | None = None
+    """The training version the features were compared with (``None``: none)."""
+    feature_over_limit: Mapping[str, int] = field(default_factory=dict)
+    """Features and categories left out by ``training.max_features`` / ``max_categories``."""
     errors: Mapping[tuple[str, str], int] = field(default_factory=dict)
     """(source, reason) -> cumulative count."""
     refresh_duration: float | None = None

@@ -13,10 +13,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from exporter.config import ModelConfig, RefreshPolicy, Settings
+import sqlalchemy as sa
+
+from exporter.config import ModelConfig, RefreshPolicy, Settings, TrainingSettings
 from exporter.durations import parse_duration
 from exporter.errors import first_line
 from exporter.health import SourceStatus
+from exporter.predictions.features import FeaturesSource, References
 from exporter.predictions.sources import (
     FUTURE_TOLERANCE,
     LabelsSource,
@@ -27,6 +30,8 @@ from exporter.predictions.sources import (
 from exporter.predictions.stores import INSTANT_RANGE, Stores
 from exporter.reasons import SchemaError, classify_error
 from exporter.snapshot import ModelSnapshot
+from exporter.training.schema import TrainingRun
+from exporter.training.storage import StateDatabase, load_run
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +58,19 @@ def worst_case_queries(model: ModelConfig) -> int:
     Predictions: the newest timestamp, per window its histogram and (when a bucket holds
     several scores) its mode count, and the new rows of the counter; labels: per window
     the online accuracy, and the serving version when the predictions have a version
-    column; replays: one per window.
+    column; replays: one per window; features: the serving version (with a version
+    column), its training run, and one pass over the longest window (one more per
+    ``features.COLUMN_BUDGET`` aggregates, not counted).
     """
     windows = len(model.windows)
     count = 2 + 2 * windows
+    version = model.predictions.columns.version is not None
     if model.labels is not None:
-        count += windows + (model.predictions.columns.version is not None)
+        count += windows + version
     if model.replays is not None:
         count += windows
+    if model.features is not None:
+        count += 2 + version
     return count
 
 
@@ -68,7 +78,27 @@ def worst_case_duration(model: ModelConfig, query_timeout: timedelta) -> timedel
     """The longest a refresh of ``model`` takes without any query timing out:
     ``worst_case_queries`` statements and one connection per source, each up to
     ``query_timeout`` (waiting for a free pooled connection not counted)."""
-    return (worst_case_queries(model) + len(model.sources())) * query_timeout
+    connections = len(model.sources()) + (model.features is not None)
+    return (worst_case_queries(model) + connections) * query_timeout
+
+
+def training_references(state: StateDatabase, model: str) -> References:
+    """Where the features source of ``model`` reads the training run it is compared with
+    (``training.storage.load_run``); a failure makes the state database migrate again on
+    next use, as for the training refresh.
+
+    The returned callable raises:
+        sqlalchemy.exc.SQLAlchemyError, pydantic.ValidationError: as ``load_run``.
+    """
+
+    def read(version: str | None, as_of: datetime) -> TrainingRun | None:
+        try:
+            return load_run(state.ready(), model, version, as_of)
+        except sa.exc.SQLAlchemyError:
+            state.failed()
+            raise
+
+    return read
 
 
 class ModelRefresher:
@@ -87,11 +117,15 @@ class ModelRefresher:
         policy: RefreshPolicy,
         stores: Stores,
         count_from: datetime | None = None,
+        training: TrainingSettings | None = None,
+        state: StateDatabase | None = None,
     ):
         """``key_path`` is the model's config path (``models[i]``), named by schema errors.
         ``count_from``: the counters (``mlmon_predictions_total``, the score histogram) count
         predictions stamped from then on; ``None`` (``serve``, ``once``): from the first
-        refresh's horizon, i.e. they start at 0 with the process."""
+        refresh's horizon, i.e. they start at 0 with the process. ``training``: the caps on
+        feature and category series (default ``TrainingSettings()``); ``state``: the state
+        database whose training runs the features are compared with (``None``: with none)."""
         self.model = model
         self.policy = policy
         args = (model, key_path, stores, policy.query_timeout, policy.staleness)
@@ -101,6 +135,10 @@ class ModelRefresher:
             self.sources["labels"] = LabelsSource(*args, self.predictions)
         if model.replays is not None:
             self.sources["replays"] = ReplaysSource(*args, self.predictions)
+        if model.features is not None:
+            references = None if state is None else training_references(state, model.name)
+            limits = training or TrainingSettings()
+            self.sources["features"] = FeaturesSource(*args, self.predictions, limits, references)
         self._last_success: float | None = None
         # The running refresh, for stalled(): the sources it has finished (as they ended),
         # the one it is in; and the previous refresh's sources, for those it has not reached yet.
@@ -204,6 +242,8 @@ class ModelRefresher:
         predictions = self.predictions.health.fresh(now)
         labels = self.sources.get("labels")
         replays = self.sources.get("replays")
+        features_source = self.sources.get("features")
+        features = features_source.health.fresh(now) if features_source else None
         return ModelSnapshot(
             model=self.model.name,
             sources=sources,
@@ -213,6 +253,9 @@ class ModelRefresher:
             future_predictions=predictions.future_predictions if predictions else None,
             online=(labels.health.fresh(now) if labels else None) or (),
             replays=(replays.health.fresh(now) if replays else None) or (),
+            features=features.skews if features else (),
+            feature_reference_version=features.reference_version if features else None,
+            feature_over_limit=features.over_limit if features else {},
             errors={
                 (name, reason): count
                 for name, source in self.sources.items()

@@ -158,6 +158,68 @@ METRICS = {
             WINDOWED,
             "Online log loss / offline (validation) log loss of the serving version, else of the newest version.",
         ),
+        # training/serving feature skew, per window, against the serving version's training run
+        _spec(
+            "mlmon_serving_feature_rows",
+            "gauge",
+            WINDOWED,
+            "Prediction rows of the window whose features are compared (those of the serving version).",
+        ),
+        _spec(
+            "mlmon_serving_feature_missing_ratio",
+            "gauge",
+            WINDOWED + " feature",
+            "Share of the window's rows whose feature value is missing (NULL, NaN, infinite or not a number).",
+        ),
+        _spec("mlmon_serving_feature_mean", "gauge", WINDOWED + " feature", "Mean of a numeric feature in the window."),
+        _spec(
+            "mlmon_serving_feature_stddev",
+            "gauge",
+            WINDOWED + " feature",
+            "Population standard deviation of a numeric feature in the window.",
+        ),
+        _spec(
+            "mlmon_serving_feature_category_share_ratio",
+            "gauge",
+            WINDOWED + " feature category",
+            "Share of a training category (or __other__) among a categorical feature's non-missing values in the window.",
+        ),
+        _spec(
+            "mlmon_serving_feature_unseen_ratio",
+            "gauge",
+            WINDOWED + " feature",
+            "Share of a categorical feature's non-missing values in categories the training data never had.",
+        ),
+        _spec(
+            "mlmon_feature_skew_psi",
+            "gauge",
+            WINDOWED + " feature",
+            "PSI of a feature between the serving version's training data and the window, on the training bins.",
+        ),
+        _spec(
+            "mlmon_feature_skew_standardized_mean_difference",
+            "gauge",
+            WINDOWED + " feature",
+            "(Serving mean - training mean) / sqrt of the two variances' average, for a numeric feature.",
+        ),
+        _spec(
+            "mlmon_feature_skew_missing_ratio_delta",
+            "gauge",
+            WINDOWED + " feature",
+            "A feature's missing share in the window minus its missing share in training.",
+        ),
+        _spec(
+            "mlmon_feature_skew_reference_info",
+            "gauge",
+            "model version",
+            "The training version the serving features are compared with; always 1.",
+        ),
+        _spec(
+            "mlmon_serving_feature_series_over_limit",
+            "gauge",
+            "model kind",
+            "Features or categories not exposed at serving because of training.max_features / max_categories.",
+        ),
         # training runs, from the state database
         _spec("mlmon_model_info", "gauge", "model version", "The newest trained version of the model; always 1."),
         _spec("mlmon_model_trained_timestamp_seconds", "gauge", "model", "Training time of the newest version."),
@@ -318,6 +380,28 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         _emit(families, "mlmon_replay_abs_error_max", w, r.abs_error_max)
 
 
+def _feature_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
+    m = snap.model
+    rows = {f.window: f.rows for f in snap.features}
+    for window, count in rows.items():
+        _emit(families, "mlmon_serving_feature_rows", [m, window], count)
+    for f in snap.features:
+        labels = [m, f.window, f.feature]
+        _emit(families, "mlmon_serving_feature_missing_ratio", labels, f.missing_ratio)
+        _emit(families, "mlmon_serving_feature_mean", labels, f.mean)
+        _emit(families, "mlmon_serving_feature_stddev", labels, f.stddev)
+        for category, share in f.categories:
+            _emit(families, "mlmon_serving_feature_category_share_ratio", labels + [category], share)
+        _emit(families, "mlmon_serving_feature_unseen_ratio", labels, f.unseen_ratio)
+        _emit(families, "mlmon_feature_skew_psi", labels, f.psi)
+        _emit(families, "mlmon_feature_skew_standardized_mean_difference", labels, f.standardized_mean_difference)
+        _emit(families, "mlmon_feature_skew_missing_ratio_delta", labels, f.missing_ratio_delta)
+    if snap.feature_reference_version is not None:
+        _emit(families, "mlmon_feature_skew_reference_info", [m, snap.feature_reference_version], 1.0)
+    for kind, count in snap.feature_over_limit.items():
+        _emit(families, "mlmon_serving_feature_series_over_limit", [m, kind], count)
+
+
 def _training_samples(families: dict[str, Metric], snap: TrainingSnapshot) -> None:
     m, newest = snap.model, snap.newest
     _emit(families, "mlmon_model_info", [m, newest.version], 1.0)
@@ -380,6 +464,7 @@ class MlmonCollector:
         training = self._store.training
         for name in sorted(models):
             _model_samples(families, models[name])
+            _feature_samples(families, models[name])
             _offline_comparison(families, models[name], training.models.get(name))
         for name in sorted(training.models):
             _training_samples(families, training.models[name])

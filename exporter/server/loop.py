@@ -95,7 +95,8 @@ class RefreshLoop:
         self.store = store
         policy = settings.refresh_policy
         self.refreshers = [
-            ModelRefresher(model, f"models[{i}]", policy, stores) for i, model in enumerate(settings.models)
+            ModelRefresher(model, f"models[{i}]", policy, stores, training=settings.training, state=state)
+            for i, model in enumerate(settings.models)
         ]
         self.training = TrainingRefresher(state, settings.training, policy)
         self._training_changed = asyncio.Event()
@@ -184,7 +185,8 @@ def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
     try:
         policy = settings.refresh_policy
         for i, model in enumerate(settings.models):
-            store.put(ModelRefresher(model, f"models[{i}]", policy, stores).refresh(as_of))
+            refresher = ModelRefresher(model, f"models[{i}]", policy, stores, training=settings.training, state=state)
+            store.put(refresher.refresh(as_of))
         store.put_training(TrainingRefresher(state, settings.training, policy).refresh(as_of))
     finally:
         stores.dispose()

@@ -86,7 +86,15 @@ class Evaluator:
         # first instant a store can hold: the same value at an instant whatever range or
         # resumed run computed it (docs/backfill.md).
         self._refreshers = [
-            ModelRefresher(model, f"models[{i}]", settings.refresh_policy, self._stores, count_from=INSTANT_RANGE[0])
+            ModelRefresher(
+                model,
+                f"models[{i}]",
+                settings.refresh_policy,
+                self._stores,
+                count_from=INSTANT_RANGE[0],
+                training=settings.training,
+                state=self._state,
+            )
             for i, model in enumerate(settings.models)
         ]
         self._training = TrainingRefresher(self._state, settings.training, settings.refresh_policy)

@@ -104,7 +104,7 @@ def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
     return np.interp(x, unique, shares[::-1][last], left=0.0, right=1.0)
 
 
-def _numeric_edges(reference: FeatureSummary, current: FeatureSummary) -> np.ndarray:
+def numeric_edges(reference: FeatureSummary, current: FeatureSummary) -> np.ndarray:
     """The upper edges of the numeric PSI bins (each bin is (previous edge, edge], plus an
     open bin above the last): every distinct value either side lists when both give
     ``value_shares`` (one bin per value, exact); the reference's distinct values when only
@@ -119,7 +119,10 @@ def _numeric_edges(reference: FeatureSummary, current: FeatureSummary) -> np.nda
     return np.unique([reference.percentiles[str(q)] for q in DECILES if str(q) in reference.percentiles])
 
 
-def _numeric_shares(feature: FeatureSummary, edges: np.ndarray) -> np.ndarray:
+def numeric_shares(feature: FeatureSummary, edges: np.ndarray) -> np.ndarray:
+    """Shares of all the feature's rows, shape (len(edges) + 2,): one per bin
+    (-inf, edges[0]], (edges[0], edges[1]], ..., (edges[-1], +inf), then the missing share;
+    read from the summary's CDF (``_cdf``)."""
     if not feature.present:  # every value missing (min may still be given, max not)
         return np.array([0.0] * (len(edges) + 1) + [feature.missing_ratio])
     cdf = np.concatenate([[0.0], _cdf(feature, edges), [1.0]])
@@ -198,7 +201,7 @@ def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | N
     """PSI of one feature between two versions (``None`` when the kinds differ or either
     side has no rows).
 
-    Numeric features: bins from ``_numeric_edges`` with an open top bin, both sides'
+    Numeric features: bins from ``numeric_edges`` with an open top bin, both sides'
     shares read from their CDFs (``_cdf``: exact with ``value_shares``, else interpolated
     through the percentiles). Categorical features: ``_category_shares``, a lower bound
     when an ``__other__`` share hides categories the other side lists. Missing values
@@ -207,8 +210,8 @@ def feature_psi(reference: FeatureSummary, current: FeatureSummary) -> float | N
     if reference.kind != current.kind or reference.count == 0 or current.count == 0:
         return None
     if reference.kind == "numeric":
-        edges = _numeric_edges(reference, current)
-        expected, actual = _numeric_shares(reference, edges), _numeric_shares(current, edges)
+        edges = numeric_edges(reference, current)
+        expected, actual = numeric_shares(reference, edges), numeric_shares(current, edges)
     else:
         expected, actual = _category_shares(reference, current)
     return population_stability_index(expected, actual)

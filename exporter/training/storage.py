@@ -358,3 +358,23 @@ def load_histories(
         except Exception as exc:  # one model's unreadable run, reported by the caller
             failures[model] = exc
     return histories, failures
+
+
+def load_run(engine: sa.Engine, model: str, version: str | None, as_of: datetime) -> TrainingRun | None:
+    """The stored run a model's serving features are compared with: that of ``version``
+    when given (whenever it was trained), else the newest run trained at or before
+    ``as_of``; ``None`` when there is none.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: the database failed.
+        pydantic.ValidationError: the stored body no longer validates.
+    """
+    runs = training_runs.c
+    query = sa.select(runs.body).where(runs.model == model)
+    if version is not None:
+        query = query.where(runs.version == version)
+    else:
+        query = query.where(runs.trained_at <= as_of.astimezone(UTC)).order_by(*_NEWEST_FIRST).limit(1)
+    with engine.connect() as conn:
+        body = conn.execute(query).scalar()
+    return None if body is None else TrainingRun.model_validate_json(body)

@@ -1,0 +1,314 @@
+"""Training/serving feature skew on SQLite, PostgreSQL and DuckDB: every serving and skew
+number of the exposition against pandas/numpy on the same rows (docs/metrics.md,
+"Training/serving skew"), with NULLs, NaN, text in a numeric column, categories unseen in
+training, a feature missing from the training summary, a version without a training run
+and more features than the limit."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.client import build_training_run
+from exporter.config import parse_settings
+from exporter.training.storage import StateDatabase, save_run
+from tests.conftest import refresh_once
+
+AS_OF = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
+DECILES = [10, 20, 30, 40, 50, 60, 70, 80, 90]
+PSI_FLOOR = 1e-4  # shares are raised to at least this before the PSI (docs/metrics.md)
+NUMERIC = ["age_days", "hour", "extra"]
+CATEGORICAL = ["device", "country"]
+
+
+def _training_frame(rng: np.random.Generator, n: int = 4000) -> pd.DataFrame:
+    age = rng.gamma(2.0, 300.0, n)
+    age[rng.random(n) < 0.05] = np.nan
+    device = rng.choice(["mobile", "desktop", "tablet"], n, p=[0.6, 0.3, 0.1]).astype(object)
+    device[rng.random(n) < 0.02] = None
+    countries = [f"c{i:02d}" for i in range(30)]
+    weights = np.linspace(3, 1, 30) / np.linspace(3, 1, 30).sum()
+    return pd.DataFrame(
+        {
+            "age_days": age,
+            "hour": rng.integers(0, 24, n),  # few distinct values: exact value shares
+            "device": device,
+            "country": rng.choice(countries, n, p=weights),  # top 5 + __other__
+        }
+    )
+
+
+def _serving_rows(rng: np.random.Generator, dialect: str) -> list[dict]:
+    """Predictions of three days before AS_OF: version v1 (trained), v2 at the end (never
+    trained) for the newest rows of a second model ``m2``; age served in hours (x24) in the
+    last 6 hours, 'unknown' devices, NULLs, NaN where the engine stores it, text on SQLite."""
+    rows = []
+    for i in range(3000):
+        ts = AS_OF - timedelta(seconds=float(rng.uniform(1, 3 * 86400)))
+        recent = AS_OF - ts < timedelta(hours=6)
+        age = float(rng.gamma(2.0, 300.0)) * (24 if recent else 1)
+        kind = rng.random()
+        age_value: object = age
+        if kind < 0.04:
+            age_value = None
+        elif kind < 0.06:
+            age_value = float("nan") if dialect != "sqlite" else "abc"  # SQLite stores no NaN
+        elif kind < 0.07 and dialect == "sqlite":
+            age_value = ""  # what the sqlite3 shell's .import writes for an empty field
+        device = str(rng.choice(["mobile", "desktop", "tablet", "unknown"], p=[0.5, 0.25, 0.05, 0.2]))
+        rows.append(
+            {
+                "id": i,
+                "ts": ts,
+                "p": float(rng.uniform(0, 1)),
+                "v": "v1",
+                "age_days": age_value,
+                "hour": int(rng.integers(0, 24)) if rng.random() > 0.03 else None,
+                "extra": float(rng.normal()),
+                "device": device if rng.random() > 0.05 else None,
+                "country": str(rng.choice([f"c{j:02d}" for j in range(35)])),
+            }
+        )
+    return rows
+
+
+def _load(url: str, schema: str | None, rows: list[dict]) -> None:
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.BigInteger),
+        sa.Column("ts", sa.DateTime(timezone=True)),
+        sa.Column("p", sa.Double),
+        sa.Column("v", sa.String),
+        sa.Column("age_days", sa.Double),
+        sa.Column("hour", sa.Integer),
+        sa.Column("extra", sa.Double),
+        sa.Column("device", sa.String),
+        sa.Column("country", sa.String),
+    )
+    metadata.create_all(engine)
+    text = {r["id"]: r["age_days"] for r in rows if isinstance(r["age_days"], str)}
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [dict(r, age_days=None) if r["id"] in text else r for r in rows])
+        # Past the Double type's bind processor: SQLite keeps such text as it is in a REAL column.
+        for id_, value in text.items():
+            conn.execute(sa.text("UPDATE predictions SET age_days = :v WHERE id = :id"), {"v": value, "id": id_})
+    engine.dispose()
+
+
+def _report(state_url: str, train: pd.DataFrame) -> None:
+    state = StateDatabase(state_url)
+    run = build_training_run(
+        model="ctr", version="v1", trained_at=AS_OF - timedelta(days=10), training_data=train, top_k=5
+    )
+    save_run(state.ready(), run, AS_OF)
+    state.engine.dispose()
+
+
+def _settings(url, schema, state_url, version=True, **training):
+    columns = {"id": "id", "timestamp": "ts", "score": "p", **({"version": "v"} if version else {})}
+    predictions = {"store": "s", "table": "predictions", "columns": columns, **({"schema": schema} if schema else {})}
+    return parse_settings(
+        {
+            "stores": {"s": {"url": url}},
+            "state": {"url": state_url},
+            "training": training,
+            "models": [
+                {
+                    "name": "ctr",
+                    "predictions": predictions,
+                    "windows": list(WINDOWS),
+                    "features": {"numeric": NUMERIC, "categorical": CATEGORICAL},
+                }
+            ],
+        }
+    )
+
+
+def _samples(settings) -> dict:
+    text = refresh_once(settings, AS_OF).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith(("mlmon_serving_feature", "mlmon_feature_skew", "mlmon_source_up"))
+    }
+
+
+def _psi(expected, actual) -> float:
+    e = np.maximum(np.asarray(expected, float), PSI_FLOOR)
+    a = np.maximum(np.asarray(actual, float), PSI_FLOOR)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _window(frame: pd.DataFrame, window: timedelta) -> pd.DataFrame:
+    return frame[(frame.ts >= AS_OF - window) & (frame.ts < AS_OF)]
+
+
+def _numeric(series: pd.Series) -> pd.Series:
+    """Missing: NULL, NaN, text (pandas coerces it to NaN), ±inf."""
+    return pd.to_numeric(series, errors="coerce").replace([np.inf, -np.inf], np.nan).astype(float)
+
+
+@pytest.fixture
+def state_file(tmp_path):
+    return f"sqlite:///{tmp_path}/state.sqlite"
+
+
+def test_serving_and_skew_numbers_match_pandas(store, state_file):
+    url, schema, dialect = store
+    rng = np.random.default_rng(14)
+    train = _training_frame(rng)
+    rows = _serving_rows(rng, dialect)
+    _load(url, schema, rows)
+    _report(state_file, train)
+    got = _samples(_settings(url, schema, state_file))
+    assert got[("mlmon_source_up", frozenset({"model": "ctr", "source": "features"}.items()))] == 1.0
+    frame = pd.DataFrame(rows)
+
+    def value(name, **labels):
+        return got.get((name, frozenset({"model": "ctr", **labels}.items())))
+
+    for window, span in WINDOWS.items():
+        rows_w = _window(frame, span)
+        n = len(rows_w)
+        assert value("mlmon_serving_feature_rows", window=window) == n
+        for feature in ["age_days", "hour", "extra"]:
+            x = _numeric(rows_w[feature])
+            present = x.dropna()
+            labels = {"window": window, "feature": feature}
+            assert value("mlmon_serving_feature_missing_ratio", **labels) == pytest.approx(x.isna().mean(), abs=1e-12)
+            assert value("mlmon_serving_feature_mean", **labels) == pytest.approx(present.mean(), rel=1e-9)
+            assert value("mlmon_serving_feature_stddev", **labels) == pytest.approx(present.std(ddof=0), rel=1e-7)
+        # extra: not in the training summary, so compared with nothing
+        assert value("mlmon_feature_skew_psi", window=window, feature="extra") is None
+
+        # age_days: continuous, bins on the training deciles; expected 0.1 of the present share each
+        t_age = train.age_days
+        t_missing = t_age.isna().mean()
+        edges = np.percentile(t_age.dropna(), DECILES)
+        x = _numeric(rows_w.age_days)
+        counts = pd.cut(x.dropna(), [-np.inf, *edges, np.inf], right=True).value_counts(sort=False).to_numpy()
+        actual = [*(counts / n), x.isna().sum() / n]
+        expected = [*([0.1 * (1 - t_missing)] * 10), t_missing]
+        psi = value("mlmon_feature_skew_psi", window=window, feature="age_days")
+        assert psi == pytest.approx(_psi(expected, actual), rel=1e-9)
+        t_present = t_age.dropna()
+        smd = (x.mean() - t_present.mean()) / math.sqrt((x.std(ddof=0) ** 2 + t_present.std(ddof=0) ** 2) / 2)
+        assert value("mlmon_feature_skew_standardized_mean_difference", window=window, feature="age_days") == (
+            pytest.approx(smd, rel=1e-7)
+        )
+        delta = value("mlmon_feature_skew_missing_ratio_delta", window=window, feature="age_days")
+        assert delta == pytest.approx(x.isna().mean() - t_missing, abs=1e-12)
+
+        # hour: integer values, exact value shares: one bin per training value
+        h = _numeric(rows_w.hour)
+        t_shares = train.hour.value_counts(normalize=True).sort_index()
+        bins = [-np.inf, *t_shares.index.astype(float), np.inf]
+        counts = pd.cut(h.dropna(), bins, right=True).value_counts(sort=False).to_numpy()
+        psi = value("mlmon_feature_skew_psi", window=window, feature="hour")
+        assert psi == pytest.approx(_psi([*t_shares.to_numpy(), 0.0, 0.0], [*(counts / n), h.isna().mean()]), rel=1e-9)
+
+        # device: the training lists every category, so 'unknown' is unseen
+        d = rows_w.device
+        present = d.dropna()
+        for category in ["mobile", "desktop", "tablet"]:
+            share = value(
+                "mlmon_serving_feature_category_share_ratio", window=window, feature="device", category=category
+            )
+            assert share == pytest.approx((present == category).mean(), abs=1e-12)
+        unseen = (~present.isin(["mobile", "desktop", "tablet"])).mean()
+        assert value("mlmon_serving_feature_unseen_ratio", window=window, feature="device") == pytest.approx(unseen)
+        assert value(
+            "mlmon_serving_feature_category_share_ratio", window=window, feature="device", category="__other__"
+        ) == pytest.approx(unseen)
+        t_d = train.device
+        t_present = t_d.dropna()
+        t_miss = t_d.isna().mean()
+        cats = list(t_present.value_counts().index)  # largest first
+        expected = [(t_present == c).mean() * (1 - t_miss) for c in cats] + [0.0, t_miss]
+        actual = [(d == c).sum() / n for c in cats] + [(~present.isin(cats)).sum() / n, d.isna().sum() / n]
+        psi = value("mlmon_feature_skew_psi", window=window, feature="device")
+        assert psi == pytest.approx(_psi(expected, actual), rel=1e-9)
+        assert value("mlmon_feature_skew_standardized_mean_difference", window=window, feature="device") is None
+
+        # country: top 5 + __other__ in training; unlisted values are __other__, unseen undefined
+        c = rows_w.country
+        top = list(train.country.value_counts().sort_index().sort_values(ascending=False, kind="stable").index[:5])
+        assert value("mlmon_serving_feature_unseen_ratio", window=window, feature="country") is None
+        other = value(
+            "mlmon_serving_feature_category_share_ratio", window=window, feature="country", category="__other__"
+        )
+        assert other == pytest.approx((~c.isin(top)).mean(), abs=1e-12)
+        t_c = train.country
+        expected = [(t_c == k).mean() for k in top] + [(~t_c.isin(top)).mean(), 0.0]
+        actual = [(c == k).mean() for k in top] + [(~c.isin(top)).mean(), 0.0]
+        psi = value("mlmon_feature_skew_psi", window=window, feature="country")
+        assert psi == pytest.approx(_psi(expected, actual), rel=1e-6)  # training shares rounded by the client
+
+    # the incident: age served in hours over the last 6 hours shows in the 1h window
+    assert value("mlmon_feature_skew_psi", window="1h", feature="age_days") > 1
+    assert value("mlmon_feature_skew_standardized_mean_difference", window="1h", feature="age_days") > 1
+    assert value("mlmon_feature_skew_reference_info", version="v1") == 1.0
+
+
+def test_a_version_without_training_run_has_serving_numbers_only(store, state_file):
+    url, schema, dialect = store
+    rng = np.random.default_rng(7)
+    rows = _serving_rows(rng, dialect)
+    rows[-1] |= {"ts": AS_OF - timedelta(seconds=0.5), "v": "v2"}  # the newest prediction: v2, never trained
+    rows += [dict(rows[-1], id=10_000 + i, ts=AS_OF - timedelta(seconds=1 + i)) for i in range(9)]
+    _load(url, schema, rows)
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file))
+    frame = pd.DataFrame(rows)
+    v2 = frame[frame.v == "v2"]
+    for window, span in WINDOWS.items():
+        rows_w = _window(v2, span)
+        labels = frozenset({"model": "ctr", "window": window, "feature": "age_days"}.items())
+        assert got[("mlmon_serving_feature_rows", frozenset({"model": "ctr", "window": window}.items()))] == len(rows_w)
+        assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(_numeric(rows_w.age_days).mean())
+        assert ("mlmon_feature_skew_psi", labels) not in got
+        assert ("mlmon_feature_skew_missing_ratio_delta", labels) not in got
+    assert not any(name == "mlmon_feature_skew_reference_info" for name, _ in got)
+
+
+def test_without_a_version_column_the_newest_run_is_compared(store, state_file):
+    url, schema, dialect = store
+    rng = np.random.default_rng(3)
+    rows = _serving_rows(rng, dialect)
+    _load(url, schema, rows)
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file, version=False))
+    assert got[("mlmon_feature_skew_reference_info", frozenset({"model": "ctr", "version": "v1"}.items()))] == 1.0
+    assert ("mlmon_feature_skew_psi", frozenset({"model": "ctr", "window": "1h", "feature": "device"}.items())) in got
+
+
+def test_more_features_than_the_limit_are_counted_not_exposed(store, state_file):
+    url, schema, dialect = store
+    rng = np.random.default_rng(5)
+    _load(url, schema, _serving_rows(rng, dialect))
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file, max_features=3, max_categories=2))
+    features = {dict(labels)["feature"] for name, labels in got if name == "mlmon_serving_feature_missing_ratio"}
+    assert features == {"age_days", "country", "device"}  # the first 3 by name
+    over = {dict(labels)["kind"]: v for (name, labels), v in got.items() if name.endswith("series_over_limit")}
+    # 2 features left out; device lists 3 categories, country 5: 1 + 3 beyond 2
+    assert over == {"feature": 2, "category": 4}
+    categories = {
+        dict(labels)["category"]
+        for name, labels in got
+        if name == "mlmon_serving_feature_category_share_ratio"
+        and dict(labels)["feature"] == "device"
+        and dict(labels)["window"] == "1h"
+    }
+    assert categories == {"mobile", "desktop", "__other__"}
