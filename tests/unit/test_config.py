@@ -359,3 +359,25 @@ def test_token_file_must_hold_a_real_token(tmp_path, content):
     data["api"] = {"token_file": str(secret)}
     (error,) = _errors(data)
     assert error == "api.token_file: the token must have at least 16 characters"
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"table": "f", "numeric": ["a"]}, "give 'table' and 'id' together"),
+        ({"id": "rid", "numeric": ["a"]}, "give 'table' and 'id' together"),
+        ({"numeric": ["a"], "categorical": ["a"]}, "column(s) ['a'] declared both numeric and categorical"),
+        ({"numeric": ["a", "a"]}, "numeric: duplicate column in ['a', 'a']"),
+        ({"numeric": ["a"], "exclude": ["b"]}, "exclude: only with 'numeric: all' or 'categorical: all'"),
+        ({}, "declare at least one feature in 'numeric' or 'categorical'"),
+        ({"schema": "x", "numeric": ["a"]}, "schema: only with 'table'"),
+    ],
+)
+def test_bad_features_named(features, message):
+    errors = _errors(_config(features=features))
+    assert len(errors) == 1 and errors[0].startswith("models[0].features") and message in errors[0], errors
+
+
+def test_the_predictions_own_columns_are_no_features():
+    data = _config(features={"numeric": ["p", "age"], "categorical": "all"})
+    assert _errors(data) == ["models[0].features.numeric: ['p'] are the predictions' own columns, not features"]

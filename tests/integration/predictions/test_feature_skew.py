@@ -98,7 +98,8 @@ def _load(url: str, schema: str | None, rows: list[dict]) -> None:
     metadata.create_all(engine)
     text = {r["id"]: r["age_days"] for r in rows if isinstance(r["age_days"], str)}
     with engine.begin() as conn:
-        conn.execute(table.insert(), [dict(r, age_days=None) if r["id"] in text else r for r in rows])
+        if rows:
+            conn.execute(table.insert(), [dict(r, age_days=None) if r["id"] in text else r for r in rows])
         # Past the Double type's bind processor: SQLite keeps such text as it is in a REAL column.
         for id_, value in text.items():
             conn.execute(sa.text("UPDATE predictions SET age_days = :v WHERE id = :id"), {"v": value, "id": id_})
@@ -114,7 +115,7 @@ def _report(state_url: str, train: pd.DataFrame) -> None:
     state.engine.dispose()
 
 
-def _settings(url, schema, state_url, version=True, **training):
+def _settings(url, schema, state_url, version=True, features=None, **training):
     columns = {"id": "id", "timestamp": "ts", "score": "p", **({"version": "v"} if version else {})}
     predictions = {"store": "s", "table": "predictions", "columns": columns, **({"schema": schema} if schema else {})}
     return parse_settings(
@@ -127,7 +128,7 @@ def _settings(url, schema, state_url, version=True, **training):
                     "name": "ctr",
                     "predictions": predictions,
                     "windows": list(WINDOWS),
-                    "features": {"numeric": NUMERIC, "categorical": CATEGORICAL},
+                    "features": features or {"numeric": NUMERIC, "categorical": CATEGORICAL},
                 }
             ],
         }
@@ -312,3 +313,83 @@ def test_more_features_than_the_limit_are_counted_not_exposed(store, state_file)
         and dict(labels)["window"] == "1h"
     }
     assert categories == {"mobile", "desktop", "__other__"}
+
+
+def test_a_joined_feature_table_with_all_columns(store, state_file):
+    """Features in a table joined by id, declared ``all``: a prediction without a feature
+    row has every feature missing; the id and excluded columns are no features."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(11)
+    rows = _serving_rows(rng, "postgresql")  # no text values: the feature table is typed
+    _load(url, schema, [{k: r[k] for k in ("id", "ts", "p", "v")} | {"age_days": None} for r in rows])
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "request_features",
+        metadata,
+        sa.Column("rid", sa.BigInteger, primary_key=True),
+        sa.Column("age_days", sa.Double),
+        sa.Column("hour", sa.Integer),
+        sa.Column("device", sa.String),
+        sa.Column("note", sa.String),
+    )
+    metadata.create_all(engine)
+    kept = [r for r in rows if r["id"] % 7]  # every 7th prediction has no feature row
+    with engine.begin() as conn:
+        conn.execute(
+            table.insert(),
+            [
+                {"rid": r["id"], "age_days": r["age_days"], "hour": r["hour"], "device": r["device"], "note": "x"}
+                for r in kept
+            ],
+        )
+    engine.dispose()
+    _report(state_file, _training_frame(rng))
+    features = {
+        "table": "request_features",
+        "id": "rid",
+        "numeric": "all",
+        "categorical": "all",
+        "exclude": ["note"],
+        **({"schema": schema} if schema else {}),
+    }
+    got = _samples(_settings(url, schema, state_file, features=features))
+    exposed = {dict(labels)["feature"] for name, labels in got if name == "mlmon_serving_feature_missing_ratio"}
+    assert exposed == {"age_days", "hour", "device"}
+    frame = pd.DataFrame(rows).merge(
+        pd.DataFrame(kept)[["id", "age_days", "device"]], on="id", how="left", suffixes=("_all", "")
+    )
+    for window, span in WINDOWS.items():
+        rows_w = _window(frame, span)
+        labels = frozenset({"model": "ctr", "window": window, "feature": "age_days"}.items())
+        assert got[("mlmon_serving_feature_missing_ratio", labels)] == pytest.approx(
+            _numeric(rows_w.age_days).isna().mean(), abs=1e-12
+        )
+        assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(_numeric(rows_w.age_days).mean(), rel=1e-9)
+        labels = frozenset({"model": "ctr", "window": window, "feature": "device"}.items())
+        assert got[("mlmon_serving_feature_missing_ratio", labels)] == pytest.approx(rows_w.device.isna().mean())
+
+
+def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
+    from exporter.reasons import SchemaError
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    _load(url, None, [])
+    features = {"numeric": ["age_days", "device", "gone"], "categorical": ["extra"]}
+    settings = _settings(url, None, f"sqlite:///{tmp_path}/state.sqlite", features=features)
+    stores = Stores(settings)
+    try:
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        with pytest.raises(SchemaError) as error:
+            refresher.check_schema()
+    finally:
+        stores.dispose()
+    assert error.value.problems == [
+        "models[0].features.numeric: column 'device' of table 'predictions' has type VARCHAR; expected a number",
+        "models[0].features.numeric: column 'gone' does not exist in table 'predictions' (columns: id, ts, p, v, "
+        "age_days, hour, extra, device, country)",
+        "models[0].features.categorical: column 'extra' of table 'predictions' has type DOUBLE; expected text, a "
+        "boolean or an integer",
+    ]

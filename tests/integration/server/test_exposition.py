@@ -114,6 +114,7 @@ def _report_runs(settings) -> None:
             validation_roc_auc=0.8,
             features=[
                 feature,
+                {"name": "device", "kind": "categorical", "count": 10, "missing_ratio": 0.0, "categories": {"a": 1.0}},
                 {
                     "name": "age",
                     "kind": "numeric",
@@ -142,8 +143,13 @@ def _full_exposition(tmp_path) -> str:
             {"ts": (AS_OF - timedelta(minutes=45)).replace(tzinfo=None)},
         )
         conn.execute(sa.text("INSERT INTO labels VALUES (4, 0)"))
+        # serving features, compared with the training runs' (the newest version: no version column)
+        for column in ("age REAL", "country TEXT", "device TEXT"):
+            conn.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {column}"))
+        conn.execute(sa.text("UPDATE predictions SET age = 20 + id, country = 'fr', device = 'b'"))
     engine.dispose()
-    bucketed = _settings(url, bucket_decimals=1).models[0]
+    features = {"numeric": ["age"], "categorical": ["country", "device"]}
+    bucketed = _settings(url, bucket_decimals=1, features=features).models[0]
     broken = bucketed.model_copy(
         update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})}
     )
