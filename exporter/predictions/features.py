@@ -144,8 +144,11 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         ):
             names = getattr(config, kind)
             if names == ALL_COLUMNS:
-                names = [c.name for c in table.c if c.name not in known and isinstance(c.type, types)]
-                if kind == "categorical" and config.numeric == ALL_COLUMNS:
+                # A column the other kind declares (or, with both ``all``, a number) is not this kind's.
+                other = config.categorical if kind == "numeric" else config.numeric
+                taken = known | (set() if other == ALL_COLUMNS else set(other))
+                names = [c.name for c in table.c if c.name not in taken and isinstance(c.type, types)]
+                if kind == "categorical" and other == ALL_COLUMNS:
                     names = [n for n in names if not isinstance(table.c[n].type, NUMBER_TYPES)]
             for name in names:
                 if name not in table.c:

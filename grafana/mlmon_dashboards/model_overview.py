@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from grafana_foundation_sdk.builders import heatmap
-from grafana_foundation_sdk.builders.dashboard import AnnotationQuery, Dashboard
+from grafana_foundation_sdk.builders import heatmap, table
+from grafana_foundation_sdk.builders.dashboard import AnnotationQuery, Dashboard, Row
 from grafana_foundation_sdk.models.dashboard import DataTransformerConfig
 from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
@@ -16,6 +16,7 @@ from .panels import (
     DEFAULTS,
     MODEL,
     MODEL_WINDOW,
+    bargauge_panel,
     dashboard,
     judged_stat,
     model_variable,
@@ -40,6 +41,54 @@ LOGLOSS_LIMIT = (
     f" * on (model) group_left {threshold('online_logloss_vs_offline_ratio_max')}"
     f" or {threshold('online_logloss_max')})"
 )
+
+
+#: The skew table's columns: (header, PromQL per feature of the window), worst PSI first.
+SKEW_COLUMNS = (
+    ("PSI", f"max by (feature) (mlmon_feature_skew_psi{{{MODEL_WINDOW}}})"),
+    ("std. mean difference", f"max by (feature) (mlmon_feature_skew_standardized_mean_difference{{{MODEL_WINDOW}}})"),
+    ("missing, serving", f"max by (feature) (mlmon_serving_feature_missing_ratio{{{MODEL_WINDOW}}})"),
+    # serving minus delta: the missing share of the very version compared with
+    (
+        "missing, training",
+        f"max by (feature) (mlmon_serving_feature_missing_ratio{{{MODEL_WINDOW}}}"
+        f" - mlmon_feature_skew_missing_ratio_delta{{{MODEL_WINDOW}}})",
+    ),
+    ("mean, serving", f"max by (feature) (mlmon_serving_feature_mean{{{MODEL_WINDOW}}})"),
+    ("mean, training (newest version)", f"max by (feature) (mlmon_training_feature_mean{{{MODEL}}})"),
+)
+
+
+def _skew_table() -> table.Panel:
+    refs = "ABCDEF"
+    return (
+        table_panel(
+            "Feature skew, worst first",
+            "Each feature of the window against the training data of the version that served it (`mlmon_feature_skew_reference_info`): PSI on the training bins "
+            "(`mlmon_feature_skew_psi`), standardized mean difference (`mlmon_feature_skew_standardized_mean_difference`), missing shares side by side "
+            "(`mlmon_serving_feature_missing_ratio`, training = serving - `mlmon_feature_skew_missing_ratio_delta`) and means (`mlmon_serving_feature_mean`, "
+            "`mlmon_training_feature_mean` of the newest version). Sorted by PSI, largest first; MlmonFeatureSkew fires past the model's thresholds.",
+            "none",
+            [
+                query(expr, header, ref, instant=True, fmt=PromQueryFormat.TABLE)
+                for ref, (header, expr) in zip(refs, SKEW_COLUMNS, strict=True)
+            ],
+            24,
+            8,
+        )
+        .with_transformation(DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {"Time": True},
+                    "renameByName": {f"Value #{ref}": header for ref, (header, _) in zip(refs, SKEW_COLUMNS, strict=True)},
+                },
+            )
+        )
+        .with_transformation(DataTransformerConfig(id_val="sortBy", options={"sort": [{"field": "PSI", "desc": True}]}))
+        .decimals(3)
+    )
 
 
 def model_overview() -> Dashboard:
@@ -290,5 +339,43 @@ def model_overview() -> Dashboard:
                     options={"excludeByName": {"Time": True, "Value": True, "__name__": True, "alertstate": True}},
                 )
             )
+        )
+        .with_row(Row("Features: training vs serving"))
+        .with_panel(_skew_table())
+        .with_panel(
+            timeseries_panel(
+                "Feature PSI over time",
+                "PSI of the 10 most skewed features of the window against the serving version's training data (`mlmon_feature_skew_psi`) and this model's "
+                f"`feature_skew_psi_max` (default {DEFAULTS.feature_skew_psi_max}): a step at a deploy is a pipeline bug, a slow rise a population change (docs/runbook.md).",
+                "none",
+                [
+                    query(f"topk(10, max by (feature) (mlmon_feature_skew_psi{{{MODEL_WINDOW}}}))", "{{feature}}"),
+                    query(threshold("feature_skew_psi_max"), "threshold", "B"),
+                ],
+                w=12,
+            )
+        )
+        .with_panel(
+            bargauge_panel(
+                "Category shares: training vs serving",
+                "Share of each training category (and `__other__`) among a categorical feature's values: the newest version's training data "
+                "(`mlmon_training_feature_category_share_ratio`) beside the window (`mlmon_serving_feature_category_share_ratio`), and the "
+                "share of categories training never had (`mlmon_serving_feature_unseen_ratio`).",
+                "percentunit",
+                [
+                    query(f"max by (feature, category) (mlmon_training_feature_category_share_ratio{{{MODEL}}})", "{{feature}}={{category}} training", instant=True),
+                    query(
+                        f"max by (feature, category) (mlmon_serving_feature_category_share_ratio{{{MODEL_WINDOW}}})",
+                        "{{feature}}={{category}} serving",
+                        "B",
+                        instant=True,
+                    ),
+                    query(f"max by (feature) (mlmon_serving_feature_unseen_ratio{{{MODEL_WINDOW}}})", "{{feature}} unseen", "C", instant=True),
+                ],
+                w=12,
+                h=8,
+            )
+            .min(0)
+            .max(1)
         )
     )
