@@ -2,10 +2,12 @@
 
 The store holds three tables, written with naive UTC timestamps (naive means UTC):
 
-- ``predictions(id, model_name, model_version, timestamp, score)``: one row per served
-  prediction, about one every 10 seconds per model (busier in the evening), scores are
-  click probabilities of a few percent rounded to 4 decimals as serving systems often
-  log them; ``model_version`` is the day's date (a new model every day).
+- ``predictions(id, model_name, model_version, timestamp, score, country, device, hour,
+  user_age_days)``: one row per served prediction, about one every 10 seconds per model
+  (busier in the evening), scores are click probabilities of a few percent rounded to 4
+  decimals as serving systems often log them; ``model_version`` is the day's date (a new
+  model every day); the last four columns are the features the model was served, drawn as
+  in training (:func:`_training_sample`; ``hour`` is the prediction's hour of day).
 - ``labels(id, clicked, timestamp)``: rows only for clicks (``clicked = 1``), 1 to 30
   minutes after the prediction; an absent row means no click (``missing: negative``).
 - ``replays(id, score)``: an offline re-computation of about 20% of the predictions.
@@ -15,7 +17,9 @@ The store holds three tables, written with naive UTC timestamps (naive means UTC
 ``mlmon_prediction_mode_share_ratio``), training/serving skew on 30% of its replays
 (``mlmon_replay_reproducibility_ratio`` about 0.7) and over-prediction (its served scores
 are 1/0.7 times the true click probability, so clicks happen at 0.7 times the predicted
-rate: ``mlmon_online_calibration_ratio`` about 1.43). Both models' users click at the same
+rate: ``mlmon_online_calibration_ratio`` about 1.43), and its feature pipeline serves
+``user_age_days`` in hours instead of days (``served_age_factor`` 24: training/serving
+feature skew, ``mlmon_feature_skew_psi{feature="user_age_days"}``). Both models' users click at the same
 true rate as in their validation sets, so online log loss compares with offline log loss:
 about 1.0 for ``ctr_search``, a few percent above it for ``ctr_feed`` (log loss hardly
 moves with a 1.4x over-prediction; calibration is the metric that shows it).
@@ -76,6 +80,10 @@ predictions = sa.Table(
     sa.Column("model_version", sa.Text, nullable=False),
     sa.Column("timestamp", sa.DateTime(), nullable=False),
     sa.Column("score", sa.Float, nullable=False),
+    sa.Column("country", sa.Text),
+    sa.Column("device", sa.Text),
+    sa.Column("hour", sa.Float),
+    sa.Column("user_age_days", sa.Float),
     sa.Index("ix_predictions_model_time", "model_name", "timestamp"),
 )
 labels = sa.Table(
@@ -101,7 +109,9 @@ class DemoModel:
     and in the validation sets alike; the served score is the true probability divided by
     ``click_factor`` (1 is calibrated, 0.7 over-predicts by 1/0.7); ``stuck_share`` of the
     predictions are ``stuck_score`` whatever their probability; ``skew_share`` of the
-    replays differ from the served score by 2-8%.
+    replays differ from the served score by 2-8%; the served ``user_age_days`` is the
+    true one times ``served_age_factor`` (24: hours instead of days, a feature computed
+    differently online than in training).
 
     Each daily version is trained on about ``training_rows`` rows (2% noise); the version
     ``half_rows_days_ago`` days before the newest on half of them; with ``broken_newest``
@@ -116,6 +126,7 @@ class DemoModel:
     stuck_share: float = 0.0
     stuck_score: float = 0.0123
     skew_share: float = 0.0
+    served_age_factor: float = 1.0
     training_rows: int = 4_000_000
     half_rows_days_ago: int | None = None
     broken_newest: bool = False
@@ -132,6 +143,7 @@ MODELS = (
         # others and the calibration ratio is 1/0.7 however many are stuck.
         stuck_score=0.0429,
         skew_share=0.3,
+        served_age_factor=24.0,
         training_rows=3_100_000,
         # Inside the exported history (the newest 10 versions), so the dip shows there.
         half_rows_days_ago=3,
@@ -219,12 +231,19 @@ def append(
             skewed = rng.uniform(size=n) < model.skew_share
             skew = np.where(skewed, rng.choice([-1, 1], n) * rng.uniform(0.02, 0.08, n), 0.0)
             replay_scores = scores * (1 + skew) + rng.uniform(-1e-9, 1e-9, n)
+            features = _serving_features(rng, times, model.served_age_factor)
             conn.execute(
                 predictions.insert(),
                 [
                     {"id": i, "model_name": model.name, "model_version": f"{v:%Y-%m-%d}", "timestamp": t, "score": s}
-                    for i, v, t, s in zip(
-                        ids.tolist(), versions.tolist(), times.tolist(), scores.tolist(), strict=False
+                    | row
+                    for i, v, t, s, row in zip(
+                        ids.tolist(),
+                        versions.tolist(),
+                        times.tolist(),
+                        scores.tolist(),
+                        features.to_dict("records"),
+                        strict=True,
                     )
                 ],
             )
@@ -276,11 +295,10 @@ def seed(engine_or_url: sa.Engine | str, now: datetime, days: int = 7, rng_seed:
             engine.dispose()
 
 
-def _training_sample(rng: np.random.Generator, tablets_as_mobile: bool) -> pd.DataFrame:
-    """A sample of one version's training features: two categorical ad features, the hour
+def _training_sample(rng: np.random.Generator, tablets_as_mobile: bool, n: int = TRAINING_SAMPLE_ROWS) -> pd.DataFrame:
+    """``n`` rows of one version's training features: two categorical ad features, the hour
     of day (fractional, busier in the evening like the predictions) and the user's account
     age in days (5% unknown)."""
-    n = TRAINING_SAMPLE_ROWS
     device = rng.choice(list(DEVICES), n, p=list(DEVICES.values()))
     if tablets_as_mobile:
         device[device == "tablet"] = "mobile"
@@ -298,6 +316,16 @@ def _training_sample(rng: np.random.Generator, tablets_as_mobile: bool) -> pd.Da
             "user_age_days": user_age_days,
         }
     )
+
+
+def _serving_features(rng: np.random.Generator, times: np.ndarray, age_factor: float) -> pd.DataFrame:
+    """The features served with predictions at ``times``: drawn as in training, ``hour``
+    the prediction's own hour of day, ``user_age_days`` times ``age_factor``; a missing age
+    is NULL."""
+    features = _training_sample(rng, tablets_as_mobile=False, n=times.size)
+    features["hour"] = (times - times.astype("datetime64[D]")) / np.timedelta64(1, "h")
+    features["user_age_days"] = features["user_age_days"] * age_factor
+    return features.astype(object).where(features.notna(), None)
 
 
 def _validation(rng: np.random.Generator, model: DemoModel, degraded: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -385,6 +413,7 @@ def demo_settings(database_path: Path) -> Settings:
                         "missing": "negative",
                     },
                     "replays": {**source, "table": "replays", "columns": {"id": "id", "score": "score"}},
+                    "features": {"numeric": ["user_age_days"], "categorical": ["country", "device"]},
                     "windows": ["1h", "24h"],
                     "label_delay": "1h",
                 }
@@ -470,7 +499,8 @@ def run_demo(database: Path, host: str, port: int) -> None:
             f"  open {base}/metrics (what Prometheus scrapes) and {base}/ (the landing page);\n"
             "  ctr_search is healthy; ctr_feed has incidents: stuck predictions (mlmon_prediction_mode_share_ratio),\n"
             "  training/serving skew (mlmon_replay_reproducibility_ratio) and over-prediction\n"
-            "  (mlmon_online_calibration_ratio); in training, its newest version logs tablets as mobile\n"
+            "  (mlmon_online_calibration_ratio), and it is served user_age_days in hours instead of days\n"
+            '  (mlmon_feature_skew_psi{feature="user_age_days"}); in training, its newest version logs tablets as mobile\n'
             '  (mlmon_training_feature_psi{feature="device"}) and regressed offline\n'
             "  (mlmon_offline_logloss_change_ratio about 1.2, so it is not deployed: the previous version serves),\n"
             f"  and version {half_rows_version} was trained on half the rows\n"

@@ -364,7 +364,7 @@ def _check_stated(exposition, name: str, labels: dict[str, str], model: str, sta
 
 def test_readme_demo_table_matches_the_demo(exposition):
     cells = _readme_demo_table()
-    assert len(cells) == 12 and {c[2] for c in cells} == set(MODELS)
+    assert len(cells) == 14 and {c[2] for c in cells} == set(MODELS)
     for cell in cells:
         _check_stated(exposition, *cell)
 
