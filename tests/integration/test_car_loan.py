@@ -96,10 +96,13 @@ def test_readme_worked_example_as_written(tmp_path, shell):
     import subprocess
     import sys
 
+    from tests.conftest import free_port
+
     root = REPO
     readme = (root / "README.md").read_text()
     section = readme[readme.index("### Historical data") :]
-    script = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1)
+    # The short-lived server that takes the training run listens on a free port, not the README's.
+    script = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1).replace("9849", str(free_port()))
     before = set(os.listdir(root))
     env = {
         **os.environ,
@@ -126,3 +129,13 @@ def test_readme_worked_example_as_written(tmp_path, shell):
     ahead = int((served["timestamp"].dt.tz_localize("UTC") >= AS_OF + pd.Timedelta(minutes=1)).sum())
     assert stated == printed and float(printed) == ahead
     assert "runs to 17 November" in section and served["timestamp"].max().strftime("%d %B") == "17 November"
+    # The skew lines quoted are printed verbatim (the reference reported through report-training)
+    quoted = re.search(
+        r"```text\n(.*?)```", section[section.index("Training/serving skew on the same data") :], re.DOTALL
+    )
+    lines = quoted.group(1).splitlines()
+    assert len(lines) == 6 and all(line in done.stdout.splitlines() for line in lines), lines
+    psi = [
+        float(v) for v in re.findall(r'^mlmon_feature_skew_psi\{[^}]*window="7d"\} (\S+)$', done.stdout, re.MULTILINE)
+    ]
+    assert len(psi) == 7 and max(psi) < 0.011
