@@ -115,6 +115,7 @@ models:
   - name: car_loan
     predictions: {{store: warehouse, table: predictions, columns: {{id: id, timestamp: timestamp, score: y_pred_proba}}}}
     labels: {{store: warehouse, table: labels, columns: {{id: id, label: repaid}}}}
+    features: {{numeric: [car_value, debt_to_income_ratio, loan_length], categorical: [size_of_downpayment]}}
     windows: [1d, 7d]
     label_delay: 0s
 """
@@ -185,6 +186,12 @@ def test_every_backfilled_value_equals_once_as_of(backfilled):
     # appearing version by version at their trained_at.
     newest = [[dict(k[1])["version"] for k in served[at] if k[0] == "mlmon_model_info"] for at in INSTANTS]
     assert newest == [["v0"], ["v0"], ["v1"], ["v1"], ["v1"], ["v1"], ["v2"], ["v2"]]
+    # Feature skew is history too, compared at each step with the newest run trained by then.
+    compared = [
+        [dict(k[1])["version"] for k in served[at] if k[0] == "mlmon_feature_skew_reference_info"] for at in INSTANTS
+    ]
+    assert compared == newest
+    assert all(any(k[0] == "mlmon_feature_skew_psi" for k in served[at]) for at in INSTANTS)
     rows_key = _key("mlmon_training_rows", {**TARGET, "model": "car_loan"})
     assert [served[at][rows_key] for at in INSTANTS] == [3000] * 2 + [2500] * 4 + [1200] * 2
     rows = _rows()
