@@ -6,7 +6,10 @@ for M models into PostgreSQL, DuckDB or SQLite, fast (COPY on PostgreSQL).
 Tables (replaced): ``bench_predictions(id, model_name, ts, score)`` with an index on
 (model_name, ts), ``bench_labels(id, clicked)`` and ``bench_replays(id, score)`` indexed by
 id. Timestamps are spread uniformly over ``--hours`` before ``--now``; scores are
-Beta(1.2, 40) (mean ~3%), continuous like a model's raw output.
+Beta(1.2, 40) (mean ~3%), continuous like a model's raw output. With ``--features`` the
+predictions also carry ``FEATURES_NUMERIC`` numeric (``f0``...: log-normal, 2% NULL) and
+``FEATURES_CATEGORICAL`` categorical (``c0``...: 20 categories, Zipf-like) feature columns
+(:func:`feature_frame`).
 """
 
 from __future__ import annotations
@@ -22,22 +25,43 @@ import sqlalchemy as sa
 
 CHUNK = 1_000_000
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+FEATURES_NUMERIC = 10
+FEATURES_CATEGORICAL = 10
+CATEGORIES = [f"v{i:02d}" for i in range(20)]
+CATEGORY_SHARES = (1 / np.arange(1, 21)) / (1 / np.arange(1, 21)).sum()
 
 
-def tables(metadata: sa.MetaData, aware: bool) -> tuple[sa.Table, sa.Table, sa.Table]:
+def feature_frame(rng: np.random.Generator, n: int) -> pd.DataFrame:
+    """``n`` rows of the benchmark's features, the same distribution for training and serving."""
+    columns = {}
+    for i in range(FEATURES_NUMERIC):
+        values = rng.lognormal(3.0 + 0.1 * i, 1.0, n)
+        values[rng.random(n) < 0.02] = np.nan
+        columns[f"f{i}"] = values
+    for i in range(FEATURES_CATEGORICAL):
+        columns[f"c{i}"] = rng.choice(CATEGORIES, n, p=CATEGORY_SHARES)
+    return pd.DataFrame(columns)
+
+
+def tables(metadata: sa.MetaData, aware: bool, features: bool = False) -> tuple[sa.Table, sa.Table, sa.Table]:
+    feature_columns = []
+    if features:
+        feature_columns = [sa.Column(f"f{i}", sa.Double) for i in range(FEATURES_NUMERIC)]
+        feature_columns += [sa.Column(f"c{i}", sa.String(20)) for i in range(FEATURES_CATEGORICAL)]
     predictions = sa.Table(
         "bench_predictions", metadata,
         sa.Column("id", sa.BigInteger, nullable=False),
         sa.Column("model_name", sa.String(50), nullable=False),
         sa.Column("ts", sa.DateTime(timezone=aware), nullable=False),
         sa.Column("score", sa.Double, nullable=False),
+        *feature_columns,
     )
     labels = sa.Table("bench_labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("clicked", sa.Integer))
     replays = sa.Table("bench_replays", metadata, sa.Column("id", sa.BigInteger), sa.Column("score", sa.Double))
     return predictions, labels, replays
 
 
-def chunks(rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int):
+def chunks(rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int, features: bool = False):
     """DataFrames (predictions, labels, replays) of up to CHUNK predictions each."""
     rng = np.random.default_rng(seed)
     start = NOW - timedelta(hours=hours)
@@ -49,6 +73,8 @@ def chunks(rows: int, models: int, hours: float, label_share: float, replay_shar
         ts = pd.Timestamp(start) + pd.to_timedelta(offsets, unit="s")
         predictions = pd.DataFrame({"id": ids, "model_name": (ids % models).astype(str), "ts": ts, "score": score})
         predictions["model_name"] = "m" + predictions["model_name"]
+        if features:
+            predictions = pd.concat([predictions, feature_frame(rng, n)], axis=1)
         # Labels for positives only (clicks), for the share of predictions whose label arrived.
         clicked = (rng.random(n) < label_share) & (rng.random(n) < score)
         labels = pd.DataFrame({"id": ids[clicked], "clicked": 1})
@@ -68,15 +94,17 @@ def copy_postgres(conn, table: str, frame: pd.DataFrame) -> None:
             copy.write(data)
 
 
-def generate(url: str, rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int = 0) -> None:
+def generate(
+    url: str, rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int = 0, features: bool = False
+) -> None:
     engine = sa.create_engine(url)
     dialect = engine.dialect.name
     metadata = sa.MetaData()
-    predictions, labels, replays = tables(metadata, aware=dialect != "sqlite")
+    predictions, labels, replays = tables(metadata, aware=dialect != "sqlite", features=features)
     metadata.drop_all(engine)
     metadata.create_all(engine)
     with engine.begin() as conn:
-        for frames in chunks(rows, models, hours, label_share, replay_share, seed):
+        for frames in chunks(rows, models, hours, label_share, replay_share, seed, features):
             for table, frame in zip((predictions, labels, replays), frames):
                 if dialect == "postgresql":
                     copy_postgres(conn, table.name, frame)
@@ -107,9 +135,10 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=24.0, help="time span of the predictions, ending at 2026-11-28 12:00 UTC")
     parser.add_argument("--label-share", type=float, default=0.5, help="share of predictions whose label (if a click) arrived")
     parser.add_argument("--replay-share", type=float, default=0.01)
+    parser.add_argument("--features", action="store_true", help="add 10 numeric and 10 categorical feature columns")
     args = parser.parse_args()
     started = time.perf_counter()
-    generate(args.url, args.rows, args.models, args.hours, args.label_share, args.replay_share)
+    generate(args.url, args.rows, args.models, args.hours, args.label_share, args.replay_share, features=args.features)
     print(f"wrote {args.rows:,} predictions in {time.perf_counter() - started:.1f} s")
 
 

@@ -5,7 +5,11 @@ the usual alternatives, on the same store and the same rows, each in its own pro
 2. naive: ``pandas.read_sql`` of the window (predictions left-joined to labels and
    replays), then the same numbers with numpy and scikit-learn;
 3. Evidently's classification metrics on that DataFrame, when evidently is installed;
-4. floor: one bare aggregate scan, ``SELECT count(*), sum(score)`` over the window.
+4. floor: one bare aggregate scan, ``SELECT count(*), sum(score)`` over the window;
+5. with ``--features`` (10 numeric and 10 categorical feature columns written by
+   ``generate.py --features``): ``features``, the same refresh with every feature compared
+   with a training run of the same distribution (training/serving skew), against
+   ``mlmon``, the prediction-only refresh on the same table.
 
     python benchmarks/refresh.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench --rows 100000 1000000
 
@@ -25,19 +29,25 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import NOW  # noqa: E402
+from generate import FEATURES_CATEGORICAL, FEATURES_NUMERIC, NOW, feature_frame  # noqa: E402
 
 METHODS = ("floor", "mlmon", "naive", "evidently")
+FEATURE_METHODS = ("features",)
 WINDOW = timedelta(hours=24)
 
 
-def settings(url: str):
+def settings(url: str, features: bool = False, state: str | None = None):
     from exporter.config import parse_settings
 
     source = {"store": "bench"}
+    feature_config = {
+        "numeric": [f"f{i}" for i in range(FEATURES_NUMERIC)],
+        "categorical": [f"c{i}" for i in range(FEATURES_CATEGORICAL)],
+    }
     return parse_settings(
         {
             "stores": {"bench": {"url": url}},
+            **({"state": {"url": state}} if state else {}),
             "query_timeout": "1h",
             "models": [
                 {
@@ -49,6 +59,7 @@ def settings(url: str):
                     },
                     "labels": {**source, "table": "bench_labels", "columns": {"id": "id", "label": "clicked"}, "missing": "negative"},
                     "replays": {**source, "table": "bench_replays", "columns": {"id": "id", "score": "score"}},
+                    **({"features": feature_config} if features else {}),
                     "windows": ["1h", "24h"],
                     "label_delay": "0s",
                 }
@@ -89,6 +100,38 @@ def run_mlmon(url: str) -> dict:
     assert all(s.up for s in snapshot.sources.values()), snapshot.errors
     day = snapshot.online[1]
     return {"seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc}
+
+
+def run_features(url: str) -> dict:
+    import tempfile
+
+    import numpy as np
+
+    from exporter.client import build_training_run
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
+    from exporter.training.storage import StateDatabase, save_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = settings(url, features=True, state=f"sqlite:///{tmp}/state.sqlite")
+        state = StateDatabase(config.state.resolved_url())
+        run = build_training_run(
+            model="m0", version="v1", trained_at=NOW - timedelta(days=1),
+            training_data=feature_frame(np.random.default_rng(1), 20_000), training_rows=1_000_000,
+        )
+        save_run(state.ready(), run, NOW)
+        stores = Stores(config)
+        refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores, training=config.training, state=state)
+        refresher.check_schema()
+        started = time.perf_counter()
+        snapshot = refresher.refresh(NOW)
+        seconds = time.perf_counter() - started
+        assert all(s.up for s in snapshot.sources.values()), snapshot.errors
+        psi = max(f.psi for f in snapshot.features if f.psi is not None)
+        stores.dispose()
+        state.engine.dispose()
+    day = snapshot.online[1]
+    return {"seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc, "max_psi": psi}
 
 
 def _window_frame(url: str):
@@ -165,7 +208,8 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
     parser.add_argument("--reuse", action="store_true", help="use the tables already written (one --rows value)")
-    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--features", action="store_true", help="with 10 numeric and 10 categorical features: also time the skew refresh")
+    parser.add_argument("--child", choices=METHODS + FEATURE_METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in globals()[f"run_{args.child}"](args.url).items()}))
@@ -176,11 +220,12 @@ def main() -> None:
             # In a child process: a fork of a parent grown by the data would inflate the
             # children's peak RSS, which counts the pages they inherit before exec.
             subprocess.run(
-                [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", str(rows), "--replay-share", "0.01"],
+                [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", str(rows), "--replay-share", "0.01"]
+                + (["--features"] if args.features else []),
                 check=True, stdout=subprocess.DEVNULL,
             )
         measure("floor", args.url)  # warm the database's cache once, so no method pays for it alone
-        results = {method: measure(method, args.url) for method in METHODS}
+        results = {method: measure(method, args.url) for method in METHODS + (FEATURE_METHODS if args.features else ())}
         for method, r in results.items():
             note = r.get("skipped") or r.get("error") or ""
             seconds = f"{r['seconds']:9.3f}" if "seconds" in r else f"{'-':>9}"
@@ -191,6 +236,12 @@ def main() -> None:
             print(
                 f"{rows:>10,}  mlmon/floor {mlmon['seconds'] / floor['seconds']:.1f}x   naive/mlmon {naive['seconds'] / mlmon['seconds']:.1f}x"
                 f"   log loss mlmon {mlmon['logloss']:.12f} naive {naive['logloss']:.12f}   AUC mlmon {mlmon['roc_auc']:.6f} naive {naive['roc_auc']:.6f}"
+            )
+        features = results.get("features", {})
+        if "seconds" in features and "seconds" in mlmon:
+            print(
+                f"{rows:>10,}  features/mlmon {features['seconds'] / mlmon['seconds']:.2f}x"
+                f"   (+{features['seconds'] - mlmon['seconds']:.3f} s for 20 features; largest PSI {features['max_psi']:.4f}, same distribution)"
             )
 
 

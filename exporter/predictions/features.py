@@ -184,7 +184,13 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         self, features: list[tuple[Feature, Bins]], as_of: datetime, version: str | None
     ) -> tuple[sa.Select, list[str]]:
         """One pass over the longest window's rows, every window's aggregates as conditional
-        counts and sums (column names in the returned order)."""
+        counts and sums (column names in the returned order).
+
+        Each row's window flags, usable numeric values and category texts are computed once
+        in a subquery that the aggregates read: SQLite evaluates an expression at every use,
+        and its timestamp expression (``stores.TimeColumn``) is costly. ``OFFSET 0`` keeps
+        SQLite from flattening it back into the aggregates (its flattening rule 14).
+        """
         q = self.predictions.queries()
         longest = max(parse_duration(w) for w in self.model.windows)
         conditions = [q.time.between(as_of - longest, as_of), *q.filters]
@@ -192,38 +198,50 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             assert q.version is not None  # a version is read only from a version column
             column = q.version if isinstance(q.version.type, sa.String) else sa.cast(q.version, sa.String())
             conditions.append(column == version)
+        flags = [
+            sa.case((q.time.between(as_of - parse_duration(window), as_of), 1), else_=0).label(f"w{w}")
+            for w, window in enumerate(self.model.windows)
+        ]
+        values = []
+        for f, (feature, _) in enumerate(features):
+            if feature.kind == "numeric":
+                present = _present(q.dialect, feature.column)
+                values.append(sa.case((present, sa.cast(feature.column, sa.Double()))).label(f"v{f}"))
+            else:
+                values.append(_as_text(feature.column).label(f"v{f}"))
+        rows = (
+            sa.select(*flags, *values)
+            .select_from(self.queries().source)
+            .where(*conditions)
+            .offset(0)
+            .subquery("feature_rows")
+        )
         columns: list[sa.ColumnElement] = []
-        for w, window in enumerate(self.model.windows):
-            inside = q.time.between(as_of - parse_duration(window), as_of)
+        for w in range(len(self.model.windows)):
+            inside = rows.c[f"w{w}"] == 1
             columns.append(sa.func.count(sa.case((inside, 1))).label(f"w{w}_rows"))
             for f, (feature, plan) in enumerate(features):
-                prefix = f"w{w}_f{f}"
+                prefix, value = f"w{w}_f{f}", rows.c[f"v{f}"]
+                # NULL is a missing value: count() skips it, and every comparison with it fails.
+                columns.append(sa.func.count(sa.case((inside, value))).label(f"{prefix}_present"))
                 if feature.kind == "numeric":
-                    ok = sa.and_(inside, _present(q.dialect, feature.column))
-                    value: sa.ColumnElement[float] = sa.cast(feature.column, sa.Double())
                     shifted = value - sa.literal(plan.shift, sa.Double())
                     columns += [
-                        sa.func.count(sa.case((ok, 1))).label(f"{prefix}_present"),
-                        sa.func.sum(sa.case((ok, shifted))).label(f"{prefix}_sum"),
-                        sa.func.sum(sa.case((ok, shifted * shifted))).label(f"{prefix}_squares"),
+                        sa.func.sum(sa.case((inside, shifted))).label(f"{prefix}_sum"),
+                        sa.func.sum(sa.case((inside, shifted * shifted))).label(f"{prefix}_squares"),
                     ]
                     columns += [
-                        sa.func.count(sa.case((sa.and_(ok, value <= sa.literal(edge, sa.Double())), 1))).label(
+                        sa.func.count(sa.case((sa.and_(inside, value <= sa.literal(edge, sa.Double())), 1))).label(
                             f"{prefix}_le{e}"
                         )
                         for e, edge in enumerate(plan.edges)
                     ]
                 else:
-                    text = _as_text(feature.column)
-                    columns.append(
-                        sa.func.count(sa.case((sa.and_(inside, text.is_not(None)), 1))).label(f"{prefix}_present")
-                    )
                     columns += [
-                        sa.func.count(sa.case((sa.and_(inside, text == category), 1))).label(f"{prefix}_c{c}")
+                        sa.func.count(sa.case((sa.and_(inside, value == category), 1))).label(f"{prefix}_c{c}")
                         for c, category in enumerate(plan.categories)
                     ]
-        statement = sa.select(*columns).select_from(self.queries().source).where(*conditions)
-        return statement, [c.name for c in columns]
+        return sa.select(*columns), [c.name for c in columns]
 
     def _chunks(self, planned: list[tuple[Feature, Bins]]) -> list[list[tuple[Feature, Bins]]]:
         """The features split into passes of at most ``COLUMN_BUDGET`` aggregates."""
