@@ -393,3 +393,32 @@ def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
         "models[0].features.categorical: column 'extra' of table 'predictions' has type DOUBLE; expected text, a "
         "boolean or an integer",
     ]
+
+
+def test_worst_case_queries_counts_the_features_statements(tmp_path):
+    """With a version column: the serving version and one pass in the store, the training
+    run in the state database (the deadline counts them)."""
+    from exporter.predictions.refresh import ModelRefresher, worst_case_queries
+    from exporter.predictions.stores import Stores
+
+    url, state_url = f"sqlite:///{tmp_path}/s.sqlite", f"sqlite:///{tmp_path}/state.sqlite"
+    rng = np.random.default_rng(2)
+    _load(url, None, _serving_rows(rng, "sqlite"))
+    _report(state_url, _training_frame(rng))
+    settings = _settings(url, None, state_url)
+    model = settings.models[0].model_copy(update={"labels": None, "replays": None, "bucket_decimals": 1})
+    stores, state = Stores(settings), StateDatabase(state_url)
+    try:
+        refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores, state=state)
+        refresher.refresh(AS_OF - timedelta(minutes=1))  # reflection, the counter's watermark, the migration
+        statements: list[str] = []
+        for engine in (stores.engine("s"), state.engine):
+            sa.event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+        snapshot = refresher.refresh(AS_OF)
+    finally:
+        stores.dispose()
+        state.engine.dispose()
+    assert all(s.up for s in snapshot.sources.values()) and snapshot.features
+    queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    # 2 + 2 x 2 (predictions; 0.1 buckets hold several scores: mode counts) + 3 (features)
+    assert len(queries) == worst_case_queries(model) == 9
