@@ -1,6 +1,6 @@
 """The serving-time features of a model's predictions: a source beside those of
 ``sources.py`` that counts, inside the database, what training/serving skew needs
-(``exporter.training.skew``) for every window in one pass over the longest one.
+(``exporter.training.skew``) for every window and feature in one statement.
 
 The features are columns of the prediction table, or of a table joined to it by id
 (``features`` in the config, docs/configuration.md). Which rows: every prediction row
@@ -13,6 +13,7 @@ compared with that version's training run.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 #: The training run to compare with: ``(version, as_of)`` -> that version's run (``version``
 #: given) or the newest run trained by ``as_of`` (``None``); ``None`` when there is none.
 References = Callable[[str | None, datetime], TrainingRun | None]
-#: The most aggregate columns one statement computes: PostgreSQL allows 1664 per SELECT, and
-#: features beyond the budget go to a further pass over the same rows.
-COLUMN_BUDGET = 1000
 #: Numbers beyond the largest double are ±inf; NaN fails both comparisons on every engine
 #: (PostgreSQL and DuckDB order it above every number).
 _DOUBLE_MAX = 1.7976931348623157e308
@@ -180,82 +178,62 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             self._logged.add(problem)
         return version, problem is None
 
-    def _statement(
-        self, features: list[tuple[Feature, Bins]], as_of: datetime, version: str | None
-    ) -> tuple[sa.Select, list[str]]:
-        """One pass over the longest window's rows, every window's aggregates as conditional
-        counts and sums (column names in the returned order).
+    def _statement(self, features: list[tuple[Feature, Bins]], as_of: datetime, version: str | None) -> sa.Select:
+        """Every window's counts of every feature in one statement: per feature, one pass
+        over the longest window's rows, each row keyed by (``wkey``: the rank of the
+        shortest window holding it, windows by duration; ``key``: its bin, listed category
+        or -1 when missing), grouped with count, Σ(x - shift) and Σ(x - shift)².
 
-        Each row's window flags, usable numeric values and category texts are computed once
-        in a subquery that the aggregates read: SQLite evaluates an expression at every use,
-        and its timestamp expression (``stores.TimeColumn``) is costly. ``OFFSET 0`` keeps
-        SQLite from flattening it back into the aggregates (its flattening rule 14).
+        Rows (``feature``, ``wkey``, ``key``, ``n``, ``s1``, ``s2``), at most windows x (bins
+        or categories + 2) per feature. A few aggregates per row and feature, grouped: far
+        cheaper than one conditional aggregate per (window, bin) (9x the prediction refresh
+        at 1e6 rows on PostgreSQL, docs/performance.md). Keys are computed below the GROUP
+        BY, as in ``queries``: PostgreSQL does not match GROUP BY expressions with parameters.
         """
         q = self.predictions.queries()
-        longest = max(parse_duration(w) for w in self.model.windows)
-        conditions = [q.time.between(as_of - longest, as_of), *q.filters]
+        by_duration = sorted(self.model.windows, key=parse_duration)
+        conditions = [q.time.between(as_of - parse_duration(by_duration[-1]), as_of), *q.filters]
         if version is not None:
             assert q.version is not None  # a version is read only from a version column
             column = q.version if isinstance(q.version.type, sa.String) else sa.cast(q.version, sa.String())
             conditions.append(column == version)
-        flags = [
-            sa.case((q.time.between(as_of - parse_duration(window), as_of), 1), else_=0).label(f"w{w}")
-            for w, window in enumerate(self.model.windows)
-        ]
-        values = []
-        for f, (feature, _) in enumerate(features):
-            if feature.kind == "numeric":
-                present = _present(q.dialect, feature.column)
-                values.append(sa.case((present, sa.cast(feature.column, sa.Double()))).label(f"v{f}"))
-            else:
-                values.append(_as_text(feature.column).label(f"v{f}"))
-        rows = (
-            sa.select(*flags, *values)
-            .select_from(self.queries().source)
-            .where(*conditions)
-            .offset(0)
-            .subquery("feature_rows")
+        # Windows end at as_of, so they are nested: the shortest holding a row ranks it.
+        wkey = sa.case(
+            *[(q.time.between(as_of - parse_duration(w), as_of), rank) for rank, w in enumerate(by_duration[:-1])],
+            else_=len(by_duration) - 1,
         )
-        columns: list[sa.ColumnElement] = []
-        for w in range(len(self.model.windows)):
-            inside = rows.c[f"w{w}"] == 1
-            columns.append(sa.func.count(sa.case((inside, 1))).label(f"w{w}_rows"))
-            for f, (feature, plan) in enumerate(features):
-                prefix, value = f"w{w}_f{f}", rows.c[f"v{f}"]
-                # NULL is a missing value: count() skips it, and every comparison with it fails.
-                columns.append(sa.func.count(sa.case((inside, value))).label(f"{prefix}_present"))
-                if feature.kind == "numeric":
-                    shifted = value - sa.literal(plan.shift, sa.Double())
-                    columns += [
-                        sa.func.sum(sa.case((inside, shifted))).label(f"{prefix}_sum"),
-                        sa.func.sum(sa.case((inside, shifted * shifted))).label(f"{prefix}_squares"),
-                    ]
-                    columns += [
-                        sa.func.count(sa.case((sa.and_(inside, value <= sa.literal(edge, sa.Double())), 1))).label(
-                            f"{prefix}_le{e}"
-                        )
-                        for e, edge in enumerate(plan.edges)
-                    ]
-                else:
-                    columns += [
-                        sa.func.count(sa.case((sa.and_(inside, value == category), 1))).label(f"{prefix}_c{c}")
-                        for c, category in enumerate(plan.categories)
-                    ]
-        return sa.select(*columns), [c.name for c in columns]
-
-    def _chunks(self, planned: list[tuple[Feature, Bins]]) -> list[list[tuple[Feature, Bins]]]:
-        """The features split into passes of at most ``COLUMN_BUDGET`` aggregates."""
-        windows = len(self.model.windows)
-        chunks: list[list[tuple[Feature, Bins]]] = [[]]
-        used = windows
-        for feature, plan in planned:
-            cost = windows * (3 + len(plan.edges) + len(plan.categories))
-            if chunks[-1] and used + cost > COLUMN_BUDGET:
-                chunks.append([])
-                used = windows
-            chunks[-1].append((feature, plan))
-            used += cost
-        return chunks
+        parts = []
+        for f, (feature, plan) in enumerate(features):
+            value: sa.ColumnElement[Any]
+            if feature.kind == "numeric":
+                value = sa.case((_present(q.dialect, feature.column), sa.cast(feature.column, sa.Double())))
+                limits = [(value <= sa.literal(edge, sa.Double()), e) for e, edge in enumerate(plan.edges)]
+                key = sa.case((value.is_(None), -1), *limits, else_=len(plan.edges))
+                shifted = value - sa.literal(plan.shift, sa.Double())
+            else:
+                value = _as_text(feature.column)
+                listed = [(value == category, c) for c, category in enumerate(plan.categories)]
+                key = sa.case((value.is_(None), -1), *listed, else_=len(plan.categories))
+                shifted = sa.null()
+            parts.append(
+                sa.select(
+                    sa.literal(f).label("feature"),
+                    wkey.label("wkey"),
+                    key.label("key"),
+                    sa.cast(shifted, sa.Double()).label("x"),
+                )
+                .select_from(self.queries().source)
+                .where(*conditions)
+            )
+        keyed = sa.union_all(*parts).subquery("keyed")
+        return sa.select(
+            keyed.c.feature,
+            keyed.c.wkey,
+            keyed.c.key,
+            sa.func.count().label("n"),
+            sa.func.sum(keyed.c.x).label("s1"),
+            sa.func.sum(keyed.c.x * keyed.c.x).label("s2"),
+        ).group_by(keyed.c.feature, keyed.c.wkey, keyed.c.key)
 
     def run(self, as_of: datetime) -> FeatureValues:
         queries = self.queries()
@@ -266,20 +244,25 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
                 run = self.references(version, as_of)
             summaries: dict[str, FeatureSummary] = {} if run is None else {f.name: f for f in run.features}
             planned = [(f, bins(summaries.get(f.name), f.kind, self.limits.max_categories)) for f in queries.features]
-            counts: dict[tuple[int, str], ServingCounts] = {}
-            for chunk in self._chunks(planned):
-                statement, names = self._statement(chunk, as_of, version if nameable else None)
-                row: dict[str, Any] = dict(zip(names, conn.execute(statement).one(), strict=True))
-                for w in range(len(self.model.windows)):
-                    rows = int(row[f"w{w}_rows"] or 0)
-                    for f, (feature, plan) in enumerate(chunk):
-                        counts[w, feature.name] = _counts(row, f"w{w}_f{f}", rows, feature.kind, plan)
+            groups = (
+                conn.execute(self._statement(planned, as_of, version if nameable else None)).all() if planned else []
+            )
+        by_duration = sorted(self.model.windows, key=parse_duration)
+        counts = {
+            (window, feature.name): _counts(
+                [g for g in groups if g.feature == f and g.wkey <= by_duration.index(window)], feature.kind, plan
+            )
+            for window in self.model.windows
+            for f, (feature, plan) in enumerate(planned)
+        }
         skews = []
         over = {"feature": queries.over_limit, "category": 0}
-        for w, window in enumerate(self.model.windows):
+        for window in self.model.windows:
             for feature, plan in planned:
                 summary = summaries.get(feature.name)
-                skews.append(feature_skew(window, feature.name, feature.kind, summary, plan, counts[w, feature.name]))
+                skews.append(
+                    feature_skew(window, feature.name, feature.kind, summary, plan, counts[window, feature.name])
+                )
         for feature, plan in planned:
             summary = summaries.get(feature.name)
             if summary is not None and summary.kind == "categorical":
@@ -288,18 +271,20 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         return FeatureValues(tuple(skews), None if run is None else run.version, over)
 
 
-def _counts(row: dict[str, Any], prefix: str, rows: int, kind: str, plan: Bins) -> ServingCounts:
-    """A feature's ``ServingCounts`` from the columns of ``FeaturesSource._statement``."""
-    present = int(row[f"{prefix}_present"] or 0)
+def _counts(groups: list[Any], kind: str, plan: Bins) -> ServingCounts:
+    """A feature's ``ServingCounts`` in one window from its rows of ``FeaturesSource._statement``
+    (those of the windows it holds)."""
+    per_key: dict[int, int] = {}
+    for g in groups:
+        per_key[int(g.key)] = per_key.get(int(g.key), 0) + int(g.n)
+    rows, missing = sum(per_key.values()), per_key.get(-1, 0)
     if kind == "categorical":
-        listed = tuple(int(row[f"{prefix}_c{c}"] or 0) for c in range(len(plan.categories)))
-        return ServingCounts(rows, rows - present, category_counts=listed, unlisted=present - sum(listed))
-    cumulative = [int(row[f"{prefix}_le{e}"] or 0) for e in range(len(plan.edges))] + [present]
-    per_bin = tuple(b - a for a, b in zip([0, *cumulative], cumulative, strict=False))
+        listed = tuple(per_key.get(c, 0) for c in range(len(plan.categories)))
+        return ServingCounts(rows, missing, category_counts=listed, unlisted=per_key.get(len(plan.categories), 0))
     return ServingCounts(
         rows,
-        rows - present,
-        shifted_sum=float(row[f"{prefix}_sum"] or 0.0),
-        shifted_squares=float(row[f"{prefix}_squares"] or 0.0),
-        bin_counts=per_bin,
+        missing,
+        shifted_sum=math.fsum(float(g.s1) for g in groups if g.s1 is not None),
+        shifted_squares=math.fsum(float(g.s2) for g in groups if g.s2 is not None),
+        bin_counts=tuple(per_key.get(b, 0) for b in range(len(plan.edges) + 1)),
     )

@@ -59,8 +59,7 @@ def worst_case_queries(model: ModelConfig) -> int:
     several scores) its mode count, and the new rows of the counter; labels: per window
     the online accuracy, and the serving version when the predictions have a version
     column; replays: one per window; features: the serving version (with a version
-    column), its training run, and one pass over the longest window (one more per
-    ``features.COLUMN_BUDGET`` aggregates, not counted).
+    column), its training run, and one statement for every window and feature.
     """
     windows = len(model.windows)
     count = 2 + 2 * windows
