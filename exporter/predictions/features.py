@@ -198,10 +198,9 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             column = q.version if isinstance(q.version.type, sa.String) else sa.cast(q.version, sa.String())
             conditions.append(column == version)
         # Windows end at as_of, so they are nested: the shortest holding a row ranks it.
-        wkey = sa.case(
-            *[(q.time.between(as_of - parse_duration(w), as_of), rank) for rank, w in enumerate(by_duration[:-1])],
-            else_=len(by_duration) - 1,
-        )
+        shorter = [(q.time.between(as_of - parse_duration(w), as_of), rank) for rank, w in enumerate(by_duration[:-1])]
+        last = sa.literal(len(by_duration) - 1)
+        wkey = sa.case(*shorter, else_=last) if shorter else last  # a CASE needs a WHEN
         parts = []
         for f, (feature, plan) in enumerate(features):
             value: sa.ColumnElement[Any]

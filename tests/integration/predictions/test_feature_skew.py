@@ -115,7 +115,7 @@ def _report(state_url: str, train: pd.DataFrame) -> None:
     state.engine.dispose()
 
 
-def _settings(url, schema, state_url, version=True, features=None, **training):
+def _settings(url, schema, state_url, version=True, features=None, windows=tuple(WINDOWS), **training):
     columns = {"id": "id", "timestamp": "ts", "score": "p", **({"version": "v"} if version else {})}
     predictions = {"store": "s", "table": "predictions", "columns": columns, **({"schema": schema} if schema else {})}
     return parse_settings(
@@ -127,7 +127,7 @@ def _settings(url, schema, state_url, version=True, features=None, **training):
                 {
                     "name": "ctr",
                     "predictions": predictions,
-                    "windows": list(WINDOWS),
+                    "windows": list(windows),
                     "features": features or {"numeric": NUMERIC, "categorical": CATEGORICAL},
                 }
             ],
@@ -422,3 +422,17 @@ def test_worst_case_queries_counts_the_features_statements(tmp_path):
     queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
     # 2 + 2 x 2 (predictions; 0.1 buckets hold several scores: mode counts) + 3 (features)
     assert len(queries) == worst_case_queries(model) == 9
+
+
+def test_a_single_window(store, state_file):
+    """One window: every row ranks in it (no CASE to tell windows apart)."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(21)
+    rows = _serving_rows(rng, dialect)
+    _load(url, schema, rows)
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file, windows=("24h",)))
+    rows_w = _window(pd.DataFrame(rows), WINDOWS["24h"])
+    labels = frozenset({"model": "ctr", "window": "24h", "feature": "age_days"}.items())
+    assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(_numeric(rows_w.age_days).mean(), rel=1e-9)
+    assert got[("mlmon_serving_feature_rows", frozenset({"model": "ctr", "window": "24h"}.items()))] == len(rows_w)
