@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -286,15 +287,23 @@ def existing_samples(promtool: str, data: Path, selector: str, first: datetime, 
         f"--match={selector}",
         str(data),
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        assert process.stdout is not None and process.stderr is not None
+    # stderr to a file, not a pipe: promtool logs there while it reads the write-ahead log,
+    # and a full stderr pipe nobody drains would block it before its first line of stdout.
+    with (
+        tempfile.TemporaryFile("w+") as errors,
+        subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, text=True
+        ) as process,
+    ):
+        assert process.stdout is not None
         line = process.stdout.readline()  # one is enough: the dump of a large range is large
         if line:
             process.kill()
             return line.strip()
-        error = process.stderr.read()
         if process.wait() != 0:
-            raise BackfillError(f"{shlex.join(command)} failed: {error.strip()[-2000:] or process.returncode}")
+            errors.seek(0)
+            error = errors.read().strip()[-2000:]
+            raise BackfillError(f"{shlex.join(command)} failed: {error or process.returncode}")
     return None
 
 
