@@ -36,18 +36,9 @@ from exporter.training.storage import StateDatabase
 
 log = logging.getLogger(__name__)
 
-#: Series about the exporter process, not about the data: in backfilled history they would
-#: describe the backfill run (its build, its durations, its error counts), so they are left out.
-NOT_HISTORY = frozenset(
-    {
-        "mlmon_build_info",
-        "mlmon_refresh_duration_seconds",
-        "mlmon_refresh_errors_total",
-        "mlmon_state_errors_total",
-        "mlmon_training_errors_total",
-        "mlmon_training_runs_refused_total",
-    }
-)
+#: Sample names of the series about the exporter process (``MetricSpec.history`` False):
+#: in backfilled history they would describe the backfill run, so they are left out.
+NOT_HISTORY = frozenset(name for name, spec in METRICS.items() if not spec.history)
 _FILE = re.compile(r"^mlmon-(\d{8}T\d{6}Z)-(\d{8}T\d{6}Z)\.om$")
 _STAMP = "%Y%m%dT%H%M%SZ"
 #: Marker beside a file that promtool has turned into blocks of the data directory it names.
