@@ -149,12 +149,16 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Vary": "Accept-Encoding"})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    # GET in the OpenAPI document, HEAD beside it: one route with both methods gives both
+    # operations the same operationId, which the spec forbids.
+    @app.head("/healthz", response_class=PlainTextResponse, include_in_schema=False)
+    @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         """The process is alive."""
         return "ok\n"
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @app.head("/readyz", response_class=PlainTextResponse, include_in_schema=False)
+    @app.get("/readyz", response_class=PlainTextResponse)
     def readyz(response: Response) -> str:
         """200 once the first refresh of every model is on /metrics, else 503."""
         if exposition.ready:
