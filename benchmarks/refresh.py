@@ -80,7 +80,7 @@ def run_mlmon(url: str) -> dict:
     from exporter.predictions.stores import Stores
 
     config = settings(url)
-    stores = Stores(config)
+    stores = Stores(config.stores, config.query_timeout)
     refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores)
     refresher.check_schema()  # reflection is done once per process, not per refresh
     started = time.perf_counter()

@@ -134,11 +134,11 @@ def check_config(config: ConfigOption) -> None:
     A refresh_timeout shorter than a model's refresh may legitimately take is warned
     about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
-    from exporter.predictions.refresh import ModelRefresher, worst_case_duration, worst_case_queries
+    from exporter.predictions.refresh import model_refreshers, worst_case_duration, worst_case_queries
     from exporter.predictions.stores import Stores
 
     settings = _settings(config)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     problems = []
     unreachable = set()
     try:
@@ -153,8 +153,8 @@ def check_config(config: ConfigOption) -> None:
                 where = f"at {safe_url(store.url)}" if store.url is not None else f"from {store.url_file}"
                 key = "url" if store.url is not None else "url_file"
                 problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
-        for i, model in enumerate(settings.models):
-            refresher = ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores)
+        for i, refresher in enumerate(model_refreshers(settings.models, settings.refresh_policy, stores)):
+            model = refresher.model
             work = worst_case_duration(model, settings.query_timeout)
             if refresher.deadline() < work:
                 typer.echo(

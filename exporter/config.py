@@ -382,11 +382,13 @@ class RefreshPolicy:
     staleness: timedelta
     refresh_timeout: timedelta | None
 
-    @property
-    def deadline(self) -> timedelta:
-        """``refresh_timeout``, or one interval plus one query timeout: the deadline of the
-        training refresh (a model's is ``ModelRefresher.deadline``)."""
-        return self.refresh_timeout if self.refresh_timeout is not None else self.interval + self.query_timeout
+    def deadline(self, work: timedelta = timedelta(0)) -> timedelta:
+        """How long a refresh may run before it is reported stalled: ``refresh_timeout``, or
+        the longer of one interval plus one query timeout and ``work``, the longest the
+        refresh may take when it works (``ModelRefresher.deadline`` gives a model's)."""
+        if self.refresh_timeout is not None:
+            return self.refresh_timeout
+        return max(self.interval + self.query_timeout, work)
 
 
 class Settings(Strict):

@@ -27,7 +27,7 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from exporter.config import Settings
-from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.refresh import model_refreshers
 from exporter.predictions.stores import INSTANT_RANGE, Stores
 from exporter.server.collector import METRICS, MlmonCollector
 from exporter.snapshot import SnapshotStore
@@ -72,15 +72,14 @@ class Evaluator:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._stores = Stores(settings)
+        self._stores = Stores(settings.stores, settings.query_timeout)
         self._state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
         # The counters count every prediction stamped before the step's horizon, from the
         # first instant a store can hold: the same value at an instant whatever range or
         # resumed run computed it (docs/backfill.md).
-        self._refreshers = [
-            ModelRefresher(model, f"models[{i}]", settings.refresh_policy, self._stores, count_from=INSTANT_RANGE[0])
-            for i, model in enumerate(settings.models)
-        ]
+        self._refreshers = model_refreshers(
+            settings.models, settings.refresh_policy, self._stores, count_from=INSTANT_RANGE[0]
+        )
         self._training = TrainingRefresher(self._state, settings.training, settings.refresh_policy)
         self._last: datetime | None = None
 

@@ -300,8 +300,9 @@ class TrainingRefresher:
         self._lock = threading.Lock()
 
     def deadline(self) -> timedelta:
-        """How long a refresh may run before it is reported stalled (``RefreshPolicy.deadline``)."""
-        return self.policy.deadline
+        """How long a refresh may run before it is reported stalled (``RefreshPolicy.deadline``:
+        reading the runs is a few queries, so no more work than one query timeout)."""
+        return self.policy.deadline()
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""
