@@ -15,8 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from exporter import __version__
 from exporter.monitoring_math import ratio
-from exporter.snapshot import ModelSnapshot, SnapshotStore
-from exporter.training.metrics import TrainingSnapshot
+from exporter.snapshot import ModelSnapshot, SnapshotStore, TrainingSnapshot
 
 
 @dataclass(frozen=True)
