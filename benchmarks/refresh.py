@@ -91,7 +91,7 @@ def run_mlmon(url: str) -> dict:
     from exporter.predictions.stores import Stores
 
     config = settings(url)
-    stores = Stores(config)
+    stores = Stores(config.stores, config.query_timeout)
     refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores)
     refresher.check_schema()  # reflection is done once per process, not per refresh
     started = time.perf_counter()
@@ -120,7 +120,7 @@ def run_features(url: str) -> dict:
             training_data=feature_frame(np.random.default_rng(1), 20_000), training_rows=1_000_000,
         )
         save_run(state.ready(), run, NOW)
-        stores = Stores(config)
+        stores = Stores(config.stores, config.query_timeout)
         refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores, training=config.training, state=state)
         refresher.check_schema()
         started = time.perf_counter()

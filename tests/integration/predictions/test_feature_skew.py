@@ -379,7 +379,7 @@ def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
     _load(url, None, [])
     features = {"numeric": ["age_days", "device", "gone"], "categorical": ["extra"]}
     settings = _settings(url, None, f"sqlite:///{tmp_path}/state.sqlite", features=features)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         with pytest.raises(SchemaError) as error:
@@ -407,7 +407,7 @@ def test_worst_case_queries_counts_the_features_statements(tmp_path):
     _report(state_url, _training_frame(rng))
     settings = _settings(url, None, state_url)
     model = settings.models[0].model_copy(update={"labels": None, "replays": None, "bucket_decimals": 1})
-    stores, state = Stores(settings), StateDatabase(state_url)
+    stores, state = Stores(settings.stores, settings.query_timeout), StateDatabase(state_url)
     try:
         refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores, state=state)
         refresher.refresh(AS_OF - timedelta(minutes=1))  # reflection, the counter's watermark, the migration
