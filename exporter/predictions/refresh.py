@@ -50,17 +50,18 @@ def worst_case_queries(model: ModelConfig) -> int:
     """The most statements one refresh of ``model`` runs, each bounded by ``query_timeout``
     (reflection, on the first refresh and after a failure, not counted).
 
-    Predictions: the newest timestamp, per window its histogram and (when a bucket holds
-    several scores) its mode count, and the new rows of the counter; labels: per window
-    the online accuracy, and the serving version when the predictions have a version
-    column; replays: one per window.
+    Each source searches the duplicate ids of its windows once (unless the predictions' ids
+    are unique by schema or config, which the config alone cannot tell), then reads all
+    windows in one pass per query. Predictions: the newest timestamp, the search, the
+    histogram, the mode counts (when a bucket holds several scores) and the new rows of
+    the counter; labels: the search, the online accuracy, and the serving version when the
+    predictions have a version column; replays: the search and the replays.
     """
-    windows = len(model.windows)
-    count = 2 + 2 * windows
+    count = 5
     if model.labels is not None:
-        count += windows + (model.predictions.columns.version is not None)
+        count += 2 + (model.predictions.columns.version is not None)
     if model.replays is not None:
-        count += windows
+        count += 2
     return count
 
 
