@@ -50,18 +50,22 @@ def worst_case_queries(model: ModelConfig) -> int:
     """The most statements one refresh of ``model`` runs, each bounded by ``query_timeout``
     (reflection, on the first refresh and after a failure, not counted).
 
-    Each source searches the duplicate ids of its windows once (unless the predictions' ids
-    are unique by schema or config, which the config alone cannot tell), then reads all
-    windows in one pass per query. Predictions: the newest timestamp, the search, the
-    histogram, the mode counts (when a bucket holds several scores) and the new rows of
-    the counter; labels: the search, the online accuracy, and the serving version when the
-    predictions have a version column; replays: the search and the replays.
+    Each source reads all its windows in one pass per query. The duplicate ids are searched
+    once per set of windows and refresh (unless the predictions' ids are unique by schema
+    or config, which the config alone cannot tell): by the predictions, whose result the
+    replays reuse, and by the labels when ``label_delay`` shifts their windows
+    (``PredictionsSource.duplicate_ids``). Predictions: the newest timestamp, the search,
+    the histogram, the mode counts (when a bucket holds several scores) and the new rows
+    of the counter; labels: the online accuracy, the search when ``label_delay`` is not 0,
+    and the serving version when the predictions have a version column; replays: the
+    replays (a search too if the predictions failed before theirs, a refresh with fewer
+    statements).
     """
     count = 5
     if model.labels is not None:
-        count += 2 + (model.predictions.columns.version is not None)
+        count += 1 + (model.label_delay > timedelta(0)) + (model.predictions.columns.version is not None)
     if model.replays is not None:
-        count += 2
+        count += 1
     return count
 
 

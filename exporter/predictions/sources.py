@@ -180,6 +180,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
+        self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -215,11 +216,20 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
     def duplicate_ids(self, conn: Connection, windows: Windows) -> DuplicateIds:
         """The duplicate ids of ``windows``: one search (``PredictionQueries.duplicate_search``),
-        none when ids are unique by schema or config."""
+        none when ids are unique by schema or config.
+
+        The result is kept until the next refresh starts (``run``): the replays, and the
+        labels when ``label_delay`` is 0, read the same windows and reuse it rather than
+        search again, so every source of a refresh sees the ids as the predictions saw them.
+        """
         q = self.queries()
         if q.unique_ids:
             return DuplicateIds.none(len(windows.starts))
-        return DuplicateIds.from_search(conn.execute(q.duplicate_search(windows)).all(), len(windows.starts))
+        if self._duplicates is not None and self._duplicates[0] == windows:
+            return self._duplicates[1]
+        found = DuplicateIds.from_search(conn.execute(q.duplicate_search(windows)).all(), len(windows.starts))
+        self._duplicates = (windows, found)
+        return found
 
     def _score_stats(self, conn: Connection, windows: Windows) -> tuple[ScoreStats, ...]:
         """Prediction statistics of each window from its bucket histogram (docs/metrics.md),
@@ -289,6 +299,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         )
 
     def run(self, as_of: datetime) -> PredictionValues:
+        self._duplicates = None  # a new refresh: rows may have been written since the last search
         q = self.queries()
         with self._connection() as conn:
             # First, so that rows written during the window queries (which may take minutes

@@ -159,7 +159,11 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
     valid = (b >= 0) & (b <= 1)
     diff = np.abs(a - b)
     reproduced = valid & (diff <= 1e-6 + 1e-6 * np.maximum(np.abs(a), np.abs(b)))
-    return {"replayed": len(rows), "reproduced": int(reproduced.sum()), "max": diff[valid].max() if valid.any() else None}
+    return {
+        "replayed": len(rows),
+        "reproduced": int(reproduced.sum()),
+        "max": diff[valid].max() if valid.any() else None,
+    }
 
 
 @pytest.mark.parametrize(

@@ -252,7 +252,9 @@ def test_replays_are_looked_up_by_index_only_when_both_ids_have_one_type(
     replay_q = ReplayQueries(model.replays, replays)
     assert replay_q.indexed
     assert q.replays_by_lookup(replay_q) is lookup
-    assert (" LATERAL " in str(q.replays(replay_q, Windows.ending(AS_OF, [timedelta(hours=1)]), DuplicateIds.none(1)))) is lookup
+    assert (
+        " LATERAL " in str(q.replays(replay_q, Windows.ending(AS_OF, [timedelta(hours=1)]), DuplicateIds.none(1)))
+    ) is lookup
 
 
 @pytest.mark.postgres
