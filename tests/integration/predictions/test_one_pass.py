@@ -229,3 +229,25 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         assert replay.replayed == want["replayed"] > 0, window
         assert replay.ratio == pytest.approx(want["reproduced"] / want["replayed"], rel=1e-12)
         assert replay.abs_error_max == pytest.approx(want["max"], rel=1e-12)
+
+
+def test_duplicate_ids_are_searched_again_at_each_refresh(tmp_path):
+    """The predictions' duplicate-id search is reused by the replays of the same refresh
+    only: a duplicate written between two refreshes at the same time is seen by the next."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    stamp = _naive(AS_OF) - timedelta(minutes=5)
+    predictions = pd.DataFrame({"id": [1, 2, 3], "ts": [stamp] * 3, "p": [0.1, 0.2, 0.3]})
+    _write(url, None, (predictions, pd.DataFrame({"id": [1], "y": [1], "ts": [stamp]}), predictions[["id", "p"]]))
+    settings = model_settings(url, replays=True, predictions={"unique_ids": False})
+    stores = Stores(settings)
+    try:
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        first = refresher.refresh(AS_OF)
+        with stores.engine("s").begin() as conn:
+            conn.execute(sa.text("INSERT INTO predictions (id, ts, p) VALUES (2, :ts, 0.2)"), {"ts": stamp})
+        second = refresher.refresh(AS_OF)
+    finally:
+        stores.dispose()
+    assert [first.score_stats[0].invalid["duplicate_id"], first.replays[0].replayed] == [0, 3]
+    assert [second.score_stats[0].invalid["duplicate_id"], second.replays[0].replayed] == [2, 2]
+    assert second.online[0].predictions == 2
