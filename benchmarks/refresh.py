@@ -86,7 +86,7 @@ def run_mlmon(url: str, unique_ids: bool = False) -> dict:
     from exporter.predictions.stores import Stores
 
     config = settings(url, unique_ids)
-    stores = Stores(config)
+    stores = Stores(config.stores, config.query_timeout)
     refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores)
     refresher.check_schema()  # reflection is done once per process, not per refresh
     durations: list[float] = []  # each statement's, against the default query_timeout (30 s)

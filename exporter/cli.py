@@ -10,7 +10,6 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
-import click
 import sqlalchemy as sa
 import typer
 from typer.core import TyperCommand
@@ -22,8 +21,9 @@ from exporter.predictions.stores import utc_now
 from exporter.reasons import SchemaError
 from exporter.training.schema import as_utc
 
-if TYPE_CHECKING:  # the server is imported only by the commands that serve
-    from fastapi import FastAPI
+if TYPE_CHECKING:
+    import click  # annotations only: typer 0.29 and later do not depend on click
+    from fastapi import FastAPI  # the server is imported only by the commands that serve
 
 # Command docstrings are the --help text: plain text, no reStructuredText markup.
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
@@ -39,18 +39,29 @@ app = typer.Typer(
 class _Command(TyperCommand):
     """A command whose arguments read ``FILE...`` in the usage line and the help, without
     the type placeholder (``<list[Path]>``) and the braces (``{files}...``) that some typer
-    versions add."""
+    versions add.
 
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+    The ``type: ignore`` comments: these methods are typed against click, while typer 0.29
+    and later hand them their vendored copy (``typer._click``), whose classes mypy sees as
+    different; the objects behave the same, and the private copy is not imported by name."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:  # type: ignore[override]
         pieces = [self.options_metavar] if self.options_metavar else []
-        return pieces + [_argument_name(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        params = self.get_params(ctx)  # type: ignore[arg-type]
+        return pieces + [_argument_name(p) for p in params if p.param_type_name == "argument"]  # type: ignore[arg-type]
 
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        params = self.get_params(ctx)
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:  # type: ignore[override]
+        params = self.get_params(ctx)  # type: ignore[arg-type]
         arguments = [
-            (_argument_name(p), getattr(p, "help", None) or "") for p in params if p.param_type_name == "argument"
+            (_argument_name(p), getattr(p, "help", None) or "")  # type: ignore[arg-type]
+            for p in params
+            if p.param_type_name == "argument"
         ]
-        options = [record for p in params if p.param_type_name == "option" and (record := p.get_help_record(ctx))]
+        options = [
+            record
+            for p in params
+            if p.param_type_name == "option" and (record := p.get_help_record(ctx))  # type: ignore[arg-type]
+        ]
         for title, rows in (("Arguments", arguments), ("Options", options)):
             if rows:
                 with formatter.section(title):
@@ -134,11 +145,11 @@ def check_config(config: ConfigOption) -> None:
     A refresh_timeout shorter than a model's refresh may legitimately take is warned
     about on stderr (exit 0): slow refreshes that work would be reported stalled.
     """
-    from exporter.predictions.refresh import ModelRefresher, worst_case_duration, worst_case_queries
+    from exporter.predictions.refresh import model_refreshers, worst_case_duration, worst_case_queries
     from exporter.predictions.stores import Stores
 
     settings = _settings(config)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     problems = []
     unreachable = set()
     try:
@@ -153,8 +164,8 @@ def check_config(config: ConfigOption) -> None:
                 where = f"at {safe_url(store.url)}" if store.url is not None else f"from {store.url_file}"
                 key = "url" if store.url is not None else "url_file"
                 problems.append(f"stores.{name}.{key}: cannot reach store {name!r} {where}: {first_line(exc)}")
-        for i, model in enumerate(settings.models):
-            refresher = ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores)
+        for i, refresher in enumerate(model_refreshers(settings.models, settings.refresh_policy, stores)):
+            model = refresher.model
             work = worst_case_duration(model, settings.query_timeout)
             if refresher.deadline() < work:
                 typer.echo(

@@ -382,11 +382,13 @@ class RefreshPolicy:
     staleness: timedelta
     refresh_timeout: timedelta | None
 
-    @property
-    def deadline(self) -> timedelta:
-        """``refresh_timeout``, or one interval plus one query timeout: the deadline of the
-        training refresh (a model's is ``ModelRefresher.deadline``)."""
-        return self.refresh_timeout if self.refresh_timeout is not None else self.interval + self.query_timeout
+    def deadline(self, work: timedelta = timedelta(0)) -> timedelta:
+        """How long a refresh may run before it is reported stalled: ``refresh_timeout``, or
+        the longer of one interval plus one query timeout and ``work``, the longest the
+        refresh may take when it works (``ModelRefresher.deadline`` gives a model's)."""
+        if self.refresh_timeout is not None:
+            return self.refresh_timeout
+        return max(self.interval + self.query_timeout, work)
 
 
 class Settings(Strict):
@@ -478,15 +480,17 @@ def parse_settings(data: Any) -> Settings:
     """
     if not isinstance(data, dict):
         raise ConfigError(["(top level): the config must be a mapping with 'stores' and 'models'"])
-    errors: list[str] = []
-    data = _expand_env(data, "", errors)
-    if errors:
-        raise ConfigError(errors)
+    unset: list[str] = []
+    data = _expand_env(data, "", unset)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(error_lines(exc.errors(), Settings)) from None
-    errors = settings.reference_errors()
+        # Every problem in one run: the unset variables and the rest, except what an unset
+        # variable's empty value caused at its own key (reported once, as unset).
+        unset_keys = {line.split(": ", 1)[0] for line in unset}
+        others = [line for line in error_lines(exc.errors(), Settings) if line.split(": ", 1)[0] not in unset_keys]
+        raise ConfigError(unset + others) from None
+    errors = unset + settings.reference_errors()
     if errors:
         raise ConfigError(errors)
     return settings

@@ -7,9 +7,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from exporter.health import SourceStatus
-from exporter.training.metrics import TrainingState
+
+if TYPE_CHECKING:  # a type only: the snapshots import nothing that computes them
+    from exporter.training.storage import StoredRun
 
 #: Why the training API refuses a valid run (``mlmon_training_runs_refused_total``).
 REFUSAL_REASONS = ("max_models",)
@@ -108,6 +111,65 @@ class ModelSnapshot:
     """(source, reason) -> cumulative count."""
     refresh_duration: float | None = None
     last_success: float | None = None
+
+
+@dataclass(frozen=True)
+class ChangeRatios:
+    """The newest run's value / a baseline run's value (``monitoring_math.ratio``: ``None``
+    when either is missing or the baseline is 0)."""
+
+    training_rows: float | None
+    offline_logloss: float | None
+    offline_roc_auc: float | None
+
+
+@dataclass(frozen=True)
+class FeatureSeries:
+    """The exported series of one feature of the newest run: its missing share, mean
+    (numeric features), its largest category shares (at most ``training.max_categories``,
+    largest first, ties by name) and its PSI against the previous version (``None``:
+    undefined or no previous version)."""
+
+    name: str
+    missing_ratio: float
+    mean: float | None
+    categories: tuple[tuple[str, float], ...]
+    psi: float | None
+
+
+@dataclass(frozen=True)
+class TrainingSnapshot:
+    """One model's training metrics. ``history`` is newest first (at most the configured
+    number of versions); ``change_ratios`` maps ``previous_version`` and ``30d`` to the
+    newest run's ratios against that run when it exists; ``features`` holds at most
+    ``training.max_features`` features (by name), and ``over_limit`` counts the ``feature``
+    and ``category`` series left out by the caps, so that label cardinality is bounded
+    whatever a training run holds."""
+
+    model: str
+    newest: StoredRun
+    history: tuple[StoredRun, ...]
+    change_ratios: Mapping[str, ChangeRatios]
+    features: tuple[FeatureSeries, ...]
+    over_limit: Mapping[str, int]
+
+    def validation_logloss(self, version: str | None) -> float | None:
+        """Offline log loss of ``version`` (``None``: the newest), if it is in the history."""
+        if version is None:
+            return self.newest.validation_logloss
+        return next((run.validation_logloss for run in self.history if run.version == version), None)
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Training snapshots by model, whether the
+    last read of the state database succeeded, its error counts by reason, and by model
+    the refreshes in which that model's runs gave no snapshot."""
+
+    models: Mapping[str, TrainingSnapshot] = field(default_factory=dict)
+    up: bool | None = None
+    errors: Mapping[str, int] = field(default_factory=dict)
+    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 class SnapshotStore:

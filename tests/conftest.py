@@ -58,9 +58,10 @@ def start_process(
     args: list[str], log_path: Path, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     """Start a server a test talks to, its stdout and stderr appended to ``log_path``: a
-    file, never a pipe that nobody drains while the test runs (a full pipe blocks the server)."""
+    file, never a pipe that nobody drains while the test runs (a full pipe blocks the server).
+    Its stdin is /dev/null, not the test runner's (which CI may hold open)."""
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
 
 
 def log_tail(log_path: Path, chars: int = 3000) -> str:

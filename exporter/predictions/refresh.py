@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -200,10 +201,7 @@ class ModelRefresher:
         or the longest a refresh that works may take, at least one refresh interval plus
         one query timeout: ``worst_case_queries`` statements and a connection per source,
         each up to ``query_timeout``."""
-        if self.policy.refresh_timeout is not None:
-            return self.policy.refresh_timeout
-        work = worst_case_duration(self.model, self.policy.query_timeout)
-        return max(self.policy.interval + self.policy.query_timeout, work)
+        return self.policy.deadline(worst_case_duration(self.model, self.policy.query_timeout))
 
     def _snapshot(self, now: float, sources: dict[str, SourceStatus]) -> ModelSnapshot:
         predictions = self.predictions.health.fresh(now)
@@ -226,3 +224,11 @@ class ModelRefresher:
             refresh_duration=time.perf_counter() - self._started,
             last_success=self._last_success,
         )
+
+
+def model_refreshers(
+    models: Sequence[ModelConfig], policy: RefreshPolicy, stores: Stores, count_from: datetime | None = None
+) -> list[ModelRefresher]:
+    """One ``ModelRefresher`` per configured model, in config order, each naming its config
+    path ``models[i]`` in schema errors; ``count_from`` as ``ModelRefresher`` takes it."""
+    return [ModelRefresher(model, f"models[{i}]", policy, stores, count_from) for i, model in enumerate(models)]

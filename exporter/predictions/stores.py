@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from exporter.config import Settings, TableSource
+from exporter.config import Store, TableSource
 from exporter.db import create_store_engine, require_existing_sqlite_file
 from exporter.reasons import SchemaError
 
@@ -517,10 +517,12 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
 
 
 class Stores:
-    """The engines of all configured stores, created lazily, disposed together."""
+    """The engines of the configured stores (``stores`` of the config, by name), created
+    lazily, disposed together; each connection's statements end after ``query_timeout``."""
 
-    def __init__(self, settings: Settings):
-        self._settings = settings
+    def __init__(self, stores: Mapping[str, Store], query_timeout: timedelta):
+        self._stores = stores
+        self._query_timeout = query_timeout.total_seconds()
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
@@ -534,13 +536,13 @@ class Stores:
         """
         with self._lock:
             if name not in self._engines:
-                store = self._settings.stores[name]
+                store = self._stores[name]
                 try:
                     url = store.resolved_url()
                 except ValueError as exc:  # a url_file rewritten since the config was loaded
                     raise SchemaError(f"stores.{name}.{exc}") from None  # "url_file: not a SQLAlchemy URL ..."
                 require_existing_sqlite_file(url)  # monitored stores are read, never created
-                engine = create_store_engine(url, self._settings.query_timeout.total_seconds())
+                engine = create_store_engine(url, self._query_timeout)
                 if engine.dialect.name == "sqlite":  # time columns of a zone other than UTC call it
                     sa.event.listen(engine, "connect", _sqlite_functions)
                 self._engines[name] = engine

@@ -91,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The ASGI app. The refresh loop starts with the app's lifespan and stops with it."""
     store = SnapshotStore([m.name for m in settings.models])
     registry = build_registry(store, settings.thresholds)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     loop = RefreshLoop(settings, store, stores, state)
     exposition = ExpositionCache(registry, store)
@@ -118,7 +118,12 @@ def create_app(settings: Settings) -> FastAPI:
     # FastAPI's default loads them from a CDN, a blank page on a network without internet.
     app = FastAPI(title="mlmon", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.snapshots = store
-    app.include_router(training_api(settings, state, loop.training_changed, store.count_refusal))
+    configured = frozenset(m.name for m in settings.models)
+    app.include_router(
+        training_api(
+            settings.api, settings.training.max_models, configured, state, loop.training_changed, store.count_refusal
+        )
+    )
     document_training_run(app)
     app.mount("/docs/static", StaticFiles(directory=swagger_ui_path), name="swagger-ui")
 
@@ -149,12 +154,16 @@ def create_app(settings: Settings) -> FastAPI:
             )
         return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Vary": "Accept-Encoding"})
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    # GET in the OpenAPI document, HEAD beside it: one route with both methods gives both
+    # operations the same operationId, which the spec forbids.
+    @app.head("/healthz", response_class=PlainTextResponse, include_in_schema=False)
+    @app.get("/healthz", response_class=PlainTextResponse)
     def healthz() -> str:
         """The process is alive."""
         return "ok\n"
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+    @app.head("/readyz", response_class=PlainTextResponse, include_in_schema=False)
+    @app.get("/readyz", response_class=PlainTextResponse)
     def readyz(response: Response) -> str:
         """200 once the first refresh of every model is on /metrics, else 503."""
         if exposition.ready:

@@ -15,18 +15,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from exporter import __version__
 from exporter.monitoring_math import ratio
-from exporter.snapshot import ModelSnapshot, SnapshotStore
-from exporter.training.metrics import TrainingSnapshot
+from exporter.snapshot import ModelSnapshot, SnapshotStore, TrainingSnapshot
 
 
 @dataclass(frozen=True)
 class MetricSpec:
-    """Name (as exposed, counters with ``_total``), type, label names and help of one metric."""
+    """Name (as exposed, counters with ``_total``), type, label names and help of one metric;
+    ``history`` is False for series about the exporter process rather than the data (its
+    build, durations, error counts), which backfilled history leaves out."""
 
     name: str
     type: str
     labels: tuple[str, ...]
     help: str
+    history: bool = True
 
     def family(self) -> Metric:
         """An empty metric family of this spec."""
@@ -36,15 +38,15 @@ class MetricSpec:
         return cls(self.name, self.help, labels=list(self.labels))
 
 
-def _spec(name: str, type_: str, labels: str, help_: str) -> MetricSpec:
-    return MetricSpec(name, type_, tuple(labels.split()), help_)
+def _spec(name: str, type_: str, labels: str, help_: str, history: bool = True) -> MetricSpec:
+    return MetricSpec(name, type_, tuple(labels.split()), help_, history)
 
 
 WINDOWED = "model window"
 METRICS = {
     spec.name: spec
     for spec in [
-        _spec("mlmon_build_info", "gauge", "version", "mlmon build information; always 1."),
+        _spec("mlmon_build_info", "gauge", "version", "mlmon build information; always 1.", history=False),
         # prediction statistics, per window [now - window, now)
         _spec("mlmon_window_predictions", "gauge", WINDOWED, "Valid predictions in the window."),
         _spec(
@@ -230,27 +232,43 @@ METRICS = {
         ),
         # exporter health
         _spec("mlmon_source_up", "gauge", "model source", "1 if the last refresh of the source succeeded, else 0."),
-        _spec("mlmon_refresh_duration_seconds", "gauge", "model", "Duration of the model's last refresh."),
+        _spec(
+            "mlmon_refresh_duration_seconds", "gauge", "model", "Duration of the model's last refresh.", history=False
+        ),
         _spec(
             "mlmon_refresh_last_success_timestamp_seconds",
             "gauge",
             "model",
             "Time of the model's last refresh in which every source succeeded.",
         ),
-        _spec("mlmon_refresh_errors_total", "counter", "model source reason", "Failed source refreshes, by reason."),
+        _spec(
+            "mlmon_refresh_errors_total",
+            "counter",
+            "model source reason",
+            "Failed source refreshes, by reason.",
+            history=False,
+        ),
         _spec("mlmon_state_up", "gauge", "", "1 if the last read of the state database succeeded, else 0."),
-        _spec("mlmon_state_errors_total", "counter", "reason", "Failed reads of the state database, by reason."),
+        _spec(
+            "mlmon_state_errors_total",
+            "counter",
+            "reason",
+            "Failed reads of the state database, by reason.",
+            history=False,
+        ),
         _spec(
             "mlmon_training_errors_total",
             "counter",
             "model",
             "Training refreshes in which the model's stored runs gave no metrics.",
+            history=False,
         ),
         _spec(
             "mlmon_training_runs_refused_total",
             "counter",
             "reason",
             "Training runs the API refused although valid, by reason.",
+            history=False,
         ),
     ]
 }

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from exporter.config import Settings
-from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.refresh import model_refreshers
 from exporter.predictions.stores import Stores, utc_now
 from exporter.snapshot import SnapshotStore
 from exporter.training.metrics import TrainingRefresher
@@ -94,9 +94,7 @@ class RefreshLoop:
         self.interval = settings.refresh_interval
         self.store = store
         policy = settings.refresh_policy
-        self.refreshers = [
-            ModelRefresher(model, f"models[{i}]", policy, stores) for i, model in enumerate(settings.models)
-        ]
+        self.refreshers = model_refreshers(settings.models, policy, stores)
         self.training = TrainingRefresher(state, settings.training, policy)
         self._training_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -179,12 +177,12 @@ def refresh_all(settings: Settings, as_of: datetime) -> SnapshotStore:
     """Refresh every model, and the training runs trained by then, once at ``as_of``
     (timezone-aware), in this thread."""
     store = SnapshotStore([m.name for m in settings.models])
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
     try:
         policy = settings.refresh_policy
-        for i, model in enumerate(settings.models):
-            store.put(ModelRefresher(model, f"models[{i}]", policy, stores).refresh(as_of))
+        for refresher in model_refreshers(settings.models, policy, stores):
+            store.put(refresher.refresh(as_of))
         store.put_training(TrainingRefresher(state, settings.training, policy).refresh(as_of))
     finally:
         stores.dispose()

@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,7 @@ from prometheus_client.core import Metric
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
 from exporter.config import Settings
-from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.refresh import model_refreshers
 from exporter.predictions.stores import INSTANT_RANGE, Stores
 from exporter.server.collector import METRICS, MlmonCollector
 from exporter.snapshot import SnapshotStore
@@ -35,18 +36,9 @@ from exporter.training.storage import StateDatabase
 
 log = logging.getLogger(__name__)
 
-#: Series about the exporter process, not about the data: in backfilled history they would
-#: describe the backfill run (its build, its durations, its error counts), so they are left out.
-NOT_HISTORY = frozenset(
-    {
-        "mlmon_build_info",
-        "mlmon_refresh_duration_seconds",
-        "mlmon_refresh_errors_total",
-        "mlmon_state_errors_total",
-        "mlmon_training_errors_total",
-        "mlmon_training_runs_refused_total",
-    }
-)
+#: Sample names of the series about the exporter process (``MetricSpec.history`` False):
+#: in backfilled history they would describe the backfill run, so they are left out.
+NOT_HISTORY = frozenset(name for name, spec in METRICS.items() if not spec.history)
 _FILE = re.compile(r"^mlmon-(\d{8}T\d{6}Z)-(\d{8}T\d{6}Z)\.om$")
 _STAMP = "%Y%m%dT%H%M%SZ"
 #: Marker beside a file that promtool has turned into blocks of the data directory it names.
@@ -80,15 +72,14 @@ class Evaluator:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._stores = Stores(settings)
+        self._stores = Stores(settings.stores, settings.query_timeout)
         self._state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
         # The counters count every prediction stamped before the step's horizon, from the
         # first instant a store can hold: the same value at an instant whatever range or
         # resumed run computed it (docs/backfill.md).
-        self._refreshers = [
-            ModelRefresher(model, f"models[{i}]", settings.refresh_policy, self._stores, count_from=INSTANT_RANGE[0])
-            for i, model in enumerate(settings.models)
-        ]
+        self._refreshers = model_refreshers(
+            settings.models, settings.refresh_policy, self._stores, count_from=INSTANT_RANGE[0]
+        )
         self._training = TrainingRefresher(self._state, settings.training, settings.refresh_policy)
         self._last: datetime | None = None
 
@@ -286,15 +277,23 @@ def existing_samples(promtool: str, data: Path, selector: str, first: datetime, 
         f"--match={selector}",
         str(data),
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
-        assert process.stdout is not None and process.stderr is not None
+    # stderr to a file, not a pipe: promtool logs there while it reads the write-ahead log,
+    # and a full stderr pipe nobody drains would block it before its first line of stdout.
+    with (
+        tempfile.TemporaryFile("w+") as errors,
+        subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, text=True
+        ) as process,
+    ):
+        assert process.stdout is not None
         line = process.stdout.readline()  # one is enough: the dump of a large range is large
         if line:
             process.kill()
             return line.strip()
-        error = process.stderr.read()
         if process.wait() != 0:
-            raise BackfillError(f"{shlex.join(command)} failed: {error.strip()[-2000:] or process.returncode}")
+            errors.seek(0)
+            error = errors.read().strip()[-2000:]
+            raise BackfillError(f"{shlex.join(command)} failed: {error or process.returncode}")
     return None
 
 

@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.openapi.utils import get_openapi
 from pydantic import ValidationError
 
-from exporter.config import Settings
+from exporter.config import ApiSettings
 from exporter.errors import first_line, located
 from exporter.training.schema import TrainingRun
 from exporter.training.storage import (
@@ -49,10 +49,17 @@ _STATE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db"
 
 
 def training_api(
-    settings: Settings, state: StateDatabase, on_stored: Callable[[], None], on_refused: Callable[[str], None]
+    api: ApiSettings,
+    max_models: int | None,
+    configured: frozenset[str],
+    state: StateDatabase,
+    on_stored: Callable[[], None],
+    on_refused: Callable[[str], None],
 ) -> APIRouter:
-    """The API router. ``on_stored`` is called after a run was committed or deleted,
-    ``on_refused`` with the reason (``"max_models"``) after a valid run was refused.
+    """The API router, set up by the config's ``api`` and ``training.max_models``;
+    ``configured`` names the models of the config (answers say whether a run's model is
+    one). ``on_stored`` is called after a run was committed or deleted, ``on_refused`` with
+    the reason (``"max_models"``) after a valid run was refused.
 
     Errors: 401 missing or wrong token; 404 no such model or version; 408 body slower than
     ``api.body_timeout``; 413 body over ``api.max_body_bytes``; 415 not
@@ -62,10 +69,9 @@ def training_api(
     ``Retry-After`` of ``RETRY_AFTER_SECONDS``; sending the same run again is safe, it is
     stored once).
     """
-    token = settings.api.resolved_token()
-    limit = settings.api.max_body_bytes
-    body_timeout = settings.api.body_timeout.total_seconds()
-    configured = {model.name for model in settings.models}
+    token = api.resolved_token()
+    limit = api.max_body_bytes
+    body_timeout = api.body_timeout.total_seconds()
 
     def authorize(request: Request) -> None:
         if token is None:
@@ -135,7 +141,7 @@ def training_api(
             detail = [dict(zip(("loc", "msg"), located(e), strict=False)) for e in exc.errors(include_url=False)]
             raise HTTPException(422, detail) from None
         try:
-            status = await in_state_db(save_run, run, datetime.now(UTC), settings.training.max_models)
+            status = await in_state_db(save_run, run, datetime.now(UTC), max_models)
         except RunConflict as exc:
             raise HTTPException(409, str(exc)) from None
         except TooManyModels as exc:

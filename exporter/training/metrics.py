@@ -7,8 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -20,71 +18,13 @@ from exporter.errors import error_lines, first_line
 from exporter.health import SourceHealth
 from exporter.monitoring_math import population_stability_index, ratio
 from exporter.reasons import classify_error
+from exporter.snapshot import ChangeRatios, FeatureSeries, TrainingSnapshot, TrainingState
 from exporter.training.schema import OTHER, FeatureSummary
 from exporter.training.storage import StateDatabase, StoredRun, load_histories
 
 log = logging.getLogger(__name__)
 #: The reference's deciles are the edges of the numeric PSI bins.
 DECILES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
-
-
-@dataclass(frozen=True)
-class ChangeRatios:
-    """The newest run's value / a baseline run's value (``monitoring_math.ratio``: ``None``
-    when either is missing or the baseline is 0)."""
-
-    training_rows: float | None
-    offline_logloss: float | None
-    offline_roc_auc: float | None
-
-
-@dataclass(frozen=True)
-class FeatureSeries:
-    """The exported series of one feature of the newest run: its missing share, mean
-    (numeric features), its largest category shares (at most ``training.max_categories``,
-    largest first, ties by name) and its PSI against the previous version (``None``:
-    undefined or no previous version)."""
-
-    name: str
-    missing_ratio: float
-    mean: float | None
-    categories: tuple[tuple[str, float], ...]
-    psi: float | None
-
-
-@dataclass(frozen=True)
-class TrainingSnapshot:
-    """One model's training metrics. ``history`` is newest first (at most the configured
-    number of versions); ``change_ratios`` maps ``previous_version`` and ``30d`` to the
-    newest run's ratios against that run when it exists; ``features`` holds at most
-    ``training.max_features`` features (by name), and ``over_limit`` counts the ``feature``
-    and ``category`` series left out by the caps, so that label cardinality is bounded
-    whatever a training run holds."""
-
-    model: str
-    newest: StoredRun
-    history: tuple[StoredRun, ...]
-    change_ratios: Mapping[str, ChangeRatios]
-    features: tuple[FeatureSeries, ...]
-    over_limit: Mapping[str, int]
-
-    def validation_logloss(self, version: str | None) -> float | None:
-        """Offline log loss of ``version`` (``None``: the newest), if it is in the history."""
-        if version is None:
-            return self.newest.validation_logloss
-        return next((run.validation_logloss for run in self.history if run.version == version), None)
-
-
-@dataclass(frozen=True)
-class TrainingState:
-    """Training snapshots by model, whether the
-    last read of the state database succeeded, its error counts by reason, and by model
-    the refreshes in which that model's runs gave no snapshot."""
-
-    models: Mapping[str, TrainingSnapshot] = field(default_factory=dict)
-    up: bool | None = None
-    errors: Mapping[str, int] = field(default_factory=dict)
-    model_errors: Mapping[str, int] = field(default_factory=dict)
 
 
 def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
@@ -300,8 +240,9 @@ class TrainingRefresher:
         self._lock = threading.Lock()
 
     def deadline(self) -> timedelta:
-        """How long a refresh may run before it is reported stalled (``RefreshPolicy.deadline``)."""
-        return self.policy.deadline
+        """How long a refresh may run before it is reported stalled (``RefreshPolicy.deadline``:
+        reading the runs is a few queries, so no more work than one query timeout)."""
+        return self.policy.deadline()
 
     def refresh(self, now: datetime) -> TrainingState:
         """The training state at ``now`` (timezone-aware). Never raises."""

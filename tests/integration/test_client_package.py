@@ -17,7 +17,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # builds and installs into a fresh venv
 
 #: Installed with the service (pyproject.toml), never with the client.
 SERVICE_ONLY = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "pyarrow", "rich", "typer", "prometheus_client")

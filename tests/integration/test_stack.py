@@ -624,7 +624,7 @@ def test_stack_data_path_on_postgresql(postgres_schema, monkeypatch):
         store.pop("password")  # the test database trusts local connections
     monkeypatch.setenv("MLMON_API_TOKEN", "a-token-for-the-test")  # the config needs one; nothing is served
     settings = parse_settings(config)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         for i, model in enumerate(settings.models):
             ModelRefresher(model, f"models[{i}]", settings.refresh_policy, stores).check_schema()

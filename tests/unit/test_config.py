@@ -110,6 +110,24 @@ def test_unset_env_reference_named(monkeypatch):
     assert _errors(data) == ["stores.s.url: environment variable MLMON_UNSET_VAR is not set"]
 
 
+def test_unset_env_references_are_reported_with_every_other_problem(monkeypatch):
+    """configuration.md promises every problem in one run: a typo elsewhere is not hidden
+    until the variables are set, and the empty value an unset variable leaves is not
+    reported a second time at its own key."""
+    monkeypatch.delenv("MLMON_UNSET_VAR", raising=False)
+    monkeypatch.delenv("MLMON_UNSET_URL", raising=False)
+    data = _config()
+    data["stores"]["s"]["url"] = "${MLMON_UNSET_URL}"
+    data["stores"]["t"] = {"url": "sqlite:///t.db", "password": "${MLMON_UNSET_VAR}"}
+    data["models"][0]["lable_delay"] = "1h"
+    errors = _errors(data)
+    assert errors[:2] == [
+        "stores.s.url: environment variable MLMON_UNSET_URL is not set",
+        "stores.t.password: environment variable MLMON_UNSET_VAR is not set",
+    ]
+    assert len(errors) == 3 and errors[2].startswith("models[0].lable_delay: unknown key"), errors
+
+
 def test_url_from_file(tmp_path):
     secret = tmp_path / "url"
     secret.write_text("sqlite:///from-file.db\n")

@@ -73,7 +73,7 @@ def _predictions_table(engine, schema, rows, version_type=None):
 
 def _refresh(settings, *times):
     """The snapshots of one refresher refreshed at each of ``times`` in turn."""
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         return [refresher.refresh(t) for t in times]
@@ -198,7 +198,7 @@ def test_a_text_label_column_is_a_schema_error_naming_the_key(store, caplog):
         conn.execute(sa.text(f"INSERT INTO {_qualified(schema, 'labels')} VALUES (1, '1'), (1, 'yes')"))
     engine.dispose()
     settings = _settings(url, schema)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     with pytest.raises(
         SchemaError, match=r"^models\[0\]\.labels\.columns\.label: column 'y' .*TEXT.*expected a number or a boolean"
@@ -451,7 +451,7 @@ def test_a_bad_serving_version_is_logged_once_until_it_changes(tmp_path, caplog)
         return sum(1 for r in caplog.records if "serving version" in r.getMessage())
 
     settings = _settings(url, version=True)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     with caplog.at_level(logging.WARNING, logger="exporter.predictions.refresh"):
         snaps = [refresher.refresh(AS_OF + timedelta(minutes=k)) for k in range(3)]

@@ -74,7 +74,7 @@ def _load(url, schema, zone: str, first: datetime, n: int, as_text: bool) -> Non
 
 def _refresher(url, schema, zone: str, windows: list[str]):
     config = zoned_predictions_settings(url, zone, windows, schema)
-    stores = Stores(config)
+    stores = Stores(config.stores, config.query_timeout)
     return ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores), stores
 
 

@@ -66,7 +66,7 @@ def test_every_value_with_at_most_k_decimals_is_the_lower_edge_of_its_own_bucket
     settings = _settings(url, schema, labels=False)
     for k in range(1, 6):
         model = settings.models[0].model_copy(update={"bucket_decimals": k})
-        stores = Stores(settings)
+        stores = Stores(settings.stores, settings.query_timeout)
         try:
             q = ModelRefresher(model, "models[0]", settings.refresh_policy, stores).predictions.queries()
             with stores.engine("s").connect() as conn:
@@ -102,7 +102,7 @@ def test_neighbours_of_the_edges_fall_on_the_right_side(store):
     )
     engine.dispose()
     settings = _with(_settings(url, schema, labels=False), bucket_decimals=k)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         q = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).predictions.queries()
         keyed = sa.select(q.rows(Windows.ending(AS_OF, [timedelta(hours=1)]), DuplicateIds.none(1))).subquery()
@@ -146,7 +146,7 @@ def test_halves_round_up_in_the_mode_share(tmp_path, bucket_decimals):
         [{"id": i, "ts": AS_OF - timedelta(minutes=5 + i), "p": s} for i, s in enumerate(scores)],
     )
     settings = _with(_settings(url, labels=False), mode_share_decimals=2, bucket_decimals=bucket_decimals)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         stats = (
             ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)

@@ -51,7 +51,7 @@ def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
     engine = sa.create_engine(url)
     _fill(engine)
     settings = _settings(url, staleness="5m")
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
 
     first = refresher.refresh(AS_OF)
@@ -82,7 +82,7 @@ def test_failed_source_keeps_values_for_the_staleness_then_drops_them(tmp_path):
 
 def test_unreachable_store_is_counted_as_connection_error(caplog):
     settings = _settings("postgresql+psycopg://mlmon:s3cr3t-pw@127.0.0.1:1/none")
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     assert {name: s.up for name, s in snap.sources.items()} == {"predictions": False, "labels": False}
     assert _nonzero(snap.errors) == {("predictions", "connection"): 1, ("labels", "connection"): 1}
@@ -95,7 +95,7 @@ def test_postgres_query_slower_than_its_timeout_is_cancelled(postgres_schema, po
     url, schema = postgres_schema
     _fill(postgres_engine, schema)
     settings = _settings(url, schema, query_timeout="1s")
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.check_schema()
 
@@ -135,7 +135,7 @@ def test_a_server_that_accepts_but_never_answers_is_a_connection_error():
     silent.listen()  # accepts (the kernel completes the handshake), never says a word
     port = silent.getsockname()[1]
     settings = _settings(f"postgresql+psycopg://u@127.0.0.1:{port}/db", query_timeout="1s")
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     started = time.monotonic()
     snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     assert time.monotonic() - started < 10
@@ -155,7 +155,7 @@ def test_loop_reports_a_hung_refresh_as_stalled_and_keeps_serving(tmp_path):
     _fill(sa.create_engine(url))
     settings = _settings(url, refresh_interval="1s", refresh_timeout="1s", staleness="1s")
     store = SnapshotStore([m.name for m in settings.models])
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     release = threading.Event()
     refresher = loop.refreshers[0]
@@ -198,7 +198,7 @@ def test_counter_catches_up_after_a_failed_refresh(tmp_path):
     engine = sa.create_engine(url)
     _fill(engine)  # predictions 1..199 minutes before AS_OF, scores (i % 10) / 10
     settings = _settings(url)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.refresh(AS_OF - timedelta(minutes=100))  # starts the watermark
     with engine.begin() as conn:
@@ -224,13 +224,13 @@ def test_a_restarted_process_counts_only_new_rows(tmp_path):
     url = f"sqlite:///{tmp_path}/s.sqlite"
     _fill(sa.create_engine(url))  # predictions 1..199 minutes before AS_OF
     settings = _settings(url)
-    first = Stores(settings)
+    first = Stores(settings.stores, settings.query_timeout)
     before = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, first)
     before.refresh(AS_OF - timedelta(minutes=60))
     assert before.refresh(AS_OF - timedelta(minutes=30)).counter.total == 30  # i in (30, 60]
     first.dispose()
 
-    second = Stores(settings)  # the restart: a new refresher, no shared state
+    second = Stores(settings.stores, settings.query_timeout)  # the restart: a new refresher, no shared state
     after = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, second)
     restarted = after.refresh(AS_OF - timedelta(minutes=20))
     assert restarted.counter.total == 0  # i in (20, 30] arrived during the restart
@@ -271,7 +271,7 @@ def test_hostile_strings_in_a_filtered_text_column(tmp_path):
             ],
         }
     )
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     assert snap.sources["predictions"].up, snap.errors
@@ -295,7 +295,7 @@ def test_ids_beyond_2_to_the_53_join_exactly(tmp_path):
         conn.execute(sa.text("INSERT INTO labels VALUES (:i, 1)"), {"i": big + 3})
     engine.dispose()
     settings = _settings(url)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     online = snap.online[0]
@@ -346,7 +346,7 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
     url, schema = postgres_schema
     _fill(postgres_engine, schema)
     settings = _with_replays(postgres_engine, _settings(url, schema, query_timeout="3s"), schema)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     assert all(s.up for s in refresher.refresh(AS_OF).sources.values())
     later = AS_OF + timedelta(minutes=1)
@@ -384,7 +384,7 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     predictions = settings.models[0].predictions
     versioned = predictions.model_copy(update={"columns": predictions.columns.model_copy(update={"version": "v"})})
     settings = _with_replays(engine, settings, windows=["1h", "2h", "3h"], bucket_decimals=1, predictions=versioned)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.refresh(AS_OF - timedelta(minutes=1))  # reflection, and the counter's watermark
     statements = []
@@ -409,7 +409,7 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     engine = sa.create_engine(url)
     _fill(engine)
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
         seconds=(5 + 1 + 1 + 3) * 3
     )
@@ -464,7 +464,7 @@ def test_stop_waits_for_a_running_refresh_so_that_its_connection_closes(tmp_path
     engine.dispose()
     settings = _settings(f"sqlite:///{path}")
     store = SnapshotStore([m.name for m in settings.models])
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     loop = RefreshLoop(settings, store, stores, StateDatabase(settings.state.resolved_url()))
     refresher = loop.refreshers[0]
     real_labels = refresher.sources["labels"].run

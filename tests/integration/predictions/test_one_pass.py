@@ -193,7 +193,7 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         # Continuous scores in 10^-2 buckets hold several each: the mode is counted by its own query.
         model={"windows": windows, "label_delay": label_delay, "bucket_decimals": 2 if continuous else 5},
     )
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         snap = refresher.refresh(AS_OF)
@@ -239,7 +239,7 @@ def test_duplicate_ids_are_searched_again_at_each_refresh(tmp_path):
     predictions = pd.DataFrame({"id": [1, 2, 3], "ts": [stamp] * 3, "p": [0.1, 0.2, 0.3]})
     _write(url, None, (predictions, pd.DataFrame({"id": [1], "y": [1], "ts": [stamp]}), predictions[["id", "p"]]))
     settings = model_settings(url, replays=True, predictions={"unique_ids": False})
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         first = refresher.refresh(AS_OF)

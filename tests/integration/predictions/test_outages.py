@@ -69,7 +69,7 @@ def test_killed_connections_do_not_need_a_restart(postgres_schema, postgres_engi
     url, schema = postgres_schema
     _fill(postgres_engine, schema)
     settings = _settings(url, schema, "sqlite://")
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     # The backends of this test's pool: an idle session's last query is mlmon's ROLLBACK,
     # which names no schema, and other test sessions may have mlmon sessions on the server.
     backends: set[int] = set()
@@ -225,7 +225,7 @@ def test_a_connection_killed_mid_query_fails_only_that_refresh(postgres_schema, 
     settings = _settings(url, schema, "sqlite://").model_copy(update={"query_timeout": timedelta(seconds=60)})
     model = settings.models[0]
     model = model.model_copy(update={"predictions": model.predictions.model_copy(update={"table": "slow_predictions"})})
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores)
     results = []
     worker = threading.Thread(target=lambda: results.append(refresher.refresh(datetime.now(UTC))))

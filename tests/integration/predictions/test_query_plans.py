@@ -145,7 +145,7 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
     url, schema = postgres_schema
     rows = _unanalyzed_tables(url, schema, replay_index, predictions_id)
     settings = _settings(url, schema)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         started = time.perf_counter()

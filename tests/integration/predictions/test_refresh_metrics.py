@@ -151,7 +151,7 @@ def classify(data: Data, start, end, stores_nan: bool):
 
 def refresh(url, schema, **kwargs):
     settings = settings_for(url, schema, **kwargs)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         refresher.refresh(AS_OF - timedelta(minutes=30))  # starts the counters' watermark
@@ -313,7 +313,7 @@ def test_bucketed_auc_and_percentiles_of_continuous_scores(tmp_path):
     load(sa.create_engine(url), None, data, False)
     settings = settings_for(url, None)
     model = settings.models[0].model_copy(update={"bucket_decimals": 3})
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     snap = ModelRefresher(model, "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     online = next(o for o in snap.online if o.window == "1h")

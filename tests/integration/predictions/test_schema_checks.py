@@ -109,7 +109,7 @@ def _check_config(path):
 
 def _refresh(path):
     settings = load_settings(path)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     finally:

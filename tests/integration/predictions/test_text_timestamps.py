@@ -87,7 +87,7 @@ def _instant(text: str, zone: str) -> datetime:
 
 
 def _refresh(settings, *as_ofs):
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         return [refresher.refresh(as_of) for as_of in as_ofs]
@@ -241,7 +241,7 @@ def test_text_timestamp_refused_where_it_cannot_be_compared(backend, tmp_path, r
     metadata.create_all(engine)
     engine.dispose()
     settings = zoned_predictions_settings(url, schema=schema)
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
         with pytest.raises(SchemaError) as error:

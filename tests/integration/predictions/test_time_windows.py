@@ -33,7 +33,7 @@ def _snapshot(url, column_type, values, schema=None, timezone_name="UTC"):
             "models": [{"name": "m", "predictions": {**source, "timezone": timezone_name}, "windows": ["1h"]}],
         }
     )
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     try:
         return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     finally:
@@ -73,7 +73,7 @@ def test_sqlite_text_in_any_format_respects_both_edges(tmp_path):
             ],
         }
     )
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
     stores.dispose()
     assert snap.score_stats[0].predictions == 4
@@ -132,7 +132,7 @@ def test_unique_ids_found_in_the_schema(tmp_path, key):
             ],
         }
     )
-    stores = Stores(settings)
+    stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     refresher.check_schema()
     assert refresher.predictions.queries().unique_ids is (key != "none")  # no duplicate search when unique

@@ -70,3 +70,11 @@ def test_api_docs_are_served_without_a_cdn(server):
         assert response.status_code == 200 and len(response.content) > 100, asset
     assert "SwaggerUIBundle" in httpx.get(f"{base}/docs/static/swagger-ui-bundle.js").text
     assert "/api/v1/training-runs" in httpx.get(f"{base}/openapi.json").json()["paths"]
+
+
+def test_every_operation_of_the_api_document_has_its_own_operation_id(server):
+    """OpenAPI 3: operationId is unique among all operations (a GET+HEAD route shared one)."""
+    base, _ = server
+    paths = httpx.get(f"{base}/openapi.json").json()["paths"]
+    ids = [op["operationId"] for methods in paths.values() for op in methods.values()]
+    assert len(ids) == len(set(ids)), ids

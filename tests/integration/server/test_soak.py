@@ -28,6 +28,7 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SECONDS + 600)  # the run itself, then setup and the final checks
 def test_fifty_models_for_ten_minutes(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/store.sqlite"
     engine = sa.create_engine(url)
