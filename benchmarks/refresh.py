@@ -1,7 +1,9 @@
 """One full refresh of one model (windows 1h and 24h, all online metrics, replays) against
 the usual alternatives, on the same store and the same rows, each in its own process:
 
-1. mlmon: ``ModelRefresher.refresh`` (queries pushed down, aggregates merged in Python);
+1. mlmon: ``ModelRefresher.refresh`` (queries pushed down, aggregates merged in Python),
+   in the default configuration (ids not declared unique: one duplicate-id search per
+   source) and with ``unique_ids: true`` (``mlmon_unique``), each statement timed;
 2. naive: ``pandas.read_sql`` of the window (predictions left-joined to labels and
    replays), then the same numbers with numpy and scikit-learn;
 3. Evidently's classification metrics on that DataFrame, when evidently is installed;
@@ -14,7 +16,8 @@ the usual alternatives, on the same store and the same rows, each in its own pro
     python benchmarks/refresh.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench --rows 100000 1000000
 
 Prints wall time and peak RSS of each (from the child's own rusage), and the ratios
-mlmon/floor and naive/mlmon. ``--reuse`` skips writing the data (``benchmarks/generate.py``).
+mlmon/floor and naive/mlmon. ``--reuse`` skips writing the data (``benchmarks/generate.py``);
+``--methods`` runs only some (the floor always runs).
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from generate import FEATURES_CATEGORICAL, FEATURES_NUMERIC, NOW, feature_frame  # noqa: E402
 
-METHODS = ("floor", "mlmon", "naive", "evidently")
+METHODS = ("floor", "mlmon", "mlmon_unique", "naive", "evidently")
 FEATURE_METHODS = ("features",)
 WINDOW = timedelta(hours=24)
 
 
-def settings(url: str, features: bool = False, state: str | None = None):
+def settings(url: str, unique_ids: bool = False, features: bool = False, state: str | None = None):
     from exporter.config import parse_settings
 
     source = {"store": "bench"}
@@ -55,7 +58,8 @@ def settings(url: str, features: bool = False, state: str | None = None):
                     "predictions": {
                         **source, "table": "bench_predictions", "columns": {"id": "id", "timestamp": "ts", "score": "score"},
                         "filter": {"model_name": "m0"},
-                        "unique_ids": True,  # request ids of a prediction log: unique, as the generator writes them
+                        # The default (False) searches duplicate ids; the generator writes none.
+                        "unique_ids": unique_ids,
                     },
                     "labels": {**source, "table": "bench_labels", "columns": {"id": "id", "label": "clicked"}, "missing": "negative"},
                     "replays": {**source, "table": "bench_replays", "columns": {"id": "id", "score": "score"}},
@@ -86,20 +90,34 @@ def _bind(engine, instant):
     return instant.replace(tzinfo=None) if engine.dialect.name == "sqlite" else instant
 
 
-def run_mlmon(url: str) -> dict:
+def run_mlmon(url: str, unique_ids: bool = False) -> dict:
+    import sqlalchemy as sa
+
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
 
-    config = settings(url)
+    config = settings(url, unique_ids)
     stores = Stores(config.stores, config.query_timeout)
     refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores)
     refresher.check_schema()  # reflection is done once per process, not per refresh
+    durations: list[float] = []  # each statement's, against the default query_timeout (30 s)
+    engine = stores.engine("bench")
+    sa.event.listen(engine, "before_cursor_execute", lambda conn, *_: conn.info.__setitem__("t", time.perf_counter()))
+    sa.event.listen(engine, "after_cursor_execute", lambda conn, *_: durations.append(time.perf_counter() - conn.info["t"]))
     started = time.perf_counter()
     snapshot = refresher.refresh(NOW)
     seconds = time.perf_counter() - started
     assert all(s.up for s in snapshot.sources.values()), snapshot.errors
     day = snapshot.online[1]
-    return {"seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc}
+    return {
+        "seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc,
+        "longest_query": max(durations), "queries": len(durations),
+    }
+
+
+def run_mlmon_unique(url: str) -> dict:
+    """mlmon with ``unique_ids: true``: no duplicate-id search."""
+    return run_mlmon(url, unique_ids=True)
 
 
 def run_features(url: str) -> dict:
@@ -209,6 +227,7 @@ def main() -> None:
     parser.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
     parser.add_argument("--reuse", action="store_true", help="use the tables already written (one --rows value)")
     parser.add_argument("--features", action="store_true", help="with 10 numeric and 10 categorical features: also time the skew refresh")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--child", choices=METHODS + FEATURE_METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -225,13 +244,21 @@ def main() -> None:
                 check=True, stdout=subprocess.DEVNULL,
             )
         measure("floor", args.url)  # warm the database's cache once, so no method pays for it alone
-        results = {method: measure(method, args.url) for method in METHODS + (FEATURE_METHODS if args.features else ())}
+        chosen = [m for m in METHODS if m in {"floor", *args.methods}] + (list(FEATURE_METHODS) if args.features else [])
+        results = {method: measure(method, args.url) for method in chosen}
         for method, r in results.items():
             note = r.get("skipped") or r.get("error") or ""
+            if "longest_query" in r:
+                note = f"{r['queries']:.0f} statements, longest {r['longest_query']:.2f} s (default query_timeout 30 s)"
             seconds = f"{r['seconds']:9.3f}" if "seconds" in r else f"{'-':>9}"
             rss = f"{r['peak_rss_mb']:12.0f}" if "seconds" in r else f"{'-':>12}"
             print(f"{rows:>10,} {method:>10} {seconds} {rss}  {note}")
-        floor, mlmon, naive = results["floor"], results["mlmon"], results["naive"]
+        floor, mlmon, naive = results["floor"], results.get("mlmon", {}), results.get("naive", {})
+        if all("seconds" in results.get(m, {}) for m in ("mlmon", "mlmon_unique")):
+            print(
+                f"{rows:>10,}  mlmon/floor {mlmon['seconds'] / floor['seconds']:.1f}x"
+                f"   mlmon_unique/floor {results['mlmon_unique']['seconds'] / floor['seconds']:.1f}x"
+            )
         if all("seconds" in r for r in (floor, mlmon, naive)):
             print(
                 f"{rows:>10,}  mlmon/floor {mlmon['seconds'] / floor['seconds']:.1f}x   naive/mlmon {naive['seconds'] / mlmon['seconds']:.1f}x"

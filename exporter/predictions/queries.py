@@ -1,7 +1,10 @@
 """The pushed-down SQL, as SQLAlchemy Core statements.
 
 Each statement returns a handful of aggregate rows (per score bucket, or one row), never raw predictions, so the exporter's memory does not grow
-with the number of rows in a window. All windows are half-open ``[start, end)``.
+with the number of rows in a window. All windows are half-open ``[start, end)``; the
+windows of one source share their end (``Windows``), so each statement reads the largest
+once and tells the others apart with ``CASE WHEN timestamp >= start_i`` inside its
+aggregates, one column per window suffixed ``_i``.
 
 Dialect differences handled here: scores are cast to double precision
 (float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
@@ -15,7 +18,9 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,6 +36,54 @@ INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range
 #: Rows whose timestamp is no instant are in no window: ``bad_timestamp`` counts them over
 #: the whole table (``PredictionQueries.last_timestamp``), never in a window's histogram.
 OK = 0
+
+
+#: The most duplicate ids a source's search lists for its queries to reuse; beyond it each
+#: query searches them itself (``PredictionQueries.duplicate_search``).
+MAX_LISTED_DUPLICATES = 1000
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Nested half-open windows sharing their end: window ``i`` is ``[starts[i], end)``,
+    in the order of the model's ``windows``; the largest starts at ``start``."""
+
+    starts: tuple[datetime, ...]
+    end: datetime
+
+    @classmethod
+    def ending(cls, end: datetime, durations: list[timedelta]) -> Windows:
+        """The windows of ``durations`` (each > 0) ending at ``end``."""
+        return cls(tuple(end - duration for duration in durations), end)
+
+    @property
+    def start(self) -> datetime:
+        return min(self.starts)
+
+
+@dataclass(frozen=True)
+class DuplicateIds:
+    """The ids carried by several rows, found once per source and refresh and reused by
+    its queries: ``per_window[i]`` lists those of window ``i`` (empty lists, without a
+    search, when ids are unique: ``PredictionQueries.unique_ids``); ``None`` when there are
+    more than ``MAX_LISTED_DUPLICATES`` (each query then searches them itself)."""
+
+    per_window: tuple[tuple[Any, ...], ...] | None
+
+    @classmethod
+    def none(cls, windows: int) -> DuplicateIds:
+        """No duplicate id in any of ``windows`` windows."""
+        return cls(tuple(() for _ in range(windows)))
+
+    @classmethod
+    def from_search(cls, rows: Sequence[sa.Row[Any]], windows: int) -> DuplicateIds:
+        """From the rows of ``PredictionQueries.duplicate_search`` over ``windows`` windows.
+        A NULL id is never a duplicate (it equals no id in a join)."""
+        if len(rows) > MAX_LISTED_DUPLICATES:
+            return cls(None)
+        return cls(
+            tuple(tuple(row.id for row in rows if row.id is not None and row[1 + i] > 1) for i in range(windows))
+        )
 
 
 def _double(value: float) -> sa.ColumnElement:
@@ -157,11 +210,50 @@ class PredictionQueries:
     def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
         return sa.and_(self.time.between(start, end), *self.filters)
 
-    def rows(self, start: datetime, end: datetime) -> sa.Subquery:
-        """The window's predictions as (id, score, reason); ``reason`` is ``OK`` or why the
-        row is excluded. A duplicate id excludes every row that carries it; the costly
-        duplicate search is skipped when ids are unique by schema or by config."""
-        in_window = self._in_window(start, end)
+    def duplicate_search(self, windows: Windows) -> sa.Select:
+        """The ids carried by several rows of the largest of ``windows``, at most
+        ``MAX_LISTED_DUPLICATES + 1`` of them, each with one column ``n_i`` per window: its
+        rows in window ``i`` (``DuplicateIds.from_search`` reads it). Any score counts: a
+        duplicate id excludes every row that carries it (``rows``).
+
+        One ``GROUP BY id`` over the largest window per source and refresh, whose few ids
+        every query of the source then reuses, rather than one per query and window.
+        """
+        return (
+            sa.select(
+                self.id.label("id"),
+                *[_count_if(self.time.at_or_after(start)).label(f"n_{i}") for i, start in enumerate(windows.starts)],
+            )
+            .where(self._in_window(windows.start, windows.end))
+            .group_by(self.id)
+            .having(sa.func.count() > 1)
+            .limit(MAX_LISTED_DUPLICATES + 1)
+        )
+
+    def _duplicated(self, windows: Windows, duplicates: DuplicateIds) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
+        """The rows' source and, per window, a predicate true when the row's id is carried by
+        several rows of that window (NULL or false otherwise: use it in ``CASE WHEN``)."""
+        if duplicates.per_window is not None:
+            return self.table, [self.id.in_(ids) if ids else sa.false() for ids in duplicates.per_window]
+        # Too many to list: every query searches them itself, as one grouped subquery.
+        found = (
+            sa.select(
+                self.id.label("id"),
+                *[_count_if(self.time.at_or_after(start)).label(f"n_{i}") for i, start in enumerate(windows.starts)],
+            )
+            .where(self._in_window(windows.start, windows.end))
+            .group_by(self.id)
+            .having(sa.func.count() > 1)
+            .subquery("dup")
+        )
+        source = self.table.outerjoin(found, self.id == found.c.id)
+        return source, [found.c[f"n_{i}"] > 1 for i in range(len(windows.starts))]
+
+    def rows(self, windows: Windows, duplicates: DuplicateIds) -> sa.Subquery:
+        """The predictions of the largest window as (id, score, base, ``reason_i`` per window):
+        ``base`` is ``OK`` or why the score is excluded, ``reason_i`` the row's reason in
+        window ``i`` (NULL outside it): ``base``, or ``duplicate_id`` for a valid score whose
+        id several rows of the window carry (``INVALID_REASONS`` gives the precedence)."""
         code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
         whens: list[tuple[sa.ColumnElement[bool], int]] = [(self.score.is_(None), code["null_score"])]
         if self.score_is_number is not None:
@@ -170,52 +262,57 @@ class PredictionQueries:
         if nan is not None:
             whens.append((nan, code["nan_score"]))
         whens.append((sa.not_(sa.and_(self.score >= 0.0, self.score <= 1.0)), code["out_of_range"]))
-        source: sa.FromClause = self.table
-        if not self.unique_ids:
-            duplicates = self._duplicates(start, end)
-            whens.append((duplicates.c.id.is_not(None), code["duplicate_id"]))
-            source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
+        base = sa.case(*whens, else_=OK)
+        source, duplicated = self._duplicated(windows, duplicates)
+        reasons = [
+            sa.case(
+                (sa.not_(self.time.at_or_after(start)), None),
+                (sa.and_(base == OK, dup), code["duplicate_id"]),
+                else_=base,
+            ).label(f"reason_{i}")
+            for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
+        ]
         return (
-            sa.select(self.id.label("id"), self.score.label("score"), sa.case(*whens, else_=OK).label("reason"))
+            sa.select(self.id.label("id"), self.score.label("score"), base.label("base"), *reasons)
             .select_from(source)
-            .where(in_window)
+            .where(self._in_window(windows.start, windows.end))
             .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
         )
 
-    def valid_rows(self, start: datetime, end: datetime) -> sa.Subquery:
-        """The window's valid predictions as (id, score). Filtered by plain predicates on
-        the score rather than by ``reason``: PostgreSQL estimates those well, and a wrong
-        estimate makes it sort the window instead of hashing it."""
-        conditions = [self._in_window(start, end), _valid_probability(self.dialect, self.score, self.score_is_number)]
-        source: sa.FromClause = self.table
-        if not self.unique_ids:
-            duplicates = self._duplicates(start, end)
-            conditions.append(duplicates.c.id.is_(None))
-            source = self.table.outerjoin(duplicates, self.id == duplicates.c.id)
+    def valid_rows(self, windows: Windows, duplicates: DuplicateIds) -> sa.Subquery:
+        """The valid predictions of the largest window as (id, score, ``in_i`` per window):
+        ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
+        row of it), else 0. Filtered by plain predicates on the score rather than by
+        reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
+        window instead of hashing it."""
+        source, duplicated = self._duplicated(windows, duplicates)
+        flags = [
+            sa.case((sa.and_(self.time.at_or_after(start), dup), 0), (self.time.at_or_after(start), 1), else_=0).label(
+                f"in_{i}"
+            )
+            for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
+        ]
         return (
-            sa.select(self.id.label("id"), self.score.label("score"))
+            sa.select(self.id.label("id"), self.score.label("score"), *flags)
             .select_from(source)
-            .where(*conditions)
+            .where(
+                self._in_window(windows.start, windows.end),
+                _valid_probability(self.dialect, self.score, self.score_is_number),
+            )
             .subquery("valid_rows")
-        )
-
-    def _duplicates(self, start: datetime, end: datetime) -> sa.Subquery:
-        return (
-            sa.select(self.id.label("id"))
-            .where(self._in_window(start, end))
-            .group_by(self.id)
-            .having(sa.func.count() > 1)
-            .subquery("dup")
         )
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
         return grid_index(score, 10**self.model.bucket_decimals)
 
-    def histogram(self, start: datetime, end: datetime) -> sa.Select:
-        """The window in one pass, grouped by one key: the bucket ``grid_index(score, 10**k)``
-        for a valid score, with (count, min, max, sum and sum of squares of the score minus
-        the bucket's lower edge ``key / 10**k``), and ``-code`` of the reason for an
-        excluded row; in no order.
+    def histogram(self, windows: Windows, duplicates: DuplicateIds) -> sa.Select:
+        """Every window in one pass over the largest, grouped by one key: the bucket
+        ``grid_index(score, 10**k)`` for a valid score, ``-code`` of the reason for an
+        excluded score; in no order. Per window ``i``: ``n_i`` (rows counted under that key:
+        valid for a bucket, excluded for that reason otherwise), ``dup_i`` (valid scores
+        excluded as ``duplicate_id``), and over the valid ones ``low_i``, ``high_i``,
+        ``s1_i``, ``s2_i`` (min, max, sum and sum of squares of the score minus the bucket's
+        lower edge ``key / 10**k``).
 
         One grouping key, not (reason, bucket): PostgreSQL then aggregates in a hash table
         instead of sorting the window. A score lies in [edge, edge + 10**-k), so its
@@ -223,34 +320,54 @@ class PredictionQueries:
         for a score with at most k decimals, and its square loses no precision when the
         variance is pooled (``monitoring_math.pooled_variance``).
         """
-        rows = self.rows(start, end)
+        rows = self.rows(windows, duplicates)
         scale = _double(10**self.model.bucket_decimals)
+        reasons = [rows.c[f"reason_{i}"] for i in range(len(windows.starts))]
         keyed = sa.select(
-            sa.case((rows.c.reason == OK, self._key(rows.c.score)), else_=-rows.c.reason).label("key"),
+            sa.case((rows.c.base == OK, self._key(rows.c.score)), else_=-rows.c.base).label("key"),
+            rows.c.base,
             rows.c.score,
+            *reasons,
         ).subquery("keyed")
         # Only valid rows: an excluded score (1e200, NaN) would overflow or poison the sums.
-        deviation = sa.case((keyed.c.key >= 0, keyed.c.score - keyed.c.key / scale), else_=None)
-        return sa.select(
-            keyed.c.key,
-            sa.func.count().label("n"),
-            sa.func.min(keyed.c.score).label("low"),
-            sa.func.max(keyed.c.score).label("high"),
-            sa.func.sum(deviation).label("s1"),
-            sa.func.sum(deviation * deviation).label("s2"),
-        ).group_by(keyed.c.key)
+        deviation = keyed.c.score - keyed.c.key / scale
+        columns = []
+        for i in range(len(windows.starts)):
+            reason = keyed.c[f"reason_{i}"]
+            valid = reason == OK
 
-    def mode_count(self, start: datetime, end: datetime, decimals: int) -> sa.Select:
-        """One row: the count of the most frequent valid score, rounded half up to ``decimals``
-        (``round_half_up_index``)."""
-        rows = self.rows(start, end)
+            def of_valid(value: sa.ColumnElement, valid: sa.ColumnElement = valid) -> sa.ColumnElement:
+                return sa.case((valid, value), else_=None)
+
+            columns += [
+                _count_if(reason == keyed.c.base).label(f"n_{i}"),
+                _count_if(sa.and_(keyed.c.base == OK, reason != OK)).label(f"dup_{i}"),
+                sa.func.min(of_valid(keyed.c.score)).label(f"low_{i}"),
+                sa.func.max(of_valid(keyed.c.score)).label(f"high_{i}"),
+                sa.func.sum(of_valid(deviation)).label(f"s1_{i}"),
+                sa.func.sum(of_valid(deviation * deviation)).label(f"s2_{i}"),
+            ]
+        return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
+
+    def mode_counts(self, windows: Windows, duplicates: DuplicateIds, decimals: int) -> sa.Select:
+        """One row, one column ``mode_i`` per window: the count of its most frequent valid
+        score, rounded half up to ``decimals`` (``round_half_up_index``); one pass over the
+        largest window."""
+        rows = self.rows(windows, duplicates)
+        n = len(windows.starts)
         rounded = (
-            sa.select(round_half_up_index(rows.c.score, decimals).label("key"))
-            .where(rows.c.reason == OK)
+            sa.select(
+                round_half_up_index(rows.c.score, decimals).label("key"), *[rows.c[f"reason_{i}"] for i in range(n)]
+            )
+            .where(rows.c.base == OK)
             .subquery("rounded")
         )
-        counts = sa.select(sa.func.count().label("n")).select_from(rounded).group_by(rounded.c.key).subquery("counts")
-        return sa.select(sa.func.max(counts.c.n))
+        counts = (
+            sa.select(*[_count_if(rounded.c[f"reason_{i}"] == OK).label(f"n_{i}") for i in range(n)])
+            .group_by(rounded.c.key)
+            .subquery("counts")
+        )
+        return sa.select(*[sa.func.max(counts.c[f"n_{i}"]).label(f"mode_{i}") for i in range(n)])
 
     def last_timestamp(self, end: datetime, future_from: datetime) -> sa.Select:
         """One row (``newest``, ``future``, ``unreadable``): the newest prediction time before
@@ -305,37 +422,46 @@ class PredictionQueries:
             *[_count_if(self.score <= bound) for bound in buckets],
         ).where(self._in_window(start, end), valid)
 
-    def online(self, labels: LabelQueries, start: datetime, end: datetime, as_of: datetime) -> sa.Select:
-        """Online accuracy aggregates of the window's valid predictions joined to their labels,
-        grouped by bucket ``grid_index(score, 10**k)``, in no order (an ORDER BY would make
-        PostgreSQL sort the window rather than hash it).
+    def online(self, labels: LabelQueries, windows: Windows, duplicates: DuplicateIds, as_of: datetime) -> sa.Select:
+        """Online accuracy aggregates of every window's valid predictions joined to their
+        labels, in one pass over the largest window, grouped by bucket
+        ``grid_index(score, 10**k)``, in no order (an ORDER BY would make PostgreSQL sort the
+        window rather than hash it).
 
-        Columns: ``key``, ``predictions``, ``with_label`` (a usable label row),
-        ``positives``, ``negatives``, ``low``/``high`` (smallest and largest labeled score
-        of the bucket: equal means its pairs are true ties), ``labeled_score_sum``,
-        ``log_loss_sum``, ``extreme`` (labeled at exactly 0 or 1), ``conflicting`` (labels
-        0 and 1), ``invalid`` (only labels other than 0/1).
+        Columns: ``key`` and per window ``i``: ``predictions_i``, ``with_label_i`` (a usable
+        label row), ``positives_i``, ``negatives_i``, ``low_i``/``high_i`` (smallest and
+        largest labeled score of the bucket: equal means its pairs are true ties),
+        ``labeled_score_sum_i``, ``log_loss_sum_i``, ``extreme_i`` (labeled at exactly 0 or
+        1), ``conflicting_i`` (labels 0 and 1), ``invalid_i`` (only labels other than 0/1).
+        The labels of window ``i`` are those recorded in ``[start_i, as_of)``
+        (``LabelQueries.per_id``).
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
-        valid_rows = self.valid_rows(start, end)
-        agg = labels.per_id(start, as_of)
-        has_label = sa.and_(agg.c.low.is_not(None), agg.c.low == agg.c.high)
-        no_label_row = agg.c.id.is_(None)
-        y = sa.case(
-            (has_label, agg.c.low),
-            (no_label_row, 0 if labels.source.missing == "negative" else None),
-            else_=None,
-        )
-        keyed = (
-            sa.select(
-                self._key(valid_rows.c.score).label("key"),
-                valid_rows.c.score,
-                y.label("y"),
-                has_label.label("has_label"),
-                (agg.c.low != agg.c.high).label("conflicting"),
-                sa.and_(agg.c.id.is_not(None), agg.c.low.is_(None)).label("invalid"),
+        valid_rows = self.valid_rows(windows, duplicates)
+        agg = labels.per_id(windows.starts, as_of)
+        windowed: list[sa.ColumnElement] = []
+        for i in range(len(windows.starts)):
+            j = i if labels.time is not None else 0  # without a label time, every window sees every label
+            low, high, count = agg.c[f"low_{j}"], agg.c[f"high_{j}"], agg.c[f"n_{j}"]
+            counted = valid_rows.c[f"in_{i}"] == 1
+            has_label = sa.and_(low.is_not(None), low == high)
+            no_label_row = sa.or_(agg.c.id.is_(None), count == 0)
+            y = sa.case(
+                (sa.not_(counted), None),
+                (has_label, low),
+                (no_label_row, 0 if labels.source.missing == "negative" else None),
+                else_=None,
             )
+            windowed += [
+                valid_rows.c[f"in_{i}"],
+                y.label(f"y_{i}"),
+                sa.and_(counted, has_label).label(f"has_label_{i}"),
+                sa.and_(counted, low != high).label(f"conflicting_{i}"),
+                sa.and_(counted, count > 0, low.is_(None)).label(f"invalid_{i}"),
+            ]
+        keyed = (
+            sa.select(self._key(valid_rows.c.score).label("key"), valid_rows.c.score, *windowed)
             .select_from(valid_rows.outerjoin(agg, valid_rows.c.id == agg.c.id))
             .subquery("keyed")
         )
@@ -344,27 +470,30 @@ class PredictionQueries:
             (keyed.c.score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
             else_=keyed.c.score,
         )
-        log_loss_term = sa.case(
-            (keyed.c.y == 1, -sa.func.ln(p)),
-            (keyed.c.y == 0, -sa.func.ln(_double(1.0) - p)),
-            else_=None,
-        )
-        labeled = keyed.c.y.is_not(None)
-        labeled_score = sa.case((labeled, keyed.c.score), else_=None)
-        return sa.select(
-            keyed.c.key,
-            sa.func.count().label("predictions"),
-            _count_if(keyed.c.has_label).label("with_label"),
-            _count_if(keyed.c.y == 1).label("positives"),
-            _count_if(keyed.c.y == 0).label("negatives"),
-            sa.func.min(labeled_score).label("low"),
-            sa.func.max(labeled_score).label("high"),
-            sa.func.sum(labeled_score).label("labeled_score_sum"),
-            sa.func.sum(log_loss_term).label("log_loss_sum"),
-            _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label("extreme"),
-            _count_if(keyed.c.conflicting).label("conflicting"),
-            _count_if(keyed.c.invalid).label("invalid"),
-        ).group_by(keyed.c.key)
+        columns = []
+        for i in range(len(windows.starts)):
+            label = keyed.c[f"y_{i}"]
+            log_loss_term = sa.case(
+                (label == 1, -sa.func.ln(p)),
+                (label == 0, -sa.func.ln(_double(1.0) - p)),
+                else_=None,
+            )
+            labeled = label.is_not(None)
+            labeled_score = sa.case((labeled, keyed.c.score), else_=None)
+            columns += [
+                _count_if(keyed.c[f"in_{i}"] == 1).label(f"predictions_{i}"),
+                _count_if(keyed.c[f"has_label_{i}"]).label(f"with_label_{i}"),
+                _count_if(label == 1).label(f"positives_{i}"),
+                _count_if(label == 0).label(f"negatives_{i}"),
+                sa.func.min(labeled_score).label(f"low_{i}"),
+                sa.func.max(labeled_score).label(f"high_{i}"),
+                sa.func.sum(labeled_score).label(f"labeled_score_sum_{i}"),
+                sa.func.sum(log_loss_term).label(f"log_loss_sum_{i}"),
+                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
+                _count_if(keyed.c[f"conflicting_{i}"]).label(f"conflicting_{i}"),
+                _count_if(keyed.c[f"invalid_{i}"]).label(f"invalid_{i}"),
+            ]
+        return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
 
     def replays_by_lookup(self, replays: ReplayQueries) -> bool:
         """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
@@ -379,12 +508,13 @@ class PredictionQueries:
         """
         return self.dialect == "postgresql" and replays.indexed and _same_type(self.id, replays.id, self.dialect)
 
-    def replays(self, replays: ReplayQueries, start: datetime, end: datetime) -> sa.Select:
-        """One row: (replayed predictions, reproduced ones, max |online - offline|) over the
-        window's valid predictions that have a replay row. Reproduced means
-        ``|a - b| <= atol + rtol * max(|a|, |b|)``; a replay that is not a valid probability
-        (NULL, NaN, infinite, outside [0, 1], text or a blob in SQLite) never is and is left out of the max."""
-        rows = self.valid_rows(start, end)
+    def replays(self, replays: ReplayQueries, windows: Windows, duplicates: DuplicateIds) -> sa.Select:
+        """One row, per window ``i``: ``replayed_i`` (its valid predictions that have a replay
+        row), ``reproduced_i`` and ``abs_error_max_i`` (max |online - offline|), in one pass
+        over the largest window. Reproduced means ``|a - b| <= atol + rtol * max(|a|, |b|)``;
+        a replay that is not a valid probability (NULL, NaN, infinite, outside [0, 1], text
+        or a blob in SQLite) never is and is left out of the max."""
+        rows = self.valid_rows(windows, duplicates)
         online = rows.c.score
         offline: sa.ColumnElement[float]
         if self.replays_by_lookup(replays):
@@ -402,11 +532,15 @@ class PredictionQueries:
         diff = sa.func.abs(online - offline)
         larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
         within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
-        return sa.select(
-            sa.func.count(),
-            _count_if(sa.and_(valid, within)),
-            sa.func.max(sa.case((valid, diff), else_=None)),
-        ).select_from(source)
+        columns = []
+        for i in range(len(windows.starts)):
+            counted = rows.c[f"in_{i}"] == 1
+            columns += [
+                _count_if(counted).label(f"replayed_{i}"),
+                _count_if(sa.and_(counted, valid, within)).label(f"reproduced_{i}"),
+                sa.func.max(sa.case((sa.and_(counted, valid), diff), else_=None)).label(f"abs_error_max_{i}"),
+            ]
+        return sa.select(*columns).select_from(source)
 
 
 class LabelQueries:
@@ -428,27 +562,31 @@ class LabelQueries:
         else:
             self.valid_value = sa.case((sa.or_(label == 0, label == 1), label), else_=None)
 
-    def per_id(self, since: datetime, as_of: datetime) -> sa.Subquery:
-        """(id, low, high) per labeled id: the smallest and largest valid label (NULL when
-        every label row of that id is invalid).
+    def per_id(self, starts: tuple[datetime, ...], as_of: datetime) -> sa.Subquery:
+        """(id, then per range ``j``: ``n_j`` label rows, ``low_j`` and ``high_j`` the smallest
+        and largest valid label, NULL when every label row of that id is invalid) per
+        labeled id.
 
-        With a label timestamp, only labels recorded in ``[since, as_of)`` count: a label
-        is recorded after its prediction, so ``since`` (the window start) bounds the scan
-        to recent labels. Without one, every label row is read.
+        With a label timestamp, range ``j`` holds the labels recorded in
+        ``[starts[j], as_of)``: a label is recorded after its prediction, so the window
+        start bounds the scan to recent labels. Without one, every label row is read, and
+        there is one range, ``j = 0``, whatever ``starts``.
         """
-        conditions = []
-        if self.time is not None:
-            conditions.append(self.time.between(since, as_of))
-        return (
-            sa.select(
-                self.id.label("id"),
-                sa.func.min(self.valid_value).label("low"),
-                sa.func.max(self.valid_value).label("high"),
-            )
-            .where(*conditions)
-            .group_by(self.id)
-            .subquery("labels_per_id")
-        )
+        if self.time is None:
+            ranges: list[sa.ColumnElement[bool]] = [sa.true()]
+            conditions = []
+        else:
+            ranges = [self.time.at_or_after(start) for start in starts]
+            conditions = [self.time.between(min(starts), as_of)]
+        columns = []
+        for j, in_range in enumerate(ranges):
+            value = sa.case((in_range, self.valid_value), else_=None) if self.time is not None else self.valid_value
+            columns += [
+                (_count_if(in_range) if self.time is not None else sa.func.count()).label(f"n_{j}"),
+                sa.func.min(value).label(f"low_{j}"),
+                sa.func.max(value).label(f"high_{j}"),
+            ]
+        return sa.select(self.id.label("id"), *columns).where(*conditions).group_by(self.id).subquery("labels_per_id")
 
 
 class ReplayQueries:

@@ -56,19 +56,24 @@ def worst_case_queries(model: ModelConfig) -> int:
     """The most statements one refresh of ``model`` runs, each bounded by ``query_timeout``
     (reflection, on the first refresh and after a failure, not counted).
 
-    Predictions: the newest timestamp, per window its histogram and (when a bucket holds
-    several scores) its mode count, and the new rows of the counter; labels: per window
-    the online accuracy, and the serving version when the predictions have a version
-    column; replays: one per window; features: the serving version (with a version
-    column), its training run, and one statement for every window and feature.
+    Each source reads all its windows in one pass per query. The duplicate ids are searched
+    once per set of windows and refresh (unless the predictions' ids are unique by schema
+    or config, which the config alone cannot tell): by the predictions, whose result the
+    replays reuse, and by the labels when ``label_delay`` shifts their windows
+    (``PredictionsSource.duplicate_ids``). Predictions: the newest timestamp, the search,
+    the histogram, the mode counts (when a bucket holds several scores) and the new rows
+    of the counter; labels: the online accuracy, the search when ``label_delay`` is not 0,
+    and the serving version when the predictions have a version column; replays: the
+    replays (a search too if the predictions failed before theirs, a refresh with fewer
+    statements); features: the serving version (with a version column), its training
+    run, and one statement for every window and feature.
     """
-    windows = len(model.windows)
-    count = 2 + 2 * windows
     version = model.predictions.columns.version is not None
+    count = 5
     if model.labels is not None:
-        count += windows + version
+        count += 1 + (model.label_delay > timedelta(0)) + version
     if model.replays is not None:
-        count += windows
+        count += 1
     if model.features is not None:
         count += 2 + version
     return count

@@ -32,7 +32,14 @@ from exporter.monitoring_math import (
     roc_auc_from_counts,
     round_half_up_index,
 )
-from exporter.predictions.queries import INVALID_REASONS, LabelQueries, PredictionQueries, ReplayQueries
+from exporter.predictions.queries import (
+    INVALID_REASONS,
+    DuplicateIds,
+    LabelQueries,
+    PredictionQueries,
+    ReplayQueries,
+    Windows,
+)
 from exporter.predictions.stores import (
     NUMBER_TYPES,
     Stores,
@@ -56,6 +63,12 @@ V = TypeVar("V")
 
 def _int(value: Any) -> int:
     return int(value or 0)
+
+
+def _window_columns(row: sa.Row[Any], i: int) -> dict[str, Any]:
+    """The columns of window ``i`` of a per-window result row, without their ``_i`` suffix."""
+    suffix = f"_{i}"
+    return {name[: -len(suffix)]: value for name, value in row._mapping.items() if name.endswith(suffix)}
 
 
 def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | None]:
@@ -167,6 +180,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
+        self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -196,16 +210,59 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
         return check
 
-    def _score_stats(self, conn: Connection, window: str, start: datetime, end: datetime) -> ScoreStats:
-        """Prediction statistics of ``[start, end)`` from its bucket histogram (docs/metrics.md)."""
+    def windows(self, end: datetime) -> Windows:
+        """The model's windows ending at ``end``."""
+        return Windows.ending(end, [parse_duration(window) for window in self.model.windows])
+
+    def duplicate_ids(self, conn: Connection, windows: Windows) -> DuplicateIds:
+        """The duplicate ids of ``windows``: one search (``PredictionQueries.duplicate_search``),
+        none when ids are unique by schema or config.
+
+        The result is kept until the next refresh starts (``run``): the replays, and the
+        labels when ``label_delay`` is 0, read the same windows and reuse it rather than
+        search again, so every source of a refresh sees the ids as the predictions saw them.
+        """
         q = self.queries()
-        invalid = dict.fromkeys(INVALID_REASONS, 0)
-        buckets = []
-        for row in conn.execute(q.histogram(start, end)):
-            if row.key >= 0:
-                buckets.append(row)
-            else:  # an excluded row's key is minus its reason code
-                invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(row.n)
+        if q.unique_ids:
+            return DuplicateIds.none(len(windows.starts))
+        if self._duplicates is not None and self._duplicates[0] == windows:
+            return self._duplicates[1]
+        found = DuplicateIds.from_search(conn.execute(q.duplicate_search(windows)).all(), len(windows.starts))
+        self._duplicates = (windows, found)
+        return found
+
+    def _score_stats(self, conn: Connection, windows: Windows) -> tuple[ScoreStats, ...]:
+        """Prediction statistics of each window from its bucket histogram (docs/metrics.md),
+        all windows in one pass, and their mode counts in a second one when a window's
+        buckets hold several distinct scores."""
+        q = self.queries()
+        duplicates = self.duplicate_ids(conn, windows)
+        rows = conn.execute(q.histogram(windows, duplicates)).all()
+        per_window: list[tuple[dict[str, int], list[Any]]] = []
+        for i in range(len(windows.starts)):
+            invalid = dict.fromkeys(INVALID_REASONS, 0)
+            buckets = []
+            for row in rows:
+                m = row._mapping
+                invalid["duplicate_id"] += _int(m[f"dup_{i}"])
+                if row.key < 0:  # an excluded row's key is minus its reason code
+                    invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(m[f"n_{i}"])
+                elif _int(m[f"n_{i}"]) > 0:
+                    buckets.append((row.key, *(m[f"{c}_{i}"] for c in ("n", "low", "high", "s1", "s2"))))
+            per_window.append((invalid, sorted(buckets, key=lambda b: b[0])))
+        modes: list[int | None] = [None] * len(windows.starts)
+        if any(buckets and any(b[2] != b[3] for b in buckets) for _, buckets in per_window):
+            modes = [
+                _int(m) for m in conn.execute(q.mode_counts(windows, duplicates, self.model.mode_share_decimals)).one()
+            ]
+        return tuple(
+            self._window_stats(window, invalid, buckets, mode)
+            for window, (invalid, buckets), mode in zip(self.model.windows, per_window, modes, strict=True)
+        )
+
+    def _window_stats(self, window: str, invalid: dict[str, int], buckets: list[Any], mode: int | None) -> ScoreStats:
+        """One window's statistics from its buckets (key, n, low, high, s1, s2), sorted by key;
+        ``mode``: its mode count from SQL, needed when a bucket holds several scores."""
         if not buckets:
             return ScoreStats(
                 window=window,
@@ -217,41 +274,38 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 mode_share=None,
                 bucketed=False,
             )
-        buckets.sort(key=lambda b: b.key)
-        counts = np.array([_int(b.n) for b in buckets])
-        lows = np.array([float(b.low) for b in buckets])
-        highs = np.array([float(b.high) for b in buckets])
-        edges = np.array([float(b.key) for b in buckets]) / 10.0**self.model.bucket_decimals  # as in SQL: key / 10**k
-        sums = np.array([float(b.s1) for b in buckets])
+        counts = np.array([_int(b[1]) for b in buckets])
+        lows = np.array([float(b[2]) for b in buckets])
+        highs = np.array([float(b[3]) for b in buckets])
+        edges = np.array([float(b[0]) for b in buckets]) / 10.0**self.model.bucket_decimals  # as in SQL: key / 10**k
+        sums = np.array([float(b[4]) for b in buckets])
         n = int(counts.sum())
         pure = bool(np.all(lows == highs))  # every bucket one distinct score: all exact
         if pure:
-            # Round half up as the SQL of mode_count does, and merge the buckets' counts.
+            # Round half up as the SQL of mode_counts does, and merge the buckets' counts.
             rounded = round_half_up_index(lows, self.model.mode_share_decimals)
             _, inverse = np.unique(rounded, return_inverse=True)
             mode = int(np.bincount(inverse, weights=counts).max())
-        else:
-            mode = _int(conn.execute(q.mode_count(start, end, self.model.mode_share_decimals)).scalar())
+        assert mode is not None, "mode_counts is read when a bucket holds several scores"
         return ScoreStats(
             window=window,
             predictions=n,
             invalid=invalid,
             mean=float(np.sum(counts * edges + sums) / n),
-            stddev=math.sqrt(pooled_variance(counts, edges, sums, np.array([float(b.s2) for b in buckets]))),
+            stddev=math.sqrt(pooled_variance(counts, edges, sums, np.array([float(b[5]) for b in buckets]))),
             percentiles=percentiles_from_buckets(lows, highs, counts),
             mode_share=mode / n,
             bucketed=not pure,
         )
 
     def run(self, as_of: datetime) -> PredictionValues:
+        self._duplicates = None  # a new refresh: rows may have been written since the last search
         q = self.queries()
         with self._connection() as conn:
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
             newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
-            stats = tuple(
-                self._score_stats(conn, window, as_of - parse_duration(window), as_of) for window in self.model.windows
-            )
+            stats = self._score_stats(conn, self.windows(as_of))
             # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
             stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
@@ -305,28 +359,39 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
         return LabelQueries(source, table, time_col)
 
-    def _online(self, conn: Connection, window: str, as_of: datetime) -> OnlineAccuracy:
-        """Online accuracy of the label-delayed window ending ``label_delay`` before ``as_of``."""
+    def _online(self, conn: Connection, as_of: datetime) -> list[OnlineAccuracy]:
+        """Online accuracy of each label-delayed window, ending ``label_delay`` before
+        ``as_of``, all in one pass."""
         q, labels = self.predictions.queries(), self.queries()
-        end = as_of - self.model.label_delay
-        start = end - parse_duration(window)
-        rows = sorted(conn.execute(q.online(labels, start, end, as_of)).all(), key=lambda row: row.key)
+        windows = self.predictions.windows(as_of - self.model.label_delay)
+        duplicates = self.predictions.duplicate_ids(conn, windows)
+        rows = sorted(conn.execute(q.online(labels, windows, duplicates, as_of)).all(), key=lambda row: row.key)
+        return [
+            self._accuracy(window, [_window_columns(row, i) for row in rows])
+            for i, window in enumerate(self.model.windows)
+        ]
+
+    @staticmethod
+    def _accuracy(window: str, rows: list[dict[str, Any]]) -> OnlineAccuracy:
+        """One window's accuracy from its per-bucket aggregates (``PredictionQueries.online``
+        without the window suffix), sorted by key."""
+        rows = [row for row in rows if _int(row["predictions"]) > 0]
 
         def total(column: str) -> int:
-            return sum(_int(row._mapping[column]) for row in rows)
+            return sum(_int(row[column]) for row in rows)
 
         def float_total(column: str) -> float:
-            return math.fsum(float(row._mapping[column] or 0.0) for row in rows)
+            return math.fsum(float(row[column] or 0.0) for row in rows)
 
-        positives = np.array([_int(row.positives) for row in rows])
-        negatives = np.array([_int(row.negatives) for row in rows])
+        positives = np.array([_int(row["positives"]) for row in rows])
+        negatives = np.array([_int(row["negatives"]) for row in rows])
         n_pred, n_pos = total("predictions"), int(positives.sum())
         n_labeled = n_pos + int(negatives.sum())
         mean_score = ratio(float_total("labeled_score_sum"), n_labeled)
         positive_ratio = ratio(n_pos, n_labeled)
         auc = roc_auc_from_counts(positives, negatives)
         # A bucket whose labeled scores are all equal holds true ties only.
-        pure = np.array([row.low is None or row.low == row.high for row in rows], dtype=bool)
+        pure = np.array([row["low"] is None or row["low"] == row["high"] for row in rows], dtype=bool)
         bound = roc_auc_bucket_error_bound(positives, negatives, pure)
         return OnlineAccuracy(
             window=window,
@@ -347,7 +412,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         q = self.predictions.queries()
         self.queries()
         with self._connection() as conn:
-            online = [self._online(conn, window, as_of) for window in self.model.windows]
+            online = self._online(conn, as_of)
             if q.version is None:
                 return tuple(online)
             raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
@@ -380,21 +445,22 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
 
     def run(self, as_of: datetime) -> tuple[Reproducibility, ...]:
         q, replays = self.predictions.queries(), self.queries()
-        out = []
         with self._connection() as conn:
             if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
                 conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
-            for window in self.model.windows:
-                n, reproduced, abs_error_max = conn.execute(
-                    q.replays(replays, as_of - parse_duration(window), as_of)
-                ).one()
-                n = _int(n)
-                out.append(
-                    Reproducibility(
-                        window=window,
-                        replayed=n,
-                        ratio=ratio(_int(reproduced), n),
-                        abs_error_max=None if abs_error_max is None else float(abs_error_max),
-                    )
+            windows = self.predictions.windows(as_of)
+            duplicates = self.predictions.duplicate_ids(conn, windows)
+            row = conn.execute(q.replays(replays, windows, duplicates)).one()
+        out = []
+        for i, window in enumerate(self.model.windows):
+            values = _window_columns(row, i)
+            n, abs_error_max = _int(values["replayed"]), values["abs_error_max"]
+            out.append(
+                Reproducibility(
+                    window=window,
+                    replayed=n,
+                    ratio=ratio(_int(values["reproduced"]), n),
+                    abs_error_max=None if abs_error_max is None else float(abs_error_max),
                 )
+            )
         return tuple(out)

@@ -220,6 +220,12 @@ class TimeColumn:
             conditions.append(self.expr < self.bind(INSTANT_RANGE[1] if end is None else end))
         return sa.and_(*conditions)
 
+    def at_or_after(self, start: datetime) -> sa.ColumnElement:
+        """A predicate true for rows stamped at or after ``start``, for use among rows
+        already in a ``between`` range (it tells the windows of a range apart; alone it
+        would count unreadable timestamps on some dialects)."""
+        return self.expr >= self.bind(start)
+
     def unreadable(self) -> sa.ColumnElement:
         """A predicate true (never NULL) for rows whose timestamp is no instant: NULL,
         unreadable text on SQLite, and any value outside ``INSTANT_RANGE`` (``±infinity`` of

@@ -23,6 +23,7 @@ from exporter.monitoring_math import (
     roc_auc_from_counts,
     round_half_up_index,
 )
+from exporter.predictions.queries import DuplicateIds, Windows
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from tests.conftest import refresh_once
@@ -69,19 +70,21 @@ def test_every_value_with_at_most_k_decimals_is_the_lower_edge_of_its_own_bucket
         try:
             q = ModelRefresher(model, "models[0]", settings.refresh_policy, stores).predictions.queries()
             with stores.engine("s").connect() as conn:
-                rows = sorted(conn.execute(q.histogram(AS_OF - timedelta(hours=1), AS_OF)).all(), key=lambda r: r.key)
+                window = Windows.ending(AS_OF, [timedelta(hours=1)])
+                histogram = q.histogram(window, DuplicateIds.none(1))
+                rows = sorted(conn.execute(histogram).all(), key=lambda r: r.key)
         finally:
             stores.dispose()
         step = 10 ** (5 - k)  # values per bucket
         assert [int(r.key) for r in rows] == list(range(10**k + 1)), k
         for r in rows:
             m = int(r.key)
-            assert float(r.low) == values[m * step], (k, m)  # the k-decimal value itself is the edge
-            assert float(r.high) == values[min((m + 1) * step - 1, N5)], (k, m)
-            assert int(r.n) == (step if m < 10**k else 1), (k, m)
-            assert float(r.s1) >= 0.0  # no value below its bucket's edge
+            assert float(r.low_0) == values[m * step], (k, m)  # the k-decimal value itself is the edge
+            assert float(r.high_0) == values[min((m + 1) * step - 1, N5)], (k, m)
+            assert int(r.n_0) == (step if m < 10**k else 1), (k, m)
+            assert float(r.s1_0) >= 0.0  # no value below its bucket's edge
             if k == 5:
-                assert float(r.s1) == 0.0 and float(r.s2) == 0.0  # deviation from the edge exactly 0
+                assert float(r.s1_0) == 0.0 and float(r.s2_0) == 0.0  # deviation from the edge exactly 0
 
 
 def test_neighbours_of_the_edges_fall_on_the_right_side(store):
@@ -102,7 +105,7 @@ def test_neighbours_of_the_edges_fall_on_the_right_side(store):
     stores = Stores(settings.stores, settings.query_timeout)
     try:
         q = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).predictions.queries()
-        keyed = sa.select(q.rows(AS_OF - timedelta(hours=1), AS_OF)).subquery()
+        keyed = sa.select(q.rows(Windows.ending(AS_OF, [timedelta(hours=1)]), DuplicateIds.none(1))).subquery()
         stmt = sa.select(keyed.c.id, q._key(keyed.c.score))
         with stores.engine("s").connect() as conn:
             got = dict(conn.execute(stmt).all())

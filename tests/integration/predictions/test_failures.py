@@ -392,14 +392,15 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     snap = refresher.refresh(AS_OF)
     assert all(s.up for s in snap.sources.values()) and all(s.bucketed for s in snap.score_stats)
     queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    # 2 + 2 x 3 (predictions) + 3 + 1 (labels, serving version) + 3 (replays)
-    assert len(queries) == worst_case_queries(settings.models[0]) == 15
+    # 5 (predictions) + 1 + 1 (labels, serving version) + 1 (replays), whatever the windows:
+    # labels and replays reuse the predictions' duplicate-id search (no label delay)
+    assert len(queries) == worst_case_queries(settings.models[0]) == 8
     stores.dispose()
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
     """The issue's numbers: refresh_interval 2s, query_timeout 3s (the old default deadline
-    5 s), three sources over two windows: 10 queries and 3 connections, up to 39 s."""
+    5 s), three sources over two windows: 7 queries and 3 connections, up to 30 s."""
     from typer.testing import CliRunner
 
     from exporter.cli import app
@@ -410,7 +411,7 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings.stores, settings.query_timeout)
     assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
-        seconds=(2 + 4 + 2 + 2 + 3) * 3
+        seconds=(5 + 1 + 1 + 3) * 3
     )
     quick = settings.model_copy(
         update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
@@ -435,7 +436,8 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert (
-        "warning: refresh_timeout: 5 s is shorter than the 39 s a refresh of models[0] ('ctr') may take"
+        # the default label_delay (1h): the labels search their own duplicate ids, 8 queries
+        "warning: refresh_timeout: 5 s is shorter than the 33 s a refresh of models[0] ('ctr') may take"
         in result.stderr
     )
     config.write_text(common)

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from exporter.config import parse_settings
-from exporter.predictions.queries import LabelQueries, PredictionQueries, ReplayQueries
+from exporter.predictions.queries import DuplicateIds, LabelQueries, PredictionQueries, ReplayQueries, Windows
 from exporter.predictions.stores import time_column
 from tests.integration.predictions.test_refresh_metrics import AS_OF, load, make_data, refresh
 
@@ -100,14 +100,18 @@ def _statements(
     labels = LabelQueries(model.labels, label_table, time_column(label_table, "ts", model.labels, dialect_name))
     replays = ReplayQueries(model.replays, r)
     start, end = AS_OF - timedelta(hours=1), AS_OF
+    windows = Windows.ending(end, [timedelta(hours=1), timedelta(hours=24)])
+    duplicates = DuplicateIds(((1,), (1, 2)))  # listed; DuplicateIds(None): searched in the query
     return time.kind, {
-        "histogram": q.histogram(start, end),
-        "mode_count": q.mode_count(start, end, 6),
+        "duplicate_search": q.duplicate_search(windows),
+        "histogram": q.histogram(windows, duplicates),
+        "mode_counts": q.mode_counts(windows, duplicates, 6),
         "last_timestamp": q.last_timestamp(end, end + timedelta(minutes=1)),
         "serving_version": q.serving_version(end),
         "new_predictions": q.new_predictions(start, end, [0.01, 0.1, 1.0]),
-        "online": q.online(labels, start, end, end),
-        "replays": q.replays(replays, start, end),
+        "online": q.online(labels, windows, duplicates, end),
+        "replays": q.replays(replays, windows, duplicates),
+        "histogram_searching_duplicates": q.histogram(windows, DuplicateIds(None)),
     }
 
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.config import parse_settings
 from exporter.db import timed_connection
-from exporter.predictions.queries import PredictionQueries, ReplayQueries
+from exporter.predictions.queries import DuplicateIds, PredictionQueries, ReplayQueries, Windows
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores, TimeColumn
 
@@ -182,11 +182,14 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
 
         q, label_q, replay_q = (refresher.sources[name].queries() for name in ("predictions", "labels", "replays"))
         start, end = AS_OF - timedelta(days=30), AS_OF
+        windows = Windows.ending(end, [timedelta(days=1), timedelta(days=30)])
+        duplicates = DuplicateIds(None)  # the costliest: each query searches them itself
         statements = {
-            "histogram": q.histogram(start, end),
-            "mode_count": q.mode_count(start, end, 6),
-            "online": q.online(label_q, start, end, end),
-            "replays": q.replays(replay_q, start, end),
+            "duplicate_search": q.duplicate_search(windows),
+            "histogram": q.histogram(windows, duplicates),
+            "mode_counts": q.mode_counts(windows, duplicates, 6),
+            "online": q.online(label_q, windows, duplicates, end),
+            "replays": q.replays(replay_q, windows, duplicates),
             "last_timestamp": q.last_timestamp(end, end),
             "new_predictions": q.new_predictions(start, end, [0.5]),
             "serving_version": q.serving_version(end),
@@ -249,7 +252,9 @@ def test_replays_are_looked_up_by_index_only_when_both_ids_have_one_type(
     replay_q = ReplayQueries(model.replays, replays)
     assert replay_q.indexed
     assert q.replays_by_lookup(replay_q) is lookup
-    assert (" LATERAL " in str(q.replays(replay_q, AS_OF - timedelta(hours=1), AS_OF))) is lookup
+    assert (
+        " LATERAL " in str(q.replays(replay_q, Windows.ending(AS_OF, [timedelta(hours=1)]), DuplicateIds.none(1)))
+    ) is lookup
 
 
 @pytest.mark.postgres

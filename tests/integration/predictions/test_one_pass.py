@@ -1,0 +1,253 @@
+"""Every window of a source in one pass (issue 12): for random rows (invalid scores,
+duplicate ids inside some windows and not others, late, conflicting and invalid labels,
+replays off by more or less than the tolerance) and several window sets, each window's
+numbers equal those computed by pandas, numpy and scikit-learn on the same rows, on
+SQLite, PostgreSQL and DuckDB; with the duplicate ids listed once per source and with
+too many to list (each query then searches them itself)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+from sklearn.metrics import log_loss, roc_auc_score
+
+from exporter.durations import parse_duration
+from exporter.monitoring_math import PERCENTILES
+from exporter.predictions import queries
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.stores import Stores
+from tests.conftest import model_settings
+
+AS_OF = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+N = 600
+
+
+def _naive(instant: datetime) -> datetime:
+    return instant.astimezone(UTC).replace(tzinfo=None)
+
+
+def _rows(dialect: str, continuous: bool, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(predictions, labels, replays) as frames with naive UTC timestamps."""
+    rng = np.random.default_rng(seed)
+    ts = [_naive(AS_OF) - timedelta(seconds=float(s)) for s in np.sort(rng.uniform(-600, 30 * 3600, N))]
+    scores = rng.random(N) if continuous else np.round(rng.random(N), 2)
+    scores = scores.astype(object)
+    bad = rng.choice(N, 40, replace=False)
+    scores[bad[:10]] = None
+    scores[bad[10:20]] = 1.5
+    scores[bad[20:30]] = -0.25
+    if dialect != "sqlite":  # SQLite stores no NaN
+        scores[bad[30:40]] = float("nan")
+    ids = np.arange(N)
+    # Duplicates: a tenth of the rows reuse the id of the row before them in time (minutes
+    # away) or of any row before them (hours away): duplicates in some windows only.
+    reused = rng.choice(np.arange(1, N), N // 10, replace=False)
+    ids[reused] = np.where(rng.random(len(reused)) < 0.5, reused - 1, rng.integers(0, reused))
+    predictions = pd.DataFrame({"id": ids, "ts": ts, "p": scores})
+    labeled = rng.choice(np.unique(ids), N // 2, replace=False)
+    label_rows = []
+    for i in labeled:
+        made = predictions.loc[predictions.id == i, "ts"].min()
+        for _ in range(rng.choice([1, 1, 1, 2])):  # some ids labeled twice: agreeing or conflicting
+            y = int(rng.choice([0, 1, 1, 2])) if rng.random() < 0.05 else int(rng.random() < 0.3 + 0.5 * rng.random())
+            label_rows.append({"id": int(i), "y": y, "ts": made + timedelta(seconds=float(rng.uniform(0, 4 * 3600)))})
+    labels = pd.DataFrame(label_rows)
+    replayed = rng.choice(np.unique(ids), N // 3, replace=False)
+    online = predictions.groupby("id")["p"].first()
+    offsets = rng.choice([0.0, 1e-9, 1e-3], len(replayed))
+    replays = pd.DataFrame(
+        {
+            "id": replayed,
+            "p": [
+                (float(online[i]) + o if isinstance(online[i], float) and 0 <= online[i] <= 1 else 0.5)
+                for i, o in zip(replayed, offsets, strict=True)
+            ],
+        }
+    )
+    replays.loc[replays.index[:5], "p"] = 3.0  # not a probability: never reproduced
+    return predictions, labels, replays
+
+
+def _write(url: str, schema: str | None, frames) -> None:
+    predictions, labels, replays = frames
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    p = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.BigInteger),
+        sa.Column("ts", sa.DateTime),
+        sa.Column("p", sa.Double),
+    )
+    labels_table = sa.Table(
+        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", sa.DateTime)
+    )
+    r = sa.Table("replays", metadata, sa.Column("id", sa.BigInteger), sa.Column("p", sa.Double))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(p.insert(), [{"id": int(a), "ts": b, "p": c} for a, b, c in predictions.itertuples(index=False)])
+        conn.execute(labels_table.insert(), labels.to_dict("records"))
+        conn.execute(r.insert(), [{"id": int(a), "p": float(b)} for a, b in replays.itertuples(index=False)])
+    engine.dispose()
+
+
+def _reasons(frame: pd.DataFrame) -> pd.Series:
+    """Each row's reason in its window, by ``INVALID_REASONS``' precedence."""
+    p = pd.to_numeric(frame["p"], errors="coerce")
+    duplicated = frame["id"].map(frame["id"].value_counts()) > 1
+    reason = pd.Series("ok", index=frame.index)
+    reason[duplicated] = "duplicate_id"
+    reason[(p < 0) | (p > 1)] = "out_of_range"
+    reason[frame["p"].map(lambda v: isinstance(v, float) and np.isnan(v))] = "nan_score"
+    reason[frame["p"].isna() & ~frame["p"].map(lambda v: isinstance(v, float))] = "null_score"
+    return reason
+
+
+def _expected_stats(predictions: pd.DataFrame, window: timedelta, continuous: bool) -> dict:
+    end = _naive(AS_OF)
+    rows = predictions[(predictions.ts >= end - window) & (predictions.ts < end)]
+    reason = _reasons(rows)
+    valid = rows.loc[reason == "ok", "p"].astype(float).to_numpy()
+    counts = reason[reason != "ok"].value_counts().to_dict()
+    out = {"predictions": len(valid), "invalid": {r: counts.get(r, 0) for r in queries.INVALID_REASONS[:-1]}}
+    if len(valid):
+        _, mode = np.unique(np.floor(valid * 1e6 + 0.5), return_counts=True)
+        out |= {
+            "mean": valid.mean(),
+            "stddev": valid.std(),
+            "mode_share": mode.max() / len(valid),
+            "percentiles": {q: np.percentile(valid, q) for q in PERCENTILES},
+        }
+    return out
+
+
+def _expected_online(predictions, labels, window: timedelta, label_delay: timedelta, missing: str) -> dict:
+    end = _naive(AS_OF) - label_delay
+    rows = predictions[(predictions.ts >= end - window) & (predictions.ts < end)]
+    rows = rows[_reasons(rows) == "ok"]
+    recorded = labels[(labels.ts >= end - window) & (labels.ts < _naive(AS_OF))]
+    usable = recorded[recorded.y.isin([0, 1])].groupby("id")["y"].agg(["min", "max"])
+    has_rows = rows.id.isin(recorded.id)
+    low, high = rows.id.map(usable["min"]), rows.id.map(usable["max"])
+    has_label = low.notna() & (low == high)
+    y = low.where(has_label)
+    if missing == "negative":
+        y = y.where(has_rows, 0)
+    labeled = y.notna()
+    p, y = rows.loc[labeled, "p"].astype(float).to_numpy(), y[labeled].astype(int).to_numpy()
+    return {
+        "predictions": len(rows),
+        "labeled": len(y),
+        "positives": int(y.sum()),
+        "label_coverage": has_label.sum() / len(rows) if len(rows) else None,
+        "conflicting": int((low.notna() & (low != high)).sum()),
+        "invalid_value": int((has_rows & low.isna()).sum()),
+        "logloss": log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]) if len(y) else None,
+        "roc_auc": roc_auc_score(y, p) if 0 < y.sum() < len(y) else None,
+    }
+
+
+def _expected_replays(predictions, replays, window: timedelta) -> dict:
+    end = _naive(AS_OF)
+    rows = predictions[(predictions.ts >= end - window) & (predictions.ts < end)]
+    rows = rows[_reasons(rows) == "ok"].merge(replays, on="id", suffixes=("", "_replay"))
+    a, b = rows["p"].astype(float).to_numpy(), rows["p_replay"].to_numpy()
+    valid = (b >= 0) & (b <= 1)
+    diff = np.abs(a - b)
+    reproduced = valid & (diff <= 1e-6 + 1e-6 * np.maximum(np.abs(a), np.abs(b)))
+    return {
+        "replayed": len(rows),
+        "reproduced": int(reproduced.sum()),
+        "max": diff[valid].max() if valid.any() else None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("windows", "label_delay", "missing", "continuous"),
+    [
+        (["1h", "24h"], "0s", "negative", False),
+        (["30m", "6h", "2h", "1d"], "1h", "ignore", True),
+        (["3h"], "2h", "negative", True),
+    ],
+    ids=["1h-24h-discrete", "four-windows-continuous", "one-window"],
+)
+@pytest.mark.parametrize("listed", [True, False], ids=["listed-duplicates", "searched-duplicates"])
+def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
+    store, windows, label_delay, missing, continuous, listed, monkeypatch
+):
+    url, schema, dialect = store
+    frames = _rows(dialect, continuous, seed=len(windows))
+    _write(url, schema, frames)
+    predictions, labels, replays = frames
+    if not listed:  # more duplicate ids than the source lists: each query searches them itself
+        monkeypatch.setattr(queries, "MAX_LISTED_DUPLICATES", 3)
+    settings = model_settings(
+        url,
+        schema,
+        labels={"missing": missing, "columns": {"timestamp": "ts"}},
+        replays=True,
+        # Continuous scores in 10^-2 buckets hold several each: the mode is counted by its own query.
+        model={"windows": windows, "label_delay": label_delay, "bucket_decimals": 2 if continuous else 5},
+    )
+    stores = Stores(settings.stores, settings.query_timeout)
+    try:
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        snap = refresher.refresh(AS_OF)
+    finally:
+        stores.dispose()
+    assert all(s.up for s in snap.sources.values()), snap.errors
+    delay = parse_duration(label_delay, allow_zero=True)
+    assert any(s.bucketed for s in snap.score_stats) is continuous
+    duplicates = [s.invalid["duplicate_id"] for s in snap.score_stats]
+    assert max(duplicates) > 0 and (len(windows) == 1 or len(set(duplicates)) > 1)  # differ between windows
+    for stats, online, replay, window in zip(snap.score_stats, snap.online, snap.replays, windows, strict=True):
+        span = parse_duration(window)
+        want = _expected_stats(predictions, span, continuous)
+        assert stats.window == online.window == replay.window == window
+        assert stats.predictions == want["predictions"], window
+        assert {r: stats.invalid[r] for r in want["invalid"]} == want["invalid"], window
+        assert stats.mean == pytest.approx(want["mean"], rel=1e-12)
+        assert stats.stddev == pytest.approx(want["stddev"], rel=1e-9)
+        assert stats.mode_share == want["mode_share"]
+        assert stats.bucketed is (continuous and stats.bucketed)
+        for q, value in stats.percentiles.items():  # exact on pure buckets, within a bucket otherwise
+            assert value == pytest.approx(want["percentiles"][q], abs=1e-2 if continuous else 1e-12)
+
+        want = _expected_online(predictions, labels, span, delay, missing)
+        assert online.predictions == want["predictions"], window
+        assert online.labeled == want["labeled"] and online.positives == want["positives"], window
+        assert online.invalid_labels == {"conflicting": want["conflicting"], "invalid_value": want["invalid_value"]}
+        assert online.label_coverage == pytest.approx(want["label_coverage"], rel=1e-12)
+        assert online.logloss == pytest.approx(want["logloss"], rel=1e-12)
+        assert online.roc_auc == pytest.approx(want["roc_auc"], abs=(online.roc_auc_error_bound or 0) + 1e-12)
+
+        want = _expected_replays(predictions, replays, span)
+        assert replay.replayed == want["replayed"] > 0, window
+        assert replay.ratio == pytest.approx(want["reproduced"] / want["replayed"], rel=1e-12)
+        assert replay.abs_error_max == pytest.approx(want["max"], rel=1e-12)
+
+
+def test_duplicate_ids_are_searched_again_at_each_refresh(tmp_path):
+    """The predictions' duplicate-id search is reused by the replays of the same refresh
+    only: a duplicate written between two refreshes at the same time is seen by the next."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    stamp = _naive(AS_OF) - timedelta(minutes=5)
+    predictions = pd.DataFrame({"id": [1, 2, 3], "ts": [stamp] * 3, "p": [0.1, 0.2, 0.3]})
+    _write(url, None, (predictions, pd.DataFrame({"id": [1], "y": [1], "ts": [stamp]}), predictions[["id", "p"]]))
+    settings = model_settings(url, replays=True, predictions={"unique_ids": False})
+    stores = Stores(settings.stores, settings.query_timeout)
+    try:
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        first = refresher.refresh(AS_OF)
+        with stores.engine("s").begin() as conn:
+            conn.execute(sa.text("INSERT INTO predictions (id, ts, p) VALUES (2, :ts, 0.2)"), {"ts": stamp})
+        second = refresher.refresh(AS_OF)
+    finally:
+        stores.dispose()
+    assert [first.score_stats[0].invalid["duplicate_id"], first.replays[0].replayed] == [0, 3]
+    assert [second.score_stats[0].invalid["duplicate_id"], second.replays[0].replayed] == [2, 2]
+    assert second.online[0].predictions == 2
