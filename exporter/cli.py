@@ -199,7 +199,7 @@ def serve(
 
     from exporter.server.app import create_app
     from exporter.server.http_server import server_config
-    from exporter.server.web_config import BasicAuth, load_web_config
+    from exporter.server.web_config import REFUSAL_REASONS, BasicAuth, load_web_config
 
     _logging()
     settings = _settings(config)
@@ -212,7 +212,9 @@ def serve(
             _fail(f"--web.config.file {web_config}: {exc}")
         options = web.uvicorn_options()
         if web.basic_auth_users:
-            app_ = BasicAuth(app_, web.basic_auth_users)
+            snapshots = app_.state.snapshots
+            snapshots.count_auth_refusals(REFUSAL_REASONS)
+            app_ = BasicAuth(app_, web.basic_auth_users, snapshots.count_auth_refusal)
     uvicorn.Server(server_config(app_, settings, host, port, log_level="info", **options)).run()
 
 
