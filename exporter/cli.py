@@ -203,7 +203,8 @@ def serve(
 
     _logging()
     settings = _settings(config)
-    app_: FastAPI | BasicAuth = create_app(settings)
+    fastapi_app = create_app(settings)
+    app_: FastAPI | BasicAuth = fastapi_app
     options = {}
     if web_config is not None:
         try:
@@ -212,7 +213,7 @@ def serve(
             _fail(f"--web.config.file {web_config}: {exc}")
         options = web.uvicorn_options()
         if web.basic_auth_users:
-            snapshots = app_.state.snapshots
+            snapshots = fastapi_app.state.snapshots
             snapshots.count_auth_refusals(REFUSAL_REASONS)
             app_ = BasicAuth(app_, web.basic_auth_users, snapshots.count_auth_refusal)
     uvicorn.Server(server_config(app_, settings, host, port, log_level="info", **options)).run()
