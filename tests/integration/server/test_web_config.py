@@ -4,6 +4,7 @@ certificate made by openssl for the test."""
 from __future__ import annotations
 
 import shutil
+import socket
 import ssl
 import statistics
 import subprocess
@@ -233,3 +234,37 @@ def test_failed_attempts_are_rate_limited_per_client_address(tmp_path):
     assert verified.status_code == 200
     assert elsewhere.status_code == 401  # another address has its own budget
     assert refusals == {"unauthorized": 10 + FAILURES_PER_MINUTE + 1, "rate_limited": 3, "overloaded": 0}
+
+
+def test_a_tls_handshake_that_never_comes_is_closed_at_the_header_deadline(tmp_path, certificate):
+    """asyncio's own handshake timeout is 60 s, and the header deadline starts only after
+    the handshake: a connection that never sends its ClientHello is closed at
+    ``header_timeout`` (2 s here) all the same, while TLS scrapes are served."""
+    cert, key = certificate
+    (tmp_path / "web.yml").write_text(f"tls_server_config: {{cert_file: {cert.name}, key_file: {key.name}}}\n")
+    (tmp_path / "mlmon.yml").write_text(
+        f'header_timeout: 2s\nstores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/state.sqlite"}}\n'
+    )
+    port, log = free_port(), tmp_path / "server.log"
+    config, web = str(tmp_path / "mlmon.yml"), str(tmp_path / "web.yml")
+    server = start_process(
+        [sys.executable, "-m", "exporter", "serve", "--config", config, "--port", str(port), "--web.config.file", web],
+        log,
+    )
+    trust = ssl.create_default_context(cafile=str(cert))
+    try:
+        wait_until_answers(f"https://127.0.0.1:{port}/healthz", server, log, verify=trust)
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            opened = time.monotonic()
+            idle.settimeout(10)  # bounded: on main it stayed open 60 s
+            try:
+                received = idle.recv(1024)
+            except (ConnectionResetError, TimeoutError) as exc:
+                received = repr(exc).encode()
+            lasted = time.monotonic() - opened
+        assert httpx.get(f"https://127.0.0.1:{port}/metrics", verify=trust).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert received == b"" or b"ConnectionResetError" in received, received
+    assert 1.9 < lasted < 3.5, lasted
