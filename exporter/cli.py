@@ -199,8 +199,10 @@ def serve(
 
     from exporter.server.app import create_app
     from exporter.server.http_server import server_config
+    from exporter.server.malloc import limit_malloc_arenas
     from exporter.server.web_config import REFUSAL_REASONS, BasicAuth, load_web_config
 
+    limit_malloc_arenas()  # first: before any thread allocates
     _logging()
     settings = _settings(config)
     fastapi_app = create_app(settings)

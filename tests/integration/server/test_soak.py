@@ -1,6 +1,8 @@
-"""Load: the real `mlmon serve` refreshing 50 models for 10 minutes while new predictions
-keep arriving and /metrics is scraped every second. No error, no memory growth; the
-resident memory over time is printed. `MLMON_SOAK_SECONDS` shortens it on a laptop."""
+"""Soak: the real `mlmon serve` refreshing 50 models for 30 minutes while new predictions
+keep arriving and /metrics is scraped every second. No error, and resident memory after
+the first 5 minutes grows by less than 5 MB (it rose by about 3 MB a minute, in malloc
+arenas: exporter/server/malloc.py); the resident memory over time is printed.
+`MLMON_SOAK_SECONDS` shortens it on a laptop (the warm-up is then a third of the run)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port, start_process, wait_until_answers
 
 MODELS = 50
-SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 600))
+SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 1800))
+#: Seconds in which connection pools, SQLite page caches and malloc arenas fill.
+WARM_UP = min(300.0, SECONDS / 3)
 
 
 def rss_mb(pid: int) -> float:
@@ -28,7 +32,7 @@ def rss_mb(pid: int) -> float:
 
 
 @pytest.mark.slow
-def test_fifty_models_for_ten_minutes(tmp_path, capsys):
+def test_fifty_models_for_thirty_minutes_with_flat_memory(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/store.sqlite"
     engine = sa.create_engine(url)
     metadata = sa.MetaData()
@@ -125,10 +129,10 @@ def test_fifty_models_for_ten_minutes(tmp_path, capsys):
     errors = {tuple(s.labels.values()): s.value for s in families["mlmon_refresh_errors"].samples if s.value}
     assert errors == {}, log.read_text()[-3000:]  # (model, source, reason): count, and what the server logged
     assert len({s.labels["model"] for s in families["mlmon_window_predictions"].samples}) == MODELS
-    # No growth: the connection pools and SQLite's page caches fill during the first
-    # minutes; the last third of the run must then hold what the middle third held.
-    middle = [r for t, r in samples if SECONDS / 3 <= t < 2 * SECONDS / 3]
-    last = [r for t, r in samples if t >= 2 * SECONDS / 3]
-    assert middle and last, f"run longer than {SECONDS} s to judge memory: {samples}"
-    assert max(last) - max(middle) < 15.0, samples
+    # Flat: what the process held at the end of the warm-up (its last minute's highest
+    # sample, so that one low sample is no reference) it still holds at the end of the run.
+    reference = [r for t, r in samples if WARM_UP - 60 <= t < WARM_UP]
+    after = [r for t, r in samples if t >= WARM_UP]
+    assert reference and after, f"run longer than {SECONDS} s to judge memory: {samples}"
+    assert max(after) - max(reference) < 5.0, samples
     assert max(r for _, r in samples) < 300.0, samples
