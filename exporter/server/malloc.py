@@ -5,9 +5,9 @@ free memory to the system only from the top of its heap. The refresh threads (on
 running refresh) allocate in many arenas, and memory freed there stays resident: in the
 load test (50 models every 15 s, tests/integration/server/test_soak.py) resident memory
 rose by about 3 MB a minute, outside the Python heap, with a thread per refresh and with
-one long-lived thread per model alike; with at most 2 arenas it grew by about 1 MB a
-minute at first, then leveled (docs/reliability.md). Python's own small objects come from
-pymalloc, which needs no such tuning.
+one long-lived thread per model alike; with at most 2 arenas (``MALLOC_ARENA_MAX=2``,
+or this module) it grows by about 1 MB a minute (docs/reliability.md). Python's own small
+objects come from pymalloc, which needs no such tuning.
 """
 
 from __future__ import annotations
