@@ -118,8 +118,10 @@ def test_clients_that_never_read_hold_neither_memory_nor_connections(large_expos
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: mlmon\r\n\r\n")  # no gzip: the whole body
         non_readers.append(sock)
     sent = time.monotonic()
-    time.sleep(0.5)
-    held = _open_sockets(server.pid) - sockets_before  # connected, their answers under way
+    held = 0
+    while held < NON_READERS and time.monotonic() - sent < WRITE_TIMEOUT - 1:  # all accepted, answers under way
+        held = _open_sockets(server.pid) - sockets_before
+        time.sleep(0.1)
     latencies, peak_rss = [], _rss_mb(server.pid)
     with httpx.Client(timeout=30) as scraper:
         while time.monotonic() - sent < WRITE_TIMEOUT + 3:
