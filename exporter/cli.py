@@ -211,11 +211,14 @@ def serve(
 
     from exporter.server.app import create_app
     from exporter.server.http_server import server_config
-    from exporter.server.web_config import BasicAuth, load_web_config
+    from exporter.server.malloc import limit_malloc_arenas
+    from exporter.server.web_config import REFUSAL_REASONS, BasicAuth, load_web_config
 
+    limit_malloc_arenas()  # first: before any thread allocates
     _logging()
     settings = _settings(config)
-    app_: FastAPI | BasicAuth = create_app(settings)
+    fastapi_app = create_app(settings)
+    app_: FastAPI | BasicAuth = fastapi_app
     options = {}
     if web_config is not None:
         try:
@@ -224,7 +227,9 @@ def serve(
             _fail(f"--web.config.file {web_config}: {exc}")
         options = web.uvicorn_options()
         if web.basic_auth_users:
-            app_ = BasicAuth(app_, web.basic_auth_users)
+            snapshots = fastapi_app.state.snapshots
+            snapshots.count_auth_refusals(REFUSAL_REASONS)
+            app_ = BasicAuth(app_, web.basic_auth_users, snapshots.count_auth_refusal)
     uvicorn.Server(server_config(app_, settings, host, port, log_level="info", **options)).run()
 
 

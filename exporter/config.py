@@ -457,7 +457,13 @@ class Settings(Strict):
     """A refresh still running after this is reported as stalled; default derived from the
     model's work (``exporter.predictions.refresh.ModelRefresher.deadline``)."""
     header_timeout: Duration = timedelta(seconds=10)
-    """Every HTTP request's line and headers must arrive within this (slow clients get 408)."""
+    """Every HTTP request's line and headers (and, with TLS, the handshake before them) must
+    arrive within this (slow clients get 408)."""
+    write_timeout: Duration = timedelta(seconds=30)
+    """A response the client stops reading is dropped, and its connection closed, this long
+    after the client first fell behind."""
+    max_connections: int = Field(default=200, ge=1, le=100_000)
+    """Connections (and requests in progress) served at once; beyond them, 503."""
     stores: dict[Identifier, Store]
     models: list[ModelConfig]
     state: Store = Store(url="sqlite:///mlmon-state.sqlite")

@@ -188,6 +188,7 @@ class SnapshotStore:
         self._models: Mapping[str, ModelSnapshot] = MappingProxyType({})
         self._training = TrainingState()
         self._refused: Mapping[str, int] = MappingProxyType(dict.fromkeys(REFUSAL_REASONS, 0))
+        self._auth_refused: Mapping[str, int] = MappingProxyType({})
         self._lock = threading.Lock()
         self._version = 0
 
@@ -217,6 +218,24 @@ class SnapshotStore:
     def refused(self) -> Mapping[str, int]:
         """Training runs the API refused since the process started, by reason."""
         return self._refused
+
+    def count_auth_refusals(self, reasons: tuple[str, ...]) -> None:
+        """Start counting basic-auth refusals (``server.web_config.BasicAuth``), each of
+        ``reasons`` at 0; without basic auth there are none and nothing is exported."""
+        with self._lock:
+            self._auth_refused = MappingProxyType(dict.fromkeys(reasons, 0))
+            self._version += 1
+
+    def count_auth_refusal(self, reason: str) -> None:
+        """Count one request basic auth refused for ``reason``."""
+        with self._lock:
+            self._auth_refused = MappingProxyType({**self._auth_refused, reason: self._auth_refused.get(reason, 0) + 1})
+            self._version += 1
+
+    @property
+    def auth_refused(self) -> Mapping[str, int]:
+        """Requests basic auth refused since the process started, by reason (empty without basic auth)."""
+        return self._auth_refused
 
     def put(self, snapshot: ModelSnapshot) -> None:
         """Replace the model's snapshot."""

@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 # The classic text format 0.0.4 is what every Prometheus (2.x and 3.x) scrapes.
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from starlette.types import Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from exporter import __version__
@@ -38,6 +39,27 @@ _LANDING = """<!doctype html>
 <li><a href="api/v1/models">/api/v1/models</a>: models with training runs (<a href="docs">API docs</a>)</li></ul>
 </body></html>
 """
+
+
+class SlicedResponse(Response):
+    """A response whose body is sent in ``SLICE``-byte pieces, each after the client took
+    the previous ones (uvicorn waits while the transport's buffer is over its high-water
+    mark), as views of the one body every connection shares.
+
+    Sent whole, the body is copied per connection (h11 joins what it frames) and waits
+    there for a client that never reads: 100 such clients of a 24 MB exposition held 2.5 GB.
+    The header deadline and ``write_timeout`` (exporter/server/http_server.py) bound how
+    long one waits.
+    """
+
+    SLICE = 64 * 1024
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        body = memoryview(self.body)
+        for start in range(0, max(len(body), 1), self.SLICE):
+            end = start + self.SLICE
+            await send({"type": "http.response.body", "body": body[start:end], "more_body": end < len(body)})
 
 
 class ExpositionCache:
@@ -147,12 +169,14 @@ def create_app(settings: Settings) -> FastAPI:
     @app.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
     async def metrics(request: Request) -> Response:
         if "gzip" in request.headers.get("accept-encoding", ""):
-            return Response(
+            return SlicedResponse(
                 exposition.latest(gzipped=True),
                 media_type=CONTENT_TYPE_PLAIN_0_0_4,
                 headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
             )
-        return Response(exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Vary": "Accept-Encoding"})
+        return SlicedResponse(
+            exposition.latest(), media_type=CONTENT_TYPE_PLAIN_0_0_4, headers={"Vary": "Accept-Encoding"}
+        )
 
     # GET in the OpenAPI document, HEAD beside it: one route with both methods gives both
     # operations the same operationId, which the spec forbids.

@@ -332,6 +332,12 @@ METRICS = {
             "Training runs the API refused although valid, by reason.",
             history=False,
         ),
+        _spec(
+            "mlmon_basic_auth_refusals_total",
+            "counter",
+            "reason",
+            "Requests basic auth refused (401 or 429), by reason.",
+        ),
     ]
 }
 
@@ -497,6 +503,8 @@ class MlmonCollector:
             _emit(families, "mlmon_training_errors_total", [name], count)
         for reason, count in self._store.refused.items():
             _emit(families, "mlmon_training_runs_refused_total", [reason], count)
+        for reason, count in self._store.auth_refused.items():
+            _emit(families, "mlmon_basic_auth_refusals_total", [reason], count)
         return (family for family in families.values() if family.samples)
 
 

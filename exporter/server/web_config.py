@@ -19,11 +19,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import math
 import ssl
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import bcrypt
+import limits
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.responses import PlainTextResponse
@@ -121,48 +126,125 @@ def _is_bcrypt(hashed: str) -> bool:
     return hashed.startswith(("$2a$", "$2b$", "$2y$"))
 
 
+#: Failed basic-auth attempts a client address may make per minute; beyond them it gets 429
+#: without a bcrypt check until its oldest failure is a minute old (a moving window).
+FAILURES_PER_MINUTE = 5
+#: bcrypt checks that may wait or run at once; beyond them a new, unverified header gets 429
+#: at once. With ``BCRYPT_THREADS`` threads at ~60 ms a check (cost 10), the last one waits
+#: about half a second.
+MAX_PENDING_CHECKS = 16
+#: Threads of the bcrypt pool: its own, so that checks never queue the /metrics renderer
+#: (asyncio's default executor) or the training API's state-database calls.
+BCRYPT_THREADS = 2
+#: Why a request was refused, the ``reason`` of ``mlmon_basic_auth_refusals_total``.
+REFUSAL_REASONS = ("unauthorized", "rate_limited", "overloaded")
+
+
 class BasicAuth:
     """ASGI middleware: HTTP basic auth against bcrypt hashes, for every path but those
-    in ``UNPROTECTED``. Verified (user, password) pairs are remembered by a hash of the
-    password, as exporter-toolkit does, since bcrypt takes tens of milliseconds."""
+    in ``UNPROTECTED``.
 
-    def __init__(self, app: ASGIApp, users: dict[str, str]):
+    A wrong password must not delay the right ones (bcrypt costs tens of milliseconds by
+    design), so:
+
+    - an ``Authorization`` header verified before is recognised by its SHA-256 digest on
+      the event loop, without a thread hop (exporter-toolkit also caches verified
+      credentials); only headers that verified are remembered, so the cache holds at most
+      one entry per (user, right password, encoding);
+    - other headers are checked with bcrypt in a pool of ``BCRYPT_THREADS`` threads of
+      their own, at most ``MAX_PENDING_CHECKS`` at a time (429, ``reason="overloaded"``
+      beyond);
+    - a client address (``scope["client"]``) that failed ``FAILURES_PER_MINUTE`` times
+      in the last minute gets 429 with ``Retry-After`` and no check
+      (``reason="rate_limited"``), by the moving window of the ``limits`` library.
+
+    Every refusal calls ``on_refused(reason)`` with a reason of ``REFUSAL_REASONS``.
+    """
+
+    def __init__(self, app: ASGIApp, users: dict[str, str], on_refused: Callable[[str], None] = lambda _: None):
         self.app = app
         self.users = {user: hashed.encode() for user, hashed in users.items()}
-        self._verified: set[tuple[str, bytes]] = set()
+        self._on_refused = on_refused
+        self._verified: set[bytes] = set()
+        self._checks = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
+        self._pending = 0
+        self._failures = limits.strategies.MovingWindowRateLimiter(limits.storage.MemoryStorage())
+        self._failure_limit = limits.RateLimitItemPerMinute(FAILURES_PER_MINUTE)
 
-    def _allowed(self, header: str) -> bool:
-        """Whether an ``Authorization`` header holds a known user's password (slow: bcrypt)."""
-        scheme, _, encoded = header.partition(" ")
+    @staticmethod
+    def _credentials(header: bytes) -> tuple[str, str] | None:
+        """(user, password) of a basic ``Authorization`` header; ``None`` if it is not one."""
+        scheme, _, encoded = header.decode("latin-1").partition(" ")
         if scheme.lower() != "basic":
-            return False
+            return None
         try:
             user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
-        key = (user, hashlib.sha256(password.encode()).digest())
-        if key in self._verified:
-            return True
+            return None
+        return user, password
+
+    def _check(self, user: str, password: str) -> bool:
+        """Whether ``password`` is ``user``'s (slow: bcrypt; an unknown user as slow as a known one)."""
         hashed = self.users.get(user)
         try:
-            ok = bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
+            return bcrypt.checkpw(password.encode(), hashed or _DUMMY_HASH) and hashed is not None
         except ValueError:  # a password over bcrypt's 72 bytes: no user can have it
             return False
-        if ok:
-            self._verified.add(key)
-        return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].startswith(UNPROTECTED):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        # bcrypt takes tens of milliseconds: off the event loop, so that bad guesses
-        # cannot stall the scrapes of everyone else.
-        if await asyncio.to_thread(self._allowed, headers.get(b"authorization", b"").decode("latin-1")):
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        digest = hashlib.sha256(header).digest()
+        if digest in self._verified:  # the common case, a scraper's every request: no thread, no wait
             await self.app(scope, receive, send)
             return
-        response = PlainTextResponse(
-            "unauthorized\n", status_code=401, headers={"WWW-Authenticate": 'Basic realm="mlmon"'}
-        )
+        refusal = await self._verify(header, digest, scope.get("client"))
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        self._on_refused(refusal)
+        if refusal == "unauthorized":
+            response = PlainTextResponse(
+                "unauthorized\n", status_code=401, headers={"WWW-Authenticate": 'Basic realm="mlmon"'}
+            )
+        else:
+            response = PlainTextResponse(
+                "too many failed or pending authentication attempts; retry later\n",
+                status_code=429,
+                headers={
+                    "Retry-After": str(self._retry_after(scope.get("client")) if refusal == "rate_limited" else 1)
+                },
+            )
         await response(scope, receive, send)
+
+    async def _verify(self, header: bytes, digest: bytes, client: tuple[str, int] | None) -> str | None:
+        """``None`` if ``header`` holds a user's password (then remembered), else the refusal reason.
+
+        Only bcrypt checks count as failures: a request without credentials (a browser's
+        first) costs nothing and must not lock its address out."""
+        credentials = self._credentials(header)
+        if credentials is None:
+            return "unauthorized"
+        address = client[0] if client else "unknown"
+        if not self._failures.test(self._failure_limit, address):
+            return "rate_limited"
+        if self._pending >= MAX_PENDING_CHECKS:
+            return "overloaded"
+        self._pending += 1
+        try:
+            allowed = await asyncio.get_running_loop().run_in_executor(self._checks, self._check, *credentials)
+        finally:
+            self._pending -= 1
+        if allowed:
+            self._verified.add(digest)
+            return None
+        self._failures.hit(self._failure_limit, address)
+        return "unauthorized"
+
+    def _retry_after(self, client: tuple[str, int] | None) -> int:
+        """Seconds until the client's oldest counted failure leaves the window (1 at least)."""
+        address = client[0] if client else "unknown"
+        reset = self._failures.get_window_stats(self._failure_limit, address).reset_time
+        return max(1, math.ceil(reset - time.time()))

@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 from exporter.cli import app as cli
 from exporter.config import parse_settings
 from exporter.server.app import create_app
-from exporter.server.collector import METRICS
+from exporter.server.collector import METRICS, build_registry, render
+from exporter.server.loop import refresh_all
+from exporter.server.web_config import REFUSAL_REASONS
 from tests.conftest import catalog, model_settings, refresh_once, require
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -134,7 +136,8 @@ def _report_runs(settings) -> None:
 
 def _full_exposition(tmp_path) -> str:
     """An exposition holding every mlmon metric: a model with bucketed AUC and one whose
-    replay table is missing (so errors and source_up 0 appear), with training runs."""
+    replay table is missing (so errors and source_up 0 appear), with training runs, and
+    basic auth's refusal counters."""
     url = _store(tmp_path / "s.sqlite")
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # 0.25 (negative) shares the 0.2x bucket with 0.2 (positive)
@@ -155,7 +158,9 @@ def _full_exposition(tmp_path) -> str:
     )
     settings = _settings(url).model_copy(update={"models": [bucketed, broken]})
     _report_runs(settings)
-    return refresh_once(settings, AS_OF).decode()
+    store = refresh_all(settings, AS_OF)
+    store.count_auth_refusals(REFUSAL_REASONS)  # as `mlmon serve` does with basic_auth_users
+    return render(build_registry(store, settings.thresholds)).decode()
 
 
 def test_every_exposed_metric_is_cataloged_and_every_cataloged_one_exposed(tmp_path):
