@@ -330,6 +330,10 @@ def backfill(
         _fail("--prometheus-data needs promtool on the PATH (Debian package prometheus)")
     job = Backfill(settings, start, end, every, output, labels, prometheus_data, promtool)
     output.mkdir(parents=True, exist_ok=True)
+    try:
+        job.check_manifest()  # before the progress bar: a refused run draws none
+    except ManifestError as exc:
+        _fail(f"mlmon backfill: {exc}")
     todo = job.pending()
     progress = Progress(
         TextColumn("backfill"),
@@ -350,7 +354,7 @@ def backfill(
     done = len(files)
     typer.echo(f"{len(todo)} step(s) evaluated, {done} file(s) in {output}")
     if prometheus_data is not None:
-        typer.echo(f"blocks written into {prometheus_data}")
+        typer.echo(f"{len(job.imported)} file(s) turned into blocks of {prometheus_data}")
     elif files:
         command = shlex.join(promtool_command("promtool", Path("FILE"), Path("DATA_DIR"))).replace("FILE", '"$f"')
         typer.echo(

@@ -337,6 +337,7 @@ METRICS = {
             "counter",
             "reason",
             "Requests basic auth refused (401 or 429), by reason.",
+            history=False,
         ),
     ]
 }

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -315,6 +315,8 @@ class Backfill:
     labels: Mapping[str, str]
     data: Path | None = None
     promtool: str | None = None
+    imported: list[Path] = field(default_factory=list, init=False)
+    """The files this run turned into blocks of ``data``."""
 
     def check_manifest(self) -> None:
         """Record in ``output`` what its files are computed with (step, target labels,
@@ -383,6 +385,7 @@ class Backfill:
         if done.returncode != 0:
             raise BackfillError(f"{shlex.join(command)} failed:\n{(done.stderr or done.stdout)[-2000:]}")
         path.with_name(path.name + IMPORTED).write_text(f"{self.data.resolve()}\n")
+        self.imported.append(path)
 
     def needs_import(self, path: Path) -> bool:
         """Whether ``path`` is still to be turned into blocks of ``data`` (its marker names

@@ -70,7 +70,13 @@ def backfilled(tmp_path_factory):
     common += ["--prometheus-data", str(prom_data), "--label", "job=mlmon", "--label", "instance=mlmon:9847"]
     first = _cli(*common, "--from", START.isoformat(), "--to", MIDDLE.isoformat())
     assert "5 step(s) evaluated, 2 file(s)" in first  # 20:00..00:00: two UTC days
+    assert "2 file(s) turned into blocks" in first
     second = _cli(*common, "--from", START.isoformat(), "--to", END.isoformat())
+    assert "1 file(s) turned into blocks" in second  # 01:00..03:00, a third file
+    again = _cli(*common, "--from", START.isoformat(), "--to", END.isoformat())
+    assert "0 step(s) evaluated, 3 file(s)" in again and "0 file(s) turned into blocks" in again
+    refused = _cli(*common, "--step", "30m", "--from", START.isoformat(), "--to", END.isoformat(), code=2)
+    assert "--step (seconds) 3600, this run has 1800" in refused and "steps" not in refused  # no progress bar
 
     with _serving(prom_data, tmp) as base:
         yield tmp, config, base, second
