@@ -52,13 +52,16 @@ def test_promtool_checks_rules_and_config():
 
 
 def test_promtool_rule_unit_tests_pass():
-    result = run(tool("promtool"), "test", "rules", "mlmon_test.yml", cwd=REPO / "prometheus" / "tests")
+    files = sorted(p.name for p in (REPO / "prometheus" / "tests").glob("*_test.yml"))
+    assert files == ["mlmon_test.yml", "mlmon_weekly_test.yml"]
+    result = run(tool("promtool"), "test", "rules", *files, cwd=REPO / "prometheus" / "tests")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
 def test_every_alert_is_unit_tested():
-    tested = set(re.findall(r"alertname: (Mlmon\w+)", (REPO / "prometheus" / "tests" / "mlmon_test.yml").read_text()))
+    tests = "".join(p.read_text() for p in (REPO / "prometheus" / "tests").glob("*_test.yml"))
+    tested = set(re.findall(r"alertname: (Mlmon\w+)", tests))
     assert tested == {a["alert"] for a in alerts()}
 
 
