@@ -91,6 +91,23 @@ def main(
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", metavar="FILE", help="YAML config file.")]
 HostOption = Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")]
 PortOption = Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")]
+#: ``--log.level`` as Prometheus exporters name it (exporter-toolkit's promlog levels).
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+LogLevelOption = Annotated[
+    str,
+    typer.Option(
+        "--log.level",
+        metavar="LEVEL",
+        help="Only log messages at this level or above: debug, info, warn or error. Requests are logged at debug.",
+    ),
+]
+
+
+def _log_level(name: str) -> int:
+    """The ``logging`` level of a ``--log.level`` value; a usage error (exit 2) otherwise."""
+    if name not in LOG_LEVELS:
+        _fail(f"--log.level: {name!r} is not one of {', '.join(LOG_LEVELS)}")
+    return LOG_LEVELS[name]
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -205,6 +222,7 @@ def serve(
             help="Web config with TLS and basic auth, in the exporter-toolkit format.",
         ),
     ] = None,
+    log_level: LogLevelOption = "info",
 ) -> None:
     """Serve /metrics, /healthz and /readyz, refreshing every model in the background."""
     import uvicorn
@@ -215,7 +233,8 @@ def serve(
     from exporter.server.web_config import REFUSAL_REASONS, BasicAuth, load_web_config
 
     limit_malloc_arenas()  # first: before any thread allocates
-    _logging()
+    level = _log_level(log_level)
+    _logging(level)
     settings = _settings(config)
     fastapi_app = create_app(settings)
     app_: FastAPI | BasicAuth = fastapi_app
@@ -230,7 +249,9 @@ def serve(
             snapshots = fastapi_app.state.snapshots
             snapshots.count_auth_refusals(REFUSAL_REASONS)
             app_ = BasicAuth(app_, web.basic_auth_users, snapshots.count_auth_refusal)
-    uvicorn.Server(server_config(app_, settings, host, port, log_level="info", **options)).run()
+    # A line per scrape is noise at a 15 s scrape interval: requests only at debug.
+    access_log = level <= logging.DEBUG
+    uvicorn.Server(server_config(app_, settings, host, port, log_level=level, access_log=access_log, **options)).run()
 
 
 @app.command(short_help="Refresh every model once and print the exposition.")

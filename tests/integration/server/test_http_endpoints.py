@@ -1,5 +1,5 @@
-"""The real server's answers that tools other than Prometheus rely on: HEAD probes and
-the API docs page on a network without internet access."""
+"""The real server's answers that tools other than Prometheus rely on: HEAD probes,
+the API docs page on a network without internet access, and its log (--log.level)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from exporter.cli import app as cli
 from tests.conftest import free_port, start_process, wait_until_answers
 
 
@@ -78,3 +80,28 @@ def test_every_operation_of_the_api_document_has_its_own_operation_id(server):
     paths = httpx.get(f"{base}/openapi.json").json()["paths"]
     ids = [op["operationId"] for methods in paths.values() for op in methods.values()]
     assert len(ids) == len(set(ids)), ids
+
+
+@pytest.mark.parametrize("level, logged", [("info", False), ("debug", True)])
+def test_requests_are_logged_at_debug_only(tmp_path, level, logged):
+    """A line per scrape is noise at a 15 s scrape interval; --log.level debug shows them."""
+    (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/s.sqlite"}}\n')
+    port, log = free_port(), tmp_path / "server.log"
+    args = ["serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port), "--log.level", level]
+    process = start_process([sys.executable, "-m", "exporter", *args], log)
+    try:
+        wait_until_answers(f"http://127.0.0.1:{port}/readyz", process, log)
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    text = log.read_text()
+    assert "Uvicorn running on" in text  # info and above either way
+    assert ('"GET /metrics HTTP/1.1" 200' in text) is logged, text
+
+
+def test_an_unknown_log_level_is_a_usage_error(tmp_path):
+    (tmp_path / "mlmon.yml").write_text("stores: {}\nmodels: []\n")
+    result = CliRunner().invoke(cli, ["serve", "--config", str(tmp_path / "mlmon.yml"), "--log.level", "verbose"])
+    assert result.exit_code == 2
+    assert "--log.level: 'verbose' is not one of debug, info, warn, error" in result.output
