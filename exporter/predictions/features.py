@@ -29,7 +29,7 @@ from exporter.predictions.sources import JoinedSource, PredictionsSource, decode
 from exporter.predictions.stores import NUMBER_TYPES, Stores, reflect_table
 from exporter.reasons import SchemaError
 from exporter.training.schema import OTHER, FeatureSummary, TrainingRun
-from exporter.training.skew import Bins, FeatureSkew, ServingCounts, bins, feature_skew
+from exporter.training.skew import MOMENT_BOUND, Bins, FeatureSkew, ServingCounts, bins, feature_skew
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ def _as_text(column: sa.ColumnElement) -> sa.ColumnElement:
     booleans as ``True``/``False``, integers in decimal."""
     if isinstance(column.type, sa.Boolean):
         return sa.case((column == sa.true(), "True"), (column == sa.false(), "False"), else_=None)
-    if isinstance(column.type, sa.String):
+    if isinstance(column.type, sa.String) and not isinstance(column.type, sa.Enum):
         return column
+    # An enum compared with a category that is not one of its labels raises on PostgreSQL.
     return sa.cast(column, sa.String())
 
 
@@ -130,7 +131,7 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             assert config.id is not None  # the config gives table and id together
             engine = self.stores.engine(self.model.predictions.store)
             where = TableSource(store=self.model.predictions.store, table=config.table, db_schema=config.db_schema)
-            ids = self.predictions.joinable_ids(config.id, self.key_path)
+            ids = self.predictions.joinable_ids(config.id, f"{self.key_path}.id")
             table = reflect_table(engine, where, {"id": config.id}, self.key_path, None, ids)
             source = predictions.table.outerjoin(table, predictions.id == table.c[config.id])
             known = {config.id}
@@ -173,6 +174,8 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         if q.version is None:
             return None, True
         version, problem = decode_serving_version(conn.execute(q.serving_version(as_of)).scalar())
+        if version is None:  # a NULL version (or no row) names no run: comparing all versions would mix them
+            problem = "NULL"
         if problem is not None and problem not in self._logged:  # once, not every refresh
             log.warning("model %s: serving version is %s; feature skew is not computed", self.model.name, problem)
             self._logged.add(problem)
@@ -182,9 +185,10 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         """Every window's counts of every feature in one statement: per feature, one pass
         over the longest window's rows, each row keyed by (``wkey``: the rank of the
         shortest window holding it, windows by duration; ``key``: its bin, listed category
-        or -1 when missing), grouped with count, Σ(x - shift) and Σ(x - shift)².
+        or -1 when missing), grouped with count, Σ(x - shift), Σ(x - shift)² and the count of
+        values summed (those within ``MOMENT_BOUND``).
 
-        Rows (``feature``, ``wkey``, ``key``, ``n``, ``s1``, ``s2``), at most windows x (bins
+        Rows (``feature``, ``wkey``, ``key``, ``n``, ``s1``, ``s2``, ``m``), at most windows x (bins
         or categories + 2) per feature. A few aggregates per row and feature, grouped: far
         cheaper than one conditional aggregate per (window, bin) (9x the prediction refresh
         at 1e6 rows on PostgreSQL, docs/performance.md). Keys are computed below the GROUP
@@ -195,8 +199,14 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         conditions = [q.time.between(as_of - parse_duration(by_duration[-1]), as_of), *q.filters]
         if version is not None:
             assert q.version is not None  # a version is read only from a version column
-            column = q.version if isinstance(q.version.type, sa.String) else sa.cast(q.version, sa.String())
-            conditions.append(column == version)
+            # Compared in the form serving_version reads it: bytes on SQLite and for binary
+            # columns (PostgreSQL casts bytea to hex text, which never equals the version).
+            if q.dialect == "sqlite" or isinstance(q.version.type, sa.LargeBinary):
+                blob = sa.cast(q.version, sa.LargeBinary())
+                conditions.append(blob == sa.literal(version.encode(), sa.LargeBinary()))
+            else:
+                column = q.version if isinstance(q.version.type, sa.String) else sa.cast(q.version, sa.String())
+                conditions.append(column == version)
         # Windows end at as_of, so they are nested: the shortest holding a row ranks it.
         shorter = [(q.time.between(as_of - parse_duration(w), as_of), rank) for rank, w in enumerate(by_duration[:-1])]
         last = sa.literal(len(by_duration) - 1)
@@ -204,11 +214,14 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         parts = []
         for f, (feature, plan) in enumerate(features):
             value: sa.ColumnElement[Any]
+            shifted: sa.ColumnElement[Any]
             if feature.kind == "numeric":
                 value = sa.case((_present(q.dialect, feature.column), sa.cast(feature.column, sa.Double())))
                 limits = [(value <= sa.literal(edge, sa.Double()), e) for e, edge in enumerate(plan.edges)]
                 key = sa.case((value.is_(None), -1), *limits, else_=len(plan.edges))
-                shifted = value - sa.literal(plan.shift, sa.Double())
+                # Only values within MOMENT_BOUND are summed: their squares cannot overflow.
+                bounded = sa.func.abs(value) <= sa.literal(MOMENT_BOUND, sa.Double())
+                shifted = sa.case((bounded, value - sa.literal(plan.shift, sa.Double())))
             else:
                 value = _as_text(feature.column)
                 listed = [(value == category, c) for c, category in enumerate(plan.categories)]
@@ -232,6 +245,7 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             sa.func.count().label("n"),
             sa.func.sum(keyed.c.x).label("s1"),
             sa.func.sum(keyed.c.x * keyed.c.x).label("s2"),
+            sa.func.count(keyed.c.x).label("m"),
         ).group_by(keyed.c.feature, keyed.c.wkey, keyed.c.key)
 
     def run(self, as_of: datetime) -> FeatureValues:
@@ -247,9 +261,12 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
                 conn.execute(self._statement(planned, as_of, version if nameable else None)).all() if planned else []
             )
         by_duration = sorted(self.model.windows, key=parse_duration)
+        by_feature: dict[int, list[Any]] = {}
+        for g in groups:
+            by_feature.setdefault(int(g.feature), []).append(g)
         counts = {
             (window, feature.name): _counts(
-                [g for g in groups if g.feature == f and g.wkey <= by_duration.index(window)], feature.kind, plan
+                [g for g in by_feature.get(f, []) if g.wkey <= by_duration.index(window)], feature.kind, plan
             )
             for window in self.model.windows
             for f, (feature, plan) in enumerate(planned)
@@ -264,7 +281,7 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
                 )
         for feature, plan in planned:
             summary = summaries.get(feature.name)
-            if summary is not None and summary.kind == "categorical":
+            if feature.kind == "categorical" and summary is not None and summary.kind == "categorical":
                 listed = len([c for c in summary.categories if c != OTHER])
                 over["category"] += max(0, listed - len(plan.categories))
         return FeatureValues(tuple(skews), None if run is None else run.version, over)
@@ -285,5 +302,6 @@ def _counts(groups: list[Any], kind: str, plan: Bins) -> ServingCounts:
         missing,
         shifted_sum=math.fsum(float(g.s1) for g in groups if g.s1 is not None),
         shifted_squares=math.fsum(float(g.s2) for g in groups if g.s2 is not None),
+        moment_rows=sum(int(g.m) for g in groups),
         bin_counts=tuple(per_key.get(b, 0) for b in range(len(plan.edges) + 1)),
     )

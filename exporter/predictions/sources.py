@@ -193,10 +193,10 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
         return PredictionQueries(self.model, table, time_col, engine.dialect.name)
 
-    def joinable_ids(self, id_column: str, path: str) -> Callable[[sa.Table], None]:
-        """The check, for ``reflect_table``, that a table's id column (labels or replays, at
-        config path ``path``) can be joined to the predictions' id; a missing id column is
-        left to the column checks.
+    def joinable_ids(self, id_column: str, key: str) -> Callable[[sa.Table], None]:
+        """The check, for ``reflect_table``, that a table's id column (labels, replays or
+        features; its config key path ``key``) can be joined to the predictions' id; a
+        missing id column is left to the column checks.
 
         The check raises:
             SchemaError: as ``stores.require_same_id_kind``, or from reflecting the predictions.
@@ -204,9 +204,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
         def check(table: sa.Table) -> None:
             if id_column in table.c:
-                require_same_id_kind(
-                    table, id_column, f"{path}.columns.id", self.queries().table, self.model.predictions.columns.id
-                )
+                require_same_id_kind(table, id_column, key, self.queries().table, self.model.predictions.columns.id)
 
         return check
 
@@ -352,7 +350,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             "label": ((sa.Boolean, *NUMBER_TYPES), "a number or a boolean (0/1)"),
             "timestamp": timestamp_types(engine.dialect.name, self.key_path),
         }
-        ids = self.predictions.joinable_ids(source.columns.id, self.key_path)
+        ids = self.predictions.joinable_ids(source.columns.id, f"{self.key_path}.columns.id")
         table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types, ids)
         time_col = None
         if source.columns.timestamp is not None:
@@ -439,7 +437,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         assert source is not None  # built only for a model with replays
         engine = self.stores.engine(source.store)
         types: dict[str, tuple[tuple[type, ...], str]] = {"score": (NUMBER_TYPES, "a number (probability)")}
-        ids = self.predictions.joinable_ids(source.columns.id, self.key_path)
+        ids = self.predictions.joinable_ids(source.columns.id, f"{self.key_path}.columns.id")
         table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types, ids)
         return ReplayQueries(source, table)
 

@@ -132,6 +132,8 @@ def server_config(app, settings: Settings, host: str, port: int, **options) -> u
     )
     if options.get("ssl_certfile"):
         asyncio.constants.SSL_HANDSHAKE_TIMEOUT = header_timeout  # read by every new TLS connection
+    # loop="asyncio": the TLS handshake timeout above is asyncio's; uvloop (which "auto"
+    # picks when installed) would ignore it.
     return uvicorn.Config(
-        app, host=host, port=port, http=protocol, limit_concurrency=settings.max_connections, **options
+        app, host=host, port=port, http=protocol, loop="asyncio", limit_concurrency=settings.max_connections, **options
     )

@@ -18,6 +18,12 @@ from exporter.monitoring_math import population_stability_index, ratio
 from exporter.training.metrics import numeric_edges, numeric_shares
 from exporter.training.schema import OTHER, FeatureSummary
 
+#: Largest |value| a numeric feature's mean and standard deviation are summed over: squares
+#: of larger values (1e154 and up) overflow float64, which PostgreSQL raises as an error
+#: and SQLite turns into inf. A window holding a larger value keeps its bins, missing share
+#: and PSI, and has no mean, standard deviation or standardized mean difference.
+MOMENT_BOUND = 1e100
+
 
 @dataclass(frozen=True)
 class Bins:
@@ -28,8 +34,9 @@ class Bins:
     it gave ``value_shares``); empty for a categorical feature or without a summary.
     ``categories``: the training summary's largest categories (at most ``max_categories``,
     by share then name); every other non-missing value is counted as not listed.
-    ``shift``: subtracted from numeric values before they are summed (the training mean,
-    else 0), so that the variance of values far from 0 keeps its precision.
+    ``shift``: subtracted from numeric values before they are summed (the training mean
+    when within ``MOMENT_BOUND``, else 0), so that the variance of values far from 0 keeps
+    its precision.
     """
 
     edges: tuple[float, ...] = ()
@@ -45,7 +52,8 @@ def bins(reference: FeatureSummary | None, kind: str, max_categories: int) -> Bi
         return Bins()
     if kind == "numeric":
         return Bins(
-            edges=tuple(float(e) for e in numeric_edges(reference, reference)), shift=float(reference.mean or 0)
+            edges=tuple(float(e) for e in numeric_edges(reference, reference)),
+            shift=float(reference.mean) if reference.mean is not None and abs(reference.mean) <= MOMENT_BOUND else 0.0,
         )
     listed = sorted(((c, s) for c, s in reference.categories.items() if c != OTHER), key=lambda cs: (-cs[1], cs[0]))
     return Bins(categories=tuple(c for c, _ in listed[:max_categories]))
@@ -57,8 +65,8 @@ class ServingCounts:
 
     ``rows``: every row; ``missing``: NULL, NaN, ±inf, or not a number in a numeric
     column (text on SQLite), NULL in a categorical one. Numeric: ``shifted_sum`` and
-    ``shifted_squares`` of (value - ``Bins.shift``) over the present values,
-    ``bin_counts`` per bin of ``Bins.edges`` (len(edges) + 1). Categorical:
+    ``shifted_squares`` of (value - ``Bins.shift``) over the ``moment_rows`` present values
+    within ``MOMENT_BOUND``, ``bin_counts`` per bin of ``Bins.edges`` (len(edges) + 1). Categorical:
     ``category_counts`` per ``Bins.categories``, ``unlisted`` the other present values.
     """
 
@@ -66,6 +74,7 @@ class ServingCounts:
     missing: int
     shifted_sum: float = 0.0
     shifted_squares: float = 0.0
+    moment_rows: int = 0
     bin_counts: tuple[int, ...] = ()
     category_counts: tuple[int, ...] = ()
     unlisted: int = 0
@@ -110,13 +119,16 @@ def standardized_mean_difference(
 
     Unlike a ratio of means it is defined for features centred on 0 and reads the same
     whatever the unit: 0.5 is half a standard deviation. ``None`` when both standard
-    deviations are 0 and the means differ (two different constants); 0 when they are equal.
+    deviations are 0 and the means differ (two different constants), or when the
+    difference of the means overflows; 0 when they are equal.
     """
-    pooled = math.sqrt((serving_stddev**2 + training_stddev**2) / 2)
+    # hypot: squares of a stored stddev past 1e154 would overflow (the API accepts any float).
+    pooled = math.hypot(serving_stddev, training_stddev) / math.sqrt(2)
     difference = serving_mean - training_mean
     if pooled == 0.0:
         return 0.0 if difference == 0.0 else None
-    return difference / pooled
+    smd = difference / pooled
+    return smd if math.isfinite(smd) else None
 
 
 def _expected_categories(reference: FeatureSummary, listed: tuple[str, ...]) -> np.ndarray:
@@ -141,7 +153,7 @@ def feature_skew(
     present = counts.present
     missing_ratio = ratio(counts.missing, counts.rows)
     mean = stddev = None
-    if kind == "numeric" and present:
+    if kind == "numeric" and present and counts.moment_rows == present:  # else a value past MOMENT_BOUND
         offset = counts.shifted_sum / present
         mean = plan.shift + offset
         # Population variance from shifted moments; rounding may leave it a hair below 0.

@@ -437,3 +437,96 @@ def test_a_single_window(store, state_file):
     labels = frozenset({"model": "ctr", "window": "24h", "feature": "age_days"}.items())
     assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(_numeric(rows_w.age_days).mean(), rel=1e-9)
     assert got[("mlmon_serving_feature_rows", frozenset({"model": "ctr", "window": "24h"}.items()))] == len(rows_w)
+
+
+def test_huge_finite_values_leave_mean_and_stddev_absent_and_other_features_intact(store, state_file):
+    """Attack 2026-12-01: PostgreSQL raised on the overflowing Σx² of a value like 2e154 and
+    the whole features source went down; SQLite summed +1e308 and -1e308 into inf - inf.
+    Values past skew.MOMENT_BOUND keep their bins but are not summed: the feature's mean
+    and stddev are absent in the windows that hold one, every other feature is exact."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(7)
+    rows = _serving_rows(rng, dialect)
+    recent = sorted((r for r in rows if AS_OF - r["ts"] < timedelta(hours=1)), key=lambda r: r["id"])
+    older = sorted(
+        (r for r in rows if timedelta(hours=2) < AS_OF - r["ts"] < timedelta(hours=24)), key=lambda r: r["id"]
+    )
+    recent[0]["age_days"], older[0]["age_days"], older[1]["age_days"] = 2e154, 1e308, -1e308
+    _load(url, schema, rows)
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file))
+    frame = pd.DataFrame(rows)
+    assert got[("mlmon_source_up", frozenset({"model": "ctr", "source": "features"}.items()))] == 1.0
+    for window, span in WINDOWS.items():
+        labels = {"model": "ctr", "window": window}
+        age = frozenset({**labels, "feature": "age_days"}.items())
+        assert ("mlmon_serving_feature_mean", age) not in got
+        assert ("mlmon_feature_skew_standardized_mean_difference", age) not in got
+        assert ("mlmon_feature_skew_psi", age) in got  # bins need no sums
+        extra = _numeric(_window(frame, span).extra)
+        mean = got[("mlmon_serving_feature_mean", frozenset({**labels, "feature": "extra"}.items()))]
+        assert mean == pytest.approx(extra.mean(), rel=1e-9)
+
+
+def test_a_null_serving_version_has_serving_numbers_of_every_version_but_no_skew(store, state_file):
+    """Review 2026-12-01: a NULL version named no run but dropped the version filter and was
+    compared with the newest run, mixing versions; now it is compared with nothing."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(8)
+    rows = _serving_rows(rng, dialect)
+    rows[-1] |= {"ts": AS_OF - timedelta(seconds=0.5), "v": None}  # the newest prediction
+    _load(url, schema, rows)
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file))
+    frame = pd.DataFrame(rows)
+    for window, span in WINDOWS.items():
+        labels = frozenset({"model": "ctr", "window": window, "feature": "age_days"}.items())
+        assert got[("mlmon_serving_feature_rows", frozenset({"model": "ctr", "window": window}.items()))] == len(
+            _window(frame, span)
+        )
+        assert ("mlmon_feature_skew_psi", labels) not in got
+    assert not any(name == "mlmon_feature_skew_reference_info" for name, _ in got)
+
+
+def test_a_binary_version_column_is_compared_as_bytes(postgres_schema, state_file):
+    """Review 2026-12-01: PostgreSQL casts bytea to hex text ('\\x7631'), so a bytea version
+    'v1' matched no row and every window counted 0 while the skew said it compared v1."""
+    url, schema = postgres_schema
+    rng = np.random.default_rng(9)
+    rows = _serving_rows(rng, "postgresql")
+    _load(url, schema, rows)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {schema}.predictions ALTER COLUMN v TYPE bytea USING convert_to(v, 'UTF8')"))
+    engine.dispose()
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file))
+    frame = pd.DataFrame(rows)
+    assert got[("mlmon_feature_skew_reference_info", frozenset({"model": "ctr", "version": "v1"}.items()))] == 1.0
+    for window, span in WINDOWS.items():
+        count = got[("mlmon_serving_feature_rows", frozenset({"model": "ctr", "window": window}.items()))]
+        assert count == len(_window(frame, span)) > 0
+
+
+def test_a_feature_table_id_of_another_kind_names_the_features_id_key(tmp_path):
+    """The key is models[i].features.id (features have no columns.id)."""
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
+    from exporter.reasons import SchemaError
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    _load(url, None, [])
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE feats (rid TEXT, age_days REAL)"))
+    engine.dispose()
+    features = {"table": "feats", "id": "rid", "numeric": ["age_days"]}
+    settings = _settings(url, None, f"sqlite:///{tmp_path}/state.sqlite", features=features)
+    stores = Stores(settings.stores, settings.query_timeout)
+    try:
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        with pytest.raises(SchemaError) as error:
+            refresher.check_schema()
+    finally:
+        stores.dispose()
+    assert any(p.startswith("models[0].features.id: ") for p in error.value.problems), error.value.problems

@@ -30,7 +30,9 @@ def test_standardized_mean_difference_by_hand():
 
 def test_a_summary_of_the_other_kind_gives_no_bins_and_no_skew():
     assert bins(DEVICE, "numeric", 30) == Bins()
-    skew = feature_skew("1h", "device", "numeric", DEVICE, Bins(), ServingCounts(rows=4, missing=1, shifted_sum=6.0))
+    skew = feature_skew(
+        "1h", "device", "numeric", DEVICE, Bins(), ServingCounts(rows=4, missing=1, shifted_sum=6.0, moment_rows=3)
+    )
     assert skew.mean == 2.0 and skew.psi is None and skew.missing_ratio_delta is None
 
 
@@ -65,10 +67,43 @@ def test_numeric_psi_on_exact_value_bins_by_hand():
     plan = bins(HOUR, "numeric", 30)
     assert plan.edges == (1.0, 2.0) and plan.shift == 1.5
     # 4 rows: values 2, 2, 3 (above every training value) and one missing; shifted by 1.5
-    counts = ServingCounts(4, 1, shifted_sum=0.5 + 0.5 + 1.5, shifted_squares=0.25 + 0.25 + 2.25, bin_counts=(0, 2, 1))
+    counts = ServingCounts(
+        4, 1, shifted_sum=0.5 + 0.5 + 1.5, shifted_squares=0.25 + 0.25 + 2.25, moment_rows=3, bin_counts=(0, 2, 1)
+    )
     skew = feature_skew("1h", "hour", "numeric", HOUR, plan, counts)
     assert skew.mean == pytest.approx(7 / 3) and skew.stddev == pytest.approx(np.std([2, 2, 3]))
     e = np.maximum([0.5, 0.5, 0.0, 0.0], 1e-4)
     a = np.maximum([0.0, 0.5, 0.25, 0.25], 1e-4)
     assert skew.psi == pytest.approx(float(np.sum((a - e) * np.log(a / e))))
     assert skew.standardized_mean_difference == pytest.approx((7 / 3 - 1.5) / math.sqrt((np.var([2, 2, 3]) + 0.25) / 2))
+
+
+def test_stored_standard_deviations_past_1e154_do_not_overflow():
+    """The API accepts any finite float: squaring a stddev of 1e160 overflowed and downed the
+    model's features source (attack 2026-12-01). hypot does not square."""
+    assert standardized_mean_difference(50.0, 1e160, 50.0, 1e160) == 0.0
+    assert standardized_mean_difference(1e160, 1e160, 0.0, 1e160) == pytest.approx(1.0)
+    assert standardized_mean_difference(1e308, 1.0, -1e308, 1.0) is None  # the difference overflows
+
+
+def test_a_value_past_the_moment_bound_leaves_mean_and_stddev_absent_not_wrong():
+    """A window where one present value was not summed (|value| > MOMENT_BOUND) has bins and
+    a missing share but no mean, stddev or SMD: a stddev of 0.0 from cancelled infinities
+    would read as real."""
+    counts = ServingCounts(4, 0, shifted_sum=3.0, shifted_squares=5.0, moment_rows=3, bin_counts=(1, 2, 1))
+    skew = feature_skew("1h", "hour", "numeric", HOUR, bins(HOUR, "numeric", 30), counts)
+    assert skew.mean is None and skew.stddev is None and skew.standardized_mean_difference is None
+    assert skew.psi is not None and skew.missing_ratio == 0.0
+    huge = FeatureSummary.model_validate(
+        {
+            "name": "x",
+            "kind": "numeric",
+            "count": 10,
+            "missing_ratio": 0.0,
+            "mean": 1e200,
+            "stddev": 1.0,
+            "min": 0.0,
+            "max": 1e201,
+        }
+    )
+    assert bins(huge, "numeric", 30).shift == 0.0  # a shift past the bound would overflow the sums itself
