@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 #: The training run to compare with: ``(version, as_of)`` -> that version's run (``version``
 #: given) or the newest run trained by ``as_of`` (``None``); ``None`` when there is none.
 References = Callable[[str | None, datetime], TrainingRun | None]
-#: Numbers beyond the largest double are ±inf; NaN fails both comparisons on every engine
-#: (PostgreSQL and DuckDB order it above every number).
+#: Numbers beyond the largest double are ±inf; NaN fails at least one of the two comparisons
+#: on every engine (PostgreSQL and DuckDB order it above every number).
 _DOUBLE_MAX = 1.7976931348623157e308
 #: Column types a categorical feature may have (compared as text).
 CATEGORICAL_TYPES = (sa.String, sa.Boolean, sa.Integer)
@@ -86,9 +87,15 @@ def _as_text(column: sa.ColumnElement) -> sa.ColumnElement:
 
 
 def _present(dialect: str, column: sa.ColumnElement) -> sa.ColumnElement:
-    """True for a usable numeric value: a finite number (not NULL, NaN, ±inf or text)."""
-    value: sa.ColumnElement[float] = sa.cast(column, sa.Double())
-    conditions = [value >= -_DOUBLE_MAX, value <= _DOUBLE_MAX]
+    """True for a usable numeric value: a finite number (not NULL, NaN, ±inf or text, nor
+    past the double range: PostgreSQL's numeric holds 1e400, which it refuses to cast)."""
+    value: sa.ColumnElement[Any] = sa.cast(column, sa.Double())
+    bound: sa.ColumnElement[Any] = sa.literal(_DOUBLE_MAX, sa.Double())
+    if dialect == "postgresql" and isinstance(column.type, sa.Numeric) and not isinstance(column.type, sa.Float):
+        # Compared as numeric: the cast (or a comparison with a double) would raise for the
+        # whole statement.
+        value, bound = column, sa.literal(Decimal(repr(_DOUBLE_MAX)), sa.Numeric())
+    conditions = [value >= -bound, value <= bound]
     number = is_number(dialect, column)
     if number is not None:
         conditions.insert(0, number)  # first: SQLite's CAST('abc' AS REAL) is 0.0

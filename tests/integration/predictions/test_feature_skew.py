@@ -530,3 +530,28 @@ def test_a_feature_table_id_of_another_kind_names_the_features_id_key(tmp_path):
     finally:
         stores.dispose()
     assert any(p.startswith("models[0].features.id: ") for p in error.value.problems), error.value.problems
+
+
+def test_a_postgresql_numeric_past_the_double_range_is_missing_not_a_failed_statement(postgres_schema, state_file):
+    """Review 2026-12-01: CAST(1e400::numeric AS double precision) raises, and the features
+    of every column were lost while such a row was in the longest window."""
+    url, schema = postgres_schema
+    rng = np.random.default_rng(10)
+    rows = _serving_rows(rng, "postgresql")
+    _load(url, schema, rows)
+    newest = max(rows, key=lambda r: r["ts"])
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {schema}.predictions ALTER COLUMN extra TYPE numeric"))
+        conn.execute(sa.text(f"UPDATE {schema}.predictions SET extra = 1e400 WHERE id = :id"), {"id": newest["id"]})
+    engine.dispose()
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file))
+    frame = pd.DataFrame(rows)
+    frame.loc[frame.id == newest["id"], "extra"] = np.nan
+    assert got[("mlmon_source_up", frozenset({"model": "ctr", "source": "features"}.items()))] == 1.0
+    for window, span in WINDOWS.items():
+        extra = _numeric(_window(frame, span).extra)
+        labels = frozenset({"model": "ctr", "window": window, "feature": "extra"}.items())
+        assert got[("mlmon_serving_feature_missing_ratio", labels)] == pytest.approx(extra.isna().mean())
+        assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(extra.mean(), rel=1e-9)
