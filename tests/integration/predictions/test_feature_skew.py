@@ -370,14 +370,12 @@ def test_a_joined_feature_table_with_all_columns(store, state_file):
         assert got[("mlmon_serving_feature_missing_ratio", labels)] == pytest.approx(rows_w.device.isna().mean())
 
 
-def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
+def _schema_problems(url: str, tmp_path, features: dict) -> list[str]:
+    """The schema errors ``check_schema`` raises for model ``ctr`` with ``features``."""
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
     from exporter.reasons import SchemaError
 
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    _load(url, None, [])
-    features = {"numeric": ["age_days", "device", "gone"], "categorical": ["extra"]}
     settings = _settings(url, None, f"sqlite:///{tmp_path}/state.sqlite", features=features)
     stores = Stores(settings.stores, settings.query_timeout)
     try:
@@ -386,7 +384,14 @@ def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
             refresher.check_schema()
     finally:
         stores.dispose()
-    assert error.value.problems == [
+    return error.value.problems
+
+
+def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    _load(url, None, [])
+    features = {"numeric": ["age_days", "device", "gone"], "categorical": ["extra"]}
+    assert _schema_problems(url, tmp_path, features) == [
         "models[0].features.numeric: column 'device' of table 'predictions' has type VARCHAR; expected a number",
         "models[0].features.numeric: column 'gone' does not exist in table 'predictions' (columns: id, ts, p, v, "
         "age_days, hour, extra, device, country)",
@@ -510,26 +515,14 @@ def test_a_binary_version_column_is_compared_as_bytes(postgres_schema, state_fil
 
 def test_a_feature_table_id_of_another_kind_names_the_features_id_key(tmp_path):
     """The key is models[i].features.id (features have no columns.id)."""
-    from exporter.predictions.refresh import ModelRefresher
-    from exporter.predictions.stores import Stores
-    from exporter.reasons import SchemaError
-
     url = f"sqlite:///{tmp_path}/s.sqlite"
     _load(url, None, [])
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE feats (rid TEXT, age_days REAL)"))
     engine.dispose()
-    features = {"table": "feats", "id": "rid", "numeric": ["age_days"]}
-    settings = _settings(url, None, f"sqlite:///{tmp_path}/state.sqlite", features=features)
-    stores = Stores(settings.stores, settings.query_timeout)
-    try:
-        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
-        with pytest.raises(SchemaError) as error:
-            refresher.check_schema()
-    finally:
-        stores.dispose()
-    assert any(p.startswith("models[0].features.id: ") for p in error.value.problems), error.value.problems
+    problems = _schema_problems(url, tmp_path, {"table": "feats", "id": "rid", "numeric": ["age_days"]})
+    assert any(p.startswith("models[0].features.id: ") for p in problems), problems
 
 
 def test_a_postgresql_numeric_past_the_double_range_is_missing_not_a_failed_statement(postgres_schema, state_file):
