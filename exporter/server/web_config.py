@@ -22,6 +22,7 @@ import hashlib
 import math
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,7 +168,7 @@ class BasicAuth:
         self._on_refused = on_refused
         self._verified: set[bytes] = set()
         self._checks = ThreadPoolExecutor(max_workers=BCRYPT_THREADS, thread_name_prefix="bcrypt")
-        self._pending = 0
+        self._pending: Counter[str] = Counter()  # bcrypt checks waiting or running, by client address
         self._failures = limits.strategies.MovingWindowRateLimiter(limits.storage.MemoryStorage())
         self._failure_limit = limits.RateLimitItemPerMinute(FAILURES_PER_MINUTE)
 
@@ -228,15 +229,21 @@ class BasicAuth:
         if credentials is None:
             return "unauthorized"
         address = client[0] if client else "unknown"
-        if not self._failures.test(self._failure_limit, address):
+        # A check in progress counts as a failure until it ends. The budget is read and the
+        # check counted with no await between (one event loop: nothing interleaves), so that
+        # parallel guesses cannot all pass before the first failure is counted (16 did).
+        remaining = self._failures.get_window_stats(self._failure_limit, address).remaining
+        if remaining - self._pending[address] <= 0:
             return "rate_limited"
-        if self._pending >= MAX_PENDING_CHECKS:
+        if self._pending.total() >= MAX_PENDING_CHECKS:
             return "overloaded"
-        self._pending += 1
+        self._pending[address] += 1
         try:
             allowed = await asyncio.get_running_loop().run_in_executor(self._checks, self._check, *credentials)
         finally:
-            self._pending -= 1
+            self._pending[address] -= 1
+            if not self._pending[address]:
+                del self._pending[address]
         if allowed:
             self._verified.add(digest)
             return None

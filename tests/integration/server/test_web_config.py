@@ -236,6 +236,44 @@ def test_failed_attempts_are_rate_limited_per_client_address(tmp_path):
     assert refusals == {"unauthorized": 10 + FAILURES_PER_MINUTE + 1, "rate_limited": 3, "overloaded": 0}
 
 
+def test_parallel_guesses_from_one_address_get_no_more_checks_than_the_limit(tmp_path):
+    """16 wrong passwords sent at once from one address (each on its own connection): the
+    budget is read and the check counted in one step, so exactly FAILURES_PER_MINUTE get a
+    bcrypt check (401) and the rest 429. Before, a failure was counted only when its check
+    ended, so every guess sent while the first checks ran got a check of its own (16 x 401)."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    server, base = _serve_with_basic_auth(tmp_path, hashed)
+    guesses = 16
+    statuses: list[int] = []
+    try:
+        clients = [
+            httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.2.3"), timeout=30) for _ in range(guesses)
+        ]
+        for client in clients:  # connections open first, so that the guesses leave together
+            assert client.get(f"{base}/healthz").status_code == 200
+        start = threading.Barrier(guesses)
+
+        def guess(n: int) -> None:
+            start.wait()
+            statuses.append(clients[n].get(f"{base}/metrics", auth=("prometheus", f"guess{n}")).status_code)
+
+        threads = [threading.Thread(target=guess, args=(n,)) for n in range(guesses)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        refusals = _refusals(base)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert sorted(statuses) == [401] * FAILURES_PER_MINUTE + [429] * (guesses - FAILURES_PER_MINUTE)
+    assert refusals == {
+        "unauthorized": FAILURES_PER_MINUTE,
+        "rate_limited": guesses - FAILURES_PER_MINUTE,
+        "overloaded": 0,
+    }
+
+
 def test_a_tls_handshake_that_never_comes_is_closed_at_the_header_deadline(tmp_path, certificate):
     """asyncio's own handshake timeout is 60 s, and the header deadline starts only after
     the handshake: a connection that never sends its ClientHello is closed at
