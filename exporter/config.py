@@ -135,6 +135,10 @@ class Store(Strict):
     url_file: Path | None = None
     password: str | None = Field(default=None, repr=False)
     password_file: Path | None = None
+    max_connections: int | None = Field(default=None, ge=1, le=1000)
+    """The most connections mlmon holds to this database at once; default one per thread
+    that uses it at once (``mlmon serve``: one per model reading the store), at most
+    ``db.DEFAULT_MAX_CONNECTIONS``. Refreshes beyond them wait for a free connection."""
 
     @model_validator(mode="after")
     def _one_url(self) -> Store:

@@ -9,10 +9,12 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.default import DefaultDialect
 
 #: Query parameters of a URL that may carry a credential (``?password=`` is honoured by
 #: psycopg and libpq, ``sslpassword``, tokens and keys by other drivers): masked when shown.
@@ -56,17 +58,57 @@ def _sqlite_math(dbapi_connection, _record) -> None:
         )
 
 
+#: The page cache of each SQLite connection, in KiB (SQLite's default is 2 MiB). mlmon's
+#: reads scan by index and aggregate, so a larger cache buys little, while every pooled
+#: connection keeps its cache filled for as long as it lives.
+SQLITE_CACHE_KIB = 256
+
+
+def _sqlite_cache(dbapi_connection, _record) -> None:
+    dbapi_connection.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")  # negative: KiB, not pages
+
+
+#: The connections a database's pool may hold when its config sets no ``max_connections``:
+#: PostgreSQL allows 100 for all its clients by default.
+DEFAULT_MAX_CONNECTIONS = 10
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """How many connections an engine's pool holds, and how long a checkout waits for one.
+
+    ``connections``: as many as threads use the engine at once (each holding one connection
+    at a time), at most the database's ``max_connections``. The pool keeps them open and
+    opens no others (no overflow): an overflow connection is closed when it is returned, so
+    50 refreshes sharing a pool of 5 (+ 10 overflow) opened and closed connections all the
+    time, and resident memory grew (docs/reliability.md). With more users than
+    connections, the others wait for one in turn.
+    ``wait``: seconds a checkout waits for a free connection before raising
+    ``sqlalchemy.exc.TimeoutError`` (``reason="timeout"``): the longest deadline of the
+    refreshes that use the engine, so that waiting for a connection is never a timeout
+    before the refresh is reported stalled at its own deadline.
+    """
+
+    connections: int
+    wait: float
+
+
 #: The drivers mlmon's extras install (pyproject.toml), by SQLAlchemy URL scheme.
 _DRIVER_EXTRAS = {"postgresql+psycopg": "postgresql", "duckdb": "duckdb"}
 
 
-def create_store_engine(url: str | sa.URL, connect_timeout: float | None = None) -> Engine:
-    """A pooled engine for one store URL, with per-dialect setup (SQLite math functions;
-    ``predictions.stores.Stores`` adds the time-zone function its time columns use).
+def create_store_engine(
+    url: str | sa.URL, connect_timeout: float | None = None, pool: PoolSize | None = None
+) -> Engine:
+    """A pooled engine for one store URL, with per-dialect setup (SQLite math functions and
+    a ``SQLITE_CACHE_KIB`` page cache; ``predictions.stores.Stores`` adds the time-zone
+    function its time columns use).
 
     With ``connect_timeout`` (seconds), PostgreSQL connections give up connecting after it,
     use TCP keepalives (so that a server that vanished mid-query is noticed) and carry the
-    application name ``mlmon``.
+    application name ``mlmon``. With ``pool``, a dialect pooling by queue (SQLite files,
+    PostgreSQL, DuckDB) keeps exactly ``pool.connections`` (``PoolSize``); without it, or for
+    a database with one connection per thread (in-memory SQLite), SQLAlchemy's default pool.
 
     Raises:
         sqlalchemy.exc.ArgumentError: the URL is not a SQLAlchemy URL.
@@ -85,7 +127,13 @@ def create_store_engine(url: str | sa.URL, connect_timeout: float | None = None)
             "application_name": "mlmon",
         }
     try:
-        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        parsed = sa.make_url(url)
+        sizing = {}
+        dialect = parsed.get_dialect()
+        queued = issubclass(dialect, DefaultDialect) and issubclass(dialect.get_pool_class(parsed), sa.QueuePool)
+        if pool is not None and queued:
+            sizing = {"pool_size": pool.connections, "max_overflow": 0, "pool_timeout": pool.wait}
+        engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args, **sizing)
     except sa.exc.NoSuchModuleError:  # "Can't load plugin: sqlalchemy.dialects:postgres" names no fix
         raise sa.exc.NoSuchModuleError(_unknown_dialect(sa.make_url(url).drivername)) from None
     except ImportError as exc:  # SQLAlchemy imports the driver here; a bare traceback helps nobody
@@ -100,6 +148,7 @@ def create_store_engine(url: str | sa.URL, connect_timeout: float | None = None)
         raise sa.exc.NoSuchModuleError(f"the driver of {driver!r} is not installed: {hint}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_math)
+        sa.event.listen(engine, "connect", _sqlite_cache)
     return engine
 
 

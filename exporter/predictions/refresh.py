@@ -87,6 +87,13 @@ def worst_case_duration(model: ModelConfig, query_timeout: timedelta) -> timedel
     return (worst_case_queries(model) + connections) * query_timeout
 
 
+def refresh_deadline(model: ModelConfig, policy: RefreshPolicy) -> timedelta:
+    """How long a refresh of ``model`` may run before it is reported stalled:
+    ``refresh_timeout``, or the longest a refresh that works may take, at least one refresh
+    interval plus one query timeout (``RefreshPolicy.deadline``, ``worst_case_duration``)."""
+    return policy.deadline(worst_case_duration(model, policy.query_timeout))
+
+
 def training_references(state: StateDatabase, model: str) -> References:
     """Where the features source of ``model`` reads the training run it is compared with
     (``training.storage.load_run``); a failure makes the state database migrate again on
@@ -234,11 +241,8 @@ class ModelRefresher:
             return self._snapshot(now.timestamp(), sources)
 
     def deadline(self) -> timedelta:
-        """How long a refresh may run before it is reported stalled: ``refresh_timeout``,
-        or the longest a refresh that works may take, at least one refresh interval plus
-        one query timeout: ``worst_case_queries`` statements and a connection per source,
-        each up to ``query_timeout``."""
-        return self.policy.deadline(worst_case_duration(self.model, self.policy.query_timeout))
+        """How long a refresh may run before it is reported stalled (``refresh_deadline``)."""
+        return refresh_deadline(self.model, self.policy)
 
     def _snapshot(self, now: float, sources: dict[str, SourceStatus]) -> ModelSnapshot:
         predictions = self.predictions.health.fresh(now)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from exporter.config import Store, TableSource
-from exporter.db import create_store_engine, require_existing_sqlite_file
+from exporter.db import PoolSize, create_store_engine, require_existing_sqlite_file
 from exporter.reasons import SchemaError
 
 _MICROSECOND = timedelta(microseconds=1)
@@ -518,11 +518,16 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
 
 class Stores:
     """The engines of the configured stores (``stores`` of the config, by name), created
-    lazily, disposed together; each connection's statements end after ``query_timeout``."""
+    lazily, disposed together; each connection's statements end after ``query_timeout``.
+    ``pools`` sizes the pool of each store it names (``db.PoolSize``; ``server.app.store_pools``
+    for ``mlmon serve``), the others get SQLAlchemy's default pool (one thread at a time)."""
 
-    def __init__(self, stores: Mapping[str, Store], query_timeout: timedelta):
+    def __init__(
+        self, stores: Mapping[str, Store], query_timeout: timedelta, pools: Mapping[str, PoolSize] | None = None
+    ):
         self._stores = stores
         self._query_timeout = query_timeout.total_seconds()
+        self._pools = pools or {}
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
 
@@ -542,7 +547,7 @@ class Stores:
                 except ValueError as exc:  # a url_file rewritten since the config was loaded
                     raise SchemaError(f"stores.{name}.{exc}") from None  # "url_file: not a SQLAlchemy URL ..."
                 require_existing_sqlite_file(url)  # monitored stores are read, never created
-                engine = create_store_engine(url, self._query_timeout)
+                engine = create_store_engine(url, self._query_timeout, self._pools.get(name))
                 if engine.dialect.name == "sqlite":  # time columns of a zone other than UTC call it
                     sa.event.listen(engine, "connect", _sqlite_functions)
                 self._engines[name] = engine

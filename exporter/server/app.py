@@ -7,6 +7,7 @@ import gzip
 import logging
 import time
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -19,12 +20,14 @@ from starlette.types import Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from exporter import __version__
-from exporter.config import Settings
+from exporter.config import Settings, Store
+from exporter.db import DEFAULT_MAX_CONNECTIONS, PoolSize
+from exporter.predictions.refresh import refresh_deadline
 from exporter.predictions.stores import Stores
 from exporter.server.collector import build_registry, render
 from exporter.server.loop import RefreshLoop
 from exporter.snapshot import SnapshotStore
-from exporter.training.api import document_training_run, training_api
+from exporter.training.api import STATE_THREADS, document_training_run, training_api
 from exporter.training.storage import StateDatabase
 
 log = logging.getLogger(__name__)
@@ -109,12 +112,45 @@ class ExpositionCache:
             await asyncio.sleep(1.0)
 
 
+def store_pools(settings: Settings) -> dict[str, PoolSize]:
+    """The pool of each store that models read, for ``mlmon serve`` (``db.PoolSize``).
+
+    Every model refreshes in a thread of its own and holds one connection at a time, of
+    its predictions' store (its sources run one after another there, each table reflected
+    before its connection is taken), so a store has as many users at once as models read
+    it: that many connections, at most its ``max_connections``. A checkout waits up to the
+    longest deadline of those models (``predictions.refresh.refresh_deadline``)."""
+    users: dict[str, int] = {}
+    waits: dict[str, timedelta] = {}
+    for model in settings.models:
+        name = model.predictions.store
+        users[name] = users.get(name, 0) + 1
+        deadline = refresh_deadline(model, settings.refresh_policy)
+        waits[name] = max(waits.get(name, deadline), deadline)
+    return {name: _pool(settings.stores[name], users[name], waits[name]) for name in users}
+
+
+def state_pool(settings: Settings) -> PoolSize:
+    """The state database's pool for ``mlmon serve`` (``db.PoolSize``): its users at once are
+    the training API's ``STATE_THREADS``, the training refresh and the refresh of each model
+    with features (which reads the training run it compares with, one connection at a time);
+    a checkout waits up to the longest deadline of those refreshes."""
+    policy = settings.refresh_policy
+    featured = [model for model in settings.models if model.features is not None]
+    wait = max([policy.deadline(), *(refresh_deadline(model, policy) for model in featured)])
+    return _pool(settings.state, STATE_THREADS + 1 + len(featured), wait)
+
+
+def _pool(database: Store, users: int, wait: timedelta) -> PoolSize:
+    return PoolSize(min(users, database.max_connections or DEFAULT_MAX_CONNECTIONS), wait.total_seconds())
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The ASGI app. The refresh loop starts with the app's lifespan and stops with it."""
     store = SnapshotStore([m.name for m in settings.models])
     registry = build_registry(store, settings.thresholds)
-    stores = Stores(settings.stores, settings.query_timeout)
-    state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds())
+    stores = Stores(settings.stores, settings.query_timeout, store_pools(settings))
+    state = StateDatabase(settings.state.resolved_url(), settings.query_timeout.total_seconds(), state_pool(settings))
     loop = RefreshLoop(settings, store, stores, state)
     exposition = ExpositionCache(registry, store)
 

@@ -45,7 +45,8 @@ RETRY_AFTER_SECONDS = 5
 #: The state database's calls get threads of their own (one pool per process): while it
 #: hangs (until its statement_timeout), they must not take the default executor's few
 #: threads, which render /metrics and check basic-auth passwords.
-_STATE_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="state-db")
+STATE_THREADS = 4
+_STATE_POOL = ThreadPoolExecutor(max_workers=STATE_THREADS, thread_name_prefix="state-db")
 
 
 def training_api(
@@ -105,7 +106,7 @@ def training_api(
 
     async def in_state_db(fn, *args):
         try:
-            return await asyncio.get_running_loop().run_in_executor(_STATE_THREADS, lambda: fn(state.ready(), *args))
+            return await asyncio.get_running_loop().run_in_executor(_STATE_POOL, lambda: fn(state.ready(), *args))
         except sa.exc.SQLAlchemyError as exc:
             state.failed()
             log.warning("state database failed: %s", first_line(exc))

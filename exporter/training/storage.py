@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.ext.compiler import compiles
 
-from exporter.db import create_store_engine
+from exporter.db import PoolSize, create_store_engine
 from exporter.training.schema import (
     BASELINE_AGE,
     TrainingRun,
@@ -76,11 +76,12 @@ class StateDatabase:
 
     With ``timeout`` (seconds), PostgreSQL connections give up connecting after it and every
     statement is cancelled on the server after it (``statement_timeout``): a write waiting on
-    a lock must end as an error (a 503 of the API), not hold a thread for ever.
+    a lock must end as an error (a 503 of the API), not hold a thread for ever. ``pool``
+    sizes its connection pool (``server.app.state_pool``), as ``db.create_store_engine``.
     """
 
-    def __init__(self, url: sa.URL | str, timeout: float | None = None):
-        self.engine = create_store_engine(url, timeout)
+    def __init__(self, url: sa.URL | str, timeout: float | None = None, pool: PoolSize | None = None):
+        self.engine = create_store_engine(url, timeout, pool)
         if timeout is not None and self.engine.dialect.name == "postgresql":
             sa.event.listen(self.engine, "connect", _statement_timeout(timeout))
         self._migrated = False
