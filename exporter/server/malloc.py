@@ -6,9 +6,10 @@ running refresh) allocate in many arenas, and memory freed there stays resident:
 load test (50 models every 15 s, tests/integration/server/test_soak.py) resident memory
 rose by about 3 MB a minute, outside the Python heap, with a thread per refresh and with
 one long-lived thread per model alike; with at most 2 arenas (``MALLOC_ARENA_MAX=2``,
-or this module) it was flat for 10 minutes, then grew by about 1.3 MB a minute, a part
-not explained yet (docs/reliability.md). Python's own small objects come from pymalloc,
-which needs no such tuning.
+or this module) it was flat for 10 minutes, then grew by about 1.3 MB a minute, from
+store connections opened and closed at every refresh (fixed by pools sized to the models:
+``server.app.store_pools``, docs/reliability.md). Python's own small objects come from
+pymalloc, which needs no such tuning.
 """
 
 from __future__ import annotations
