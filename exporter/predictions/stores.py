@@ -186,11 +186,13 @@ class TimeColumn:
     ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL expression that
     windows compare with ``bind(instant)``; wall-clock times go through ``to_wall_clock``
     and ``from_wall_clock``, which keep windows consistent across daylight-saving changes.
+    ``stored`` is the column itself (``expr`` but for SQLite text, which ``expr`` normalises).
     """
 
     expr: sa.ColumnElement
     kind: str
     zone: str
+    stored: sa.ColumnElement
 
     def bind(self, instant: datetime):
         """The value to compare ``expr`` with for a timezone-aware ``instant``."""
@@ -236,6 +238,12 @@ class TimeColumn:
         in_range = self.between(None, None)
         return sa.or_(self.expr.is_(None), sa.not_(in_range))
 
+    def written_unreadable(self) -> sa.ColumnElement:
+        """A predicate true (never NULL) for rows whose timestamp is written but no instant:
+        ``unreadable`` but for NULL as stored (a label row whose arrival time is NULL is a
+        placeholder for a label to come; SQLite stores a written NaN as NULL)."""
+        return sa.and_(self.stored.is_not(None), self.unreadable())
+
     def to_epoch(self, value) -> float | None:
         """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``);
         ``between`` keeps every other value out of what is read, so this never raises."""
@@ -262,11 +270,11 @@ def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -
     """
     column = table.c[name]
     if isinstance(column.type, NUMBER_TYPES):
-        return TimeColumn(column, "epoch", source.timezone)
+        return TimeColumn(column, "epoch", source.timezone, column)
     if dialect == "sqlite":
-        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
+        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone, column)
     aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
-    return TimeColumn(column, "aware" if aware else "naive", source.timezone)
+    return TimeColumn(column, "aware" if aware else "naive", source.timezone, column)
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)

@@ -220,7 +220,11 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         want = _expected_online(predictions, labels, span, delay, missing)
         assert online.predictions == want["predictions"], window
         assert online.labeled == want["labeled"] and online.positives == want["positives"], window
-        assert online.invalid_labels == {"conflicting": want["conflicting"], "invalid_value": want["invalid_value"]}
+        assert online.invalid_labels == {
+            "conflicting": want["conflicting"],
+            "invalid_value": want["invalid_value"],
+            "bad_timestamp": 0,  # every label time here is an instant
+        }
         assert online.label_coverage == pytest.approx(want["label_coverage"], rel=1e-12)
         assert online.logloss == pytest.approx(want["logloss"], rel=1e-12)
         assert online.roc_auc == pytest.approx(want["roc_auc"], abs=(online.roc_auc_error_bound or 0) + 1e-12)
