@@ -469,8 +469,10 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     number columns take numbers (integer columns: integers in the range of
     ``integer_range``), boolean columns take booleans, uuid columns take a uuid as text;
     a column of another kind (date-time, binary) cannot be filtered on; a type SQLAlchemy
-    does not know is not checked. PostgreSQL text holds no NUL character (psycopg refuses
-    to send one).
+    does not know is not checked, except that a SQLite column declared without a type
+    (compared as stored, and SQLite stores no booleans: ``false`` would match the integer
+    0, never the text 'NO') takes no boolean. PostgreSQL text holds no NUL character
+    (psycopg refuses to send one).
 
     Raises:
         SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
@@ -478,6 +480,12 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     column_type = table.c[name].type
     kind = type_kind(column_type)
     if kind is None:
+        if dialect == "sqlite" and isinstance(column_type, sa.types.NullType) and isinstance(value, bool):
+            raise SchemaError(
+                f"{key_path}: YAML read {_yaml_read(value, kind)}, but column {name!r} of table {table.name!r} "
+                "has no declared type, so SQLite compares its values as stored, and it stores no booleans: "
+                "write the value in quotes exactly as stored, or 1 or 0 for a stored integer"
+            )
         return
     where = f"column {name!r} of table {table.name!r} has type {column_type}"
     if kind not in _FILTER_VALUES:
@@ -505,15 +513,20 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
         except ValueError:
             fits, advice = False, "uuids, which this text is not"
     if not fits:
-        if isinstance(value, bool):
-            read = f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"
-        elif isinstance(value, str):
-            read = f"the text {value!r}"
-        else:
-            read = f"the number {_number_text(value)}"
-            if kind == "text":
-                read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
-        raise SchemaError(f"{key_path}: YAML read {read}, but {where}, which holds {advice}")
+        raise SchemaError(f"{key_path}: YAML read {_yaml_read(value, kind)}, but {where}, which holds {advice}")
+
+
+def _yaml_read(value: str | float | bool, kind: str | None) -> str:
+    """What YAML read for a filter value, as an error names it; for a boolean, or a number
+    against a text column, also how YAML came to read it."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()} (YAML reads unquoted yes/no/on/off/true/false as booleans)"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    read = f"the number {_number_text(value)}"
+    if kind == "text":
+        read += " (YAML reads unquoted digits as a number: 1.10 becomes 1.1, 007 becomes 7)"
+    return read
 
 
 class Stores:

@@ -145,8 +145,12 @@ class RefreshLoop:
             if wake is None:
                 await asyncio.sleep(rest)
             else:
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancel that comes as the
+                # event is set (a run stored just before shutdown), and stop() then waited
+                # for this task forever. asyncio.timeout lets that cancel through.
                 try:
-                    await asyncio.wait_for(wake.wait(), timeout=rest)
+                    async with asyncio.timeout(rest):
+                        await wake.wait()
                 except TimeoutError:
                     pass
 

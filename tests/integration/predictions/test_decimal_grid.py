@@ -117,6 +117,46 @@ def test_neighbours_of_the_edges_fall_on_the_right_side(store):
     assert np.array_equal(keys[: 10**k], np.arange(10**k))  # just below edge m + 1: bucket m
 
 
+def test_scores_in_a_decimal_column_land_in_the_bucket_of_their_digits(store):
+    """Scores stored as NUMERIC(7, 5) (PostgreSQL and DuckDB keep the decimal; SQLite's
+    NUMERIC affinity keeps a REAL, and an INTEGER for 0 and 1): each of 0.000 .. 1.000 and
+    random 5-decimal scores is in bucket floor(digits / 10^(5 - k)) of its written digits,
+    integer arithmetic, at k = 2 and 3; and the 3-decimal value is its bucket's lowest."""
+    url, schema, _ = store
+    rng = np.random.default_rng(11)
+    digits = np.concatenate([np.arange(0, N5 + 1, 100), rng.integers(0, N5 + 1, 2000)])  # score * 10^5
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"CREATE TABLE {_qualified(schema, 'predictions')} (id BIGINT, ts TIMESTAMP, p NUMERIC(7, 5))")
+        )
+        conn.execute(
+            sa.text(f"INSERT INTO {_qualified(schema, 'predictions')} VALUES (:id, :ts, :p)"),
+            [
+                {"id": i, "ts": datetime(2024, 6, 1, 11, 30), "p": f"{d // N5}.{d % N5:05d}"}  # the text as written
+                for i, d in enumerate(digits.tolist())
+            ],
+        )
+    engine.dispose()
+    settings = _settings(url, schema, labels=False)
+    for k in (2, 3):
+        stores = Stores(settings.stores, settings.query_timeout)
+        try:
+            model = settings.models[0].model_copy(update={"bucket_decimals": k})
+            q = ModelRefresher(model, "models[0]", settings.refresh_policy, stores).predictions.queries()
+            window = Windows.ending(AS_OF, [timedelta(hours=1)])
+            keyed = sa.select(q.rows(window, DuplicateIds.none(1))).subquery()
+            with stores.engine("s").connect() as conn:
+                got = dict(conn.execute(sa.select(keyed.c.id, q._key(keyed.c.score))).all())
+                lows = {int(r.key): float(r.low_0) for r in conn.execute(q.histogram(window, DuplicateIds.none(1)))}
+        finally:
+            stores.dispose()
+        step = 10 ** (5 - k)
+        assert [int(got[i]) for i in range(len(digits))] == (digits // step).tolist(), k
+        if k == 3:  # every 3-decimal value is present: it is its bucket's lowest score
+            assert lows == {m: float(f"{m // 1000}.{m % 1000:03d}") for m in range(1001)}
+
+
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=50), st.integers(1, 5))
 def test_grid_index_cell_encloses_every_float(values, k):
     keys = grid_index(np.array(values), 10**k)

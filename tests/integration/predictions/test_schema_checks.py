@@ -338,6 +338,51 @@ def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, sto
         assert snap.online[0].roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
+#: (filter as written in YAML, the ROWS it keeps by hand, or None: refused)
+UNTYPED_FILTERS = {
+    "no-read-as-false": ("{market: NO}", None),
+    "yes-read-as-true": ("{active: yes}", None),
+    "quoted-no": ('{market: "NO"}', [1, 2, 4, 6]),
+    "integer": ("{shard: 3}", [1, 2, 5, 6]),
+    "stored-integer-for-a-flag": ("{active: 1}", [1, 3, 4, 6]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNTYPED_FILTERS))
+def test_a_sqlite_column_without_a_declared_type_takes_no_boolean_filter(case, tmp_path):
+    """A SQLite column declared without a type compares its values as stored, and SQLite
+    stores no booleans: YAML's ``NO`` (false, bound as 0) would silently match no 'NO'
+    row, so check-config refuses it naming the key; text and numbers select their rows."""
+    filter_yaml, kept = UNTYPED_FILTERS[case]
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p REAL, market, shard, active)"))
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
+        for i, minute, score, label, market, _, shard, active, _ in ROWS:
+            conn.execute(
+                sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :m, :s, :a)"),
+                {"i": i, "ts": datetime(2024, 6, 1, 11, minute), "p": score, "m": market, "s": shard, "a": int(active)},
+            )
+            conn.execute(sa.text("INSERT INTO labels VALUES (:i, :y)"), {"i": i, "y": label})
+    engine.dispose()
+    path = _config(tmp_path, url, None, filter_yaml, replays=False)
+    result = _check_config(path)
+    snap = _refresh(path)
+    if kept is None:
+        assert result.exit_code == 2, result.output
+        key = filter_yaml.strip("{}").split(":")[0]
+        line = next(line for line in result.output.splitlines() if f"models[0].predictions.filter.{key}:" in line)
+        assert "the boolean" in line and "no declared type" in line and "in quotes" in line, line
+        assert _errors(snap) == {("predictions", "schema"): 1, ("labels", "schema"): 1}
+    else:
+        assert result.exit_code == 0, result.output
+        assert not _errors(snap), _errors(snap)
+        scores = np.array([r[2] for r in ROWS if r[0] in kept])
+        assert snap.score_stats[0].predictions == snap.online[0].labeled == len(kept)
+        assert snap.score_stats[0].mean == pytest.approx(scores.mean(), rel=1e-12)
+
+
 @pytest.mark.postgres
 def test_an_operator_missing_for_the_column_types_counts_as_a_schema_error(postgres_engine):
     # For column types the checks above cannot classify, PostgreSQL's own refusal

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import SchemaError
-from tests.conftest import zoned_predictions_settings
+from tests.conftest import model_settings, zoned_predictions_settings
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
@@ -355,3 +355,32 @@ def test_epoch_seconds_at_the_edges_of_the_instant_range(tmp_path):
     assert snap.last_prediction_timestamp == first
     assert snap.future_predictions == 1  # end - 1
     assert snap.score_stats[0].invalid["bad_timestamp"] == 2
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Paris"])
+def test_sqlite_iso_text_label_timestamps(tmp_path, zone):
+    """Labels with their arrival time as ISO-8601 text in a TEXT column, in every readable
+    form and some unreadable ones, predictions stamped 11:30Z: a label counts when it arrived
+    in [window start, refresh time) = [11:00Z, 12:00Z), read with the labels' own zone; an
+    unreadable arrival time is a label that has not arrived. Expected from
+    ``datetime.fromisoformat``."""
+    stamps = READABLE + UNREADABLE
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TEXT, p REAL)"))
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER, ts TEXT)"))
+        for i, stamp in enumerate(stamps):
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:i, '2024-06-01T11:30:00Z', 0.5)"), {"i": i})
+            conn.execute(sa.text("INSERT INTO labels VALUES (:i, :y, :ts)"), {"i": i, "y": i % 2, "ts": stamp})
+    engine.dispose()
+    settings = model_settings(url, labels={"timezone": zone, "columns": {"timestamp": "ts"}})
+    (snap,) = _refresh(settings, AS_OF)
+    assert all(s.up for s in snap.sources.values()), snap.errors
+    arrived = [i for i, text in enumerate(READABLE) if AS_OF - WINDOWS["1h"] <= _instant(text, zone) < AS_OF]
+    assert 0 < len(arrived) < len(READABLE)
+    online = snap.online[0]
+    assert online.predictions == len(stamps)
+    assert online.labeled == len(arrived)
+    assert online.positives == sum(i % 2 for i in arrived)
+    assert online.label_coverage == pytest.approx(len(arrived) / len(stamps))

@@ -94,6 +94,30 @@ def test_report_is_idempotent_and_a_changed_body_conflicts(state_url):
         assert client.get("/api/v1/models/nope/versions").status_code == 404
 
 
+def test_versions_are_listed_in_training_order_not_text_order(state_url):
+    """Issue 11: versions appear in training order wherever a person reads them. Reported
+    in an order that is neither their training order nor their text order (v10 < v3 as
+    text), with two trained at the same instant: newest trained first, a tie by arrival
+    (the later report first)."""
+    trained = {  # version -> training day; v9b arrives after v9a, both trained on day 3
+        "v3": 1,
+        "v9a": 3,
+        "v9b": 3,
+        "v10": 10,
+        "v11": 11,
+        "v2-hotfix": 12,
+    }
+    arrival = ["v11", "v9a", "v2-hotfix", "v3", "v10", "v9b"]
+    with TestClient(app_for(state_url)) as client:
+        for version in arrival:
+            body = run(version, trained_at=f"2026-11-{trained[version]:02d}T10:00:00Z")
+            assert client.post("/api/v1/training-runs", json=body).status_code == 201
+        listed = [v["version"] for v in versions(client)]
+    by_hand = ["v2-hotfix", "v11", "v10", "v9b", "v9a", "v3"]
+    assert listed == by_hand
+    assert listed != sorted(listed, reverse=True)  # text order would differ
+
+
 def test_token_required_when_configured(state_url, caplog):
     near_miss = TOKEN[:-1] + "X"
     with TestClient(app_for(state_url, token=TOKEN)) as client:

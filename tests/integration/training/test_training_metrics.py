@@ -524,6 +524,36 @@ def test_new_category_hidden_in_the_previous_versions_other_reads_the_least_cons
     assert got <= raw_psi(*full)
 
 
+def test_new_category_hidden_in_other_through_the_client_and_the_training_refresh(state_url):
+    """The same case end to end: raw rows summarized by the client (top 20 of 25, then 26
+    categories), reported, read back by the training refresh from the state database; the
+    exported PSI is the least PSI scipy finds among distributions consistent with the two
+    summaries, and at most the raw rows' PSI over the same bins."""
+    names = [f"c{i:02d}" for i in range(25)]
+    weights = 1 / np.arange(1, 26) ** 0.4
+    p = weights / weights.sum()
+
+    def rows(shares: np.ndarray, categories: list[str], n: int = 10_000) -> np.ndarray:
+        counts = np.round(shares * n).astype(int)
+        return np.resize(np.repeat(np.array(categories, dtype=object), counts), n)
+
+    reference, current = rows(p, names), rows(np.append(0.78 * p, 0.22), [*names, "new"])
+    a, b = (
+        build_training_run(
+            model="ctr", version=v, trained_at=NOW - timedelta(days=d), training_data=pd.DataFrame({"f": x})
+        )
+        for v, d, x in (("a", 1, reference), ("b", 0, current))
+    )
+    (ref,), (cur,) = a.features, b.features
+    assert "new" in cur.categories and "new" not in ref.categories and OTHER in ref.categories
+    report(state_url, a, b)
+    got = value(samples(state_url), "mlmon_training_feature_psi", model="ctr", feature="f")
+    least = least_consistent_psi(ref.categories, cur.categories)
+    assert least > 0.4
+    assert got == pytest.approx(least, abs=1e-6)
+    assert got <= union_bins_psi(reference, current, ref.categories, cur.categories) + 1e-12
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_top_k_psi_is_at_most_that_of_any_data_consistent_with_the_summaries(seed):
     """Random raw data (categories, missing values), summarized by the client with a small
