@@ -400,3 +400,35 @@ def test_systematic_clicks_keep_each_probability_and_every_stretch_near_its_sum(
     p = np.array([0.05, 0.5, 0.2, 0.9, 0.01])
     rate = np.mean([_systematic_clicks(p, u)[0] for u in rng.uniform(size=20_000)], axis=0)
     assert rate == pytest.approx(p, abs=0.015)
+
+
+def test_feed_serves_user_age_in_hours_as_feature_skew(seeded, exposition, runs):
+    """The demo's skew incident (README): ctr_feed is served ``user_age_days`` in hours. The
+    serving mean is that of the served rows (pandas), 24 times the serving version's
+    training mean, and its PSI is the only one past the alert threshold."""
+    predictions = _read(seeded, "predictions")
+    end = pd.Timestamp(NOW).tz_localize(None)
+    for model in MODELS:
+        rows = predictions[
+            (predictions["model_name"] == model) & (predictions["timestamp"] >= end - pd.Timedelta("24h"))
+        ]
+        version = rows.sort_values("timestamp")["model_version"].iloc[-1]
+        served = rows[rows["model_version"] == version]["user_age_days"].dropna()
+        trained = _features(runs[model][runs[model]["version"] == version].iloc[0])["user_age_days"]["mean"]
+        window = {
+            s.labels["feature"]: s.value
+            for s in exposition
+            if s.name == "mlmon_serving_feature_mean" and s.labels["model"] == model and s.labels["window"] == "24h"
+        }
+        assert window["user_age_days"] == pytest.approx(served.mean(), rel=1e-9)
+        assert window["user_age_days"] / trained == pytest.approx(24.0 if model == "ctr_feed" else 1.0, rel=0.1)
+        psi = {
+            s.labels["feature"]: s.value
+            for s in exposition
+            if s.name == "mlmon_feature_skew_psi" and s.labels["model"] == model and s.labels["window"] == "24h"
+        }
+        assert set(psi) == {"user_age_days", "country", "device"}
+        skewed = {"user_age_days"} if model == "ctr_feed" else set()
+        assert {name for name, value in psi.items() if value > 0.25} == skewed
+        if model == "ctr_feed":
+            assert psi["user_age_days"] > 2  # README: about 5
