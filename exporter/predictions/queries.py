@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
 from exporter.monitoring_math import LOGLOSS_EPS
-from exporter.predictions.stores import TimeColumn
+from exporter.predictions.stores import TimeColumn, filter_condition
 from exporter.versions import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
@@ -208,7 +208,7 @@ class PredictionQueries:
         self.score: sa.ColumnElement[float] = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
         self.indexed = _indexed_by(table, source.columns.id)
-        self.filters = [table.c[name] == value for name, value in source.filter.items()]
+        self.filters = [filter_condition(table.c[name], value, dialect) for name, value in source.filter.items()]
         self.version = None if source.columns.version is None else table.c[source.columns.version]
         self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
 

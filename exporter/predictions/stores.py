@@ -478,9 +478,10 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     ``integer_range``), boolean columns take booleans, uuid columns take a uuid as text;
     a column of another kind (date-time, binary) cannot be filtered on; a type SQLAlchemy
     does not know is not checked, except that a SQLite column declared without a type
-    (compared as stored, and SQLite stores no booleans: ``false`` would match the integer
-    0, never the text 'NO') takes no boolean. PostgreSQL text holds no NUL character
-    (psycopg refuses to send one).
+    takes text only (``filter_condition`` compares it as text: it may hold the integer 3,
+    the text '3' or the text '1.10' side by side, and a number or boolean as YAML read it
+    would silently miss some). PostgreSQL text holds no NUL character (psycopg refuses to
+    send one).
 
     Raises:
         SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
@@ -488,11 +489,12 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     column_type = table.c[name].type
     kind = type_kind(column_type)
     if kind is None:
-        if dialect == "sqlite" and isinstance(column_type, sa.types.NullType) and isinstance(value, bool):
+        if _untyped_sqlite(table.c[name], dialect) and not isinstance(value, str):
             raise SchemaError(
                 f"{key_path}: YAML read {_yaml_read(value, kind)}, but column {name!r} of table {table.name!r} "
-                "has no declared type, so SQLite compares its values as stored, and it stores no booleans: "
-                "write the value in quotes exactly as stored, or 1 or 0 for a stored integer"
+                "has no declared type, so SQLite keeps each value as it was written (the integer 3, the text "
+                "'3' and the text '1.10' alike) and mlmon compares them as text: write the value in quotes, "
+                "as sqlite3 shows it"
             )
         return
     where = f"column {name!r} of table {table.name!r} has type {column_type}"
@@ -522,6 +524,21 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
             fits, advice = False, "uuids, which this text is not"
     if not fits:
         raise SchemaError(f"{key_path}: YAML read {_yaml_read(value, kind)}, but {where}, which holds {advice}")
+
+
+def _untyped_sqlite(column: sa.ColumnElement, dialect: str) -> bool:
+    """Whether ``column`` is a SQLite column declared without a type (``CREATE TABLE t (a)``),
+    which keeps each value in the storage class it was written in."""
+    return dialect == "sqlite" and isinstance(column.type, sa.types.NullType)
+
+
+def filter_condition(column: sa.ColumnElement, value: str | float | bool, dialect: str) -> sa.ColumnElement[bool]:
+    """The condition of one ``filter`` entry: ``column = value``, except on a SQLite column
+    declared without a type, where ``CAST(column AS TEXT) = value`` (``check_filter_value``
+    has made ``value`` text there), so that an integer and a text written alike both match."""
+    if _untyped_sqlite(column, dialect):
+        return sa.cast(column, sa.Text) == value
+    return column == value
 
 
 def _yaml_read(value: str | float | bool, kind: str | None) -> str:
