@@ -146,8 +146,8 @@ def run_features(url: str, exact: bool = False) -> dict:
             for i in range(FEATURES_NUMERIC):
                 values = training[f"f{i}"].to_numpy()
                 grid = np.nanquantile(values, np.linspace(0, 1, EXACT_VALUES))
-                nearest = grid[np.clip(np.searchsorted(grid, np.nan_to_num(values)), 0, EXACT_VALUES - 1)]
-                training[f"f{i}"] = np.where(np.isnan(values), np.nan, nearest)
+                ceiling = grid[np.clip(np.searchsorted(grid, np.nan_to_num(values)), 0, EXACT_VALUES - 1)]
+                training[f"f{i}"] = np.where(np.isnan(values), np.nan, ceiling)
         run = build_training_run(
             model="m0", version="v1", trained_at=NOW - timedelta(days=1), training_data=training, training_rows=1_000_000,
         )
