@@ -179,7 +179,14 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             source = predictions.table.outerjoin(table, predictions.id == table.c[config.id])
             known = {config.id}
         known |= set(config.exclude)
-        problems, features = [], []
+        # A misspelt exclude would silently leave its column among the features.
+        problems = [
+            f"{self.key_path}.exclude: column {name!r} does not exist in table {table.name!r} "
+            f"(columns: {', '.join(table.c.keys())})"
+            for name in config.exclude
+            if name not in table.c
+        ]
+        features = []
         for kind, types, expected in (
             ("numeric", NUMBER_TYPES, "a number"),
             ("categorical", CATEGORICAL_TYPES, "text, a boolean or an integer"),

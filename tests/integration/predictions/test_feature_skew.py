@@ -398,6 +398,11 @@ def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
         "models[0].features.categorical: column 'extra' of table 'predictions' has type DOUBLE; expected text, a "
         "boolean or an integer",
     ]
+    # A misspelt exclude would silently keep its column among the features.
+    assert _schema_problems(url, tmp_path, {"numeric": "all", "exclude": ["hours"]}) == [
+        "models[0].features.exclude: column 'hours' does not exist in table 'predictions' (columns: id, ts, p, v, "
+        "age_days, hour, extra, device, country)",
+    ]
 
 
 def test_worst_case_queries_counts_the_features_statements(tmp_path):
