@@ -343,7 +343,10 @@ def reflect_table(
             problems.append(_type_problem(table, name, *types[field], f"{key_path}.columns.{field}"))
     for name, value in getattr(source, "filter", {}).items():
         if name not in table.c:
-            problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+            problems.append(
+                f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r} "
+                f"(columns: {', '.join(table.c.keys())})"
+            )
             continue
         try:
             check_filter_value(table, name, value, f"{key_path}.filter.{name}", engine.dialect.name)
