@@ -324,7 +324,7 @@ def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, sto
     _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
     path = _config(tmp_path, url, schema, filter_yaml, replays=False)
     result = _check_config(path)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
 
     snap = _refresh(path)
     assert all(s.up for s in snap.sources.values()) and not _errors(snap), _errors(snap)
@@ -336,6 +336,26 @@ def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, sto
     labels = [r[3] for r in rows]
     if len(set(labels)) == 2:
         assert snap.online[0].roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_a_filter_that_matches_no_row_is_warned_about(store, tmp_path):
+    """A filter value that fits its column but matches no row (a typo: NOR for NO) passes
+    the checks, and the model would export no predictions with every source up:
+    check-config warns naming the key (exit 0: rows may come later); not for an empty table."""
+    url, schema, _ = store
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    result = _check_config(_config(tmp_path, url, schema, '{market: "NOR"}', replays=False))
+    assert result.exit_code == 0, result.output
+    assert "warning: models[0].predictions.filter: no row of table 'predictions' matches {'market': 'NOR'}" in (
+        result.output
+    )
+    q = (lambda t: f'"{schema}".{t}') if schema else (lambda t: t)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DELETE FROM {q('predictions')}"))
+    engine.dispose()
+    result = _check_config(_config(tmp_path, url, schema, '{market: "NOR"}', replays=False))
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
 
 
 #: (filter as written in YAML, the ROWS it keeps by hand, or None: refused)
