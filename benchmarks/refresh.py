@@ -11,7 +11,10 @@ the usual alternatives, on the same store and the same rows, each in its own pro
 5. with ``--features`` (10 numeric and 10 categorical feature columns written by
    ``generate.py --features``): ``features``, the same refresh with every feature compared
    with a training run of the same distribution (training/serving skew), against
-   ``mlmon``, the prediction-only refresh on the same table.
+   ``mlmon``, the prediction-only refresh on the same table; ``features_exact``, the same
+   with every numeric feature of the training run on 200 distinct values (sent exactly
+   as ``value_shares``: 200 bins per numeric feature, the most the client sends), the
+   largest feature statement.
 
     python benchmarks/refresh.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench --rows 100000 1000000
 
@@ -35,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generate import FEATURES_CATEGORICAL, FEATURES_NUMERIC, NOW, feature_frame  # noqa: E402
 
 METHODS = ("floor", "mlmon", "mlmon_unique", "naive", "evidently")
-FEATURE_METHODS = ("features",)
+FEATURE_METHODS = ("features", "features_exact")
+#: Distinct values of each numeric training feature in ``features_exact`` (``client.MAX_EXACT_VALUES``).
+EXACT_VALUES = 200
 WINDOW = timedelta(hours=24)
 
 
@@ -120,10 +125,13 @@ def run_mlmon_unique(url: str) -> dict:
     return run_mlmon(url, unique_ids=True)
 
 
-def run_features(url: str) -> dict:
+def run_features(url: str, exact: bool = False) -> dict:
+    """The refresh with 20 features; ``exact``: the training run's numeric features on
+    ``EXACT_VALUES`` distinct values. Also the longest statement's characters and seconds."""
     import tempfile
 
     import numpy as np
+    import sqlalchemy as sa
 
     from exporter.client import build_training_run
     from exporter.predictions.refresh import ModelRefresher
@@ -133,23 +141,45 @@ def run_features(url: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = settings(url, features=True, state=f"sqlite:///{tmp}/state.sqlite")
         state = StateDatabase(config.state.resolved_url())
+        training = feature_frame(np.random.default_rng(1), 20_000)
+        if exact:
+            for i in range(FEATURES_NUMERIC):
+                values = training[f"f{i}"].to_numpy()
+                grid = np.nanquantile(values, np.linspace(0, 1, EXACT_VALUES))
+                ceiling = grid[np.clip(np.searchsorted(grid, np.nan_to_num(values)), 0, EXACT_VALUES - 1)]
+                training[f"f{i}"] = np.where(np.isnan(values), np.nan, ceiling)
         run = build_training_run(
-            model="m0", version="v1", trained_at=NOW - timedelta(days=1),
-            training_data=feature_frame(np.random.default_rng(1), 20_000), training_rows=1_000_000,
+            model="m0", version="v1", trained_at=NOW - timedelta(days=1), training_data=training, training_rows=1_000_000,
         )
         save_run(state.ready(), run, NOW)
         stores = Stores(config.stores, config.query_timeout)
         refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores, training=config.training, state=state)
         refresher.check_schema()
+        statements: list[tuple[int, float]] = []  # (characters, seconds) of each statement in the store
+        engine = stores.engine("bench")
+        sa.event.listen(engine, "before_cursor_execute", lambda conn, *_: conn.info.__setitem__("t", time.perf_counter()))
+        sa.event.listen(
+            engine, "after_cursor_execute",
+            lambda conn, cursor, statement, *_: statements.append((len(statement), time.perf_counter() - conn.info["t"])),
+        )
         started = time.perf_counter()
         snapshot = refresher.refresh(NOW)
         seconds = time.perf_counter() - started
         assert all(s.up for s in snapshot.sources.values()), snapshot.errors
+        longest_chars, longest_seconds = max(statements)
         psi = max(f.psi for f in snapshot.features if f.psi is not None)
         stores.dispose()
         state.engine.dispose()
     day = snapshot.online[1]
-    return {"seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc, "max_psi": psi}
+    return {
+        "seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc, "max_psi": psi,
+        "statement_chars": longest_chars, "statement_seconds": longest_seconds,
+    }
+
+
+def run_features_exact(url: str) -> dict:
+    """``run_features`` with 200 bins per numeric feature."""
+    return run_features(url, exact=True)
 
 
 def _window_frame(url: str):
@@ -250,6 +280,8 @@ def main() -> None:
             note = r.get("skipped") or r.get("error") or ""
             if "longest_query" in r:
                 note = f"{r['queries']:.0f} statements, longest {r['longest_query']:.2f} s (default query_timeout 30 s)"
+            if "statement_chars" in r:
+                note = f"largest statement {r['statement_chars']:,.0f} characters, {r['statement_seconds']:.2f} s"
             seconds = f"{r['seconds']:9.3f}" if "seconds" in r else f"{'-':>9}"
             rss = f"{r['peak_rss_mb']:12.0f}" if "seconds" in r else f"{'-':>12}"
             print(f"{rows:>10,} {method:>10} {seconds} {rss}  {note}")
@@ -270,6 +302,9 @@ def main() -> None:
                 f"{rows:>10,}  features/mlmon {features['seconds'] / mlmon['seconds']:.2f}x"
                 f"   (+{features['seconds'] - mlmon['seconds']:.3f} s for 20 features; largest PSI {features['max_psi']:.4f}, same distribution)"
             )
+        exact = results.get("features_exact", {})
+        if "seconds" in exact and "seconds" in mlmon:
+            print(f"{rows:>10,}  features_exact/mlmon {exact['seconds'] / mlmon['seconds']:.2f}x   (+{exact['seconds'] - mlmon['seconds']:.3f} s)")
 
 
 if __name__ == "__main__":

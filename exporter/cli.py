@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     import click  # annotations only: typer 0.29 and later do not depend on click
     from fastapi import FastAPI  # the server is imported only by the commands that serve
 
+    from exporter.predictions.queries import PredictionQueries
+
 # Command docstrings are the --help text: plain text, no reStructuredText markup.
 # Plain help, as click prints it: typer's rich panels show a type placeholder (<str>,
 # <bool>) beside every option, whose metavar below already says what to give.
@@ -154,13 +156,29 @@ def _parse_as_of(text: str | None, settings: Settings, option: str = "--as-of") 
     return as_utc(value)
 
 
+def _filter_matches(engine: sa.Engine, q: PredictionQueries) -> bool:
+    """Whether a row of the prediction table matches its filters, or the table is empty
+    (nothing to tell yet), or the search failed (for example past ``query_timeout`` on a
+    large table: no warning rather than a guess)."""
+    rows = sa.select(sa.literal(1)).select_from(q.table)
+    try:
+        with engine.connect() as conn:
+            return (
+                conn.execute(rows.where(*q.filters).limit(1)).first() is not None
+                or conn.execute(rows.limit(1)).first() is None
+            )
+    except sa.exc.SQLAlchemyError:
+        return True
+
+
 @app.command("check-config", short_help="Check the config and every configured table and column.")
 def check_config(config: ConfigOption) -> None:
     """Validate the config and every configured table and column, without serving.
 
     Exit code 0 when valid, 2 with one line per problem (naming its key path) otherwise.
     A refresh_timeout shorter than a model's refresh may legitimately take is warned
-    about on stderr (exit 0): slow refreshes that work would be reported stalled.
+    about on stderr (exit 0): slow refreshes that work would be reported stalled. So is a
+    filter that no row of a non-empty prediction table matches.
     """
     from exporter.predictions.refresh import model_refreshers, worst_case_duration, worst_case_queries
     from exporter.predictions.stores import Stores
@@ -200,8 +218,19 @@ def check_config(config: ConfigOption) -> None:
                 refresher.check_schema()
             except SchemaError as exc:
                 problems.extend(exc.problems)
+                continue
             except (sa.exc.SQLAlchemyError, OSError) as exc:  # lost between the two steps
                 problems.append(f"stores.{model.predictions.store}: {first_line(exc)}")
+                continue
+            if model.predictions.filter and not _filter_matches(
+                stores.engine(model.predictions.store), refresher.predictions.queries()
+            ):
+                typer.echo(
+                    f"warning: models[{i}].predictions.filter: no row of table {model.predictions.table!r} matches "
+                    f"{dict(model.predictions.filter)} (each value is compared as written: check its spelling and "
+                    "case); the model would export no predictions",
+                    err=True,
+                )
     finally:
         stores.dispose()
     if problems:

@@ -80,7 +80,9 @@ def _duration_or_zero(value: Any) -> timedelta:
     return parse_duration(value, allow_zero=True)
 
 
-def _window(value: str) -> str:
+def _window(value: Any) -> str:
+    # Before pydantic's str check, so that a bare number (YAML's 90) gets the duration
+    # advice rather than "Input should be a valid string".
     parse_duration(value)
     return value
 
@@ -95,7 +97,7 @@ def _timezone(value: str) -> str:
 
 Duration = Annotated[timedelta, BeforeValidator(_duration)]
 DurationOrZero = Annotated[timedelta, BeforeValidator(_duration_or_zero)]
-Window = Annotated[str, AfterValidator(_window)]
+Window = Annotated[str, BeforeValidator(_window)]
 TimeZone = Annotated[str, AfterValidator(_timezone)]
 Identifier = Annotated[str, Field(min_length=1, max_length=128)]
 
@@ -496,7 +498,11 @@ class Settings(Strict):
                 path = f"models[{i}].{source_name}.store"
                 if source.store not in self.stores:
                     errors.append(f"{path}: unknown store {source.store!r} (stores: {', '.join(sorted(self.stores))})")
-                elif source_name != "predictions" and source.store != model.predictions.store:
+                elif (
+                    source_name != "predictions"
+                    and source.store != model.predictions.store
+                    and model.predictions.store in self.stores  # else only the predictions' store is wrong
+                ):
                     # Labels and replays are joined to the predictions in SQL, which needs one database.
                     errors.append(
                         f"{path}: must be the predictions store {model.predictions.store!r}, got {source.store!r} "

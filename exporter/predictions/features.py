@@ -21,6 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from exporter.config import ALL_COLUMNS, ModelConfig, TableSource, TrainingSettings
@@ -102,6 +103,41 @@ def _present(dialect: str, column: sa.ColumnElement) -> sa.ColumnElement:
     return sa.and_(*conditions)
 
 
+def _cleaned(dialect: str, feature: Feature) -> sa.ColumnElement:
+    """A feature's value as it is counted: a numeric one as a double, NULL when missing
+    (``_present``); a categorical one as text (``_as_text``)."""
+    if feature.kind == "numeric":
+        return sa.case((_present(dialect, feature.column), sa.cast(feature.column, sa.Double())))
+    return _as_text(feature.column)
+
+
+def _bin(dialect: str, value: sa.ColumnElement, edges: tuple[float, ...]) -> sa.ColumnElement:
+    """The bin of a present ``value`` (a double) among ``edges`` (sorted, distinct upper
+    edges: bins (-inf, e0], (e0, e1], ..., (e_last, +inf)): the number of edges below it.
+
+    PostgreSQL: ``width_bucket(-value, [-e_last, ..., -e0])`` counts the thresholds ``<=``
+    its operand (a binary search), i.e. the edges ``>= value``; the bin is the rest. The
+    negation keeps equality on the upper edge (width_bucket's buckets include their lower
+    bound) and is exact in floating point. Elsewhere: a CASE that bisects the edges, so a
+    row costs log2(bins) comparisons and the statement grows by one WHEN per edge, each
+    naming the value column once.
+    """
+    if not edges:
+        return sa.literal(0)
+    if dialect == "postgresql":
+        thresholds: sa.ColumnElement[Any] = sa.literal([-e for e in reversed(edges)], postgresql.ARRAY(sa.Double()))
+        return len(edges) - sa.func.width_bucket(-value, thresholds, type_=sa.Integer())
+
+    def bisect(lo: int, hi: int) -> sa.ColumnElement:
+        # The edges below value are at least lo and at most hi (value <= edges[hi] when hi < len).
+        if lo == hi:  # inline, not a parameter: SQLite's default build takes 32,766 per statement
+            return sa.literal_column(str(lo), sa.Integer())
+        mid = (lo + hi) // 2
+        return sa.case((value <= sa.literal(edges[mid], sa.Double()), bisect(lo, mid)), else_=bisect(mid + 1, hi))
+
+    return bisect(0, len(edges))
+
+
 class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
     """The serving-time features, per window, against the serving version's training run."""
 
@@ -143,7 +179,14 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             source = predictions.table.outerjoin(table, predictions.id == table.c[config.id])
             known = {config.id}
         known |= set(config.exclude)
-        problems, features = [], []
+        # A misspelt exclude would silently leave its column among the features.
+        problems = [
+            f"{self.key_path}.exclude: column {name!r} does not exist in table {table.name!r} "
+            f"(columns: {', '.join(table.c.keys())})"
+            for name in config.exclude
+            if name not in table.c
+        ]
+        features = []
         for kind, types, expected in (
             ("numeric", NUMBER_TYPES, "a number"),
             ("categorical", CATEGORICAL_TYPES, "text, a boolean or an integer"),
@@ -193,7 +236,10 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         over the longest window's rows, each row keyed by (``wkey``: the rank of the
         shortest window holding it, windows by duration; ``key``: its bin, listed category
         or -1 when missing), grouped with count, Σ(x - shift), Σ(x - shift)² and the count of
-        values summed (those within ``MOMENT_BOUND``).
+        values summed (those within ``MOMENT_BOUND``). The feature's cleaned value
+        (``_cleaned``) is computed once per row in a subquery and binned by ``_bin``, so the
+        statement grows by a few dozen characters per bin or category, not by the cleaning
+        expression at each (17x smaller, 5x to 10x faster at 200 bins, docs/performance.md).
 
         Rows (``feature``, ``wkey``, ``key``, ``n``, ``s1``, ``s2``, ``m``), at most windows x (bins
         or categories + 2) per feature. A few aggregates per row and feature, grouped: far
@@ -220,29 +266,36 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         wkey = sa.case(*shorter, else_=last) if shorter else last  # a CASE needs a WHEN
         parts = []
         for f, (feature, plan) in enumerate(features):
-            value: sa.ColumnElement[Any]
+            # The cleaned value once per row, in a subquery: the bin key, the moments and
+            # the missing test read its column instead of repeating the expression.
+            select = (
+                sa.select(wkey.label("wkey"), _cleaned(q.dialect, feature).label("value"))
+                .select_from(self.queries().source)
+                .where(*conditions)
+            )
+            if q.dialect == "sqlite":
+                # SQLite flattens the subquery, pasting the expressions back at every use (4x
+                # the program at 200 bins); it keeps a subquery with an OFFSET as is.
+                select = select.offset(0)
+            cleaned = select.subquery(f"cleaned{f}")
+            value = cleaned.c.value
             shifted: sa.ColumnElement[Any]
             if feature.kind == "numeric":
-                value = sa.case((_present(q.dialect, feature.column), sa.cast(feature.column, sa.Double())))
-                limits = [(value <= sa.literal(edge, sa.Double()), e) for e, edge in enumerate(plan.edges)]
-                key = sa.case((value.is_(None), -1), *limits, else_=len(plan.edges))
+                key = sa.case((value.is_(None), -1), else_=_bin(q.dialect, value, plan.edges))
                 # Only values within MOMENT_BOUND are summed: their squares cannot overflow.
                 bounded = sa.func.abs(value) <= sa.literal(MOMENT_BOUND, sa.Double())
                 shifted = sa.case((bounded, value - sa.literal(plan.shift, sa.Double())))
             else:
-                value = _as_text(feature.column)
                 listed = [(value == category, c) for c, category in enumerate(plan.categories)]
                 key = sa.case((value.is_(None), -1), *listed, else_=len(plan.categories))
                 shifted = sa.null()
             parts.append(
                 sa.select(
                     sa.literal(f).label("feature"),
-                    wkey.label("wkey"),
+                    cleaned.c.wkey,
                     key.label("key"),
                     sa.cast(shifted, sa.Double()).label("x"),
-                )
-                .select_from(self.queries().source)
-                .where(*conditions)
+                ).select_from(cleaned)
             )
         keyed = sa.union_all(*parts).subquery("keyed")
         return sa.select(

@@ -19,7 +19,7 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from exporter.config import LabelSource, ModelConfig, PredictionSource, ReplaySource
 from exporter.monitoring_math import LOGLOSS_EPS
-from exporter.predictions.stores import TimeColumn
+from exporter.predictions.stores import TimeColumn, filter_condition
 from exporter.versions import VERSION_MAX_LENGTH
 
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
@@ -36,6 +36,11 @@ INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range
 #: Rows whose timestamp is no instant are in no window: ``bad_timestamp`` counts them over
 #: the whole table (``PredictionQueries.last_timestamp``), never in a window's histogram.
 OK = 0
+#: Why a valid prediction's labels leave it out of accuracy (``mlmon_online_invalid_labels``),
+#: each prediction counted under one: labels 0 and 1, only values other than 0/1, only
+#: label rows whose arrival time is written but no instant (``LabelQueries.per_id``; a
+#: reason only with a label timestamp column: ``LabelQueries.invalid_reasons``).
+INVALID_LABEL_REASONS = ("conflicting", "invalid_value", "bad_timestamp")
 
 
 #: The most duplicate ids a source's search lists for its queries to reuse; beyond it each
@@ -203,7 +208,7 @@ class PredictionQueries:
         self.score: sa.ColumnElement[float] = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
         self.indexed = _indexed_by(table, source.columns.id)
-        self.filters = [table.c[name] == value for name, value in source.filter.items()]
+        self.filters = [filter_condition(table.c[name], value, dialect) for name, value in source.filter.items()]
         self.version = None if source.columns.version is None else table.c[source.columns.version]
         self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
 
@@ -432,9 +437,12 @@ class PredictionQueries:
         label row), ``positives_i``, ``negatives_i``, ``low_i``/``high_i`` (smallest and
         largest labeled score of the bucket: equal means its pairs are true ties),
         ``labeled_score_sum_i``, ``log_loss_sum_i``, ``extreme_i`` (labeled at exactly 0 or
-        1), ``conflicting_i`` (labels 0 and 1), ``invalid_i`` (only labels other than 0/1).
+        1), and one count per reason of ``labels.invalid_reasons`` (``INVALID_LABEL_REASONS``):
+        ``conflicting_i``, ``invalid_value_i``, ``bad_timestamp_i``.
         The labels of window ``i`` are those recorded in ``[start_i, as_of)``
-        (``LabelQueries.per_id``).
+        (``LabelQueries.per_id``). A prediction whose label rows all have an arrival time
+        that is no instant is left out as one whose labels are all invalid values are
+        (neither labeled nor, with ``missing: negative``, a 0).
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
@@ -446,7 +454,16 @@ class PredictionQueries:
             low, high, count = agg.c[f"low_{j}"], agg.c[f"high_{j}"], agg.c[f"n_{j}"]
             counted = valid_rows.c[f"in_{i}"] == 1
             has_label = sa.and_(low.is_not(None), low == high)
+            invalid = {
+                "conflicting": sa.and_(counted, low != high),
+                "invalid_value": sa.and_(counted, count > 0, low.is_(None)),
+            }
             no_label_row = sa.or_(agg.c.id.is_(None), count == 0)
+            if labels.time is not None:
+                # Rows of unknown arrival time are in every window's range, and a label row.
+                bad = agg.c.bad_timestamp > 0
+                invalid["bad_timestamp"] = sa.and_(counted, count == 0, bad)
+                no_label_row = sa.or_(agg.c.id.is_(None), sa.and_(count == 0, sa.not_(bad)))
             y = sa.case(
                 (sa.not_(counted), None),
                 (has_label, low),
@@ -457,8 +474,7 @@ class PredictionQueries:
                 valid_rows.c[f"in_{i}"],
                 y.label(f"y_{i}"),
                 sa.and_(counted, has_label).label(f"has_label_{i}"),
-                sa.and_(counted, low != high).label(f"conflicting_{i}"),
-                sa.and_(counted, count > 0, low.is_(None)).label(f"invalid_{i}"),
+                *[invalid[reason].label(f"{reason}_{i}") for reason in labels.invalid_reasons],
             ]
         keyed = (
             sa.select(self._key(valid_rows.c.score).label("key"), valid_rows.c.score, *windowed)
@@ -490,8 +506,7 @@ class PredictionQueries:
                 sa.func.sum(labeled_score).label(f"labeled_score_sum_{i}"),
                 sa.func.sum(log_loss_term).label(f"log_loss_sum_{i}"),
                 _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
-                _count_if(keyed.c[f"conflicting_{i}"]).label(f"conflicting_{i}"),
-                _count_if(keyed.c[f"invalid_{i}"]).label(f"invalid_{i}"),
+                *[_count_if(keyed.c[f"{r}_{i}"]).label(f"{r}_{i}") for r in labels.invalid_reasons],
             ]
         return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
 
@@ -553,6 +568,8 @@ class LabelQueries:
         self.table = table
         self.time = time
         self.id = table.c[source.columns.id]
+        #: The reasons of ``INVALID_LABEL_REASONS`` that apply: ``bad_timestamp`` needs a timestamp.
+        self.invalid_reasons = INVALID_LABEL_REASONS if time is not None else INVALID_LABEL_REASONS[:-1]
         label = table.c[source.columns.label]
         if isinstance(label.type, sa.Boolean):
             # Compared with true/false rather than cast to an integer (PostgreSQL refuses
@@ -564,29 +581,57 @@ class LabelQueries:
 
     def per_id(self, starts: tuple[datetime, ...], as_of: datetime) -> sa.Subquery:
         """(id, then per range ``j``: ``n_j`` label rows, ``low_j`` and ``high_j`` the smallest
-        and largest valid label, NULL when every label row of that id is invalid) per
-        labeled id.
+        and largest valid label, NULL when every label row of that id is invalid; with a
+        label timestamp, ``bad_timestamp``: the id's rows whose arrival time is written but
+        no instant) per labeled id.
 
         With a label timestamp, range ``j`` holds the labels recorded in
         ``[starts[j], as_of)``: a label is recorded after its prediction, so the window
-        start bounds the scan to recent labels. Without one, every label row is read, and
-        there is one range, ``j = 0``, whatever ``starts``.
+        start bounds the scan to recent labels. A row whose time is no instant
+        (``TimeColumn.written_unreadable``: text that is no date-time, ``±infinity``) is
+        read in the same pass and in no range; a NULL time is a label not yet arrived, not
+        read. Without a timestamp, every label row is read, and there is one range,
+        ``j = 0``, whatever ``starts``.
         """
-        if self.time is None:
+        ident: sa.ColumnElement[Any] = self.id
+        valid_value: sa.ColumnElement[Any] = self.valid_value
+        source: sa.FromClause = self.table
+        time = self.time
+        if time is not None and time.kind == "sqlite":
+            # SQLite evaluates an expression once per use, and its date-time text costs a
+            # strftime (and a Python call outside UTC) each time: the time is computed once
+            # a row in a subquery, which LIMIT keeps SQLite from flattening into this one.
+            rows = (
+                sa.select(ident.label("id"), valid_value.label("value"), time.expr.label("t"), time.stored.label("s"))
+                .limit(-1)
+                .subquery("label_rows")
+            )
+            ident, valid_value, source = rows.c.id, rows.c.value, rows
+            time = replace(time, expr=rows.c.t, stored=rows.c.s)
+        columns = []
+        if time is None:
             ranges: list[sa.ColumnElement[bool]] = [sa.true()]
             conditions = []
         else:
-            ranges = [self.time.at_or_after(start) for start in starts]
-            conditions = [self.time.between(min(starts), as_of)]
-        columns = []
+            # between, not at_or_after: the unreadable rows read too would pass >= (infinity).
+            ranges = [time.between(start, as_of) for start in starts]
+            unreadable = time.written_unreadable()
+            conditions = [sa.or_(time.between(min(starts), as_of), unreadable)]
+            columns.append(_count_if(unreadable).label("bad_timestamp"))
         for j, in_range in enumerate(ranges):
-            value = sa.case((in_range, self.valid_value), else_=None) if self.time is not None else self.valid_value
+            value = sa.case((in_range, valid_value), else_=None) if time is not None else valid_value
             columns += [
-                (_count_if(in_range) if self.time is not None else sa.func.count()).label(f"n_{j}"),
+                (_count_if(in_range) if time is not None else sa.func.count()).label(f"n_{j}"),
                 sa.func.min(value).label(f"low_{j}"),
                 sa.func.max(value).label(f"high_{j}"),
             ]
-        return sa.select(self.id.label("id"), *columns).where(*conditions).group_by(self.id).subquery("labels_per_id")
+        return (
+            sa.select(ident.label("id"), *columns)
+            .select_from(source)
+            .where(*conditions)
+            .group_by(ident)
+            .subquery("labels_per_id")
+        )
 
 
 class ReplayQueries:

@@ -365,14 +365,15 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         duplicates = self.predictions.duplicate_ids(conn, windows)
         rows = sorted(conn.execute(q.online(labels, windows, duplicates, as_of)).all(), key=lambda row: row.key)
         return [
-            self._accuracy(window, [_window_columns(row, i) for row in rows])
+            self._accuracy(window, [_window_columns(row, i) for row in rows], labels.invalid_reasons)
             for i, window in enumerate(self.model.windows)
         ]
 
     @staticmethod
-    def _accuracy(window: str, rows: list[dict[str, Any]]) -> OnlineAccuracy:
+    def _accuracy(window: str, rows: list[dict[str, Any]], invalid_reasons: tuple[str, ...]) -> OnlineAccuracy:
         """One window's accuracy from its per-bucket aggregates (``PredictionQueries.online``
-        without the window suffix), sorted by key."""
+        without the window suffix), sorted by key; ``invalid_reasons``: the label source's
+        (``LabelQueries.invalid_reasons``)."""
         rows = [row for row in rows if _int(row["predictions"]) > 0]
 
         def total(column: str) -> int:
@@ -403,7 +404,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             positive_ratio=positive_ratio,
             label_coverage=ratio(total("with_label"), n_pred),
             extreme_scores=total("extreme"),
-            invalid_labels={"conflicting": total("conflicting"), "invalid_value": total("invalid")},
+            invalid_labels={reason: total(reason) for reason in invalid_reasons},
         )
 
     def run(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:

@@ -186,11 +186,13 @@ class TimeColumn:
     ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL expression that
     windows compare with ``bind(instant)``; wall-clock times go through ``to_wall_clock``
     and ``from_wall_clock``, which keep windows consistent across daylight-saving changes.
+    ``stored`` is the column itself (``expr`` but for SQLite text, which ``expr`` normalises).
     """
 
     expr: sa.ColumnElement
     kind: str
     zone: str
+    stored: sa.ColumnElement
 
     def bind(self, instant: datetime):
         """The value to compare ``expr`` with for a timezone-aware ``instant``."""
@@ -236,6 +238,12 @@ class TimeColumn:
         in_range = self.between(None, None)
         return sa.or_(self.expr.is_(None), sa.not_(in_range))
 
+    def written_unreadable(self) -> sa.ColumnElement:
+        """A predicate true (never NULL) for rows whose timestamp is written but no instant:
+        ``unreadable`` but for NULL as stored (a label row whose arrival time is NULL is a
+        placeholder for a label to come; SQLite stores a written NaN as NULL)."""
+        return sa.and_(self.stored.is_not(None), self.unreadable())
+
     def to_epoch(self, value) -> float | None:
         """Seconds since the epoch of a value of ``expr`` read back (``None`` stays ``None``);
         ``between`` keeps every other value out of what is read, so this never raises."""
@@ -262,11 +270,11 @@ def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -
     """
     column = table.c[name]
     if isinstance(column.type, NUMBER_TYPES):
-        return TimeColumn(column, "epoch", source.timezone)
+        return TimeColumn(column, "epoch", source.timezone, column)
     if dialect == "sqlite":
-        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone)
+        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone, column)
     aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
-    return TimeColumn(column, "aware" if aware else "naive", source.timezone)
+    return TimeColumn(column, "aware" if aware else "naive", source.timezone, column)
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
@@ -335,7 +343,10 @@ def reflect_table(
             problems.append(_type_problem(table, name, *types[field], f"{key_path}.columns.{field}"))
     for name, value in getattr(source, "filter", {}).items():
         if name not in table.c:
-            problems.append(f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r}")
+            problems.append(
+                f"{key_path}.filter.{name}: column {name!r} does not exist in table {source.table!r} "
+                f"(columns: {', '.join(table.c.keys())})"
+            )
             continue
         try:
             check_filter_value(table, name, value, f"{key_path}.filter.{name}", engine.dialect.name)
@@ -470,9 +481,10 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     ``integer_range``), boolean columns take booleans, uuid columns take a uuid as text;
     a column of another kind (date-time, binary) cannot be filtered on; a type SQLAlchemy
     does not know is not checked, except that a SQLite column declared without a type
-    (compared as stored, and SQLite stores no booleans: ``false`` would match the integer
-    0, never the text 'NO') takes no boolean. PostgreSQL text holds no NUL character
-    (psycopg refuses to send one).
+    takes text only (``filter_condition`` compares it as text: it may hold the integer 3,
+    the text '3' or the text '1.10' side by side, and a number or boolean as YAML read it
+    would silently miss some). PostgreSQL text holds no NUL character (psycopg refuses to
+    send one).
 
     Raises:
         SchemaError: the value does not fit; names ``key_path``, the value read and the column type.
@@ -480,11 +492,12 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
     column_type = table.c[name].type
     kind = type_kind(column_type)
     if kind is None:
-        if dialect == "sqlite" and isinstance(column_type, sa.types.NullType) and isinstance(value, bool):
+        if _untyped_sqlite(table.c[name], dialect) and not isinstance(value, str):
             raise SchemaError(
                 f"{key_path}: YAML read {_yaml_read(value, kind)}, but column {name!r} of table {table.name!r} "
-                "has no declared type, so SQLite compares its values as stored, and it stores no booleans: "
-                "write the value in quotes exactly as stored, or 1 or 0 for a stored integer"
+                "has no declared type, so SQLite keeps each value as it was written (the integer 3, the text "
+                "'3' and the text '1.10' alike) and mlmon compares them as text: write the value in quotes, "
+                "as sqlite3 shows it"
             )
         return
     where = f"column {name!r} of table {table.name!r} has type {column_type}"
@@ -514,6 +527,21 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
             fits, advice = False, "uuids, which this text is not"
     if not fits:
         raise SchemaError(f"{key_path}: YAML read {_yaml_read(value, kind)}, but {where}, which holds {advice}")
+
+
+def _untyped_sqlite(column: sa.ColumnElement, dialect: str) -> bool:
+    """Whether ``column`` is a SQLite column declared without a type (``CREATE TABLE t (a)``),
+    which keeps each value in the storage class it was written in."""
+    return dialect == "sqlite" and isinstance(column.type, sa.types.NullType)
+
+
+def filter_condition(column: sa.ColumnElement, value: str | float | bool, dialect: str) -> sa.ColumnElement[bool]:
+    """The condition of one ``filter`` entry: ``column = value``, except on a SQLite column
+    declared without a type, where ``CAST(column AS TEXT) = value`` (``check_filter_value``
+    has made ``value`` text there), so that an integer and a text written alike both match."""
+    if _untyped_sqlite(column, dialect):
+        return sa.cast(column, sa.Text) == value
+    return column == value
 
 
 def _yaml_read(value: str | float | bool, kind: str | None) -> str:

@@ -395,6 +395,10 @@ def demo_settings(database_path: Path) -> Settings:
             "refresh_interval": "10s",
             "stores": {"demo": {"url": f"sqlite:///{Path(database_path).resolve()}"}},
             "state": {"url": f"sqlite:///{state_path(database_path).resolve()}"},
+            # Scores of a CTR model are continuous: 10% of them at one value is already a stuck
+            # feature (the default 0.5 suits models with few distinct scores), and it makes
+            # the feed's stuck predictions set off MlmonPredictionsDegenerate.
+            "alerting": {"mode_share_ratio_max": 0.1},
             "models": [
                 {
                     "name": model.name,

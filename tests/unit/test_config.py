@@ -77,6 +77,14 @@ def test_bad_duration(field, value):
     assert "invalid duration" in errors[0]
 
 
+@pytest.mark.parametrize("field, value", [("windows", ["6h", 90]), ("label_delay", 90)])
+def test_a_bare_number_as_duration_is_told_the_form(field, value):
+    """YAML reads ``90`` as a number: the error says what a duration looks like, not only
+    that a string was expected."""
+    [error] = _errors(_config(**{field: value}))
+    assert error.startswith(f"models[0].{field}") and "like '60s' or '1h', got 90" in error, error
+
+
 def test_labels_must_share_the_predictions_store():
     data = _config(labels={"store": "other", "table": "l", "columns": {"id": "id", "label": "y"}})
     data["stores"]["other"] = {"url": "sqlite://"}
@@ -94,6 +102,9 @@ def test_unknown_store():
         "models[0].predictions.store: unknown store 'nope' (stores: s)",
         "models[0].labels.store: unknown store 'nope2' (stores: s)",
     ]
+    # A misspelt predictions store is that one error, not also a labels store "not the predictions'".
+    data["models"][0]["labels"]["store"] = "s"
+    assert _errors(data) == ["models[0].predictions.store: unknown store 'nope' (stores: s)"]
 
 
 def test_env_reference_expanded(monkeypatch):
@@ -323,7 +334,7 @@ def test_check_config_reports_every_problem_of_every_model_at_once(tmp_path):
             "expected a timestamp or a number of seconds since the epoch, or ISO-8601 text"
         ),
         "  models[0].predictions.columns.score: column 'score' does not exist in table 'predictions' (columns: id, ts, p, v)",
-        "  models[0].predictions.filter.env: column 'env' does not exist in table 'predictions'",
+        "  models[0].predictions.filter.env: column 'env' does not exist in table 'predictions' (columns: id, ts, p, v)",
         "  models[0].labels.columns.label: column 'y' of table 'labels' has type TEXT; expected a number or a boolean (0/1)",
         "  models[0].labels.columns.timestamp: column 't' does not exist in table 'labels' (columns: id, y)",
         "  models[1].predictions.table: table 'preds' does not exist in store 's'",

@@ -398,6 +398,11 @@ def test_bad_feature_columns_are_schema_errors_naming_the_key(tmp_path):
         "models[0].features.categorical: column 'extra' of table 'predictions' has type DOUBLE; expected text, a "
         "boolean or an integer",
     ]
+    # A misspelt exclude would silently keep its column among the features.
+    assert _schema_problems(url, tmp_path, {"numeric": "all", "exclude": ["hours"]}) == [
+        "models[0].features.exclude: column 'hours' does not exist in table 'predictions' (columns: id, ts, p, v, "
+        "age_days, hour, extra, device, country)",
+    ]
 
 
 def test_worst_case_queries_counts_the_features_statements(tmp_path):
@@ -548,3 +553,67 @@ def test_a_postgresql_numeric_past_the_double_range_is_missing_not_a_failed_stat
         labels = frozenset({"model": "ctr", "window": window, "feature": "extra"}.items())
         assert got[("mlmon_serving_feature_missing_ratio", labels)] == pytest.approx(extra.isna().mean())
         assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(extra.mean(), rel=1e-9)
+
+
+def _features_source(url: str, schema: str | None, state_url: str):
+    """(stores, the features source of model ``ctr``), its schema checked."""
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
+
+    settings = _settings(url, schema, state_url)
+    stores = Stores(settings.stores, settings.query_timeout)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+    try:
+        refresher.check_schema()
+    except BaseException:
+        stores.dispose()
+        raise
+    return stores, refresher.sources["features"]
+
+
+def test_the_statement_names_each_cleaned_value_once_however_many_bins(store, state_file):
+    """Up to 200 exact values (``value_shares``) make 200 bins: the statement grows by a
+    few dozen characters per bin or category, not by the value's cleaning expression at
+    each bin, and its counts are those of numpy on the same rows with an edge at served
+    values (a value on an edge belongs to the bin it closes)."""
+    from exporter.predictions.features import _cleaned
+    from exporter.training.skew import Bins
+
+    url, schema, dialect = store
+    rows = _serving_rows(np.random.default_rng(15), dialect)
+    _load(url, schema, rows)
+    stores, source = _features_source(url, schema, state_file)
+    try:
+        extra = next(f for f in source.queries().features if f.name == "extra")
+        device = next(f for f in source.queries().features if f.name == "device")
+        engine_dialect = stores.engine("s").dialect
+
+        def length(edges: int, categories: int) -> int:
+            numeric = (extra, Bins(edges=tuple(float(e) for e in range(edges))))
+            categorical = (device, Bins(categories=tuple(f"d{c}" for c in range(categories))))
+            return len(str(source._statement([numeric, categorical], AS_OF, "v1").compile(dialect=engine_dialect)))
+
+        cleaning = len(str(_cleaned(dialect, extra).compile(dialect=engine_dialect)))
+        per_edge = (length(200, 10) - length(10, 10)) / 190
+        per_category = (length(10, 200) - length(10, 10)) / 190
+        assert per_edge <= 80 and per_category <= 80, (per_edge, per_category)  # a WHEN, a parameter
+        assert per_edge < cleaning / 2, (per_edge, cleaning)
+
+        frame = _window(pd.DataFrame(rows), WINDOWS["24h"])
+        served = np.sort(frame.extra.to_numpy(float))
+        # Interior edges: rows below the first and above the last land in the open end bins.
+        edges = np.unique(served[np.linspace(len(served) // 20, len(served) * 19 // 20, 200).astype(int)])
+        with stores.engine("s").connect() as conn:
+            groups = conn.execute(source._statement([(extra, Bins(edges=tuple(edges)))], AS_OF, "v1")).all()
+    finally:
+        stores.dispose()
+    got, missing = np.zeros(len(edges) + 1, int), 0
+    for g in groups:  # every window rank: the 24h window holds them all
+        if int(g.key) == -1:  # a missing value's key
+            missing += int(g.n)
+        else:
+            got[int(g.key)] += int(g.n)
+    expected = np.bincount(np.searchsorted(edges, frame.extra.to_numpy(float), side="left"), minlength=len(edges) + 1)
+    assert expected[0] > 0 and expected[-1] > 0, "both open end bins hold rows"
+    assert missing == frame.extra.isna().sum()
+    assert got.tolist() == expected.tolist()

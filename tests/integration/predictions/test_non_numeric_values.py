@@ -147,8 +147,8 @@ def test_a_replay_that_is_not_a_number_is_never_reproduced(tmp_path):
 def test_text_in_an_epoch_timestamp_puts_the_row_in_no_window(tmp_path):
     """A numeric (epoch seconds) timestamp column holding '' or 'abc': those rows are in
     no window, not the newest, and not stamped in the future (SQLite orders text above
-    every number), but counted as ``bad_timestamp``; the same for a label's epoch
-    timestamp: that label has not arrived."""
+    every number), but counted as ``bad_timestamp``; a label's epoch timestamp that is text
+    makes it an invalid label (``bad_timestamp``), never a label not yet arrived."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     stamps = {1: 660, 2: 720, 3: 780, 4: 840, 5: "", 6: "abc", 7: 3600 + 600}  # seconds after 11:00, or text
     rows = [(i, s, y) for i, s, y in ISSUE_ROWS[:4]] + [(5, 0.9, 1), (6, 0.1, 0), (7, 0.5, 1)]
@@ -183,8 +183,9 @@ def test_text_in_an_epoch_timestamp_puts_the_row_in_no_window(tmp_path):
     assert stats.invalid["bad_timestamp"] == 2  # ids 5 and 6
     assert snap.future_predictions == 1  # id 7 only
     assert snap.last_prediction_timestamp == eleven + 840
-    # labels of ids 1-3 arrived; id 4's label has no time
+    # labels of ids 1-3 arrived; id 4's label time is text: left out, as an invalid label
     assert online.labeled == 3 and online.label_coverage == pytest.approx(3 / 4)
+    assert dict(online.invalid_labels) == {"conflicting": 0, "invalid_value": 0, "bad_timestamp": 1}
 
 
 def test_postgresql_and_duckdb_need_no_check_and_keep_their_numbers(store):

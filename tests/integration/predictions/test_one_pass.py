@@ -1,5 +1,6 @@
 """Every window of a source in one pass (issue 12): for random rows (invalid scores,
 duplicate ids inside some windows and not others, late, conflicting and invalid labels,
+labels whose arrival time is no instant,
 replays off by more or less than the tolerance) and several window sets, each window's
 numbers equal those computed by pandas, numpy and scikit-learn on the same rows, on
 SQLite, PostgreSQL and DuckDB; with the duplicate ids listed once per source and with
@@ -95,6 +96,27 @@ def _write(url: str, schema: str | None, frames) -> None:
     engine.dispose()
 
 
+#: Label arrival times written but no instant (docs/metrics.md, "No instant"), per dialect.
+NO_INSTANT = {"sqlite": ["yesterday", "", "2024-02-30 11:00:00"], "postgresql": ["infinity", "-infinity"]}
+NO_INSTANT["duckdb"] = NO_INSTANT["postgresql"]
+
+
+def _write_unplaced_labels(url: str, schema: str | None, dialect: str, ids: np.ndarray, seed: int) -> None:
+    """A label row (0, 1 or 2) for each of ``ids`` whose arrival time is no instant: text on
+    SQLite, ±infinity elsewhere (cast from text, which SQLAlchemy's DateTime cannot bind)."""
+    rng = np.random.default_rng(seed)
+    table = f'"{schema}".labels' if schema else "labels"
+    ts = ":ts" if dialect == "sqlite" else "CAST(:ts AS TIMESTAMP)"
+    values = NO_INSTANT[dialect]
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO {table} (id, y, ts) VALUES (:id, :y, {ts})"),
+            [{"id": int(i), "y": int(rng.choice([0, 1, 2])), "ts": values[k % len(values)]} for k, i in enumerate(ids)],
+        )
+    engine.dispose()
+
+
 def _reasons(frame: pd.DataFrame) -> pd.Series:
     """Each row's reason in its window, by ``INVALID_REASONS``' precedence."""
     p = pd.to_numeric(frame["p"], errors="coerce")
@@ -125,18 +147,22 @@ def _expected_stats(predictions: pd.DataFrame, window: timedelta, continuous: bo
     return out
 
 
-def _expected_online(predictions, labels, window: timedelta, label_delay: timedelta, missing: str) -> dict:
+def _expected_online(
+    predictions, labels, unplaced: np.ndarray, window: timedelta, label_delay: timedelta, missing: str
+) -> dict:
+    """``unplaced``: ids with a label row whose arrival time is no instant."""
     end = _naive(AS_OF) - label_delay
     rows = predictions[(predictions.ts >= end - window) & (predictions.ts < end)]
     rows = rows[_reasons(rows) == "ok"]
     recorded = labels[(labels.ts >= end - window) & (labels.ts < _naive(AS_OF))]
     usable = recorded[recorded.y.isin([0, 1])].groupby("id")["y"].agg(["min", "max"])
     has_rows = rows.id.isin(recorded.id)
+    unknown_arrival = ~has_rows & rows.id.isin(unplaced)  # in no range: neither a label nor a 0
     low, high = rows.id.map(usable["min"]), rows.id.map(usable["max"])
     has_label = low.notna() & (low == high)
     y = low.where(has_label)
     if missing == "negative":
-        y = y.where(has_rows, 0)
+        y = y.where(has_rows | unknown_arrival, 0)
     labeled = y.notna()
     p, y = rows.loc[labeled, "p"].astype(float).to_numpy(), y[labeled].astype(int).to_numpy()
     return {
@@ -146,6 +172,7 @@ def _expected_online(predictions, labels, window: timedelta, label_delay: timede
         "label_coverage": has_label.sum() / len(rows) if len(rows) else None,
         "conflicting": int((low.notna() & (low != high)).sum()),
         "invalid_value": int((has_rows & low.isna()).sum()),
+        "bad_timestamp": int(unknown_arrival.sum()),
         "logloss": log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]) if len(y) else None,
         "roc_auc": roc_auc_score(y, p) if 0 < y.sum() < len(y) else None,
     }
@@ -183,6 +210,11 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     frames = _rows(dialect, continuous, seed=len(windows))
     _write(url, schema, frames)
     predictions, labels, replays = frames
+    # Label rows of unknown arrival: for ids of any time, and of the last hours (short windows).
+    rng = np.random.default_rng(len(windows))
+    recent = np.unique(predictions.id[predictions.ts >= _naive(AS_OF) - timedelta(hours=4)])
+    unplaced = np.union1d(rng.choice(np.unique(predictions.id), N // 40), rng.choice(recent, N // 40))
+    _write_unplaced_labels(url, schema, dialect, unplaced, seed=len(windows))
     if not listed:  # more duplicate ids than the source lists: each query searches them itself
         monkeypatch.setattr(queries, "MAX_LISTED_DUPLICATES", 3)
     settings = model_settings(
@@ -204,6 +236,7 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     assert any(s.bucketed for s in snap.score_stats) is continuous
     duplicates = [s.invalid["duplicate_id"] for s in snap.score_stats]
     assert max(duplicates) > 0 and (len(windows) == 1 or len(set(duplicates)) > 1)  # differ between windows
+    assert max(online.invalid_labels["bad_timestamp"] for online in snap.online) > 0
     for stats, online, replay, window in zip(snap.score_stats, snap.online, snap.replays, windows, strict=True):
         span = parse_duration(window)
         want = _expected_stats(predictions, span, continuous)
@@ -217,10 +250,10 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         for q, value in stats.percentiles.items():  # exact on pure buckets, within a bucket otherwise
             assert value == pytest.approx(want["percentiles"][q], abs=1e-2 if continuous else 1e-12)
 
-        want = _expected_online(predictions, labels, span, delay, missing)
+        want = _expected_online(predictions, labels, unplaced, span, delay, missing)
         assert online.predictions == want["predictions"], window
         assert online.labeled == want["labeled"] and online.positives == want["positives"], window
-        assert online.invalid_labels == {"conflicting": want["conflicting"], "invalid_value": want["invalid_value"]}
+        assert online.invalid_labels == {r: want[r] for r in ("conflicting", "invalid_value", "bad_timestamp")}
         assert online.label_coverage == pytest.approx(want["label_coverage"], rel=1e-12)
         assert online.logloss == pytest.approx(want["logloss"], rel=1e-12)
         assert online.roc_auc == pytest.approx(want["roc_auc"], abs=(online.roc_auc_error_bound or 0) + 1e-12)

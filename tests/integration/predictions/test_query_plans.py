@@ -249,7 +249,9 @@ def test_replays_are_looked_up_by_index_only_when_both_ids_have_one_type(
         replays = sa.Table("replays", metadata, schema=schema, autoload_with=engine)
     finally:
         engine.dispose()
-    q = PredictionQueries(model, predictions, TimeColumn(predictions.c.ts, "naive", "UTC"), "postgresql")
+    q = PredictionQueries(
+        model, predictions, TimeColumn(predictions.c.ts, "naive", "UTC", predictions.c.ts), "postgresql"
+    )
     replay_q = ReplayQueries(model.replays, replays)
     assert replay_q.indexed
     assert q.replays_by_lookup(replay_q) is lookup

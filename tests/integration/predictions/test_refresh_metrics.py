@@ -274,7 +274,11 @@ def test_online_accuracy(store, missing, label_timestamp, label_type):
         assert online.positive_ratio == pytest.approx(y.mean(), abs=1e-15)
         assert online.calibration_ratio == pytest.approx(p.mean() / y.mean(), rel=1e-12)
         assert online.extreme_scores == int(np.sum((p == 0) | (p == 1))) > 0
-        assert dict(online.invalid_labels) == {"conflicting": conflicting, "invalid_value": bad}
+        # bad_timestamp: a reason only with a label timestamp, whose values here are all instants
+        expected = {"conflicting": conflicting, "invalid_value": bad} | (
+            {"bad_timestamp": 0} if label_timestamp else {}
+        )
+        assert dict(online.invalid_labels) == expected
 
 
 def test_reproducibility(store):

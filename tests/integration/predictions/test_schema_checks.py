@@ -324,7 +324,7 @@ def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, sto
     _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
     path = _config(tmp_path, url, schema, filter_yaml, replays=False)
     result = _check_config(path)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
 
     snap = _refresh(path)
     assert all(s.up for s in snap.sources.values()) and not _errors(snap), _errors(snap)
@@ -338,34 +338,71 @@ def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, sto
         assert snap.online[0].roc_auc == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
+def test_a_filter_that_matches_no_row_is_warned_about(store, tmp_path):
+    """A filter value that fits its column but matches no row (a typo: NOR for NO) passes
+    the checks, and the model would export no predictions with every source up:
+    check-config warns naming the key (exit 0: rows may come later); not for an empty table."""
+    url, schema, _ = store
+    _tables(url, schema, dict.fromkeys(("predictions", "labels", "replays"), "BIGINT"))
+    result = _check_config(_config(tmp_path, url, schema, '{market: "NOR"}', replays=False))
+    assert result.exit_code == 0, result.output
+    assert "warning: models[0].predictions.filter: no row of table 'predictions' matches {'market': 'NOR'}" in (
+        result.output
+    )
+    q = (lambda t: f'"{schema}".{t}') if schema else (lambda t: t)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DELETE FROM {q('predictions')}"))
+    engine.dispose()
+    result = _check_config(_config(tmp_path, url, schema, '{market: "NOR"}', replays=False))
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
 #: (filter as written in YAML, the ROWS it keeps by hand, or None: refused)
 UNTYPED_FILTERS = {
     "no-read-as-false": ("{market: NO}", None),
     "yes-read-as-true": ("{active: yes}", None),
+    "integer": ("{shard: 3}", None),
+    "number-read-as-1.1": ("{version: 1.10}", None),
     "quoted-no": ('{market: "NO"}', [1, 2, 4, 6]),
-    "integer": ("{shard: 3}", [1, 2, 5, 6]),
-    "stored-integer-for-a-flag": ("{active: 1}", [1, 3, 4, 6]),
+    "quoted-integer-stored-as-integer-or-text": ('{shard: "3"}', [1, 2, 5, 6]),
+    "quoted-1.10-not-1.1": ('{version: "1.10"}', [1, 3, 4, 6]),
+    "quoted-stored-integer-for-a-flag": ('{active: "1"}', [1, 3, 4, 6]),
 }
 
 
 @pytest.mark.parametrize("case", list(UNTYPED_FILTERS))
-def test_a_sqlite_column_without_a_declared_type_takes_no_boolean_filter(case, tmp_path):
-    """A SQLite column declared without a type compares its values as stored, and SQLite
-    stores no booleans: YAML's ``NO`` (false, bound as 0) would silently match no 'NO'
-    row, so check-config refuses it naming the key; text and numbers select their rows."""
+def test_a_sqlite_column_without_a_declared_type_takes_quoted_text_compared_as_text(case, tmp_path):
+    """A SQLite column declared without a type keeps each value as written: here shard 3
+    is the integer 3 in some rows and the text '3' (what the sqlite3 shell's .import writes)
+    in others, version the text '1.10'. A number or boolean as YAML read it would silently
+    miss rows (``NO`` is false, bound as 0; 1.10 is 1.1; 3 misses the text '3'), so
+    check-config refuses it naming the key; quoted text selects every row written alike."""
     filter_yaml, kept = UNTYPED_FILTERS[case]
     url = f"sqlite:///{tmp_path}/store.sqlite"
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p REAL, market, shard, active)"))
+        conn.execute(
+            sa.text("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p REAL, market, version, shard, active)")
+        )
         conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
-        for i, minute, score, label, market, _, shard, active, _ in ROWS:
+        for i, minute, score, label, market, version, shard, active, _ in ROWS:
             conn.execute(
-                sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :m, :s, :a)"),
-                {"i": i, "ts": datetime(2024, 6, 1, 11, minute), "p": score, "m": market, "s": shard, "a": int(active)},
+                sa.text("INSERT INTO predictions VALUES (:i, :ts, :p, :m, :v, :s, :a)"),
+                {
+                    "i": i,
+                    "ts": datetime(2024, 6, 1, 11, minute),
+                    "p": score,
+                    "m": market,
+                    "v": version,
+                    "s": shard if i % 2 else str(shard),  # the integer 3 and the text '3'
+                    "a": int(active),
+                },
             )
             conn.execute(sa.text("INSERT INTO labels VALUES (:i, :y)"), {"i": i, "y": label})
+        stored = conn.execute(sa.text("SELECT DISTINCT typeof(shard) FROM predictions")).scalars().all()
     engine.dispose()
+    assert sorted(stored) == ["integer", "text"]
     path = _config(tmp_path, url, None, filter_yaml, replays=False)
     result = _check_config(path)
     snap = _refresh(path)
@@ -373,7 +410,7 @@ def test_a_sqlite_column_without_a_declared_type_takes_no_boolean_filter(case, t
         assert result.exit_code == 2, result.output
         key = filter_yaml.strip("{}").split(":")[0]
         line = next(line for line in result.output.splitlines() if f"models[0].predictions.filter.{key}:" in line)
-        assert "the boolean" in line and "no declared type" in line and "in quotes" in line, line
+        assert "YAML read the" in line and "no declared type" in line and "in quotes" in line, line
         assert _errors(snap) == {("predictions", "schema"): 1, ("labels", "schema"): 1}
     else:
         assert result.exit_code == 0, result.output

@@ -110,9 +110,13 @@ def test_window_counts_match_the_rows(seeded, samples, model, window):
 
 
 @pytest.mark.parametrize("window", ["1h", "24h"])
-def test_stuck_feed_predictions_show_as_mode_share(samples, window):
-    assert samples[("mlmon_prediction_mode_share_ratio", "ctr_feed", window)] > 0.1
-    assert samples[("mlmon_prediction_mode_share_ratio", "ctr_search", window)] < 0.05
+def test_stuck_feed_predictions_show_as_mode_share_past_the_alert_threshold(exposition, samples, window):
+    """The feed's stuck share passes the demo's threshold, so MlmonPredictionsDegenerate
+    fires for it (README); the search model's stays far below."""
+    threshold = _by(exposition, "mlmon_alert_threshold", "ctr_feed", "threshold")["mode_share_ratio_max"]
+    assert threshold == _by(exposition, "mlmon_alert_threshold", "ctr_search", "threshold")["mode_share_ratio_max"]
+    assert samples[("mlmon_prediction_mode_share_ratio", "ctr_feed", window)] > threshold
+    assert samples[("mlmon_prediction_mode_share_ratio", "ctr_search", window)] < threshold / 2
 
 
 @pytest.mark.parametrize("window", ["1h", "24h"])
@@ -400,3 +404,38 @@ def test_systematic_clicks_keep_each_probability_and_every_stretch_near_its_sum(
     p = np.array([0.05, 0.5, 0.2, 0.9, 0.01])
     rate = np.mean([_systematic_clicks(p, u)[0] for u in rng.uniform(size=20_000)], axis=0)
     assert rate == pytest.approx(p, abs=0.015)
+
+
+def test_feed_serves_user_age_in_hours_as_feature_skew(seeded, exposition, runs):
+    """The demo's skew incident (README): ctr_feed is served ``user_age_days`` in hours. The
+    serving mean is that of the served rows (pandas), 24 times the serving version's
+    training mean, and its PSI is the only one past the alert threshold."""
+    predictions = _read(seeded, "predictions")
+    end = pd.Timestamp(NOW).tz_localize(None)
+    for model in MODELS:
+        rows = predictions[
+            (predictions["model_name"] == model) & (predictions["timestamp"] >= end - pd.Timedelta("24h"))
+        ]
+        version = rows.sort_values("timestamp")["model_version"].iloc[-1]
+        served = rows[rows["model_version"] == version]["user_age_days"].dropna()
+        trained = _features(runs[model][runs[model]["version"] == version].iloc[0])["user_age_days"]["mean"]
+        window = {
+            s.labels["feature"]: s.value
+            for s in exposition
+            if s.name == "mlmon_serving_feature_mean" and s.labels["model"] == model and s.labels["window"] == "24h"
+        }
+        assert window["user_age_days"] == pytest.approx(served.mean(), rel=1e-9)
+        assert window["user_age_days"] / trained == pytest.approx(24.0 if model == "ctr_feed" else 1.0, rel=0.1)
+        psi = {
+            s.labels["feature"]: s.value
+            for s in exposition
+            if s.name == "mlmon_feature_skew_psi" and s.labels["model"] == model and s.labels["window"] == "24h"
+        }
+        assert set(psi) == {"user_age_days", "country", "device"}
+        skewed = {"user_age_days"} if model == "ctr_feed" else set()
+        assert {name for name, value in psi.items() if value > 0.25} == skewed
+        if model == "ctr_feed":  # README: about 5 for the skewed feature, about 0 elsewhere
+            assert 4 < psi["user_age_days"] < 6, psi
+            assert max(psi["country"], psi["device"]) < 0.05, psi
+        else:
+            assert max(psi.values()) < 0.05, psi
