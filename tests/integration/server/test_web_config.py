@@ -189,7 +189,11 @@ def test_wrong_passwords_from_50_clients_do_not_delay_a_verified_scraper(tmp_pat
         latencies = []
         with httpx.Client(timeout=30) as scraper:
             started = time.monotonic()
-            while time.monotonic() - started < attack_seconds:
+            # At least attack_seconds, and until an attacker has passed its budget (a 429):
+            # on a loaded machine their first bcrypt checks alone may take longer.
+            while time.monotonic() - started < attack_seconds or (
+                429 not in statuses and time.monotonic() - started < 30
+            ):
                 before = time.monotonic()
                 response = scraper.get(f"{base}/metrics", auth=("prometheus", PASSWORD))
                 latencies.append(time.monotonic() - before)
