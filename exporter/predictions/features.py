@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 
 from exporter.config import ALL_COLUMNS, ModelConfig, TableSource, TrainingSettings
 from exporter.durations import parse_duration
-from exporter.predictions.queries import is_number
+from exporter.predictions.queries import is_number, square
 from exporter.predictions.sources import JoinedSource, PredictionsSource, decode_serving_version
 from exporter.predictions.stores import NUMBER_TYPES, Stores, reflect_table
 from exporter.reasons import SchemaError
@@ -304,7 +304,7 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             keyed.c.key,
             sa.func.count().label("n"),
             sa.func.sum(keyed.c.x).label("s1"),
-            sa.func.sum(keyed.c.x * keyed.c.x).label("s2"),
+            sa.func.sum(square(keyed.c.x)).label("s2"),
             sa.func.count(keyed.c.x).label("m"),
         ).group_by(keyed.c.feature, keyed.c.wkey, keyed.c.key)
 

@@ -95,6 +95,18 @@ def _double(value: float) -> sa.ColumnElement:
     return sa.literal(float(value), sa.Double())
 
 
+#: Below this magnitude a square is summed as 0: PostgreSQL raises "value out of range:
+#: underflow" when x * x rounds to 0 for a non-zero x (|x| < about 1.5e-162), which took a
+#: source down for one score or feature value of 1e-200. Each such row then adds at most
+#: 1e-300 less to a sum of squares.
+SQUARE_FLOOR = 1e-150
+
+
+def square(value: sa.ColumnElement) -> sa.ColumnElement:
+    """``value * value`` (a double), 0 when ``|value| < SQUARE_FLOOR``, on every dialect."""
+    return sa.case((sa.func.abs(value) < _double(SQUARE_FLOOR), _double(0.0)), else_=value * value)
+
+
 def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
     return sa.func.sum(sa.case((condition, 1), else_=0))
 
@@ -350,7 +362,7 @@ class PredictionQueries:
                 sa.func.min(of_valid(keyed.c.score)).label(f"low_{i}"),
                 sa.func.max(of_valid(keyed.c.score)).label(f"high_{i}"),
                 sa.func.sum(of_valid(deviation)).label(f"s1_{i}"),
-                sa.func.sum(of_valid(deviation * deviation)).label(f"s2_{i}"),
+                sa.func.sum(of_valid(square(deviation))).label(f"s2_{i}"),
             ]
         return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
 
@@ -546,7 +558,10 @@ class PredictionQueries:
         valid = _valid_probability(self.dialect, offline, is_number(self.dialect, replays.column))
         diff = sa.func.abs(online - offline)
         larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
-        within = diff <= _double(tolerance.atol) + _double(tolerance.rtol) * larger
+        # rtol x a score below SQUARE_FLOOR may round to 0, which PostgreSQL raises as underflow;
+        # such a relative tolerance is below 1e-150 anyway.
+        relative = sa.case((larger < _double(SQUARE_FLOOR), _double(0.0)), else_=_double(tolerance.rtol) * larger)
+        within = diff <= _double(tolerance.atol) + relative
         columns = []
         for i in range(len(windows.starts)):
             counted = rows.c[f"in_{i}"] == 1

@@ -260,6 +260,36 @@ def test_predictions_stamped_in_the_future_are_reported_and_counted_only_when_th
     )
 
 
+def test_tiny_scores_and_replays_keep_every_source_up_with_exact_numbers(store):
+    """Attack 2026-12-01: PostgreSQL raises "value out of range: underflow" when x * x rounds
+    to 0 for a non-zero x: one score of 1e-200 (a valid probability) took the predictions
+    source down at every refresh, a replay of 1e-320 the replays source (rtol x score).
+    Squares below queries.SQUARE_FLOOR are summed as 0; the numbers are numpy's."""
+    url, schema, _ = store
+    scores = [1e-200, 5e-324, 1e-320, 0.25, 0.5, 0.75]
+    labels = [0, 0, 1, 1, 0, 1]
+    engine = sa.create_engine(url)
+    rows = [{"id": i, "ts": AS_OF - timedelta(minutes=i + 1), "p": p} for i, p in enumerate(scores)]
+    _predictions_table(engine, schema, rows)
+    metadata = sa.MetaData(schema=schema)
+    label_table = sa.Table("labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer))
+    replay_table = sa.Table("replays", metadata, sa.Column("id", sa.BigInteger), sa.Column("p", sa.Double))
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(label_table.insert(), [{"id": i, "y": y} for i, y in enumerate(labels)])
+        conn.execute(replay_table.insert(), [{"id": i, "p": p} for i, p in enumerate(scores)])  # all reproduced
+    engine.dispose()
+
+    [snap] = _refresh(_settings(url, schema, replays=True), AS_OF)
+    assert all(s.up for s in snap.sources.values()) and not any(snap.errors.values()), snap.errors
+    stats, online, replay = snap.score_stats[0], snap.online[0], snap.replays[0]
+    assert stats.predictions == len(scores)
+    assert stats.mean == pytest.approx(np.mean(scores), rel=1e-12)
+    assert stats.stddev == pytest.approx(np.std(scores), rel=1e-9)
+    assert online.roc_auc == pytest.approx(roc_auc_score(labels, scores))
+    assert (replay.replayed, replay.ratio, replay.abs_error_max) == (len(scores), 1.0, 0.0)
+
+
 # -- 3. empty tables ----------------------------------------------------------------------
 
 

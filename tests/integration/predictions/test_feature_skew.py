@@ -478,6 +478,26 @@ def test_huge_finite_values_leave_mean_and_stddev_absent_and_other_features_inta
         assert mean == pytest.approx(extra.mean(), rel=1e-9)
 
 
+def test_tiny_values_keep_the_features_source_up_with_exact_means(store, state_file):
+    """Attack 2026-12-01: PostgreSQL raised "underflow" on the Σx² of a value of 1e-200 (x * x
+    rounds to 0) and the whole features source went down. ``extra`` is missing from the
+    training summary, so it is summed unshifted; its means are numpy's."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(9)
+    rows = _serving_rows(rng, dialect)
+    recent = sorted((r for r in rows if AS_OF - r["ts"] < timedelta(hours=1)), key=lambda r: r["id"])
+    recent[0]["extra"], recent[1]["extra"] = 1e-200, 5e-324
+    _load(url, schema, rows)
+    _report(state_file, _training_frame(rng))
+    got = _samples(_settings(url, schema, state_file))
+    frame = pd.DataFrame(rows)
+    assert got[("mlmon_source_up", frozenset({"model": "ctr", "source": "features"}.items()))] == 1.0
+    for window, span in WINDOWS.items():
+        extra = _numeric(_window(frame, span).extra)
+        labels = frozenset({"model": "ctr", "window": window, "feature": "extra"}.items())
+        assert got[("mlmon_serving_feature_mean", labels)] == pytest.approx(extra.mean(), rel=1e-9)
+
+
 def test_a_null_serving_version_has_serving_numbers_of_every_version_but_no_skew(store, state_file):
     """Review 2026-12-01: a NULL version named no run but dropped the version filter and was
     compared with the newest run, mixing versions; now it is compared with nothing."""
