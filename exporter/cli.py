@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperCommand
 
 from exporter.config import DEFAULT_PORT, ConfigError, Settings, load_settings
-from exporter.db import safe_url
+from exporter.db import safe_url, timed_connection
 from exporter.errors import first_line
 from exporter.predictions.stores import utc_now
 from exporter.reasons import SchemaError
@@ -156,13 +156,13 @@ def _parse_as_of(text: str | None, settings: Settings, option: str = "--as-of") 
     return as_utc(value)
 
 
-def _filter_matches(engine: sa.Engine, q: PredictionQueries) -> bool:
+def _filter_matches(engine: sa.Engine, q: PredictionQueries, timeout: timedelta) -> bool:
     """Whether a row of the prediction table matches its filters, or the table is empty
-    (nothing to tell yet), or the search failed (for example past ``query_timeout`` on a
-    large table: no warning rather than a guess)."""
+    (nothing to tell yet), or the search failed (for example cancelled after ``timeout``
+    on a large table: no warning rather than a guess)."""
     rows = sa.select(sa.literal(1)).select_from(q.table)
     try:
-        with engine.connect() as conn:
+        with timed_connection(engine, timeout.total_seconds()) as conn:
             return (
                 conn.execute(rows.where(*q.filters).limit(1)).first() is not None
                 or conn.execute(rows.limit(1)).first() is None
@@ -223,7 +223,7 @@ def check_config(config: ConfigOption) -> None:
                 problems.append(f"stores.{model.predictions.store}: {first_line(exc)}")
                 continue
             if model.predictions.filter and not _filter_matches(
-                stores.engine(model.predictions.store), refresher.predictions.queries()
+                stores.engine(model.predictions.store), refresher.predictions.queries(), settings.query_timeout
             ):
                 typer.echo(
                     f"warning: models[{i}].predictions.filter: no row of table {model.predictions.table!r} matches "

@@ -520,6 +520,11 @@ def check_filter_value(table: sa.Table, name: str, value: str | float | bool, ke
         raise SchemaError(
             f"{key_path}: YAML read the text {value!r}, but {where} on postgresql, whose text cannot hold a NUL character"
         )
+    labels = getattr(column_type, "enums", None)  # a PostgreSQL or MySQL enum's labels, as reflected
+    if fits and kind == "text" and labels and value not in labels:
+        # PostgreSQL refuses a value outside the enum ("invalid input value for enum") at
+        # every refresh; elsewhere it would match no row.
+        fits, advice = False, f"only its labels {', '.join(map(repr, labels))}: write one of them in quotes"
     if fits and kind == "uuid" and isinstance(value, str):
         try:
             uuid.UUID(value)

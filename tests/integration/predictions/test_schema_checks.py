@@ -5,6 +5,7 @@ their column (docs/configuration.md, "Types of ids and filter values").
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
 import numpy as np
@@ -356,6 +357,61 @@ def test_a_filter_that_matches_no_row_is_warned_about(store, tmp_path):
     engine.dispose()
     result = _check_config(_config(tmp_path, url, schema, '{market: "NOR"}', replays=False))
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_the_no_match_search_gives_up_at_query_timeout(tmp_path):
+    """Attack 2026-12-01: the search for a matching row ran without ``query_timeout``, so
+    check-config scanned a huge table with no match for minutes. Here a view of 10^9 rows:
+    the search is cancelled after 1 s and nothing is warned (no guess)."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE base (id INTEGER, ts TIMESTAMP, p REAL, m TEXT)"))
+        conn.execute(
+            sa.text("INSERT INTO base VALUES (:i, '2024-06-01 11:01:00', 0.5, 'a')"), [{"i": i} for i in range(1000)]
+        )
+        conn.execute(
+            sa.text(
+                "CREATE VIEW predictions AS SELECT a.id AS id, a.ts AS ts, a.p AS p, a.m || b.m || c.m AS region "
+                "FROM base a, base b, base c"
+            )
+        )
+        conn.execute(sa.text("CREATE TABLE labels (id INTEGER, y INTEGER)"))
+    engine.dispose()
+    config = _config(tmp_path, url, None, '{region: "xx"}', replays=False)
+    config.write_text(config.read_text() + "query_timeout: 1s\n")
+    started = time.monotonic()
+    result = _check_config(config)
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert time.monotonic() - started < 15
+
+
+@pytest.mark.postgres
+def test_a_filter_value_outside_a_postgresql_enum_is_a_schema_error_listing_its_labels(postgres_schema, tmp_path):
+    """Attack 2026-12-01: ``{region: "EU"}`` on an enum of 'eu' and 'us' passed check-config,
+    and PostgreSQL refused it ("invalid input value for enum") at every refresh."""
+    url, schema = postgres_schema
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TYPE \"{schema}\".region AS ENUM ('eu', 'us')"))
+        conn.execute(
+            sa.text(
+                f'CREATE TABLE "{schema}".predictions (id BIGINT, ts TIMESTAMP, p DOUBLE PRECISION, region "{schema}".region)'
+            )
+        )
+        conn.execute(sa.text(f'CREATE TABLE "{schema}".labels (id BIGINT, y INTEGER)'))
+        conn.execute(
+            sa.text(f"INSERT INTO \"{schema}\".predictions VALUES (1, :ts, 0.2, 'eu'), (2, :ts, 0.6, 'us')"),
+            {"ts": datetime(2024, 6, 1, 11, 1)},
+        )
+    engine.dispose()
+    result = _check_config(_config(tmp_path, url, schema, '{region: "EU"}', replays=False))
+    assert result.exit_code == 2, result.output
+    line = next(line for line in result.output.splitlines() if "models[0].predictions.filter.region:" in line)
+    assert "YAML read the text 'EU'" in line and "only its labels 'eu', 'us'" in line, line
+    result = _check_config(_config(tmp_path, url, schema, '{region: "eu"}', replays=False))
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    assert _refresh(_config(tmp_path, url, schema, '{region: "eu"}', replays=False)).score_stats[0].predictions == 1
 
 
 #: (filter as written in YAML, the ROWS it keeps by hand, or None: refused)
