@@ -138,6 +138,20 @@ def _bin(dialect: str, value: sa.ColumnElement, edges: tuple[float, ...]) -> sa.
     return bisect(0, len(edges))
 
 
+def _category(dialect: str, value: sa.ColumnElement, categories: tuple[str, ...]) -> sa.ColumnElement:
+    """The position of a present ``value`` (text) in ``categories``, ``len(categories)`` when
+    it is none of them. PostgreSQL: ``array_position`` over one array parameter (its
+    protocol takes at most 65,535 parameters a statement: 150 features of 500 categories
+    each, one parameter per category, failed every refresh). Elsewhere: one WHEN per category."""
+    if not categories:
+        return sa.literal_column("0", sa.Integer())
+    if dialect == "postgresql":
+        listed = sa.literal(list(categories), postgresql.ARRAY(sa.Text()))
+        position = sa.func.array_position(listed, sa.cast(value, sa.Text()), type_=sa.Integer())
+        return sa.func.coalesce(position - 1, len(categories))
+    return sa.case(*((value == category, c) for c, category in enumerate(categories)), else_=len(categories))
+
+
 class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
     """The serving-time features, per window, against the serving version's training run."""
 
@@ -286,8 +300,7 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
                 bounded = sa.func.abs(value) <= sa.literal(MOMENT_BOUND, sa.Double())
                 shifted = sa.case((bounded, value - sa.literal(plan.shift, sa.Double())))
             else:
-                listed = [(value == category, c) for c, category in enumerate(plan.categories)]
-                key = sa.case((value.is_(None), -1), *listed, else_=len(plan.categories))
+                key = sa.case((value.is_(None), -1), else_=_category(q.dialect, value, plan.categories))
                 shifted = sa.null()
             parts.append(
                 sa.select(

@@ -613,6 +613,16 @@ def test_the_statement_names_each_cleaned_value_once_however_many_bins(store, st
             categorical = (device, Bins(categories=tuple(f"d{c}" for c in range(categories))))
             return len(str(source._statement([numeric, categorical], AS_OF, "v1").compile(dialect=engine_dialect)))
 
+        if dialect == "postgresql":  # its protocol takes at most 65,535 parameters a statement
+
+            def parameters(edges: int, categories: int) -> int:
+                numeric = (extra, Bins(edges=tuple(float(e) for e in range(edges))))
+                categorical = (device, Bins(categories=tuple(f"d{c}" for c in range(categories))))
+                return len(
+                    source._statement([numeric, categorical], AS_OF, "v1").compile(dialect=engine_dialect).params
+                )
+
+            assert parameters(10, 10) == parameters(1000, 1000)  # one array parameter each
         cleaning = len(str(_cleaned(dialect, extra).compile(dialect=engine_dialect)))
         per_edge = (length(200, 10) - length(10, 10)) / 190
         per_category = (length(10, 200) - length(10, 10)) / 190
