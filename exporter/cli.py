@@ -159,7 +159,8 @@ def _parse_as_of(text: str | None, settings: Settings, option: str = "--as-of") 
 def _filter_matches(engine: sa.Engine, q: PredictionQueries, timeout: timedelta) -> bool:
     """Whether a row of the prediction table matches its filters, or the table is empty
     (nothing to tell yet), or the search failed (for example cancelled after ``timeout``
-    on a large table: no warning rather than a guess)."""
+    on a large table, on SQLite and PostgreSQL: ``db.timed_connection``; other engines
+    by their own limits): no warning rather than a guess."""
     rows = sa.select(sa.literal(1)).select_from(q.table)
     try:
         with timed_connection(engine, timeout.total_seconds()) as conn:
@@ -167,7 +168,7 @@ def _filter_matches(engine: sa.Engine, q: PredictionQueries, timeout: timedelta)
                 conn.execute(rows.where(*q.filters).limit(1)).first() is not None
                 or conn.execute(rows.limit(1)).first() is None
             )
-    except sa.exc.SQLAlchemyError:
+    except (sa.exc.SQLAlchemyError, OSError):  # as the schema check above
         return True
 
 

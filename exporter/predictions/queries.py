@@ -558,9 +558,12 @@ class PredictionQueries:
         valid = _valid_probability(self.dialect, offline, is_number(self.dialect, replays.column))
         diff = sa.func.abs(online - offline)
         larger = sa.case((sa.func.abs(online) >= sa.func.abs(offline), sa.func.abs(online)), else_=sa.func.abs(offline))
-        # rtol x a score below SQUARE_FLOOR may round to 0, which PostgreSQL raises as underflow;
-        # such a relative tolerance is below 1e-150 anyway.
-        relative = sa.case((larger < _double(SQUARE_FLOOR), _double(0.0)), else_=_double(tolerance.rtol) * larger)
+        # rtol x a tiny score may round to 0, which PostgreSQL raises as underflow: below
+        # SQUARE_FLOOR the relative tolerance is taken as 0 (the product is never formed).
+        relative: sa.ColumnElement[float] = _double(0.0)
+        if tolerance.rtol > 0:
+            smallest = SQUARE_FLOOR / tolerance.rtol  # larger below this: rtol x larger < SQUARE_FLOOR
+            relative = sa.case((larger < _double(smallest), _double(0.0)), else_=_double(tolerance.rtol) * larger)
         within = diff <= _double(tolerance.atol) + relative
         columns = []
         for i in range(len(windows.starts)):

@@ -542,11 +542,22 @@ def _untyped_sqlite(column: sa.ColumnElement, dialect: str) -> bool:
 
 def filter_condition(column: sa.ColumnElement, value: str | float | bool, dialect: str) -> sa.ColumnElement[bool]:
     """The condition of one ``filter`` entry: ``column = value``, except on a SQLite column
-    declared without a type, where ``CAST(column AS TEXT) = value`` (``check_filter_value``
-    has made ``value`` text there), so that an integer and a text written alike both match."""
-    if _untyped_sqlite(column, dialect):
-        return sa.cast(column, sa.Text) == value
-    return column == value
+    declared without a type (``check_filter_value`` has made ``value`` text there), where
+    the values that read as ``value`` match, whatever their storage class: ``CAST(column AS
+    TEXT) = value``, behind ``column IN`` the forms that can (the text, the integer and the
+    real it parses as, the blob of its bytes) so that an index on the column still serves."""
+    if not _untyped_sqlite(column, dialect):
+        return column == value
+    text = str(value)
+    forms: list[object] = [text, text.encode()]
+    for parse in (int, float):
+        try:
+            number = parse(text)
+        except ValueError:
+            continue
+        if not isinstance(number, int) or -(2**63) <= number < 2**63:  # SQLite binds 64-bit integers only
+            forms.append(number)
+    return sa.and_(column.in_(forms), sa.cast(column, sa.Text) == text)
 
 
 def _yaml_read(value: str | float | bool, kind: str | None) -> str:

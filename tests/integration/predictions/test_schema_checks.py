@@ -386,6 +386,40 @@ def test_the_no_match_search_gives_up_at_query_timeout(tmp_path):
     assert time.monotonic() - started < 15
 
 
+def test_a_text_filter_on_an_untyped_sqlite_column_matches_every_storage_class_and_keeps_its_index(tmp_path):
+    """Review 2026-12-01: ``CAST(model AS TEXT) = '3'`` alone made SQLite scan the table past
+    the (model, ts) index a shared table has; the forms the text can be stored as go first,
+    in an IN the index serves. What reads as '3' matches: 3, '3', x'33'; 3.0 reads '3.0'."""
+    from exporter.predictions.stores import filter_condition
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/s.sqlite")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE p (id INTEGER, ts TIMESTAMP, model)"))
+        conn.execute(sa.text("CREATE INDEX p_model_ts ON p (model, ts)"))
+        stored = [3, "3", 3.0, b"3", "03", " 3", "a", 2**63 - 1]
+        conn.execute(
+            sa.text("INSERT INTO p VALUES (:i, '2024-06-01 11:00:00', :m)"),
+            [{"i": i, "m": m} for i, m in enumerate(stored)],
+        )
+        table = sa.Table("p", sa.MetaData(), autoload_with=conn)
+        where = lambda value: (filter_condition(table.c.model, value, "sqlite"), table.c.ts > "2024")  # noqa: E731
+        matched = {
+            v: conn.execute(sa.select(table.c.id).where(*where(v))).scalars().all()
+            for v in ("3", "3.0", "a", str(2**63 - 1), "1" * 30)
+        }
+        compiled = (
+            sa.select(table.c.id)
+            .where(*where("3"))
+            .compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        )
+        plan = conn.exec_driver_sql(
+            f"EXPLAIN QUERY PLAN {compiled}", tuple(compiled.params[name] for name in compiled.positiontup or ())
+        ).all()
+    engine.dispose()
+    assert matched == {"3": [0, 1, 3], "3.0": [2], "a": [6], str(2**63 - 1): [7], "1" * 30: []}
+    assert any("USING INDEX p_model_ts (model=? AND ts>?)" in row[-1] for row in plan), plan
+
+
 @pytest.mark.postgres
 def test_a_filter_value_outside_a_postgresql_enum_is_a_schema_error_listing_its_labels(postgres_schema, tmp_path):
     """Attack 2026-12-01: ``{region: "EU"}`` on an enum of 'eu' and 'us' passed check-config,
