@@ -109,6 +109,15 @@ def _plan(conn, statement) -> dict:
     return conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, compiled.params).scalar()[0]["Plan"]
 
 
+def _refresh_and_default_plans(engine, statements: dict) -> tuple[dict, dict]:
+    """(each statement's plan under a refresh's planner settings, ``timed_connection``; the
+    ``online`` statement's plan with PostgreSQL left to its guesses: the premise, a loop)."""
+    with timed_connection(engine, 30) as conn:
+        plans = {name: _plan(conn, statement) for name, statement in statements.items()}
+    with engine.connect() as conn:
+        return plans, _plan(conn, statements["online"])
+
+
 def _quadratic_loops(node: dict) -> list[str]:
     """The nested loops of a plan whose inner side is not an index lookup: each rescans a
     whole input per outer row, quadratic in the rows."""
@@ -195,11 +204,7 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
             "new_predictions": q.new_predictions(start, end, [0.5]),
             "serving_version": q.serving_version(end),
         }
-        engine = stores.engine("s")
-        with timed_connection(engine, 30) as conn:
-            plans = {name: _plan(conn, statement) for name, statement in statements.items()}
-        with engine.connect() as conn:  # the premise: left to its guesses, PostgreSQL loops
-            default_plan = _plan(conn, statements["online"])
+        plans, default_plan = _refresh_and_default_plans(stores.engine("s"), statements)
     finally:
         stores.dispose()
     assert _quadratic_loops(default_plan), default_plan
@@ -365,11 +370,7 @@ def test_label_times_and_a_joined_feature_table_unanalyzed_are_refreshed_without
             "online": q.online(label_q, windows, DuplicateIds(None), AS_OF),
             "features": features._statement(planned, AS_OF, None),
         }
-        engine = stores.engine("s")
-        with timed_connection(engine, 30) as conn:
-            plans = {name: _plan(conn, statement) for name, statement in statements.items()}
-        with engine.connect() as conn:  # the premise: left to its guesses, PostgreSQL loops
-            default_plan = _plan(conn, statements["online"])
+        plans, default_plan = _refresh_and_default_plans(stores.engine("s"), statements)
     finally:
         stores.dispose()
     assert _quadratic_loops(default_plan), default_plan
