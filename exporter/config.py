@@ -7,6 +7,7 @@ read from a file (``url_file``) so that secrets never sit in the config itself.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -351,6 +352,14 @@ class ModelConfig(Strict):
     replay_tolerance: ReplayTolerance = ReplayTolerance()
     alert_thresholds: dict[str, float | None] = {}
     """Overrides of the top-level ``alerting`` thresholds for this model."""
+    time_slice: Duration | None = None
+    """Width of the time slices (aligned to the epoch) whose prediction aggregates a refresh
+    keeps and merges into windows, reading only the rows that can still change
+    (``predictions.slices``); default: the smallest window / 12 or the largest / 288,
+    whichever is longer, in whole seconds (5 minutes for windows 1h and 24h)."""
+    slice_audit_interval: Duration = timedelta(hours=1)
+    """How often the kept slices are compared with the store (one count per slice), so that
+    rows written or deleted later than ``predictions.ingestion_delay`` are taken in."""
     bucket_decimals: int = Field(default=5, ge=1, le=5)
     """Windows are aggregated in ``FLOOR(score * 10**k)`` buckets, at most 10**k + 1 rows
     whatever the row count (so k <= 5 keeps a window's buckets in a few MB); a bucket of
@@ -372,6 +381,14 @@ class ModelConfig(Strict):
         if any(b <= a for a, b in zip(buckets, buckets[1:], strict=False)):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")
         return self
+
+    def slice_width(self) -> timedelta:
+        """``time_slice``, or its default from the windows (see ``time_slice``)."""
+        if self.time_slice is not None:
+            return self.time_slice
+        durations = [parse_duration(window) for window in self.windows]
+        derived = max(min(durations) / 12, max(durations) / 288)
+        return timedelta(seconds=max(1, math.ceil(derived.total_seconds())))
 
     def sources(self) -> dict[str, TableSource]:
         """The configured sources by name (``predictions``, ``labels``, ``replays``)."""

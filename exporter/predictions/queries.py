@@ -266,11 +266,9 @@ class PredictionQueries:
         source = self.table.outerjoin(found, self.id == found.c.id)
         return source, [found.c[f"n_{i}"] > 1 for i in range(len(windows.starts))]
 
-    def rows(self, windows: Windows, duplicates: DuplicateIds) -> sa.Subquery:
-        """The predictions of the largest window as (id, score, base, ``reason_i`` per window):
-        ``base`` is ``OK`` or why the score is excluded, ``reason_i`` the row's reason in
-        window ``i`` (NULL outside it): ``base``, or ``duplicate_id`` for a valid score whose
-        id several rows of the window carry (``INVALID_REASONS`` gives the precedence)."""
+    def _base(self) -> sa.ColumnElement[int]:
+        """``OK``, or the code of the reason the row's score is excluded (position in
+        ``INVALID_REASONS`` + 1), duplicates aside."""
         code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
         whens: list[tuple[sa.ColumnElement[bool], int]] = [(self.score.is_(None), code["null_score"])]
         if self.score_is_number is not None:
@@ -279,7 +277,79 @@ class PredictionQueries:
         if nan is not None:
             whens.append((nan, code["nan_score"]))
         whens.append((sa.not_(sa.and_(self.score >= 0.0, self.score <= 1.0)), code["out_of_range"]))
-        base = sa.case(*whens, else_=OK)
+        return sa.case(*whens, else_=OK)
+
+    def _parts(
+        self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], *columns: sa.ColumnElement
+    ) -> tuple[sa.Subquery, sa.ColumnElement[int]]:
+        """The rows stamped in one of the ``reads`` ranges, with ``columns``, and the index
+        ``p`` of the part ``[points[p], points[p + 1])`` each lies in, found by bisecting
+        the points (log2 of their number comparisons a row). On SQLite the time is computed
+        once a row in the subquery, which LIMIT keeps SQLite from flattening."""
+        in_reads = sa.or_(*(self.time.between(start, end) for start, end in reads))
+        rows = sa.select(self.time.expr.label("t"), *columns).where(in_reads, *self.filters)
+        if self.dialect == "sqlite":
+            rows = rows.limit(-1)
+        subquery = rows.subquery("part_rows")
+        time = replace(self.time, expr=subquery.c.t)
+        inner = list(points[1:-1])
+
+        def bisect(lo: int, hi: int) -> sa.ColumnElement[int]:
+            # The row is at or after inner[j] for j < lo and before it for j >= hi.
+            if lo == hi:
+                return sa.literal_column(str(lo), sa.Integer())
+            mid = (lo + hi) // 2
+            return sa.case((time.at_or_after(inner[mid]), bisect(mid + 1, hi)), else_=bisect(lo, mid))
+
+        return subquery, bisect(0, len(inner))
+
+    def sliced_histogram(self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
+        """The histogram of ``histogram`` per part of time, for ids that are unique
+        (``unique_ids``: no duplicate search), in one pass over the ``reads`` ranges: rows
+        (``part``, ``key``, ``n``, ``low``, ``high``, ``s1``, ``s2``), ``key`` the bucket of
+        a valid score or minus the reason code of an excluded one, in no order
+        (``slices.Histogram.from_rows`` reads them). Parts as ``_parts``."""
+        rows, part = self._parts(points, reads, self.score.label("score"), self._base().label("base"))
+        keyed = sa.select(
+            part.label("part"),
+            sa.case((rows.c.base == OK, self._key(rows.c.score)), else_=-rows.c.base).label("key"),
+            rows.c.score,
+        ).subquery("keyed")
+        valid = keyed.c.key >= 0
+        deviation = keyed.c.score - keyed.c.key / _double(10**self.model.bucket_decimals)
+
+        def of_valid(value: sa.ColumnElement) -> sa.ColumnElement:
+            return sa.case((valid, value), else_=None)
+
+        return sa.select(
+            keyed.c.part,
+            keyed.c.key,
+            sa.func.count().label("n"),
+            sa.func.min(of_valid(keyed.c.score)).label("low"),
+            sa.func.max(of_valid(keyed.c.score)).label("high"),
+            sa.func.sum(of_valid(deviation)).label("s1"),
+            sa.func.sum(of_valid(square(deviation))).label("s2"),
+        ).group_by(keyed.c.part, keyed.c.key)
+
+    def part_counts(self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
+        """Rows (``part``, ``base``, ``n``, ``total``): the rows of each part by ``OK`` or the
+        code of the reason they are excluded, and the sum of the valid scores, in the
+        ``reads`` ranges: the audit of kept slices (``slices.SliceStore.audited``), a hash
+        aggregate into a few groups per part rather than one per bucket."""
+        rows, part = self._parts(points, reads, self.score.label("score"), self._base().label("base"))
+        counted = sa.select(part.label("part"), rows.c.base, rows.c.score).subquery("counted")
+        valid = sa.case((counted.c.base == OK, counted.c.score), else_=None)
+        return sa.select(
+            counted.c.part, counted.c.base, sa.func.count().label("n"), sa.func.sum(valid).label("total")
+        ).group_by(counted.c.part, counted.c.base)
+
+    def rows(self, windows: Windows, duplicates: DuplicateIds) -> sa.Subquery:
+        """The predictions of the largest window as (id, score, base, ``reason_i`` per window):
+        ``base`` is ``OK`` or why the score is excluded, ``reason_i`` the row's reason in
+        window ``i`` (NULL outside it): ``base``, or ``duplicate_id`` for a valid score whose
+        id several rows of the window carry (``INVALID_REASONS`` gives the precedence)."""
+        code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
+        base = self._base()
         source, duplicated = self._duplicated(windows, duplicates)
         reasons = [
             sa.case(

@@ -40,6 +40,7 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
+from exporter.predictions.slices import Histogram, SliceStore
 from exporter.predictions.stores import (
     NUMBER_TYPES,
     Stores,
@@ -59,6 +60,10 @@ FUTURE_TOLERANCE = timedelta(minutes=1)
 
 Q = TypeVar("Q")
 V = TypeVar("V")
+
+
+#: The per-bucket columns of ``PredictionQueries.histogram`` that make a ``slices.Histogram``.
+BUCKET_COLUMNS = ("n", "low", "high", "s1", "s2")
 
 
 def _int(value: Any) -> int:
@@ -181,6 +186,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
+        #: The sealed time slices' histograms, kept between refreshes (ids unique only).
+        self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Histogram.merge)
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -230,38 +237,78 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return found
 
     def _score_stats(self, conn: Connection, windows: Windows) -> tuple[ScoreStats, ...]:
-        """Prediction statistics of each window from its bucket histogram (docs/metrics.md),
-        all windows in one pass, and their mode counts in a second one when a window's
-        buckets hold several distinct scores."""
+        """Prediction statistics of each window from its bucket histogram (docs/metrics.md):
+        merged from time slices when ids are unique (``_sliced_histograms``), else in one
+        pass over all windows after the duplicate search; and their mode counts in one more
+        pass when a window's buckets hold several distinct scores."""
         q = self.queries()
-        duplicates = self.duplicate_ids(conn, windows)
-        rows = conn.execute(q.histogram(windows, duplicates)).all()
-        per_window: list[tuple[dict[str, int], list[Any]]] = []
-        for i in range(len(windows.starts)):
-            invalid = dict.fromkeys(INVALID_REASONS, 0)
-            buckets = []
-            for row in rows:
-                m = row._mapping
-                invalid["duplicate_id"] += _int(m[f"dup_{i}"])
-                if row.key < 0:  # an excluded row's key is minus its reason code
-                    invalid[INVALID_REASONS[-int(row.key) - 1]] += _int(m[f"n_{i}"])
-                elif _int(m[f"n_{i}"]) > 0:
-                    buckets.append((row.key, *(m[f"{c}_{i}"] for c in ("n", "low", "high", "s1", "s2"))))
-            per_window.append((invalid, sorted(buckets, key=lambda b: b[0])))
-        modes: list[int | None] = [None] * len(windows.starts)
-        if any(buckets and any(b[2] != b[3] for b in buckets) for _, buckets in per_window):
-            modes = [
-                _int(m) for m in conn.execute(q.mode_counts(windows, duplicates, self.model.mode_share_decimals)).one()
+        n = len(windows.starts)
+        if q.unique_ids:
+            duplicates = DuplicateIds.none(n)
+            histograms = self._sliced_histograms(conn, windows)
+            duplicated = [0] * n
+        else:
+            duplicates = self.duplicate_ids(conn, windows)
+            rows = conn.execute(q.histogram(windows, duplicates)).all()
+            histograms = [
+                Histogram.from_rows([(row.key, *(row._mapping[f"{c}_{i}"] for c in BUCKET_COLUMNS)) for row in rows])
+                for i in range(n)
             ]
-        return tuple(
-            self._window_stats(window, invalid, buckets, mode)
-            for window, (invalid, buckets), mode in zip(self.model.windows, per_window, modes, strict=True)
-        )
+            duplicated = [sum(_int(row._mapping[f"dup_{i}"]) for row in rows) for i in range(n)]
+        invalids = []
+        for hist, dup in zip(histograms, duplicated, strict=True):
+            invalid = dict.fromkeys(INVALID_REASONS, 0)
+            for code, count in hist.excluded().items():
+                invalid[INVALID_REASONS[code - 1]] += count
+            invalid["duplicate_id"] += dup
+            invalids.append(invalid)
+        valid = [hist.valid() for hist in histograms]
+        modes: list[int | None] = [None] * n
+        if any(np.any(v.low != v.high) for v in valid):
+            mode_query = q.mode_counts(windows, duplicates, self.model.mode_share_decimals)
+            modes = [_int(m) for m in conn.execute(mode_query).one()]
+        return tuple(self._window_stats(*args) for args in zip(self.model.windows, invalids, valid, modes, strict=True))
 
-    def _window_stats(self, window: str, invalid: dict[str, int], buckets: list[Any], mode: int | None) -> ScoreStats:
-        """One window's statistics from its buckets (key, n, low, high, s1, s2), sorted by key;
-        ``mode``: its mode count from SQL, needed when a bucket holds several scores."""
-        if not buckets:
+    def _sliced_histograms(self, conn: Connection, windows: Windows) -> list[Histogram]:
+        """Each window's histogram, merged from the kept sealed slices and the stretches
+        that can still change, read in one statement (``slices``); first, when it is due,
+        the audit of the kept slices (one row count per slice), which forgets those that
+        changed so that they are read again."""
+        q, store = self.queries(), self.slices
+        if store.audit_due(windows.end):
+            kept = sorted(store.slices)
+            points = sorted({*kept, *(start + store.width for start in kept)})
+            ranges = [(start, start + store.width) for start in kept]
+            found: dict[datetime, tuple[dict[int, int], float]] = {}
+            for row in conn.execute(q.part_counts(points, ranges)):
+                counts, total = found.setdefault(points[row.part], ({}, 0.0))
+                counts[int(row.base)] = _int(row.n)
+                found[points[row.part]] = (counts, total + float(row.total or 0.0))
+
+            def differs(start: datetime, hist: Histogram) -> bool:
+                # Other counts by reason, or a sum of valid scores off by more than rounding.
+                counts, total = hist.fingerprint(self.model.bucket_decimals)
+                store_counts, store_total = found.get(start, ({}, 0.0))
+                return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+
+            changed = store.audited(windows.end, differs)
+            if changed:
+                log.info(
+                    "model %s: %d kept time slices changed in the store; reading them again",
+                    self.model.name,
+                    len(changed),
+                )
+        plan = store.plan(windows.starts, windows.end, self.model.predictions.ingestion_delay)
+        by_part: dict[int, list[Any]] = {}
+        if plan.reads:
+            for row in conn.execute(q.sliced_histogram(plan.points, plan.reads)):
+                by_part.setdefault(int(row.part), []).append(row[1:])
+        return store.merge(plan, {p: Histogram.from_rows(rows) for p, rows in by_part.items()})
+
+    def _window_stats(self, window: str, invalid: dict[str, int], hist: Histogram, mode: int | None) -> ScoreStats:
+        """One window's statistics from the buckets of its valid scores; ``mode``: its mode
+        count from SQL, needed when a bucket holds several scores."""
+        if not len(hist.key):
             return ScoreStats(
                 window=window,
                 predictions=0,
@@ -272,11 +319,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 mode_share=None,
                 bucketed=False,
             )
-        counts = np.array([_int(b[1]) for b in buckets])
-        lows = np.array([float(b[2]) for b in buckets])
-        highs = np.array([float(b[3]) for b in buckets])
-        edges = np.array([float(b[0]) for b in buckets]) / 10.0**self.model.bucket_decimals  # as in SQL: key / 10**k
-        sums = np.array([float(b[4]) for b in buckets])
+        counts, lows, highs, sums = hist.n, hist.low, hist.high, hist.s1
+        edges = hist.key / 10.0**self.model.bucket_decimals  # as in SQL: key / 10**k
         n = int(counts.sum())
         pure = bool(np.all(lows == highs))  # every bucket one distinct score: all exact
         if pure:
@@ -290,7 +334,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             predictions=n,
             invalid=invalid,
             mean=float(np.sum(counts * edges + sums) / n),
-            stddev=math.sqrt(pooled_variance(counts, edges, sums, np.array([float(b[5]) for b in buckets]))),
+            stddev=math.sqrt(pooled_variance(counts, edges, sums, hist.s2)),
             percentiles=percentiles_from_buckets(lows, highs, counts),
             mode_share=mode / n,
             bucketed=not pure,

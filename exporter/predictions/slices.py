@@ -1,0 +1,246 @@
+"""Time slices: the prediction histograms a refresh keeps between refreshes, so that each
+refresh reads only the rows that can still change (issue 12, docs/metrics.md "Time slices").
+
+Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j + 1) w)``
+(UTC). At a refresh time ``as_of`` a slice is *sealed* when it ends at or before
+``as_of - ingestion_delay``: no row is expected to be written into it any more, so its
+histogram, read once, is kept. A window ``[a, as_of)`` is then the merge of the kept slices
+inside it and of two stretches read again at every refresh: its head ``[sealed end, as_of)``
+(at most one slice plus ``ingestion_delay``) and its tail ``[a, first slice boundary at or
+after a)`` (less than one slice). Every stretch a refresh reads is one part of a single
+statement grouped by (part, bucket) (``PredictionQueries.sliced_histogram``).
+
+Histograms merge exactly (counts and sums add, minima and maxima combine), so a window
+merged from slices has the buckets a single pass over it gives; only the sums of
+deviations may differ in the last bits, as any change of summation order does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def floor_to(instant: datetime, width: timedelta) -> datetime:
+    """The start of the slice of ``width`` holding ``instant`` (exact: integer microseconds)."""
+    return EPOCH + ((instant - EPOCH) // width) * width
+
+
+def ceil_to(instant: datetime, width: timedelta) -> datetime:
+    """The first slice boundary at or after ``instant``."""
+    start = floor_to(instant, width)
+    return start if start == instant else start + width
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Bucket aggregates of some predictions, one entry per key, keys ascending: ``key`` is
+    the bucket ``grid_index(score, 10**k)`` of valid scores, or minus the code of the
+    reason an excluded row has (``queries.INVALID_REASONS``); per key ``n`` rows and, over
+    the valid ones, ``low``/``high`` (min, max score) and ``s1``/``s2`` (sum of deviations
+    from the bucket's lower edge and of their squares); NaN for excluded keys.
+    Shapes: five arrays of one length, ``key`` and ``n`` int64, the others float64.
+    Memory: 48 bytes per key."""
+
+    key: np.ndarray
+    n: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Histogram:
+        floats = np.empty(0, dtype=np.float64)
+        ints = np.empty(0, dtype=np.int64)
+        return cls(ints, ints, floats, floats, floats, floats)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Sequence[Any]]) -> Histogram:
+        """From (key, n, low, high, s1, s2) rows with distinct keys in any order (SQL NULL:
+        ``None``, read as NaN), leaving out keys with ``n == 0``."""
+        rows = [row for row in rows if row[1]]
+        if not rows:
+            return cls.empty()
+        columns = list(zip(*rows, strict=True))
+
+        def floats(i: int) -> np.ndarray:
+            return np.array([np.nan if v is None else float(v) for v in columns[i]], dtype=np.float64)
+
+        key = np.array([int(k) for k in columns[0]], dtype=np.int64)
+        order = np.argsort(key, kind="stable")
+        n = np.array([int(v) for v in columns[1]], dtype=np.int64)
+        return cls(key[order], n[order], *(floats(i)[order] for i in range(2, 6)))
+
+    @classmethod
+    def merge(cls, parts: Iterable[Histogram]) -> Histogram:
+        """The histogram of the union of the rows of ``parts`` (disjoint sets of rows)."""
+        parts = [p for p in parts if len(p.key)]
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        key = np.concatenate([p.key for p in parts])
+        keys, inverse = np.unique(key, return_inverse=True)
+        size = len(keys)
+
+        def summed(values: np.ndarray) -> np.ndarray:
+            # NaN of excluded keys stays NaN: all entries of a key are excluded or none are.
+            return np.bincount(inverse, weights=values, minlength=size)
+
+        n = np.bincount(inverse, weights=np.concatenate([p.n for p in parts]), minlength=size).astype(np.int64)
+        low = np.full(size, np.inf)
+        np.fmin.at(low, inverse, np.concatenate([p.low for p in parts]))
+        high = np.full(size, -np.inf)
+        np.fmax.at(high, inverse, np.concatenate([p.high for p in parts]))
+        return cls(
+            keys,
+            n,
+            low,
+            high,
+            summed(np.concatenate([p.s1 for p in parts])),
+            summed(np.concatenate([p.s2 for p in parts])),
+        )
+
+    @property
+    def rows(self) -> int:
+        """All rows counted, valid and excluded."""
+        return int(self.n.sum())
+
+    def valid(self) -> Histogram:
+        """The buckets of valid scores only."""
+        keep = self.key >= 0
+        return Histogram(*(a[keep] for a in (self.key, self.n, self.low, self.high, self.s1, self.s2)))
+
+    def fingerprint(self, bucket_decimals: int) -> tuple[dict[int, int], float]:
+        """(rows per reason code, ``0`` for valid; the sum of the valid scores), what the
+        audit compares with the store (``PredictionQueries.part_counts``)."""
+        counts = {int(-k) if k < 0 else 0: 0 for k in self.key}
+        for k, n in zip(self.key, self.n, strict=True):
+            counts[int(-k) if k < 0 else 0] += int(n)
+        valid = self.key >= 0
+        total = float(np.sum(self.n[valid] * (self.key[valid] / 10.0**bucket_decimals) + self.s1[valid]))
+        return counts, total
+
+    def excluded(self) -> dict[int, int]:
+        """Rows per reason code of the excluded keys (``-key``)."""
+        return {int(-k): int(n) for k, n in zip(self.key, self.n, strict=True) if k < 0}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one refresh reads and how it merges it into windows.
+
+    ``points``: sorted instants cutting the read stretches into parts (part ``p`` is
+    ``[points[p], points[p + 1])``); ``reads``: the disjoint ranges read, each a union of
+    parts; ``new_slices``: the starts of the sealed slices read this time, to keep;
+    ``windows[i]``: (the kept slice starts, the part indexes) that make window ``i``.
+    """
+
+    points: tuple[datetime, ...]
+    reads: tuple[tuple[datetime, datetime], ...]
+    new_slices: tuple[datetime, ...]
+    windows: tuple[tuple[tuple[datetime, ...], tuple[int, ...]], ...]
+
+
+def parts_in(points: Sequence[datetime], start: datetime, end: datetime) -> tuple[int, ...]:
+    """The parts cut by ``points`` (``Plan.points``) that lie inside ``[start, end)``."""
+    return tuple(p for p in range(len(points) - 1) if start <= points[p] and points[p + 1] <= end)
+
+
+def _union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    out: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+A = TypeVar("A")
+
+
+class SliceStore(Generic[A]):
+    """The aggregates ``A`` of the sealed slices of one source, kept between refreshes;
+    ``plan`` says what a refresh reads, ``merge`` makes its windows.
+
+    ``combine`` merges the aggregates of disjoint sets of rows (``Histogram.merge``).
+    Memory: the kept aggregates, at most ``largest window / width`` of them; for
+    ``Histogram``, 48 bytes per (kept slice, bucket holding rows), at most
+    ``min(rows of a slice, 10**bucket_decimals + 7)`` buckets a slice (docs/scaling.md).
+    """
+
+    def __init__(self, width: timedelta, audit_interval: timedelta, combine: Callable[[Iterable[A]], A]):
+        """``width``: the slice width (> 0); ``audit_interval``: how often ``audit_due`` is true."""
+        self.width = width
+        self.audit_interval = audit_interval
+        self.combine = combine
+        self.slices: dict[datetime, A] = {}
+        self._audited: datetime | None = None
+
+    def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> Plan:
+        """What to read for the windows ``[starts[i], end)``, whose rows may still be
+        written ``delay`` after their timestamp: the sealed slices (ending at or before
+        ``end - delay``) wholly inside the largest window that are not kept yet, and each
+        window's head and tail (module docstring). Forgets the slices that left every window."""
+        sealed = floor_to(end - delay, self.width)
+        first = ceil_to(min(starts), self.width)
+        for start in [s for s in self.slices if s < first]:
+            del self.slices[start]
+        missing = []
+        slice_start = first
+        while slice_start + self.width <= sealed:
+            if slice_start not in self.slices:
+                missing.append(slice_start)
+            slice_start += self.width
+        raw: list[list[tuple[datetime, datetime]]] = []
+        for a in starts:
+            c = ceil_to(a, self.width)
+            raw.append([(a, c), (sealed, end)] if c < sealed else [(a, end)])
+        stretches = [r for ranges in raw for r in ranges] + [(s, s + self.width) for s in missing]
+        points = tuple(sorted({p for r in stretches for p in r}))
+        windows = []
+        for a, ranges in zip(starts, raw, strict=True):
+            kept = []
+            slice_start = ceil_to(a, self.width)
+            while slice_start + self.width <= sealed:
+                kept.append(slice_start)
+                slice_start += self.width
+            parts = tuple(p for start, stop in ranges for p in parts_in(points, start, stop))
+            windows.append((tuple(kept), parts))
+        return Plan(points, tuple(_union(stretches)), tuple(missing), tuple(windows))
+
+    def merge(self, plan: Plan, parts: dict[int, A]) -> list[A]:
+        """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by part
+        index; a part without rows may be absent), and return each window's aggregate."""
+        for start in plan.new_slices:
+            inside = parts_in(plan.points, start, start + self.width)
+            self.slices[start] = self.combine(parts[p] for p in inside if p in parts)
+        return [
+            self.combine([*(self.slices[s] for s in kept), *(parts[p] for p in own if p in parts)])
+            for kept, own in plan.windows
+        ]
+
+    def audit_due(self, as_of: datetime) -> bool:
+        """Whether the kept slices should be compared with the store now: once
+        ``audit_interval`` has passed since the first refresh or the last audit."""
+        if self._audited is None:
+            self._audited = as_of
+        return bool(self.slices) and as_of - self._audited >= self.audit_interval
+
+    def audited(self, as_of: datetime, changed: Callable[[datetime, A], bool]) -> list[datetime]:
+        """Record an audit at ``as_of`` and forget the kept slices for which ``changed(start,
+        aggregate)`` is true (their rows in the store differ from what was read), so that
+        the next plan reads them again; returns their starts."""
+        self._audited = as_of
+        gone = [start for start, aggregate in self.slices.items() if changed(start, aggregate)]
+        for start in gone:
+            del self.slices[start]
+        return gone
