@@ -156,7 +156,7 @@ def _check(log: Log, warm: ModelRefresher, settings, stores: Stores, as_of: date
             bound = w.mode_share_error_bound or 0.0
             assert w.mode_share - 1e-12 <= expected["mode_share"] <= w.mode_share + bound + 1e-12
             for q, value in expected["percentiles"].items():
-                assert w.percentiles[q] == pytest.approx(value, abs=10.0**-settings.models[0].bucket_decimals)
+                assert w.percentiles[q] == pytest.approx(value, abs=10.0 ** -settings.models[0].bucket_decimals)
 
 
 def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[int | None] | None:
