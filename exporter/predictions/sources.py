@@ -196,7 +196,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
-        #: The sealed time slices' histograms, kept between refreshes (``_sliced_histograms``).
+        #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Sliced.merge)
         #: The duplicated ids found at the last refresh, which every read leaves out, and
         #: per kept slice the ids it left out.
