@@ -83,6 +83,31 @@ class Histogram:
         return cls(key[order], n[order], *(floats(i)[order] for i in range(2, 6)))
 
     @classmethod
+    def by_part(cls, rows: Sequence[Sequence[Any]]) -> dict[int, Histogram]:
+        """From (part, key, n, low, high, s1, s2) rows, distinct (part, key) in any order
+        (``PredictionQueries.sliced_histogram``), each part's histogram; read column-wise
+        in numpy (a cold refresh reads slices x buckets rows: millions at 10^7 predictions
+        a day). Keys with ``n == 0`` are left out; NULL is read as NaN."""
+        if not rows:
+            return {}
+        # One float64 matrix, not columns of Python objects (zip(*rows) took 3x longer); the
+        # part, key and count columns are integers below 2**53, exact in float64.
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+        part, key, n = (table[:, i].astype(np.int64) for i in range(3))
+        floats = [table[:, i] for i in range(3, 7)]
+        order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
+        order = order[n[order] > 0]
+        part, key, n = part[order], key[order], n[order]
+        floats = [f[order] for f in floats]
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        starts, ends = np.r_[0, cuts], np.r_[cuts, len(part)]
+        return {
+            int(part[a]): cls(key[a:b], n[a:b], *(f[a:b] for f in floats))
+            for a, b in zip(starts, ends, strict=True)
+            if b > a
+        }
+
+    @classmethod
     def merge(cls, parts: Iterable[Histogram]) -> Histogram:
         """The histogram of the union of the rows of ``parts`` (disjoint sets of rows).
 

@@ -355,10 +355,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         for n, read in enumerate(plan.passes):
             if not read.reads:
                 continue
-            by_part: dict[int, list[Any]] = {}
-            for row in conn.execute(q.sliced_histogram(read.points, read.reads, self._known)):
-                by_part.setdefault(int(row.part), []).append(row[1:])
-            histograms = {p: Histogram.from_rows(rows) for p, rows in by_part.items()}
+            rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._known)).all()
+            histograms = Histogram.by_part(rows)
             tops: dict[int, TopCounts] = {}
             mixed = []
             for p, hist in histograms.items():
