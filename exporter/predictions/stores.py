@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from exporter.config import Store, TableSource
 from exporter.db import PoolSize, create_store_engine, require_existing_sqlite_file
-from exporter.reasons import SchemaError
+from exporter.reasons import SchemaError, sqlstate
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -350,7 +350,10 @@ def reflect_table(
             autoload_with=engine,
             listeners=[("column_reflect", _standard_type)],
         )
-    except sa.exc.NoSuchTableError:
+    except (sa.exc.NoSuchTableError, sa.exc.DBAPIError) as exc:
+        # PyHive cannot tell Spark's "table not found" (SQLSTATE 42P01) from other errors of DESCRIBE.
+        if isinstance(exc, sa.exc.DBAPIError) and sqlstate(exc.orig) != "42P01":
+            raise
         where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
         raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
     problems: list[str | None] = []  # None: a column whose type fits (_type_problem)

@@ -275,3 +275,20 @@ def test_spark_refresh_equals_postgresql(spark_schema, postgres_schema, unique_i
     day = postgresql[1]["score_stats"][1]
     assert day.invalid["nan_score"] > 0 and day.invalid["out_of_range"] > 0
     assert postgresql[1]["counter"].total > postgresql[0]["counter"].total
+
+
+def test_spark_missing_table_is_a_schema_error(spark_schema, caplog):
+    """PyHive reports Spark's missing table as any failed statement (``OperationalError``);
+    mlmon tells it by its SQLSTATE 42P01 and names the config key, as on other engines."""
+    url, schema = spark_schema
+    refresher, stores = _refresher(url, schema, unique_ids=False)
+    try:
+        snapshot = refresher.refresh(AS_OF)
+    finally:
+        stores.dispose()
+    assert {key: n for key, n in snapshot.errors.items() if n} == {
+        ("predictions", "schema"): 1,
+        ("labels", "schema"): 1,
+        ("replays", "schema"): 1,
+    }
+    assert f"models[0].predictions.table: table '{schema}.predictions' does not exist in store 's'" in caplog.text
