@@ -17,12 +17,16 @@ deviations may differ in the last bits, as any change of summation order does.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from exporter.monitoring_math import grid_index
+from exporter.predictions.queries import SQUARE_FLOOR
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -86,27 +90,49 @@ class Histogram:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
-        key = np.concatenate([p.key for p in parts])
+        columns = (
+            np.concatenate([getattr(p, name) for p in parts]) for name in ("key", "n", "low", "high", "s1", "s2")
+        )
+        return cls._grouped(*columns)
+
+    @classmethod
+    def _grouped(
+        cls, key: np.ndarray, n: np.ndarray, low: np.ndarray, high: np.ndarray, s1: np.ndarray, s2: np.ndarray
+    ) -> Histogram:
+        """The histogram of entries whose keys may repeat: counts and sums added, minima and
+        maxima combined per key (NaN, of excluded keys, stays NaN: a key's entries are all
+        excluded or none is)."""
         keys, inverse = np.unique(key, return_inverse=True)
         size = len(keys)
-
-        def summed(values: np.ndarray) -> np.ndarray:
-            # NaN of excluded keys stays NaN: all entries of a key are excluded or none are.
-            return np.bincount(inverse, weights=values, minlength=size)
-
-        n = np.bincount(inverse, weights=np.concatenate([p.n for p in parts]), minlength=size).astype(np.int64)
-        low = np.full(size, np.inf)
-        np.fmin.at(low, inverse, np.concatenate([p.low for p in parts]))
-        high = np.full(size, -np.inf)
-        np.fmax.at(high, inverse, np.concatenate([p.high for p in parts]))
+        lows = np.full(size, np.inf)
+        np.fmin.at(lows, inverse, low)
+        highs = np.full(size, -np.inf)
+        np.fmax.at(highs, inverse, high)
+        lows[np.isinf(lows)], highs[np.isinf(highs)] = np.nan, np.nan
         return cls(
             keys,
-            n,
-            low,
-            high,
-            summed(np.concatenate([p.s1 for p in parts])),
-            summed(np.concatenate([p.s2 for p in parts])),
+            np.bincount(inverse, weights=n, minlength=size).astype(np.int64),
+            lows,
+            highs,
+            np.bincount(inverse, weights=s1, minlength=size),
+            np.bincount(inverse, weights=s2, minlength=size),
         )
+
+    @classmethod
+    def from_scores(cls, bases: Sequence[int], scores: Sequence[float | None], bucket_decimals: int) -> Histogram:
+        """Of single rows, each with its ``base`` (``OK`` = 0, or the code of the reason its
+        score is excluded) and its score as a double (read only when valid), bucketed and
+        summed exactly as ``PredictionQueries.sliced_histogram`` does in SQL
+        (``monitoring_math.grid_index``, ``queries.square``)."""
+        if not len(bases):
+            return cls.empty()
+        base = np.asarray(bases, dtype=np.int64)
+        valid = base == 0
+        score = np.array([np.nan if v is None or not ok else float(v) for v, ok in zip(scores, valid, strict=True)])
+        key = np.where(valid, grid_index(np.where(valid, score, 0.0), 10**bucket_decimals), -base).astype(np.int64)
+        deviation = score - key / float(10**bucket_decimals)
+        square = np.where(np.abs(deviation) < SQUARE_FLOOR, 0.0, deviation * deviation)
+        return cls._grouped(key, np.ones(len(base), dtype=np.int64), score, score, deviation, square)
 
     @property
     def rows(self) -> int:
@@ -241,6 +267,45 @@ class SliceStore(Generic[A]):
         the next plan reads them again; returns their starts."""
         self._audited = as_of
         gone = [start for start, aggregate in self.slices.items() if changed(start, aggregate)]
-        for start in gone:
-            del self.slices[start]
+        self.forget(gone)
         return gone
+
+    def forget(self, starts: Iterable[datetime]) -> None:
+        """Read the slices of ``starts`` again at the next plan."""
+        for start in starts:
+            self.slices.pop(start, None)
+
+
+@dataclass(frozen=True)
+class DuplicateRows:
+    """The rows of the ids carried by several rows of the largest window, read at a refresh
+    on time slices (``PredictionQueries.duplicate_rows``): every other statement leaves
+    those ids out, and their rows are added back here, per window, as a single pass over
+    the window would count them (``queries.INVALID_REASONS``: a valid score of an id that
+    several rows of the window carry is a ``duplicate_id``; an excluded score keeps its own
+    reason; a row whose id only one row of the window carries counts as any other).
+
+    ``points`` cut the window into parts, every slice boundary and window start among
+    them; ``rows`` are (part, id, base, score).
+    """
+
+    points: tuple[datetime, ...]
+    rows: tuple[tuple[int, Any, int, float | None], ...]
+
+    def window(self, start: datetime, bucket_decimals: int) -> tuple[Histogram, int, tuple[Any, ...]]:
+        """For the window starting at ``start`` (one of the points): the histogram of the rows
+        to add back, the number of valid scores excluded as ``duplicate_id``, and the ids
+        carried by several of its rows."""
+        mine = [row for row in self.rows if self.points[row[0]] >= start]
+        counts = Counter(row[1] for row in mine)
+        back = [row for row in mine if counts[row[1]] == 1 or row[2] != 0]
+        duplicated = sum(1 for row in mine if counts[row[1]] > 1 and row[2] == 0)
+        ids = tuple(i for i, n in counts.items() if n > 1)
+        return Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals), duplicated, ids
+
+    def by_slice(self, width: timedelta) -> dict[datetime, frozenset[Any]]:
+        """The ids with rows in each slice (by start): what a kept slice must have left out."""
+        out: dict[datetime, set[Any]] = {}
+        for part, ident, _, _ in self.rows:
+            out.setdefault(floor_to(self.points[part], width), set()).add(ident)
+        return {start: frozenset(ids) for start, ids in out.items()}

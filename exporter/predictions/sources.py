@@ -32,6 +32,7 @@ from exporter.monitoring_math import (
     roc_auc_from_counts,
     round_half_up_index,
 )
+from exporter.predictions import queries
 from exporter.predictions.queries import (
     INVALID_REASONS,
     DuplicateIds,
@@ -40,7 +41,7 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
-from exporter.predictions.slices import Histogram, SliceStore
+from exporter.predictions.slices import DuplicateRows, Histogram, SliceStore, ceil_to
 from exporter.predictions.stores import (
     NUMBER_TYPES,
     Stores,
@@ -188,8 +189,12 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
-        #: The sealed time slices' histograms, kept between refreshes (ids unique only).
+        #: The sealed time slices' histograms, kept between refreshes (``_sliced_histograms``).
         self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Histogram.merge)
+        #: The duplicated ids found at the last refresh, which every read leaves out, and
+        #: per kept slice the ids it left out.
+        self._known: tuple[Any, ...] = ()
+        self._left_out: dict[datetime, frozenset[Any]] = {}
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -239,16 +244,15 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return found
 
     def _score_stats(self, conn: Connection, windows: Windows) -> tuple[ScoreStats, ...]:
-        """Prediction statistics of each window from its bucket histogram (docs/metrics.md):
-        merged from time slices when ids are unique (``_sliced_histograms``), else in one
-        pass over all windows after the duplicate search; and their mode counts in one more
-        pass when a window's buckets hold several distinct scores."""
+        """Prediction statistics of each window from its bucket histogram (docs/metrics.md),
+        merged from time slices (``_sliced_histograms``), or, with more duplicated ids than
+        that lists, in one pass over all windows after a full duplicate search; and their
+        mode counts in one more pass when a window's buckets hold several distinct scores."""
         q = self.queries()
         n = len(windows.starts)
-        if q.unique_ids:
-            duplicates = DuplicateIds.none(n)
-            histograms = self._sliced_histograms(conn, windows)
-            duplicated = [0] * n
+        sliced = self._sliced_histograms(conn, windows)
+        if sliced is not None:
+            histograms, duplicated, duplicates = sliced
         else:
             duplicates = self.duplicate_ids(conn, windows)
             rows = conn.execute(q.histogram(windows, duplicates)).all()
@@ -271,41 +275,96 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             modes = [_int(m) for m in conn.execute(mode_query).one()]
         return tuple(self._window_stats(*args) for args in zip(self.model.windows, invalids, valid, modes, strict=True))
 
-    def _sliced_histograms(self, conn: Connection, windows: Windows) -> list[Histogram]:
-        """Each window's histogram, merged from the kept sealed slices and the stretches
-        that can still change, read in one statement (``slices``); first, when it is due,
-        the audit of the kept slices (one row count per slice), which forgets those that
-        changed so that they are read again."""
+    def _sliced_histograms(
+        self, conn: Connection, windows: Windows
+    ) -> tuple[list[Histogram], list[int], DuplicateIds] | None:
+        """Each window's histogram, merged from the kept sealed slices and the stretches that
+        can still change, read in one statement (``slices``), with the valid scores each
+        window excludes as ``duplicate_id`` and its duplicated ids (kept for the other
+        sources, as ``duplicate_ids`` does); ``None`` when the duplicated ids or their rows
+        are too many to list (the caller reads the windows in full, and the kept slices
+        are dropped).
+
+        In order: the audit of the kept slices when due (``_audit``); then, unless ids are
+        unique, the duplicated ids among the new rows' and the known ones
+        (``PredictionQueries.duplicates_among``) and their rows (``duplicate_rows``): every
+        read leaves those ids out and ``slices.DuplicateRows`` adds their rows back per
+        window; a kept slice that left out other ids than it now should is read again.
+        """
         q, store = self.queries(), self.slices
+        delay = self.model.predictions.ingestion_delay
+        n = len(windows.starts)
         if store.audit_due(windows.end):
-            kept = sorted(store.slices)
-            points = sorted({*kept, *(start + store.width for start in kept)})
-            ranges = [(start, start + store.width) for start in kept]
-            found: dict[datetime, tuple[dict[int, int], float]] = {}
-            for row in conn.execute(q.part_counts(points, ranges)):
-                counts, total = found.setdefault(points[row.part], ({}, 0.0))
-                counts[int(row.base)] = _int(row.n)
-                found[points[row.part]] = (counts, total + float(row.total or 0.0))
-
-            def differs(start: datetime, hist: Histogram) -> bool:
-                # Other counts by reason, or a sum of valid scores off by more than rounding.
-                counts, total = hist.fingerprint(self.model.bucket_decimals)
-                store_counts, store_total = found.get(start, ({}, 0.0))
-                return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
-
-            changed = store.audited(windows.end, differs)
-            if changed:
-                log.info(
-                    "model %s: %d kept time slices changed in the store; reading them again",
-                    self.model.name,
-                    len(changed),
-                )
-        plan = store.plan(windows.starts, windows.end, self.model.predictions.ingestion_delay)
+            self._audit(conn, store, windows.end)
+        duplicate_rows = DuplicateRows((), ())
+        if not q.unique_ids:
+            # Probe the ids of what this refresh reads (everything on a cold refresh).
+            probe = store.plan(windows.starts, windows.end, delay).reads if store.slices else None
+            searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self._known)).all()
+            ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
+            rows: list[Any] = []
+            # The limits are read from the module at each call: tests lower them.
+            listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
+            if ids and listed:
+                points = self._points(windows)
+                rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
+                duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
+            if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
+                store.forget(list(store.slices))
+                self._known = ()
+                return None
+            self._known = tuple(ids)
+            should = duplicate_rows.by_slice(store.width)
+            store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
+        plan = store.plan(windows.starts, windows.end, delay)
         by_part: dict[int, list[Any]] = {}
         if plan.reads:
-            for row in conn.execute(q.sliced_histogram(plan.points, plan.reads)):
+            for row in conn.execute(q.sliced_histogram(plan.points, plan.reads, self._known)):
                 by_part.setdefault(int(row.part), []).append(row[1:])
-        return store.merge(plan, {p: Histogram.from_rows(rows) for p, rows in by_part.items()})
+        merged = store.merge(plan, {p: Histogram.from_rows(rows) for p, rows in by_part.items()})
+        should = duplicate_rows.by_slice(store.width)
+        self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
+        if q.unique_ids:
+            return merged, [0] * n, DuplicateIds.none(n)
+        added = [duplicate_rows.window(start, self.model.bucket_decimals) for start in windows.starts]
+        found = DuplicateIds(tuple(ids for _, _, ids in added))
+        self._duplicates = (windows, found)  # the replays and labels reuse it (duplicate_ids)
+        histograms = [Histogram.merge([hist, back]) for hist, (back, _, _) in zip(merged, added, strict=True)]
+        return histograms, [dup for _, dup, _ in added], found
+
+    def _points(self, windows: Windows) -> tuple[datetime, ...]:
+        """Every slice boundary in the largest of ``windows``, its starts and its end."""
+        width = self.slices.width
+        boundaries = []
+        boundary = ceil_to(windows.start, width)
+        while boundary < windows.end:
+            boundaries.append(boundary)
+            boundary += width
+        return tuple(sorted({*boundaries, *windows.starts, windows.end}))
+
+    def _audit(self, conn: Connection, store: SliceStore[Histogram], as_of: datetime) -> None:
+        """Compare each kept slice with the store (rows by reason and the sum of valid
+        scores, leaving out the known duplicated ids as the slices did) and forget those
+        that differ: rows written later than ``ingestion_delay``, or deleted."""
+        q = self.queries()
+        kept = sorted(store.slices)
+        points = sorted({*kept, *(start + store.width for start in kept)})
+        ranges = [(start, start + store.width) for start in kept]
+        found: dict[datetime, tuple[dict[int, int], float]] = {}
+        for row in conn.execute(q.part_counts(points, ranges, self._known)):
+            counts, total = found.setdefault(points[row.part], ({}, 0.0))
+            counts[int(row.base)] = _int(row.n)
+            found[points[row.part]] = (counts, total + float(row.total or 0.0))
+
+        def differs(start: datetime, hist: Histogram) -> bool:
+            # Other counts by reason, or a sum of valid scores off by more than rounding.
+            counts, total = hist.fingerprint(self.model.bucket_decimals)
+            store_counts, store_total = found.get(start, ({}, 0.0))
+            return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+
+        changed = store.audited(as_of, differs)
+        if changed:
+            log.info("model %s: %d kept time slices changed in the store; read again", self.model.name, len(changed))
 
     def _window_stats(self, window: str, invalid: dict[str, int], hist: Histogram, mode: int | None) -> ScoreStats:
         """One window's statistics from the buckets of its valid scores; ``mode``: its mode

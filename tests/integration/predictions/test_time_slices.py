@@ -8,6 +8,7 @@ daylight-saving change of naive timestamps; and both equal pandas and numpy on t
 from __future__ import annotations
 
 import math
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -28,12 +29,12 @@ DELAY = timedelta(minutes=3)
 AUDIT = timedelta(minutes=20)
 
 
-def _settings(url: str, schema: str | None, zone: str = "UTC"):
+def _settings(url: str, schema: str | None, zone: str = "UTC", unique: bool = True):
     return model_settings(
         url,
         schema,
         labels=False,
-        predictions={"unique_ids": True, "ingestion_delay": "3m", "timezone": zone},
+        predictions={"unique_ids": unique, "ingestion_delay": "3m", "timezone": zone},
         model={"windows": ["7m", "1h"], "time_slice": "2m", "slice_audit_interval": "20m"},
     )
 
@@ -43,7 +44,8 @@ def _refresher(settings, stores: Stores) -> ModelRefresher:
 
 
 class Log:
-    """The prediction table and a copy of its rows (UTC instants, scores as written)."""
+    """The prediction table and a copy of its rows by row key ``k``: (id, UTC instant,
+    score as written); ``id`` is the key unless a row reuses another's id, or has none."""
 
     def __init__(self, url: str, schema: str | None, dialect: str, zone: str = "UTC"):
         self.engine = sa.create_engine(url)
@@ -51,23 +53,23 @@ class Log:
         self.table = sa.Table(
             "predictions",
             sa.MetaData(schema=schema),
+            sa.Column("k", sa.BigInteger),
             sa.Column("id", sa.BigInteger),
             sa.Column("ts", sa.DateTime),
             sa.Column("p", sa.Double),
         )
         self.table.create(self.engine)
-        self.rows: dict[int, tuple[datetime, object]] = {}
-        self.next_id = 0
+        self.rows: dict[int, tuple[int | None, datetime, object]] = {}
+        self.next_key = 0
 
-    def _wall(self, instant: datetime) -> datetime:
-        return to_wall_clock(instant, ZoneInfo(self.zone))
-
-    def insert(self, rows: list[tuple[datetime, object]]) -> None:
+    def insert(self, rows: list[tuple[datetime, object]], ids: list[int | None] | None = None) -> None:
         records = []
-        for ts, p in rows:
-            self.rows[self.next_id] = (ts, p)
-            records.append({"id": self.next_id, "ts": self._wall(ts), "p": p})
-            self.next_id += 1
+        for j, (ts, p) in enumerate(rows):
+            ident = self.next_key if ids is None else ids[j]
+            self.rows[self.next_key] = (ident, ts, p)
+            wall = to_wall_clock(ts, ZoneInfo(self.zone))
+            records.append({"k": self.next_key, "id": ident, "ts": wall, "p": p})
+            self.next_key += 1
         if not records:
             return
         with self.engine.begin() as conn:
@@ -77,21 +79,28 @@ class Log:
             for r in records:  # text in a REAL column: SQLite keeps it as text
                 if isinstance(r["p"], str):
                     conn.execute(
-                        sa.text("INSERT INTO predictions (id, ts, p) VALUES (:id, :ts, :p)"),
+                        sa.text("INSERT INTO predictions (k, id, ts, p) VALUES (:k, :id, :ts, :p)"),
                         {**r, "ts": r["ts"].isoformat(sep=" ")},
                     )
 
-    def delete(self, ids: list[int]) -> None:
+    def delete(self, keys: list[int]) -> None:
         with self.engine.begin() as conn:
-            conn.execute(self.table.delete().where(self.table.c.id.in_(ids)))
-        for i in ids:
-            del self.rows[i]
+            conn.execute(self.table.delete().where(self.table.c.k.in_(keys)))
+        for k in keys:
+            del self.rows[k]
 
     def expected(self, start: datetime, end: datetime) -> dict:
-        """Counts, mean, stddev and percentiles of the valid scores in ``[start, end)``."""
-        in_window = [p for ts, p in self.rows.values() if start <= ts < end]
+        """Counts, mean, stddev and percentiles of the valid scores in ``[start, end)``; a
+        row whose id another row of the window carries is not valid (``duplicate_id``)."""
+        in_window = [(i, p) for i, ts, p in self.rows.values() if start <= ts < end]
+        carried = Counter(i for i, _ in in_window if i is not None)
         valid = np.array(
-            [p for p in in_window if isinstance(p, float) and not math.isnan(p) and 0 <= p <= 1], dtype=float
+            [
+                p
+                for i, p in in_window
+                if isinstance(p, float) and not math.isnan(p) and 0 <= p <= 1 and (i is None or carried[i] == 1)
+            ],
+            dtype=float,
         )
         out: dict = {"predictions": len(valid), "invalid": len(in_window) - len(valid)}
         if len(valid):
@@ -147,34 +156,57 @@ def _check(log: Log, warm: ModelRefresher, settings, stores: Stores, as_of: date
                 assert w.percentiles[q] == pytest.approx(value, abs=1e-5)  # 10^-5 buckets
 
 
+def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[int | None] | None:
+    """Ids for ``count`` new rows: none (the row keys) when ``unique``; else mostly new ones,
+    some reusing the id of a recent or an old row (a duplicate in some windows only), a few
+    NULL (never a duplicate)."""
+    if unique:
+        return None
+    known = [i for i, _, _ in log.rows.values() if i is not None]
+    out: list[int | None] = []
+    for j in range(count):
+        roll = rng.random()
+        if roll < 0.1 and known:
+            out.append(int(known[-1 - int(rng.integers(0, min(5, len(known))))]))  # recent: minutes away
+        elif roll < 0.15 and known:
+            out.append(int(rng.choice(known)))  # any: up to hours away
+        elif roll < 0.18:
+            out.append(None)
+        else:
+            out.append(10**9 + log.next_key + j)
+    return out
+
+
+@pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicate-ids"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_kept_slices_equal_a_cold_refresh(store, seed):
+def test_kept_slices_equal_a_cold_refresh(store, seed, unique):
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
-    settings = _settings(url, schema)
+    settings = _settings(url, schema, unique=unique)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, schema, dialect)
     # An hour of history before the first refresh, then refreshes every 10 s to 7 min.
-    log.insert([(START - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 4000, 300)])
+    history = [(START - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 4000, 300)]
+    log.insert(history, _ids(rng, log, len(history), unique))
     warm = _refresher(settings, stores)
     as_of = START
     last_audit = None  # the first refresh starts the audit clock
     changed_since_audit = False
     for _step in range(25):
-        # New rows stamped up to ingestion_delay before the refresh time (and a few after it).
+        # New rows stamped up to ingestion_delay before the next refresh time.
         count = int(rng.integers(0, 30))
         following = as_of + timedelta(seconds=float(rng.uniform(10, 420)))
-        log.insert(
-            [
-                (following - timedelta(seconds=float(s)), _score(rng, dialect))
-                for s in rng.uniform(0, DELAY.total_seconds(), count)
-            ]
-        )
+        new = [
+            (following - timedelta(seconds=float(s)), _score(rng, dialect))
+            for s in rng.uniform(0, DELAY.total_seconds(), count)
+        ]
+        log.insert(new, _ids(rng, log, count, unique))
         if rng.random() < 0.2:  # written later than ingestion_delay: into sealed slices
-            log.insert([(following - timedelta(minutes=float(m)), 0.123) for m in rng.uniform(5, 50, 3)])
+            late = [(following - timedelta(minutes=float(m)), 0.123) for m in rng.uniform(5, 50, 3)]
+            log.insert(late, _ids(rng, log, 3, unique))
             changed_since_audit = True
         if rng.random() < 0.2 and log.rows:  # deleted
-            log.delete([int(i) for i in rng.choice(list(log.rows), 3, replace=False)])
+            log.delete([int(k) for k in rng.choice(list(log.rows), 3, replace=False)])
             changed_since_audit = True
         as_of = following
         last_audit = last_audit or as_of
