@@ -381,6 +381,35 @@ class PredictionQueries:
             sa.func.sum(of_valid(square(deviation))).label("s2"),
         ).group_by(keyed.c.part, keyed.c.key)
 
+    def sliced_mode_counts(
+        self,
+        points: Sequence[datetime],
+        reads: Sequence[tuple[datetime, datetime]],
+        exclude: Sequence[Any],
+        decimals: int,
+        top: int,
+    ) -> sa.Select:
+        """The ``top + 1`` most frequent valid scores of each part, rounded half up to
+        ``decimals`` (``round_half_up_index``), rows of the ``exclude`` ids left out: rows
+        (``part``, ``key``, ``n``), ranked by count then key (``slices.TopCounts`` reads
+        them); one pass over the ``reads`` ranges, parts as ``_parts``."""
+        columns = (self.score.label("score"), self._base().label("base"))
+        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
+        rounded = (
+            sa.select(part.label("part"), round_half_up_index(rows.c.score, decimals).label("key"))
+            .select_from(rows)
+            .where(rows.c.base == OK)
+            .subquery("rounded")
+        )
+        count = sa.func.count()
+        rank = sa.func.row_number().over(partition_by=rounded.c.part, order_by=(count.desc(), rounded.c.key))
+        ranked = (
+            sa.select(rounded.c.part, rounded.c.key, count.label("n"), rank.label("rank"))
+            .group_by(rounded.c.part, rounded.c.key)
+            .subquery("ranked")
+        )
+        return sa.select(ranked.c.part, ranked.c.key, ranked.c.n).where(ranked.c.rank <= top + 1)
+
     def part_counts(
         self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any] = ()
     ) -> sa.Select:

@@ -57,13 +57,14 @@ def worst_case_queries(model: ModelConfig) -> int:
     (reflection, on the first refresh and after a failure, not counted).
 
     Each source reads all its windows in one pass per query. Predictions
-    (``PredictionsSource.run``): the newest timestamp; the audit of kept time slices (when
-    due); unless ids are unique by schema or config (which the config alone cannot tell),
-    the duplicated ids among the new rows and their rows; the sliced histogram, or, when
-    the duplicated ids or their rows are too many to list, a full duplicate search and the
-    one-pass histogram instead (so at most 8 statements: the listing that overflowed is
-    counted too); the mode counts (when a bucket holds several scores); the new rows of the
-    counter. Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    (``PredictionsSource.run``), at most 9: the newest timestamp; the audit of kept time
+    slices (when due); unless ids are unique by schema or config (which the config alone
+    cannot tell), the duplicated ids among the new rows and their rows; per pass of the
+    plan (two when a window's tail lies in a slice read this time: ``slices.Plan``) the
+    sliced histogram and, when buckets hold several scores, their most frequent scores; the
+    new rows of the counter. When the duplicated ids or their rows are too many to list,
+    a full duplicate search, the one-pass histogram and the mode counts replace the passes
+    (8 with the listing that overflowed). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
@@ -71,7 +72,7 @@ def worst_case_queries(model: ModelConfig) -> int:
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
-    count = 8
+    count = 9
     if model.labels is not None:
         count += 1 + (model.label_delay > timedelta(0)) + version
     if model.replays is not None:

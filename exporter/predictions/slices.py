@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from exporter.monitoring_math import grid_index
+from exporter.monitoring_math import grid_index, round_half_up_index
 from exporter.predictions.queries import SQUARE_FLOOR
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -159,25 +159,117 @@ class Histogram:
         return {int(-k): int(n) for k, n in zip(self.key, self.n, strict=True) if k < 0}
 
 
+#: How many of a slice's most frequent rounded scores it keeps (``TopCounts``).
+TOP_SCORES = 128
+
+
+@dataclass(frozen=True)
+class TopCounts:
+    """The most frequent rounded scores of some disjoint sets of rows, a bounded summary
+    from which the mode count of their union is known within a bound (the Misra-Gries
+    argument): for each set, ``(keys, counts, bound)``: its ``TOP_SCORES`` most frequent
+    keys with their counts (all keys when it has no more), and ``bound``, the count of the
+    next one (0 when none is left out), which no left-out key exceeds in that set.
+
+    Over the union, a key's count is at least the sum of its kept counts and at most that
+    sum plus the bound of every set that left it out (``mode``). Memory: 16 bytes a key,
+    at most ``TOP_SCORES`` keys a set.
+    """
+
+    sets: tuple[tuple[np.ndarray, np.ndarray, int], ...]
+
+    @classmethod
+    def of(cls, keys: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
+        """Of one set given by its keys with their counts (each key once; all of them, or at
+        least its ``top + 1`` most frequent), keeping the ``top`` most frequent (ties by key)."""
+        keys, counts = np.asarray(keys, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+        order = np.lexsort((keys, -counts))
+        bound = int(counts[order[top]]) if len(order) > top else 0
+        kept = order[:top]
+        return cls(((keys[kept], counts[kept], bound),))
+
+    @classmethod
+    def of_scores(cls, rounded: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
+        """Of one set given as rounded keys that may repeat, each with a count."""
+        keys, inverse = np.unique(np.asarray(rounded, dtype=np.int64), return_inverse=True)
+        return cls.of(keys, np.bincount(inverse, weights=counts).astype(np.int64), top)
+
+    @classmethod
+    def merge(cls, parts: Iterable[TopCounts]) -> TopCounts:
+        """The summary of the union of disjoint sets."""
+        return cls(tuple(s for part in parts for s in part.sets))
+
+    def mode(self) -> tuple[int, int]:
+        """(lower, upper): bounds of the count of the most frequent key of the union; equal
+        when exact. Lower: the largest sum of kept counts of a key; upper: the largest sum
+        of kept counts or bounds of a kept key, and the sum of all bounds (a key no set kept)."""
+        if not self.sets:
+            return 0, 0
+        keys = np.unique(np.concatenate([k for k, _, _ in self.sets]))
+        lower = np.zeros(len(keys), dtype=np.int64)
+        upper = np.zeros(len(keys), dtype=np.int64)
+        for set_keys, counts, bound in self.sets:
+            where = np.searchsorted(keys, set_keys)
+            found = np.zeros(len(keys), dtype=bool)
+            found[where] = True
+            lower[where] += counts
+            upper[where] += counts
+            upper[~found] += bound
+        unseen = sum(bound for _, _, bound in self.sets)
+        return int(lower.max(initial=0)), int(max(upper.max(initial=0), unseen))
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """What a time slice (or a part of one) keeps: its bucket histogram and the most
+    frequent rounded scores (``TopCounts``), which give the mode share when buckets hold
+    several scores."""
+
+    hist: Histogram
+    top: TopCounts
+
+    @classmethod
+    def merge(cls, parts: Iterable[Sliced]) -> Sliced:
+        parts = list(parts)
+        return cls(Histogram.merge(p.hist for p in parts), TopCounts.merge(p.top for p in parts))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One statement of a plan: ``points`` are sorted instants cutting what it reads into
+    parts (part ``p`` is ``[points[p], points[p + 1])``), ``reads`` the disjoint ranges it
+    reads, each a union of parts."""
+
+    points: tuple[datetime, ...]
+    reads: tuple[tuple[datetime, datetime], ...]
+
+    @classmethod
+    def over(cls, stretches: Sequence[tuple[datetime, datetime]]) -> Pass:
+        """The pass reading ``stretches``, cut at each of their ends."""
+        points = tuple(sorted({p for r in stretches for p in r}))
+        return cls(points, tuple(_union(stretches)))
+
+    def parts_in(self, start: datetime, end: datetime) -> tuple[int, ...]:
+        """The parts inside ``[start, end)``."""
+        points = self.points
+        return tuple(p for p in range(len(points) - 1) if start <= points[p] and points[p + 1] <= end)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one refresh reads and how it merges it into windows.
 
-    ``points``: sorted instants cutting the read stretches into parts (part ``p`` is
-    ``[points[p], points[p + 1])``); ``reads``: the disjoint ranges read, each a union of
-    parts; ``new_slices``: the starts of the sealed slices read this time, to keep;
-    ``windows[i]``: (the kept slice starts, the part indexes) that make window ``i``.
+    ``passes``: the statements to run (``Pass``), each read part named (pass, part);
+    ``new_slices``: the starts of the sealed slices read this time, each one part of the
+    first pass, to keep; ``windows[i]``: (the kept slice starts, the read parts) that make
+    window ``i``. A window's tail inside a slice read this time is read again by a second
+    pass rather than cutting that slice: a slice's aggregate is then the same whenever it
+    is read (``TopCounts`` depends on how rows are grouped into sets).
     """
 
-    points: tuple[datetime, ...]
-    reads: tuple[tuple[datetime, datetime], ...]
+    passes: tuple[Pass, ...]
     new_slices: tuple[datetime, ...]
-    windows: tuple[tuple[tuple[datetime, ...], tuple[int, ...]], ...]
-
-
-def parts_in(points: Sequence[datetime], start: datetime, end: datetime) -> tuple[int, ...]:
-    """The parts cut by ``points`` (``Plan.points``) that lie inside ``[start, end)``."""
-    return tuple(p for p in range(len(points) - 1) if start <= points[p] and points[p + 1] <= end)
+    windows: tuple[tuple[tuple[datetime, ...], tuple[tuple[int, int], ...]], ...]
 
 
 def _union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
@@ -216,39 +308,51 @@ class SliceStore(Generic[A]):
         written ``delay`` after their timestamp: the sealed slices (ending at or before
         ``end - delay``) wholly inside the largest window that are not kept yet, and each
         window's head and tail (module docstring). Forgets the slices that left every window."""
-        sealed = floor_to(end - delay, self.width)
-        first = ceil_to(min(starts), self.width)
-        for start in [s for s in self.slices if s < first]:
-            del self.slices[start]
+        width = self.width
+        sealed = floor_to(end - delay, width)
+        first = ceil_to(min(starts), width)
+        self.forget([s for s in self.slices if s < first])
         missing = []
         slice_start = first
-        while slice_start + self.width <= sealed:
+        while slice_start + width <= sealed:
             if slice_start not in self.slices:
                 missing.append(slice_start)
-            slice_start += self.width
+            slice_start += width
         raw: list[list[tuple[datetime, datetime]]] = []
         for a in starts:
-            c = ceil_to(a, self.width)
+            c = ceil_to(a, width)
             raw.append([(a, c), (sealed, end)] if c < sealed else [(a, end)])
-        stretches = [r for ranges in raw for r in ranges] + [(s, s + self.width) for s in missing]
-        points = tuple(sorted({p for r in stretches for p in r}))
+
+        def overlaps(stretch: tuple[datetime, datetime]) -> bool:
+            return any(stretch[0] < s + width and s < stretch[1] for s in missing)
+
+        stretches = [r for ranges in raw for r in ranges if r[0] < r[1]]
+        first_pass = Pass.over([r for r in stretches if not overlaps(r)] + [(s, s + width) for s in missing])
+        passes = [first_pass]
+        second = [r for r in stretches if overlaps(r)]
+        if second:
+            passes.append(Pass.over(second))
         windows = []
         for a, ranges in zip(starts, raw, strict=True):
             kept = []
-            slice_start = ceil_to(a, self.width)
-            while slice_start + self.width <= sealed:
+            slice_start = ceil_to(a, width)
+            while slice_start + width <= sealed:
                 kept.append(slice_start)
-                slice_start += self.width
-            parts = tuple(p for start, stop in ranges for p in parts_in(points, start, stop))
-            windows.append((tuple(kept), parts))
-        return Plan(points, tuple(_union(stretches)), tuple(missing), tuple(windows))
+                slice_start += width
+            own = []
+            for r in ranges:
+                if r[0] < r[1]:
+                    n = 1 if overlaps(r) else 0
+                    own += [(n, p) for p in passes[n].parts_in(*r)]
+            windows.append((tuple(kept), tuple(own)))
+        return Plan(tuple(passes), tuple(missing), tuple(windows))
 
-    def merge(self, plan: Plan, parts: dict[int, A]) -> list[A]:
-        """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by part
-        index; a part without rows may be absent), and return each window's aggregate."""
+    def merge(self, plan: Plan, parts: dict[tuple[int, int], A]) -> list[A]:
+        """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by (pass,
+        part); a part without rows may be absent), and return each window's aggregate."""
         for start in plan.new_slices:
-            inside = parts_in(plan.points, start, start + self.width)
-            self.slices[start] = self.combine(parts[p] for p in inside if p in parts)
+            (p,) = plan.passes[0].parts_in(start, start + self.width)
+            self.slices[start] = parts[(0, p)] if (0, p) in parts else self.combine([])
         return [
             self.combine([*(self.slices[s] for s in kept), *(parts[p] for p in own if p in parts)])
             for kept, own in plan.windows
@@ -292,16 +396,21 @@ class DuplicateRows:
     points: tuple[datetime, ...]
     rows: tuple[tuple[int, Any, int, float | None], ...]
 
-    def window(self, start: datetime, bucket_decimals: int) -> tuple[Histogram, int, tuple[Any, ...]]:
-        """For the window starting at ``start`` (one of the points): the histogram of the rows
-        to add back, the number of valid scores excluded as ``duplicate_id``, and the ids
-        carried by several of its rows."""
+    def window(self, start: datetime, bucket_decimals: int, mode_decimals: int) -> tuple[Sliced, int, tuple[Any, ...]]:
+        """For the window starting at ``start`` (one of the points): what the rows to add back
+        hold (their histogram, and all their rounded scores: an exact ``TopCounts``), the
+        number of valid scores excluded as ``duplicate_id``, and the ids carried by several
+        of its rows."""
         mine = [row for row in self.rows if self.points[row[0]] >= start]
         counts = Counter(row[1] for row in mine)
         back = [row for row in mine if counts[row[1]] == 1 or row[2] != 0]
         duplicated = sum(1 for row in mine if counts[row[1]] > 1 and row[2] == 0)
         ids = tuple(i for i, n in counts.items() if n > 1)
-        return Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals), duplicated, ids
+        hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
+        valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
+        rounded = round_half_up_index(valid, mode_decimals)
+        top = TopCounts.of_scores(rounded, np.ones(len(valid)), top=len(valid))
+        return Sliced(hist, top), duplicated, ids
 
     def by_slice(self, width: timedelta) -> dict[datetime, frozenset[Any]]:
         """The ids with rows in each slice (by start): what a kept slice must have left out."""

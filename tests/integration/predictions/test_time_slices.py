@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from exporter.monitoring_math import PERCENTILES
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.slices import EPOCH, ceil_to, floor_to
+from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to
 from exporter.predictions.stores import Stores, to_wall_clock
 from exporter.snapshot import ScoreStats
 from tests.conftest import model_settings
@@ -29,13 +29,13 @@ DELAY = timedelta(minutes=3)
 AUDIT = timedelta(minutes=20)
 
 
-def _settings(url: str, schema: str | None, zone: str = "UTC", unique: bool = True):
+def _settings(url: str, schema: str | None, zone: str = "UTC", unique: bool = True, **model):
     return model_settings(
         url,
         schema,
         labels=False,
         predictions={"unique_ids": unique, "ingestion_delay": "3m", "timezone": zone},
-        model={"windows": ["7m", "1h"], "time_slice": "2m", "slice_audit_interval": "20m"},
+        model={"windows": ["7m", "1h"], "time_slice": "2m", "slice_audit_interval": "20m", **model},
     )
 
 
@@ -104,7 +104,8 @@ class Log:
         )
         out: dict = {"predictions": len(valid), "invalid": len(in_window) - len(valid)}
         if len(valid):
-            out |= {"mean": valid.mean(), "stddev": valid.std()}
+            _, same = np.unique(np.floor(valid * 1e6 + 0.5), return_counts=True)  # rounded half up to 6 decimals
+            out |= {"mean": valid.mean(), "stddev": valid.std(), "mode_share": same.max() / len(valid)}
             out |= {"percentiles": {q: np.percentile(valid, q) for q in PERCENTILES}}
         return out
 
@@ -152,8 +153,10 @@ def _check(log: Log, warm: ModelRefresher, settings, stores: Stores, as_of: date
         if expected["predictions"]:
             assert w.mean == pytest.approx(expected["mean"], rel=1e-9)
             assert w.stddev == pytest.approx(expected["stddev"], rel=1e-6, abs=1e-12)
+            bound = w.mode_share_error_bound or 0.0
+            assert w.mode_share - 1e-12 <= expected["mode_share"] <= w.mode_share + bound + 1e-12
             for q, value in expected["percentiles"].items():
-                assert w.percentiles[q] == pytest.approx(value, abs=1e-5)  # 10^-5 buckets
+                assert w.percentiles[q] == pytest.approx(value, abs=10.0 ** -settings.models[0].bucket_decimals)
 
 
 def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[int | None] | None:
@@ -254,7 +257,7 @@ def test_a_refresh_reads_only_what_can_change(tmp_path):
         START + timedelta(minutes=1),
         DELAY,
     )
-    read = sum((end - start for start, end in plan.reads), timedelta())
+    read = sum((end - start for one in plan.passes for start, end in one.reads), timedelta())
     # Head: sealed end to as_of (at most one slice plus the delay); tails: under a slice each.
     assert read <= SLICE + DELAY + 2 * SLICE
     assert all(s >= floor_to(START - DELAY, SLICE) for s in plan.new_slices)
@@ -270,3 +273,56 @@ def test_slice_arithmetic():
     assert ceil_to(t, width) == datetime(2026, 5, 4, 12, 10, tzinfo=UTC)
     assert ceil_to(floor_to(t, width), width) == floor_to(t, width)
     assert floor_to(EPOCH - timedelta(seconds=1), width) == EPOCH - width
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_counts_bound_the_mode_of_a_union(seed):
+    """Sets summarized by their 3 most frequent keys: the union's mode count lies within
+    ``TopCounts.mode``'s bounds, which are equal when every set kept all its keys."""
+    rng = np.random.default_rng(seed)
+    sets = [rng.integers(0, 12, int(rng.integers(1, 40))) for _ in range(8)]
+    summaries = [TopCounts.of_scores(keys, np.ones(len(keys)), top=3) for keys in sets]
+    lower, upper = TopCounts.merge(summaries).mode()
+    true = int(np.bincount(np.concatenate(sets)).max())
+    assert lower <= true <= upper
+    exact = TopCounts.merge(TopCounts.of_scores(keys, np.ones(len(keys)), top=12) for keys in sets).mode()
+    assert exact == (true, true)
+
+
+def test_mode_share_of_continuous_scores_within_its_error_bound(store):
+    """Continuous scores, most of them from a few values (each a bucket of several scores):
+    slices keeping their 3 most frequent scores give a mode share within the exported
+    error bound of the exact one, the same warm and cold."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(11)
+    settings = _settings(url, schema, bucket_decimals=1)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    values = rng.random(6)
+    rows = [
+        (START - timedelta(seconds=float(s)), float(rng.choice(values)) if rng.random() < 0.3 else float(rng.random()))
+        for s in rng.uniform(0, 3600, 1500)
+    ]
+    log.insert(rows)
+    warm = _refresher(settings, stores)
+    warm.predictions.top_scores = 3
+    bounded = 0
+    for minutes in (0, 1, 3, 4, 6):
+        as_of = START + timedelta(minutes=minutes)
+        got = warm.refresh(as_of)
+        cold = _refresher(settings, stores)
+        cold.predictions.top_scores = 3
+        again = cold.refresh(as_of)
+        for w, c in zip(got.score_stats, again.score_stats, strict=True):
+            _same(w, c)
+            assert w.mode_share_error_bound == c.mode_share_error_bound
+            length = timedelta(minutes=7) if w.window == "7m" else timedelta(hours=1)
+            expected = log.expected(as_of - length, as_of)
+            if not expected["predictions"]:
+                continue
+            exact, bound = expected["mode_share"], w.mode_share_error_bound or 0.0
+            assert w.bucketed and w.mode_share - 1e-12 <= exact <= w.mode_share + bound + 1e-12
+            bounded += w.mode_share_error_bound is not None
+    assert bounded  # the bound was needed at least once
+    stores.dispose()
+    log.engine.dispose()
