@@ -83,17 +83,59 @@ class Histogram:
         return cls(key[order], n[order], *(floats(i)[order] for i in range(2, 6)))
 
     @classmethod
+    def by_part(cls, rows: Sequence[Sequence[Any]]) -> dict[int, Histogram]:
+        """From (part, key, n, low, high, s1, s2) rows, distinct (part, key) in any order
+        (``PredictionQueries.sliced_histogram``), each part's histogram; read column-wise
+        in numpy (a cold refresh reads slices x buckets rows: millions at 10^7 predictions
+        a day). Keys with ``n == 0`` are left out; NULL is read as NaN."""
+        if not rows:
+            return {}
+        # One float64 matrix, not columns of Python objects (zip(*rows) took 3x longer); the
+        # part, key and count columns are integers below 2**53, exact in float64.
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+        part, key, n = (table[:, i].astype(np.int64) for i in range(3))
+        floats = [table[:, i] for i in range(3, 7)]
+        order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
+        order = order[n[order] > 0]
+        part, key, n = part[order], key[order], n[order]
+        floats = [f[order] for f in floats]
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        starts, ends = np.r_[0, cuts], np.r_[cuts, len(part)]
+        return {
+            int(part[a]): cls(key[a:b], n[a:b], *(f[a:b] for f in floats))
+            for a, b in zip(starts, ends, strict=True)
+            if b > a
+        }
+
+    @classmethod
     def merge(cls, parts: Iterable[Histogram]) -> Histogram:
-        """The histogram of the union of the rows of ``parts`` (disjoint sets of rows)."""
+        """The histogram of the union of the rows of ``parts`` (disjoint sets of rows).
+
+        Accumulated in dense arrays over the keys' range (at most 10**k + 7 keys: buckets
+        and reason codes), one vectorized update per part (its keys are distinct, so
+        fancy-indexed updates are exact): a window of 288 slices of 20,000 buckets merges
+        in about 0.1 s, where grouping the concatenation (``np.unique``, ``np.fmin.at``)
+        took several seconds.
+        """
         parts = [p for p in parts if len(p.key)]
         if not parts:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
-        columns = (
-            np.concatenate([getattr(p, name) for p in parts]) for name in ("key", "n", "low", "high", "s1", "s2")
-        )
-        return cls._grouped(*columns)
+        lowest = min(int(p.key[0]) for p in parts)
+        size = max(int(p.key[-1]) for p in parts) - lowest + 1
+        n = np.zeros(size, dtype=np.int64)
+        low, high = np.full(size, np.nan), np.full(size, np.nan)
+        s1, s2 = np.zeros(size), np.zeros(size)
+        for p in parts:
+            at = p.key - lowest
+            n[at] += p.n
+            low[at] = np.fmin(low[at], p.low)  # NaN (an excluded key) stays NaN
+            high[at] = np.fmax(high[at], p.high)
+            s1[at] += p.s1
+            s2[at] += p.s2
+        held = np.flatnonzero(n)
+        return cls(held + lowest, n[held], low[held], high[held], s1[held], s2[held])
 
     @classmethod
     def _grouped(

@@ -198,7 +198,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
-        #: The sealed time slices' histograms, kept between refreshes (``_sliced_histograms``).
+        #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Sliced.merge)
         #: The duplicated ids found at the last refresh, which every read leaves out, and
         #: per kept slice the ids it left out.
@@ -357,10 +357,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         for n, read in enumerate(plan.passes):
             if not read.reads:
                 continue
-            by_part: dict[int, list[Any]] = {}
-            for row in conn.execute(q.sliced_histogram(read.points, read.reads, self._known)):
-                by_part.setdefault(int(row.part), []).append(row[1:])
-            histograms = {p: Histogram.from_rows(rows) for p, rows in by_part.items()}
+            rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._known)).all()
+            histograms = Histogram.by_part(rows)
             tops: dict[int, TopCounts] = {}
             mixed = []
             for p, hist in histograms.items():
