@@ -7,7 +7,7 @@ once and tells the others apart with ``CASE WHEN timestamp >= start_i`` inside i
 aggregates, one column per window suffixed ``_i``.
 
 Dialect differences handled here: scores are cast to double precision
-(float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
+(float64) before any arithmetic; NaN is detected per dialect (PostgreSQL, DuckDB and Spark SQL
 store it and order it above every number; SQLite and MySQL cannot store it); the
 natural logarithm is ``ln`` on every engine (``exporter.predictions.stores`` supplies it to SQLite
 builds without math functions); SQL ``round`` is never used (PostgreSQL has no
@@ -117,13 +117,14 @@ def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
 def is_nan(dialect: str, value: sa.ColumnElement) -> sa.ColumnElement | None:
     """A predicate true for NaN where the dialect has one, else ``None``.
 
-    PostgreSQL and DuckDB order NaN above every number, so it must be named to be told
-    apart from out-of-range values; elsewhere a NaN fails every comparison and the range
-    checks below (written as ``NOT (0 <= score <= 1)``) count it as out of range.
+    PostgreSQL, DuckDB and Spark SQL (dialect ``hive``, PyHive's) order NaN above every
+    number, so it must be named to be told apart from out-of-range values; elsewhere a NaN
+    fails every comparison and the range checks below (written as ``NOT (0 <= score <= 1)``)
+    count it as out of range.
     """
     if dialect == "postgresql":
         return value == sa.cast(sa.literal("NaN"), sa.Double())
-    if dialect == "duckdb":
+    if dialect in ("duckdb", "hive"):
         return sa.func.isnan(value)
     if dialect == "trino":
         return sa.func.is_nan(value)

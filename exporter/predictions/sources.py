@@ -169,11 +169,13 @@ class Source(ABC, Generic[Q, V]):
         """Reflect again on next use."""
         self._queries = None
 
-    def _connection(self) -> AbstractContextManager[Connection]:
+    def _connection(self, *tables: sa.Table) -> AbstractContextManager[Connection]:
+        """A timed connection for the queries of one refresh, which read ``tables``
+        (``db.timed_connection``: Spark SQL reads them afresh)."""
         # Every source of a model is read in the predictions' store (the config checks it):
         # labels and replays are joined to the predictions there.
         engine = self.stores.engine(self.model.predictions.store)
-        return timed_connection(engine, self.query_timeout.total_seconds())
+        return timed_connection(engine, self.query_timeout.total_seconds(), tables)
 
 
 class PredictionsSource(Source[PredictionQueries, PredictionValues]):
@@ -455,7 +457,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
     def run(self, as_of: datetime) -> PredictionValues:
         self._duplicates = None  # a new refresh: rows may have been written since the last search
         q = self.queries()
-        with self._connection() as conn:
+        with self._connection(q.table) as conn:
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
             newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
@@ -565,8 +567,8 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     def run(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
         q = self.predictions.queries()
-        self.queries()
-        with self._connection() as conn:
+        labels = self.queries()
+        with self._connection(q.table, labels.table) as conn:
             online = self._online(conn, as_of)
             if q.version is None:
                 return tuple(online)
@@ -600,7 +602,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
 
     def run(self, as_of: datetime) -> tuple[Reproducibility, ...]:
         q, replays = self.predictions.queries(), self.queries()
-        with self._connection() as conn:
+        with self._connection(q.table, replays.table) as conn:
             if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
                 conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
             windows = self.predictions.windows(as_of)
