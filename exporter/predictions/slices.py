@@ -1,5 +1,8 @@
-"""Time slices: the prediction histograms a refresh keeps between refreshes, so that each
-refresh reads only the rows that can still change (issue 12, docs/metrics.md "Time slices").
+"""Time slices: the aggregates a refresh keeps between refreshes, so that each refresh reads
+only the rows that can still change (issue 12, docs/metrics.md "Time slices"): the plan of
+what to read (``SliceStore``, ``Plan``), the mergeable aggregates of the predictions
+(``Histogram``, ``TopCounts``, ``Sliced``) and the rows of duplicated ids added back per
+window (``DuplicateRows``).
 
 Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j + 1) w)``
 (UTC). At a refresh time ``as_of`` a slice is *sealed* when it ends at or before
