@@ -94,9 +94,10 @@ class Histogram:
         a day). Keys with ``n == 0`` are left out; NULL is read as NaN."""
         if not rows:
             return {}
-        # One float64 matrix, not columns of Python objects (zip(*rows) took 3x longer); the
-        # part, key and count columns are integers below 2**53, exact in float64.
-        table = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+        # One float64 matrix made from plain tuples: numpy reads a list of SQLAlchemy rows
+        # through the sequence protocol, 20x slower (816,849 rows: 28.7 s against 1.5 s under
+        # load). The part, key and count columns are integers below 2**53, exact in float64.
+        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), 7)
         part, key, n = (table[:, i].astype(np.int64) for i in range(3))
         floats = [table[:, i] for i in range(3, 7)]
         order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
