@@ -326,3 +326,34 @@ def test_mode_share_of_continuous_scores_within_its_error_bound(store):
     assert bounded  # the bound was needed at least once
     stores.dispose()
     log.engine.dispose()
+
+
+def test_a_window_starting_in_the_last_sealed_slice_has_the_mode_bound_of_a_cold_refresh(store):
+    """A window shorter than a slice plus ``ingestion_delay`` (4m, slices of 2m, delay 3m)
+    that starts in the last sealed slice: whether that slice is kept or read this time, the
+    window is cut into the same sets of rows, so its mode share and error bound are a cold
+    refresh's (the slice keeps 3 of its 4 scores: a bound is needed either way)."""
+    url, schema, dialect = store
+    settings = _settings(url, schema, bucket_decimals=1, windows=["4m", "1h"])
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    base = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)  # a slice boundary
+    # Four distinct scores in the sealed slice's end, then the fourth five more times in the
+    # head: one bucket of several scores, so the mode comes from the slices' top scores.
+    early = [(base - timedelta(seconds=20 - 5 * j), 0.111 + 0.001 * j) for j in range(4)]
+    log.insert(early + [(base + timedelta(seconds=60 + 10 * j), 0.114) for j in range(5)])
+    warm = _refresher(settings, stores)
+    warm.predictions.top_scores = 3
+    warm.refresh(base + timedelta(minutes=3, seconds=10))  # seals [11:58, 12:00) and keeps it
+    as_of = base + timedelta(minutes=3, seconds=30)  # the 4m window starts at 11:59:30
+    got = warm.refresh(as_of).score_stats[0]
+    cold = _refresher(settings, stores)
+    cold.predictions.top_scores = 3
+    again = cold.refresh(as_of).score_stats[0]
+    exact = log.expected(as_of - timedelta(minutes=4), as_of)["mode_share"]
+    assert exact == pytest.approx(6 / 9)
+    assert got.mode_share_error_bound is not None  # the sealed slice kept 3 of its 4 scores
+    assert (got.mode_share, got.mode_share_error_bound) == (again.mode_share, again.mode_share_error_bound)
+    assert got.mode_share <= exact <= got.mode_share + got.mode_share_error_bound
+    stores.dispose()
+    log.engine.dispose()
