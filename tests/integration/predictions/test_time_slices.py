@@ -357,3 +357,24 @@ def test_a_window_starting_in_the_last_sealed_slice_has_the_mode_bound_of_a_cold
     assert got.mode_share <= exact <= got.mode_share + got.mode_share_error_bound
     stores.dispose()
     log.engine.dispose()
+
+
+def test_a_late_duplicate_read_again_with_its_slice_is_found_by_the_audit(store):
+    """A row written later than ``ingestion_delay`` into a kept slice, with the id of an
+    older row of the window: the slice is read again (not audited) because a duplicated id
+    it left out is no longer one, which takes the late row in without probing its id. At
+    the next audit the refresh must still equal a cold one (both rows ``duplicate_id``)."""
+    url, schema, dialect = store
+    settings = _settings(url, schema, unique=False)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    base = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    at = [base - timedelta(minutes=m) for m in (59.5, 19.5, 29.5)]
+    log.insert([(at[0], 0.2), (at[1], 0.4), (at[2], 0.6)], ids=[1, 1, 2])  # id 1 twice in [11:00, 12:00)
+    warm = _refresher(settings, stores)
+    warm.refresh(base)  # keeps [11:40, 11:42) without id 1's row
+    log.insert([(base - timedelta(minutes=19), 0.3)], ids=[2])  # late, into that slice: id 2 twice
+    warm.refresh(base + timedelta(minutes=1))  # id 1 left the window: the slice is read again
+    _check(log, warm, settings, stores, base + timedelta(minutes=21))  # the audit (every 20m)
+    stores.dispose()
+    log.engine.dispose()
