@@ -314,7 +314,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         n = len(windows.starts)
         if store.audit_due(windows.end):
             self._audit(conn, store, windows.end)
-        duplicate_rows = DuplicateRows((), ())
+        duplicate_rows, ids = DuplicateRows((), ()), []
         if not q.unique_ids:
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
             # the slices the last one read unprobed: one may hold a row written later than
@@ -336,12 +336,13 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 store.forget(list(store.slices))
                 self._known = ()
                 return None
-            self._known = tuple(ids)
-            should = duplicate_rows.by_slice(store.width)
-            store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
+        # Unique ids (also by a unique index found when the table is reflected again after a
+        # failure) leave nothing out: slices that left out the ids known before are read again.
+        self._known = tuple(ids)
+        should = duplicate_rows.by_slice(store.width)
+        store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
         plan = store.plan(windows.starts, windows.end, delay)
         merged = store.merge(plan, self._read_parts(conn, plan))
-        should = duplicate_rows.by_slice(store.width)
         self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
         if q.unique_ids:
             return merged, [0] * n, DuplicateIds.none(n)
