@@ -176,11 +176,6 @@ class Histogram:
         square = np.where(np.abs(deviation) < SQUARE_FLOOR, 0.0, deviation * deviation)
         return cls._grouped(key, np.ones(len(base), dtype=np.int64), score, score, deviation, square)
 
-    @property
-    def rows(self) -> int:
-        """All rows counted, valid and excluded."""
-        return int(self.n.sum())
-
     def valid(self) -> Histogram:
         """The buckets of valid scores only."""
         keep = self.key >= 0

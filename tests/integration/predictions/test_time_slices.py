@@ -401,3 +401,42 @@ def test_ids_made_unique_while_running_leave_nothing_out(store):
     _check(log, warm, settings, stores, base + timedelta(minutes=21))  # after an audit too
     stores.dispose()
     log.engine.dispose()
+
+
+def test_a_statement_failing_mid_refresh_leaves_nothing_wrong_kept(tmp_path):
+    """Each statement of a refresh in turn fails (the store refuses it) after duplicated ids
+    changed since the last one and a row was written late: the refresh after that equals a
+    cold one."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None, unique=False, bucket_decimals=1)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    rng = np.random.default_rng(3)
+    history = [(START - timedelta(seconds=float(s)), float(rng.random())) for s in rng.uniform(0, 3600, 200)]
+    log.insert(history, [int(i) for i in rng.integers(0, 150, len(history))])  # ids reused across slices
+    failed = 0
+    for fail_at in range(12):
+        warm = _refresher(settings, stores)
+        warm.refresh(START)
+        log.insert(
+            [(START - timedelta(minutes=40), 0.5), (START + timedelta(seconds=30), 0.25)], ids=[7, 1000 + fail_at]
+        )
+
+        seen: list[str] = []
+
+        def refuse(conn, cursor, statement, parameters, context, executemany, seen=seen, fail_at=fail_at):
+            seen.append(statement)
+            if len(seen) == fail_at + 1:
+                raise sa.exc.OperationalError(statement, parameters, Exception("refused"))
+
+        engine = stores.engine("s")
+        sa.event.listen(engine, "before_cursor_execute", refuse)
+        as_of = START + timedelta(minutes=21)  # the audit is due
+        try:
+            failed += not warm.refresh(as_of).sources["predictions"].up
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", refuse)
+        _check(log, warm, settings, stores, as_of + timedelta(seconds=20))
+    assert failed >= 6  # the refresh runs at least 6 statements: each failed once
+    stores.dispose()
+    log.engine.dispose()
