@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.monitoring_math import PERCENTILES
+from exporter.predictions import queries
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to
+from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores, to_wall_clock
 from exporter.snapshot import ScoreStats
 from tests.conftest import model_settings
@@ -440,3 +442,22 @@ def test_a_statement_failing_mid_refresh_leaves_nothing_wrong_kept(tmp_path):
     assert failed >= 6  # the refresh runs at least 6 statements: each failed once
     stores.dispose()
     log.engine.dispose()
+
+
+@pytest.mark.parametrize("limit", ["MAX_LISTED_DUPLICATES", "MAX_DUPLICATE_ROWS"])
+def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch, limit):
+    """The random sequences with duplicated ids, their ids or rows past a lowered limit at
+    some refreshes only: reading the windows in full there, and going back to kept slices
+    after, still equals a cold refresh and pandas."""
+    monkeypatch.setattr(queries, limit, 6)
+    sliced = PredictionsSource._sliced
+    paths: Counter[bool] = Counter()
+
+    def counted(self, conn, windows):
+        result = sliced(self, conn, windows)
+        paths[result is None] += 1
+        return result
+
+    monkeypatch.setattr(PredictionsSource, "_sliced", counted)
+    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False)
+    assert paths[True] and paths[False]  # both in full and on kept slices
