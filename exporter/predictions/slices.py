@@ -7,8 +7,9 @@ Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j 
 histogram, read once, is kept. A window ``[a, as_of)`` is then the merge of the kept slices
 inside it and of two stretches read again at every refresh: its head ``[sealed end, as_of)``
 (at most one slice plus ``ingestion_delay``) and its tail ``[a, first slice boundary at or
-after a)`` (less than one slice). Every stretch a refresh reads is one part of a single
-statement grouped by (part, bucket) (``PredictionQueries.sliced_histogram``).
+after a)`` (less than one slice). Every stretch a refresh reads is one part of a statement
+grouped by (part, bucket) (``PredictionQueries.sliced_histogram``): one, or two when a
+window's tail lies in a slice read this time (``Plan``).
 
 Histograms merge exactly (counts and sums add, minima and maxima combine), so a window
 merged from slices has the buckets a single pass over it gives; only the sums of
