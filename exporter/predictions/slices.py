@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from exporter.monitoring_math import grid_index, round_half_up_index
-from exporter.predictions.queries import SQUARE_FLOOR
+from exporter.predictions.queries import SQUARE_FLOOR, union
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -285,7 +285,7 @@ class Pass:
     def over(cls, stretches: Sequence[tuple[datetime, datetime]]) -> Pass:
         """The pass reading ``stretches``, cut at each of their ends."""
         points = tuple(sorted({p for r in stretches for p in r}))
-        return cls(points, tuple(_union(stretches)))
+        return cls(points, tuple(union(stretches)))
 
     def parts_in(self, start: datetime, end: datetime) -> tuple[int, ...]:
         """The parts inside ``[start, end)``."""
@@ -308,16 +308,6 @@ class Plan:
     passes: tuple[Pass, ...]
     new_slices: tuple[datetime, ...]
     windows: tuple[tuple[tuple[datetime, ...], tuple[tuple[int, int], ...]], ...]
-
-
-def _union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
-    out: list[tuple[datetime, datetime]] = []
-    for start, end in sorted(r for r in ranges if r[0] < r[1]):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
 
 
 A = TypeVar("A")

@@ -461,3 +461,29 @@ def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch
     monkeypatch.setattr(PredictionsSource, "_sliced", counted)
     test_kept_slices_equal_a_cold_refresh(store, 1, unique=False)
     assert paths[True] and paths[False]  # both in full and on kept slices
+
+
+def test_a_day_of_one_minute_slices_on_sqlite(tmp_path):
+    """1,440 slices of a minute in the 24h window, the most ``time_slice`` allows, each with
+    a bucket of several scores: the cold refresh (most frequent scores of every slice) and
+    the audit of every kept slice run on SQLite, whose expressions are at most 1,000 deep:
+    each reads a few ranges, not one per slice, and equals a cold refresh."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None, bucket_decimals=1, windows=["7m", "24h"], time_slice="1m")
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    rng = np.random.default_rng(5)
+    day = timedelta(hours=24).total_seconds()
+    log.insert(
+        [(START - timedelta(seconds=float(s)), 0.5 + 0.1 * float(rng.random())) for s in rng.uniform(0, day, 3000)]
+    )
+    warm = _refresher(settings, stores)
+    for as_of in (START, START + timedelta(minutes=21)):  # the second audits the kept slices
+        got = warm.refresh(as_of)
+        assert all(s.up for s in got.sources.values()), got.sources
+        cold = _refresher(settings, stores).refresh(as_of)
+        for w, c in zip(got.score_stats, cold.score_stats, strict=True):
+            _same(w, c)
+            assert w.mode_share_error_bound == c.mode_share_error_bound
+    stores.dispose()
+    log.engine.dispose()
