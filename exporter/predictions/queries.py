@@ -275,7 +275,7 @@ class PredictionQueries:
         """
         conditions = [self._in_window(start, end)]
         if probe is not None:
-            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in probe))
+            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
             probed = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
             conditions.append(sa.or_(probed, self.id.in_(list(known))) if known else probed)
         return (
