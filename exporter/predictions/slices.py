@@ -1,5 +1,8 @@
-"""Time slices: the prediction histograms a refresh keeps between refreshes, so that each
-refresh reads only the rows that can still change (issue 12, docs/metrics.md "Time slices").
+"""Time slices: the aggregates a refresh keeps between refreshes, so that each refresh reads
+only the rows that can still change (issue 12, docs/metrics.md "Time slices"): the plan of
+what to read (``SliceStore``, ``Plan``), the mergeable aggregates of the predictions
+(``Histogram``, ``TopCounts``, ``Sliced``) and the rows of duplicated ids added back per
+window (``DuplicateRows``).
 
 Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j + 1) w)``
 (UTC). At a refresh time ``as_of`` a slice is *sealed* when it ends at or before
@@ -7,9 +10,9 @@ Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j 
 histogram, read once, is kept. A window ``[a, as_of)`` is then the merge of the kept slices
 inside it and of two stretches read again at every refresh: its head ``[sealed end, as_of)``
 (at most one slice plus ``ingestion_delay``) and its tail ``[a, first slice boundary at or
-after a)`` (less than one slice). Every stretch a refresh reads is one part of a statement
-grouped by (part, bucket) (``PredictionQueries.sliced_histogram``): one, or two when a
-window's tail lies in a slice read this time (``Plan``).
+after a)`` (less than one slice). Every stretch a refresh reads is one part of a
+statement grouped by (part, bucket) (``PredictionQueries.sliced_histogram``); one
+statement, or two when a window's tail lies in a slice read at the same time (``Plan``).
 
 Histograms merge exactly (counts and sums add, minima and maxima combine), so a window
 merged from slices has the buckets a single pass over it gives; only the sums of
