@@ -399,24 +399,28 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return tuple(sorted({*boundaries, *windows.starts, windows.end}))
 
     def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
-        """Compare each kept slice with the store (rows by reason and the sum of valid
-        scores, leaving out the known duplicated ids as the slices did) and forget those
-        that differ: rows written later than ``ingestion_delay``, or deleted."""
+        """Compare each kept slice with the store (rows by reason, the sums of valid scores
+        and of their squares, leaving out the known duplicated ids as the slices did) and
+        forget those that differ: rows written later than ``ingestion_delay``, deleted or
+        rewritten (a rewrite that keeps both sums, such as 0.1, 0.5, 0.6 -> 0.2, 0.3, 0.7,
+        goes unseen)."""
         q = self.queries()
         kept = sorted(store.slices)
         points = sorted({*kept, *(start + store.width for start in kept)})
         ranges = [(start, start + store.width) for start in kept]
-        found: dict[datetime, tuple[dict[int, int], float]] = {}
+        found: dict[datetime, tuple[dict[int, int], tuple[float, float]]] = {}
         for row in conn.execute(q.part_counts(points, ranges, self._known)):
-            counts, total = found.setdefault(points[row.part], ({}, 0.0))
+            counts, (total, squares) = found.setdefault(points[row.part], ({}, (0.0, 0.0)))
             counts[int(row.base)] = _int(row.n)
-            found[points[row.part]] = (counts, total + float(row.total or 0.0))
+            sums = (total + float(row.total or 0.0), squares + float(row.squares or 0.0))
+            found[points[row.part]] = (counts, sums)
 
         def differs(start: datetime, kept: Sliced) -> bool:
-            # Other counts by reason, or a sum of valid scores off by more than rounding.
-            counts, total = kept.hist.fingerprint(self.model.bucket_decimals)
-            store_counts, store_total = found.get(start, ({}, 0.0))
-            return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+            # Other counts by reason, or sums of valid scores or squares off by more than rounding.
+            counts, sums = kept.hist.fingerprint(self.model.bucket_decimals)
+            store_counts, store_sums = found.get(start, ({}, (0.0, 0.0)))
+            close = all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(sums, store_sums, strict=True))
+            return counts != store_counts or not close
 
         changed = store.audited(as_of, differs)
         if changed:
