@@ -357,11 +357,13 @@ class ModelConfig(Strict):
     replay_tolerance: ReplayTolerance = ReplayTolerance()
     alert_thresholds: dict[str, float | None] = {}
     """Overrides of the top-level ``alerting`` thresholds for this model."""
-    time_slice: Duration | None = None
+    time_slice: Literal["auto"] | Duration | None = None
     """Width of the time slices (aligned to the epoch) whose prediction aggregates a refresh
     keeps and merges into windows, reading only the rows that can still change
-    (``predictions.slices``); default: the smallest window / 12 or the largest / 288,
-    whichever is longer, in whole seconds (5 minutes for windows 1h and 24h)."""
+    (``predictions.slices``); ``auto``: the smallest window / 12 or the largest / 288,
+    whichever is longer, in whole seconds (5 minutes for windows 1h and 24h). Default: none,
+    every refresh reads its windows in one pass (a cold read of slices returns a row per
+    slice and bucket, too many at 10^7 predictions a day: docs/performance.md)."""
     slice_audit_interval: Duration = timedelta(hours=1)
     """How often the kept slices are compared with the store (one count per slice), so that
     rows written or deleted later than ``predictions.ingestion_delay`` are taken in."""
@@ -386,18 +388,19 @@ class ModelConfig(Strict):
         if any(b <= a for a, b in zip(buckets, buckets[1:], strict=False)):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")
         longest = max(parse_duration(window) for window in self.windows)
-        if self.time_slice is not None and longest / self.time_slice > MAX_SLICES:
+        width = self.slice_width()
+        if width is not None and longest / width > MAX_SLICES:
             fewest = math.ceil((longest / MAX_SLICES).total_seconds())
             raise ValueError(
-                f"time_slice: {self.time_slice.total_seconds():g}s cuts the largest window into "
-                f"{math.ceil(longest / self.time_slice)} slices; at most {MAX_SLICES} (each is kept in memory and "
+                f"time_slice: {width.total_seconds():g}s cuts the largest window into "
+                f"{math.ceil(longest / width)} slices; at most {MAX_SLICES} (each is kept in memory and "
                 f"named by a cold refresh's statement): make it at least {fewest}s"
             )
         return self
 
-    def slice_width(self) -> timedelta:
-        """``time_slice``, or its default from the windows (see ``time_slice``)."""
-        if self.time_slice is not None:
+    def slice_width(self) -> timedelta | None:
+        """The width of ``time_slice`` (``auto`` derived from the windows), ``None`` without."""
+        if self.time_slice != "auto":
             return self.time_slice
         durations = [parse_duration(window) for window in self.windows]
         derived = max(min(durations) / 12, max(durations) / 288)

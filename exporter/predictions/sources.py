@@ -199,7 +199,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
-        self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Sliced.merge)
+        width = model.slice_width()
+        self.slices = None if width is None else SliceStore(width, model.slice_audit_interval, Sliced.merge)
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
         #: The duplicated ids found at the last refresh, which every read leaves out; per
@@ -265,7 +266,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         q = self.queries()
         n = len(windows.starts)
         decimals = self.model.mode_share_decimals
-        sliced = self._sliced(conn, windows)
+        sliced = self._sliced(conn, windows, self.slices) if self.slices is not None else None
         tops: list[TopCounts | None] = [None] * n
         if sliced is not None:
             parts, duplicated, duplicates = sliced
@@ -293,7 +294,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             modes = [(_int(m), _int(m)) for m in counted]
         return tuple(self._window_stats(*args) for args in zip(self.model.windows, invalids, valid, modes, strict=True))
 
-    def _sliced(self, conn: Connection, windows: Windows) -> tuple[list[Sliced], list[int], DuplicateIds] | None:
+    def _sliced(
+        self, conn: Connection, windows: Windows, store: SliceStore[Sliced]
+    ) -> tuple[list[Sliced], list[int], DuplicateIds] | None:
         """Each window's histogram and most frequent scores, merged from the kept sealed
         slices and the stretches that can still change (``slices``), with the valid scores
         each window excludes as ``duplicate_id`` and its duplicated ids (kept for the other
@@ -309,7 +312,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         the histogram of what the plan reads, and the most frequent rounded scores of its
         parts whose buckets hold several scores (the others' come from their buckets).
         """
-        q, store = self.queries(), self.slices
+        q = self.queries()
         delay = self.model.predictions.ingestion_delay
         n = len(windows.starts)
         if store.audit_due(windows.end):
@@ -329,7 +332,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # The limits are read from the module at each call: tests lower them.
             listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
             if ids and listed:
-                points = self._points(windows)
+                points = self._points(windows, store.width)
                 rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
                 duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
             if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
@@ -388,9 +391,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             out.update({(n, p): Sliced(hist, tops[p]) for p, hist in histograms.items()})
         return out
 
-    def _points(self, windows: Windows) -> tuple[datetime, ...]:
-        """Every slice boundary in the largest of ``windows``, its starts and its end."""
-        width = self.slices.width
+    @staticmethod
+    def _points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
+        """Every boundary of slices of ``width`` in the largest of ``windows``, its starts and its end."""
         boundaries = []
         boundary = ceil_to(windows.start, width)
         while boundary < windows.end:

@@ -67,8 +67,8 @@ class Evaluator:
 
     The one seam between the backfill and the refresh machinery: each ``evaluate`` is a
     refresh of the same refreshers at a later instant, so reflection is cached across
-    steps, the counters are fed incrementally, and the predictions' kept time slices
-    (``predictions.slices``) are reused: a step reads the slices sealed since the previous
+    steps, the counters are fed incrementally, and with ``time_slice`` set the predictions'
+    kept time slices (``predictions.slices``) are reused: a step reads the slices sealed since the previous
     one and each window's head and tail, not the windows. It computes what
     ``mlmon once --as-of`` does at each instant (docs/metrics.md, "Time slices").
     """

@@ -38,9 +38,13 @@ def test_defaults():
     ("windows", "width"),
     [(["1h", "24h"], "5m"), (["5m", "30d"], "2h30m"), (["1m"], "5s"), (["90s", "2h"], "25s")],
 )
-def test_time_slice_by_default(windows, width):
+def test_time_slice_auto(windows, width):
     """The smallest window / 12 or the largest / 288, whichever is longer, in whole seconds."""
-    assert parse_settings(_config(windows=windows)).models[0].slice_width() == parse_duration(width)
+    assert parse_settings(_config(windows=windows, time_slice="auto")).models[0].slice_width() == parse_duration(width)
+
+
+def test_time_slices_off_by_default():
+    assert parse_settings(_config()).models[0].slice_width() is None
 
 
 def test_time_slice_at_most_1440_per_window():

@@ -223,7 +223,12 @@ def _refresher(url: str, schema: str, unique_ids: bool):
         predictions={"unique_ids": unique_ids},
         labels={"missing": "negative", "columns": {"timestamp": "ts"}},
         replays=True,
-        model={"windows": list(WINDOWS), "label_delay": "1h", "replay_tolerance": {"atol": ATOL, "rtol": RTOL}},
+        model={
+            "windows": list(WINDOWS),
+            "label_delay": "1h",
+            "replay_tolerance": {"atol": ATOL, "rtol": RTOL},
+            "time_slice": "auto",  # the second refresh reads the kept slices
+        },
     )
     stores = Stores(settings.stores, settings.query_timeout)
     return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores), stores
