@@ -26,7 +26,8 @@ class ScoreStats:
     ``None`` values are undefined (no valid prediction) and are not exported.
     ``bucketed`` is true when a bucket of the grid (``queries.grid_index``) held several distinct
     scores: percentiles are then within one bucket of the exact ones, and the mode share
-    was counted by its own query.
+    was counted by its own query, exactly, or from time slices' most frequent values
+    (``slices.TopCounts``), exported with ``mode_share_error_bound`` when not exact.
     """
 
     window: str
@@ -37,6 +38,7 @@ class ScoreStats:
     percentiles: Mapping[int, float]
     mode_share: float | None
     bucketed: bool
+    mode_share_error_bound: float | None = None
 
 
 @dataclass(frozen=True)

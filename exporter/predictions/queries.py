@@ -46,6 +46,9 @@ INVALID_LABEL_REASONS = ("conflicting", "invalid_value", "bad_timestamp")
 #: The most duplicate ids a source's search lists for its queries to reuse; beyond it each
 #: query searches them itself (``PredictionQueries.duplicate_search``).
 MAX_LISTED_DUPLICATES = 1000
+#: The most rows of duplicated ids a refresh on time slices reads to add back per window
+#: (``PredictionQueries.duplicate_rows``); beyond it the refresh reads the windows in full.
+MAX_DUPLICATE_ROWS = 100_000
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,38 @@ class PredictionQueries:
             .limit(MAX_LISTED_DUPLICATES + 1)
         )
 
+    def duplicates_among(
+        self, start: datetime, end: datetime, probe: Sequence[tuple[datetime, datetime]] | None, known: Sequence[Any]
+    ) -> sa.Select:
+        """The ids carried by several rows of ``[start, end)``, at most
+        ``MAX_LISTED_DUPLICATES + 1``, among the ids of the rows stamped in the ``probe``
+        ranges and the ``known`` ids (``probe`` ``None``: among all). A new duplicate has a
+        row that is new, and a known one may have stopped being one: so a refresh that keeps
+        time slices probes only its new rows' ids against the window (a semi-join, which
+        an index on the id turns into lookups) instead of grouping the whole window by id.
+        """
+        conditions = [self._in_window(start, end)]
+        if probe is not None:
+            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in probe))
+            probed = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
+            conditions.append(sa.or_(probed, self.id.in_(list(known))) if known else probed)
+        return (
+            sa.select(self.id.label("id"))
+            .where(*conditions)
+            .group_by(self.id)
+            .having(sa.func.count() > 1)
+            .limit(MAX_LISTED_DUPLICATES + 1)
+        )
+
+    def duplicate_rows(
+        self, points: Sequence[datetime], start: datetime, end: datetime, ids: Sequence[Any]
+    ) -> sa.Select:
+        """Every row of ``[start, end)`` whose id is one of ``ids``, as (``part``, ``id``,
+        ``base``, ``score``), at most ``MAX_DUPLICATE_ROWS + 1``; parts as ``_parts``."""
+        columns = (self.id.label("id"), self._base().label("base"), self.score.label("score"))
+        rows, part = self._parts(points, [(start, end)], *columns, where=[self.id.in_(list(ids))])
+        return sa.select(part.label("part"), rows.c.id, rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
+
     def _duplicated(self, windows: Windows, duplicates: DuplicateIds) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
         """The rows' source and, per window, a predicate true when the row's id is carried by
         several rows of that window (NULL or false otherwise: use it in ``CASE WHEN``)."""
@@ -280,14 +315,19 @@ class PredictionQueries:
         return sa.case(*whens, else_=OK)
 
     def _parts(
-        self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], *columns: sa.ColumnElement
+        self,
+        points: Sequence[datetime],
+        reads: Sequence[tuple[datetime, datetime]],
+        *columns: sa.ColumnElement,
+        where: Sequence[sa.ColumnElement[bool]] = (),
     ) -> tuple[sa.Subquery, sa.ColumnElement[int]]:
-        """The rows stamped in one of the ``reads`` ranges, with ``columns``, and the index
-        ``p`` of the part ``[points[p], points[p + 1])`` each lies in, found by bisecting
-        the points (log2 of their number comparisons a row). On SQLite the time is computed
-        once a row in the subquery, which LIMIT keeps SQLite from flattening."""
+        """The rows stamped in one of the ``reads`` ranges (and meeting ``where``), with
+        ``columns``, and the index ``p`` of the part ``[points[p], points[p + 1])`` each lies
+        in, found by bisecting the points (log2 of their number comparisons a row). On
+        SQLite the time is computed once a row in the subquery, which LIMIT keeps SQLite
+        from flattening."""
         in_reads = sa.or_(*(self.time.between(start, end) for start, end in reads))
-        rows = sa.select(self.time.expr.label("t"), *columns).where(in_reads, *self.filters)
+        rows = sa.select(self.time.expr.label("t"), *columns).where(in_reads, *self.filters, *where)
         if self.dialect == "sqlite":
             rows = rows.limit(-1)
         subquery = rows.subquery("part_rows")
@@ -303,13 +343,22 @@ class PredictionQueries:
 
         return subquery, bisect(0, len(inner))
 
-    def sliced_histogram(self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
-        """The histogram of ``histogram`` per part of time, for ids that are unique
-        (``unique_ids``: no duplicate search), in one pass over the ``reads`` ranges: rows
-        (``part``, ``key``, ``n``, ``low``, ``high``, ``s1``, ``s2``), ``key`` the bucket of
-        a valid score or minus the reason code of an excluded one, in no order
-        (``slices.Histogram.from_rows`` reads them). Parts as ``_parts``."""
-        rows, part = self._parts(points, reads, self.score.label("score"), self._base().label("base"))
+    def _not_in(self, ids: Sequence[Any]) -> list[sa.ColumnElement[bool]]:
+        """The condition leaving out the rows of ``ids`` (none when empty); a NULL id is
+        never left out (it is no duplicate)."""
+        return [sa.or_(self.id.is_(None), self.id.not_in(list(ids)))] if ids else []
+
+    def sliced_histogram(
+        self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any] = ()
+    ) -> sa.Select:
+        """The histogram of ``histogram`` per part of time, in one pass over the ``reads``
+        ranges, leaving out every row whose id is in ``exclude`` (the duplicated ids, which
+        the caller adds back per window: ``duplicate_rows``): rows (``part``, ``key``,
+        ``n``, ``low``, ``high``, ``s1``, ``s2``), ``key`` the bucket of a valid score or
+        minus the reason code of an excluded one, in no order (``slices.Histogram.from_rows``
+        reads them). Parts as ``_parts``."""
+        columns = (self.score.label("score"), self._base().label("base"))
+        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
         keyed = sa.select(
             part.label("part"),
             sa.case((rows.c.base == OK, self._key(rows.c.score)), else_=-rows.c.base).label("key"),
@@ -331,12 +380,45 @@ class PredictionQueries:
             sa.func.sum(of_valid(square(deviation))).label("s2"),
         ).group_by(keyed.c.part, keyed.c.key)
 
-    def part_counts(self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
+    def sliced_mode_counts(
+        self,
+        points: Sequence[datetime],
+        reads: Sequence[tuple[datetime, datetime]],
+        exclude: Sequence[Any],
+        decimals: int,
+        top: int,
+    ) -> sa.Select:
+        """The ``top + 1`` most frequent valid scores of each part, rounded half up to
+        ``decimals`` (``round_half_up_index``), rows of the ``exclude`` ids left out: rows
+        (``part``, ``key``, ``n``), ranked by count then key (``slices.TopCounts`` reads
+        them); one pass over the ``reads`` ranges, parts as ``_parts``."""
+        columns = (self.score.label("score"), self._base().label("base"))
+        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
+        rounded = (
+            sa.select(part.label("part"), round_half_up_index(rows.c.score, decimals).label("key"))
+            .select_from(rows)
+            .where(rows.c.base == OK)
+            .subquery("rounded")
+        )
+        count = sa.func.count()
+        rank = sa.func.row_number().over(partition_by=rounded.c.part, order_by=(count.desc(), rounded.c.key))
+        ranked = (
+            sa.select(rounded.c.part, rounded.c.key, count.label("n"), rank.label("rank"))
+            .group_by(rounded.c.part, rounded.c.key)
+            .subquery("ranked")
+        )
+        return sa.select(ranked.c.part, ranked.c.key, ranked.c.n).where(ranked.c.rank <= top + 1)
+
+    def part_counts(
+        self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any] = ()
+    ) -> sa.Select:
         """Rows (``part``, ``base``, ``n``, ``total``): the rows of each part by ``OK`` or the
         code of the reason they are excluded, and the sum of the valid scores, in the
-        ``reads`` ranges: the audit of kept slices (``slices.SliceStore.audited``), a hash
-        aggregate into a few groups per part rather than one per bucket."""
-        rows, part = self._parts(points, reads, self.score.label("score"), self._base().label("base"))
+        ``reads`` ranges, rows of the ``exclude`` ids left out as ``sliced_histogram`` does:
+        the audit of kept slices (``slices.SliceStore.audited``), a hash aggregate into a
+        few groups per part rather than one per bucket."""
+        columns = (self.score.label("score"), self._base().label("base"))
+        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
         counted = sa.select(part.label("part"), rows.c.base, rows.c.score).subquery("counted")
         valid = sa.case((counted.c.base == OK, counted.c.score), else_=None)
         return sa.select(

@@ -56,20 +56,23 @@ def worst_case_queries(model: ModelConfig) -> int:
     """The most statements one refresh of ``model`` runs, each bounded by ``query_timeout``
     (reflection, on the first refresh and after a failure, not counted).
 
-    Each source reads all its windows in one pass per query. The duplicate ids are searched
-    once per set of windows and refresh (unless the predictions' ids are unique by schema
-    or config, which the config alone cannot tell): by the predictions, whose result the
-    replays reuse, and by the labels when ``label_delay`` shifts their windows
-    (``PredictionsSource.duplicate_ids``). Predictions: the newest timestamp, the search,
-    the histogram, the mode counts (when a bucket holds several scores) and the new rows
-    of the counter; labels: the online accuracy, the search when ``label_delay`` is not 0,
-    and the serving version when the predictions have a version column; replays: the
-    replays (a search too if the predictions failed before theirs, a refresh with fewer
-    statements); features: the serving version (with a version column), its training
-    run, and one statement for every window and feature.
+    Each source reads all its windows in one pass per query. Predictions
+    (``PredictionsSource.run``), at most 9: the newest timestamp; the audit of kept time
+    slices (when due); unless ids are unique by schema or config (which the config alone
+    cannot tell), the duplicated ids among the new rows and their rows; per pass of the
+    plan (two when a window's tail lies in a slice read this time: ``slices.Plan``) the
+    sliced histogram and, when buckets hold several scores, their most frequent scores; the
+    new rows of the counter. When the duplicated ids or their rows are too many to list,
+    a full duplicate search, the one-pass histogram and the mode counts replace the passes
+    (8 with the listing that overflowed). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
+    predictions'), and the serving version when the predictions have a version column;
+    replays: the replays (a search too if the predictions failed before theirs, a refresh
+    with fewer statements); features: the serving version (with a version column), its
+    training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
-    count = 5
+    count = 9
     if model.labels is not None:
         count += 1 + (model.label_delay > timedelta(0)) + version
     if model.replays is not None:

@@ -17,12 +17,16 @@ deviations may differ in the last bits, as any change of summation order does.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from exporter.monitoring_math import grid_index, round_half_up_index
+from exporter.predictions.queries import SQUARE_FLOOR
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -79,34 +83,98 @@ class Histogram:
         return cls(key[order], n[order], *(floats(i)[order] for i in range(2, 6)))
 
     @classmethod
+    def by_part(cls, rows: Sequence[Sequence[Any]]) -> dict[int, Histogram]:
+        """From (part, key, n, low, high, s1, s2) rows, distinct (part, key) in any order
+        (``PredictionQueries.sliced_histogram``), each part's histogram; read column-wise
+        in numpy (a cold refresh reads slices x buckets rows: millions at 10^7 predictions
+        a day). Keys with ``n == 0`` are left out; NULL is read as NaN."""
+        if not rows:
+            return {}
+        # One float64 matrix, not columns of Python objects (zip(*rows) took 3x longer); the
+        # part, key and count columns are integers below 2**53, exact in float64.
+        table = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+        part, key, n = (table[:, i].astype(np.int64) for i in range(3))
+        floats = [table[:, i] for i in range(3, 7)]
+        order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
+        order = order[n[order] > 0]
+        part, key, n = part[order], key[order], n[order]
+        floats = [f[order] for f in floats]
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        starts, ends = np.r_[0, cuts], np.r_[cuts, len(part)]
+        return {
+            int(part[a]): cls(key[a:b], n[a:b], *(f[a:b] for f in floats))
+            for a, b in zip(starts, ends, strict=True)
+            if b > a
+        }
+
+    @classmethod
     def merge(cls, parts: Iterable[Histogram]) -> Histogram:
-        """The histogram of the union of the rows of ``parts`` (disjoint sets of rows)."""
+        """The histogram of the union of the rows of ``parts`` (disjoint sets of rows).
+
+        Accumulated in dense arrays over the keys' range (at most 10**k + 7 keys: buckets
+        and reason codes), one vectorized update per part (its keys are distinct, so
+        fancy-indexed updates are exact): a window of 288 slices of 20,000 buckets merges
+        in about 0.1 s, where grouping the concatenation (``np.unique``, ``np.fmin.at``)
+        took several seconds.
+        """
         parts = [p for p in parts if len(p.key)]
         if not parts:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
-        key = np.concatenate([p.key for p in parts])
+        lowest = min(int(p.key[0]) for p in parts)
+        size = max(int(p.key[-1]) for p in parts) - lowest + 1
+        n = np.zeros(size, dtype=np.int64)
+        low, high = np.full(size, np.nan), np.full(size, np.nan)
+        s1, s2 = np.zeros(size), np.zeros(size)
+        for p in parts:
+            at = p.key - lowest
+            n[at] += p.n
+            low[at] = np.fmin(low[at], p.low)  # NaN (an excluded key) stays NaN
+            high[at] = np.fmax(high[at], p.high)
+            s1[at] += p.s1
+            s2[at] += p.s2
+        held = np.flatnonzero(n)
+        return cls(held + lowest, n[held], low[held], high[held], s1[held], s2[held])
+
+    @classmethod
+    def _grouped(
+        cls, key: np.ndarray, n: np.ndarray, low: np.ndarray, high: np.ndarray, s1: np.ndarray, s2: np.ndarray
+    ) -> Histogram:
+        """The histogram of entries whose keys may repeat: counts and sums added, minima and
+        maxima combined per key (NaN, of excluded keys, stays NaN: a key's entries are all
+        excluded or none is)."""
         keys, inverse = np.unique(key, return_inverse=True)
         size = len(keys)
-
-        def summed(values: np.ndarray) -> np.ndarray:
-            # NaN of excluded keys stays NaN: all entries of a key are excluded or none are.
-            return np.bincount(inverse, weights=values, minlength=size)
-
-        n = np.bincount(inverse, weights=np.concatenate([p.n for p in parts]), minlength=size).astype(np.int64)
-        low = np.full(size, np.inf)
-        np.fmin.at(low, inverse, np.concatenate([p.low for p in parts]))
-        high = np.full(size, -np.inf)
-        np.fmax.at(high, inverse, np.concatenate([p.high for p in parts]))
+        lows = np.full(size, np.inf)
+        np.fmin.at(lows, inverse, low)
+        highs = np.full(size, -np.inf)
+        np.fmax.at(highs, inverse, high)
+        lows[np.isinf(lows)], highs[np.isinf(highs)] = np.nan, np.nan
         return cls(
             keys,
-            n,
-            low,
-            high,
-            summed(np.concatenate([p.s1 for p in parts])),
-            summed(np.concatenate([p.s2 for p in parts])),
+            np.bincount(inverse, weights=n, minlength=size).astype(np.int64),
+            lows,
+            highs,
+            np.bincount(inverse, weights=s1, minlength=size),
+            np.bincount(inverse, weights=s2, minlength=size),
         )
+
+    @classmethod
+    def from_scores(cls, bases: Sequence[int], scores: Sequence[float | None], bucket_decimals: int) -> Histogram:
+        """Of single rows, each with its ``base`` (``OK`` = 0, or the code of the reason its
+        score is excluded) and its score as a double (read only when valid), bucketed and
+        summed exactly as ``PredictionQueries.sliced_histogram`` does in SQL
+        (``monitoring_math.grid_index``, ``queries.square``)."""
+        if not len(bases):
+            return cls.empty()
+        base = np.asarray(bases, dtype=np.int64)
+        valid = base == 0
+        score = np.array([np.nan if v is None or not ok else float(v) for v, ok in zip(scores, valid, strict=True)])
+        key = np.where(valid, grid_index(np.where(valid, score, 0.0), 10**bucket_decimals), -base).astype(np.int64)
+        deviation = score - key / float(10**bucket_decimals)
+        square = np.where(np.abs(deviation) < SQUARE_FLOOR, 0.0, deviation * deviation)
+        return cls._grouped(key, np.ones(len(base), dtype=np.int64), score, score, deviation, square)
 
     @property
     def rows(self) -> int:
@@ -133,25 +201,117 @@ class Histogram:
         return {int(-k): int(n) for k, n in zip(self.key, self.n, strict=True) if k < 0}
 
 
+#: How many of a slice's most frequent rounded scores it keeps (``TopCounts``).
+TOP_SCORES = 128
+
+
+@dataclass(frozen=True)
+class TopCounts:
+    """The most frequent rounded scores of some disjoint sets of rows, a bounded summary
+    from which the mode count of their union is known within a bound (the Misra-Gries
+    argument): for each set, ``(keys, counts, bound)``: its ``TOP_SCORES`` most frequent
+    keys with their counts (all keys when it has no more), and ``bound``, the count of the
+    next one (0 when none is left out), which no left-out key exceeds in that set.
+
+    Over the union, a key's count is at least the sum of its kept counts and at most that
+    sum plus the bound of every set that left it out (``mode``). Memory: 16 bytes a key,
+    at most ``TOP_SCORES`` keys a set.
+    """
+
+    sets: tuple[tuple[np.ndarray, np.ndarray, int], ...]
+
+    @classmethod
+    def of(cls, keys: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
+        """Of one set given by its keys with their counts (each key once; all of them, or at
+        least its ``top + 1`` most frequent), keeping the ``top`` most frequent (ties by key)."""
+        keys, counts = np.asarray(keys, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+        order = np.lexsort((keys, -counts))
+        bound = int(counts[order[top]]) if len(order) > top else 0
+        kept = order[:top]
+        return cls(((keys[kept], counts[kept], bound),))
+
+    @classmethod
+    def of_scores(cls, rounded: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
+        """Of one set given as rounded keys that may repeat, each with a count."""
+        keys, inverse = np.unique(np.asarray(rounded, dtype=np.int64), return_inverse=True)
+        return cls.of(keys, np.bincount(inverse, weights=counts).astype(np.int64), top)
+
+    @classmethod
+    def merge(cls, parts: Iterable[TopCounts]) -> TopCounts:
+        """The summary of the union of disjoint sets."""
+        return cls(tuple(s for part in parts for s in part.sets))
+
+    def mode(self) -> tuple[int, int]:
+        """(lower, upper): bounds of the count of the most frequent key of the union; equal
+        when exact. Lower: the largest sum of kept counts of a key; upper: the largest sum
+        of kept counts or bounds of a kept key, and the sum of all bounds (a key no set kept)."""
+        if not self.sets:
+            return 0, 0
+        keys = np.unique(np.concatenate([k for k, _, _ in self.sets]))
+        lower = np.zeros(len(keys), dtype=np.int64)
+        upper = np.zeros(len(keys), dtype=np.int64)
+        for set_keys, counts, bound in self.sets:
+            where = np.searchsorted(keys, set_keys)
+            found = np.zeros(len(keys), dtype=bool)
+            found[where] = True
+            lower[where] += counts
+            upper[where] += counts
+            upper[~found] += bound
+        unseen = sum(bound for _, _, bound in self.sets)
+        return int(lower.max(initial=0)), int(max(upper.max(initial=0), unseen))
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """What a time slice (or a part of one) keeps: its bucket histogram and the most
+    frequent rounded scores (``TopCounts``), which give the mode share when buckets hold
+    several scores."""
+
+    hist: Histogram
+    top: TopCounts
+
+    @classmethod
+    def merge(cls, parts: Iterable[Sliced]) -> Sliced:
+        parts = list(parts)
+        return cls(Histogram.merge(p.hist for p in parts), TopCounts.merge(p.top for p in parts))
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One statement of a plan: ``points`` are sorted instants cutting what it reads into
+    parts (part ``p`` is ``[points[p], points[p + 1])``), ``reads`` the disjoint ranges it
+    reads, each a union of parts."""
+
+    points: tuple[datetime, ...]
+    reads: tuple[tuple[datetime, datetime], ...]
+
+    @classmethod
+    def over(cls, stretches: Sequence[tuple[datetime, datetime]]) -> Pass:
+        """The pass reading ``stretches``, cut at each of their ends."""
+        points = tuple(sorted({p for r in stretches for p in r}))
+        return cls(points, tuple(_union(stretches)))
+
+    def parts_in(self, start: datetime, end: datetime) -> tuple[int, ...]:
+        """The parts inside ``[start, end)``."""
+        points = self.points
+        return tuple(p for p in range(len(points) - 1) if start <= points[p] and points[p + 1] <= end)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one refresh reads and how it merges it into windows.
 
-    ``points``: sorted instants cutting the read stretches into parts (part ``p`` is
-    ``[points[p], points[p + 1])``); ``reads``: the disjoint ranges read, each a union of
-    parts; ``new_slices``: the starts of the sealed slices read this time, to keep;
-    ``windows[i]``: (the kept slice starts, the part indexes) that make window ``i``.
+    ``passes``: the statements to run (``Pass``), each read part named (pass, part);
+    ``new_slices``: the starts of the sealed slices read this time, each one part of the
+    first pass, to keep; ``windows[i]``: (the kept slice starts, the read parts) that make
+    window ``i``. A window's tail inside a slice read this time is read again by a second
+    pass rather than cutting that slice: a slice's aggregate is then the same whenever it
+    is read (``TopCounts`` depends on how rows are grouped into sets).
     """
 
-    points: tuple[datetime, ...]
-    reads: tuple[tuple[datetime, datetime], ...]
+    passes: tuple[Pass, ...]
     new_slices: tuple[datetime, ...]
-    windows: tuple[tuple[tuple[datetime, ...], tuple[int, ...]], ...]
-
-
-def parts_in(points: Sequence[datetime], start: datetime, end: datetime) -> tuple[int, ...]:
-    """The parts cut by ``points`` (``Plan.points``) that lie inside ``[start, end)``."""
-    return tuple(p for p in range(len(points) - 1) if start <= points[p] and points[p + 1] <= end)
+    windows: tuple[tuple[tuple[datetime, ...], tuple[tuple[int, int], ...]], ...]
 
 
 def _union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
@@ -190,39 +350,51 @@ class SliceStore(Generic[A]):
         written ``delay`` after their timestamp: the sealed slices (ending at or before
         ``end - delay``) wholly inside the largest window that are not kept yet, and each
         window's head and tail (module docstring). Forgets the slices that left every window."""
-        sealed = floor_to(end - delay, self.width)
-        first = ceil_to(min(starts), self.width)
-        for start in [s for s in self.slices if s < first]:
-            del self.slices[start]
+        width = self.width
+        sealed = floor_to(end - delay, width)
+        first = ceil_to(min(starts), width)
+        self.forget([s for s in self.slices if s < first])
         missing = []
         slice_start = first
-        while slice_start + self.width <= sealed:
+        while slice_start + width <= sealed:
             if slice_start not in self.slices:
                 missing.append(slice_start)
-            slice_start += self.width
+            slice_start += width
         raw: list[list[tuple[datetime, datetime]]] = []
         for a in starts:
-            c = ceil_to(a, self.width)
+            c = ceil_to(a, width)
             raw.append([(a, c), (sealed, end)] if c < sealed else [(a, end)])
-        stretches = [r for ranges in raw for r in ranges] + [(s, s + self.width) for s in missing]
-        points = tuple(sorted({p for r in stretches for p in r}))
+
+        def overlaps(stretch: tuple[datetime, datetime]) -> bool:
+            return any(stretch[0] < s + width and s < stretch[1] for s in missing)
+
+        stretches = [r for ranges in raw for r in ranges if r[0] < r[1]]
+        first_pass = Pass.over([r for r in stretches if not overlaps(r)] + [(s, s + width) for s in missing])
+        passes = [first_pass]
+        second = [r for r in stretches if overlaps(r)]
+        if second:
+            passes.append(Pass.over(second))
         windows = []
         for a, ranges in zip(starts, raw, strict=True):
             kept = []
-            slice_start = ceil_to(a, self.width)
-            while slice_start + self.width <= sealed:
+            slice_start = ceil_to(a, width)
+            while slice_start + width <= sealed:
                 kept.append(slice_start)
-                slice_start += self.width
-            parts = tuple(p for start, stop in ranges for p in parts_in(points, start, stop))
-            windows.append((tuple(kept), parts))
-        return Plan(points, tuple(_union(stretches)), tuple(missing), tuple(windows))
+                slice_start += width
+            own = []
+            for r in ranges:
+                if r[0] < r[1]:
+                    n = 1 if overlaps(r) else 0
+                    own += [(n, p) for p in passes[n].parts_in(*r)]
+            windows.append((tuple(kept), tuple(own)))
+        return Plan(tuple(passes), tuple(missing), tuple(windows))
 
-    def merge(self, plan: Plan, parts: dict[int, A]) -> list[A]:
-        """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by part
-        index; a part without rows may be absent), and return each window's aggregate."""
+    def merge(self, plan: Plan, parts: dict[tuple[int, int], A]) -> list[A]:
+        """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by (pass,
+        part); a part without rows may be absent), and return each window's aggregate."""
         for start in plan.new_slices:
-            inside = parts_in(plan.points, start, start + self.width)
-            self.slices[start] = self.combine(parts[p] for p in inside if p in parts)
+            (p,) = plan.passes[0].parts_in(start, start + self.width)
+            self.slices[start] = parts[(0, p)] if (0, p) in parts else self.combine([])
         return [
             self.combine([*(self.slices[s] for s in kept), *(parts[p] for p in own if p in parts)])
             for kept, own in plan.windows
@@ -241,6 +413,50 @@ class SliceStore(Generic[A]):
         the next plan reads them again; returns their starts."""
         self._audited = as_of
         gone = [start for start, aggregate in self.slices.items() if changed(start, aggregate)]
-        for start in gone:
-            del self.slices[start]
+        self.forget(gone)
         return gone
+
+    def forget(self, starts: Iterable[datetime]) -> None:
+        """Read the slices of ``starts`` again at the next plan."""
+        for start in starts:
+            self.slices.pop(start, None)
+
+
+@dataclass(frozen=True)
+class DuplicateRows:
+    """The rows of the ids carried by several rows of the largest window, read at a refresh
+    on time slices (``PredictionQueries.duplicate_rows``): every other statement leaves
+    those ids out, and their rows are added back here, per window, as a single pass over
+    the window would count them (``queries.INVALID_REASONS``: a valid score of an id that
+    several rows of the window carry is a ``duplicate_id``; an excluded score keeps its own
+    reason; a row whose id only one row of the window carries counts as any other).
+
+    ``points`` cut the window into parts, every slice boundary and window start among
+    them; ``rows`` are (part, id, base, score).
+    """
+
+    points: tuple[datetime, ...]
+    rows: tuple[tuple[int, Any, int, float | None], ...]
+
+    def window(self, start: datetime, bucket_decimals: int, mode_decimals: int) -> tuple[Sliced, int, tuple[Any, ...]]:
+        """For the window starting at ``start`` (one of the points): what the rows to add back
+        hold (their histogram, and all their rounded scores: an exact ``TopCounts``), the
+        number of valid scores excluded as ``duplicate_id``, and the ids carried by several
+        of its rows."""
+        mine = [row for row in self.rows if self.points[row[0]] >= start]
+        counts = Counter(row[1] for row in mine)
+        back = [row for row in mine if counts[row[1]] == 1 or row[2] != 0]
+        duplicated = sum(1 for row in mine if counts[row[1]] > 1 and row[2] == 0)
+        ids = tuple(i for i, n in counts.items() if n > 1)
+        hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
+        valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
+        rounded = round_half_up_index(valid, mode_decimals)
+        top = TopCounts.of_scores(rounded, np.ones(len(valid)), top=len(valid))
+        return Sliced(hist, top), duplicated, ids
+
+    def by_slice(self, width: timedelta) -> dict[datetime, frozenset[Any]]:
+        """The ids with rows in each slice (by start): what a kept slice must have left out."""
+        out: dict[datetime, set[Any]] = {}
+        for part, ident, _, _ in self.rows:
+            out.setdefault(floor_to(self.points[part], width), set()).add(ident)
+        return {start: frozenset(ids) for start, ids in out.items()}

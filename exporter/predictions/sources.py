@@ -32,6 +32,7 @@ from exporter.monitoring_math import (
     roc_auc_from_counts,
     round_half_up_index,
 )
+from exporter.predictions import queries
 from exporter.predictions.queries import (
     INVALID_REASONS,
     DuplicateIds,
@@ -40,7 +41,16 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
-from exporter.predictions.slices import Histogram, SliceStore
+from exporter.predictions.slices import (
+    TOP_SCORES,
+    DuplicateRows,
+    Histogram,
+    Plan,
+    Sliced,
+    SliceStore,
+    TopCounts,
+    ceil_to,
+)
 from exporter.predictions.stores import (
     NUMBER_TYPES,
     Stores,
@@ -186,8 +196,14 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
-        #: The sealed time slices' histograms, kept between refreshes (ids unique only).
-        self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Histogram.merge)
+        #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
+        self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Sliced.merge)
+        #: The duplicated ids found at the last refresh, which every read leaves out, and
+        #: per kept slice the ids it left out.
+        self._known: tuple[Any, ...] = ()
+        #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
+        self.top_scores = TOP_SCORES
+        self._left_out: dict[datetime, frozenset[Any]] = {}
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -237,16 +253,20 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return found
 
     def _score_stats(self, conn: Connection, windows: Windows) -> tuple[ScoreStats, ...]:
-        """Prediction statistics of each window from its bucket histogram (docs/metrics.md):
-        merged from time slices when ids are unique (``_sliced_histograms``), else in one
-        pass over all windows after the duplicate search; and their mode counts in one more
-        pass when a window's buckets hold several distinct scores."""
+        """Prediction statistics of each window from its bucket histogram (docs/metrics.md),
+        merged from time slices (``_sliced``), or, with more duplicated ids than that lists,
+        in one pass over all windows after a full duplicate search. The mode share is exact
+        from the buckets when each holds one distinct score; else from the slices' most
+        frequent scores, with its error bound, or from one more pass over the windows."""
         q = self.queries()
         n = len(windows.starts)
-        if q.unique_ids:
-            duplicates = DuplicateIds.none(n)
-            histograms = self._sliced_histograms(conn, windows)
-            duplicated = [0] * n
+        decimals = self.model.mode_share_decimals
+        sliced = self._sliced(conn, windows)
+        tops: list[TopCounts | None] = [None] * n
+        if sliced is not None:
+            parts, duplicated, duplicates = sliced
+            histograms = [part.hist for part in parts]
+            tops = [part.top for part in parts]
         else:
             duplicates = self.duplicate_ids(conn, windows)
             rows = conn.execute(q.histogram(windows, duplicates)).all()
@@ -263,51 +283,141 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             invalid["duplicate_id"] += dup
             invalids.append(invalid)
         valid = [hist.valid() for hist in histograms]
-        modes: list[int | None] = [None] * n
-        if any(np.any(v.low != v.high) for v in valid):
-            mode_query = q.mode_counts(windows, duplicates, self.model.mode_share_decimals)
-            modes = [_int(m) for m in conn.execute(mode_query).one()]
+        modes: list[tuple[int, int] | None] = [top.mode() if top is not None else None for top in tops]
+        if any(np.any(v.low != v.high) for v in valid) and None in modes:
+            counted = conn.execute(q.mode_counts(windows, duplicates, decimals)).one()
+            modes = [(_int(m), _int(m)) for m in counted]
         return tuple(self._window_stats(*args) for args in zip(self.model.windows, invalids, valid, modes, strict=True))
 
-    def _sliced_histograms(self, conn: Connection, windows: Windows) -> list[Histogram]:
-        """Each window's histogram, merged from the kept sealed slices and the stretches
-        that can still change, read in one statement (``slices``); first, when it is due,
-        the audit of the kept slices (one row count per slice), which forgets those that
-        changed so that they are read again."""
+    def _sliced(self, conn: Connection, windows: Windows) -> tuple[list[Sliced], list[int], DuplicateIds] | None:
+        """Each window's histogram and most frequent scores, merged from the kept sealed
+        slices and the stretches that can still change (``slices``), with the valid scores
+        each window excludes as ``duplicate_id`` and its duplicated ids (kept for the other
+        sources, as ``duplicate_ids`` does); ``None`` when the duplicated ids or their rows
+        are too many to list (the caller reads the windows in full, and the kept slices are
+        dropped).
+
+        In order: the audit of the kept slices when due (``_audit``); then, unless ids are
+        unique, the duplicated ids among the new rows' and the known ones
+        (``PredictionQueries.duplicates_among``) and their rows (``duplicate_rows``): every
+        read leaves those ids out and ``slices.DuplicateRows`` adds their rows back per
+        window; a kept slice that left out other ids than it now should is read again. Then
+        the histogram of what the plan reads, and the most frequent rounded scores of its
+        parts whose buckets hold several scores (the others' come from their buckets).
+        """
         q, store = self.queries(), self.slices
+        delay = self.model.predictions.ingestion_delay
+        n = len(windows.starts)
         if store.audit_due(windows.end):
-            kept = sorted(store.slices)
-            points = sorted({*kept, *(start + store.width for start in kept)})
-            ranges = [(start, start + store.width) for start in kept]
-            found: dict[datetime, tuple[dict[int, int], float]] = {}
-            for row in conn.execute(q.part_counts(points, ranges)):
-                counts, total = found.setdefault(points[row.part], ({}, 0.0))
-                counts[int(row.base)] = _int(row.n)
-                found[points[row.part]] = (counts, total + float(row.total or 0.0))
+            self._audit(conn, store, windows.end)
+        duplicate_rows = DuplicateRows((), ())
+        if not q.unique_ids:
+            # Probe the ids of what this refresh reads (everything on a cold refresh).
+            reads = [r for p in store.plan(windows.starts, windows.end, delay).passes for r in p.reads]
+            probe = reads if store.slices else None
+            searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self._known)).all()
+            ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
+            rows: list[Any] = []
+            # The limits are read from the module at each call: tests lower them.
+            listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
+            if ids and listed:
+                points = self._points(windows)
+                rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
+                duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
+            if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
+                store.forget(list(store.slices))
+                self._known = ()
+                return None
+            self._known = tuple(ids)
+            should = duplicate_rows.by_slice(store.width)
+            store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
+        plan = store.plan(windows.starts, windows.end, delay)
+        merged = store.merge(plan, self._read_parts(conn, plan))
+        should = duplicate_rows.by_slice(store.width)
+        self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
+        if q.unique_ids:
+            return merged, [0] * n, DuplicateIds.none(n)
+        decimals = (self.model.bucket_decimals, self.model.mode_share_decimals)
+        added = [duplicate_rows.window(start, *decimals) for start in windows.starts]
+        found = DuplicateIds(tuple(ids for _, _, ids in added))
+        self._duplicates = (windows, found)  # the replays and labels reuse it (duplicate_ids)
+        parts = [Sliced.merge([part, back]) for part, (back, _, _) in zip(merged, added, strict=True)]
+        return parts, [dup for _, dup, _ in added], found
 
-            def differs(start: datetime, hist: Histogram) -> bool:
-                # Other counts by reason, or a sum of valid scores off by more than rounding.
-                counts, total = hist.fingerprint(self.model.bucket_decimals)
-                store_counts, store_total = found.get(start, ({}, 0.0))
-                return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+    def _read_parts(self, conn: Connection, plan: Plan) -> dict[tuple[int, int], Sliced]:
+        """What each part of ``plan`` holds, by (pass, part) (a part without rows is absent):
+        per pass, its histogram in one statement, then the most frequent rounded scores in a
+        second one over the parts whose buckets hold several distinct scores; a part whose
+        buckets each hold one score has them exactly from its buckets."""
+        q = self.queries()
+        decimals = self.model.mode_share_decimals
+        out: dict[tuple[int, int], Sliced] = {}
+        for n, read in enumerate(plan.passes):
+            if not read.reads:
+                continue
+            rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._known)).all()
+            histograms = Histogram.by_part(rows)
+            tops: dict[int, TopCounts] = {}
+            mixed = []
+            for p, hist in histograms.items():
+                valid = hist.valid()
+                if np.all(valid.low == valid.high):
+                    rounded = round_half_up_index(valid.low, decimals)
+                    tops[p] = TopCounts.of_scores(rounded, valid.n, self.top_scores)
+                else:
+                    mixed.append(p)
+            if mixed:
+                ranges = [(read.points[p], read.points[p + 1]) for p in mixed]
+                statement = q.sliced_mode_counts(read.points, ranges, self._known, decimals, self.top_scores)
+                counted: dict[int, list[tuple[int, int]]] = {p: [] for p in mixed}
+                for row in conn.execute(statement):
+                    counted[int(row.part)].append((int(row.key), int(row.n)))
+                for p, pairs in counted.items():
+                    keys, counts = np.array([k for k, _ in pairs]), np.array([c for _, c in pairs])
+                    tops[p] = TopCounts.of(keys, counts, self.top_scores)
+            out.update({(n, p): Sliced(hist, tops[p]) for p, hist in histograms.items()})
+        return out
 
-            changed = store.audited(windows.end, differs)
-            if changed:
-                log.info(
-                    "model %s: %d kept time slices changed in the store; reading them again",
-                    self.model.name,
-                    len(changed),
-                )
-        plan = store.plan(windows.starts, windows.end, self.model.predictions.ingestion_delay)
-        by_part: dict[int, list[Any]] = {}
-        if plan.reads:
-            for row in conn.execute(q.sliced_histogram(plan.points, plan.reads)):
-                by_part.setdefault(int(row.part), []).append(row[1:])
-        return store.merge(plan, {p: Histogram.from_rows(rows) for p, rows in by_part.items()})
+    def _points(self, windows: Windows) -> tuple[datetime, ...]:
+        """Every slice boundary in the largest of ``windows``, its starts and its end."""
+        width = self.slices.width
+        boundaries = []
+        boundary = ceil_to(windows.start, width)
+        while boundary < windows.end:
+            boundaries.append(boundary)
+            boundary += width
+        return tuple(sorted({*boundaries, *windows.starts, windows.end}))
 
-    def _window_stats(self, window: str, invalid: dict[str, int], hist: Histogram, mode: int | None) -> ScoreStats:
-        """One window's statistics from the buckets of its valid scores; ``mode``: its mode
-        count from SQL, needed when a bucket holds several scores."""
+    def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
+        """Compare each kept slice with the store (rows by reason and the sum of valid
+        scores, leaving out the known duplicated ids as the slices did) and forget those
+        that differ: rows written later than ``ingestion_delay``, or deleted."""
+        q = self.queries()
+        kept = sorted(store.slices)
+        points = sorted({*kept, *(start + store.width for start in kept)})
+        ranges = [(start, start + store.width) for start in kept]
+        found: dict[datetime, tuple[dict[int, int], float]] = {}
+        for row in conn.execute(q.part_counts(points, ranges, self._known)):
+            counts, total = found.setdefault(points[row.part], ({}, 0.0))
+            counts[int(row.base)] = _int(row.n)
+            found[points[row.part]] = (counts, total + float(row.total or 0.0))
+
+        def differs(start: datetime, kept: Sliced) -> bool:
+            # Other counts by reason, or a sum of valid scores off by more than rounding.
+            counts, total = kept.hist.fingerprint(self.model.bucket_decimals)
+            store_counts, store_total = found.get(start, ({}, 0.0))
+            return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+
+        changed = store.audited(as_of, differs)
+        if changed:
+            log.info("model %s: %d kept time slices changed in the store; read again", self.model.name, len(changed))
+
+    def _window_stats(
+        self, window: str, invalid: dict[str, int], hist: Histogram, mode: tuple[int, int] | None
+    ) -> ScoreStats:
+        """One window's statistics from the buckets of its valid scores; ``mode``: bounds of
+        its mode count (``TopCounts.mode``, equal when exact), needed when a bucket holds
+        several scores."""
         if not len(hist.key):
             return ScoreStats(
                 window=window,
@@ -327,8 +437,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # Round half up as the SQL of mode_counts does, and merge the buckets' counts.
             rounded = round_half_up_index(lows, self.model.mode_share_decimals)
             _, inverse = np.unique(rounded, return_inverse=True)
-            mode = int(np.bincount(inverse, weights=counts).max())
-        assert mode is not None, "mode_counts is read when a bucket holds several scores"
+            exact = int(np.bincount(inverse, weights=counts).max())
+            mode = (exact, exact)
+        assert mode is not None, "the mode is read when a bucket holds several scores"
         return ScoreStats(
             window=window,
             predictions=n,
@@ -336,8 +447,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             mean=float(np.sum(counts * edges + sums) / n),
             stddev=math.sqrt(pooled_variance(counts, edges, sums, hist.s2)),
             percentiles=percentiles_from_buckets(lows, highs, counts),
-            mode_share=mode / n,
+            mode_share=mode[0] / n,
             bucketed=not pure,
+            mode_share_error_bound=(mode[1] - mode[0]) / n if mode[1] > mode[0] else None,  # absent when exact
         )
 
     def run(self, as_of: datetime) -> PredictionValues:

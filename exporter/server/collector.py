@@ -74,6 +74,12 @@ METRICS = {
             WINDOWED,
             "Share of the window's predictions equal to the most frequent (rounded) score.",
         ),
+        _spec(
+            "mlmon_prediction_mode_share_error_bound",
+            "gauge",
+            WINDOWED,
+            "Largest possible error of mlmon_prediction_mode_share_ratio when merged from time slices.",
+        ),
         _spec("mlmon_predictions_total", "counter", "model", "Valid predictions seen since the exporter started."),
         _spec("mlmon_prediction_score", "histogram", "model", "Predicted scores seen since the exporter started."),
         _spec(
@@ -382,6 +388,7 @@ def _model_samples(families: dict[str, Metric], snap: ModelSnapshot) -> None:
         for q, value in s.percentiles.items():
             _emit(families, "mlmon_prediction_score_percentile", w + [str(q)], value)
         _emit(families, "mlmon_prediction_mode_share_ratio", w, s.mode_share)
+        _emit(families, "mlmon_prediction_mode_share_error_bound", w, s.mode_share_error_bound)
 
     for o in snap.online:
         w = [m, o.window]

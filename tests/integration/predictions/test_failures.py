@@ -371,7 +371,9 @@ def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_s
 
 def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     """The default deadline counts the statements a refresh runs: counted here on a refresh
-    that runs every one (buckets holding several scores, a version column)."""
+    that runs every one: buckets holding several scores, a version column, an audit of the
+    kept time slices that finds a row written late into the slice holding the 1h window's
+    start (read again whole, and the window's tail in it by a second pass), a duplicated id."""
     from exporter.predictions.refresh import worst_case_queries
 
     url = f"sqlite:///{tmp_path}/s.sqlite"
@@ -383,24 +385,41 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     settings = _settings(url)
     predictions = settings.models[0].predictions
     versioned = predictions.model_copy(update={"columns": predictions.columns.model_copy(update={"version": "v"})})
-    settings = _with_replays(engine, settings, windows=["1h", "2h", "3h"], bucket_decimals=1, predictions=versioned)
+    settings = _with_replays(
+        engine,
+        settings,
+        windows=["1h", "2h", "3h"],
+        bucket_decimals=1,
+        predictions=versioned,
+        time_slice=timedelta(minutes=5),
+        slice_audit_interval=timedelta(minutes=1),
+    )
     stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
-    refresher.refresh(AS_OF - timedelta(minutes=1))  # reflection, and the counter's watermark
+    as_of = AS_OF + timedelta(seconds=150)  # AS_OF is on a slice boundary; the windows' starts are not
+    refresher.refresh(as_of - timedelta(minutes=1))  # reflection, the counter's watermark, kept slices
+    insert = sa.text("INSERT INTO predictions (id, ts, p) VALUES (:id, :ts, :p)")
+    with engine.begin() as conn:
+        late = as_of - timedelta(hours=1) + timedelta(seconds=10)
+        conn.execute(insert, {"id": 500, "ts": late.replace(tzinfo=None), "p": 0.63})
+        conn.execute(insert, {"id": 7, "ts": (AS_OF + timedelta(minutes=1)).replace(tzinfo=None), "p": 0.7})
     statements = []
     sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
-    snap = refresher.refresh(AS_OF)
+    snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and all(s.bucketed for s in snap.score_stats)
-    queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    # 5 (predictions) + 1 + 1 (labels, serving version) + 1 (replays), whatever the windows:
-    # labels and replays reuse the predictions' duplicate-id search (no label delay)
-    assert len(queries) == worst_case_queries(settings.models[0]) == 8
+    assert snap.score_stats[0].invalid["duplicate_id"] == 2
+    queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
+    # scores of each of two passes, counter) + 1 + 1 (labels, serving version) + 1
+    # (replays), whatever the windows: labels and replays reuse the predictions' duplicate
+    # ids (no label delay)
+    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
     stores.dispose()
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
     """The issue's numbers: refresh_interval 2s, query_timeout 3s (the old default deadline
-    5 s), three sources over two windows: 7 queries and 3 connections, up to 30 s."""
+    5 s), three sources over two windows: 11 queries and 3 connections, up to 42 s."""
     from typer.testing import CliRunner
 
     from exporter.cli import app
@@ -411,7 +430,7 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings.stores, settings.query_timeout)
     assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
-        seconds=(5 + 1 + 1 + 3) * 3
+        seconds=(9 + 1 + 1 + 3) * 3
     )
     quick = settings.model_copy(
         update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
@@ -436,8 +455,8 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert (
-        # the default label_delay (1h): the labels search their own duplicate ids, 8 queries
-        "warning: refresh_timeout: 5 s is shorter than the 33 s a refresh of models[0] ('ctr') may take"
+        # the default label_delay (1h): the labels search their own duplicate ids, 12 queries
+        "warning: refresh_timeout: 5 s is shorter than the 45 s a refresh of models[0] ('ctr') may take"
         in result.stderr
     )
     config.write_text(common)

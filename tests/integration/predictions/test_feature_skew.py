@@ -430,9 +430,10 @@ def test_worst_case_queries_counts_the_features_statements(tmp_path):
         state.engine.dispose()
     assert all(s.up for s in snapshot.sources.values()) and snapshot.features
     queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    # 5 (predictions: newest, duplicate ids, histogram, mode counts as 0.1 buckets hold
-    # several scores, counter; every window in one pass) + 3 (features)
-    assert len(queries) == worst_case_queries(model) == 8
+    # 5 (predictions on time slices: newest, duplicated ids among the new rows, histogram,
+    # mode counts as 0.1 buckets hold several scores, counter; every window in one pass) +
+    # 3 (features); the predictions' worst case adds 4 (test_failures.py counts it)
+    assert len(queries) == worst_case_queries(model) - 4 == 8
 
 
 def test_a_single_window(store, state_file):

@@ -266,12 +266,14 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
 
 def test_duplicate_ids_are_searched_again_at_each_refresh(tmp_path):
     """The predictions' duplicate-id search is reused by the replays of the same refresh
-    only: a duplicate written between two refreshes at the same time is seen by the next."""
+    only: a duplicate written between two refreshes at the same time is seen by the next
+    (written within ``ingestion_delay`` of its timestamp; a later one waits for the audit
+    of kept time slices: test_time_slices.py)."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     stamp = _naive(AS_OF) - timedelta(minutes=5)
     predictions = pd.DataFrame({"id": [1, 2, 3], "ts": [stamp] * 3, "p": [0.1, 0.2, 0.3]})
     _write(url, None, (predictions, pd.DataFrame({"id": [1], "y": [1], "ts": [stamp]}), predictions[["id", "p"]]))
-    settings = model_settings(url, replays=True, predictions={"unique_ids": False})
+    settings = model_settings(url, replays=True, predictions={"unique_ids": False, "ingestion_delay": "10m"})
     stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)

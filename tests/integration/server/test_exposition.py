@@ -8,6 +8,7 @@ import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import app as cli
 from exporter.config import parse_settings
+from exporter.predictions import sources
 from exporter.server.app import create_app
 from exporter.server.collector import METRICS, build_registry, render
 from exporter.server.loop import refresh_all
@@ -146,6 +148,11 @@ def _full_exposition(tmp_path) -> str:
             {"ts": (AS_OF - timedelta(minutes=45)).replace(tzinfo=None)},
         )
         conn.execute(sa.text("INSERT INTO labels VALUES (4, 0)"))
+        for i, (minutes, score) in enumerate([(46, 0.26), (47, 0.27)], start=5):  # a slice of two scores
+            conn.execute(
+                sa.text("INSERT INTO predictions VALUES (:i, :ts, :p)"),
+                {"i": i, "ts": (AS_OF - timedelta(minutes=minutes)).replace(tzinfo=None), "p": score},
+            )
         # serving features, compared with the training runs' (the newest version: no version column)
         for column in ("age REAL", "country TEXT", "device TEXT"):
             conn.execute(sa.text(f"ALTER TABLE predictions ADD COLUMN {column}"))
@@ -158,7 +165,9 @@ def _full_exposition(tmp_path) -> str:
     )
     settings = _settings(url).model_copy(update={"models": [bucketed, broken]})
     _report_runs(settings)
-    store = refresh_all(settings, AS_OF)
+    # Time slices that keep only their most frequent score: the mode share gets an error bound.
+    with mock.patch.object(sources, "TOP_SCORES", 1):
+        store = refresh_all(settings, AS_OF)
     store.count_auth_refusals(REFUSAL_REASONS)  # as `mlmon serve` does with basic_auth_users
     return render(build_registry(store, settings.thresholds)).decode()
 
