@@ -19,9 +19,9 @@ order), with its statement count. The second configuration starts where the firs
 (``as_of`` K minutes later), so each sees a 24 h window of N rows. Reported per refresh
 and per source, ratios first: cold / floor and median steady / floor, where the floor is
 the bare ``SELECT count(*), sum(score)`` of the 24h window (``refresh.run_floor``, median
-of 3, after one warm-up run); peak RSS of the refreshing process (its rusage); the memory
-of the kept slices (``len(key)`` x 48 bytes summed over
-``refresher.predictions.slices.slices``) and its projection to 100 models; and
+of 3, after one warm-up run); peak RSS of the refreshing process (``VmHWM``); the memory
+of the kept slices (the bytes of their arrays, over every source's ``slices.slices``:
+``array_bytes``) and its projection to 100 models; and
 ``refresh.py``'s ``naive`` (pandas.read_sql + numpy/scikit-learn) and ``evidently``
 methods on the same window, the latter run by ``--evidently-python`` (a separate
 environment: Evidently is no dependency of mlmon) when given.
@@ -57,8 +57,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 CONFIGS = ("default", "unique")
 MINUTE = timedelta(minutes=1)
 MINUTES_PER_DAY = 1440
-#: Bytes per key of a kept slice's histogram (``slices.Histogram``: two int64, four float64).
-KEY_BYTES = 48
 ROOT = Path(__file__).parent.parent
 TABLES = ("bench_predictions", "bench_labels", "bench_replays")
 
@@ -190,8 +188,11 @@ def run_refreshes(url: str, config: str, directory: Path, first_minute: int, ste
         as_of = NOW + (k + 1) * MINUTE
         snapshot, result = timed_refresh(refresher, seconds, as_of)
         steady.append(result)
-    kept = refresher.predictions.slices.slices.values()
-    slice_bytes = KEY_BYTES * sum(len(h.key) for h in kept)
+    # Every source that keeps time slices (a ``slices`` store), whatever it keeps in them.
+    kept = [
+        a for source in refresher.sources.values() if hasattr(source, "slices") for a in source.slices.slices.values()
+    ]
+    slice_bytes = sum(array_bytes(aggregate) for aggregate in kept)
     peak = own_peak_rss_mb()
     check_refresher, check_seconds = refresher_()
     fresh, check = timed_refresh(check_refresher, check_seconds, as_of)
@@ -209,6 +210,22 @@ def run_refreshes(url: str, config: str, directory: Path, first_minute: int, ste
         "peak_rss_mb_before_check": peak,
         "own_peak_rss_mb": own_peak_rss_mb(),
     }
+
+
+def array_bytes(value: Any) -> int:
+    """The bytes of the numpy arrays in ``value`` (dataclasses, sequences and mappings of
+    them): a kept slice's memory (``slices.Histogram``: 48 bytes per bucket key)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if is_dataclass(value):
+        return sum(array_bytes(getattr(value, f.name)) for f in fields(value))
+    if isinstance(value, dict):
+        return sum(array_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(array_bytes(v) for v in value)
+    return 0
 
 
 def own_peak_rss_mb() -> float:
