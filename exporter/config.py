@@ -337,6 +337,11 @@ class AlertThresholds(Strict):
     """Feature skew alerts need this many rows (served by the compared version) in the window."""
 
 
+#: The most time slices the largest window of a model may hold (``ModelConfig.time_slice``):
+#: every kept slice costs memory, and a cold refresh names each one in its statement.
+MAX_SLICES = 1440
+
+
 class ModelConfig(Strict):
     """One monitored model: its sources, windows and numeric settings."""
 
@@ -380,6 +385,14 @@ class ModelConfig(Strict):
         buckets = self.histogram_buckets
         if any(b <= a for a, b in zip(buckets, buckets[1:], strict=False)):
             raise ValueError("histogram_buckets: bounds must be strictly increasing")
+        longest = max(parse_duration(window) for window in self.windows)
+        if self.time_slice is not None and longest / self.time_slice > MAX_SLICES:
+            fewest = math.ceil((longest / MAX_SLICES).total_seconds())
+            raise ValueError(
+                f"time_slice: {self.time_slice.total_seconds():g}s cuts the largest window into "
+                f"{math.ceil(longest / self.time_slice)} slices; at most {MAX_SLICES} (each is kept in memory and "
+                f"named by a cold refresh's statement): make it at least {fewest}s"
+            )
         return self
 
     def slice_width(self) -> timedelta:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +180,7 @@ def require_existing_sqlite_file(url: str | sa.URL) -> None:
 
 
 @contextmanager
-def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connection]:
+def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa.Table] = ()) -> Iterator[Connection]:
     """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
 
     PostgreSQL cancels each statement after ``timeout_seconds`` on the server
@@ -189,6 +189,11 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
     quadratic; SQLite is interrupted from a timer
     thread once the whole transaction exceeds it. Other dialects rely on their own limits.
     The cancelled statement raises the driver's error, classified as ``timeout``.
+
+    ``tables``: the tables the connection's queries read. Spark SQL (PyHive's dialect
+    ``hive``) has no snapshot and each of its sessions caches a table's file listing
+    the first time it reads it, so a kept connection would never see the rows written
+    since (by another session or application); ``REFRESH TABLE`` drops that cache.
     """
     with engine.connect() as conn:
         timer = None
@@ -213,6 +218,9 @@ def timed_connection(engine: Engine, timeout_seconds: float) -> Iterator[Connect
             timer = threading.Timer(timeout_seconds, raw.interrupt)
             timer.daemon = True
             timer.start()
+        elif engine.dialect.name == "hive":
+            for table in tables:  # identifiers from the config, quoted by the dialect
+                conn.exec_driver_sql(f"REFRESH TABLE {engine.dialect.identifier_preparer.format_table(table)}")
         try:
             yield conn
         finally:

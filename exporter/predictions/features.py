@@ -58,10 +58,11 @@ class Feature:
 class FeatureQueries:
     """The reflected feature columns (at most ``training.max_features``, by name) and the
     FROM clause they are read from (the prediction table, or it joined to the feature
-    table); ``over_limit`` counts the configured features left out."""
+    table), and those tables; ``over_limit`` counts the configured features left out."""
 
     features: tuple[Feature, ...]
     source: sa.FromClause
+    tables: tuple[sa.Table, ...]
     over_limit: int
 
 
@@ -251,7 +252,8 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
             raise SchemaError(*problems)
         features.sort(key=lambda f: f.name)
         cap = self.limits.max_features
-        return FeatureQueries(tuple(features[:cap]), source, max(0, len(features) - cap))
+        tables = (predictions.table,) if table is predictions.table else (predictions.table, table)
+        return FeatureQueries(tuple(features[:cap]), source, tables, max(0, len(features) - cap))
 
     def _serving_version(self, conn: Connection, as_of: datetime) -> tuple[str | None, bool]:
         """(version, whether it can name a run) of the newest prediction before ``as_of``."""
@@ -344,7 +346,7 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
 
     def run(self, as_of: datetime) -> FeatureValues:
         queries = self.queries()
-        with self._connection() as conn:
+        with self._connection(*queries.tables) as conn:
             version, nameable = self._serving_version(conn, as_of)
             run = None
             if self.references is not None and nameable:

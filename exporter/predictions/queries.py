@@ -7,7 +7,7 @@ once and tells the others apart with ``CASE WHEN timestamp >= start_i`` inside i
 aggregates, one column per window suffixed ``_i``.
 
 Dialect differences handled here: scores are cast to double precision
-(float64) before any arithmetic; NaN is detected per dialect (PostgreSQL and DuckDB
+(float64) before any arithmetic; NaN is detected per dialect (PostgreSQL, DuckDB and Spark SQL
 store it and order it above every number; SQLite and MySQL cannot store it); the
 natural logarithm is ``ln`` on every engine (``exporter.predictions.stores`` supplies it to SQLite
 builds without math functions); SQL ``round`` is never used (PostgreSQL has no
@@ -18,7 +18,7 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -94,6 +94,18 @@ class DuplicateIds:
         )
 
 
+def union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The union of ``[start, end)`` ranges as disjoint ranges, ascending, empty ones left
+    out: adjacent and overlapping ranges become one."""
+    out: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
 def _double(value: float) -> sa.ColumnElement:
     return sa.literal(float(value), sa.Double())
 
@@ -117,13 +129,14 @@ def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
 def is_nan(dialect: str, value: sa.ColumnElement) -> sa.ColumnElement | None:
     """A predicate true for NaN where the dialect has one, else ``None``.
 
-    PostgreSQL and DuckDB order NaN above every number, so it must be named to be told
-    apart from out-of-range values; elsewhere a NaN fails every comparison and the range
-    checks below (written as ``NOT (0 <= score <= 1)``) count it as out of range.
+    PostgreSQL, DuckDB and Spark SQL (dialect ``hive``, PyHive's) order NaN above every
+    number, so it must be named to be told apart from out-of-range values; elsewhere a NaN
+    fails every comparison and the range checks below (written as ``NOT (0 <= score <= 1)``)
+    count it as out of range.
     """
     if dialect == "postgresql":
         return value == sa.cast(sa.literal("NaN"), sa.Double())
-    if dialect == "duckdb":
+    if dialect in ("duckdb", "hive"):
         return sa.func.isnan(value)
     if dialect == "trino":
         return sa.func.is_nan(value)
@@ -262,7 +275,7 @@ class PredictionQueries:
         """
         conditions = [self._in_window(start, end)]
         if probe is not None:
-            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in probe))
+            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
             probed = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
             conditions.append(sa.or_(probed, self.id.in_(list(known))) if known else probed)
         return (
@@ -325,8 +338,10 @@ class PredictionQueries:
         ``columns``, and the index ``p`` of the part ``[points[p], points[p + 1])`` each lies
         in, found by bisecting the points (log2 of their number comparisons a row). On
         SQLite the time is computed once a row in the subquery, which LIMIT keeps SQLite
-        from flattening."""
-        in_reads = sa.or_(*(self.time.between(start, end) for start, end in reads))
+        from flattening. The ``reads`` are joined where they touch (``union``): the audit
+        and the most frequent scores read up to one range per slice (1,440), and SQLite
+        refuses expressions over 1,000 deep ("Expression tree is too large")."""
+        in_reads = sa.or_(*(self.time.between(start, end) for start, end in union(reads)))
         rows = sa.select(self.time.expr.label("t"), *columns).where(in_reads, *self.filters, *where)
         if self.dialect == "sqlite":
             rows = rows.limit(-1)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 
 from exporter.config import Store, TableSource
 from exporter.db import PoolSize, create_store_engine, require_existing_sqlite_file
-from exporter.reasons import SchemaError
+from exporter.reasons import SchemaError, sqlstate
 
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -187,12 +187,17 @@ class TimeColumn:
     windows compare with ``bind(instant)``; wall-clock times go through ``to_wall_clock``
     and ``from_wall_clock``, which keep windows consistent across daylight-saving changes.
     ``stored`` is the column itself (``expr`` but for SQLite text, which ``expr`` normalises).
+    ``text_bounds``: wall-clock bounds are bound as the fixed-width text of ``_sqlite_text``,
+    which the engine casts to its timestamp type (Spark SQL through PyHive, whose driver
+    writes a bound datetime with ``strftime('%Y')``: year 1 of ``INSTANT_RANGE`` as
+    ``'1-01-02'``, which Spark refuses to cast).
     """
 
     expr: sa.ColumnElement
     kind: str
     zone: str
     stored: sa.ColumnElement
+    text_bounds: bool = False
 
     def bind(self, instant: datetime):
         """The value to compare ``expr`` with for a timezone-aware ``instant``."""
@@ -201,7 +206,7 @@ class TimeColumn:
         if self.kind == "aware":
             return instant
         naive = to_wall_clock(instant, ZoneInfo(self.zone))
-        return _sqlite_text(naive) if self.kind == "sqlite" else naive
+        return _sqlite_text(naive) if self.kind == "sqlite" or self.text_bounds else naive
 
     def between(self, start: datetime | None, end: datetime | None) -> sa.ColumnElement:
         """A predicate true for rows whose timestamp is an instant in ``[start, end)``;
@@ -274,7 +279,7 @@ def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -
     if dialect == "sqlite":
         return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone, column)
     aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
-    return TimeColumn(column, "aware" if aware else "naive", source.timezone, column)
+    return TimeColumn(column, "aware" if aware else "naive", source.timezone, column, text_bounds=dialect == "hive")
 
 
 NUMBER_TYPES = (sa.Integer, sa.Numeric, sa.Float)
@@ -298,6 +303,18 @@ def _type_problem(table: sa.Table, name: str, types: tuple[type, ...], expected:
     if isinstance(column_type, types):
         return None
     return f"{key_path}: column {name!r} of table {table.name!r} has type {column_type}; expected {expected}"
+
+
+def _standard_type(_inspector, _table, column_info: dict) -> None:
+    """``column_reflect`` listener: a column a dialect reflects as a ``TypeDecorator`` gets the
+    standard type it decorates. PyHive (Spark SQL's ``hive://``) reflects ``timestamp`` as
+    ``HiveTimestamp`` over ``TIMESTAMP`` (and ``decimal`` likewise), which no type check here
+    knows and whose bind processor refuses every value ("Writing to Hive not supported"), so
+    a window edge could not be compared with it; its driver already returns datetimes and
+    decimals."""
+    column_type = sa.types.to_instance(column_info["type"])
+    if isinstance(column_type, sa.TypeDecorator):
+        column_info["type"] = column_type.impl_instance
 
 
 def reflect_table(
@@ -326,8 +343,17 @@ def reflect_table(
     """
     metadata = sa.MetaData()
     try:
-        table = sa.Table(source.table, metadata, schema=source.db_schema, autoload_with=engine)
-    except sa.exc.NoSuchTableError:
+        table = sa.Table(
+            source.table,
+            metadata,
+            schema=source.db_schema,
+            autoload_with=engine,
+            listeners=[("column_reflect", _standard_type)],
+        )
+    except (sa.exc.NoSuchTableError, sa.exc.DBAPIError) as exc:
+        # PyHive cannot tell Spark's "table not found" (SQLSTATE 42P01) from other errors of DESCRIBE.
+        if isinstance(exc, sa.exc.DBAPIError) and sqlstate(exc.orig) != "42P01":
+            raise
         where = f"{source.db_schema}.{source.table}" if source.db_schema else source.table
         raise SchemaError(f"{key_path}.table: table {where!r} does not exist in store {source.store!r}") from None
     problems: list[str | None] = []  # None: a column whose type fits (_type_problem)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.config import ConfigError, parse_settings
+from exporter.durations import parse_duration
 
 
 def _config(**model_overrides):
@@ -31,6 +32,23 @@ def test_defaults():
     assert model.windows == ["1h", "24h"]
     assert settings.staleness_period == 3 * settings.refresh_interval
     assert model.labels is None and model.mode_share_decimals == 6
+
+
+@pytest.mark.parametrize(
+    ("windows", "width"),
+    [(["1h", "24h"], "5m"), (["5m", "30d"], "2h30m"), (["1m"], "5s"), (["90s", "2h"], "25s")],
+)
+def test_time_slice_by_default(windows, width):
+    """The smallest window / 12 or the largest / 288, whichever is longer, in whole seconds."""
+    assert parse_settings(_config(windows=windows)).models[0].slice_width() == parse_duration(width)
+
+
+def test_time_slice_at_most_1440_per_window():
+    assert parse_settings(_config(time_slice="1m")).models[0].slice_width() == parse_duration("1m")
+    assert _errors(_config(time_slice="59s")) == [
+        "models[0].time_slice: 59s cuts the largest window into 1465 slices; at most 1440 (each is kept in memory "
+        "and named by a cold refresh's statement): make it at least 60s"
+    ]
 
 
 def test_unknown_key_named_with_its_path():
