@@ -61,12 +61,16 @@ def tables(metadata: sa.MetaData, aware: bool, features: bool = False) -> tuple[
     return predictions, labels, replays
 
 
-def chunks(rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int, features: bool = False):
-    """DataFrames (predictions, labels, replays) of up to CHUNK predictions each."""
+def chunks(
+    rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int, features: bool = False,
+    end: datetime = NOW, first_id: int = 0,
+):
+    """DataFrames (predictions, labels, replays) of up to CHUNK predictions each, stamped
+    in the ``hours`` before ``end``, with ids from ``first_id`` on."""
     rng = np.random.default_rng(seed)
-    start = NOW - timedelta(hours=hours)
-    for first in range(0, rows, CHUNK):
-        n = min(CHUNK, rows - first)
+    start = end - timedelta(hours=hours)
+    for first in range(first_id, first_id + rows, CHUNK):
+        n = min(CHUNK, first_id + rows - first)
         ids = np.arange(first, first + n, dtype=np.int64)
         score = rng.beta(1.2, 40, n)
         offsets = rng.uniform(0, hours * 3600, n)
@@ -95,14 +99,22 @@ def copy_postgres(conn, table: str, frame: pd.DataFrame) -> None:
 
 
 def generate(
-    url: str, rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int = 0, features: bool = False
+    url: str, rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int = 0, features: bool = False,
+    analyze: bool = True,
 ) -> None:
+    """Write the tables; ``analyze=False`` (PostgreSQL): the tables are never analyzed, not
+    even by autovacuum (disabled for them from their creation), so the planner works with
+    stale statistics (default estimates), as on a table loaded since the last analyze."""
     engine = sa.create_engine(url)
     dialect = engine.dialect.name
     metadata = sa.MetaData()
     predictions, labels, replays = tables(metadata, aware=dialect != "sqlite", features=features)
     metadata.drop_all(engine)
     metadata.create_all(engine)
+    if dialect == "postgresql" and not analyze:
+        with engine.begin() as conn:
+            for table in (predictions, labels, replays):
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)")
     with engine.begin() as conn:
         for frames in chunks(rows, models, hours, label_share, replay_share, seed, features):
             for table, frame in zip((predictions, labels, replays), frames):
@@ -122,7 +134,7 @@ def generate(
         sa.Index("ix_bench_predictions_model_ts", predictions.c.model_name, predictions.c.ts).create(conn)
         sa.Index("ix_bench_labels_id", labels.c.id).create(conn)
         sa.Index("ix_bench_replays_id", replays.c.id).create(conn)
-        if dialect == "postgresql":
+        if dialect == "postgresql" and analyze:
             conn.exec_driver_sql("ANALYZE bench_predictions; ANALYZE bench_labels; ANALYZE bench_replays")
     engine.dispose()
 
@@ -136,9 +148,13 @@ def main() -> None:
     parser.add_argument("--label-share", type=float, default=0.5, help="share of predictions whose label (if a click) arrived")
     parser.add_argument("--replay-share", type=float, default=0.01)
     parser.add_argument("--features", action="store_true", help="add 10 numeric and 10 categorical feature columns")
+    parser.add_argument("--no-analyze", action="store_true", help="PostgreSQL: never analyze the tables (autovacuum off for them)")
     args = parser.parse_args()
     started = time.perf_counter()
-    generate(args.url, args.rows, args.models, args.hours, args.label_share, args.replay_share, features=args.features)
+    generate(
+        args.url, args.rows, args.models, args.hours, args.label_share, args.replay_share, features=args.features,
+        analyze=not args.no_analyze,
+    )
     print(f"wrote {args.rows:,} predictions in {time.perf_counter() - started:.1f} s")
 
 
