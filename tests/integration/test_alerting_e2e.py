@@ -98,9 +98,6 @@ models:
     predictions: {{store: s, table: predictions, columns: {{id: id, timestamp: ts, score: p}}}}
     windows: [1h]
     alert_thresholds: {{window_predictions_min: 100, mode_share_ratio_max: 0.5}}
-    # fill() rewrites the last 17 minutes at once, later than ingestion_delay (0s): the
-    # kept time slices take it in at their audit, here every second.
-    slice_audit_interval: 1s
 """
     )
     # The repo's rules with every `for` shortened to 2s.
