@@ -453,8 +453,8 @@ def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch
     sliced = PredictionsSource._sliced
     paths: Counter[bool] = Counter()
 
-    def counted(self, conn, windows):
-        result = sliced(self, conn, windows)
+    def counted(self, conn, windows, store):
+        result = sliced(self, conn, windows, store)
         paths[result is None] += 1
         return result
 
