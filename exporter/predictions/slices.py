@@ -349,11 +349,14 @@ class SliceStore(Generic[A]):
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
         written ``delay`` after their timestamp: the sealed slices (ending at or before
         ``end - delay``) wholly inside the largest window that are not kept yet, and each
-        window's head and tail (module docstring). Forgets the slices that left every window."""
+        window's head and tail (module docstring). Forgets every kept slice that is not a
+        sealed slice of the largest window: before its start, or past its sealed end when
+        ``end`` went back. A slice kept while out of the window is not probed for the
+        duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``)."""
         width = self.width
         sealed = floor_to(end - delay, width)
         first = ceil_to(min(starts), width)
-        self.forget([s for s in self.slices if s < first])
+        self.forget([s for s in self.slices if s < first or s + width > sealed])
         missing = []
         slice_start = first
         while slice_start + width <= sealed:
