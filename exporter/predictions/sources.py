@@ -310,6 +310,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         q, store = self.queries(), self.slices
         delay = self.model.predictions.ingestion_delay
         n = len(windows.starts)
+        if q.unique_ids and self._known:
+            # The ids became unique (the table was created again with a key on them): the
+            # kept slices left the known duplicated ids out, and nothing adds them back now.
+            store.forget(list(store.slices))
+            self._known = ()
         if store.audit_due(windows.end):
             self._audit(conn, store, windows.end)
         duplicate_rows = DuplicateRows((), ())
