@@ -186,15 +186,23 @@ class Histogram:
         keep = self.key >= 0
         return Histogram(*(a[keep] for a in (self.key, self.n, self.low, self.high, self.s1, self.s2)))
 
-    def fingerprint(self, bucket_decimals: int) -> tuple[dict[int, int], float]:
-        """(rows per reason code, ``0`` for valid; the sum of the valid scores), what the
-        audit compares with the store (``PredictionQueries.part_counts``)."""
+    def fingerprint(self, bucket_decimals: int) -> tuple[dict[int, int], int, float, float]:
+        """(rows per reason code, ``0`` for valid; the sum of the valid scores' buckets, an
+        exact integer; the sum of the valid scores and of their squares), what the audit
+        compares with the store (``PredictionQueries.part_counts``). The bucket sum sees any
+        score moved to another bucket, which a float sum of a large slice does not (a change
+        below 1e-9 of it); the squares see a rewrite that keeps the sum (0.1 and 0.5 to 0.3
+        and 0.3)."""
         counts = {int(-k) if k < 0 else 0: 0 for k in self.key}
         for k, n in zip(self.key, self.n, strict=True):
             counts[int(-k) if k < 0 else 0] += int(n)
         valid = self.key >= 0
-        total = float(np.sum(self.n[valid] * (self.key[valid] / 10.0**bucket_decimals) + self.s1[valid]))
-        return counts, total
+        n, s1, s2 = self.n[valid], self.s1[valid], self.s2[valid]
+        edge = self.key[valid] / 10.0**bucket_decimals
+        keys = int(np.sum(n * self.key[valid]))  # below 10**5 * rows: exact in int64
+        total = float(np.sum(n * edge + s1))
+        squares = float(np.sum(n * edge * edge + 2 * edge * s1 + s2))  # sum of (edge + deviation)**2
+        return counts, keys, total, squares
 
     def excluded(self) -> dict[int, int]:
         """Rows per reason code of the excluded keys (``-key``)."""

@@ -396,24 +396,34 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return tuple(sorted({*boundaries, *windows.starts, windows.end}))
 
     def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
-        """Compare each kept slice with the store (rows by reason and the sum of valid
-        scores, leaving out the known duplicated ids as the slices did) and forget those
+        """Compare each kept slice with the store (rows by reason, the sums of the valid
+        scores' buckets, of the scores and of their squares: ``Histogram.fingerprint``; leaving out the known duplicated ids as the slices did) and forget those
         that differ: rows written later than ``ingestion_delay``, or deleted."""
         q = self.queries()
         kept = sorted(store.slices)
         points = sorted({*kept, *(start + store.width for start in kept)})
         ranges = [(start, start + store.width) for start in kept]
-        found: dict[datetime, tuple[dict[int, int], float]] = {}
+        found: dict[datetime, tuple[dict[int, int], int, float, float]] = {}
         for row in conn.execute(q.part_counts(points, ranges, self._known)):
-            counts, total = found.setdefault(points[row.part], ({}, 0.0))
+            counts, keys, total, squares = found.get(points[row.part], ({}, 0, 0.0, 0.0))
             counts[int(row.base)] = _int(row.n)
-            found[points[row.part]] = (counts, total + float(row.total or 0.0))
+            found[points[row.part]] = (
+                counts,
+                keys + _int(row.keys),
+                total + float(row.total or 0.0),
+                squares + float(row.squares or 0.0),
+            )
 
         def differs(start: datetime, kept: Sliced) -> bool:
-            # Other counts by reason, or a sum of valid scores off by more than rounding.
-            counts, total = kept.hist.fingerprint(self.model.bucket_decimals)
-            store_counts, store_total = found.get(start, ({}, 0.0))
-            return counts != store_counts or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+            # Other counts by reason or bucket sum, or float sums off by more than rounding.
+            counts, keys, total, squares = kept.hist.fingerprint(self.model.bucket_decimals)
+            store_counts, store_keys, store_total, store_squares = found.get(start, ({}, 0, 0.0, 0.0))
+            return (
+                counts != store_counts
+                or keys != store_keys
+                or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+                or not math.isclose(squares, store_squares, rel_tol=1e-9, abs_tol=1e-12)
+            )
 
         changed = store.audited(as_of, differs)
         if changed:
