@@ -91,8 +91,10 @@ class Histogram:
         if not rows:
             return {}
         # One float64 matrix, not columns of Python objects (zip(*rows) took 3x longer); the
-        # part, key and count columns are integers below 2**53, exact in float64.
-        table = np.array(rows, dtype=np.float64).reshape(len(rows), 7)
+        # part, key and count columns are integers below 2**53, exact in float64. Built from
+        # tuples: given SQLAlchemy rows, numpy probes each for array attributes, and each
+        # missing attribute raises inside the row (57 s of a 68 s cold refresh at 10^6 rows).
+        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), 7)
         part, key, n = (table[:, i].astype(np.int64) for i in range(3))
         floats = [table[:, i] for i in range(3, 7)]
         order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
