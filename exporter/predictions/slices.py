@@ -1,5 +1,8 @@
-"""Time slices: the prediction histograms a refresh keeps between refreshes, so that each
-refresh reads only the rows that can still change (issue 12, docs/metrics.md "Time slices").
+"""Time slices: the aggregates a refresh keeps between refreshes, so that each refresh reads
+only the rows that can still change (issue 12, docs/metrics.md "Time slices"): the plan of
+what to read (``SliceStore``, ``Plan``), the mergeable aggregates of the predictions
+(``Histogram``, ``TopCounts``, ``Sliced``) and the rows of duplicated ids added back per
+window (``DuplicateRows``).
 
 Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j + 1) w)``
 (UTC). At a refresh time ``as_of`` a slice is *sealed* when it ends at or before
@@ -7,8 +10,9 @@ Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j 
 histogram, read once, is kept. A window ``[a, as_of)`` is then the merge of the kept slices
 inside it and of two stretches read again at every refresh: its head ``[sealed end, as_of)``
 (at most one slice plus ``ingestion_delay``) and its tail ``[a, first slice boundary at or
-after a)`` (less than one slice). Every stretch a refresh reads is one part of a single
-statement grouped by (part, bucket) (``PredictionQueries.sliced_histogram``).
+after a)`` (less than one slice). Every stretch a refresh reads is one part of a
+statement grouped by (part, bucket) (``PredictionQueries.sliced_histogram``); one
+statement, or two when a window's tail lies in a slice read at the same time (``Plan``).
 
 Histograms merge exactly (counts and sums add, minima and maxima combine), so a window
 merged from slices has the buckets a single pass over it gives; only the sums of
@@ -90,10 +94,9 @@ class Histogram:
         a day). Keys with ``n == 0`` are left out; NULL is read as NaN."""
         if not rows:
             return {}
-        # One float64 matrix, not columns of Python objects (zip(*rows) took 3x longer); the
-        # part, key and count columns are integers below 2**53, exact in float64. Built from
-        # tuples: given SQLAlchemy rows, numpy probes each for array attributes, and each
-        # missing attribute raises inside the row (57 s of a 68 s cold refresh at 10^6 rows).
+        # One float64 matrix made from plain tuples: numpy reads a list of SQLAlchemy rows
+        # through the sequence protocol, 20x slower (816,849 rows: 28.7 s against 1.5 s under
+        # load). The part, key and count columns are integers below 2**53, exact in float64.
         table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), 7)
         part, key, n = (table[:, i].astype(np.int64) for i in range(3))
         floats = [table[:, i] for i in range(3, 7)]

@@ -65,9 +65,12 @@ MANIFEST = "mlmon-backfill.json"
 class Evaluator:
     """Evaluates every model, and its training runs, at increasing instants.
 
-    The one seam between the backfill and the refresh machinery: today each ``evaluate``
-    is a full ``mlmon once --as-of`` refresh (reflection cached across steps, the counters
-    fed incrementally); the incremental refresh (issue 12) is meant to replace its inside.
+    The one seam between the backfill and the refresh machinery: each ``evaluate`` is a
+    refresh of the same refreshers at a later instant, so reflection is cached across
+    steps, the counters are fed incrementally, and the predictions' kept time slices
+    (``predictions.slices``) are reused: a step reads the slices sealed since the previous
+    one and each window's head and tail, not the windows. It computes what
+    ``mlmon once --as-of`` does at each instant (docs/metrics.md, "Time slices").
     """
 
     def __init__(self, settings: Settings):
