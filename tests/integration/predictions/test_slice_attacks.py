@@ -191,14 +191,16 @@ def test_many_duplicated_ids_around_the_limit(tmp_path):
     settings = _settings(url, None, unique=False)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, None, "sqlite")
-    rows = [(START - timedelta(seconds=1 + j * 3600 / 6000), float(np.round((j % 997) / 997, 4))) for j in range(6000)]
+    rows = [(START - timedelta(seconds=1 + j * 3590 / 6000), float(np.round((j % 997) / 997, 4))) for j in range(6000)]
     ids = [j % 4999 for j in range(6000)]  # ids 0..1000 twice: 1,001 duplicated
     log.insert(rows, ids)
     warm = _refresher(settings, stores)
     _warm_equals_cold(warm, settings, stores, START)
-    # Two minutes later the two oldest rows' ids (0, 1) have left the 1h window: 999.
+    assert not warm.predictions.slices.slices  # read in full, nothing kept
+    # A minute later the ids of the oldest rows (from about 920 on) have left the 1h window.
     for seconds in (60, 130, 200, 260, 400):
         _warm_equals_cold(warm, settings, stores, START + timedelta(seconds=seconds))
+    assert warm.predictions.slices.slices
     log.insert([(START + timedelta(seconds=300 + j), 0.5) for j in range(3)], [5000, 5000, 5001])
     log.insert([(START + timedelta(seconds=310), 0.5)], [5001])
     for seconds in (500, 700):
