@@ -438,6 +438,17 @@ class SliceStore(Generic[A]):
             self.slices.pop(start, None)
 
 
+#: The one id all NaN ids are (``same_id``).
+NAN_ID = object()
+
+
+def same_id(ident: Any) -> Any:
+    """``ident`` as a key equal for the ids the engine's ``GROUP BY`` puts together: NaN ids
+    (a floating or numeric id column on PostgreSQL or DuckDB) are one id there, but no NaN
+    equals another in Python."""
+    return NAN_ID if ident != ident else ident
+
+
 @dataclass(frozen=True)
 class DuplicateRows:
     """The rows of the ids carried by several rows of the largest window, read at a refresh
@@ -460,10 +471,10 @@ class DuplicateRows:
         number of valid scores excluded as ``duplicate_id``, and the ids carried by several
         of its rows."""
         mine = [row for row in self.rows if self.points[row[0]] >= start]
-        counts = Counter(row[1] for row in mine)
-        back = [row for row in mine if counts[row[1]] == 1 or row[2] != 0]
-        duplicated = sum(1 for row in mine if counts[row[1]] > 1 and row[2] == 0)
-        ids = tuple(i for i, n in counts.items() if n > 1)
+        counts = Counter(same_id(row[1]) for row in mine)
+        back = [row for row in mine if counts[same_id(row[1])] == 1 or row[2] != 0]
+        duplicated = sum(1 for row in mine if counts[same_id(row[1])] > 1 and row[2] == 0)
+        ids = tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
         hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
         valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
         rounded = round_half_up_index(valid, mode_decimals)
@@ -474,5 +485,5 @@ class DuplicateRows:
         """The ids with rows in each slice (by start): what a kept slice must have left out."""
         out: dict[datetime, set[Any]] = {}
         for part, ident, _, _ in self.rows:
-            out.setdefault(floor_to(self.points[part], width), set()).add(ident)
+            out.setdefault(floor_to(self.points[part], width), set()).add(same_id(ident))
         return {start: frozenset(ids) for start, ids in out.items()}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from exporter.predictions import queries
 from exporter.predictions.stores import Stores
 from tests.integration.predictions.test_time_slices import START, Log, _refresher, _same, _settings
 
@@ -207,3 +208,37 @@ def test_many_duplicated_ids_around_the_limit(tmp_path):
         _warm_equals_cold(warm, settings, stores, START + timedelta(seconds=seconds))
     stores.dispose()
     log.engine.dispose()
+
+
+@pytest.mark.parametrize("store", ["postgresql", "duckdb"], indirect=True)
+def test_nan_ids_are_one_id(store, monkeypatch):
+    """A floating id column where two rows have a NaN id: the engine's GROUP BY makes them
+    one duplicated id, as the full read counts them (``duplicate_id``); no NaN equals
+    another in Python, so the added-back rows counted them as valid predictions."""
+    url, schema, _ = store
+    settings = _settings(url, schema, unique=False)
+    engine = sa.create_engine(url)
+    table = sa.Table(
+        "predictions",
+        sa.MetaData(schema=schema),
+        sa.Column("id", sa.Double),
+        sa.Column("ts", sa.DateTime),
+        sa.Column("p", sa.Double),
+    )
+    table.create(engine)
+    rows = [(float("nan"), 5), (float("nan"), 10), (7.0, 6), (7.0, 11), (8.0, 12)]
+    with engine.begin() as conn:
+        conn.execute(
+            table.insert(),
+            [{"id": i, "ts": (START - timedelta(minutes=m)).replace(tzinfo=None), "p": 0.25} for i, m in rows],
+        )
+    stores = Stores(settings.stores, settings.query_timeout)
+    warm = _refresher(settings, stores)
+    _warm_equals_cold(warm, settings, stores, START)
+    got = _warm_equals_cold(warm, settings, stores, START + timedelta(minutes=3)).score_stats[1]
+    monkeypatch.setattr(queries, "MAX_LISTED_DUPLICATES", 0)  # the full read: one pass, GROUP BY id
+    full = _refresher(settings, stores).refresh(START + timedelta(minutes=3)).score_stats[1]
+    assert (got.predictions, got.invalid) == (full.predictions, full.invalid)
+    assert (got.predictions, got.invalid["duplicate_id"]) == (1, 4)
+    stores.dispose()
+    engine.dispose()
