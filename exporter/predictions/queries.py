@@ -18,7 +18,7 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -92,6 +92,18 @@ class DuplicateIds:
         return cls(
             tuple(tuple(row.id for row in rows if row.id is not None and row[1 + i] > 1) for i in range(windows))
         )
+
+
+def union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    """The union of ``[start, end)`` ranges as disjoint ranges, ascending, empty ones left
+    out: adjacent and overlapping ranges become one."""
+    out: list[tuple[datetime, datetime]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def _double(value: float) -> sa.ColumnElement:
@@ -263,7 +275,7 @@ class PredictionQueries:
         """
         conditions = [self._in_window(start, end)]
         if probe is not None:
-            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in probe))
+            in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
             probed = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
             conditions.append(sa.or_(probed, self.id.in_(list(known))) if known else probed)
         return (
@@ -326,8 +338,10 @@ class PredictionQueries:
         ``columns``, and the index ``p`` of the part ``[points[p], points[p + 1])`` each lies
         in, found by bisecting the points (log2 of their number comparisons a row). On
         SQLite the time is computed once a row in the subquery, which LIMIT keeps SQLite
-        from flattening."""
-        in_reads = sa.or_(*(self.time.between(start, end) for start, end in reads))
+        from flattening. The ``reads`` are joined where they touch (``union``): the audit
+        and the most frequent scores read up to one range per slice (1,440), and SQLite
+        refuses expressions over 1,000 deep ("Expression tree is too large")."""
+        in_reads = sa.or_(*(self.time.between(start, end) for start, end in union(reads)))
         rows = sa.select(self.time.expr.label("t"), *columns).where(in_reads, *self.filters, *where)
         if self.dialect == "sqlite":
             rows = rows.limit(-1)

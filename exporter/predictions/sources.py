@@ -200,12 +200,14 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = SliceStore(model.slice_width(), model.slice_audit_interval, Sliced.merge)
-        #: The duplicated ids found at the last refresh, which every read leaves out, and
-        #: per kept slice the ids it left out.
-        self._known: tuple[Any, ...] = ()
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
+        #: The duplicated ids found at the last refresh, which every read leaves out; per
+        #: kept slice the ids it left out; the slices read at the last refresh whose ids the
+        #: duplicate search did not probe (read again for their left-out ids), probed next.
+        self._known: tuple[Any, ...] = ()
         self._left_out: dict[datetime, frozenset[Any]] = {}
+        self._unprobed: tuple[datetime, ...] = ()
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -317,10 +319,14 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             self._known = ()
         if store.audit_due(windows.end):
             self._audit(conn, store, windows.end)
-        duplicate_rows = DuplicateRows((), ())
+        duplicate_rows, ids = DuplicateRows((), ()), []
         if not q.unique_ids:
-            # Probe the ids of what this refresh reads (everything on a cold refresh).
-            reads = [r for p in store.plan(windows.starts, windows.end, delay).passes for r in p.reads]
+            # Probe the ids of what this refresh reads (everything on a cold refresh), and of
+            # the slices the last one read unprobed: one may hold a row written later than
+            # ingestion_delay, whose id the audit, finding the slice as read, never probes.
+            probed = store.plan(windows.starts, windows.end, delay)
+            reads = [r for p in probed.passes for r in p.reads]
+            reads += [(s, s + store.width) for s in self._unprobed]
             probe = reads if store.slices else None
             searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self._known)).all()
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
@@ -335,15 +341,17 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 store.forget(list(store.slices))
                 self._known = ()
                 return None
-            self._known = tuple(ids)
-            should = duplicate_rows.by_slice(store.width)
-            store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
+        # Unique ids (also by a unique index found when the table is reflected again after a
+        # failure) leave nothing out: slices that left out the ids known before are read again.
+        self._known = tuple(ids)
+        should = duplicate_rows.by_slice(store.width)
+        store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
         plan = store.plan(windows.starts, windows.end, delay)
         merged = store.merge(plan, self._read_parts(conn, plan))
-        should = duplicate_rows.by_slice(store.width)
         self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
         if q.unique_ids:
             return merged, [0] * n, DuplicateIds.none(n)
+        self._unprobed = tuple(sorted(set(plan.new_slices) - set(probed.new_slices)))
         decimals = (self.model.bucket_decimals, self.model.mode_share_decimals)
         added = [duplicate_rows.window(start, *decimals) for start in windows.starts]
         found = DuplicateIds(tuple(ids for _, _, ids in added))
@@ -397,8 +405,10 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
     def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
         """Compare each kept slice with the store (rows by reason, the sums of the valid
-        scores' buckets, of the scores and of their squares: ``Histogram.fingerprint``; leaving out the known duplicated ids as the slices did) and forget those
-        that differ: rows written later than ``ingestion_delay``, or deleted."""
+        scores' buckets, of the scores and of their squares: ``Histogram.fingerprint``;
+        leaving out the known duplicated ids as the slices did) and forget those that
+        differ: rows written later than ``ingestion_delay``, deleted or rewritten (a rewrite
+        that keeps the buckets' sum and both float sums within 1e-9 goes unseen)."""
         q = self.queries()
         kept = sorted(store.slices)
         points = sorted({*kept, *(start + store.width for start in kept)})

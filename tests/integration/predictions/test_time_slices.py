@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.monitoring_math import PERCENTILES
+from exporter.predictions import queries
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to
+from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores, to_wall_clock
 from exporter.snapshot import ScoreStats
 from tests.conftest import model_settings
@@ -324,5 +326,164 @@ def test_mode_share_of_continuous_scores_within_its_error_bound(store):
             assert w.bucketed and w.mode_share - 1e-12 <= exact <= w.mode_share + bound + 1e-12
             bounded += w.mode_share_error_bound is not None
     assert bounded  # the bound was needed at least once
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_a_window_starting_in_the_last_sealed_slice_has_the_mode_bound_of_a_cold_refresh(store):
+    """A window shorter than a slice plus ``ingestion_delay`` (4m, slices of 2m, delay 3m)
+    that starts in the last sealed slice: whether that slice is kept or read this time, the
+    window is cut into the same sets of rows, so its mode share and error bound are a cold
+    refresh's (the slice keeps 3 of its 4 scores: a bound is needed either way)."""
+    url, schema, dialect = store
+    settings = _settings(url, schema, bucket_decimals=1, windows=["4m", "1h"])
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    base = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)  # a slice boundary
+    # Four distinct scores in the sealed slice's end, then the fourth five more times in the
+    # head: one bucket of several scores, so the mode comes from the slices' top scores.
+    early = [(base - timedelta(seconds=20 - 5 * j), 0.111 + 0.001 * j) for j in range(4)]
+    log.insert(early + [(base + timedelta(seconds=60 + 10 * j), 0.114) for j in range(5)])
+    warm = _refresher(settings, stores)
+    warm.predictions.top_scores = 3
+    warm.refresh(base + timedelta(minutes=3, seconds=10))  # seals [11:58, 12:00) and keeps it
+    as_of = base + timedelta(minutes=3, seconds=30)  # the 4m window starts at 11:59:30
+    got = warm.refresh(as_of).score_stats[0]
+    cold = _refresher(settings, stores)
+    cold.predictions.top_scores = 3
+    again = cold.refresh(as_of).score_stats[0]
+    exact = log.expected(as_of - timedelta(minutes=4), as_of)["mode_share"]
+    assert exact == pytest.approx(6 / 9)
+    assert got.mode_share_error_bound is not None  # the sealed slice kept 3 of its 4 scores
+    assert (got.mode_share, got.mode_share_error_bound) == (again.mode_share, again.mode_share_error_bound)
+    assert got.mode_share <= exact <= got.mode_share + got.mode_share_error_bound
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_a_late_duplicate_read_again_with_its_slice_is_found_by_the_audit(store):
+    """A row written later than ``ingestion_delay`` into a kept slice, with the id of an
+    older row of the window: the slice is read again (not audited) because a duplicated id
+    it left out is no longer one, which takes the late row in without probing its id. At
+    the next audit the refresh must still equal a cold one (both rows ``duplicate_id``)."""
+    url, schema, dialect = store
+    settings = _settings(url, schema, unique=False)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    base = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    at = [base - timedelta(minutes=m) for m in (59.5, 19.5, 29.5)]
+    log.insert([(at[0], 0.2), (at[1], 0.4), (at[2], 0.6)], ids=[1, 1, 2])  # id 1 twice in [11:00, 12:00)
+    warm = _refresher(settings, stores)
+    warm.refresh(base)  # keeps [11:40, 11:42) without id 1's row
+    log.insert([(base - timedelta(minutes=19), 0.3)], ids=[2])  # late, into that slice: id 2 twice
+    warm.refresh(base + timedelta(minutes=1))  # id 1 left the window: the slice is read again
+    _check(log, warm, settings, stores, base + timedelta(minutes=21))  # the audit (every 20m)
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_ids_made_unique_while_running_leave_nothing_out(store):
+    """The duplicates of an id deleted and a unique index created while mlmon runs: once the
+    table is reflected again (as after a failed refresh), ids are unique by schema, and the
+    id's remaining row, left out of the kept slices as a duplicate, counts again."""
+    url, schema, dialect = store
+    if dialect == "duckdb":
+        pytest.skip("duckdb_engine reflects no index: the ids stay not unique by schema")
+    settings = _settings(url, schema, unique=False)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    base = datetime(2026, 5, 4, 12, 0, tzinfo=UTC)
+    log.insert([(base - timedelta(minutes=m), 0.25 + m / 100) for m in (30, 20, 10)], ids=[1, 1, 2])
+    warm = _refresher(settings, stores)
+    warm.refresh(base)  # id 1 duplicated: its rows are left out of the kept slices
+    log.delete([0])
+    sa.Index("predictions_id", log.table.c.id, unique=True).create(log.engine)
+    warm.predictions.forget()  # what the refresher does after a failure: reflect again
+    assert warm.predictions.queries().unique_ids
+    _check(log, warm, settings, stores, base + timedelta(minutes=21))  # after an audit too
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_a_statement_failing_mid_refresh_leaves_nothing_wrong_kept(tmp_path):
+    """Each statement of a refresh in turn fails (the store refuses it) after duplicated ids
+    changed since the last one and a row was written late: the refresh after that equals a
+    cold one."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None, unique=False, bucket_decimals=1)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    rng = np.random.default_rng(3)
+    history = [(START - timedelta(seconds=float(s)), float(rng.random())) for s in rng.uniform(0, 3600, 200)]
+    log.insert(history, [int(i) for i in rng.integers(0, 150, len(history))])  # ids reused across slices
+    failed = 0
+    for fail_at in range(12):
+        warm = _refresher(settings, stores)
+        warm.refresh(START)
+        log.insert(
+            [(START - timedelta(minutes=40), 0.5), (START + timedelta(seconds=30), 0.25)], ids=[7, 1000 + fail_at]
+        )
+
+        seen: list[str] = []
+
+        def refuse(conn, cursor, statement, parameters, context, executemany, seen=seen, fail_at=fail_at):
+            seen.append(statement)
+            if len(seen) == fail_at + 1:
+                raise sa.exc.OperationalError(statement, parameters, Exception("refused"))
+
+        engine = stores.engine("s")
+        sa.event.listen(engine, "before_cursor_execute", refuse)
+        as_of = START + timedelta(minutes=21)  # the audit is due
+        try:
+            failed += not warm.refresh(as_of).sources["predictions"].up
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", refuse)
+        _check(log, warm, settings, stores, as_of + timedelta(seconds=20))
+    assert failed >= 6  # the refresh runs at least 6 statements: each failed once
+    stores.dispose()
+    log.engine.dispose()
+
+
+@pytest.mark.parametrize("limit", ["MAX_LISTED_DUPLICATES", "MAX_DUPLICATE_ROWS"])
+def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch, limit):
+    """The random sequences with duplicated ids, their ids or rows past a lowered limit at
+    some refreshes only: reading the windows in full there, and going back to kept slices
+    after, still equals a cold refresh and pandas."""
+    monkeypatch.setattr(queries, limit, 6)
+    sliced = PredictionsSource._sliced
+    paths: Counter[bool] = Counter()
+
+    def counted(self, conn, windows):
+        result = sliced(self, conn, windows)
+        paths[result is None] += 1
+        return result
+
+    monkeypatch.setattr(PredictionsSource, "_sliced", counted)
+    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False)
+    assert paths[True] and paths[False]  # both in full and on kept slices
+
+
+def test_a_day_of_one_minute_slices_on_sqlite(tmp_path):
+    """1,440 slices of a minute in the 24h window, the most ``time_slice`` allows, each with
+    a bucket of several scores: the cold refresh (most frequent scores of every slice) and
+    the audit of every kept slice run on SQLite, whose expressions are at most 1,000 deep:
+    each reads a few ranges, not one per slice, and equals a cold refresh."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None, bucket_decimals=1, windows=["7m", "24h"], time_slice="1m")
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    rng = np.random.default_rng(5)
+    day = timedelta(hours=24).total_seconds()
+    log.insert(
+        [(START - timedelta(seconds=float(s)), 0.5 + 0.1 * float(rng.random())) for s in rng.uniform(0, day, 3000)]
+    )
+    warm = _refresher(settings, stores)
+    for as_of in (START, START + timedelta(minutes=21)):  # the second audits the kept slices
+        got = warm.refresh(as_of)
+        assert all(s.up for s in got.sources.values()), got.sources
+        cold = _refresher(settings, stores).refresh(as_of)
+        for w, c in zip(got.score_stats, cold.score_stats, strict=True):
+            _same(w, c)
+            assert w.mode_share_error_bound == c.mode_share_error_bound
     stores.dispose()
     log.engine.dispose()
