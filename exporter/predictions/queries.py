@@ -427,9 +427,9 @@ class PredictionQueries:
     def part_counts(
         self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any] = ()
     ) -> sa.Select:
-        """Rows (``part``, ``base``, ``n``, ``total``, ``squares``): the rows of each part by
-        ``OK`` or the code of the reason they are excluded, and the sums of the valid scores
-        and of their squares (``square``), in the
+        """Rows (``part``, ``base``, ``n``, ``keys``, ``total``, ``squares``): the rows of each
+        part by ``OK`` or the code of the reason they are excluded, and over the valid scores
+        the sum of their buckets (an exact integer), of the scores and of their squares, in the
         ``reads`` ranges, rows of the ``exclude`` ids left out as ``sliced_histogram`` does:
         the audit of kept slices (``slices.SliceStore.audited``), a hash aggregate into a
         few groups per part rather than one per bucket."""
@@ -437,10 +437,12 @@ class PredictionQueries:
         rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
         counted = sa.select(part.label("part"), rows.c.base, rows.c.score).subquery("counted")
         valid = sa.case((counted.c.base == OK, counted.c.score), else_=None)
+        key = sa.case((counted.c.base == OK, sa.cast(self._key(counted.c.score), sa.BigInteger)), else_=None)
         return sa.select(
             counted.c.part,
             counted.c.base,
             sa.func.count().label("n"),
+            sa.func.sum(key).label("keys"),
             sa.func.sum(valid).label("total"),
             sa.func.sum(square(valid)).label("squares"),
         ).group_by(counted.c.part, counted.c.base)

@@ -186,17 +186,23 @@ class Histogram:
         keep = self.key >= 0
         return Histogram(*(a[keep] for a in (self.key, self.n, self.low, self.high, self.s1, self.s2)))
 
-    def fingerprint(self, bucket_decimals: int) -> tuple[dict[int, int], tuple[float, float]]:
-        """(rows per reason code, ``0`` for valid; the sums of the valid scores and of their
-        squares), what the audit compares with the store (``PredictionQueries.part_counts``).
-        A score p = e + d in the bucket of lower edge e gives p² = e² + 2ed + d²."""
+    def fingerprint(self, bucket_decimals: int) -> tuple[dict[int, int], int, float, float]:
+        """(rows per reason code, ``0`` for valid; the sum of the valid scores' buckets, an
+        exact integer; the sum of the valid scores and of their squares), what the audit
+        compares with the store (``PredictionQueries.part_counts``). The bucket sum sees any
+        score moved to another bucket, which a float sum of a large slice does not (a change
+        below 1e-9 of it); the squares see a rewrite that keeps the sum (0.1 and 0.5 to 0.3
+        and 0.3). A score p = e + d in the bucket of lower edge e gives p² = e² + 2ed + d²."""
         counts = {int(-k) if k < 0 else 0: 0 for k in self.key}
         for k, n in zip(self.key, self.n, strict=True):
             counts[int(-k) if k < 0 else 0] += int(n)
         valid = self.key >= 0
         n, s1, s2 = self.n[valid], self.s1[valid], self.s2[valid]
         edge = self.key[valid] / 10.0**bucket_decimals
-        return counts, (float(np.sum(n * edge + s1)), float(np.sum(n * edge * edge + 2 * edge * s1 + s2)))
+        keys = int(np.sum(n * self.key[valid]))  # below 10**5 * rows: exact in int64
+        total = float(np.sum(n * edge + s1))
+        squares = float(np.sum(n * edge * edge + 2 * edge * s1 + s2))  # sum of (edge + deviation)**2
+        return counts, keys, total, squares
 
     def excluded(self) -> dict[int, int]:
         """Rows per reason code of the excluded keys (``-key``)."""
@@ -341,11 +347,14 @@ class SliceStore(Generic[A]):
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
         written ``delay`` after their timestamp: the sealed slices (ending at or before
         ``end - delay``) wholly inside the largest window that are not kept yet, and each
-        window's head and tail (module docstring). Forgets the slices that left every window."""
+        window's head and tail (module docstring). Forgets every kept slice that is not a
+        sealed slice of the largest window: before its start, or past its sealed end when
+        ``end`` went back. A slice kept while out of the window is not probed for the
+        duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``)."""
         width = self.width
         sealed = floor_to(end - delay, width)
         first = ceil_to(min(starts), width)
-        self.forget([s for s in self.slices if s < first])
+        self.forget([s for s in self.slices if s < first or s + width > sealed])
         missing = []
         slice_start = first
         while slice_start + width <= sealed:
@@ -417,6 +426,17 @@ class SliceStore(Generic[A]):
             self.slices.pop(start, None)
 
 
+#: The one id all NaN ids are (``same_id``).
+NAN_ID = object()
+
+
+def same_id(ident: Any) -> Any:
+    """``ident`` as a key equal for the ids the engine's ``GROUP BY`` puts together: NaN ids
+    (a floating or numeric id column on PostgreSQL or DuckDB) are one id there, but no NaN
+    equals another in Python."""
+    return NAN_ID if ident != ident else ident
+
+
 @dataclass(frozen=True)
 class DuplicateRows:
     """The rows of the ids carried by several rows of the largest window, read at a refresh
@@ -439,10 +459,10 @@ class DuplicateRows:
         number of valid scores excluded as ``duplicate_id``, and the ids carried by several
         of its rows."""
         mine = [row for row in self.rows if self.points[row[0]] >= start]
-        counts = Counter(row[1] for row in mine)
-        back = [row for row in mine if counts[row[1]] == 1 or row[2] != 0]
-        duplicated = sum(1 for row in mine if counts[row[1]] > 1 and row[2] == 0)
-        ids = tuple(i for i, n in counts.items() if n > 1)
+        counts = Counter(same_id(row[1]) for row in mine)
+        back = [row for row in mine if counts[same_id(row[1])] == 1 or row[2] != 0]
+        duplicated = sum(1 for row in mine if counts[same_id(row[1])] > 1 and row[2] == 0)
+        ids = tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
         hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
         valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
         rounded = round_half_up_index(valid, mode_decimals)
@@ -453,5 +473,5 @@ class DuplicateRows:
         """The ids with rows in each slice (by start): what a kept slice must have left out."""
         out: dict[datetime, set[Any]] = {}
         for part, ident, _, _ in self.rows:
-            out.setdefault(floor_to(self.points[part], width), set()).add(ident)
+            out.setdefault(floor_to(self.points[part], width), set()).add(same_id(ident))
         return {start: frozenset(ids) for start, ids in out.items()}

@@ -315,6 +315,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         q = self.queries()
         delay = self.model.predictions.ingestion_delay
         n = len(windows.starts)
+        if q.unique_ids and self._known:
+            # The ids became unique (the table was created again with a key on them): the
+            # kept slices left the known duplicated ids out, and nothing adds them back now.
+            store.forget(list(store.slices))
+            self._known = ()
         if store.audit_due(windows.end):
             self._audit(conn, store, windows.end)
         duplicate_rows, ids = DuplicateRows((), ()), []
@@ -402,28 +407,36 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         return tuple(sorted({*boundaries, *windows.starts, windows.end}))
 
     def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
-        """Compare each kept slice with the store (rows by reason, the sums of valid scores
-        and of their squares, leaving out the known duplicated ids as the slices did) and
-        forget those that differ: rows written later than ``ingestion_delay``, deleted or
-        rewritten (a rewrite that keeps both sums, such as 0.1, 0.5, 0.6 -> 0.2, 0.3, 0.7,
-        goes unseen)."""
+        """Compare each kept slice with the store (rows by reason, the sums of the valid
+        scores' buckets, of the scores and of their squares: ``Histogram.fingerprint``;
+        leaving out the known duplicated ids as the slices did) and forget those that
+        differ: rows written later than ``ingestion_delay``, deleted or rewritten (a rewrite
+        that keeps the buckets' sum and both float sums within 1e-9 goes unseen)."""
         q = self.queries()
         kept = sorted(store.slices)
         points = sorted({*kept, *(start + store.width for start in kept)})
         ranges = [(start, start + store.width) for start in kept]
-        found: dict[datetime, tuple[dict[int, int], tuple[float, float]]] = {}
+        found: dict[datetime, tuple[dict[int, int], int, float, float]] = {}
         for row in conn.execute(q.part_counts(points, ranges, self._known)):
-            counts, (total, squares) = found.setdefault(points[row.part], ({}, (0.0, 0.0)))
+            counts, keys, total, squares = found.get(points[row.part], ({}, 0, 0.0, 0.0))
             counts[int(row.base)] = _int(row.n)
-            sums = (total + float(row.total or 0.0), squares + float(row.squares or 0.0))
-            found[points[row.part]] = (counts, sums)
+            found[points[row.part]] = (
+                counts,
+                keys + _int(row.keys),
+                total + float(row.total or 0.0),
+                squares + float(row.squares or 0.0),
+            )
 
         def differs(start: datetime, kept: Sliced) -> bool:
-            # Other counts by reason, or sums of valid scores or squares off by more than rounding.
-            counts, sums = kept.hist.fingerprint(self.model.bucket_decimals)
-            store_counts, store_sums = found.get(start, ({}, (0.0, 0.0)))
-            close = all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(sums, store_sums, strict=True))
-            return counts != store_counts or not close
+            # Other counts by reason or bucket sum, or float sums off by more than rounding.
+            counts, keys, total, squares = kept.hist.fingerprint(self.model.bucket_decimals)
+            store_counts, store_keys, store_total, store_squares = found.get(start, ({}, 0, 0.0, 0.0))
+            return (
+                counts != store_counts
+                or keys != store_keys
+                or not math.isclose(total, store_total, rel_tol=1e-9, abs_tol=1e-12)
+                or not math.isclose(squares, store_squares, rel_tol=1e-9, abs_tol=1e-12)
+            )
 
         changed = store.audited(as_of, differs)
         if changed:
