@@ -33,6 +33,8 @@ from exporter.versions import VERSION_MAX_LENGTH
 #: Why a prediction row was excluded from the math, in order of precedence; in SQL each
 #: reason is its position + 1 (integers group faster than text), 0 meaning valid.
 INVALID_REASONS = ("null_score", "non_numeric_score", "nan_score", "out_of_range", "duplicate_id", "bad_timestamp")
+#: The SQL code of each reason of ``INVALID_REASONS``.
+REASON_CODE = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
 #: Rows whose timestamp is no instant are in no window: ``bad_timestamp`` counts them over
 #: the whole table (``PredictionQueries.last_timestamp``), never in a window's histogram.
 OK = 0
@@ -317,7 +319,7 @@ class PredictionQueries:
     def _base(self) -> sa.ColumnElement[int]:
         """``OK``, or the code of the reason the row's score is excluded (position in
         ``INVALID_REASONS`` + 1), duplicates aside."""
-        code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
+        code = REASON_CODE
         whens: list[tuple[sa.ColumnElement[bool], int]] = [(self.score.is_(None), code["null_score"])]
         if self.score_is_number is not None:
             whens.append((sa.not_(self.score_is_number), code["non_numeric_score"]))
@@ -363,6 +365,14 @@ class PredictionQueries:
         never left out (it is no duplicate)."""
         return [sa.or_(self.id.is_(None), self.id.not_in(list(ids)))] if ids else []
 
+    def _scored_parts(
+        self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any]
+    ) -> tuple[sa.Subquery, sa.ColumnElement[int]]:
+        """``_parts`` with each row's ``score`` and ``base`` (``_base``), the rows of the
+        ``exclude`` ids left out: what the three sliced statements read."""
+        columns = (self.score.label("score"), self._base().label("base"))
+        return self._parts(points, reads, *columns, where=self._not_in(exclude))
+
     def sliced_histogram(
         self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any] = ()
     ) -> sa.Select:
@@ -372,8 +382,7 @@ class PredictionQueries:
         ``n``, ``low``, ``high``, ``s1``, ``s2``), ``key`` the bucket of a valid score or
         minus the reason code of an excluded one, in no order (``slices.Histogram.from_rows``
         reads them). Parts as ``_parts``."""
-        columns = (self.score.label("score"), self._base().label("base"))
-        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
+        rows, part = self._scored_parts(points, reads, exclude)
         keyed = sa.select(
             part.label("part"),
             sa.case((rows.c.base == OK, self._key(rows.c.score)), else_=-rows.c.base).label("key"),
@@ -407,8 +416,7 @@ class PredictionQueries:
         ``decimals`` (``round_half_up_index``), rows of the ``exclude`` ids left out: rows
         (``part``, ``key``, ``n``), ranked by count then key (``slices.TopCounts`` reads
         them); one pass over the ``reads`` ranges, parts as ``_parts``."""
-        columns = (self.score.label("score"), self._base().label("base"))
-        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
+        rows, part = self._scored_parts(points, reads, exclude)
         rounded = (
             sa.select(part.label("part"), round_half_up_index(rows.c.score, decimals).label("key"))
             .select_from(rows)
@@ -433,8 +441,7 @@ class PredictionQueries:
         ``reads`` ranges, rows of the ``exclude`` ids left out as ``sliced_histogram`` does:
         the audit of kept slices (``slices.SliceStore.audited``), a hash aggregate into a
         few groups per part rather than one per bucket."""
-        columns = (self.score.label("score"), self._base().label("base"))
-        rows, part = self._parts(points, reads, *columns, where=self._not_in(exclude))
+        rows, part = self._scored_parts(points, reads, exclude)
         counted = sa.select(part.label("part"), rows.c.base, rows.c.score).subquery("counted")
         valid = sa.case((counted.c.base == OK, counted.c.score), else_=None)
         key = sa.case((counted.c.base == OK, sa.cast(self._key(counted.c.score), sa.BigInteger)), else_=None)
@@ -452,13 +459,12 @@ class PredictionQueries:
         ``base`` is ``OK`` or why the score is excluded, ``reason_i`` the row's reason in
         window ``i`` (NULL outside it): ``base``, or ``duplicate_id`` for a valid score whose
         id several rows of the window carry (``INVALID_REASONS`` gives the precedence)."""
-        code = {reason: i + 1 for i, reason in enumerate(INVALID_REASONS)}
         base = self._base()
         source, duplicated = self._duplicated(windows, duplicates)
         reasons = [
             sa.case(
                 (sa.not_(self.time.at_or_after(start)), None),
-                (sa.and_(base == OK, dup), code["duplicate_id"]),
+                (sa.and_(base == OK, dup), REASON_CODE["duplicate_id"]),
                 else_=base,
             ).label(f"reason_{i}")
             for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))

@@ -46,6 +46,12 @@ def ceil_to(instant: datetime, width: timedelta) -> datetime:
     return start if start == instant else start + width
 
 
+def slice_starts(start: datetime, end: datetime, width: timedelta) -> list[datetime]:
+    """The starts of the slices of ``width`` lying wholly inside ``[start, end)``."""
+    first = ceil_to(start, width)
+    return [first + k * width for k in range(max(0, (end - first) // width))]
+
+
 @dataclass(frozen=True)
 class Histogram:
     """Bucket aggregates of some predictions, one entry per key, keys ascending: ``key`` is
@@ -355,12 +361,7 @@ class SliceStore(Generic[A]):
         sealed = floor_to(end - delay, width)
         first = ceil_to(min(starts), width)
         self.forget([s for s in self.slices if s < first or s + width > sealed])
-        missing = []
-        slice_start = first
-        while slice_start + width <= sealed:
-            if slice_start not in self.slices:
-                missing.append(slice_start)
-            slice_start += width
+        missing = [s for s in slice_starts(first, sealed, width) if s not in self.slices]
         raw: list[list[tuple[datetime, datetime]]] = []
         for a in starts:
             c = ceil_to(a, width)
@@ -380,16 +381,12 @@ class SliceStore(Generic[A]):
             passes.append(Pass.over(second))
         windows = []
         for a, ranges in zip(starts, raw, strict=True):
-            kept = []
-            slice_start = ceil_to(a, width)
-            while slice_start + width <= sealed:
-                kept.append(slice_start)
-                slice_start += width
+            kept = slice_starts(a, sealed, width)
             own = []
             for r in ranges:
                 if r[0] < r[1]:
-                    n = 1 if overlaps(r) else 0
-                    own += [(n, p) for p in passes[n].parts_in(*r)]
+                    pass_index = 1 if overlaps(r) else 0
+                    own += [(pass_index, p) for p in passes[pass_index].parts_in(*r)]
             windows.append((tuple(kept), tuple(own)))
         return Plan(tuple(passes), tuple(missing), tuple(windows))
 

@@ -49,7 +49,7 @@ from exporter.predictions.slices import (
     Sliced,
     SliceStore,
     TopCounts,
-    ceil_to,
+    slice_starts,
 )
 from exporter.predictions.stores import (
     NUMBER_TYPES,
@@ -370,7 +370,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         q = self.queries()
         decimals = self.model.mode_share_decimals
         out: dict[tuple[int, int], Sliced] = {}
-        for n, read in enumerate(plan.passes):
+        for pass_index, read in enumerate(plan.passes):
             if not read.reads:
                 continue
             rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._known)).all()
@@ -393,18 +393,16 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 for p, pairs in counted.items():
                     keys, counts = np.array([k for k, _ in pairs]), np.array([c for _, c in pairs])
                     tops[p] = TopCounts.of(keys, counts, self.top_scores)
-            out.update({(n, p): Sliced(hist, tops[p]) for p, hist in histograms.items()})
+            out.update({(pass_index, p): Sliced(hist, tops[p]) for p, hist in histograms.items()})
         return out
 
     @staticmethod
     def _points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
         """Every boundary of slices of ``width`` in the largest of ``windows``, its starts and its end."""
-        boundaries = []
-        boundary = ceil_to(windows.start, width)
-        while boundary < windows.end:
-            boundaries.append(boundary)
-            boundary += width
-        return tuple(sorted({*boundaries, *windows.starts, windows.end}))
+        # Every slice boundary in the window: the starts of the slices inside it, then the
+        # one starting at its last boundary (cut by the window's end).
+        starts = slice_starts(windows.start, windows.end + width, width)
+        return tuple(sorted({*(s for s in starts if s < windows.end), *windows.starts, windows.end}))
 
     def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
         """Compare each kept slice with the store (rows by reason, the sums of the valid
