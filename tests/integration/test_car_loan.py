@@ -83,7 +83,13 @@ models:
         assert samples[("mlmon_online_positive_ratio", window)] == pytest.approx(y.mean(), abs=1e-12)
 
 
-@pytest.mark.parametrize("shell", [["bash", "-euo", "pipefail"], ["dash", "-eu"]], ids=["bash", "dash"])
+@pytest.mark.parametrize(
+    "shell",
+    [
+        pytest.param(["bash", "-euo", "pipefail"], id="bash"),
+        pytest.param(["dash", "-eu"], id="dash", marks=pytest.mark.long),
+    ],
+)
 def test_readme_worked_example_as_written(tmp_path, shell):
     """The README's car_loan commands, run verbatim by bash, and by dash (a POSIX sh, as
     Debian's /bin/sh), from the clone's root: they pass, leave nothing in the clone, and

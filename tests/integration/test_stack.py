@@ -354,6 +354,7 @@ def test_dockerfile_runs_mlmon_slim_non_root_with_a_healthcheck():
     assert any("[postgresql]" in run for run in by_name["RUN"])
 
 
+@pytest.mark.long
 def test_dockerfile_copies_build_an_installable_wheel(tmp_path):
     """Lay out what the Dockerfile COPYs (each source allowed by .dockerignore) and build
     the wheel from it, as the image's pip install does."""

@@ -80,6 +80,7 @@ def _refresher(url, schema, zone: str, windows: list[str]):
 
 @pytest.mark.parametrize("zone, day", CHANGES, ids=[f"{z}-{d:%Y-%m-%d}" for z, d in CHANGES])
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "duckdb"])
+@pytest.mark.long
 def test_windows_around_a_change(backend, zone, day, tmp_path, request):
     url, schema = f"{backend}:///{tmp_path}/store.{backend}", None
     if backend == "postgresql":  # timestamp without time zone

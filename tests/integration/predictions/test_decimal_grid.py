@@ -51,6 +51,7 @@ def _labels_table(engine, schema, labels: dict[int, int]) -> None:
 N5 = 10**5
 
 
+@pytest.mark.long
 def test_every_value_with_at_most_k_decimals_is_the_lower_edge_of_its_own_bucket(store):
     """All 10^5 + 1 values 0.00000 .. 1.00000, as a driver stores them (the float64 of the
     decimal text), through the histogram query at each k: bucket m holds exactly the values

@@ -203,6 +203,7 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
     ids=["1h-24h-discrete", "four-windows-continuous", "one-window"],
 )
 @pytest.mark.parametrize("listed", [True, False], ids=["listed-duplicates", "searched-duplicates"])
+@pytest.mark.long
 def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     store, windows, label_delay, missing, continuous, listed, monkeypatch
 ):

@@ -7,6 +7,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
@@ -168,6 +169,7 @@ def _value(text: str, series: str) -> float | None:
     return None
 
 
+@pytest.mark.long
 def test_a_sleeping_query_is_cancelled_on_the_server_and_other_models_keep_refreshing(
     postgres_schema, postgres_engine, tmp_path
 ):

@@ -11,6 +11,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import sqlalchemy as sa
 
 from exporter.db import SQLITE_CACHE_KIB, PoolSize
@@ -92,6 +93,7 @@ def test_concurrent_refreshes_of_many_models_never_open_and_close_connections(st
     assert 1 <= len(opened) <= 8 and closed_while_refreshing == 0, (len(opened), closed_while_refreshing)
 
 
+@pytest.mark.long
 def test_a_refresh_waiting_for_a_connection_is_a_timeout_only_past_its_deadline(store):
     """``max_connections: 1``, a deadline of 2 s: while the test holds the one connection
     for 1 s, a refresh waits for it and succeeds without an error; held for 8 s (past both

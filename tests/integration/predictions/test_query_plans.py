@@ -145,6 +145,7 @@ def _node_types(node: dict, relation: str | None = None) -> set[str]:
     [(False, "bigint"), (True, "bigint"), (True, "double precision"), (True, "numeric")],
     ids=["no-index", "replay-id-index", "replay-id-index-double-ids", "replay-id-index-numeric-ids"],
 )
+@pytest.mark.long
 def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a_scan(
     replay_index, predictions_id, postgres_schema
 ):

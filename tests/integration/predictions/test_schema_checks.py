@@ -287,6 +287,7 @@ def test_a_uuid_column_is_filtered_by_a_uuid_written_as_text(value, words, postg
 
 
 @pytest.mark.parametrize("case", list(BAD_FILTERS))
+@pytest.mark.long
 def test_a_filter_value_that_does_not_fit_its_column_is_a_schema_error_naming_the_key(case, store, tmp_path):
     filter_yaml, key, words = BAD_FILTERS[case]
     url, schema, _ = store
@@ -319,6 +320,7 @@ GOOD_FILTERS = {
 
 
 @pytest.mark.parametrize("case", list(GOOD_FILTERS))
+@pytest.mark.long
 def test_filter_values_that_fit_their_column_select_exactly_their_rows(case, store, tmp_path):
     filter_yaml, kept = GOOD_FILTERS[case]
     url, schema, _ = store

@@ -85,6 +85,7 @@ def test_audit_sees_a_rewrite_that_keeps_the_sum(store):
 
 @pytest.mark.parametrize("seed", [3, 4])
 @pytest.mark.parametrize("unique", [True, False])
+@pytest.mark.long
 def test_as_of_jumps(store, seed, unique):
     """as_of jumping back and forth by up to 4 hours, on and off slice boundaries (all rows
     written up front: none late). With duplicate ids, a slice kept while past the window's
@@ -118,6 +119,7 @@ def test_as_of_jumps(store, seed, unique):
     log.engine.dispose()
 
 
+@pytest.mark.long
 def test_audit_sees_a_score_moved_to_another_bucket_in_a_large_slice(store):
     """One score of a sealed slice of 50,000 rows rewritten from 0.9 to 0.90002: the sum of
     the slice's scores (45,000) moves by 2e-5, below the audit's relative tolerance of the
@@ -142,6 +144,7 @@ def test_audit_sees_a_score_moved_to_another_bucket_in_a_large_slice(store):
 
 
 @pytest.mark.parametrize("seed", [5, 6])
+@pytest.mark.long
 def test_statement_failures_mid_refresh(tmp_path, monkeypatch, seed):
     """A statement failing at a random point of some refreshes (as a lock that lets
     ``query_timeout`` fire would), with rows and duplicated ids arriving: every refresh
@@ -186,6 +189,7 @@ def test_statement_failures_mid_refresh(tmp_path, monkeypatch, seed):
     log.engine.dispose()
 
 
+@pytest.mark.long
 def test_many_duplicated_ids_around_the_limit(tmp_path):
     """1,001 duplicated ids (full reads, no slices kept), then 999 (slices again), then 1,001."""
     url = f"sqlite:///{tmp_path}/s.sqlite"

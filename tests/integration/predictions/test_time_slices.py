@@ -183,7 +183,7 @@ def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[i
 
 
 @pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicate-ids"])
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.long)])
 def test_kept_slices_equal_a_cold_refresh(store, seed, unique):
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
@@ -225,6 +225,7 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique):
     log.engine.dispose()
 
 
+@pytest.mark.long
 def test_slices_across_daylight_saving(store):
     """Naive timestamps of America/New_York over the night clocks fall back (1 November
     2026, 06:00 UTC): the wall-clock hour 01:00-02:00 happens twice."""
@@ -444,6 +445,7 @@ def test_a_statement_failing_mid_refresh_leaves_nothing_wrong_kept(tmp_path):
     log.engine.dispose()
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("limit", ["MAX_LISTED_DUPLICATES", "MAX_DUPLICATE_ROWS"])
 def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch, limit):
     """The random sequences with duplicated ids, their ids or rows past a lowered limit at
@@ -463,6 +465,7 @@ def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch
     assert paths[True] and paths[False]  # both in full and on kept slices
 
 
+@pytest.mark.long
 def test_a_day_of_one_minute_slices_on_sqlite(tmp_path):
     """1,440 slices of a minute in the 24h window, the most ``time_slice`` allows, each with
     a bucket of several scores: the cold refresh (most frequent scores of every slice) and

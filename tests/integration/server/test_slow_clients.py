@@ -57,6 +57,7 @@ def _trickle(sock: socket.socket, data: bytes, every: float = 0.2) -> None:
         time.sleep(every)
 
 
+@pytest.mark.long
 def test_headers_that_trickle_or_never_come_are_cut_at_the_deadline_while_scrapes_go_on(server):
     outcomes = {}
 
@@ -94,6 +95,7 @@ def test_headers_that_trickle_or_never_come_are_cut_at_the_deadline_while_scrape
     assert TIMEOUT - 0.1 < lasted < TIMEOUT + 1.5
 
 
+@pytest.mark.long
 def test_the_deadline_is_per_request_on_a_kept_alive_connection(server):
     connection = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
     for _ in range(3):  # 2.4 s on one connection, each request well within its 2 s
@@ -116,6 +118,7 @@ def test_the_deadline_is_per_request_on_a_kept_alive_connection(server):
     assert received == b"" and closed - answered < TIMEOUT + 1.5
 
 
+@pytest.mark.long
 def test_a_body_nobody_reads_is_cut_off_at_the_deadline(server):
     with socket.create_connection(("127.0.0.1", server)) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: mlmon\r\ncontent-length: 1000000\r\n\r\n")
@@ -126,6 +129,7 @@ def test_a_body_nobody_reads_is_cut_off_at_the_deadline(server):
     assert closed - started < TIMEOUT + 1.5
 
 
+@pytest.mark.long
 def test_a_body_that_trickles_gets_408_with_connection_close(server):
     with socket.create_connection(("127.0.0.1", server)) as sock:
         sock.sendall(

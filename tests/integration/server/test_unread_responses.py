@@ -116,6 +116,7 @@ def large_exposition_server(tmp_path):
         server.wait(timeout=10)
 
 
+@pytest.mark.long
 def test_clients_that_never_read_hold_neither_memory_nor_connections(large_exposition_server):
     server, port = large_exposition_server
     size = len(httpx.get(f"http://127.0.0.1:{port}/metrics").content)
@@ -155,6 +156,7 @@ def test_clients_that_never_read_hold_neither_memory_nor_connections(large_expos
     assert held_after == 0, held_after  # ... and dropped at it
 
 
+@pytest.mark.long
 def test_connections_beyond_max_connections_get_503_until_some_close(tmp_path):
     server, port, log = _serve(tmp_path, max_connections=5)
     try:

@@ -164,6 +164,7 @@ def _refusals(base: str) -> dict[str, float]:
     }
 
 
+@pytest.mark.long
 def test_wrong_passwords_from_50_clients_do_not_delay_a_verified_scraper(tmp_path):
     """50 clients (each its own loopback address) send wrong passwords for 4 s while the
     real client scrapes: its scrapes are answered from the verified-credential cache on the
@@ -215,6 +216,7 @@ def test_wrong_passwords_from_50_clients_do_not_delay_a_verified_scraper(tmp_pat
     assert refusals["unauthorized"] == statuses.count(401), refusals
 
 
+@pytest.mark.long
 def test_failed_attempts_are_rate_limited_per_client_address(tmp_path):
     hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     server, base = _serve_with_basic_auth(tmp_path, hashed)
@@ -240,6 +242,7 @@ def test_failed_attempts_are_rate_limited_per_client_address(tmp_path):
     assert refusals == {"unauthorized": 10 + FAILURES_PER_MINUTE + 1, "rate_limited": 3, "overloaded": 0}
 
 
+@pytest.mark.long
 def test_parallel_guesses_from_one_address_get_no_more_checks_than_the_limit(tmp_path):
     """16 wrong passwords sent at once from one address (each on its own connection): the
     budget is read and the check counted in one step, so exactly FAILURES_PER_MINUTE get a
@@ -278,6 +281,7 @@ def test_parallel_guesses_from_one_address_get_no_more_checks_than_the_limit(tmp
     }
 
 
+@pytest.mark.long
 def test_a_tls_handshake_that_never_comes_is_closed_at_the_header_deadline(tmp_path, certificate):
     """asyncio's own handshake timeout is 60 s, and the header deadline starts only after
     the handshake: a connection that never sends its ClientHello is closed at

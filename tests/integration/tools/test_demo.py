@@ -374,6 +374,7 @@ def test_readme_demo_table_matches_the_demo(exposition):
 
 
 @pytest.mark.parametrize("hour, rng_seed", [(3, 1), (9, 2), (20, 3)])
+@pytest.mark.long
 def test_readme_online_numbers_hold_at_other_starts(tmp_path, hour, rng_seed):
     """The README's online numbers are what any start of the demo shows, not one lucky seed."""
     now = datetime(2026, 12, 2, hour, 17, tzinfo=UTC)

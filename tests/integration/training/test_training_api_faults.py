@@ -124,6 +124,7 @@ def _serve(config: Path, port: int, log: Path) -> subprocess.Popen:
     return start_process([sys.executable, "-m", "exporter", "serve", "--config", str(config), "--port", str(port)], log)
 
 
+@pytest.mark.long
 def test_a_crash_between_request_and_commit_stores_nothing_and_the_retry_stores_once(
     postgres_schema, postgres_engine, tmp_path
 ):

@@ -9,6 +9,7 @@ import math
 import tempfile
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +31,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None)
+@pytest.mark.long
 def test_no_server_error(case):
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, response.text[:300])
