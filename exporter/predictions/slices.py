@@ -320,7 +320,7 @@ class Plan:
     ``passes``: the statements to run (``Pass``), each read part named (pass, part);
     ``new_slices``: the starts of the sealed slices read this time, each one part of the
     first pass, to keep; ``windows[i]``: (the kept slice starts, the read parts) that make
-    window ``i``. A window's tail inside a slice read this time is read again by a second
+    window ``i``, none while the store is filling (``SliceStore.plan``'s budget). A window's tail inside a slice read this time is read again by a second
     pass rather than cutting that slice: a slice's aggregate is then the same whenever it
     is read (``TopCounts`` depends on how rows are grouped into sets).
     """
@@ -349,21 +349,35 @@ class SliceStore(Generic[A]):
         self.audit_interval = audit_interval
         self.combine = combine
         self.slices: dict[datetime, A] = {}
+        #: Every sealed slice of the largest window has been kept (``plan``); until then
+        #: the store is filling, and again once it holds none.
+        self.filled = False
         self._audited: datetime | None = None
 
-    def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> Plan:
+    def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta, budget: int | None = None) -> Plan:
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
         written ``delay`` after their timestamp: the sealed slices (ending at or before
         ``end - delay``) wholly inside the largest window that are not kept yet, and each
         window's head and tail (module docstring). Forgets every kept slice that is not a
         sealed slice of the largest window: before its start, or past its sealed end when
         ``end`` went back. A slice kept while out of the window is not probed for the
-        duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``)."""
+        duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``).
+
+        While the store fills (from a cold start, or once it holds no slice) and more than
+        ``budget`` slices are missing, the plan reads only the ``budget`` newest of them (kept
+        the longest) and makes no window (``Plan.windows`` is empty): the caller reads the
+        windows in one pass this time. Once filled, every missing slice is read at once
+        (those an audit found changed, or after ``end`` jumped)."""
         width = self.width
         sealed = floor_to(end - delay, width)
         first = ceil_to(min(starts), width)
         self.forget([s for s in self.slices if s < first or s + width > sealed])
+        self.filled = self.filled and bool(self.slices)
         missing = [s for s in slice_starts(first, sealed, width) if s not in self.slices]
+        if not self.filled and budget is not None and len(missing) > budget:
+            chosen = missing[len(missing) - budget :]
+            return Plan((Pass.over([(s, s + width) for s in chosen]),), tuple(chosen), ())
+        self.filled = True
         raw: list[list[tuple[datetime, datetime]]] = []
         for a in starts:
             c = ceil_to(a, width)
@@ -394,7 +408,8 @@ class SliceStore(Generic[A]):
 
     def merge(self, plan: Plan, parts: dict[tuple[int, int], A]) -> list[A]:
         """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by (pass,
-        part); a part without rows may be absent), and return each window's aggregate."""
+        part); a part without rows may be absent), and return each window's aggregate (none
+        while filling)."""
         for start in plan.new_slices:
             (p,) = plan.passes[0].parts_in(start, start + self.width)
             self.slices[start] = parts[(0, p)] if (0, p) in parts else self.combine([])
@@ -405,10 +420,13 @@ class SliceStore(Generic[A]):
 
     def audit_due(self, as_of: datetime) -> bool:
         """Whether the kept slices should be compared with the store now: once
-        ``audit_interval`` has passed since the first refresh or the last audit."""
+        ``audit_interval`` has passed since the first refresh or the last audit, and the
+        store is filled (a refresh while filling reads the windows in one pass, exact
+        whatever the kept slices hold; no audit then keeps its statements at most those of
+        a filled refresh)."""
         if self._audited is None:
             self._audited = as_of
-        return bool(self.slices) and as_of - self._audited >= self.audit_interval
+        return self.filled and bool(self.slices) and as_of - self._audited >= self.audit_interval
 
     def audited(self, as_of: datetime, changed: Callable[[datetime, A], bool]) -> list[datetime]:
         """Record an audit at ``as_of`` and forget the kept slices for which ``changed(start,

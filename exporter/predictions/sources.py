@@ -203,6 +203,13 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.slices = None if width is None else SliceStore(width, model.slice_audit_interval, Sliced.merge)
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
+        #: How many missing slices a refresh reads while the store fills (``SliceStore.plan``):
+        #: 1/``slice_fill_refreshes`` of the largest window's, so that a cold start does not
+        #: read every slice's buckets at once (millions of rows at 10^7 predictions a day).
+        self.fill_slices: int | None = None
+        if width is not None:
+            longest = max(parse_duration(window) for window in model.windows)
+            self.fill_slices = max(1, math.ceil(longest / width / model.slice_fill_refreshes))
         #: The duplicated ids found at the last refresh, which every read leaves out; per
         #: kept slice the ids it left out; the slices read at the last refresh whose ids the
         #: duplicate search did not probe (read again for their left-out ids), probed next.
@@ -301,8 +308,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         slices and the stretches that can still change (``slices``), with the valid scores
         each window excludes as ``duplicate_id`` and its duplicated ids (kept for the other
         sources, as ``duplicate_ids`` does); ``None`` when the duplicated ids or their rows
-        are too many to list (the caller reads the windows in full, and the kept slices are
-        dropped).
+        are too many to list (the kept slices are dropped), or while the store fills (this
+        refresh read ``fill_slices`` of the missing slices and keeps them): the caller then
+        reads the windows in one pass.
 
         In order: the audit of the kept slices when due (``_audit``); then, unless ids are
         unique, the duplicated ids among the new rows' and the known ones
@@ -327,10 +335,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
             # the slices the last one read unprobed: one may hold a row written later than
             # ingestion_delay, whose id the audit, finding the slice as read, never probes.
-            probed = store.plan(windows.starts, windows.end, delay)
+            probed = store.plan(windows.starts, windows.end, delay, self.fill_slices)
             reads = [r for p in probed.passes for r in p.reads]
             reads += [(s, s + store.width) for s in self._unprobed]
-            probe = reads if store.slices else None
+            # A cold refresh reads everything: probing all ids is then one grouped pass.
+            probe = reads if store.slices or not probed.windows else None
             searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self._known)).all()
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
             rows: list[Any] = []
@@ -349,12 +358,15 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._known = tuple(ids)
         should = duplicate_rows.by_slice(store.width)
         store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
-        plan = store.plan(windows.starts, windows.end, delay)
+        plan = store.plan(windows.starts, windows.end, delay, self.fill_slices)
         merged = store.merge(plan, self._read_parts(conn, plan))
         self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
+        if not q.unique_ids:
+            self._unprobed = tuple(sorted(set(plan.new_slices) - set(probed.new_slices)))
+        if not plan.windows:
+            return None  # filling: the windows are read in one pass this time
         if q.unique_ids:
             return merged, [0] * n, DuplicateIds.none(n)
-        self._unprobed = tuple(sorted(set(plan.new_slices) - set(probed.new_slices)))
         decimals = (self.model.bucket_decimals, self.model.mode_share_decimals)
         added = [duplicate_rows.window(start, *decimals) for start in windows.starts]
         found = DuplicateIds(tuple(ids for _, _, ids in added))

@@ -392,6 +392,7 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
         bucket_decimals=1,
         predictions=versioned,
         time_slice=timedelta(minutes=5),
+        slice_fill_refreshes=1,  # every slice kept at the first refresh: filled at the second
         slice_audit_interval=timedelta(minutes=1),
     )
     stores = Stores(settings.stores, settings.query_timeout)

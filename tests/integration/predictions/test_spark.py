@@ -228,6 +228,7 @@ def _refresher(url: str, schema: str, unique_ids: bool):
             "label_delay": "1h",
             "replay_tolerance": {"atol": ATOL, "rtol": RTOL},
             "time_slice": "auto",  # the second refresh reads the kept slices
+            "slice_fill_refreshes": 1,  # the cold refresh reads every slice: the sliced statements on Spark
         },
     )
     stores = Stores(settings.stores, settings.query_timeout)

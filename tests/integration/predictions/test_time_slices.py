@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from exporter.monitoring_math import PERCENTILES
 from exporter.predictions import queries
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to
+from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to, slice_starts
 from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores, to_wall_clock
 from exporter.snapshot import ScoreStats
@@ -37,7 +37,15 @@ def _settings(url: str, schema: str | None, zone: str = "UTC", unique: bool = Tr
         schema,
         labels=False,
         predictions={"unique_ids": unique, "ingestion_delay": "3m", "timezone": zone},
-        model={"windows": ["7m", "1h"], "time_slice": "2m", "slice_audit_interval": "20m", **model},
+        # Every slice read at the first refresh (slice_fill_refreshes 1): these tests compare
+        # refreshes on kept slices with such cold refreshes (the filling has its own test).
+        model={
+            "windows": ["7m", "1h"],
+            "time_slice": "2m",
+            "slice_audit_interval": "20m",
+            "slice_fill_refreshes": 1,
+            **model,
+        },
     )
 
 
@@ -221,6 +229,49 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique):
         if as_of - last_audit >= AUDIT:
             last_audit, changed_since_audit = as_of, False
         _check(log, warm, settings, stores, as_of)
+    stores.dispose()
+    log.engine.dispose()
+
+
+@pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicate-ids"])
+def test_a_cold_start_fills_the_slices_a_share_per_refresh(store, unique):
+    """From a cold start a refresher keeps 1/24 of the largest window's slices a refresh
+    (here 30 slices of 2 min in 1h: 2), the newest missing ones, and reads the windows in
+    one pass meanwhile: its numbers are then exactly those of a refresher without time
+    slices. Once every sealed slice is kept, refreshes merge them, equal to the one-pass
+    numbers (to the last bits) and to pandas, while rows keep arriving."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(5)
+    settings = _settings(url, schema, unique=unique, slice_fill_refreshes=24)  # the default
+    plain = _settings(url, schema, unique=unique, time_slice=None).models[0]
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    history = [(START - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 4000, 300)]
+    log.insert(history, _ids(rng, log, len(history), unique))
+    filling = _refresher(settings, stores)
+    assert filling.predictions.fill_slices == 2
+    store_ = filling.predictions.slices
+    assert store_ is not None
+    reference = ModelRefresher(plain, "models[0]", settings.refresh_policy, stores)
+    as_of, kept, merged = START, [0], 0
+    for _ in range(24):
+        new = [(as_of - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 60, 10)]
+        log.insert(new, _ids(rng, log, len(new), unique))
+        got = filling.refresh(as_of)
+        one_pass = reference.refresh(as_of)
+        sealed = slice_starts(as_of - timedelta(hours=1), floor_to(as_of - DELAY, SLICE), SLICE)
+        assert len(store_.slices) <= kept[-1] + 2 and set(store_.slices) <= set(sealed)
+        kept.append(len(store_.slices))
+        if len(store_.slices) < len(sealed):  # still filling: this refresh took the one-pass path
+            assert got.score_stats == one_pass.score_stats
+        else:  # the last missing ones were read with the windows' heads and tails
+            merged += 1
+            for w, c in zip(got.score_stats, one_pass.score_stats, strict=True):
+                _same(w, c)
+        expected = log.expected(as_of - timedelta(hours=1), as_of)
+        assert got.score_stats[1].predictions == expected["predictions"]
+        as_of += timedelta(minutes=1)
+    assert kept[-1] == len(sealed) and merged >= 5, (kept, merged)
     stores.dispose()
     log.engine.dispose()
 

@@ -159,7 +159,7 @@ def _full_exposition(tmp_path) -> str:
         conn.execute(sa.text("UPDATE predictions SET age = 20 + id, country = 'fr', device = 'b'"))
     engine.dispose()
     features = {"numeric": ["age"], "categorical": ["country", "device"]}
-    bucketed = _settings(url, bucket_decimals=1, features=features, time_slice="auto").models[0]
+    bucketed = _settings(url, bucket_decimals=1, features=features, time_slice="auto", slice_fill_refreshes=1).models[0]
     broken = bucketed.model_copy(
         update={"name": "broken", "replays": bucketed.replays.model_copy(update={"table": "gone"})}
     )
