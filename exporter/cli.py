@@ -331,6 +331,14 @@ def backfill(
             help="Target label of every series, as Prometheus adds when scraping (repeatable; default: job=mlmon).",
         ),
     ] = None,
+    time_slices: Annotated[
+        bool,
+        typer.Option(
+            "--time-slices/--no-time-slices",
+            help="Models without time_slice use time_slice: auto, so that a step reads what is new since the "
+            "previous one; --no-time-slices reads every window at every step, as `mlmon once` does.",
+        ),
+    ] = True,
 ) -> None:
     """Evaluate every model at each step in [--from, --to) as `mlmon once --as-of` does and
     write OpenMetrics files for `promtool tsdb create-blocks-from openmetrics`; with
@@ -352,10 +360,13 @@ def backfill(
         OverlapError,
         clashing_label,
         promtool_command,
+        with_time_slices,
     )
 
     _logging(logging.WARNING)  # a line per step would drown the progress bar
     settings = _settings(config)
+    if time_slices:
+        settings = with_time_slices(settings)
     start, end = _parse_as_of(from_, settings, "--from"), _parse_as_of(to, settings, "--to")
     if start >= end:
         _fail(f"--from {from_!r} must be before --to {to!r}")

@@ -45,6 +45,16 @@ _STAMP = "%Y%m%dT%H%M%SZ"
 IMPORTED = ".imported"
 
 
+def with_time_slices(settings: Settings) -> Settings:
+    """``settings`` with ``time_slice: auto`` for every model that sets none (a model's own
+    ``time_slice`` is kept). A backfill walks forward in time over sealed history, the case
+    time slices are made for: after the first step, each reads the slices sealed since the
+    previous one and each window's head and tail rather than every window (docs/backfill.md,
+    *Cost per step*)."""
+    models = [m if m.time_slice is not None else m.model_copy(update={"time_slice": "auto"}) for m in settings.models]
+    return settings.model_copy(update={"models": models})
+
+
 class BackfillError(Exception):
     """The backfill cannot go on; the message says why and what to do."""
 
@@ -67,10 +77,11 @@ class Evaluator:
 
     The one seam between the backfill and the refresh machinery: each ``evaluate`` is a
     refresh of the same refreshers at a later instant, so reflection is cached across
-    steps, the counters are fed incrementally, and with ``time_slice`` set the predictions'
-    kept time slices (``predictions.slices``) are reused: a step reads the slices sealed since the previous
-    one and each window's head and tail, not the windows. It computes what
-    ``mlmon once --as-of`` does at each instant (docs/metrics.md, "Time slices").
+    steps, the counters are fed incrementally, and with ``time_slice`` set (``mlmon backfill``
+    sets it: ``with_time_slices``) the predictions' kept time slices (``predictions.slices``)
+    are reused: a step reads the slices sealed since the previous one and each window's head
+    and tail, not the windows. It computes what ``mlmon once --as-of`` does at each instant
+    with the same settings (docs/metrics.md, "Time slices").
     """
 
     def __init__(self, settings: Settings):

@@ -26,7 +26,9 @@ from typer.testing import CliRunner
 
 from exporter.cli import app
 from exporter.client import build_training_run
-from exporter.tools.backfill import NOT_HISTORY
+from exporter.config import load_settings
+from exporter.predictions.slices import SliceStore
+from exporter.tools.backfill import NOT_HISTORY, Evaluator, with_time_slices
 from exporter.training.storage import migrate, save_run
 from tests.conftest import REPO, TEST_DATA, free_port, require, start_process, wait_until_answers
 
@@ -472,3 +474,41 @@ def test_runs_of_models_outside_the_config_are_not_backfilled(tmp_path):
     (text,) = [p.read_text() for p in (tmp_path / "out").glob("mlmon-*.om")]
     assert 'mlmon_version_training_rows{job="mlmon",model="m",version="v1"} 4.0' in text
     assert 'model="other"' not in text
+
+
+def test_steps_read_only_new_time_slices_and_equal_the_one_pass_refresh(tmp_path, monkeypatch):
+    """``mlmon backfill`` gives a model without ``time_slice`` the ``auto`` slices (2 h for
+    windows 1d and 7d): the first step reads every slice of the 7d window, each later
+    (hourly) step at most the one sealed since, and every value equals the one-pass refresh
+    that ``mlmon once`` runs on that config (counts exactly, floats to the last bits)."""
+    settings = load_settings(_car_loan(tmp_path))
+    sliced_settings = with_time_slices(settings)
+    assert settings.models[0].time_slice is None
+    assert sliced_settings.models[0].slice_width() == pd.Timedelta(hours=2)
+    own = settings.models[0].model_copy(update={"time_slice": pd.Timedelta(hours=1).to_pytimedelta()})
+    kept = with_time_slices(settings.model_copy(update={"models": [own]}))
+    assert kept.models[0].slice_width() == pd.Timedelta(hours=1)  # a model's own is kept
+
+    read: list[int] = []
+    merge = SliceStore.merge
+
+    def counted(store, plan, parts):
+        read.append(len(plan.new_slices))
+        return merge(store, plan, parts)
+
+    monkeypatch.setattr(SliceStore, "merge", counted)
+    sliced, one_pass = Evaluator(sliced_settings), Evaluator(settings)
+    try:
+        for at in INSTANTS:
+            got, expected = (_samples(e.evaluate(at.to_pydatetime())) for e in (sliced, one_pass))
+            assert got.keys() == expected.keys()
+            for key, value in expected.items():
+                assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), (at, key)
+    finally:
+        sliced.close()
+        one_pass.close()
+    assert read[0] >= 7 * 12 - 1 and all(n <= 1 for n in read[1:]), read
+
+
+def _samples(families) -> dict[tuple, float]:
+    return {_key(s.name, s.labels): s.value for family in families for s in family.samples}
