@@ -478,9 +478,10 @@ def test_runs_of_models_outside_the_config_are_not_backfilled(tmp_path):
 
 def test_steps_read_only_new_time_slices_and_equal_the_one_pass_refresh(tmp_path, monkeypatch):
     """``mlmon backfill`` gives a model without ``time_slice`` the ``auto`` slices (2 h for
-    windows 1d and 7d): the first step reads every slice of the 7d window, each later
-    (hourly) step at most the one sealed since, and every value equals the one-pass refresh
-    that ``mlmon once`` runs on that config (counts exactly, floats to the last bits)."""
+    windows 1d and 7d: 84 slices): the first steps fill them, 4 a step (1/24), reading the
+    windows in one pass meanwhile; then each (hourly) step reads at most the one slice
+    sealed since. Every value equals the one-pass refresh that ``mlmon once`` runs on that
+    config (counts exactly, floats to the last bits)."""
     settings = load_settings(_car_loan(tmp_path))
     sliced_settings = with_time_slices(settings)
     assert settings.models[0].time_slice is None
@@ -489,17 +490,17 @@ def test_steps_read_only_new_time_slices_and_equal_the_one_pass_refresh(tmp_path
     kept = with_time_slices(settings.model_copy(update={"models": [own]}))
     assert kept.models[0].slice_width() == pd.Timedelta(hours=1)  # a model's own is kept
 
-    read: list[int] = []
+    read: list[tuple[int, bool]] = []  # per step: slices read, windows merged from slices
     merge = SliceStore.merge
 
     def counted(store, plan, parts):
-        read.append(len(plan.new_slices))
+        read.append((len(plan.new_slices), bool(plan.windows)))
         return merge(store, plan, parts)
 
     monkeypatch.setattr(SliceStore, "merge", counted)
     sliced, one_pass = Evaluator(sliced_settings), Evaluator(settings)
     try:
-        for at in INSTANTS:
+        for at in pd.date_range(START, periods=30, freq=STEP):
             got, expected = (_samples(e.evaluate(at.to_pydatetime())) for e in (sliced, one_pass))
             assert got.keys() == expected.keys()
             for key, value in expected.items():
@@ -507,7 +508,9 @@ def test_steps_read_only_new_time_slices_and_equal_the_one_pass_refresh(tmp_path
     finally:
         sliced.close()
         one_pass.close()
-    assert read[0] >= 7 * 12 - 1 and all(n <= 1 for n in read[1:]), read
+    filled = [merged for _, merged in read].index(True)
+    assert all(n == 4 and not merged for n, merged in read[:filled]), read
+    assert all(n <= 1 and merged for n, merged in read[filled + 1 :]) and len(read) - filled >= 5, read
 
 
 def _samples(families) -> dict[tuple, float]:
