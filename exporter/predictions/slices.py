@@ -348,6 +348,7 @@ class SliceStore(Generic[A]):
         self.combine = combine
         self.slices: dict[datetime, A] = {}
         self._audited: datetime | None = None
+        self._audit_now = False  # slices kept by another process (``restore``) are audited first
 
     def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> Plan:
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
@@ -401,18 +402,25 @@ class SliceStore(Generic[A]):
             for kept, own in plan.windows
         ]
 
+    def restore(self, slices: dict[datetime, A]) -> None:
+        """Keep ``slices`` (by start), read by an earlier process: the store may have changed
+        since, so the next ``audit_due`` is true."""
+        self.slices.update(slices)
+        self._audit_now = bool(slices)
+
     def audit_due(self, as_of: datetime) -> bool:
         """Whether the kept slices should be compared with the store now: once
-        ``audit_interval`` has passed since the first refresh or the last audit."""
+        ``audit_interval`` has passed since the first refresh or the last audit, or when
+        slices were restored since the last audit."""
         if self._audited is None:
             self._audited = as_of
-        return bool(self.slices) and as_of - self._audited >= self.audit_interval
+        return bool(self.slices) and (self._audit_now or as_of - self._audited >= self.audit_interval)
 
     def audited(self, as_of: datetime, changed: Callable[[datetime, A], bool]) -> list[datetime]:
         """Record an audit at ``as_of`` and forget the kept slices for which ``changed(start,
         aggregate)`` is true (their rows in the store differ from what was read), so that
         the next plan reads them again; returns their starts."""
-        self._audited = as_of
+        self._audited, self._audit_now = as_of, False
         gone = [start for start, aggregate in self.slices.items() if changed(start, aggregate)]
         self.forget(gone)
         return gone

@@ -41,6 +41,7 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
+from exporter.predictions.saved_slices import SavedSlices, fingerprint
 from exporter.predictions.slices import (
     TOP_SCORES,
     DuplicateRows,
@@ -49,6 +50,8 @@ from exporter.predictions.slices import (
     Sliced,
     SliceStore,
     TopCounts,
+    ceil_to,
+    floor_to,
     slice_starts,
 )
 from exporter.predictions.stores import (
@@ -60,6 +63,7 @@ from exporter.predictions.stores import (
     timestamp_types,
 )
 from exporter.snapshot import OnlineAccuracy, PredictionCounter, Reproducibility, ScoreStats
+from exporter.training.storage import StateDatabase
 from exporter.versions import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -192,8 +196,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         query_timeout: timedelta,
         staleness: timedelta,
         count_from: datetime | None = None,
+        slice_state: StateDatabase | None = None,
     ):
-        """``count_from``: as ``ModelRefresher``'s (the counter's first watermark)."""
+        """``count_from``: as ``ModelRefresher``'s (the counter's first watermark);
+        ``slice_state``: the state database the kept time slices are saved in after each
+        successful refresh and restored from at the first (``None``: neither)."""
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
@@ -209,6 +216,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._known: tuple[Any, ...] = ()
         self._left_out: dict[datetime, frozenset[Any]] = {}
         self._unprobed: tuple[datetime, ...] = ()
+        self._slice_state = slice_state
+        self._saved: SavedSlices | None = None  # where the kept slices are saved (``_saved_slices``)
+        self._restored = False  # whether the first refresh tried to restore them
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -320,6 +330,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # kept slices left the known duplicated ids out, and nothing adds them back now.
             store.forget(list(store.slices))
             self._known = ()
+        if not self._restored:
+            self._restored = True
+            self._restore(store, windows)
         if store.audit_due(windows.end):
             self._audit(conn, store, windows.end)
         duplicate_rows, ids = DuplicateRows((), ()), []
@@ -361,6 +374,52 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates = (windows, found)  # the replays and labels reuse it (duplicate_ids)
         parts = [Sliced.merge([part, back]) for part, (back, _, _) in zip(merged, added, strict=True)]
         return parts, [dup for _, dup, _ in added], found
+
+    def _saved_slices(self) -> SavedSlices | None:
+        """Where the kept slices are saved: ``None`` without a state database or when ids
+        are not unique (by schema or ``unique_ids``): the slices then depend on the
+        duplicated ids known when they were read, which are not saved."""
+        q = self.queries()
+        if self._slice_state is None or not q.unique_ids or self.slices is None:
+            return None
+        if self._saved is None:
+            url = self.stores.engine(self.model.predictions.store).url
+            found = fingerprint(self.model, url, q.dialect, self.slices.width, self.top_scores)
+            self._saved = SavedSlices(self._slice_state, self.model.name, found)
+        return self._saved
+
+    def _restore(self, store: SliceStore[Sliced], windows: Windows) -> None:
+        """Keep the slices an earlier process saved (``_saved_slices``) that are sealed
+        slices of the largest of ``windows``; the audit of this refresh then reads again
+        those that changed in the store meanwhile. A failure is logged at WARNING: the
+        refresh is cold."""
+        saved = self._saved_slices()
+        if saved is None:
+            return
+        try:
+            loaded = saved.load(store.width)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning(
+                "model %s: reading the kept time slices from the state database failed: %s", self.model.name, exc
+            )
+            return
+        first = ceil_to(windows.start, store.width)
+        sealed = floor_to(windows.end - self.model.predictions.ingestion_delay, store.width)
+        kept = {start: sliced for start, sliced in loaded.items() if first <= start and start + store.width <= sealed}
+        store.restore(kept)
+        if kept:
+            log.info("model %s: %d kept time slices restored from the state database", self.model.name, len(kept))
+
+    def _save(self) -> None:
+        """Save the kept slices (``_saved_slices``) as they are after a successful refresh;
+        a failure is logged at WARNING (a restart then reads more again)."""
+        saved = self._saved_slices()
+        if saved is None or self.slices is None:  # the second for mypy: no slices, nothing saved
+            return
+        try:
+            saved.save(self.slices.slices)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("model %s: saving the kept time slices in the state database failed: %s", self.model.name, exc)
 
     def _read_parts(self, conn: Connection, plan: Plan) -> dict[tuple[int, int], Sliced]:
         """What each part of ``plan`` holds, by (pass, part) (a part without rows is absent):
@@ -503,6 +562,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 count, score_sum, *buckets = row
                 self.counter = self.counter.add(_int(count), float(score_sum or 0.0), tuple(_int(b) for b in buckets))
                 self._watermark = horizon
+        self._save()
         return PredictionValues(stats, q.time.to_epoch(newest), _int(future))
 
 
