@@ -184,7 +184,9 @@ class Source(ABC, Generic[Q, V]):
 
 class PredictionsSource(Source[PredictionQueries, PredictionValues]):
     """The served predictions: window statistics, the newest and future rows, and the
-    cumulative counter (fed through a timestamp watermark, not subject to staleness)."""
+    cumulative counter (fed through a timestamp watermark, not subject to staleness).
+    With ``time_slice``, the kept slices' aggregates (``slices.SliceStore``), saved in the
+    state database when one is given (``saved_slices``)."""
 
     name = "predictions"
 

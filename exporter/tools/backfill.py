@@ -69,7 +69,8 @@ class Evaluator:
     refresh of the same refreshers at a later instant, so reflection is cached across
     steps, the counters are fed incrementally, and with ``time_slice`` set the predictions'
     kept time slices (``predictions.slices``) are reused: a step reads the slices sealed since the previous
-    one and each window's head and tail, not the windows. It computes what
+    one and each window's head and tail, not the windows (they are not saved in the state
+    database, which ``mlmon serve``'s kept slices stay in). It computes what
     ``mlmon once --as-of`` does at each instant (docs/metrics.md, "Time slices").
     """
 

@@ -39,10 +39,21 @@ def read_slices(monkeypatch):
     return read
 
 
-def _serving(settings, stores: Stores, state_url: str) -> ModelRefresher:
-    """A refresher as ``mlmon serve`` builds it: a new process on the state database at ``state_url``."""
-    state = StateDatabase(state_url)
-    return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores, slice_state=state)
+@pytest.fixture
+def serving():
+    """Makes a refresher as ``mlmon serve`` builds it, as a new process would: ``(settings,
+    stores, state_url)`` to one on the state database at ``state_url``; its engines are
+    disposed after the test."""
+    states: list[StateDatabase] = []
+
+    def make(settings, stores: Stores, state_url: str) -> ModelRefresher:
+        states.append(StateDatabase(state_url))
+        model = settings.models[0]
+        return ModelRefresher(model, "models[0]", settings.refresh_policy, stores, slice_state=states[-1])
+
+    yield make
+    for state in states:
+        state.engine.dispose()
 
 
 def _saved(state_url: str) -> dict[datetime, str]:
@@ -62,7 +73,7 @@ def _history(log: Log, seed: int = 1, count: int = 400) -> None:
     )
 
 
-def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slices):
+def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slices, serving):
     """A refresh, then, while no process runs, a row written late into a kept slice, a row
     of another deleted and new rows; a new refresher on the same state database reads from
     the store only those two slices (found by the audit) and the one sealed since, not the
@@ -73,7 +84,7 @@ def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slice
     log = Log(url, schema, dialect)
     _history(log)
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
-    first = _serving(settings, stores, state_url)
+    first = serving(settings, stores, state_url)
     first.refresh(START)
     kept = first.predictions.slices.slices
     assert set(_saved(state_url)) == set(kept) and len(kept) > 20
@@ -88,7 +99,7 @@ def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slice
     log.delete([gone_key])
     log.insert([(START + timedelta(seconds=s), 0.5) for s in (10, 50, 100)])
     as_of = START + timedelta(minutes=2)
-    restarted = _serving(settings, stores, state_url)
+    restarted = serving(settings, stores, state_url)
     _check(log, restarted, settings, stores, as_of)  # equal to a cold refresh and to pandas
     newly_sealed = floor_to(as_of - DELAY, SLICE) - SLICE
     assert sorted(read_slices[id(restarted.predictions)]) == sorted(
@@ -101,17 +112,18 @@ def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slice
     log.engine.dispose()
 
 
-def test_another_configuration_ignores_the_saved_slices(tmp_path, read_slices, caplog):
+def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, read_slices, caplog, serving):
+    """Saved with ``bucket_decimals`` 5, restarted with 3: the first refresh is cold, and
+    the saved slices are replaced by the new ones (SQLite and PostgreSQL state databases)."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     settings = _settings(url, None)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, None, "sqlite")
     _history(log)
-    state_url = f"sqlite:///{tmp_path}/state.sqlite"
-    _serving(settings, stores, state_url).refresh(START)
+    serving(settings, stores, state_url).refresh(START)
     before = set(_saved(state_url).values())
     other = _settings(url, None, bucket_decimals=3)
-    restarted = _serving(other, stores, state_url)
+    restarted = serving(other, stores, state_url)
     caplog.set_level(logging.INFO, "exporter.predictions.saved_slices")
     as_of = START + timedelta(minutes=1)
     _check(log, restarted, other, stores, as_of)
@@ -124,14 +136,15 @@ def test_another_configuration_ignores_the_saved_slices(tmp_path, read_slices, c
     log.engine.dispose()
 
 
-def test_an_unreadable_saved_slice_is_read_again(tmp_path, read_slices, caplog):
+def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slices, caplog, serving):
+    """Three saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
+    kept scores): each is logged and read from the store again, the others are kept."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     settings = _settings(url, None)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, None, "sqlite")
     _history(log)
-    state_url = f"sqlite:///{tmp_path}/state.sqlite"
-    _serving(settings, stores, state_url).refresh(START)
+    serving(settings, stores, state_url).refresh(START)
     bad = sorted(_saved(state_url))[5:8]
     engine = sa.create_engine(state_url)
     us = [(s - EPOCH) // timedelta(microseconds=1) for s in bad]
@@ -146,7 +159,7 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, read_slices, caplog):
             .values(top=encode(Sliced(Histogram.empty(), TopCounts.of(np.arange(3), np.ones(3, dtype=np.int64))))[1])
         )
     engine.dispose()
-    restarted = _serving(settings, stores, state_url)
+    restarted = serving(settings, stores, state_url)
     caplog.set_level(logging.WARNING)
     as_of = START + timedelta(seconds=30)  # no slice sealed since: only the bad ones are read
     _check(log, restarted, settings, stores, as_of)
@@ -157,14 +170,16 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, read_slices, caplog):
     log.engine.dispose()
 
 
-def test_duplicate_ids_start_cold_and_save_nothing(tmp_path, read_slices):
+def test_duplicate_ids_start_cold_and_save_nothing(tmp_path, serving):
+    """Ids not unique: the kept slices depend on the duplicated ids known, which are not
+    saved; the state database is not touched."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     settings = _settings(url, None, unique=False)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, None, "sqlite")
     log.insert([(START - timedelta(minutes=m), 0.25) for m in (50, 30, 10)], ids=[1, 1, 2])
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
-    first = _serving(settings, stores, state_url)
+    first = serving(settings, stores, state_url)
     first.refresh(START)
     assert first.predictions.slices.slices
     assert not (tmp_path / "state.sqlite").exists()  # the state database was not even opened
@@ -172,7 +187,7 @@ def test_duplicate_ids_start_cold_and_save_nothing(tmp_path, read_slices):
     log.engine.dispose()
 
 
-def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog):
+def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, serving):
     """The saved slices' table gone: each save fails with a warning; the refresh is up and
     right. ``mlmon once`` (``refresh_all``) saves nothing."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
@@ -187,12 +202,12 @@ def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog):
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE mlmon_kept_slices"))
     engine.dispose()
-    serving = _serving(settings, stores, state_url)
+    refresher = serving(settings, stores, state_url)
     caplog.set_level(logging.WARNING)
-    _check(log, serving, settings, stores, START)
+    _check(log, refresher, settings, stores, START)
     assert "reading the kept time slices from the state database failed" in caplog.text
     assert "saving the kept time slices in the state database failed" in caplog.text
-    _check(log, serving, settings, stores, START + timedelta(minutes=3))
+    _check(log, refresher, settings, stores, START + timedelta(minutes=3))
     stores.dispose()
     log.engine.dispose()
 
