@@ -19,7 +19,8 @@ from exporter.predictions.saved_slices import decode, encode
 from exporter.predictions.slices import EPOCH, Histogram, Sliced, TopCounts, floor_to, slice_starts
 from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores
-from exporter.server.loop import refresh_all
+from exporter.server.loop import RefreshLoop, refresh_all
+from exporter.snapshot import SnapshotStore
 from exporter.training.storage import StateDatabase, kept_slices
 from tests.integration.predictions.test_time_slices import DELAY, SLICE, START, Log, _check, _settings
 
@@ -187,17 +188,35 @@ def test_duplicate_ids_start_cold_and_save_nothing(tmp_path, serving):
     log.engine.dispose()
 
 
-def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, serving):
-    """The saved slices' table gone: each save fails with a warning; the refresh is up and
-    right. ``mlmon once`` (``refresh_all``) saves nothing."""
+def test_serve_saves_and_once_does_not(tmp_path):
+    """``mlmon once`` (``refresh_all``) opens the state database for the training runs and
+    saves no slices there; ``mlmon serve``'s refresh loop saves them."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
     settings = _settings(url, None).model_copy(update={"state": Store(url=state_url)})
-    stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, None, "sqlite")
     _history(log)
     refresh_all(settings, START)
-    assert not _saved(state_url)  # migrated (for the training runs), nothing saved
+    assert not _saved(state_url)  # migrated, nothing saved
+    stores, state = Stores(settings.stores, settings.query_timeout), StateDatabase(state_url)
+    loop = RefreshLoop(settings, SnapshotStore(["ctr"]), stores, state)
+    loop.refreshers[0].refresh(START)
+    assert set(_saved(state_url)) == set(loop.refreshers[0].predictions.slices.slices)
+    stores.dispose()
+    state.engine.dispose()
+    log.engine.dispose()
+
+
+def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, serving):
+    """The saved slices' table gone: loading and each save fail with a warning; the refresh
+    is up and right."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    state_url = f"sqlite:///{tmp_path}/state.sqlite"
+    settings = _settings(url, None)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _history(log)
+    StateDatabase(state_url).ready().dispose()
     engine = sa.create_engine(state_url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE mlmon_kept_slices"))
