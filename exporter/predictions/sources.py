@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from exporter.config import ModelConfig
 from exporter.db import timed_connection
 from exporter.durations import parse_duration
+from exporter.errors import first_line
 from exporter.health import SourceHealth
 from exporter.monitoring_math import (
     percentiles_from_buckets,
@@ -393,17 +394,15 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
     def _restore(self, store: SliceStore[Sliced], windows: Windows) -> None:
         """Keep the slices an earlier process saved (``_saved_slices``) that are sealed
         slices of the largest of ``windows``; the audit of this refresh then reads again
-        those that changed in the store meanwhile. A failure is logged at WARNING: the
-        refresh is cold."""
+        those that changed in the store meanwhile. A failure is logged at WARNING (``_state_failed``):
+        the refresh is cold."""
         saved = self._saved_slices()
         if saved is None:
             return
         try:
             loaded = saved.load(store.width)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning(
-                "model %s: reading the kept time slices from the state database failed: %s", self.model.name, exc
-            )
+        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
+            self._state_failed("reading the kept time slices from", exc)
             return
         first = ceil_to(windows.start, store.width)
         sealed = floor_to(windows.end - self.model.predictions.ingestion_delay, store.width)
@@ -414,14 +413,26 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
     def _save(self) -> None:
         """Save the kept slices (``_saved_slices``) as they are after a successful refresh;
-        a failure is logged at WARNING (a restart then reads more again)."""
+        a failure is logged at WARNING (``_state_failed``): a restart then reads more again."""
         saved = self._saved_slices()
         if saved is None or self.slices is None:  # the second for mypy: no slices, nothing saved
             return
         try:
             saved.save(self.slices.slices)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("model %s: saving the kept time slices in the state database failed: %s", self.model.name, exc)
+        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
+            self._state_failed("saving the kept time slices in", exc)
+
+    def _state_failed(self, doing: str, exc: Exception) -> None:
+        """Log a failure of the state database while ``doing`` (e.g. ``"saving ... in"``) at
+        WARNING, with its traceback unless the database raised it (any other may be a bug,
+        such as an Alembic revision unknown to this version of mlmon)."""
+        log.warning(
+            "model %s: %s the state database failed: %s",
+            self.model.name,
+            doing,
+            first_line(exc),
+            exc_info=not isinstance(exc, sa.exc.SQLAlchemyError),
+        )
 
     def _read_parts(self, conn: Connection, plan: Plan) -> dict[tuple[int, int], Sliced]:
         """What each part of ``plan`` holds, by (pass, part) (a part without rows is absent):

@@ -207,8 +207,14 @@ def test_serve_saves_and_once_does_not(tmp_path):
     log.engine.dispose()
 
 
-def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, serving):
-    """The saved slices' table gone: loading and each save fail with a warning; the refresh
+@pytest.mark.parametrize(
+    "spoil",
+    ["DROP TABLE mlmon_kept_slices", "UPDATE mlmon_alembic_version SET version_num = '9999'"],
+    ids=["table-gone", "unknown-revision"],
+)
+def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, serving, spoil):
+    """The saved slices' table gone, or the state database at a revision this mlmon does
+    not know (Alembic refuses it): loading and each save fail with a warning; the refresh
     is up and right."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
@@ -219,7 +225,7 @@ def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, servin
     StateDatabase(state_url).ready().dispose()
     engine = sa.create_engine(state_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE mlmon_kept_slices"))
+        conn.execute(sa.text(spoil))
     engine.dispose()
     refresher = serving(settings, stores, state_url)
     caplog.set_level(logging.WARNING)
