@@ -353,6 +353,7 @@ class SliceStore(Generic[A]):
         #: the store is filling, and again once it holds none.
         self.filled = False
         self._audited: datetime | None = None
+        self._audit_now = False  # slices kept by another process (``restore``) are audited first
 
     def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta, budget: int | None = None) -> Plan:
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
@@ -418,21 +419,29 @@ class SliceStore(Generic[A]):
             for kept, own in plan.windows
         ]
 
+    def restore(self, slices: dict[datetime, A]) -> None:
+        """Keep ``slices`` (by start), read by an earlier process: the store may have changed
+        since, so the next ``audit_due`` is true."""
+        self.slices.update(slices)
+        self._audit_now = bool(slices)
+
     def audit_due(self, as_of: datetime) -> bool:
-        """Whether the kept slices should be compared with the store now: once
-        ``audit_interval`` has passed since the first refresh or the last audit, and the
-        store is filled (a refresh while filling reads the windows in one pass, exact
-        whatever the kept slices hold; no audit then keeps its statements at most those of
-        a filled refresh)."""
+        """Whether the kept slices should be compared with the store now: when slices were
+        restored since the last audit, or, once the store is filled, when ``audit_interval``
+        has passed since the first refresh or the last audit (a refresh while filling reads
+        the windows in one pass, exact whatever the kept slices hold; no audit then keeps
+        its statements at most those of a filled refresh: a restore needs unique ids, which
+        spare the duplicate search)."""
         if self._audited is None:
             self._audited = as_of
-        return self.filled and bool(self.slices) and as_of - self._audited >= self.audit_interval
+        due = self.filled and as_of - self._audited >= self.audit_interval
+        return bool(self.slices) and (self._audit_now or due)
 
     def audited(self, as_of: datetime, changed: Callable[[datetime, A], bool]) -> list[datetime]:
         """Record an audit at ``as_of`` and forget the kept slices for which ``changed(start,
         aggregate)`` is true (their rows in the store differ from what was read), so that
         the next plan reads them again; returns their starts."""
-        self._audited = as_of
+        self._audited, self._audit_now = as_of, False
         gone = [start for start, aggregate in self.slices.items() if changed(start, aggregate)]
         self.forget(gone)
         return gone

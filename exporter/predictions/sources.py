@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from exporter.config import ModelConfig
 from exporter.db import timed_connection
 from exporter.durations import parse_duration
+from exporter.errors import first_line
 from exporter.health import SourceHealth
 from exporter.monitoring_math import (
     percentiles_from_buckets,
@@ -41,6 +42,7 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
+from exporter.predictions.saved_slices import SavedSlices, fingerprint
 from exporter.predictions.slices import (
     TOP_SCORES,
     DuplicateRows,
@@ -49,6 +51,8 @@ from exporter.predictions.slices import (
     Sliced,
     SliceStore,
     TopCounts,
+    ceil_to,
+    floor_to,
     slice_starts,
 )
 from exporter.predictions.stores import (
@@ -60,6 +64,7 @@ from exporter.predictions.stores import (
     timestamp_types,
 )
 from exporter.snapshot import OnlineAccuracy, PredictionCounter, Reproducibility, ScoreStats
+from exporter.training.storage import StateDatabase
 from exporter.versions import VERSION_MAX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -180,7 +185,9 @@ class Source(ABC, Generic[Q, V]):
 
 class PredictionsSource(Source[PredictionQueries, PredictionValues]):
     """The served predictions: window statistics, the newest and future rows, and the
-    cumulative counter (fed through a timestamp watermark, not subject to staleness)."""
+    cumulative counter (fed through a timestamp watermark, not subject to staleness).
+    With ``time_slice``, the kept slices' aggregates (``slices.SliceStore``), saved in the
+    state database when one is given (``saved_slices``)."""
 
     name = "predictions"
 
@@ -192,8 +199,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         query_timeout: timedelta,
         staleness: timedelta,
         count_from: datetime | None = None,
+        slice_state: StateDatabase | None = None,
     ):
-        """``count_from``: as ``ModelRefresher``'s (the counter's first watermark)."""
+        """``count_from``: as ``ModelRefresher``'s (the counter's first watermark);
+        ``slice_state``: the state database the kept time slices are saved in after each
+        successful refresh and restored from at the first (``None``: neither)."""
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
@@ -216,6 +226,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._known: tuple[Any, ...] = ()
         self._left_out: dict[datetime, frozenset[Any]] = {}
         self._unprobed: tuple[datetime, ...] = ()
+        self._slice_state = slice_state
+        self._saved: SavedSlices | None = None  # where the kept slices are saved (``_saved_slices``)
+        self._restored = False  # whether the first refresh tried to restore them
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -328,6 +341,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # kept slices left the known duplicated ids out, and nothing adds them back now.
             store.forget(list(store.slices))
             self._known = ()
+        if not self._restored:
+            self._restored = True
+            self._restore(store, windows)
         if store.audit_due(windows.end):
             self._audit(conn, store, windows.end)
         duplicate_rows, ids = DuplicateRows((), ()), []
@@ -373,6 +389,62 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates = (windows, found)  # the replays and labels reuse it (duplicate_ids)
         parts = [Sliced.merge([part, back]) for part, (back, _, _) in zip(merged, added, strict=True)]
         return parts, [dup for _, dup, _ in added], found
+
+    def _saved_slices(self) -> SavedSlices | None:
+        """Where the kept slices are saved: ``None`` without a state database or when ids
+        are not unique (by schema or ``unique_ids``): the slices then depend on the
+        duplicated ids known when they were read, which are not saved."""
+        q = self.queries()
+        if self._slice_state is None or not q.unique_ids or self.slices is None:
+            return None
+        if self._saved is None:
+            url = self.stores.engine(self.model.predictions.store).url
+            found = fingerprint(self.model, url, q.dialect, self.slices.width, self.top_scores)
+            self._saved = SavedSlices(self._slice_state, self.model.name, found)
+        return self._saved
+
+    def _restore(self, store: SliceStore[Sliced], windows: Windows) -> None:
+        """Keep the slices an earlier process saved (``_saved_slices``) that are sealed
+        slices of the largest of ``windows``; the audit of this refresh then reads again
+        those that changed in the store meanwhile. A failure is logged at WARNING (``_state_failed``):
+        the refresh is cold."""
+        saved = self._saved_slices()
+        if saved is None:
+            return
+        try:
+            loaded = saved.load(store.width)
+        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
+            self._state_failed("reading the kept time slices from", exc)
+            return
+        first = ceil_to(windows.start, store.width)
+        sealed = floor_to(windows.end - self.model.predictions.ingestion_delay, store.width)
+        kept = {start: sliced for start, sliced in loaded.items() if first <= start and start + store.width <= sealed}
+        store.restore(kept)
+        if kept:
+            log.info("model %s: %d kept time slices restored from the state database", self.model.name, len(kept))
+
+    def _save(self) -> None:
+        """Save the kept slices (``_saved_slices``) as they are after a successful refresh;
+        a failure is logged at WARNING (``_state_failed``): a restart then reads more again."""
+        saved = self._saved_slices()
+        if saved is None or self.slices is None:  # the second for mypy: no slices, nothing saved
+            return
+        try:
+            saved.save(self.slices.slices)
+        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
+            self._state_failed("saving the kept time slices in", exc)
+
+    def _state_failed(self, doing: str, exc: Exception) -> None:
+        """Log a failure of the state database while ``doing`` (e.g. ``"saving ... in"``) at
+        WARNING, with its traceback unless the database raised it (any other may be a bug,
+        such as an Alembic revision unknown to this version of mlmon)."""
+        log.warning(
+            "model %s: %s the state database failed: %s",
+            self.model.name,
+            doing,
+            first_line(exc),
+            exc_info=not isinstance(exc, sa.exc.SQLAlchemyError),
+        )
 
     def _read_parts(self, conn: Connection, plan: Plan) -> dict[tuple[int, int], Sliced]:
         """What each part of ``plan`` holds, by (pass, part) (a part without rows is absent):
@@ -515,6 +587,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 count, score_sum, *buckets = row
                 self.counter = self.counter.add(_int(count), float(score_sum or 0.0), tuple(_int(b) for b in buckets))
                 self._watermark = horizon
+        self._save()
         return PredictionValues(stats, q.time.to_epoch(newest), _int(future))
 
 

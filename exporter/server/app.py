@@ -133,10 +133,11 @@ def store_pools(settings: Settings) -> dict[str, PoolSize]:
 def state_pool(settings: Settings) -> PoolSize:
     """The state database's pool for ``mlmon serve`` (``db.PoolSize``): its users at once are
     the training API's ``STATE_THREADS``, the training refresh and the refresh of each model
-    with features (which reads the training run it compares with, one connection at a time);
-    a checkout waits up to the longest deadline of those refreshes."""
+    with features (which reads the training run it compares with) or time slices (which
+    saves its kept slices), one connection at a time; a checkout waits up to the longest
+    deadline of those refreshes."""
     policy = settings.refresh_policy
-    featured = [model for model in settings.models if model.features is not None]
+    featured = [model for model in settings.models if model.features is not None or model.time_slice is not None]
     wait = max([policy.deadline(), *(refresh_deadline(model, policy) for model in featured)])
     return _pool(settings.state, STATE_THREADS + 1 + len(featured), wait)
 

@@ -94,7 +94,10 @@ class RefreshLoop:
         self.interval = settings.refresh_interval
         self.store = store
         policy = settings.refresh_policy
-        self.refreshers = model_refreshers(settings.models, policy, stores, training=settings.training, state=state)
+        # Only here are the kept time slices saved: `once` and `backfill` write nothing there.
+        self.refreshers = model_refreshers(
+            settings.models, policy, stores, training=settings.training, state=state, slice_state=state
+        )
         self.training = TrainingRefresher(state, settings.training, policy)
         self._training_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []

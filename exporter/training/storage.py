@@ -1,4 +1,5 @@
-"""mlmon's state database: the training runs reported by training pipelines.
+"""mlmon's state database: the training runs reported by training pipelines, and the
+kept time slices of ``mlmon serve`` (``predictions.saved_slices``).
 
 Any SQLAlchemy URL (SQLite file by default); the schema is created and upgraded by
 Alembic (``migrate``), never by hand. A run is stored once per (model, version): the
@@ -42,6 +43,18 @@ training_runs = sa.Table(
     sa.Column("body", sa.Text, nullable=False),
     sa.Column("body_sha256", sa.String(64), nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+#: Mirrors migrations/versions/0002: one row per (model, kept time slice), its start in
+#: microseconds since the epoch; ``fingerprint`` names what determined its contents.
+kept_slices = sa.Table(
+    "mlmon_kept_slices",
+    metadata,
+    sa.Column("model", sa.String(100), primary_key=True),
+    sa.Column("slice_start_us", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("hist", sa.LargeBinary, nullable=False),
+    sa.Column("top", sa.LargeBinary, nullable=False),
+    sa.Column("meta", sa.Text, nullable=False),
 )
 
 

@@ -6,15 +6,21 @@ import asyncio
 import json
 import threading
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
 from fastapi.testclient import TestClient
 
 from exporter.client import build_training_run
 from exporter.config import parse_settings
 from exporter.server.app import create_app
+from exporter.training import storage
+from exporter.training.schema import TrainingRun
 from tests.conftest import table_locked
 
 TOKEN = "t0ken-for-tests-0123456789"
@@ -289,8 +295,29 @@ def test_state_schema_is_created_by_migrations(state_url):
         assert client.post("/api/v1/training-runs", json=run()).status_code == 201
     engine = sa.create_engine(state_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_slices")).scalar() == 0
     engine.dispose()
+
+
+def test_a_state_database_of_revision_0001_is_upgraded_keeping_its_runs(state_url):
+    """A state database made by a version before the kept time slices (revision 0001, one
+    run stored) gets their table on first use, its runs as they were."""
+    engine = sa.create_engine(state_url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(Path(storage.__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    storage.save_run(engine, TrainingRun.model_validate(run()), datetime.now(UTC))
+    engine.dispose()
+    state = storage.StateDatabase(state_url)
+    state.ready()
+    with state.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_slices")).scalar() == 0
+    assert [r.version for r in storage.list_versions(state.engine, "ctr")] == ["v1"]
+    state.engine.dispose()
 
 
 def test_deeply_nested_json_is_rejected_cleanly(state_url):

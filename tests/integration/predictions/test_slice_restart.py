@@ -1,0 +1,255 @@
+"""Kept time slices survive a restart (issue 12): ``mlmon serve``'s refresher saves its sealed
+slices in the state database, and a new refresher on the same state database restores them,
+audits them at its first refresh and reads only what changed, equal to a cold refresh and to
+pandas on SQLite, PostgreSQL and DuckDB; another configuration, unreadable rows, duplicate
+ids and a failing state database each leave a correct, colder refresh."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from exporter.config import Store
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.saved_slices import decode, encode
+from exporter.predictions.slices import EPOCH, Histogram, Sliced, TopCounts, floor_to, slice_starts
+from exporter.predictions.sources import PredictionsSource
+from exporter.predictions.stores import Stores
+from exporter.server.loop import RefreshLoop, refresh_all
+from exporter.snapshot import SnapshotStore
+from exporter.training.storage import StateDatabase, kept_slices
+from tests.integration.predictions.test_time_slices import DELAY, SLICE, START, Log, _check, _settings
+
+
+@pytest.fixture
+def read_slices(monkeypatch):
+    """The starts of the sealed slices each refresher's refreshes read from the store (by
+    ``PredictionsSource``), recorded as ``_read_parts`` reads them."""
+    read: dict[int, list[datetime]] = {}
+    original = PredictionsSource._read_parts
+
+    def recorded(self, conn, plan):
+        read.setdefault(id(self), []).extend(plan.new_slices)
+        return original(self, conn, plan)
+
+    monkeypatch.setattr(PredictionsSource, "_read_parts", recorded)
+    return read
+
+
+@pytest.fixture
+def serving():
+    """Makes a refresher as ``mlmon serve`` builds it, as a new process would: ``(settings,
+    stores, state_url)`` to one on the state database at ``state_url``; its engines are
+    disposed after the test."""
+    states: list[StateDatabase] = []
+
+    def make(settings, stores: Stores, state_url: str) -> ModelRefresher:
+        states.append(StateDatabase(state_url))
+        model = settings.models[0]
+        return ModelRefresher(model, "models[0]", settings.refresh_policy, stores, slice_state=states[-1])
+
+    yield make
+    for state in states:
+        state.engine.dispose()
+
+
+def _saved(state_url: str) -> dict[datetime, str]:
+    """The saved slices' starts and fingerprints."""
+    engine = sa.create_engine(state_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(kept_slices.c.slice_start_us, kept_slices.c.fingerprint)).all()
+    engine.dispose()
+    return {EPOCH + timedelta(microseconds=us): f for us, f in rows}
+
+
+def _history(log: Log, seed: int = 1, count: int = 400) -> None:
+    rng = np.random.default_rng(seed)
+    scores = [float(np.round(rng.random(), 2)) if rng.random() < 0.5 else float(rng.random()) for _ in range(count)]
+    log.insert(
+        [(START - timedelta(seconds=float(s)), p) for s, p in zip(rng.uniform(0, 4000, count), scores, strict=True)]
+    )
+
+
+def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slices, serving):
+    """A refresh, then, while no process runs, a row written late into a kept slice, a row
+    of another deleted and new rows; a new refresher on the same state database reads from
+    the store only those two slices (found by the audit) and the one sealed since, not the
+    hour, and equals a cold refresh and pandas."""
+    url, schema, dialect = store
+    settings = _settings(url, schema)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    _history(log)
+    state_url = f"sqlite:///{tmp_path}/state.sqlite"
+    first = serving(settings, stores, state_url)
+    first.refresh(START)
+    kept = first.predictions.slices.slices
+    assert set(_saved(state_url)) == set(kept) and len(kept) > 20
+    # While mlmon is down: a row written late into a kept slice, a kept slice's row deleted,
+    # new rows.
+    late = START - timedelta(minutes=30)
+    log.insert([(late, 0.375)])
+    gone_key = next(
+        k for k, (_, ts, _) in log.rows.items() if START - timedelta(minutes=50) <= ts < START - timedelta(minutes=48)
+    )
+    gone = log.rows[gone_key][1]
+    log.delete([gone_key])
+    log.insert([(START + timedelta(seconds=s), 0.5) for s in (10, 50, 100)])
+    as_of = START + timedelta(minutes=2)
+    restarted = serving(settings, stores, state_url)
+    _check(log, restarted, settings, stores, as_of)  # equal to a cold refresh and to pandas
+    newly_sealed = floor_to(as_of - DELAY, SLICE) - SLICE
+    assert sorted(read_slices[id(restarted.predictions)]) == sorted(
+        {floor_to(late, SLICE), floor_to(gone, SLICE), newly_sealed}
+    )
+    assert set(_saved(state_url)) == set(restarted.predictions.slices.slices)
+    # The next refresh of the restarted process keeps going from there.
+    _check(log, restarted, settings, stores, as_of + timedelta(minutes=2))
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, read_slices, caplog, serving):
+    """Saved with ``bucket_decimals`` 5, restarted with 3: the first refresh is cold, and
+    the saved slices are replaced by the new ones (SQLite and PostgreSQL state databases)."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _history(log)
+    serving(settings, stores, state_url).refresh(START)
+    before = set(_saved(state_url).values())
+    other = _settings(url, None, bucket_decimals=3)
+    restarted = serving(other, stores, state_url)
+    caplog.set_level(logging.INFO, "exporter.predictions.saved_slices")
+    as_of = START + timedelta(minutes=1)
+    _check(log, restarted, other, stores, as_of)
+    assert "saved with another configuration" in caplog.text
+    window = slice_starts(as_of - timedelta(hours=1), as_of - DELAY, SLICE)
+    assert set(read_slices[id(restarted.predictions)]) == set(window)  # cold
+    after = set(_saved(state_url).values())
+    assert len(after) == 1 and after.isdisjoint(before)  # replaced
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slices, caplog, serving):
+    """Three saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
+    kept scores): each is logged and read from the store again, the others are kept."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _history(log)
+    serving(settings, stores, state_url).refresh(START)
+    bad = sorted(_saved(state_url))[5:8]
+    engine = sa.create_engine(state_url)
+    us = [(s - EPOCH) // timedelta(microseconds=1) for s in bad]
+    with engine.begin() as conn:
+        conn.execute(
+            kept_slices.update().where(kept_slices.c.slice_start_us == us[0]).values(hist=b"\x93NUMPY garbage")
+        )
+        conn.execute(kept_slices.update().where(kept_slices.c.slice_start_us == us[1]).values(meta="{"))
+        conn.execute(
+            kept_slices.update()
+            .where(kept_slices.c.slice_start_us == us[2])
+            .values(top=encode(Sliced(Histogram.empty(), TopCounts.of(np.arange(3), np.ones(3, dtype=np.int64))))[1])
+        )
+    engine.dispose()
+    restarted = serving(settings, stores, state_url)
+    caplog.set_level(logging.WARNING)
+    as_of = START + timedelta(seconds=30)  # no slice sealed since: only the bad ones are read
+    _check(log, restarted, settings, stores, as_of)
+    assert sorted(read_slices[id(restarted.predictions)]) == bad
+    assert caplog.text.count("cannot be read back") == 3
+    assert set(_saved(state_url)) == set(restarted.predictions.slices.slices)
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_duplicate_ids_start_cold_and_save_nothing(tmp_path, serving):
+    """Ids not unique: the kept slices depend on the duplicated ids known, which are not
+    saved; the state database is not touched."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None, unique=False)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    log.insert([(START - timedelta(minutes=m), 0.25) for m in (50, 30, 10)], ids=[1, 1, 2])
+    state_url = f"sqlite:///{tmp_path}/state.sqlite"
+    first = serving(settings, stores, state_url)
+    first.refresh(START)
+    assert first.predictions.slices.slices
+    assert not (tmp_path / "state.sqlite").exists()  # the state database was not even opened
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_serve_saves_and_once_does_not(tmp_path):
+    """``mlmon once`` (``refresh_all``) opens the state database for the training runs and
+    saves no slices there; ``mlmon serve``'s refresh loop saves them."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    state_url = f"sqlite:///{tmp_path}/state.sqlite"
+    settings = _settings(url, None).model_copy(update={"state": Store(url=state_url)})
+    log = Log(url, None, "sqlite")
+    _history(log)
+    refresh_all(settings, START)
+    assert not _saved(state_url)  # migrated, nothing saved
+    stores, state = Stores(settings.stores, settings.query_timeout), StateDatabase(state_url)
+    loop = RefreshLoop(settings, SnapshotStore(["ctr"]), stores, state)
+    loop.refreshers[0].refresh(START)
+    assert set(_saved(state_url)) == set(loop.refreshers[0].predictions.slices.slices)
+    stores.dispose()
+    state.engine.dispose()
+    log.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    ["DROP TABLE mlmon_kept_slices", "UPDATE mlmon_alembic_version SET version_num = '9999'"],
+    ids=["table-gone", "unknown-revision"],
+)
+def test_a_failing_state_database_leaves_the_refresh_up(tmp_path, caplog, serving, spoil):
+    """The saved slices' table gone, or the state database at a revision this mlmon does
+    not know (Alembic refuses it): loading and each save fail with a warning; the refresh
+    is up and right."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    state_url = f"sqlite:///{tmp_path}/state.sqlite"
+    settings = _settings(url, None)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _history(log)
+    StateDatabase(state_url).ready().dispose()
+    engine = sa.create_engine(state_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(spoil))
+    engine.dispose()
+    refresher = serving(settings, stores, state_url)
+    caplog.set_level(logging.WARNING)
+    _check(log, refresher, settings, stores, START)
+    assert "reading the kept time slices from the state database failed" in caplog.text
+    assert "saving the kept time slices in the state database failed" in caplog.text
+    _check(log, refresher, settings, stores, START + timedelta(minutes=3))
+    stores.dispose()
+    log.engine.dispose()
+
+
+def test_saved_form_round_trip():
+    """Several sets of most frequent scores, excluded keys (NaN), and an empty slice."""
+    hist = Histogram.from_scores([0, 0, 2, 0], [0.25, 0.5, None, 0.25], 5)
+    top = TopCounts.merge(
+        [TopCounts.of(np.arange(5), np.arange(5, 0, -1), top=2), TopCounts.of(np.array([7]), np.array([3]))]
+    )
+    for sliced in (Sliced(hist, top), Sliced.merge([])):
+        back = decode(*encode(sliced))
+        for name in ("key", "n", "low", "high", "s1", "s2"):
+            np.testing.assert_array_equal(getattr(back.hist, name), getattr(sliced.hist, name))
+        assert len(back.top.sets) == len(sliced.top.sets)
+        for (k, c, b), (k2, c2, b2) in zip(back.top.sets, sliced.top.sets, strict=True):
+            np.testing.assert_array_equal(k, k2)
+            np.testing.assert_array_equal(c, c2)
+            assert b == b2
+        assert back.top.mode() == sliced.top.mode()
