@@ -64,7 +64,9 @@ def worst_case_queries(model: ModelConfig) -> int:
     sliced histogram and, when buckets hold several scores, their most frequent scores; the
     new rows of the counter. When the duplicated ids or their rows are too many to list,
     a full duplicate search, the one-pass histogram and the mode counts replace the passes
-    (8 with the listing that overflowed). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    (8 with the listing that overflowed). While the slices fill from a cold start, one pass
+    reads the missing slices to keep and the same three statements make the windows, with
+    no audit (9). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
     replays: the replays (a search too if the predictions failed before theirs, a refresh

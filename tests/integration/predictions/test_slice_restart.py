@@ -113,6 +113,32 @@ def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slice
     log.engine.dispose()
 
 
+def test_a_restart_while_the_slices_fill_goes_on_filling(tmp_path, read_slices, serving):
+    """With the default fill (2 of the hour's 30 slices a refresh, the newest missing), a
+    process refreshed twice and stopped: the new one restores its 4 slices, audits them (a
+    row written late into the oldest is found), reads that one again and the one before
+    it, and keeps filling; every refresh equals a cold one and pandas."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None, slice_fill_refreshes=24)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _history(log)
+    state_url = f"sqlite:///{tmp_path}/state.sqlite"
+    first = serving(settings, stores, state_url)
+    first.refresh(START)
+    first.refresh(START + timedelta(seconds=10))
+    kept = sorted(first.predictions.slices.slices)
+    assert len(kept) == 4 and set(_saved(state_url)) == set(kept)
+    log.insert([(kept[0] + timedelta(seconds=1), 0.375)])  # late, into a kept slice
+    restarted = serving(settings, stores, state_url)
+    _check(log, restarted, settings, stores, START + timedelta(seconds=20))
+    again = read_slices[id(restarted.predictions)]
+    assert sorted(again) == [kept[0] - SLICE, kept[0]] and len(restarted.predictions.slices.slices) == 5, again
+    assert not restarted.predictions.slices.filled
+    stores.dispose()
+    log.engine.dispose()
+
+
 def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, read_slices, caplog, serving):
     """Saved with ``bucket_decimals`` 5, restarted with 3: the first refresh is cold, and
     the saved slices are replaced by the new ones (SQLite and PostgreSQL state databases)."""
