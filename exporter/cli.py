@@ -335,8 +335,9 @@ def backfill(
         bool,
         typer.Option(
             "--time-slices/--no-time-slices",
-            help="Models without time_slice use time_slice: auto, so that a step reads what is new since the "
-            "previous one; --no-time-slices reads every window at every step, as `mlmon once` does.",
+            help="Models without time_slice use time_slice: auto, so that, once the slices are filled (24 steps), "
+            "a step reads what is new since the previous one; --no-time-slices reads every window at every step, "
+            "as `mlmon once` does.",
         ),
     ] = True,
 ) -> None:

@@ -76,6 +76,8 @@ def _npy(array: np.ndarray) -> bytes:
 
 def _array(data: bytes, dtype: np.dtype, what: str) -> np.ndarray:
     array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray):  # .npz bytes load as an archive of arrays
+        raise ValueError(f"{what}: {type(array).__name__}, not a .npy array")
     if array.dtype != dtype or array.ndim != 1:
         raise ValueError(f"{what}: a {array.ndim}-d array of {array.dtype}, not a 1-d array of {dtype}")
     return array

@@ -349,11 +349,34 @@ class SliceStore(Generic[A]):
         self.audit_interval = audit_interval
         self.combine = combine
         self.slices: dict[datetime, A] = {}
-        #: Every sealed slice of the largest window has been kept (``plan``); until then
-        #: the store is filling, and again once it holds none.
+        #: Every sealed slice of the largest window has been kept (``filling``); until then
+        #: the store is filling, and again once it holds none of the window's.
         self.filled = False
+        self._last_sealed: datetime | None = None  # the sealed end at the last ``filling``
+        self._fresh_from: datetime | None = None  # slices from here on sealed since the refresh before
         self._audited: datetime | None = None
         self._audit_now = False  # slices kept by another process (``restore``) are audited first
+
+    def filling(self, starts: Sequence[datetime], end: datetime, delay: timedelta, budget: int) -> bool:
+        """Whether this refresh (windows ``[starts[i], end)``) only fills the store, reading
+        ``plan(..., budget)``: it is not filled yet, and more than ``budget`` of the largest
+        window's sealed slices are missing besides those sealed since the last refresh
+        (always read, so that the store fills however far refreshes step). Once it returns
+        False the store is filled, and slices missing later (an audit found them changed,
+        ``end`` jumped) are read at once. Called once per refresh, before ``plan``."""
+        first, sealed = ceil_to(min(starts), self.width), floor_to(end - delay, self.width)
+        self._fresh_from, self._last_sealed = self._last_sealed, sealed
+        self.filled = self.filled and any(first <= s and s + self.width <= sealed for s in self.slices)
+        if not self.filled and len(self._older_missing(first, sealed)) > budget:
+            return True
+        self.filled = True
+        return False
+
+    def _older_missing(self, first: datetime, sealed: datetime) -> list[datetime]:
+        """The starts of the slices in ``[first, sealed)`` neither kept nor sealed since the
+        last refresh, ascending."""
+        fresh = self._fresh_from if self._fresh_from is not None else sealed
+        return [s for s in slice_starts(first, min(fresh, sealed), self.width) if s not in self.slices]
 
     def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta, budget: int | None = None) -> Plan:
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
@@ -364,21 +387,19 @@ class SliceStore(Generic[A]):
         ``end`` went back. A slice kept while out of the window is not probed for the
         duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``).
 
-        While the store fills (from a cold start, or once it holds no slice) and more than
-        ``budget`` slices are missing, the plan reads only the ``budget`` newest of them (kept
-        the longest) and makes no window (``Plan.windows`` is empty): the caller reads the
-        windows in one pass this time. Once filled, every missing slice is read at once
-        (those an audit found changed, or after ``end`` jumped)."""
+        With ``budget`` (the store is filling: ``filling``), the plan reads the missing slices
+        sealed since the last refresh and the ``budget`` newest of the others (kept the
+        longest), and makes no window (``Plan.windows`` is empty): the caller reads the
+        windows in one pass this time."""
         width = self.width
         sealed = floor_to(end - delay, width)
         first = ceil_to(min(starts), width)
         self.forget([s for s in self.slices if s < first or s + width > sealed])
-        self.filled = self.filled and bool(self.slices)
         missing = [s for s in slice_starts(first, sealed, width) if s not in self.slices]
-        if not self.filled and budget is not None and len(missing) > budget:
-            chosen = missing[len(missing) - budget :]
+        if budget is not None:
+            older = self._older_missing(first, sealed)
+            chosen = sorted({*older[len(older) - budget :], *(s for s in missing if s not in older)})
             return Plan((Pass.over([(s, s + width) for s in chosen]),), tuple(chosen), ())
-        self.filled = True
         raw: list[list[tuple[datetime, datetime]]] = []
         for a in starts:
             c = ceil_to(a, width)
@@ -425,16 +446,15 @@ class SliceStore(Generic[A]):
         self.slices.update(slices)
         self._audit_now = bool(slices)
 
-    def audit_due(self, as_of: datetime) -> bool:
+    def audit_due(self, as_of: datetime, filling: bool) -> bool:
         """Whether the kept slices should be compared with the store now: when slices were
-        restored since the last audit, or, once the store is filled, when ``audit_interval``
-        has passed since the first refresh or the last audit (a refresh while filling reads
-        the windows in one pass, exact whatever the kept slices hold; no audit then keeps
-        its statements at most those of a filled refresh: a restore needs unique ids, which
-        spare the duplicate search)."""
+        restored since the last audit, or, unless this refresh only fills the store
+        (``filling``: it reads the windows in one pass, exact whatever the kept slices hold,
+        and no audit keeps its statements within those of a filled refresh), when
+        ``audit_interval`` has passed since the first refresh or the last audit."""
         if self._audited is None:
             self._audited = as_of
-        due = self.filled and as_of - self._audited >= self.audit_interval
+        due = not filling and as_of - self._audited >= self.audit_interval
         return bool(self.slices) and (self._audit_now or due)
 
     def audited(self, as_of: datetime, changed: Callable[[datetime, A], bool]) -> list[datetime]:

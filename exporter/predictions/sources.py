@@ -344,18 +344,21 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         if not self._restored:
             self._restored = True
             self._restore(store, windows)
-        if store.audit_due(windows.end):
+        filling = self.fill_slices is not None and store.filling(windows.starts, windows.end, delay, self.fill_slices)
+        budget = self.fill_slices if filling else None
+        if store.audit_due(windows.end, filling):
             self._audit(conn, store, windows.end)
         duplicate_rows, ids = DuplicateRows((), ()), []
         if not q.unique_ids:
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
             # the slices the last one read unprobed: one may hold a row written later than
             # ingestion_delay, whose id the audit, finding the slice as read, never probes.
-            probed = store.plan(windows.starts, windows.end, delay, self.fill_slices)
+            probed = store.plan(windows.starts, windows.end, delay, budget)
             reads = [r for p in probed.passes for r in p.reads]
             reads += [(s, s + store.width) for s in self._unprobed]
-            # A cold refresh reads everything: probing all ids is then one grouped pass.
-            probe = reads if store.slices or not probed.windows else None
+            # With no slice kept (a cold start, the limits below passed), every id is probed:
+            # one grouped pass, which finds at once more duplicated ids than can be listed.
+            probe = reads if store.slices else None
             searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self._known)).all()
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
             rows: list[Any] = []
@@ -374,7 +377,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._known = tuple(ids)
         should = duplicate_rows.by_slice(store.width)
         store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
-        plan = store.plan(windows.starts, windows.end, delay, self.fill_slices)
+        plan = store.plan(windows.starts, windows.end, delay, budget)
         merged = store.merge(plan, self._read_parts(conn, plan))
         self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
         if not q.unique_ids:

@@ -335,9 +335,11 @@ class Backfill:
 
     def check_manifest(self) -> None:
         """Record in ``output`` what its files are computed with (step, target labels,
-        models), or refuse a run that differs: the files' names are the record of what is
-        done, so a run with another grid, labels or models would take the old files for its
-        own and import them as they are.
+        models, their time slices), or refuse a run that differs: the files' names are the
+        record of what is done, so a run with another grid, labels or models would take the
+        old files for its own and import them as they are, and one with other time slices
+        would mix the two meanings of the mode share (docs/backfill.md, *Numbers*). A
+        manifest without time slices (written before they were recorded) had none.
 
         Raises:
             ManifestError: naming the option and both values.
@@ -347,12 +349,23 @@ class Backfill:
             "step_seconds": int(self.step.total_seconds()),
             "labels": dict(sorted(self.labels.items())),
             "models": sorted(m.name for m in self.settings.models),
+            "time_slice_seconds": {
+                m.name: None if (width := m.slice_width()) is None else width.total_seconds()
+                for m in sorted(self.settings.models, key=lambda m: m.name)
+            },
         }
         if not path.exists():
             path.write_text(json.dumps(mine, indent=2) + "\n")
             return
         theirs = json.loads(path.read_text())
-        for key, option in (("step_seconds", "--step (seconds)"), ("labels", "--label"), ("models", "models")):
+        theirs.setdefault("time_slice_seconds", dict.fromkeys(theirs.get("models", [])))
+        options = (
+            ("step_seconds", "--step (seconds)"),
+            ("labels", "--label"),
+            ("models", "models"),
+            ("time_slice_seconds", "time slices (--time-slices/--no-time-slices, or the models' time_slice)"),
+        )
+        for key, option in options:
             if theirs.get(key) != mine[key]:
                 raise ManifestError(
                     f"{self.output} holds files computed with {option} {theirs.get(key)!r}, this run has "

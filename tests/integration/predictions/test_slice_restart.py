@@ -6,6 +6,7 @@ ids and a failing state database each leave a correct, colder refresh."""
 
 from __future__ import annotations
 
+import io
 import logging
 from datetime import datetime, timedelta
 
@@ -164,15 +165,18 @@ def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, rea
 
 
 def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slices, caplog, serving):
-    """Three saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
-    kept scores): each is logged and read from the store again, the others are kept."""
+    """Four saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
+    kept scores, an ``.npz`` archive): each is logged and read from the store again, the
+    others are kept."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     settings = _settings(url, None)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, None, "sqlite")
     _history(log)
     serving(settings, stores, state_url).refresh(START)
-    bad = sorted(_saved(state_url))[5:8]
+    bad = sorted(_saved(state_url))[5:9]
+    archive = io.BytesIO()
+    np.savez(archive, hist=np.zeros(3))
     engine = sa.create_engine(state_url)
     us = [(s - EPOCH) // timedelta(microseconds=1) for s in bad]
     with engine.begin() as conn:
@@ -180,6 +184,7 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slice
             kept_slices.update().where(kept_slices.c.slice_start_us == us[0]).values(hist=b"\x93NUMPY garbage")
         )
         conn.execute(kept_slices.update().where(kept_slices.c.slice_start_us == us[1]).values(meta="{"))
+        conn.execute(kept_slices.update().where(kept_slices.c.slice_start_us == us[3]).values(hist=archive.getvalue()))
         conn.execute(
             kept_slices.update()
             .where(kept_slices.c.slice_start_us == us[2])
@@ -191,7 +196,7 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slice
     as_of = START + timedelta(seconds=30)  # no slice sealed since: only the bad ones are read
     _check(log, restarted, settings, stores, as_of)
     assert sorted(read_slices[id(restarted.predictions)]) == bad
-    assert caplog.text.count("cannot be read back") == 3
+    assert caplog.text.count("cannot be read back") == 4
     assert set(_saved(state_url)) == set(restarted.predictions.slices.slices)
     stores.dispose()
     log.engine.dispose()

@@ -3,6 +3,7 @@ PromQL selector of the overlap check, and the command's usage errors."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from exporter.cli import app
 from exporter.config import Settings
 from exporter.tools.backfill import (
+    MANIFEST,
     Backfill,
     BackfillError,
     Chunk,
@@ -22,6 +24,7 @@ from exporter.tools.backfill import (
     pending,
     runs,
     series_selector,
+    with_time_slices,
 )
 
 T0 = datetime(2018, 11, 9, 22, tzinfo=UTC)
@@ -156,12 +159,14 @@ def test_prometheus_data_without_promtool_is_a_usage_error(tmp_path, monkeypatch
     assert "--prometheus-data needs promtool on the PATH (Debian package prometheus)" in result.output
 
 
-def test_output_written_with_another_step_labels_or_models_is_refused(tmp_path):
+def test_output_written_with_another_step_labels_models_or_time_slices_is_refused(tmp_path):
     """The files' names are the record of what is done: a run with another step, other
-    target labels or other models must not take them for its own."""
+    target labels, other models or other time slices must not take them for its own; a
+    manifest written before time slices were recorded had none."""
 
-    def job(step=HOUR, labels=None, models=("m",)):
+    def job(step=HOUR, labels=None, models=("m",), sliced=False):
         settings = _settings(*models)
+        settings = with_time_slices(settings) if sliced else settings
         return Backfill(settings, T0, T0 + 2 * HOUR, step, tmp_path, labels or {"job": "mlmon"})
 
     job().check_manifest()
@@ -172,3 +177,12 @@ def test_output_written_with_another_step_labels_or_models_is_refused(tmp_path):
         job(labels={"job": "other"}).check_manifest()
     with pytest.raises(ManifestError, match=r"models \['m'\], this run has \['m', 'n'\]"):
         job(models=("m", "n")).check_manifest()
+    with pytest.raises(ManifestError, match=r"time slices .*\{'m': None\}, this run has \{'m': 300.0\}"):
+        job(sliced=True).check_manifest()
+    manifest = tmp_path / MANIFEST
+    older = json.loads(manifest.read_text())
+    del older["time_slice_seconds"]
+    manifest.write_text(json.dumps(older))
+    job().check_manifest()  # no time slices recorded: none
+    with pytest.raises(ManifestError, match=r"time slices"):
+        job(sliced=True).check_manifest()
