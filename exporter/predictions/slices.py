@@ -320,7 +320,7 @@ class Plan:
     ``passes``: the statements to run (``Pass``), each read part named (pass, part);
     ``new_slices``: the starts of the sealed slices read this time, each one part of the
     first pass, to keep; ``windows[i]``: (the kept slice starts, the read parts) that make
-    window ``i``, none while the store is filling (``SliceStore.plan``'s budget). A window's tail inside a slice read this time is read again by a second
+    window ``i``, none while the store is filling (``SliceStore.filling``). A window's tail inside a slice read this time is read again by a second
     pass rather than cutting that slice: a slice's aggregate is then the same whenever it
     is read (``TopCounts`` depends on how rows are grouped into sets).
     """
@@ -343,9 +343,14 @@ class SliceStore(Generic[A]):
     ``min(rows of a slice, 10**bucket_decimals + 7)`` buckets a slice (docs/scaling.md).
     """
 
-    def __init__(self, width: timedelta, audit_interval: timedelta, combine: Callable[[Iterable[A]], A]):
-        """``width``: the slice width (> 0); ``audit_interval``: how often ``audit_due`` is true."""
+    def __init__(
+        self, width: timedelta, audit_interval: timedelta, combine: Callable[[Iterable[A]], A], fill: int | None = None
+    ):
+        """``width``: the slice width (> 0); ``audit_interval``: how often ``audit_due`` is
+        true; ``fill``: how many missing slices a refresh reads while the store fills, besides
+        those sealed since the refresh before (``filling``; ``None``: every one at once)."""
         self.width = width
+        self.fill = fill
         self.audit_interval = audit_interval
         self.combine = combine
         self.slices: dict[datetime, A] = {}
@@ -357,9 +362,9 @@ class SliceStore(Generic[A]):
         self._audited: datetime | None = None
         self._audit_now = False  # slices kept by another process (``restore``) are audited first
 
-    def filling(self, starts: Sequence[datetime], end: datetime, delay: timedelta, budget: int) -> bool:
+    def filling(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> bool:
         """Whether this refresh (windows ``[starts[i], end)``) only fills the store, reading
-        ``plan(..., budget)``: it is not filled yet, and more than ``budget`` of the largest
+        ``plan(..., filling=True)``: it is not filled yet, and more than ``fill`` of the largest
         window's sealed slices are missing besides those sealed since the last refresh
         (always read, so that the store fills however far refreshes step). Once it returns
         False the store is filled, and slices missing later (an audit found them changed,
@@ -367,7 +372,7 @@ class SliceStore(Generic[A]):
         first, sealed = ceil_to(min(starts), self.width), floor_to(end - delay, self.width)
         self._fresh_from, self._last_sealed = self._last_sealed, sealed
         self.filled = self.filled and any(first <= s and s + self.width <= sealed for s in self.slices)
-        if not self.filled and len(self._older_missing(first, sealed)) > budget:
+        if not self.filled and self.fill is not None and len(self._older_missing(first, sealed)) > self.fill:
             return True
         self.filled = True
         return False
@@ -378,7 +383,7 @@ class SliceStore(Generic[A]):
         fresh = self._fresh_from if self._fresh_from is not None else sealed
         return [s for s in slice_starts(first, min(fresh, sealed), self.width) if s not in self.slices]
 
-    def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta, budget: int | None = None) -> Plan:
+    def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta, filling: bool = False) -> Plan:
         """What to read for the windows ``[starts[i], end)``, whose rows may still be
         written ``delay`` after their timestamp: the sealed slices (ending at or before
         ``end - delay``) wholly inside the largest window that are not kept yet, and each
@@ -387,8 +392,8 @@ class SliceStore(Generic[A]):
         ``end`` went back. A slice kept while out of the window is not probed for the
         duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``).
 
-        With ``budget`` (the store is filling: ``filling``), the plan reads the missing slices
-        sealed since the last refresh and the ``budget`` newest of the others (kept the
+        While ``filling`` (``SliceStore.filling``), the plan reads the missing slices sealed
+        since the last refresh and the ``fill`` newest of the others (kept the
         longest), and makes no window (``Plan.windows`` is empty): the caller reads the
         windows in one pass this time."""
         width = self.width
@@ -396,9 +401,9 @@ class SliceStore(Generic[A]):
         first = ceil_to(min(starts), width)
         self.forget([s for s in self.slices if s < first or s + width > sealed])
         missing = [s for s in slice_starts(first, sealed, width) if s not in self.slices]
-        if budget is not None:
+        if filling and self.fill is not None:
             older = self._older_missing(first, sealed)
-            chosen = sorted({*older[len(older) - budget :], *(s for s in missing if s not in older)})
+            chosen = sorted({*older[max(0, len(older) - self.fill) :], *(s for s in missing if s not in older)})
             return Plan((Pass.over([(s, s + width) for s in chosen]),), tuple(chosen), ())
         raw: list[list[tuple[datetime, datetime]]] = []
         for a in starts:

@@ -210,16 +210,16 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         width = model.slice_width()
-        self.slices = None if width is None else SliceStore(width, model.slice_audit_interval, Sliced.merge)
+        self.slices: SliceStore[Sliced] | None = None
+        if width is not None:
+            # While the slices fill, a refresh reads 1/slice_fill_refreshes of the largest
+            # window's, so that a cold start does not read every slice's buckets at once
+            # (millions of rows at 10^7 predictions a day).
+            longest = max(parse_duration(window) for window in model.windows)
+            fill = max(1, math.ceil(longest / width / model.slice_fill_refreshes))
+            self.slices = SliceStore(width, model.slice_audit_interval, Sliced.merge, fill)
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
-        #: How many missing slices a refresh reads while the store fills (``SliceStore.plan``):
-        #: 1/``slice_fill_refreshes`` of the largest window's, so that a cold start does not
-        #: read every slice's buckets at once (millions of rows at 10^7 predictions a day).
-        self.fill_slices: int | None = None
-        if width is not None:
-            longest = max(parse_duration(window) for window in model.windows)
-            self.fill_slices = max(1, math.ceil(longest / width / model.slice_fill_refreshes))
         #: The duplicated ids found at the last refresh, which every read leaves out; per
         #: kept slice the ids it left out; the slices read at the last refresh whose ids the
         #: duplicate search did not probe (read again for their left-out ids), probed next.
@@ -322,7 +322,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         each window excludes as ``duplicate_id`` and its duplicated ids (kept for the other
         sources, as ``duplicate_ids`` does); ``None`` when the duplicated ids or their rows
         are too many to list (the kept slices are dropped), or while the store fills (this
-        refresh read ``fill_slices`` of the missing slices and keeps them): the caller then
+        refresh read some of the missing slices and keeps them): the caller then
         reads the windows in one pass.
 
         In order: the audit of the kept slices when due (``_audit``); then, unless ids are
@@ -344,8 +344,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         if not self._restored:
             self._restored = True
             self._restore(store, windows)
-        filling = self.fill_slices is not None and store.filling(windows.starts, windows.end, delay, self.fill_slices)
-        budget = self.fill_slices if filling else None
+        filling = store.filling(windows.starts, windows.end, delay)
         if store.audit_due(windows.end, filling):
             self._audit(conn, store, windows.end)
         duplicate_rows, ids = DuplicateRows((), ()), []
@@ -353,7 +352,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
             # the slices the last one read unprobed: one may hold a row written later than
             # ingestion_delay, whose id the audit, finding the slice as read, never probes.
-            probed = store.plan(windows.starts, windows.end, delay, budget)
+            probed = store.plan(windows.starts, windows.end, delay, filling)
             reads = [r for p in probed.passes for r in p.reads]
             reads += [(s, s + store.width) for s in self._unprobed]
             # With no slice kept (a cold start, the limits below passed), every id is probed:
@@ -377,7 +376,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._known = tuple(ids)
         should = duplicate_rows.by_slice(store.width)
         store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
-        plan = store.plan(windows.starts, windows.end, delay, budget)
+        plan = store.plan(windows.starts, windows.end, delay, filling)
         merged = store.merge(plan, self._read_parts(conn, plan))
         self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
         if not q.unique_ids:

@@ -26,12 +26,12 @@ def test_the_store_fills_within_its_refreshes_however_far_they_step(step):
     """Windows 1h and 24h of 5-minute slices, 12 read a refresh (1/24) besides those sealed
     since the refresh before: filled after at most 24 filling refreshes, whatever the step
     (reading only the newest missing slices, a 2-hour step never filled)."""
-    store: SliceStore[tuple] = SliceStore(timedelta(minutes=5), timedelta(hours=1), tuple)
+    store: SliceStore[tuple] = SliceStore(timedelta(minutes=5), timedelta(hours=1), tuple, fill=12)
     end, filling_refreshes = T0, 0
     while True:
         starts = [end - timedelta(hours=1), end - timedelta(hours=24)]
-        filling = store.filling(starts, end, timedelta(0), 12)
-        plan = store.plan(starts, end, timedelta(0), 12 if filling else None)
+        filling = store.filling(starts, end, timedelta(0))
+        plan = store.plan(starts, end, timedelta(0), filling)
         store.merge(plan, {})
         if not filling:
             break

@@ -196,14 +196,14 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
 @pytest.mark.parametrize(
     ("windows", "label_delay", "missing", "continuous"),
     [
-        (["1h", "24h"], "0s", "negative", False),
-        (["30m", "6h", "2h", "1d"], "1h", "ignore", True),
-        (["3h"], "2h", "negative", True),
+        pytest.param(["1h", "24h"], "0s", "negative", False, id="1h-24h-discrete"),
+        pytest.param(
+            ["30m", "6h", "2h", "1d"], "1h", "ignore", True, id="four-windows-continuous", marks=pytest.mark.long
+        ),
+        pytest.param(["3h"], "2h", "negative", True, id="one-window", marks=pytest.mark.long),
     ],
-    ids=["1h-24h-discrete", "four-windows-continuous", "one-window"],
 )
 @pytest.mark.parametrize("listed", [True, False], ids=["listed-duplicates", "searched-duplicates"])
-@pytest.mark.long
 def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     store, windows, label_delay, missing, continuous, listed, monkeypatch
 ):

@@ -250,7 +250,7 @@ def test_a_cold_start_fills_the_slices_a_share_per_refresh(store, unique):
     history = [(START - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 4000, 300)]
     log.insert(history, _ids(rng, log, len(history), unique))
     filling = _refresher(settings, stores)
-    assert filling.predictions.fill_slices == 2
+    assert filling.predictions.slices.fill == 2
     store_ = filling.predictions.slices
     assert store_ is not None
     reference = ModelRefresher(plain, "models[0]", settings.refresh_policy, stores)
