@@ -190,8 +190,11 @@ def test_statement_failures_mid_refresh(tmp_path, monkeypatch, seed):
 
 
 @pytest.mark.long
-def test_many_duplicated_ids_around_the_limit(tmp_path):
-    """1,001 duplicated ids (full reads, no slices kept), then 999 (slices again), then 1,001."""
+@pytest.mark.parametrize("fill", [1, 3], ids=["read-at-once", "filling"])
+def test_many_duplicated_ids_around_the_limit(tmp_path, fill):
+    """1,001 duplicated ids (full reads, no slices kept), then 999 (slices again), then
+    1,001; the slices read at the first refresh, or filling over 3 refreshes (a cold start
+    probes every id: the listing overflows at once, nothing is kept)."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     settings = _settings(url, None, unique=False)
     stores = Stores(settings.stores, settings.query_timeout)
@@ -199,7 +202,7 @@ def test_many_duplicated_ids_around_the_limit(tmp_path):
     rows = [(START - timedelta(seconds=1 + j * 3590 / 6000), float(np.round((j % 997) / 997, 4))) for j in range(6000)]
     ids = [j % 4999 for j in range(6000)]  # ids 0..1000 twice: 1,001 duplicated
     log.insert(rows, ids)
-    warm = _refresher(settings, stores)
+    warm = _refresher(_settings(url, None, unique=False, slice_fill_refreshes=fill), stores)
     _warm_equals_cold(warm, settings, stores, START)
     assert not warm.predictions.slices.slices  # read in full, nothing kept
     # A minute later the ids of the oldest rows (from about 920 on) have left the 1h window.

@@ -191,8 +191,15 @@ def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[i
 
 
 @pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicate-ids"])
-@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.long)])
-def test_kept_slices_equal_a_cold_refresh(store, seed, unique):
+@pytest.mark.parametrize(
+    ("seed", "fill"),
+    [(1, 1), pytest.param(2, 1, marks=pytest.mark.long), pytest.param(3, 4, marks=pytest.mark.long)],
+    ids=["1", "2", "3-filling"],
+)
+def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
+    """The warm refresher's slices read at its first refresh, or (``fill`` 4) filled over 4
+    refreshes, reading the windows in one pass meanwhile; the cold refreshers read every
+    slice at once."""
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
     settings = _settings(url, schema, unique=unique)
@@ -201,7 +208,7 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique):
     # An hour of history before the first refresh, then refreshes every 10 s to 7 min.
     history = [(START - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 4000, 300)]
     log.insert(history, _ids(rng, log, len(history), unique))
-    warm = _refresher(settings, stores)
+    warm = _refresher(_settings(url, schema, unique=unique, slice_fill_refreshes=fill), stores)
     as_of = START
     last_audit = None  # the first refresh starts the audit clock
     changed_since_audit = False
@@ -514,7 +521,7 @@ def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch
         return result
 
     monkeypatch.setattr(PredictionsSource, "_sliced", counted)
-    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False)
+    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False, fill=1)
     assert paths[True] and paths[False]  # both in full and on kept slices
 
 
