@@ -86,7 +86,7 @@ models:
 @pytest.mark.parametrize(
     "shell",
     [
-        pytest.param(["bash", "-euo", "pipefail"], id="bash"),
+        pytest.param(["bash", "-euo", "pipefail"], id="bash", marks=pytest.mark.long),
         pytest.param(["dash", "-eu"], id="dash", marks=pytest.mark.long),
     ],
 )

@@ -203,7 +203,10 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
         pytest.param(["3h"], "2h", "negative", True, id="one-window", marks=pytest.mark.long),
     ],
 )
-@pytest.mark.parametrize("listed", [True, False], ids=["listed-duplicates", "searched-duplicates"])
+@pytest.mark.parametrize(
+    "listed",
+    [pytest.param(True, id="listed-duplicates", marks=pytest.mark.long), pytest.param(False, id="searched-duplicates")],
+)
 def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     store, windows, label_delay, missing, continuous, listed, monkeypatch
 ):

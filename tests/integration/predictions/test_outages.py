@@ -46,6 +46,7 @@ def _wait_for(client, line: str, seconds: float = 20) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.long
 def test_database_down_at_start_then_up_then_restarted(postgres_schema, postgres_engine, tmp_path):
     url, schema = postgres_schema
     _fill(postgres_engine, schema)

@@ -466,6 +466,7 @@ def test_ids_made_unique_while_running_leave_nothing_out(store):
     log.engine.dispose()
 
 
+@pytest.mark.long
 def test_a_statement_failing_mid_refresh_leaves_nothing_wrong_kept(tmp_path):
     """Each statement of a refresh in turn fails (the store refuses it) after duplicated ids
     changed since the last one and a row was written late: the refresh after that equals a

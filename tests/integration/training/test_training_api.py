@@ -236,6 +236,7 @@ def test_state_database_down_answers_503_and_stores_nothing():
             time.sleep(0.1)
 
 
+@pytest.mark.long
 def test_a_locked_state_database_answers_503_and_metrics_keep_refreshing(postgres_schema, postgres_engine, tmp_path):
     """Writes waiting on a lock end at query_timeout (statement_timeout) as 503s, and while
     they wait, more of them than the default executor has threads, /metrics still renders
