@@ -190,6 +190,9 @@ def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[i
     return out
 
 
+@pytest.mark.parametrize(
+    "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
+)
 @pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicate-ids"])
 @pytest.mark.parametrize(
     ("seed", "fill"),
@@ -240,6 +243,11 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
     log.engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "store",
+    ["sqlite", pytest.param("postgresql", marks=pytest.mark.long), pytest.param("duckdb", marks=pytest.mark.long)],
+    indirect=True,
+)
 @pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicate-ids"])
 def test_a_cold_start_fills_the_slices_a_share_per_refresh(store, unique):
     """From a cold start a refresher keeps 1/24 of the largest window's slices a refresh

@@ -83,6 +83,7 @@ def test_every_operation_of_the_api_document_has_its_own_operation_id(server):
 
 
 @pytest.mark.parametrize("level, logged", [("info", False), ("debug", True)])
+@pytest.mark.long
 def test_requests_are_logged_at_debug_only(tmp_path, level, logged):
     """A line per scrape is noise at a 15 s scrape interval; --log.level debug shows them."""
     (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/s.sqlite"}}\n')

@@ -476,6 +476,7 @@ def test_runs_of_models_outside_the_config_are_not_backfilled(tmp_path):
     assert 'model="other"' not in text
 
 
+@pytest.mark.long
 def test_steps_read_only_new_time_slices_and_equal_the_one_pass_refresh(tmp_path, monkeypatch):
     """``mlmon backfill`` gives a model without ``time_slice`` the ``auto`` slices (2 h for
     windows 1d and 7d: 84 slices): the first steps fill them (here 14 a step, with

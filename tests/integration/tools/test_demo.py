@@ -166,6 +166,7 @@ def test_append_adds_predictions_replays_and_only_clicks(tmp_path):
     assert delay.between(pd.Timedelta(minutes=1), pd.Timedelta(minutes=30)).all()
 
 
+@pytest.mark.long
 def test_app_serves_the_demo(tmp_path):
     path = tmp_path / "demo.sqlite"
     now = utc_now()
