@@ -102,7 +102,9 @@ def test_fifty_models_for_thirty_minutes_with_flat_memory(tmp_path, capsys):
     samples: list[tuple[float, float]] = []
     failures = 0
     try:
-        wait_until_answers(f"{base}/readyz", server, log, timeout=60)
+        # The first refresh of all 50 models at once: under 60 s on one 2-core machine, over
+        # it on a slower one (seen at ca8f3df too); the test is about what follows.
+        wait_until_answers(f"{base}/readyz", server, log, timeout=300)
         started = last_append = time.monotonic()
         while (elapsed := time.monotonic() - started) < SECONDS:
             tick = time.monotonic()
