@@ -167,20 +167,20 @@ class SavedSlices:
                 on next use).
         """
         columns = kept_slices.c
-        query = sa.select(columns.slice_start_us, columns.fingerprint, columns.hist, columns.top, columns.meta)
+        mine = columns.model == self.model
+        # The blobs of rows saved under another fingerprint are only counted, never read.
+        query = sa.select(columns.slice_start_us, columns.hist, columns.top, columns.meta)
+        other = sa.select(sa.func.count()).where(mine, columns.fingerprint != self.fingerprint)
         try:
             with self.state.ready().connect() as conn:
-                rows = conn.execute(query.where(columns.model == self.model)).all()
+                rows = conn.execute(query.where(mine, columns.fingerprint == self.fingerprint)).all()
+                others = conn.execute(other).scalar_one()
         except sa.exc.SQLAlchemyError:
             self.state.failed()
             raise
         saved: dict[datetime, Sliced | None] = {}
-        others = 0
         for row in rows:
             start = _start(int(row.slice_start_us))
-            if row.fingerprint != self.fingerprint:
-                others += 1
-                continue
             try:
                 if (start - EPOCH) % width:
                     raise ValueError(f"not a boundary of slices of {width.total_seconds():g}s")
