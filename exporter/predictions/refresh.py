@@ -136,7 +136,7 @@ class ModelRefresher:
         count_from: datetime | None = None,
         training: TrainingSettings | None = None,
         state: StateDatabase | None = None,
-        slice_state: StateDatabase | None = None,
+        save_slices: bool = False,
     ):
         """``key_path`` is the model's config path (``models[i]``), named by schema errors.
         ``count_from``: the counters (``mlmon_predictions_total``, the score histogram) count
@@ -144,12 +144,13 @@ class ModelRefresher:
         refresh's horizon, i.e. they start at 0 with the process. ``training``: the caps on
         feature and category series (default ``TrainingSettings()``); ``state``: the state
         database whose training runs the features are compared with (``None``: with none);
-        ``slice_state``: the state database the predictions' kept time slices are saved in
-        and restored from at the first refresh (``None``: neither; only ``mlmon serve``
-        passes it: ``once`` and ``backfill`` compute from scratch and write nothing there)."""
+        ``save_slices``: the predictions' kept time slices are saved in ``state`` and
+        restored from it at the first refresh (only ``mlmon serve`` sets it: ``once`` and
+        ``backfill`` compute from scratch and write nothing there)."""
         self.model = model
         self.policy = policy
         args = (model, key_path, stores, policy.query_timeout, policy.staleness)
+        slice_state = state if save_slices else None
         self.predictions = PredictionsSource(*args, count_from=count_from, slice_state=slice_state)
         self.sources: dict[str, Source[Any, Any]] = {"predictions": self.predictions}
         if model.labels is not None:
@@ -288,12 +289,12 @@ def model_refreshers(
     count_from: datetime | None = None,
     training: TrainingSettings | None = None,
     state: StateDatabase | None = None,
-    slice_state: StateDatabase | None = None,
+    save_slices: bool = False,
 ) -> list[ModelRefresher]:
     """One ``ModelRefresher`` per configured model, in config order, each naming its config
     path ``models[i]`` in schema errors; ``count_from``, ``training``, ``state`` and
-    ``slice_state`` as ``ModelRefresher`` takes them."""
+    ``save_slices`` as ``ModelRefresher`` takes them."""
     return [
-        ModelRefresher(model, f"models[{i}]", policy, stores, count_from, training, state, slice_state)
+        ModelRefresher(model, f"models[{i}]", policy, stores, count_from, training, state, save_slices)
         for i, model in enumerate(models)
     ]

@@ -96,7 +96,7 @@ class RefreshLoop:
         policy = settings.refresh_policy
         # Only here are the kept time slices saved: `once` and `backfill` write nothing there.
         self.refreshers = model_refreshers(
-            settings.models, policy, stores, training=settings.training, state=state, slice_state=state
+            settings.models, policy, stores, training=settings.training, state=state, save_slices=True
         )
         self.training = TrainingRefresher(state, settings.training, policy)
         self._training_changed = asyncio.Event()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,7 +52,7 @@ def serving():
     def make(settings, stores: Stores, state_url: str) -> ModelRefresher:
         states.append(StateDatabase(state_url))
         model = settings.models[0]
-        return ModelRefresher(model, "models[0]", settings.refresh_policy, stores, slice_state=states[-1])
+        return ModelRefresher(model, "models[0]", settings.refresh_policy, stores, state=states[-1], save_slices=True)
 
     yield make
     for state in states:
@@ -73,6 +74,18 @@ def _history(log: Log, seed: int = 1, count: int = 400) -> None:
     log.insert(
         [(START - timedelta(seconds=float(s)), p) for s, p in zip(rng.uniform(0, 4000, count), scores, strict=True)]
     )
+
+
+def _saved_once(tmp_path, state_url: str, serving) -> tuple[str, Any, Stores, Log]:
+    """A SQLite store holding ``_history``, refreshed once at ``START`` by a refresher saving
+    its slices in ``state_url``: (store url, settings, stores, log)."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    settings = _settings(url, None)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _history(log)
+    serving(settings, stores, state_url).refresh(START)
+    return url, settings, stores, log
 
 
 def test_a_restart_reads_only_what_changed_meanwhile(store, tmp_path, read_slices, serving):
@@ -143,12 +156,7 @@ def test_a_restart_while_the_slices_fill_goes_on_filling(tmp_path, read_slices, 
 def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, read_slices, caplog, serving):
     """Saved with ``bucket_decimals`` 5, restarted with 3: the first refresh is cold, and
     the saved slices are replaced by the new ones (SQLite and PostgreSQL state databases)."""
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    settings = _settings(url, None)
-    stores = Stores(settings.stores, settings.query_timeout)
-    log = Log(url, None, "sqlite")
-    _history(log)
-    serving(settings, stores, state_url).refresh(START)
+    url, settings, stores, log = _saved_once(tmp_path, state_url, serving)
     before = set(_saved(state_url).values())
     other = _settings(url, None, bucket_decimals=3)
     restarted = serving(other, stores, state_url)
@@ -168,12 +176,7 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slice
     """Four saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
     kept scores, an ``.npz`` archive): each is logged and read from the store again, the
     others are kept."""
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    settings = _settings(url, None)
-    stores = Stores(settings.stores, settings.query_timeout)
-    log = Log(url, None, "sqlite")
-    _history(log)
-    serving(settings, stores, state_url).refresh(START)
+    _, settings, stores, log = _saved_once(tmp_path, state_url, serving)
     bad = sorted(_saved(state_url))[5:9]
     archive = io.BytesIO()
     np.savez(archive, hist=np.zeros(3))
