@@ -87,7 +87,9 @@ def main() -> None:
     print(f"floor {floor:.3f} s; one-pass refresh median {base:.3f} s ({base / floor:.1f}x floor)")
     filling = results["filling"]
     for k, (took, kept) in enumerate(zip(filling["seconds"], filling["kept"], strict=True)):
-        print(f"refresh {k:3d}: {took:8.3f} s  {took / base:5.2f}x one-pass  {took / floor:7.2f}x floor  {kept} kept slices")
+        print(
+            f"refresh {k:3d}: {took:8.3f} s  {took / base:5.2f}x one-pass  {took / floor:7.2f}x floor  {kept} kept slices"
+        )
     for mode, r in results.items():
         print(f"{mode}: peak RSS {r['peak_rss_mb']:.0f} MB")
 

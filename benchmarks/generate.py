@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
 CHUNK = 1_000_000
-NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 FEATURES_NUMERIC = 10
 FEATURES_CATEGORICAL = 10
 CATEGORIES = [f"v{i:02d}" for i in range(20)]
@@ -49,7 +49,8 @@ def tables(metadata: sa.MetaData, aware: bool, features: bool = False) -> tuple[
         feature_columns = [sa.Column(f"f{i}", sa.Double) for i in range(FEATURES_NUMERIC)]
         feature_columns += [sa.Column(f"c{i}", sa.String(20)) for i in range(FEATURES_CATEGORICAL)]
     predictions = sa.Table(
-        "bench_predictions", metadata,
+        "bench_predictions",
+        metadata,
         sa.Column("id", sa.BigInteger, nullable=False),
         sa.Column("model_name", sa.String(50), nullable=False),
         sa.Column("ts", sa.DateTime(timezone=aware), nullable=False),
@@ -62,8 +63,15 @@ def tables(metadata: sa.MetaData, aware: bool, features: bool = False) -> tuple[
 
 
 def chunks(
-    rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int, features: bool = False,
-    end: datetime = NOW, first_id: int = 0,
+    rows: int,
+    models: int,
+    hours: float,
+    label_share: float,
+    replay_share: float,
+    seed: int,
+    features: bool = False,
+    end: datetime = NOW,
+    first_id: int = 0,
 ):
     """DataFrames (predictions, labels, replays) of up to CHUNK predictions each, stamped
     in the ``hours`` before ``end``, with ids from ``first_id`` on."""
@@ -99,7 +107,14 @@ def copy_postgres(conn, table: str, frame: pd.DataFrame) -> None:
 
 
 def generate(
-    url: str, rows: int, models: int, hours: float, label_share: float, replay_share: float, seed: int = 0, features: bool = False,
+    url: str,
+    rows: int,
+    models: int,
+    hours: float,
+    label_share: float,
+    replay_share: float,
+    seed: int = 0,
+    features: bool = False,
     analyze: bool = True,
 ) -> None:
     """Write the tables; ``analyze=False`` (PostgreSQL): the tables are never analyzed, not
@@ -117,7 +132,7 @@ def generate(
                 conn.exec_driver_sql(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)")
     with engine.begin() as conn:
         for frames in chunks(rows, models, hours, label_share, replay_share, seed, features):
-            for table, frame in zip((predictions, labels, replays), frames):
+            for table, frame in zip((predictions, labels, replays), frames, strict=True):
                 if dialect == "postgresql":
                     copy_postgres(conn, table.name, frame)
                 elif dialect == "duckdb":
@@ -144,15 +159,27 @@ def main() -> None:
     parser.add_argument("--url", required=True, help="SQLAlchemy URL of the target database")
     parser.add_argument("--rows", type=int, required=True)
     parser.add_argument("--models", type=int, default=1)
-    parser.add_argument("--hours", type=float, default=24.0, help="time span of the predictions, ending at 2026-11-28 12:00 UTC")
-    parser.add_argument("--label-share", type=float, default=0.5, help="share of predictions whose label (if a click) arrived")
+    parser.add_argument(
+        "--hours", type=float, default=24.0, help="time span of the predictions, ending at 2026-11-28 12:00 UTC"
+    )
+    parser.add_argument(
+        "--label-share", type=float, default=0.5, help="share of predictions whose label (if a click) arrived"
+    )
     parser.add_argument("--replay-share", type=float, default=0.01)
     parser.add_argument("--features", action="store_true", help="add 10 numeric and 10 categorical feature columns")
-    parser.add_argument("--no-analyze", action="store_true", help="PostgreSQL: never analyze the tables (autovacuum off for them)")
+    parser.add_argument(
+        "--no-analyze", action="store_true", help="PostgreSQL: never analyze the tables (autovacuum off for them)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     generate(
-        args.url, args.rows, args.models, args.hours, args.label_share, args.replay_share, features=args.features,
+        args.url,
+        args.rows,
+        args.models,
+        args.hours,
+        args.label_share,
+        args.replay_share,
+        features=args.features,
         analyze=not args.no_analyze,
     )
     print(f"wrote {args.rows:,} predictions in {time.perf_counter() - started:.1f} s")

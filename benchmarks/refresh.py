@@ -61,12 +61,19 @@ def settings(url: str, unique_ids: bool = False, features: bool = False, state: 
                 {
                     "name": "m0",
                     "predictions": {
-                        **source, "table": "bench_predictions", "columns": {"id": "id", "timestamp": "ts", "score": "score"},
+                        **source,
+                        "table": "bench_predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "score"},
                         "filter": {"model_name": "m0"},
                         # The default (False) searches duplicate ids; the generator writes none.
                         "unique_ids": unique_ids,
                     },
-                    "labels": {**source, "table": "bench_labels", "columns": {"id": "id", "label": "clicked"}, "missing": "negative"},
+                    "labels": {
+                        **source,
+                        "table": "bench_labels",
+                        "columns": {"id": "id", "label": "clicked"},
+                        "missing": "negative",
+                    },
                     "replays": {**source, "table": "bench_replays", "columns": {"id": "id", "score": "score"}},
                     **({"features": feature_config} if features else {}),
                     "windows": ["1h", "24h"],
@@ -108,15 +115,21 @@ def run_mlmon(url: str, unique_ids: bool = False) -> dict:
     durations: list[float] = []  # each statement's, against the default query_timeout (30 s)
     engine = stores.engine("bench")
     sa.event.listen(engine, "before_cursor_execute", lambda conn, *_: conn.info.__setitem__("t", time.perf_counter()))
-    sa.event.listen(engine, "after_cursor_execute", lambda conn, *_: durations.append(time.perf_counter() - conn.info["t"]))
+    sa.event.listen(
+        engine, "after_cursor_execute", lambda conn, *_: durations.append(time.perf_counter() - conn.info["t"])
+    )
     started = time.perf_counter()
     snapshot = refresher.refresh(NOW)
     seconds = time.perf_counter() - started
     assert all(s.up for s in snapshot.sources.values()), snapshot.errors
     day = snapshot.online[1]
     return {
-        "seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc,
-        "longest_query": max(durations), "queries": len(durations),
+        "seconds": seconds,
+        "rows": snapshot.score_stats[1].predictions,
+        "logloss": day.logloss,
+        "roc_auc": day.roc_auc,
+        "longest_query": max(durations),
+        "queries": len(durations),
     }
 
 
@@ -149,18 +162,29 @@ def run_features(url: str, exact: bool = False) -> dict:
                 ceiling = grid[np.clip(np.searchsorted(grid, np.nan_to_num(values)), 0, EXACT_VALUES - 1)]
                 training[f"f{i}"] = np.where(np.isnan(values), np.nan, ceiling)
         run = build_training_run(
-            model="m0", version="v1", trained_at=NOW - timedelta(days=1), training_data=training, training_rows=1_000_000,
+            model="m0",
+            version="v1",
+            trained_at=NOW - timedelta(days=1),
+            training_data=training,
+            training_rows=1_000_000,
         )
         save_run(state.ready(), run, NOW)
         stores = Stores(config.stores, config.query_timeout)
-        refresher = ModelRefresher(config.models[0], "models[0]", config.refresh_policy, stores, training=config.training, state=state)
+        refresher = ModelRefresher(
+            config.models[0], "models[0]", config.refresh_policy, stores, training=config.training, state=state
+        )
         refresher.check_schema()
         statements: list[tuple[int, float]] = []  # (characters, seconds) of each statement in the store
         engine = stores.engine("bench")
-        sa.event.listen(engine, "before_cursor_execute", lambda conn, *_: conn.info.__setitem__("t", time.perf_counter()))
         sa.event.listen(
-            engine, "after_cursor_execute",
-            lambda conn, cursor, statement, *_: statements.append((len(statement), time.perf_counter() - conn.info["t"])),
+            engine, "before_cursor_execute", lambda conn, *_: conn.info.__setitem__("t", time.perf_counter())
+        )
+        sa.event.listen(
+            engine,
+            "after_cursor_execute",
+            lambda conn, cursor, statement, *_: statements.append(
+                (len(statement), time.perf_counter() - conn.info["t"])
+            ),
         )
         started = time.perf_counter()
         snapshot = refresher.refresh(NOW)
@@ -172,8 +196,13 @@ def run_features(url: str, exact: bool = False) -> dict:
         state.engine.dispose()
     day = snapshot.online[1]
     return {
-        "seconds": seconds, "rows": snapshot.score_stats[1].predictions, "logloss": day.logloss, "roc_auc": day.roc_auc, "max_psi": psi,
-        "statement_chars": longest_chars, "statement_seconds": longest_seconds,
+        "seconds": seconds,
+        "rows": snapshot.score_stats[1].predictions,
+        "logloss": day.logloss,
+        "roc_auc": day.roc_auc,
+        "max_psi": psi,
+        "statement_chars": longest_chars,
+        "statement_seconds": longest_seconds,
     }
 
 
@@ -211,12 +240,23 @@ def run_naive(url: str) -> dict:
         _, mode = np.unique(np.floor(p * 1e6 + 0.5), return_counts=True)
         replayed = w["replay"].notna()
         out[name] = {
-            "mean": p.mean(), "std": p.std(), "percentiles": np.percentile(p, [1, 5, 25, 50, 75, 95, 99]),
-            "mode_share": mode.max() / len(p), "logloss": log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]),
-            "roc_auc": roc_auc_score(y, p), "calibration": p.mean() / y.mean(),
-            "reproducibility": np.mean(np.abs(w["score"][replayed] - w["replay"][replayed]) <= 1e-6 + 1e-6 * w["score"][replayed]),
+            "mean": p.mean(),
+            "std": p.std(),
+            "percentiles": np.percentile(p, [1, 5, 25, 50, 75, 95, 99]),
+            "mode_share": mode.max() / len(p),
+            "logloss": log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1]),
+            "roc_auc": roc_auc_score(y, p),
+            "calibration": p.mean() / y.mean(),
+            "reproducibility": np.mean(
+                np.abs(w["score"][replayed] - w["replay"][replayed]) <= 1e-6 + 1e-6 * w["score"][replayed]
+            ),
         }
-    return {"seconds": time.perf_counter() - started, "rows": len(frame), "logloss": out["24h"]["logloss"], "roc_auc": out["24h"]["roc_auc"]}
+    return {
+        "seconds": time.perf_counter() - started,
+        "rows": len(frame),
+        "logloss": out["24h"]["logloss"],
+        "roc_auc": out["24h"]["roc_auc"],
+    }
 
 
 def run_evidently(url: str) -> dict:
@@ -224,21 +264,25 @@ def run_evidently(url: str) -> dict:
         from evidently import Report  # noqa: F401
     except ImportError:
         return {"skipped": "evidently is not installed"}
-    from evidently import DataDefinition, Dataset, Report, BinaryClassification
+    from evidently import BinaryClassification, DataDefinition, Dataset, Report
     from evidently.presets import ClassificationPreset
 
     started = time.perf_counter()
     frame = _window_frame(url)
     frame["clicked"] = frame["clicked"].fillna(0).astype(int)
     definition = DataDefinition(classification=[BinaryClassification(target="clicked", prediction_probas="score")])
-    Report([ClassificationPreset()]).run(Dataset.from_pandas(frame[["clicked", "score"]], data_definition=definition), None)
+    Report([ClassificationPreset()]).run(
+        Dataset.from_pandas(frame[["clicked", "score"]], data_definition=definition), None
+    )
     return {"seconds": time.perf_counter() - started, "rows": len(frame)}
 
 
 def measure(method: str, url: str) -> dict:
     """Run one method in a child process; its own peak RSS comes from wait4's rusage."""
     child = subprocess.Popen(
-        [sys.executable, __file__, "--url", url, "--child", method], stdout=subprocess.PIPE, text=True,
+        [sys.executable, __file__, "--url", url, "--child", method],
+        stdout=subprocess.PIPE,
+        text=True,
         cwd=Path(__file__).parent.parent,
     )
     output = child.stdout.read()
@@ -256,12 +300,23 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--rows", type=float, nargs="+", default=[1e5, 1e6])
     parser.add_argument("--reuse", action="store_true", help="use the tables already written (one --rows value)")
-    parser.add_argument("--features", action="store_true", help="with 10 numeric and 10 categorical features: also time the skew refresh")
+    parser.add_argument(
+        "--features",
+        action="store_true",
+        help="with 10 numeric and 10 categorical features: also time the skew refresh",
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--child", choices=METHODS + FEATURE_METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps({k: (float(v) if hasattr(v, "__float__") else v) for k, v in globals()[f"run_{args.child}"](args.url).items()}))
+        print(
+            json.dumps(
+                {
+                    k: (float(v) if hasattr(v, "__float__") else v)
+                    for k, v in globals()[f"run_{args.child}"](args.url).items()
+                }
+            )
+        )
         return
     print(f"{'rows':>10} {'method':>10} {'seconds':>9} {'peak RSS MB':>12}  notes")
     for rows in map(int, args.rows):
@@ -269,12 +324,24 @@ def main() -> None:
             # In a child process: a fork of a parent grown by the data would inflate the
             # children's peak RSS, which counts the pages they inherit before exec.
             subprocess.run(
-                [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", str(rows), "--replay-share", "0.01"]
+                [
+                    sys.executable,
+                    str(Path(__file__).parent / "generate.py"),
+                    "--url",
+                    args.url,
+                    "--rows",
+                    str(rows),
+                    "--replay-share",
+                    "0.01",
+                ]
                 + (["--features"] if args.features else []),
-                check=True, stdout=subprocess.DEVNULL,
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
         measure("floor", args.url)  # warm the database's cache once, so no method pays for it alone
-        chosen = [m for m in METHODS if m in {"floor", *args.methods}] + (list(FEATURE_METHODS) if args.features else [])
+        chosen = [m for m in METHODS if m in {"floor", *args.methods}] + (
+            list(FEATURE_METHODS) if args.features else []
+        )
         results = {method: measure(method, args.url) for method in chosen}
         for method, r in results.items():
             note = r.get("skipped") or r.get("error") or ""
@@ -304,7 +371,9 @@ def main() -> None:
             )
         exact = results.get("features_exact", {})
         if "seconds" in exact and "seconds" in mlmon:
-            print(f"{rows:>10,}  features_exact/mlmon {exact['seconds'] / mlmon['seconds']:.2f}x   (+{exact['seconds'] - mlmon['seconds']:.3f} s)")
+            print(
+                f"{rows:>10,}  features_exact/mlmon {exact['seconds'] / mlmon['seconds']:.2f}x   (+{exact['seconds'] - mlmon['seconds']:.3f} s)"
+            )
 
 
 if __name__ == "__main__":

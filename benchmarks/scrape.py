@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -36,22 +36,31 @@ def fill(url: str, models: int, rows_per_model: int) -> None:
     engine = sa.create_engine(url)
     metadata = sa.MetaData()
     predictions = sa.Table(
-        "predictions", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("model_name", sa.String),
-        sa.Column("ts", sa.DateTime), sa.Column("score", sa.Double),
+        "predictions",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("model_name", sa.String),
+        sa.Column("ts", sa.DateTime),
+        sa.Column("score", sa.Double),
     )
     labels = sa.Table("labels", metadata, sa.Column("id", sa.Integer), sa.Column("clicked", sa.Integer))
     replays = sa.Table("replays", metadata, sa.Column("id", sa.Integer), sa.Column("score", sa.Double))
     metadata.create_all(engine)
     rng = np.random.default_rng(0)
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     n = models * rows_per_model
     scores = np.round(rng.beta(1.2, 40, n), 4)
     with engine.begin() as conn:
-        conn.execute(predictions.insert(), [
-            {"id": i, "model_name": f"m{i % models}", "ts": now - timedelta(seconds=float(s)), "score": float(p)}
-            for i, (s, p) in enumerate(zip(rng.uniform(0, 86_000, n), scores))
-        ])
-        conn.execute(labels.insert(), [{"id": i, "clicked": 1} for i in np.flatnonzero(rng.random(n) < scores).tolist()])
+        conn.execute(
+            predictions.insert(),
+            [
+                {"id": i, "model_name": f"m{i % models}", "ts": now - timedelta(seconds=float(s)), "score": float(p)}
+                for i, (s, p) in enumerate(zip(rng.uniform(0, 86_000, n), scores, strict=True))
+            ],
+        )
+        conn.execute(
+            labels.insert(), [{"id": i, "clicked": 1} for i in np.flatnonzero(rng.random(n) < scores).tolist()]
+        )
         conn.execute(replays.insert(), [{"id": i, "score": float(scores[i])} for i in range(0, n, 10)])
     engine.dispose()
 
@@ -104,7 +113,9 @@ def main() -> None:
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "exporter", "serve", "--config", f"{tmp}/mlmon.yml", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).parent.parent,
         )
         try:
             base = f"http://127.0.0.1:{port}"

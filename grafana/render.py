@@ -256,7 +256,13 @@ DRAW = {"stat": draw_stat, "bargauge": draw_bargauge, "heatmap": draw_heatmap, "
 
 
 def render(
-    prometheus: str, dashboard: dict, minutes: int, model: str, path: Path, window: str = "24h", end: float | None = None
+    prometheus: str,
+    dashboard: dict,
+    minutes: int,
+    model: str,
+    path: Path,
+    window: str = "24h",
+    end: float | None = None,
 ) -> None:
     end = time.time() if end is None else end
     start, step = end - minutes * 60, max(5.0, minutes * 60 / 150)

@@ -82,7 +82,9 @@ def _skew_table() -> table.Panel:
                 id_val="organize",
                 options={
                     "excludeByName": {"Time": True},
-                    "renameByName": {f"Value #{ref}": header for ref, (header, _) in zip(refs, SKEW_COLUMNS, strict=True)},
+                    "renameByName": {
+                        f"Value #{ref}": header for ref, (header, _) in zip(refs, SKEW_COLUMNS, strict=True)
+                    },
                 },
             )
         )
@@ -363,14 +365,23 @@ def model_overview() -> Dashboard:
                 "share of categories training never had (`mlmon_serving_feature_unseen_ratio`).",
                 "percentunit",
                 [
-                    query(f"max by (feature, category) (mlmon_training_feature_category_share_ratio{{{MODEL}}})", "{{feature}}={{category}} training", instant=True),
+                    query(
+                        f"max by (feature, category) (mlmon_training_feature_category_share_ratio{{{MODEL}}})",
+                        "{{feature}}={{category}} training",
+                        instant=True,
+                    ),
                     query(
                         f"max by (feature, category) (mlmon_serving_feature_category_share_ratio{{{MODEL_WINDOW}}})",
                         "{{feature}}={{category}} serving",
                         "B",
                         instant=True,
                     ),
-                    query(f"max by (feature) (mlmon_serving_feature_unseen_ratio{{{MODEL_WINDOW}}})", "{{feature}} unseen", "C", instant=True),
+                    query(
+                        f"max by (feature) (mlmon_serving_feature_unseen_ratio{{{MODEL_WINDOW}}})",
+                        "{{feature}} unseen",
+                        "C",
+                        instant=True,
+                    ),
                 ],
                 w=12,
                 h=8,

@@ -158,7 +158,8 @@ def judged_stat(
     static min..max that applies where a threshold is switched off.
     """
     targets, transformations = [value], []
-    for ref, (handler, expr) in zip("BC", limits.items()):
+    # At most two limits ("min", "max"), one query ref each.
+    for ref, (handler, expr) in zip("BC", limits.items(), strict=False):
         targets.append(query(expr, handler, ref, instant=True))
         transformations.append(
             DataTransformerConfig(

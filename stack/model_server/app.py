@@ -20,7 +20,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
@@ -74,13 +74,15 @@ class Features(BaseModel):
 def design_matrix(position, device_index, user_ctr, ad_quality) -> np.ndarray:
     """Model inputs as float64 columns: position, is_mobile, is_tablet, user_ctr, ad_quality."""
     device_index = np.asarray(device_index)
-    return np.column_stack([
-        np.asarray(position, dtype=np.float64),
-        (device_index == 0).astype(np.float64),
-        (device_index == 2).astype(np.float64),
-        np.asarray(user_ctr, dtype=np.float64),
-        np.asarray(ad_quality, dtype=np.float64),
-    ])
+    return np.column_stack(
+        [
+            np.asarray(position, dtype=np.float64),
+            (device_index == 0).astype(np.float64),
+            (device_index == 2).astype(np.float64),
+            np.asarray(user_ctr, dtype=np.float64),
+            np.asarray(ad_quality, dtype=np.float64),
+        ]
+    )
 
 
 def synthetic_clicks(rows: int = TRAINING_ROWS, seed: int = TRAINING_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +164,9 @@ def create_app(
     )
 
     def score(features: Features) -> float:
-        x = design_matrix([features.position], [DEVICES.index(features.device)], [features.user_ctr], [features.ad_quality])
+        x = design_matrix(
+            [features.position], [DEVICES.index(features.device)], [features.user_ctr], [features.ad_quality]
+        )
         return float(model.predict_proba(x)[0, 1])
 
     app = FastAPI(title="mlmon stack model server")
@@ -182,7 +186,7 @@ def create_app(
             "id": uuid.uuid4().hex,
             "model_name": model_name,
             "model_version": model_version,
-            "timestamp": datetime.now(timezone.utc),
+            "timestamp": datetime.now(UTC),
             "score": value,
         }
         try:

@@ -24,7 +24,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -149,7 +149,7 @@ class Traffic:
         while self.pending and self.pending[0][0] <= now:
             due.append(self.pending.popleft()[1])
         if due:
-            stamp = datetime.now(timezone.utc)
+            stamp = datetime.now(UTC)
             with self.engine.begin() as conn:
                 conn.execute(labels_table.insert(), [{"id": i, "clicked": 1, "timestamp": stamp} for i in due])
         return len(due)
@@ -186,8 +186,12 @@ def main() -> None:
     engine = sa.create_engine(url, pool_pre_ping=True)
     log.info(
         "%.1f requests/s to %s; incidents: stuck_feature=%s drop_traffic=%s replay_skew=%s click_rate_factor=%s",
-        settings.rate, settings.model_server_url, settings.stuck_feature, settings.drop_traffic,
-        settings.replay_skew, settings.click_rate_factor,
+        settings.rate,
+        settings.model_server_url,
+        settings.stuck_feature,
+        settings.drop_traffic,
+        settings.replay_skew,
+        settings.click_rate_factor,
     )
     with httpx.Client(base_url=settings.model_server_url, timeout=5.0) as client:
         Traffic(settings, client, engine).run()
