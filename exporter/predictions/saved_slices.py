@@ -28,7 +28,9 @@ from exporter.training.storage import StateDatabase, kept_slices
 
 log = logging.getLogger(__name__)
 
-#: The version of the saved form; part of the fingerprint, so a new form ignores old rows.
+#: The version of the saved form and of what a slice holds (its buckets, exclusion reasons,
+#: most frequent scores): part of the fingerprint, so that a version of mlmon that saves or
+#: computes slices differently ignores the rows of an older one. Bump it with either change.
 FORMAT = 1
 
 #: A histogram's entries as saved (``slices.Histogram``'s six arrays, little-endian).
@@ -45,9 +47,11 @@ _MICROSECOND = timedelta(microseconds=1)
 def fingerprint(model: ModelConfig, url: sa.URL, dialect: str, width: timedelta, top_scores: int) -> str:
     """The SHA-256 (hex) of what determines the contents of a kept slice of ``model``: the
     predictions' store (``url``, its password left out) and ``dialect``, table, columns,
-    filter, time zone, ``ingestion_delay`` and ``unique_ids``; the bucket and mode decimals,
-    the slice ``width``, how many most frequent scores a slice keeps (``top_scores``) and
-    the saved form (``FORMAT``)."""
+    filter, time zone and ``unique_ids``; the bucket and mode decimals, the slice ``width``,
+    how many most frequent scores a slice keeps (``top_scores``) and ``FORMAT``.
+    ``ingestion_delay`` is not part of it: it decides when a slice is sealed, not what it
+    holds, and a restored slice that is not sealed under the current one is not kept
+    (``PredictionsSource._restore``)."""
     source = model.predictions
     described = {
         "format": FORMAT,
@@ -58,7 +62,6 @@ def fingerprint(model: ModelConfig, url: sa.URL, dialect: str, width: timedelta,
         "columns": [source.columns.id, source.columns.timestamp, source.columns.score],
         "filter": sorted((key, repr(value)) for key, value in source.filter.items()),
         "timezone": source.timezone,
-        "ingestion_delay_us": source.ingestion_delay // _MICROSECOND,
         "unique_ids": source.unique_ids,
         "bucket_decimals": model.bucket_decimals,
         "mode_share_decimals": model.mode_share_decimals,

@@ -172,6 +172,24 @@ def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, rea
     log.engine.dispose()
 
 
+def test_a_longer_ingestion_delay_keeps_the_saved_slices_it_seals(tmp_path, state_url, read_slices, serving):
+    """Restarted with an ``ingestion_delay`` three slices longer: the saved slices are kept
+    (the delay decides when a slice is sealed, not what it holds), except the last three,
+    which the new delay does not seal yet; nothing is read again, and the refresh equals a
+    cold one and pandas."""
+    _, settings, stores, log = _saved_once(tmp_path, state_url, serving)
+    saved = sorted(_saved(state_url))
+    model = settings.models[0]
+    longer = model.predictions.model_copy(update={"ingestion_delay": DELAY + 3 * SLICE})
+    other = settings.model_copy(update={"models": [model.model_copy(update={"predictions": longer})]})
+    restarted = serving(other, stores, state_url)
+    _check(log, restarted, other, stores, START + timedelta(seconds=30))
+    assert read_slices.get(id(restarted.predictions), []) == []
+    assert sorted(restarted.predictions.slices.slices) == saved[:-3]
+    stores.dispose()
+    log.engine.dispose()
+
+
 def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slices, caplog, serving):
     """Four saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
     kept scores, an ``.npz`` archive): each is logged and read from the store again, the
