@@ -334,8 +334,9 @@ A = TypeVar("A")
 
 
 class SliceStore(Generic[A]):
-    """The aggregates ``A`` of the sealed slices of one source, kept between refreshes;
-    ``plan`` says what a refresh reads, ``merge`` makes its windows.
+    """The aggregates ``A`` of the sealed slices of one source, kept between refreshes; at
+    each refresh, ``begin``, then ``filling`` (and ``audit_due``) decide how it reads,
+    ``plan`` says what it reads, ``merge`` makes its windows.
 
     ``combine`` merges the aggregates of disjoint sets of rows (``Histogram.merge``).
     Memory: the kept aggregates, at most ``largest window / width`` of them; for
@@ -354,28 +355,43 @@ class SliceStore(Generic[A]):
         self.audit_interval = audit_interval
         self.combine = combine
         self.slices: dict[datetime, A] = {}
-        #: Every sealed slice of the largest window has been kept (``filling``); until then
-        #: the store is filling, and again once it holds none of the window's.
+        #: The last refresh merged its windows from kept slices (``filling`` was false).
         self.filled = False
-        self._last_sealed: datetime | None = None  # the sealed end at the last ``filling``
+        self._last_sealed: datetime | None = None  # the sealed end at the last ``begin``
         self._fresh_from: datetime | None = None  # slices from here on sealed since the refresh before
         self._audited: datetime | None = None
         self._audit_now = False  # slices kept by another process (``restore``) are audited first
 
-    def filling(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> bool:
-        """Whether this refresh (windows ``[starts[i], end)``) only fills the store, reading
-        ``plan(..., filling=True)``: it is not filled yet, and more than ``fill`` of the largest
-        window's sealed slices are missing besides those sealed since the last refresh
-        (always read, so that the store fills however far refreshes step). Once it returns
-        False the store is filled, and slices missing later (an audit found them changed,
-        ``end`` jumped) are read at once. Called once per refresh, before ``plan``."""
-        first, sealed = ceil_to(min(starts), self.width), floor_to(end - delay, self.width)
+    def _bounds(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> tuple[datetime, datetime]:
+        """(start of the first slice wholly inside the largest window, end of its last sealed
+        slice) for the windows ``[starts[i], end)`` whose rows may be written ``delay`` late."""
+        return ceil_to(min(starts), self.width), floor_to(end - delay, self.width)
+
+    def begin(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> None:
+        """Start a refresh of the windows ``[starts[i], end)``, whose rows may still be
+        written ``delay`` after their timestamp: forget every kept slice that is not a sealed
+        slice of the largest window (before its start, or past its sealed end when ``end``
+        went back: a slice kept while out of the window would not be probed for the
+        duplicated ids it shares with rows read meanwhile, ``PredictionsSource._sliced``),
+        and note which slices are sealed since the refresh before (``filling``). Called
+        first at every refresh, failed ones included: slices sealed while the store was
+        down then count as missing ones, read ``fill`` a refresh, rather than as sealed
+        since the refresh before, which are all read at once."""
+        first, sealed = self._bounds(starts, end, delay)
         self._fresh_from, self._last_sealed = self._last_sealed, sealed
-        self.filled = self.filled and any(first <= s and s + self.width <= sealed for s in self.slices)
-        if not self.filled and self.fill is not None and len(self._older_missing(first, sealed)) > self.fill:
-            return True
-        self.filled = True
-        return False
+        self.forget([s for s in self.slices if s < first or s + self.width > sealed])
+
+    def filling(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> bool:
+        """Whether this refresh (after ``begin``) only fills the store, reading
+        ``plan(..., filling=True)``: more than ``fill`` of the largest window's sealed slices
+        are missing besides those sealed since the refresh before (always read, so that the
+        store fills however far refreshes step). A cold start, an audit that found many
+        slices changed, an outage of the store or a jump of ``end`` so fill the store again
+        over refreshes whose numbers are those of one pass; fewer missing slices are read
+        at once. Called once per refresh, before ``plan``."""
+        first, sealed = self._bounds(starts, end, delay)
+        self.filled = self.fill is None or len(self._older_missing(first, sealed)) <= self.fill
+        return not self.filled
 
     def _older_missing(self, first: datetime, sealed: datetime) -> list[datetime]:
         """The starts of the slices in ``[first, sealed)`` neither kept nor sealed since the
@@ -384,22 +400,17 @@ class SliceStore(Generic[A]):
         return [s for s in slice_starts(first, min(fresh, sealed), self.width) if s not in self.slices]
 
     def plan(self, starts: Sequence[datetime], end: datetime, delay: timedelta, filling: bool = False) -> Plan:
-        """What to read for the windows ``[starts[i], end)``, whose rows may still be
-        written ``delay`` after their timestamp: the sealed slices (ending at or before
-        ``end - delay``) wholly inside the largest window that are not kept yet, and each
-        window's head and tail (module docstring). Forgets every kept slice that is not a
-        sealed slice of the largest window: before its start, or past its sealed end when
-        ``end`` went back. A slice kept while out of the window is not probed for the
-        duplicated ids it shares with rows read meanwhile (``PredictionsSource._sliced``).
+        """What to read for the windows ``[starts[i], end)`` (after ``begin``), whose rows
+        may still be written ``delay`` after their timestamp: the sealed slices (ending at or
+        before ``end - delay``) wholly inside the largest window that are not kept yet, and
+        each window's head and tail (module docstring).
 
         While ``filling`` (``SliceStore.filling``), the plan reads the missing slices sealed
         since the last refresh and the ``fill`` newest of the others (kept the
         longest), and makes no window (``Plan.windows`` is empty): the caller reads the
         windows in one pass this time."""
         width = self.width
-        sealed = floor_to(end - delay, width)
-        first = ceil_to(min(starts), width)
-        self.forget([s for s in self.slices if s < first or s + width > sealed])
+        first, sealed = self._bounds(starts, end, delay)
         missing = [s for s in slice_starts(first, sealed, width) if s not in self.slices]
         if filling and self.fill is not None:
             older = self._older_missing(first, sealed)

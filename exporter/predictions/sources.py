@@ -568,6 +568,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
     def run(self, as_of: datetime) -> PredictionValues:
         self._duplicates = None  # a new refresh: rows may have been written since the last search
+        windows = self.windows(as_of)
+        if self.slices is not None:  # before anything can fail (SliceStore.begin)
+            self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
         q = self.queries()
         with self._connection(q.table) as conn:
             if q.dialect == "postgresql":
@@ -577,7 +580,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
             newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
-            stats = self._score_stats(conn, self.windows(as_of))
+            stats = self._score_stats(conn, windows)
             # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
             stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.

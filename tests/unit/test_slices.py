@@ -30,6 +30,7 @@ def test_the_store_fills_within_its_refreshes_however_far_they_step(step):
     end, filling_refreshes = T0, 0
     while True:
         starts = [end - timedelta(hours=1), end - timedelta(hours=24)]
+        store.begin(starts, end, timedelta(0))
         filling = store.filling(starts, end, timedelta(0))
         plan = store.plan(starts, end, timedelta(0), filling)
         store.merge(plan, {})

@@ -293,6 +293,65 @@ def test_a_cold_start_fills_the_slices_a_share_per_refresh(store, unique):
     log.engine.dispose()
 
 
+def test_after_an_outage_the_slices_refill_a_share_per_refresh(tmp_path, monkeypatch):
+    """Filled slices (2 of the hour's 30 a refresh), then the store down for 20 minutes
+    while refreshes go on failing: the refresh after it reads the windows in one pass and 2
+    of the 10 slices sealed meanwhile (and the one sealed since the last failed refresh),
+    not all of them at once, and so on until every one is kept again; each refresh equals
+    the one-pass refresher (exactly while filling) and pandas."""
+    read: list[int] = []
+    original = PredictionsSource._read_parts
+
+    def recorded(self, conn, plan):
+        read.append(len(plan.new_slices))
+        return original(self, conn, plan)
+
+    monkeypatch.setattr(PredictionsSource, "_read_parts", recorded)
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    rng = np.random.default_rng(11)
+    settings = _settings(url, None, slice_fill_refreshes=24)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    log.insert([(START - timedelta(seconds=float(s)), _score(rng, "sqlite")) for s in rng.uniform(0, 4000, 300)])
+    warm = _refresher(settings, stores)
+    slices = warm.predictions.slices
+    reference = _refresher(_settings(url, None, time_slice=None), stores)
+    as_of = START
+    for _ in range(20):
+        warm.refresh(as_of)
+        as_of += timedelta(minutes=1)
+        if slices.filled:
+            break
+    assert slices.filled and slices.fill == 2
+    with log.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE predictions RENAME TO predictions_down")
+    for _ in range(20):
+        assert not warm.refresh(as_of).sources["predictions"].up
+        as_of += timedelta(minutes=1)
+    with log.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE predictions_down RENAME TO predictions")
+    # Rows stamped during the outage, written once the store is back.
+    log.insert([(as_of - timedelta(seconds=float(s)), _score(rng, "sqlite")) for s in rng.uniform(0, 1200, 40)])
+    read.clear()
+    filling = 0
+    while True:
+        got, one_pass = warm.refresh(as_of), reference.refresh(as_of)
+        assert read[-1] <= 3, read
+        if slices.filled:
+            for w, c in zip(got.score_stats, one_pass.score_stats, strict=True):
+                _same(w, c)
+            break
+        assert got.score_stats == one_pass.score_stats
+        filling += 1
+        assert filling <= 24
+        expected = log.expected(as_of - timedelta(hours=1), as_of)
+        assert got.score_stats[1].predictions == expected["predictions"]
+        as_of += timedelta(minutes=1)
+    assert filling >= 3, read
+    stores.dispose()
+    log.engine.dispose()
+
+
 @pytest.mark.long
 def test_slices_across_daylight_saving(store):
     """Naive timestamps of America/New_York over the night clocks fall back (1 November
