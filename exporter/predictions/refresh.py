@@ -145,7 +145,7 @@ class ModelRefresher:
         feature and category series (default ``TrainingSettings()``); ``state``: the state
         database whose training runs the features are compared with (``None``: with none);
         ``save_slices``: the predictions' kept time slices are saved in ``state`` and
-        restored from it at the first refresh (only ``mlmon serve`` sets it: ``once`` and
+        restored from it at the first refresh (nothing is saved without a ``state``) (only ``mlmon serve`` sets it: ``once`` and
         ``backfill`` compute from scratch and write nothing there)."""
         self.model = model
         self.policy = policy

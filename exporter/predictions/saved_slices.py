@@ -114,8 +114,9 @@ def decode(hist: bytes, top: bytes, meta: str) -> Sliced:
     if not isinstance(described, dict) or described.get("format") != FORMAT:
         raise ValueError(f"meta: not of form {FORMAT}")
     sets = described.get("sets")
+    # type(v) is int, not isinstance: JSON true is a bool, which is an int.
     if not isinstance(sets, list) or not all(
-        isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) and v >= 0 for v in s) for s in sets
+        isinstance(s, list) and len(s) == 2 and all(type(v) is int and v >= 0 for v in s) for s in sets
     ):
         raise ValueError("meta: 'sets' is not a list of [keys, bound] pairs of counts")
     entries = _array(hist, HIST_DTYPE, "hist")

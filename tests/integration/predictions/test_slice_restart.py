@@ -9,13 +9,12 @@ from __future__ import annotations
 import io
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from exporter.config import Store
+from exporter.config import Settings, Store
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.saved_slices import decode, encode
 from exporter.predictions.slices import EPOCH, Histogram, Sliced, TopCounts, floor_to, slice_starts
@@ -76,7 +75,7 @@ def _history(log: Log, seed: int = 1, count: int = 400) -> None:
     )
 
 
-def _saved_once(tmp_path, state_url: str, serving) -> tuple[str, Any, Stores, Log]:
+def _saved_once(tmp_path, state_url: str, serving) -> tuple[str, Settings, Stores, Log]:
     """A SQLite store holding ``_history``, refreshed once at ``START`` by a refresher saving
     its slices in ``state_url``: (store url, settings, stores, log)."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
@@ -158,12 +157,13 @@ def test_another_configuration_ignores_the_saved_slices(tmp_path, state_url, rea
     the saved slices are replaced by the new ones (SQLite and PostgreSQL state databases)."""
     url, settings, stores, log = _saved_once(tmp_path, state_url, serving)
     before = set(_saved(state_url).values())
+    count = len(_saved(state_url))
     other = _settings(url, None, bucket_decimals=3)
     restarted = serving(other, stores, state_url)
     caplog.set_level(logging.INFO, "exporter.predictions.saved_slices")
     as_of = START + timedelta(minutes=1)
     _check(log, restarted, other, stores, as_of)
-    assert "saved with another configuration" in caplog.text
+    assert f"{count} kept time slices in the state database were saved with another configuration" in caplog.text
     window = slice_starts(as_of - timedelta(hours=1), as_of - DELAY, SLICE)
     assert set(read_slices[id(restarted.predictions)]) == set(window)  # cold
     after = set(_saved(state_url).values())
@@ -305,3 +305,11 @@ def test_saved_form_round_trip():
             np.testing.assert_array_equal(c, c2)
             assert b == b2
         assert back.top.mode() == sliced.top.mode()
+
+
+def test_saved_form_refuses_a_boolean_count():
+    """JSON ``true`` where a set's length or bound is due is refused, not read as 1."""
+    hist_bytes, top_bytes, _ = encode(Sliced(Histogram.empty(), TopCounts.of(np.array([3]), np.array([2]))))
+    with pytest.raises(ValueError, match="'sets'"):
+        decode(hist_bytes, top_bytes, '{"format": 1, "sets": [[true, 0]]}')
+    assert decode(hist_bytes, top_bytes, '{"format": 1, "sets": [[1, 0]]}').top.mode() == (2, 2)
