@@ -5,7 +5,9 @@ minute in glibc's malloc arenas (capped: exporter/server/malloc.py), then by 1.3
 minute from connections opened and closed all the time by 50 refreshes sharing a pool of
 5 (+ 10 overflow) (now one connection per model, at most 10, kept open:
 exporter/server/app.py, docs/reliability.md). The resident memory over time is printed.
-`MLMON_SOAK_SECONDS` shortens it on a laptop (the warm-up is then a third of the run)."""
+`MLMON_SOAK_SECONDS` shortens it on a laptop (the warm-up is then a third of the run);
+`MLMON_SOAK_TIME_SLICE` (e.g. `auto`) gives every model that `time_slice`, so that the
+kept slices, saved in the state database, are under the same checks."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ MODELS = 50
 SECONDS = float(os.environ.get("MLMON_SOAK_SECONDS", 1800))
 #: Seconds in which connection pools, SQLite page caches and malloc arenas fill.
 WARM_UP = min(300.0, SECONDS / 3)
+TIME_SLICE = os.environ.get("MLMON_SOAK_TIME_SLICE")
 
 
 def rss_mb(pid: int) -> float:
@@ -84,7 +87,7 @@ def test_fifty_models_for_thirty_minutes_with_flat_memory(tmp_path, capsys):
     model_lines = "\n".join(
         f"  - {{name: m{m}, predictions: {{store: s, table: predictions, columns: {{id: id, timestamp: ts, score: score}}, "
         f"filter: {{model_name: m{m}}}}}, labels: {{store: s, table: labels, columns: {{id: id, label: clicked}}, missing: negative}}, "
-        "windows: [1h, 24h], label_delay: 0s}"
+        "windows: [1h, 24h], label_delay: 0s" + (f", time_slice: {TIME_SLICE}}}" if TIME_SLICE else "}")
         for m in range(MODELS)
     )
     # Every 15 s, four times the default. A refresh of one of these models costs about 80 ms
