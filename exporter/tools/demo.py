@@ -495,7 +495,8 @@ def run_demo(database: Path, host: str, port: int) -> None:
         seed_training_runs(settings.state.resolved_url(), now)
         half_rows_days_ago = next(m.half_rows_days_ago for m in MODELS if m.half_rows_days_ago is not None)
         half_rows_version = f"{_naive_utc(now) - timedelta(days=half_rows_days_ago):%Y-%m-%d}"
-        server = uvicorn.Server(server_config(create_app(settings), settings, host, port))
+        # No access log, as `mlmon serve` at its default level: not a line per scrape.
+        server = uvicorn.Server(server_config(create_app(settings), settings, host, port, access_log=False))
         base = f"http://{host}:{port}"
         print(
             f"mlmon demo: {database}: a week of predictions of {' and '.join(m.name for m in MODELS)}.\n"
