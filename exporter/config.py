@@ -365,11 +365,11 @@ class ModelConfig(Strict):
     every refresh reads its windows in one pass (a cold read of slices returns a row per
     slice and bucket, too many at 10^7 predictions a day: docs/performance.md)."""
     slice_fill_refreshes: int = Field(default=24, ge=1)
-    """A refresh reads at most 1/this of the largest window's missing slices besides those
-    sealed since the refresh before; with more missing (a cold start, after an outage of the
-    store) it also reads the windows in one pass, and the slices fill over this many
-    refreshes; 1: every missing slice at once (one row per slice and bucket:
-    docs/metrics.md, "Time slices")."""
+    """With more than 1/this of the largest window's slices (rounded up) missing, besides
+    those sealed since the refresh before (a cold start, after an outage of the store or an
+    audit that found many changed), a refresh reads the windows in one pass and that many
+    of the missing slices, so the slices fill over this many refreshes; 1: every missing
+    slice at once (one row per slice and bucket: docs/metrics.md, "Time slices")."""
     slice_audit_interval: Duration = timedelta(hours=1)
     """How often the kept slices are compared with the store (one count per slice), so that
     rows written or deleted later than ``predictions.ingestion_delay`` are taken in."""

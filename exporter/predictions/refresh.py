@@ -57,16 +57,17 @@ def worst_case_queries(model: ModelConfig) -> int:
     (reflection, on the first refresh and after a failure, not counted).
 
     Each source reads all its windows in one pass per query. Predictions
-    (``PredictionsSource.run``), at most 9: the newest timestamp; the audit of kept time
+    (``PredictionsSource.run``), at most 10: the newest timestamp; the audit of kept time
     slices (when due); unless ids are unique by schema or config (which the config alone
     cannot tell), the duplicated ids among the new rows and their rows; per pass of the
     plan (two when a window's tail lies in a slice read this time: ``slices.Plan``) the
     sliced histogram and, when buckets hold several scores, their most frequent scores; the
-    new rows of the counter. When the duplicated ids or their rows are too many to list,
-    a full duplicate search, the one-pass histogram and the mode counts replace the passes
-    (8 with the listing that overflowed). While the slices fill from a cold start, one pass
-    reads the missing slices to keep and the same three statements make the windows, with
-    no audit (9). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    new rows of the counter (9). When the duplicated ids or their rows are too many to
+    list, a full duplicate search, the one-pass histogram and the mode counts replace the
+    passes (8 with the listing that overflowed). While the slices fill (a cold start, after
+    an outage), one pass reads the missing slices to keep and the same three statements
+    make the windows (9), and 10 when this refresh's audit (due, or of restored slices)
+    found so many slices changed that it fills. Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
@@ -74,7 +75,7 @@ def worst_case_queries(model: ModelConfig) -> int:
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
-    count = 9
+    count = 10
     if model.labels is not None:
         count += 1 + (model.label_delay > timedelta(0)) + version
     if model.replays is not None:

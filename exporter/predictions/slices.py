@@ -355,8 +355,9 @@ class SliceStore(Generic[A]):
         self.audit_interval = audit_interval
         self.combine = combine
         self.slices: dict[datetime, A] = {}
-        #: The last refresh merged its windows from kept slices (``filling`` was false).
+        #: The last ``filling`` answered no: the refresh merges its windows from slices.
         self.filled = False
+        self._first: datetime | None = None  # the largest window's first slice at the last ``begin``
         self._last_sealed: datetime | None = None  # the sealed end at the last ``begin``
         self._fresh_from: datetime | None = None  # slices from here on sealed since the refresh before
         self._audited: datetime | None = None
@@ -378,7 +379,7 @@ class SliceStore(Generic[A]):
         down then count as missing ones, read ``fill`` a refresh, rather than as sealed
         since the refresh before, which are all read at once."""
         first, sealed = self._bounds(starts, end, delay)
-        self._fresh_from, self._last_sealed = self._last_sealed, sealed
+        self._first, self._fresh_from, self._last_sealed = first, self._last_sealed, sealed
         self.forget([s for s in self.slices if s < first or s + self.width > sealed])
 
     def filling(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> bool:
@@ -386,9 +387,10 @@ class SliceStore(Generic[A]):
         ``plan(..., filling=True)``: more than ``fill`` of the largest window's sealed slices
         are missing besides those sealed since the refresh before (always read, so that the
         store fills however far refreshes step). A cold start, an audit that found many
-        slices changed, an outage of the store or a jump of ``end`` so fill the store again
-        over refreshes whose numbers are those of one pass; fewer missing slices are read
-        at once. Called once per refresh, before ``plan``."""
+        slices changed, an outage of the store or ``end`` going back so fill the store
+        again over refreshes whose numbers are those of one pass; fewer missing slices are
+        read at once. Asked again after anything forgets slices (an audit, the duplicated
+        ids), before ``plan``: the answer only turns from no to yes."""
         first, sealed = self._bounds(starts, end, delay)
         self.filled = self.fill is None or len(self._older_missing(first, sealed)) <= self.fill
         return not self.filled
@@ -456,11 +458,16 @@ class SliceStore(Generic[A]):
             for kept, own in plan.windows
         ]
 
-    def restore(self, slices: dict[datetime, A]) -> None:
-        """Keep ``slices`` (by start), read by an earlier process: the store may have changed
-        since, so the next ``audit_due`` is true."""
-        self.slices.update(slices)
-        self._audit_now = bool(slices)
+    def restore(self, slices: dict[datetime, A]) -> int:
+        """Keep those of ``slices`` (by start), read by an earlier process, that are sealed
+        slices of the largest window (after ``begin``); returns how many. The store may have
+        changed since, so the next ``audit_due`` is true."""
+        assert self._first is not None and self._last_sealed is not None, "restore after begin"
+        first, sealed = self._first, self._last_sealed
+        kept = {start: a for start, a in slices.items() if first <= start and start + self.width <= sealed}
+        self.slices.update(kept)
+        self._audit_now = bool(kept)
+        return len(kept)
 
     def audit_due(self, as_of: datetime, filling: bool) -> bool:
         """Whether the kept slices should be compared with the store now: when slices were

@@ -51,8 +51,6 @@ from exporter.predictions.slices import (
     Sliced,
     SliceStore,
     TopCounts,
-    ceil_to,
-    floor_to,
     slice_starts,
 )
 from exporter.predictions.stores import (
@@ -343,10 +341,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             self._known = ()
         if not self._restored:
             self._restored = True
-            self._restore(store, windows)
+            self._restore(store)
         filling = store.filling(windows.starts, windows.end, delay)
         if store.audit_due(windows.end, filling):
             self._audit(conn, store, windows.end)
+            filling = store.filling(windows.starts, windows.end, delay)  # it may have forgotten many
         duplicate_rows, ids = DuplicateRows((), ()), []
         if not q.unique_ids:
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
@@ -376,6 +375,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._known = tuple(ids)
         should = duplicate_rows.by_slice(store.width)
         store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
+        filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
         plan = store.plan(windows.starts, windows.end, delay, filling)
         merged = store.merge(plan, self._read_parts(conn, plan))
         self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
@@ -405,11 +405,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             self._saved = SavedSlices(self._slice_state, self.model.name, found)
         return self._saved
 
-    def _restore(self, store: SliceStore[Sliced], windows: Windows) -> None:
+    def _restore(self, store: SliceStore[Sliced]) -> None:
         """Keep the slices an earlier process saved (``_saved_slices``) that are sealed
-        slices of the largest of ``windows``; the audit of this refresh then reads again
-        those that changed in the store meanwhile. A failure is logged at WARNING (``_state_failed``):
-        the refresh is cold."""
+        slices of this refresh's largest window (``SliceStore.restore``); the audit of this
+        refresh then reads again those that changed in the store meanwhile. A failure is
+        logged at WARNING (``_state_failed``): the refresh is cold."""
         saved = self._saved_slices()
         if saved is None:
             return
@@ -418,12 +418,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         except Exception as exc:  # the state database, whatever its failure, never fails a refresh
             self._state_failed("reading the kept time slices from", exc)
             return
-        first = ceil_to(windows.start, store.width)
-        sealed = floor_to(windows.end - self.model.predictions.ingestion_delay, store.width)
-        kept = {start: sliced for start, sliced in loaded.items() if first <= start and start + store.width <= sealed}
-        store.restore(kept)
+        kept = store.restore(loaded)
         if kept:
-            log.info("model %s: %d kept time slices restored from the state database", self.model.name, len(kept))
+            log.info("model %s: %d kept time slices restored from the state database", self.model.name, kept)
 
     def _save(self) -> None:
         """Save the kept slices (``_saved_slices``) as they are after a successful refresh;

@@ -339,6 +339,56 @@ def _with_replays(engine, settings, schema=None, **model_changes):
     return settings.model_copy(update={"models": [model]})
 
 
+def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
+    """The refresh that runs the most predictions statements: its audit finds more kept
+    slices changed (4) than a refresh reads (3 of the 3h window's 36), so it fills: newest,
+    audit, duplicated ids and their rows, the fill's pass (histogram, most frequent scores),
+    the windows in one pass (duplicate search, histogram, mode counts), counter: 10; + 2
+    (labels, serving version) + 1 (replays)."""
+    from exporter.predictions.refresh import worst_case_queries
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    engine = sa.create_engine(url)
+    _fill(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE predictions ADD COLUMN v TEXT DEFAULT 'v1'"))
+        conn.execute(sa.text("UPDATE predictions SET p = p + 0.01 * (id % 3)"))  # several scores per 0.1 bucket
+    settings = _settings(url)
+    predictions = settings.models[0].predictions
+    versioned = predictions.model_copy(update={"columns": predictions.columns.model_copy(update={"version": "v"})})
+    settings = _with_replays(
+        engine,
+        settings,
+        windows=["1h", "2h", "3h"],
+        bucket_decimals=1,
+        predictions=versioned,
+        time_slice=timedelta(minutes=5),
+        slice_fill_refreshes=12,
+        slice_audit_interval=timedelta(minutes=1),
+    )
+    stores = Stores(settings.stores, settings.query_timeout)
+    refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+    slices = refresher.predictions.slices
+    as_of = AS_OF + timedelta(seconds=150)
+    for k in range(14):  # filled 3 slices a refresh, a second apart: no audit due yet
+        refresher.refresh(as_of - timedelta(seconds=60 - k))
+    assert slices.filled and len(slices.slices) == 35
+    insert = sa.text("INSERT INTO predictions (id, ts, p) VALUES (:id, :ts, :p)")
+    with engine.begin() as conn:
+        # Written late into 4 kept slices; the newest carries id 7 again (a duplicate in a
+        # slice the fill reads: its rows are listed).
+        for ident, minutes in ((7, 30), (601, 60), (602, 90), (603, 120)):
+            late = (AS_OF - timedelta(minutes=minutes, seconds=-10)).replace(tzinfo=None)
+            conn.execute(insert, {"id": ident, "ts": late, "p": 0.63})
+    statements = []
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    snap = refresher.refresh(as_of)
+    assert all(s.up for s in snap.sources.values()) and not slices.filled
+    queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert len(queries_run) == worst_case_queries(settings.models[0]) == 13
+    stores.dispose()
+
+
 def test_a_stalled_refresh_reports_each_source_by_what_happened_to_it(postgres_schema, postgres_engine):
     """A refresh past its deadline, in labels (a held lock): predictions, which it just
     refreshed, up with their new values; labels down with one timeout however often it is
@@ -413,16 +463,16 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     assert snap.score_stats[0].invalid["duplicate_id"] == 2
     queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
     # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
-    # scores of each of two passes, counter) + 1 + 1 (labels, serving version) + 1
-    # (replays), whatever the windows: labels and replays reuse the predictions' duplicate
-    # ids (no label delay)
-    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
+    # scores of each of two passes, counter; 10 when the audit starts a fill: next test)
+    # + 1 + 1 (labels, serving version) + 1 (replays), whatever the windows: labels and
+    # replays reuse the predictions' duplicate ids (no label delay)
+    assert len(queries_run) == worst_case_queries(settings.models[0]) - 1 == 12
     stores.dispose()
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
     """The issue's numbers: refresh_interval 2s, query_timeout 3s (the old default deadline
-    5 s), three sources over two windows: 11 queries and 3 connections, up to 42 s."""
+    5 s), three sources over two windows: 12 queries and 3 connections, up to 45 s."""
     from typer.testing import CliRunner
 
     from exporter.cli import app
@@ -433,7 +483,7 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings.stores, settings.query_timeout)
     assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
-        seconds=(9 + 1 + 1 + 3) * 3
+        seconds=(10 + 1 + 1 + 3) * 3
     )
     quick = settings.model_copy(
         update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
@@ -458,8 +508,8 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert (
-        # the default label_delay (1h): the labels search their own duplicate ids, 12 queries
-        "warning: refresh_timeout: 5 s is shorter than the 45 s a refresh of models[0] ('ctr') may take"
+        # the default label_delay (1h): the labels search their own duplicate ids, 13 queries
+        "warning: refresh_timeout: 5 s is shorter than the 48 s a refresh of models[0] ('ctr') may take"
         in result.stderr
     )
     config.write_text(common)

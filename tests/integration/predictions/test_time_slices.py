@@ -293,13 +293,16 @@ def test_a_cold_start_fills_the_slices_a_share_per_refresh(store, unique):
     log.engine.dispose()
 
 
-def test_after_an_outage_the_slices_refill_a_share_per_refresh(tmp_path, monkeypatch):
-    """Filled slices (2 of the hour's 30 a refresh), then the store down for 20 minutes
-    while refreshes go on failing: the refresh after it reads the windows in one pass and 2
-    of the 10 slices sealed meanwhile (and the one sealed since the last failed refresh),
-    not all of them at once, and so on until every one is kept again; each refresh equals
-    the one-pass refresher (exactly while filling) and pandas."""
-    read: list[int] = []
+@pytest.mark.parametrize("cause", ["outage", "audit"])
+def test_many_missing_slices_refill_a_share_per_refresh(tmp_path, monkeypatch, cause):
+    """Filled slices (2 of the hour's 30 a refresh), then many missing at once: after the
+    store was down for 20 minutes while refreshes went on failing (10 slices sealed
+    meanwhile), or after an audit found 6 kept slices changed (a row deleted in each). The
+    refresh after reads the windows in one pass and 2 of them (and the one sealed since the
+    refresh before), not all at once, keeps every other slice, and so on until every one is
+    kept again; each refresh equals the one-pass refresher (exactly while filling) and
+    pandas."""
+    read: list[int] = []  # slices read per refresh of the sliced refresher
     original = PredictionsSource._read_parts
 
     def recorded(self, conn, plan):
@@ -323,31 +326,52 @@ def test_after_an_outage_the_slices_refill_a_share_per_refresh(tmp_path, monkeyp
         if slices.filled:
             break
     assert slices.filled and slices.fill == 2
-    with log.engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE predictions RENAME TO predictions_down")
-    for _ in range(20):
-        assert not warm.refresh(as_of).sources["predictions"].up
-        as_of += timedelta(minutes=1)
-    with log.engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE predictions_down RENAME TO predictions")
-    # Rows stamped during the outage, written once the store is back.
-    log.insert([(as_of - timedelta(seconds=float(s)), _score(rng, "sqlite")) for s in rng.uniform(0, 1200, 40)])
-    read.clear()
+    if cause == "outage":
+        kept = set(slices.slices)
+        with log.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE predictions RENAME TO predictions_down")
+        for _ in range(20):
+            assert not warm.refresh(as_of).sources["predictions"].up
+            as_of += timedelta(minutes=1)
+        with log.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE predictions_down RENAME TO predictions")
+        # Rows stamped during the outage, written once the store is back.
+        log.insert([(as_of - timedelta(seconds=float(s)), _score(rng, "sqlite")) for s in rng.uniform(0, 1200, 40)])
+        read.clear()
+        got, one_pass = warm.refresh(as_of), reference.refresh(as_of)
+        most = 6  # 11 older missing slices, 2 a refresh
+    else:
+        # A row deleted in each of the 6 newest kept slices holding rows (just before START),
+        # still in the window at the audit (every 20 minutes), the first to see them changed.
+        victims = sorted({floor_to(ts, SLICE) for _, ts, _ in log.rows.values()} & set(slices.slices))[-6:]
+        log.delete([next(k for k, (_, ts, _) in log.rows.items() if floor_to(ts, SLICE) == v) for v in victims])
+        kept = set(slices.slices) - set(victims)
+        audited = slices._audited
+        while True:
+            read.clear()
+            got, one_pass = warm.refresh(as_of), reference.refresh(as_of)
+            if slices._audited != audited:
+                break
+            as_of += timedelta(minutes=1)
+        most = 2  # 6 missing, 2 a refresh: 4 left, then 2, read with the windows merged
+    first = ceil_to(as_of - timedelta(hours=1), SLICE)
+    assert {s for s in kept if s >= first} <= set(slices.slices)  # the others are kept
     filling = 0
     while True:
-        got, one_pass = warm.refresh(as_of), reference.refresh(as_of)
-        assert read[-1] <= 3, read
+        assert len(read) == 1 and read[0] <= 3, read
+        expected = log.expected(as_of - timedelta(hours=1), as_of)
+        assert got.score_stats[1].predictions == expected["predictions"]
         if slices.filled:
             for w, c in zip(got.score_stats, one_pass.score_stats, strict=True):
                 _same(w, c)
             break
         assert got.score_stats == one_pass.score_stats
         filling += 1
-        assert filling <= 24
-        expected = log.expected(as_of - timedelta(hours=1), as_of)
-        assert got.score_stats[1].predictions == expected["predictions"]
+        assert filling <= most, read
         as_of += timedelta(minutes=1)
-    assert filling >= 3, read
+        read.clear()
+        got, one_pass = warm.refresh(as_of), reference.refresh(as_of)
+    assert filling >= 2
     stores.dispose()
     log.engine.dispose()
 
