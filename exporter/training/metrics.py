@@ -41,7 +41,26 @@ def _cdf(feature: FeatureSummary, x: np.ndarray) -> np.ndarray:
     shares = np.array([s for _, s in points])
     # Tied values (a stuck feature) keep the largest share: the CDF is right-continuous.
     unique, last = np.unique(values[::-1], return_index=True)
-    return np.interp(x, unique, shares[::-1][last], left=0.0, right=1.0)
+    return _interp(np.asarray(x, dtype=np.float64), unique, shares[::-1][last])
+
+
+def _interp(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """``np.interp(x, xp, fp, left=0.0, right=1.0)`` (``xp`` strictly increasing), also
+    where two points of ``xp`` are closer than the smallest normal float (2.2e-308):
+    np.interp's slope (fp[j+1] - fp[j]) / (xp[j+1] - xp[j]) then overflows, and the result
+    is inf or NaN. Here the fraction (x - xp[j]) / (xp[j+1] - xp[j]), at most 1, is divided
+    directly (exact for subnormals), halving both terms where the gap itself overflows
+    (points beyond +-9e307)."""
+    if len(xp) < 2:
+        return np.interp(x, xp, fp, left=0.0, right=1.0)
+    j = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, len(xp) - 2)
+    low, high = xp[j], xp[j + 1]
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        fraction = (x - low) / (high - low)
+        halved = (x / 2 - low / 2) / (high / 2 - low / 2)
+        fraction = np.clip(np.where(np.isfinite(high - low), fraction, halved), 0.0, 1.0)
+    out = fp[j] + fraction * (fp[j + 1] - fp[j])
+    return np.where(x < xp[0], 0.0, np.where(x > xp[-1], 1.0, out))
 
 
 def numeric_edges(reference: FeatureSummary, current: FeatureSummary) -> np.ndarray:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import build_training_run, summarize_features
 from exporter.config import parse_settings
+from exporter.monitoring_math import PSI_MIN_SHARE
 from exporter.training.metrics import TrainingRefresher, feature_psi
 from exporter.training.schema import OTHER, FeatureSummary, TrainingRun
 from exporter.training.storage import StateDatabase, save_run
@@ -631,6 +632,28 @@ def test_feature_psi_never_raises_and_is_finite_or_absent(data, kind):
     else:
         assert got is not None and math.isfinite(got) and got >= -1e-12
         assert feature_psi(reference, reference) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_feature_psi_of_values_closer_than_the_smallest_normal_float():
+    """Found by the test above: a summary from 0 to 1e-309 (subnormal) without
+    percentiles made np.interp's slope overflow, and PSI infinite. Its CDF is the line from
+    (0, 0) to (1e-309, 1): a 1/11 share at each of the reference's 11 values but the
+    first two, which fall in the same bins as 0 and as 1e-309 (2.2e-311 is 2.2% of the way)."""
+    tiny = 2.225073858507e-311
+    values = [0.0, tiny, *(k / 8 for k in (1, 2, 2.5, 3, 4, 5, 6, 7, 8))]
+    reference = FeatureSummary(
+        name="f", kind="numeric", count=1, missing_ratio=0.0, mean=0.0, stddev=0.0, min=0.0, max=1.0,
+        percentiles={}, categories={}, value_shares=[(v, 1 / 11) for v in values],
+    )  # fmt: skip
+    current = FeatureSummary(
+        name="f", kind="numeric", count=1, missing_ratio=0.0, mean=0.0, stddev=0.0, min=0.0, max=1e-309,
+        percentiles={}, categories={}, value_shares=None,
+    )  # fmt: skip
+    cdf = np.array([0.0, tiny / 1e-309, *[1.0] * 9])
+    actual = np.append(np.diff(np.concatenate([[0.0], cdf, [1.0]])), 0.0)
+    expected = np.array([*[1 / 11] * 11, 0.0, 0.0])
+    e, a = np.maximum(expected, PSI_MIN_SHARE), np.maximum(actual, PSI_MIN_SHARE)
+    assert feature_psi(reference, current) == pytest.approx(float(np.sum((a - e) * np.log(a / e))), rel=1e-6)
 
 
 def count_like_cases():
