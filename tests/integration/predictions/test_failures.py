@@ -339,14 +339,10 @@ def _with_replays(engine, settings, schema=None, **model_changes):
     return settings.model_copy(update={"models": [model]})
 
 
-def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
-    """The refresh that runs the most predictions statements: its audit finds more kept
-    slices changed (4) than a refresh reads (3 of the 3h window's 36), so it fills: newest,
-    audit, duplicated ids and their rows, the fill's pass (histogram, most frequent scores),
-    the windows in one pass (duplicate search, histogram, mode counts), counter: 10; + 2
-    (labels, serving version) + 1 (replays)."""
-    from exporter.predictions.refresh import worst_case_queries
-
+def _every_statement(tmp_path, slice_fill_refreshes: int):
+    """(engine, settings) of a model whose refresh can run every statement: buckets holding
+    several scores, a version column, labels and replays, windows 1h, 2h, 3h on 5-minute
+    time slices audited every minute."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     engine = sa.create_engine(url)
     _fill(engine)
@@ -363,9 +359,21 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
         bucket_decimals=1,
         predictions=versioned,
         time_slice=timedelta(minutes=5),
-        slice_fill_refreshes=12,
+        slice_fill_refreshes=slice_fill_refreshes,
         slice_audit_interval=timedelta(minutes=1),
     )
+    return engine, settings
+
+
+def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
+    """The refresh that runs the most predictions statements: its audit finds more kept
+    slices changed (4) than a refresh reads (3 of the 3h window's 36), so it fills: newest,
+    audit, duplicated ids and their rows, the fill's pass (histogram, most frequent scores),
+    the windows in one pass (duplicate search, histogram, mode counts), counter: 10; + 2
+    (labels, serving version) + 1 (replays)."""
+    from exporter.predictions.refresh import worst_case_queries
+
+    engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
     stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     slices = refresher.predictions.slices
@@ -428,25 +436,8 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     start (read again whole, and the window's tail in it by a second pass), a duplicated id."""
     from exporter.predictions.refresh import worst_case_queries
 
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    engine = sa.create_engine(url)
-    _fill(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("ALTER TABLE predictions ADD COLUMN v TEXT DEFAULT 'v1'"))
-        conn.execute(sa.text("UPDATE predictions SET p = p + 0.01 * (id % 3)"))  # several scores per 0.1 bucket
-    settings = _settings(url)
-    predictions = settings.models[0].predictions
-    versioned = predictions.model_copy(update={"columns": predictions.columns.model_copy(update={"version": "v"})})
-    settings = _with_replays(
-        engine,
-        settings,
-        windows=["1h", "2h", "3h"],
-        bucket_decimals=1,
-        predictions=versioned,
-        time_slice=timedelta(minutes=5),
-        slice_fill_refreshes=1,  # every slice kept at the first refresh: filled at the second
-        slice_audit_interval=timedelta(minutes=1),
-    )
+    # every slice kept at the first refresh: filled at the second
+    engine, settings = _every_statement(tmp_path, slice_fill_refreshes=1)
     stores = Stores(settings.stores, settings.query_timeout)
     refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
     as_of = AS_OF + timedelta(seconds=150)  # AS_OF is on a slice boundary; the windows' starts are not
