@@ -406,7 +406,14 @@ class ModelConfig(Strict):
 
     def slice_width(self) -> timedelta | None:
         """The width of ``time_slice`` (``auto`` derived from the windows), ``None`` without."""
-        if self.time_slice != "auto":
+        return None if self.time_slice is None else self.label_slice_width()
+
+    def label_slice_width(self) -> timedelta:
+        """The width of the slices whose labels mature together (docs/metrics.md, *Label
+        maturity*): ``time_slice``'s, or ``auto``'s when it is unset, so that a slice's online
+        accuracy does not depend on whether slices are kept. ``auto``: the smallest window / 12
+        or the largest / 288, whichever is longer, in whole seconds."""
+        if isinstance(self.time_slice, timedelta):
             return self.time_slice
         durations = [parse_duration(window) for window in self.windows]
         derived = max(min(durations) / 12, max(durations) / 288)

@@ -54,6 +54,18 @@ MAX_DUPLICATE_ROWS = 100_000
 
 
 @dataclass(frozen=True)
+class LabelMaturity:
+    """Labels that mature by time slice (docs/metrics.md, *Label maturity*): a prediction
+    stamped in part ``p``, ``[points[p], points[p + 1])``, counts the label rows recorded in
+    ``[points[p], points[p + 1] + delay)``. ``points``: the slice boundaries (UTC,
+    ascending) from the slice holding the largest window's start to the first at or after
+    its end; ``delay``: ``label_delay``, above 0."""
+
+    points: tuple[datetime, ...]
+    delay: timedelta
+
+
+@dataclass(frozen=True)
 class Windows:
     """Nested half-open windows sharing their end: window ``i`` is ``[starts[i], end)``,
     in the order of the model's ``windows``; the largest starts at ``start``."""
@@ -192,6 +204,22 @@ def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElem
     half is the decimal midpoint as stored (``monitoring_math.round_half_up_index``)."""
     cell = grid_index(value, 2 * 10**decimals)
     return sa.func.floor((cell + _double(1.0)) / _double(2.0), type_=sa.Double())
+
+
+def part_index(time: TimeColumn, points: Sequence[datetime]) -> sa.ColumnElement[int]:
+    """How many of the ascending ``points`` a row's ``time`` is at or after (0 to
+    ``len(points)``), by bisection: log2 of their number comparisons a row. ``time.expr``
+    should be computed once a row (a subquery column), as it is used at every level."""
+    inner = list(points)
+
+    def bisect(lo: int, hi: int) -> sa.ColumnElement[int]:
+        # The row is at or after inner[j] for j < lo and before it for j >= hi.
+        if lo == hi:
+            return sa.literal_column(str(lo), sa.Integer())
+        mid = (lo + hi) // 2
+        return sa.case((time.at_or_after(inner[mid]), bisect(mid + 1, hi)), else_=bisect(lo, mid))
+
+    return bisect(0, len(inner))
 
 
 def _unique_by_schema(table: sa.Table, column: str) -> bool:
@@ -348,17 +376,7 @@ class PredictionQueries:
         if self.dialect == "sqlite":
             rows = rows.limit(-1)
         subquery = rows.subquery("part_rows")
-        time = replace(self.time, expr=subquery.c.t)
-        inner = list(points[1:-1])
-
-        def bisect(lo: int, hi: int) -> sa.ColumnElement[int]:
-            # The row is at or after inner[j] for j < lo and before it for j >= hi.
-            if lo == hi:
-                return sa.literal_column(str(lo), sa.Integer())
-            mid = (lo + hi) // 2
-            return sa.case((time.at_or_after(inner[mid]), bisect(mid + 1, hi)), else_=bisect(lo, mid))
-
-        return subquery, bisect(0, len(inner))
+        return subquery, part_index(replace(self.time, expr=subquery.c.t), points[1:-1])
 
     def _not_in(self, ids: Sequence[Any]) -> list[sa.ColumnElement[bool]]:
         """The condition leaving out the rows of ``ids`` (none when empty); a NULL id is
@@ -476,8 +494,9 @@ class PredictionQueries:
             .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
         )
 
-    def valid_rows(self, windows: Windows, duplicates: DuplicateIds) -> sa.Subquery:
-        """The valid predictions of the largest window as (id, score, ``in_i`` per window):
+    def valid_rows(self, windows: Windows, duplicates: DuplicateIds, with_time: bool = False) -> sa.Subquery:
+        """The valid predictions of the largest window as (id, score, ``in_i`` per window,
+        and with ``with_time`` their time ``t``, ``TimeColumn.expr``, computed once a row):
         ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
         row of it), else 0. Filtered by plain predicates on the score rather than by
         reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
@@ -489,15 +508,18 @@ class PredictionQueries:
             )
             for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
         ]
-        return (
-            sa.select(self.id.label("id"), self.score.label("score"), *flags)
+        time = [self.time.expr.label("t")] if with_time else []
+        rows = (
+            sa.select(self.id.label("id"), self.score.label("score"), *time, *flags)
             .select_from(source)
             .where(
                 self._in_window(windows.start, windows.end),
                 _valid_probability(self.dialect, self.score, self.score_is_number),
             )
-            .subquery("valid_rows")
         )
+        if with_time and self.dialect == "sqlite":
+            rows = rows.limit(-1)  # as in _parts: SQLite would compute the time at each use
+        return rows.subquery("valid_rows")
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
         return grid_index(score, 10**self.model.bucket_decimals)
@@ -619,7 +641,14 @@ class PredictionQueries:
             *[_count_if(self.score <= bound) for bound in buckets],
         ).where(self._in_window(start, end), valid)
 
-    def online(self, labels: LabelQueries, windows: Windows, duplicates: DuplicateIds, as_of: datetime) -> sa.Select:
+    def online(
+        self,
+        labels: LabelQueries,
+        windows: Windows,
+        duplicates: DuplicateIds,
+        as_of: datetime,
+        maturity: LabelMaturity | None = None,
+    ) -> sa.Select:
         """Online accuracy aggregates of every window's valid predictions joined to their
         labels, in one pass over the largest window, grouped by bucket
         ``grid_index(score, 10**k)``, in no order (an ORDER BY would make PostgreSQL sort the
@@ -631,31 +660,43 @@ class PredictionQueries:
         ``labeled_score_sum_i``, ``log_loss_sum_i``, ``extreme_i`` (labeled at exactly 0 or
         1), and one count per reason of ``labels.invalid_reasons`` (``INVALID_LABEL_REASONS``):
         ``conflicting_i``, ``invalid_value_i``, ``bad_timestamp_i``.
-        The labels of window ``i`` are those recorded in ``[start_i, as_of)``
-        (``LabelQueries.per_id``). A prediction whose label rows all have an arrival time
+        With ``maturity`` (a label timestamp and ``label_delay`` above 0), a prediction's
+        labels are those of its slice (``labeled_by_slice``), the same in every window;
+        without, the labels of window ``i`` are those recorded in ``[start_i, as_of)``
+        (``LabelQueries.per_id``), or every label row without a label timestamp.
+        A prediction whose label rows all have an arrival time
         that is no instant is left out as one whose labels are all invalid values are
         (neither labeled nor, with ``missing: negative``, a 0).
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
-        valid_rows = self.valid_rows(windows, duplicates)
-        agg = labels.per_id(windows.starts, as_of)
+        # rows: the predictions with in_i; agg: their labels' n_j, low_j, high_j, bad_timestamp;
+        # mult: how many predictions a row of rows stands for (labeled_by_slice groups them).
+        mult: sa.ColumnElement[int] | None = None
+        if maturity is not None:
+            rows = agg = self.labeled_by_slice(labels, windows, duplicates, as_of, maturity)
+            source: sa.FromClause = rows
+            mult = rows.c.mult
+        else:
+            rows, agg = self.valid_rows(windows, duplicates), labels.per_id(windows.starts, as_of)
+            source = rows.outerjoin(agg, rows.c.id == agg.c.id)
+        per_window = maturity is None and labels.time is not None
         windowed: list[sa.ColumnElement] = []
         for i in range(len(windows.starts)):
-            j = i if labels.time is not None else 0  # without a label time, every window sees every label
+            j = i if per_window else 0  # otherwise every window sees the same labels of a prediction
             low, high, count = agg.c[f"low_{j}"], agg.c[f"high_{j}"], agg.c[f"n_{j}"]
-            counted = valid_rows.c[f"in_{i}"] == 1
+            counted = rows.c[f"in_{i}"] == 1
             has_label = sa.and_(low.is_not(None), low == high)
             invalid = {
                 "conflicting": sa.and_(counted, low != high),
                 "invalid_value": sa.and_(counted, count > 0, low.is_(None)),
             }
-            no_label_row = sa.or_(agg.c.id.is_(None), count == 0)
+            no_label_row = sa.or_(count.is_(None), count == 0)  # NULL: no label row joined
             if labels.time is not None:
                 # Rows of unknown arrival time are in every window's range, and a label row.
                 bad = agg.c.bad_timestamp > 0
                 invalid["bad_timestamp"] = sa.and_(counted, count == 0, bad)
-                no_label_row = sa.or_(agg.c.id.is_(None), sa.and_(count == 0, sa.not_(bad)))
+                no_label_row = sa.or_(count.is_(None), sa.and_(count == 0, sa.not_(bad)))
             y = sa.case(
                 (sa.not_(counted), None),
                 (has_label, low),
@@ -663,16 +704,24 @@ class PredictionQueries:
                 else_=None,
             )
             windowed += [
-                valid_rows.c[f"in_{i}"],
+                rows.c[f"in_{i}"],
                 y.label(f"y_{i}"),
                 sa.and_(counted, has_label).label(f"has_label_{i}"),
                 *[invalid[reason].label(f"{reason}_{i}") for reason in labels.invalid_reasons],
             ]
+        weight = [] if mult is None else [mult.label("mult")]
         keyed = (
-            sa.select(self._key(valid_rows.c.score).label("key"), valid_rows.c.score, *windowed)
-            .select_from(valid_rows.outerjoin(agg, valid_rows.c.id == agg.c.id))
+            sa.select(self._key(rows.c.score).label("key"), rows.c.score, *weight, *windowed)
+            .select_from(source)
             .subquery("keyed")
         )
+
+        def weighted(value: sa.ColumnElement) -> sa.ColumnElement:
+            return value if mult is None else value * keyed.c.mult
+
+        def count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
+            return sa.func.sum(sa.case((condition, weighted(sa.literal_column("1"))), else_=0))
+
         p = sa.case(
             (keyed.c.score < LOGLOSS_EPS, _double(LOGLOSS_EPS)),
             (keyed.c.score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
@@ -689,18 +738,60 @@ class PredictionQueries:
             labeled = label.is_not(None)
             labeled_score = sa.case((labeled, keyed.c.score), else_=None)
             columns += [
-                _count_if(keyed.c[f"in_{i}"] == 1).label(f"predictions_{i}"),
-                _count_if(keyed.c[f"has_label_{i}"]).label(f"with_label_{i}"),
-                _count_if(label == 1).label(f"positives_{i}"),
-                _count_if(label == 0).label(f"negatives_{i}"),
+                count_if(keyed.c[f"in_{i}"] == 1).label(f"predictions_{i}"),
+                count_if(keyed.c[f"has_label_{i}"]).label(f"with_label_{i}"),
+                count_if(label == 1).label(f"positives_{i}"),
+                count_if(label == 0).label(f"negatives_{i}"),
                 sa.func.min(labeled_score).label(f"low_{i}"),
                 sa.func.max(labeled_score).label(f"high_{i}"),
-                sa.func.sum(labeled_score).label(f"labeled_score_sum_{i}"),
-                sa.func.sum(log_loss_term).label(f"log_loss_sum_{i}"),
-                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
-                *[_count_if(keyed.c[f"{r}_{i}"]).label(f"{r}_{i}") for r in labels.invalid_reasons],
+                sa.func.sum(weighted(labeled_score)).label(f"labeled_score_sum_{i}"),
+                sa.func.sum(weighted(log_loss_term)).label(f"log_loss_sum_{i}"),
+                count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
+                *[count_if(keyed.c[f"{r}_{i}"]).label(f"{r}_{i}") for r in labels.invalid_reasons],
             ]
         return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
+
+    def labeled_by_slice(
+        self, labels: LabelQueries, windows: Windows, duplicates: DuplicateIds, as_of: datetime, maturity: LabelMaturity
+    ) -> sa.Subquery:
+        """The valid predictions of the largest window with their matured labels: rows (id,
+        score, ``in_i`` per window, ``n_0``, ``low_0``, ``high_0``, ``bad_timestamp``,
+        ``mult``) as ``LabelQueries.per_id`` gives them, but counting for a prediction of
+        part ``p`` only the label rows that mature in it (``LabelMaturity``), plus those
+        whose arrival time is no instant. One row per prediction, but predictions without an
+        id (which no label joins) are grouped by score and windows, ``mult`` of them a row."""
+        timed = self.valid_rows(windows, duplicates, with_time=True)
+        part = part_index(replace(self.time, expr=timed.c.t), maturity.points[1:-1])
+        windowed = [timed.c[f"in_{i}"] for i in range(len(windows.starts))]
+        parted = sa.select(timed.c.id, timed.c.score, part.label("part"), *windowed)
+        if self.dialect == "sqlite":
+            parted = parted.limit(-1)  # the part is used twice below: computed once a row
+        rows = parted.subquery("parted")
+        label_rows = labels.by_slice(maturity, as_of)
+        in_slice = sa.and_(label_rows.c.first <= rows.c.part, rows.c.part <= label_rows.c.last)
+        matures = sa.and_(label_rows.c.bad == 0, in_slice)
+        value = sa.case((matures, label_rows.c.value), else_=None)
+        per_prediction = sa.case((rows.c.id.is_(None), sa.func.count()), else_=1)
+        flags = [rows.c[f"in_{i}"] for i in range(len(windows.starts))]
+        return (
+            sa.select(
+                rows.c.id,
+                rows.c.score,
+                *flags,
+                _count_if(matures).label("n_0"),
+                sa.func.min(value).label("low_0"),
+                sa.func.max(value).label("high_0"),
+                _count_if(label_rows.c.bad == 1).label("bad_timestamp"),
+                per_prediction.label("mult"),
+            )
+            .select_from(
+                rows.outerjoin(
+                    label_rows, sa.and_(label_rows.c.id == rows.c.id, sa.or_(label_rows.c.bad == 1, in_slice))
+                )
+            )
+            .group_by(rows.c.id, rows.c.score, rows.c.part, *flags)
+            .subquery("labeled")
+        )
 
     def replays_by_lookup(self, replays: ReplayQueries) -> bool:
         """Whether ``replays`` looks each window row's replays up by index (PostgreSQL, with
@@ -791,21 +882,7 @@ class LabelQueries:
         read. Without a timestamp, every label row is read, and there is one range,
         ``j = 0``, whatever ``starts``.
         """
-        ident: sa.ColumnElement[Any] = self.id
-        valid_value: sa.ColumnElement[Any] = self.valid_value
-        source: sa.FromClause = self.table
-        time = self.time
-        if time is not None and time.kind == "sqlite":
-            # SQLite evaluates an expression once per use, and its date-time text costs a
-            # strftime (and a Python call outside UTC) each time: the time is computed once
-            # a row in a subquery, which LIMIT keeps SQLite from flattening into this one.
-            rows = (
-                sa.select(ident.label("id"), valid_value.label("value"), time.expr.label("t"), time.stored.label("s"))
-                .limit(-1)
-                .subquery("label_rows")
-            )
-            ident, valid_value, source = rows.c.id, rows.c.value, rows
-            time = replace(time, expr=rows.c.t, stored=rows.c.s)
+        source, ident, valid_value, time = self._timed()
         columns = []
         if time is None:
             ranges: list[sa.ColumnElement[bool]] = [sa.true()]
@@ -830,6 +907,55 @@ class LabelQueries:
             .group_by(ident)
             .subquery("labels_per_id")
         )
+
+    def by_slice(self, maturity: LabelMaturity, as_of: datetime) -> sa.Subquery:
+        """The label rows recorded in ``[maturity.points[0], as_of)``, and those whose
+        arrival time is written but no instant, as (id, ``value``: the label if valid, else
+        NULL; ``first`` and ``last``: the parts of ``maturity`` whose predictions the row
+        matures for, none when ``first > last``; ``bad``: 1 for a time that is no instant, in
+        no part, else 0). A row recorded at ``r`` matures for part ``p`` when
+        ``points[p] <= r < points[p + 1] + delay``: ``last`` counts the inner points at or
+        before ``r``, ``first`` the delayed ends at or before it. Needs a label timestamp."""
+        source, ident, valid_value, time = self._timed()
+        assert time is not None, "labels mature by their arrival time"
+        points = maturity.points
+        unreadable = time.written_unreadable()
+        timed = (
+            sa.select(
+                ident.label("id"),
+                valid_value.label("value"),
+                time.expr.label("t"),
+                sa.case((unreadable, 1), else_=0).label("bad"),
+            )
+            .select_from(source)
+            .where(sa.or_(time.between(points[0], as_of), unreadable))
+        )
+        rows = timed.subquery("label_times")
+        at = replace(time, expr=rows.c.t)
+        return sa.select(
+            rows.c.id,
+            rows.c.value,
+            part_index(at, [end + maturity.delay for end in points[1:]]).label("first"),
+            part_index(at, points[1:-1]).label("last"),
+            rows.c.bad,
+        ).subquery("label_slices")
+
+    def _timed(self) -> tuple[sa.FromClause, sa.ColumnElement[Any], sa.ColumnElement[Any], TimeColumn | None]:
+        """(source, id, valid value, time) to read the label rows from. SQLite evaluates an
+        expression once per use, and its date-time text costs a strftime (and a Python call
+        outside UTC) each time: there the time is computed once a row in a subquery, which
+        LIMIT keeps SQLite from flattening into the statement that reads it."""
+        time = self.time
+        if time is None or time.kind != "sqlite":
+            return self.table, self.id, self.valid_value, time
+        rows = (
+            sa.select(
+                self.id.label("id"), self.valid_value.label("value"), time.expr.label("t"), time.stored.label("s")
+            )
+            .limit(-1)
+            .subquery("label_rows")
+        )
+        return rows, rows.c.id, rows.c.value, replace(time, expr=rows.c.t, stored=rows.c.s)
 
 
 class ReplayQueries:

@@ -47,6 +47,13 @@ def ceil_to(instant: datetime, width: timedelta) -> datetime:
     return start if start == instant else start + width
 
 
+def boundaries(start: datetime, end: datetime, width: timedelta) -> tuple[datetime, ...]:
+    """The slice boundaries from the start of the slice holding ``start`` to the first at or
+    after ``end`` (``start < end``): the slices covering ``[start, end)``."""
+    first = floor_to(start, width)
+    return tuple(first + k * width for k in range((ceil_to(end, width) - first) // width + 1))
+
+
 def slice_starts(start: datetime, end: datetime, width: timedelta) -> list[datetime]:
     """The starts of the slices of ``width`` lying wholly inside ``[start, end)``."""
     first = ceil_to(start, width)

@@ -37,6 +37,7 @@ from exporter.predictions import queries
 from exporter.predictions.queries import (
     INVALID_REASONS,
     DuplicateIds,
+    LabelMaturity,
     LabelQueries,
     PredictionQueries,
     ReplayQueries,
@@ -51,6 +52,7 @@ from exporter.predictions.slices import (
     Sliced,
     SliceStore,
     TopCounts,
+    boundaries,
     slice_starts,
 )
 from exporter.predictions.stores import (
@@ -636,9 +638,15 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         """Online accuracy of each label-delayed window, ending ``label_delay`` before
         ``as_of``, all in one pass."""
         q, labels = self.predictions.queries(), self.queries()
-        windows = self.predictions.windows(as_of - self.model.label_delay)
+        delay = self.model.label_delay
+        windows = self.predictions.windows(as_of - delay)
         duplicates = self.predictions.duplicate_ids(conn, windows)
-        rows = sorted(conn.execute(q.online(labels, windows, duplicates, as_of)).all(), key=lambda row: row.key)
+        maturity = None
+        if labels.time is not None and delay > timedelta(0):
+            points = boundaries(windows.start, windows.end, self.model.label_slice_width())
+            maturity = LabelMaturity(points, delay)
+        statement = q.online(labels, windows, duplicates, as_of, maturity)
+        rows = sorted(conn.execute(statement).all(), key=lambda row: row.key)
         return [
             self._accuracy(window, [_window_columns(row, i) for row in rows], labels.invalid_reasons)
             for i, window in enumerate(self.model.windows)

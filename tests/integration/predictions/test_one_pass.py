@@ -55,7 +55,8 @@ def _rows(dialect: str, continuous: bool, seed: int) -> tuple[pd.DataFrame, pd.D
         made = predictions.loc[predictions.id == i, "ts"].min()
         for _ in range(rng.choice([1, 1, 1, 2])):  # some ids labeled twice: agreeing or conflicting
             y = int(rng.choice([0, 1, 1, 2])) if rng.random() < 0.05 else int(rng.random() < 0.3 + 0.5 * rng.random())
-            label_rows.append({"id": int(i), "y": y, "ts": made + timedelta(seconds=float(rng.uniform(0, 4 * 3600)))})
+            late = rng.uniform(-1800, 0) if rng.random() < 0.1 else rng.uniform(0, 4 * 3600)  # some before it
+            label_rows.append({"id": int(i), "y": y, "ts": made + timedelta(seconds=float(late))})
     labels = pd.DataFrame(label_rows)
     replayed = rng.choice(np.unique(ids), N // 3, replace=False)
     online = predictions.groupby("id")["p"].first()
@@ -148,17 +149,29 @@ def _expected_stats(predictions: pd.DataFrame, window: timedelta, continuous: bo
 
 
 def _expected_online(
-    predictions, labels, unplaced: np.ndarray, window: timedelta, label_delay: timedelta, missing: str
+    predictions, labels, unplaced: np.ndarray, window: timedelta, label_delay: timedelta, grain: timedelta, missing: str
 ) -> dict:
-    """``unplaced``: ids with a label row whose arrival time is no instant."""
+    """``unplaced``: ids with a label row whose arrival time is no instant. With a
+    ``label_delay``, a prediction's labels are those recorded from the start of its slice of
+    ``grain`` (aligned to the epoch) to ``label_delay`` after its end; without, those
+    recorded from the window's start to ``AS_OF``."""
     end = _naive(AS_OF) - label_delay
     rows = predictions[(predictions.ts >= end - window) & (predictions.ts < end)]
     rows = rows[_reasons(rows) == "ok"]
-    recorded = labels[(labels.ts >= end - window) & (labels.ts < _naive(AS_OF))]
-    usable = recorded[recorded.y.isin([0, 1])].groupby("id")["y"].agg(["min", "max"])
-    has_rows = rows.id.isin(recorded.id)
+    if label_delay:
+        joined = rows[["id", "ts"]].reset_index().merge(labels, on="id", suffixes=("", "_label"))
+        first = joined.ts.dt.floor(grain)  # pandas floors fixed frequencies from the epoch
+        last = np.minimum(first + grain + label_delay, _naive(AS_OF))
+        recorded = joined[(joined.ts_label >= first) & (joined.ts_label < last)].set_index("index")
+        usable = recorded[recorded.y.isin([0, 1])].groupby(level=0)["y"].agg(["min", "max"])
+        has_rows = pd.Series(rows.index.isin(recorded.index), index=rows.index)
+        low, high = usable["min"].reindex(rows.index), usable["max"].reindex(rows.index)
+    else:
+        recorded = labels[(labels.ts >= end - window) & (labels.ts < _naive(AS_OF))]
+        usable = recorded[recorded.y.isin([0, 1])].groupby("id")["y"].agg(["min", "max"])
+        has_rows = rows.id.isin(recorded.id)
+        low, high = rows.id.map(usable["min"]), rows.id.map(usable["max"])
     unknown_arrival = ~has_rows & rows.id.isin(unplaced)  # in no range: neither a label nor a 0
-    low, high = rows.id.map(usable["min"]), rows.id.map(usable["max"])
     has_label = low.notna() & (low == high)
     y = low.where(has_label)
     if missing == "negative":
@@ -194,13 +207,15 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("windows", "label_delay", "missing", "continuous"),
+    ("windows", "label_delay", "grain", "missing", "continuous"),
     [
-        pytest.param(["1h", "24h"], "0s", "negative", False, id="1h-24h-discrete"),
+        pytest.param(["1h", "24h"], "0s", None, "negative", False, id="1h-24h-discrete"),
+        # auto slices: the largest window / 288 (5 minutes), the smallest / 12 (15 minutes)
         pytest.param(
-            ["30m", "6h", "2h", "1d"], "1h", "ignore", True, id="four-windows-continuous", marks=pytest.mark.long
+            ["30m", "6h", "2h", "1d"], "1h", "5m", "ignore", True, id="four-windows-continuous", marks=pytest.mark.long
         ),
-        pytest.param(["3h"], "2h", "negative", True, id="one-window", marks=pytest.mark.long),
+        pytest.param(["3h"], "2h", "15m", "negative", True, id="one-window", marks=pytest.mark.long),
+        pytest.param(["2h", "6h"], "30m", "7m", "negative", False, id="set-slices"),
     ],
 )
 @pytest.mark.parametrize(
@@ -208,7 +223,7 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
     [pytest.param(True, id="listed-duplicates", marks=pytest.mark.long), pytest.param(False, id="searched-duplicates")],
 )
 def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
-    store, windows, label_delay, missing, continuous, listed, monkeypatch
+    store, windows, label_delay, grain, missing, continuous, listed, monkeypatch
 ):
     url, schema, dialect = store
     frames = _rows(dialect, continuous, seed=len(windows))
@@ -227,7 +242,8 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         labels={"missing": missing, "columns": {"timestamp": "ts"}},
         replays=True,
         # Continuous scores in 10^-2 buckets hold several each: the mode is counted by its own query.
-        model={"windows": windows, "label_delay": label_delay, "bucket_decimals": 2 if continuous else 5},
+        model={"windows": windows, "label_delay": label_delay, "bucket_decimals": 2 if continuous else 5}
+        | ({"time_slice": grain} if grain == "7m" else {}),
     )
     stores = Stores(settings.stores, settings.query_timeout)
     try:
@@ -254,7 +270,7 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         for q, value in stats.percentiles.items():  # exact on pure buckets, within a bucket otherwise
             assert value == pytest.approx(want["percentiles"][q], abs=1e-2 if continuous else 1e-12)
 
-        want = _expected_online(predictions, labels, unplaced, span, delay, missing)
+        want = _expected_online(predictions, labels, unplaced, span, delay, grain and parse_duration(grain), missing)
         assert online.predictions == want["predictions"], window
         assert online.labeled == want["labeled"] and online.positives == want["positives"], window
         assert online.invalid_labels == {r: want[r] for r in ("conflicting", "invalid_value", "bad_timestamp")}

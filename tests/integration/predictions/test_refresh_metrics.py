@@ -21,6 +21,8 @@ from tests.conftest import model_settings
 
 AS_OF = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
 DELAY = timedelta(hours=1)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+SLICE = timedelta(minutes=5)
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
 ATOL, RTOL = 1e-6, 1e-3
 
@@ -240,15 +242,25 @@ def test_online_accuracy(store, missing, label_timestamp, label_type):
     load(sa.create_engine(url), schema, data, stores_nan, label_type)
     snap = refresh(url, schema, missing=missing, label_timestamp=label_timestamp)
     assert all(s.up for s in snap.sources.values()), snap.errors
-    # with a label timestamp, labels stamped at or after as_of have not arrived yet
-    arrived = [r for r in data.labels if r["ts"] < AS_OF or not label_timestamp]
-    by_id: dict[int, list[int]] = {}
-    for r in arrived:
-        by_id.setdefault(r["id"], []).append(r["y"])
+
+    def matured(made: datetime, arrived: datetime) -> bool:
+        """Label maturity (docs/metrics.md): from the start of the prediction's slice (5
+        minutes: time_slice auto for windows 1h and 24h) to DELAY after its end, and before
+        AS_OF; without a label timestamp, every label row."""
+        if not label_timestamp:
+            return True
+        start = EPOCH + (made - EPOCH) // SLICE * SLICE
+        return start <= arrived < min(start + SLICE + DELAY, AS_OF)
 
     for online in snap.online:
         end = AS_OF - DELAY
-        valid, _ = classify(data, end - WINDOWS[online.window], end, stores_nan)
+        start = end - WINDOWS[online.window]
+        valid, _ = classify(data, start, end, stores_nan)
+        made = {p["id"]: p["ts"] for p in data.predictions if start <= p["ts"] < end}  # one a valid id
+        by_id: dict[int, list[int]] = {}
+        for r in data.labels:
+            if r["id"] in made and matured(made[r["id"]], r["ts"]):
+                by_id.setdefault(r["id"], []).append(r["y"])
         y, p, covered, conflicting, bad = [], [], 0, 0, 0
         for pid, score in valid:
             values = [v for v in by_id.get(pid, []) if v in (0, 1)]
@@ -306,12 +318,14 @@ def test_bucketed_auc_and_percentiles_of_continuous_scores(tmp_path):
     rng = np.random.default_rng(6)
     n = 3000
     scores = rng.beta(1, 20, n)  # continuous: ~n distinct scores
+    made = [AS_OF - DELAY - timedelta(seconds=float(rng.uniform(1, 3500))) for _ in range(n)]
     data = Data(
+        [{"id": i, "ts": made[i], "score": float(s)} for i, s in enumerate(scores)],
+        # each label 10 minutes after its prediction: within label maturity
         [
-            {"id": i, "ts": AS_OF - DELAY - timedelta(seconds=float(rng.uniform(1, 3500))), "score": float(s)}
+            {"id": i, "y": int(rng.random() < s * 4), "ts": made[i] + timedelta(minutes=10)}
             for i, s in enumerate(scores)
         ],
-        [{"id": i, "y": int(rng.random() < s * 4), "ts": AS_OF - timedelta(hours=2)} for i, s in enumerate(scores)],
         [],
     )
     load(sa.create_engine(url), None, data, False)
@@ -339,7 +353,7 @@ def test_single_class_and_empty_windows(tmp_path):
     url = f"sqlite:///{tmp_path}/store.sqlite"
     data = Data(
         [{"id": i, "ts": AS_OF - DELAY - timedelta(minutes=10 + i), "score": 0.1 * (i % 5)} for i in range(20)],
-        [{"id": i, "y": 1, "ts": AS_OF - timedelta(minutes=5)} for i in range(20)],
+        [{"id": i, "y": 1, "ts": AS_OF - DELAY - timedelta(minutes=5 + i)} for i in range(20)],  # 5 minutes later
         [],
     )
     load(sa.create_engine(url), None, data, False)
