@@ -18,7 +18,7 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -208,14 +208,22 @@ def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElem
 
 def part_index(time: TimeColumn, points: Sequence[datetime]) -> sa.ColumnElement[int]:
     """How many of the ascending ``points`` a row's ``time`` is at or after (0 to
-    ``len(points)``), by bisection: log2 of their number comparisons a row. ``time.expr``
-    should be computed once a row (a subquery column), as it is used at every level."""
+    ``len(points)``), by bisection (``bisected``)."""
+    return bisected(time, points, lambda k: sa.literal_column(str(k), sa.Integer()))
+
+
+def bisected(
+    time: TimeColumn, points: Sequence[datetime], leaf: Callable[[int], sa.ColumnElement]
+) -> sa.ColumnElement:
+    """``leaf(k)``, ``k`` how many of the ascending ``points`` a row's ``time`` is at or
+    after, by bisection: log2 of their number comparisons a row. ``time.expr`` should be
+    computed once a row (a subquery column), as it is used at every level."""
     inner = list(points)
 
-    def bisect(lo: int, hi: int) -> sa.ColumnElement[int]:
+    def bisect(lo: int, hi: int) -> sa.ColumnElement:
         # The row is at or after inner[j] for j < lo and before it for j >= hi.
         if lo == hi:
-            return sa.literal_column(str(lo), sa.Integer())
+            return leaf(lo)
         mid = (lo + hi) // 2
         return sa.case((time.at_or_after(inner[mid]), bisect(mid + 1, hi)), else_=bisect(lo, mid))
 
@@ -496,7 +504,7 @@ class PredictionQueries:
 
     def valid_rows(self, windows: Windows, duplicates: DuplicateIds, with_time: bool = False) -> sa.Subquery:
         """The valid predictions of the largest window as (id, score, ``in_i`` per window,
-        and with ``with_time`` their time ``t``, ``TimeColumn.expr``, computed once a row):
+        and with ``with_time`` their time column as stored, ``t``):
         ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
         row of it), else 0. Filtered by plain predicates on the score rather than by
         reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
@@ -508,18 +516,16 @@ class PredictionQueries:
             )
             for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
         ]
-        time = [self.time.expr.label("t")] if with_time else []
-        rows = (
+        time = [self.time.stored.label("t")] if with_time else []
+        return (
             sa.select(self.id.label("id"), self.score.label("score"), *time, *flags)
             .select_from(source)
             .where(
                 self._in_window(windows.start, windows.end),
                 _valid_probability(self.dialect, self.score, self.score_is_number),
             )
+            .subquery("valid_rows")
         )
-        if with_time and self.dialect == "sqlite":
-            rows = rows.limit(-1)  # as in _parts: SQLite would compute the time at each use
-        return rows.subquery("valid_rows")
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
         return grid_index(score, 10**self.model.bucket_decimals)
@@ -661,7 +667,7 @@ class PredictionQueries:
         1), and one count per reason of ``labels.invalid_reasons`` (``INVALID_LABEL_REASONS``):
         ``conflicting_i``, ``invalid_value_i``, ``bad_timestamp_i``.
         With ``maturity`` (a label timestamp and ``label_delay`` above 0), a prediction's
-        labels are those of its slice (``labeled_by_slice``), the same in every window;
+        labels are those matured for it (``matured_labels``), the same in every window;
         without, the labels of window ``i`` are those recorded in ``[start_i, as_of)``
         (``LabelQueries.per_id``), or every label row without a label timestamp.
         A prediction whose label rows all have an arrival time
@@ -670,13 +676,10 @@ class PredictionQueries:
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         """
-        # rows: the predictions with in_i; agg: their labels' n_j, low_j, high_j, bad_timestamp;
-        # mult: how many predictions a row of rows stands for (labeled_by_slice groups them).
-        mult: sa.ColumnElement[int] | None = None
         if maturity is not None:
-            rows = agg = self.labeled_by_slice(labels, windows, duplicates, as_of, maturity)
-            source: sa.FromClause = rows
-            mult = rows.c.mult
+            rows = self.valid_rows(windows, duplicates, with_time=True)
+            agg = self.matured_labels(labels, windows, as_of, maturity)
+            source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
         else:
             rows, agg = self.valid_rows(windows, duplicates), labels.per_id(windows.starts, as_of)
             source = rows.outerjoin(agg, rows.c.id == agg.c.id)
@@ -691,12 +694,12 @@ class PredictionQueries:
                 "conflicting": sa.and_(counted, low != high),
                 "invalid_value": sa.and_(counted, count > 0, low.is_(None)),
             }
-            no_label_row = sa.or_(count.is_(None), count == 0)  # NULL: no label row joined
+            no_label_row = sa.or_(agg.c.id.is_(None), count == 0)
             if labels.time is not None:
                 # Rows of unknown arrival time are in every window's range, and a label row.
                 bad = agg.c.bad_timestamp > 0
                 invalid["bad_timestamp"] = sa.and_(counted, count == 0, bad)
-                no_label_row = sa.or_(count.is_(None), sa.and_(count == 0, sa.not_(bad)))
+                no_label_row = sa.or_(agg.c.id.is_(None), sa.and_(count == 0, sa.not_(bad)))
             y = sa.case(
                 (sa.not_(counted), None),
                 (has_label, low),
@@ -709,19 +712,11 @@ class PredictionQueries:
                 sa.and_(counted, has_label).label(f"has_label_{i}"),
                 *[invalid[reason].label(f"{reason}_{i}") for reason in labels.invalid_reasons],
             ]
-        weight = [] if mult is None else [mult.label("mult")]
         keyed = (
-            sa.select(self._key(rows.c.score).label("key"), rows.c.score, *weight, *windowed)
+            sa.select(self._key(rows.c.score).label("key"), rows.c.score, *windowed)
             .select_from(source)
             .subquery("keyed")
         )
-
-        def weighted(value: sa.ColumnElement) -> sa.ColumnElement:
-            return value if mult is None else value * keyed.c.mult
-
-        def count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
-            return sa.func.sum(sa.case((condition, weighted(sa.literal_column("1"))), else_=0))
-
         p = sa.case(
             (keyed.c.score < LOGLOSS_EPS, _double(LOGLOSS_EPS)),
             (keyed.c.score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
@@ -738,59 +733,46 @@ class PredictionQueries:
             labeled = label.is_not(None)
             labeled_score = sa.case((labeled, keyed.c.score), else_=None)
             columns += [
-                count_if(keyed.c[f"in_{i}"] == 1).label(f"predictions_{i}"),
-                count_if(keyed.c[f"has_label_{i}"]).label(f"with_label_{i}"),
-                count_if(label == 1).label(f"positives_{i}"),
-                count_if(label == 0).label(f"negatives_{i}"),
+                _count_if(keyed.c[f"in_{i}"] == 1).label(f"predictions_{i}"),
+                _count_if(keyed.c[f"has_label_{i}"]).label(f"with_label_{i}"),
+                _count_if(label == 1).label(f"positives_{i}"),
+                _count_if(label == 0).label(f"negatives_{i}"),
                 sa.func.min(labeled_score).label(f"low_{i}"),
                 sa.func.max(labeled_score).label(f"high_{i}"),
-                sa.func.sum(weighted(labeled_score)).label(f"labeled_score_sum_{i}"),
-                sa.func.sum(weighted(log_loss_term)).label(f"log_loss_sum_{i}"),
-                count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
-                *[count_if(keyed.c[f"{r}_{i}"]).label(f"{r}_{i}") for r in labels.invalid_reasons],
+                sa.func.sum(labeled_score).label(f"labeled_score_sum_{i}"),
+                sa.func.sum(log_loss_term).label(f"log_loss_sum_{i}"),
+                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
+                *[_count_if(keyed.c[f"{r}_{i}"]).label(f"{r}_{i}") for r in labels.invalid_reasons],
             ]
         return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
 
-    def labeled_by_slice(
-        self, labels: LabelQueries, windows: Windows, duplicates: DuplicateIds, as_of: datetime, maturity: LabelMaturity
+    def matured_labels(
+        self, labels: LabelQueries, windows: Windows, as_of: datetime, maturity: LabelMaturity
     ) -> sa.Subquery:
-        """The valid predictions of the largest window with their matured labels: rows (id,
-        score, ``in_i`` per window, ``n_0``, ``low_0``, ``high_0``, ``bad_timestamp``,
-        ``mult``) as ``LabelQueries.per_id`` gives them, but counting for a prediction of
-        part ``p`` only the label rows that mature in it (``LabelMaturity``), plus those
-        whose arrival time is no instant. One row per prediction, but predictions without an
-        id (which no label joins) are grouped by score and windows, ``mult`` of them a row."""
-        timed = self.valid_rows(windows, duplicates, with_time=True)
-        part = part_index(replace(self.time, expr=timed.c.t), maturity.points[1:-1])
-        windowed = [timed.c[f"in_{i}"] for i in range(len(windows.starts))]
-        parted = sa.select(timed.c.id, timed.c.score, part.label("part"), *windowed)
-        if self.dialect == "sqlite":
-            parted = parted.limit(-1)  # the part is used twice below: computed once a row
-        rows = parted.subquery("parted")
-        label_rows = labels.by_slice(maturity, as_of)
-        in_slice = sa.and_(label_rows.c.first <= rows.c.part, rows.c.part <= label_rows.c.last)
-        matures = sa.and_(label_rows.c.bad == 0, in_slice)
+        """Per prediction of the largest window that has label rows (its id and its time as
+        stored, ``t``), as ``LabelQueries.per_id`` gives them per id (``n_0``, ``low_0``,
+        ``high_0``, ``bad_timestamp``), but counting only the label rows that mature for
+        it (``LabelMaturity``), plus those whose arrival time is no instant. Each label row
+        carries the bounds of the prediction times it matures for (``LabelQueries.by_slice``),
+        so the predictions are compared with them as stored, with no arithmetic per row."""
+        label_rows = labels.by_slice(maturity, as_of, self.time)
+        matures = sa.and_(
+            label_rows.c.bad == 0, self.time.expr >= label_rows.c.opens, self.time.expr < label_rows.c.closes
+        )
         value = sa.case((matures, label_rows.c.value), else_=None)
-        per_prediction = sa.case((rows.c.id.is_(None), sa.func.count()), else_=1)
-        flags = [rows.c[f"in_{i}"] for i in range(len(windows.starts))]
         return (
             sa.select(
-                rows.c.id,
-                rows.c.score,
-                *flags,
+                self.id.label("id"),
+                self.time.stored.label("t"),
                 _count_if(matures).label("n_0"),
                 sa.func.min(value).label("low_0"),
                 sa.func.max(value).label("high_0"),
                 _count_if(label_rows.c.bad == 1).label("bad_timestamp"),
-                per_prediction.label("mult"),
             )
-            .select_from(
-                rows.outerjoin(
-                    label_rows, sa.and_(label_rows.c.id == rows.c.id, sa.or_(label_rows.c.bad == 1, in_slice))
-                )
-            )
-            .group_by(rows.c.id, rows.c.score, rows.c.part, *flags)
-            .subquery("labeled")
+            .select_from(self.table.join(label_rows, label_rows.c.id == self.id))
+            .where(self._in_window(windows.start, windows.end))
+            .group_by(self.id, self.time.stored)
+            .subquery("matured_labels")
         )
 
     def replays_by_lookup(self, replays: ReplayQueries) -> bool:
@@ -908,19 +890,20 @@ class LabelQueries:
             .subquery("labels_per_id")
         )
 
-    def by_slice(self, maturity: LabelMaturity, as_of: datetime) -> sa.Subquery:
+    def by_slice(self, maturity: LabelMaturity, as_of: datetime, predicted: TimeColumn) -> sa.Subquery:
         """The label rows recorded in ``[maturity.points[0], as_of)``, and those whose
         arrival time is written but no instant, as (id, ``value``: the label if valid, else
-        NULL; ``first`` and ``last``: the parts of ``maturity`` whose predictions the row
-        matures for, none when ``first > last``; ``bad``: 1 for a time that is no instant, in
-        no part, else 0). A row recorded at ``r`` matures for part ``p`` when
-        ``points[p] <= r < points[p + 1] + delay``: ``last`` counts the inner points at or
-        before ``r``, ``first`` the delayed ends at or before it. Needs a label timestamp."""
+        NULL; ``opens`` and ``closes``: the prediction times, bound for the predictions'
+        time column ``predicted``, in ``[opens, closes)`` of which the row matures; ``bad``:
+        1 for a time that is no instant, else 0). A row recorded at ``r`` matures for the
+        predictions of part ``p`` when ``points[p] <= r < points[p + 1] + delay``: from the
+        first part whose delayed end lies after ``r`` to the part holding ``r``. Needs a
+        label timestamp."""
         source, ident, valid_value, time = self._timed()
         assert time is not None, "labels mature by their arrival time"
         points = maturity.points
         unreadable = time.written_unreadable()
-        timed = (
+        rows = (
             sa.select(
                 ident.label("id"),
                 valid_value.label("value"),
@@ -929,16 +912,20 @@ class LabelQueries:
             )
             .select_from(source)
             .where(sa.or_(time.between(points[0], as_of), unreadable))
+            .subquery("label_times")
         )
-        rows = timed.subquery("label_times")
         at = replace(time, expr=rows.c.t)
-        return sa.select(
-            rows.c.id,
-            rows.c.value,
-            part_index(at, [end + maturity.delay for end in points[1:]]).label("first"),
-            part_index(at, points[1:-1]).label("last"),
-            rows.c.bad,
-        ).subquery("label_slices")
+
+        def bound(k: int) -> sa.ColumnElement:
+            return sa.literal(predicted.bind(points[k]), predicted.expr.type)
+
+        # opens: points[first part]; closes: points[part holding r + 1]. A row too late for
+        # every part opens at the last point, after every prediction of the windows.
+        opens = bisected(at, [end + maturity.delay for end in points[1:]], bound)
+        closes = bisected(at, points[1:-1], lambda k: bound(k + 1))
+        return sa.select(rows.c.id, rows.c.value, opens.label("opens"), closes.label("closes"), rows.c.bad).subquery(
+            "label_slices"
+        )
 
     def _timed(self) -> tuple[sa.FromClause, sa.ColumnElement[Any], sa.ColumnElement[Any], TimeColumn | None]:
         """(source, id, valid value, time) to read the label rows from. SQLite evaluates an

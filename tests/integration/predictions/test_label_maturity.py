@@ -2,11 +2,14 @@
 and ``label_delay`` above 0, a prediction counts the labels recorded from the start of its
 time slice to ``label_delay`` after the slice's end, so a matured slice's online accuracy
 no longer changes. Rows placed on every edge, the expected values written out by hand and
-the accuracy computed by scikit-learn from them, on SQLite, PostgreSQL and DuckDB."""
+the accuracy computed by scikit-learn from them, on SQLite, PostgreSQL and DuckDB; with
+both times UTC timestamps, and with wall-clock predictions of another zone beside labels
+stamped in seconds since the epoch (the bounds are compared in each column's own terms)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -48,28 +51,43 @@ LABELED = {1: 1, 2: 0, 3: 0, 4: 1, 5: 0, 6: 0, 7: 1, "a": 0, "b": 0}
 SCORES = {1: 0.9, 2: 0.2, 3: 0.7, 4: 0.6, 5: 0.4, 6: 0.3, 7: 0.8, "a": 0.5, "b": 0.5}
 
 
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
 def _stamp(clock: str | None, dialect: str) -> str:
     if clock is None:
         return "yesterday" if dialect == "sqlite" else "infinity"
     return f"2026-05-04 {clock}"
 
 
-def _write(url: str, schema: str | None, dialect: str, labels) -> None:
+def _instant(clock: str) -> datetime:
+    return datetime.fromisoformat(f"2026-05-04 {clock}+00:00")
+
+
+def _write(url: str, schema: str | None, dialect: str, labels, epoch: bool) -> None:
     prefix = f'"{schema}".' if schema else ""
-    ts = ":ts" if dialect == "sqlite" else "CAST(:ts AS TIMESTAMP)"
+    ts = ":ts" if dialect == "sqlite" or epoch else "CAST(:ts AS TIMESTAMP)"
+    no_instant = "yesterday" if dialect == "sqlite" else float("inf")
+
+    def stamp(clock: str | None):
+        if not epoch:
+            return _stamp(clock, dialect)
+        return no_instant if clock is None else _instant(clock).timestamp()
+
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.execute(
             sa.text(f"INSERT INTO {prefix}labels (id, y, ts) VALUES (:id, :y, {ts})"),
-            [{"id": i, "ts": _stamp(t, dialect), "y": y} for i, t, y in labels],
+            [{"id": i, "ts": stamp(t), "y": y} for i, t, y in labels],
         )
     engine.dispose()
 
 
-def _accuracy(url: str, schema: str | None):
+def _accuracy(url: str, schema: str | None, mixed: bool):
     settings = model_settings(
         url,
         schema,
+        predictions={"timezone": "Europe/Berlin"} if mixed else None,
         labels={"missing": "negative", "columns": {"timestamp": "ts"}},
         model={"label_delay": "30m", "time_slice": "10m"},
     )
@@ -82,26 +100,30 @@ def _accuracy(url: str, schema: str | None):
     return snap.online[0]
 
 
-def test_each_prediction_counts_the_labels_its_slice_matured_with(store):
+@pytest.mark.parametrize("mixed", [False, True], ids=["utc-timestamps", "berlin-wall-clock-and-epoch-seconds"])
+def test_each_prediction_counts_the_labels_its_slice_matured_with(store, mixed):
     url, schema, dialect = store
     engine = sa.create_engine(url)
     metadata = sa.MetaData(schema=schema)
     predictions = sa.Table(
         "predictions", metadata, sa.Column("id", sa.BigInteger), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
     )
+    label_time = sa.Double if mixed else sa.DateTime
     sa.Table(
-        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", sa.DateTime)
+        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", label_time)
     )
     metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(
-            predictions.insert(),
-            [{"id": i, "ts": datetime.fromisoformat(_stamp(t, dialect)), "p": p} for i, t, p in PREDICTIONS],
-        )
-    engine.dispose()
-    _write(url, schema, dialect, LABELS)
 
-    online = _accuracy(url, schema)
+    def made(clock: str) -> datetime:
+        instant = _instant(clock)
+        return (instant.astimezone(BERLIN) if mixed else instant).replace(tzinfo=None)
+
+    with engine.begin() as conn:
+        conn.execute(predictions.insert(), [{"id": i, "ts": made(t), "p": p} for i, t, p in PREDICTIONS])
+    engine.dispose()
+    _write(url, schema, dialect, LABELS, mixed)
+
+    online = _accuracy(url, schema, mixed)
     y = list(LABELED.values())
     p = [SCORES[k] for k in LABELED]
     assert (online.predictions, online.labeled, online.positives) == (10, 9, 3)
@@ -112,5 +134,5 @@ def test_each_prediction_counts_the_labels_its_slice_matured_with(store):
     assert online.logloss == pytest.approx(log_loss(y, p), rel=1e-12)
 
     # Labels that arrive after their slice matured change nothing, however late they come.
-    _write(url, schema, dialect, [(2, "11:25:00", 1), (3, "11:45:00", 0), (1, "11:10:00", 0)])
-    assert _accuracy(url, schema) == online
+    _write(url, schema, dialect, [(2, "11:25:00", 1), (3, "11:45:00", 0), (1, "11:10:00", 0)], mixed)
+    assert _accuracy(url, schema, mixed) == online

@@ -1,0 +1,128 @@
+"""The online-accuracy statement with label maturity against the same statement without it,
+on PostgreSQL, on the same rows: N predictions over the last 25 hours (ids unique), a
+label for 30% of them recorded 0 to 90 minutes after the prediction, windows 1h and 24h,
+``label_delay`` 1h, slices of 5 minutes (``auto``).
+
+1. floor: ``SELECT count(*), sum(score)`` over the 24h window;
+2. ``per_window``: ``PredictionQueries.online`` without maturity (each window's labels
+   recorded from its start to the refresh time: ``label_delay: 0``'s semantics);
+3. ``matured``: the same with ``LabelMaturity`` (docs/metrics.md, *Label maturity*).
+
+Each runs ``--repeat`` times in a refresh transaction (``db.timed_connection``) with JIT off,
+as the refresh runs them; the median is printed, ratios first.
+
+    python benchmarks/label_maturity.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test --rows 1000000
+
+Writes (and with ``--drop``, drops) the schema ``bench_maturity``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+
+from exporter.config import parse_settings
+from exporter.db import timed_connection
+from exporter.predictions.queries import DuplicateIds, LabelMaturity, Windows
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.slices import boundaries
+from exporter.predictions.stores import Stores
+
+NOW = datetime(2026, 5, 4, 12, tzinfo=UTC)
+SCHEMA = "bench_maturity"
+
+
+def load(url: str, rows: int) -> None:
+    """The tables, written by PostgreSQL itself (generate_series), indexed and analyzed."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; CREATE SCHEMA {SCHEMA}")
+        conn.exec_driver_sql(
+            f"CREATE TABLE {SCHEMA}.predictions (id bigint, ts timestamp, p float8);"
+            f"CREATE TABLE {SCHEMA}.labels (id bigint, y int, ts timestamp)"
+        )
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.predictions SELECT g, timestamp '2026-05-04 12:00' - random() * interval '25 hours', "
+            f"random() FROM generate_series(1, {rows}) g"
+        )
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.labels SELECT id, (random() < p)::int, ts + random() * interval '90 minutes' "
+            f"FROM {SCHEMA}.predictions WHERE random() < 0.3"
+        )
+        conn.exec_driver_sql(
+            f"CREATE INDEX ON {SCHEMA}.predictions (ts); ANALYZE {SCHEMA}.predictions; ANALYZE {SCHEMA}.labels"
+        )
+    engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="a PostgreSQL URL")
+    parser.add_argument("--rows", type=float, default=1e6)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--drop", action="store_true", help="drop the schema at the end")
+    args = parser.parse_args()
+    load(args.url, int(args.rows))
+    source = {"store": "s", "schema": SCHEMA}
+    settings = parse_settings(
+        {
+            "stores": {"s": {"url": args.url}},
+            "models": [
+                {
+                    "name": "m",
+                    "predictions": {
+                        **source,
+                        "table": "predictions",
+                        "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                        "unique_ids": True,
+                    },
+                    "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y", "timestamp": "ts"}},
+                    "windows": ["1h", "24h"],
+                    "label_delay": "1h",
+                }
+            ],
+        }
+    )
+    model = settings.models[0]
+    stores = Stores(settings.stores, settings.query_timeout)
+    try:
+        refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores)
+        q, labels = refresher.sources["predictions"].queries(), refresher.sources["labels"].queries()
+        windows = Windows.ending(NOW - model.label_delay, [timedelta(hours=1), timedelta(hours=24)])
+        maturity = LabelMaturity(boundaries(windows.start, windows.end, model.label_slice_width()), model.label_delay)
+        start, end = (f"{t:%Y-%m-%d %H:%M}" for t in (NOW - timedelta(hours=24), NOW))
+        statements = {
+            "floor": sa.text(
+                f"SELECT count(*), sum(p) FROM {SCHEMA}.predictions WHERE ts >= '{start}' AND ts < '{end}'"
+            ),
+            "per_window": q.online(labels, windows, DuplicateIds.none(2), NOW),
+            "matured": q.online(labels, windows, DuplicateIds.none(2), NOW, maturity),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in statements}
+        for _ in range(args.repeat):
+            for name, statement in statements.items():
+                with timed_connection(stores.engine("s"), 600) as conn:
+                    conn.exec_driver_sql("SET LOCAL jit = off")
+                    started = time.perf_counter()
+                    conn.execute(statement).all()
+                    seconds[name].append(time.perf_counter() - started)
+    finally:
+        stores.dispose()
+        if args.drop:
+            with sa.create_engine(args.url).begin() as conn:
+                conn.exec_driver_sql(f"DROP SCHEMA {SCHEMA} CASCADE")
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    print(f"rows {int(args.rows):,}, median of {args.repeat}")
+    print(f"matured / per_window: {median['matured'] / median['per_window']:.2f}x")
+    print(f"matured / floor: {median['matured'] / median['floor']:.1f}x")
+    print(f"per_window / floor: {median['per_window'] / median['floor']:.1f}x")
+    for name, value in median.items():
+        print(f"{name}: {value:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
