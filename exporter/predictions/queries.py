@@ -212,9 +212,7 @@ def part_index(time: TimeColumn, points: Sequence[datetime]) -> sa.ColumnElement
     return bisected(time, points, lambda k: sa.literal_column(str(k), sa.Integer()))
 
 
-def bisected(
-    time: TimeColumn, points: Sequence[datetime], leaf: Callable[[int], sa.ColumnElement]
-) -> sa.ColumnElement:
+def bisected(time: TimeColumn, points: Sequence[datetime], leaf: Callable[[int], sa.ColumnElement]) -> sa.ColumnElement:
     """``leaf(k)``, ``k`` how many of the ascending ``points`` a row's ``time`` is at or
     after, by bisection: log2 of their number comparisons a row. ``time.expr`` should be
     computed once a row (a subquery column), as it is used at every level."""
@@ -753,9 +751,9 @@ class PredictionQueries:
         stored, ``t``), as ``LabelQueries.per_id`` gives them per id (``n_0``, ``low_0``,
         ``high_0``, ``bad_timestamp``), but counting only the label rows that mature for
         it (``LabelMaturity``), plus those whose arrival time is no instant. Each label row
-        carries the bounds of the prediction times it matures for (``LabelQueries.by_slice``),
+        carries the bounds of the prediction times it matures for (``LabelQueries.maturity_bounds``),
         so the predictions are compared with them as stored, with no arithmetic per row."""
-        label_rows = labels.by_slice(maturity, as_of, self.time)
+        label_rows = labels.maturity_bounds(maturity, as_of, self.time)
         matures = sa.and_(
             label_rows.c.bad == 0, self.time.expr >= label_rows.c.opens, self.time.expr < label_rows.c.closes
         )
@@ -890,7 +888,7 @@ class LabelQueries:
             .subquery("labels_per_id")
         )
 
-    def by_slice(self, maturity: LabelMaturity, as_of: datetime, predicted: TimeColumn) -> sa.Subquery:
+    def maturity_bounds(self, maturity: LabelMaturity, as_of: datetime, predicted: TimeColumn) -> sa.Subquery:
         """The label rows recorded in ``[maturity.points[0], as_of)``, and those whose
         arrival time is written but no instant, as (id, ``value``: the label if valid, else
         NULL; ``opens`` and ``closes``: the prediction times, bound for the predictions'
@@ -916,15 +914,19 @@ class LabelQueries:
         )
         at = replace(time, expr=rows.c.t)
 
+        # Epoch seconds as doubles: typed as an integer column, PostgreSQL would round a
+        # slice edge with a fraction of a second (time_slice: 1500ms) to a whole second.
+        kind = sa.Double() if predicted.kind == "epoch" else predicted.expr.type
+
         def bound(k: int) -> sa.ColumnElement:
-            return sa.literal(predicted.bind(points[k]), predicted.expr.type)
+            return sa.literal(predicted.bind(points[k]), kind)
 
         # opens: points[first part]; closes: points[part holding r + 1]. A row too late for
         # every part opens at the last point, after every prediction of the windows.
         opens = bisected(at, [end + maturity.delay for end in points[1:]], bound)
         closes = bisected(at, points[1:-1], lambda k: bound(k + 1))
         return sa.select(rows.c.id, rows.c.value, opens.label("opens"), closes.label("closes"), rows.c.bad).subquery(
-            "label_slices"
+            "label_bounds"
         )
 
     def _timed(self) -> tuple[sa.FromClause, sa.ColumnElement[Any], sa.ColumnElement[Any], TimeColumn | None]:

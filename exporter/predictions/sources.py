@@ -646,8 +646,8 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             points = boundaries(windows.start, windows.end, self.model.label_slice_width())
             maturity = LabelMaturity(points, delay)
             if q.dialect == "postgresql":
-                # The maturity bounds' bisecting CASE, as the predictions' parts (run): JIT
-                # compiling it took PostgreSQL 14 s of 20 at 1e6 rows (6 s without).
+                # The maturity bounds are a bisecting CASE, as the parts of time are in
+                # PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at 1e6 rows.
                 conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
         statement = q.online(labels, windows, duplicates, as_of, maturity)
         rows = sorted(conn.execute(statement).all(), key=lambda row: row.key)

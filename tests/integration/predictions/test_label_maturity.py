@@ -136,3 +136,63 @@ def test_each_prediction_counts_the_labels_its_slice_matured_with(store, mixed):
     # Labels that arrive after their slice matured change nothing, however late they come.
     _write(url, schema, dialect, [(2, "11:25:00", 1), (3, "11:45:00", 0), (1, "11:10:00", 0)], mixed)
     assert _accuracy(url, schema, mixed) == online
+
+
+def test_slice_edges_of_a_fraction_of_a_second_bound_whole_epoch_seconds_exactly(store):
+    """Predictions stamped in whole seconds since the epoch (an integer column), slices of
+    1.5 s: the edges between whole seconds are compared as such, not rounded to the
+    column's type (PostgreSQL rounded them to a whole second when typed as an integer)."""
+    url, schema, dialect = store
+    t0 = 1_777_896_000 - 30  # a multiple of 1.5 s: slices [t0, t0 + 1.5), [t0 + 1.5, t0 + 3)
+    as_of = datetime.fromtimestamp(t0 + 30, UTC)
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    predictions = sa.Table(
+        "predictions",
+        metadata,
+        sa.Column("id", sa.BigInteger),
+        sa.Column("ts", sa.BigInteger),
+        sa.Column("p", sa.Double),
+    )
+    labels = sa.Table(
+        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", sa.Double)
+    )
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            predictions.insert(),
+            [
+                {"id": 1, "ts": t0 + 1, "p": 0.9},
+                {"id": 2, "ts": t0 + 2, "p": 0.8},
+                {"id": 3, "ts": t0 + 1, "p": 0.2},
+                {"id": 4, "ts": t0 + 4, "p": 0.1},  # slice [t0 + 3, t0 + 4.5), matures at t0 + 5.5
+                {"id": 5, "ts": t0 + 4, "p": 0.3},
+            ],
+        )
+        conn.execute(
+            labels.insert(),
+            [
+                {"id": 1, "y": 1, "ts": t0 + 2.7},  # its slice matured at t0 + 2.5: too late
+                {"id": 2, "y": 1, "ts": t0 + 1.6},  # after its slice began at t0 + 1.5: counts
+                {"id": 3, "y": 0, "ts": t0 + 2.4},  # before t0 + 2.5: counts
+                # Edges at half seconds that rounding half to even would move down, to t0 + 4:
+                {"id": 4, "y": 1, "ts": t0 + 5.6},  # matures for [t0 + 4.5, t0 + 6): too late
+                {"id": 5, "y": 0, "ts": t0 + 3.2},  # matures for [t0 + 3, t0 + 4.5): counts
+            ],
+        )
+    engine.dispose()
+    settings = model_settings(
+        url,
+        schema,
+        labels={"missing": "ignore", "columns": {"timestamp": "ts"}},
+        model={"windows": ["1m"], "label_delay": "1s", "time_slice": "1500ms"},
+    )
+    stores = Stores(settings.stores, settings.query_timeout)
+    try:
+        snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(as_of)
+    finally:
+        stores.dispose()
+    assert all(s.up for s in snap.sources.values()), snap.errors
+    online = snap.online[0]
+    assert (online.predictions, online.labeled, online.positives) == (5, 3, 1)
+    assert online.roc_auc == 1.0  # id 2 (0.8, positive) above ids 3 and 5 (0.2, 0.3, negative)

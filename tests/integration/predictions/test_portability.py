@@ -14,7 +14,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from exporter.config import parse_settings
-from exporter.predictions.queries import DuplicateIds, LabelQueries, PredictionQueries, ReplayQueries, Windows
+from exporter.predictions.queries import (
+    DuplicateIds,
+    LabelMaturity,
+    LabelQueries,
+    PredictionQueries,
+    ReplayQueries,
+    Windows,
+)
+from exporter.predictions.slices import boundaries
 from exporter.predictions.stores import time_column
 from tests.integration.predictions.test_refresh_metrics import AS_OF, load, make_data, refresh
 
@@ -110,6 +118,13 @@ def _statements(
         "serving_version": q.serving_version(end),
         "new_predictions": q.new_predictions(start, end, [0.01, 0.1, 1.0]),
         "online": q.online(labels, windows, duplicates, end),
+        "online_matured": q.online(
+            labels,
+            windows,
+            duplicates,
+            end,
+            LabelMaturity(boundaries(windows.start, end, timedelta(minutes=5)), timedelta(hours=1)),
+        ),
         "replays": q.replays(replays, windows, duplicates),
         "histogram_searching_duplicates": q.histogram(windows, DuplicateIds(None)),
     }
