@@ -3,8 +3,9 @@
 Each statement returns a handful of aggregate rows (per score bucket, or one row), never raw predictions, so the exporter's memory does not grow
 with the number of rows in a window. All windows are half-open ``[start, end)``; the
 windows of one source share their end (``Windows``), so each statement reads the largest
-once and tells the others apart with ``CASE WHEN timestamp >= start_i`` inside its
-aggregates, one column per window suffixed ``_i``.
+once (the online statement with label maturity twice: ``matured_labels``) and tells the
+others apart with ``CASE WHEN timestamp >= start_i`` inside its aggregates, one column per
+window suffixed ``_i``.
 
 Dialect differences handled here: scores are cast to double precision
 (float64) before any arithmetic; NaN is detected per dialect (PostgreSQL, DuckDB and Spark SQL
@@ -56,8 +57,8 @@ MAX_DUPLICATE_ROWS = 100_000
 @dataclass(frozen=True)
 class LabelMaturity:
     """Labels that mature by time slice (docs/metrics.md, *Label maturity*): a prediction
-    stamped in part ``p``, ``[points[p], points[p + 1])``, counts the label rows recorded in
-    ``[points[p], points[p + 1] + delay)``. ``points``: the slice boundaries (UTC,
+    stamped in slice ``s``, ``[points[s], points[s + 1])``, counts the label rows recorded in
+    ``[points[s], points[s + 1] + delay)``. ``points``: the slice boundaries (UTC,
     ascending) from the slice holding the largest window's start to the first at or after
     its end; ``delay``: ``label_delay``, above 0."""
 
@@ -204,12 +205,6 @@ def round_half_up_index(value: sa.ColumnElement, decimals: int) -> sa.ColumnElem
     half is the decimal midpoint as stored (``monitoring_math.round_half_up_index``)."""
     cell = grid_index(value, 2 * 10**decimals)
     return sa.func.floor((cell + _double(1.0)) / _double(2.0), type_=sa.Double())
-
-
-def part_index(time: TimeColumn, points: Sequence[datetime]) -> sa.ColumnElement[int]:
-    """How many of the ascending ``points`` a row's ``time`` is at or after (0 to
-    ``len(points)``), by bisection (``bisected``)."""
-    return bisected(time, points, lambda k: sa.literal_column(str(k), sa.Integer()))
 
 
 def bisected(time: TimeColumn, points: Sequence[datetime], leaf: Callable[[int], sa.ColumnElement]) -> sa.ColumnElement:
@@ -382,7 +377,10 @@ class PredictionQueries:
         if self.dialect == "sqlite":
             rows = rows.limit(-1)
         subquery = rows.subquery("part_rows")
-        return subquery, part_index(replace(self.time, expr=subquery.c.t), points[1:-1])
+        part = bisected(
+            replace(self.time, expr=subquery.c.t), points[1:-1], lambda k: sa.literal_column(str(k), sa.Integer())
+        )
+        return subquery, part
 
     def _not_in(self, ids: Sequence[Any]) -> list[sa.ColumnElement[bool]]:
         """The condition leaving out the rows of ``ids`` (none when empty); a NULL id is
@@ -654,7 +652,7 @@ class PredictionQueries:
         maturity: LabelMaturity | None = None,
     ) -> sa.Select:
         """Online accuracy aggregates of every window's valid predictions joined to their
-        labels, in one pass over the largest window, grouped by bucket
+        labels, in one pass over the largest window (two with ``maturity``), grouped by bucket
         ``grid_index(score, 10**k)``, in no order (an ORDER BY would make PostgreSQL sort the
         window rather than hash it).
 
@@ -894,8 +892,8 @@ class LabelQueries:
         NULL; ``opens`` and ``closes``: the prediction times, bound for the predictions'
         time column ``predicted``, in ``[opens, closes)`` of which the row matures; ``bad``:
         1 for a time that is no instant, else 0). A row recorded at ``r`` matures for the
-        predictions of part ``p`` when ``points[p] <= r < points[p + 1] + delay``: from the
-        first part whose delayed end lies after ``r`` to the part holding ``r``. Needs a
+        predictions of slice ``s`` when ``points[s] <= r < points[s + 1] + delay``: from the
+        first slice whose delayed end lies after ``r`` to the slice holding ``r``. Needs a
         label timestamp."""
         source, ident, valid_value, time = self._timed()
         assert time is not None, "labels mature by their arrival time"
@@ -921,8 +919,9 @@ class LabelQueries:
         def bound(k: int) -> sa.ColumnElement:
             return sa.literal(predicted.bind(points[k]), kind)
 
-        # opens: points[first part]; closes: points[part holding r + 1]. A row too late for
-        # every part opens at the last point, after every prediction of the windows.
+        # opens: points[s] of the first such slice s; closes: points[s + 1] of the slice s
+        # holding r. A row too late for every slice opens at the last point, after every
+        # prediction of the windows.
         opens = bisected(at, [end + maturity.delay for end in points[1:]], bound)
         closes = bisected(at, points[1:-1], lambda k: bound(k + 1))
         return sa.select(rows.c.id, rows.c.value, opens.label("opens"), closes.label("closes"), rows.c.bad).subquery(

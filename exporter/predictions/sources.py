@@ -636,7 +636,8 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     def _online(self, conn: Connection, as_of: datetime) -> list[OnlineAccuracy]:
         """Online accuracy of each label-delayed window, ending ``label_delay`` before
-        ``as_of``, all in one pass."""
+        ``as_of``, all in one statement (``PredictionQueries.online``), with label maturity
+        when the labels have a timestamp and ``label_delay`` is above 0."""
         q, labels = self.predictions.queries(), self.queries()
         delay = self.model.label_delay
         windows = self.predictions.windows(as_of - delay)

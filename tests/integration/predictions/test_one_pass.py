@@ -207,15 +207,23 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("windows", "label_delay", "grain", "missing", "continuous"),
+    ("windows", "label_delay", "time_slice", "grain", "missing", "continuous"),
     [
-        pytest.param(["1h", "24h"], "0s", None, "negative", False, id="1h-24h-discrete"),
-        # auto slices: the largest window / 288 (5 minutes), the smallest / 12 (15 minutes)
+        pytest.param(["1h", "24h"], "0s", None, None, "negative", False, id="1h-24h-discrete"),
+        # grain, the label slices: auto's, the largest window / 288 (5 minutes) or the
+        # smallest / 12 (15 minutes), or time_slice's
         pytest.param(
-            ["30m", "6h", "2h", "1d"], "1h", "5m", "ignore", True, id="four-windows-continuous", marks=pytest.mark.long
+            ["30m", "6h", "2h", "1d"],
+            "1h",
+            None,
+            "5m",
+            "ignore",
+            True,
+            id="four-windows-continuous",
+            marks=pytest.mark.long,
         ),
-        pytest.param(["3h"], "2h", "15m", "negative", True, id="one-window", marks=pytest.mark.long),
-        pytest.param(["2h", "6h"], "30m", "7m", "negative", False, id="set-slices"),
+        pytest.param(["3h"], "2h", None, "15m", "negative", True, id="one-window", marks=pytest.mark.long),
+        pytest.param(["2h", "6h"], "30m", "7m", "7m", "negative", False, id="set-slices"),
     ],
 )
 @pytest.mark.parametrize(
@@ -223,7 +231,7 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
     [pytest.param(True, id="listed-duplicates", marks=pytest.mark.long), pytest.param(False, id="searched-duplicates")],
 )
 def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
-    store, windows, label_delay, grain, missing, continuous, listed, monkeypatch
+    store, windows, label_delay, time_slice, grain, missing, continuous, listed, monkeypatch
 ):
     url, schema, dialect = store
     frames = _rows(dialect, continuous, seed=len(windows))
@@ -243,7 +251,7 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
         replays=True,
         # Continuous scores in 10^-2 buckets hold several each: the mode is counted by its own query.
         model={"windows": windows, "label_delay": label_delay, "bucket_decimals": 2 if continuous else 5}
-        | ({"time_slice": grain} if grain == "7m" else {}),
+        | ({"time_slice": time_slice} if time_slice else {}),
     )
     stores = Stores(settings.stores, settings.query_timeout)
     try:
