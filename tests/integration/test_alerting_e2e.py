@@ -82,6 +82,7 @@ def binaries():
     return found
 
 
+@pytest.mark.long  # real Prometheus and Alertmanager, waits for firing and resolving: about 20 s
 def test_stuck_predictions_reach_slack_then_resolve(tmp_path, binaries):
     slack = SlackStandIn()
     mlmon_port, prometheus_port, alertmanager_port = free_port(), free_port(), free_port()

@@ -309,6 +309,7 @@ def may_be_empty(query: queries.Query) -> bool:
     return query.ref in config_refs and named and named <= SWITCHED_OFF
 
 
+@pytest.mark.long  # a Prometheus over the demo's week: about 30 s
 def test_model_variable_lists_both_demo_models(prometheus):
     deadline = time.monotonic() + 60
     while set(queries.label_values(prometheus, "label_values(mlmon_alert_threshold, model)")) != {
@@ -319,6 +320,7 @@ def test_model_variable_lists_both_demo_models(prometheus):
         time.sleep(0.5)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("uid", sorted(UIDS))
 def test_every_query_returns_data(prometheus, uid):
     """Each target and annotation, variables resolved as Grafana would (ctr_feed, the model
@@ -349,6 +351,7 @@ def test_every_query_returns_data(prometheus, uid):
             assert run(prometheus, queries.substitute(query.expr, values)) == [], query.expr
 
 
+@pytest.mark.long  # a Prometheus over the demo's week: about 30 s
 def test_firing_alerts_panel_shows_the_demo_incidents(prometheus):
     """ctr_feed's newest version regressed offline: MlmonOfflineAccuracyRegressed (no
     ``for``) fires and is what the panel lists."""
