@@ -83,44 +83,58 @@ def _write(url: str, schema: str | None, dialect: str, labels, epoch: bool) -> N
     engine.dispose()
 
 
-def _accuracy(url: str, schema: str | None, mixed: bool):
-    settings = model_settings(
-        url,
-        schema,
-        predictions={"timezone": "Europe/Berlin"} if mixed else None,
-        labels={"missing": "negative", "columns": {"timestamp": "ts"}},
-        model={"label_delay": "30m", "time_slice": "10m"},
+def _tables(url: str, schema: str | None, predicted: type, recorded: type, rows: list[dict]) -> sa.Table:
+    """Creates ``predictions`` (id, ts of type ``predicted``, p) holding ``rows`` and an empty
+    ``labels`` (id, y, ts of type ``recorded``); returns the label table."""
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    predictions = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.BigInteger), sa.Column("ts", predicted), sa.Column("p", sa.Double)
     )
+    labels = sa.Table(
+        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", recorded)
+    )
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(predictions.insert(), rows)
+    engine.dispose()
+    return labels
+
+
+def _online(url: str, schema: str | None, as_of: datetime, **settings):
+    """The online accuracy of the only window, refreshed at ``as_of`` (``settings``: as
+    ``model_settings``'s keyword arguments)."""
+    settings = model_settings(url, schema, **settings)
     stores = Stores(settings.stores, settings.query_timeout)
     try:
-        snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
+        snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(as_of)
     finally:
         stores.dispose()
     assert all(s.up for s in snap.sources.values()), snap.errors
     return snap.online[0]
 
 
+def _accuracy(url: str, schema: str | None, mixed: bool):
+    return _online(
+        url,
+        schema,
+        AS_OF,
+        predictions={"timezone": "Europe/Berlin"} if mixed else None,
+        labels={"missing": "negative", "columns": {"timestamp": "ts"}},
+        model={"label_delay": "30m", "time_slice": "10m"},
+    )
+
+
 @pytest.mark.parametrize("mixed", [False, True], ids=["utc-timestamps", "berlin-wall-clock-and-epoch-seconds"])
 def test_each_prediction_counts_the_labels_its_slice_matured_with(store, mixed):
     url, schema, dialect = store
-    engine = sa.create_engine(url)
-    metadata = sa.MetaData(schema=schema)
-    predictions = sa.Table(
-        "predictions", metadata, sa.Column("id", sa.BigInteger), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
-    )
-    label_time = sa.Double if mixed else sa.DateTime
-    sa.Table(
-        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", label_time)
-    )
-    metadata.create_all(engine)
 
     def made(clock: str) -> datetime:
         instant = _instant(clock)
         return (instant.astimezone(BERLIN) if mixed else instant).replace(tzinfo=None)
 
-    with engine.begin() as conn:
-        conn.execute(predictions.insert(), [{"id": i, "ts": made(t), "p": p} for i, t, p in PREDICTIONS])
-    engine.dispose()
+    rows = [{"id": i, "ts": made(t), "p": p} for i, t, p in PREDICTIONS]
+    _tables(url, schema, sa.DateTime, sa.Double if mixed else sa.DateTime, rows)
     _write(url, schema, dialect, LABELS, mixed)
 
     online = _accuracy(url, schema, mixed)
@@ -145,30 +159,16 @@ def test_slice_edges_of_a_fraction_of_a_second_bound_whole_epoch_seconds_exactly
     url, schema, dialect = store
     t0 = 1_777_896_000 - 30  # a multiple of 1.5 s: slices [t0, t0 + 1.5), [t0 + 1.5, t0 + 3)
     as_of = datetime.fromtimestamp(t0 + 30, UTC)
+    rows = [
+        {"id": 1, "ts": t0 + 1, "p": 0.9},
+        {"id": 2, "ts": t0 + 2, "p": 0.8},
+        {"id": 3, "ts": t0 + 1, "p": 0.2},
+        {"id": 4, "ts": t0 + 4, "p": 0.1},  # slice [t0 + 3, t0 + 4.5), matures at t0 + 5.5
+        {"id": 5, "ts": t0 + 4, "p": 0.3},
+    ]
+    labels = _tables(url, schema, sa.BigInteger, sa.Double, rows)
     engine = sa.create_engine(url)
-    metadata = sa.MetaData(schema=schema)
-    predictions = sa.Table(
-        "predictions",
-        metadata,
-        sa.Column("id", sa.BigInteger),
-        sa.Column("ts", sa.BigInteger),
-        sa.Column("p", sa.Double),
-    )
-    labels = sa.Table(
-        "labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("y", sa.Integer), sa.Column("ts", sa.Double)
-    )
-    metadata.create_all(engine)
     with engine.begin() as conn:
-        conn.execute(
-            predictions.insert(),
-            [
-                {"id": 1, "ts": t0 + 1, "p": 0.9},
-                {"id": 2, "ts": t0 + 2, "p": 0.8},
-                {"id": 3, "ts": t0 + 1, "p": 0.2},
-                {"id": 4, "ts": t0 + 4, "p": 0.1},  # slice [t0 + 3, t0 + 4.5), matures at t0 + 5.5
-                {"id": 5, "ts": t0 + 4, "p": 0.3},
-            ],
-        )
         conn.execute(
             labels.insert(),
             [
@@ -181,18 +181,12 @@ def test_slice_edges_of_a_fraction_of_a_second_bound_whole_epoch_seconds_exactly
             ],
         )
     engine.dispose()
-    settings = model_settings(
+    online = _online(
         url,
         schema,
+        as_of,
         labels={"missing": "ignore", "columns": {"timestamp": "ts"}},
         model={"windows": ["1m"], "label_delay": "1s", "time_slice": "1500ms"},
     )
-    stores = Stores(settings.stores, settings.query_timeout)
-    try:
-        snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(as_of)
-    finally:
-        stores.dispose()
-    assert all(s.up for s in snap.sources.values()), snap.errors
-    online = snap.online[0]
     assert (online.predictions, online.labeled, online.positives) == (5, 3, 1)
     assert online.roc_auc == 1.0  # id 2 (0.8, positive) above ids 3 and 5 (0.2, 0.3, negative)
