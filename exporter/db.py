@@ -179,6 +179,13 @@ def require_existing_sqlite_file(url: str | sa.URL) -> None:
             raise FileNotFoundError(f"SQLite database file {str(path.resolve())!r} does not exist")
 
 
+def without_jit(conn: Connection) -> None:
+    """Turns PostgreSQL's JIT off for the rest of ``conn``'s transaction: for statements
+    whose large expressions (bisecting CASEs, per-row index lookups) JIT would compile
+    longer than it would take to run them; the callers say how much longer."""
+    conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
+
+
 @contextmanager
 def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa.Table] = ()) -> Iterator[Connection]:
     """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.

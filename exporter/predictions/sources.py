@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from exporter.config import ModelConfig
-from exporter.db import timed_connection
+from exporter.db import timed_connection, without_jit
 from exporter.durations import parse_duration
 from exporter.errors import first_line
 from exporter.health import SourceHealth
@@ -575,7 +575,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             if q.dialect == "postgresql":
                 # The parts' bisecting CASE is a large expression: compiling it took PostgreSQL's
                 # JIT about 4 s of a cold refresh at 1e6 rows (6.2 s without, 10.0 s with).
-                conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
+                without_jit(conn)
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
             newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
@@ -649,7 +649,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             if q.dialect == "postgresql":
                 # The maturity bounds are a bisecting CASE, as the parts of time are in
                 # PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at 1e6 rows.
-                conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
+                without_jit(conn)
         statement = q.online(labels, windows, duplicates, as_of, maturity)
         rows = sorted(conn.execute(statement).all(), key=lambda row: row.key)
         return [
@@ -734,7 +734,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         q, replays = self.predictions.queries(), self.queries()
         with self._connection(q.table, replays.table) as conn:
             if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
-                conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
+                without_jit(conn)
             windows = self.predictions.windows(as_of)
             duplicates = self.predictions.duplicate_ids(conn, windows)
             row = conn.execute(q.replays(replays, windows, duplicates)).one()
