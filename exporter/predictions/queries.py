@@ -19,6 +19,7 @@ are computed in a subquery because PostgreSQL does not match GROUP BY expression
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -182,6 +183,70 @@ def _valid_probability(dialect: str, score: sa.ColumnElement, number: sa.ColumnE
     if nan is not None:
         conditions.append(sa.not_(nan))
     return sa.and_(*conditions)
+
+
+def _labeled(
+    labels: LabelQueries, agg: sa.FromClause, j: int, counted: sa.ColumnElement[bool] | None
+) -> tuple[sa.ColumnElement, sa.ColumnElement[bool], dict[str, sa.ColumnElement[bool]]]:
+    """For a prediction row outer-joined to its label aggregate ``agg`` (``LabelQueries.per_id``
+    or ``PredictionQueries.matured_labels``; range ``j`` of it), counted where ``counted``
+    holds (``None``: always): (its label ``y``, 0 or 1, NULL when not counted or unlabeled;
+    whether it has a usable label row; per reason of ``labels.invalid_reasons`` whether its
+    labels leave it out for that reason). A prediction whose label rows all have an arrival
+    time that is no instant is left out as one whose labels are all invalid values are."""
+    low, high, count = agg.c[f"low_{j}"], agg.c[f"high_{j}"], agg.c[f"n_{j}"]
+    scope = [counted] if counted is not None else []
+    has_label = sa.and_(low.is_not(None), low == high)
+    invalid = {
+        "conflicting": sa.and_(*scope, low != high),
+        "invalid_value": sa.and_(*scope, count > 0, low.is_(None)),
+    }
+    no_label_row = sa.or_(agg.c.id.is_(None), count == 0)
+    if labels.time is not None:
+        # Rows of unknown arrival time are in every window's range, and a label row.
+        bad = agg.c.bad_timestamp > 0
+        invalid["bad_timestamp"] = sa.and_(*scope, count == 0, bad)
+        no_label_row = sa.or_(agg.c.id.is_(None), sa.and_(count == 0, sa.not_(bad)))
+    whens = [(sa.not_(counted), None)] if counted is not None else []
+    y = sa.case(
+        *whens,
+        (has_label, low),
+        (no_label_row, 0 if labels.source.missing == "negative" else None),
+        else_=None,
+    )
+    return y, sa.and_(*scope, has_label), invalid
+
+
+def _accuracy_columns(
+    keyed: sa.FromClause, labels: LabelQueries, counted: sa.ColumnElement[bool] | None, suffix: str
+) -> list[sa.ColumnElement]:
+    """The online accuracy aggregates (``PredictionQueries.online``'s columns, each named with
+    ``suffix``) of the rows of ``keyed`` (``score``, and ``y``, ``has_label`` and a flag
+    per invalid-label reason, each with ``suffix``; from ``_labeled``) counted where
+    ``counted`` holds (``None``: every row).
+    Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with clip to
+    [1e-15, 1 - 1e-15] (docs/metrics.md)."""
+    score, label = keyed.c.score, keyed.c[f"y{suffix}"]
+    p = sa.case(
+        (score < LOGLOSS_EPS, _double(LOGLOSS_EPS)),
+        (score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
+        else_=score,
+    )
+    log_loss_term = sa.case((label == 1, -sa.func.ln(p)), (label == 0, -sa.func.ln(_double(1.0) - p)), else_=None)
+    labeled = label.is_not(None)
+    labeled_score = sa.case((labeled, score), else_=None)
+    return [
+        (_count_if(counted) if counted is not None else sa.func.count()).label(f"predictions{suffix}"),
+        _count_if(keyed.c[f"has_label{suffix}"]).label(f"with_label{suffix}"),
+        _count_if(label == 1).label(f"positives{suffix}"),
+        _count_if(label == 0).label(f"negatives{suffix}"),
+        sa.func.min(labeled_score).label(f"low{suffix}"),
+        sa.func.max(labeled_score).label(f"high{suffix}"),
+        sa.func.sum(labeled_score).label(f"labeled_score_sum{suffix}"),
+        sa.func.sum(log_loss_term).label(f"log_loss_sum{suffix}"),
+        _count_if(sa.and_(labeled, sa.or_(score == 0.0, score == 1.0))).label(f"extreme{suffix}"),
+        *[_count_if(keyed.c[f"{r}{suffix}"]).label(f"{r}{suffix}") for r in labels.invalid_reasons],
+    ]
 
 
 def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
@@ -674,7 +739,7 @@ class PredictionQueries:
         """
         if maturity is not None:
             rows = self.valid_rows(windows, duplicates, with_time=True)
-            agg = self.matured_labels(labels, windows, as_of, maturity)
+            agg = self.matured_labels(labels, [(windows.start, windows.end)], as_of, maturity)
             source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
         else:
             rows, agg = self.valid_rows(windows, duplicates), labels.per_id(windows.starts, as_of)
@@ -683,29 +748,12 @@ class PredictionQueries:
         windowed: list[sa.ColumnElement] = []
         for i in range(len(windows.starts)):
             j = i if per_window else 0  # otherwise every window sees the same labels of a prediction
-            low, high, count = agg.c[f"low_{j}"], agg.c[f"high_{j}"], agg.c[f"n_{j}"]
             counted = rows.c[f"in_{i}"] == 1
-            has_label = sa.and_(low.is_not(None), low == high)
-            invalid = {
-                "conflicting": sa.and_(counted, low != high),
-                "invalid_value": sa.and_(counted, count > 0, low.is_(None)),
-            }
-            no_label_row = sa.or_(agg.c.id.is_(None), count == 0)
-            if labels.time is not None:
-                # Rows of unknown arrival time are in every window's range, and a label row.
-                bad = agg.c.bad_timestamp > 0
-                invalid["bad_timestamp"] = sa.and_(counted, count == 0, bad)
-                no_label_row = sa.or_(agg.c.id.is_(None), sa.and_(count == 0, sa.not_(bad)))
-            y = sa.case(
-                (sa.not_(counted), None),
-                (has_label, low),
-                (no_label_row, 0 if labels.source.missing == "negative" else None),
-                else_=None,
-            )
+            y, has_label, invalid = _labeled(labels, agg, j, counted)
             windowed += [
                 rows.c[f"in_{i}"],
                 y.label(f"y_{i}"),
-                sa.and_(counted, has_label).label(f"has_label_{i}"),
+                has_label.label(f"has_label_{i}"),
                 *[invalid[reason].label(f"{reason}_{i}") for reason in labels.invalid_reasons],
             ]
         keyed = (
@@ -713,49 +761,82 @@ class PredictionQueries:
             .select_from(source)
             .subquery("keyed")
         )
-        p = sa.case(
-            (keyed.c.score < LOGLOSS_EPS, _double(LOGLOSS_EPS)),
-            (keyed.c.score > 1.0 - LOGLOSS_EPS, _double(1.0 - LOGLOSS_EPS)),
-            else_=keyed.c.score,
-        )
-        columns = []
-        for i in range(len(windows.starts)):
-            label = keyed.c[f"y_{i}"]
-            log_loss_term = sa.case(
-                (label == 1, -sa.func.ln(p)),
-                (label == 0, -sa.func.ln(_double(1.0) - p)),
-                else_=None,
-            )
-            labeled = label.is_not(None)
-            labeled_score = sa.case((labeled, keyed.c.score), else_=None)
-            columns += [
-                _count_if(keyed.c[f"in_{i}"] == 1).label(f"predictions_{i}"),
-                _count_if(keyed.c[f"has_label_{i}"]).label(f"with_label_{i}"),
-                _count_if(label == 1).label(f"positives_{i}"),
-                _count_if(label == 0).label(f"negatives_{i}"),
-                sa.func.min(labeled_score).label(f"low_{i}"),
-                sa.func.max(labeled_score).label(f"high_{i}"),
-                sa.func.sum(labeled_score).label(f"labeled_score_sum_{i}"),
-                sa.func.sum(log_loss_term).label(f"log_loss_sum_{i}"),
-                _count_if(sa.and_(labeled, sa.or_(keyed.c.score == 0.0, keyed.c.score == 1.0))).label(f"extreme_{i}"),
-                *[_count_if(keyed.c[f"{r}_{i}"]).label(f"{r}_{i}") for r in labels.invalid_reasons],
-            ]
+        columns = [
+            column
+            for i in range(len(windows.starts))
+            for column in _accuracy_columns(keyed, labels, keyed.c[f"in_{i}"] == 1, f"_{i}")
+        ]
         return sa.select(keyed.c.key, *columns).group_by(keyed.c.key)
 
+    def sliced_online(
+        self,
+        labels: LabelQueries,
+        points: Sequence[datetime],
+        reads: Sequence[tuple[datetime, datetime]],
+        as_of: datetime,
+        maturity: LabelMaturity,
+        by_bucket: bool = True,
+    ) -> sa.Select:
+        """The aggregates of ``online`` per part of time (``_parts``: part ``p`` is
+        ``[points[p], points[p + 1])``), in one pass over the ``reads`` ranges, for ids
+        unique by schema or config (no duplicate to leave out) and matured labels:
+        rows (``part``, ``key``, then ``online``'s columns without the window suffix), in no
+        order; without ``by_bucket``, one row per part with the counts and sums only (no
+        ``key``, ``low``, ``high``): the audit of kept slices, a few groups rather than one per
+        bucket. Each prediction counts the label rows matured for its slice of
+        ``maturity.points`` (``matured_labels``), whatever part it is read in, so the parts of
+        a slice add up to what ``online`` gives for it."""
+        columns = (self.id.label("id"), self.score.label("score"), self.time.stored.label("ts"))
+        valid = _valid_probability(self.dialect, self.score, self.score_is_number)
+        rows, part = self._parts(points, reads, *columns, where=[valid])
+        agg = self.matured_labels(labels, reads, as_of, maturity)
+        source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.ts == agg.c.t))
+        y, has_label, invalid = _labeled(labels, agg, 0, sa.true())
+        keyed = (
+            sa.select(
+                part.label("part"),
+                self._key(rows.c.score).label("key"),
+                rows.c.score,
+                y.label("y"),
+                has_label.label("has_label"),
+                *[invalid[reason].label(reason) for reason in labels.invalid_reasons],
+            )
+            .select_from(source)
+            .subquery("keyed")
+        )
+        aggregates = _accuracy_columns(keyed, labels, sa.true(), "")
+        if not by_bucket:
+            totals = [c for c in aggregates if c.name not in ("low", "high")]
+            return sa.select(keyed.c.part, *totals).group_by(keyed.c.part)
+        return sa.select(keyed.c.part, keyed.c.key, *aggregates).group_by(keyed.c.part, keyed.c.key)
+
     def matured_labels(
-        self, labels: LabelQueries, windows: Windows, as_of: datetime, maturity: LabelMaturity
+        self,
+        labels: LabelQueries,
+        reads: Sequence[tuple[datetime, datetime]],
+        as_of: datetime,
+        maturity: LabelMaturity,
     ) -> sa.Subquery:
-        """Per prediction of the largest window that has label rows (its id and its time as
-        stored, ``t``), as ``LabelQueries.per_id`` gives them per id (``n_0``, ``low_0``,
-        ``high_0``, ``bad_timestamp``), but counting only the label rows that mature for
-        it (``LabelMaturity``), plus those whose arrival time is no instant. Each label row
-        carries the bounds of the prediction times it matures for (``LabelQueries.maturity_bounds``),
-        so the predictions are compared with them as stored, with no arithmetic per row."""
-        label_rows = labels.maturity_bounds(maturity, as_of, self.time)
+        """Per prediction stamped in one of the ``reads`` ranges that has label rows (its id
+        and its time as stored, ``t``), as ``LabelQueries.per_id`` gives them per id
+        (``n_0``, ``low_0``, ``high_0``, ``bad_timestamp``), but counting only the label rows
+        that mature for it (``LabelMaturity``), plus those whose arrival time is no instant.
+        Each label row carries the bounds of the prediction times it matures for
+        (``LabelQueries.maturity_bounds``), so the predictions are compared with them as
+        stored, with no arithmetic per row. Only the label rows that can mature for the
+        ``reads`` are read: recorded from the start of the slice holding a range's start to
+        ``delay`` after the end of the slice holding its end (and before ``as_of``)."""
+        points = maturity.points
+        recorded = [
+            (points[max(0, bisect_right(points, start) - 1)], points[bisect_left(points, end)] + maturity.delay)
+            for start, end in union(reads)
+        ]
+        label_rows = labels.maturity_bounds(maturity, recorded, as_of, self.time)
         matures = sa.and_(
             label_rows.c.bad == 0, self.time.expr >= label_rows.c.opens, self.time.expr < label_rows.c.closes
         )
         value = sa.case((matures, label_rows.c.value), else_=None)
+        in_reads = sa.or_(*(self.time.between(start, end) for start, end in union(reads)))
         return (
             sa.select(
                 self.id.label("id"),
@@ -766,7 +847,7 @@ class PredictionQueries:
                 _count_if(label_rows.c.bad == 1).label("bad_timestamp"),
             )
             .select_from(self.table.join(label_rows, label_rows.c.id == self.id))
-            .where(self._in_window(windows.start, windows.end))
+            .where(in_reads, *self.filters)
             .group_by(self.id, self.time.stored)
             .subquery("matured_labels")
         )
@@ -886,8 +967,14 @@ class LabelQueries:
             .subquery("labels_per_id")
         )
 
-    def maturity_bounds(self, maturity: LabelMaturity, as_of: datetime, predicted: TimeColumn) -> sa.Subquery:
-        """The label rows recorded in ``[maturity.points[0], as_of)``, and those whose
+    def maturity_bounds(
+        self,
+        maturity: LabelMaturity,
+        recorded: Sequence[tuple[datetime, datetime]],
+        as_of: datetime,
+        predicted: TimeColumn,
+    ) -> sa.Subquery:
+        """The label rows recorded before ``as_of`` in one of the ``recorded`` ranges, and those whose
         arrival time is written but no instant, as (id, ``value``: the label if valid, else
         NULL; ``opens`` and ``closes``: the prediction times, bound for the predictions'
         time column ``predicted``, in ``[opens, closes)`` of which the row matures; ``bad``:
@@ -907,7 +994,7 @@ class LabelQueries:
                 sa.case((unreadable, 1), else_=0).label("bad"),
             )
             .select_from(source)
-            .where(sa.or_(time.between(points[0], as_of), unreadable))
+            .where(sa.or_(*(time.between(a, min(b, as_of)) for a, b in union(recorded) if a < as_of), unreadable))
             .subquery("label_times")
         )
         at = replace(time, expr=rows.c.t)
