@@ -21,6 +21,7 @@ deviations may differ in the last bits, as any change of summation order does.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -29,9 +30,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+import sqlalchemy as sa
 
 from exporter.monitoring_math import grid_index, round_half_up_index
-from exporter.predictions.queries import SQUARE_FLOOR, union
+from exporter.predictions.queries import INVALID_LABEL_REASONS, SQUARE_FLOOR, union
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -296,6 +298,108 @@ class Sliced:
     def merge(cls, parts: Iterable[Sliced]) -> Sliced:
         parts = list(parts)
         return cls(Histogram.merge(p.hist for p in parts), TopCounts.merge(p.top for p in parts))
+
+
+#: The counts ``OnlineBuckets`` keeps per bucket (``PredictionQueries.online``'s columns).
+ONLINE_COUNTS = ("predictions", "with_label", "positives", "negatives", "extreme", *INVALID_LABEL_REASONS)
+#: The sums it keeps per bucket.
+ONLINE_SUMS = ("labeled_score_sum", "log_loss_sum")
+
+
+@dataclass(frozen=True)
+class OnlineBuckets:
+    """The online accuracy aggregates of some predictions with matured labels, per score
+    bucket (``PredictionQueries.sliced_online``): ``key`` the buckets, ascending;
+    ``counts[:, c]`` the count ``ONLINE_COUNTS[c]`` and ``sums[:, c]`` the sum
+    ``ONLINE_SUMS[c]`` of each bucket; ``low``/``high`` its smallest and largest labeled
+    score (NaN when none is labeled). Shapes: ``key`` (n,) int64, ``counts`` (n, 8) int64,
+    ``sums`` (n, 2), ``low`` and ``high`` (n,) float64. Memory: 104 bytes per key.
+
+    They merge exactly over disjoint sets of predictions (counts and sums add, minima and
+    maxima combine), so a window merged from slices has the buckets one pass gives, up to
+    the summation order of the floats."""
+
+    key: np.ndarray
+    counts: np.ndarray
+    sums: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @classmethod
+    def empty(cls) -> OnlineBuckets:
+        floats = np.empty(0, dtype=np.float64)
+        return cls(
+            np.empty(0, dtype=np.int64),
+            np.empty((0, len(ONLINE_COUNTS)), dtype=np.int64),
+            np.empty((0, len(ONLINE_SUMS))),
+            floats,
+            floats,
+        )
+
+    @classmethod
+    def by_part(cls, rows: Sequence[sa.Row[Any]]) -> dict[int, OnlineBuckets]:
+        """From the rows of ``PredictionQueries.sliced_online`` (by bucket; distinct (part,
+        key), any order), each part's buckets; buckets without a prediction are left out,
+        a NULL sum is 0 and a NULL ``low``/``high`` NaN."""
+        if not rows:
+            return {}
+        names = ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")
+        # One float64 matrix from plain tuples (as Histogram.by_part); counts are below 2**53.
+        table = np.array([tuple(row._mapping[name] for name in names) for row in rows], dtype=np.float64)
+        table = table[table[:, 2] > 0]
+        order = np.lexsort((table[:, 1], table[:, 0]))
+        table = table[order]
+        part = table[:, 0].astype(np.int64)
+        counts = table[:, 2 : 2 + len(ONLINE_COUNTS)].astype(np.int64)
+        sums = np.nan_to_num(table[:, 2 + len(ONLINE_COUNTS) : 2 + len(ONLINE_COUNTS) + len(ONLINE_SUMS)])
+        cuts = np.flatnonzero(np.diff(part)) + 1
+        return {
+            int(part[a]): cls(table[a:b, 1].astype(np.int64), counts[a:b], sums[a:b], table[a:b, -2], table[a:b, -1])
+            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True)
+        }
+
+    @classmethod
+    def merge(cls, parts: Iterable[OnlineBuckets]) -> OnlineBuckets:
+        """The buckets of the union of the predictions of ``parts`` (disjoint sets),
+        accumulated in dense arrays over the keys' range (at most ``10**k + 1`` buckets), as
+        ``Histogram.merge``."""
+        parts = [p for p in parts if len(p.key)]
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        lowest = min(int(p.key[0]) for p in parts)
+        size = max(int(p.key[-1]) for p in parts) - lowest + 1
+        counts = np.zeros((size, len(ONLINE_COUNTS)), dtype=np.int64)
+        sums = np.zeros((size, len(ONLINE_SUMS)))
+        low, high = np.full(size, np.nan), np.full(size, np.nan)
+        for p in parts:
+            at = p.key - lowest
+            counts[at] += p.counts
+            sums[at] += p.sums
+            low[at] = np.fmin(low[at], p.low)
+            high[at] = np.fmax(high[at], p.high)
+        held = np.flatnonzero(counts[:, 0])
+        return cls(held + lowest, counts[held], sums[held], low[held], high[held])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per bucket with ``PredictionQueries.online``'s column names (no window
+        suffix; ``low``/``high`` ``None`` when no score is labeled), as
+        ``sources.LabelsSource`` reads a one-pass statement's rows."""
+        out = []
+        for i, key in enumerate(self.key):
+            row: dict[str, Any] = {"key": int(key)}
+            row.update(zip(ONLINE_COUNTS, (int(c) for c in self.counts[i]), strict=True))
+            row.update(zip(ONLINE_SUMS, (float(v) for v in self.sums[i]), strict=True))
+            low, high = float(self.low[i]), float(self.high[i])
+            row["low"], row["high"] = (None, None) if math.isnan(low) else (low, high)
+            out.append(row)
+        return out
+
+    def totals(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(each count of ``ONLINE_COUNTS``, each sum of ``ONLINE_SUMS``) over all buckets:
+        what the audit compares with the store (``sliced_online(..., by_bucket=False)``)."""
+        return tuple(int(c) for c in self.counts.sum(axis=0)), tuple(float(math.fsum(c)) for c in self.sums.T)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -45,9 +45,12 @@ from exporter.predictions.queries import (
 )
 from exporter.predictions.saved_slices import SavedSlices, fingerprint
 from exporter.predictions.slices import (
+    ONLINE_COUNTS,
+    ONLINE_SUMS,
     TOP_SCORES,
     DuplicateRows,
     Histogram,
+    OnlineBuckets,
     Plan,
     Sliced,
     SliceStore,
@@ -75,6 +78,7 @@ FUTURE_TOLERANCE = timedelta(minutes=1)
 
 Q = TypeVar("Q")
 V = TypeVar("V")
+A = TypeVar("A")
 
 
 #: The per-bucket columns of ``PredictionQueries.histogram`` that make a ``slices.Histogram``.
@@ -110,6 +114,19 @@ def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | N
         return bytes(raw).decode("utf-8"), problem
     except UnicodeDecodeError:  # the cut may split a character: the length is the reason then
         return bytes(raw).decode("utf-8", "backslashreplace"), problem or "not UTF-8"
+
+
+def slice_store(model: ModelConfig, combine: Callable[[Iterable[A]], A]) -> SliceStore[A] | None:
+    """The store of a source's kept time slices (``slices.SliceStore``; ``combine`` merges
+    their aggregates ``A``), ``None`` without ``time_slice``. While the slices fill, a
+    refresh reads 1/``slice_fill_refreshes`` of the largest window's, so that a cold start
+    does not read every slice's buckets at once (millions of rows at 10^7 predictions a day)."""
+    width = model.slice_width()
+    if width is None:
+        return None
+    longest = max(parse_duration(window) for window in model.windows)
+    fill = max(1, math.ceil(longest / width / model.slice_fill_refreshes))
+    return SliceStore(width, model.slice_audit_interval, combine, fill)
 
 
 @dataclass(frozen=True)
@@ -209,15 +226,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._watermark: datetime | None = count_from
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
-        width = model.slice_width()
-        self.slices: SliceStore[Sliced] | None = None
-        if width is not None:
-            # While the slices fill, a refresh reads 1/slice_fill_refreshes of the largest
-            # window's, so that a cold start does not read every slice's buckets at once
-            # (millions of rows at 10^7 predictions a day).
-            longest = max(parse_duration(window) for window in model.windows)
-            fill = max(1, math.ceil(longest / width / model.slice_fill_refreshes))
-            self.slices = SliceStore(width, model.slice_audit_interval, Sliced.merge, fill)
+        self.slices = slice_store(model, Sliced.merge)
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
         #: The duplicated ids found at the last refresh, which every read leaves out; per
@@ -619,6 +628,24 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
     name = "labels"
     _version_problem: str | None = None  # the last version-column problem logged (logged once)
 
+    def __init__(
+        self,
+        model: ModelConfig,
+        key_path: str,
+        stores: Stores,
+        query_timeout: timedelta,
+        staleness: timedelta,
+        predictions: PredictionsSource,
+    ):
+        super().__init__(model, key_path, stores, query_timeout, staleness, predictions)
+        #: The online aggregates of the mature slices, kept between refreshes when labels
+        #: mature by slice (a label timestamp and ``label_delay`` above 0) and time slices
+        #: are on (``_sliced``); used while the predictions' ids are unique.
+        self.slices: SliceStore[OnlineBuckets] | None = None
+        labels = model.labels
+        if labels is not None and labels.columns.timestamp is not None and model.label_delay > timedelta(0):
+            self.slices = slice_store(model, OnlineBuckets.merge)
+
     def _reflect(self) -> LabelQueries:
         source = self.model.labels
         assert source is not None  # built only for a model with labels
@@ -641,7 +668,6 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         q, labels = self.predictions.queries(), self.queries()
         delay = self.model.label_delay
         windows = self.predictions.windows(as_of - delay)
-        duplicates = self.predictions.duplicate_ids(conn, windows)
         maturity = None
         if labels.time is not None and delay > timedelta(0):
             points = boundaries(windows.start, windows.end, self.model.label_slice_width())
@@ -650,12 +676,86 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                 # The maturity bounds are a bisecting CASE, as the parts of time are in
                 # PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at 1e6 rows.
                 without_jit(conn)
+            if self.slices is not None and not q.unique_ids:
+                # Duplicated ids are counted per window, which kept slices cannot tell:
+                # one pass, and slices kept before the ids stopped being unique are stale.
+                self.slices.forget(list(self.slices.slices))
+            elif self.slices is not None:
+                merged = self._sliced(conn, windows, as_of, maturity, self.slices)
+                if merged is not None:
+                    return [
+                        self._accuracy(window, buckets.rows(), labels.invalid_reasons)
+                        for window, buckets in zip(self.model.windows, merged, strict=True)
+                    ]
+        duplicates = self.predictions.duplicate_ids(conn, windows)
         statement = q.online(labels, windows, duplicates, as_of, maturity)
         rows = sorted(conn.execute(statement).all(), key=lambda row: row.key)
         return [
             self._accuracy(window, [_window_columns(row, i) for row in rows], labels.invalid_reasons)
             for i, window in enumerate(self.model.windows)
         ]
+
+    def _sliced(
+        self,
+        conn: Connection,
+        windows: Windows,
+        as_of: datetime,
+        maturity: LabelMaturity,
+        store: SliceStore[OnlineBuckets],
+    ) -> list[OnlineBuckets] | None:
+        """Each window's online buckets, merged from the kept mature slices and the stretches
+        that can still change (``slices.SliceStore``, as ``PredictionsSource._sliced``), or
+        ``None`` while the store fills (this refresh read some of the missing slices and
+        keeps them; the caller reads the windows in one pass). ``windows`` end
+        ``label_delay`` before ``as_of``: a slice is mature, and kept, once it ends
+        ``ingestion_delay`` before their end (its predictions are written, and every label
+        row recorded within ``label_delay`` of its end too); the audit, when due, reads the
+        kept slices' totals again and forgets those that changed (``_audit``)."""
+        q, labels = self.predictions.queries(), self.queries()
+        ingestion = self.model.predictions.ingestion_delay
+        filling = store.filling(windows.starts, windows.end, ingestion)
+        if store.audit_due(windows.end, filling):
+            self._audit(conn, store, as_of, maturity)
+            filling = store.filling(windows.starts, windows.end, ingestion)
+        plan = store.plan(windows.starts, windows.end, ingestion, filling)
+        parts: dict[tuple[int, int], OnlineBuckets] = {}
+        for pass_index, read in enumerate(plan.passes):
+            if read.reads:
+                rows = conn.execute(q.sliced_online(labels, read.points, read.reads, as_of, maturity)).all()
+                parts.update({(pass_index, p): buckets for p, buckets in OnlineBuckets.by_part(rows).items()})
+        merged = store.merge(plan, parts)
+        return merged if plan.windows else None
+
+    def _audit(
+        self, conn: Connection, store: SliceStore[OnlineBuckets], as_of: datetime, maturity: LabelMaturity
+    ) -> None:
+        """Compare each kept slice's totals (``OnlineBuckets.totals``) with the store's and
+        forget those that differ: predictions or label rows written later than
+        ``ingestion_delay``, deleted or rewritten, or label rows whose arrival time is no
+        instant written since (they count for every prediction of their id)."""
+        q, labels = self.predictions.queries(), self.queries()
+        kept = sorted(store.slices)
+        points = sorted({*kept, *(start + store.width for start in kept)})
+        ranges = [(start, start + store.width) for start in kept]
+        statement = q.sliced_online(labels, points, ranges, as_of, maturity, by_bucket=False)
+        found = {
+            points[row.part]: (
+                tuple(_int(row._mapping[name]) for name in ONLINE_COUNTS),
+                tuple(float(row._mapping[name] or 0.0) for name in ONLINE_SUMS),
+            )
+            for row in conn.execute(statement)
+        }
+        nothing = ((0,) * len(ONLINE_COUNTS), (0.0,) * len(ONLINE_SUMS))
+
+        def differs(start: datetime, kept: OnlineBuckets) -> bool:
+            counts, sums = kept.totals()
+            store_counts, store_sums = found.get(start, nothing)
+            close = (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(sums, store_sums, strict=True))
+            return counts != store_counts or not all(close)
+
+        changed = store.audited(as_of - self.model.label_delay, differs)
+        if changed:
+            log.info("model %s: %d kept online slices changed in the store; read again", self.model.name, len(changed))
 
     @staticmethod
     def _accuracy(window: str, rows: list[dict[str, Any]], invalid_reasons: tuple[str, ...]) -> OnlineAccuracy:
@@ -696,6 +796,9 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         )
 
     def run(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
+        if self.slices is not None:  # before anything can fail (SliceStore.begin)
+            windows = self.predictions.windows(as_of - self.model.label_delay)
+            self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
         q = self.predictions.queries()
         labels = self.queries()
         with self._connection(q.table, labels.table) as conn:

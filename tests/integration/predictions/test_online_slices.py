@@ -1,0 +1,313 @@
+"""Kept online slices (issue 12): with time slices on and labels that mature by slice (a
+label timestamp and ``label_delay`` above 0), a refresher that keeps the mature slices'
+online aggregates between refreshes gives the online accuracy a fresh refresher computes
+in one pass at the same time, and both equal the label maturity rule applied in Python
+with scikit-learn on the same rows: after random sequences of refreshes at unaligned
+times, predictions and label rows written within ``ingestion_delay``, conflicting and
+invalid labels, predictions and label rows written later than that, deleted, and label
+rows whose arrival time is no instant (taken in by the next audit), on SQLite,
+PostgreSQL and DuckDB."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sklearn.metrics import log_loss, roc_auc_score
+
+from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.slices import floor_to
+from exporter.predictions.stores import Stores
+from exporter.snapshot import OnlineAccuracy
+from tests.conftest import model_settings
+
+START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
+SLICE = timedelta(minutes=2)
+LABEL_DELAY = timedelta(minutes=5)
+INGESTION = timedelta(minutes=1)
+AUDIT = timedelta(minutes=20)
+WINDOWS = {"7m": timedelta(minutes=7), "1h": timedelta(hours=1)}
+#: A label arrival time written but no instant, per dialect (docs/metrics.md, "No instant").
+NO_INSTANT = {"sqlite": "yesterday", "postgresql": "infinity", "duckdb": "infinity"}
+
+
+def _settings(url: str, schema: str | None, missing: str, fill: int):
+    return model_settings(
+        url,
+        schema,
+        labels={"columns": {"timestamp": "ts"}, "missing": missing},
+        predictions={"unique_ids": True, "ingestion_delay": "1m"},
+        model={
+            "windows": list(WINDOWS),
+            "label_delay": "5m",
+            "time_slice": "2m",
+            "slice_audit_interval": "20m",
+            "slice_fill_refreshes": fill,
+        },
+    )
+
+
+def _refresher(settings, stores: Stores) -> ModelRefresher:
+    return ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+
+
+def _naive(instant: datetime) -> datetime:
+    return instant.astimezone(UTC).replace(tzinfo=None)
+
+
+class Tables:
+    """The prediction and label tables and a copy of their rows: predictions by id (UTC
+    instant, score), label rows by key (id, UTC arrival time or ``None`` for no instant, y)."""
+
+    def __init__(self, url: str, schema: str | None, dialect: str):
+        self.engine = sa.create_engine(url)
+        self.dialect, self.schema = dialect, schema
+        metadata = sa.MetaData(schema=schema)
+        self.predictions = sa.Table(
+            "predictions",
+            metadata,
+            sa.Column("id", sa.BigInteger),
+            sa.Column("ts", sa.DateTime),
+            sa.Column("p", sa.Double),
+        )
+        self.labels = sa.Table(
+            "labels",
+            metadata,
+            sa.Column("k", sa.BigInteger),
+            sa.Column("id", sa.BigInteger),
+            sa.Column("y", sa.Integer),
+            sa.Column("ts", sa.DateTime),
+        )
+        metadata.create_all(self.engine)
+        self.scored: dict[int, tuple[datetime, float | None]] = {}
+        self.label_rows: dict[int, tuple[int, datetime | None, int]] = {}
+        self.next_label = 0
+        self.next_id = 0
+
+    def predict(self, rows: list[tuple[datetime, float | None]]) -> None:
+        records = []
+        for ts, p in rows:
+            ident = self.next_id = self.next_id + 1
+            self.scored[ident] = (ts, p)
+            records.append({"id": ident, "ts": _naive(ts), "p": p})
+        if records:
+            with self.engine.begin() as conn:
+                conn.execute(self.predictions.insert(), records)
+
+    def label(self, rows: list[tuple[int, datetime | None, int]]) -> None:
+        with self.engine.begin() as conn:
+            for ident, ts, y in rows:
+                k, self.next_label = self.next_label, self.next_label + 1
+                self.label_rows[k] = (ident, ts, y)
+                if ts is not None:
+                    conn.execute(self.labels.insert(), {"k": k, "id": ident, "y": y, "ts": _naive(ts)})
+                else:  # text on SQLite, infinity elsewhere: SQLAlchemy's DateTime cannot bind either
+                    table = f'"{self.schema}".labels' if self.schema else "labels"
+                    value = ":ts" if self.dialect == "sqlite" else "CAST(:ts AS TIMESTAMP)"
+                    conn.execute(
+                        sa.text(f"INSERT INTO {table} (k, id, y, ts) VALUES (:k, :id, :y, {value})"),
+                        {"k": k, "id": ident, "y": y, "ts": NO_INSTANT[self.dialect]},
+                    )
+
+    def delete_predictions(self, ids: list[int]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.predictions.delete().where(self.predictions.c.id.in_(ids)))
+        for ident in ids:
+            self.scored.pop(ident)
+
+    def delete_labels(self, keys: list[int]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.labels.delete().where(self.labels.c.k.in_(keys)))
+        for k in keys:
+            self.label_rows.pop(k)
+
+    def expected(self, window: timedelta, as_of: datetime, missing: str) -> dict:
+        """The online accuracy of ``window`` at ``as_of`` by the rule of docs/metrics.md,
+        *Label maturity*: the window ends ``label_delay`` before ``as_of``; a prediction of
+        the slice ``[s, s + w)`` counts the label rows recorded in ``[s, s + w + delay)``
+        and before ``as_of``, and those whose arrival time is no instant."""
+        end = as_of - LABEL_DELAY
+        by_id: dict[int, list[tuple[datetime | None, int]]] = {}
+        for ident, ts, y in self.label_rows.values():
+            by_id.setdefault(ident, []).append((ts, y))
+        n, ys, scores = 0, [], []
+        reasons = {"conflicting": 0, "invalid_value": 0, "bad_timestamp": 0}
+        for ident, (ts, p) in self.scored.items():
+            if not end - window <= ts < end or p is None or not 0 <= p <= 1:
+                continue
+            n += 1
+            s = floor_to(ts, SLICE)
+            rows = by_id.get(ident, [])
+            matured = [y for r, y in rows if r is not None and s <= r < min(s + SLICE + LABEL_DELAY, as_of)]
+            bad = any(r is None for r, _ in rows)
+            valid = {y for y in matured if y in (0, 1)}
+            if len(valid) == 2:
+                reasons["conflicting"] += 1
+            elif valid:
+                ys.append(valid.pop())
+                scores.append(p)
+            elif matured:
+                reasons["invalid_value"] += 1
+            elif bad:
+                reasons["bad_timestamp"] += 1
+            elif missing == "negative":
+                ys.append(0)
+                scores.append(p)
+        out = {"predictions": n, "labeled": len(ys), "positives": int(sum(ys)), "invalid_labels": reasons}
+        if ys:
+            # Clipped to [1e-15, 1 - 1e-15] as docs/metrics.md says (scikit-learn clips at float64's eps).
+            out["logloss"] = log_loss(ys, np.clip(scores, 1e-15, 1 - 1e-15), labels=[0, 1])
+        if len(set(ys)) == 2:
+            out["roc_auc"] = roc_auc_score(ys, scores)
+        return out
+
+
+def _same(warm: OnlineAccuracy, cold: OnlineAccuracy) -> None:
+    for name in ("window", "predictions", "labeled", "positives", "extreme_scores", "invalid_labels"):
+        assert getattr(warm, name) == getattr(cold, name), name
+    for name in ("logloss", "roc_auc", "roc_auc_error_bound", "calibration_ratio", "positive_ratio", "label_coverage"):
+        a, b = getattr(warm, name), getattr(cold, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-12), name
+
+
+def _check(tables: Tables, warm: ModelRefresher, cold_settings, stores: Stores, as_of: datetime, missing: str):
+    got = warm.refresh(as_of)
+    assert all(s.up for s in got.sources.values()), got.sources
+    cold = _refresher(cold_settings, stores).refresh(as_of)
+    for w, c in zip(got.online, cold.online, strict=True):
+        _same(w, c)
+        expected = tables.expected(WINDOWS[w.window], as_of, missing)
+        assert (w.predictions, w.labeled, w.positives) == (
+            expected["predictions"],
+            expected["labeled"],
+            expected["positives"],
+        )
+        assert w.invalid_labels == expected["invalid_labels"]
+        if "logloss" in expected:
+            assert w.logloss == pytest.approx(expected["logloss"], rel=1e-9)
+        if "roc_auc" in expected:
+            # Continuous scores share 10^-5 buckets: the AUC is exact within its bound.
+            bound = w.roc_auc_error_bound or 0.0
+            assert abs(w.roc_auc - expected["roc_auc"]) <= bound + 1e-9
+
+
+def _score(rng: np.random.Generator) -> float | None:
+    kind = rng.random()
+    if kind < 0.04:
+        return None
+    if kind < 0.08:
+        return 1.5
+    if kind < 0.5:
+        return float(np.round(rng.random(), 2))  # discrete: buckets of one score
+    return float(rng.random())
+
+
+def _label_value(rng: np.random.Generator) -> int:
+    return 2 if rng.random() < 0.05 else int(rng.random() < 0.4)
+
+
+@pytest.mark.parametrize(
+    "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
+)
+@pytest.mark.parametrize(
+    ("seed", "missing"), [(1, "ignore"), pytest.param(2, "negative", marks=pytest.mark.long)], ids=["1", "2-negative"]
+)
+def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
+    """The warm refresher reads every mature slice at its first refresh (``slice_fill_refreshes``
+    1) and keeps them; each cold refresher fills (the default 24), so its first refresh
+    reads the windows in one pass."""
+    url, schema, dialect = store
+    rng = np.random.default_rng(seed)
+    stores = Stores(_settings(url, schema, missing, 1).stores, timedelta(seconds=30))
+    tables = Tables(url, schema, dialect)
+    # 80 minutes of history before the first refresh: predictions, and label rows 0 to 9
+    # minutes after them (within and beyond label_delay), some twice.
+    history = sorted(START - timedelta(seconds=float(s)) for s in rng.uniform(0, 4800, 300))
+    tables.predict([(ts, _score(rng)) for ts in history])
+    labels = []
+    for ident, (ts, _) in tables.scored.items():
+        for _ in range(int(rng.choice([0, 1, 1, 2]))):
+            arrived = ts + timedelta(seconds=float(rng.uniform(-30, 540)))
+            if arrived < START - INGESTION:
+                labels.append((ident, arrived, _label_value(rng)))
+    tables.label(labels)
+    warm = _refresher(_settings(url, schema, missing, 1), stores)
+    cold_settings = _settings(url, schema, missing, 24)
+    as_of = START
+    last_audit = None  # the first refresh starts the audit clock
+    changed_since_audit = False
+    for _step in range(22):
+        following = as_of + timedelta(seconds=float(rng.uniform(10, 300)))
+        # Written within ingestion_delay: predictions stamped, and label rows recorded, in the
+        # minute before the next refresh time (labels of predictions of the last 12 minutes).
+        fresh = [following - timedelta(seconds=float(s)) for s in rng.uniform(0, 60, int(rng.integers(0, 25)))]
+        tables.predict([(ts, _score(rng)) for ts in fresh])
+        recent = [i for i, (ts, _) in tables.scored.items() if ts >= following - timedelta(minutes=12)]
+        if recent:
+            chosen = rng.choice(recent, min(len(recent), int(rng.integers(0, 15))), replace=False)
+            arrived = [following - timedelta(seconds=float(s)) for s in rng.uniform(0, 60, len(chosen))]
+            tables.label([(int(i), t, _label_value(rng)) for i, t in zip(chosen, arrived, strict=True)])
+        roll = rng.random()
+        if roll < 0.1:  # a prediction written later than ingestion_delay: into a mature slice
+            tables.predict([(following - timedelta(minutes=float(rng.uniform(12, 50))), 0.25)])
+            changed_since_audit = True
+        elif roll < 0.2:  # a label row recorded long ago, written only now
+            old = [i for i, (ts, _) in tables.scored.items() if ts < following - timedelta(minutes=15)]
+            ident = int(rng.choice(old))
+            tables.label([(ident, tables.scored[ident][0] + timedelta(minutes=1), 1)])
+            changed_since_audit = True
+        elif roll < 0.25:  # a label row whose arrival time is no instant: counts in every slice
+            tables.label([(int(rng.choice(list(tables.scored))), None, int(rng.integers(0, 2)))])
+            changed_since_audit = True
+        elif roll < 0.3:  # deleted predictions and label rows
+            tables.delete_predictions([int(i) for i in rng.choice(list(tables.scored), 2, replace=False)])
+            tables.delete_labels([int(k) for k in rng.choice(list(tables.label_rows), 2, replace=False)])
+            changed_since_audit = True
+        as_of = following
+        last_audit = last_audit or as_of
+        if changed_since_audit and as_of - last_audit < AUDIT:
+            warm.refresh(as_of)  # the change may not be seen before the next audit
+            continue
+        if as_of - last_audit >= AUDIT:
+            last_audit, changed_since_audit = as_of, False
+        _check(tables, warm, cold_settings, stores, as_of, missing)
+    assert warm.sources["labels"].slices.slices, "mature slices were kept"
+    stores.dispose()
+    tables.engine.dispose()
+
+
+def test_a_steady_refresh_reads_only_the_slices_not_yet_mature(tmp_path):
+    """Once the mature slices are kept, the online statement reads only the window's head
+    (the slices not yet mature) and tail: a prediction written into a mature slice is not
+    seen until the audit, and is seen then."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    settings = _settings(url, None, "ignore", 1)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    tables = Tables(url, None, "sqlite")
+    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 70)])
+    tables.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in tables.scored.items()])
+    warm = _refresher(settings, stores)
+    first = warm.refresh(START)
+    hour = next(o for o in first.online if o.window == "1h")
+    assert hour.labeled == hour.predictions == 60
+    kept = warm.sources["labels"].slices.slices
+    # The window [10:55:07, 11:55:07): the slices wholly in it that end by 11:54:07
+    # (ingestion_delay before its end) are mature, 10:56 to 11:52.
+    assert sorted(kept) == [datetime(2026, 5, 4, 10, 56, tzinfo=UTC) + k * SLICE for k in range(29)]
+    # Written late into a mature slice, with its label: not read by the next refresh...
+    late = START - timedelta(minutes=30, seconds=30)
+    tables.predict([(late, 0.9)])
+    tables.label([(max(tables.scored), late + timedelta(seconds=5), 0)])
+    second = warm.refresh(START + timedelta(seconds=20))
+    assert next(o for o in second.online if o.window == "1h").labeled == 60
+    # ...until the audit reads the kept slices' totals again.
+    third = warm.refresh(START + AUDIT + timedelta(seconds=20))
+    cold = _refresher(_settings(url, None, "ignore", 24), stores).refresh(START + AUDIT + timedelta(seconds=20))
+    for w, c in zip(third.online, cold.online, strict=True):
+        _same(w, c)
+    stores.dispose()
+    tables.engine.dispose()
