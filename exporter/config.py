@@ -419,6 +419,12 @@ class ModelConfig(Strict):
         derived = max(min(durations) / 12, max(durations) / 288)
         return timedelta(seconds=max(1, math.ceil(derived.total_seconds())))
 
+    def labels_mature_by_slice(self) -> bool:
+        """Whether labels mature by time slice (docs/metrics.md, *Label maturity*): the model
+        has labels with a timestamp and a ``label_delay`` above 0."""
+        labels = self.labels
+        return labels is not None and labels.columns.timestamp is not None and self.label_delay > timedelta(0)
+
     def sources(self) -> dict[str, TableSource]:
         """The configured sources by name (``predictions``, ``labels``, ``replays``)."""
         found = {"predictions": self.predictions, "labels": self.labels, "replays": self.replays}

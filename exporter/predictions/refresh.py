@@ -70,6 +70,9 @@ def worst_case_queries(model: ModelConfig) -> int:
     found so many slices changed that it fills. Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
+    with kept online slices (time slices on, labels that mature by slice), 3 instead of
+    the first two: the audit and two passes of the plan, or the audit, a filling pass and
+    the windows in one pass (``LabelsSource._sliced``);
     replays: the replays (a search too if the predictions failed before theirs, a refresh
     with fewer statements); features: the serving version (with a version column), its
     training run, and one statement for every window and feature.
@@ -77,7 +80,8 @@ def worst_case_queries(model: ModelConfig) -> int:
     version = model.predictions.columns.version is not None
     count = 10
     if model.labels is not None:
-        count += 1 + (model.label_delay > timedelta(0)) + version
+        kept = model.slice_width() is not None and model.labels_mature_by_slice()
+        count += (3 if kept else 1 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
         count += 1
     if model.features is not None:

@@ -641,10 +641,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         #: The online aggregates of the mature slices, kept between refreshes when labels
         #: mature by slice (a label timestamp and ``label_delay`` above 0) and time slices
         #: are on (``_sliced``); used while the predictions' ids are unique.
-        self.slices: SliceStore[OnlineBuckets] | None = None
-        labels = model.labels
-        if labels is not None and labels.columns.timestamp is not None and model.label_delay > timedelta(0):
-            self.slices = slice_store(model, OnlineBuckets.merge)
+        self.slices = slice_store(model, OnlineBuckets.merge) if model.labels_mature_by_slice() else None
 
     def _reflect(self) -> LabelQueries:
         source = self.model.labels

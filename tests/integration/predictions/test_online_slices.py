@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sklearn.metrics import log_loss, roc_auc_score
 
-from exporter.predictions.refresh import ModelRefresher
+from exporter.predictions.refresh import ModelRefresher, worst_case_queries
 from exporter.predictions.slices import floor_to
 from exporter.predictions.stores import Stores
 from exporter.snapshot import OnlineAccuracy
@@ -309,5 +309,34 @@ def test_a_steady_refresh_reads_only_the_slices_not_yet_mature(tmp_path):
     cold = _refresher(_settings(url, None, "ignore", 24), stores).refresh(START + AUDIT + timedelta(seconds=20))
     for w, c in zip(third.online, cold.online, strict=True):
         _same(w, c)
+    stores.dispose()
+    tables.engine.dispose()
+
+
+def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
+    """The most statements the labels run with kept online slices: an audit that finds more
+    kept slices changed (4) than a refresh fills (3 of the 1h window's 29), then the fill's
+    pass and the windows in one pass: 3 (``refresh.worst_case_queries``)."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    settings = _settings(url, None, "ignore", 12)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    tables = Tables(url, None, "sqlite")
+    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 70)])
+    refresher = _refresher(settings, stores)
+    online = refresher.sources["labels"].slices
+    for k in range(11):  # 3 slices a refresh, a second apart: no audit due yet
+        refresher.refresh(START + timedelta(seconds=k))
+    assert online.filled and len(online.slices) == 29
+    # Label rows written late for predictions of 4 kept slices.
+    late = [i for i, (ts, _) in tables.scored.items() if ts < START - timedelta(minutes=15)][:8:2]
+    tables.label([(i, tables.scored[i][0] + timedelta(seconds=5), 1) for i in late])
+    statements: list[str] = []
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    snap = refresher.refresh(START + AUDIT + timedelta(seconds=11))
+    assert all(s.up for s in snap.sources.values()) and not online.filled
+    labels_run = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "labels" in s]
+    # No version column; predictions run at most 10; no replays.
+    assert len(labels_run) == worst_case_queries(settings.models[0]) - 10 == 3
+    assert next(o for o in snap.online if o.window == "1h").labeled == 4
     stores.dispose()
     tables.engine.dispose()
