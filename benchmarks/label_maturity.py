@@ -12,6 +12,14 @@ Each runs ``--repeat`` times in a refresh transaction (``db.timed_connection``) 
 refresh runs it: JIT off for ``matured`` (the refresh turns it off for that statement),
 at the server's setting for the others; the median is printed, ratios first.
 
+With ``--kept``, the labels source with time slices on (``time_slice: auto``) is then run
+as the refresher runs it: refreshes one second apart until its online slices are filled
+(``fill``: ``slice_fill_refreshes``, one pass plus a share of the slices each), then
+``--steps`` steady refreshes, each after one more minute of rows (N/1440 predictions
+stamped in the minute before the new refresh time, labels recorded in that minute for 30%
+of the predictions of the 90 minutes before it) and 60 s later (``steady``: the window's
+head and tail; the median is printed).
+
     python benchmarks/label_maturity.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test --rows 1000000
 
 Writes (and with ``--drop``, drops) the schema ``bench_maturity``.
@@ -26,11 +34,12 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from exporter.config import parse_settings
+from exporter.config import Settings, parse_settings
 from exporter.db import timed_connection
 from exporter.predictions.queries import DuplicateIds, LabelMaturity, Windows
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.slices import boundaries
+from exporter.predictions.sources import LabelsSource
 from exporter.predictions.stores import Stores
 
 NOW = datetime(2026, 5, 4, 12, tzinfo=UTC)
@@ -60,12 +69,48 @@ def load(url: str, rows: int) -> None:
     engine.dispose()
 
 
+def kept(settings: Settings, stores: Stores, rows: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of the labels source's refreshes on kept online slices: ``fill`` (until
+    filled) and ``steady`` (module docstring)."""
+    model = settings.models[0].model_copy(update={"time_slice": "auto"})
+    refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores)
+    source = refresher.sources["labels"]
+    assert isinstance(source, LabelsSource) and source.slices is not None
+    out: dict[str, list[float]] = {"fill": [], "steady": []}
+    as_of = NOW
+    while not source.slices.filled:
+        started = time.perf_counter()
+        source.run(as_of)
+        out["fill"].append(time.perf_counter() - started)
+        as_of += timedelta(seconds=1)
+    minute = max(1, rows // 1440)
+    for _ in range(steps):
+        as_of += timedelta(seconds=60)
+        stamp = f"timestamp '{as_of:%Y-%m-%d %H:%M:%S}'"
+        with stores.engine("s").begin() as conn:
+            conn.exec_driver_sql(
+                f"INSERT INTO {SCHEMA}.predictions SELECT (SELECT max(id) FROM {SCHEMA}.predictions) + g, "
+                f"{stamp} - random() * interval '60 seconds', random() FROM generate_series(1, {minute}) g"
+            )
+            conn.exec_driver_sql(
+                f"INSERT INTO {SCHEMA}.labels SELECT id, (random() < p)::int, {stamp} - random() * interval '60 seconds' "
+                f"FROM {SCHEMA}.predictions WHERE ts >= {stamp} - interval '90 minutes' AND ts < {stamp} "
+                f"AND random() < {0.3 / 90}"
+            )
+        started = time.perf_counter()
+        source.run(as_of)
+        out["steady"].append(time.perf_counter() - started)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True, help="a PostgreSQL URL")
     parser.add_argument("--rows", type=float, default=1e6)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--drop", action="store_true", help="drop the schema at the end")
+    parser.add_argument("--kept", action="store_true", help="also time the labels on kept online slices")
+    parser.add_argument("--steps", type=int, default=5, help="steady refreshes with --kept")
     args = parser.parse_args()
     load(args.url, int(args.rows))
     source = {"store": "s", "schema": SCHEMA}
@@ -112,6 +157,8 @@ def main() -> None:
                     started = time.perf_counter()
                     conn.execute(statement).all()
                     seconds[name].append(time.perf_counter() - started)
+        if args.kept:
+            seconds |= kept(settings, stores, int(args.rows), args.steps)
     finally:
         stores.dispose()
         if args.drop:
@@ -119,6 +166,10 @@ def main() -> None:
                 conn.exec_driver_sql(f"DROP SCHEMA {SCHEMA} CASCADE")
     median = {name: statistics.median(values) for name, values in seconds.items()}
     print(f"rows {int(args.rows):,}, median of {args.repeat}")
+    if args.kept:
+        print(f"steady / floor: {median['steady'] / median['floor']:.3f}x")
+        print(f"steady / matured: {median['steady'] / median['matured']:.3f}x")
+        print(f"fill / matured: {median['fill'] / median['matured']:.2f}x ({len(seconds['fill'])} refreshes)")
     print(f"matured / per_window: {median['matured'] / median['per_window']:.2f}x")
     print(f"matured / floor: {median['matured'] / median['floor']:.1f}x")
     print(f"per_window / floor: {median['per_window'] / median['floor']:.1f}x")

@@ -337,24 +337,45 @@ class OnlineBuckets:
         )
 
     @classmethod
+    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> OnlineBuckets:
+        """From one window's rows of ``PredictionQueries.online`` (its columns without the
+        window suffix, distinct keys, any order): as ``by_part`` for one part; a count
+        the rows lack (``bad_timestamp`` without a label timestamp) is 0."""
+        names = ("key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")
+        table = np.array([tuple(row.get(name, 0) for name in names) for row in rows], dtype=np.float64)
+        return cls._of(np.c_[np.zeros(len(rows)), table.reshape(len(rows), len(names))]).get(0, cls.empty())
+
+    @classmethod
     def by_part(cls, rows: Sequence[sa.Row[Any]]) -> dict[int, OnlineBuckets]:
         """From the rows of ``PredictionQueries.sliced_online`` (by bucket; distinct (part,
         key), any order), each part's buckets; buckets without a prediction are left out,
         a NULL sum is 0 and a NULL ``low``/``high`` NaN."""
-        if not rows:
-            return {}
         names = ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")
         # One float64 matrix from plain tuples (as Histogram.by_part); counts are below 2**53.
         table = np.array([tuple(row._mapping[name] for name in names) for row in rows], dtype=np.float64)
+        return cls._of(table.reshape(len(rows), len(names)))
+
+    @classmethod
+    def _of(cls, table: np.ndarray) -> dict[int, OnlineBuckets]:
+        """From a matrix of (part, key, counts, sums, low, high) rows (NULL as NaN), by part."""
         table = table[table[:, 2] > 0]
+        if not len(table):
+            return {}
         order = np.lexsort((table[:, 1], table[:, 0]))
         table = table[order]
         part = table[:, 0].astype(np.int64)
         counts = table[:, 2 : 2 + len(ONLINE_COUNTS)].astype(np.int64)
         sums = np.nan_to_num(table[:, 2 + len(ONLINE_COUNTS) : 2 + len(ONLINE_COUNTS) + len(ONLINE_SUMS)])
         cuts = np.flatnonzero(np.diff(part)) + 1
+        # Copies: a kept slice must not hold the whole result of the pass it was read in.
         return {
-            int(part[a]): cls(table[a:b, 1].astype(np.int64), counts[a:b], sums[a:b], table[a:b, -2], table[a:b, -1])
+            int(part[a]): cls(
+                table[a:b, 1].astype(np.int64),
+                counts[a:b].copy(),
+                sums[a:b].copy(),
+                table[a:b, -2].copy(),
+                table[a:b, -1].copy(),
+            )
             for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True)
         }
 
@@ -381,20 +402,6 @@ class OnlineBuckets:
             high[at] = np.fmax(high[at], p.high)
         held = np.flatnonzero(counts[:, 0])
         return cls(held + lowest, counts[held], sums[held], low[held], high[held])
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per bucket with ``PredictionQueries.online``'s column names (no window
-        suffix; ``low``/``high`` ``None`` when no score is labeled), as
-        ``sources.LabelsSource`` reads a one-pass statement's rows."""
-        out = []
-        for i, key in enumerate(self.key):
-            row: dict[str, Any] = {"key": int(key)}
-            row.update(zip(ONLINE_COUNTS, (int(c) for c in self.counts[i]), strict=True))
-            row.update(zip(ONLINE_SUMS, (float(v) for v in self.sums[i]), strict=True))
-            low, high = float(self.low[i]), float(self.high[i])
-            row["low"], row["high"] = (None, None) if math.isnan(low) else (low, high)
-            out.append(row)
-        return out
 
     def totals(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """(each count of ``ONLINE_COUNTS``, each sum of ``ONLINE_SUMS``) over all buckets:

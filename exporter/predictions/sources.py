@@ -681,14 +681,16 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                 merged = self._sliced(conn, windows, as_of, maturity, self.slices)
                 if merged is not None:
                     return [
-                        self._accuracy(window, buckets.rows(), labels.invalid_reasons)
+                        self._accuracy(window, buckets, labels.invalid_reasons)
                         for window, buckets in zip(self.model.windows, merged, strict=True)
                     ]
         duplicates = self.predictions.duplicate_ids(conn, windows)
         statement = q.online(labels, windows, duplicates, as_of, maturity)
         rows = sorted(conn.execute(statement).all(), key=lambda row: row.key)
         return [
-            self._accuracy(window, [_window_columns(row, i) for row in rows], labels.invalid_reasons)
+            self._accuracy(
+                window, OnlineBuckets.from_rows([_window_columns(row, i) for row in rows]), labels.invalid_reasons
+            )
             for i, window in enumerate(self.model.windows)
         ]
 
@@ -755,41 +757,33 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             log.info("model %s: %d kept online slices changed in the store; read again", self.model.name, len(changed))
 
     @staticmethod
-    def _accuracy(window: str, rows: list[dict[str, Any]], invalid_reasons: tuple[str, ...]) -> OnlineAccuracy:
-        """One window's accuracy from its per-bucket aggregates (``PredictionQueries.online``
-        without the window suffix), sorted by key; ``invalid_reasons``: the label source's
-        (``LabelQueries.invalid_reasons``)."""
-        rows = [row for row in rows if _int(row["predictions"]) > 0]
-
-        def total(column: str) -> int:
-            return sum(_int(row[column]) for row in rows)
-
-        def float_total(column: str) -> float:
-            return math.fsum(float(row[column] or 0.0) for row in rows)
-
-        positives = np.array([_int(row["positives"]) for row in rows])
-        negatives = np.array([_int(row["negatives"]) for row in rows])
-        n_pred, n_pos = total("predictions"), int(positives.sum())
+    def _accuracy(window: str, buckets: OnlineBuckets, invalid_reasons: tuple[str, ...]) -> OnlineAccuracy:
+        """One window's accuracy from its online buckets (keys ascending, each holding a
+        prediction); ``invalid_reasons``: the label source's (``LabelQueries.invalid_reasons``)."""
+        counts = dict(zip(ONLINE_COUNTS, buckets.counts.T, strict=True))
+        positives, negatives = counts["positives"], counts["negatives"]
+        n_pred, n_pos = int(counts["predictions"].sum()), int(positives.sum())
         n_labeled = n_pos + int(negatives.sum())
-        mean_score = ratio(float_total("labeled_score_sum"), n_labeled)
+        labeled_score_sum, log_loss_sum = (math.fsum(column) for column in buckets.sums.T)
+        mean_score = ratio(labeled_score_sum, n_labeled)
         positive_ratio = ratio(n_pos, n_labeled)
         auc = roc_auc_from_counts(positives, negatives)
         # A bucket whose labeled scores are all equal holds true ties only.
-        pure = np.array([row["low"] is None or row["low"] == row["high"] for row in rows], dtype=bool)
+        pure = np.isnan(buckets.low) | (buckets.low == buckets.high)
         bound = roc_auc_bucket_error_bound(positives, negatives, pure)
         return OnlineAccuracy(
             window=window,
             predictions=n_pred,
             labeled=n_labeled,
             positives=n_pos,
-            logloss=ratio(float_total("log_loss_sum"), n_labeled),
+            logloss=ratio(log_loss_sum, n_labeled),
             roc_auc=auc,
             roc_auc_error_bound=bound if bound else None,  # absent when the AUC is exact
             calibration_ratio=ratio(mean_score, positive_ratio),
             positive_ratio=positive_ratio,
-            label_coverage=ratio(total("with_label"), n_pred),
-            extreme_scores=total("extreme"),
-            invalid_labels={reason: total(reason) for reason in invalid_reasons},
+            label_coverage=ratio(int(counts["with_label"].sum()), n_pred),
+            extreme_scores=int(counts["extreme"].sum()),
+            invalid_labels={reason: int(counts[reason].sum()) for reason in invalid_reasons},
         )
 
     def run(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:
