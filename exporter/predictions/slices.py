@@ -25,7 +25,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
@@ -300,41 +300,39 @@ class Sliced:
         return cls(Histogram.merge(p.hist for p in parts), TopCounts.merge(p.top for p in parts))
 
 
-#: The counts ``OnlineBuckets`` keeps per bucket (``PredictionQueries.online``'s columns).
+#: The counts ``OnlineBuckets`` keeps over all its predictions (``PredictionQueries.online``'s columns).
 ONLINE_COUNTS = ("predictions", "with_label", "positives", "negatives", "extreme", *INVALID_LABEL_REASONS)
-#: The sums it keeps per bucket.
+#: The sums it keeps over all its predictions.
 ONLINE_SUMS = ("labeled_score_sum", "log_loss_sum")
 
 
 @dataclass(frozen=True)
 class OnlineBuckets:
-    """The online accuracy aggregates of some predictions with matured labels, per score
-    bucket (``PredictionQueries.sliced_online``): ``key`` the buckets, ascending;
-    ``counts[:, c]`` the count ``ONLINE_COUNTS[c]`` and ``sums[:, c]`` the sum
-    ``ONLINE_SUMS[c]`` of each bucket; ``low``/``high`` its smallest and largest labeled
-    score (NaN when none is labeled). Shapes: ``key`` (n,) int64, ``counts`` (n, 8) int64,
-    ``sums`` (n, 2), ``low`` and ``high`` (n,) float64. Memory: 104 bytes per key.
+    """The online accuracy aggregates of some predictions with their labels
+    (``PredictionQueries.online``, ``sliced_online``): ``counts`` and ``sums``, the totals
+    ``ONLINE_COUNTS`` and ``ONLINE_SUMS`` over all of them, and per score bucket holding a
+    labeled prediction (``key``, ascending) its ``positives``, ``negatives`` and its
+    smallest and largest labeled score (``low``/``high``): all that ROC AUC and its error
+    bound need. Shapes: ``key``, ``positives``, ``negatives`` (n,) int64, ``low``,
+    ``high`` (n,) float64, ``counts`` (8,) int64, ``sums`` (2,) float64. Memory: 40 bytes
+    per labeled bucket, plus 0.1 KiB.
 
     They merge exactly over disjoint sets of predictions (counts and sums add, minima and
-    maxima combine), so a window merged from slices has the buckets one pass gives, up to
-    the summation order of the floats."""
+    maxima combine), so a window merged from slices has the buckets and totals one pass
+    gives, up to the summation order of the sums."""
 
     key: np.ndarray
-    counts: np.ndarray
-    sums: np.ndarray
+    positives: np.ndarray
+    negatives: np.ndarray
     low: np.ndarray
     high: np.ndarray
+    counts: np.ndarray
+    sums: np.ndarray
 
     @classmethod
     def empty(cls) -> OnlineBuckets:
-        floats = np.empty(0, dtype=np.float64)
-        return cls(
-            np.empty(0, dtype=np.int64),
-            np.empty((0, len(ONLINE_COUNTS)), dtype=np.int64),
-            np.empty((0, len(ONLINE_SUMS))),
-            floats,
-            floats,
-        )
+        ints, floats = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        return cls(ints, ints, ints, floats, floats, np.zeros(len(ONLINE_COUNTS), dtype=np.int64), np.zeros(2))
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, Any]]) -> OnlineBuckets:
@@ -348,8 +346,8 @@ class OnlineBuckets:
     @classmethod
     def by_part(cls, rows: Sequence[sa.Row[Any]]) -> dict[int, OnlineBuckets]:
         """From the rows of ``PredictionQueries.sliced_online`` (by bucket; distinct (part,
-        key), any order), each part's buckets; buckets without a prediction are left out,
-        a NULL sum is 0 and a NULL ``low``/``high`` NaN."""
+        key), any order), each part's aggregates; a NULL sum is 0, a NULL ``low``/``high``
+        (no labeled score) NaN."""
         names = ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")
         # One float64 matrix from plain tuples (as Histogram.by_part); counts are below 2**53.
         table = np.array([tuple(row._mapping[name] for name in names) for row in rows], dtype=np.float64)
@@ -357,56 +355,65 @@ class OnlineBuckets:
 
     @classmethod
     def _of(cls, table: np.ndarray) -> dict[int, OnlineBuckets]:
-        """From a matrix of (part, key, counts, sums, low, high) rows (NULL as NaN), by part."""
+        """From a matrix of (part, key, counts, sums, low, high) rows, NULL as NaN, by part;
+        parts without a prediction are left out."""
         table = table[table[:, 2] > 0]
         if not len(table):
             return {}
-        order = np.lexsort((table[:, 1], table[:, 0]))
-        table = table[order]
+        table = table[np.lexsort((table[:, 1], table[:, 0]))]
         part = table[:, 0].astype(np.int64)
-        counts = table[:, 2 : 2 + len(ONLINE_COUNTS)].astype(np.int64)
-        sums = np.nan_to_num(table[:, 2 + len(ONLINE_COUNTS) : 2 + len(ONLINE_COUNTS) + len(ONLINE_SUMS)])
+        first = 2 + len(ONLINE_COUNTS)
+        counts = table[:, 2:first].astype(np.int64)
+        sums = np.nan_to_num(table[:, first : first + len(ONLINE_SUMS)])
+        positives, negatives = (counts[:, ONLINE_COUNTS.index(name)] for name in ("positives", "negatives"))
         cuts = np.flatnonzero(np.diff(part)) + 1
-        # Copies: a kept slice must not hold the whole result of the pass it was read in.
-        return {
-            int(part[a]): cls(
-                table[a:b, 1].astype(np.int64),
-                counts[a:b].copy(),
-                sums[a:b].copy(),
-                table[a:b, -2].copy(),
-                table[a:b, -1].copy(),
+        out = {}
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True):
+            labeled = a + np.flatnonzero(positives[a:b] + negatives[a:b])
+            # Copies (fancy indexing): a kept slice must not hold the result of the pass it was read in.
+            out[int(part[a])] = cls(
+                table[labeled, 1].astype(np.int64),
+                positives[labeled],
+                negatives[labeled],
+                table[labeled, -2],
+                table[labeled, -1],
+                counts[a:b].sum(axis=0),
+                np.array([math.fsum(column) for column in sums[a:b].T]),
             )
-            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True)
-        }
+        return out
 
     @classmethod
     def merge(cls, parts: Iterable[OnlineBuckets]) -> OnlineBuckets:
-        """The buckets of the union of the predictions of ``parts`` (disjoint sets),
-        accumulated in dense arrays over the keys' range (at most ``10**k + 1`` buckets), as
-        ``Histogram.merge``."""
-        parts = [p for p in parts if len(p.key)]
+        """The aggregates of the union of the predictions of ``parts`` (disjoint sets); the
+        buckets accumulated in dense arrays over the keys' range (at most ``10**k + 1``
+        buckets), as ``Histogram.merge``."""
+        parts = list(parts)
         if not parts:
             return cls.empty()
         if len(parts) == 1:
             return parts[0]
-        lowest = min(int(p.key[0]) for p in parts)
-        size = max(int(p.key[-1]) for p in parts) - lowest + 1
-        counts = np.zeros((size, len(ONLINE_COUNTS)), dtype=np.int64)
-        sums = np.zeros((size, len(ONLINE_SUMS)))
+        counts = np.sum([p.counts for p in parts], axis=0)
+        sums = np.array([math.fsum(p.sums[i] for p in parts) for i in range(len(ONLINE_SUMS))])
+        labeled = [p for p in parts if len(p.key)]
+        if not labeled:
+            return replace(cls.empty(), counts=counts, sums=sums)
+        lowest = min(int(p.key[0]) for p in labeled)
+        size = max(int(p.key[-1]) for p in labeled) - lowest + 1
+        positives, negatives = np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
         low, high = np.full(size, np.nan), np.full(size, np.nan)
-        for p in parts:
+        for p in labeled:
             at = p.key - lowest
-            counts[at] += p.counts
-            sums[at] += p.sums
+            positives[at] += p.positives
+            negatives[at] += p.negatives
             low[at] = np.fmin(low[at], p.low)
             high[at] = np.fmax(high[at], p.high)
-        held = np.flatnonzero(counts[:, 0])
-        return cls(held + lowest, counts[held], sums[held], low[held], high[held])
+        held = np.flatnonzero(positives + negatives)
+        return cls(held + lowest, positives[held], negatives[held], low[held], high[held], counts, sums)
 
     def totals(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """(each count of ``ONLINE_COUNTS``, each sum of ``ONLINE_SUMS``) over all buckets:
-        what the audit compares with the store (``sliced_online(..., by_bucket=False)``)."""
-        return tuple(int(c) for c in self.counts.sum(axis=0)), tuple(float(math.fsum(c)) for c in self.sums.T)
+        """(each count of ``ONLINE_COUNTS``, each sum of ``ONLINE_SUMS``): what the audit
+        compares with the store (``sliced_online(..., by_bucket=False)``)."""
+        return tuple(int(c) for c in self.counts), tuple(float(v) for v in self.sums)
 
 
 @dataclass(frozen=True)

@@ -758,19 +758,17 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     @staticmethod
     def _accuracy(window: str, buckets: OnlineBuckets, invalid_reasons: tuple[str, ...]) -> OnlineAccuracy:
-        """One window's accuracy from its online buckets (keys ascending, each holding a
-        prediction); ``invalid_reasons``: the label source's (``LabelQueries.invalid_reasons``)."""
-        counts = dict(zip(ONLINE_COUNTS, buckets.counts.T, strict=True))
-        positives, negatives = counts["positives"], counts["negatives"]
-        n_pred, n_pos = int(counts["predictions"].sum()), int(positives.sum())
-        n_labeled = n_pos + int(negatives.sum())
-        labeled_score_sum, log_loss_sum = (math.fsum(column) for column in buckets.sums.T)
+        """One window's accuracy from its online aggregates (``slices.OnlineBuckets``);
+        ``invalid_reasons``: the label source's (``LabelQueries.invalid_reasons``)."""
+        counts = dict(zip(ONLINE_COUNTS, (int(c) for c in buckets.counts), strict=True))
+        n_pred, n_pos = counts["predictions"], counts["positives"]
+        n_labeled = n_pos + counts["negatives"]
+        labeled_score_sum, log_loss_sum = (float(v) for v in buckets.sums)
         mean_score = ratio(labeled_score_sum, n_labeled)
         positive_ratio = ratio(n_pos, n_labeled)
-        auc = roc_auc_from_counts(positives, negatives)
+        auc = roc_auc_from_counts(buckets.positives, buckets.negatives)
         # A bucket whose labeled scores are all equal holds true ties only.
-        pure = np.isnan(buckets.low) | (buckets.low == buckets.high)
-        bound = roc_auc_bucket_error_bound(positives, negatives, pure)
+        bound = roc_auc_bucket_error_bound(buckets.positives, buckets.negatives, buckets.low == buckets.high)
         return OnlineAccuracy(
             window=window,
             predictions=n_pred,
@@ -781,9 +779,9 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             roc_auc_error_bound=bound if bound else None,  # absent when the AUC is exact
             calibration_ratio=ratio(mean_score, positive_ratio),
             positive_ratio=positive_ratio,
-            label_coverage=ratio(int(counts["with_label"].sum()), n_pred),
-            extreme_scores=int(counts["extreme"].sum()),
-            invalid_labels={reason: int(counts[reason].sum()) for reason in invalid_reasons},
+            label_coverage=ratio(counts["with_label"], n_pred),
+            extreme_scores=counts["extreme"],
+            invalid_labels={reason: counts[reason] for reason in invalid_reasons},
         )
 
     def run(self, as_of: datetime) -> tuple[OnlineAccuracy, ...]:

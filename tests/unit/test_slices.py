@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.predictions.slices import Pass, SliceStore, slice_starts
+from exporter.predictions.slices import ONLINE_COUNTS, ONLINE_SUMS, OnlineBuckets, Pass, SliceStore, slice_starts
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 seconds = st.integers(-5, 55).map(lambda s: T0 + timedelta(seconds=s))
@@ -40,3 +41,56 @@ def test_the_store_fills_within_its_refreshes_however_far_they_step(step):
         assert filling_refreshes <= 24
         end += step
     assert store.filled and sorted(store.slices) == slice_starts(end - timedelta(hours=24), end, timedelta(minutes=5))
+
+
+def _online_rows(rng: np.random.Generator, n: int) -> list[dict]:
+    """Per-bucket rows of ``PredictionQueries.online`` (no window suffix) for ``n`` random
+    predictions: a score, and a label 0, 1 or none."""
+    keys = rng.integers(0, 40, n)
+    scores = (keys + rng.random(n)) / 100
+    labels = rng.choice([0, 1, -1], n)
+    rows = []
+    for key in np.unique(keys):
+        at = keys == key
+        labeled = at & (labels >= 0)
+        y, s = labels[labeled], scores[labeled]
+        counts = {name: int(rng.integers(0, 3)) for name in ONLINE_COUNTS}
+        counts |= {"predictions": int(at.sum()), "positives": int((y == 1).sum()), "negatives": int((y == 0).sum())}
+        rows.append(
+            {
+                "key": int(key),
+                **counts,
+                "labeled_score_sum": float(s.sum()) if len(s) else None,
+                "log_loss_sum": float(rng.random()) if len(s) else None,
+                "low": float(s.min()) if len(s) else None,
+                "high": float(s.max()) if len(s) else None,
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_online_buckets_merge_as_the_union_of_their_rows(seed):
+    """Buckets of disjoint sets of predictions, merged, equal those of the union: counts and
+    sums added over the buckets a key shares, minima and maxima combined; a part without a
+    labeled prediction keeps only its totals."""
+    rng = np.random.default_rng(seed)
+    parts = [_online_rows(rng, int(rng.integers(0, 30))) for _ in range(4)]
+    merged = OnlineBuckets.merge(OnlineBuckets.from_rows(rows) for rows in parts)
+    union: dict[int, dict] = {}
+    for row in (row for rows in parts for row in rows):
+        into = union.setdefault(row["key"], {"key": row["key"]})
+        for name in (*ONLINE_COUNTS, *ONLINE_SUMS):
+            into[name] = into.get(name, 0) + (row[name] or 0)
+        for name, pick in (("low", min), ("high", max)):
+            values = [v for v in (into.get(name), row[name]) if v is not None]
+            into[name] = pick(values) if values else None
+    whole = OnlineBuckets.from_rows(list(union.values()))
+    assert merged.totals()[0] == whole.totals()[0]
+    assert merged.totals()[1] == pytest.approx(whole.totals()[1], rel=1e-12)
+    for name in ("key", "positives", "negatives", "low", "high"):
+        np.testing.assert_array_equal(getattr(merged, name), getattr(whole, name))
+    # Only labeled buckets are kept, with every prediction in the totals.
+    assert np.all(merged.positives + merged.negatives > 0)
+    assert merged.totals()[0][0] == sum(row["predictions"] for rows in parts for row in rows)
+    assert OnlineBuckets.merge([]).totals() == OnlineBuckets.empty().totals()
