@@ -30,7 +30,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 import numpy as np
-import sqlalchemy as sa
 
 from exporter.monitoring_math import grid_index, round_half_up_index
 from exporter.predictions.queries import INVALID_LABEL_REASONS, SQUARE_FLOOR, union
@@ -335,23 +334,32 @@ class OnlineBuckets:
         return cls(ints, ints, ints, floats, floats, np.zeros(len(ONLINE_COUNTS), dtype=np.int64), np.zeros(2))
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> OnlineBuckets:
-        """From one window's rows of ``PredictionQueries.online`` (its columns without the
-        window suffix, distinct keys, any order): as ``by_part`` for one part; a count
-        the rows lack (``bad_timestamp`` without a label timestamp) is 0."""
-        names = ("key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")
-        table = np.array([tuple(row.get(name, 0) for name in names) for row in rows], dtype=np.float64)
-        return cls._of(np.c_[np.zeros(len(rows)), table.reshape(len(rows), len(names))]).get(0, cls.empty())
+    def by_window(cls, rows: Sequence[Sequence[Any]], columns: Sequence[str], windows: int) -> list[OnlineBuckets]:
+        """From the rows of ``PredictionQueries.online`` (``columns``: their names, ``key``
+        and each aggregate suffixed ``_i`` for window ``i``; distinct keys, any order), each
+        of the ``windows`` windows' aggregates, read column-wise in numpy (a window of
+        continuous scores holds up to ``10**k + 1`` buckets). A count the rows lack
+        (``bad_timestamp`` without a label timestamp) is 0; NULL as in ``by_part``."""
+        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), len(columns))
+        at = {name: i for i, name in enumerate(columns)}
+        out = []
+        for i in range(windows):
+            picked = [np.zeros(len(rows)), table[:, at["key"]]]
+            for name in (*ONLINE_COUNTS, *ONLINE_SUMS, "low", "high"):
+                column = at.get(f"{name}_{i}")
+                picked.append(table[:, column] if column is not None else np.zeros(len(rows)))
+            out.append(cls._of(np.column_stack(picked)).get(0, cls.empty()))
+        return out
 
     @classmethod
-    def by_part(cls, rows: Sequence[sa.Row[Any]]) -> dict[int, OnlineBuckets]:
-        """From the rows of ``PredictionQueries.sliced_online`` (by bucket; distinct (part,
-        key), any order), each part's aggregates; a NULL sum is 0, a NULL ``low``/``high``
-        (no labeled score) NaN."""
-        names = ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")
+    def by_part(cls, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> dict[int, OnlineBuckets]:
+        """From the rows of ``PredictionQueries.sliced_online`` (by bucket; ``columns``:
+        their names; distinct (part, key), any order), each part's aggregates; a NULL sum
+        is 0, a NULL ``low``/``high`` (no labeled score) NaN."""
         # One float64 matrix from plain tuples (as Histogram.by_part); counts are below 2**53.
-        table = np.array([tuple(row._mapping[name] for name in names) for row in rows], dtype=np.float64)
-        return cls._of(table.reshape(len(rows), len(names)))
+        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), len(columns))
+        at = {name: i for i, name in enumerate(columns)}
+        return cls._of(table[:, [at[name] for name in ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")]])
 
     @classmethod
     def _of(cls, table: np.ndarray) -> dict[int, OnlineBuckets]:

@@ -685,13 +685,11 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                         for window, buckets in zip(self.model.windows, merged, strict=True)
                     ]
         duplicates = self.predictions.duplicate_ids(conn, windows)
-        statement = q.online(labels, windows, duplicates, as_of, maturity)
-        rows = sorted(conn.execute(statement).all(), key=lambda row: row.key)
+        result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity))
+        buckets = OnlineBuckets.by_window(result.all(), list(result.keys()), len(self.model.windows))
         return [
-            self._accuracy(
-                window, OnlineBuckets.from_rows([_window_columns(row, i) for row in rows]), labels.invalid_reasons
-            )
-            for i, window in enumerate(self.model.windows)
+            self._accuracy(window, of_window, labels.invalid_reasons)
+            for window, of_window in zip(self.model.windows, buckets, strict=True)
         ]
 
     def _sliced(
@@ -720,8 +718,9 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         parts: dict[tuple[int, int], OnlineBuckets] = {}
         for pass_index, read in enumerate(plan.passes):
             if read.reads:
-                rows = conn.execute(q.sliced_online(labels, read.points, read.reads, as_of, maturity)).all()
-                parts.update({(pass_index, p): buckets for p, buckets in OnlineBuckets.by_part(rows).items()})
+                result = conn.execute(q.sliced_online(labels, read.points, read.reads, as_of, maturity))
+                read_parts = OnlineBuckets.by_part(result.all(), list(result.keys()))
+                parts.update({(pass_index, p): buckets for p, buckets in read_parts.items()})
         merged = store.merge(plan, parts)
         return merged if plan.windows else None
 

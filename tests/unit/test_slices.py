@@ -69,6 +69,14 @@ def _online_rows(rng: np.random.Generator, n: int) -> list[dict]:
     return rows
 
 
+def _buckets(rows: list[dict]) -> OnlineBuckets:
+    """As ``LabelsSource`` reads them, from rows of one window (suffix ``_0``)."""
+    names = ["key", *(f"{name}_0" for name in rows[0] if name != "key")] if rows else ["key"]
+    tuples = [(row["key"], *(row[name[:-2]] for name in names[1:])) for row in rows]
+    (buckets,) = OnlineBuckets.by_window(tuples, names, 1)
+    return buckets
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_online_buckets_merge_as_the_union_of_their_rows(seed):
     """Buckets of disjoint sets of predictions, merged, equal those of the union: counts and
@@ -76,7 +84,7 @@ def test_online_buckets_merge_as_the_union_of_their_rows(seed):
     labeled prediction keeps only its totals."""
     rng = np.random.default_rng(seed)
     parts = [_online_rows(rng, int(rng.integers(0, 30))) for _ in range(4)]
-    merged = OnlineBuckets.merge(OnlineBuckets.from_rows(rows) for rows in parts)
+    merged = OnlineBuckets.merge(_buckets(rows) for rows in parts)
     union: dict[int, dict] = {}
     for row in (row for rows in parts for row in rows):
         into = union.setdefault(row["key"], {"key": row["key"]})
@@ -85,7 +93,7 @@ def test_online_buckets_merge_as_the_union_of_their_rows(seed):
         for name, pick in (("low", min), ("high", max)):
             values = [v for v in (into.get(name), row[name]) if v is not None]
             into[name] = pick(values) if values else None
-    whole = OnlineBuckets.from_rows(list(union.values()))
+    whole = _buckets(list(union.values()))
     assert merged.totals()[0] == whole.totals()[0]
     assert merged.totals()[1] == pytest.approx(whole.totals()[1], rel=1e-12)
     for name in ("key", "positives", "negatives", "low", "high"):
