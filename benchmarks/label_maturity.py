@@ -69,10 +69,10 @@ def load(url: str, rows: int) -> None:
     engine.dispose()
 
 
-def kept(settings: Settings, stores: Stores, rows: int, steps: int) -> dict[str, list[float]]:
+def kept(settings: Settings, stores: Stores, rows: int, steps: int, fill: int) -> dict[str, list[float]]:
     """Seconds of the labels source's refreshes on kept online slices: ``fill`` (until
     filled) and ``steady`` (module docstring)."""
-    model = settings.models[0].model_copy(update={"time_slice": "auto"})
+    model = settings.models[0].model_copy(update={"time_slice": "auto", "slice_fill_refreshes": fill})
     refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores)
     source = refresher.sources["labels"]
     assert isinstance(source, LabelsSource) and source.slices is not None
@@ -100,6 +100,12 @@ def kept(settings: Settings, stores: Stores, rows: int, steps: int) -> dict[str,
         started = time.perf_counter()
         source.run(as_of)
         out["steady"].append(time.perf_counter() - started)
+    held = sum(
+        sum(a.nbytes for a in (b.key, b.positives, b.negatives, b.low, b.high, b.counts, b.sums))
+        for b in source.slices.slices.values()
+    )
+    labeled = sum(len(b.key) for b in source.slices.slices.values())
+    print(f"kept online slices: {len(source.slices.slices)}, {labeled:,} labeled buckets, {held / 2**20:.1f} MB")
     return out
 
 
@@ -111,12 +117,14 @@ def main() -> None:
     parser.add_argument("--drop", action="store_true", help="drop the schema at the end")
     parser.add_argument("--kept", action="store_true", help="also time the labels on kept online slices")
     parser.add_argument("--steps", type=int, default=5, help="steady refreshes with --kept")
+    parser.add_argument("--fill", type=int, default=24, help="slice_fill_refreshes with --kept")
     args = parser.parse_args()
     load(args.url, int(args.rows))
     source = {"store": "s", "schema": SCHEMA}
     settings = parse_settings(
         {
             "stores": {"s": {"url": args.url}},
+            "query_timeout": "600s",  # the one-pass statement at 1e7 exceeds the default 30 s
             "models": [
                 {
                     "name": "m",
@@ -158,7 +166,7 @@ def main() -> None:
                     conn.execute(statement).all()
                     seconds[name].append(time.perf_counter() - started)
         if args.kept:
-            seconds |= kept(settings, stores, int(args.rows), args.steps)
+            seconds |= kept(settings, stores, int(args.rows), args.steps, args.fill)
     finally:
         stores.dispose()
         if args.drop:
