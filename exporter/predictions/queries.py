@@ -791,7 +791,7 @@ class PredictionQueries:
         rows, part = self._parts(points, reads, *columns, where=[valid])
         agg = self.matured_labels(labels, reads, as_of, maturity)
         source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.ts == agg.c.t))
-        y, has_label, invalid = _labeled(labels, agg, 0, sa.true())
+        y, has_label, invalid = _labeled(labels, agg, 0, None)
         keyed = (
             sa.select(
                 part.label("part"),
@@ -804,7 +804,7 @@ class PredictionQueries:
             .select_from(source)
             .subquery("keyed")
         )
-        aggregates = _accuracy_columns(keyed, labels, sa.true(), "")
+        aggregates = _accuracy_columns(keyed, labels, None, "")
         if not by_bucket:
             totals = [c for c in aggregates if c.name not in ("low", "high")]
             return sa.select(keyed.c.part, *totals).group_by(keyed.c.part)

@@ -613,11 +613,23 @@ class SliceStore(Generic[A]):
         due = not filling and as_of - self._audited >= self.audit_interval
         return bool(self.slices) and (self._audit_now or due)
 
-    def audited(self, as_of: datetime, changed: Callable[[datetime, A], bool]) -> list[datetime]:
-        """Record an audit at ``as_of`` and forget the kept slices for which ``changed(start,
-        aggregate)`` is true (their rows in the store differ from what was read), so that
-        the next plan reads them again; returns their starts."""
-        self._audited, self._audit_now = as_of, False
+    def audit_started(self, as_of: datetime) -> Pass:
+        """Record an audit begun at ``as_of``, before its statement runs: a periodic audit
+        that fails (a timeout on a large window) is then tried again an ``audit_interval``
+        later, not at every refresh, which it would keep failing; one of restored slices is
+        tried again at the next refresh. Returns the pass reading each kept slice as one part."""
+        self._audited = as_of
+        kept = sorted(self.slices)
+        return Pass(
+            tuple(sorted({*kept, *(start + self.width for start in kept)})),
+            tuple(union((start, start + self.width) for start in kept)),
+        )
+
+    def audited(self, changed: Callable[[datetime, A], bool]) -> list[datetime]:
+        """Forget the kept slices for which ``changed(start, aggregate)`` is true (their rows
+        in the store differ from what was read), so that the next plan reads them again;
+        returns their starts."""
+        self._audit_now = False
         gone = [start for start, aggregate in self.slices.items() if changed(start, aggregate)]
         self.forget(gone)
         return gone

@@ -48,6 +48,7 @@ from exporter.predictions.slices import (
     ONLINE_COUNTS,
     ONLINE_SUMS,
     TOP_SCORES,
+    A,
     DuplicateRows,
     Histogram,
     OnlineBuckets,
@@ -78,7 +79,6 @@ FUTURE_TOLERANCE = timedelta(minutes=1)
 
 Q = TypeVar("Q")
 V = TypeVar("V")
-A = TypeVar("A")
 
 
 #: The per-bucket columns of ``PredictionQueries.histogram`` that make a ``slices.Histogram``.
@@ -505,11 +505,10 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         differ: rows written later than ``ingestion_delay``, deleted or rewritten (a rewrite
         that keeps the buckets' sum and both float sums within 1e-9 goes unseen)."""
         q = self.queries()
-        kept = sorted(store.slices)
-        points = sorted({*kept, *(start + store.width for start in kept)})
-        ranges = [(start, start + store.width) for start in kept]
+        read = store.audit_started(as_of)
+        points = read.points
         found: dict[datetime, tuple[dict[int, int], int, float, float]] = {}
-        for row in conn.execute(q.part_counts(points, ranges, self._known)):
+        for row in conn.execute(q.part_counts(points, read.reads, self._known)):
             counts, keys, total, squares = found.get(points[row.part], ({}, 0, 0.0, 0.0))
             counts[int(row.base)] = _int(row.n)
             found[points[row.part]] = (
@@ -519,9 +518,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 squares + float(row.squares or 0.0),
             )
 
-        def differs(start: datetime, kept: Sliced) -> bool:
+        def differs(start: datetime, aggregate: Sliced) -> bool:
             # Other counts by reason or bucket sum, or float sums off by more than rounding.
-            counts, keys, total, squares = kept.hist.fingerprint(self.model.bucket_decimals)
+            counts, keys, total, squares = aggregate.hist.fingerprint(self.model.bucket_decimals)
             store_counts, store_keys, store_total, store_squares = found.get(start, ({}, 0, 0.0, 0.0))
             return (
                 counts != store_counts
@@ -530,7 +529,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 or not math.isclose(squares, store_squares, rel_tol=1e-9, abs_tol=1e-12)
             )
 
-        changed = store.audited(as_of, differs)
+        changed = store.audited(differs)
         if changed:
             log.info("model %s: %d kept time slices changed in the store; read again", self.model.name, len(changed))
 
@@ -732,12 +731,10 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         ``ingestion_delay``, deleted or rewritten, or label rows whose arrival time is no
         instant written since (they count for every prediction of their id)."""
         q, labels = self.predictions.queries(), self.queries()
-        kept = sorted(store.slices)
-        points = sorted({*kept, *(start + store.width for start in kept)})
-        ranges = [(start, start + store.width) for start in kept]
-        statement = q.sliced_online(labels, points, ranges, as_of, maturity, by_bucket=False)
+        read = store.audit_started(as_of - self.model.label_delay)
+        statement = q.sliced_online(labels, read.points, read.reads, as_of, maturity, by_bucket=False)
         found = {
-            points[row.part]: (
+            read.points[row.part]: (
                 tuple(_int(row._mapping[name]) for name in ONLINE_COUNTS),
                 tuple(float(row._mapping[name] or 0.0) for name in ONLINE_SUMS),
             )
@@ -745,13 +742,13 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         }
         nothing = ((0,) * len(ONLINE_COUNTS), (0.0,) * len(ONLINE_SUMS))
 
-        def differs(start: datetime, kept: OnlineBuckets) -> bool:
-            counts, sums = kept.totals()
+        def differs(start: datetime, aggregate: OnlineBuckets) -> bool:
+            counts, sums = aggregate.totals()
             store_counts, store_sums = found.get(start, nothing)
             close = (math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(sums, store_sums, strict=True))
             return counts != store_counts or not all(close)
 
-        changed = store.audited(as_of - self.model.label_delay, differs)
+        changed = store.audited(differs)
         if changed:
             log.info("model %s: %d kept online slices changed in the store; read again", self.model.name, len(changed))
 

@@ -73,6 +73,7 @@ def _buckets(rows: list[dict]) -> OnlineBuckets:
     """As ``LabelsSource`` reads them, from rows of one window (suffix ``_0``)."""
     names = ["key", *(f"{name}_0" for name in rows[0] if name != "key")] if rows else ["key"]
     tuples = [(row["key"], *(row[name[:-2]] for name in names[1:])) for row in rows]
+    tuples.reverse()  # rows come in no order
     (buckets,) = OnlineBuckets.by_window(tuples, names, 1)
     return buckets
 

@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sklearn.metrics import log_loss, roc_auc_score
 
+from exporter.predictions import queries
 from exporter.predictions.refresh import ModelRefresher, worst_case_queries
 from exporter.predictions.slices import floor_to
 from exporter.predictions.stores import Stores
@@ -338,5 +339,33 @@ def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
     # No version column; predictions run at most 10; no replays.
     assert len(labels_run) == worst_case_queries(settings.models[0]) - 10 == 3
     assert next(o for o in snap.online if o.window == "1h").labeled == 4
+    stores.dispose()
+    tables.engine.dispose()
+
+
+def test_a_failing_audit_is_tried_again_an_interval_later(tmp_path, monkeypatch):
+    """An audit that fails (a timeout on a large window) fails its refresh, and the next
+    refreshes merge the kept slices without it until ``slice_audit_interval`` has passed
+    again: before, it stayed due and failed every refresh, so the labels stayed down."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    settings = _settings(url, None, "ignore", 1)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    tables = Tables(url, None, "sqlite")
+    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 70)])
+    refresher = _refresher(settings, stores)
+    audits = []
+    sliced_online = queries.PredictionQueries.sliced_online
+
+    def failing_audit(self, *args, by_bucket=True, **kwargs):
+        if not by_bucket:
+            audits.append(args)
+            raise sa.exc.OperationalError("the audit", {}, Exception("canceling statement due to statement timeout"))
+        return sliced_online(self, *args, by_bucket=by_bucket, **kwargs)
+
+    monkeypatch.setattr(queries.PredictionQueries, "sliced_online", failing_audit)
+    up = {m: refresher.refresh(START + timedelta(minutes=m)).sources["labels"].up for m in range(0, 45, 4)}
+    # Due 20 minutes after the first refresh (at 20 and 40): those fail, the others merge.
+    assert up == {m: m not in (20, 40) for m in range(0, 45, 4)}
+    assert len(audits) == 2
     stores.dispose()
     tables.engine.dispose()
