@@ -495,11 +495,14 @@ class SliceStore(Generic[A]):
         self._fresh_from: datetime | None = None  # slices from here on sealed since the refresh before
         self._audited: datetime | None = None
         self._audit_now = False  # slices kept by another process (``restore``) are audited first
+        #: Maps ``end - delay`` to the instant before which every row read is written
+        #: (``stores.written_by``: naive timestamps across a clock set back); identity by default.
+        self.horizon: Callable[[datetime], datetime] = lambda instant: instant
 
     def _bounds(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> tuple[datetime, datetime]:
         """(start of the first slice wholly inside the largest window, end of its last sealed
         slice) for the windows ``[starts[i], end)`` whose rows may be written ``delay`` late."""
-        return ceil_to(min(starts), self.width), floor_to(end - delay, self.width)
+        return ceil_to(min(starts), self.width), floor_to(min(end - delay, self.horizon(end - delay)), self.width)
 
     def begin(self, starts: Sequence[datetime], end: datetime, delay: timedelta) -> None:
         """Start a refresh of the windows ``[starts[i], end)``, whose rows may still be
@@ -610,7 +613,10 @@ class SliceStore(Generic[A]):
         ``audit_interval`` has passed since the first refresh or the last audit."""
         if self._audited is None:
             self._audited = as_of
-        due = not filling and as_of - self._audited >= self.audit_interval
+        # A refresh time before the last audit (the clock stepped back): audit now rather
+        # than wait until the refresh time passes the last audit again (a day for a day).
+        late = as_of < self._audited or as_of - self._audited >= self.audit_interval
+        due = not filling and late
         return bool(self.slices) and (self._audit_now or due)
 
     def audit_started(self, as_of: datetime) -> Pass:

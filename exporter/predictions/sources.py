@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import sqlalchemy as sa
@@ -66,6 +67,7 @@ from exporter.predictions.stores import (
     require_same_id_kind,
     time_column,
     timestamp_types,
+    written_by,
 )
 from exporter.snapshot import OnlineAccuracy, PredictionCounter, Reproducibility, ScoreStats
 from exporter.training.storage import StateDatabase
@@ -227,6 +229,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = slice_store(model, Sliced.merge)
+        zone = ZoneInfo(model.predictions.timezone)
+        #: Rows read before ``written_by(x)`` are written by ``x`` (a clock set back: stores.written_by).
+        self.written_by: Callable[[datetime], datetime] = lambda instant: written_by(instant, zone)
+        if self.slices is not None:
+            self.slices.horizon = self.written_by
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
         #: The duplicated ids found at the last refresh, which every read leaves out; per
@@ -591,7 +598,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
             stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)
             # Rows may be written up to ingestion_delay after their timestamp: count only older ones.
-            horizon = as_of - self.model.predictions.ingestion_delay
+            horizon = self.written_by(as_of - self.model.predictions.ingestion_delay)
             if self._watermark is None:
                 self._watermark = horizon  # counters start with the process: old rows are not counted
             elif horizon > self._watermark:
@@ -641,6 +648,12 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         #: mature by slice (a label timestamp and ``label_delay`` above 0) and time slices
         #: are on (``_sliced``); used while the predictions' ids are unique.
         self.slices = slice_store(model, OnlineBuckets.merge) if model.labels_mature_by_slice() else None
+        if self.slices is not None:
+            assert model.labels is not None
+            zone, delay = ZoneInfo(model.labels.timezone), model.label_delay
+            # A slice is settled once its predictions and every label row recorded within
+            # label_delay of its end are written, read as instants (stores.written_by).
+            self.slices.horizon = lambda x: min(predictions.written_by(x + delay), written_by(x + delay, zone) - delay)
 
     def _reflect(self) -> LabelQueries:
         source = self.model.labels

@@ -82,6 +82,42 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
     return wall
 
 
+#: The farthest ahead ``written_by`` looks for a clock set back (the tz database's largest
+#: set-backs are a day, e.g. Pacific/Kwajalein's date line moves).
+_LONGEST_SETBACK = timedelta(days=2)
+
+
+def written_by(instant: datetime, zone: ZoneInfo) -> datetime:
+    """The latest instant ``h`` such that every row stamped with the wall-clock time of
+    ``zone`` by a writer whose clock is right, and read as an instant before ``h``
+    (``from_wall_clock``), has been written by ``instant``: ``from_wall_clock`` of the
+    smallest wall-clock time the zone shows from ``instant`` on. ``instant`` itself
+    outside set-backs; when clocks go back by ``d`` at ``T``, rows read in ``[T - d, T + d)``
+    are written until ``(read + T + d) / 2``: ``h`` stays at ``T - d`` until ``T``, then
+    rises at twice the real pace to ``T + d``. Non-decreasing in ``instant``."""
+    if zone.key == "UTC":
+        return instant
+    instant = instant.astimezone(UTC)
+    lowest = instant.astimezone(zone).replace(tzinfo=None)
+
+    def offset(at: datetime) -> timedelta:
+        found = at.astimezone(zone).utcoffset()
+        assert found is not None  # an aware datetime in a ZoneInfo always has one
+        return found
+
+    step, t, before = timedelta(minutes=15), instant, offset(instant)
+    while t < instant + _LONGEST_SETBACK:
+        nxt = t + step
+        new = offset(nxt)
+        if new != before:
+            change = _transition_after(zone, t, step)
+            if new < before:  # set back: the wall clock shows (change + new) from change on
+                lowest = min(lowest, (change + new).replace(tzinfo=None))
+            before = new
+        t = nxt
+    return max(instant - _LONGEST_SETBACK, min(instant, from_wall_clock(lowest, zone)))
+
+
 def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:
     """The instant (UTC) a naive wall-clock time of ``zone`` stands for: the inverse of
     ``to_wall_clock``. A repeated wall time ``W + x`` (clocks set back by ``d`` at ``T``)

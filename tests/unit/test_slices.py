@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.predictions.slices import ONLINE_COUNTS, ONLINE_SUMS, OnlineBuckets, Pass, SliceStore, slice_starts
+from exporter.predictions.stores import from_wall_clock, written_by
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 seconds = st.integers(-5, 55).map(lambda s: T0 + timedelta(seconds=s))
@@ -103,3 +105,35 @@ def test_online_buckets_merge_as_the_union_of_their_rows(seed):
     assert np.all(merged.positives + merged.negatives > 0)
     assert merged.totals()[0][0] == sum(row["predictions"] for rows in parts for row in rows)
     assert OnlineBuckets.merge([]).totals() == OnlineBuckets.empty().totals()
+
+
+def test_an_audit_is_due_when_the_refresh_time_goes_back():
+    """A clock stepped back a day: the kept slices are audited at once, not a day later."""
+    store = SliceStore(timedelta(minutes=5), timedelta(hours=1), lambda parts: list(parts))
+    t = datetime(2026, 5, 4, 12, tzinfo=UTC)
+    store.slices[t - timedelta(hours=1)] = []
+    assert not store.audit_due(t, filling=False)  # starts the audit clock
+    store.audit_started(t)
+    assert store.audit_due(t - timedelta(days=1), filling=False)
+
+
+def test_written_by_holds_back_the_repeated_hour():
+    """New York falls back at 06:00Z on 2026-11-01: rows read in [05:00Z, 07:00Z) are written
+    until (read + 07:00Z) / 2, so nothing read after 05:00Z is complete before 06:00Z."""
+    ny = ZoneInfo("America/New_York")
+    t = datetime(2026, 11, 1, 6, tzinfo=UTC)
+    assert written_by(t - timedelta(minutes=61), ny) == t - timedelta(minutes=61)
+    assert written_by(t - timedelta(minutes=30), ny) == t - timedelta(hours=1)
+    assert written_by(t + timedelta(minutes=30), ny) == t
+    assert written_by(t + timedelta(hours=1), ny) == t + timedelta(hours=1)
+    rows = [
+        (
+            from_wall_clock((t + k * timedelta(seconds=7)).astimezone(ny).replace(tzinfo=None), ny),
+            t + k * timedelta(seconds=7),
+        )
+        for k in range(-1100, 1100)
+    ]
+    for m in range(-130, 130, 3):
+        now = t + timedelta(minutes=m)
+        h = written_by(now, ny)
+        assert not [read for read, written in rows if read < h and written > now]

@@ -11,6 +11,7 @@ PostgreSQL and DuckDB."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -369,3 +370,63 @@ def test_a_failing_audit_is_tried_again_an_interval_later(tmp_path, monkeypatch)
     assert len(audits) == 2
     stores.dispose()
     tables.engine.dispose()
+
+
+@pytest.mark.long
+def test_rows_of_the_repeated_hour_count_as_they_are_written(tmp_path):
+    """Naive New York predictions written in real time across the fall-back of 2026-11-01
+    (06:00Z: 02:00 EDT back to 01:00 EST), labels in epoch seconds: a row of the second pass
+    is read up to an hour before it is written (``stores.from_wall_clock``), so slices are
+    kept only once every row read into them is written (``stores.written_by``). Before,
+    the kept slices missed those rows until the audit (180 predictions in the 1h window
+    against 210 in one pass at 06:10Z), and the counter never counted some. Refreshes every
+    2 minutes, every fifth compared with a one-pass refresher."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE predictions (id INTEGER, ts TIMESTAMP, p REAL)")
+        conn.exec_driver_sql("CREATE TABLE labels (id INTEGER, y INTEGER, ts REAL)")
+
+    def settings(fill: int):
+        return model_settings(
+            url,
+            labels={"columns": {"timestamp": "ts"}},
+            predictions={"unique_ids": True, "ingestion_delay": "30s", "timezone": "America/New_York"},
+            model={
+                "windows": ["15m", "1h"],
+                "label_delay": "5m",
+                "time_slice": "1m",
+                "slice_audit_interval": "3h",  # no audit in the run: the kept slices alone
+                "slice_fill_refreshes": fill,
+            },
+        )
+
+    stores = Stores(settings(1).stores, timedelta(seconds=30))
+    warm = _refresher(settings(1), stores)
+    new_york = ZoneInfo("America/New_York")
+    real, ident = datetime(2026, 11, 1, 4, 30, tzinfo=UTC), 0
+    while real < datetime(2026, 11, 1, 7, 30, tzinfo=UTC):
+        predictions, labels = [], []
+        for k in range(12):  # a prediction every 10 s, its label 20 s later
+            ident += 1
+            t = real + timedelta(seconds=10 * k)
+            # Stamped by a writer's clock: the local time, 01:xx twice.
+            wall = t.astimezone(new_york).replace(tzinfo=None)
+            predictions.append((ident, wall.isoformat(sep=" "), (ident % 97) / 100))
+            labels.append((ident, int(ident % 3 == 0), (t + timedelta(seconds=20)).timestamp()))
+        real += timedelta(minutes=2)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO predictions VALUES (?, ?, ?)", predictions)
+            conn.exec_driver_sql("INSERT INTO labels VALUES (?, ?, ?)", labels)
+        got = warm.refresh(real)
+        if real.minute % 10 == 0:
+            cold = _refresher(settings(24), stores).refresh(real)
+            assert [s.predictions for s in got.score_stats] == [s.predictions for s in cold.score_stats], real
+            for w, c in zip(got.online, cold.online, strict=True):
+                _same(w, c)
+    # Every row counted once (all valid), the repeated hour too, but for those before the
+    # first refresh's horizon (04:30:00 to 04:31:20: the counter starts with the process)
+    # and those after the last one's (07:29:30 to 07:29:50).
+    assert warm.predictions.counter.total == ident - 9 - 3
+    stores.dispose()
+    engine.dispose()
