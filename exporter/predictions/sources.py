@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 from zoneinfo import ZoneInfo
 
@@ -634,26 +635,20 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
     name = "labels"
     _version_problem: str | None = None  # the last version-column problem logged (logged once)
 
-    def __init__(
-        self,
-        model: ModelConfig,
-        key_path: str,
-        stores: Stores,
-        query_timeout: timedelta,
-        staleness: timedelta,
-        predictions: PredictionsSource,
-    ):
-        super().__init__(model, key_path, stores, query_timeout, staleness, predictions)
-        #: The online aggregates of the mature slices, kept between refreshes when labels
-        #: mature by slice (a label timestamp and ``label_delay`` above 0) and time slices
-        #: are on (``_sliced``); used while the predictions' ids are unique.
-        self.slices = slice_store(model, OnlineBuckets.merge) if model.labels_mature_by_slice() else None
-        if self.slices is not None:
-            assert model.labels is not None
-            zone, delay = ZoneInfo(model.labels.timezone), model.label_delay
+    @cached_property
+    def slices(self) -> SliceStore[OnlineBuckets] | None:
+        """The online aggregates of the settled slices, kept between refreshes when labels
+        mature by slice (a label timestamp and ``label_delay`` above 0) and time slices are
+        on (``_sliced``; used while the predictions' ids are unique), else ``None``."""
+        store = slice_store(self.model, OnlineBuckets.merge) if self.model.labels_mature_by_slice() else None
+        if store is not None:
+            assert self.model.labels is not None
+            zone, delay = ZoneInfo(self.model.labels.timezone), self.model.label_delay
+            written = self.predictions.written_by
             # A slice is settled once its predictions and every label row recorded within
             # label_delay of its end are written, read as instants (stores.written_by).
-            self.slices.horizon = lambda x: min(predictions.written_by(x + delay), written_by(x + delay, zone) - delay)
+            store.horizon = lambda x: min(written(x + delay), written_by(x + delay, zone) - delay)
+        return store
 
     def _reflect(self) -> LabelQueries:
         source = self.model.labels
