@@ -230,9 +230,6 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = slice_store(model, Sliced.merge)
-        zone = ZoneInfo(model.predictions.timezone)
-        #: Rows read before ``written_by(x)`` are written by ``x`` (a clock set back: stores.written_by).
-        self.written_by: Callable[[datetime], datetime] = lambda instant: written_by(instant, zone)
         if self.slices is not None:
             self.slices.horizon = self.written_by
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
@@ -246,6 +243,16 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._slice_state = slice_state
         self._saved: SavedSlices | None = None  # where the kept slices are saved (``_saved_slices``)
         self._restored = False  # whether the first refresh tried to restore them
+
+    def written_by(self, instant: datetime) -> datetime:
+        """The instant before which every row read has been written by ``instant``
+        (``stores.written_by``: naive timestamps across a clock set back): ``instant``
+        itself once the timestamp column is known to hold instants (with a time zone, or
+        epoch seconds), on which ``timezone`` has no effect."""
+        time = self._queries.time if self._queries is not None else None
+        if time is not None and time.kind in ("aware", "epoch"):
+            return instant
+        return written_by(instant, ZoneInfo(self.model.predictions.timezone))
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -644,10 +651,17 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         if store is not None:
             assert self.model.labels is not None
             zone, delay = ZoneInfo(self.model.labels.timezone), self.model.label_delay
-            written = self.predictions.written_by
-            # A slice is settled once its predictions and every label row recorded within
-            # label_delay of its end are written, read as instants (stores.written_by).
-            store.horizon = lambda x: min(written(x + delay), written_by(x + delay, zone) - delay)
+
+            def horizon(x: datetime) -> datetime:
+                # A slice is settled once its predictions and every label row recorded within
+                # label_delay of its end are written, read as instants (stores.written_by;
+                # label times that are instants are read as written).
+                time = self._queries.time if self._queries is not None else None
+                instants = time is not None and time.kind in ("aware", "epoch")
+                labels = x + delay if instants else written_by(x + delay, zone)
+                return min(self.predictions.written_by(x + delay), labels - delay)
+
+            store.horizon = horizon
         return store
 
     def _reflect(self) -> LabelQueries:

@@ -105,8 +105,11 @@ def written_by(instant: datetime, zone: ZoneInfo) -> datetime:
         assert found is not None  # an aware datetime in a ZoneInfo always has one
         return found
 
+    # Within INSTANT_RANGE: a refresh time may come within a minute of its ends
+    # (refresh.as_of_range), where instant ± _LONGEST_SETBACK is no datetime.
+    ahead = min(instant, INSTANT_RANGE[1] - _LONGEST_SETBACK) + _LONGEST_SETBACK
     step, t, before = timedelta(minutes=15), instant, offset(instant)
-    while t < instant + _LONGEST_SETBACK:
+    while t < ahead:
         nxt = t + step
         new = offset(nxt)
         if new != before:
@@ -115,7 +118,8 @@ def written_by(instant: datetime, zone: ZoneInfo) -> datetime:
                 lowest = min(lowest, (change + new).replace(tzinfo=None))
             before = new
         t = nxt
-    return max(instant - _LONGEST_SETBACK, min(instant, from_wall_clock(lowest, zone)))
+    floor = max(instant, INSTANT_RANGE[0] + _LONGEST_SETBACK) - _LONGEST_SETBACK
+    return max(floor, min(instant, from_wall_clock(lowest, zone)))
 
 
 def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:

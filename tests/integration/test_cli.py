@@ -121,12 +121,14 @@ AS_OF_EDGES = {
 }
 
 
-@pytest.mark.parametrize("zone", ["UTC", "Pacific/Kiritimati", "America/Adak"])
-def test_once_refuses_an_as_of_whose_windows_leave_the_computable_range(tmp_path, zone):
+@pytest.mark.parametrize(("zone", "ingestion"), [("UTC", "2d"), ("Pacific/Kiritimati", "2d"), ("America/Adak", "0s")])
+def test_once_refuses_an_as_of_whose_windows_leave_the_computable_range(tmp_path, zone, ingestion):
     """A refresh time whose windows start before 0001-01-02 or whose future bound passes
     9999-12-31 failed every source with an overflow; now it is a usage error naming --as-of
     and the range, and the edges themselves refresh every source (SQLite text timestamps in
-    ``zone``: window edges converted to wall clock at both ends of the calendar)."""
+    ``zone``: window edges converted to wall clock at both ends of the calendar; without an
+    ingestion delay, the counter's horizon looks for clock set-backs up to the edges:
+    ``stores.written_by``)."""
     import sqlalchemy as sa
 
     url = f"sqlite:///{tmp_path}/db.sqlite"
@@ -143,7 +145,7 @@ def test_once_refuses_an_as_of_whose_windows_leave_the_computable_range(tmp_path
         "models:\n"
         "  - name: m\n"
         f"    predictions: {{store: s, table: p, columns: {{id: id, timestamp: ts, score: s}}, timezone: {zone},\n"
-        "                  ingestion_delay: 2d}\n"
+        f"                  ingestion_delay: {ingestion}}}\n"
         f"    labels: {{store: s, table: l, columns: {{id: id, timestamp: ts, label: y}}, timezone: {zone}}}\n"
         "    windows: [1h, 7d]\n"
         "    label_delay: 1d\n"

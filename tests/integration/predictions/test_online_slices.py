@@ -430,3 +430,24 @@ def test_rows_of_the_repeated_hour_count_as_they_are_written(tmp_path):
     assert warm.predictions.counter.total == ident - 9 - 3
     stores.dispose()
     engine.dispose()
+
+
+def test_timestamps_that_are_instants_are_not_held_back_by_the_zone(tmp_path):
+    """Epoch seconds are instants whatever ``timezone`` says: the counter counts them up to
+    the refresh time minus ``ingestion_delay`` across New York's fall-back too (holding it
+    back as for naive timestamps froze it for an hour)."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    start = datetime(2026, 11, 1, 4, 50, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE predictions (id INTEGER, ts REAL, p REAL)")
+        rows = [(k, (start + timedelta(minutes=k)).timestamp(), 0.5) for k in range(60)]
+        conn.exec_driver_sql("INSERT INTO predictions VALUES (?, ?, ?)", rows)
+    settings = model_settings(url, labels=False, predictions={"timezone": "America/New_York"})
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    refresher = _refresher(settings, stores)
+    refresher.refresh(start + timedelta(minutes=5, seconds=30))  # the counter starts: 04:55:30
+    refresher.refresh(start + timedelta(minutes=40, seconds=30))  # 05:30:30, within the set-back's hour
+    assert refresher.predictions.counter.total == 35  # rows stamped 04:56 to 05:30
+    stores.dispose()
+    engine.dispose()
