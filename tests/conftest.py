@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -214,6 +214,27 @@ def model_settings(
     if replays:
         config["replays"] = source("replays", {"id": "id", "score": "p"}, replays)
     return parse_settings({"stores": {"s": {"url": url}}, **top, "models": [{**config, **(model or {})}]})
+
+
+class AuditClock:
+    """When a refresher keeping time slices must equal a cold one in a random sequence: a
+    change written into kept slices (``changed = True``) is taken in at the next audit, due
+    ``interval`` after the first refresh or the last audit (``SliceStore.audit_due``)."""
+
+    def __init__(self, interval: timedelta):
+        self.interval = interval
+        self.last: datetime | None = None  # the first refresh starts the audit clock
+        self.changed = False
+
+    def comparable(self, as_of: datetime) -> bool:
+        """Whether the refresh at ``as_of`` (the next, times increasing) shows every change:
+        none since the last audit, or an audit due now."""
+        self.last = self.last or as_of
+        if self.changed and as_of - self.last < self.interval:
+            return False  # the change may not be seen before the next audit
+        if as_of - self.last >= self.interval:
+            self.last, self.changed = as_of, False
+        return True
 
 
 def zoned_predictions_settings(url: str, zone: str = "UTC", windows=("1h", "24h"), schema: str | None = None):

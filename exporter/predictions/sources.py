@@ -721,14 +721,15 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         maturity: LabelMaturity,
         store: SliceStore[OnlineBuckets],
     ) -> list[OnlineBuckets] | None:
-        """Each window's online buckets, merged from the kept mature slices and the stretches
-        that can still change (``slices.SliceStore``, as ``PredictionsSource._sliced``), or
-        ``None`` while the store fills (this refresh read some of the missing slices and
+        """Each window's online aggregates, merged from the kept settled slices and the
+        stretches that can still change (``slices.SliceStore``, as ``PredictionsSource._sliced``),
+        or ``None`` while the store fills (this refresh read some of the missing slices and
         keeps them; the caller reads the windows in one pass). ``windows`` end
-        ``label_delay`` before ``as_of``: a slice is mature, and kept, once it ends
-        ``ingestion_delay`` before their end (its predictions are written, and every label
-        row recorded within ``label_delay`` of its end too); the audit, when due, reads the
-        kept slices' totals again and forgets those that changed (``_audit``)."""
+        ``label_delay`` before ``as_of``: a slice is settled, and kept, once it ends
+        ``ingestion_delay`` before their end, later around a clock set back (``slices``'
+        horizon): its predictions are written, and every label row recorded within
+        ``label_delay`` of its end too. The audit, when due, reads the kept slices' totals
+        again and forgets those that changed (``_audit``)."""
         q, labels = self.predictions.queries(), self.queries()
         ingestion = self.model.predictions.ingestion_delay
         filling = store.filling(windows.starts, windows.end, ingestion)

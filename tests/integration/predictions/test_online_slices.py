@@ -23,7 +23,7 @@ from exporter.predictions.refresh import ModelRefresher, worst_case_queries
 from exporter.predictions.slices import floor_to
 from exporter.predictions.stores import Stores
 from exporter.snapshot import OnlineAccuracy
-from tests.conftest import model_settings
+from tests.conftest import AuditClock, model_settings
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
 SLICE = timedelta(minutes=2)
@@ -240,8 +240,7 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
     warm = _refresher(_settings(url, schema, missing, 1), stores)
     cold_settings = _settings(url, schema, missing, 24)
     as_of = START
-    last_audit = None  # the first refresh starts the audit clock
-    changed_since_audit = False
+    audits = AuditClock(AUDIT)
     for _step in range(22):
         following = as_of + timedelta(seconds=float(rng.uniform(10, 300)))
         # Written within ingestion_delay: predictions stamped, and label rows recorded, in the
@@ -256,26 +255,23 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
         roll = rng.random()
         if roll < 0.1:  # a prediction written later than ingestion_delay: into a mature slice
             tables.predict([(following - timedelta(minutes=float(rng.uniform(12, 50))), 0.25)])
-            changed_since_audit = True
+            audits.changed = True
         elif roll < 0.2:  # a label row recorded long ago, written only now
             old = [i for i, (ts, _) in tables.scored.items() if ts < following - timedelta(minutes=15)]
             ident = int(rng.choice(old))
             tables.label([(ident, tables.scored[ident][0] + timedelta(minutes=1), 1)])
-            changed_since_audit = True
+            audits.changed = True
         elif roll < 0.25:  # a label row whose arrival time is no instant: counts in every slice
             tables.label([(int(rng.choice(list(tables.scored))), None, int(rng.integers(0, 2)))])
-            changed_since_audit = True
+            audits.changed = True
         elif roll < 0.3:  # deleted predictions and label rows
             tables.delete_predictions([int(i) for i in rng.choice(list(tables.scored), 2, replace=False)])
             tables.delete_labels([int(k) for k in rng.choice(list(tables.label_rows), 2, replace=False)])
-            changed_since_audit = True
+            audits.changed = True
         as_of = following
-        last_audit = last_audit or as_of
-        if changed_since_audit and as_of - last_audit < AUDIT:
-            warm.refresh(as_of)  # the change may not be seen before the next audit
+        if not audits.comparable(as_of):
+            warm.refresh(as_of)
             continue
-        if as_of - last_audit >= AUDIT:
-            last_audit, changed_since_audit = as_of, False
         _check(tables, warm, cold_settings, stores, as_of, missing)
     assert warm.sources["labels"].slices.slices, "mature slices were kept"
     stores.dispose()

@@ -23,7 +23,7 @@ from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to, sli
 from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores, to_wall_clock
 from exporter.snapshot import ScoreStats
-from tests.conftest import model_settings
+from tests.conftest import AuditClock, model_settings
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
 SLICE = timedelta(minutes=2)
@@ -213,8 +213,7 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
     log.insert(history, _ids(rng, log, len(history), unique))
     warm = _refresher(_settings(url, schema, unique=unique, slice_fill_refreshes=fill), stores)
     as_of = START
-    last_audit = None  # the first refresh starts the audit clock
-    changed_since_audit = False
+    audits = AuditClock(AUDIT)
     for _step in range(25):
         # New rows stamped up to ingestion_delay before the next refresh time.
         count = int(rng.integers(0, 30))
@@ -227,17 +226,14 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
         if rng.random() < 0.2:  # written later than ingestion_delay: into sealed slices
             late = [(following - timedelta(minutes=float(m)), 0.123) for m in rng.uniform(5, 50, 3)]
             log.insert(late, _ids(rng, log, 3, unique))
-            changed_since_audit = True
+            audits.changed = True
         if rng.random() < 0.2 and log.rows:  # deleted
             log.delete([int(k) for k in rng.choice(list(log.rows), 3, replace=False)])
-            changed_since_audit = True
+            audits.changed = True
         as_of = following
-        last_audit = last_audit or as_of
-        if changed_since_audit and as_of - last_audit < AUDIT:
-            warm.refresh(as_of)  # the change may not be seen before the next audit
+        if not audits.comparable(as_of):
+            warm.refresh(as_of)
             continue
-        if as_of - last_audit >= AUDIT:
-            last_audit, changed_since_audit = as_of, False
         _check(log, warm, settings, stores, as_of)
     stores.dispose()
     log.engine.dispose()
