@@ -132,6 +132,92 @@ def slice_store(model: ModelConfig, combine: Callable[[Iterable[A]], A]) -> Slic
     return SliceStore(width, model.slice_audit_interval, combine, fill)
 
 
+class LeftOutIds:
+    """The duplicated ids a source keeping time slices leaves out of every read, and the
+    ids each kept slice left out (issue 12: no full duplicate search a refresh). The
+    predictions and the labels keep one each: their windows differ by ``label_delay``.
+
+    ``search`` finds the ids carried by several rows of the largest window among the ids
+    of what the refresh reads and the known ones, and their rows; a kept slice that left
+    out other ids than it now should is forgotten, to be read again. ``kept`` records, after
+    the reads, what each kept slice left out and the slices read unprobed.
+    """
+
+    def __init__(self) -> None:
+        #: The duplicated ids found at the last refresh, which every read leaves out.
+        self.ids: tuple[Any, ...] = ()
+        self._left_out: dict[datetime, frozenset[Any]] = {}  # per kept slice, the ids it left out
+        self._should: dict[datetime, frozenset[Any]] = {}  # per slice, what it should leave out now
+        #: The slices the last refresh read whose ids the search did not probe (read again
+        #: after it forgot them), and the new slices of the plan this refresh probed.
+        self._unprobed: tuple[datetime, ...] = ()
+        self._probed: tuple[datetime, ...] = ()
+
+    def search(
+        self,
+        conn: Connection,
+        q: PredictionQueries,
+        windows: Windows,
+        store: SliceStore[Any],
+        filling: bool,
+        delay: timedelta,
+    ) -> DuplicateRows | None:
+        """The rows of the ids carried by several rows of the largest of ``windows``
+        (``PredictionQueries.duplicates_among``, ``duplicate_rows``; none when ids are
+        unique by schema or config), which become the ``ids`` every read leaves out;
+        ``None`` when the ids or their rows are too many to list (every kept slice is then
+        forgotten and no id is known: the caller reads the windows in one pass). ``filling``
+        and ``delay``: the store's (``SliceStore.filling``, ``ingestion_delay``)."""
+        duplicate_rows, ids = DuplicateRows((), ()), []
+        if not q.unique_ids:
+            # Probe the ids of what this refresh reads (everything on a cold refresh), and of
+            # the slices the last one read unprobed: one may hold a row written later than
+            # ingestion_delay, whose id the audit, finding the slice as read, never probes.
+            probed = store.plan(windows.starts, windows.end, delay, filling)
+            self._probed = probed.new_slices
+            reads = [r for p in probed.passes for r in p.reads]
+            reads += [(s, s + store.width) for s in self._unprobed]
+            # With no slice kept (a cold start, the limits below passed), every id is probed:
+            # one grouped pass, which finds at once more duplicated ids than can be listed.
+            probe = reads if store.slices else None
+            searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
+            ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
+            rows: list[Any] = []
+            # The limits are read from the module at each call: tests lower them.
+            listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
+            if ids and listed:
+                points = slice_points(windows, store.width)
+                rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
+                duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
+            if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
+                store.forget(list(store.slices))
+                self.ids = ()
+                return None
+        # Unique ids (also by a unique index found when the table is reflected again after a
+        # failure, or the table created again with a key) leave nothing out: slices that left
+        # out the ids known before are read again.
+        self.ids = tuple(ids)
+        self._should = duplicate_rows.by_slice(store.width)
+        stale = [s for s in store.slices if self._left_out.get(s, frozenset()) != self._should.get(s, frozenset())]
+        store.forget(stale)
+        return duplicate_rows
+
+    def kept(self, store: SliceStore[Any], plan: Plan, unique: bool) -> None:
+        """After ``plan``'s reads and merge: what each kept slice left out, and (unless ids
+        are ``unique``) the slices read that ``search`` did not probe, probed next time."""
+        self._left_out = {s: self._should.get(s, frozenset()) for s in store.slices}
+        if not unique:
+            self._unprobed = tuple(sorted(set(plan.new_slices) - set(self._probed)))
+
+
+def slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
+    """Every boundary of slices of ``width`` in the largest of ``windows``, its starts and its end."""
+    # Every slice boundary in the window: the starts of the slices inside it, then the
+    # one starting at its last boundary (cut by the window's end).
+    starts = slice_starts(windows.start, windows.end + width, width)
+    return tuple(sorted({*(s for s in starts if s < windows.end), *windows.starts, windows.end}))
+
+
 @dataclass(frozen=True)
 class PredictionValues:
     """What one successful read of the predictions gives: the statistics of each window,
@@ -234,12 +320,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             self.slices.horizon = self.written_by
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
-        #: The duplicated ids found at the last refresh, which every read leaves out; per
-        #: kept slice the ids it left out; the slices read at the last refresh whose ids the
-        #: duplicate search did not probe (read again for their left-out ids), probed next.
-        self._known: tuple[Any, ...] = ()
-        self._left_out: dict[datetime, frozenset[Any]] = {}
-        self._unprobed: tuple[datetime, ...] = ()
+        self._left_out = LeftOutIds()  # the duplicated ids the kept slices leave out
         self._slice_state = slice_state
         self._saved: SavedSlices | None = None  # where the kept slices are saved (``_saved_slices``)
         self._restored = False  # whether the first refresh tried to restore them
@@ -350,21 +431,16 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         reads the windows in one pass.
 
         In order: the audit of the kept slices when due (``_audit``); then, unless ids are
-        unique, the duplicated ids among the new rows' and the known ones
-        (``PredictionQueries.duplicates_among``) and their rows (``duplicate_rows``): every
-        read leaves those ids out and ``slices.DuplicateRows`` adds their rows back per
-        window; a kept slice that left out other ids than it now should is read again. Then
+        unique, the duplicated ids among the new rows' and the known ones and their rows
+        (``LeftOutIds.search``): every read leaves those ids out and ``slices.DuplicateRows``
+        adds their rows back per window; a kept slice that left out other ids than it now
+        should is read again. Then
         the histogram of what the plan reads, and the most frequent rounded scores of its
         parts whose buckets hold several scores (the others' come from their buckets).
         """
         q = self.queries()
         delay = self.model.predictions.ingestion_delay
         n = len(windows.starts)
-        if q.unique_ids and self._known:
-            # The ids became unique (the table was created again with a key on them): the
-            # kept slices left the known duplicated ids out, and nothing adds them back now.
-            store.forget(list(store.slices))
-            self._known = ()
         if not self._restored:
             self._restored = True
             self._restore(store)
@@ -372,41 +448,13 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         if store.audit_due(windows.end, filling):
             self._audit(conn, store, windows.end)
             filling = store.filling(windows.starts, windows.end, delay)  # it may have forgotten many
-        duplicate_rows, ids = DuplicateRows((), ()), []
-        if not q.unique_ids:
-            # Probe the ids of what this refresh reads (everything on a cold refresh), and of
-            # the slices the last one read unprobed: one may hold a row written later than
-            # ingestion_delay, whose id the audit, finding the slice as read, never probes.
-            probed = store.plan(windows.starts, windows.end, delay, filling)
-            reads = [r for p in probed.passes for r in p.reads]
-            reads += [(s, s + store.width) for s in self._unprobed]
-            # With no slice kept (a cold start, the limits below passed), every id is probed:
-            # one grouped pass, which finds at once more duplicated ids than can be listed.
-            probe = reads if store.slices else None
-            searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self._known)).all()
-            ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
-            rows: list[Any] = []
-            # The limits are read from the module at each call: tests lower them.
-            listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
-            if ids and listed:
-                points = self._points(windows, store.width)
-                rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
-                duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
-            if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
-                store.forget(list(store.slices))
-                self._known = ()
-                return None
-        # Unique ids (also by a unique index found when the table is reflected again after a
-        # failure) leave nothing out: slices that left out the ids known before are read again.
-        self._known = tuple(ids)
-        should = duplicate_rows.by_slice(store.width)
-        store.forget([s for s in store.slices if self._left_out.get(s, frozenset()) != should.get(s, frozenset())])
+        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay)
+        if duplicate_rows is None:
+            return None
         filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
         plan = store.plan(windows.starts, windows.end, delay, filling)
         merged = store.merge(plan, self._read_parts(conn, plan))
-        self._left_out = {s: should.get(s, frozenset()) for s in store.slices}
-        if not q.unique_ids:
-            self._unprobed = tuple(sorted(set(plan.new_slices) - set(probed.new_slices)))
+        self._left_out.kept(store, plan, q.unique_ids)
         if not plan.windows:
             return None  # filling: the windows are read in one pass this time
         if q.unique_ids:
@@ -482,7 +530,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         for pass_index, read in enumerate(plan.passes):
             if not read.reads:
                 continue
-            rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._known)).all()
+            rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._left_out.ids)).all()
             histograms = Histogram.by_part(rows)
             tops: dict[int, TopCounts] = {}
             mixed = []
@@ -495,7 +543,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                     mixed.append(p)
             if mixed:
                 ranges = [(read.points[p], read.points[p + 1]) for p in mixed]
-                statement = q.sliced_mode_counts(read.points, ranges, self._known, decimals, self.top_scores)
+                statement = q.sliced_mode_counts(read.points, ranges, self._left_out.ids, decimals, self.top_scores)
                 counted: dict[int, list[tuple[int, int]]] = {p: [] for p in mixed}
                 for row in conn.execute(statement):
                     counted[int(row.part)].append((int(row.key), int(row.n)))
@@ -504,14 +552,6 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                     tops[p] = TopCounts.of(keys, counts, self.top_scores)
             out.update({(pass_index, p): Sliced(hist, tops[p]) for p, hist in histograms.items()})
         return out
-
-    @staticmethod
-    def _points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
-        """Every boundary of slices of ``width`` in the largest of ``windows``, its starts and its end."""
-        # Every slice boundary in the window: the starts of the slices inside it, then the
-        # one starting at its last boundary (cut by the window's end).
-        starts = slice_starts(windows.start, windows.end + width, width)
-        return tuple(sorted({*(s for s in starts if s < windows.end), *windows.starts, windows.end}))
 
     def _audit(self, conn: Connection, store: SliceStore[Sliced], as_of: datetime) -> None:
         """Compare each kept slice with the store (rows by reason, the sums of the valid
@@ -523,7 +563,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         read = store.audit_started(as_of)
         points = read.points
         found: dict[datetime, tuple[dict[int, int], int, float, float]] = {}
-        for row in conn.execute(q.part_counts(points, read.reads, self._known)):
+        for row in conn.execute(q.part_counts(points, read.reads, self._left_out.ids)):
             counts, keys, total, squares = found.get(points[row.part], ({}, 0, 0.0, 0.0))
             counts[int(row.base)] = _int(row.n)
             found[points[row.part]] = (
