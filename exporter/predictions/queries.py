@@ -388,7 +388,7 @@ class PredictionQueries:
         """Every row of ``[start, end)`` whose id is one of ``ids``, as (``part``, ``id``,
         ``base``, ``score``), at most ``MAX_DUPLICATE_ROWS + 1``; parts as ``_parts``."""
         columns = (self.id.label("id"), self._base().label("base"), self.score.label("score"))
-        rows, part = self._parts(points, [(start, end)], *columns, where=[self.id.in_(list(ids))])
+        rows, part = self._parts(points, [(start, end)], *columns, where=self._only(ids))
         return sa.select(part.label("part"), rows.c.id, rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
 
     def _duplicated(self, windows: Windows, duplicates: DuplicateIds) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
@@ -451,6 +451,10 @@ class PredictionQueries:
         """The condition leaving out the rows of ``ids`` (none when empty); a NULL id is
         never left out (it is no duplicate)."""
         return [sa.or_(self.id.is_(None), self.id.not_in(list(ids)))] if ids else []
+
+    def _only(self, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
+        """The condition keeping only the rows of ``ids`` (none when ``None``)."""
+        return [] if ids is None else [self.id.in_(list(ids))]
 
     def _scored_parts(
         self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any]
@@ -563,9 +567,11 @@ class PredictionQueries:
             .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
         )
 
-    def valid_rows(self, windows: Windows, duplicates: DuplicateIds, with_time: bool = False) -> sa.Subquery:
-        """The valid predictions of the largest window as (id, score, ``in_i`` per window,
-        and with ``with_time`` their time column as stored, ``t``):
+    def valid_rows(
+        self, windows: Windows, duplicates: DuplicateIds, with_time: bool = False, only: Sequence[Any] | None = None
+    ) -> sa.Subquery:
+        """The valid predictions of the largest window (of the ``only`` ids, when given) as
+        (id, score, ``in_i`` per window, and with ``with_time`` their time column as stored, ``t``):
         ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
         row of it), else 0. Filtered by plain predicates on the score rather than by
         reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
@@ -584,6 +590,7 @@ class PredictionQueries:
             .where(
                 self._in_window(windows.start, windows.end),
                 _valid_probability(self.dialect, self.score, self.score_is_number),
+                *self._only(only),
             )
             .subquery("valid_rows")
         )
@@ -715,6 +722,7 @@ class PredictionQueries:
         duplicates: DuplicateIds,
         as_of: datetime,
         maturity: LabelMaturity | None = None,
+        only: Sequence[Any] | None = None,
     ) -> sa.Select:
         """Online accuracy aggregates of every window's valid predictions joined to their
         labels, in one pass over the largest window (two with ``maturity``), grouped by bucket
@@ -736,13 +744,15 @@ class PredictionQueries:
         (neither labeled nor, with ``missing: negative``, a 0).
         Log-loss term: -ln(clip(p)) for y = 1, -ln(1 - clip(p)) for y = 0, with
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
+        With ``only``, the predictions of those ids alone: what kept online slices leave out
+        (``LabelsSource._sliced``).
         """
         if maturity is not None:
-            rows = self.valid_rows(windows, duplicates, with_time=True)
-            agg = self.matured_labels(labels, [(windows.start, windows.end)], as_of, maturity)
+            rows = self.valid_rows(windows, duplicates, with_time=True, only=only)
+            agg = self.matured_labels(labels, [(windows.start, windows.end)], as_of, maturity, only)
             source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
         else:
-            rows, agg = self.valid_rows(windows, duplicates), labels.per_id(windows.starts, as_of)
+            rows, agg = self.valid_rows(windows, duplicates, only=only), labels.per_id(windows.starts, as_of)
             source = rows.outerjoin(agg, rows.c.id == agg.c.id)
         per_window = maturity is None and labels.time is not None
         windowed: list[sa.ColumnElement] = []
@@ -776,10 +786,12 @@ class PredictionQueries:
         as_of: datetime,
         maturity: LabelMaturity,
         by_bucket: bool = True,
+        exclude: Sequence[Any] = (),
     ) -> sa.Select:
         """The aggregates of ``online`` per part of time (``_parts``: part ``p`` is
-        ``[points[p], points[p + 1])``), in one pass over the ``reads`` ranges, for ids
-        unique by schema or config (no duplicate to leave out) and matured labels:
+        ``[points[p], points[p + 1])``), in one pass over the ``reads`` ranges, with matured
+        labels, leaving out every prediction whose id is in ``exclude`` (the duplicated ids,
+        which ``online`` with ``only`` adds back per window, as ``sliced_histogram`` does):
         rows (``part``, ``key``, then ``online``'s columns without the window suffix), in no
         order; without ``by_bucket``, one row per part with the counts and sums only (no
         ``key``, ``low``, ``high``): the audit of kept slices, a few groups rather than one per
@@ -788,7 +800,7 @@ class PredictionQueries:
         a slice add up to what ``online`` gives for it."""
         columns = (self.id.label("id"), self.score.label("score"), self.time.stored.label("ts"))
         valid = _valid_probability(self.dialect, self.score, self.score_is_number)
-        rows, part = self._parts(points, reads, *columns, where=[valid])
+        rows, part = self._parts(points, reads, *columns, where=[valid, *self._not_in(exclude)])
         agg = self.matured_labels(labels, reads, as_of, maturity)
         source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.ts == agg.c.t))
         y, has_label, invalid = _labeled(labels, agg, 0, None)
@@ -816,8 +828,10 @@ class PredictionQueries:
         reads: Sequence[tuple[datetime, datetime]],
         as_of: datetime,
         maturity: LabelMaturity,
+        only: Sequence[Any] | None = None,
     ) -> sa.Subquery:
-        """Per prediction stamped in one of the ``reads`` ranges that has label rows (its id
+        """Per prediction stamped in one of the ``reads`` ranges (of the ``only`` ids, when
+        given) that has label rows (its id
         and its time as stored, ``t``), as ``LabelQueries.per_id`` gives them per id
         (``n_0``, ``low_0``, ``high_0``, ``bad_timestamp``), but counting only the label rows
         that mature for it (``LabelMaturity``), plus those whose arrival time is no instant.
@@ -847,7 +861,7 @@ class PredictionQueries:
                 _count_if(label_rows.c.bad == 1).label("bad_timestamp"),
             )
             .select_from(self.table.join(label_rows, label_rows.c.id == self.id))
-            .where(in_reads, *self.filters)
+            .where(in_reads, *self.filters, *self._only(only))
             .group_by(self.id, self.time.stored)
             .subquery("matured_labels")
         )

@@ -57,7 +57,7 @@ def worst_case_queries(model: ModelConfig) -> int:
     (reflection, on the first refresh and after a failure, not counted).
 
     Each source reads all its windows in one pass per query. Predictions
-    (``PredictionsSource.run``), at most 10: the newest timestamp; the audit of kept time
+    (``PredictionsSource.run``), at most 9: the newest timestamp; the audit of kept time
     slices (when due); unless ids are unique by schema or config (which the config alone
     cannot tell), the duplicated ids among the new rows and their rows; per pass of the
     plan (two when a window's tail lies in a slice read this time: ``slices.Plan``) the
@@ -65,23 +65,27 @@ def worst_case_queries(model: ModelConfig) -> int:
     new rows of the counter (9). When the duplicated ids or their rows are too many to
     list, a full duplicate search, the one-pass histogram and the mode counts replace the
     passes (8 with the listing that overflowed). While the slices fill (a cold start, after
-    an outage), one pass reads the missing slices to keep and the same three statements
-    make the windows (9), and 10 when this refresh's audit (due, or of restored slices)
-    found so many slices changed that it fills. Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    an outage), one pass reads the missing slices to keep and the one-pass histogram and
+    mode counts make the windows, with the duplicated ids found (8), and 9 when this
+    refresh's audit (due, or of restored slices) found so many slices changed that it
+    fills. Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
-    with kept online slices (time slices on, labels that mature by slice), 3 instead of
-    the first two: the audit and two passes of the plan, or the audit, a filling pass and
-    the windows in one pass (``LabelsSource._sliced``);
+    with kept online slices (time slices on, labels that mature by slice), instead of the
+    first two, 3 with ``unique_ids``: the audit and two passes of the plan, or the audit, a
+    filling pass and the windows in one pass (``LabelsSource._sliced``); 6 without: the
+    audit, the duplicated ids and their rows, two passes, and the rows of those ids added
+    back per window;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
     with fewer statements); features: the serving version (with a version column), its
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
-    count = 10
+    count = 9
     if model.labels is not None:
         kept = model.slice_width() is not None and model.labels_mature_by_slice()
-        count += (3 if kept else 1 + (model.label_delay > timedelta(0))) + version
+        sliced = 3 if model.predictions.unique_ids else 6
+        count += (sliced if kept else 1 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
         count += 1
     if model.features is not None:

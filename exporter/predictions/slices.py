@@ -678,16 +678,24 @@ class DuplicateRows:
         hold (their histogram, and all their rounded scores: an exact ``TopCounts``), the
         number of valid scores excluded as ``duplicate_id``, and the ids carried by several
         of its rows."""
-        mine = [row for row in self.rows if self.points[row[0]] >= start]
-        counts = Counter(same_id(row[1]) for row in mine)
+        mine, counts = self._of_window(start)
         back = [row for row in mine if counts[same_id(row[1])] == 1 or row[2] != 0]
         duplicated = sum(1 for row in mine if counts[same_id(row[1])] > 1 and row[2] == 0)
-        ids = tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
         hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
         valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
         rounded = round_half_up_index(valid, mode_decimals)
         top = TopCounts.of_scores(rounded, np.ones(len(valid)), top=len(valid))
-        return Sliced(hist, top), duplicated, ids
+        return Sliced(hist, top), duplicated, self.duplicated(start)
+
+    def duplicated(self, start: datetime) -> tuple[Any, ...]:
+        """The ids carried by several rows of the window starting at ``start`` (one of the points)."""
+        mine, counts = self._of_window(start)
+        return tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
+
+    def _of_window(self, start: datetime) -> tuple[list[tuple[int, Any, int, float | None]], Counter[Any]]:
+        """The rows of the window starting at ``start`` and how many of them carry each id."""
+        mine = [row for row in self.rows if self.points[row[0]] >= start]
+        return mine, Counter(same_id(row[1]) for row in mine)
 
     def by_slice(self, width: timedelta) -> dict[datetime, frozenset[Any]]:
         """The ids with rows in each slice (by start): what a kept slice must have left out."""

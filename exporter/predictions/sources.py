@@ -167,7 +167,9 @@ class LeftOutIds:
         unique by schema or config), which become the ``ids`` every read leaves out;
         ``None`` when the ids or their rows are too many to list (every kept slice is then
         forgotten and no id is known: the caller reads the windows in one pass). ``filling``
-        and ``delay``: the store's (``SliceStore.filling``, ``ingestion_delay``)."""
+        and ``delay``: the store's (``SliceStore.filling``, ``ingestion_delay``); while
+        filling, every id of the window is probed, so the rows give each window's
+        duplicated ids for the pass over the windows (``DuplicateRows.duplicated``)."""
         duplicate_rows, ids = DuplicateRows((), ()), []
         if not q.unique_ids:
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
@@ -177,9 +179,10 @@ class LeftOutIds:
             self._probed = probed.new_slices
             reads = [r for p in probed.passes for r in p.reads]
             reads += [(s, s + store.width) for s in self._unprobed]
-            # With no slice kept (a cold start, the limits below passed), every id is probed:
-            # one grouped pass, which finds at once more duplicated ids than can be listed.
-            probe = reads if store.slices else None
+            # With no slice kept (a cold start, the limits below passed) or while filling,
+            # every id is probed: one grouped pass, which finds at once more duplicated ids
+            # than can be listed, and all of them, for the pass over the windows of a fill.
+            probe = reads if store.slices and not filling else None
             searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
             rows: list[Any] = []
@@ -456,7 +459,10 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         merged = store.merge(plan, self._read_parts(conn, plan))
         self._left_out.kept(store, plan, q.unique_ids)
         if not plan.windows:
-            return None  # filling: the windows are read in one pass this time
+            # Filling: the windows are read in one pass this time, with the duplicated ids
+            # found (the whole window probed) rather than another search (duplicate_ids).
+            self._duplicates = (windows, DuplicateIds(tuple(duplicate_rows.duplicated(s) for s in windows.starts)))
+            return None
         if q.unique_ids:
             return merged, [0] * n, DuplicateIds.none(n)
         decimals = (self.model.bucket_decimals, self.model.mode_share_decimals)
@@ -683,10 +689,16 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
     _version_problem: str | None = None  # the last version-column problem logged (logged once)
 
     @cached_property
+    def _left_out(self) -> LeftOutIds:
+        """The duplicated ids the kept online slices leave out (their windows are not the
+        predictions': they end ``label_delay`` earlier)."""
+        return LeftOutIds()
+
+    @cached_property
     def slices(self) -> SliceStore[OnlineBuckets] | None:
         """The online aggregates of the settled slices, kept between refreshes when labels
         mature by slice (a label timestamp and ``label_delay`` above 0) and time slices are
-        on (``_sliced``; used while the predictions' ids are unique), else ``None``."""
+        on (``_sliced``), else ``None``."""
         store = slice_store(self.model, OnlineBuckets.merge) if self.model.labels_mature_by_slice() else None
         if store is not None:
             assert self.model.labels is not None
@@ -726,7 +738,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         q, labels = self.predictions.queries(), self.queries()
         delay = self.model.label_delay
         windows = self.predictions.windows(as_of - delay)
-        maturity = None
+        maturity, duplicates = None, None
         if labels.time is not None and delay > timedelta(0):
             points = boundaries(windows.start, windows.end, self.model.label_slice_width())
             maturity = LabelMaturity(points, delay)
@@ -734,18 +746,15 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                 # The maturity bounds are a bisecting CASE, as the parts of time are in
                 # PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at 1e6 rows.
                 without_jit(conn)
-            if self.slices is not None and not q.unique_ids:
-                # Duplicated ids are counted per window, which kept slices cannot tell:
-                # one pass, and slices kept before the ids stopped being unique are stale.
-                self.slices.forget(list(self.slices.slices))
-            elif self.slices is not None:
-                merged = self._sliced(conn, windows, as_of, maturity, self.slices)
+            if self.slices is not None:
+                merged, duplicates = self._sliced(conn, windows, as_of, maturity, self.slices)
                 if merged is not None:
                     return [
                         self._accuracy(window, buckets, labels.invalid_reasons)
                         for window, buckets in zip(self.model.windows, merged, strict=True)
                     ]
-        duplicates = self.predictions.duplicate_ids(conn, windows)
+        if duplicates is None:
+            duplicates = self.predictions.duplicate_ids(conn, windows)
         result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity))
         buckets = OnlineBuckets.by_window(result.all(), list(result.keys()), len(self.model.windows))
         return [
@@ -760,31 +769,52 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         as_of: datetime,
         maturity: LabelMaturity,
         store: SliceStore[OnlineBuckets],
-    ) -> list[OnlineBuckets] | None:
+    ) -> tuple[list[OnlineBuckets] | None, DuplicateIds | None]:
         """Each window's online aggregates, merged from the kept settled slices and the
         stretches that can still change (``slices.SliceStore``, as ``PredictionsSource._sliced``),
         or ``None`` while the store fills (this refresh read some of the missing slices and
-        keeps them; the caller reads the windows in one pass). ``windows`` end
+        keeps them) or when the duplicated ids or their rows are too many to list (the kept
+        slices are dropped): the caller then reads the windows in one pass, with each
+        window's duplicated ids when they were found (else ``None``). ``windows`` end
         ``label_delay`` before ``as_of``: a slice is settled, and kept, once it ends
         ``ingestion_delay`` before their end, later around a clock set back (``slices``'
         horizon): its predictions are written, and every label row recorded within
         ``label_delay`` of its end too. The audit, when due, reads the kept slices' totals
-        again and forgets those that changed (``_audit``)."""
+        again and forgets those that changed (``_audit``). Unless ids are unique, the
+        duplicated ids of the windows are found as the predictions find theirs
+        (``LeftOutIds.search``): every read leaves them out, and one more statement adds
+        their predictions back per window, those whose id several rows of the window carry
+        left out (``PredictionQueries.online`` with ``only``)."""
         q, labels = self.predictions.queries(), self.queries()
         ingestion = self.model.predictions.ingestion_delay
         filling = store.filling(windows.starts, windows.end, ingestion)
         if store.audit_due(windows.end, filling):
             self._audit(conn, store, as_of, maturity)
             filling = store.filling(windows.starts, windows.end, ingestion)
+        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion)
+        if duplicate_rows is None:
+            return None, None
+        duplicates = DuplicateIds(tuple(duplicate_rows.duplicated(start) for start in windows.starts))
+        filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
         plan = store.plan(windows.starts, windows.end, ingestion, filling)
         parts: dict[tuple[int, int], OnlineBuckets] = {}
         for pass_index, read in enumerate(plan.passes):
             if read.reads:
-                result = conn.execute(q.sliced_online(labels, read.points, read.reads, as_of, maturity))
+                statement = q.sliced_online(
+                    labels, read.points, read.reads, as_of, maturity, exclude=self._left_out.ids
+                )
+                result = conn.execute(statement)
                 read_parts = OnlineBuckets.by_part(result.all(), list(result.keys()))
                 parts.update({(pass_index, p): buckets for p, buckets in read_parts.items()})
         merged = store.merge(plan, parts)
-        return merged if plan.windows else None
+        self._left_out.kept(store, plan, q.unique_ids)
+        if not plan.windows:
+            return None, duplicates
+        if not self._left_out.ids:
+            return merged, None
+        result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity, only=self._left_out.ids))
+        back = OnlineBuckets.by_window(result.all(), list(result.keys()), len(windows.starts))
+        return [OnlineBuckets.merge([part, added]) for part, added in zip(merged, back, strict=True)], None
 
     def _audit(
         self, conn: Connection, store: SliceStore[OnlineBuckets], as_of: datetime, maturity: LabelMaturity
@@ -795,7 +825,9 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         instant written since (they count for every prediction of their id)."""
         q, labels = self.predictions.queries(), self.queries()
         read = store.audit_started(as_of - self.model.label_delay)
-        statement = q.sliced_online(labels, read.points, read.reads, as_of, maturity, by_bucket=False)
+        statement = q.sliced_online(
+            labels, read.points, read.reads, as_of, maturity, by_bucket=False, exclude=self._left_out.ids
+        )
         found = {
             read.points[row.part]: (
                 tuple(_int(row._mapping[name]) for name in ONLINE_COUNTS),

@@ -5,11 +5,14 @@ in one pass at the same time, and both equal the label maturity rule applied in 
 with scikit-learn on the same rows: after random sequences of refreshes at unaligned
 times, predictions and label rows written within ``ingestion_delay``, conflicting and
 invalid labels, predictions and label rows written later than that, deleted, and label
-rows whose arrival time is no instant (taken in by the next audit), on SQLite,
-PostgreSQL and DuckDB."""
+rows whose arrival time is no instant (taken in by the next audit), with ids declared
+unique and, in the default configuration, with duplicated ids (a prediction whose id
+several rows of a window carry is left out of that window), on SQLite, PostgreSQL and
+DuckDB."""
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -35,12 +38,12 @@ WINDOWS = {"7m": timedelta(minutes=7), "1h": timedelta(hours=1)}
 NO_INSTANT = {"sqlite": "yesterday", "postgresql": "infinity", "duckdb": "infinity"}
 
 
-def _settings(url: str, schema: str | None, missing: str, fill: int):
+def _settings(url: str, schema: str | None, missing: str, fill: int, unique: bool = True):
     return model_settings(
         url,
         schema,
         labels={"columns": {"timestamp": "ts"}, "missing": missing},
-        predictions={"unique_ids": True, "ingestion_delay": "1m"},
+        predictions={"unique_ids": unique, "ingestion_delay": "1m"},
         model={
             "windows": list(WINDOWS),
             "label_delay": "5m",
@@ -61,7 +64,8 @@ def _naive(instant: datetime) -> datetime:
 
 class Tables:
     """The prediction and label tables and a copy of their rows: predictions by id (UTC
-    instant, score), label rows by key (id, UTC arrival time or ``None`` for no instant, y)."""
+    instant, score) and the rows written again with an id already used (id, instant,
+    score), label rows by key (id, UTC arrival time or ``None`` for no instant, y)."""
 
     def __init__(self, url: str, schema: str | None, dialect: str):
         self.engine = sa.create_engine(url)
@@ -84,6 +88,7 @@ class Tables:
         )
         metadata.create_all(self.engine)
         self.scored: dict[int, tuple[datetime, float | None]] = {}
+        self.again: list[tuple[int, datetime, float | None]] = []
         self.label_rows: dict[int, tuple[int, datetime | None, int]] = {}
         self.next_label = 0
         self.next_id = 0
@@ -97,6 +102,13 @@ class Tables:
         if records:
             with self.engine.begin() as conn:
                 conn.execute(self.predictions.insert(), records)
+
+    def predict_again(self, rows: list[tuple[int, datetime, float | None]]) -> None:
+        """Predictions carrying an id that other rows carry: duplicated ids."""
+        self.again += rows
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(self.predictions.insert(), [{"id": i, "ts": _naive(ts), "p": p} for i, ts, p in rows])
 
     def label(self, rows: list[tuple[int, datetime | None, int]]) -> None:
         with self.engine.begin() as conn:
@@ -118,6 +130,7 @@ class Tables:
             conn.execute(self.predictions.delete().where(self.predictions.c.id.in_(ids)))
         for ident in ids:
             self.scored.pop(ident)
+        self.again = [row for row in self.again if row[0] not in ids]
 
     def delete_labels(self, keys: list[int]) -> None:
         with self.engine.begin() as conn:
@@ -129,15 +142,19 @@ class Tables:
         """The online accuracy of ``window`` at ``as_of`` by the rule of docs/metrics.md,
         *Label maturity*: the window ends ``label_delay`` before ``as_of``; a prediction of
         the slice ``[s, s + w)`` counts the label rows recorded in ``[s, s + w + delay)``
-        and before ``as_of``, and those whose arrival time is no instant."""
+        and before ``as_of``, and those whose arrival time is no instant. A prediction whose
+        id several rows of the window carry (whatever their scores) is left out."""
         end = as_of - LABEL_DELAY
         by_id: dict[int, list[tuple[datetime | None, int]]] = {}
         for ident, ts, y in self.label_rows.values():
             by_id.setdefault(ident, []).append((ts, y))
+        rows = [(ident, ts, p) for ident, (ts, p) in self.scored.items()] + self.again
+        in_window = [row for row in rows if end - window <= row[1] < end]
+        carried = Counter(ident for ident, _, _ in in_window)
         n, ys, scores = 0, [], []
         reasons = {"conflicting": 0, "invalid_value": 0, "bad_timestamp": 0}
-        for ident, (ts, p) in self.scored.items():
-            if not end - window <= ts < end or p is None or not 0 <= p <= 1:
+        for ident, ts, p in in_window:
+            if p is None or not 0 <= p <= 1 or carried[ident] > 1:
                 continue
             n += 1
             s = floor_to(ts, SLICE)
@@ -216,15 +233,25 @@ def _label_value(rng: np.random.Generator) -> int:
     "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
 )
 @pytest.mark.parametrize(
-    ("seed", "missing"), [(1, "ignore"), pytest.param(2, "negative", marks=pytest.mark.long)], ids=["1", "2-negative"]
+    ("seed", "missing", "unique"),
+    [
+        (1, "ignore", True),
+        (3, "ignore", False),
+        pytest.param(2, "negative", True, marks=pytest.mark.long),
+        pytest.param(4, "negative", False, marks=pytest.mark.long),
+    ],
+    ids=["1", "3-duplicates", "2-negative", "4-negative-duplicates"],
 )
-def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
+def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, unique):
     """The warm refresher reads every mature slice at its first refresh (``slice_fill_refreshes``
     1) and keeps them; each cold refresher fills (the default 24), so its first refresh
-    reads the windows in one pass."""
+    reads the windows in one pass. Without ``unique``, ids are not declared unique and
+    some predictions carry an id other rows carry: written in the minute before a refresh
+    (found by the next one) or late, into a mature slice (found by the audit); the other
+    row in either window, in the larger only, or out of both."""
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
-    stores = Stores(_settings(url, schema, missing, 1).stores, timedelta(seconds=30))
+    stores = Stores(_settings(url, schema, missing, 1, unique).stores, timedelta(seconds=30))
     tables = Tables(url, schema, dialect)
     # 80 minutes of history before the first refresh: predictions, and label rows 0 to 9
     # minutes after them (within and beyond label_delay), some twice.
@@ -237,8 +264,11 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
             if arrived < START - INGESTION:
                 labels.append((ident, arrived, _label_value(rng)))
     tables.label(labels)
-    warm = _refresher(_settings(url, schema, missing, 1), stores)
-    cold_settings = _settings(url, schema, missing, 24)
+    if not unique:  # duplicated ids in the history too
+        chosen = rng.choice(list(tables.scored), 12, replace=False)
+        tables.predict_again([(int(i), START - timedelta(seconds=float(rng.uniform(90, 4800))), 0.5) for i in chosen])
+    warm = _refresher(_settings(url, schema, missing, 1, unique), stores)
+    cold_settings = _settings(url, schema, missing, 24, unique)
     as_of = START
     audits = AuditClock(AUDIT)
     for _step in range(22):
@@ -252,8 +282,15 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
             chosen = rng.choice(recent, min(len(recent), int(rng.integers(0, 15))), replace=False)
             arrived = [following - timedelta(seconds=float(s)) for s in rng.uniform(0, 60, len(chosen))]
             tables.label([(int(i), t, _label_value(rng)) for i, t in zip(chosen, arrived, strict=True)])
+        if not unique and rng.random() < 0.5:  # an id used again, by a row in the minute before
+            ident = int(rng.choice(list(tables.scored)))
+            tables.predict_again([(ident, following - timedelta(seconds=float(rng.uniform(0, 60))), _score(rng))])
         roll = rng.random()
-        if roll < 0.1:  # a prediction written later than ingestion_delay: into a mature slice
+        if not unique and roll < 0.1:  # an id used again by a row written late, into a mature slice
+            ident = int(rng.choice(list(tables.scored)))
+            tables.predict_again([(ident, following - timedelta(minutes=float(rng.uniform(12, 50))), 0.75)])
+            audits.changed = True
+        elif roll < 0.1:  # a prediction written later than ingestion_delay: into a mature slice
             tables.predict([(following - timedelta(minutes=float(rng.uniform(12, 50))), 0.25)])
             audits.changed = True
         elif roll < 0.2:  # a label row recorded long ago, written only now
@@ -274,6 +311,8 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing):
             continue
         _check(tables, warm, cold_settings, stores, as_of, missing)
     assert warm.sources["labels"].slices.slices, "mature slices were kept"
+    if not unique:
+        assert warm.sources["labels"]._left_out.ids, "kept slices left duplicated ids out"
     stores.dispose()
     tables.engine.dispose()
 
@@ -333,8 +372,8 @@ def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
     snap = refresher.refresh(START + AUDIT + timedelta(seconds=11))
     assert all(s.up for s in snap.sources.values()) and not online.filled
     labels_run = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "labels" in s]
-    # No version column; predictions run at most 10; no replays.
-    assert len(labels_run) == worst_case_queries(settings.models[0]) - 10 == 3
+    # No version column; predictions run at most 9; no replays.
+    assert len(labels_run) == worst_case_queries(settings.models[0]) - 9 == 3
     assert next(o for o in snap.online if o.window == "1h").labeled == 4
     stores.dispose()
     tables.engine.dispose()
@@ -447,3 +486,58 @@ def test_timestamps_that_are_instants_are_not_held_back_by_the_zone(tmp_path):
     assert refresher.predictions.counter.total == 35  # rows stamped 04:56 to 05:30
     stores.dispose()
     engine.dispose()
+
+
+def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tmp_path, caplog):
+    """Ids not declared unique: a prediction whose id another row of a window carries is
+    left out of that window only. The kept slices leave the duplicated ids out, one
+    statement adds their rows back per window, and the audit, leaving the same ids out,
+    finds nothing changed; a steady refresh runs the most statements the labels can
+    (``refresh.worst_case_queries``): the audit, the duplicated ids and their rows, two
+    passes, and the rows added back."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    settings = _settings(url, None, "ignore", 1, unique=False)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    tables = Tables(url, None, "sqlite")
+    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 70)])
+    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
+    # The labels' windows end at START - 5m: 7m is [START - 12m, START - 5m), 1h [START - 65m, ...).
+    tables.predict_again([(by_minute[40], START - timedelta(minutes=50, seconds=30), 0.5)])  # twice in 1h only
+    tables.predict_again([(by_minute[30], START - timedelta(minutes=8, seconds=30), 0.5)])  # once in each
+    tables.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in tables.scored.items()])
+    warm = _refresher(settings, stores)
+    first = warm.refresh(START)
+    counts = {o.window: (o.predictions, o.labeled) for o in first.online}
+    # 1h: 60 predictions and 2 more rows, the 4 rows of the two duplicated ids left out.
+    # 7m: 7 predictions and the second row of the id carried twice in 1h (its label recorded
+    # 21 minutes before it: matured for the first row only, so unlabeled here).
+    assert counts == {"7m": (8, 7), "1h": (58, 58)}
+    source = warm.sources["labels"]
+    assert set(source._left_out.ids) == {by_minute[40], by_minute[30]}
+    statements: list[str] = []
+    labels_running = []
+    run = source.run
+
+    def labels_run(as_of: datetime):
+        labels_running.append(True)
+        try:
+            return run(as_of)
+        finally:
+            labels_running.clear()
+
+    source.run = labels_run
+    sa.event.listen(
+        stores.engine("s"), "before_cursor_execute", lambda *args: labels_running and statements.append(args[2])
+    )
+    caplog.set_level("INFO", logger="exporter.predictions.sources")
+    as_of = START + AUDIT + timedelta(seconds=20)
+    steady = warm.refresh(as_of)
+    assert "kept online slices changed" not in caplog.text
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    # No version column; predictions run at most 9; no replays.
+    assert len(selects) == worst_case_queries(settings.models[0]) - 9 == 6
+    cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
+    for w, c in zip(steady.online, cold.online, strict=True):
+        _same(w, c)
+    stores.dispose()
+    tables.engine.dispose()
