@@ -20,6 +20,12 @@ stamped in the minute before the new refresh time, labels recorded in that minut
 of the predictions of the 90 minutes before it) and 60 s later (``steady``: the window's
 head and tail; the median is printed).
 
+With ``--duplicates``, the default configuration: ids not declared unique, and 300 ids
+carried by two rows each (a second row stamped anywhere in the 25 hours), plus one more in
+the minute before each steady refresh; the steady refresh then also finds the duplicated
+ids among the rows it reads and adds their rows back per window. The one-pass statements
+above are timed without the duplicate-id search the refresh runs before them.
+
     python benchmarks/label_maturity.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test --rows 1000000
 
 Writes (and with ``--drop``, drops) the schema ``bench_maturity``.
@@ -46,8 +52,9 @@ NOW = datetime(2026, 5, 4, 12, tzinfo=UTC)
 SCHEMA = "bench_maturity"
 
 
-def load(url: str, rows: int) -> None:
-    """The tables, written by PostgreSQL itself (generate_series), indexed and analyzed."""
+def load(url: str, rows: int, duplicates: bool) -> None:
+    """The tables, written by PostgreSQL itself (generate_series), indexed and analyzed;
+    with ``duplicates``, 300 ids carried by a second row."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; CREATE SCHEMA {SCHEMA}")
@@ -63,13 +70,20 @@ def load(url: str, rows: int) -> None:
             f"INSERT INTO {SCHEMA}.labels SELECT id, (random() < p)::int, ts + random() * interval '90 minutes' "
             f"FROM {SCHEMA}.predictions WHERE random() < 0.3"
         )
+        if duplicates:
+            conn.exec_driver_sql(
+                f"INSERT INTO {SCHEMA}.predictions SELECT g * {rows // 300}, "
+                f"timestamp '2026-05-04 12:00' - random() * interval '25 hours', random() FROM generate_series(1, 300) g"
+            )
         conn.exec_driver_sql(
             f"CREATE INDEX ON {SCHEMA}.predictions (ts); ANALYZE {SCHEMA}.predictions; ANALYZE {SCHEMA}.labels"
         )
     engine.dispose()
 
 
-def kept(settings: Settings, stores: Stores, rows: int, steps: int, fill: int) -> dict[str, list[float]]:
+def kept(
+    settings: Settings, stores: Stores, rows: int, steps: int, fill: int, duplicates: bool
+) -> dict[str, list[float]]:
     """Seconds of the labels source's refreshes on kept online slices: ``fill`` (until
     filled) and ``steady`` (module docstring)."""
     model = settings.models[0].model_copy(update={"time_slice": "auto", "slice_fill_refreshes": fill})
@@ -84,7 +98,7 @@ def kept(settings: Settings, stores: Stores, rows: int, steps: int, fill: int) -
         out["fill"].append(time.perf_counter() - started)
         as_of += timedelta(seconds=1)
     minute = max(1, rows // 1440)
-    for _ in range(steps):
+    for step in range(steps):
         as_of += timedelta(seconds=60)
         stamp = f"timestamp '{as_of:%Y-%m-%d %H:%M:%S}'"
         with stores.engine("s").begin() as conn:
@@ -92,6 +106,10 @@ def kept(settings: Settings, stores: Stores, rows: int, steps: int, fill: int) -
                 f"INSERT INTO {SCHEMA}.predictions SELECT (SELECT max(id) FROM {SCHEMA}.predictions) + g, "
                 f"{stamp} - random() * interval '60 seconds', random() FROM generate_series(1, {minute}) g"
             )
+            if duplicates:  # one id used again: the second row of an id of the window
+                conn.exec_driver_sql(
+                    f"INSERT INTO {SCHEMA}.predictions SELECT {rows // 7 + step}, {stamp} - interval '30 seconds', 0.5"
+                )
             conn.exec_driver_sql(
                 f"INSERT INTO {SCHEMA}.labels SELECT id, (random() < p)::int, {stamp} - random() * interval '60 seconds' "
                 f"FROM {SCHEMA}.predictions WHERE ts >= {stamp} - interval '90 minutes' AND ts < {stamp} "
@@ -118,8 +136,9 @@ def main() -> None:
     parser.add_argument("--kept", action="store_true", help="also time the labels on kept online slices")
     parser.add_argument("--steps", type=int, default=5, help="steady refreshes with --kept")
     parser.add_argument("--fill", type=int, default=24, help="slice_fill_refreshes with --kept")
+    parser.add_argument("--duplicates", action="store_true", help="ids not declared unique, some duplicated")
     args = parser.parse_args()
-    load(args.url, int(args.rows))
+    load(args.url, int(args.rows), args.duplicates)
     source = {"store": "s", "schema": SCHEMA}
     settings = parse_settings(
         {
@@ -132,7 +151,7 @@ def main() -> None:
                         **source,
                         "table": "predictions",
                         "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                        "unique_ids": True,
+                        "unique_ids": not args.duplicates,
                     },
                     "labels": {**source, "table": "labels", "columns": {"id": "id", "label": "y", "timestamp": "ts"}},
                     "windows": ["1h", "24h"],
@@ -166,7 +185,7 @@ def main() -> None:
                     conn.execute(statement).all()
                     seconds[name].append(time.perf_counter() - started)
         if args.kept:
-            seconds |= kept(settings, stores, int(args.rows), args.steps, args.fill)
+            seconds |= kept(settings, stores, int(args.rows), args.steps, args.fill, args.duplicates)
     finally:
         stores.dispose()
         if args.drop:
