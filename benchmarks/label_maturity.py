@@ -22,7 +22,7 @@ head and tail; the median is printed).
 
 With ``--duplicates``, the default configuration: ids not declared unique, and 300 ids
 carried by two rows each (a second row stamped anywhere in the 25 hours), plus one more in
-the minute before each steady refresh; the steady refresh then also finds the duplicated
+the labels' head before each steady refresh; the steady refresh then also finds the duplicated
 ids among the rows it reads and adds their rows back per window. The one-pass statements
 above are timed without the duplicate-id search the refresh runs before them.
 
@@ -52,9 +52,10 @@ NOW = datetime(2026, 5, 4, 12, tzinfo=UTC)
 SCHEMA = "bench_maturity"
 
 
-def load(url: str, rows: int, duplicates: bool) -> None:
+def load(url: str, rows: int, duplicates: bool, id_index: bool) -> None:
     """The tables, written by PostgreSQL itself (generate_series), indexed and analyzed;
-    with ``duplicates``, 300 ids carried by a second row."""
+    with ``duplicates``, 300 ids carried by a second row; with ``id_index``, both tables
+    indexed on the id too."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE; CREATE SCHEMA {SCHEMA}")
@@ -75,6 +76,8 @@ def load(url: str, rows: int, duplicates: bool) -> None:
                 f"INSERT INTO {SCHEMA}.predictions SELECT g * {rows // 300}, "
                 f"timestamp '2026-05-04 12:00' - random() * interval '25 hours', random() FROM generate_series(1, 300) g"
             )
+        if id_index:
+            conn.exec_driver_sql(f"CREATE INDEX ON {SCHEMA}.predictions (id); CREATE INDEX ON {SCHEMA}.labels (id)")
         conn.exec_driver_sql(
             f"CREATE INDEX ON {SCHEMA}.predictions (ts); ANALYZE {SCHEMA}.predictions; ANALYZE {SCHEMA}.labels"
         )
@@ -106,9 +109,10 @@ def kept(
                 f"INSERT INTO {SCHEMA}.predictions SELECT (SELECT max(id) FROM {SCHEMA}.predictions) + g, "
                 f"{stamp} - random() * interval '60 seconds', random() FROM generate_series(1, {minute}) g"
             )
-            if duplicates:  # one id used again: the second row of an id of the window
+            if duplicates:  # one id used again, in the labels' windows (they end label_delay earlier)
                 conn.exec_driver_sql(
-                    f"INSERT INTO {SCHEMA}.predictions SELECT {rows // 7 + step}, {stamp} - interval '30 seconds', 0.5"
+                    f"INSERT INTO {SCHEMA}.predictions SELECT {rows // 7 + step}, "
+                    f"{stamp} - interval '1 hour 30 seconds', 0.5"
                 )
             conn.exec_driver_sql(
                 f"INSERT INTO {SCHEMA}.labels SELECT id, (random() < p)::int, {stamp} - random() * interval '60 seconds' "
@@ -137,8 +141,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steady refreshes with --kept")
     parser.add_argument("--fill", type=int, default=24, help="slice_fill_refreshes with --kept")
     parser.add_argument("--duplicates", action="store_true", help="ids not declared unique, some duplicated")
+    parser.add_argument("--id-index", action="store_true", help="index both tables on the id too")
     args = parser.parse_args()
-    load(args.url, int(args.rows), args.duplicates)
+    load(args.url, int(args.rows), args.duplicates, args.id_index)
     source = {"store": "s", "schema": SCHEMA}
     settings = parse_settings(
         {

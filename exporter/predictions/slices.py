@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from exporter.monitoring_math import grid_index, round_half_up_index
-from exporter.predictions.queries import INVALID_LABEL_REASONS, SQUARE_FLOOR, union
+from exporter.predictions.queries import INVALID_LABEL_REASONS, SQUARE_FLOOR, DuplicateIds, union
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -681,16 +681,20 @@ class DuplicateRows:
         mine, counts = self._of_window(start)
         back = [row for row in mine if counts[same_id(row[1])] == 1 or row[2] != 0]
         duplicated = sum(1 for row in mine if counts[same_id(row[1])] > 1 and row[2] == 0)
+        ids = tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
         hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
         valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
         rounded = round_half_up_index(valid, mode_decimals)
         top = TopCounts.of_scores(rounded, np.ones(len(valid)), top=len(valid))
-        return Sliced(hist, top), duplicated, self.duplicated(start)
+        return Sliced(hist, top), duplicated, ids
 
-    def duplicated(self, start: datetime) -> tuple[Any, ...]:
-        """The ids carried by several rows of the window starting at ``start`` (one of the points)."""
-        mine, counts = self._of_window(start)
-        return tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
+    def per_window(self, starts: Sequence[datetime]) -> DuplicateIds:
+        """The ids carried by several rows of each window starting at one of ``starts`` (points)."""
+        out = []
+        for start in starts:
+            mine, counts = self._of_window(start)
+            out.append(tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values()))
+        return DuplicateIds(tuple(out))
 
     def _of_window(self, start: datetime) -> tuple[list[tuple[int, Any, int, float | None]], Counter[Any]]:
         """The rows of the window starting at ``start`` and how many of them carry each id."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -139,14 +139,17 @@ class LeftOutIds:
 
     ``search`` finds the ids carried by several rows of the largest window among the ids
     of what the refresh reads and the known ones, and their rows; a kept slice that left
-    out other ids than it now should is forgotten, to be read again. ``kept`` records, after
-    the reads, what each kept slice left out and the slices read unprobed.
+    out other ids than it now should is forgotten, to be read again. ``after_reads`` records
+    what each kept slice left out and the slices read unprobed.
     """
 
     def __init__(self) -> None:
         #: The duplicated ids found at the last refresh, which every read leaves out.
         self.ids: tuple[Any, ...] = ()
-        self._left_out: dict[datetime, frozenset[Any]] = {}  # per kept slice, the ids it left out
+        #: Whether the last search probed every id of the window (or ids are unique): only
+        #: then are its ids all those of the window for a read of the windows in one pass.
+        self.complete = False
+        self._by_slice: dict[datetime, frozenset[Any]] = {}  # per kept slice, the ids it left out
         self._should: dict[datetime, frozenset[Any]] = {}  # per slice, what it should leave out now
         #: The slices the last refresh read whose ids the search did not probe (read again
         #: after it forgot them), and the new slices of the plan this refresh probed.
@@ -161,15 +164,17 @@ class LeftOutIds:
         store: SliceStore[Any],
         filling: bool,
         delay: timedelta,
+        every_id: bool = False,
     ) -> DuplicateRows | None:
         """The rows of the ids carried by several rows of the largest of ``windows``
         (``PredictionQueries.duplicates_among``, ``duplicate_rows``; none when ids are
         unique by schema or config), which become the ``ids`` every read leaves out;
         ``None`` when the ids or their rows are too many to list (every kept slice is then
         forgotten and no id is known: the caller reads the windows in one pass). ``filling``
-        and ``delay``: the store's (``SliceStore.filling``, ``ingestion_delay``); while
-        filling, every id of the window is probed, so the rows give each window's
-        duplicated ids for the pass over the windows (``DuplicateRows.duplicated``)."""
+        and ``delay``: the store's (``SliceStore.filling``, ``ingestion_delay``). With
+        ``every_id``, with no slice kept, or while filling, every id of the window is
+        probed (``complete``; ``one_pass_ids`` then gives each window's duplicated ids for
+        a read of the windows in one pass)."""
         duplicate_rows, ids = DuplicateRows((), ()), []
         if not q.unique_ids:
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
@@ -182,7 +187,8 @@ class LeftOutIds:
             # With no slice kept (a cold start, the limits below passed) or while filling,
             # every id is probed: one grouped pass, which finds at once more duplicated ids
             # than can be listed, and all of them, for the pass over the windows of a fill.
-            probe = reads if store.slices and not filling else None
+            probe = reads if store.slices and not filling and not every_id else None
+            self.complete = probe is None
             searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
             rows: list[Any] = []
@@ -196,19 +202,32 @@ class LeftOutIds:
                 store.forget(list(store.slices))
                 self.ids = ()
                 return None
+        else:
+            self.complete = True
         # Unique ids (also by a unique index found when the table is reflected again after a
         # failure, or the table created again with a key) leave nothing out: slices that left
         # out the ids known before are read again.
         self.ids = tuple(ids)
         self._should = duplicate_rows.by_slice(store.width)
-        stale = [s for s in store.slices if self._left_out.get(s, frozenset()) != self._should.get(s, frozenset())]
+        stale = [s for s in store.slices if self._by_slice.get(s, frozenset()) != self._should.get(s, frozenset())]
         store.forget(stale)
         return duplicate_rows
 
-    def kept(self, store: SliceStore[Any], plan: Plan, unique: bool) -> None:
+    def one_pass_ids(self, found: DuplicateRows | None, starts: Sequence[datetime]) -> DuplicateIds | None:
+        """The duplicated ids of each window starting at one of ``starts``, for a read of the
+        windows in one pass, from what ``search`` ``found`` (``None``: too many to list,
+        which the queries then search themselves), when it probed every id; ``None`` when
+        it did not (a fill started by its own forgetting): the caller searches
+        (``PredictionsSource.duplicate_ids``), since a row written late into a kept slice
+        may duplicate an id it did not probe."""
+        if not self.complete:
+            return None
+        return DuplicateIds(None) if found is None else found.per_window(starts)
+
+    def after_reads(self, store: SliceStore[Any], plan: Plan, unique: bool) -> None:
         """After ``plan``'s reads and merge: what each kept slice left out, and (unless ids
         are ``unique``) the slices read that ``search`` did not probe, probed next time."""
-        self._left_out = {s: self._should.get(s, frozenset()) for s in store.slices}
+        self._by_slice = {s: self._should.get(s, frozenset()) for s in store.slices}
         if not unique:
             self._unprobed = tuple(sorted(set(plan.new_slices) - set(self._probed)))
 
@@ -316,7 +335,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
-        self._duplicates: tuple[Windows, DuplicateIds] | None = None  # this refresh's (duplicate_ids)
+        self._duplicates: dict[Windows, DuplicateIds] = {}  # this refresh's, by windows (duplicate_ids)
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = slice_store(model, Sliced.merge)
         if self.slices is not None:
@@ -379,10 +398,10 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         q = self.queries()
         if q.unique_ids:
             return DuplicateIds.none(len(windows.starts))
-        if self._duplicates is not None and self._duplicates[0] == windows:
-            return self._duplicates[1]
+        if windows in self._duplicates:
+            return self._duplicates[windows]
         found = DuplicateIds.from_search(conn.execute(q.duplicate_search(windows)).all(), len(windows.starts))
-        self._duplicates = (windows, found)
+        self._duplicates[windows] = found
         return found
 
     def _score_stats(self, conn: Connection, windows: Windows) -> tuple[ScoreStats, ...]:
@@ -452,23 +471,24 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             self._audit(conn, store, windows.end)
             filling = store.filling(windows.starts, windows.end, delay)  # it may have forgotten many
         duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay)
-        if duplicate_rows is None:
-            return None
-        filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
-        plan = store.plan(windows.starts, windows.end, delay, filling)
-        merged = store.merge(plan, self._read_parts(conn, plan))
-        self._left_out.kept(store, plan, q.unique_ids)
-        if not plan.windows:
-            # Filling: the windows are read in one pass this time, with the duplicated ids
-            # found (the whole window probed) rather than another search (duplicate_ids).
-            self._duplicates = (windows, DuplicateIds(tuple(duplicate_rows.duplicated(s) for s in windows.starts)))
+        if duplicate_rows is not None:
+            filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
+            plan = store.plan(windows.starts, windows.end, delay, filling)
+            merged = store.merge(plan, self._read_parts(conn, plan))
+            self._left_out.after_reads(store, plan, q.unique_ids)
+        if duplicate_rows is None or not plan.windows:
+            # Too many duplicated ids, or filling: the windows are read in one pass this
+            # time, with the duplicated ids found when every id was probed (duplicate_ids).
+            found = self._left_out.one_pass_ids(duplicate_rows, windows.starts)
+            if found is not None:
+                self._duplicates[windows] = found
             return None
         if q.unique_ids:
             return merged, [0] * n, DuplicateIds.none(n)
         decimals = (self.model.bucket_decimals, self.model.mode_share_decimals)
         added = [duplicate_rows.window(start, *decimals) for start in windows.starts]
         found = DuplicateIds(tuple(ids for _, _, ids in added))
-        self._duplicates = (windows, found)  # the replays and labels reuse it (duplicate_ids)
+        self._duplicates[windows] = found  # the replays and labels reuse it (duplicate_ids)
         parts = [Sliced.merge([part, back]) for part, (back, _, _) in zip(merged, added, strict=True)]
         return parts, [dup for _, dup, _ in added], found
 
@@ -635,7 +655,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         )
 
     def run(self, as_of: datetime) -> PredictionValues:
-        self._duplicates = None  # a new refresh: rows may have been written since the last search
+        self._duplicates = {}  # a new refresh: rows may have been written since the last search
         windows = self.windows(as_of)
         if self.slices is not None:  # before anything can fail (SliceStore.begin)
             self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
@@ -788,13 +808,15 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         q, labels = self.predictions.queries(), self.queries()
         ingestion = self.model.predictions.ingestion_delay
         filling = store.filling(windows.starts, windows.end, ingestion)
-        if store.audit_due(windows.end, filling):
+        audited = store.audit_due(windows.end, filling)
+        if audited:
             self._audit(conn, store, as_of, maturity)
             filling = store.filling(windows.starts, windows.end, ingestion)
-        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion)
+        # The audit compares the valid predictions only: a row with any score written late
+        # into a kept slice may make an id duplicated, so its refresh probes every id.
+        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
         if duplicate_rows is None:
-            return None, None
-        duplicates = DuplicateIds(tuple(duplicate_rows.duplicated(start) for start in windows.starts))
+            return None, self._left_out.one_pass_ids(None, windows.starts)
         filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
         plan = store.plan(windows.starts, windows.end, ingestion, filling)
         parts: dict[tuple[int, int], OnlineBuckets] = {}
@@ -807,11 +829,12 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                 read_parts = OnlineBuckets.by_part(result.all(), list(result.keys()))
                 parts.update({(pass_index, p): buckets for p, buckets in read_parts.items()})
         merged = store.merge(plan, parts)
-        self._left_out.kept(store, plan, q.unique_ids)
+        self._left_out.after_reads(store, plan, q.unique_ids)
         if not plan.windows:
-            return None, duplicates
+            return None, self._left_out.one_pass_ids(duplicate_rows, windows.starts)
         if not self._left_out.ids:
             return merged, None
+        duplicates = duplicate_rows.per_window(windows.starts)
         result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity, only=self._left_out.ids))
         back = OnlineBuckets.by_window(result.all(), list(result.keys()), len(windows.starts))
         return [OnlineBuckets.merge([part, added]) for part, added in zip(merged, back, strict=True)], None

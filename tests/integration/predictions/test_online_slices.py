@@ -288,7 +288,8 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, uniqu
         roll = rng.random()
         if not unique and roll < 0.1:  # an id used again by a row written late, into a mature slice
             ident = int(rng.choice(list(tables.scored)))
-            tables.predict_again([(ident, following - timedelta(minutes=float(rng.uniform(12, 50))), 0.75)])
+            late = following - timedelta(minutes=float(rng.uniform(12, 50)))
+            tables.predict_again([(ident, late, _score(rng))])  # any score makes the id duplicated
             audits.changed = True
         elif roll < 0.1:  # a prediction written later than ingestion_delay: into a mature slice
             tables.predict([(following - timedelta(minutes=float(rng.uniform(12, 50))), 0.25)])
@@ -372,8 +373,8 @@ def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
     snap = refresher.refresh(START + AUDIT + timedelta(seconds=11))
     assert all(s.up for s in snap.sources.values()) and not online.filled
     labels_run = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "labels" in s]
-    # No version column; predictions run at most 9; no replays.
-    assert len(labels_run) == worst_case_queries(settings.models[0]) - 9 == 3
+    # No version column; predictions run at most 10; no replays.
+    assert len(labels_run) == worst_case_queries(settings.models[0]) - 10 == 3
     assert next(o for o in snap.online if o.window == "1h").labeled == 4
     stores.dispose()
     tables.engine.dispose()
@@ -534,10 +535,69 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     steady = warm.refresh(as_of)
     assert "kept online slices changed" not in caplog.text
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    # No version column; predictions run at most 9; no replays.
-    assert len(selects) == worst_case_queries(settings.models[0]) - 9 == 6
+    # No version column; predictions run at most 10; no replays.
+    assert len(selects) == worst_case_queries(settings.models[0]) - 10 == 6
     cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
     for w, c in zip(steady.online, cold.online, strict=True):
         _same(w, c)
+    stores.dispose()
+    tables.engine.dispose()
+
+
+def test_a_fill_started_by_the_duplicate_search_searches_the_windows_in_full(tmp_path):
+    """A search that probed only what its refresh reads, then forgot more kept slices than
+    a refresh reads (their left-out ids changed), starts a fill: the pass over the windows
+    searches their duplicated ids in full, since a row written late into a kept slice may
+    duplicate an id the search did not probe. Before, that pass used the probed ids and
+    counted both rows of such an id."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    stores = Stores(_settings(url, None, "ignore", 24, unique=False).stores, timedelta(seconds=30))
+    tables = Tables(url, None, "sqlite")
+    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 90)])
+    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
+    warm = _refresher(_settings(url, None, "ignore", 24, unique=False), stores)
+    as_of = START
+    while not warm.predictions.slices.filled:
+        warm.refresh(as_of)
+        as_of += timedelta(seconds=1)
+    # Written late into a kept slice: the id of minute 40 again (not probed: no audit yet).
+    tables.predict_again([(by_minute[40], START - timedelta(minutes=30, seconds=30), 0.5)])
+    warm.refresh(as_of)
+    # Just written: the ids of 4 kept slices again, more than a refresh fills (2).
+    fresh = as_of + timedelta(seconds=10)
+    tables.predict_again([(by_minute[m], fresh, 0.5) for m in (50, 46, 44, 36)])
+    as_of += timedelta(seconds=20)
+    got = warm.refresh(as_of)
+    assert not warm.predictions.slices.filled
+    cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
+    assert got.score_stats == cold.score_stats
+    hour = next(s for s in got.score_stats if s.window == "1h")
+    assert hour.invalid["duplicate_id"] == 10  # the 5 ids, twice each
+    stores.dispose()
+    tables.engine.dispose()
+
+
+def test_the_audit_finds_a_late_row_of_any_score_that_duplicates_an_id(tmp_path):
+    """A row without a valid score written late into a kept slice, carrying the id of a
+    prediction of another kept slice, leaves nothing to see in the online totals the audit
+    compares (valid predictions only), yet leaves that prediction out of the window: the
+    refresh that audits probes every id."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    settings = _settings(url, None, "ignore", 1, unique=False)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    tables = Tables(url, None, "sqlite")
+    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 90)])
+    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
+    tables.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in tables.scored.items()])
+    warm = _refresher(settings, stores)
+    warm.refresh(START)
+    tables.predict_again([(by_minute[40], START - timedelta(minutes=30, seconds=30), None)])
+    as_of = START + AUDIT + timedelta(seconds=20)  # the audit is due
+    got = warm.refresh(as_of)
+    cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
+    for w, c in zip(got.online, cold.online, strict=True):
+        _same(w, c)
+    # The window [START - 44m40s, START + 15m20s): minutes 1 to 44, minute 40 left out.
+    assert next(o for o in got.online if o.window == "1h").predictions == 43
     stores.dispose()
     tables.engine.dispose()
