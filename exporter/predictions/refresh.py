@@ -155,9 +155,10 @@ class ModelRefresher:
         refresh's horizon, i.e. they start at 0 with the process. ``training``: the caps on
         feature and category series (default ``TrainingSettings()``); ``state``: the state
         database whose training runs the features are compared with (``None``: with none);
-        ``save_slices``: the predictions' kept time slices are saved in ``state`` (none
-        without one) and restored from it at the first refresh; only ``mlmon serve`` sets
-        it: ``once`` and ``backfill`` compute from scratch and write nothing there."""
+        ``save_slices``: the predictions' kept time slices, and the labels' kept online
+        slices, are saved in ``state`` (none without one) and restored from it at the first
+        refresh; only ``mlmon serve`` sets it: ``once`` and ``backfill`` compute from
+        scratch and write nothing there."""
         self.model = model
         self.policy = policy
         args = (model, key_path, stores, policy.query_timeout, policy.staleness)

@@ -45,7 +45,7 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
-from exporter.predictions.saved_slices import SavedSlices, fingerprint
+from exporter.predictions.saved_slices import ONLINE, PREDICTIONS, SavedSlices, fingerprint, online_fingerprint
 from exporter.predictions.slices import (
     ONLINE_COUNTS,
     ONLINE_SUMS,
@@ -302,6 +302,40 @@ class Source(ABC, Generic[Q, V]):
         """Reflect again on next use."""
         self._queries = None
 
+    def _restore_saved(self, saved: SavedSlices[A], store: SliceStore[A]) -> None:
+        """Keep the slices an earlier process saved in ``saved`` that are sealed slices of
+        this refresh's largest window (``SliceStore.restore``, after ``begin``); the audit of
+        this refresh then reads again those that changed in the store meanwhile. A failure
+        is logged at WARNING (``_state_failed``): the refresh is cold."""
+        try:
+            loaded = saved.load(store.width)
+        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
+            self._state_failed(f"reading the {saved.codec.noun}s from", exc)
+            return
+        kept = store.restore(loaded)
+        if kept:
+            log.info("model %s: %d %ss restored from the state database", self.model.name, kept, saved.codec.noun)
+
+    def _save_kept(self, saved: SavedSlices[A], store: SliceStore[A]) -> None:
+        """Save ``store``'s kept slices in ``saved`` as they are after a successful refresh;
+        a failure is logged at WARNING (``_state_failed``): a restart then reads more again."""
+        try:
+            saved.save(store.slices)
+        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
+            self._state_failed(f"saving the {saved.codec.noun}s in", exc)
+
+    def _state_failed(self, doing: str, exc: Exception) -> None:
+        """Log a failure of the state database while ``doing`` (e.g. ``"saving ... in"``) at
+        WARNING, with its traceback unless the database raised it (any other may be a bug,
+        such as an Alembic revision unknown to this version of mlmon)."""
+        log.warning(
+            "model %s: %s the state database failed: %s",
+            self.model.name,
+            doing,
+            first_line(exc),
+            exc_info=not isinstance(exc, sa.exc.SQLAlchemyError),
+        )
+
     def _connection(self, *tables: sa.Table) -> AbstractContextManager[Connection]:
         """A timed connection for the queries of one refresh, which read ``tables``
         (``db.timed_connection``: Spark SQL reads them afresh)."""
@@ -331,7 +365,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
     ):
         """``count_from``: as ``ModelRefresher``'s (the counter's first watermark);
         ``slice_state``: the state database the kept time slices are saved in after each
-        successful refresh and restored from at the first (``None``: neither)."""
+        successful refresh and restored from at the first (``None``: neither), the labels'
+        kept online slices too (``LabelsSource``)."""
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
@@ -343,8 +378,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
         self._left_out = LeftOutIds()  # the duplicated ids the kept slices leave out
-        self._slice_state = slice_state
-        self._saved: SavedSlices | None = None  # where the kept slices are saved (``_saved_slices``)
+        self.slice_state = slice_state
+        self._saved: SavedSlices[Sliced] | None = None  # where the kept slices are saved (``_saved_slices``)
         self._restored = False  # whether the first refresh tried to restore them
 
     def written_by(self, instant: datetime) -> datetime:
@@ -492,58 +527,32 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         parts = [Sliced.merge([part, back]) for part, (back, _, _) in zip(merged, added, strict=True)]
         return parts, [dup for _, dup, _ in added], found
 
-    def _saved_slices(self) -> SavedSlices | None:
+    def _saved_slices(self) -> SavedSlices[Sliced] | None:
         """Where the kept slices are saved: ``None`` without a state database or when ids
         are not unique (by schema or ``unique_ids``): the slices then depend on the
         duplicated ids known when they were read, which are not saved."""
         q = self.queries()
-        if self._slice_state is None or not q.unique_ids or self.slices is None:
+        if self.slice_state is None or not q.unique_ids or self.slices is None:
             return None
         if self._saved is None:
             url = self.stores.engine(self.model.predictions.store).url
             found = fingerprint(self.model, url, q.dialect, self.slices.width, self.top_scores)
-            self._saved = SavedSlices(self._slice_state, self.model.name, found)
+            self._saved = SavedSlices(self.slice_state, self.model.name, found, PREDICTIONS)
         return self._saved
 
     def _restore(self, store: SliceStore[Sliced]) -> None:
         """Keep the slices an earlier process saved (``_saved_slices``) that are sealed
-        slices of this refresh's largest window (``SliceStore.restore``); the audit of this
-        refresh then reads again those that changed in the store meanwhile. A failure is
-        logged at WARNING (``_state_failed``): the refresh is cold."""
+        slices of this refresh's largest window, audited at once (``_restore_saved``)."""
         saved = self._saved_slices()
-        if saved is None:
-            return
-        try:
-            loaded = saved.load(store.width)
-        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
-            self._state_failed("reading the kept time slices from", exc)
-            return
-        kept = store.restore(loaded)
-        if kept:
-            log.info("model %s: %d kept time slices restored from the state database", self.model.name, kept)
+        if saved is not None:
+            self._restore_saved(saved, store)
 
     def _save(self) -> None:
-        """Save the kept slices (``_saved_slices``) as they are after a successful refresh;
-        a failure is logged at WARNING (``_state_failed``): a restart then reads more again."""
+        """Save the kept slices (``_saved_slices``) as they are after a successful refresh
+        (``_save_kept``)."""
         saved = self._saved_slices()
-        if saved is None or self.slices is None:  # the second for mypy: no slices, nothing saved
-            return
-        try:
-            saved.save(self.slices.slices)
-        except Exception as exc:  # the state database, whatever its failure, never fails a refresh
-            self._state_failed("saving the kept time slices in", exc)
-
-    def _state_failed(self, doing: str, exc: Exception) -> None:
-        """Log a failure of the state database while ``doing`` (e.g. ``"saving ... in"``) at
-        WARNING, with its traceback unless the database raised it (any other may be a bug,
-        such as an Alembic revision unknown to this version of mlmon)."""
-        log.warning(
-            "model %s: %s the state database failed: %s",
-            self.model.name,
-            doing,
-            first_line(exc),
-            exc_info=not isinstance(exc, sa.exc.SQLAlchemyError),
-        )
+        if saved is not None and self.slices is not None:  # the second for mypy: no slices, nothing saved
+            self._save_kept(saved, self.slices)
 
     def _read_parts(self, conn: Connection, plan: Plan) -> dict[tuple[int, int], Sliced]:
         """What each part of ``plan`` holds, by (pass, part) (a part without rows is absent):
@@ -707,6 +716,8 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     name = "labels"
     _version_problem: str | None = None  # the last version-column problem logged (logged once)
+    _saved: SavedSlices[OnlineBuckets] | None = None  # where the kept online slices are saved (``_saved_slices``)
+    _restored = False  # whether a refresh tried to restore them (``_restore``)
 
     @cached_property
     def _left_out(self) -> LeftOutIds:
@@ -807,6 +818,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         left out (``PredictionQueries.online`` with ``only``)."""
         q, labels = self.predictions.queries(), self.queries()
         ingestion = self.model.predictions.ingestion_delay
+        self._restore(store)
         filling = store.filling(windows.starts, windows.end, ingestion)
         audited = store.audit_due(windows.end, filling)
         if audited:
@@ -838,6 +850,41 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity, only=self._left_out.ids))
         back = OnlineBuckets.by_window(result.all(), list(result.keys()), len(windows.starts))
         return [OnlineBuckets.merge([part, added]) for part, added in zip(merged, back, strict=True)], None
+
+    def _saved_slices(self) -> SavedSlices[OnlineBuckets] | None:
+        """Where the kept online slices are saved: as the predictions' slices
+        (``PredictionsSource._saved_slices``), ``None`` without a state database
+        (``PredictionsSource.slice_state``), when ids are not unique (by schema or
+        ``unique_ids``: the slices then depend on the duplicated ids known when they were
+        read, which are not saved) or without kept online slices."""
+        q = self.predictions.queries()
+        state = self.predictions.slice_state
+        if state is None or not q.unique_ids or self.slices is None:
+            return None
+        if self._saved is None:
+            url = self.stores.engine(self.model.predictions.store).url
+            found = online_fingerprint(self.model, url, q.dialect, self.slices.width)
+            self._saved = SavedSlices(state, self.model.name, found, ONLINE)
+        return self._saved
+
+    def _restore(self, store: SliceStore[OnlineBuckets]) -> None:
+        """At the first refresh that reads the kept online slices (``_sliced``, after
+        ``SliceStore.begin``), keep those an earlier process saved (``_saved_slices``) that
+        are settled slices of this refresh's largest online window, audited at once
+        (``Source._restore_saved``); later refreshes, nothing."""
+        if self._restored:
+            return
+        self._restored = True
+        saved = self._saved_slices()
+        if saved is not None:
+            self._restore_saved(saved, store)
+
+    def _save(self) -> None:
+        """Save the kept online slices (``_saved_slices``) as they are after a successful
+        refresh (``Source._save_kept``)."""
+        saved = self._saved_slices()
+        if saved is not None and self.slices is not None:  # the second for mypy: no slices, nothing saved
+            self._save_kept(saved, self.slices)
 
     def _audit(
         self, conn: Connection, store: SliceStore[OnlineBuckets], as_of: datetime, maturity: LabelMaturity
@@ -906,9 +953,11 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         labels = self.queries()
         with self._connection(q.table, labels.table) as conn:
             online = self._online(conn, as_of)
-            if q.version is None:
-                return tuple(online)
-            raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
+            if q.version is not None:
+                raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
+        self._save()
+        if q.version is None:
+            return tuple(online)
         version, problem = decode_serving_version(raw)
         if problem != self._version_problem:  # reported once, not at every refresh
             if problem is not None:

@@ -1,5 +1,6 @@
 """mlmon's state database: the training runs reported by training pipelines, and the
-kept time slices of ``mlmon serve`` (``predictions.saved_slices``).
+kept time slices of ``mlmon serve``, the predictions' and the labels' online ones
+(``predictions.saved_slices``).
 
 Any SQLAlchemy URL (SQLite file by default); the schema is created and upgraded by
 Alembic (``migrate``), never by hand. A run is stored once per (model, version): the
@@ -54,6 +55,17 @@ kept_slices = sa.Table(
     sa.Column("fingerprint", sa.String(64), nullable=False),
     sa.Column("hist", sa.LargeBinary, nullable=False),
     sa.Column("top", sa.LargeBinary, nullable=False),
+    sa.Column("meta", sa.Text, nullable=False),
+)
+#: Mirrors migrations/versions/0003: one row per (model, kept online slice), as
+#: ``kept_slices``; ``buckets`` the labeled buckets as ``.npy`` bytes, ``meta`` JSON.
+kept_online_slices = sa.Table(
+    "mlmon_kept_online_slices",
+    metadata,
+    sa.Column("model", sa.String(100), primary_key=True),
+    sa.Column("slice_start_us", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("buckets", sa.LargeBinary, nullable=False),
     sa.Column("meta", sa.Text, nullable=False),
 )
 

@@ -13,7 +13,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
+from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 
 from exporter.client import build_training_run
@@ -296,8 +298,9 @@ def test_state_schema_is_created_by_migrations(state_url):
         assert client.post("/api/v1/training-runs", json=run()).status_code == 201
     engine = sa.create_engine(state_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0003"
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_slices")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_online_slices")).scalar() == 0
     engine.dispose()
 
 
@@ -315,9 +318,44 @@ def test_a_state_database_of_revision_0001_is_upgraded_keeping_its_runs(state_ur
     state = storage.StateDatabase(state_url)
     state.ready()
     with state.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0003"
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_slices")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_online_slices")).scalar() == 0
     assert [r.version for r in storage.list_versions(state.engine, "ctr")] == ["v1"]
+    state.engine.dispose()
+
+
+def test_a_state_database_of_revision_0002_is_upgraded_keeping_its_kept_slices(state_url):
+    """A state database made by a version before the kept online slices (revision 0002, a
+    kept time slice saved) gets their table on first use, as ``storage`` declares it, its
+    kept slices as they were."""
+    engine = sa.create_engine(state_url)
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(Path(storage.__file__).parent / "migrations"))
+    row = {
+        "model": "ctr",
+        "slice_start_us": 120_000_000,
+        "fingerprint": "f" * 64,
+        "hist": b"h",
+        "top": b"t",
+        "meta": "{}",
+    }
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+        conn.execute(storage.kept_slices.insert(), row)
+    engine.dispose()
+    state = storage.StateDatabase(state_url)
+    state.ready()
+    with state.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_online_slices")).scalar() == 0
+        saved = conn.execute(sa.select(storage.kept_slices)).one()
+        # The kept slices' tables are as storage.py declares them (it mirrors the migrations).
+        context = MigrationContext.configure(conn, opts={"version_table": "mlmon_alembic_version"})
+        differences = compare_metadata(context, storage.metadata)
+    assert saved._asdict() == row
+    assert not [d for d in differences if "kept" in repr(d)], differences
     state.engine.dispose()
 
 
