@@ -372,8 +372,10 @@ class PredictionQueries:
         conditions = [self._in_window(start, end)]
         if probe is not None:
             in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
-            probed = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
-            conditions.append(sa.or_(probed, self.id.in_(list(known))) if known else probed)
+            # The known ids inside the subquery, not OR-ed beside it: one semi-join, which an
+            # index on the id turns into lookups (an OR of two made PostgreSQL read the window).
+            probed = sa.or_(in_probe, self.id.in_(list(known))) if known else in_probe
+            conditions.append(self.id.in_(sa.select(self.id).where(probed, *self.filters).correlate(None)))
         return (
             sa.select(self.id.label("id"))
             .where(*conditions)
