@@ -847,7 +847,7 @@ class PredictionQueries:
             (points[max(0, bisect_right(points, start) - 1)], points[bisect_left(points, end)] + maturity.delay)
             for start, end in union(reads)
         ]
-        label_rows = labels.maturity_bounds(maturity, recorded, as_of, self.time)
+        label_rows = labels.maturity_bounds(maturity, recorded, as_of, self.time, only)
         matures = sa.and_(
             label_rows.c.bad == 0, self.time.expr >= label_rows.c.opens, self.time.expr < label_rows.c.closes
         )
@@ -989,11 +989,13 @@ class LabelQueries:
         recorded: Sequence[tuple[datetime, datetime]],
         as_of: datetime,
         predicted: TimeColumn,
+        ids: Sequence[Any] | None = None,
     ) -> sa.Subquery:
-        """The label rows recorded before ``as_of`` in one of the ``recorded`` ranges, and those whose
-        arrival time is written but no instant, as (id, ``value``: the label if valid, else
-        NULL; ``opens`` and ``closes``: the prediction times, bound for the predictions'
-        time column ``predicted``, in ``[opens, closes)`` of which the row matures; ``bad``:
+        """The label rows (of the ``ids``, when given) recorded before ``as_of`` in one of the
+        ``recorded`` ranges, and those whose arrival time is written but no instant, as (id,
+        ``value``: the label if valid, else NULL; ``opens`` and ``closes``: the prediction
+        times, bound for the predictions' time column ``predicted``, in ``[opens, closes)``
+        of which the row matures; ``bad``:
         1 for a time that is no instant, else 0). A row recorded at ``r`` matures for the
         predictions of slice ``s`` when ``points[s] <= r < points[s + 1] + delay``: from the
         first slice whose delayed end lies after ``r`` to the slice holding ``r``. Needs a
@@ -1010,7 +1012,10 @@ class LabelQueries:
                 sa.case((unreadable, 1), else_=0).label("bad"),
             )
             .select_from(source)
-            .where(sa.or_(*(time.between(a, min(b, as_of)) for a, b in union(recorded) if a < as_of), unreadable))
+            .where(
+                sa.or_(*(time.between(a, min(b, as_of)) for a, b in union(recorded) if a < as_of), unreadable),
+                *([] if ids is None else [ident.in_(list(ids))]),
+            )
             .subquery("label_times")
         )
         at = replace(time, expr=rows.c.t)
