@@ -373,8 +373,10 @@ class PredictionQueries:
         if probe is not None:
             in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
             # The known ids inside the subquery, not OR-ed beside it: one semi-join, which an
-            # index on the id turns into lookups (an OR of two made PostgreSQL read the window).
-            probed = sa.or_(in_probe, self.id.in_(list(known))) if known else in_probe
+            # index on the id turns into lookups (an OR of two made PostgreSQL read the
+            # window); bounded by the window, else without an id index it reads all history.
+            known_in_window = sa.and_(self.time.between(start, end), self.id.in_(list(known)))
+            probed = sa.or_(in_probe, known_in_window) if known else in_probe
             conditions.append(self.id.in_(sa.select(self.id).where(probed, *self.filters).correlate(None)))
         return (
             sa.select(self.id.label("id"))

@@ -57,20 +57,20 @@ def worst_case_queries(model: ModelConfig) -> int:
     (reflection, on the first refresh and after a failure, not counted).
 
     Each source reads all its windows in one pass per query. Predictions
-    (``PredictionsSource.run``), at most 10: the newest timestamp; the audit of kept time
+    (``PredictionsSource.run``), at most 9: the newest timestamp; the audit of kept time
     slices (when due); unless ids are unique by schema or config (which the config alone
-    cannot tell), the duplicated ids among the new rows and their rows; per pass of the
-    plan (two when a window's tail lies in a slice read this time: ``slices.Plan``) the
-    sliced histogram and, when buckets hold several scores, their most frequent scores; the
-    new rows of the counter (9). When the duplicated ids or their rows are too many to
-    list, a full duplicate search, the one-pass histogram and the mode counts replace the
-    passes (8 with the listing that overflowed). While the slices fill (a cold start, after
-    an outage, an audit that found many slices changed), every id is probed, one pass
-    reads the missing slices to keep, and the one-pass histogram and mode counts make the
-    windows with the duplicated ids found (9 with an audit); 10 when this refresh's search
-    found so many kept slices to read again (their left-out ids changed) that it fills:
-    having probed only what it reads, it searches the windows in full for their pass
-    (``LeftOutIds.one_pass_ids``). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    cannot tell), the duplicated ids (of every id when the audit ran) and their rows; per
+    pass of the plan (two when a window's tail lies in a slice read this time:
+    ``slices.Plan``) the sliced histogram and, when buckets hold several scores, their most
+    frequent scores; the new rows of the counter (9). When the duplicated ids or their rows
+    are too many to list, the one-pass histogram and the mode counts replace the passes,
+    after a full duplicate search when the search probed only the new rows and listed its
+    ids (8). While the slices fill (a cold start, after an outage, an audit that found many
+    slices changed), one pass reads the missing slices to keep, and the one-pass histogram
+    and mode counts make the windows, with the duplicated ids found when every id was
+    probed (9 with an audit), after a full duplicate search when the search probed only
+    what it reads and its forgetting started the fill (9 without an audit:
+    ``LeftOutIds.one_pass_ids``). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
     with kept online slices (time slices on, labels that mature by slice), instead of the
@@ -83,7 +83,7 @@ def worst_case_queries(model: ModelConfig) -> int:
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
-    count = 10
+    count = 9
     if model.labels is not None:
         kept = model.slice_width() is not None and model.labels_mature_by_slice()
         sliced = 3 if model.predictions.unique_ids else 6

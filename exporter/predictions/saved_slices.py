@@ -218,7 +218,7 @@ def decode_online(buckets: bytes, meta: str) -> OnlineBuckets:
     # type(v) is int, not isinstance: JSON true is a bool, which is an int.
     if not isinstance(counts, dict) or set(counts) != set(ONLINE_COUNTS):
         raise ValueError(f"meta: 'counts' does not name each of {list(ONLINE_COUNTS)}")
-    if not all(type(v) is int and v >= 0 for v in counts.values()):
+    if not all(type(v) is int and 0 <= v < 2**63 for v in counts.values()):
         raise ValueError("meta: 'counts' holds a value that is not a count")
     if not isinstance(sums, dict) or set(sums) != set(ONLINE_SUMS):
         raise ValueError(f"meta: 'sums' does not name each of {list(ONLINE_SUMS)}")
@@ -341,7 +341,7 @@ class SavedSlices(Generic[A]):
                 if (start - EPOCH) % width:
                     raise ValueError(f"not a boundary of slices of {width.total_seconds():g}s")
                 saved[start] = codec.decode(*row[1:])
-            except (ValueError, TypeError, OSError, EOFError) as exc:
+            except (ValueError, TypeError, OSError, EOFError, OverflowError, RecursionError) as exc:
                 log.warning(
                     "model %s: the %s at %s saved in the state database cannot be read back "
                     "(%s); it is read from the store again",

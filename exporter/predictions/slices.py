@@ -681,7 +681,7 @@ class DuplicateRows:
         mine, counts = self._of_window(start)
         back = [row for row in mine if counts[same_id(row[1])] == 1 or row[2] != 0]
         duplicated = sum(1 for row in mine if counts[same_id(row[1])] > 1 and row[2] == 0)
-        ids = tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
+        ids = self._duplicated(start)
         hist = Histogram.from_scores([r[2] for r in back], [r[3] for r in back], bucket_decimals)
         valid = np.array([r[3] for r in back if r[2] == 0], dtype=np.float64)
         rounded = round_half_up_index(valid, mode_decimals)
@@ -690,11 +690,11 @@ class DuplicateRows:
 
     def per_window(self, starts: Sequence[datetime]) -> DuplicateIds:
         """The ids carried by several rows of each window starting at one of ``starts`` (points)."""
-        out = []
-        for start in starts:
-            mine, counts = self._of_window(start)
-            out.append(tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values()))
-        return DuplicateIds(tuple(out))
+        return DuplicateIds(tuple(self._duplicated(start) for start in starts))
+
+    def _duplicated(self, start: datetime) -> tuple[Any, ...]:
+        mine, counts = self._of_window(start)
+        return tuple({same_id(row[1]): row[1] for row in mine if counts[same_id(row[1])] > 1}.values())
 
     def _of_window(self, start: datetime) -> tuple[list[tuple[int, Any, int, float | None]], Counter[Any]]:
         """The rows of the window starting at ``start`` and how many of them carry each id."""

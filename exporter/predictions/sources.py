@@ -149,6 +149,7 @@ class LeftOutIds:
         #: Whether the last search probed every id of the window (or ids are unique): only
         #: then are its ids all those of the window for a read of the windows in one pass.
         self.complete = False
+        self._too_many = False  # whether the last search found more duplicated ids than it lists
         self._by_slice: dict[datetime, frozenset[Any]] = {}  # per kept slice, the ids it left out
         self._should: dict[datetime, frozenset[Any]] = {}  # per slice, what it should leave out now
         #: The slices the last refresh read whose ids the search did not probe (read again
@@ -184,9 +185,9 @@ class LeftOutIds:
             self._probed = probed.new_slices
             reads = [r for p in probed.passes for r in p.reads]
             reads += [(s, s + store.width) for s in self._unprobed]
-            # With no slice kept (a cold start, the limits below passed) or while filling,
-            # every id is probed: one grouped pass, which finds at once more duplicated ids
-            # than can be listed, and all of them, for the pass over the windows of a fill.
+            # With no slice kept (a cold start, the limits below passed), while filling or
+            # with every_id, every id is probed: one grouped pass, which finds at once more
+            # duplicated ids than can be listed, and all of them, for a pass over the windows.
             probe = reads if store.slices and not filling and not every_id else None
             self.complete = probe is None
             searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
@@ -194,6 +195,7 @@ class LeftOutIds:
             rows: list[Any] = []
             # The limits are read from the module at each call: tests lower them.
             listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
+            self._too_many = not listed
             if ids and listed:
                 points = slice_points(windows, store.width)
                 rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
@@ -215,11 +217,14 @@ class LeftOutIds:
 
     def one_pass_ids(self, found: DuplicateRows | None, starts: Sequence[datetime]) -> DuplicateIds | None:
         """The duplicated ids of each window starting at one of ``starts``, for a read of the
-        windows in one pass, from what ``search`` ``found`` (``None``: too many to list,
-        which the queries then search themselves), when it probed every id; ``None`` when
-        it did not (a fill started by its own forgetting): the caller searches
-        (``PredictionsSource.duplicate_ids``), since a row written late into a kept slice
-        may duplicate an id it did not probe."""
+        windows in one pass, from what ``search`` ``found``: when it found more ids than it
+        lists, ``DuplicateIds(None)`` (the queries then search them themselves); when it
+        probed every id, the ids of its rows, or ``DuplicateIds(None)`` when they were too
+        many; else ``None`` (a fill started by its own forgetting, or too many rows of few
+        ids): the caller searches (``PredictionsSource.duplicate_ids``), since a row written
+        late into a kept slice may duplicate an id it did not probe."""
+        if self._too_many:
+            return DuplicateIds(None)
         if not self.complete:
             return None
         return DuplicateIds(None) if found is None else found.per_window(starts)
@@ -502,10 +507,13 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             self._restored = True
             self._restore(store)
         filling = store.filling(windows.starts, windows.end, delay)
-        if store.audit_due(windows.end, filling):
+        audited = store.audit_due(windows.end, filling)
+        if audited:
             self._audit(conn, store, windows.end)
             filling = store.filling(windows.starts, windows.end, delay)  # it may have forgotten many
-        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay)
+        # An id rewritten in place keeps every count and sum the audit compares: the
+        # refresh that audits probes every id (as the labels' does).
+        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay, every_id=audited)
         if duplicate_rows is not None:
             filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
             plan = store.plan(windows.starts, windows.end, delay, filling)

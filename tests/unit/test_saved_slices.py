@@ -101,6 +101,7 @@ def _npz() -> bytes:
         (None, _meta(counts=_counts(extreme=True)), "not a count"),  # JSON true is no count
         (None, _meta(counts=_counts(extreme=-1)), "not a count"),
         (None, _meta(counts=_counts(extreme=1.0)), "not a count"),
+        (None, _meta(counts=_counts(extreme=2**63)), "not a count"),  # beyond int64: OverflowError before
         (None, _meta(counts={k: v for k, v in _counts().items() if k != "bad_timestamp"}), "'counts' does not name"),
         (None, _meta(counts=[10, 7, 3, 4, 0, 1, 0, 0]), "'counts' does not name"),
         (None, _meta(sums={"labeled_score_sum": 1.0}), "'sums' does not name"),

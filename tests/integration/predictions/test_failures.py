@@ -369,8 +369,7 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
     """An audit that finds more kept slices changed (4) than a refresh reads (3 of the 3h
     window's 36) starts a fill: newest, audit, every id probed and the duplicated ones' rows,
     the fill's pass (histogram, most frequent scores), the windows in one pass with the ids
-    found (histogram, mode counts), counter: 9; + 2 (labels, serving version) + 1 (replays);
-    one less than the worst case (next test)."""
+    found (histogram, mode counts), counter: 9; + 2 (labels, serving version) + 1 (replays)."""
     from exporter.predictions.refresh import worst_case_queries
 
     engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
@@ -393,19 +392,20 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and not slices.filled
     queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    assert len(queries_run) == worst_case_queries(settings.models[0]) - 1 == 12
+    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
     stores.dispose()
 
 
 def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
-    """The refresh that runs the most predictions statements: its audit finds a row written
-    late into a kept slice (read again: its buckets hold several scores now), and rows just
-    written carry the ids of rows in 4 other kept slices, which must now leave them out:
-    read again too, more than a refresh reads, so it fills. Its search probed only what it reads, which a row written late
-    into a kept slice could duplicate unseen, so the windows' pass searches them in full:
-    newest, audit, duplicated ids and their rows, the fill's pass (histogram, most frequent
-    scores), the windows in one pass (duplicate search, histogram, mode counts), counter:
-    10; + 2 (labels, serving version) + 1 (replays). Its numbers are those of one pass."""
+    """An audit finds a row written late into a kept slice (read again: its buckets hold
+    several scores now), and rows just written carry the ids of rows in 4 other kept
+    slices, which must now leave them out: read again too, more than a refresh reads, so
+    it fills. The refresh that audits probes every id, so the windows' pass uses the ids
+    found: newest, audit, duplicated ids and their rows, the fill's pass (histogram, most
+    frequent scores), the windows in one pass (histogram, mode counts), counter: 9; + 2
+    (labels, serving version) + 1 (replays). Its numbers are those of one pass (without
+    an audit the search probes only what it reads, and the windows' pass searches them in
+    full: test_online_slices.py)."""
     from exporter.predictions.refresh import worst_case_queries
 
     engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
@@ -427,7 +427,7 @@ def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and not slices.filled
     queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    assert len(queries_run) == worst_case_queries(settings.models[0]) == 13
+    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
     cold_settings = settings.model_copy(update={"models": [settings.models[0].model_copy(update={"time_slice": None})]})
     cold = ModelRefresher(cold_settings.models[0], "models[0]", cold_settings.refresh_policy, stores).refresh(as_of)
     assert snap.score_stats == cold.score_stats and snap.online == cold.online
@@ -491,16 +491,16 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     assert snap.score_stats[0].invalid["duplicate_id"] == 2
     queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
     # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
-    # scores of each of two passes, counter; 10 when the audit starts a fill: next test)
+    # scores of each of two passes, counter; as many when the audit starts a fill: above)
     # + 1 + 1 (labels, serving version) + 1 (replays), whatever the windows: labels and
     # replays reuse the predictions' duplicate ids (no label delay)
-    assert len(queries_run) == worst_case_queries(settings.models[0]) - 1 == 12
+    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
     stores.dispose()
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
     """The issue's numbers: refresh_interval 2s, query_timeout 3s (the old default deadline
-    5 s), three sources over two windows: 12 queries and 3 connections, up to 45 s."""
+    5 s), three sources over two windows: 11 queries and 3 connections, up to 42 s."""
     from typer.testing import CliRunner
 
     from exporter.cli import app
@@ -511,7 +511,7 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings.stores, settings.query_timeout)
     assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
-        seconds=(10 + 1 + 1 + 3) * 3
+        seconds=(9 + 1 + 1 + 3) * 3
     )
     quick = settings.model_copy(
         update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
@@ -536,8 +536,8 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert (
-        # the default label_delay (1h): the labels search their own duplicate ids, 13 queries
-        "warning: refresh_timeout: 5 s is shorter than the 48 s a refresh of models[0] ('ctr') may take"
+        # the default label_delay (1h): the labels search their own duplicate ids, 12 queries
+        "warning: refresh_timeout: 5 s is shorter than the 45 s a refresh of models[0] ('ctr') may take"
         in result.stderr
     )
     config.write_text(common)

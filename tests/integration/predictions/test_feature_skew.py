@@ -432,8 +432,8 @@ def test_worst_case_queries_counts_the_features_statements(tmp_path):
     queries = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
     # 5 (predictions: newest, duplicate ids, histogram, mode counts as 0.1 buckets hold
     # several scores, counter; every window in one pass) + 3 (features); the predictions'
-    # worst case on time slices adds 5 (test_failures.py counts it)
-    assert len(queries) == worst_case_queries(model) - 5 == 8
+    # worst case on time slices adds 4 (test_failures.py counts it)
+    assert len(queries) == worst_case_queries(model) - 4 == 8
 
 
 def test_a_single_window(store, state_file):

@@ -57,8 +57,8 @@ def test_concurrent_refreshes_of_many_models_never_open_and_close_connections(st
     _fill(url, schema)
     settings = _models(model_settings(url, schema), 8)
     pools = store_pools(settings)
-    # The deadline (worst_case_duration): 11 statements and 2 connections of 30 s each.
-    assert pools == {"s": PoolSize(8, (11 + 2) * 30.0)}
+    # The deadline (worst_case_duration): 10 statements and 2 connections of 30 s each.
+    assert pools == {"s": PoolSize(8, (10 + 2) * 30.0)}
     stores = Stores(settings.stores, settings.query_timeout, pools)
     opened, closed = [], []
     engine = stores.engine("s")
@@ -174,9 +174,9 @@ def test_pools_are_sized_by_the_models_that_use_each_database():
     from exporter.config import parse_settings
 
     settings = parse_settings(config)
-    # Deadlines by hand (worst_case_queries): 10 statements + 1 connection for predictions
-    # alone, 10 + 2 statements and 2 connections with features; 5 s each, at least 10 s + 5 s.
-    plain, featured = (10 + 1) * 5.0, (10 + 2 + 2) * 5.0
+    # Deadlines by hand (worst_case_queries): 9 statements + 1 connection for predictions
+    # alone, 9 + 2 statements and 2 connections with features; 5 s each, at least 10 s + 5 s.
+    plain, featured = (9 + 1) * 5.0, (9 + 2 + 2) * 5.0
     assert store_pools(settings) == {
         "a": PoolSize(3, plain),
         "b": PoolSize(10, plain),
