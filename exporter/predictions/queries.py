@@ -353,7 +353,7 @@ class PredictionQueries:
                 self.id.label("id"),
                 *[_count_if(self.time.at_or_after(start)).label(f"n_{i}") for i, start in enumerate(windows.starts)],
             )
-            .where(self._in_window(windows.start, windows.end))
+            .where(self._in_window(windows.start, windows.end), self.id.is_not(None))  # NULL is no duplicate
             .group_by(self.id)
             .having(sa.func.count() > 1)
             .limit(MAX_LISTED_DUPLICATES + 1)
@@ -369,7 +369,7 @@ class PredictionQueries:
         time slices probes only its new rows' ids against the window (a semi-join, which
         an index on the id turns into lookups) instead of grouping the whole window by id.
         """
-        conditions = [self._in_window(start, end)]
+        conditions = [self._in_window(start, end), self.id.is_not(None)]  # NULL is no duplicate
         if probe is not None:
             in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
             # The known ids inside the subquery, not OR-ed beside it: one semi-join, which an
@@ -390,10 +390,14 @@ class PredictionQueries:
         self, points: Sequence[datetime], start: datetime, end: datetime, ids: Sequence[Any]
     ) -> sa.Select:
         """Every row of ``[start, end)`` whose id is one of ``ids``, as (``part``, ``id``,
-        ``base``, ``score``), at most ``MAX_DUPLICATE_ROWS + 1``; parts as ``_parts``."""
+        ``base``, ``score``), at most ``MAX_DUPLICATE_ROWS + 1``; parts as ``_parts``. Each
+        id is given as the least of the ids the store holds equal to it (a case-insensitive
+        collation holds 'a' and 'A' equal), so that Python counts an id's rows as the store's
+        ``GROUP BY`` does."""
         columns = (self.id.label("id"), self._base().label("base"), self.score.label("score"))
         rows, part = self._parts(points, [(start, end)], *columns, where=self._only(ids))
-        return sa.select(part.label("part"), rows.c.id, rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
+        same = sa.func.min(rows.c.id).over(partition_by=rows.c.id)
+        return sa.select(part.label("part"), same.label("id"), rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
 
     def _duplicated(self, windows: Windows, duplicates: DuplicateIds) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
         """The rows' source and, per window, a predicate true when the row's id is carried by

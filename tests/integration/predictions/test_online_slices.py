@@ -628,3 +628,35 @@ def test_an_id_rewritten_in_a_kept_slice_is_found_by_the_next_audit(tmp_path):
         _same(w, c)
     stores.dispose()
     tables.engine.dispose()
+
+
+def test_ids_the_store_holds_equal_are_one_id_to_the_kept_slices(tmp_path):
+    """Text ids under a case-insensitive collation: 'p30' and 'P30' are one id to the
+    store's GROUP BY and IN, so both rows are duplicates, as a refresh without time slices
+    counts them, in the kept slices' online accuracy and prediction statistics too (Python
+    once counted them as two ids, each unique)."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE predictions (id TEXT COLLATE NOCASE, ts TIMESTAMP, p FLOAT)")
+        conn.exec_driver_sql("CREATE TABLE labels (k INTEGER, id TEXT COLLATE NOCASE, y INTEGER, ts TIMESTAMP)")
+        rows = [(f"p{m}", START - timedelta(minutes=m)) for m in range(1, 70)]
+        rows.append(("P30", START - timedelta(minutes=8, seconds=30)))
+        for k, (ident, ts) in enumerate(rows):
+            naive = _naive(ts)
+            conn.execute(sa.text("INSERT INTO predictions VALUES (:id, :ts, 0.5)"), {"id": ident, "ts": naive})
+            labeled = _naive(ts + timedelta(seconds=30))
+            conn.execute(sa.text("INSERT INTO labels VALUES (:k, :id, 1, :ts)"), {"k": k, "id": ident, "ts": labeled})
+    engine.dispose()
+    settings = _settings(url, None, "ignore", 1, unique=False)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    plain = settings.models[0].model_copy(update={"time_slice": None})
+    one_pass = ModelRefresher(plain, "models[0]", settings.refresh_policy, stores).refresh(START)
+    for fill in (1, 24):
+        got = _refresher(_settings(url, None, "ignore", fill, unique=False), stores).refresh(START)
+        assert got.score_stats == one_pass.score_stats
+        for w, c in zip(got.online, one_pass.online, strict=True):
+            _same(w, c)
+    hour = next(o for o in one_pass.online if o.window == "1h")
+    assert hour.predictions == 59  # minutes 6 to 65 and P30, the two rows of p30 left out
+    stores.dispose()
