@@ -103,6 +103,15 @@ class Tables:
             with self.engine.begin() as conn:
                 conn.execute(self.predictions.insert(), records)
 
+    def minutely(self, minutes: int, labeled: bool) -> dict[int, int]:
+        """Predictions scored 0.5 at each minute from 1 to ``minutes`` - 1 before ``START``,
+        with ``labeled`` a label row of 1 recorded 30 s after each; their ids by minute."""
+        self.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, minutes)])
+        by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in self.scored.items()}
+        if labeled:
+            self.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in self.scored.items()])
+        return by_minute
+
     def predict_again(self, rows: list[tuple[int, datetime, float | None]]) -> None:
         """Predictions carrying an id that other rows carry: duplicated ids."""
         self.again += rows
@@ -500,12 +509,10 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     settings = _settings(url, None, "ignore", 1, unique=False)
     stores = Stores(settings.stores, timedelta(seconds=30))
     tables = Tables(url, None, "sqlite")
-    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 70)])
-    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
+    by_minute = tables.minutely(70, labeled=True)
     # The labels' windows end at START - 5m: 7m is [START - 12m, START - 5m), 1h [START - 65m, ...).
     tables.predict_again([(by_minute[40], START - timedelta(minutes=50, seconds=30), 0.5)])  # twice in 1h only
     tables.predict_again([(by_minute[30], START - timedelta(minutes=8, seconds=30), 0.5)])  # once in each
-    tables.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in tables.scored.items()])
     warm = _refresher(settings, stores)
     first = warm.refresh(START)
     counts = {o.window: (o.predictions, o.labeled) for o in first.online}
@@ -553,8 +560,7 @@ def test_a_fill_started_by_the_duplicate_search_searches_the_windows_in_full(tmp
     url = f"sqlite:///{tmp_path}/store.sqlite"
     stores = Stores(_settings(url, None, "ignore", 24, unique=False).stores, timedelta(seconds=30))
     tables = Tables(url, None, "sqlite")
-    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 90)])
-    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
+    by_minute = tables.minutely(90, labeled=False)
     warm = _refresher(_settings(url, None, "ignore", 24, unique=False), stores)
     as_of = START
     while not warm.predictions.slices.filled:
@@ -586,9 +592,7 @@ def test_the_audit_finds_a_late_row_of_any_score_that_duplicates_an_id(tmp_path)
     settings = _settings(url, None, "ignore", 1, unique=False)
     stores = Stores(settings.stores, timedelta(seconds=30))
     tables = Tables(url, None, "sqlite")
-    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 90)])
-    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
-    tables.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in tables.scored.items()])
+    by_minute = tables.minutely(90, labeled=True)
     warm = _refresher(settings, stores)
     warm.refresh(START)
     tables.predict_again([(by_minute[40], START - timedelta(minutes=30, seconds=30), None)])
@@ -611,9 +615,7 @@ def test_an_id_rewritten_in_a_kept_slice_is_found_by_the_next_audit(tmp_path):
     settings = _settings(url, None, "ignore", 1, unique=False)
     stores = Stores(settings.stores, timedelta(seconds=30))
     tables = Tables(url, None, "sqlite")
-    tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 90)])
-    by_minute = {round((START - ts).total_seconds() / 60): i for i, (ts, _) in tables.scored.items()}
-    tables.label([(i, ts + timedelta(seconds=30), 1) for i, (ts, _) in tables.scored.items()])
+    by_minute = tables.minutely(90, labeled=True)
     warm = _refresher(settings, stores)
     warm.refresh(START)
     with tables.engine.begin() as conn:
