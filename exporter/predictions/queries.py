@@ -367,7 +367,9 @@ class PredictionQueries:
         ranges and the ``known`` ids (``probe`` ``None``: among all). A new duplicate has a
         row that is new, and a known one may have stopped being one: so a refresh that keeps
         time slices probes only its new rows' ids against the window (a semi-join, which
-        an index on the id turns into lookups) instead of grouping the whole window by id.
+        an index on the id turns into lookups) instead of grouping the whole window by id
+        (``LeftOutIds.search`` groups every id with no slice kept, while filling and at an
+        audit's refresh).
         """
         conditions = [self._in_window(start, end), self.id.is_not(None)]  # NULL is no duplicate
         if probe is not None:
@@ -391,12 +393,13 @@ class PredictionQueries:
     ) -> sa.Select:
         """Every row of ``[start, end)`` whose id is one of ``ids``, as (``part``, ``id``,
         ``base``, ``score``), at most ``MAX_DUPLICATE_ROWS + 1``; parts as ``_parts``. Each
-        id is given as the least of the ids the store holds equal to it (a case-insensitive
-        collation holds 'a' and 'A' equal), so that Python counts an id's rows as the store's
-        ``GROUP BY`` does."""
+        id is given as one of the ids the store holds equal to it, the same for all of them
+        (a case-insensitive collation holds 'a' and 'A' equal), so that Python counts an
+        id's rows as the store's ``GROUP BY`` does; ``first_value``, not ``min``, which
+        PostgreSQL lacks for ``uuid`` and ``bytea``."""
         columns = (self.id.label("id"), self._base().label("base"), self.score.label("score"))
         rows, part = self._parts(points, [(start, end)], *columns, where=self._only(ids))
-        same = sa.func.min(rows.c.id).over(partition_by=rows.c.id)
+        same = sa.func.first_value(rows.c.id).over(partition_by=rows.c.id)
         return sa.select(part.label("part"), same.label("id"), rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
 
     def _duplicated(self, windows: Windows, duplicates: DuplicateIds) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
@@ -995,9 +998,9 @@ class LabelQueries:
         recorded: Sequence[tuple[datetime, datetime]],
         as_of: datetime,
         predicted: TimeColumn,
-        ids: Sequence[Any] | None = None,
+        only: Sequence[Any] | None = None,
     ) -> sa.Subquery:
-        """The label rows (of the ``ids``, when given) recorded before ``as_of`` in one of the
+        """The label rows (of the ``only`` ids, when given) recorded before ``as_of`` in one of the
         ``recorded`` ranges, and those whose arrival time is written but no instant, as (id,
         ``value``: the label if valid, else NULL; ``opens`` and ``closes``: the prediction
         times, bound for the predictions' time column ``predicted``, in ``[opens, closes)``
@@ -1020,7 +1023,7 @@ class LabelQueries:
             .select_from(source)
             .where(
                 sa.or_(*(time.between(a, min(b, as_of)) for a, b in union(recorded) if a < as_of), unreadable),
-                *([] if ids is None else [ident.in_(list(ids))]),
+                *([] if only is None else [ident.in_(list(only))]),
             )
             .subquery("label_times")
         )

@@ -249,7 +249,8 @@ class Codec(Generic[A]):
     ``model`` and ``slice_start_us`` with a ``fingerprint`` column, the ``columns`` holding
     the aggregate, ``encode`` giving their values in that order and ``decode`` reading
     them back as the database returns them (raising ``ValueError``, ``TypeError``,
-    ``OSError`` or ``EOFError`` for a row it does not write), and ``noun``, how logs name
+    ``OSError``, ``EOFError``, ``OverflowError`` or ``RecursionError`` for a row it does
+    not write), and ``noun``, how logs name
     one slice; ``of``: the sources whose configuration its fingerprint describes."""
 
     table: sa.Table

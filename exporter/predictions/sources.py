@@ -134,7 +134,8 @@ def slice_store(model: ModelConfig, combine: Callable[[Iterable[A]], A]) -> Slic
 
 class LeftOutIds:
     """The duplicated ids a source keeping time slices leaves out of every read, and the
-    ids each kept slice left out (issue 12: no full duplicate search a refresh). The
+    ids each kept slice left out (issue 12: no full duplicate search at every refresh, only
+    with no slice kept, while filling and at an audit's refresh). The
     predictions and the labels keep one each: their windows differ by ``label_delay``.
 
     ``search`` finds the ids carried by several rows of the largest window among the ids
@@ -205,7 +206,7 @@ class LeftOutIds:
                 self.ids = ()
                 return None
         else:
-            self.complete = True
+            self.complete, self._too_many = True, False
         # Unique ids (also by a unique index found when the table is reflected again after a
         # failure, or the table created again with a key) leave nothing out: slices that left
         # out the ids known before are read again.

@@ -662,3 +662,35 @@ def test_ids_the_store_holds_equal_are_one_id_to_the_kept_slices(tmp_path):
     hour = next(o for o in one_pass.online if o.window == "1h")
     assert hour.predictions == 59  # minutes 6 to 65 and P30, the two rows of p30 left out
     stores.dispose()
+
+
+@pytest.mark.parametrize("store", ["postgresql", "duckdb"], indirect=True)
+def test_uuid_ids_duplicated_on_kept_slices(store):
+    """A uuid id column (docs/configuration.md, *Types of ids*) with a duplicated id and
+    time slices: the rows of the duplicated ids are read with the store's own id for each
+    (PostgreSQL has no min() of uuid, which once failed both sources)."""
+    url, schema, dialect = store
+    table = f'"{schema}".' if schema else ""
+    engine = sa.create_engine(url)
+    ids = [f"00000000-0000-0000-0000-{m:012d}" for m in range(1, 70)]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {table}predictions (id UUID, ts TIMESTAMP, p DOUBLE PRECISION)")
+        conn.exec_driver_sql(f"CREATE TABLE {table}labels (k INTEGER, id UUID, y INTEGER, ts TIMESTAMP)")
+        rows = [(ident, START - timedelta(minutes=m)) for m, ident in enumerate(ids, start=1)]
+        rows.append((ids[29], START - timedelta(minutes=8, seconds=30)))  # minute 30's id again
+        for k, (ident, ts) in enumerate(rows):
+            values = {"k": k, "id": ident, "ts": _naive(ts), "labeled": _naive(ts + timedelta(seconds=30))}
+            conn.execute(sa.text(f"INSERT INTO {table}predictions VALUES (CAST(:id AS UUID), :ts, 0.5)"), values)
+            conn.execute(sa.text(f"INSERT INTO {table}labels VALUES (:k, CAST(:id AS UUID), 1, :labeled)"), values)
+    engine.dispose()
+    settings = _settings(url, schema, "ignore", 1, unique=False)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    plain = settings.models[0].model_copy(update={"time_slice": None})
+    one_pass = ModelRefresher(plain, "models[0]", settings.refresh_policy, stores).refresh(START)
+    got = _refresher(settings, stores).refresh(START)
+    assert all(s.up for s in got.sources.values()), got.sources
+    assert got.score_stats == one_pass.score_stats
+    for w, c in zip(got.online, one_pass.online, strict=True):
+        _same(w, c)
+    assert next(o for o in got.online if o.window == "1h").predictions == 59
+    stores.dispose()
