@@ -198,7 +198,7 @@ class LeftOutIds:
             listed = len(searched) <= queries.MAX_LISTED_DUPLICATES
             self._too_many = not listed
             if ids and listed:
-                points = slice_points(windows, store.width)
+                points = _slice_points(windows, store.width)
                 rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
                 duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
             if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
@@ -238,7 +238,7 @@ class LeftOutIds:
             self._unprobed = tuple(sorted(set(plan.new_slices) - set(self._probed)))
 
 
-def slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
+def _slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
     """Every boundary of slices of ``width`` in the largest of ``windows``, its starts and its end."""
     # Every slice boundary in the window: the starts of the slices inside it, then the
     # one starting at its last boundary (cut by the window's end).
