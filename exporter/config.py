@@ -355,6 +355,11 @@ class ModelConfig(Strict):
     mode_share_decimals: int = Field(default=6, ge=0, le=12)
     histogram_buckets: Annotated[list[float], Field(min_length=1)] = list(DEFAULT_SCORE_BUCKETS)
     replay_tolerance: ReplayTolerance = ReplayTolerance()
+    replay_delay: DurationOrZero = timedelta(0)
+    """With time slices, how long after a slice's end (and ``predictions.ingestion_delay``)
+    its replays are read again at every refresh before its replay aggregates are kept: set
+    it to how late your replay job writes. A replay written later counts from the next audit
+    (``slice_audit_interval``; docs/metrics.md, *Replays on slices*)."""
     alert_thresholds: dict[str, float | None] = {}
     """Overrides of the top-level ``alerting`` thresholds for this model."""
     time_slice: Literal["auto"] | Duration | None = None

@@ -890,13 +890,13 @@ class PredictionQueries:
         """
         return self.dialect == "postgresql" and replays.indexed and _same_type(self.id, replays.id, self.dialect)
 
-    def replays(self, replays: ReplayQueries, windows: Windows, duplicates: DuplicateIds) -> sa.Select:
-        """One row, per window ``i``: ``replayed_i`` (its valid predictions that have a replay
-        row), ``reproduced_i`` and ``abs_error_max_i`` (max |online - offline|), in one pass
-        over the largest window. Reproduced means ``|a - b| <= atol + rtol * max(|a|, |b|)``;
-        a replay that is not a valid probability (NULL, NaN, infinite, outside [0, 1], text
-        or a blob in SQLite) never is and is left out of the max."""
-        rows = self.valid_rows(windows, duplicates)
+    def _replayed(
+        self, replays: ReplayQueries, rows: sa.Subquery
+    ) -> tuple[sa.FromClause, sa.ColumnElement[bool], sa.ColumnElement[bool], sa.ColumnElement[float]]:
+        """``rows`` (valid predictions with ``id`` and ``score``) joined to their replay
+        rows, and per pair: whether the replay is a valid probability, whether it
+        reproduces the served score (``|a - b| <= atol + rtol * max(|a|, |b|)``, false for
+        an invalid replay) and ``|a - b|``."""
         online = rows.c.score
         offline: sa.ColumnElement[float]
         if self.replays_by_lookup(replays):
@@ -919,16 +919,69 @@ class PredictionQueries:
         if tolerance.rtol > 0:
             smallest = SQUARE_FLOOR / tolerance.rtol  # larger below this: rtol x larger < SQUARE_FLOOR
             relative = sa.case((larger < _double(smallest), _double(0.0)), else_=_double(tolerance.rtol) * larger)
-        within = diff <= _double(tolerance.atol) + relative
+        within = sa.and_(valid, diff <= _double(tolerance.atol) + relative)
+        return source, valid, within, diff
+
+    def replays(
+        self,
+        replays: ReplayQueries,
+        windows: Windows,
+        duplicates: DuplicateIds,
+        only: Sequence[Any] | None = None,
+    ) -> sa.Select:
+        """One row, per window ``i``: ``replayed_i`` (its valid predictions that have a replay
+        row), ``reproduced_i`` and ``abs_error_max_i`` (max |online - offline|), in one pass
+        over the largest window. Reproduced means ``|a - b| <= atol + rtol * max(|a|, |b|)``;
+        a replay that is not a valid probability (NULL, NaN, infinite, outside [0, 1], text
+        or a blob in SQLite) never is and is left out of the max. With ``only``, the
+        predictions of those ids alone: what kept replay slices leave out
+        (``ReplaysSource``)."""
+        rows = self.valid_rows(windows, duplicates, only=only)
+        source, valid, within, diff = self._replayed(replays, rows)
         columns = []
         for i in range(len(windows.starts)):
             counted = rows.c[f"in_{i}"] == 1
             columns += [
                 _count_if(counted).label(f"replayed_{i}"),
-                _count_if(sa.and_(counted, valid, within)).label(f"reproduced_{i}"),
+                _count_if(sa.and_(counted, within)).label(f"reproduced_{i}"),
                 sa.func.max(sa.case((sa.and_(counted, valid), diff), else_=None)).label(f"abs_error_max_{i}"),
+                sa.func.sum(sa.case((sa.and_(counted, valid), diff), else_=None)).label(f"abs_error_sum_{i}"),
             ]
         return sa.select(*columns).select_from(source)
+
+    def sliced_replays(
+        self,
+        replays: ReplayQueries,
+        points: Sequence[datetime],
+        reads: Sequence[tuple[datetime, datetime]],
+        exclude: Sequence[Any] = (),
+    ) -> sa.Select:
+        """The aggregates of ``replays`` per part of time (``_parts``: part ``p`` is
+        ``[points[p], points[p + 1])``), in one pass over the ``reads`` ranges, leaving out
+        every prediction whose id is in ``exclude`` (the duplicated ids, which ``replays``
+        with ``only`` adds back per window): rows (``part``, ``replayed``, ``reproduced``,
+        ``abs_error_max``, ``abs_error_sum``), one per part holding a replayed prediction,
+        in no order (``slices.ReplayTotals.by_part`` reads them)."""
+        valid_score = _valid_probability(self.dialect, self.score, self.score_is_number)
+        columns = (self.id.label("id"), self.score.label("score"))
+        rows, part = self._parts(points, reads, *columns, where=[valid_score, *self._not_in(exclude)])
+        source, valid, within, diff = self._replayed(replays, rows)
+        paired = (
+            sa.select(
+                part.label("part"),
+                sa.case((within, 1), else_=0).label("reproduced"),
+                sa.case((valid, diff), else_=None).label("diff"),
+            )
+            .select_from(source)
+            .subquery("paired")
+        )
+        return sa.select(
+            paired.c.part,
+            sa.func.count().label("replayed"),
+            sa.func.sum(paired.c.reproduced).label("reproduced"),
+            sa.func.max(paired.c.diff).label("abs_error_max"),
+            sa.func.sum(paired.c.diff).label("abs_error_sum"),
+        ).group_by(paired.c.part)
 
 
 class LabelQueries:

@@ -79,7 +79,8 @@ def worst_case_queries(model: ModelConfig) -> int:
     audit, the duplicated ids and their rows, two passes, and the rows of those ids added
     back per window;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
-    with fewer statements); features: the serving version (with a version column), its
+    with fewer statements); with time slices on, as the labels on kept online slices, 3
+    with ``unique_ids`` and 6 without (``ReplaysSource._sliced``); features: the serving version (with a version column), its
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
@@ -89,7 +90,7 @@ def worst_case_queries(model: ModelConfig) -> int:
         sliced = 3 if model.predictions.unique_ids else 6
         count += (sliced if kept else 1 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
-        count += 1
+        count += (3 if model.predictions.unique_ids else 6) if model.slice_width() is not None else 1
     if model.features is not None:
         count += 2 + version
     return count

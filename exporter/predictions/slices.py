@@ -1,7 +1,8 @@
 """Time slices: the aggregates a refresh keeps between refreshes, so that each refresh reads
 only the rows that can still change (issue 12, docs/metrics.md "Time slices"): the plan of
 what to read (``SliceStore``, ``Plan``), the mergeable aggregates of the predictions
-(``Histogram``, ``TopCounts``, ``Sliced``) and the rows of duplicated ids added back per
+(``Histogram``, ``TopCounts``, ``Sliced``), of the online accuracy (``OnlineBuckets``) and of
+the replays (``ReplayTotals``), and the rows of duplicated ids added back per
 window (``DuplicateRows``).
 
 Slice ``j`` of width ``w`` holds the rows stamped in ``[epoch + j w, epoch + (j + 1) w)``
@@ -422,6 +423,64 @@ class OnlineBuckets:
         """(each count of ``ONLINE_COUNTS``, each sum of ``ONLINE_SUMS``): what the audit
         compares with the store (``sliced_online(..., by_bucket=False)``)."""
         return tuple(int(c) for c in self.counts), tuple(float(v) for v in self.sums)
+
+
+@dataclass(frozen=True)
+class ReplayTotals:
+    """The replay aggregates of some predictions (``PredictionQueries.replays``,
+    ``sliced_replays``): ``replayed`` (prediction, replay row) pairs, how many
+    ``reproduced`` the served score, and over the replays that are valid probabilities the
+    largest and the sum of ``|online - offline|`` (``None`` and 0.0 without one). The sum
+    is no metric: the audit of kept replay slices compares it, so that a replay rewritten
+    with another score is seen though it keeps the counts and the maximum. Memory: about
+    0.2 KiB a kept slice, whatever its rows.
+
+    They merge exactly over disjoint sets of predictions (counts add, maxima combine), up
+    to the summation order of the sum."""
+
+    replayed: int = 0
+    reproduced: int = 0
+    abs_error_max: float | None = None
+    abs_error_sum: float = 0.0
+
+    @classmethod
+    def of(cls, mapping: Any, suffix: str = "") -> ReplayTotals:
+        """From a result row's mapping (``replayed``, ``reproduced``, ``abs_error_max``,
+        ``abs_error_sum``, each with ``suffix``, such as ``_0`` for window 0 of
+        ``replays``); NULL counts and sums (no row) are 0."""
+        largest = mapping[f"abs_error_max{suffix}"]
+        return cls(
+            int(mapping[f"replayed{suffix}"] or 0),
+            int(mapping[f"reproduced{suffix}"] or 0),
+            None if largest is None else float(largest),
+            float(mapping[f"abs_error_sum{suffix}"] or 0.0),
+        )
+
+    @classmethod
+    def by_part(cls, rows: Iterable[Any]) -> dict[int, ReplayTotals]:
+        """From the rows of ``PredictionQueries.sliced_replays``, each part's totals."""
+        return {int(row.part): cls.of(row._mapping) for row in rows}
+
+    @classmethod
+    def merge(cls, parts: Iterable[ReplayTotals]) -> ReplayTotals:
+        """The totals of the union of the predictions of ``parts`` (disjoint sets)."""
+        parts = list(parts)
+        maxima = [p.abs_error_max for p in parts if p.abs_error_max is not None]
+        return cls(
+            sum(p.replayed for p in parts),
+            sum(p.reproduced for p in parts),
+            max(maxima) if maxima else None,
+            math.fsum(p.abs_error_sum for p in parts),
+        )
+
+    def differs(self, other: ReplayTotals) -> bool:
+        """Whether ``other`` (the same slice read again) holds other replays: other counts or
+        maximum, or a sum off by more than rounding (1e-9 relative)."""
+        return (self.replayed, self.reproduced, self.abs_error_max) != (
+            other.replayed,
+            other.reproduced,
+            other.abs_error_max,
+        ) or not math.isclose(self.abs_error_sum, other.abs_error_sum, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,9 @@ from exporter.predictions.slices import (
     DuplicateRows,
     Histogram,
     OnlineBuckets,
+    Pass,
     Plan,
+    ReplayTotals,
     Sliced,
     SliceStore,
     TopCounts,
@@ -90,12 +92,6 @@ BUCKET_COLUMNS = ("n", "low", "high", "s1", "s2")
 
 def _int(value: Any) -> int:
     return int(value or 0)
-
-
-def _window_columns(row: sa.Row[Any], i: int) -> dict[str, Any]:
-    """The columns of window ``i`` of a per-window result row, without their ``_i`` suffix."""
-    suffix = f"_{i}"
-    return {name[: -len(suffix)]: value for name, value in row._mapping.items() if name.endswith(suffix)}
 
 
 def decode_serving_version(raw: str | bytes | None) -> tuple[str | None, str | None]:
@@ -717,6 +713,61 @@ class JoinedSource(Source[Q, V]):
     ):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.predictions = predictions
+        #: The duplicated ids its kept slices leave out: its own, not the predictions'
+        #: (the labels' windows end ``label_delay`` earlier, and each source reads and
+        #: forgets its slices at its own refreshes).
+        self._left_out = LeftOutIds()
+
+    def _merged(
+        self,
+        conn: Connection,
+        windows: Windows,
+        store: SliceStore[A],
+        read: Callable[[Pass, Sequence[Any]], dict[int, A]],
+        audit: Callable[[], None],
+        add_back: Callable[[DuplicateIds, Sequence[Any]], list[A]],
+    ) -> tuple[list[A] | None, DuplicateIds | None]:
+        """Each window's aggregates ``A``, merged from the kept slices of ``store`` and the
+        stretches that can still change (``slices.SliceStore``, as
+        ``PredictionsSource._sliced``), or ``None`` while the store fills (this refresh read
+        some of the missing slices and keeps them) or when the duplicated ids or their rows
+        are too many to list (the kept slices are dropped): the caller then reads the
+        windows in one pass, with each window's duplicated ids when they were found (else
+        ``None``: ``PredictionsSource.duplicate_ids`` finds them).
+
+        In order: ``audit`` when due (it compares the kept slices with the store and
+        forgets those that changed); unless ids are unique, the duplicated ids of the
+        windows, found as the predictions find theirs (``LeftOutIds.search``); per pass of
+        the plan, ``read(pass, exclude)``: its parts' aggregates, by part, the rows of the
+        ``exclude`` ids left out; then, when ids were left out, ``add_back(duplicates,
+        only)``: each window's aggregates of the predictions of the ``only`` ids, those
+        whose id several rows of the window carry (``duplicates``) left out."""
+        q = self.predictions.queries()
+        ingestion = self.model.predictions.ingestion_delay
+        filling = store.filling(windows.starts, windows.end, ingestion)
+        audited = store.audit_due(windows.end, filling)
+        if audited:
+            audit()
+            filling = store.filling(windows.starts, windows.end, ingestion)
+        # An audit compares the valid predictions only: a row with any score written late
+        # into a kept slice may make an id duplicated, so its refresh probes every id.
+        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
+        if duplicate_rows is None:
+            return None, self._left_out.one_pass_ids(None, windows.starts)
+        filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
+        plan = store.plan(windows.starts, windows.end, ingestion, filling)
+        parts: dict[tuple[int, int], A] = {}
+        for pass_index, each in enumerate(plan.passes):
+            if each.reads:
+                parts.update({(pass_index, p): a for p, a in read(each, self._left_out.ids).items()})
+        merged = store.merge(plan, parts)
+        self._left_out.after_reads(store, plan, q.unique_ids)
+        if not plan.windows:
+            return None, self._left_out.one_pass_ids(duplicate_rows, windows.starts)
+        if not self._left_out.ids:
+            return merged, None
+        back = add_back(duplicate_rows.per_window(windows.starts), self._left_out.ids)
+        return [store.combine([part, added]) for part, added in zip(merged, back, strict=True)], None
 
 
 class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
@@ -727,12 +778,6 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
     _version_problem: str | None = None  # the last version-column problem logged (logged once)
     _saved: SavedSlices[OnlineBuckets] | None = None  # where the kept online slices are saved (``_saved_slices``)
     _restored = False  # whether a refresh tried to restore them (``_restore``)
-
-    @cached_property
-    def _left_out(self) -> LeftOutIds:
-        """The duplicated ids the kept online slices leave out (their windows are not the
-        predictions': they end ``label_delay`` earlier)."""
-        return LeftOutIds()
 
     @cached_property
     def slices(self) -> SliceStore[OnlineBuckets] | None:
@@ -811,54 +856,27 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         store: SliceStore[OnlineBuckets],
     ) -> tuple[list[OnlineBuckets] | None, DuplicateIds | None]:
         """Each window's online aggregates, merged from the kept settled slices and the
-        stretches that can still change (``slices.SliceStore``, as ``PredictionsSource._sliced``),
-        or ``None`` while the store fills (this refresh read some of the missing slices and
-        keeps them) or when the duplicated ids or their rows are too many to list (the kept
-        slices are dropped): the caller then reads the windows in one pass, with each
-        window's duplicated ids when they were found (else ``None``). ``windows`` end
-        ``label_delay`` before ``as_of``: a slice is settled, and kept, once it ends
-        ``ingestion_delay`` before their end, later around a clock set back (``slices``'
-        horizon): its predictions are written, and every label row recorded within
-        ``label_delay`` of its end too. The audit, when due, reads the kept slices' totals
-        again and forgets those that changed (``_audit``). Unless ids are unique, the
-        duplicated ids of the windows are found as the predictions find theirs
-        (``LeftOutIds.search``): every read leaves them out, and one more statement adds
-        their predictions back per window, those whose id several rows of the window carry
-        left out (``PredictionQueries.online`` with ``only``)."""
+        stretches that can still change, with ``JoinedSource._merged``'s results.
+        ``windows`` end ``label_delay`` before ``as_of``: a slice is settled, and kept, once
+        it ends ``ingestion_delay`` before their end, later around a clock set back
+        (``slices``' horizon): its predictions are written, and every label row recorded
+        within ``label_delay`` of its end too. The audit, when due, reads the kept slices'
+        totals again (``_audit``); each pass reads its parts' predictions with their matured
+        labels (``PredictionQueries.sliced_online``), and the predictions of the duplicated
+        ids are added back by ``PredictionQueries.online`` with ``only``."""
         q, labels = self.predictions.queries(), self.queries()
-        ingestion = self.model.predictions.ingestion_delay
         self._restore(store)
-        filling = store.filling(windows.starts, windows.end, ingestion)
-        audited = store.audit_due(windows.end, filling)
-        if audited:
-            self._audit(conn, store, as_of, maturity)
-            filling = store.filling(windows.starts, windows.end, ingestion)
-        # The audit compares the valid predictions only: a row with any score written late
-        # into a kept slice may make an id duplicated, so its refresh probes every id.
-        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
-        if duplicate_rows is None:
-            return None, self._left_out.one_pass_ids(None, windows.starts)
-        filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
-        plan = store.plan(windows.starts, windows.end, ingestion, filling)
-        parts: dict[tuple[int, int], OnlineBuckets] = {}
-        for pass_index, read in enumerate(plan.passes):
-            if read.reads:
-                statement = q.sliced_online(
-                    labels, read.points, read.reads, as_of, maturity, exclude=self._left_out.ids
-                )
-                result = conn.execute(statement)
-                read_parts = OnlineBuckets.by_part(result.all(), list(result.keys()))
-                parts.update({(pass_index, p): buckets for p, buckets in read_parts.items()})
-        merged = store.merge(plan, parts)
-        self._left_out.after_reads(store, plan, q.unique_ids)
-        if not plan.windows:
-            return None, self._left_out.one_pass_ids(duplicate_rows, windows.starts)
-        if not self._left_out.ids:
-            return merged, None
-        duplicates = duplicate_rows.per_window(windows.starts)
-        result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity, only=self._left_out.ids))
-        back = OnlineBuckets.by_window(result.all(), list(result.keys()), len(windows.starts))
-        return [OnlineBuckets.merge([part, added]) for part, added in zip(merged, back, strict=True)], None
+
+        def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, OnlineBuckets]:
+            statement = q.sliced_online(labels, part_pass.points, part_pass.reads, as_of, maturity, exclude=exclude)
+            result = conn.execute(statement)
+            return OnlineBuckets.by_part(result.all(), list(result.keys()))
+
+        def add_back(duplicates: DuplicateIds, only: Sequence[Any]) -> list[OnlineBuckets]:
+            result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity, only=only))
+            return OnlineBuckets.by_window(result.all(), list(result.keys()), len(windows.starts))
+
+        return self._merged(conn, windows, store, read, lambda: self._audit(conn, store, as_of, maturity), add_back)
 
     def _saved_slices(self) -> SavedSlices[OnlineBuckets] | None:
         """Where the kept online slices are saved: as the predictions' slices
@@ -981,9 +999,23 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
 
 class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
-    """The offline replays of served predictions: reproducibility per window."""
+    """The offline replays of served predictions: reproducibility per window. With
+    ``time_slice``, the replay aggregates of the settled slices (``slices.ReplayTotals``)
+    are kept between refreshes (``slices``)."""
 
     name = "replays"
+
+    @cached_property
+    def slices(self) -> SliceStore[ReplayTotals] | None:
+        """The replay aggregates of the settled slices, kept between refreshes when time
+        slices are on, else ``None``. A slice is settled once its predictions are written
+        (``PredictionsSource.written_by``) and ``replay_delay`` more has passed: replays
+        have no time of their own, so one written later is taken in by the audit."""
+        store = slice_store(self.model, ReplayTotals.merge)
+        if store is not None:
+            delay = self.model.replay_delay
+            store.horizon = lambda x: self.predictions.written_by(x) - delay
+        return store
 
     def _reflect(self) -> ReplayQueries:
         source = self.model.replays
@@ -994,24 +1026,61 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types, ids)
         return ReplayQueries(source, table)
 
+    def _sliced(
+        self, conn: Connection, windows: Windows, store: SliceStore[ReplayTotals]
+    ) -> tuple[list[ReplayTotals] | None, DuplicateIds | None]:
+        """Each window's replay aggregates, merged from the kept settled slices and the
+        stretches that can still change, with ``JoinedSource._merged``'s results: each pass
+        reads its parts' predictions joined to their replays
+        (``PredictionQueries.sliced_replays``), the predictions of the duplicated ids are
+        added back by ``PredictionQueries.replays`` with ``only``, and the audit, when due,
+        reads every kept slice again with the same statement and forgets those whose
+        replays changed (``ReplayTotals.differs``): replays written, deleted or rewritten
+        since the slice was read, or predictions written later than ``ingestion_delay``."""
+        q, replays = self.predictions.queries(), self.queries()
+
+        def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, ReplayTotals]:
+            return ReplayTotals.by_part(
+                conn.execute(q.sliced_replays(replays, part_pass.points, part_pass.reads, exclude))
+            )
+
+        def audit() -> None:
+            kept = store.audit_started(windows.end)
+            found = {kept.points[p]: totals for p, totals in read(kept, self._left_out.ids).items()}
+            changed = store.audited(lambda start, totals: totals.differs(found.get(start, ReplayTotals())))
+            if changed:
+                log.info(
+                    "model %s: %d kept replay slices changed in the store; read again", self.model.name, len(changed)
+                )
+
+        def add_back(duplicates: DuplicateIds, only: Sequence[Any]) -> list[ReplayTotals]:
+            row = conn.execute(q.replays(replays, windows, duplicates, only=only)).one()
+            return [ReplayTotals.of(row._mapping, f"_{i}") for i in range(len(windows.starts))]
+
+        return self._merged(conn, windows, store, read, audit, add_back)
+
     def run(self, as_of: datetime) -> tuple[Reproducibility, ...]:
+        windows = self.predictions.windows(as_of)
+        if self.slices is not None:  # before anything can fail (SliceStore.begin)
+            self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
         q, replays = self.predictions.queries(), self.queries()
         with self._connection(q.table, replays.table) as conn:
-            if q.replays_by_lookup(replays):  # see PredictionQueries.replays_by_lookup
+            if q.replays_by_lookup(replays) or (self.slices is not None and q.dialect == "postgresql"):
+                # See PredictionQueries.replays_by_lookup; the parts' bisecting CASE, as in
+                # PredictionsSource.run.
                 without_jit(conn)
-            windows = self.predictions.windows(as_of)
-            duplicates = self.predictions.duplicate_ids(conn, windows)
-            row = conn.execute(q.replays(replays, windows, duplicates)).one()
-        out = []
-        for i, window in enumerate(self.model.windows):
-            values = _window_columns(row, i)
-            n, abs_error_max = _int(values["replayed"]), values["abs_error_max"]
-            out.append(
-                Reproducibility(
-                    window=window,
-                    replayed=n,
-                    ratio=ratio(_int(values["reproduced"]), n),
-                    abs_error_max=None if abs_error_max is None else float(abs_error_max),
-                )
+            totals, duplicates = self._sliced(conn, windows, self.slices) if self.slices is not None else (None, None)
+            if totals is None:
+                if duplicates is None:
+                    duplicates = self.predictions.duplicate_ids(conn, windows)
+                row = conn.execute(q.replays(replays, windows, duplicates)).one()
+                totals = [ReplayTotals.of(row._mapping, f"_{i}") for i in range(len(windows.starts))]
+        return tuple(
+            Reproducibility(
+                window=window,
+                replayed=t.replayed,
+                ratio=ratio(t.reproduced, t.replayed),
+                abs_error_max=t.abs_error_max,
             )
-        return tuple(out)
+            for window, t in zip(self.model.windows, totals, strict=True)
+        )

@@ -339,6 +339,31 @@ def _with_replays(engine, settings, schema=None, **model_changes):
     return settings.model_copy(update={"models": [model]})
 
 
+def _statements_by_source(refresher: ModelRefresher, stores: Stores) -> dict[str, list[str]]:
+    """The queries (SELECT, WITH) each source of ``refresher`` runs from now on, by source
+    name, recorded while its ``run`` runs."""
+    by_source: dict[str, list[str]] = {}
+    running: list[str] = []
+    for name, source in refresher.sources.items():
+
+        def run(as_of, name=name, run=source.run):
+            running.append(name)
+            try:
+                return run(as_of)
+            finally:
+                running.pop()
+
+        source.run = run
+    query = ("SELECT", "WITH")
+
+    def record(*args) -> None:
+        if running and args[2].lstrip().upper().startswith(query):
+            by_source.setdefault(running[-1], []).append(args[2])
+
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+    return by_source
+
+
 def _every_statement(tmp_path, slice_fill_refreshes: int):
     """(engine, settings) of a model whose refresh can run every statement: buckets holding
     several scores, a version column, labels and replays, windows 1h, 2h, 3h on 5-minute
@@ -369,8 +394,8 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
     """An audit that finds more kept slices changed (4) than a refresh reads (3 of the 3h
     window's 36) starts a fill: newest, audit, every id probed and the duplicated ones' rows,
     the fill's pass (histogram, most frequent scores), the windows in one pass with the ids
-    found (histogram, mode counts), counter: 9; + 2 (labels, serving version) + 1 (replays)."""
-    from exporter.predictions.refresh import worst_case_queries
+    found (histogram, mode counts), counter: 9; + 2 (labels, serving version); the replays,
+    on their own slices, within their bound (``_ran_at_most``)."""
 
     engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
     stores = Stores(settings.stores, settings.query_timeout)
@@ -387,12 +412,10 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
         for ident, minutes in ((7, 30), (601, 60), (602, 90), (603, 120)):
             late = (AS_OF - timedelta(minutes=minutes, seconds=-10)).replace(tzinfo=None)
             conn.execute(insert, {"id": ident, "ts": late, "p": 0.63})
-    statements = []
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    by_source = _statements_by_source(refresher, stores)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and not slices.filled
-    queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
+    _ran_at_most(by_source, settings.models[0])
     stores.dispose()
 
 
@@ -403,10 +426,9 @@ def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
     it fills. The refresh that audits probes every id, so the windows' pass uses the ids
     found: newest, audit, duplicated ids and their rows, the fill's pass (histogram, most
     frequent scores), the windows in one pass (histogram, mode counts), counter: 9; + 2
-    (labels, serving version) + 1 (replays). Its numbers are those of one pass (without
-    an audit the search probes only what it reads, and the windows' pass searches them in
-    full: test_online_slices.py)."""
-    from exporter.predictions.refresh import worst_case_queries
+    (labels, serving version); the replays within their bound (``_ran_at_most``). Its
+    numbers are those of one pass (without an audit the search probes only what it reads,
+    and the windows' pass searches them in full: test_online_slices.py)."""
 
     engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
     stores = Stores(settings.stores, settings.query_timeout)
@@ -422,15 +444,13 @@ def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
         conn.execute(insert, {"id": 500, "ts": late, "p": 0.63})
         for ident in (30, 60, 90, 120):  # stamped in the minute before: the ids of 4 kept slices
             conn.execute(insert, {"id": ident, "ts": (AS_OF + timedelta(seconds=100)).replace(tzinfo=None), "p": 0.2})
-    statements = []
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    by_source = _statements_by_source(refresher, stores)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and not slices.filled
-    queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
-    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
+    _ran_at_most(by_source, settings.models[0])
     cold_settings = settings.model_copy(update={"models": [settings.models[0].model_copy(update={"time_slice": None})]})
     cold = ModelRefresher(cold_settings.models[0], "models[0]", cold_settings.refresh_policy, stores).refresh(as_of)
-    assert snap.score_stats == cold.score_stats and snap.online == cold.online
+    assert snap.score_stats == cold.score_stats and snap.online == cold.online and snap.replays == cold.replays
     stores.dispose()
 
 
@@ -483,19 +503,31 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     with engine.begin() as conn:
         late = as_of - timedelta(hours=1) + timedelta(seconds=10)
         conn.execute(insert, {"id": 500, "ts": late.replace(tzinfo=None), "p": 0.63})
+        conn.execute(sa.text("INSERT INTO replays (id, p) VALUES (500, 0.63)"))  # the replays' audit finds it too
         conn.execute(insert, {"id": 7, "ts": (AS_OF + timedelta(minutes=1)).replace(tzinfo=None), "p": 0.7})
-    statements = []
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    by_source = _statements_by_source(refresher, stores)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and all(s.bucketed for s in snap.score_stats)
     assert snap.score_stats[0].invalid["duplicate_id"] == 2
-    queries_run = [s for s in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
     # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
     # scores of each of two passes, counter; as many when the audit starts a fill: above)
-    # + 1 + 1 (labels, serving version) + 1 (replays), whatever the windows: labels and
-    # replays reuse the predictions' duplicate ids (no label delay)
-    assert len(queries_run) == worst_case_queries(settings.models[0]) == 12
+    # + 1 + 1 (labels, serving version: they reuse the predictions' duplicate ids, no label
+    # delay) + 6 (replays on their slices: audit, duplicated ids, their rows, two passes,
+    # those ids' rows added back), whatever the windows
+    counts = {name: len(run) for name, run in by_source.items()}
+    assert counts == {"predictions": 9, "labels": 2, "replays": 6}
+    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 17
     stores.dispose()
+
+
+def _ran_at_most(by_source: dict[str, list[str]], model) -> None:
+    """The predictions ran their most statements (9), the labels theirs (2, with the
+    serving version), the replays (on slices) at most theirs: ``worst_case_queries``."""
+    from exporter.predictions.refresh import worst_case_queries
+
+    counts = {name: len(run) for name, run in by_source.items()}
+    assert counts["predictions"] == 9 and counts["labels"] == 2
+    assert counts["replays"] <= worst_case_queries(model) - 11 == 6
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
