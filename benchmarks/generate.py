@@ -4,8 +4,8 @@ for M models into PostgreSQL, DuckDB or SQLite, fast (COPY on PostgreSQL).
     python benchmarks/generate.py --url postgresql+psycopg://postgres@127.0.0.1:5432/test --rows 1000000
 
 Tables (replaced): ``bench_predictions(id, model_name, ts, score)`` with an index on
-(model_name, ts), ``bench_labels(id, clicked)`` and ``bench_replays(id, score)`` indexed by
-id. Timestamps are spread uniformly over ``--hours`` before ``--now``; scores are
+(model_name, ts), ``bench_labels(id, clicked, ts)`` (``ts``: when the click was recorded, 0
+to 30 s after the prediction) and ``bench_replays(id, score)`` indexed by id. Timestamps are spread uniformly over ``--hours`` before ``--now``; scores are
 Beta(1.2, 40) (mean ~3%), continuous like a model's raw output. With ``--features`` the
 predictions also carry ``FEATURES_NUMERIC`` numeric (``f0``...: log-normal, 2% NULL) and
 ``FEATURES_CATEGORICAL`` categorical (``c0``...: 20 categories, Zipf-like) feature columns
@@ -57,7 +57,13 @@ def tables(metadata: sa.MetaData, aware: bool, features: bool = False) -> tuple[
         sa.Column("score", sa.Double, nullable=False),
         *feature_columns,
     )
-    labels = sa.Table("bench_labels", metadata, sa.Column("id", sa.BigInteger), sa.Column("clicked", sa.Integer))
+    labels = sa.Table(
+        "bench_labels",
+        metadata,
+        sa.Column("id", sa.BigInteger),
+        sa.Column("clicked", sa.Integer),
+        sa.Column("ts", sa.DateTime(timezone=aware)),
+    )
     replays = sa.Table("bench_replays", metadata, sa.Column("id", sa.BigInteger), sa.Column("score", sa.Double))
     return predictions, labels, replays
 
@@ -89,7 +95,9 @@ def chunks(
             predictions = pd.concat([predictions, feature_frame(rng, n)], axis=1)
         # Labels for positives only (clicks), for the share of predictions whose label arrived.
         clicked = (rng.random(n) < label_share) & (rng.random(n) < score)
-        labels = pd.DataFrame({"id": ids[clicked], "clicked": 1})
+        # Recorded (the click) 0 to 30 s after the prediction: mature for its slice.
+        recorded = ts[clicked] + pd.to_timedelta(rng.uniform(0, 30, clicked.sum()), unit="s")
+        labels = pd.DataFrame({"id": ids[clicked], "clicked": 1, "ts": recorded})
         replayed = rng.random(n) < replay_share
         noise = np.where(rng.random(replayed.sum()) < 0.99, 0.0, 0.01)
         replays = pd.DataFrame({"id": ids[replayed], "score": score[replayed] + noise})

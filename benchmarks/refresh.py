@@ -44,10 +44,17 @@ EXACT_VALUES = 200
 WINDOW = timedelta(hours=24)
 
 
-def settings(url: str, unique_ids: bool = False, features: bool = False, state: str | None = None):
+def settings(
+    url: str, unique_ids: bool = False, features: bool = False, state: str | None = None, label_delay: str = "0s"
+):
+    """The benchmark's model ``m0`` (windows 1h and 24h, labels with ``missing: negative``,
+    replays); with a ``label_delay`` above 0, the labels' recording time (``bench_labels.ts``)
+    too, so that they mature by slice (docs/metrics.md, *Label maturity*)."""
     from exporter.config import parse_settings
+    from exporter.durations import parse_duration
 
     source = {"store": "bench"}
+    matured = parse_duration(label_delay, allow_zero=True) > timedelta(0)
     feature_config = {
         "numeric": [f"f{i}" for i in range(FEATURES_NUMERIC)],
         "categorical": [f"c{i}" for i in range(FEATURES_CATEGORICAL)],
@@ -71,13 +78,13 @@ def settings(url: str, unique_ids: bool = False, features: bool = False, state: 
                     "labels": {
                         **source,
                         "table": "bench_labels",
-                        "columns": {"id": "id", "label": "clicked"},
+                        "columns": {"id": "id", "label": "clicked", **({"timestamp": "ts"} if matured else {})},
                         "missing": "negative",
                     },
                     "replays": {**source, "table": "bench_replays", "columns": {"id": "id", "score": "score"}},
                     **({"features": feature_config} if features else {}),
                     "windows": ["1h", "24h"],
-                    "label_delay": "0s",
+                    "label_delay": label_delay,
                 }
             ],
         }

@@ -4,7 +4,9 @@ it"), against the bare scan of the 24h window, pandas + scikit-learn and Evident
 For each ``--rows`` N: ``generate.py`` writes N predictions over the 24 h before
 ``generate.NOW`` (labels and replays included); then, per configuration (``default``: ids
 not declared unique; ``unique``: ``unique_ids: true``), one process builds the refresher of
-``refresh.py`` (windows 1h and 24h, labels, replays) and runs, in simulated time:
+``refresh.py`` (windows 1h and 24h, labels, replays; ``--label-delay``, default 1h as
+mlmon's: labels mature by slice, recorded 0 to 30 s after their prediction) and runs, in
+simulated time:
 
 1. a cold refresh at ``as_of`` (the first refresh of the process), timed;
 2. ``--steps`` K steady refreshes, each after inserting one minute of new rows (N / 1440
@@ -120,7 +122,9 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def run_refreshes(url: str, config: str, directory: Path, first_minute: int, steps: int) -> dict[str, Any]:
+def run_refreshes(
+    url: str, config: str, directory: Path, first_minute: int, steps: int, label_delay: str
+) -> dict[str, Any]:
     """The cold refresh, ``steps`` steady ones and the check (module docstring), in this
     process. Returns each refresh's ``seconds`` and per-source ``sources`` seconds and
     ``statements``, the kept slices' bytes, the check's result and this process's peak RSS."""
@@ -131,7 +135,7 @@ def run_refreshes(url: str, config: str, directory: Path, first_minute: int, ste
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
 
-    settings_ = settings(url, unique_ids=config == "unique")
+    settings_ = settings(url, unique_ids=config == "unique", label_delay=label_delay)
     # Time slices are off by default (docs/metrics.md): this benchmark measures them, with
     # the width `auto` derives from the windows (5 minutes for [1h, 24h]).
     # The cold refresh measured here reads every slice at once (slice_fill_refreshes 1); by
@@ -341,14 +345,22 @@ def main() -> None:
     parser.add_argument(
         "--evidently-python", help="interpreter of an environment with evidently (refresh.py's evidently method)"
     )
-    parser.add_argument("--child", nargs=4, metavar=("CONFIG", "DIR", "FIRST_MINUTE", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--label-delay",
+        default="1h",
+        help="the model's label_delay (mlmon's default 1h: labels mature by slice and keep online slices; 0s: "
+        "the online accuracy reads its windows in full every refresh)",
+    )
+    parser.add_argument(
+        "--child", nargs=5, metavar=("CONFIG", "DIR", "FIRST_MINUTE", "STEPS", "LABEL_DELAY"), help=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--child-minutes", nargs=4, metavar=("DIR", "ROWS", "FIRST_MINUTE", "STEPS"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.child:
-        config, directory, first, steps = args.child
-        print(json.dumps(run_refreshes(args.url, config, Path(directory), int(first), int(steps))))
+        config, directory, first, steps, label_delay = args.child
+        print(json.dumps(run_refreshes(args.url, config, Path(directory), int(first), int(steps), label_delay)))
         return
     if args.child_minutes:
         directory, rows, first, steps = args.child_minutes
@@ -376,7 +388,7 @@ def main() -> None:
             for config in args.configs:
                 child([script, "--url", args.url, "--child-minutes", tmp, str(rows), str(first), str(args.steps)])
                 results[config] = child(
-                    [script, "--url", args.url, "--child", config, tmp, str(first), str(args.steps)]
+                    [script, "--url", args.url, "--child", config, tmp, str(first), str(args.steps), args.label_delay]
                 )
                 first += args.steps
         report(rows, floor, results, others)
