@@ -1,8 +1,9 @@
 """The kept time slices of a model saved in the state database, so that a restarted
 ``mlmon serve`` reads only what changed while it was down rather than its largest window
 (docs/metrics.md, "Time slices"): the predictions' (``training.storage.kept_slices``,
-``PREDICTIONS``) and the labels' online ones (``training.storage.kept_online_slices``,
-``ONLINE``), one ``SavedSlices`` each.
+``PREDICTIONS``), the labels' online ones (``training.storage.kept_online_slices``,
+``ONLINE``) and the replays' (``training.storage.kept_replay_slices``, ``REPLAYS``), one
+``SavedSlices`` each.
 
 A saved slice is keyed by model and slice start, and carries the fingerprint of
 everything that determines its contents (``fingerprint``, ``online_fingerprint``): slices
@@ -34,10 +35,11 @@ from exporter.predictions.slices import (
     A,
     Histogram,
     OnlineBuckets,
+    ReplayTotals,
     Sliced,
     TopCounts,
 )
-from exporter.training.storage import StateDatabase, kept_online_slices, kept_slices
+from exporter.training.storage import StateDatabase, kept_online_slices, kept_replay_slices, kept_slices
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ ONLINE_FORMAT = 1
 #: An online slice's labeled buckets as saved (``slices.OnlineBuckets``' five per-bucket
 #: arrays, little-endian); its totals are in the row's JSON.
 ONLINE_DTYPE = np.dtype([("key", "<i8"), ("positives", "<i8"), ("negatives", "<i8"), ("low", "<f8"), ("high", "<f8")])
+
+#: As ``FORMAT``, for the kept replay slices (``encode_replays``): part of their fingerprint.
+REPLAY_FORMAT = 1
 
 #: Slices deleted per statement: SQLite before 3.32 takes at most 999 bound parameters.
 _CHUNK = 500
@@ -119,6 +124,24 @@ def online_fingerprint(model: ModelConfig, url: sa.URL, dialect: str, width: tim
         "labels": labels.model_dump(mode="json", by_alias=True),
         "label_delay_us": model.label_delay // _MICROSECOND,
         "format": ONLINE_FORMAT,
+    }
+    return _digest(described)
+
+
+def replay_fingerprint(model: ModelConfig, url: sa.URL, dialect: str, width: timedelta) -> str:
+    """The SHA-256 (hex) of what determines the contents of a kept replay slice of ``model``
+    (which has replays): the predictions' part of ``fingerprint`` (store ``url`` and
+    ``dialect``, table, columns, filter, time zone, ``unique_ids``, bucket decimals, slice
+    ``width``), every setting of the replay source (store, schema, table, columns, and any
+    added later), ``replay_tolerance`` and ``REPLAY_FORMAT``. Not ``replay_delay`` nor
+    ``ingestion_delay``, which decide when a slice is settled, not what it holds."""
+    replays = model.replays
+    assert replays is not None, "replay slices are kept for a model with replays"
+    described = {
+        "predictions": _predictions_part(model, url, dialect, width),
+        "replays": replays.model_dump(mode="json", by_alias=True),
+        "tolerance": model.replay_tolerance.model_dump(mode="json"),
+        "format": REPLAY_FORMAT,
     }
     return _digest(described)
 
@@ -243,6 +266,46 @@ def decode_online(buckets: bytes, meta: str) -> OnlineBuckets:
     )
 
 
+def encode_replays(totals: ReplayTotals) -> tuple[str]:
+    """(meta,) of the row saving a replay slice: JSON of its form and its four numbers."""
+    meta = {
+        "format": REPLAY_FORMAT,
+        "replayed": totals.replayed,
+        "reproduced": totals.reproduced,
+        "abs_error_max": totals.abs_error_max,
+        "abs_error_sum": totals.abs_error_sum,
+    }
+    return (json.dumps(meta),)
+
+
+def decode_replays(meta: str) -> ReplayTotals:
+    """The ``ReplayTotals`` a row saved (``encode_replays``).
+
+    Raises:
+        ValueError: the row is not one ``encode_replays`` writes (another form, counts that
+            are not counts or more reproduced than replayed, errors that are not finite
+            numbers of at least 0, a largest error without a replay or with a sum below it),
+            naming what is wrong.
+    """
+    described = json.loads(meta)
+    if not isinstance(described, dict) or described.get("format") != REPLAY_FORMAT:
+        raise ValueError(f"meta: not of form {REPLAY_FORMAT}")
+    # Any, not Any | None: each is checked below before use.
+    replayed: Any = described.get("replayed")
+    reproduced: Any = described.get("reproduced")
+    largest: Any = described.get("abs_error_max")
+    total: Any = described.get("abs_error_sum")
+    # type(v) is int, not isinstance: JSON true is a bool, which is an int.
+    if type(replayed) is not int or type(reproduced) is not int or not 0 <= reproduced <= replayed < 2**63:
+        raise ValueError("meta: 'replayed' and 'reproduced' are not counts, reproduced at most replayed")
+    errors = [total] if largest is None else [total, largest]
+    if not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in errors):
+        raise ValueError("meta: 'abs_error_max' and 'abs_error_sum' are not finite numbers of at least 0")
+    if largest is not None and (replayed == 0 or float(total) < float(largest)):
+        raise ValueError("meta: a largest error without a replay, or above the sum of the errors")
+    return ReplayTotals(replayed, reproduced, None if largest is None else float(largest), float(total))
+
+
 @dataclass(frozen=True)
 class Codec(Generic[A]):
     """How one kind of kept slice (aggregates ``A``) is saved: its ``table``, keyed by
@@ -269,6 +332,10 @@ def _decode_online(buckets: Any, meta: Any) -> OnlineBuckets:
     return decode_online(bytes(buckets), str(meta))
 
 
+def _decode_replays(meta: Any) -> ReplayTotals:
+    return decode_replays(str(meta))
+
+
 #: The predictions' kept slices (``kept_slices``, ``encode``).
 PREDICTIONS: Codec[Sliced] = Codec(
     kept_slices, ("hist", "top", "meta"), encode, _decode_sliced, "kept time slice", "the predictions"
@@ -284,6 +351,17 @@ ONLINE: Codec[OnlineBuckets] = Codec(
 )
 
 
+#: The replays' kept slices (``kept_replay_slices``, ``encode_replays``).
+REPLAYS: Codec[ReplayTotals] = Codec(
+    kept_replay_slices,
+    ("meta",),
+    encode_replays,
+    _decode_replays,
+    "kept replay slice",
+    "the predictions or the replays",
+)
+
+
 def _start(micros: int) -> datetime:
     return EPOCH + micros * _MICROSECOND
 
@@ -294,7 +372,7 @@ def _micros(start: datetime) -> int:
 
 class SavedSlices(Generic[A]):
     """The kept slices ``A`` of one model in the state database, under one fingerprint,
-    saved as ``codec`` says (``PREDICTIONS``, ``ONLINE``).
+    saved as ``codec`` says (``PREDICTIONS``, ``ONLINE``, ``REPLAYS``).
 
     ``load`` reads them back; ``save`` writes what changed since the last load or save:
     the slices kept since, those read again (another object under the same start), and

@@ -45,7 +45,16 @@ from exporter.predictions.queries import (
     ReplayQueries,
     Windows,
 )
-from exporter.predictions.saved_slices import ONLINE, PREDICTIONS, SavedSlices, fingerprint, online_fingerprint
+from exporter.predictions.saved_slices import (
+    ONLINE,
+    PREDICTIONS,
+    REPLAYS,
+    Codec,
+    SavedSlices,
+    fingerprint,
+    online_fingerprint,
+    replay_fingerprint,
+)
 from exporter.predictions.slices import (
     ONLINE_COUNTS,
     ONLINE_SUMS,
@@ -713,10 +722,54 @@ class JoinedSource(Source[Q, V]):
     ):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.predictions = predictions
-        #: The duplicated ids its kept slices leave out: its own, not the predictions'
-        #: (the labels' windows end ``label_delay`` earlier, and each source reads and
-        #: forgets its slices at its own refreshes).
+        #: For a source keeping time slices (labels, replays), the duplicated ids they leave
+        #: out: its own, not the predictions' (the labels' windows end ``label_delay``
+        #: earlier, and each source reads and forgets its slices at its own refreshes).
         self._left_out = LeftOutIds()
+        self._saved: SavedSlices[Any] | None = None  # where its kept slices are saved (``_saved_slices``)
+        self._restored = False  # whether a refresh tried to restore them (``_restore``)
+
+    #: How a source keeping time slices saves them in the state database (``saved_slices``).
+    codec: Codec[Any] | None = None
+
+    def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
+        """What determines the contents of the kept slices (``saved_slices``), for ``codec``."""
+        raise NotImplementedError(f"{type(self).__name__} saves no slices")
+
+    def _saved_slices(self, store: SliceStore[A]) -> SavedSlices[A] | None:
+        """Where ``store``'s kept slices are saved, as the predictions' are
+        (``PredictionsSource._saved_slices``, in the same state database): ``None`` without a
+        state database (``PredictionsSource.slice_state``) or when ids are not unique (by
+        schema or ``unique_ids``: the slices then depend on the duplicated ids known when
+        they were read, which are not saved)."""
+        q = self.predictions.queries()
+        state = self.predictions.slice_state
+        if state is None or not q.unique_ids or self.codec is None:
+            return None
+        if self._saved is None:
+            url = self.stores.engine(self.model.predictions.store).url
+            found = self._fingerprint(url, q.dialect, store.width)
+            self._saved = SavedSlices(state, self.model.name, found, self.codec)
+        return self._saved
+
+    def _restore(self, store: SliceStore[A]) -> None:
+        """At the first refresh that reads the kept slices (after ``SliceStore.begin``), keep
+        those an earlier process saved (``_saved_slices``) that are settled slices of this
+        refresh's largest window, audited at once (``Source._restore_saved``); later
+        refreshes, nothing."""
+        if self._restored:
+            return
+        self._restored = True
+        saved = self._saved_slices(store)
+        if saved is not None:
+            self._restore_saved(saved, store)
+
+    def _save(self, store: SliceStore[A] | None) -> None:
+        """Save ``store``'s kept slices (``_saved_slices``) as they are after a successful
+        refresh (``Source._save_kept``); without slices (``None``), nothing."""
+        saved = self._saved_slices(store) if store is not None else None
+        if saved is not None and store is not None:  # the second for mypy
+            self._save_kept(saved, store)
 
     def _merged(
         self,
@@ -776,8 +829,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     name = "labels"
     _version_problem: str | None = None  # the last version-column problem logged (logged once)
-    _saved: SavedSlices[OnlineBuckets] | None = None  # where the kept online slices are saved (``_saved_slices``)
-    _restored = False  # whether a refresh tried to restore them (``_restore``)
+    codec = ONLINE
 
     @cached_property
     def slices(self) -> SliceStore[OnlineBuckets] | None:
@@ -878,40 +930,8 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
         return self._merged(conn, windows, store, read, lambda: self._audit(conn, store, as_of, maturity), add_back)
 
-    def _saved_slices(self) -> SavedSlices[OnlineBuckets] | None:
-        """Where the kept online slices are saved: as the predictions' slices
-        (``PredictionsSource._saved_slices``), ``None`` without a state database
-        (``PredictionsSource.slice_state``), when ids are not unique (by schema or
-        ``unique_ids``: the slices then depend on the duplicated ids known when they were
-        read, which are not saved) or without kept online slices."""
-        q = self.predictions.queries()
-        state = self.predictions.slice_state
-        if state is None or not q.unique_ids or self.slices is None:
-            return None
-        if self._saved is None:
-            url = self.stores.engine(self.model.predictions.store).url
-            found = online_fingerprint(self.model, url, q.dialect, self.slices.width)
-            self._saved = SavedSlices(state, self.model.name, found, ONLINE)
-        return self._saved
-
-    def _restore(self, store: SliceStore[OnlineBuckets]) -> None:
-        """At the first refresh that reads the kept online slices (``_sliced``, after
-        ``SliceStore.begin``), keep those an earlier process saved (``_saved_slices``) that
-        are settled slices of this refresh's largest online window, audited at once
-        (``Source._restore_saved``); later refreshes, nothing."""
-        if self._restored:
-            return
-        self._restored = True
-        saved = self._saved_slices()
-        if saved is not None:
-            self._restore_saved(saved, store)
-
-    def _save(self) -> None:
-        """Save the kept online slices (``_saved_slices``) as they are after a successful
-        refresh (``Source._save_kept``)."""
-        saved = self._saved_slices()
-        if saved is not None and self.slices is not None:  # the second for mypy: no slices, nothing saved
-            self._save_kept(saved, self.slices)
+    def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
+        return online_fingerprint(self.model, url, dialect, width)
 
     def _audit(
         self, conn: Connection, store: SliceStore[OnlineBuckets], as_of: datetime, maturity: LabelMaturity
@@ -982,7 +1002,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             online = self._online(conn, as_of)
             if q.version is not None:
                 raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
-        self._save()
+        self._save(self.slices)
         if q.version is None:
             return tuple(online)
         version, problem = decode_serving_version(raw)
@@ -1004,6 +1024,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
     are kept between refreshes (``slices``)."""
 
     name = "replays"
+    codec = REPLAYS
 
     @cached_property
     def slices(self) -> SliceStore[ReplayTotals] | None:
@@ -1026,6 +1047,9 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         table = reflect_table(engine, source, source.columns.model_dump(), self.key_path, types, ids)
         return ReplayQueries(source, table)
 
+    def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
+        return replay_fingerprint(self.model, url, dialect, width)
+
     def _sliced(
         self, conn: Connection, windows: Windows, store: SliceStore[ReplayTotals]
     ) -> tuple[list[ReplayTotals] | None, DuplicateIds | None]:
@@ -1038,6 +1062,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         replays changed (``ReplayTotals.differs``): replays written, deleted or rewritten
         since the slice was read, or predictions written later than ``ingestion_delay``."""
         q, replays = self.predictions.queries(), self.queries()
+        self._restore(store)
 
         def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, ReplayTotals]:
             return ReplayTotals.by_part(
@@ -1075,6 +1100,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
                     duplicates = self.predictions.duplicate_ids(conn, windows)
                 row = conn.execute(q.replays(replays, windows, duplicates)).one()
                 totals = [ReplayTotals.of(row._mapping, f"_{i}") for i in range(len(windows.starts))]
+        self._save(self.slices)
         return tuple(
             Reproducibility(
                 window=window,

@@ -69,6 +69,17 @@ kept_online_slices = sa.Table(
     sa.Column("meta", sa.Text, nullable=False),
 )
 
+#: Mirrors migrations/versions/0004: one row per (model, kept replay slice), as
+#: ``kept_slices``; ``meta`` JSON of its four numbers (``saved_slices.encode_replays``).
+kept_replay_slices = sa.Table(
+    "mlmon_kept_replay_slices",
+    metadata,
+    sa.Column("model", sa.String(100), primary_key=True),
+    sa.Column("slice_start_us", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("meta", sa.Text, nullable=False),
+)
+
 
 class RunConflict(Exception):
     """The model version is stored already, with a different body."""

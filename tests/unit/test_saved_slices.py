@@ -1,7 +1,8 @@
-"""The saved form of the kept online slices (``saved_slices.encode_online``,
-``decode_online``): a round trip keeps every array and total, and a row ``encode_online``
-does not write is refused with what is wrong; the online fingerprint changes with every
-setting that changes an online slice's contents, and only with those."""
+"""The saved form of the kept online and replay slices (``saved_slices.encode_online``,
+``decode_online``, ``encode_replays``, ``decode_replays``): a round trip keeps every array
+and total, and a row the encoder does not write is refused with what is wrong; the online
+and replay fingerprints change with every setting that changes a slice's contents, and
+only with those."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from exporter.config import LabelSource
+from exporter.config import LabelSource, ReplaySource
 from exporter.predictions.saved_slices import (
     ONLINE_DTYPE,
     ONLINE_FORMAT,
+    REPLAY_FORMAT,
     decode_online,
+    decode_replays,
     encode,
     encode_online,
+    encode_replays,
     fingerprint,
     online_fingerprint,
+    replay_fingerprint,
 )
-from exporter.predictions.slices import ONLINE_COUNTS, Histogram, OnlineBuckets, Sliced, TopCounts
+from exporter.predictions.slices import ONLINE_COUNTS, Histogram, OnlineBuckets, ReplayTotals, Sliced, TopCounts
 from tests.conftest import model_settings
 
 URL = sa.make_url("postgresql+psycopg://mlmon:secret@db/store")
@@ -198,3 +203,82 @@ def test_the_predictions_fingerprint_is_unchanged():
     ).models[0]
     got = fingerprint(model, sa.make_url("postgresql://u:pw@h/db"), "postgresql", WIDTH, 128)
     assert got == "ffd5ebf02d10b45cbfdf05354e31fa664d675265c8659fba8f527c93ea4572a5"
+
+
+def _replays_meta(**change) -> str:
+    meta = {"format": REPLAY_FORMAT, "replayed": 5, "reproduced": 3, "abs_error_max": 0.25, "abs_error_sum": 0.5}
+    return json.dumps({**meta, **change})
+
+
+@pytest.mark.parametrize(
+    "totals", [ReplayTotals(5, 3, 0.25, 0.5), ReplayTotals(2, 0, None, 0.0), ReplayTotals(), ReplayTotals(1, 1, 0.0)]
+)
+def test_a_replay_slice_round_trips(totals):
+    assert decode_replays(*encode_replays(totals)) == totals
+
+
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        ("{", "Expecting"),
+        (_replays_meta(format=REPLAY_FORMAT + 1), "not of form"),
+        (json.dumps([5, 3]), "not of form"),
+        (_replays_meta(replayed=True), "not counts"),
+        (_replays_meta(replayed=5.0), "not counts"),
+        (_replays_meta(reproduced=-1), "not counts"),
+        (_replays_meta(reproduced=6), "reproduced at most replayed"),
+        (_replays_meta(replayed=2**63, reproduced=0), "not counts"),
+        (_replays_meta(abs_error_sum=None), "not finite numbers"),
+        (_replays_meta(abs_error_max="0.25"), "not finite numbers"),
+        (_replays_meta(abs_error_max=-0.1), "not finite numbers"),
+        (_replays_meta(abs_error_sum=float("inf")), "not finite numbers"),
+        (_replays_meta(abs_error_sum=0.1), "above the sum"),
+        (_replays_meta(replayed=0, reproduced=0), "without a replay"),
+    ],
+)
+def test_malformed_replay_rows_are_refused(meta, match):
+    with pytest.raises(ValueError, match=match):
+        decode_replays(meta)
+
+
+def _replay_model(**change):
+    replays = dict(change.pop("replays", {}))
+    predictions = {"unique_ids": True, **change.pop("predictions", {})}
+    model = {"windows": ["15m", "1h"], "time_slice": "2m", **change}
+    return model_settings(
+        "sqlite:///unused.sqlite", labels=False, replays=replays or True, predictions=predictions, model=model
+    ).models[0]
+
+
+def test_the_replay_fingerprint_covers_what_makes_a_replay_slice():
+    """Every setting of the replay source (those added later too), the tolerance and the
+    predictions' part change it; when a slice settles (``replay_delay``,
+    ``ingestion_delay``), how slices fill and are audited, and the labels do not."""
+    model = _replay_model()
+    base = replay_fingerprint(model, URL, "postgresql", WIDTH)
+    assert model.replays is not None
+    values = {"table": "rescored", "db_schema": "other", "timezone": "Europe/Paris"}
+    for field in ReplaySource.model_fields:
+        if field == "store":  # the predictions' store, whose URL is in it
+            continue
+        value = model.replays.columns.model_copy(update={"score": "q"}) if field == "columns" else values[field]
+        other = model.model_copy(update={"replays": model.replays.model_copy(update={field: value})})
+        assert replay_fingerprint(other, URL, "postgresql", WIDTH) != base, field
+    changed = {
+        "atol": _replay_model(replay_tolerance={"atol": 1e-3}),
+        "rtol": _replay_model(replay_tolerance={"rtol": 0.0}),
+        "predictions filter": _replay_model(predictions={"filter": {"region": "eu"}}),
+        "unique_ids": _replay_model(predictions={"unique_ids": False}),
+    }
+    for what, other in changed.items():
+        assert replay_fingerprint(other, URL, "postgresql", WIDTH) != base, what
+    assert replay_fingerprint(model, URL, "postgresql", 2 * WIDTH) != base
+    same = [
+        _replay_model(replay_delay="10m"),
+        _replay_model(predictions={"ingestion_delay": "3m"}),
+        _replay_model(slice_fill_refreshes=3, slice_audit_interval="5m"),
+        model.model_copy(update={"labels": _model().labels}),
+    ]
+    for other in same:
+        assert replay_fingerprint(other, URL, "postgresql", WIDTH) == base
+    assert replay_fingerprint(model, URL.set(password="another"), "postgresql", WIDTH) == base

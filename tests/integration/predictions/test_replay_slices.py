@@ -5,7 +5,8 @@ in Python to the same rows: after random sequences of refreshes at unaligned tim
 predictions written within ``ingestion_delay``, replays written within ``replay_delay``,
 replays that reproduce, miss or are no probability, and predictions and replays written
 later than that, deleted or rewritten (taken in by the next audit), with ids declared
-unique and with duplicated ids, on SQLite, PostgreSQL and DuckDB."""
+unique and with duplicated ids, on SQLite, PostgreSQL and DuckDB; and after a restart,
+from the slices saved in the state database."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.predictions.refresh import ModelRefresher, worst_case_queries
+from exporter.predictions.slices import EPOCH, SliceStore, floor_to
 from exporter.predictions.stores import Stores
+from exporter.training.storage import StateDatabase, kept_replay_slices
 from tests.conftest import AuditClock, model_settings
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
+SLICE = timedelta(minutes=2)
 INGESTION = timedelta(minutes=1)
 REPLAY_DELAY = timedelta(minutes=10)
 AUDIT = timedelta(minutes=20)
@@ -333,3 +337,82 @@ def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, monkeypatch, 
     assert snap.replays == cold.replays
     stores.dispose()
     tables.engine.dispose()
+
+
+@pytest.fixture
+def read_slices(monkeypatch):
+    """The starts of the settled slices each store's refreshes read (``SliceStore.merge``
+    keeps them), by ``id`` of the store."""
+    read: dict[int, list[datetime]] = {}
+    original = SliceStore.merge
+
+    def recorded(self, plan, parts):
+        read.setdefault(id(self), []).extend(plan.new_slices)
+        return original(self, plan, parts)
+
+    monkeypatch.setattr(SliceStore, "merge", recorded)
+    return read
+
+
+def _saved(state_url: str) -> dict[datetime, str]:
+    """The saved replay slices' starts and fingerprints."""
+    engine = sa.create_engine(state_url)
+    with engine.connect() as conn:
+        table = kept_replay_slices
+        rows = conn.execute(sa.select(table.c.slice_start_us, table.c.fingerprint)).all()
+    engine.dispose()
+    return {EPOCH + timedelta(microseconds=us): f for us, f in rows}
+
+
+@pytest.mark.parametrize(
+    "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
+)
+def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, read_slices):
+    """A refresh keeping every settled replay slice saves them (``mlmon serve``); while no
+    process runs, a replay is written late for a prediction of a kept slice and another
+    deleted; a new refresher on the same state database restores the slices, audits them
+    and reads from the store only those two and the ones settled since (no fill), equal to
+    a cold refresh and to the rule in Python. Without unique ids nothing is saved."""
+    url, schema, _ = store
+    settings = _settings(url, schema, 1)
+    stores = Stores(settings.stores, timedelta(seconds=30))
+    tables = Tables(url, schema)
+    rng = np.random.default_rng(5)
+    ids = tables.predict([(START - timedelta(seconds=float(s)), _score(rng)) for s in rng.uniform(0, 4800, 300)])
+    scores = {ident: p for ident, _, p in tables.rows}
+    tables.replay([(i, _replay_of(scores[i], rng)) for i in ids if rng.random() < 0.7])
+    states = [StateDatabase(state_url)]
+
+    def serving(settings_) -> ModelRefresher:
+        model = settings_.models[0]
+        return ModelRefresher(model, "models[0]", settings_.refresh_policy, stores, state=states[0], save_slices=True)
+
+    first = serving(settings)
+    assert all(s.up for s in first.refresh(START).sources.values())
+    kept = first.sources["replays"].slices.slices
+    assert set(_saved(state_url)) == set(kept) and len(kept) == 23
+    # Predictions of kept slices that stay in the hour at the restart.
+    in_kept = sorted(
+        (ts, i)
+        for i, ts, p in tables.rows
+        if p is not None and 0 <= p <= 1 and floor_to(ts, SLICE) in kept and ts >= START - timedelta(minutes=55)
+    )
+    (late_at, late), (gone_at, gone) = in_kept[3], in_kept[-3]
+    tables.replay([(late, 0.5)])
+    tables.delete_replays([k for k, (i, _) in tables.replayed.items() if i == gone] or [])
+    tables.delete_predictions([gone])
+    as_of = START + timedelta(minutes=2)
+    restarted = serving(_settings(url, schema, 10))
+    _check(tables, restarted, _settings(url, schema, 24), stores, as_of)
+    store_ = restarted.sources["replays"].slices
+    settled = floor_to(as_of - INGESTION - REPLAY_DELAY, SLICE)
+    since = {settled - SLICE} if settled - SLICE not in kept else set()
+    assert set(read_slices[id(store_)]) == {floor_to(late_at, SLICE), floor_to(gone_at, SLICE), *since}
+    assert store_.filled and set(_saved(state_url)) == set(store_.slices)
+    # Without unique ids, the slices depend on the duplicated ids known: nothing is saved.
+    duplicates = serving(_settings(url, schema, 1, unique=False))
+    assert all(s.up for s in duplicates.refresh(as_of + timedelta(minutes=1)).sources.values())
+    assert duplicates.sources["replays"]._saved_slices(duplicates.sources["replays"].slices) is None
+    stores.dispose()
+    tables.engine.dispose()
+    states[0].engine.dispose()

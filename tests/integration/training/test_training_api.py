@@ -298,9 +298,10 @@ def test_state_schema_is_created_by_migrations(state_url):
         assert client.post("/api/v1/training-runs", json=run()).status_code == 201
     engine = sa.create_engine(state_url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0004"
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_slices")).scalar() == 0
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_online_slices")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_replay_slices")).scalar() == 0
     engine.dispose()
 
 
@@ -318,9 +319,10 @@ def test_a_state_database_of_revision_0001_is_upgraded_keeping_its_runs(state_ur
     state = storage.StateDatabase(state_url)
     state.ready()
     with state.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0004"
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_slices")).scalar() == 0
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_online_slices")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_replay_slices")).scalar() == 0
     assert [r.version for r in storage.list_versions(state.engine, "ctr")] == ["v1"]
     state.engine.dispose()
 
@@ -348,8 +350,9 @@ def test_a_state_database_of_revision_0002_is_upgraded_keeping_its_kept_slices(s
     state = storage.StateDatabase(state_url)
     state.ready()
     with state.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM mlmon_alembic_version")).scalar() == "0004"
         assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_online_slices")).scalar() == 0
+        assert conn.execute(sa.text("SELECT count(*) FROM mlmon_kept_replay_slices")).scalar() == 0
         saved = conn.execute(sa.select(storage.kept_slices)).one()
         # The kept slices' tables are as storage.py declares them (it mirrors the migrations).
         context = MigrationContext.configure(conn, opts={"version_table": "mlmon_alembic_version"})
