@@ -379,6 +379,25 @@ class PredictionQueries:
             # window); bounded by the window, else without an id index it reads all history.
             known_in_window = sa.and_(self.time.between(start, end), self.id.in_(list(known)))
             probed = sa.or_(in_probe, known_in_window) if known else in_probe
+            if self.dialect == "postgresql" and self.indexed:
+                # PostgreSQL hashes the probed ids and reads the whole window for the
+                # semi-join below, whatever the index (docs/performance.md, *With duplicate
+                # ids*): each probed id's rows are looked up in the index instead, linear in
+                # the rows probed. OFFSET 0 keeps the lookup from being flattened into a join.
+                ids = sa.select(self.id.label("id")).where(probed, *self.filters, self.id.is_not(None))
+                distinct = ids.distinct().subquery("probed")
+                carried = (
+                    sa.select(sa.func.count().label("n"))
+                    .where(self.id == distinct.c.id, self._in_window(start, end))
+                    .offset(0)
+                    .lateral("carried")
+                )
+                return (
+                    sa.select(distinct.c.id)
+                    .select_from(distinct.join(carried, sa.true()))
+                    .where(carried.c.n > 1)
+                    .limit(MAX_LISTED_DUPLICATES + 1)
+                )
             conditions.append(self.id.in_(sa.select(self.id).where(probed, *self.filters).correlate(None)))
         return (
             sa.select(self.id.label("id"))

@@ -22,6 +22,7 @@ from exporter.predictions.slices import EPOCH, SliceStore, floor_to
 from exporter.predictions.stores import Stores
 from exporter.training.storage import StateDatabase, kept_replay_slices
 from tests.conftest import AuditClock, model_settings
+from tests.integration.predictions.test_time_slices import _same as _same_stats
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
 SLICE = timedelta(minutes=2)
@@ -60,13 +61,13 @@ class Tables:
     """The prediction and replay tables and a copy of their rows: predictions as (id, UTC
     instant, score), replays by key (id, score)."""
 
-    def __init__(self, url: str, schema: str | None):
+    def __init__(self, url: str, schema: str | None, id_index: bool = False):
         self.engine = sa.create_engine(url)
         metadata = sa.MetaData(schema=schema)
         self.predictions = sa.Table(
             "predictions",
             metadata,
-            sa.Column("id", sa.BigInteger),
+            sa.Column("id", sa.BigInteger, index=id_index),
             sa.Column("ts", sa.DateTime),
             sa.Column("p", sa.Double),
         )
@@ -171,6 +172,8 @@ def _check(tables: Tables, warm: ModelRefresher, cold_settings, stores: Stores, 
     got = warm.refresh(as_of)
     assert all(s.up for s in got.sources.values()), got.sources
     cold = _refresher(cold_settings, stores).refresh(as_of)
+    for w, c in zip(got.score_stats, cold.score_stats, strict=True):  # the predictions' too
+        _same_stats(w, c)
     for w, c in zip(got.replays, cold.replays, strict=True):
         replayed, reproduced, largest = tables.expected(WINDOWS[w.window], as_of)
         assert (w.replayed, c.replayed) == (replayed, replayed), w.window
@@ -182,20 +185,22 @@ def _check(tables: Tables, warm: ModelRefresher, cold_settings, stores: Stores, 
     "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
 )
 @pytest.mark.parametrize(
-    ("seed", "unique"),
-    [(1, True), (3, False), pytest.param(2, True, marks=pytest.mark.long)],
-    ids=["1", "3-duplicates", "2"],
+    ("seed", "unique", "id_index"),
+    [(1, True, False), (3, False, False), (4, False, True), pytest.param(2, True, False, marks=pytest.mark.long)],
+    ids=["1", "3-duplicates", "4-duplicates-id-index", "2"],
 )
-def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique):
+def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_index):
     """The warm refresher reads every settled slice at its first refresh
     (``slice_fill_refreshes`` 1) and keeps them; each cold refresher fills (the default
     24), so its first refresh reads the windows in one pass. Replays of the predictions of
     the last 9 minutes are written before their slice settles (``replay_delay`` 10m after
-    its end); the others are late, and count from the next audit."""
+    its end); the others are late, and count from the next audit. With ``id_index``, the
+    predictions' id is indexed (PostgreSQL then looks each probed id up in it:
+    ``PredictionQueries.duplicates_among``); the prediction statistics are compared too."""
     url, schema, _ = store
     rng = np.random.default_rng(seed)
     stores = Stores(_settings(url, schema, 1, unique).stores, timedelta(seconds=30))
-    tables = Tables(url, schema)
+    tables = Tables(url, schema, id_index)
     history = sorted(START - timedelta(seconds=float(s)) for s in rng.uniform(0, 4800, 300))
     ids = tables.predict([(ts, _score(rng)) for ts in history])
     scores = {ident: p for ident, _, p in tables.rows}
