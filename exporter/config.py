@@ -424,6 +424,16 @@ class ModelConfig(Strict):
         derived = max(min(durations) / 12, max(durations) / 288)
         return timedelta(seconds=max(1, math.ceil(derived.total_seconds())))
 
+    def replays_on_slices(self) -> bool:
+        """Whether the replays keep time slices (docs/metrics.md, *Replays on slices*): the
+        model has replays and ``time_slice``, and ``predictions.ingestion_delay`` +
+        ``replay_delay`` is at most half the largest window (beyond, most of the window
+        would be read at every refresh anyway, by a sliced statement that costs more than
+        one pass)."""
+        longest = max(parse_duration(window) for window in self.windows)
+        settling = self.predictions.ingestion_delay + self.replay_delay
+        return self.replays is not None and self.time_slice is not None and settling <= longest / 2
+
     def labels_mature_by_slice(self) -> bool:
         """Whether labels mature by time slice (docs/metrics.md, *Label maturity*): the model
         has labels with a timestamp and a ``label_delay`` above 0."""

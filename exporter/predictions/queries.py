@@ -948,8 +948,8 @@ class PredictionQueries:
         duplicates: DuplicateIds,
         only: Sequence[Any] | None = None,
     ) -> sa.Select:
-        """One row, per window ``i``: ``replayed_i`` (its valid predictions that have a replay
-        row), ``reproduced_i`` and ``abs_error_max_i`` (max |online - offline|), in one pass
+        """One row, per window ``i``: ``replayed_i`` (its (valid prediction, replay row)
+        pairs), ``reproduced_i`` and ``abs_error_max_i`` (max |online - offline|), in one pass
         over the largest window. Reproduced means ``|a - b| <= atol + rtol * max(|a|, |b|)``;
         a replay that is not a valid probability (NULL, NaN, infinite, outside [0, 1], text
         or a blob in SQLite) never is and is left out of the max. With ``only``, the
@@ -964,7 +964,6 @@ class PredictionQueries:
                 _count_if(counted).label(f"replayed_{i}"),
                 _count_if(sa.and_(counted, within)).label(f"reproduced_{i}"),
                 sa.func.max(sa.case((sa.and_(counted, valid), diff), else_=None)).label(f"abs_error_max_{i}"),
-                sa.func.sum(sa.case((sa.and_(counted, valid), diff), else_=None)).label(f"abs_error_sum_{i}"),
             ]
         return sa.select(*columns).select_from(source)
 
@@ -979,8 +978,8 @@ class PredictionQueries:
         ``[points[p], points[p + 1])``), in one pass over the ``reads`` ranges, leaving out
         every prediction whose id is in ``exclude`` (the duplicated ids, which ``replays``
         with ``only`` adds back per window): rows (``part``, ``replayed``, ``reproduced``,
-        ``abs_error_max``, ``abs_error_sum``), one per part holding a replayed prediction,
-        in no order (``slices.ReplayTotals.by_part`` reads them)."""
+        ``abs_error_max``), one per part holding a replayed prediction, in no order
+        (``slices.ReplayTotals.by_part`` reads them)."""
         valid_score = _valid_probability(self.dialect, self.score, self.score_is_number)
         columns = (self.id.label("id"), self.score.label("score"))
         rows, part = self._parts(points, reads, *columns, where=[valid_score, *self._not_in(exclude)])
@@ -999,7 +998,6 @@ class PredictionQueries:
             sa.func.count().label("replayed"),
             sa.func.sum(paired.c.reproduced).label("reproduced"),
             sa.func.max(paired.c.diff).label("abs_error_max"),
-            sa.func.sum(paired.c.diff).label("abs_error_sum"),
         ).group_by(paired.c.part)
 
 

@@ -79,8 +79,11 @@ def worst_case_queries(model: ModelConfig) -> int:
     audit, the duplicated ids and their rows, two passes, and the rows of those ids added
     back per window;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
-    with fewer statements); with time slices on, as the labels on kept online slices, 3
-    with ``unique_ids`` and 6 without (``ReplaysSource._sliced``); features: the serving version (with a version column), its
+    with fewer statements); on slices (``ModelConfig.replays_on_slices``), 3 with
+    ``unique_ids``: the audit and two passes, or the audit, a filling pass and the windows
+    in one pass (``ReplaysSource._sliced``); 4 without: the same and the rows of the
+    duplicated ids added back, which the predictions found (two more, a search of their
+    own, when the predictions failed before it, after at most 3 statements); features: the serving version (with a version column), its
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
@@ -90,7 +93,7 @@ def worst_case_queries(model: ModelConfig) -> int:
         sliced = 3 if model.predictions.unique_ids else 6
         count += (sliced if kept else 1 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
-        count += (3 if model.predictions.unique_ids else 6) if model.slice_width() is not None else 1
+        count += (3 if model.predictions.unique_ids else 4) if model.replays_on_slices() else 1
     if model.features is not None:
         count += 2 + version
     return count

@@ -267,13 +267,12 @@ def decode_online(buckets: bytes, meta: str) -> OnlineBuckets:
 
 
 def encode_replays(totals: ReplayTotals) -> tuple[str]:
-    """(meta,) of the row saving a replay slice: JSON of its form and its four numbers."""
+    """(meta,) of the row saving a replay slice: JSON of its form and its three numbers."""
     meta = {
         "format": REPLAY_FORMAT,
         "replayed": totals.replayed,
         "reproduced": totals.reproduced,
         "abs_error_max": totals.abs_error_max,
-        "abs_error_sum": totals.abs_error_sum,
     }
     return (json.dumps(meta),)
 
@@ -283,9 +282,8 @@ def decode_replays(meta: str) -> ReplayTotals:
 
     Raises:
         ValueError: the row is not one ``encode_replays`` writes (another form, counts that
-            are not counts or more reproduced than replayed, errors that are not finite
-            numbers of at least 0, a largest error without a replay or with a sum below it),
-            naming what is wrong.
+            are not counts or more reproduced than replayed, a largest error that is not a
+            finite number of at least 0 or without a replay), naming what is wrong.
     """
     described = json.loads(meta)
     if not isinstance(described, dict) or described.get("format") != REPLAY_FORMAT:
@@ -294,16 +292,14 @@ def decode_replays(meta: str) -> ReplayTotals:
     replayed: Any = described.get("replayed")
     reproduced: Any = described.get("reproduced")
     largest: Any = described.get("abs_error_max")
-    total: Any = described.get("abs_error_sum")
     # type(v) is int, not isinstance: JSON true is a bool, which is an int.
     if type(replayed) is not int or type(reproduced) is not int or not 0 <= reproduced <= replayed < 2**63:
         raise ValueError("meta: 'replayed' and 'reproduced' are not counts, reproduced at most replayed")
-    errors = [total] if largest is None else [total, largest]
-    if not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in errors):
-        raise ValueError("meta: 'abs_error_max' and 'abs_error_sum' are not finite numbers of at least 0")
-    if largest is not None and (replayed == 0 or float(total) < float(largest)):
-        raise ValueError("meta: a largest error without a replay, or above the sum of the errors")
-    return ReplayTotals(replayed, reproduced, None if largest is None else float(largest), float(total))
+    if largest is not None and not (type(largest) in (int, float) and math.isfinite(largest) and largest >= 0):
+        raise ValueError("meta: 'abs_error_max' is not a finite number of at least 0")
+    if largest is not None and replayed == 0:
+        raise ValueError("meta: a largest error without a replay")
+    return ReplayTotals(replayed, reproduced, None if largest is None else float(largest))
 
 
 @dataclass(frozen=True)

@@ -429,31 +429,26 @@ class OnlineBuckets:
 class ReplayTotals:
     """The replay aggregates of some predictions (``PredictionQueries.replays``,
     ``sliced_replays``): ``replayed`` (prediction, replay row) pairs, how many
-    ``reproduced`` the served score, and over the replays that are valid probabilities the
-    largest and the sum of ``|online - offline|`` (``None`` and 0.0 without one). The sum
-    is no metric: the audit of kept replay slices compares it, so that a replay rewritten
-    with another score is seen though it keeps the counts and the maximum. Memory: about
-    0.2 KiB a kept slice, whatever its rows.
+    ``reproduced`` the served score, and the largest ``|online - offline|`` over the
+    replays that are valid probabilities (``None`` without one). Memory: about 0.3 KiB a
+    kept slice with its key, whatever its rows.
 
-    They merge exactly over disjoint sets of predictions (counts add, maxima combine), up
-    to the summation order of the sum."""
+    They merge exactly over disjoint sets of predictions (counts add, maxima combine)."""
 
     replayed: int = 0
     reproduced: int = 0
     abs_error_max: float | None = None
-    abs_error_sum: float = 0.0
 
     @classmethod
     def of(cls, mapping: Any, suffix: str = "") -> ReplayTotals:
-        """From a result row's mapping (``replayed``, ``reproduced``, ``abs_error_max``,
-        ``abs_error_sum``, each with ``suffix``, such as ``_0`` for window 0 of
-        ``replays``); NULL counts and sums (no row) are 0."""
+        """From a result row's mapping (``replayed``, ``reproduced``, ``abs_error_max``, each
+        with ``suffix``, such as ``_0`` for window 0 of ``replays``); a NULL count (no
+        row) is 0."""
         largest = mapping[f"abs_error_max{suffix}"]
         return cls(
             int(mapping[f"replayed{suffix}"] or 0),
             int(mapping[f"reproduced{suffix}"] or 0),
             None if largest is None else float(largest),
-            float(mapping[f"abs_error_sum{suffix}"] or 0.0),
         )
 
     @classmethod
@@ -466,21 +461,7 @@ class ReplayTotals:
         """The totals of the union of the predictions of ``parts`` (disjoint sets)."""
         parts = list(parts)
         maxima = [p.abs_error_max for p in parts if p.abs_error_max is not None]
-        return cls(
-            sum(p.replayed for p in parts),
-            sum(p.reproduced for p in parts),
-            max(maxima) if maxima else None,
-            math.fsum(p.abs_error_sum for p in parts),
-        )
-
-    def differs(self, other: ReplayTotals) -> bool:
-        """Whether ``other`` (the same slice read again) holds other replays: other counts or
-        maximum, or a sum off by more than rounding (1e-9 relative)."""
-        return (self.replayed, self.reproduced, self.abs_error_max) != (
-            other.replayed,
-            other.reproduced,
-            other.abs_error_max,
-        ) or not math.isclose(self.abs_error_sum, other.abs_error_sum, rel_tol=1e-9, abs_tol=1e-12)
+        return cls(sum(p.replayed for p in parts), sum(p.reproduced for p in parts), max(maxima, default=None))
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,9 @@ class LeftOutIds:
     """The duplicated ids a source keeping time slices leaves out of every read, and the
     ids each kept slice left out (issue 12: no full duplicate search at every refresh, only
     with no slice kept, while filling and at an audit's refresh). The
-    predictions and the labels keep one each: their windows differ by ``label_delay``.
+    predictions, the labels and the replays keep one each, for their own slices; the
+    labels search their own windows (they end ``label_delay`` earlier), the replays adopt
+    what the predictions found over the same windows (``adopt``).
 
     ``search`` finds the ids carried by several rows of the largest window among the ids
     of what the refresh reads and the known ones, and their rows; a kept slice that left
@@ -215,11 +217,30 @@ class LeftOutIds:
         # Unique ids (also by a unique index found when the table is reflected again after a
         # failure, or the table created again with a key) leave nothing out: slices that left
         # out the ids known before are read again.
-        self.ids = tuple(ids)
-        self._should = duplicate_rows.by_slice(store.width)
+        self._leave_out(tuple(ids), duplicate_rows, store)
+        return duplicate_rows
+
+    def adopt(self, other: LeftOutIds, found: DuplicateRows | None, store: SliceStore[Any]) -> DuplicateRows | None:
+        """Take what ``other`` (the predictions', whose windows are these) ``found`` at this
+        refresh (``search``'s result) instead of searching again: its ids become the ones
+        every read of ``store`` leaves out, and a kept slice of ``store`` that left out other
+        ids than it now should is forgotten. ``None`` (too many to list) drops every kept
+        slice, as ``search`` does."""
+        self.complete, self._too_many = other.complete, other._too_many
+        if found is None:
+            store.forget(list(store.slices))
+            self.ids = ()
+            return None
+        self._leave_out(other.ids, found, store)
+        return found
+
+    def _leave_out(self, ids: tuple[Any, ...], found: DuplicateRows, store: SliceStore[Any]) -> None:
+        """Leave ``ids`` (with their rows ``found``) out from now on, and forget the kept
+        slices of ``store`` that left out other ids than they now should."""
+        self.ids = ids
+        self._should = found.by_slice(store.width)
         stale = [s for s in store.slices if self._by_slice.get(s, frozenset()) != self._should.get(s, frozenset())]
         store.forget(stale)
-        return duplicate_rows
 
     def one_pass_ids(self, found: DuplicateRows | None, starts: Sequence[datetime]) -> DuplicateIds | None:
         """The duplicated ids of each window starting at one of ``starts``, for a read of the
@@ -382,6 +403,10 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: dict[Windows, DuplicateIds] = {}  # this refresh's, by windows (duplicate_ids)
+        #: This refresh's duplicate-id search over the kept slices (``LeftOutIds.search``):
+        #: its windows, the ids left out and the rows found, which the replays adopt
+        #: (``ReplaysSource._duplicated``).
+        self.searched: tuple[Windows, LeftOutIds, DuplicateRows | None] | None = None
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = slice_store(model, Sliced.merge)
         if self.slices is not None:
@@ -520,6 +545,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         # An id rewritten in place keeps every count and sum the audit compares: the
         # refresh that audits probes every id (as the labels' does).
         duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay, every_id=audited)
+        self.searched = (windows, self._left_out, duplicate_rows)
         if duplicate_rows is not None:
             filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
             plan = store.plan(windows.starts, windows.end, delay, filling)
@@ -679,6 +705,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
     def run(self, as_of: datetime) -> PredictionValues:
         self._duplicates = {}  # a new refresh: rows may have been written since the last search
+        self.searched = None
         windows = self.windows(as_of)
         if self.slices is not None:  # before anything can fail (SliceStore.begin)
             self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
@@ -771,6 +798,17 @@ class JoinedSource(Source[Q, V]):
         if saved is not None and store is not None:  # the second for mypy
             self._save_kept(saved, store)
 
+    def _duplicated(
+        self, conn: Connection, windows: Windows, store: SliceStore[Any], filling: bool, audited: bool
+    ) -> DuplicateRows | None:
+        """The duplicated ids of ``windows`` and their rows, which every read of ``store``
+        leaves out (``LeftOutIds.search``; ``None``: too many to list)."""
+        q = self.predictions.queries()
+        ingestion = self.model.predictions.ingestion_delay
+        # An audit compares the valid predictions only: a row with any score written late
+        # into a kept slice may make an id duplicated, so its refresh probes every id.
+        return self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
+
     def _merged(
         self,
         conn: Connection,
@@ -790,7 +828,7 @@ class JoinedSource(Source[Q, V]):
 
         In order: ``audit`` when due (it compares the kept slices with the store and
         forgets those that changed); unless ids are unique, the duplicated ids of the
-        windows, found as the predictions find theirs (``LeftOutIds.search``); per pass of
+        windows and their rows (``_duplicated``); per pass of
         the plan, ``read(pass, exclude)``: its parts' aggregates, by part, the rows of the
         ``exclude`` ids left out; then, when ids were left out, ``add_back(duplicates,
         only)``: each window's aggregates of the predictions of the ``only`` ids, those
@@ -802,9 +840,7 @@ class JoinedSource(Source[Q, V]):
         if audited:
             audit()
             filling = store.filling(windows.starts, windows.end, ingestion)
-        # An audit compares the valid predictions only: a row with any score written late
-        # into a kept slice may make an id duplicated, so its refresh probes every id.
-        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
+        duplicate_rows = self._duplicated(conn, windows, store, filling, audited)
         if duplicate_rows is None:
             return None, self._left_out.one_pass_ids(None, windows.starts)
         filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
@@ -1028,11 +1064,11 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
 
     @cached_property
     def slices(self) -> SliceStore[ReplayTotals] | None:
-        """The replay aggregates of the settled slices, kept between refreshes when time
-        slices are on, else ``None``. A slice is settled once its predictions are written
+        """The replay aggregates of the settled slices, kept between refreshes when the
+        replays are on slices (``ModelConfig.replays_on_slices``), else ``None``. A slice is settled once its predictions are written
         (``PredictionsSource.written_by``) and ``replay_delay`` more has passed: replays
         have no time of their own, so one written later is taken in by the audit."""
-        store = slice_store(self.model, ReplayTotals.merge)
+        store = slice_store(self.model, ReplayTotals.merge) if self.model.replays_on_slices() else None
         if store is not None:
             delay = self.model.replay_delay
             store.horizon = lambda x: self.predictions.written_by(x) - delay
@@ -1050,6 +1086,18 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
     def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
         return replay_fingerprint(self.model, url, dialect, width)
 
+    def _duplicated(
+        self, conn: Connection, windows: Windows, store: SliceStore[Any], filling: bool, audited: bool
+    ) -> DuplicateRows | None:
+        """What the predictions' search found over these windows at this refresh
+        (``PredictionsSource.searched``, ``LeftOutIds.adopt``): every source of a refresh
+        then leaves out the same ids, found once; a search of their own when the
+        predictions did not search these windows (a failure before, or no kept slices)."""
+        searched = self.predictions.searched
+        if searched is not None and searched[0] == windows:
+            return self._left_out.adopt(searched[1], searched[2], store)
+        return super()._duplicated(conn, windows, store, filling, audited)
+
     def _sliced(
         self, conn: Connection, windows: Windows, store: SliceStore[ReplayTotals]
     ) -> tuple[list[ReplayTotals] | None, DuplicateIds | None]:
@@ -1059,8 +1107,9 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         (``PredictionQueries.sliced_replays``), the predictions of the duplicated ids are
         added back by ``PredictionQueries.replays`` with ``only``, and the audit, when due,
         reads every kept slice again with the same statement and forgets those whose
-        replays changed (``ReplayTotals.differs``): replays written, deleted or rewritten
-        since the slice was read, or predictions written later than ``ingestion_delay``."""
+        aggregates changed: replays written, deleted or rewritten since the slice was read
+        (a rewrite that keeps the counts and the largest error changes no number), or
+        predictions written later than ``ingestion_delay``."""
         q, replays = self.predictions.queries(), self.queries()
         self._restore(store)
 
@@ -1072,7 +1121,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         def audit() -> None:
             kept = store.audit_started(windows.end)
             found = {kept.points[p]: totals for p, totals in read(kept, self._left_out.ids).items()}
-            changed = store.audited(lambda start, totals: totals.differs(found.get(start, ReplayTotals())))
+            changed = store.audited(lambda start, totals: totals != found.get(start, ReplayTotals()))
             if changed:
                 log.info(
                     "model %s: %d kept replay slices changed in the store; read again", self.model.name, len(changed)

@@ -75,7 +75,7 @@ class Tables:
             "replays",
             metadata,
             sa.Column("k", sa.BigInteger),
-            sa.Column("id", sa.BigInteger),
+            sa.Column("id", sa.BigInteger, index=id_index),
             sa.Column("p", sa.Double),
         )
         metadata.create_all(self.engine)
@@ -194,9 +194,10 @@ def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_ind
     (``slice_fill_refreshes`` 1) and keeps them; each cold refresher fills (the default
     24), so its first refresh reads the windows in one pass. Replays of the predictions of
     the last 9 minutes are written before their slice settles (``replay_delay`` 10m after
-    its end); the others are late, and count from the next audit. With ``id_index``, the
-    predictions' id is indexed (PostgreSQL then looks each probed id up in it:
-    ``PredictionQueries.duplicates_among``); the prediction statistics are compared too."""
+    its end); the others are late, and count from the next audit. With ``id_index``, both
+    ids are indexed (PostgreSQL then looks each probed id up in the predictions' index,
+    ``PredictionQueries.duplicates_among``, and each prediction's replays up in theirs,
+    ``replays_by_lookup``); the prediction statistics are compared too."""
     url, schema, _ = store
     rng = np.random.default_rng(seed)
     stores = Stores(_settings(url, schema, 1, unique).stores, timedelta(seconds=30))
@@ -302,12 +303,18 @@ def test_a_steady_refresh_reads_only_the_slices_not_yet_settled(tmp_path):
     tables.engine.dispose()
 
 
-@pytest.mark.parametrize("unique", [True, False], ids=["unique", "duplicates"])
-def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, monkeypatch, unique):
+@pytest.mark.parametrize(
+    ("unique", "predictions_down", "ran"),
+    [(True, False, 3), (False, False, 4), (False, True, 6)],
+    ids=["unique", "duplicates", "duplicates-predictions-down"],
+)
+def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, monkeypatch, unique, predictions_down, ran):
     """A refresh that audits the kept replay slices, with a duplicated id in the window and
-    the 15m window's tail in a slice settled since the refresh before: the audit, (without
-    unique ids) the duplicated ids and their rows, two passes and the rows of those ids
-    added back: 3 with unique ids, 6 without (``refresh.worst_case_queries``)."""
+    the 15m window's tail in a slice settled since the refresh before: the audit, two
+    passes and (without unique ids) the rows of the duplicated ids added back, which the
+    predictions found: 3 with unique ids, 4 without (``refresh.worst_case_queries``). When
+    the predictions fail before their search, the replays search themselves (the ids and
+    their rows: 6), the predictions having run one statement."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, 1, unique)
     stores = Stores(settings.stores, timedelta(seconds=30))
@@ -317,31 +324,62 @@ def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, monkeypatch, 
         tables.predict([(START - timedelta(minutes=20, seconds=30), 0.5)], [tables.rows[0][0]])
     refresher = _refresher(settings, stores)
     refresher.refresh(START - AUDIT)  # the audit is due 20 minutes later
-    statements: list[str] = []
-    replays = refresher.sources["replays"]
-    running = []
-    run = type(replays).run
+    by_source: dict[str, list[str]] = {}
+    running: list[str] = []
+    for name, source in refresher.sources.items():
 
-    def recorded(self, as_of):
-        running.append(True)
-        try:
-            return run(self, as_of)
-        finally:
-            running.pop()
+        def run(as_of, name=name, run=source.run):
+            running.append(name)
+            try:
+                return run(as_of)
+            finally:
+                running.pop()
 
-    monkeypatch.setattr(type(replays), "run", recorded)
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: running and statements.append(args[2]))
+        monkeypatch.setattr(source, "run", run)
+
+    def record(*args) -> None:
+        # Reflection (again, after the predictions failed) is not counted: sqlite_master.
+        if running and args[2].lstrip().upper().startswith("SELECT") and "sqlite_master" not in args[2]:
+            by_source.setdefault(running[-1], []).append(args[2])
+
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+    if predictions_down:
+        timeout = sa.exc.OperationalError("the audit", {}, Exception("canceling statement due to statement timeout"))
+
+        def failing(*args):
+            raise timeout
+
+        monkeypatch.setattr(refresher.predictions, "_score_stats", failing)
     # At 12:02:00 the 15m window starts at 11:47:00, in the slice [11:46, 11:48), settled
     # (by 12:02 - 11m) since the refresh before: read this time, so the tail is a second pass.
     as_of = datetime(2026, 5, 4, 12, 2, tzinfo=UTC)
     snap = refresher.refresh(as_of)
-    assert all(s.up for s in snap.sources.values())
-    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    assert len(selects) == worst_case_queries(settings.models[0]) - 9 == (3 if unique else 6)
+    assert snap.sources["replays"].up and snap.sources["predictions"].up is not predictions_down
+    assert len(by_source["replays"]) == ran
+    worst = worst_case_queries(settings.models[0])
+    assert worst - 9 == (3 if unique else 4) and sum(len(run) for run in by_source.values()) <= worst
     cold = _refresher(_settings(url, None, 24, unique), stores).refresh(as_of)
     assert snap.replays == cold.replays
     stores.dispose()
     tables.engine.dispose()
+
+
+def test_replays_on_slices_only_where_most_of_the_window_settles():
+    """``ingestion_delay`` + ``replay_delay`` beyond half the largest window: the replays
+    read their windows in one pass (a sliced statement over most of the window costs more)."""
+
+    def on_slices(replay_delay: str, ingestion_delay: str = "1m") -> bool:
+        settings = model_settings(
+            "sqlite:///unused.sqlite",
+            labels=False,
+            replays=True,
+            predictions={"ingestion_delay": ingestion_delay},
+            model={"windows": ["1h", "24h"], "time_slice": "auto", "replay_delay": replay_delay},
+        )
+        return settings.models[0].replays_on_slices()
+
+    assert on_slices("0s") and on_slices("11h59m")
+    assert not on_slices("12h") and not on_slices("24h") and not on_slices("11h", ingestion_delay="2h")
 
 
 @pytest.fixture
