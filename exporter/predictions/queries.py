@@ -298,12 +298,21 @@ def _unique_by_schema(table: sa.Table, column: str) -> bool:
 
 def _indexed_by(table: sa.Table, column: str) -> bool:
     """Whether the primary key, a unique constraint or an index starts with ``column``, so
-    that looking up one value of it reads a few pages rather than the table."""
+    that looking up one value of it reads a few pages rather than the table (not a partial
+    index, nor one of a kind no equality lookup uses; an index under another collation than
+    the column's is not seen by reflection and counts: docs/scaling.md)."""
     keys = [list(table.primary_key.columns.keys())]
     keys += [list(c.columns.keys()) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
     leading = [key[0] for key in keys if key]
     leading += [
-        i.expressions[0].name for i in table.indexes if i.expressions and isinstance(i.expressions[0], sa.Column)
+        i.expressions[0].name
+        for i in table.indexes
+        if i.expressions
+        and isinstance(i.expressions[0], sa.Column)
+        # A partial index, or one that serves no equality lookup (PostgreSQL's BRIN, GIN...),
+        # would leave each lookup a scan: then not an index for looking ids up.
+        and not i.dialect_kwargs.get("postgresql_where")
+        and (i.dialect_kwargs.get("postgresql_using") or "btree") in ("btree", "hash")
     ]
     return column in leading
 

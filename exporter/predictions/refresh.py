@@ -48,6 +48,8 @@ def as_of_range(settings: Settings) -> tuple[datetime, datetime]:
     for model in settings.models:
         longest = max(parse_duration(window) for window in model.windows)
         label_delay = model.label_delay if model.labels is not None else timedelta(0)
+        # Kept replay slices settle ingestion_delay + replay_delay earlier, within the window
+        # (ModelConfig.replays_on_slices).
         reach = max(reach, longest + label_delay, model.predictions.ingestion_delay)
     return INSTANT_RANGE[0] + reach, INSTANT_RANGE[1] - FUTURE_TOLERANCE
 
@@ -79,11 +81,10 @@ def worst_case_queries(model: ModelConfig) -> int:
     audit, the duplicated ids and their rows, two passes, and the rows of those ids added
     back per window;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
-    with fewer statements); on slices (``ModelConfig.replays_on_slices``), 3 with
-    ``unique_ids``: the audit and two passes, or the audit, a filling pass and the windows
-    in one pass (``ReplaysSource._sliced``); 4 without: the same and the rows of the
-    duplicated ids added back, which the predictions found (two more, a search of their
-    own, when the predictions failed before it, after at most 3 statements); features: the serving version (with a version column), its
+    with fewer statements); on slices (``ModelConfig.replays_on_slices``), as the labels
+    on kept online slices, 3 with ``unique_ids`` and 6 without (``ReplaysSource._sliced``:
+    their slices settle ``replay_delay`` later than the predictions', so they find the
+    duplicated ids among what they read themselves); features: the serving version (with a version column), its
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
@@ -93,7 +94,7 @@ def worst_case_queries(model: ModelConfig) -> int:
         sliced = 3 if model.predictions.unique_ids else 6
         count += (sliced if kept else 1 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
-        count += (3 if model.predictions.unique_ids else 4) if model.replays_on_slices() else 1
+        count += (3 if model.predictions.unique_ids else 6) if model.replays_on_slices() else 1
     if model.features is not None:
         count += 2 + version
     return count
@@ -159,8 +160,8 @@ class ModelRefresher:
         refresh's horizon, i.e. they start at 0 with the process. ``training``: the caps on
         feature and category series (default ``TrainingSettings()``); ``state``: the state
         database whose training runs the features are compared with (``None``: with none);
-        ``save_slices``: the predictions' kept time slices, and the labels' kept online
-        slices, are saved in ``state`` (none without one) and restored from it at the first
+        ``save_slices``: the predictions' kept time slices, the labels' kept online slices
+        and the replays' kept slices are saved in ``state`` (none without one) and restored from it at the first
         refresh; only ``mlmon serve`` sets it: ``once`` and ``backfill`` compute from
         scratch and write nothing there."""
         self.model = model

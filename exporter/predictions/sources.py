@@ -141,9 +141,9 @@ class LeftOutIds:
     """The duplicated ids a source keeping time slices leaves out of every read, and the
     ids each kept slice left out (issue 12: no full duplicate search at every refresh, only
     with no slice kept, while filling and at an audit's refresh). The
-    predictions, the labels and the replays keep one each, for their own slices; the
-    labels search their own windows (they end ``label_delay`` earlier), the replays adopt
-    what the predictions found over the same windows (``adopt``).
+    predictions, the labels and the replays keep one each, for their own slices: the
+    labels' windows end ``label_delay`` earlier, and the replays read more than the
+    predictions (their slices settle ``replay_delay`` later) and audit their own slices.
 
     ``search`` finds the ids carried by several rows of the largest window among the ids
     of what the refresh reads and the known ones, and their rows; a kept slice that left
@@ -164,6 +164,9 @@ class LeftOutIds:
         #: after it forgot them), and the new slices of the plan this refresh probed.
         self._unprobed: tuple[datetime, ...] = ()
         self._probed: tuple[datetime, ...] = ()
+        #: A search was asked to probe every id (an audit's refresh) and none has finished
+        #: since (that refresh failed after its audit): the next search probes every id.
+        self._every_id_owed = False
 
     def search(
         self,
@@ -185,6 +188,7 @@ class LeftOutIds:
         probed (``complete``; ``one_pass_ids`` then gives each window's duplicated ids for
         a read of the windows in one pass)."""
         duplicate_rows, ids = DuplicateRows((), ()), []
+        self._every_id_owed = every_id = every_id or self._every_id_owed
         if not q.unique_ids:
             # Probe the ids of what this refresh reads (everything on a cold refresh), and of
             # the slices the last one read unprobed: one may hold a row written later than
@@ -208,39 +212,21 @@ class LeftOutIds:
                 points = _slice_points(windows, store.width)
                 rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
                 duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
+            self._every_id_owed = False
             if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
                 store.forget(list(store.slices))
                 self.ids = ()
                 return None
         else:
-            self.complete, self._too_many = True, False
+            self.complete, self._too_many, self._every_id_owed = True, False, False
         # Unique ids (also by a unique index found when the table is reflected again after a
         # failure, or the table created again with a key) leave nothing out: slices that left
         # out the ids known before are read again.
-        self._leave_out(tuple(ids), duplicate_rows, store)
-        return duplicate_rows
-
-    def adopt(self, other: LeftOutIds, found: DuplicateRows | None, store: SliceStore[Any]) -> DuplicateRows | None:
-        """Take what ``other`` (the predictions', whose windows are these) ``found`` at this
-        refresh (``search``'s result) instead of searching again: its ids become the ones
-        every read of ``store`` leaves out, and a kept slice of ``store`` that left out other
-        ids than it now should is forgotten. ``None`` (too many to list) drops every kept
-        slice, as ``search`` does."""
-        self.complete, self._too_many = other.complete, other._too_many
-        if found is None:
-            store.forget(list(store.slices))
-            self.ids = ()
-            return None
-        self._leave_out(other.ids, found, store)
-        return found
-
-    def _leave_out(self, ids: tuple[Any, ...], found: DuplicateRows, store: SliceStore[Any]) -> None:
-        """Leave ``ids`` (with their rows ``found``) out from now on, and forget the kept
-        slices of ``store`` that left out other ids than they now should."""
-        self.ids = ids
-        self._should = found.by_slice(store.width)
+        self.ids = tuple(ids)
+        self._should = duplicate_rows.by_slice(store.width)
         stale = [s for s in store.slices if self._by_slice.get(s, frozenset()) != self._should.get(s, frozenset())]
         store.forget(stale)
+        return duplicate_rows
 
     def one_pass_ids(self, found: DuplicateRows | None, starts: Sequence[datetime]) -> DuplicateIds | None:
         """The duplicated ids of each window starting at one of ``starts``, for a read of the
@@ -398,15 +384,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         """``count_from``: as ``ModelRefresher``'s (the counter's first watermark);
         ``slice_state``: the state database the kept time slices are saved in after each
         successful refresh and restored from at the first (``None``: neither), the labels'
-        kept online slices too (``LabelsSource``)."""
+        kept online slices and the replays' slices too (``JoinedSource._saved_slices``)."""
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: dict[Windows, DuplicateIds] = {}  # this refresh's, by windows (duplicate_ids)
-        #: This refresh's duplicate-id search over the kept slices (``LeftOutIds.search``):
-        #: its windows, the ids left out and the rows found, which the replays adopt
-        #: (``ReplaysSource._duplicated``).
-        self.searched: tuple[Windows, LeftOutIds, DuplicateRows | None] | None = None
         #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
         self.slices = slice_store(model, Sliced.merge)
         if self.slices is not None:
@@ -545,7 +527,6 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         # An id rewritten in place keeps every count and sum the audit compares: the
         # refresh that audits probes every id (as the labels' does).
         duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay, every_id=audited)
-        self.searched = (windows, self._left_out, duplicate_rows)
         if duplicate_rows is not None:
             filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
             plan = store.plan(windows.starts, windows.end, delay, filling)
@@ -705,7 +686,6 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
 
     def run(self, as_of: datetime) -> PredictionValues:
         self._duplicates = {}  # a new refresh: rows may have been written since the last search
-        self.searched = None
         windows = self.windows(as_of)
         if self.slices is not None:  # before anything can fail (SliceStore.begin)
             self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
@@ -798,17 +778,6 @@ class JoinedSource(Source[Q, V]):
         if saved is not None and store is not None:  # the second for mypy
             self._save_kept(saved, store)
 
-    def _duplicated(
-        self, conn: Connection, windows: Windows, store: SliceStore[Any], filling: bool, audited: bool
-    ) -> DuplicateRows | None:
-        """The duplicated ids of ``windows`` and their rows, which every read of ``store``
-        leaves out (``LeftOutIds.search``; ``None``: too many to list)."""
-        q = self.predictions.queries()
-        ingestion = self.model.predictions.ingestion_delay
-        # An audit compares the valid predictions only: a row with any score written late
-        # into a kept slice may make an id duplicated, so its refresh probes every id.
-        return self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
-
     def _merged(
         self,
         conn: Connection,
@@ -828,7 +797,7 @@ class JoinedSource(Source[Q, V]):
 
         In order: ``audit`` when due (it compares the kept slices with the store and
         forgets those that changed); unless ids are unique, the duplicated ids of the
-        windows and their rows (``_duplicated``); per pass of
+        windows, found as the predictions find theirs (``LeftOutIds.search``); per pass of
         the plan, ``read(pass, exclude)``: its parts' aggregates, by part, the rows of the
         ``exclude`` ids left out; then, when ids were left out, ``add_back(duplicates,
         only)``: each window's aggregates of the predictions of the ``only`` ids, those
@@ -840,7 +809,9 @@ class JoinedSource(Source[Q, V]):
         if audited:
             audit()
             filling = store.filling(windows.starts, windows.end, ingestion)
-        duplicate_rows = self._duplicated(conn, windows, store, filling, audited)
+        # An audit compares the valid predictions only: a row with any score written late
+        # into a kept slice may make an id duplicated, so its refresh probes every id.
+        duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
         if duplicate_rows is None:
             return None, self._left_out.one_pass_ids(None, windows.starts)
         filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
@@ -1071,7 +1042,9 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         store = slice_store(self.model, ReplayTotals.merge) if self.model.replays_on_slices() else None
         if store is not None:
             delay = self.model.replay_delay
-            store.horizon = lambda x: self.predictions.written_by(x) - delay
+            # Its predictions written (around a clock set back, later than their time:
+            # stores.written_by), and replay_delay after that.
+            store.horizon = lambda x: self.predictions.written_by(x - delay)
         return store
 
     def _reflect(self) -> ReplayQueries:
@@ -1085,18 +1058,6 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
 
     def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
         return replay_fingerprint(self.model, url, dialect, width)
-
-    def _duplicated(
-        self, conn: Connection, windows: Windows, store: SliceStore[Any], filling: bool, audited: bool
-    ) -> DuplicateRows | None:
-        """What the predictions' search found over these windows at this refresh
-        (``PredictionsSource.searched``, ``LeftOutIds.adopt``): every source of a refresh
-        then leaves out the same ids, found once; a search of their own when the
-        predictions did not search these windows (a failure before, or no kept slices)."""
-        searched = self.predictions.searched
-        if searched is not None and searched[0] == windows:
-            return self._left_out.adopt(searched[1], searched[2], store)
-        return super()._duplicated(conn, windows, store, filling, audited)
 
     def _sliced(
         self, conn: Connection, windows: Windows, store: SliceStore[ReplayTotals]

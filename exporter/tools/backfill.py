@@ -78,8 +78,8 @@ class Evaluator:
     The one seam between the backfill and the refresh machinery: each ``evaluate`` is a
     refresh of the same refreshers at a later instant, so reflection is cached across
     steps, the counters are fed incrementally, and with ``time_slice`` set (``mlmon backfill``
-    sets it: ``with_time_slices``) the predictions' kept time slices (``predictions.slices``)
-    are reused: once filled, a step reads the slices sealed since the previous one and each
+    sets it: ``with_time_slices``) the kept time slices of the predictions, of the labels
+    that mature by slice and of the replays on slices (each source's ``slices``) are reused: once filled, a step reads the slices sealed since the previous one and each
     window's head and tail, not the windows (they are not saved in the state database, which
     ``mlmon serve``'s kept slices stay in). It computes what ``mlmon once --as-of`` does at
     each instant with the same settings (docs/metrics.md, "Time slices").

@@ -512,11 +512,11 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
     # scores of each of two passes, counter; as many when the audit starts a fill: above)
     # + 1 + 1 (labels, serving version: they reuse the predictions' duplicate ids, no label
-    # delay) + 4 (replays on their slices: audit, two passes, the rows of the duplicated
-    # ids the predictions found added back), whatever the windows
+    # delay) + 6 (replays on their slices: audit, duplicated ids, their rows, two passes,
+    # those ids' rows added back), whatever the windows
     counts = {name: len(run) for name, run in by_source.items()}
-    assert counts == {"predictions": 9, "labels": 2, "replays": 4}
-    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 15
+    assert counts == {"predictions": 9, "labels": 2, "replays": 6}
+    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 17
     stores.dispose()
 
 
@@ -527,7 +527,7 @@ def _ran_at_most(by_source: dict[str, list[str]], model) -> None:
 
     counts = {name: len(run) for name, run in by_source.items()}
     assert counts["predictions"] == 9 and counts["labels"] == 2
-    assert counts["replays"] <= worst_case_queries(model) - 11 == 4
+    assert counts["replays"] <= worst_case_queries(model) - 11 == 6
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):

@@ -267,6 +267,37 @@ def test_replays_are_looked_up_by_index_only_when_both_ids_have_one_type(
     ) is lookup
 
 
+@pytest.mark.parametrize(
+    ("index", "lookup"),
+    [
+        ("CREATE INDEX ON {t} (id)", True),
+        ("CREATE INDEX ON {t} USING hash (id)", True),
+        ("CREATE INDEX ON {t} (id) WHERE p > 0.5", False),  # partial: most ids are not in it
+        ("CREATE INDEX ON {t} USING brin (id)", False),  # no equality lookup
+        ("CREATE INDEX ON {t} (ts, id)", False),  # not led by the id
+    ],
+)
+def test_ids_are_looked_up_only_in_an_index_that_serves_every_id(index, lookup, postgres_schema):
+    """The duplicate-id probe looks each probed id up (a LATERAL count) only in an index
+    every id's lookup can use: in a partial or a BRIN index each lookup would be a scan of
+    the window, quadratic in the rows probed (8.8 s against 0.03 s at 10^5 rows)."""
+    url, schema = postgres_schema
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE TABLE "{schema}".predictions (id bigint, ts timestamp, p float8, v text)'))
+            conn.execute(sa.text(index.format(t=f'"{schema}".predictions')))
+        model = _settings(url, schema).models[0]
+        predictions = sa.Table("predictions", sa.MetaData(), schema=schema, autoload_with=engine)
+    finally:
+        engine.dispose()
+    q = PredictionQueries(
+        model, predictions, TimeColumn(predictions.c.ts, "naive", "UTC", predictions.c.ts), "postgresql"
+    )
+    probe = q.duplicates_among(AS_OF - timedelta(hours=1), AS_OF, [(AS_OF - timedelta(minutes=5), AS_OF)], [])
+    assert q.indexed is lookup and (" LATERAL " in str(probe)) is lookup
+
+
 @pytest.mark.postgres
 def test_label_times_and_a_joined_feature_table_unanalyzed_are_refreshed_without_loops(postgres_schema):
     """The statements the first test leaves out: labels with their own arrival time and a
