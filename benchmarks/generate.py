@@ -5,11 +5,11 @@ for M models into PostgreSQL, DuckDB or SQLite, fast (COPY on PostgreSQL).
 
 Tables (replaced): ``bench_predictions(id, model_name, ts, score)`` with an index on
 (model_name, ts), ``bench_labels(id, clicked, ts)`` (``ts``: when the click was recorded, 0
-to 30 s after the prediction) and ``bench_replays(id, score)`` indexed by id. Timestamps are spread uniformly over ``--hours`` before ``--now``; scores are
-Beta(1.2, 40) (mean ~3%), continuous like a model's raw output. With ``--features`` the
-predictions also carry ``FEATURES_NUMERIC`` numeric (``f0``...: log-normal, 2% NULL) and
-``FEATURES_CATEGORICAL`` categorical (``c0``...: 20 categories, Zipf-like) feature columns
-(:func:`feature_frame`).
+to 30 s after the prediction) and ``bench_replays(id, score)`` indexed by id. Timestamps
+are spread uniformly over ``--hours`` before ``--now``; scores are Beta(1.2, 40) (mean
+~3%), continuous like a model's raw output. With ``--features`` the predictions also carry
+``FEATURES_NUMERIC`` numeric (``f0``...: log-normal, 2% NULL) and ``FEATURES_CATEGORICAL``
+categorical (``c0``...: 20 categories, Zipf-like) feature columns (:func:`feature_frame`).
 """
 
 from __future__ import annotations

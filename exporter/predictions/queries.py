@@ -375,8 +375,10 @@ class PredictionQueries:
         ``MAX_LISTED_DUPLICATES + 1``, among the ids of the rows stamped in the ``probe``
         ranges and the ``known`` ids (``probe`` ``None``: among all). A new duplicate has a
         row that is new, and a known one may have stopped being one: so a refresh that keeps
-        time slices probes only its new rows' ids against the window (a semi-join, which
-        an index on the id turns into lookups) instead of grouping the whole window by id
+        time slices probes only its new rows' ids against the window (with an index on the
+        id, lookups: on PostgreSQL a LATERAL count per distinct probed id, whose planner
+        hashes a semi-join over the window; elsewhere a semi-join) instead of grouping the
+        whole window by id
         (``LeftOutIds.search`` groups every id with no slice kept, while filling and at an
         audit's refresh).
         """
@@ -1146,7 +1148,7 @@ class ReplayQueries:
     """The replay table: offline re-computations of served scores, joined by id.
 
     ``indexed``: the id column leads the primary key, a unique constraint or an index, so
-    that PostgreSQL looks the window's ids up in it (``PredictionQueries.replays``).
+    that PostgreSQL looks the window's ids up in it (``PredictionQueries._replayed``).
     """
 
     def __init__(self, source: ReplaySource, table: sa.Table):

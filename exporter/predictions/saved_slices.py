@@ -6,7 +6,7 @@
 ``SavedSlices`` each.
 
 A saved slice is keyed by model and slice start, and carries the fingerprint of
-everything that determines its contents (``fingerprint``, ``online_fingerprint``): slices
+everything that determines its contents (``fingerprint``, ``online_fingerprint``, ``replay_fingerprint``): slices
 saved under another one are ignored and replaced. Its aggregates are stored without
 pickle: arrays as ``.npy`` bytes of plain structured arrays (``np.save``,
 ``allow_pickle=False``), the rest as JSON; a ``Codec`` says how for each kind.

@@ -234,8 +234,8 @@ class LeftOutIds:
         lists, ``DuplicateIds(None)`` (the queries then search them themselves); when it
         probed every id, the ids of its rows, or ``DuplicateIds(None)`` when they were too
         many; else ``None`` (a fill started by its own forgetting, or too many rows of few
-        ids): the caller searches (``PredictionsSource.duplicate_ids``), since a row written
-        late into a kept slice may duplicate an id it did not probe."""
+        ids): the caller searches the windows, since a row written late into a kept slice
+        may duplicate an id it did not probe."""
         if self._too_many:
             return DuplicateIds(None)
         if not self.complete:
@@ -528,7 +528,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         # refresh that audits probes every id (as the labels' does).
         duplicate_rows = self._left_out.search(conn, q, windows, store, filling, delay, every_id=audited)
         if duplicate_rows is not None:
-            filling = store.filling(windows.starts, windows.end, delay)  # as after the audit
+            filling = store.filling(windows.starts, windows.end, delay)  # the search may have forgotten slices
             plan = store.plan(windows.starts, windows.end, delay, filling)
             merged = store.merge(plan, self._read_parts(conn, plan))
             self._left_out.after_reads(store, plan, q.unique_ids)
@@ -746,9 +746,9 @@ class JoinedSource(Source[Q, V]):
     def _saved_slices(self, store: SliceStore[A]) -> SavedSlices[A] | None:
         """Where ``store``'s kept slices are saved, as the predictions' are
         (``PredictionsSource._saved_slices``, in the same state database): ``None`` without a
-        state database (``PredictionsSource.slice_state``) or when ids are not unique (by
-        schema or ``unique_ids``: the slices then depend on the duplicated ids known when
-        they were read, which are not saved)."""
+        state database (``PredictionsSource.slice_state``), for a source without ``codec``, or
+        when ids are not unique (by schema or ``unique_ids``: the slices then depend on the
+        duplicated ids known when they were read, which are not saved)."""
         q = self.predictions.queries()
         state = self.predictions.slice_state
         if state is None or not q.unique_ids or self.codec is None:
@@ -793,7 +793,7 @@ class JoinedSource(Source[Q, V]):
         some of the missing slices and keeps them) or when the duplicated ids or their rows
         are too many to list (the kept slices are dropped): the caller then reads the
         windows in one pass, with each window's duplicated ids when they were found (else
-        ``None``: ``PredictionsSource.duplicate_ids`` finds them).
+        ``None``: the caller searches the windows).
 
         In order: ``audit`` when due (it compares the kept slices with the store and
         forgets those that changed); unless ids are unique, the duplicated ids of the
@@ -814,7 +814,7 @@ class JoinedSource(Source[Q, V]):
         duplicate_rows = self._left_out.search(conn, q, windows, store, filling, ingestion, every_id=audited)
         if duplicate_rows is None:
             return None, self._left_out.one_pass_ids(None, windows.starts)
-        filling = store.filling(windows.starts, windows.end, ingestion)  # as after the audit
+        filling = store.filling(windows.starts, windows.end, ingestion)  # the search may have forgotten slices
         plan = store.plan(windows.starts, windows.end, ingestion, filling)
         parts: dict[tuple[int, int], A] = {}
         for pass_index, each in enumerate(plan.passes):
@@ -1036,14 +1036,15 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
     @cached_property
     def slices(self) -> SliceStore[ReplayTotals] | None:
         """The replay aggregates of the settled slices, kept between refreshes when the
-        replays are on slices (``ModelConfig.replays_on_slices``), else ``None``. A slice is settled once its predictions are written
-        (``PredictionsSource.written_by``) and ``replay_delay`` more has passed: replays
-        have no time of their own, so one written later is taken in by the audit."""
+        replays are on slices (``ModelConfig.replays_on_slices``), else ``None``. A slice is
+        settled once its predictions were written ``replay_delay`` ago
+        (``PredictionsSource.written_by``): replays have no time of their own, so one
+        written later is taken in by the audit."""
         store = slice_store(self.model, ReplayTotals.merge) if self.model.replays_on_slices() else None
         if store is not None:
             delay = self.model.replay_delay
-            # Its predictions written (around a clock set back, later than their time:
-            # stores.written_by), and replay_delay after that.
+            # Every row read written replay_delay ago (around a clock set back, rows are
+            # written later than their time reads: stores.written_by).
             store.horizon = lambda x: self.predictions.written_by(x - delay)
         return store
 
@@ -1070,7 +1071,8 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         reads every kept slice again with the same statement and forgets those whose
         aggregates changed: replays written, deleted or rewritten since the slice was read
         (a rewrite that keeps the counts and the largest error changes no number), or
-        predictions written later than ``ingestion_delay``."""
+        predictions written later than ``ingestion_delay`` + ``replay_delay`` after their
+        slice's end."""
         q, replays = self.predictions.queries(), self.queries()
         self._restore(store)
 
@@ -1106,7 +1108,12 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
                 without_jit(conn)
             totals, duplicates = self._sliced(conn, windows, self.slices) if self.slices is not None else (None, None)
             if totals is None:
-                if duplicates is None:
+                if duplicates is None and self.slices is not None:
+                    # Their own probe may have found ids the predictions' did not (the replays
+                    # read replay_delay more of the window): the windows are searched again.
+                    found = conn.execute(q.duplicate_search(windows)).all()
+                    duplicates = DuplicateIds.from_search(found, len(windows.starts))
+                elif duplicates is None:
                     duplicates = self.predictions.duplicate_ids(conn, windows)
                 row = conn.execute(q.replays(replays, windows, duplicates)).one()
                 totals = [ReplayTotals.of(row._mapping, f"_{i}") for i in range(len(windows.starts))]

@@ -79,7 +79,8 @@ class Evaluator:
     refresh of the same refreshers at a later instant, so reflection is cached across
     steps, the counters are fed incrementally, and with ``time_slice`` set (``mlmon backfill``
     sets it: ``with_time_slices``) the kept time slices of the predictions, of the labels
-    that mature by slice and of the replays on slices (each source's ``slices``) are reused: once filled, a step reads the slices sealed since the previous one and each
+    that mature by slice and of the replays on slices (each source's ``slices``) are
+    reused: once filled, a step reads the slices sealed since the previous one and each
     window's head and tail, not the windows (they are not saved in the state database, which
     ``mlmon serve``'s kept slices stay in). It computes what ``mlmon once --as-of`` does at
     each instant with the same settings (docs/metrics.md, "Time slices").

@@ -70,7 +70,7 @@ kept_online_slices = sa.Table(
 )
 
 #: Mirrors migrations/versions/0004: one row per (model, kept replay slice), as
-#: ``kept_slices``; ``meta`` JSON of its four numbers (``saved_slices.encode_replays``).
+#: ``kept_slices``; ``meta`` JSON of its form and three numbers (``saved_slices.encode_replays``).
 kept_replay_slices = sa.Table(
     "mlmon_kept_replay_slices",
     metadata,

@@ -448,7 +448,7 @@ def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, r
     states[0].engine.dispose()
 
 
-def test_on_time_replay_missed_after_a_clock_set_back(tmp_path):
+def test_an_on_time_replay_counts_after_a_clock_set_back(tmp_path):
     """Naive Europe/Berlin timestamps; the clocks go back at 01:00 UTC on 2026-10-25. A
     prediction stamped 02:20 (the second one, written at 01:20 UTC, read as 00:40 UTC) is
     replayed 15 minutes after it was written, within replay_delay (20m): its slice settles
@@ -488,7 +488,7 @@ def test_on_time_replay_missed_after_a_clock_set_back(tmp_path):
     assert warm.refresh(at).replays == _refresher(settings, stores).refresh(at).replays  # 32 vs 33 pairs
 
 
-def test_a_refresh_failing_after_its_audit_loses_the_every_id_probe(tmp_path, monkeypatch):
+def test_a_refresh_failing_after_its_audit_leaves_the_every_id_probe_owed(tmp_path, monkeypatch):
     """A row with a NULL score written late into a kept slice duplicates the id of a replayed
     prediction in another kept slice: the replay audit cannot see it (valid predictions
     only), only its every-id probe can. That refresh times out on the probe: the next
