@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from hypothesis import settings as hypothesis_settings
 
 from exporter.config import Settings, parse_settings
+from exporter.predictions.slices import SliceStore
 from exporter.server.collector import build_registry, render
 from exporter.server.loop import refresh_all
 
@@ -294,3 +295,45 @@ def refresh_once(settings: Settings, as_of: datetime) -> bytes:
     """The exposition ``/metrics`` would serve after one refresh of every model at ``as_of``
     (what ``mlmon once`` prints)."""
     return render(build_registry(refresh_all(settings, as_of), settings.thresholds))
+
+
+def statements_by_source(refresher, stores) -> dict[str, list[str]]:
+    """The queries (SELECT, WITH) each source of ``refresher`` (a ``ModelRefresher``) runs
+    from now on through ``stores`` (its ``Stores``), by source name, recorded while its
+    ``run`` runs; reflection (SQLite's ``sqlite_master``) is not counted, as
+    ``refresh.worst_case_queries`` does not count it."""
+    by_source: dict[str, list[str]] = {}
+    running: list[str] = []
+    for name, source in refresher.sources.items():
+
+        def run(as_of, name=name, run=source.run):
+            running.append(name)
+            try:
+                return run(as_of)
+            finally:
+                running.pop()
+
+        source.run = run
+    query = ("SELECT", "WITH")
+
+    def record(*args) -> None:
+        if running and args[2].lstrip().upper().startswith(query) and "sqlite_master" not in args[2]:
+            by_source.setdefault(running[-1], []).append(args[2])
+
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+    return by_source
+
+
+@pytest.fixture
+def slices_read_by_store(monkeypatch):
+    """The starts of the settled slices each store's refreshes read (``SliceStore.merge``
+    keeps them), by ``id`` of the store."""
+    read: dict[int, list[datetime]] = {}
+    original = SliceStore.merge
+
+    def recorded(self, plan, parts):
+        read.setdefault(id(self), []).extend(plan.new_slices)
+        return original(self, plan, parts)
+
+    monkeypatch.setattr(SliceStore, "merge", recorded)
+    return read

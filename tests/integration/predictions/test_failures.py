@@ -15,7 +15,7 @@ from exporter.config import parse_settings
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
 from exporter.reasons import classify_error
-from tests.conftest import model_settings, stalled_on_a_lock, table_locked, waiting_on_a_lock
+from tests.conftest import model_settings, stalled_on_a_lock, statements_by_source, table_locked, waiting_on_a_lock
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -339,31 +339,6 @@ def _with_replays(engine, settings, schema=None, **model_changes):
     return settings.model_copy(update={"models": [model]})
 
 
-def _statements_by_source(refresher: ModelRefresher, stores: Stores) -> dict[str, list[str]]:
-    """The queries (SELECT, WITH) each source of ``refresher`` runs from now on, by source
-    name, recorded while its ``run`` runs."""
-    by_source: dict[str, list[str]] = {}
-    running: list[str] = []
-    for name, source in refresher.sources.items():
-
-        def run(as_of, name=name, run=source.run):
-            running.append(name)
-            try:
-                return run(as_of)
-            finally:
-                running.pop()
-
-        source.run = run
-    query = ("SELECT", "WITH")
-
-    def record(*args) -> None:
-        if running and args[2].lstrip().upper().startswith(query):
-            by_source.setdefault(running[-1], []).append(args[2])
-
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
-    return by_source
-
-
 def _every_statement(tmp_path, slice_fill_refreshes: int):
     """(engine, settings) of a model whose refresh can run every statement: buckets holding
     several scores, a version column, labels and replays, windows 1h, 2h, 3h on 5-minute
@@ -412,7 +387,7 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
         for ident, minutes in ((7, 30), (601, 60), (602, 90), (603, 120)):
             late = (AS_OF - timedelta(minutes=minutes, seconds=-10)).replace(tzinfo=None)
             conn.execute(insert, {"id": ident, "ts": late, "p": 0.63})
-    by_source = _statements_by_source(refresher, stores)
+    by_source = statements_by_source(refresher, stores)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and not slices.filled
     _ran_at_most(by_source, settings.models[0])
@@ -444,7 +419,7 @@ def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
         conn.execute(insert, {"id": 500, "ts": late, "p": 0.63})
         for ident in (30, 60, 90, 120):  # stamped in the minute before: the ids of 4 kept slices
             conn.execute(insert, {"id": ident, "ts": (AS_OF + timedelta(seconds=100)).replace(tzinfo=None), "p": 0.2})
-    by_source = _statements_by_source(refresher, stores)
+    by_source = statements_by_source(refresher, stores)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and not slices.filled
     _ran_at_most(by_source, settings.models[0])
@@ -505,7 +480,7 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
         conn.execute(insert, {"id": 500, "ts": late.replace(tzinfo=None), "p": 0.63})
         conn.execute(sa.text("INSERT INTO replays (id, p) VALUES (500, 0.63)"))  # the replays' audit finds it too
         conn.execute(insert, {"id": 7, "ts": (AS_OF + timedelta(minutes=1)).replace(tzinfo=None), "p": 0.7})
-    by_source = _statements_by_source(refresher, stores)
+    by_source = statements_by_source(refresher, stores)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and all(s.bucketed for s in snap.score_stats)
     assert snap.score_stats[0].invalid["duplicate_id"] == 2

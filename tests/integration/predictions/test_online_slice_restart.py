@@ -19,7 +19,7 @@ from exporter.config import Store
 from exporter.predictions import queries
 from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.saved_slices import encode_online
-from exporter.predictions.slices import EPOCH, OnlineBuckets, SliceStore, floor_to, slice_starts
+from exporter.predictions.slices import EPOCH, OnlineBuckets, floor_to, slice_starts
 from exporter.predictions.stores import Stores
 from exporter.server.loop import RefreshLoop, refresh_all
 from exporter.snapshot import SnapshotStore
@@ -35,21 +35,6 @@ from tests.integration.predictions.test_online_slices import (
     _score,
     _settings,
 )
-
-
-@pytest.fixture
-def read_slices(monkeypatch):
-    """The starts of the settled slices each store's refreshes read (``SliceStore.merge``
-    keeps them), by ``id`` of the store."""
-    read: dict[int, list[datetime]] = {}
-    original = SliceStore.merge
-
-    def recorded(self, plan, parts):
-        read.setdefault(id(self), []).extend(plan.new_slices)
-        return original(self, plan, parts)
-
-    monkeypatch.setattr(SliceStore, "merge", recorded)
-    return read
 
 
 @pytest.fixture
@@ -136,7 +121,7 @@ def _saved_once(tmp_path, state_url: str, serving, missing: str = "ignore"):
 @pytest.mark.parametrize(
     "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
 )
-def test_a_restart_reads_only_the_online_slices_that_changed(store, tmp_path, read_slices, one_pass, serving):
+def test_a_restart_reads_only_the_online_slices_that_changed(store, tmp_path, slices_read_by_store, one_pass, serving):
     """A refresh keeping every settled online slice (and saving them), then, while no process
     runs, a label row written late for a prediction of a kept slice, a kept slice's
     prediction deleted, new predictions; a new refresher on the same state database, with
@@ -169,7 +154,9 @@ def test_a_restart_reads_only_the_online_slices_that_changed(store, tmp_path, re
     _check(tables, restarted, cold_settings, stores, as_of, "ignore")
     online = restarted.sources["labels"].slices
     settled = floor_to(as_of - LABEL_DELAY - INGESTION, SLICE) - SLICE
-    assert sorted(read_slices[id(online)]) == sorted({floor_to(late_at, SLICE), floor_to(gone_at, SLICE), settled})
+    assert sorted(slices_read_by_store[id(online)]) == sorted(
+        {floor_to(late_at, SLICE), floor_to(gone_at, SLICE), settled}
+    )
     assert id(restarted.predictions.queries()) not in one_pass and online.filled  # no fill
     assert set(_saved(state_url)) == set(online.slices)
     # The next refresh of the restarted process keeps going from there.
@@ -179,7 +166,9 @@ def test_a_restart_reads_only_the_online_slices_that_changed(store, tmp_path, re
     tables.engine.dispose()
 
 
-def test_another_label_configuration_ignores_the_saved_online_slices(tmp_path, state_url, read_slices, caplog, serving):
+def test_another_label_configuration_ignores_the_saved_online_slices(
+    tmp_path, state_url, slices_read_by_store, caplog, serving
+):
     """Saved with ``missing: ignore``, restarted with ``missing: negative``: the labels'
     first refresh is cold and their saved slices are replaced, while the predictions' saved
     slices, which ``missing`` does not change, are restored (SQLite and PostgreSQL state
@@ -201,7 +190,7 @@ def test_another_label_configuration_ignores_the_saved_online_slices(tmp_path, s
     assert "kept online slices restored" not in caplog.text
     end = as_of - LABEL_DELAY
     window = slice_starts(end - timedelta(hours=1), floor_to(end - INGESTION, SLICE), SLICE)
-    assert set(read_slices[id(restarted.sources["labels"].slices)]) == set(window)  # cold
+    assert set(slices_read_by_store[id(restarted.sources["labels"].slices)]) == set(window)  # cold
     after = set(_saved(state_url).values())
     assert len(after) == 1 and after.isdisjoint(before)  # replaced
     assert _saved(state_url, kept_slices) == predictions_saved
@@ -209,7 +198,7 @@ def test_another_label_configuration_ignores_the_saved_online_slices(tmp_path, s
     tables.engine.dispose()
 
 
-def test_an_unreadable_online_slice_is_read_again(tmp_path, state_url, read_slices, caplog, serving):
+def test_an_unreadable_online_slice_is_read_again(tmp_path, state_url, slices_read_by_store, caplog, serving):
     """Four saved rows spoiled (buckets not an ``.npy`` array, JSON cut short, buckets whose
     positives do not add up to the totals, the predictions' histogram form): each is logged
     and read from the store again, the others are kept; the refresh equals a cold one."""
@@ -234,7 +223,7 @@ def test_an_unreadable_online_slice_is_read_again(tmp_path, state_url, read_slic
     caplog.set_level(logging.WARNING)
     as_of = START + timedelta(seconds=30)  # no slice settled since: only the bad ones are read
     _check(tables, restarted, _settings(url, None, "ignore", 24), stores, as_of, "ignore")
-    assert sorted(read_slices[id(restarted.sources["labels"].slices)]) == bad
+    assert sorted(slices_read_by_store[id(restarted.sources["labels"].slices)]) == bad
     assert caplog.text.count("kept online slice at") == 4 and caplog.text.count("cannot be read back") == 4
     assert set(_saved(state_url)) == set(restarted.sources["labels"].slices.slices)
     stores.dispose()
@@ -323,7 +312,7 @@ def test_the_saved_online_slices_follow_the_kept_ones(tmp_path, serving):
     tables.engine.dispose()
 
 
-def test_an_online_slice_saved_empty_is_restored_empty(tmp_path, read_slices, serving):
+def test_an_online_slice_saved_empty_is_restored_empty(tmp_path, slices_read_by_store, serving):
     """A settled slice whose predictions are all deleted is read again (by the audit) as
     ``OnlineBuckets.empty()`` and saved so: restored, it is kept as it is, not read again."""
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
@@ -333,12 +322,12 @@ def test_an_online_slice_saved_empty_is_restored_empty(tmp_path, read_slices, se
     tables.delete_predictions([i for i, (ts, _) in tables.scored.items() if oldest <= ts < oldest + SLICE])
     second = serving(settings, stores, state_url)
     second.refresh(START + timedelta(seconds=10))  # the audit finds the slice changed: read again, empty
-    assert read_slices[id(second.sources["labels"].slices)] == [oldest]
+    assert slices_read_by_store[id(second.sources["labels"].slices)] == [oldest]
     assert int(second.sources["labels"].slices.slices[oldest].counts[0]) == 0 < int(kept[oldest].counts[0])
     restarted = serving(settings, stores, state_url)
     restarted.refresh(START + timedelta(seconds=20))
     online = restarted.sources["labels"].slices
-    assert read_slices[id(online)] == []  # restored, audited, nothing read
+    assert slices_read_by_store[id(online)] == []  # restored, audited, nothing read
     restored = online.slices[oldest]
     assert isinstance(restored, OnlineBuckets) and int(restored.counts[0]) == 0 and not len(restored.key)
     stores.dispose()

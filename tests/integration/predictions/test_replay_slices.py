@@ -20,11 +20,11 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.predictions.refresh import ModelRefresher, worst_case_queries
-from exporter.predictions.slices import EPOCH, SliceStore, floor_to
+from exporter.predictions.slices import EPOCH, floor_to
 from exporter.predictions.sources import ReplaysSource
 from exporter.predictions.stores import Stores
 from exporter.training.storage import StateDatabase, kept_replay_slices
-from tests.conftest import AuditClock, model_settings
+from tests.conftest import AuditClock, model_settings, statements_by_source
 from tests.integration.predictions.test_time_slices import _same as _same_stats
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
@@ -307,7 +307,7 @@ def test_a_steady_refresh_reads_only_the_slices_not_yet_settled(tmp_path):
 
 
 @pytest.mark.parametrize("unique", [True, False], ids=["unique", "duplicates"])
-def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, monkeypatch, unique):
+def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, unique):
     """A refresh that audits the kept replay slices, with a duplicated id in the window and
     the 15m window's tail in a slice settled since the refresh before: the audit, (without
     unique ids) the duplicated ids and their rows, two passes and the rows of those ids
@@ -321,30 +321,13 @@ def test_worst_case_queries_counts_the_replays_on_slices(tmp_path, monkeypatch, 
         tables.predict([(START - timedelta(minutes=20, seconds=30), 0.5)], [tables.rows[0][0]])
     refresher = _refresher(settings, stores)
     refresher.refresh(START - AUDIT)  # the audit is due 20 minutes later
-    statements: list[str] = []
-    running: list[bool] = []
-    run = ReplaysSource.run
-
-    def recorded(self, as_of):
-        running.append(True)
-        try:
-            return run(self, as_of)
-        finally:
-            running.pop()
-
-    monkeypatch.setattr(ReplaysSource, "run", recorded)
-
-    def record(*args) -> None:
-        if running and args[2].lstrip().upper().startswith("SELECT"):
-            statements.append(args[2])
-
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+    by_source = statements_by_source(refresher, stores)
     # At 12:02:00 the 15m window starts at 11:47:00, in the slice [11:46, 11:48), settled
     # (by 12:02 - 11m) since the refresh before: read this time, so the tail is a second pass.
     as_of = datetime(2026, 5, 4, 12, 2, tzinfo=UTC)
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values())
-    assert len(statements) == worst_case_queries(settings.models[0]) - 9 == (3 if unique else 6)
+    assert len(by_source["replays"]) == worst_case_queries(settings.models[0]) - 9 == (3 if unique else 6)
     cold = _refresher(_settings(url, None, 24, unique), stores).refresh(as_of)
     assert snap.replays == cold.replays
     stores.dispose()
@@ -369,21 +352,6 @@ def test_replays_on_slices_only_where_most_of_the_window_settles():
     assert not on_slices("12h") and not on_slices("24h") and not on_slices("11h", ingestion_delay="2h")
 
 
-@pytest.fixture
-def read_slices(monkeypatch):
-    """The starts of the settled slices each store's refreshes read (``SliceStore.merge``
-    keeps them), by ``id`` of the store."""
-    read: dict[int, list[datetime]] = {}
-    original = SliceStore.merge
-
-    def recorded(self, plan, parts):
-        read.setdefault(id(self), []).extend(plan.new_slices)
-        return original(self, plan, parts)
-
-    monkeypatch.setattr(SliceStore, "merge", recorded)
-    return read
-
-
 def _saved(state_url: str) -> dict[datetime, str]:
     """The saved replay slices' starts and fingerprints."""
     engine = sa.create_engine(state_url)
@@ -397,7 +365,7 @@ def _saved(state_url: str) -> dict[datetime, str]:
 @pytest.mark.parametrize(
     "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
 )
-def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, read_slices):
+def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, slices_read_by_store):
     """A refresh keeping every settled replay slice saves them (``mlmon serve``); while no
     process runs, a replay is written late for a prediction of a kept slice and another
     deleted; a new refresher on the same state database restores the slices, audits them
@@ -437,7 +405,7 @@ def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, r
     store_ = restarted.sources["replays"].slices
     settled = floor_to(as_of - INGESTION - REPLAY_DELAY, SLICE)
     since = {settled - SLICE} if settled - SLICE not in kept else set()
-    assert set(read_slices[id(store_)]) == {floor_to(late_at, SLICE), floor_to(gone_at, SLICE), *since}
+    assert set(slices_read_by_store[id(store_)]) == {floor_to(late_at, SLICE), floor_to(gone_at, SLICE), *since}
     assert store_.filled and set(_saved(state_url)) == set(store_.slices)
     # Without unique ids, the slices depend on the duplicated ids known: nothing is saved.
     duplicates = serving(_settings(url, schema, 1, unique=False))
