@@ -99,7 +99,7 @@ def fingerprint(model: ModelConfig, url: sa.URL, dialect: str, width: timedelta,
     how many most frequent scores a slice keeps (``top_scores``) and ``FORMAT``.
     ``ingestion_delay`` is not part of it: it decides when a slice is sealed, not what it
     holds, and a restored slice that is not sealed under the current one is not kept
-    (``PredictionsSource._restore``)."""
+    (``Source._restore``)."""
     described = {
         **_predictions_part(model, url, dialect, width),
         "format": FORMAT,

@@ -280,6 +280,9 @@ class Source(ABC, Generic[Q, V]):
 
     #: The ``source`` label value and the config key of the source.
     name: str
+    #: How the source saves its kept slices in the state database (``saved_slices``);
+    #: ``None``: it saves none.
+    codec: Codec[Any] | None = None
 
     def __init__(
         self, model: ModelConfig, key_path: str, stores: Stores, query_timeout: timedelta, staleness: timedelta
@@ -291,6 +294,8 @@ class Source(ABC, Generic[Q, V]):
         self.query_timeout = query_timeout
         self.health: SourceHealth[V] = SourceHealth(staleness)
         self._queries: Q | None = None
+        self._saved: SavedSlices[Any] | None = None  # where the kept slices are saved (``_saved_slices``)
+        self._restored = False  # whether a refresh tried to restore them (``_restore``)
 
     @abstractmethod
     def _reflect(self) -> Q:
@@ -320,25 +325,69 @@ class Source(ABC, Generic[Q, V]):
         """Reflect again on next use."""
         self._queries = None
 
-    def _restore_saved(self, saved: SavedSlices[A], store: SliceStore[A]) -> None:
-        """Keep the slices an earlier process saved in ``saved`` that are sealed slices of
-        this refresh's largest window (``SliceStore.restore``, after ``begin``); the audit of
-        this refresh then reads again those that changed in the store meanwhile. A failure
-        is logged at WARNING (``_state_failed``): the refresh is cold."""
+    @property
+    def slices(self) -> SliceStore[Any] | None:
+        """The kept time slices' aggregates (``slices.SliceStore``), ``None`` without: a
+        source keeping them overrides this."""
+        return None
+
+    def _predictions(self) -> PredictionsSource:
+        """The model's predictions source: the source itself, or the one it joins to."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no slices")
+
+    def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
+        """What determines the contents of the kept slices (``saved_slices``), for ``codec``."""
+        raise NotImplementedError(f"{type(self).__name__} saves no slices")
+
+    def _saved_slices(self) -> SavedSlices[Any] | None:
+        """Where the kept slices are saved, in the predictions' state database
+        (``PredictionsSource.slice_state``): ``None`` without one, without ``slices`` or
+        ``codec``, or when the predictions' ids are not unique (by schema or ``unique_ids``:
+        the slices then depend on the duplicated ids known when they were read, which are
+        not saved)."""
+        if self.codec is None or self.slices is None:
+            return None
+        predictions = self._predictions()
+        if predictions.slice_state is None:
+            return None
+        q = predictions.queries()
+        if not q.unique_ids:
+            return None
+        if self._saved is None:
+            url = self.stores.engine(self.model.predictions.store).url
+            found = self._fingerprint(url, q.dialect, self.slices.width)
+            self._saved = SavedSlices(predictions.slice_state, self.model.name, found, self.codec)
+        return self._saved
+
+    def _restore(self) -> None:
+        """At the first refresh that reads the kept slices (after ``SliceStore.begin``), keep
+        those an earlier process saved (``_saved_slices``) that are sealed slices of this
+        refresh's largest window (``SliceStore.restore``); the audit of this refresh then
+        reads again those that changed in the store meanwhile. Later refreshes, nothing. A
+        failure is logged at WARNING (``_state_failed``): the refresh is cold."""
+        if self._restored:
+            return
+        self._restored = True
+        saved = self._saved_slices()
+        if saved is None or self.slices is None:  # the second for mypy
+            return
         try:
-            loaded = saved.load(store.width)
+            loaded = saved.load(self.slices.width)
         except Exception as exc:  # the state database, whatever its failure, never fails a refresh
             self._state_failed(f"reading the {saved.codec.noun}s from", exc)
             return
-        kept = store.restore(loaded)
+        kept = self.slices.restore(loaded)
         if kept:
             log.info("model %s: %d %ss restored from the state database", self.model.name, kept, saved.codec.noun)
 
-    def _save_kept(self, saved: SavedSlices[A], store: SliceStore[A]) -> None:
-        """Save ``store``'s kept slices in ``saved`` as they are after a successful refresh;
+    def _save(self) -> None:
+        """Save the kept slices (``_saved_slices``) as they are after a successful refresh;
         a failure is logged at WARNING (``_state_failed``): a restart then reads more again."""
+        saved = self._saved_slices()
+        if saved is None or self.slices is None:  # the second for mypy
+            return
         try:
-            saved.save(store.slices)
+            saved.save(self.slices.slices)
         except Exception as exc:  # the state database, whatever its failure, never fails a refresh
             self._state_failed(f"saving the {saved.codec.noun}s in", exc)
 
@@ -370,6 +419,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
     state database when one is given (``saved_slices``)."""
 
     name = "predictions"
+    codec = PREDICTIONS
 
     def __init__(
         self,
@@ -389,16 +439,20 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
         self._duplicates: dict[Windows, DuplicateIds] = {}  # this refresh's, by windows (duplicate_ids)
-        #: The sealed time slices' histograms, kept between refreshes (``_sliced``).
-        self.slices = slice_store(model, Sliced.merge)
-        if self.slices is not None:
-            self.slices.horizon = self.written_by
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
         self._left_out = LeftOutIds()  # the duplicated ids the kept slices leave out
+        #: The state database the kept slices of every source of the model are saved in.
         self.slice_state = slice_state
-        self._saved: SavedSlices[Sliced] | None = None  # where the kept slices are saved (``_saved_slices``)
-        self._restored = False  # whether the first refresh tried to restore them
+
+    @cached_property
+    def slices(self) -> SliceStore[Sliced] | None:
+        """The sealed time slices' histograms, kept between refreshes (``_sliced``) with
+        ``time_slice``, else ``None``."""
+        store = slice_store(self.model, Sliced.merge)
+        if store is not None:
+            store.horizon = self.written_by
+        return store
 
     def written_by(self, instant: datetime) -> datetime:
         """The instant before which every row read has been written by ``instant``
@@ -516,9 +570,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         q = self.queries()
         delay = self.model.predictions.ingestion_delay
         n = len(windows.starts)
-        if not self._restored:
-            self._restored = True
-            self._restore(store)
+        self._restore()
         filling = store.filling(windows.starts, windows.end, delay)
         audited = store.audit_due(windows.end, filling)
         if audited:
@@ -548,32 +600,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         parts = [Sliced.merge([part, back]) for part, (back, _, _) in zip(merged, added, strict=True)]
         return parts, [dup for _, dup, _ in added], found
 
-    def _saved_slices(self) -> SavedSlices[Sliced] | None:
-        """Where the kept slices are saved: ``None`` without a state database or when ids
-        are not unique (by schema or ``unique_ids``): the slices then depend on the
-        duplicated ids known when they were read, which are not saved."""
-        q = self.queries()
-        if self.slice_state is None or not q.unique_ids or self.slices is None:
-            return None
-        if self._saved is None:
-            url = self.stores.engine(self.model.predictions.store).url
-            found = fingerprint(self.model, url, q.dialect, self.slices.width, self.top_scores)
-            self._saved = SavedSlices(self.slice_state, self.model.name, found, PREDICTIONS)
-        return self._saved
+    def _predictions(self) -> PredictionsSource:
+        return self
 
-    def _restore(self, store: SliceStore[Sliced]) -> None:
-        """Keep the slices an earlier process saved (``_saved_slices``) that are sealed
-        slices of this refresh's largest window, audited at once (``_restore_saved``)."""
-        saved = self._saved_slices()
-        if saved is not None:
-            self._restore_saved(saved, store)
-
-    def _save(self) -> None:
-        """Save the kept slices (``_saved_slices``) as they are after a successful refresh
-        (``_save_kept``)."""
-        saved = self._saved_slices()
-        if saved is not None and self.slices is not None:  # the second for mypy: no slices, nothing saved
-            self._save_kept(saved, self.slices)
+    def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
+        return fingerprint(self.model, url, dialect, width, self.top_scores)
 
     def _read_parts(self, conn: Connection, plan: Plan) -> dict[tuple[int, int], Sliced]:
         """What each part of ``plan`` holds, by (pass, part) (a part without rows is absent):
@@ -733,50 +764,9 @@ class JoinedSource(Source[Q, V]):
         #: out: its own, not the predictions' (the labels' windows end ``label_delay``
         #: earlier, and each source reads and forgets its slices at its own refreshes).
         self._left_out = LeftOutIds()
-        self._saved: SavedSlices[Any] | None = None  # where its kept slices are saved (``_saved_slices``)
-        self._restored = False  # whether a refresh tried to restore them (``_restore``)
 
-    #: How a source keeping time slices saves them in the state database (``saved_slices``).
-    codec: Codec[Any] | None = None
-
-    def _fingerprint(self, url: sa.URL, dialect: str, width: timedelta) -> str:
-        """What determines the contents of the kept slices (``saved_slices``), for ``codec``."""
-        raise NotImplementedError(f"{type(self).__name__} saves no slices")
-
-    def _saved_slices(self, store: SliceStore[A]) -> SavedSlices[A] | None:
-        """Where ``store``'s kept slices are saved, as the predictions' are
-        (``PredictionsSource._saved_slices``, in the same state database): ``None`` without a
-        state database (``PredictionsSource.slice_state``), for a source without ``codec``, or
-        when ids are not unique (by schema or ``unique_ids``: the slices then depend on the
-        duplicated ids known when they were read, which are not saved)."""
-        q = self.predictions.queries()
-        state = self.predictions.slice_state
-        if state is None or not q.unique_ids or self.codec is None:
-            return None
-        if self._saved is None:
-            url = self.stores.engine(self.model.predictions.store).url
-            found = self._fingerprint(url, q.dialect, store.width)
-            self._saved = SavedSlices(state, self.model.name, found, self.codec)
-        return self._saved
-
-    def _restore(self, store: SliceStore[A]) -> None:
-        """At the first refresh that reads the kept slices (after ``SliceStore.begin``), keep
-        those an earlier process saved (``_saved_slices``) that are settled slices of this
-        refresh's largest window, audited at once (``Source._restore_saved``); later
-        refreshes, nothing."""
-        if self._restored:
-            return
-        self._restored = True
-        saved = self._saved_slices(store)
-        if saved is not None:
-            self._restore_saved(saved, store)
-
-    def _save(self, store: SliceStore[A] | None) -> None:
-        """Save ``store``'s kept slices (``_saved_slices``) as they are after a successful
-        refresh (``Source._save_kept``); without slices (``None``), nothing."""
-        saved = self._saved_slices(store) if store is not None else None
-        if saved is not None and store is not None:  # the second for mypy
-            self._save_kept(saved, store)
+    def _predictions(self) -> PredictionsSource:
+        return self.predictions
 
     def _merged(
         self,
@@ -924,7 +914,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         labels (``PredictionQueries.sliced_online``), and the predictions of the duplicated
         ids are added back by ``PredictionQueries.online`` with ``only``."""
         q, labels = self.predictions.queries(), self.queries()
-        self._restore(store)
+        self._restore()
 
         def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, OnlineBuckets]:
             statement = q.sliced_online(labels, part_pass.points, part_pass.reads, as_of, maturity, exclude=exclude)
@@ -1009,7 +999,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             online = self._online(conn, as_of)
             if q.version is not None:
                 raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
-        self._save(self.slices)
+        self._save()
         if q.version is None:
             return tuple(online)
         version, problem = decode_serving_version(raw)
@@ -1074,7 +1064,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         predictions written later than ``ingestion_delay`` + ``replay_delay`` after their
         slice's end."""
         q, replays = self.predictions.queries(), self.queries()
-        self._restore(store)
+        self._restore()
 
         def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, ReplayTotals]:
             return ReplayTotals.by_part(
@@ -1117,7 +1107,7 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
                     duplicates = self.predictions.duplicate_ids(conn, windows)
                 row = conn.execute(q.replays(replays, windows, duplicates)).one()
                 totals = [ReplayTotals.of(row._mapping, f"_{i}") for i in range(len(windows.starts))]
-        self._save(self.slices)
+        self._save()
         return tuple(
             Reproducibility(
                 window=window,

@@ -421,7 +421,7 @@ def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, s
     # Without unique ids, the slices depend on the duplicated ids known: nothing is saved.
     duplicates = serving(_settings(url, schema, 1, unique=False))
     assert all(s.up for s in duplicates.refresh(as_of + timedelta(minutes=1)).sources.values())
-    assert duplicates.sources["replays"]._saved_slices(duplicates.sources["replays"].slices) is None
+    assert duplicates.sources["replays"]._saved_slices() is None
     stores.dispose()
     tables.engine.dispose()
     states[0].engine.dispose()
