@@ -198,9 +198,9 @@ def run_refreshes(
         as_of = NOW + (k + 1) * MINUTE
         snapshot, result = timed_refresh(refresher, seconds, as_of)
         steady.append(result)
-    # Every source that keeps time slices (a ``slices`` store), whatever it keeps in them.
+    # Every source that keeps time slices (``Source.slices``), whatever it keeps in them.
     kept = [
-        a for source in refresher.sources.values() if hasattr(source, "slices") for a in source.slices.slices.values()
+        a for source in refresher.sources.values() if source.slices is not None for a in source.slices.slices.values()
     ]
     slice_bytes = sum(array_bytes(aggregate) for aggregate in kept)
     peak = own_peak_rss_mb()

@@ -434,7 +434,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         """``count_from``: as ``ModelRefresher``'s (the counter's first watermark);
         ``slice_state``: the state database the kept time slices are saved in after each
         successful refresh and restored from at the first (``None``: neither), the labels'
-        kept online slices and the replays' slices too (``JoinedSource._saved_slices``)."""
+        kept online slices and the replays' slices too (``Source._saved_slices``)."""
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.counter = PredictionCounter(tuple(model.histogram_buckets))
         self._watermark: datetime | None = count_from
