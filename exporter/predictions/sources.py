@@ -77,6 +77,7 @@ from exporter.predictions.stores import (
     Stores,
     reflect_table,
     require_same_id_kind,
+    shown_by,
     time_column,
     timestamp_types,
     written_by,
@@ -464,6 +465,15 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             return instant
         return written_by(instant, ZoneInfo(self.model.predictions.timezone))
 
+    def _shown_by(self, instant: datetime) -> datetime:
+        """The instant of the latest wall-clock time shown by ``instant``
+        (``stores.shown_by``: naive timestamps across a clock set back), from which on a row
+        is stamped in the future: ``instant`` itself when the column holds instants."""
+        time = self._queries.time if self._queries is not None else None
+        if time is not None and time.kind in ("aware", "epoch"):
+            return instant
+        return shown_by(instant, ZoneInfo(self.model.predictions.timezone))
+
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
         engine = self.stores.engine(source.store)
@@ -728,7 +738,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 without_jit(conn)
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
-            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE)).one()
+            future_from = self._shown_by(as_of) + FUTURE_TOLERANCE
+            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, future_from)).one()
             stats = self._score_stats(conn, windows)
             # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
             stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -87,6 +87,28 @@ def to_wall_clock(instant: datetime, zone: ZoneInfo) -> datetime:
 _LONGEST_SETBACK = timedelta(days=2)
 
 
+def _setbacks(zone: ZoneInfo, start: datetime, end: datetime) -> Iterator[tuple[datetime, timedelta]]:
+    """The instants in ``[start, end)`` at which ``zone`` sets its clocks back, each with the
+    size ``d`` of the set-back (found in steps of 15 minutes, the shortest time between two
+    changes of the tz database, then bisected)."""
+    step, t = timedelta(minutes=15), start
+
+    def offset(at: datetime) -> timedelta:
+        found = at.astimezone(zone).utcoffset()
+        assert found is not None  # an aware datetime in a ZoneInfo always has one
+        return found
+
+    before = offset(t)
+    while t < end:
+        nxt = min(t + step, end)
+        new = offset(nxt)
+        if new != before:
+            if new < before:
+                yield _transition_after(zone, t, nxt - t), before - new
+            before = new
+        t = nxt
+
+
 def written_by(instant: datetime, zone: ZoneInfo) -> datetime:
     """The latest instant ``h`` such that every row stamped with the wall-clock time of
     ``zone`` by a writer whose clock is right, and read as an instant before ``h``
@@ -99,27 +121,36 @@ def written_by(instant: datetime, zone: ZoneInfo) -> datetime:
         return instant
     instant = instant.astimezone(UTC)
     lowest = instant.astimezone(zone).replace(tzinfo=None)
-
-    def offset(at: datetime) -> timedelta:
-        found = at.astimezone(zone).utcoffset()
-        assert found is not None  # an aware datetime in a ZoneInfo always has one
-        return found
-
     # Within INSTANT_RANGE: a refresh time may come within a minute of its ends
     # (refresh.as_of_range), where instant ± _LONGEST_SETBACK is no datetime.
     ahead = min(instant, INSTANT_RANGE[1] - _LONGEST_SETBACK) + _LONGEST_SETBACK
-    step, t, before = timedelta(minutes=15), instant, offset(instant)
-    while t < ahead:
-        nxt = t + step
-        new = offset(nxt)
-        if new != before:
-            change = _transition_after(zone, t, step)
-            if new < before:  # set back: the wall clock shows (change + new) from change on
-                lowest = min(lowest, (change + new).replace(tzinfo=None))
-            before = new
-        t = nxt
+    for change, _ in _setbacks(zone, instant, ahead):
+        # From the change on, the wall clock shows the change's instant in the new offset.
+        lowest = min(lowest, change.astimezone(zone).replace(tzinfo=None, fold=0))
     floor = max(instant, INSTANT_RANGE[0] + _LONGEST_SETBACK) - _LONGEST_SETBACK
     return max(floor, min(instant, from_wall_clock(lowest, zone)))
+
+
+def shown_by(instant: datetime, zone: ZoneInfo) -> datetime:
+    """The instant (as ``from_wall_clock`` reads it) of the latest wall-clock time of
+    ``zone`` shown at or before ``instant``: every row stamped by a writer whose clock is
+    right by ``instant`` reads at most that. ``instant`` itself outside set-backs; when
+    clocks go back by ``d`` at ``T``, the repeated wall times' first pass reads up to ``d``
+    later than it was (``to_wall_clock``), and from ``T`` to ``T + d`` the wall clock shows
+    times it already showed, the latest of which reads as ``T + d``. The mirror of
+    ``written_by``; non-decreasing in ``instant``."""
+    if zone.key == "UTC":
+        return instant
+    instant = instant.astimezone(UTC)
+    latest = max(instant, from_wall_clock(instant.astimezone(zone).replace(tzinfo=None), zone))
+    since = max(instant, INSTANT_RANGE[0] + _LONGEST_SETBACK) - _LONGEST_SETBACK
+    for change, d in _setbacks(zone, since, instant + _MICROSECOND):
+        # Until change + d the wall clock shows times it showed before the change, up to
+        # the first reading of change + d.
+        latest = max(latest, change + d)
+    # Within INSTANT_RANGE: a refresh time may come within a minute of its end
+    # (refresh.as_of_range), where a set-back's T + d is no instant a column may bind.
+    return max(instant, min(latest, INSTANT_RANGE[1] - _LONGEST_SETBACK))
 
 
 def from_wall_clock(wall: datetime, zone: ZoneInfo) -> datetime:

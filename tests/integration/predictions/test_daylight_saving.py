@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.stores import Stores, from_wall_clock, to_wall_clock
+from exporter.predictions.stores import Stores, from_wall_clock, shown_by, to_wall_clock
 from tests.conftest import zoned_predictions_settings
 
 MINUTE = timedelta(minutes=1)
@@ -203,6 +203,33 @@ def test_the_chosen_readings_of_paris():
     assert to_wall_clock(datetime(2024, 3, 31, 1, 0, 0, 1, tzinfo=utc), paris) == datetime(2024, 3, 31, 3, 0, 0, 1)
 
 
+def test_the_latest_wall_time_shown_in_paris():
+    """Paris, 2024-10-27: clocks back from 03:00 CEST to 02:00 CET at 01:00Z. In the first
+    pass 02:30 CEST (00:30Z) reads as 01:00Z (``from_wall_clock``); in the second pass the
+    clock has shown up to 03:00, which reads as 02:00Z."""
+    paris, utc = ZoneInfo("Europe/Paris"), UTC
+
+    def at(hour: int, minute: int) -> datetime:
+        return datetime(2024, 10, 27, hour, minute, tzinfo=utc)
+
+    expected = {at(0, 0): at(0, 0), at(0, 30): at(1, 0), at(1, 0): at(2, 0), at(1, 30): at(2, 0), at(2, 30): at(2, 30)}
+    assert {instant: shown_by(instant, paris) for instant in expected} == expected
+    assert shown_by(at(1, 30), ZoneInfo("UTC")) == at(1, 30)
+
+
+@pytest.mark.parametrize("zone, day", CHANGES, ids=[f"{z}-{d:%Y-%m-%d}" for z, d in CHANGES])
+def test_the_latest_wall_time_shown_never_goes_back(zone, day):
+    tz, t = ZoneInfo(zone), transition(zone, day)
+    instants = [t - 3 * HOUR + k * MINUTE for k in range(361)]
+    shown = [shown_by(i, tz) for i in instants]
+    assert all(a <= b for a, b in zip(shown, shown[1:], strict=False))
+    # at or after the instant, and at or after the reading of the latest wall time shown
+    assert all(s >= i for s, i in zip(shown, instants, strict=True))
+    for i, s in zip(instants, shown, strict=True):
+        latest = max((i - m * MINUTE).astimezone(tz).replace(tzinfo=None) for m in range(181))  # the clock's own
+        assert s >= from_wall_clock(latest, tz), (i, s)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_rows_stamped_in_a_skipped_hour_count_at_the_change(backend, tmp_path, request):
     """02:00-02:59 never occurred in Paris on 2024-03-31 (clocks went from 02:00 to 03:00 at
@@ -231,3 +258,59 @@ def test_rows_stamped_in_a_skipped_hour_count_at_the_change(backend, tmp_path, r
     assert [s.score_stats[0].predictions for s in (before, after, later)] == [1, 2, 0]
     assert before.last_prediction_timestamp == datetime(2024, 3, 31, 0, 50, tzinfo=UTC).timestamp()
     assert after.last_prediction_timestamp == later.last_prediction_timestamp == change.timestamp()
+
+
+@pytest.mark.parametrize("zone, day", CHANGES, ids=[f"{z}-{d:%Y-%m-%d}" for z, d in CHANGES])
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_rows_written_on_time_are_never_in_the_future(backend, zone, day, tmp_path, request):
+    """A writer whose clock is right stamps one row a minute in local time; at each refresh
+    the table holds exactly the rows written by then. None is stamped in the future (a
+    repeated hour's first pass shows wall times that the map reads up to ``d`` later: they
+    were counted as future rows, and the alert fired twice a year), while a row stamped
+    ten minutes ahead of the writer's clock is, at every refresh."""
+    url, schema = f"sqlite:///{tmp_path}/s.sqlite", None
+    if backend == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+    tz = ZoneInfo(zone)
+    engine = sa.create_engine(url)
+    metadata = sa.MetaData(schema=schema)
+    table = sa.Table(
+        "predictions", metadata, sa.Column("id", sa.Integer), sa.Column("ts", sa.DateTime), sa.Column("p", sa.Double)
+    )
+    metadata.create_all(engine)
+    t = transition(zone, day)
+    first = t - 2 * HOUR
+    refresher, stores = _refresher(url, schema, zone, ["1h"])
+    futures, ahead = {}, {}
+    try:
+        written = 0
+        for k in range(1, 49):  # every 5 minutes for four hours around the change
+            as_of = first + k * 5 * MINUTE
+            with engine.begin() as conn:
+                while first + written * MINUTE < as_of:
+                    wall = (first + written * MINUTE).astimezone(tz).replace(tzinfo=None)
+                    conn.execute(table.insert(), {"id": written, "ts": wall, "p": 0.5})
+                    written += 1
+            futures[as_of] = refresher.refresh(as_of).future_predictions
+            with engine.begin() as conn:  # a row stamped ten minutes ahead, then removed
+                wall = (as_of + 10 * MINUTE).astimezone(tz).replace(tzinfo=None)
+                conn.execute(table.insert(), {"id": -1, "ts": wall, "p": 0.5})
+            ahead[as_of] = refresher.refresh(as_of).future_predictions
+            with engine.begin() as conn:
+                conn.execute(table.delete().where(table.c.id == -1))
+    finally:
+        stores.dispose()
+        engine.dispose()
+    assert {as_of: n for as_of, n in futures.items() if n} == {}
+
+    # Ten minutes ahead of a wall clock that went back need not be ahead of what it showed
+    # before (the repeated hour's first pass): such a row is in no future then.
+    def wall(instant: datetime) -> datetime:
+        return instant.astimezone(tz).replace(tzinfo=None)
+
+    def shown(as_of: datetime) -> datetime:  # the latest wall time shown by as_of (a bound)
+        before = [as_of - m * MINUTE for m in range(1, 181)]
+        return max([wall(as_of)] + [wall(x) + MINUTE for x in before if wall(x + MINUTE) < wall(x)])
+
+    # On a 5-minute grid a row is either ahead of that by 5 minutes or more, or not at all.
+    assert ahead == {as_of: int(wall(as_of + 10 * MINUTE) > shown(as_of)) for as_of in ahead}
