@@ -89,8 +89,8 @@ _LONGEST_SETBACK = timedelta(days=2)
 
 def _setbacks(zone: ZoneInfo, start: datetime, end: datetime) -> Iterator[tuple[datetime, timedelta]]:
     """The instants in ``[start, end)`` at which ``zone`` sets its clocks back, each with the
-    size ``d`` of the set-back (found in steps of 15 minutes, the shortest time between two
-    changes of the tz database, then bisected)."""
+    size ``d`` of the set-back: found in steps of 15 minutes, then bisected to the second
+    (two changes within one step would be missed)."""
     step, t = timedelta(minutes=15), start
 
     def offset(at: datetime) -> timedelta:
