@@ -75,11 +75,13 @@ from exporter.predictions.slices import (
 from exporter.predictions.stores import (
     NUMBER_TYPES,
     Stores,
+    from_wall_clock,
     reflect_table,
     require_same_id_kind,
     shown_by,
     time_column,
     timestamp_types,
+    to_wall_clock,
     written_by,
 )
 from exporter.snapshot import OnlineAccuracy, PredictionCounter, Reproducibility, ScoreStats
@@ -465,14 +467,18 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             return instant
         return written_by(instant, ZoneInfo(self.model.predictions.timezone))
 
-    def _shown_by(self, instant: datetime) -> datetime:
-        """The instant of the latest wall-clock time shown by ``instant``
-        (``stores.shown_by``: naive timestamps across a clock set back), from which on a row
-        is stamped in the future: ``instant`` itself when the column holds instants."""
+    def _future_from(self, as_of: datetime) -> datetime:
+        """The instant from which on a row is stamped in the future at ``as_of``:
+        ``FUTURE_TOLERANCE`` after the latest wall-clock time shown by then
+        (``stores.shown_by``: naive timestamps across a clock set back), added as wall time
+        too (in a repeated hour's first pass a minute of instants is half a minute of wall
+        time, ``to_wall_clock``); ``as_of + FUTURE_TOLERANCE`` when the column holds instants."""
         time = self._queries.time if self._queries is not None else None
         if time is not None and time.kind in ("aware", "epoch"):
-            return instant
-        return shown_by(instant, ZoneInfo(self.model.predictions.timezone))
+            return as_of + FUTURE_TOLERANCE
+        zone = ZoneInfo(self.model.predictions.timezone)
+        shown = shown_by(as_of, zone)
+        return max(shown + FUTURE_TOLERANCE, from_wall_clock(to_wall_clock(shown, zone) + FUTURE_TOLERANCE, zone))
 
     def _reflect(self) -> PredictionQueries:
         source = self.model.predictions
@@ -738,8 +744,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 without_jit(conn)
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
-            future_from = self._shown_by(as_of) + FUTURE_TOLERANCE
-            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, future_from)).one()
+            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, self._future_from(as_of))).one()
             stats = self._score_stats(conn, windows)
             # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
             stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)

@@ -22,6 +22,7 @@ from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores, from_wall_clock, shown_by, to_wall_clock
 from tests.conftest import zoned_predictions_settings
 
+SECOND = timedelta(seconds=1)
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
 
@@ -266,8 +267,9 @@ def test_rows_written_on_time_are_never_in_the_future(backend, zone, day, tmp_pa
     """A writer whose clock is right stamps one row a minute in local time; at each refresh
     the table holds exactly the rows written by then. None is stamped in the future (a
     repeated hour's first pass shows wall times that the map reads up to ``d`` later: they
-    were counted as future rows, and the alert fired twice a year), while a row stamped
-    ten minutes ahead of the writer's clock is, at every refresh."""
+    were counted as future rows, and the alert fired twice a year), nor a row of a writer
+    45 s fast (the minute's tolerance, also in the compressed first pass), while a row
+    stamped ten minutes ahead of the writer's clock is, at every refresh."""
     url, schema = f"sqlite:///{tmp_path}/s.sqlite", None
     if backend == "postgresql":
         url, schema = request.getfixturevalue("postgres_schema")
@@ -291,13 +293,15 @@ def test_rows_written_on_time_are_never_in_the_future(backend, zone, day, tmp_pa
                     wall = (first + written * MINUTE).astimezone(tz).replace(tzinfo=None)
                     conn.execute(table.insert(), {"id": written, "ts": wall, "p": 0.5})
                     written += 1
-            futures[as_of] = refresher.refresh(as_of).future_predictions
-            with engine.begin() as conn:  # a row stamped ten minutes ahead, then removed
-                wall = (as_of + 10 * MINUTE).astimezone(tz).replace(tzinfo=None)
-                conn.execute(table.insert(), {"id": -1, "ts": wall, "p": 0.5})
-            ahead[as_of] = refresher.refresh(as_of).future_predictions
-            with engine.begin() as conn:
-                conn.execute(table.delete().where(table.c.id == -1))
+            # Rows of a writer 45 s fast are within the minute's tolerance, one 10 minutes
+            # ahead is not (added, counted, removed).
+            for row_id, lead, seen in ((-1, 45 * SECOND, futures), (-2, 10 * MINUTE, ahead)):
+                with engine.begin() as conn:
+                    wall = (as_of + lead).astimezone(tz).replace(tzinfo=None)
+                    conn.execute(table.insert(), {"id": row_id, "ts": wall, "p": 0.5})
+                seen[as_of] = refresher.refresh(as_of).future_predictions
+                with engine.begin() as conn:
+                    conn.execute(table.delete().where(table.c.id == row_id))
     finally:
         stores.dispose()
         engine.dispose()
