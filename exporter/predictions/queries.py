@@ -703,11 +703,12 @@ class PredictionQueries:
         )
         return sa.select(*[sa.func.max(counts.c[f"n_{i}"]).label(f"mode_{i}") for i in range(n)])
 
-    def last_timestamp(self, end: datetime, future_from: datetime) -> sa.Select:
+    def last_timestamp(self, end: datetime, future_from: datetime, future_wall: datetime | None = None) -> sa.Select:
         """One row (``newest``, ``future``, ``unreadable``): the newest prediction time before
         ``end``, in the column's own representation (``TimeColumn.to_epoch`` converts it), the
         number of rows stamped at or after ``future_from`` (a writer's clock ahead of mlmon's,
-        or wrong timestamps), and the number of rows whose timestamp is no instant (NULL, or
+        or wrong timestamps; wall-clock times at or after ``future_wall``'s reading, by
+        default the same: ``TimeColumn.from_on``), and the number of rows whose timestamp is no instant (NULL, or
         unreadable text on SQLite: ``TimeColumn.unreadable``), which are in no window.
 
         Scalar subqueries in one round trip rather than one scan with conditional
@@ -718,7 +719,7 @@ class PredictionQueries:
         future = (
             sa.select(sa.func.count())
             .select_from(self.table)
-            .where(self.time.between(future_from, None), *self.filters)
+            .where(self.time.from_on(future_from, future_wall or future_from), *self.filters)
         ).scalar_subquery()
         unreadable = (
             sa.select(sa.func.count()).select_from(self.table).where(self.time.unreadable(), *self.filters)

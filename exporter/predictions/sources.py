@@ -467,15 +467,13 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             return instant
         return written_by(instant, ZoneInfo(self.model.predictions.timezone))
 
-    def _future_from(self, as_of: datetime) -> datetime:
-        """The instant from which on a row is stamped in the future at ``as_of``:
-        ``FUTURE_TOLERANCE`` after the latest wall-clock time shown by then
-        (``stores.shown_by``: naive timestamps across a clock set back), added as wall time
-        too (in a repeated hour's first pass a minute of instants is half a minute of wall
-        time, ``to_wall_clock``); ``as_of + FUTURE_TOLERANCE`` when the column holds instants."""
-        time = self._queries.time if self._queries is not None else None
-        if time is not None and time.kind in ("aware", "epoch"):
-            return as_of + FUTURE_TOLERANCE
+    def _future_wall(self, as_of: datetime) -> datetime:
+        """The instant whose wall-clock reading starts the future at ``as_of`` for rows
+        stamped with wall-clock times (``TimeColumn.from_on``; rows holding instants start
+        at ``as_of + FUTURE_TOLERANCE``): ``FUTURE_TOLERANCE`` after the latest wall-clock
+        time shown by then (``stores.shown_by``: across a clock set back), added as wall
+        time too (in a repeated hour's first pass a minute of instants is half a minute of
+        wall time, ``to_wall_clock``)."""
         zone = ZoneInfo(self.model.predictions.timezone)
         shown = shown_by(as_of, zone)
         return max(shown + FUTURE_TOLERANCE, from_wall_clock(to_wall_clock(shown, zone) + FUTURE_TOLERANCE, zone))
@@ -744,7 +742,8 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 without_jit(conn)
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
-            newest, future, unreadable = conn.execute(q.last_timestamp(as_of, self._future_from(as_of))).one()
+            last = q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE, self._future_wall(as_of))
+            newest, future, unreadable = conn.execute(last).one()
             stats = self._score_stats(conn, windows)
             # In no window, so counted over the whole table, the same for every window (docs/metrics.md).
             stats = tuple(replace(s, invalid={**s.invalid, "bad_timestamp": _int(unreadable)}) for s in stats)

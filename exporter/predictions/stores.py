@@ -209,9 +209,10 @@ def _sqlite_functions(dbapi_connection, _record) -> None:
     dbapi_connection.create_function("mlmon_wall_clock", 2, _sqlite_wall_clock, deterministic=True)
 
 
-def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
+def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> tuple[sa.ColumnElement, sa.ColumnElement | None]:
     """The SQLite expression of ``TimeColumn`` kind ``"sqlite"``: a date-time text column as
-    naive wall-clock text of ``zone`` (``%Y-%m-%d %H:%M:%S.ffffff``), NULL when unreadable.
+    naive wall-clock text of ``zone`` (``%Y-%m-%d %H:%M:%S.ffffff``), NULL when unreadable;
+    and, outside UTC, the predicate true for text with an offset (``TimeColumn.instants``).
 
     Readable: text that SQLite's date functions read (else strftime gives NULL) and that
     starts with a real calendar date ``YYYY-MM-DD``, checked by a round trip through
@@ -237,6 +238,7 @@ def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
         ),
     )
     wall = normalised.concat("000")  # microseconds, as the bounds
+    has_offset = None
     if zone != "UTC":
         text = sa.func.rtrim(column)
         has_offset = sa.or_(
@@ -244,7 +246,7 @@ def _sqlite_timestamp(column: sa.ColumnElement, zone: str) -> sa.ColumnElement:
             sa.and_(sa.func.substr(text, -6, 1).in_(["+", "-"]), sa.func.substr(text, -3, 1) == ":"),
         )
         wall = sa.case((has_offset, sa.func.mlmon_wall_clock(normalised, zone, type_=sa.String)), else_=wall)
-    return sa.case((readable, wall), else_=None)
+    return sa.case((readable, wall), else_=None), has_offset
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,8 @@ class TimeColumn:
     which the engine casts to its timestamp type (Spark SQL through PyHive, whose driver
     writes a bound datetime with ``strftime('%Y')``: year 1 of ``INSTANT_RANGE`` as
     ``'1-01-02'``, which Spark refuses to cast).
+    ``instants``: for SQLite text outside UTC, the predicate true for rows whose text carries
+    an offset (instants, mapped to wall-clock text by ``to_wall_clock``); else ``None``.
     """
 
     expr: sa.ColumnElement
@@ -269,6 +273,7 @@ class TimeColumn:
     zone: str
     stored: sa.ColumnElement
     text_bounds: bool = False
+    instants: sa.ColumnElement | None = None
 
     def bind(self, instant: datetime):
         """The value to compare ``expr`` with for a timezone-aware ``instant``."""
@@ -297,6 +302,17 @@ class TimeColumn:
         if end is not None or bounded:
             conditions.append(self.expr < self.bind(INSTANT_RANGE[1] if end is None else end))
         return sa.and_(*conditions)
+
+    def from_on(self, instant: datetime, wall: datetime) -> sa.ColumnElement:
+        """A predicate true for rows stamped at or after ``instant`` when the row holds an
+        instant (a time zone, epoch seconds, SQLite text with an offset), and at or after
+        ``wall`` when it holds a wall-clock time of ``zone`` (naive): the two differ when a
+        writer's wall clock has shown times later than ``instant`` reads (``shown_by``)."""
+        if self.kind in ("aware", "epoch"):
+            return self.between(instant, None)
+        if self.instants is None:
+            return self.between(wall, None)
+        return sa.case((self.instants, self.between(instant, None)), else_=self.between(wall, None))
 
     def at_or_after(self, start: datetime) -> sa.ColumnElement:
         """A predicate true for rows stamped at or after ``start``, for use among rows
@@ -348,7 +364,8 @@ def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -
     if isinstance(column.type, NUMBER_TYPES):
         return TimeColumn(column, "epoch", source.timezone, column)
     if dialect == "sqlite":
-        return TimeColumn(_sqlite_timestamp(column, source.timezone), "sqlite", source.timezone, column)
+        expr, instants = _sqlite_timestamp(column, source.timezone)
+        return TimeColumn(expr, "sqlite", source.timezone, column, instants=instants)
     aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
     return TimeColumn(column, "aware" if aware else "naive", source.timezone, column, text_bounds=dialect == "hive")
 
