@@ -122,6 +122,12 @@ def union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, d
     return out
 
 
+#: The most ranges ``PredictionQueries._parts`` reads as separate ``UNION ALL`` branches on
+#: PostgreSQL: a steady refresh reads a head and one tail per window; more ranges (a fill,
+#: an audit: up to one per slice) cover most of the window, read in one scan anyway.
+SEPARATE_READS = 16
+
+
 def _double(value: float) -> sa.ColumnElement:
     return sa.literal(float(value), sa.Double())
 
@@ -477,9 +483,25 @@ class PredictionQueries:
         SQLite the time is computed once a row in the subquery, which LIMIT keeps SQLite
         from flattening. The ``reads`` are joined where they touch (``union``): the audit
         and the most frequent scores read up to one range per slice (1,440), and SQLite
-        refuses expressions over 1,000 deep ("Expression tree is too large")."""
-        in_reads = sa.or_(*(self.time.between(start, end) for start, end in union(reads)))
-        rows = sa.select(self.time.expr.label("t"), *columns).where(in_reads, *self.filters, *where)
+        refuses expressions over 1,000 deep ("Expression tree is too large").
+
+        On PostgreSQL, up to ``SEPARATE_READS`` ranges are read as one ``UNION ALL``
+        branch each, so that every range is an index range of its own whatever the
+        planner's estimates: on a table never analyzed it expects 2 rows from a
+        disjunction of ranges and scans the ``(model, time)`` index on the model alone,
+        filtering every row of the model (30 s at 10^7 rows for three stretches of
+        minutes, docs/performance.md *Stale planner statistics at 1e7*). Engines that
+        scan columns (DuckDB, Spark) read the disjunction in one scan instead."""
+        ranges = union(reads)
+
+        def rows_in(*conditions: sa.ColumnElement[bool]) -> sa.Select:
+            return sa.select(self.time.expr.label("t"), *columns).where(*conditions, *self.filters, *where)
+
+        rows: sa.Select | sa.CompoundSelect
+        if self.dialect == "postgresql" and 1 < len(ranges) <= SEPARATE_READS:
+            rows = sa.union_all(*(rows_in(self.time.between(start, end)) for start, end in ranges))
+        else:
+            rows = rows_in(sa.or_(*(self.time.between(start, end) for start, end in ranges)))
         if self.dialect == "sqlite":
             rows = rows.limit(-1)
         subquery = rows.subquery("part_rows")
