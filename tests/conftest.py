@@ -237,6 +237,11 @@ class AuditClock:
             self.last, self.changed = as_of, False
         return True
 
+    def restart(self) -> None:
+        """A new process restored the saved slices: it audits them at its first refresh,
+        which shows every change, and its audit clock starts there."""
+        self.last, self.changed = None, False
+
 
 def zoned_predictions_settings(url: str, zone: str = "UTC", windows=("1h", "24h"), schema: str | None = None):
     """Settings of one model ``m`` whose predictions (``predictions``: id, ts, p) are in store

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -245,6 +245,13 @@ class LeftOutIds:
             return None
         return DuplicateIds(None) if found is None else found.per_window(starts)
 
+    def restorable(self, slices: Mapping[datetime, A]) -> dict[datetime, A]:
+        """The kept ``slices`` (by start) that left no id out: they hold every row of their
+        slice, whatever the duplicated ids known, so a new process may restore them
+        (``Source._save``); it starts knowing no duplicated id, its audit's refresh probes
+        every id and reads again any restored slice that should now leave one out."""
+        return {start: a for start, a in slices.items() if not self._by_slice.get(start)}
+
     def after_reads(self, store: SliceStore[Any], plan: Plan, unique: bool) -> None:
         """After ``plan``'s reads and merge: what each kept slice left out, and (unless ids
         are ``unique``) the slices read that ``search`` did not probe, probed next time."""
@@ -299,6 +306,10 @@ class Source(ABC, Generic[Q, V]):
         self._queries: Q | None = None
         self._saved: SavedSlices[Any] | None = None  # where the kept slices are saved (``_saved_slices``)
         self._restored = False  # whether a refresh tried to restore them (``_restore``)
+        #: For a source keeping time slices, the duplicated ids they leave out: its own, not
+        #: the predictions' (the labels' windows end ``label_delay`` earlier, and each source
+        #: reads and forgets its slices at its own refreshes).
+        self._left_out = LeftOutIds()
 
     @abstractmethod
     def _reflect(self) -> Q:
@@ -344,18 +355,14 @@ class Source(ABC, Generic[Q, V]):
 
     def _saved_slices(self) -> SavedSlices[Any] | None:
         """Where the kept slices are saved, in the predictions' state database
-        (``PredictionsSource.slice_state``): ``None`` without one, without ``slices`` or
-        ``codec``, or when the predictions' ids are not unique (by schema or ``unique_ids``:
-        the slices then depend on the duplicated ids known when they were read, which are
-        not saved)."""
+        (``PredictionsSource.slice_state``): ``None`` without one, or without ``slices`` or
+        ``codec``."""
         if self.codec is None or self.slices is None:
             return None
         predictions = self._predictions()
         if predictions.slice_state is None:
             return None
         q = predictions.queries()
-        if not q.unique_ids:
-            return None
         if self._saved is None:
             url = self.stores.engine(self.model.predictions.store).url
             found = self._fingerprint(url, q.dialect, self.slices.width)
@@ -384,13 +391,15 @@ class Source(ABC, Generic[Q, V]):
             log.info("model %s: %d %ss restored from the state database", self.model.name, kept, saved.codec.noun)
 
     def _save(self) -> None:
-        """Save the kept slices (``_saved_slices``) as they are after a successful refresh;
-        a failure is logged at WARNING (``_state_failed``): a restart then reads more again."""
+        """Save the kept slices (``_saved_slices``) as they are after a successful refresh,
+        those that left out the rows of duplicated ids aside (``LeftOutIds.restorable``: they
+        depend on the ids known, which are not saved); a failure is logged at WARNING
+        (``_state_failed``): a restart then reads more again."""
         saved = self._saved_slices()
         if saved is None or self.slices is None:  # the second for mypy
             return
         try:
-            saved.save(self.slices.slices)
+            saved.save(self._left_out.restorable(self.slices.slices))
         except Exception as exc:  # the state database, whatever its failure, never fails a refresh
             self._state_failed(f"saving the {saved.codec.noun}s in", exc)
 
@@ -444,7 +453,6 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         self._duplicates: dict[Windows, DuplicateIds] = {}  # this refresh's, by windows (duplicate_ids)
         #: How many most frequent rounded scores a slice keeps (``slices.TopCounts``).
         self.top_scores = TOP_SCORES
-        self._left_out = LeftOutIds()  # the duplicated ids the kept slices leave out
         #: The state database the kept slices of every source of the model are saved in.
         self.slice_state = slice_state
 
@@ -775,10 +783,6 @@ class JoinedSource(Source[Q, V]):
     ):
         super().__init__(model, key_path, stores, query_timeout, staleness)
         self.predictions = predictions
-        #: For a source keeping time slices (labels, replays), the duplicated ids they leave
-        #: out: its own, not the predictions' (the labels' windows end ``label_delay``
-        #: earlier, and each source reads and forgets its slices at its own refreshes).
-        self._left_out = LeftOutIds()
 
     def _predictions(self) -> PredictionsSource:
         return self.predictions

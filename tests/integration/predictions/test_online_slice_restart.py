@@ -230,19 +230,41 @@ def test_an_unreadable_online_slice_is_read_again(tmp_path, state_url, slices_re
     tables.engine.dispose()
 
 
-def test_duplicate_ids_save_no_online_slices(tmp_path, serving):
-    """Ids not unique: the kept online slices depend on the duplicated ids known, which are
-    not saved; the state database is not touched."""
+def test_duplicate_ids_save_the_online_slices_that_leave_no_id_out(tmp_path, slices_read_by_store, serving):
+    """Ids not unique: the online slices that left out the predictions of a duplicated id
+    are not saved, the others are. While no process runs, the duplicated id's predictions
+    are deleted and an id of a saved slice is written again into another saved slice; the
+    new refresher reads again the slices never saved, the two that now leave an id out and
+    the one settled since, and equals a cold refresh and the maturity rule in Python."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, "ignore", 1, unique=False)
     stores = Stores(settings.stores, timedelta(seconds=30))
     tables = Tables(url, None, "sqlite")
     _history(tables)
+    twice = _valid(tables, START - timedelta(minutes=50), START - timedelta(minutes=48))
+    written_twice = START - timedelta(minutes=30)
+    tables.predict_again([(twice, written_twice, 0.75)])
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
     first = serving(settings, stores, state_url)
     assert all(s.up for s in first.refresh(START).sources.values())
-    assert first.sources["labels"].slices.slices
-    assert not (tmp_path / "state.sqlite").exists()  # the state database was not even opened
+    kept = set(first.sources["labels"].slices.slices)
+    left_out = {floor_to(tables.scored[twice][0], SLICE), floor_to(written_twice, SLICE)}
+    assert left_out < kept and set(_saved(state_url)) == kept - left_out
+    # While mlmon is down.
+    tables.delete_predictions([twice])
+    again = _valid(tables, START - timedelta(minutes=40), START - timedelta(minutes=38))
+    written_again = START - timedelta(minutes=20)
+    tables.predict_again([(again, written_again, 0.5)])
+    as_of = START + timedelta(minutes=2)
+    restarted = serving(settings, stores, state_url)
+    cold_settings = _settings(url, None, "ignore", 24, unique=False)
+    _check(tables, restarted, cold_settings, stores, as_of, "ignore")
+    online = restarted.sources["labels"].slices
+    settled = floor_to(as_of - LABEL_DELAY - INGESTION, SLICE) - SLICE
+    now_left_out = {floor_to(tables.scored[again][0], SLICE), floor_to(written_again, SLICE)}
+    assert sorted(slices_read_by_store[id(online)]) == sorted({*left_out, *now_left_out, settled})
+    assert set(_saved(state_url)) == set(online.slices) - now_left_out
+    _check(tables, restarted, cold_settings, stores, as_of + timedelta(minutes=2), "ignore")
     stores.dispose()
     tables.engine.dispose()
 

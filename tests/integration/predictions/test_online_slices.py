@@ -26,6 +26,7 @@ from exporter.predictions.refresh import ModelRefresher, worst_case_queries
 from exporter.predictions.slices import floor_to
 from exporter.predictions.stores import Stores
 from exporter.snapshot import OnlineAccuracy
+from exporter.training.storage import StateDatabase
 from tests.conftest import AuditClock, model_settings
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
@@ -256,13 +257,15 @@ def _label_value(rng: np.random.Generator) -> int:
     ],
     indirect=["store"],
 )
-def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, unique):
+def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, unique, tmp_path):
     """The warm refresher reads every mature slice at its first refresh (``slice_fill_refreshes``
     1) and keeps them; each cold refresher fills (the default 24), so its first refresh
     reads the windows in one pass. Without ``unique``, ids are not declared unique and
     some predictions carry an id other rows carry: written in the minute before a refresh
     (found by the next one) or late, into a mature slice (found by the audit); the other
-    row in either window, in the larger only, or out of both."""
+    row in either window, in the larger only, or out of both. The warm refresher saves its
+    slices as ``mlmon serve`` does and is now and then restarted (a new refresher restoring
+    them)."""
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
     stores = Stores(_settings(url, schema, missing, 1, unique).stores, timedelta(seconds=30))
@@ -281,7 +284,14 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, uniqu
     if not unique:  # duplicated ids in the history too
         chosen = rng.choice(list(tables.scored), 12, replace=False)
         tables.predict_again([(int(i), START - timedelta(seconds=float(rng.uniform(90, 4800))), 0.5) for i in chosen])
-    warm = _refresher(_settings(url, schema, missing, 1, unique), stores)
+    state = StateDatabase(f"sqlite:///{tmp_path}/state.sqlite")
+
+    def serving() -> ModelRefresher:
+        served = _settings(url, schema, missing, 1, unique)
+        model = served.models[0]
+        return ModelRefresher(model, "models[0]", served.refresh_policy, stores, state=state, save_slices=True)
+
+    warm = serving()
     cold_settings = _settings(url, schema, missing, 24, unique)
     as_of = START
     audits = AuditClock(AUDIT)
@@ -321,6 +331,9 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, uniqu
             tables.delete_labels([int(k) for k in rng.choice(list(tables.label_rows), 2, replace=False)])
             audits.changed = True
         as_of = following
+        if rng.random() < 0.1:  # a restart: a new refresher restores the saved slices
+            warm = serving()
+            audits.restart()
         if not audits.comparable(as_of):
             warm.refresh(as_of)
             continue
@@ -329,6 +342,7 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, uniqu
     if not unique:
         assert warm.sources["labels"]._left_out.ids, "kept slices left duplicated ids out"
     stores.dispose()
+    state.engine.dispose()
     tables.engine.dispose()
 
 

@@ -203,7 +203,7 @@ def _check(tables: Tables, warm: ModelRefresher, cold_settings, stores: Stores, 
     ],
     indirect=["store"],
 )
-def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_index):
+def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_index, tmp_path):
     """The warm refresher reads every settled slice at its first refresh
     (``slice_fill_refreshes`` 1) and keeps them; each cold refresher fills (the default
     24), so its first refresh reads the windows in one pass. Replays of the predictions of
@@ -211,7 +211,9 @@ def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_ind
     its end); the others are late, and count from the next audit. With ``id_index``, both
     ids are indexed (PostgreSQL then looks each probed id up in the predictions' index,
     ``PredictionQueries.duplicates_among``, and each prediction's replays up in theirs,
-    ``replays_by_lookup``); the prediction statistics are compared too."""
+    ``replays_by_lookup``); the prediction statistics are compared too. The warm refresher
+    saves its slices as ``mlmon serve`` does and is now and then restarted (a new
+    refresher restoring them)."""
     url, schema, _ = store
     rng = np.random.default_rng(seed)
     stores = Stores(_settings(url, schema, 1, unique).stores, timedelta(seconds=30))
@@ -223,7 +225,14 @@ def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_ind
     if not unique:  # duplicated ids in the history too
         again = [int(i) for i in rng.choice(ids, 12, replace=False)]
         tables.predict([(START - timedelta(seconds=float(rng.uniform(90, 4800))), 0.5) for _ in again], again)
-    warm = _refresher(_settings(url, schema, 1, unique), stores)
+    state = StateDatabase(f"sqlite:///{tmp_path}/state.sqlite")
+
+    def serving() -> ModelRefresher:
+        served = _settings(url, schema, 1, unique)
+        model = served.models[0]
+        return ModelRefresher(model, "models[0]", served.refresh_policy, stores, state=state, save_slices=True)
+
+    warm = serving()
     cold_settings = _settings(url, schema, 24, unique)
     as_of = START
     audits = AuditClock(AUDIT)
@@ -268,6 +277,9 @@ def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_ind
             tables.delete_predictions([int(i) for i in rng.choice([i for i, _ in old], 2, replace=False)])
             audits.changed = True
         as_of = following
+        if rng.random() < 0.1:  # a restart: a new refresher restores the saved slices
+            warm = serving()
+            audits.restart()
         if not audits.comparable(as_of):
             warm.refresh(as_of)
             continue
@@ -276,6 +288,7 @@ def test_kept_replay_slices_equal_a_one_pass_refresh(store, seed, unique, id_ind
     if not unique:
         assert warm.sources["replays"]._left_out.ids, "kept slices left duplicated ids out"
     stores.dispose()
+    state.engine.dispose()
     tables.engine.dispose()
 
 
@@ -381,7 +394,8 @@ def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, s
     process runs, a replay is written late for a prediction of a kept slice and another
     deleted; a new refresher on the same state database restores the slices, audits them
     and reads from the store only those two and the ones settled since (no fill), equal to
-    a cold refresh and to the rule in Python. Without unique ids nothing is saved."""
+    a cold refresh and to the rule in Python. Without unique ids, the slices that leave out a
+    duplicated id's predictions are not saved."""
     url, schema, _ = store
     settings = _settings(url, schema, 1)
     stores = Stores(settings.stores, timedelta(seconds=30))
@@ -418,10 +432,16 @@ def test_a_restart_reads_only_the_replay_slices_that_changed(store, state_url, s
     since = {settled - SLICE} if settled - SLICE not in kept else set()
     assert set(slices_read_by_store[id(store_)]) == {floor_to(late_at, SLICE), floor_to(gone_at, SLICE), *since}
     assert store_.filled and set(_saved(state_url)) == set(store_.slices)
-    # Without unique ids, the slices depend on the duplicated ids known: nothing is saved.
+    # Without unique ids, the slices that left out a duplicated id's predictions depend on
+    # the ids known, which are not saved: the others are saved.
+    (twice_at, twice) = in_kept[5]
+    written_again = START - timedelta(minutes=25)
+    tables.predict([(written_again, 0.5)], ids=[twice])
     duplicates = serving(_settings(url, schema, 1, unique=False))
     assert all(s.up for s in duplicates.refresh(as_of + timedelta(minutes=1)).sources.values())
-    assert duplicates.sources["replays"]._saved_slices() is None
+    kept_now = set(duplicates.sources["replays"].slices.slices)
+    left_out = {floor_to(twice_at, SLICE), floor_to(written_again, SLICE)}
+    assert left_out < kept_now and set(_saved(state_url)) == kept_now - left_out
     stores.dispose()
     tables.engine.dispose()
     states[0].engine.dispose()

@@ -223,19 +223,46 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slice
     log.engine.dispose()
 
 
-def test_duplicate_ids_start_cold_and_save_nothing(tmp_path, serving):
-    """Ids not unique: the kept slices depend on the duplicated ids known, which are not
-    saved; the state database is not touched."""
-    url = f"sqlite:///{tmp_path}/s.sqlite"
-    settings = _settings(url, None, unique=False)
+@pytest.mark.parametrize(
+    "store", ["sqlite", "postgresql", pytest.param("duckdb", marks=pytest.mark.long)], indirect=True
+)
+def test_duplicate_ids_save_the_slices_that_leave_no_id_out(store, tmp_path, read_slices, serving):
+    """Ids not unique: a kept slice that left out the rows of a duplicated id depends on the
+    ids known, which are not saved, so the others alone are saved. While no process runs,
+    a row of the duplicated id is deleted (it is one no more) and an id of a saved slice is
+    written again into another saved slice (a new duplicate); the new refresher reads again
+    the two slices never saved, the two that now leave an id out (its audit's refresh probes
+    every id) and the one sealed since, and equals a cold refresh and pandas."""
+    url, schema, dialect = store
+    settings = _settings(url, schema, unique=False)
     stores = Stores(settings.stores, settings.query_timeout)
-    log = Log(url, None, "sqlite")
-    log.insert([(START - timedelta(minutes=m), 0.25) for m in (50, 30, 10)], ids=[1, 1, 2])
+    log = Log(url, schema, dialect)
+    _history(log)
+    twice = [START - timedelta(minutes=50), START - timedelta(minutes=30)]
+    log.insert([(twice[0], 0.25), (twice[1], 0.75)], ids=[10**6, 10**6])
     state_url = f"sqlite:///{tmp_path}/state.sqlite"
     first = serving(settings, stores, state_url)
     first.refresh(START)
-    assert first.predictions.slices.slices
-    assert not (tmp_path / "state.sqlite").exists()  # the state database was not even opened
+    kept = set(first.predictions.slices.slices)
+    left_out = {floor_to(t, SLICE) for t in twice}
+    assert left_out < kept and set(_saved(state_url)) == kept - left_out
+    # While mlmon is down.
+    log.delete([next(k for k, (i, ts, _) in log.rows.items() if i == 10**6 and ts == twice[0])])
+    again_id, again_at = next(
+        (i, ts) for i, ts, _ in log.rows.values() if START - timedelta(minutes=40) <= ts < START - timedelta(minutes=38)
+    )
+    written_again = START - timedelta(minutes=20)
+    log.insert([(written_again, 0.5)], ids=[again_id])
+    as_of = START + timedelta(minutes=2)
+    restarted = serving(settings, stores, state_url)
+    _check(log, restarted, settings, stores, as_of)  # equal to a cold refresh and to pandas
+    newly_sealed = floor_to(as_of - DELAY, SLICE) - SLICE
+    assert sorted(read_slices[id(restarted.predictions)]) == sorted(
+        {*left_out, floor_to(again_at, SLICE), floor_to(written_again, SLICE), newly_sealed}
+    )
+    now_left_out = {floor_to(again_at, SLICE), floor_to(written_again, SLICE)}
+    assert set(_saved(state_url)) == set(restarted.predictions.slices.slices) - now_left_out
+    _check(log, restarted, settings, stores, as_of + timedelta(minutes=2))
     stores.dispose()
     log.engine.dispose()
 

@@ -23,6 +23,7 @@ from exporter.predictions.slices import EPOCH, TopCounts, ceil_to, floor_to, sli
 from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores, to_wall_clock
 from exporter.snapshot import ScoreStats
+from exporter.training.storage import StateDatabase
 from tests.conftest import AuditClock, model_settings
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
@@ -199,10 +200,11 @@ def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[i
     [(1, 1), pytest.param(2, 1, marks=pytest.mark.long), pytest.param(3, 4, marks=pytest.mark.long)],
     ids=["1", "2", "3-filling"],
 )
-def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
+def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill, tmp_path):
     """The warm refresher's slices read at its first refresh, or (``fill`` 4) filled over 4
-    refreshes, reading the windows in one pass meanwhile; the cold refreshers read every
-    slice at once."""
+    refreshes, reading the windows in one pass meanwhile, and saved as ``mlmon serve`` saves
+    them; now and then it is restarted (a new refresher restoring the saved slices); the
+    cold refreshers read every slice at once."""
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
     settings = _settings(url, schema, unique=unique)
@@ -211,7 +213,14 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
     # An hour of history before the first refresh, then refreshes every 10 s to 7 min.
     history = [(START - timedelta(seconds=float(s)), _score(rng, dialect)) for s in rng.uniform(0, 4000, 300)]
     log.insert(history, _ids(rng, log, len(history), unique))
-    warm = _refresher(_settings(url, schema, unique=unique, slice_fill_refreshes=fill), stores)
+    state = StateDatabase(f"sqlite:///{tmp_path}/state.sqlite")
+
+    def serving() -> ModelRefresher:
+        served = _settings(url, schema, unique=unique, slice_fill_refreshes=fill)
+        model = served.models[0]
+        return ModelRefresher(model, "models[0]", served.refresh_policy, stores, state=state, save_slices=True)
+
+    warm = serving()
     as_of = START
     audits = AuditClock(AUDIT)
     for _step in range(25):
@@ -231,11 +240,15 @@ def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill):
             log.delete([int(k) for k in rng.choice(list(log.rows), 3, replace=False)])
             audits.changed = True
         as_of = following
+        if rng.random() < 0.1:
+            warm = serving()
+            audits.restart()
         if not audits.comparable(as_of):
             warm.refresh(as_of)
             continue
         _check(log, warm, settings, stores, as_of)
     stores.dispose()
+    state.engine.dispose()
     log.engine.dispose()
 
 
