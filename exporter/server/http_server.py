@@ -119,6 +119,10 @@ def server_config(app, settings: Settings, host: str, port: int, **options) -> u
     protocol (never httptools) with ``settings.header_timeout`` and ``settings.write_timeout``
     (seconds) as its deadlines, and at most ``settings.max_connections`` connections.
 
+    uvicorn's own loggers (``uvicorn.error``, ``uvicorn.access``) write through the root
+    logger mlmon configures (``log_config=None``): one format, with a timestamp on every
+    line, where uvicorn's default configuration has none.
+
     ``options`` are more ``uvicorn.Config`` keyword arguments (TLS files, log level). With
     TLS files it sets asyncio's TLS handshake timeout, process-wide, to ``header_timeout``:
     uvicorn gives no way to pass ``ssl_handshake_timeout`` to ``create_server``, and this
@@ -135,5 +139,12 @@ def server_config(app, settings: Settings, host: str, port: int, **options) -> u
     # loop="asyncio": the TLS handshake timeout above is asyncio's; uvloop (which "auto"
     # picks when installed) would ignore it.
     return uvicorn.Config(
-        app, host=host, port=port, http=protocol, loop="asyncio", limit_concurrency=settings.max_connections, **options
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        loop="asyncio",
+        limit_concurrency=settings.max_connections,
+        log_config=None,
+        **options,
     )

@@ -85,7 +85,8 @@ def test_every_operation_of_the_api_document_has_its_own_operation_id(server):
 @pytest.mark.parametrize("level, logged", [("info", False), ("debug", True)])
 @pytest.mark.long
 def test_requests_are_logged_at_debug_only(tmp_path, level, logged):
-    """A line per scrape is noise at a 15 s scrape interval; --log.level debug shows them."""
+    """A line per scrape is noise at a 15 s scrape interval; --log.level debug shows them.
+    uvicorn's lines carry a timestamp as mlmon's own do."""
     (tmp_path / "mlmon.yml").write_text(f'stores: {{}}\nmodels: []\nstate: {{url: "sqlite:///{tmp_path}/s.sqlite"}}\n')
     port, log = free_port(), tmp_path / "server.log"
     args = ["serve", "--config", str(tmp_path / "mlmon.yml"), "--port", str(port), "--log.level", level]
@@ -97,8 +98,9 @@ def test_requests_are_logged_at_debug_only(tmp_path, level, logged):
         process.terminate()
         process.wait(timeout=10)
     text = log.read_text()
-    assert "Uvicorn running on" in text  # info and above either way
-    assert ('"GET /metrics HTTP/1.1" 200' in text) is logged, text
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO uvicorn\.(?:error|access): "
+    assert re.search(rf"^{stamp}Uvicorn running on", text, re.MULTILINE), text  # info and above either way
+    assert bool(re.search(rf'^{stamp}.*"GET /metrics HTTP/1\.1" 200', text, re.MULTILINE)) is logged, text
 
 
 def test_an_unknown_log_level_is_a_usage_error(tmp_path):
