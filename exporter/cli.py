@@ -468,13 +468,15 @@ def demo(
     database: Annotated[Path, typer.Option(metavar="FILE", help="SQLite file of the demo store (recreated).")] = Path(
         "mlmon-demo.sqlite"
     ),
+    log_level: LogLevelOption = "info",
 ) -> None:
     """Create a SQLite store with a week of history for two CTR models, keep it growing, and serve it."""
     from exporter.tools.demo import run_demo
 
-    _logging()
+    level = _log_level(log_level)
+    _logging(level)
     try:
-        run_demo(database, host, port)
+        run_demo(database, host, port, level)
     except OSError as exc:
         _fail(f"mlmon demo: {exc.strerror or exc}")
 

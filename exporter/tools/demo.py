@@ -43,6 +43,7 @@ and ``ctr_feed``'s predictions of its day are still served by the previous versi
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -469,10 +470,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_demo(database: Path, host: str, port: int) -> None:
+def run_demo(database: Path, host: str, port: int, log_level: int = logging.INFO) -> None:
     """Recreate ``database`` with a week of history and its state database with 60 days of
     training runs, then serve mlmon on them at ``host:port`` while appending new
-    predictions every few seconds, until interrupted (Ctrl-C).
+    predictions every few seconds, until interrupted (Ctrl-C). ``log_level`` is the server's
+    (``logging`` level; a line per request at ``DEBUG``, as ``mlmon serve``).
 
     Raises:
         OSError: ``host:port`` cannot be listened on (checked before seeding).
@@ -495,8 +497,10 @@ def run_demo(database: Path, host: str, port: int) -> None:
         seed_training_runs(settings.state.resolved_url(), now)
         half_rows_days_ago = next(m.half_rows_days_ago for m in MODELS if m.half_rows_days_ago is not None)
         half_rows_version = f"{_naive_utc(now) - timedelta(days=half_rows_days_ago):%Y-%m-%d}"
-        # No access log, as `mlmon serve` at its default level: not a line per scrape.
-        server = uvicorn.Server(server_config(create_app(settings), settings, host, port, access_log=False))
+        # As `mlmon serve`: a line per scrape at debug only.
+        access_log = log_level <= logging.DEBUG
+        app = create_app(settings)
+        server = uvicorn.Server(server_config(app, settings, host, port, log_level=log_level, access_log=access_log))
         base = f"http://{host}:{port}"
         print(
             f"mlmon demo: {database}: a week of predictions of {' and '.join(m.name for m in MODELS)}.\n"

@@ -103,8 +103,10 @@ def test_requests_are_logged_at_debug_only(tmp_path, level, logged):
     assert bool(re.search(rf'^{stamp}.*"GET /metrics HTTP/1\.1" 200', text, re.MULTILINE)) is logged, text
 
 
-def test_an_unknown_log_level_is_a_usage_error(tmp_path):
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_an_unknown_log_level_is_a_usage_error(tmp_path, command):
     (tmp_path / "mlmon.yml").write_text("stores: {}\nmodels: []\n")
-    result = CliRunner().invoke(cli, ["serve", "--config", str(tmp_path / "mlmon.yml"), "--log.level", "verbose"])
+    config = ["--config", str(tmp_path / "mlmon.yml")] if command == "serve" else []
+    result = CliRunner().invoke(cli, [command, *config, "--log.level", "verbose"])
     assert result.exit_code == 2
     assert "--log.level: 'verbose' is not one of debug, info, warn, error" in result.output
