@@ -177,6 +177,19 @@ def encode(sliced: Sliced) -> tuple[bytes, bytes, str]:
     return _npy(hist), _npy(top), meta
 
 
+def _of_form(meta: str, form: int) -> dict[str, Any]:
+    """The JSON object ``meta`` holds, when its ``format`` is ``form``.
+
+    Raises:
+        ValueError: ``meta`` is no JSON, or no object of that form (JSON ``true`` and
+            ``1.0`` are not the form 1: a row no version of mlmon writes).
+    """
+    described = json.loads(meta)
+    if not isinstance(described, dict) or type(described.get("format")) is not int or described["format"] != form:
+        raise ValueError(f"meta: not of form {form}")
+    return described
+
+
 def decode(hist: bytes, top: bytes, meta: str) -> Sliced:
     """The ``Sliced`` a row saved (``encode``).
 
@@ -185,9 +198,7 @@ def decode(hist: bytes, top: bytes, meta: str) -> Sliced:
             type, keys not increasing, empty buckets, set lengths not matching the keys),
             naming what is wrong.
     """
-    described = json.loads(meta)
-    if not isinstance(described, dict) or described.get("format") != FORMAT:
-        raise ValueError(f"meta: not of form {FORMAT}")
+    described = _of_form(meta, FORMAT)
     sets = described.get("sets")
     # type(v) is int, not isinstance: JSON true is a bool, which is an int.
     if not isinstance(sets, list) or not all(
@@ -234,9 +245,7 @@ def decode_online(buckets: bytes, meta: str) -> OnlineBuckets:
             increasing or negative, a bucket without a labeled prediction, positives and
             negatives not adding up to the totals), naming what is wrong.
     """
-    described = json.loads(meta)
-    if not isinstance(described, dict) or described.get("format") != ONLINE_FORMAT:
-        raise ValueError(f"meta: not of form {ONLINE_FORMAT}")
+    described = _of_form(meta, ONLINE_FORMAT)
     counts, sums = described.get("counts"), described.get("sums")
     # type(v) is int, not isinstance: JSON true is a bool, which is an int.
     if not isinstance(counts, dict) or set(counts) != set(ONLINE_COUNTS):
@@ -285,9 +294,7 @@ def decode_replays(meta: str) -> ReplayTotals:
             are not counts or more reproduced than replayed, a largest error that is not a
             finite number of at least 0 or without a replay), naming what is wrong.
     """
-    described = json.loads(meta)
-    if not isinstance(described, dict) or described.get("format") != REPLAY_FORMAT:
-        raise ValueError(f"meta: not of form {REPLAY_FORMAT}")
+    described = _of_form(meta, REPLAY_FORMAT)
     # Any, not Any | None: each is checked below before use.
     replayed: Any = described.get("replayed")
     reproduced: Any = described.get("reproduced")

@@ -102,6 +102,7 @@ def _npz() -> bytes:
     [
         (None, "{", "Expecting"),  # JSON cut short
         (None, _meta(format=ONLINE_FORMAT + 1), "not of form"),
+        (None, _meta(format=True), "not of form"),  # JSON true equals 1 in Python
         (None, json.dumps([1, 2]), "not of form"),
         (None, _meta(counts=_counts(extreme=True)), "not a count"),  # JSON true is no count
         (None, _meta(counts=_counts(extreme=-1)), "not a count"),
@@ -222,6 +223,8 @@ def test_a_replay_slice_round_trips(totals):
     [
         ("{", "Expecting"),
         (_replays_meta(format=REPLAY_FORMAT + 1), "not of form"),
+        (_replays_meta(format=True), "not of form"),  # JSON true equals 1 in Python
+        (_replays_meta(format=1.0), "not of form"),
         (json.dumps([5, 3]), "not of form"),
         (_replays_meta(replayed=True), "not counts"),
         (_replays_meta(replayed=5.0), "not counts"),

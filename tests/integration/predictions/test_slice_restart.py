@@ -335,8 +335,11 @@ def test_saved_form_round_trip():
 
 
 def test_saved_form_refuses_a_boolean_count():
-    """JSON ``true`` where a set's length or bound is due is refused, not read as 1."""
+    """JSON ``true`` where a set's length or bound, or the form, is due is refused, not read as 1."""
     hist_bytes, top_bytes, _ = encode(Sliced(Histogram.empty(), TopCounts.of(np.array([3]), np.array([2]))))
     with pytest.raises(ValueError, match="'sets'"):
         decode(hist_bytes, top_bytes, '{"format": 1, "sets": [[true, 0]]}')
+    for form in ("true", "1.0"):
+        with pytest.raises(ValueError, match="not of form 1"):
+            decode(hist_bytes, top_bytes, f'{{"format": {form}, "sets": [[1, 0]]}}')
     assert decode(hist_bytes, top_bytes, '{"format": 1, "sets": [[1, 0]]}').top.mode() == (2, 2)
