@@ -23,6 +23,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 import sqlalchemy as sa
@@ -122,10 +123,21 @@ def union(ranges: Iterable[tuple[datetime, datetime]]) -> list[tuple[datetime, d
     return out
 
 
-#: The most ranges ``PredictionQueries._parts`` reads as separate ``UNION ALL`` branches on
-#: PostgreSQL: a steady refresh reads a head and one tail per window; more ranges (a fill,
-#: an audit: up to one per slice) cover most of the window, read in one scan anyway.
-SEPARATE_READS = 16
+#: The most ``UNION ALL`` branches ``PredictionQueries._parts`` reads its ranges in on
+#: PostgreSQL (``grouped``): a steady refresh reads a head and one tail per window, one
+#: branch each; an audit or a fill may read up to one range per slice.
+MAX_UNION_BRANCHES = 16
+
+
+def grouped(ranges: Sequence[tuple[datetime, datetime]], most: int) -> list[list[tuple[datetime, datetime]]]:
+    """The disjoint ascending ``ranges`` in at most ``most`` (>= 1) groups of consecutive
+    ones, cut at the widest gaps between them: each group's span then holds as little
+    else as such a grouping can."""
+    if len(ranges) <= most:
+        return [[r] for r in ranges]
+    gaps = sorted(range(1, len(ranges)), key=lambda k: ranges[k][0] - ranges[k - 1][1], reverse=True)
+    cuts = [0, *sorted(gaps[: most - 1]), len(ranges)]
+    return [list(ranges[a:b]) for a, b in pairwise(cuts)]
 
 
 def _double(value: float) -> sa.ColumnElement:
@@ -485,23 +497,27 @@ class PredictionQueries:
         and the most frequent scores read up to one range per slice (1,440), and SQLite
         refuses expressions over 1,000 deep ("Expression tree is too large").
 
-        On PostgreSQL, up to ``SEPARATE_READS`` ranges are read as one ``UNION ALL``
-        branch each, so that every range is an index range of its own whatever the
-        planner's estimates: on a table never analyzed it expects 2 rows from a
-        disjunction of ranges and scans the ``(model, time)`` index on the model alone,
-        filtering every row of the model (30 s at 10^7 rows for three stretches of
-        minutes, docs/performance.md *Stale planner statistics at 1e7*). Engines that
-        scan columns (DuckDB, Spark) read the disjunction in one scan instead."""
+        On PostgreSQL the ranges are read in ``UNION ALL`` branches, each bounded by an
+        index range of its own whatever the planner's estimates: one range a branch, or
+        beyond ``MAX_UNION_BRANCHES`` ranges, consecutive ones (``grouped``), bounded by
+        the first's start and the last's end and filtered to them. As one disjunction, on
+        a table never analyzed PostgreSQL expected 2 rows and scanned the ``(model, time)``
+        index on the model alone, filtering every row of the model (30 s at 10^7 rows for
+        three stretches of minutes, docs/performance.md *Stale planner statistics at
+        1e7*). Engines that scan columns (DuckDB, Spark) read the disjunction in one scan."""
         ranges = union(reads)
 
-        def rows_in(*conditions: sa.ColumnElement[bool]) -> sa.Select:
-            return sa.select(self.time.expr.label("t"), *columns).where(*conditions, *self.filters, *where)
+        def rows_in(group: Sequence[tuple[datetime, datetime]]) -> sa.Select:
+            within = sa.or_(*(self.time.between(start, end) for start, end in group))
+            if len(group) > 1 and self.dialect == "postgresql":
+                within = sa.and_(self.time.between(group[0][0], group[-1][1]), within)
+            return sa.select(self.time.expr.label("t"), *columns).where(within, *self.filters, *where)
 
         rows: sa.Select | sa.CompoundSelect
-        if self.dialect == "postgresql" and 1 < len(ranges) <= SEPARATE_READS:
-            rows = sa.union_all(*(rows_in(self.time.between(start, end)) for start, end in ranges))
+        if self.dialect == "postgresql" and len(ranges) > 1:
+            rows = sa.union_all(*(rows_in(group) for group in grouped(ranges, MAX_UNION_BRANCHES)))
         else:
-            rows = rows_in(sa.or_(*(self.time.between(start, end) for start, end in ranges)))
+            rows = rows_in(ranges)
         if self.dialect == "sqlite":
             rows = rows.limit(-1)
         subquery = rows.subquery("part_rows")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exporter.predictions.queries import grouped
 from exporter.predictions.slices import (
     ONLINE_COUNTS,
     ONLINE_SUMS,
@@ -154,3 +156,22 @@ def test_replay_totals_merge():
     assert ReplayTotals.merge(parts) == ReplayTotals(6, 3, 0.5)
     assert ReplayTotals.merge([ReplayTotals(2, 0, None)]).abs_error_max is None
     assert ReplayTotals.merge([]) == ReplayTotals()
+
+
+@given(st.lists(st.integers(0, 10_000), min_size=2, max_size=80, unique=True), st.integers(1, 20))
+def test_ranges_are_grouped_at_their_widest_gaps(bounds, most):
+    """``queries.grouped``: at most ``most`` groups of consecutive ranges, all ranges in
+    order, and every gap inside a group no wider than any gap between two groups."""
+    points = sorted(bounds)[: len(bounds) // 2 * 2]
+    ranges = [
+        (T0 + timedelta(seconds=a), T0 + timedelta(seconds=b)) for a, b in zip(points[::2], points[1::2], strict=True)
+    ]
+    groups = grouped(ranges, most)
+    assert len(groups) == min(most, len(ranges)) and [r for g in groups for r in g] == ranges
+
+    def gaps(rs):
+        return [b[0] - a[1] for a, b in pairwise(rs)]
+
+    inner = [gap for g in groups for gap in gaps(g)]
+    between = [b[0][0] - a[-1][1] for a, b in pairwise(groups)]
+    assert not inner or not between or max(inner) <= min(between)
