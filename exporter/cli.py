@@ -279,9 +279,7 @@ def serve(
             snapshots = fastapi_app.state.snapshots
             snapshots.count_auth_refusals(REFUSAL_REASONS)
             app_ = BasicAuth(app_, web.basic_auth_users, snapshots.count_auth_refusal)
-    # A line per scrape is noise at a 15 s scrape interval: requests only at debug.
-    access_log = level <= logging.DEBUG
-    uvicorn.Server(server_config(app_, settings, host, port, log_level=level, access_log=access_log, **options)).run()
+    uvicorn.Server(server_config(app_, settings, host, port, log_level=level, **options)).run()
 
 
 @app.command(short_help="Refresh every model once and print the exposition.")

@@ -306,9 +306,9 @@ class Source(ABC, Generic[Q, V]):
         self._queries: Q | None = None
         self._saved: SavedSlices[Any] | None = None  # where the kept slices are saved (``_saved_slices``)
         self._restored = False  # whether a refresh tried to restore them (``_restore``)
-        #: For a source keeping time slices, the duplicated ids they leave out: its own, not
-        #: the predictions' (the labels' windows end ``label_delay`` earlier, and each source
-        #: reads and forgets its slices at its own refreshes).
+        #: For a source keeping time slices, the duplicated ids they leave out. Each source
+        #: keeps its own: the labels' windows end ``label_delay`` earlier, and each source
+        #: reads and forgets its slices at its own refreshes.
         self._left_out = LeftOutIds()
 
     @abstractmethod

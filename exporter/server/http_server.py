@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.constants
+import logging
 
 import h11
 import uvicorn
@@ -114,16 +115,20 @@ class HeaderDeadlineH11Protocol(H11Protocol):
         # Otherwise a request is being read or answered: not this deadline's business.
 
 
-def server_config(app, settings: Settings, host: str, port: int, **options) -> uvicorn.Config:
+def server_config(
+    app, settings: Settings, host: str, port: int, log_level: int = logging.INFO, **options
+) -> uvicorn.Config:
     """The uvicorn configuration mlmon serves ``app`` with on ``host:port``: always the h11
     protocol (never httptools) with ``settings.header_timeout`` and ``settings.write_timeout``
     (seconds) as its deadlines, and at most ``settings.max_connections`` connections.
 
     uvicorn's own loggers (``uvicorn.error``, ``uvicorn.access``) write through the root
     logger mlmon configures (``log_config=None``): one format, with a timestamp on every
-    line, where uvicorn's default configuration has none.
+    line, where uvicorn's default configuration has none. They log at ``log_level`` (a
+    ``logging`` level); a line per request only at ``DEBUG`` (at a 15 s scrape interval a
+    line per scrape is noise).
 
-    ``options`` are more ``uvicorn.Config`` keyword arguments (TLS files, log level). With
+    ``options`` are more ``uvicorn.Config`` keyword arguments (TLS files). With
     TLS files it sets asyncio's TLS handshake timeout, process-wide, to ``header_timeout``:
     uvicorn gives no way to pass ``ssl_handshake_timeout`` to ``create_server``, and this
     server is the process's only one.
@@ -146,5 +151,7 @@ def server_config(app, settings: Settings, host: str, port: int, **options) -> u
         loop="asyncio",
         limit_concurrency=settings.max_connections,
         log_config=None,
+        log_level=log_level,
+        access_log=log_level <= logging.DEBUG,
         **options,
     )

@@ -497,10 +497,7 @@ def run_demo(database: Path, host: str, port: int, log_level: int = logging.INFO
         seed_training_runs(settings.state.resolved_url(), now)
         half_rows_days_ago = next(m.half_rows_days_ago for m in MODELS if m.half_rows_days_ago is not None)
         half_rows_version = f"{_naive_utc(now) - timedelta(days=half_rows_days_ago):%Y-%m-%d}"
-        # As `mlmon serve`: a line per scrape at debug only.
-        access_log = log_level <= logging.DEBUG
-        app = create_app(settings)
-        server = uvicorn.Server(server_config(app, settings, host, port, log_level=log_level, access_log=access_log))
+        server = uvicorn.Server(server_config(create_app(settings), settings, host, port, log_level=log_level))
         base = f"http://{host}:{port}"
         print(
             f"mlmon demo: {database}: a week of predictions of {' and '.join(m.name for m in MODELS)}.\n"
