@@ -608,7 +608,7 @@ def test_a_statement_failing_mid_refresh_leaves_nothing_wrong_kept(tmp_path):
 
 @pytest.mark.long
 @pytest.mark.parametrize("limit", ["MAX_LISTED_DUPLICATES", "MAX_DUPLICATE_ROWS"])
-def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch, limit):
+def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch, limit, tmp_path):
     """The random sequences with duplicated ids, their ids or rows past a lowered limit at
     some refreshes only: reading the windows in full there, and going back to kept slices
     after, still equals a cold refresh and pandas."""
@@ -622,7 +622,7 @@ def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch
         return result
 
     monkeypatch.setattr(PredictionsSource, "_sliced", counted)
-    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False, fill=1)
+    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False, fill=1, tmp_path=tmp_path)
     assert paths[True] and paths[False]  # both in full and on kept slices
 
 
