@@ -1,12 +1,19 @@
-"""The online-accuracy statement with label maturity against the same statement without it,
-on PostgreSQL, on the same rows: N predictions over the last 25 hours (ids unique), a
-label for 30% of them recorded 0 to 90 minutes after the prediction, windows 1h and 24h,
-``label_delay`` 1h, slices of 5 minutes (``auto``).
+"""The online-accuracy statements with label maturity against the same without it, and each
+as the refresh runs them against the one statement that groups the label rows, on
+PostgreSQL, on the same rows: N predictions over the last 25 hours (ids unique), a label
+for 30% of them recorded 0 to 90 minutes after the prediction (300 of them with a second,
+conflicting label row a minute later), windows 1h and 24h, ``label_delay`` 1h, slices of 5
+minutes (``auto``).
 
 1. floor: ``SELECT count(*), sum(score)`` over the 24h window;
 2. ``per_window``: ``PredictionQueries.online`` without maturity (each window's labels
-   recorded from its start to the refresh time: ``label_delay: 0``'s semantics);
-3. ``matured``: the same with ``LabelMaturity`` (docs/metrics.md, *Label maturity*).
+   recorded from its start to the refresh time: ``label_delay: 0``'s semantics) as
+   ``LabelsSource._online`` runs it: the label ids with several rows
+   (``LabelQueries.repeated_ids``), the other predictions joined to their one label row,
+   those ids' predictions; ``per_window_grouped``: one statement, label rows grouped per id
+   (what the refresh runs beyond ``MAX_LISTED_LABEL_IDS`` such ids);
+3. ``matured``, ``matured_grouped``: the same with ``LabelMaturity`` (docs/metrics.md,
+   *Label maturity*); grouped, the label rows are grouped per prediction.
 
 Each runs ``--repeat`` times in a refresh transaction (``db.timed_connection``) as the
 refresh runs it: JIT off for ``matured`` (the refresh turns it off for that statement),
@@ -53,8 +60,8 @@ SCHEMA = "bench_maturity"
 
 
 def load(url: str, rows: int, duplicates: bool, id_index: bool) -> None:
-    """The tables, written by PostgreSQL itself (generate_series), indexed and analyzed;
-    with ``duplicates``, 300 ids carried by a second row; with ``id_index``, both tables
+    """The tables, written by PostgreSQL itself (generate_series), indexed and analyzed, 300
+    label ids with two label rows; with ``duplicates``, 300 ids carried by a second row; with ``id_index``, both tables
     indexed on the id too."""
     engine = sa.create_engine(url)
     with engine.begin() as conn:
@@ -70,6 +77,10 @@ def load(url: str, rows: int, duplicates: bool, id_index: bool) -> None:
         conn.exec_driver_sql(
             f"INSERT INTO {SCHEMA}.labels SELECT id, (random() < p)::int, ts + random() * interval '90 minutes' "
             f"FROM {SCHEMA}.predictions WHERE random() < 0.3"
+        )
+        conn.exec_driver_sql(
+            f"INSERT INTO {SCHEMA}.labels SELECT id, 1 - y, ts + interval '1 minute' FROM {SCHEMA}.labels "
+            "ORDER BY id LIMIT 300"
         )
         if duplicates:
             conn.exec_driver_sql(
@@ -173,21 +184,36 @@ def main() -> None:
         windows = Windows.ending(NOW - model.label_delay, [timedelta(hours=1), timedelta(hours=24)])
         maturity = LabelMaturity(boundaries(windows.start, windows.end, model.label_slice_width()), model.label_delay)
         start, end = (f"{t:%Y-%m-%d %H:%M}" for t in (NOW - timedelta(hours=24), NOW))
-        statements = {
-            "floor": sa.text(
-                f"SELECT count(*), sum(p) FROM {SCHEMA}.predictions WHERE ts >= '{start}' AND ts < '{end}'"
-            ),
-            "per_window": q.online(labels, windows, DuplicateIds.none(2), NOW),
-            "matured": q.online(labels, windows, DuplicateIds.none(2), NOW, maturity),
+        floor = sa.text(f"SELECT count(*), sum(p) FROM {SCHEMA}.predictions WHERE ts >= '{start}' AND ts < '{end}'")
+        none = DuplicateIds.none(2)
+
+        def online(conn: sa.Connection, matured: LabelMaturity | None, grouped: bool) -> None:
+            """The online statements as LabelsSource._online runs them: grouped, one statement;
+            else the label ids with several rows, then the other predictions joined to their
+            one label row, then those ids' predictions."""
+            if grouped:
+                conn.execute(q.online(labels, windows, none, NOW, matured)).all()
+                return
+            repeated = conn.execute(labels.repeated_ids(windows, NOW, matured)).scalars().all()
+            conn.execute(q.online(labels, windows, none, NOW, matured, repeated=repeated)).all()
+            if repeated:
+                conn.execute(q.online(labels, windows, none, NOW, matured, only=repeated)).all()
+
+        runs = {
+            "floor": lambda conn: conn.execute(floor).all(),
+            "per_window_grouped": lambda conn: online(conn, None, True),
+            "per_window": lambda conn: online(conn, None, False),
+            "matured_grouped": lambda conn: online(conn, maturity, True),
+            "matured": lambda conn: online(conn, maturity, False),
         }
-        seconds: dict[str, list[float]] = {name: [] for name in statements}
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeat):
-            for name, statement in statements.items():
+            for name, run in runs.items():
                 with timed_connection(stores.engine("s"), 600) as conn:
-                    if name == "matured":
+                    if name.startswith("matured"):
                         conn.exec_driver_sql("SET LOCAL jit = off")
                     started = time.perf_counter()
-                    conn.execute(statement).all()
+                    run(conn)
                     seconds[name].append(time.perf_counter() - started)
         if args.kept:
             seconds |= kept(settings, stores, int(args.rows), args.steps, args.fill, args.duplicates)
@@ -202,6 +228,8 @@ def main() -> None:
         print(f"steady / floor: {median['steady'] / median['floor']:.3f}x")
         print(f"steady / matured: {median['steady'] / median['matured']:.3f}x")
         print(f"fill / matured: {median['fill'] / median['matured']:.2f}x ({len(seconds['fill'])} refreshes)")
+    print(f"matured / matured_grouped: {median['matured'] / median['matured_grouped']:.2f}x")
+    print(f"per_window / per_window_grouped: {median['per_window'] / median['per_window_grouped']:.2f}x")
     print(f"matured / per_window: {median['matured'] / median['per_window']:.2f}x")
     print(f"matured / floor: {median['matured'] / median['floor']:.1f}x")
     print(f"per_window / floor: {median['per_window'] / median['floor']:.1f}x")

@@ -51,6 +51,9 @@ INVALID_LABEL_REASONS = ("conflicting", "invalid_value", "bad_timestamp")
 #: The most duplicate ids a source's search lists for its queries to reuse; beyond it each
 #: query searches them itself (``PredictionQueries.duplicate_search``).
 MAX_LISTED_DUPLICATES = 1000
+#: The most label ids with several label rows the labels list (``LabelQueries.repeated_ids``)
+#: to read their predictions apart; beyond it every id's label rows are grouped.
+MAX_LISTED_LABEL_IDS = 1000
 #: The most rows of duplicated ids a refresh on time slices reads to add back per window
 #: (``PredictionQueries.duplicate_rows``); beyond it the refresh reads the windows in full.
 MAX_DUPLICATE_ROWS = 100_000
@@ -66,6 +69,16 @@ class LabelMaturity:
 
     points: tuple[datetime, ...]
     delay: timedelta
+
+    def recorded(self, reads: Sequence[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+        """The arrival times of the label rows that can mature for predictions stamped in
+        the ``reads`` ranges: from the start of the slice holding a range's start to
+        ``delay`` after the end of the slice holding its end."""
+        points = self.points
+        return [
+            (points[max(0, bisect_right(points, start) - 1)], points[bisect_left(points, end)] + self.delay)
+            for start, end in union(reads)
+        ]
 
 
 @dataclass(frozen=True)
@@ -265,6 +278,11 @@ def _accuracy_columns(
         _count_if(sa.and_(labeled, sa.or_(score == 0.0, score == 1.0))).label(f"extreme{suffix}"),
         *[_count_if(keyed.c[f"{r}{suffix}"]).label(f"{r}{suffix}") for r in labels.invalid_reasons],
     ]
+
+
+def _only(column: sa.ColumnElement, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
+    """The condition keeping only the rows whose ``column`` is one of ``ids`` (none when ``None``)."""
+    return [] if ids is None else [column.in_(list(ids))]
 
 
 def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
@@ -533,7 +551,7 @@ class PredictionQueries:
 
     def _only(self, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
         """The condition keeping only the rows of ``ids`` (none when ``None``)."""
-        return [] if ids is None else [self.id.in_(list(ids))]
+        return _only(self.id, ids)
 
     def _scored_parts(
         self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any]
@@ -647,10 +665,16 @@ class PredictionQueries:
         )
 
     def valid_rows(
-        self, windows: Windows, duplicates: DuplicateIds, with_time: bool = False, only: Sequence[Any] | None = None
+        self,
+        windows: Windows,
+        duplicates: DuplicateIds,
+        with_time: bool = False,
+        only: Sequence[Any] | None = None,
+        exclude: Sequence[Any] = (),
     ) -> sa.Subquery:
-        """The valid predictions of the largest window (of the ``only`` ids, when given) as
-        (id, score, ``in_i`` per window, and with ``with_time`` their time column as stored, ``t``):
+        """The valid predictions of the largest window (of the ``only`` ids, when given; but
+        those of the ``exclude`` ids) as (id, score, ``in_i`` per window, and with
+        ``with_time`` their time column as stored, ``t``, and as windows compare it, ``at``):
         ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
         row of it), else 0. Filtered by plain predicates on the score rather than by
         reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
@@ -662,7 +686,7 @@ class PredictionQueries:
             )
             for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
         ]
-        time = [self.time.stored.label("t")] if with_time else []
+        time = [self.time.stored.label("t"), self.time.expr.label("at")] if with_time else []
         return (
             sa.select(self.id.label("id"), self.score.label("score"), *time, *flags)
             .select_from(source)
@@ -670,6 +694,7 @@ class PredictionQueries:
                 self._in_window(windows.start, windows.end),
                 _valid_probability(self.dialect, self.score, self.score_is_number),
                 *self._only(only),
+                *self._not_in(exclude),
             )
             .subquery("valid_rows")
         )
@@ -803,9 +828,11 @@ class PredictionQueries:
         as_of: datetime,
         maturity: LabelMaturity | None = None,
         only: Sequence[Any] | None = None,
+        repeated: Sequence[Any] | None = None,
     ) -> sa.Select:
         """Online accuracy aggregates of every window's valid predictions joined to their
-        labels, in one pass over the largest window (two with ``maturity``), grouped by bucket
+        labels, in one pass over the largest window (two with ``maturity``, unless
+        ``repeated`` is given), grouped by bucket
         ``grid_index(score, 10**k)``, in no order (an ORDER BY would make PostgreSQL sort the
         window rather than hash it).
 
@@ -826,13 +853,40 @@ class PredictionQueries:
         clip to [1e-15, 1 - 1e-15] (docs/metrics.md).
         With ``only``, the predictions of those ids alone: what kept online slices leave out
         (``LabelsSource._sliced``).
+
+        ``repeated``: the ids carried by several of the label rows read
+        (``LabelQueries.repeated_ids``), whose predictions are then left out (add them with
+        ``only``); every other prediction is joined to its label row itself, at most one,
+        which with ``maturity`` must mature for it (or have an arrival time that is no
+        instant). Without it, the label rows are grouped per id, or with ``maturity`` per
+        prediction (``matured_labels``, a second pass over the window) before the join.
+        The same aggregates either way; the one-to-one join takes about half the time at
+        10^7 rows (docs/performance.md, *Label maturity*).
         """
+        exclude = repeated or ()
         if maturity is not None:
-            rows = self.valid_rows(windows, duplicates, with_time=True, only=only)
-            agg = self.matured_labels(labels, [(windows.start, windows.end)], as_of, maturity, only)
-            source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
+            rows = self.valid_rows(windows, duplicates, with_time=True, only=only, exclude=exclude)
+            reads = [(windows.start, windows.end)]
+            if repeated is None:
+                agg = self.matured_labels(labels, reads, as_of, maturity, only)
+                source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
+            else:
+                bounds = labels.maturity_bounds(maturity, maturity.recorded(reads), as_of, self.time, only)
+                matured = sa.case((bounds.c.bad == 0, bounds.c.value), else_=None)
+                agg = sa.select(
+                    bounds,
+                    (1 - bounds.c.bad).label("n_0"),
+                    matured.label("low_0"),
+                    matured.label("high_0"),
+                    bounds.c.bad.label("bad_timestamp"),
+                ).subquery("label_rows")
+                # A bad row is in every slice's range (and counted as such); any other, only
+                # in the slices it matures for.
+                matures = sa.or_(agg.c.bad == 1, sa.and_(rows.c.at >= agg.c.opens, rows.c.at < agg.c.closes))
+                source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, matures))
         else:
-            rows, agg = self.valid_rows(windows, duplicates, only=only), labels.per_id(windows.starts, as_of)
+            rows = self.valid_rows(windows, duplicates, only=only, exclude=exclude)
+            agg = labels.per_id(windows.starts, as_of, grouped=repeated is None, only=only)
             source = rows.outerjoin(agg, rows.c.id == agg.c.id)
         per_window = maturity is None and labels.time is not None
         windowed: list[sa.ColumnElement] = []
@@ -920,12 +974,7 @@ class PredictionQueries:
         stored, with no arithmetic per row. Only the label rows that can mature for the
         ``reads`` are read: recorded from the start of the slice holding a range's start to
         ``delay`` after the end of the slice holding its end (and before ``as_of``)."""
-        points = maturity.points
-        recorded = [
-            (points[max(0, bisect_right(points, start) - 1)], points[bisect_left(points, end)] + maturity.delay)
-            for start, end in union(reads)
-        ]
-        label_rows = labels.maturity_bounds(maturity, recorded, as_of, self.time, only)
+        label_rows = labels.maturity_bounds(maturity, maturity.recorded(reads), as_of, self.time, only)
         matures = sa.and_(
             label_rows.c.bad == 0, self.time.expr >= label_rows.c.opens, self.time.expr < label_rows.c.closes
         )
@@ -1072,11 +1121,16 @@ class LabelQueries:
         else:
             self.valid_value = sa.case((sa.or_(label == 0, label == 1), label), else_=None)
 
-    def per_id(self, starts: tuple[datetime, ...], as_of: datetime) -> sa.Subquery:
+    def per_id(
+        self, starts: tuple[datetime, ...], as_of: datetime, grouped: bool = True, only: Sequence[Any] | None = None
+    ) -> sa.Subquery:
         """(id, then per range ``j``: ``n_j`` label rows, ``low_j`` and ``high_j`` the smallest
         and largest valid label, NULL when every label row of that id is invalid; with a
         label timestamp, ``bad_timestamp``: the id's rows whose arrival time is written but
-        no instant) per labeled id.
+        no instant) per labeled id (of the ``only`` ids, when given); without ``grouped``,
+        the same columns per label row (``n_j`` 0 or 1, ``low_j = high_j`` its valid label),
+        which equal the grouped ones where the id has no other label row among those read
+        (``repeated_ids``).
 
         With a label timestamp, range ``j`` holds the labels recorded in
         ``[starts[j], as_of)``: a label is recorded after its prediction, so the window
@@ -1087,29 +1141,64 @@ class LabelQueries:
         ``j = 0``, whatever ``starts``.
         """
         source, ident, valid_value, time = self._timed()
+
+        def count_if(condition: sa.ColumnElement[bool]) -> sa.ColumnElement:
+            return _count_if(condition) if grouped else sa.case((condition, 1), else_=0)
+
+        def low(value: sa.ColumnElement) -> sa.ColumnElement:
+            return sa.func.min(value) if grouped else value
+
+        def high(value: sa.ColumnElement) -> sa.ColumnElement:
+            return sa.func.max(value) if grouped else value
+
         columns = []
         if time is None:
-            ranges: list[sa.ColumnElement[bool]] = [sa.true()]
-            conditions = []
+            ranges: list[sa.ColumnElement[bool] | None] = [None]
         else:
             # between, not at_or_after: the unreadable rows read too would pass >= (infinity).
             ranges = [time.between(start, as_of) for start in starts]
-            unreadable = time.written_unreadable()
-            conditions = [sa.or_(time.between(min(starts), as_of), unreadable)]
-            columns.append(_count_if(unreadable).label("bad_timestamp"))
+            columns.append(count_if(time.written_unreadable()).label("bad_timestamp"))
         for j, in_range in enumerate(ranges):
-            value = sa.case((in_range, valid_value), else_=None) if time is not None else valid_value
-            columns += [
-                (_count_if(in_range) if time is not None else sa.func.count()).label(f"n_{j}"),
-                sa.func.min(value).label(f"low_{j}"),
-                sa.func.max(value).label(f"high_{j}"),
-            ]
+            value = valid_value if in_range is None else sa.case((in_range, valid_value), else_=None)
+            if in_range is not None:
+                count = count_if(in_range)
+            else:
+                count = sa.func.count() if grouped else sa.literal(1)
+            columns += [count.label(f"n_{j}"), low(value).label(f"low_{j}"), high(value).label(f"high_{j}")]
+        read = self._read(time, [(min(starts), as_of)], as_of)
+        rows = sa.select(ident.label("id"), *columns).select_from(source).where(*read, *_only(ident, only))
+        return (rows.group_by(ident) if grouped else rows).subquery("labels_per_id")
+
+    def _read(
+        self, time: TimeColumn | None, recorded: Sequence[tuple[datetime, datetime]], as_of: datetime
+    ) -> list[sa.ColumnElement[bool]]:
+        """The condition on the label rows a statement reads: those recorded before ``as_of``
+        in one of the ``recorded`` ranges, and those whose arrival time is written but no
+        instant (in every range, and counted as such); every row without a label timestamp."""
+        if time is None:
+            return []
+        ranges = [time.between(a, min(b, as_of)) for a, b in union(recorded) if a < as_of]
+        return [sa.or_(*ranges, time.written_unreadable())]
+
+    def repeated_ids(self, windows: Windows, as_of: datetime, maturity: LabelMaturity | None) -> sa.Select:
+        """The ids carried by several of the label rows that ``PredictionQueries.online``
+        reads for ``windows`` at ``as_of`` with ``maturity`` (``per_id``'s, or
+        ``maturity_bounds``'), at most ``MAX_LISTED_LABEL_IDS + 1`` of them, as one column
+        ``id``; a NULL id joins no prediction and is left out. Every other id's predictions
+        join at most one label row, so ``online`` joins them to the rows themselves
+        (``repeated``) rather than to an aggregate per id or per prediction: one ``GROUP BY
+        id`` over the label rows instead of one over the join (docs/performance.md, *Label
+        maturity*)."""
+        source, ident, _, time = self._timed()
+        reads = [(windows.start, windows.end)]
+        recorded = maturity.recorded(reads) if maturity is not None else [(windows.start, as_of)]
         return (
-            sa.select(ident.label("id"), *columns)
+            sa.select(ident.label("id"))
             .select_from(source)
-            .where(*conditions)
+            .where(*self._read(time, recorded, as_of), ident.is_not(None))  # as per_id and maturity_bounds
             .group_by(ident)
-            .subquery("labels_per_id")
+            .having(sa.func.count() > 1)
+            .limit(MAX_LISTED_LABEL_IDS + 1)
         )
 
     def maturity_bounds(
@@ -1141,10 +1230,7 @@ class LabelQueries:
                 sa.case((unreadable, 1), else_=0).label("bad"),
             )
             .select_from(source)
-            .where(
-                sa.or_(*(time.between(a, min(b, as_of)) for a, b in union(recorded) if a < as_of), unreadable),
-                *([] if only is None else [ident.in_(list(only))]),
-            )
+            .where(*self._read(time, recorded, as_of), *_only(ident, only))
             .subquery("label_times")
         )
         at = replace(time, expr=rows.c.t)

@@ -72,14 +72,16 @@ def worst_case_queries(model: ModelConfig) -> int:
     and mode counts make the windows, with the duplicated ids found when every id was
     probed (9 with an audit), after a full duplicate search when the search probed only
     what it reads and its forgetting started the fill (9 without an audit:
-    ``LeftOutIds.one_pass_ids``). Labels: the online accuracy, a duplicate search when ``label_delay`` shifts
+    ``LeftOutIds.one_pass_ids``). Labels: the online accuracy in up to three statements
+    (the label ids with several rows, the other predictions, those ids' predictions:
+    ``LabelsSource._online``), a duplicate search when ``label_delay`` shifts
     their windows (``PredictionsSource.duplicate_ids``; without a shift they reuse the
     predictions'), and the serving version when the predictions have a version column;
     with kept online slices (time slices on, labels that mature by slice), instead of the
-    first two, 3 with ``unique_ids``: the audit and two passes of the plan, or the audit, a
-    filling pass and the windows in one pass (``LabelsSource._sliced``); 6 without: the
-    audit, the duplicated ids and their rows, two passes, and the rows of those ids added
-    back per window;
+    first two, 5 with ``unique_ids``: the audit and two passes of the plan, or the audit, a
+    filling pass and the windows in one pass (three statements) (``LabelsSource._sliced``);
+    7 without: the audit, the duplicated ids and their rows, then two passes and the rows
+    of those ids added back per window, or a filling pass and the windows in one pass;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
     with fewer statements); on slices (``ModelConfig.replays_on_slices``), as the labels
     on kept online slices, 3 with ``unique_ids`` and 6 without (``ReplaysSource._sliced``:
@@ -91,8 +93,8 @@ def worst_case_queries(model: ModelConfig) -> int:
     count = 9
     if model.labels is not None:
         kept = model.slice_width() is not None and model.labels_mature_by_slice()
-        sliced = 3 if model.predictions.unique_ids else 6
-        count += (sliced if kept else 1 + (model.label_delay > timedelta(0))) + version
+        sliced = 5 if model.predictions.unique_ids else 7
+        count += (sliced if kept else 3 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
         count += (3 if model.predictions.unique_ids else 6) if model.replays_on_slices() else 1
     if model.features is not None:

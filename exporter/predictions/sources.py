@@ -886,8 +886,12 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     def _online(self, conn: Connection, as_of: datetime) -> list[OnlineAccuracy]:
         """Online accuracy of each label-delayed window, ending ``label_delay`` before
-        ``as_of``, all in one statement (``PredictionQueries.online``), with label maturity
-        when the labels have a timestamp and ``label_delay`` is above 0."""
+        ``as_of``, all in one pass (``PredictionQueries.online``), with label maturity
+        when the labels have a timestamp and ``label_delay`` is above 0. The label ids with
+        several rows are searched first (``LabelQueries.repeated_ids``): every other
+        prediction joins its label row one to one, and the predictions of those ids, when
+        any, are read by a second statement with their label rows grouped; with more than
+        ``MAX_LISTED_LABEL_IDS`` of them, one statement groups every id's label rows."""
         q, labels = self.predictions.queries(), self.queries()
         delay = self.model.label_delay
         windows = self.predictions.windows(as_of - delay)
@@ -908,11 +912,20 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                     ]
         if duplicates is None:
             duplicates = self.predictions.duplicate_ids(conn, windows)
-        result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity))
-        buckets = OnlineBuckets.by_window(result.all(), list(result.keys()), len(self.model.windows))
+        repeated = conn.execute(labels.repeated_ids(windows, as_of, maturity)).scalars().all()
+        if len(repeated) > queries.MAX_LISTED_LABEL_IDS:  # too many to list: label rows grouped per id
+            statements = [q.online(labels, windows, duplicates, as_of, maturity)]
+        else:
+            statements = [q.online(labels, windows, duplicates, as_of, maturity, repeated=repeated)]
+            if repeated:  # their predictions, with the label rows grouped
+                statements.append(q.online(labels, windows, duplicates, as_of, maturity, only=repeated))
+        parts = []
+        for statement in statements:
+            result = conn.execute(statement)
+            parts.append(OnlineBuckets.by_window(result.all(), list(result.keys()), len(self.model.windows)))
         return [
-            self._accuracy(window, of_window, labels.invalid_reasons)
-            for window, of_window in zip(self.model.windows, buckets, strict=True)
+            self._accuracy(window, OnlineBuckets.merge(of_window), labels.invalid_reasons)
+            for window, *of_window in zip(self.model.windows, *parts, strict=True)
         ]
 
     def _sliced(

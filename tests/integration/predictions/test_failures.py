@@ -341,12 +341,13 @@ def _with_replays(engine, settings, schema=None, **model_changes):
 
 def _every_statement(tmp_path, slice_fill_refreshes: int):
     """(engine, settings) of a model whose refresh can run every statement: buckets holding
-    several scores, a version column, labels and replays, windows 1h, 2h, 3h on 5-minute
-    time slices audited every minute."""
+    several scores, a version column, labels (id 7 with two label rows) and replays, windows
+    1h, 2h, 3h on 5-minute time slices audited every minute."""
     url = f"sqlite:///{tmp_path}/s.sqlite"
     engine = sa.create_engine(url)
     _fill(engine)
     with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO labels (id, y) VALUES (7, 1)"))  # a label id with two rows
         conn.execute(sa.text("ALTER TABLE predictions ADD COLUMN v TEXT DEFAULT 'v1'"))
         conn.execute(sa.text("UPDATE predictions SET p = p + 0.01 * (id % 3)"))  # several scores per 0.1 bucket
     settings = _settings(url)
@@ -369,7 +370,8 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
     """An audit that finds more kept slices changed (4) than a refresh reads (3 of the 3h
     window's 36) starts a fill: newest, audit, every id probed and the duplicated ones' rows,
     the fill's pass (histogram, most frequent scores), the windows in one pass with the ids
-    found (histogram, mode counts), counter: 9; + 2 (labels, serving version); the replays,
+    found (histogram, mode counts), counter: 9; + 4 (labels: the label ids with several rows,
+    the other predictions, those ids' predictions; serving version); the replays,
     on their own slices, within their bound (``_ran_at_most``)."""
 
     engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
@@ -400,8 +402,9 @@ def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
     slices, which must now leave them out: read again too, more than a refresh reads, so
     it fills. The refresh that audits probes every id, so the windows' pass uses the ids
     found: newest, audit, duplicated ids and their rows, the fill's pass (histogram, most
-    frequent scores), the windows in one pass (histogram, mode counts), counter: 9; + 2
-    (labels, serving version); the replays within their bound (``_ran_at_most``). Its
+    frequent scores), the windows in one pass (histogram, mode counts), counter: 9; + 4
+    (labels in three statements, serving version); the replays within their bound
+    (``_ran_at_most``). Its
     numbers are those of one pass (without an audit the search probes only what it reads,
     and the windows' pass searches them in full: test_online_slices.py)."""
 
@@ -486,28 +489,30 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     assert snap.score_stats[0].invalid["duplicate_id"] == 2
     # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
     # scores of each of two passes, counter; as many when the audit starts a fill: above)
-    # + 1 + 1 (labels, serving version: they reuse the predictions' duplicate ids, no label
-    # delay) + 6 (replays on their slices: audit, duplicated ids, their rows, two passes,
-    # those ids' rows added back), whatever the windows
+    # + 3 + 1 (labels: the label ids with several rows, the other predictions, id 7's; serving
+    # version: they reuse the predictions' duplicate ids, no label delay) + 6 (replays on
+    # their slices: audit, duplicated ids, their rows, two passes, those ids' rows added
+    # back), whatever the windows
     counts = {name: len(run) for name, run in by_source.items()}
-    assert counts == {"predictions": 9, "labels": 2, "replays": 6}
-    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 17
+    assert counts == {"predictions": 9, "labels": 4, "replays": 6}
+    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 19
     stores.dispose()
 
 
 def _ran_at_most(by_source: dict[str, list[str]], model) -> None:
-    """The predictions ran their most statements (9), the labels theirs (2, with the
+    """The predictions ran their most statements (9), the labels theirs (4, with the
     serving version), the replays (on slices) at most theirs: ``worst_case_queries``."""
     from exporter.predictions.refresh import worst_case_queries
 
     counts = {name: len(run) for name, run in by_source.items()}
-    assert counts["predictions"] == 9 and counts["labels"] == 2
-    assert counts["replays"] <= worst_case_queries(model) - 11 == 6
+    assert counts["predictions"] == 9 and counts["labels"] == 4
+    assert counts["replays"] <= worst_case_queries(model) - 13 == 6
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):
     """The issue's numbers: refresh_interval 2s, query_timeout 3s (the old default deadline
-    5 s), three sources over two windows: 11 queries and 3 connections, up to 42 s."""
+    5 s), three sources over two windows: 13 queries (the labels' online accuracy in up to
+    three) and 3 connections, up to 48 s."""
     from typer.testing import CliRunner
 
     from exporter.cli import app
@@ -518,7 +523,7 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     settings = _with_replays(engine, _settings(url, refresh_interval="2s", query_timeout="3s"), windows=["1h", "24h"])
     stores = Stores(settings.stores, settings.query_timeout)
     assert ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).deadline() == timedelta(
-        seconds=(9 + 1 + 1 + 3) * 3
+        seconds=(9 + 3 + 1 + 3) * 3
     )
     quick = settings.model_copy(
         update={"query_timeout": timedelta(milliseconds=100), "refresh_interval": timedelta(seconds=60)}
@@ -543,8 +548,8 @@ def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_on
     result = CliRunner().invoke(app, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert (
-        # the default label_delay (1h): the labels search their own duplicate ids, 12 queries
-        "warning: refresh_timeout: 5 s is shorter than the 45 s a refresh of models[0] ('ctr') may take"
+        # the default label_delay (1h): the labels search their own duplicate ids, 14 queries
+        "warning: refresh_timeout: 5 s is shorter than the 51 s a refresh of models[0] ('ctr') may take"
         in result.stderr
     )
     config.write_text(common)

@@ -4,7 +4,9 @@ labels whose arrival time is no instant,
 replays off by more or less than the tolerance) and several window sets, each window's
 numbers equal those computed by pandas, numpy and scikit-learn on the same rows, on
 SQLite, PostgreSQL and DuckDB; with the duplicate ids listed once per source and with
-too many to list (each query then searches them itself)."""
+too many to list (each query then searches them itself), and the label ids with several
+label rows listed (their predictions read apart, the others joined to their one label row)
+or too many to list (every id's label rows grouped)."""
 
 from __future__ import annotations
 
@@ -228,7 +230,11 @@ def _expected_replays(predictions, replays, window: timedelta) -> dict:
 )
 @pytest.mark.parametrize(
     "listed",
-    [pytest.param(True, id="listed-duplicates", marks=pytest.mark.long), pytest.param(False, id="searched-duplicates")],
+    [
+        pytest.param("ids", id="listed-duplicates", marks=pytest.mark.long),
+        pytest.param("label-ids", id="searched-duplicates"),
+        pytest.param(None, id="searched-duplicates-grouped-label-rows"),
+    ],
 )
 def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     store, windows, label_delay, time_slice, grain, missing, continuous, listed, monkeypatch
@@ -242,8 +248,13 @@ def test_every_window_in_one_pass_equals_pandas_on_the_same_rows(
     recent = np.unique(predictions.id[predictions.ts >= _naive(AS_OF) - timedelta(hours=4)])
     unplaced = np.union1d(rng.choice(np.unique(predictions.id), N // 40), rng.choice(recent, N // 40))
     _write_unplaced_labels(url, schema, dialect, unplaced, seed=len(windows))
-    if not listed:  # more duplicate ids than the source lists: each query searches them itself
+    # Some ids have several label rows: their predictions are read apart, the others joined to
+    # their one label row; beyond the listed ones, every id's label rows are grouped.
+    assert labels.id.duplicated().any()
+    if listed != "ids":  # more duplicate ids than the source lists: each query searches them itself
         monkeypatch.setattr(queries, "MAX_LISTED_DUPLICATES", 3)
+    if listed is None:
+        monkeypatch.setattr(queries, "MAX_LISTED_LABEL_IDS", 3)
     settings = model_settings(
         url,
         schema,

@@ -382,7 +382,8 @@ def test_a_steady_refresh_reads_only_the_slices_not_yet_mature(tmp_path):
 def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
     """The most statements the labels run with kept online slices: an audit that finds more
     kept slices changed (4) than a refresh fills (3 of the 1h window's 29), then the fill's
-    pass and the windows in one pass: 3 (``refresh.worst_case_queries``)."""
+    pass and the windows in one pass, which has a label id with two rows to search and add
+    back: 5 (``refresh.worst_case_queries``)."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, "ignore", 12)
     stores = Stores(settings.stores, timedelta(seconds=30))
@@ -396,13 +397,14 @@ def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
     # Label rows written late for predictions of 4 kept slices.
     late = [i for i, (ts, _) in tables.scored.items() if ts < START - timedelta(minutes=15)][:8:2]
     tables.label([(i, tables.scored[i][0] + timedelta(seconds=5), 1) for i in late])
+    tables.label([(late[0], tables.scored[late[0]][0] + timedelta(seconds=6), 1)])  # the same label twice
     statements: list[str] = []
     sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
     snap = refresher.refresh(START + AUDIT + timedelta(seconds=11))
     assert all(s.up for s in snap.sources.values()) and not online.filled
     labels_run = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "labels" in s]
     # No version column; predictions run at most 9; no replays.
-    assert len(labels_run) == worst_case_queries(settings.models[0]) - 9 == 3
+    assert len(labels_run) == worst_case_queries(settings.models[0]) - 9 == 5
     assert next(o for o in snap.online if o.window == "1h").labeled == 4
     stores.dispose()
     tables.engine.dispose()
@@ -521,9 +523,9 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     """Ids not declared unique: a prediction whose id another row of a window carries is
     left out of that window only. The kept slices leave the duplicated ids out, one
     statement adds their rows back per window, and the audit, leaving the same ids out,
-    finds nothing changed; a steady refresh runs the most statements the labels can
-    (``refresh.worst_case_queries``): the audit, the duplicated ids and their rows, two
-    passes, and the rows added back."""
+    finds nothing changed; a steady refresh runs the audit, the duplicated ids and their
+    rows, two passes, and the rows added back: 6 of the 7 ``refresh.worst_case_queries``
+    counts (a filling refresh reads one pass and the windows in three statements)."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, "ignore", 1, unique=False)
     stores = Stores(settings.stores, timedelta(seconds=30))
@@ -562,7 +564,7 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     assert "kept online slices changed" not in caplog.text
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     # No version column; predictions run at most 9; no replays.
-    assert len(selects) == worst_case_queries(settings.models[0]) - 9 == 6
+    assert len(selects) == worst_case_queries(settings.models[0]) - 10 == 6
     cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
     for w, c in zip(steady.online, cold.online, strict=True):
         _same(w, c)

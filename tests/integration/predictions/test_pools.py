@@ -57,8 +57,9 @@ def test_concurrent_refreshes_of_many_models_never_open_and_close_connections(st
     _fill(url, schema)
     settings = _models(model_settings(url, schema), 8)
     pools = store_pools(settings)
-    # The deadline (worst_case_duration): 10 statements and 2 connections of 30 s each.
-    assert pools == {"s": PoolSize(8, (10 + 2) * 30.0)}
+    # The deadline (worst_case_duration): 12 statements (9 for the predictions, 3 for the
+    # labels) and 2 connections of 30 s each.
+    assert pools == {"s": PoolSize(8, (12 + 2) * 30.0)}
     stores = Stores(settings.stores, settings.query_timeout, pools)
     opened, closed = [], []
     engine = stores.engine("s")
