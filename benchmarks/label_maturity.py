@@ -6,8 +6,8 @@ conflicting label row a minute later), windows 1h and 24h, ``label_delay`` 1h, s
 minutes (``auto``).
 
 1. floor: ``SELECT count(*), sum(score)`` over the 24h window;
-2. ``per_window``: ``PredictionQueries.online`` without maturity (each window's labels
-   recorded from its start to the refresh time: ``label_delay: 0``'s semantics) as
+2. ``per_window``: the online accuracy of the same model with ``label_delay: 0`` (each
+   window's labels recorded from its start to the refresh time), as
    ``LabelsSource._online`` runs it: the label ids with several rows
    (``LabelQueries.repeated_ids``), the other predictions joined to their one label row,
    those ids' predictions; ``per_window_grouped``: one statement, label rows grouped per id
@@ -16,8 +16,9 @@ minutes (``auto``).
    *Label maturity*); grouped, the label rows are grouped per prediction.
 
 Each runs ``--repeat`` times in a refresh transaction (``db.timed_connection``) as the
-refresh runs it: JIT off for ``matured`` (the refresh turns it off for that statement),
-at the server's setting for the others; the median is printed, ratios first.
+refresh runs it (``LabelsSource._online``, which turns JIT off for the statements with
+maturity), the grouped ones with ``MAX_LISTED_LABEL_IDS`` set to -1; the median is
+printed, ratios first.
 
 With ``--kept``, the labels source with time slices on (``time_slice: auto``) is then run
 as the refresher runs it: refreshes one second apart until its online slices are filled
@@ -49,9 +50,8 @@ import sqlalchemy as sa
 
 from exporter.config import Settings, parse_settings
 from exporter.db import timed_connection
-from exporter.predictions.queries import DuplicateIds, LabelMaturity, Windows
+from exporter.predictions import queries
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.slices import boundaries
 from exporter.predictions.sources import LabelsSource
 from exporter.predictions.stores import Stores
 
@@ -180,38 +180,36 @@ def main() -> None:
     stores = Stores(settings.stores, settings.query_timeout)
     try:
         refresher = ModelRefresher(model, "models[0]", settings.refresh_policy, stores)
-        q, labels = refresher.sources["predictions"].queries(), refresher.sources["labels"].queries()
-        windows = Windows.ending(NOW - model.label_delay, [timedelta(hours=1), timedelta(hours=24)])
-        maturity = LabelMaturity(boundaries(windows.start, windows.end, model.label_slice_width()), model.label_delay)
+        # The same model with label_delay 0: each window's labels recorded from its start on.
+        unmatured = model.model_copy(update={"label_delay": timedelta(0)})
+        sources = {
+            "per_window": ModelRefresher(unmatured, "models[0]", settings.refresh_policy, stores).sources["labels"],
+            "matured": refresher.sources["labels"],
+        }
         start, end = (f"{t:%Y-%m-%d %H:%M}" for t in (NOW - timedelta(hours=24), NOW))
         floor = sa.text(f"SELECT count(*), sum(p) FROM {SCHEMA}.predictions WHERE ts >= '{start}' AND ts < '{end}'")
-        none = DuplicateIds.none(2)
 
-        def online(conn: sa.Connection, matured: LabelMaturity | None, grouped: bool) -> None:
-            """The online statements as LabelsSource._online runs them: grouped, one statement;
-            else the label ids with several rows, then the other predictions joined to their
-            one label row, then those ids' predictions."""
-            if grouped:
-                conn.execute(q.online(labels, windows, none, NOW, matured)).all()
-                return
-            repeated = conn.execute(labels.repeated_ids(windows, NOW, matured)).scalars().all()
-            conn.execute(q.online(labels, windows, none, NOW, matured, repeated=repeated)).all()
-            if repeated:
-                conn.execute(q.online(labels, windows, none, NOW, matured, only=repeated)).all()
+        def online(conn: sa.Connection, name: str, grouped: bool) -> None:
+            """The online statements as the refresh runs them (``LabelsSource._online``), or
+            grouped: as beyond ``MAX_LISTED_LABEL_IDS`` label ids with several rows."""
+            listed = queries.MAX_LISTED_LABEL_IDS
+            queries.MAX_LISTED_LABEL_IDS = -1 if grouped else listed
+            try:
+                sources[name]._online(conn, NOW)
+            finally:
+                queries.MAX_LISTED_LABEL_IDS = listed
 
         runs = {
             "floor": lambda conn: conn.execute(floor).all(),
-            "per_window_grouped": lambda conn: online(conn, None, True),
-            "per_window": lambda conn: online(conn, None, False),
-            "matured_grouped": lambda conn: online(conn, maturity, True),
-            "matured": lambda conn: online(conn, maturity, False),
+            "per_window_grouped": lambda conn: online(conn, "per_window", True),
+            "per_window": lambda conn: online(conn, "per_window", False),
+            "matured_grouped": lambda conn: online(conn, "matured", True),
+            "matured": lambda conn: online(conn, "matured", False),
         }
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeat):
             for name, run in runs.items():
                 with timed_connection(stores.engine("s"), 600) as conn:
-                    if name.startswith("matured"):
-                        conn.exec_driver_sql("SET LOCAL jit = off")
                     started = time.perf_counter()
                     run(conn)
                     seconds[name].append(time.perf_counter() - started)

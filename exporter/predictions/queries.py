@@ -3,7 +3,8 @@
 Each statement returns a handful of aggregate rows (per score bucket, or one row), never raw predictions, so the exporter's memory does not grow
 with the number of rows in a window. All windows are half-open ``[start, end)``; the
 windows of one source share their end (``Windows``), so each statement reads the largest
-once (the online statement with label maturity twice: ``matured_labels``) and tells the
+once (the online statement that groups matured labels per prediction twice:
+``matured_labels``) and tells the
 others apart with ``CASE WHEN timestamp >= start_i`` inside its aggregates, one column per
 window suffixed ``_i``.
 
@@ -220,7 +221,8 @@ def _labeled(
     labels: LabelQueries, agg: sa.FromClause, j: int, counted: sa.ColumnElement[bool] | None
 ) -> tuple[sa.ColumnElement, sa.ColumnElement[bool], dict[str, sa.ColumnElement[bool]]]:
     """For a prediction row outer-joined to its label aggregate ``agg`` (``LabelQueries.per_id``
-    or ``PredictionQueries.matured_labels``; range ``j`` of it), counted where ``counted``
+    or ``PredictionQueries.matured_labels``, or its one label row in the same columns:
+    ``per_id`` ungrouped, ``LabelQueries.maturity_bounds``; range ``j`` of it), counted where ``counted``
     holds (``None``: always): (its label ``y``, 0 or 1, NULL when not counted or unlabeled;
     whether it has a usable label row; per reason of ``labels.invalid_reasons`` whether its
     labels leave it out for that reason). A prediction whose label rows all have an arrival
@@ -281,8 +283,17 @@ def _accuracy_columns(
 
 
 def _only(column: sa.ColumnElement, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
-    """The condition keeping only the rows whose ``column`` is one of ``ids`` (none when ``None``)."""
-    return [] if ids is None else [column.in_(list(ids))]
+    """The condition keeping only the rows whose ``column`` is one of ``ids`` (values, or
+    expressions; none when ``None``)."""
+    if ids is None:
+        return []
+    values = list(ids)
+    if len(values) == 1:
+        # IN of one value is an equality to PostgreSQL, which then infers the value on the
+        # other side of the join on ids and drops the join's condition: the join, left with
+        # none to hash, becomes a nested loop scanning its inner table once per outer row.
+        values *= 2
+    return [column.in_(values)]
 
 
 def grid_index(value: sa.ColumnElement, scale: int) -> sa.ColumnElement:
@@ -468,9 +479,12 @@ class PredictionQueries:
         same = sa.func.first_value(rows.c.id).over(partition_by=rows.c.id)
         return sa.select(part.label("part"), same.label("id"), rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
 
-    def _duplicated(self, windows: Windows, duplicates: DuplicateIds) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
+    def _duplicated(
+        self, windows: Windows, duplicates: DuplicateIds, only: Sequence[Any] | None = None
+    ) -> tuple[sa.FromClause, list[sa.ColumnElement]]:
         """The rows' source and, per window, a predicate true when the row's id is carried by
-        several rows of that window (NULL or false otherwise: use it in ``CASE WHEN``)."""
+        several rows of that window (NULL or false otherwise: use it in ``CASE WHEN``), for
+        the rows of the ``only`` ids when given (an id's count is its own rows')."""
         if duplicates.per_window is not None:
             return self.table, [self.id.in_(ids) if ids else sa.false() for ids in duplicates.per_window]
         # Too many to list: every query searches them itself, as one grouped subquery.
@@ -479,7 +493,7 @@ class PredictionQueries:
                 self.id.label("id"),
                 *[_count_if(self.time.at_or_after(start)).label(f"n_{i}") for i, start in enumerate(windows.starts)],
             )
-            .where(self._in_window(windows.start, windows.end))
+            .where(self._in_window(windows.start, windows.end), *self._only(only))
             .group_by(self.id)
             .having(sa.func.count() > 1)
             .subquery("dup")
@@ -545,8 +559,8 @@ class PredictionQueries:
         return subquery, part
 
     def _not_in(self, ids: Sequence[Any]) -> list[sa.ColumnElement[bool]]:
-        """The condition leaving out the rows of ``ids`` (none when empty); a NULL id is
-        never left out (it is no duplicate)."""
+        """The condition leaving out the rows of ``ids`` (values, or expressions; none when
+        empty); a NULL id is never left out (it is no duplicate)."""
         return [sa.or_(self.id.is_(None), self.id.not_in(list(ids)))] if ids else []
 
     def _only(self, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
@@ -672,14 +686,14 @@ class PredictionQueries:
         only: Sequence[Any] | None = None,
         exclude: Sequence[Any] = (),
     ) -> sa.Subquery:
-        """The valid predictions of the largest window (of the ``only`` ids, when given; but
-        those of the ``exclude`` ids) as (id, score, ``in_i`` per window, and with
+        """The valid predictions of the largest window (of the ``only`` ids, when given),
+        leaving out those of the ``exclude`` ids, as (id, score, ``in_i`` per window, and with
         ``with_time`` their time column as stored, ``t``, and as windows compare it, ``at``):
         ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
         row of it), else 0. Filtered by plain predicates on the score rather than by
         reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
         window instead of hashing it."""
-        source, duplicated = self._duplicated(windows, duplicates)
+        source, duplicated = self._duplicated(windows, duplicates, only)
         flags = [
             sa.case((sa.and_(self.time.at_or_after(start), dup), 0), (self.time.at_or_after(start), 1), else_=0).label(
                 f"in_{i}"
@@ -698,6 +712,17 @@ class PredictionQueries:
             )
             .subquery("valid_rows")
         )
+
+    def _label_ids(self, labels: LabelQueries, ids: Sequence[Any]) -> list[Any]:
+        """Ids read from the label table, as the predictions' id compares with them the way
+        the join compares the two columns: where their types differ, each cast to the label
+        column's type in SQL (PostgreSQL reads ``char(n)`` ids back padded, compares them with
+        ``text`` without the padding, and a bound parameter of either type is sent as
+        ``varchar``); else, and on SQLite (where a CAST would apply the declared type's
+        affinity to values of another kind), the values themselves."""
+        if self.dialect == "sqlite" or _same_type(self.id, labels.id, self.dialect):
+            return list(ids)
+        return [sa.cast(sa.literal(value, labels.id.type), labels.id.type) for value in ids]
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
         return grid_index(score, 10**self.model.bucket_decimals)
@@ -829,10 +854,11 @@ class PredictionQueries:
         maturity: LabelMaturity | None = None,
         only: Sequence[Any] | None = None,
         repeated: Sequence[Any] | None = None,
+        apart: bool = False,
     ) -> sa.Select:
         """Online accuracy aggregates of every window's valid predictions joined to their
-        labels, in one pass over the largest window (two with ``maturity``, unless
-        ``repeated`` is given), grouped by bucket
+        labels, in one pass over the largest window (two when matured labels are grouped per
+        prediction), grouped by bucket
         ``grid_index(score, 10**k)``, in no order (an ORDER BY would make PostgreSQL sort the
         window rather than hash it).
 
@@ -855,38 +881,39 @@ class PredictionQueries:
         (``LabelsSource._sliced``).
 
         ``repeated``: the ids carried by several of the label rows read
-        (``LabelQueries.repeated_ids``), whose predictions are then left out (add them with
-        ``only``); every other prediction is joined to its label row itself, at most one,
-        which with ``maturity`` must mature for it (or have an arrival time that is no
-        instant). Without it, the label rows are grouped per id, or with ``maturity`` per
-        prediction (``matured_labels``, a second pass over the window) before the join.
-        The same aggregates either way; the one-to-one join takes about half the time at
-        10^7 rows (docs/performance.md, *Label maturity*).
+        (``LabelQueries.repeated_ids``). Their predictions are left out, and every other
+        prediction joins its label row itself, at most one, which with ``maturity`` must
+        mature for it (or have an arrival time that is no instant); with ``apart``, their
+        predictions alone, with label rows grouped. Without ``repeated``, the label rows are
+        grouped per id, or with ``maturity`` per prediction (``matured_labels``, a second
+        pass over the window), before the join. The same aggregates either way, up to the
+        order of the sums; the one-to-one join takes about half the time at 10^7 rows
+        (docs/performance.md, *Label maturity*).
         """
-        exclude = repeated or ()
+        assert only is None or repeated is None, "only: prediction ids; repeated: label ids"
+        keep = only  # the ids whose predictions are read (None: all)
+        exclude: Sequence[Any] = ()
+        if repeated is not None:
+            listed = self._label_ids(labels, repeated)
+            if apart:
+                keep = listed
+            elif repeated:
+                exclude = listed
+        one_to_one = repeated is not None and not apart
         if maturity is not None:
-            rows = self.valid_rows(windows, duplicates, with_time=True, only=only, exclude=exclude)
-            reads = [(windows.start, windows.end)]
-            if repeated is None:
-                agg = self.matured_labels(labels, reads, as_of, maturity, only)
-                source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
-            else:
-                bounds = labels.maturity_bounds(maturity, maturity.recorded(reads), as_of, self.time, only)
-                matured = sa.case((bounds.c.bad == 0, bounds.c.value), else_=None)
-                agg = sa.select(
-                    bounds,
-                    (1 - bounds.c.bad).label("n_0"),
-                    matured.label("low_0"),
-                    matured.label("high_0"),
-                    bounds.c.bad.label("bad_timestamp"),
-                ).subquery("label_rows")
-                # A bad row is in every slice's range (and counted as such); any other, only
-                # in the slices it matures for.
+            rows = self.valid_rows(windows, duplicates, with_time=True, only=keep, exclude=exclude)
+            if one_to_one:
+                agg = labels.maturity_bounds(maturity, labels.recorded(windows, as_of, maturity), as_of, self.time)
+                # A row whose arrival time is no instant is in every slice's range (and counted
+                # as such); any other, only in the slices it matures for.
                 matures = sa.or_(agg.c.bad == 1, sa.and_(rows.c.at >= agg.c.opens, rows.c.at < agg.c.closes))
                 source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, matures))
+            else:
+                agg = self.matured_labels(labels, [(windows.start, windows.end)], as_of, maturity, keep)
+                source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
         else:
-            rows = self.valid_rows(windows, duplicates, only=only, exclude=exclude)
-            agg = labels.per_id(windows.starts, as_of, grouped=repeated is None, only=only)
+            rows = self.valid_rows(windows, duplicates, only=keep, exclude=exclude)
+            agg = labels.per_id(windows, as_of, grouped=not one_to_one, only=keep)
             source = rows.outerjoin(agg, rows.c.id == agg.c.id)
         per_window = maturity is None and labels.time is not None
         windowed: list[sa.ColumnElement] = []
@@ -1101,7 +1128,8 @@ class PredictionQueries:
 
 
 class LabelQueries:
-    """The label table: one row per prediction id, with labels that arrived before ``as_of``."""
+    """The label table: label rows of prediction ids (usually one per id, some with several:
+    relabels, conflicts), with labels that arrived before ``as_of``."""
 
     def __init__(self, source: LabelSource, table: sa.Table, time: TimeColumn | None):
         """``table`` is the reflected label table, ``time`` its timestamp column (``None``:
@@ -1122,7 +1150,7 @@ class LabelQueries:
             self.valid_value = sa.case((sa.or_(label == 0, label == 1), label), else_=None)
 
     def per_id(
-        self, starts: tuple[datetime, ...], as_of: datetime, grouped: bool = True, only: Sequence[Any] | None = None
+        self, windows: Windows, as_of: datetime, grouped: bool = True, only: Sequence[Any] | None = None
     ) -> sa.Subquery:
         """(id, then per range ``j``: ``n_j`` label rows, ``low_j`` and ``high_j`` the smallest
         and largest valid label, NULL when every label row of that id is invalid; with a
@@ -1133,7 +1161,7 @@ class LabelQueries:
         (``repeated_ids``).
 
         With a label timestamp, range ``j`` holds the labels recorded in
-        ``[starts[j], as_of)``: a label is recorded after its prediction, so the window
+        ``[windows.starts[j], as_of)``: a label is recorded after its prediction, so the window
         start bounds the scan to recent labels. A row whose time is no instant
         (``TimeColumn.written_unreadable``: text that is no date-time, ``±infinity``) is
         read in the same pass and in no range; a NULL time is a label not yet arrived, not
@@ -1156,7 +1184,7 @@ class LabelQueries:
             ranges: list[sa.ColumnElement[bool] | None] = [None]
         else:
             # between, not at_or_after: the unreadable rows read too would pass >= (infinity).
-            ranges = [time.between(start, as_of) for start in starts]
+            ranges = [time.between(start, as_of) for start in windows.starts]
             columns.append(count_if(time.written_unreadable()).label("bad_timestamp"))
         for j, in_range in enumerate(ranges):
             value = valid_value if in_range is None else sa.case((in_range, valid_value), else_=None)
@@ -1165,9 +1193,19 @@ class LabelQueries:
             else:
                 count = sa.func.count() if grouped else sa.literal(1)
             columns += [count.label(f"n_{j}"), low(value).label(f"low_{j}"), high(value).label(f"high_{j}")]
-        read = self._read(time, [(min(starts), as_of)], as_of)
+        read = self._read(time, self.recorded(windows, as_of, None), as_of)
         rows = sa.select(ident.label("id"), *columns).select_from(source).where(*read, *_only(ident, only))
         return (rows.group_by(ident) if grouped else rows).subquery("labels_per_id")
+
+    @staticmethod
+    def recorded(windows: Windows, as_of: datetime, maturity: LabelMaturity | None) -> list[tuple[datetime, datetime]]:
+        """The arrival times of the label rows ``PredictionQueries.online`` reads for
+        ``windows`` at ``as_of`` (before ``as_of``): with ``maturity``, those that can mature
+        for the windows' predictions (``LabelMaturity.recorded``); else from the largest
+        window's start on (``per_id``)."""
+        if maturity is not None:
+            return maturity.recorded([(windows.start, windows.end)])
+        return [(windows.start, as_of)]
 
     def _read(
         self, time: TimeColumn | None, recorded: Sequence[tuple[datetime, datetime]], as_of: datetime
@@ -1190,8 +1228,7 @@ class LabelQueries:
         id`` over the label rows instead of one over the join (docs/performance.md, *Label
         maturity*)."""
         source, ident, _, time = self._timed()
-        reads = [(windows.start, windows.end)]
-        recorded = maturity.recorded(reads) if maturity is not None else [(windows.start, as_of)]
+        recorded = self.recorded(windows, as_of, maturity)
         return (
             sa.select(ident.label("id"))
             .select_from(source)
@@ -1214,7 +1251,9 @@ class LabelQueries:
         ``value``: the label if valid, else NULL; ``opens`` and ``closes``: the prediction
         times, bound for the predictions' time column ``predicted``, in ``[opens, closes)``
         of which the row matures; ``bad``:
-        1 for a time that is no instant, else 0). A row recorded at ``r`` matures for the
+        1 for a time that is no instant, else 0; and the columns ``per_id`` gives an id,
+        ``n_0``, ``low_0``, ``high_0``, ``bad_timestamp``, as this row alone gives them to a
+        prediction it matures for, or to any when ``bad``). A row recorded at ``r`` matures for the
         predictions of slice ``s`` when ``points[s] <= r < points[s + 1] + delay``: from the
         first slice whose delayed end lies after ``r`` to the slice holding ``r``. Needs a
         label timestamp."""
@@ -1247,9 +1286,18 @@ class LabelQueries:
         # prediction of the windows.
         opens = bisected(at, [end + maturity.delay for end in points[1:]], bound)
         closes = bisected(at, points[1:-1], lambda k: bound(k + 1))
-        return sa.select(rows.c.id, rows.c.value, opens.label("opens"), closes.label("closes"), rows.c.bad).subquery(
-            "label_bounds"
-        )
+        matured = sa.case((rows.c.bad == 0, rows.c.value), else_=None)
+        return sa.select(
+            rows.c.id,
+            rows.c.value,
+            opens.label("opens"),
+            closes.label("closes"),
+            rows.c.bad,
+            (1 - rows.c.bad).label("n_0"),
+            matured.label("low_0"),
+            matured.label("high_0"),
+            rows.c.bad.label("bad_timestamp"),
+        ).subquery("label_bounds")
 
     def _timed(self) -> tuple[sa.FromClause, sa.ColumnElement[Any], sa.ColumnElement[Any], TimeColumn | None]:
         """(source, id, valid value, time) to read the label rows from. SQLite evaluates an

@@ -886,7 +886,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
     def _online(self, conn: Connection, as_of: datetime) -> list[OnlineAccuracy]:
         """Online accuracy of each label-delayed window, ending ``label_delay`` before
-        ``as_of``, all in one pass (``PredictionQueries.online``), with label maturity
+        ``as_of``, all windows in one pass (``PredictionQueries.online``), with label maturity
         when the labels have a timestamp and ``label_delay`` is above 0. The label ids with
         several rows are searched first (``LabelQueries.repeated_ids``): every other
         prediction joins its label row one to one, and the predictions of those ids, when
@@ -918,7 +918,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         else:
             statements = [q.online(labels, windows, duplicates, as_of, maturity, repeated=repeated)]
             if repeated:  # their predictions, with the label rows grouped
-                statements.append(q.online(labels, windows, duplicates, as_of, maturity, only=repeated))
+                statements.append(q.online(labels, windows, duplicates, as_of, maturity, repeated=repeated, apart=True))
         parts = []
         for statement in statements:
             result = conn.execute(statement)

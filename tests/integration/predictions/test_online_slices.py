@@ -27,7 +27,7 @@ from exporter.predictions.slices import floor_to
 from exporter.predictions.stores import Stores
 from exporter.snapshot import OnlineAccuracy
 from exporter.training.storage import StateDatabase
-from tests.conftest import AuditClock, model_settings
+from tests.conftest import AuditClock, model_settings, statements_by_source
 
 START = datetime(2026, 5, 4, 12, 0, 7, tzinfo=UTC)
 SLICE = timedelta(minutes=2)
@@ -379,13 +379,15 @@ def test_a_steady_refresh_reads_only_the_slices_not_yet_mature(tmp_path):
     tables.engine.dispose()
 
 
-def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
+@pytest.mark.parametrize("unique", [True, False], ids=["unique-ids", "duplicated-id"])
+def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path, unique):
     """The most statements the labels run with kept online slices: an audit that finds more
-    kept slices changed (4) than a refresh fills (3 of the 1h window's 29), then the fill's
-    pass and the windows in one pass, which has a label id with two rows to search and add
-    back: 5 (``refresh.worst_case_queries``)."""
+    kept slices changed (4) than a refresh fills (3 of the 1h window's 29), (without unique
+    ids, one of them duplicated: the duplicated ids and their rows), then the fill's pass
+    and the windows in one pass, which has a label id with two rows to search and read
+    apart: 5, or 7 (``refresh.worst_case_queries``)."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
-    settings = _settings(url, None, "ignore", 12)
+    settings = _settings(url, None, "ignore", 12, unique)
     stores = Stores(settings.stores, timedelta(seconds=30))
     tables = Tables(url, None, "sqlite")
     tables.predict([(START - timedelta(minutes=m), 0.5) for m in range(1, 70)])
@@ -398,14 +400,14 @@ def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path):
     late = [i for i, (ts, _) in tables.scored.items() if ts < START - timedelta(minutes=15)][:8:2]
     tables.label([(i, tables.scored[i][0] + timedelta(seconds=5), 1) for i in late])
     tables.label([(late[0], tables.scored[late[0]][0] + timedelta(seconds=6), 1)])  # the same label twice
-    statements: list[str] = []
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", lambda *args: statements.append(args[2]))
+    if not unique:  # a second row of an id, in the 1h window: left out of it
+        tables.predict_again([(late[1], START - timedelta(minutes=30), 0.5)])
+    by_source = statements_by_source(refresher, stores)
     snap = refresher.refresh(START + AUDIT + timedelta(seconds=11))
     assert all(s.up for s in snap.sources.values()) and not online.filled
-    labels_run = [s for s in statements if s.lstrip().upper().startswith("SELECT") and "labels" in s]
     # No version column; predictions run at most 9; no replays.
-    assert len(labels_run) == worst_case_queries(settings.models[0]) - 9 == 5
-    assert next(o for o in snap.online if o.window == "1h").labeled == 4
+    assert len(by_source["labels"]) == worst_case_queries(settings.models[0]) - 9 == (5 if unique else 7)
+    assert next(o for o in snap.online if o.window == "1h").labeled == (4 if unique else 3)
     stores.dispose()
     tables.engine.dispose()
 
@@ -525,7 +527,8 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     statement adds their rows back per window, and the audit, leaving the same ids out,
     finds nothing changed; a steady refresh runs the audit, the duplicated ids and their
     rows, two passes, and the rows added back: 6 of the 7 ``refresh.worst_case_queries``
-    counts (a filling refresh reads one pass and the windows in three statements)."""
+    counts (a filling refresh reads one pass and the windows in three statements:
+    ``test_worst_case_queries_counts_an_online_audit_that_starts_a_fill``)."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, "ignore", 1, unique=False)
     stores = Stores(settings.stores, timedelta(seconds=30))
@@ -564,7 +567,7 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     assert "kept online slices changed" not in caplog.text
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     # No version column; predictions run at most 9; no replays.
-    assert len(selects) == worst_case_queries(settings.models[0]) - 10 == 6
+    assert len(selects) == 6 and worst_case_queries(settings.models[0]) - 9 == 7
     cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
     for w, c in zip(steady.online, cold.online, strict=True):
         _same(w, c)

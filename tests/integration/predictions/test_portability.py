@@ -134,6 +134,12 @@ def _statements(
         "duplicates_among": q.duplicates_among(windows.start, end, reads, (7,)),
         "duplicate_rows": q.duplicate_rows(points, windows.start, end, (7,)),
         "online_only": q.online(labels, windows, duplicates, end, maturity, only=(7,)),
+        # The online accuracy as the refresh reads it: the label ids with several rows, the
+        # other predictions joined to their one label row, those ids' predictions.
+        "repeated_label_ids": labels.repeated_ids(windows, end, maturity),
+        "online_one_to_one": q.online(labels, windows, duplicates, end, repeated=(7,)),
+        "online_matured_one_to_one": q.online(labels, windows, duplicates, end, maturity, repeated=(7,)),
+        "online_matured_apart": q.online(labels, windows, duplicates, end, maturity, repeated=(7,), apart=True),
         "replays_only": q.replays(replays, windows, duplicates, only=(7,)),
     }
 

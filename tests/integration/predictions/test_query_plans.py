@@ -107,7 +107,7 @@ def _settings(url: str, schema: str):
 
 def _plan(conn, statement) -> dict:
     """EXPLAIN (FORMAT JSON) of a statement, run on ``conn`` (with its planner settings): the top plan node."""
-    compiled = statement.compile(dialect=conn.dialect)
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     return conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + compiled.string, compiled.params).scalar()[0]["Plan"]
 
 
@@ -202,6 +202,9 @@ def test_unanalyzed_tables_are_refreshed_in_linear_time_and_no_plan_loops_over_a
             "histogram": q.histogram(windows, duplicates),
             "mode_counts": q.mode_counts(windows, duplicates, 6),
             "online": q.online(label_q, windows, duplicates, end),
+            "repeated_label_ids": label_q.repeated_ids(windows, end, None),
+            "online_one_to_one": q.online(label_q, windows, duplicates, end, repeated=(3,)),
+            "online_apart": q.online(label_q, windows, duplicates, end, repeated=(3,), apart=True),
             "replays": q.replays(replay_q, windows, duplicates),
             "last_timestamp": q.last_timestamp(end, end),
             "new_predictions": q.new_predictions(start, end, [0.5]),
@@ -408,6 +411,11 @@ def test_label_times_and_a_joined_feature_table_unanalyzed_are_refreshed_without
         maturity = LabelMaturity(boundaries(windows.start, windows.end, width), timedelta(hours=1))
         statements = {
             "online": q.online(label_q, windows, DuplicateIds(None), AS_OF, maturity),
+            "repeated_label_ids": label_q.repeated_ids(windows, AS_OF, maturity),
+            "online_one_to_one": q.online(label_q, windows, DuplicateIds(None), AS_OF, maturity, repeated=(3,)),
+            # One id: IN of one value, an equality PostgreSQL would turn the join's into (_only).
+            "online_apart": q.online(label_q, windows, DuplicateIds(None), AS_OF, maturity, repeated=(3,), apart=True),
+            "online_only": q.online(label_q, windows, DuplicateIds(None), AS_OF, maturity, only=(3,)),
             "features": features._statement(planned, AS_OF, None),
         }
         # PostgreSQL's own settings plan these without loops too (the first test shows the premise).
