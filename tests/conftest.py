@@ -30,7 +30,9 @@ from exporter.server.loop import refresh_all
 # In CI, Hypothesis draws the same examples every run, so a failure there can be replayed
 # and a landing is not decided by luck; locally it keeps exploring new ones.
 hypothesis_settings.register_profile("ci", derandomize=True)
-if os.environ.get("CI"):
+#: Whether the tests run in CI (``CI`` set to 1, true or yes, as CI services set it).
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+if IN_CI:
     hypothesis_settings.load_profile("ci")
 
 #: The repository root and the tests' data, for tests at any depth of tests/.
@@ -50,7 +52,7 @@ def free_port() -> int:
 def require(condition: bool, reason: str) -> None:
     """Skip when a real component is missing, except in CI, where that is a failure."""
     if not condition:
-        if os.environ.get("CI"):
+        if IN_CI:
             pytest.fail(f"{reason} (required in CI)")
         pytest.skip(reason)
 
