@@ -476,7 +476,9 @@ class PredictionQueries:
         PostgreSQL lacks for ``uuid`` and ``bytea``."""
         columns = (self.id.label("id"), self._base().label("base"), self.score.label("score"))
         rows, part = self._parts(points, [(start, end)], *columns, where=self._only(ids))
-        same = sa.func.first_value(rows.c.id).over(partition_by=rows.c.id)
+        # A plain Function, not sa.func's registry: the trino dialect, when installed,
+        # registers a first_value class of its own that SQLAlchemy cannot cache statements of.
+        same = sa.sql.functions.Function("first_value", rows.c.id, type_=rows.c.id.type).over(partition_by=rows.c.id)
         return sa.select(part.label("part"), same.label("id"), rows.c.base, rows.c.score).limit(MAX_DUPLICATE_ROWS + 1)
 
     def _duplicated(
