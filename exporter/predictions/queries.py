@@ -366,10 +366,14 @@ def _indexed_by(table: sa.Table, column: str) -> bool:
 
 def _same_type(a: sa.ColumnElement, b: sa.ColumnElement, dialect: str) -> bool:
     """Whether two reflected columns have the same type: the same SQLAlchemy type class and
-    the same type name as ``dialect`` writes it (``NUMERIC(20, 0)`` is not ``NUMERIC(10, 0)``)."""
+    the same type name as ``dialect`` writes it (``NUMERIC(20, 0)`` is not ``NUMERIC(10, 0)``).
+    A type SQLAlchemy does not know (``NullType``: an untyped SQLite column, a PostgreSQL
+    extension's type) is the same as none: it has no name to compare."""
+    if type(a.type) is not type(b.type) or isinstance(a.type, sa.types.NullType):
+        return False
     compiler = sa.make_url(f"{dialect}://").get_dialect()()
     first, second = (column.type.compile(dialect=compiler) for column in (a, b))
-    return type(a.type) is type(b.type) and first == second
+    return first == second
 
 
 class PredictionQueries:
@@ -715,16 +719,28 @@ class PredictionQueries:
             .subquery("valid_rows")
         )
 
-    def _label_ids(self, labels: LabelQueries, ids: Sequence[Any]) -> list[Any]:
-        """Ids read from the label table, as the predictions' id compares with them the way
-        the join compares the two columns: where their types differ, each cast to the label
-        column's type in SQL (PostgreSQL reads ``char(n)`` ids back padded, compares them with
-        ``text`` without the padding, and a bound parameter of either type is sent as
-        ``varchar``); else, and on SQLite (where a CAST would apply the declared type's
-        affinity to values of another kind), the values themselves."""
-        if self.dialect == "sqlite" or _same_type(self.id, labels.id, self.dialect):
-            return list(ids)
-        return [sa.cast(sa.literal(value, labels.id.type), labels.id.type) for value in ids]
+    def joins_labels_one_to_one(self, labels: LabelQueries) -> bool:
+        """Whether ``online`` may join each prediction to its one label row
+        (``repeated``): only where the label ids listed from the label table
+        (``LabelQueries.repeated_ids``, grouped by the label column's equality, then sent
+        back as values) compare with the predictions' ids as the join compares the two
+        columns, and the three statements see one snapshot. So: on PostgreSQL, SQLite and
+        DuckDB (``db.timed_connection``: one snapshot per source; Spark SQL has none), both
+        id columns of the same type (``_same_type``), an integer, a decimal or a uuid, or
+        on PostgreSQL a ``text``/``varchar`` without a collation of its own. Else the
+        label rows are grouped per id: ``char(n)`` ids come back padded, ``real`` ones
+        are bound as doubles, a case-insensitive collation groups ids that the other
+        column tells apart, and SQLite and DuckDB do not reflect collations."""
+        if self.dialect not in ("postgresql", "sqlite", "duckdb") or not _same_type(self.id, labels.id, self.dialect):
+            return False
+        kind = self.id.type
+        if isinstance(kind, sa.Integer | sa.Uuid) or (isinstance(kind, sa.Numeric) and not isinstance(kind, sa.Float)):
+            return True
+        plain_text = type(kind) in (sa.String, sa.Text, sa.VARCHAR, sa.TEXT)
+        collated = (
+            getattr(kind, "collation", None) is not None or getattr(labels.id.type, "collation", None) is not None
+        )
+        return self.dialect == "postgresql" and plain_text and not collated
 
     def _key(self, score: sa.ColumnElement) -> sa.ColumnElement:
         return grid_index(score, 10**self.model.bucket_decimals)
@@ -883,7 +899,7 @@ class PredictionQueries:
         (``LabelsSource._sliced``).
 
         ``repeated``: the ids carried by several of the label rows read
-        (``LabelQueries.repeated_ids``). Their predictions are left out, and every other
+        (``LabelQueries.repeated_ids``; only where ``joins_labels_one_to_one``). Their predictions are left out, and every other
         prediction joins its label row itself, at most one, which with ``maturity`` must
         mature for it (or have an arrival time that is no instant); with ``apart``, their
         predictions alone, with label rows grouped. Without ``repeated``, the label rows are
@@ -896,7 +912,7 @@ class PredictionQueries:
         keep = only  # the ids whose predictions are read (None: all)
         exclude: Sequence[Any] = ()
         if repeated is not None:
-            listed = self._label_ids(labels, repeated)
+            listed = list(repeated)
             if apart:
                 keep = listed
             elif repeated:

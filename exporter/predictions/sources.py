@@ -887,11 +887,13 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
     def _online(self, conn: Connection, as_of: datetime) -> list[OnlineAccuracy]:
         """Online accuracy of each label-delayed window, ending ``label_delay`` before
         ``as_of``, all windows in one pass (``PredictionQueries.online``), with label maturity
-        when the labels have a timestamp and ``label_delay`` is above 0. The label ids with
+        when the labels have a timestamp and ``label_delay`` is above 0. Where the id
+        columns allow it (``PredictionQueries.joins_labels_one_to_one``), the label ids with
         several rows are searched first (``LabelQueries.repeated_ids``): every other
         prediction joins its label row one to one, and the predictions of those ids, when
-        any, are read by a second statement with their label rows grouped; with more than
-        ``MAX_LISTED_LABEL_IDS`` of them, one statement groups every id's label rows."""
+        any, are read by a second statement with their label rows grouped; otherwise, or
+        with more than ``MAX_LISTED_LABEL_IDS`` of them, one statement groups every id's
+        label rows."""
         q, labels = self.predictions.queries(), self.queries()
         delay = self.model.label_delay
         windows = self.predictions.windows(as_of - delay)
@@ -912,8 +914,9 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                     ]
         if duplicates is None:
             duplicates = self.predictions.duplicate_ids(conn, windows)
-        repeated = conn.execute(labels.repeated_ids(windows, as_of, maturity)).scalars().all()
-        if len(repeated) > queries.MAX_LISTED_LABEL_IDS:  # too many to list: label rows grouped per id
+        one_to_one = q.joins_labels_one_to_one(labels)
+        repeated = conn.execute(labels.repeated_ids(windows, as_of, maturity)).scalars().all() if one_to_one else ()
+        if not one_to_one or len(repeated) > queries.MAX_LISTED_LABEL_IDS:  # label rows grouped per id
             statements = [q.online(labels, windows, duplicates, as_of, maturity)]
         else:
             statements = [q.online(labels, windows, duplicates, as_of, maturity, repeated=repeated)]

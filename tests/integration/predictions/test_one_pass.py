@@ -327,48 +327,81 @@ def test_duplicate_ids_are_searched_again_at_each_refresh(tmp_path):
     assert second.online[0].predictions == 2
 
 
-@pytest.mark.parametrize("label_type", ["char(8)", "varchar(8)", "text"])
+#: (engine, prediction id type, label id type, the id X as the predictions hold it, as the
+#: label rows hold it (equal to it in the join), the other id Y, whether each prediction
+#: joins its one label row: the id columns compare alike, PredictionQueries.joins_labels_one_to_one)
+ID_TYPES = [
+    ("postgresql", "bigint", "bigint", "7", "7", "8", True),
+    ("postgresql", "text", "text", "'abc'", "'abc'", "'def'", True),
+    ("postgresql", "text", "varchar(8)", "'abc'", "'abc'", "'def'", False),
+    # char(n) ids are read back padded ('abc     '), and compared with text without it.
+    ("postgresql", "text", "char(8)", "'abc'", "'abc'", "'def'", False),
+    # float4 ids are read back as doubles, which no longer equal the stored values.
+    ("postgresql", "real", "real", "0.1", "0.1", "0.2", False),
+    # A case-insensitive collation groups ids that the predictions' column tells apart.
+    ("postgresql", "text", "text COLLATE {schema}.ci", "'abc'", "'ABC'", "'def'", False),
+    ("duckdb", "BIGINT", "BIGINT", "7", "7", "8", True),
+    ("duckdb", "VARCHAR", "VARCHAR COLLATE NOCASE", "'abc'", "'ABC'", "'def'", False),
+    ("sqlite", "INTEGER", "INTEGER", "7", "7", "8", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("dialect", "prediction_type", "label_type", "x", "x_label", "y", "one_to_one"),
+    ID_TYPES,
+    ids=[f"{d}-{p}-{lt.split(' COLLATE')[0]}{'-collated' if 'COLLATE' in lt else ''}" for d, p, lt, *_ in ID_TYPES],
+)
 @pytest.mark.parametrize("label_delay", ["0s", "10m"], ids=["per-window", "matured"])
-def test_label_ids_read_apart_compare_with_the_predictions_as_the_join_does(
-    postgres_engine, postgres_schema, label_type, label_delay, monkeypatch
+def test_label_ids_the_predictions_compare_otherwise_are_grouped(
+    request, tmp_path, dialect, prediction_type, label_type, x, x_label, y, one_to_one, label_delay, monkeypatch
 ):
-    """PostgreSQL reads ``char(n)`` ids back padded (``'abc     '``) and compares them with
-    the predictions' ``text`` ids without the padding. The label ids with several rows are
-    bound with the label column's type, so their predictions are left out of the one-to-one
-    join and read apart once each: before, ``'abc'``, labeled 1 and 0, was counted twice
-    (predictions 3, labeled 3 instead of 2, conflicting 0 instead of 1). Written out by
-    hand, and the same with every id's label rows grouped."""
-    url, schema = postgres_schema
+    """Each prediction joins its one label row only where the label ids listed with several
+    rows compare with the predictions' ids as the join compares the two columns; otherwise
+    the label rows are grouped (attack findings: ``char(n)``, ``real`` and collated ids
+    counted a prediction once per label row). X carries two conflicting label rows, Y one:
+    the numbers written out by hand, and the same with every id's label rows grouped."""
+    if dialect == "postgresql":
+        url, schema = request.getfixturevalue("postgres_schema")
+        engine = sa.create_engine(url)
+        prefix = f"{schema}."
+        with engine.begin() as conn:  # ICU: PostgreSQL's nondeterministic collations need it
+            conn.exec_driver_sql(
+                f"CREATE COLLATION {schema}.ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+            )
+    else:
+        url, schema, prefix = f"{dialect}:///{tmp_path}/store.{dialect}", None, ""
+        engine = sa.create_engine(url)
     made = _naive(AS_OF) - timedelta(minutes=30)
-    with postgres_engine.begin() as conn:
-        conn.exec_driver_sql(f"CREATE TABLE {schema}.predictions (id text, ts timestamp, p float8)")
-        conn.exec_driver_sql(f"CREATE TABLE {schema}.labels (id {label_type}, y int, ts timestamp)")
-        conn.execute(
-            sa.text(f"INSERT INTO {schema}.predictions VALUES (:id, :ts, :p)"),
-            [{"id": i, "ts": made, "p": p} for i, p in (("abc", 0.2), ("def", 0.7), ("ghi", 0.4))],
+    recorded = made + timedelta(minutes=1)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE TABLE {prefix}predictions (id {prediction_type}, ts timestamp, p double precision)"
         )
-        conn.execute(
-            sa.text(f"INSERT INTO {schema}.labels VALUES (:id, :y, :ts)"),
-            [
-                {"id": i, "y": y, "ts": made + timedelta(minutes=1)}
-                for i, y in (("abc", 1), ("abc", 0), ("def", 0), ("ghi", 1))
-            ],
+        conn.exec_driver_sql(
+            f"CREATE TABLE {prefix}labels (id {label_type.format(schema=schema)}, y integer, ts timestamp)"
         )
+        for ident, p in ((x, 0.2), (y, 0.7)):
+            conn.exec_driver_sql(f"INSERT INTO {prefix}predictions VALUES ({ident}, '{made}', {p})")
+        for ident, label in ((x_label, 1), (x_label, 0), (y, 0)):
+            conn.exec_driver_sql(f"INSERT INTO {prefix}labels VALUES ({ident}, {label}, '{recorded}')")
+    engine.dispose()
     settings = model_settings(url, schema, labels={"columns": {"timestamp": "ts"}}, model={"label_delay": label_delay})
 
     def online():
         stores = Stores(settings.stores, settings.query_timeout)
         try:
-            snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
+            refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+            snap = refresher.refresh(AS_OF)
+            q, labels = (refresher.sources[name].queries() for name in ("predictions", "labels"))
+            assert q.joins_labels_one_to_one(labels) is one_to_one
         finally:
             stores.dispose()
         assert all(s.up for s in snap.sources.values()), snap.errors
         return snap.online[0]
 
-    listed = online()
-    assert (listed.predictions, listed.labeled, listed.positives) == (3, 2, 1)
-    assert listed.invalid_labels == {"conflicting": 1, "invalid_value": 0, "bad_timestamp": 0}
-    assert listed.logloss == pytest.approx(log_loss([0, 1], [0.7, 0.4]), rel=1e-12)
-    assert listed.roc_auc == 0.0
+    found = online()
+    assert (found.predictions, found.labeled, found.positives) == (2, 1, 0)
+    assert found.invalid_labels == {"conflicting": 1, "invalid_value": 0, "bad_timestamp": 0}
+    assert found.logloss == pytest.approx(log_loss([0], [0.7], labels=[0, 1]), rel=1e-12)
     monkeypatch.setattr(queries, "MAX_LISTED_LABEL_IDS", -1)  # every id's label rows grouped
-    assert online() == listed
+    assert online() == found
