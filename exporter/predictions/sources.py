@@ -916,7 +916,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             duplicates = self.predictions.duplicate_ids(conn, windows)
         one_to_one = q.joins_labels_one_to_one(labels)
         repeated = conn.execute(labels.repeated_ids(windows, as_of, maturity)).scalars().all() if one_to_one else ()
-        if not one_to_one or len(repeated) > queries.MAX_LISTED_LABEL_IDS:  # label rows grouped per id
+        if not one_to_one or len(repeated) > queries.MAX_LISTED_LABEL_IDS:  # label rows grouped
             statements = [q.online(labels, windows, duplicates, as_of, maturity)]
         else:
             statements = [q.online(labels, windows, duplicates, as_of, maturity, repeated=repeated)]

@@ -327,11 +327,14 @@ def test_duplicate_ids_are_searched_again_at_each_refresh(tmp_path):
     assert second.online[0].predictions == 2
 
 
+UUID7, UUID8 = "0b6f8c2e-7a1d-4c3e-9f00-000000000007", "0b6f8c2e-7a1d-4c3e-9f00-000000000008"
 #: (engine, prediction id type, label id type, the id X as the predictions hold it, as the
 #: label rows hold it (equal to it in the join), the other id Y, whether each prediction
 #: joins its one label row: the id columns compare alike, PredictionQueries.joins_labels_one_to_one)
 ID_TYPES = [
     ("postgresql", "bigint", "bigint", "7", "7", "8", True),
+    ("postgresql", "numeric", "numeric", "7", "7.00", "8", True),
+    ("postgresql", "uuid", "uuid", f"'{UUID7}'", f"'{UUID7.upper()}'", f"'{UUID8}'", True),
     ("postgresql", "text", "text", "'abc'", "'abc'", "'def'", True),
     ("postgresql", "text", "varchar(8)", "'abc'", "'abc'", "'def'", False),
     # char(n) ids are read back padded ('abc     '), and compared with text without it.
@@ -343,6 +346,10 @@ ID_TYPES = [
     ("duckdb", "BIGINT", "BIGINT", "7", "7", "8", True),
     ("duckdb", "VARCHAR", "VARCHAR COLLATE NOCASE", "'abc'", "'ABC'", "'def'", False),
     ("sqlite", "INTEGER", "INTEGER", "7", "7", "8", True),
+    # SQLAlchemy reads SQLite's NUMERIC as a float: ids above 2^53 would come back changed,
+    # and text in a NUMERIC-affinity column (any type name SQLite does not know) fails.
+    ("sqlite", "NUMERIC(20, 0)", "NUMERIC(20, 0)", "9007199254740993", "9007199254740993", "9007199254740995", False),
+    ("sqlite", "UUID", "UUID", f"'{UUID7}'", f"'{UUID7}'", f"'{UUID8}'", False),
 ]
 
 
