@@ -282,6 +282,17 @@ def _accuracy_columns(
     ]
 
 
+def as_stored(column: sa.ColumnElement, dialect: str) -> sa.ColumnElement:
+    """``column`` read and bound as the driver reads and binds its values, without
+    SQLAlchemy's processing for its declared type, on SQLite: for ids read out of the store
+    and sent back in a later statement. A SQLite column holds any value whatever its declared
+    type, and a type that is no SQLite type (``STRING``, ``UUID``, ``NUMERIC``) has NUMERIC
+    affinity, which SQLAlchemy reads as a number: a text id failed to read or bind, an
+    integer id above 2**53 came back rounded and matched no row. Elsewhere ``column``
+    itself: those drivers read the declared type natively."""
+    return sa.type_coerce(column, sa.types.NullType()) if dialect == "sqlite" else column
+
+
 def _only(column: sa.ColumnElement, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
     """The condition keeping only the rows whose ``column`` is one of ``ids`` (none when ``None``)."""
     if ids is None:
@@ -388,6 +399,8 @@ class PredictionQueries:
         self.time = time
         self.dialect = dialect
         self.id = table.c[source.columns.id]
+        #: The id as the duplicate ids are read out of the store and bound back (``as_stored``).
+        self.listed_id = as_stored(self.id, dialect)
         self.score: sa.ColumnElement[float] = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
         self.indexed = _indexed_by(table, source.columns.id)
@@ -409,7 +422,7 @@ class PredictionQueries:
         """
         return (
             sa.select(
-                self.id.label("id"),
+                self.listed_id.label("id"),
                 *[_count_if(self.time.at_or_after(start)).label(f"n_{i}") for i, start in enumerate(windows.starts)],
             )
             .where(self._in_window(windows.start, windows.end), self.id.is_not(None))  # NULL is no duplicate
@@ -438,14 +451,14 @@ class PredictionQueries:
             # The known ids inside the subquery, not OR-ed beside it: one semi-join, which an
             # index on the id turns into lookups (an OR of two made PostgreSQL read the
             # window); bounded by the window, else without an id index it reads all history.
-            known_in_window = sa.and_(self.time.between(start, end), self.id.in_(list(known)))
+            known_in_window = sa.and_(self.time.between(start, end), self.listed_id.in_(list(known)))
             probed = sa.or_(in_probe, known_in_window) if known else in_probe
             if self.dialect == "postgresql" and self.indexed:
                 # PostgreSQL hashes the probed ids and reads the whole window for the
                 # semi-join below, whatever the index (docs/performance.md, *With duplicate
                 # ids*): each probed id's rows are looked up in the index instead, linear in
                 # the rows probed. OFFSET 0 keeps the lookup from being flattened into a join.
-                ids = sa.select(self.id.label("id")).where(probed, *self.filters, self.id.is_not(None))
+                ids = sa.select(self.listed_id.label("id")).where(probed, *self.filters, self.id.is_not(None))
                 distinct = ids.distinct().subquery("probed")
                 carried = (
                     sa.select(sa.func.count().label("n"))
@@ -461,7 +474,7 @@ class PredictionQueries:
                 )
             conditions.append(self.id.in_(sa.select(self.id).where(probed, *self.filters).correlate(None)))
         return (
-            sa.select(self.id.label("id"))
+            sa.select(self.listed_id.label("id"))
             .where(*conditions)
             .group_by(self.id)
             .having(sa.func.count() > 1)
@@ -477,7 +490,7 @@ class PredictionQueries:
         (a case-insensitive collation holds 'a' and 'A' equal), so that Python counts an
         id's rows as the store's ``GROUP BY`` does; ``first_value``, not ``min``, which
         PostgreSQL lacks for ``uuid`` and ``bytea``."""
-        columns = (self.id.label("id"), self._base().label("base"), self.score.label("score"))
+        columns = (self.listed_id.label("id"), self._base().label("base"), self.score.label("score"))
         rows, part = self._parts(points, [(start, end)], *columns, where=self._only(ids))
         # A plain Function, not sa.func's registry: the trino dialect, when installed,
         # registers a first_value class of its own that SQLAlchemy cannot cache statements of.
@@ -491,7 +504,7 @@ class PredictionQueries:
         several rows of that window (NULL or false otherwise: use it in ``CASE WHEN``), for
         the rows of the ``only`` ids when given (an id's count is its own rows')."""
         if duplicates.per_window is not None:
-            return self.table, [self.id.in_(ids) if ids else sa.false() for ids in duplicates.per_window]
+            return self.table, [self.listed_id.in_(ids) if ids else sa.false() for ids in duplicates.per_window]
         # Too many to list: every query searches them itself, as one grouped subquery.
         found = (
             sa.select(
@@ -566,11 +579,11 @@ class PredictionQueries:
     def _not_in(self, ids: Sequence[Any]) -> list[sa.ColumnElement[bool]]:
         """The condition leaving out the rows of ``ids`` (none when empty); a NULL id is
         never left out (it is no duplicate)."""
-        return [sa.or_(self.id.is_(None), self.id.not_in(list(ids)))] if ids else []
+        return [sa.or_(self.id.is_(None), self.listed_id.not_in(list(ids)))] if ids else []
 
     def _only(self, ids: Sequence[Any] | None) -> list[sa.ColumnElement[bool]]:
         """The condition keeping only the rows of ``ids`` (none when ``None``)."""
-        return _only(self.id, ids)
+        return _only(self.listed_id, ids)
 
     def _scored_parts(
         self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]], exclude: Sequence[Any]
