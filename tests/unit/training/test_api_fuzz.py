@@ -24,7 +24,10 @@ from exporter.training.metrics import TrainingRefresher
 from exporter.training.schema import TrainingRun
 from exporter.training.storage import StateDatabase, save_run
 
-STATE = f"sqlite:///{tempfile.mkdtemp(prefix='mlmon-api-fuzz-')}/state.sqlite"
+# The app is built at import, for schemathesis to read its schema; its state directory is
+# removed when the test process exits (a bare mkdtemp left one per run and worker).
+_STATE_DIR = tempfile.TemporaryDirectory(prefix="mlmon-api-fuzz-")
+STATE = f"sqlite:///{_STATE_DIR.name}/state.sqlite"
 app = create_app(parse_settings({"stores": {}, "models": [], "state": {"url": STATE}}))
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
