@@ -940,7 +940,7 @@ class PredictionQueries:
         if maturity is not None:
             rows = self.valid_rows(windows, duplicates, with_time=True, only=keep, exclude=exclude)
             if one_to_one:
-                agg = labels.maturity_bounds(maturity, labels.recorded(windows, as_of, maturity), as_of, self.time)
+                agg = labels.maturity_bounds(maturity, labels.read_ranges(windows, as_of, maturity), as_of, self.time)
                 # A row whose arrival time is no instant is in every slice's range (and counted
                 # as such); any other, only in the slices it matures for.
                 matures = sa.or_(agg.c.bad == 1, sa.and_(rows.c.at >= agg.c.opens, rows.c.at < agg.c.closes))
@@ -1230,12 +1230,14 @@ class LabelQueries:
             else:
                 count = sa.func.count() if grouped else sa.literal(1)
             columns += [count.label(f"n_{j}"), low(value).label(f"low_{j}"), high(value).label(f"high_{j}")]
-        read = self._read(time, self.recorded(windows, as_of, None), as_of)
+        read = self._read(time, self.read_ranges(windows, as_of, None), as_of)
         rows = sa.select(ident.label("id"), *columns).select_from(source).where(*read, *_only(ident, only))
         return (rows.group_by(ident) if grouped else rows).subquery("labels_per_id")
 
     @staticmethod
-    def recorded(windows: Windows, as_of: datetime, maturity: LabelMaturity | None) -> list[tuple[datetime, datetime]]:
+    def read_ranges(
+        windows: Windows, as_of: datetime, maturity: LabelMaturity | None
+    ) -> list[tuple[datetime, datetime]]:
         """The arrival times of the label rows ``PredictionQueries.online`` reads for
         ``windows`` at ``as_of`` (before ``as_of``): with ``maturity``, those that can mature
         for the windows' predictions (``LabelMaturity.recorded``); else from the largest
@@ -1265,7 +1267,7 @@ class LabelQueries:
         id`` over the label rows instead of one over the join (docs/performance.md, *Label
         maturity*)."""
         source, ident, _, time = self._timed()
-        recorded = self.recorded(windows, as_of, maturity)
+        recorded = self.read_ranges(windows, as_of, maturity)
         return (
             sa.select(ident.label("id"))
             .select_from(source)
