@@ -22,6 +22,8 @@ from exporter.db import PoolSize, create_store_engine, require_existing_sqlite_f
 from exporter.reasons import SchemaError, sqlstate
 
 _MICROSECOND = timedelta(microseconds=1)
+#: How far the date SQLite text starts with may lie from its wall-clock time: ``TimeColumn._stored_dates``.
+_STORED_DATE_MARGIN = timedelta(days=2)
 
 
 def _transition_after(zone: ZoneInfo, instant: datetime, within: timedelta) -> datetime:
@@ -291,7 +293,7 @@ class TimeColumn:
             # BETWEEN evaluates the expression once; every value has the same fixed-width
             # text, so < end is <= the text one microsecond earlier.
             last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
-            return self.expr.between(self.bind(start), last)
+            return sa.and_(self._stored_dates(start, end), self.expr.between(self.bind(start), last))
         # An open side is bounded by INSTANT_RANGE (SQLite text: NULL outside it already):
         # ±infinity sorts outside every date-time, NaN outside every number, and SQLite
         # text in a numeric column above them.
@@ -302,6 +304,26 @@ class TimeColumn:
         if end is not None or bounded:
             conditions.append(self.expr < self.bind(INSTANT_RANGE[1] if end is None else end))
         return sa.and_(*conditions)
+
+    def _stored_dates(self, start: datetime, end: datetime) -> sa.ColumnElement:
+        """For SQLite text: a predicate on the text as stored that every row in ``[start,
+        end)`` passes, which an index on the column serves as a range (the normalised
+        ``expr`` is opaque to SQLite's planner: every statement read the model's whole
+        history). Readable text starts with its date (``_sqlite_timestamp``), which lies
+        within a day and a half of its wall-clock time in ``zone``: an offset written in
+        the text is at most 14:59 (SQLite reads no larger one), a zone's at most about 16
+        hours; two days of margin on each side."""
+        zone = ZoneInfo(self.zone)
+        text = sa.type_coerce(self.stored, sa.String())  # compared as stored, whatever its declared type
+        try:
+            low = (to_wall_clock(start, zone) - _STORED_DATE_MARGIN).date().isoformat()
+        except OverflowError:  # within the margin of year 1: from the smallest text on
+            low = ""
+        try:
+            high = (to_wall_clock(end, zone) + _STORED_DATE_MARGIN + timedelta(days=1)).date().isoformat()
+        except OverflowError:  # within the margin of year 9999: ":" sorts after every digit
+            high = ":"
+        return sa.and_(text >= low, text < high)
 
     def from_on(self, instant: datetime, wall: datetime) -> sa.ColumnElement:
         """A predicate true for rows stamped at or after ``instant`` when the row holds an

@@ -25,6 +25,7 @@ from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.slices import boundaries
 from exporter.predictions.stores import Stores, TimeColumn
 from exporter.training.skew import bins
+from tests.conftest import model_settings
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 N = 20_000
@@ -498,6 +499,58 @@ def test_load_analyzes_a_large_sqlite_table_from_a_sample(tmp_path):
     rows, per_value = (int(n) for n in stat.split())
     assert rows != 20000 and rows == pytest.approx(20000, rel=0.5)  # a full scan gives "20000 2858"
     assert per_value > 0
+
+
+@pytest.mark.parametrize("time_slice", [None, "5m"], ids=["one-pass", "sliced"])
+def test_sqlite_text_timestamps_are_read_as_an_index_range(tmp_path, time_slice):
+    """On SQLite, where timestamps are text read through an expression no index serves,
+    every statement that reads windows narrows them by the text as stored first: a range of
+    the index on the timestamp, not a scan of the table's whole history. Only the probe of
+    the newest, future and unreadable timestamps (``PredictionQueries.probe``) reads every
+    row: text that is no date-time is counted over the whole table."""
+    url = f"sqlite:///{tmp_path}/store.sqlite"
+    engine = sa.create_engine(url)
+    as_of = datetime(2026, 5, 4, 12, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE predictions (id INTEGER PRIMARY KEY, ts TEXT, p REAL)")
+        conn.exec_driver_sql("CREATE INDEX ix_ts ON predictions (ts)")
+        conn.exec_driver_sql("CREATE TABLE labels (id INTEGER PRIMARY KEY, y INTEGER, ts TEXT)")
+        conn.exec_driver_sql("CREATE INDEX ix_labels_ts ON labels (ts)")
+        rows = [
+            (i, (as_of - timedelta(minutes=7 * i)).strftime("%Y-%m-%d %H:%M:%S"), (i % 97) / 97) for i in range(3000)
+        ]
+        conn.exec_driver_sql("INSERT INTO predictions VALUES (?, ?, ?)", rows)
+        conn.exec_driver_sql("INSERT INTO labels VALUES (?, ?, ?)", [(i, i % 2, ts) for i, ts, _ in rows])
+        conn.exec_driver_sql("ANALYZE")
+    engine.dispose()
+    settings = model_settings(
+        url,
+        labels={"columns": {"timestamp": "ts"}},
+        model={"windows": ["1h", "24h"], "label_delay": "1h"} | ({"time_slice": time_slice} if time_slice else {}),
+    )
+    stores = Stores(settings.stores, settings.query_timeout)
+    statements = []
+
+    def record(conn, cursor, statement, params, *_):
+        statements.append((statement, params))
+
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+    try:
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        snap = refresher.refresh(as_of)
+        assert all(source.up for source in snap.sources.values()), snap.errors
+        sa.event.remove(stores.engine("s"), "before_cursor_execute", record)
+        plans = {}
+        with stores.engine("s").connect() as conn:
+            for stmt, params in statements:
+                if "FROM predictions" in stmt and " AS unreadable" not in stmt:
+                    plans[stmt] = [row[3] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt, params)]
+    finally:
+        stores.dispose()
+    assert len(plans) >= 2  # the histogram (and, sliced, the most frequent scores), online accuracy
+    for stmt, plan in plans.items():
+        reads = [step for step in plan if " predictions" in step]
+        assert reads and all("INDEX ix_ts (ts>? AND ts<?)" in step for step in reads), (plan, stmt[:300])
 
 
 _MINUTE = timedelta(minutes=1)

@@ -124,6 +124,36 @@ def test_sqlite_iso_text_in_every_form(tmp_path, zone, column_type):
     assert snap.future_predictions == sum(t >= AS_OF + timedelta(minutes=1) for t in instants)
 
 
+#: Text whose written date lies furthest from its instant: the largest offsets SQLite reads
+#: (±14:59) and naive text in the zones of the largest offsets, each just inside or just
+#: outside a window (the 1h window is 11:00-12:00Z, the 24h one from 12:00Z the day before).
+FAR_DATES = [
+    "2024-05-31T21:00:00-14:59",  # 11:59Z: in
+    "2024-05-31T21:01:00-14:59",  # 12:00Z: out
+    "2024-06-02T01:58:59+14:59",  # 10:59:59Z: in the 24h window only
+    "2024-06-02T02:00:00+14:59",  # 11:01Z: in
+    "2024-05-30T21:01:00-14:59",  # 12:00Z on May 31: the 24h window's first instant
+    "2024-05-30T21:00:00-14:59",  # 11:59Z on May 31: out
+    "2024-06-02 01:30:00",
+    "2024-06-01 00:30:00",
+    "2024-05-31 01:59:00",
+]
+
+
+@pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "Pacific/Pago_Pago", "UTC"])
+def test_sqlite_text_whose_date_is_days_from_its_instant(tmp_path, zone):
+    """SQLite text is first narrowed by its written date, which an index serves, then read
+    exactly: no row whose date lies up to two days from its instant is lost by the narrowing
+    (UTC+14 and UTC-11, with offsets of 14:59 written the other way)."""
+    url = _sqlite(tmp_path, "TEXT", FAR_DATES)
+    (snap,) = _refresh(zoned_predictions_settings(url, zone), AS_OF)
+    instants = [_instant(text, zone) for text in FAR_DATES]
+    for stats in snap.score_stats:
+        start = AS_OF - WINDOWS[stats.window]
+        assert stats.predictions == sum(start <= t < AS_OF for t in instants), (stats.window, instants)
+    assert {s.window: s.predictions for s in snap.score_stats}["1h"] >= 2
+
+
 def test_sqlite_text_counts_move_with_the_zone(tmp_path):
     """The same naive text in the 1h window in one zone and not in another: the zone applies
     to text without an offset only."""
