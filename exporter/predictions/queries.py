@@ -689,12 +689,12 @@ class PredictionQueries:
             ).label(f"reason_{i}")
             for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
         ]
-        return (
+        rows = (
             sa.select(self.id.label("id"), self.score.label("score"), base.label("base"), *reasons)
             .select_from(source)
             .where(self._in_window(windows.start, windows.end))
-            .subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
         )
+        return self._unflattened(rows).subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
 
     def valid_rows(
         self,
@@ -719,7 +719,7 @@ class PredictionQueries:
             for i, (start, dup) in enumerate(zip(windows.starts, duplicated, strict=True))
         ]
         time = [self.time.stored.label("t"), self.time.expr.label("at")] if with_time else []
-        return (
+        rows = (
             sa.select(self.id.label("id"), self.score.label("score"), *time, *flags)
             .select_from(source)
             .where(
@@ -728,8 +728,16 @@ class PredictionQueries:
                 *self._only(only),
                 *self._not_in(exclude),
             )
-            .subquery("valid_rows")
         )
+        return self._unflattened(rows).subquery("valid_rows")
+
+    def _unflattened(self, rows: sa.Select) -> sa.Select:
+        """``rows``, which a statement reads as a subquery, kept from being flattened into it
+        on SQLite (by a LIMIT, as ``_parts`` does): flattened, each use of a column is its
+        expression again, and the reasons and window flags, read by every aggregate, each
+        normalised the row's date-time text once more (a refresh of the load test's models
+        spent most of its time there)."""
+        return rows.limit(-1) if self.dialect == "sqlite" else rows
 
     def joins_labels_one_to_one(self, labels: LabelQueries) -> bool:
         """Whether ``online`` may join each prediction to its one label row
@@ -836,8 +844,11 @@ class PredictionQueries:
         unreadable text on SQLite: ``TimeColumn.unreadable``), which are in no window.
 
         Scalar subqueries in one round trip rather than one scan with conditional
-        aggregates, so that each can use an index on the timestamp.
+        aggregates, so that each can use an index on the timestamp; on SQLite, whose
+        normalised date-time text no index serves, one scan normalising each row's text once.
         """
+        if self.dialect == "sqlite":
+            return self._last_timestamp_in_one_scan(end, future_from, future_wall or future_from)
         ts = self.time.expr
         newest = sa.select(sa.func.max(ts)).where(self.time.between(None, end), *self.filters).scalar_subquery()
         future = (
@@ -849,6 +860,22 @@ class PredictionQueries:
             sa.select(sa.func.count()).select_from(self.table).where(self.time.unreadable(), *self.filters)
         ).scalar_subquery()
         return sa.select(newest.label("newest"), future.label("future"), unreadable.label("unreadable"))
+
+    def _last_timestamp_in_one_scan(self, end: datetime, future_from: datetime, future_wall: datetime) -> sa.Select:
+        """``last_timestamp`` as one scan of the model's rows, each row's time computed once
+        (in a subquery that ``_unflattened`` keeps apart) and read by conditional aggregates."""
+        time = self.time
+        columns = [time.expr.label("t"), time.stored.label("s")]
+        if time.instants is not None:
+            columns.append(sa.case((time.instants, 1), else_=0).label("o"))
+        rows = self._unflattened(sa.select(*columns).where(*self.filters)).subquery("stamped")
+        instants = None if time.instants is None else rows.c.o == 1
+        at = replace(time, expr=rows.c.t, stored=rows.c.s, instants=instants)
+        return sa.select(
+            sa.func.max(sa.case((at.between(None, end), at.expr), else_=None)).label("newest"),
+            _count_if(at.from_on(future_from, future_wall)).label("future"),
+            _count_if(at.unreadable()).label("unreadable"),
+        ).select_from(rows)
 
     def serving_version(self, end: datetime) -> sa.Select:
         """One row: the model version of the newest prediction before ``end`` (needs the
