@@ -542,10 +542,10 @@ class PredictionQueries:
         """The rows stamped in one of the ``reads`` ranges (and meeting ``where``), with
         ``columns``, and the index ``p`` of the part ``[points[p], points[p + 1])`` each lies
         in, found by bisecting the points (log2 of their number comparisons a row). On
-        SQLite the time is computed once a row in the subquery, which LIMIT keeps SQLite
-        from flattening. The ``reads`` are joined where they touch (``union``): the audit
-        and the most frequent scores read up to one range per slice (1,440), and SQLite
-        refuses expressions over 1,000 deep ("Expression tree is too large").
+        SQLite the time is computed once a row in the subquery (``_unflattened``). The
+        ``reads`` are joined where they touch (``union``): the audit and the most frequent
+        scores read up to one range per slice (1,440), and SQLite refuses expressions over
+        1,000 deep ("Expression tree is too large").
 
         On PostgreSQL the ranges are read in ``UNION ALL`` branches, each bounded by an
         index range of its own whatever the planner's estimates: one range a branch, or
@@ -567,9 +567,7 @@ class PredictionQueries:
         if self.dialect == "postgresql" and len(ranges) > 1:
             rows = sa.union_all(*(rows_in(group) for group in grouped(ranges, MAX_UNION_BRANCHES)))
         else:
-            rows = rows_in(ranges)
-        if self.dialect == "sqlite":
-            rows = rows.limit(-1)
+            rows = self._unflattened(rows_in(ranges))
         subquery = rows.subquery("part_rows")
         part = bisected(
             replace(self.time, expr=subquery.c.t), points[1:-1], lambda k: sa.literal_column(str(k), sa.Integer())
@@ -733,10 +731,10 @@ class PredictionQueries:
 
     def _unflattened(self, rows: sa.Select) -> sa.Select:
         """``rows``, which a statement reads as a subquery, kept from being flattened into it
-        on SQLite (by a LIMIT, as ``_parts`` does): flattened, each use of a column is its
-        expression again, and the reasons and window flags, read by every aggregate, each
-        normalised the row's date-time text once more (a refresh of the load test's models
-        spent most of its time there)."""
+        on SQLite by a LIMIT (``_parts``, ``rows``, ``valid_rows``, the probe): flattened, each
+        use of a column is its expression again, and the time, reasons and window flags,
+        read by every aggregate, each normalised the row's date-time text once more (a
+        refresh of the load test's models spent most of its time there)."""
         return rows.limit(-1) if self.dialect == "sqlite" else rows
 
     def joins_labels_one_to_one(self, labels: LabelQueries) -> bool:
