@@ -305,15 +305,13 @@ class FeaturesSource(JoinedSource[FeatureQueries, FeatureValues]):
         for f, (feature, plan) in enumerate(features):
             # The cleaned value once per row, in a subquery: the bin key, the moments and
             # the missing test read its column instead of repeating the expression.
-            select = (
+            # Kept apart on SQLite, which would paste the expressions back at every use (4x
+            # the program at 200 bins).
+            select = q.unflattened(
                 sa.select(wkey.label("wkey"), _cleaned(q.dialect, feature).label("value"))
                 .select_from(self.queries().source)
                 .where(*conditions)
             )
-            if q.dialect == "sqlite":
-                # SQLite flattens the subquery, pasting the expressions back at every use (4x
-                # the program at 200 bins); it keeps a subquery with an OFFSET as is.
-                select = select.offset(0)
             cleaned = select.subquery(f"cleaned{f}")
             value = cleaned.c.value
             shifted: sa.ColumnElement[Any]

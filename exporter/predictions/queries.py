@@ -542,7 +542,7 @@ class PredictionQueries:
         """The rows stamped in one of the ``reads`` ranges (and meeting ``where``), with
         ``columns``, and the index ``p`` of the part ``[points[p], points[p + 1])`` each lies
         in, found by bisecting the points (log2 of their number comparisons a row). On
-        SQLite the time is computed once a row in the subquery (``_unflattened``). The
+        SQLite the time is computed once a row in the subquery (``unflattened``). The
         ``reads`` are joined where they touch (``union``): the audit and the most frequent
         scores read up to one range per slice (1,440), and SQLite refuses expressions over
         1,000 deep ("Expression tree is too large").
@@ -567,7 +567,7 @@ class PredictionQueries:
         if self.dialect == "postgresql" and len(ranges) > 1:
             rows = sa.union_all(*(rows_in(group) for group in grouped(ranges, MAX_UNION_BRANCHES)))
         else:
-            rows = self._unflattened(rows_in(ranges))
+            rows = self.unflattened(rows_in(ranges))
         subquery = rows.subquery("part_rows")
         part = bisected(
             replace(self.time, expr=subquery.c.t), points[1:-1], lambda k: sa.literal_column(str(k), sa.Integer())
@@ -692,7 +692,7 @@ class PredictionQueries:
             .select_from(source)
             .where(self._in_window(windows.start, windows.end))
         )
-        return self._unflattened(rows).subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
+        return self.unflattened(rows).subquery("window_rows")  # not a CTE: PostgreSQL would materialize it
 
     def valid_rows(
         self,
@@ -727,11 +727,12 @@ class PredictionQueries:
                 *self._not_in(exclude),
             )
         )
-        return self._unflattened(rows).subquery("valid_rows")
+        return self.unflattened(rows).subquery("valid_rows")
 
-    def _unflattened(self, rows: sa.Select) -> sa.Select:
+    def unflattened(self, rows: sa.Select) -> sa.Select:
         """``rows``, which a statement reads as a subquery, kept from being flattened into it
-        on SQLite by a LIMIT (``_parts``, ``rows``, ``valid_rows``, the probe): flattened, each
+        on SQLite by a LIMIT (``_parts``, ``rows``, ``valid_rows``, the probe, the features'
+        cleaned values): flattened, each
         use of a column is its expression again, and the time, reasons and window flags,
         read by every aggregate, each normalised the row's date-time text once more (a
         refresh of the load test's models spent most of its time there)."""
@@ -861,12 +862,12 @@ class PredictionQueries:
 
     def _last_timestamp_in_one_scan(self, end: datetime, future_from: datetime, future_wall: datetime) -> sa.Select:
         """``last_timestamp`` as one scan of the model's rows, each row's time computed once
-        (in a subquery that ``_unflattened`` keeps apart) and read by conditional aggregates."""
+        (in a subquery that ``unflattened`` keeps apart) and read by conditional aggregates."""
         time = self.time
         columns = [time.expr.label("t"), time.stored.label("s")]
         if time.instants is not None:
             columns.append(sa.case((time.instants, 1), else_=0).label("o"))
-        rows = self._unflattened(sa.select(*columns).where(*self.filters)).subquery("stamped")
+        rows = self.unflattened(sa.select(*columns).where(*self.filters)).subquery("stamped")
         instants = None if time.instants is None else rows.c.o == 1
         at = replace(time, expr=rows.c.t, stored=rows.c.s, instants=instants)
         return sa.select(
