@@ -261,7 +261,8 @@ class TimeColumn:
     ``"epoch"`` (numeric seconds since 1970-01-01 UTC). ``expr`` is the SQL expression that
     windows compare with ``bind(instant)``; wall-clock times go through ``to_wall_clock``
     and ``from_wall_clock``, which keep windows consistent across daylight-saving changes.
-    ``stored`` is the column itself (``expr`` but for SQLite text, which ``expr`` normalises).
+    ``stored`` is the column itself (``expr`` but for SQLite text, which ``expr`` normalises;
+    there under the ``BINARY`` collation: ``time_column``).
     ``text_bounds``: wall-clock bounds are bound as the fixed-width text of ``_sqlite_text``,
     which the engine casts to its timestamp type (Spark SQL through PyHive, whose driver
     writes a bound datetime with ``strftime('%Y')``: year 1 of ``INSTANT_RANGE`` as
@@ -312,9 +313,10 @@ class TimeColumn:
         history). Readable text starts with its date (``_sqlite_timestamp``), which lies
         within a day and a half of its wall-clock time in ``zone``: an offset written in
         the text is at most 14:59 (SQLite reads no larger one), a zone's at most about 16
-        hours; two days of margin on each side."""
+        hours; two days of margin on each side. Only the prediction table's reads gain:
+        the label statements read every label row anyway, since a row whose arrival time is
+        no instant counts in every range (``LabelQueries._read``)."""
         zone = ZoneInfo(self.zone)
-        text = sa.type_coerce(self.stored, sa.String())  # compared as stored, whatever its declared type
         try:
             low = (to_wall_clock(start, zone) - _STORED_DATE_MARGIN).date().isoformat()
         except OverflowError:  # within the margin of year 1: from the smallest text on
@@ -323,7 +325,7 @@ class TimeColumn:
             high = (to_wall_clock(end, zone) + _STORED_DATE_MARGIN + timedelta(days=1)).date().isoformat()
         except OverflowError:  # within the margin of year 9999: ":" sorts after every digit
             high = ":"
-        return sa.and_(text >= low, text < high)
+        return sa.and_(self.stored >= low, self.stored < high)
 
     def from_on(self, instant: datetime, wall: datetime) -> sa.ColumnElement:
         """A predicate true for rows stamped at or after ``instant`` when the row holds an
@@ -387,7 +389,13 @@ def time_column(table: sa.Table, name: str, source: TableSource, dialect: str) -
         return TimeColumn(column, "epoch", source.timezone, column)
     if dialect == "sqlite":
         expr, instants = _sqlite_timestamp(column, source.timezone)
-        return TimeColumn(expr, "sqlite", source.timezone, column, instants=instants)
+        # Stored text is compared as text, whatever the declared type, and as bytes: a
+        # collation the column declares may be one only its writer's connections define,
+        # which SQLite needs at every use of the column but as a function's argument (an
+        # index under another collation than BINARY then serves no range of _stored_dates;
+        # the rows read are the same).
+        stored = sa.collate(sa.type_coerce(column, sa.String()), "BINARY")
+        return TimeColumn(expr, "sqlite", source.timezone, stored, instants=instants)
     aware = isinstance(column.type, sa.DateTime) and column.type.timezone  # else a DateTime without time zone
     return TimeColumn(column, "aware" if aware else "naive", source.timezone, column, text_bounds=dialect == "hive")
 

@@ -506,7 +506,7 @@ def test_sqlite_text_timestamps_are_read_as_an_index_range(tmp_path, time_slice)
     """On SQLite, where timestamps are text read through an expression no index serves,
     every statement that reads windows narrows them by the text as stored first: a range of
     the index on the timestamp, not a scan of the table's whole history. Only the probe of
-    the newest, future and unreadable timestamps (``PredictionQueries.probe``) reads every
+    the newest, future and unreadable timestamps (``PredictionQueries.last_timestamp``) reads every
     row: text that is no date-time is counted over the whole table."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     engine = sa.create_engine(url)

@@ -9,6 +9,7 @@ from ``datetime.fromisoformat``, never from exporter code.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -153,6 +154,45 @@ def test_sqlite_text_whose_date_is_days_from_its_instant(tmp_path, zone):
         start = AS_OF - WINDOWS[stats.window]
         assert stats.predictions == sum(start <= t < AS_OF for t in instants), (stats.window, instants)
     assert {s.window: s.predictions for s in snap.score_stats}["1h"] >= 2
+
+
+@pytest.mark.parametrize(
+    ("text", "zone", "as_of"),
+    [
+        # Read as 1844-12-18 17:04:52 in Manila (local mean time -15:56:08 then), before its written date.
+        ("1844-12-20 00:00:00+14:59", "Asia/Manila", datetime(1844, 12, 19, 9, 30, tzinfo=UTC)),
+        # Read as 1867-10-03 06:01:18 in Juneau (+15:02:19 then), two days after its written date.
+        ("1867-10-01 23:59:59-14:59", "America/Juneau", datetime(1867, 10, 2, 15, 30, tzinfo=UTC)),
+    ],
+    ids=["Manila-1844", "Juneau-1867"],
+)
+def test_sqlite_text_in_the_widest_offsets_ever_used(tmp_path, text, zone, as_of):
+    """The written date furthest from the wall clock it reads as: the largest offset SQLite
+    reads, the other way from the largest offset a zone has had (review finding): still in
+    its window after the narrowing by the stored dates."""
+    url = _sqlite(tmp_path, "TEXT", [text])
+    (snap,) = _refresh(zoned_predictions_settings(url, zone, windows=["1h"]), as_of)
+    assert as_of - timedelta(hours=1) <= datetime.fromisoformat(text) < as_of
+    assert snap.score_stats[0].predictions == 1, snap.errors
+
+
+def test_sqlite_timestamp_under_a_collation_only_its_writer_defines(tmp_path):
+    """A timestamp column declared with a collation that only the writer's connections
+    define is still read (review finding: the stored dates compared under the column's
+    collation failed every statement with "no such collation sequence")."""
+    path = tmp_path / "s.sqlite"
+    conn = sqlite3.connect(path)
+    conn.create_collation("APPCOLL", lambda a, b: (a > b) - (a < b))
+    conn.execute("CREATE TABLE predictions (id INTEGER PRIMARY KEY, ts TEXT COLLATE APPCOLL, p REAL)")
+    conn.execute("CREATE TABLE labels (id INTEGER PRIMARY KEY, y INTEGER, ts TEXT COLLATE APPCOLL)")
+    conn.execute("INSERT INTO predictions VALUES (1, '2024-06-01 11:30:00', 0.5), (2, '2024-05-01 11:30:00', 0.5)")
+    conn.execute("INSERT INTO labels VALUES (1, 1, '2024-06-01 11:40:00')")
+    conn.commit()
+    conn.close()
+    settings = model_settings(f"sqlite:///{path}", labels={"columns": {"timestamp": "ts"}})
+    (snap,) = _refresh(settings, AS_OF)
+    assert all(source.up for source in snap.sources.values()), snap.errors
+    assert (snap.score_stats[0].predictions, snap.online[0].labeled) == (1, 1)
 
 
 @pytest.mark.parametrize("time_slice", [None, "5m"], ids=["one-pass", "sliced"])
