@@ -408,8 +408,8 @@ class PredictionQueries:
         self.version = None if source.columns.version is None else table.c[source.columns.version]
         self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
 
-    def _in_window(self, start: datetime, end: datetime) -> sa.ColumnElement:
-        return sa.and_(self.time.between(start, end), *self.filters)
+    def _in_window(self, start: datetime, end: datetime, narrowed: bool = True) -> sa.ColumnElement:
+        return sa.and_(self.time.between(start, end, narrowed), *self.filters)
 
     def duplicate_search(self, windows: Windows) -> sa.Select:
         """The ids carried by several rows of the largest of ``windows``, at most
@@ -701,6 +701,7 @@ class PredictionQueries:
         with_time: bool = False,
         only: Sequence[Any] | None = None,
         exclude: Sequence[Any] = (),
+        before_materialized: bool = False,
     ) -> sa.Subquery:
         """The valid predictions of the largest window (of the ``only`` ids, when given),
         leaving out those of the ``exclude`` ids, as (id, score, ``in_i`` per window, and with
@@ -708,7 +709,14 @@ class PredictionQueries:
         ``in_i`` is 1 when the row counts in window ``i`` (in it, its id carried by no other
         row of it), else 0. Filtered by plain predicates on the score rather than by
         reason: PostgreSQL estimates those well, and a wrong estimate makes it sort the
-        window instead of hashing it."""
+        window instead of hashing it.
+
+        ``before_materialized`` (SQLite): the rows are the outer side of a join to rows SQLite
+        materialises (the label rows with their time, ``LabelQueries._timed``), which it
+        indexes only when it expects many outer rows. They are then read as before the
+        stored dates' range and ``unflattened``: with either, SQLite expected few and
+        scanned every label row once per prediction (5 s instead of 0.6 s for 8,400
+        predictions and 3,600 label rows, the demo's)."""
         source, duplicated = self._duplicated(windows, duplicates, only)
         flags = [
             sa.case((sa.and_(self.time.at_or_after(start), dup), 0), (self.time.at_or_after(start), 1), else_=0).label(
@@ -721,21 +729,21 @@ class PredictionQueries:
             sa.select(self.id.label("id"), self.score.label("score"), *time, *flags)
             .select_from(source)
             .where(
-                self._in_window(windows.start, windows.end),
+                self._in_window(windows.start, windows.end, narrowed=not before_materialized),
                 _valid_probability(self.dialect, self.score, self.score_is_number),
                 *self._only(only),
                 *self._not_in(exclude),
             )
         )
-        return self.unflattened(rows).subquery("valid_rows")
+        return (rows if before_materialized else self.unflattened(rows)).subquery("valid_rows")
 
     def unflattened(self, rows: sa.Select) -> sa.Select:
         """``rows``, which a statement reads as a subquery, kept from being flattened into it
         on SQLite by a LIMIT (``_parts``, ``rows``, ``valid_rows``, the probe, the features'
-        cleaned values): flattened, each
-        use of a column is its expression again, and the time, reasons and window flags,
-        read by every aggregate, each normalised the row's date-time text once more (a
-        refresh of the load test's models spent most of its time there)."""
+        cleaned values): flattened, each use of a column is its expression again, and the
+        time, reasons and window flags, read by every aggregate, each normalised the row's
+        date-time text once more (a refresh of the load test's models spent most of its time
+        there: docs/performance.md, *SQLite: each row's date-time text read once*)."""
         return rows.limit(-1) if self.dialect == "sqlite" else rows
 
     def joins_labels_one_to_one(self, labels: LabelQueries) -> bool:
@@ -963,8 +971,11 @@ class PredictionQueries:
             elif repeated:
                 exclude = listed
         one_to_one = repeated is not None and not apart
+        materialized = self.dialect == "sqlite" and labels.time is not None  # LabelQueries._timed
         if maturity is not None:
-            rows = self.valid_rows(windows, duplicates, with_time=True, only=keep, exclude=exclude)
+            rows = self.valid_rows(
+                windows, duplicates, with_time=True, only=keep, exclude=exclude, before_materialized=materialized
+            )
             if one_to_one:
                 agg = labels.maturity_bounds(maturity, labels.read_ranges(windows, as_of, maturity), as_of, self.time)
                 # A row whose arrival time is no instant is in every slice's range (and counted
@@ -975,7 +986,7 @@ class PredictionQueries:
                 agg = self.matured_labels(labels, [(windows.start, windows.end)], as_of, maturity, keep)
                 source = rows.outerjoin(agg, sa.and_(rows.c.id == agg.c.id, rows.c.t == agg.c.t))
         else:
-            rows = self.valid_rows(windows, duplicates, only=keep, exclude=exclude)
+            rows = self.valid_rows(windows, duplicates, only=keep, exclude=exclude, before_materialized=materialized)
             agg = labels.per_id(windows, as_of, grouped=not one_to_one, only=keep)
             source = rows.outerjoin(agg, rows.c.id == agg.c.id)
         per_window = maturity is None and labels.time is not None

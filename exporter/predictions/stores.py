@@ -287,14 +287,16 @@ class TimeColumn:
         naive = to_wall_clock(instant, ZoneInfo(self.zone))
         return _sqlite_text(naive) if self.kind == "sqlite" or self.text_bounds else naive
 
-    def between(self, start: datetime | None, end: datetime | None) -> sa.ColumnElement:
+    def between(self, start: datetime | None, end: datetime | None, narrowed: bool = True) -> sa.ColumnElement:
         """A predicate true for rows whose timestamp is an instant in ``[start, end)``;
-        ``None`` leaves that side open (an unreadable timestamp is in no range)."""
+        ``None`` leaves that side open (an unreadable timestamp is in no range). SQLite text
+        is first ``narrowed`` by its stored dates (``_stored_dates``) unless told not to."""
         if self.kind == "sqlite" and start is not None and end is not None:
             # BETWEEN evaluates the expression once; every value has the same fixed-width
             # text, so < end is <= the text one microsecond earlier.
             last = _sqlite_text(to_wall_clock(end, ZoneInfo(self.zone)) - _MICROSECOND)
-            return sa.and_(self._stored_dates(start, end), self.expr.between(self.bind(start), last))
+            exact = self.expr.between(self.bind(start), last)
+            return sa.and_(self._stored_dates(start, end), exact) if narrowed else exact
         # An open side is bounded by INSTANT_RANGE (SQLite text: NULL outside it already):
         # ±infinity sorts outside every date-time, NaN outside every number, and SQLite
         # text in a numeric column above them.
