@@ -59,6 +59,8 @@ from exporter.predictions.stores import utc_now
 from exporter.training.schema import as_utc
 from exporter.training.storage import StateDatabase, save_run
 
+log = logging.getLogger(__name__)
+
 #: Mean gap between two predictions of one model.
 MEAN_GAP_SECONDS = 10.0
 #: How often the running demo appends new rows.
@@ -305,8 +307,14 @@ def _training_sample(rng: np.random.Generator, tablets_as_mobile: bool, n: int =
         device[device == "tablet"] = "mobile"
     # Fractional, not whole hours: PSI bins are the reference's deciles, and on a feature
     # with 24 distinct values small sampling differences move whole deciles.
-    hour = rng.uniform(0.0, 24.0, 3 * n)
-    hour = hour[rng.uniform(size=hour.size) < (1.0 + 0.5 * np.cos(2 * np.pi * (hour - 20.0) / 24.0)) / 1.5][:n]
+    # Rejection sampling keeps about 2/3 of a draw: drawn again until n are kept (a single
+    # draw of 3n kept fewer than n now and then for the few rows of a 5 s batch).
+    hour = np.empty(0)
+    while hour.size < n:
+        draw = rng.uniform(0.0, 24.0, 3 * n)
+        kept = draw[rng.uniform(size=draw.size) < (1.0 + 0.5 * np.cos(2 * np.pi * (draw - 20.0) / 24.0)) / 1.5]
+        hour = np.concatenate([hour, kept])
+    hour = hour[:n]
     user_age_days = np.round(rng.lognormal(5.0, 1.2, n))
     user_age_days[rng.uniform(size=n) < 0.05] = np.nan
     return pd.DataFrame(
@@ -435,7 +443,11 @@ async def _keep_appending(engine: sa.Engine, since: datetime, carry: dict[str, f
         await asyncio.sleep(APPEND_EVERY_SECONDS)
         now = utc_now()
         # In a thread: a write may wait on SQLite's lock while a refresh reads.
-        await asyncio.to_thread(append, engine, since, now, rng, held_from=held_from, click_carry=carry)
+        try:
+            await asyncio.to_thread(append, engine, since, now, rng, held_from=held_from, click_carry=carry)
+        except Exception:  # logged, and the next batch tried: the demo keeps growing
+            log.exception("demo: appending the predictions from %s to %s failed", since, now)
+            continue
         since = now
 
 
