@@ -737,6 +737,12 @@ class PredictionQueries:
         )
         return (rows if before_materialized else self.unflattened(rows)).subquery("valid_rows")
 
+    def _labels_materialized(self, labels: LabelQueries) -> bool:
+        """Whether SQLite reads ``labels`` from a subquery it materialises (their time as
+        SQLite text, computed once a row: ``LabelQueries._timed``), which it indexes for a
+        join only when it expects many predictions to join (``valid_rows``)."""
+        return self.dialect == "sqlite" and labels.time is not None and labels.time.kind == "sqlite"
+
     def unflattened(self, rows: sa.Select) -> sa.Select:
         """``rows``, which a statement reads as a subquery, kept from being flattened into it
         on SQLite by a LIMIT (``_parts``, ``rows``, ``valid_rows``, the probe, the features'
@@ -971,7 +977,7 @@ class PredictionQueries:
             elif repeated:
                 exclude = listed
         one_to_one = repeated is not None and not apart
-        materialized = self.dialect == "sqlite" and labels.time is not None  # LabelQueries._timed
+        materialized = self._labels_materialized(labels)
         if maturity is not None:
             rows = self.valid_rows(
                 windows, duplicates, with_time=True, only=keep, exclude=exclude, before_materialized=materialized
@@ -1080,7 +1086,10 @@ class PredictionQueries:
             label_rows.c.bad == 0, self.time.expr >= label_rows.c.opens, self.time.expr < label_rows.c.closes
         )
         value = sa.case((matures, label_rows.c.value), else_=None)
-        in_reads = sa.or_(*(self.time.between(start, end) for start, end in union(reads)))
+        # As valid_rows' before_materialized: read as the whole history, or SQLite scans the
+        # materialised label rows once per prediction.
+        narrowed = not self._labels_materialized(labels)
+        in_reads = sa.or_(*(self.time.between(start, end, narrowed) for start, end in union(reads)))
         return (
             sa.select(
                 self.id.label("id"),
