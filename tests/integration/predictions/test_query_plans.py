@@ -515,6 +515,31 @@ def _label_rows_scanned_per_prediction(plan: list[tuple]) -> bool:
     return False
 
 
+def _sqlite_plans(settings, as_of: datetime, keep) -> tuple:
+    """Refreshes the model of ``settings`` at ``as_of`` on a SQLite store and returns its
+    snapshot and the ``EXPLAIN QUERY PLAN`` rows of each statement it ran for which
+    ``keep(statement)`` holds, with the parameters it ran with, by statement."""
+    stores = Stores(settings.stores, settings.query_timeout)
+    statements = []
+
+    def record(conn, cursor, statement, params, *_):
+        statements.append((statement, params))
+
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+    try:
+        snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(as_of)
+        sa.event.remove(stores.engine("s"), "before_cursor_execute", record)
+        with stores.engine("s").connect() as conn:
+            plans = {
+                statement: [tuple(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)]
+                for statement, params in statements
+                if keep(statement)
+            }
+    finally:
+        stores.dispose()
+    return snap, plans
+
+
 @pytest.mark.parametrize("time_slice", [None, "5m"], ids=["one-pass", "sliced"])
 def test_sqlite_text_timestamps_are_read_as_an_index_range(tmp_path, time_slice):
     """On SQLite, where timestamps are text read through an expression no index serves,
@@ -541,25 +566,10 @@ def test_sqlite_text_timestamps_are_read_as_an_index_range(tmp_path, time_slice)
         labels={"columns": {"timestamp": "ts"}},
         model={"windows": ["1h", "24h"], "label_delay": "1h"} | ({"time_slice": time_slice} if time_slice else {}),
     )
-    stores = Stores(settings.stores, settings.query_timeout)
-    statements = []
-
-    def record(conn, cursor, statement, params, *_):
-        statements.append((statement, params))
-
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
-    try:
-        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
-        snap = refresher.refresh(as_of)
-        assert all(source.up for source in snap.sources.values()), snap.errors
-        sa.event.remove(stores.engine("s"), "before_cursor_execute", record)
-        plans = {}
-        with stores.engine("s").connect() as conn:
-            for stmt, params in statements:
-                if "FROM predictions" in stmt and " AS unreadable" not in stmt:
-                    plans[stmt] = [tuple(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt, params)]
-    finally:
-        stores.dispose()
+    snap, plans = _sqlite_plans(
+        settings, as_of, lambda statement: "FROM predictions" in statement and " AS unreadable" not in statement
+    )
+    assert all(source.up for source in snap.sources.values()), snap.errors
     assert len(plans) >= 2  # the histogram (and, sliced, the most frequent scores), online accuracy
     for stmt, plan in plans.items():
         reads = [step for *_, step in plan if " predictions" in step]
@@ -606,28 +616,13 @@ def test_sqlite_predictions_joined_to_label_rows_look_each_one_up(tmp_path, time
         model={"windows": ["1h", "24h"], "label_delay": "1h"}
         | ({"time_slice": time_slice, "slice_fill_refreshes": 1} if time_slice else {}),
     )
-    stores = Stores(settings.stores, settings.query_timeout)
-    statements = []
-
-    def record(conn, cursor, statement, params, *_):
-        statements.append((statement, params))
-
-    sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
-    try:
-        snap = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(as_of)
-        sa.event.remove(stores.engine("s"), "before_cursor_execute", record)
-        with stores.engine("s").connect() as conn:
-            plans = [
-                [tuple(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params)]
-                for statement, params in statements
-                if "label_rows" in statement and "FROM predictions" in statement
-            ]
-    finally:
-        stores.dispose()
+    snap, plans = _sqlite_plans(
+        settings, as_of, lambda statement: "label_rows" in statement and "FROM predictions" in statement
+    )
     assert snap.sources["labels"].up, snap.errors
     assert snap.online[1].predictions == sum(1 for i, m, *_ in rows if m == "a" and 3600 <= 37 * i < 25 * 3600)
     assert plans
-    for plan in plans:
+    for plan in plans.values():
         assert not _label_rows_scanned_per_prediction(plan), plan
 
 
