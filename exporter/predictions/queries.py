@@ -404,6 +404,10 @@ class PredictionQueries:
         self.score: sa.ColumnElement[float] = sa.cast(table.c[source.columns.score], sa.Double())
         self.score_is_number = is_number(dialect, table.c[source.columns.score])
         self.indexed = _indexed_by(table, source.columns.id)
+        #: Ids of a numeric type: their smallest and largest per slice (``id_ranges``)
+        #: narrow a steady duplicate search (``LeftOutIds``), as Python orders them as the
+        #: store does (text under a collation it may not).
+        self.numeric_ids = isinstance(self.id.type, (sa.Integer, sa.Numeric))
         self.filters = [filter_condition(table.c[name], value, dialect) for name, value in source.filter.items()]
         self.version = None if source.columns.version is None else table.c[source.columns.version]
         self.unique_ids = source.unique_ids or _unique_by_schema(table, source.columns.id)
@@ -481,17 +485,45 @@ class PredictionQueries:
             .limit(MAX_LISTED_DUPLICATES + 1)
         )
 
+    def duplicates_within(self, reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
+        """The ids carried by several of the rows stamped in the ``reads`` ranges, at most
+        ``MAX_LISTED_DUPLICATES + 1``: a steady search narrowed to the slices whose ids may
+        meet the new rows' (``LeftOutIds``), one grouped read of those ranges rather than
+        of the window."""
+        rows, _ = self._parts((), reads, self.listed_id.label("id"), where=[self.id.is_not(None)])  # no parts
+        return (
+            sa.select(rows.c.id)
+            .group_by(rows.c.id)
+            .having(sa.func.count() > 1)  # NULL is no duplicate: left out above
+            .limit(MAX_LISTED_DUPLICATES + 1)
+        )
+
+    def id_ranges(self, points: Sequence[datetime], reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
+        """Per part ``[points[p], points[p + 1])`` (``part``: ``p``, as ``_parts``) of the
+        ``reads`` ranges holding an id that is not NULL, its smallest and largest id
+        (``low``, ``high``; ``numeric_ids`` only: PostgreSQL has no ``min`` of ``uuid``)."""
+        rows, part = self._parts(points, reads, self.listed_id.label("id"), where=[self.id.is_not(None)])
+        return sa.select(
+            part.label("part"), sa.func.min(rows.c.id).label("low"), sa.func.max(rows.c.id).label("high")
+        ).group_by(part)
+
     def duplicate_rows(
-        self, points: Sequence[datetime], start: datetime, end: datetime, ids: Sequence[Any]
+        self,
+        points: Sequence[datetime],
+        start: datetime,
+        end: datetime,
+        ids: Sequence[Any],
+        within: Sequence[tuple[datetime, datetime]] | None = None,
     ) -> sa.Select:
-        """Every row of ``[start, end)`` whose id is one of ``ids``, as (``part``, ``id``,
+        """Every row of ``[start, end)`` (only those stamped in the ``within`` ranges of it,
+        when given) whose id is one of ``ids``, as (``part``, ``id``,
         ``base``, ``score``), at most ``MAX_DUPLICATE_ROWS + 1``; parts as ``_parts``. Each
         id is given as one of the ids the store holds equal to it, the same for all of them
         (a case-insensitive collation holds 'a' and 'A' equal), so that Python counts an
         id's rows as the store's ``GROUP BY`` does; ``first_value``, not ``min``, which
         PostgreSQL lacks for ``uuid`` and ``bytea``."""
         columns = (self.listed_id.label("id"), self._base().label("base"), self.score.label("score"))
-        rows, part = self._parts(points, [(start, end)], *columns, where=self._only(ids))
+        rows, part = self._parts(points, [(start, end)] if within is None else within, *columns, where=self._only(ids))
         # A plain Function, not sa.func's registry: the trino dialect, when installed,
         # registers a first_value class of its own that SQLAlchemy cannot cache statements of.
         same = sa.sql.functions.Function("first_value", rows.c.id, type_=rows.c.id.type).over(partition_by=rows.c.id)

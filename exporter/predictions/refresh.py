@@ -59,9 +59,12 @@ def worst_case_queries(model: ModelConfig) -> int:
     (reflection, on the first refresh and after a failure, not counted).
 
     Each source reads all its windows in one pass per query. Predictions
-    (``PredictionsSource.run``), at most 9: the newest timestamp; the audit of kept time
+    (``PredictionsSource.run``), at most 9 (10 on time slices without ``unique_ids``):
+    the newest timestamp; the audit of kept time
     slices (when due); unless ids are unique by schema or config (which the config alone
-    cannot tell), the duplicated ids (of every id when the audit ran) and their rows; per
+    cannot tell), the duplicated ids (of every id when the audit ran) and their rows, and on
+    time slices the id ranges of the slices read (numeric ids without an index:
+    ``LeftOutIds._narrowed``); per
     pass of the plan (two when a window's tail lies in a slice read this time:
     ``slices.Plan``) the sliced histogram and, when buckets hold several scores, their most
     frequent scores; the new rows of the counter (9). When the duplicated ids or their rows
@@ -80,23 +83,24 @@ def worst_case_queries(model: ModelConfig) -> int:
     with kept online slices (time slices on, labels that mature by slice), instead of the
     first two, 5 with ``unique_ids``: the audit and two passes of the plan, or the audit, a
     filling pass and the windows in one pass (three statements) (``LabelsSource._sliced``);
-    7 without: the audit, the duplicated ids and their rows, then two passes and the rows
+    8 without: the audit, the id ranges, the duplicated ids and their rows, then two passes and the rows
     of those ids added back per window, or a filling pass and the windows in one pass;
     replays: the replays (a search too if the predictions failed before theirs, a refresh
     with fewer statements); on slices (``ModelConfig.replays_on_slices``), as the labels
-    on kept online slices, 3 with ``unique_ids`` and 6 without (``ReplaysSource._sliced``:
+    on kept online slices, 3 with ``unique_ids`` and 7 without (``ReplaysSource._sliced``:
     their slices settle ``replay_delay`` later than the predictions', so they find the
     duplicated ids among what they read themselves); features: the serving version (with a version column), its
     training run, and one statement for every window and feature.
     """
     version = model.predictions.columns.version is not None
-    count = 9
+    unique = model.predictions.unique_ids
+    count = 9 + (model.slice_width() is not None and not unique)
     if model.labels is not None:
         kept = model.slice_width() is not None and model.labels_mature_by_slice()
-        sliced = 5 if model.predictions.unique_ids else 7
+        sliced = 5 if unique else 8
         count += (sliced if kept else 3 + (model.label_delay > timedelta(0))) + version
     if model.replays is not None:
-        count += (3 if model.predictions.unique_ids else 6) if model.replays_on_slices() else 1
+        count += (3 if unique else 7) if model.replays_on_slices() else 1
     if model.features is not None:
         count += 2 + version
     return count

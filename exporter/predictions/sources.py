@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from functools import cached_property
 from typing import Any, Generic, TypeVar
 from zoneinfo import ZoneInfo
@@ -44,6 +45,7 @@ from exporter.predictions.queries import (
     PredictionQueries,
     ReplayQueries,
     Windows,
+    union,
 )
 from exporter.predictions.saved_slices import (
     ONLINE,
@@ -70,6 +72,7 @@ from exporter.predictions.slices import (
     SliceStore,
     TopCounts,
     boundaries,
+    floor_to,
     slice_starts,
 )
 from exporter.predictions.stores import (
@@ -170,6 +173,9 @@ class LeftOutIds:
         #: A search was asked to probe every id (an audit's refresh) and none has finished
         #: since (that refresh failed after its audit): the next search probes every id.
         self._every_id_owed = False
+        #: Per slice (by start), the smallest and largest id of its rows as read (``()``: no
+        #: id read; ``None``: ids Python cannot order as the store does): ``_narrowed``.
+        self._id_ranges: dict[datetime, tuple[Any, ...] | None] = {}
 
     def search(
         self,
@@ -205,7 +211,15 @@ class LeftOutIds:
             # duplicated ids than can be listed, and all of them, for a pass over the windows.
             probe = reads if store.slices and not filling and not every_id else None
             self.complete = probe is None
-            searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
+            # Without an index on the id, probing the new ids against the window reads the
+            # window: numeric ids are searched in the slices their id ranges may meet instead.
+            within = None
+            if q.numeric_ids and not q.indexed:
+                within = self._narrowed(conn, q, windows, store, probed, steady=bool(probe))
+            if within is None:
+                searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
+            else:
+                searched = conn.execute(q.duplicates_within(within)).all() if within else []
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
             rows: list[Any] = []
             # The limits are read from the module at each call: tests lower them.
@@ -213,7 +227,7 @@ class LeftOutIds:
             self._too_many = not listed
             if ids and listed:
                 points = _slice_points(windows, store.width)
-                rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids)))
+                rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids, within)))
                 duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
             self._every_id_owed = False
             if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
@@ -230,6 +244,54 @@ class LeftOutIds:
         stale = [s for s in store.slices if self._by_slice.get(s, frozenset()) != self._should.get(s, frozenset())]
         store.forget(stale)
         return duplicate_rows
+
+    def _narrowed(
+        self,
+        conn: Connection,
+        q: PredictionQueries,
+        windows: Windows,
+        store: SliceStore[Any],
+        probed: Plan,
+        steady: bool,
+    ) -> list[tuple[datetime, datetime]] | None:
+        """Reads the id ranges of the slices new to ``probed`` (the refresh's plan) and,
+        when ``steady``, returns the ranges of the largest of ``windows`` its search reads:
+        every row of an id duplicated in the window lies in them (else ``None``: the search
+        probes every id and reads the window anyway).
+
+        A new duplicate has a new row: in the head (the reads ending at the window's end),
+        a slice read for the first time, or one read unprobed by the last refresh. Its other
+        rows are new too, or in a slice whose id range (``_id_ranges``, the smallest and
+        largest id read in it) holds its id, so one that meets the id range of a new slice;
+        a known duplicate's rows lie in the new slices and the slices its rows were found in
+        (``_should``). Ids that grow with time (a sequence, a timestamped id) make that the
+        new slices and the one or two before them; ids in no order, every slice (the
+        window). A slice's range is read when the slice is new (a fill reads the ranges of
+        the slices it reads), and once for a slice of the window the process has not read
+        (restored slices); a row written into a kept slice later than ``ingestion_delay``
+        may escape it until the audit's refresh probes every id, as its scores wait for
+        that audit. One ``GROUP BY`` of the new slices' rows by slice."""
+        width = store.width
+        new = [r for p in probed.passes for r in p.reads if r[1] >= windows.end]  # the head
+        new = _clipped([*new, *((s, s + width) for s in (*probed.new_slices, *self._unprobed))], windows)
+        fresh = {s for a, b in new for s in boundaries(a, b, width)[:-1]}
+        every = boundaries(windows.start, windows.end, width)[:-1]
+        self._id_ranges = {s: r for s, r in self._id_ranges.items() if s + width > windows.start and s not in fresh}
+        unseen = [s for s in every if s not in fresh and s not in self._id_ranges] if steady else []
+        read = union([*new, *_clipped([(s, s + width) for s in unseen], windows)])
+        self._id_ranges.update({s: () for s in (*fresh, *unseen)})  # no row: no id
+        if read:
+            points = _slice_points(windows, width)
+            for row in conn.execute(q.id_ranges(points, read)):
+                start = floor_to(points[row.part], width)
+                ids = (row.low, row.high) if _orderable(row.low, row.high) else None
+                self._id_ranges[start] = _hull(self._id_ranges[start], ids)
+        if not steady:
+            return None
+        meeting = [
+            s for s in every if s not in fresh and any(_meet(self._id_ranges[s], self._id_ranges[f]) for f in fresh)
+        ]
+        return union([*new, *_clipped([(s, s + width) for s in (*meeting, *self._should)], windows)])
 
     def one_pass_ids(self, found: DuplicateRows | None, starts: Sequence[datetime]) -> DuplicateIds | None:
         """The duplicated ids of each window starting at one of ``starts``, for a read of the
@@ -258,6 +320,32 @@ class LeftOutIds:
         self._by_slice = {s: self._should.get(s, frozenset()) for s in store.slices}
         if not unique:
             self._unprobed = tuple(sorted(set(plan.new_slices) - set(self._probed)))
+
+
+def _clipped(ranges: Iterable[tuple[datetime, datetime]], windows: Windows) -> list[tuple[datetime, datetime]]:
+    """``ranges`` cut to the largest of ``windows``, empty ones left out."""
+    cut = ((max(a, windows.start), min(b, windows.end)) for a, b in ranges)
+    return [(a, b) for a, b in cut if a < b]
+
+
+def _orderable(*ids: Any) -> bool:
+    """Whether Python orders ``ids`` as a store does: numbers, not NaN (SQLite may hand back
+    text out of a numeric column)."""
+    return all(isinstance(i, (int, float, Decimal)) and not isinstance(i, bool) and i == i for i in ids)
+
+
+def _hull(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """The smallest id range (low, high) holding both (``()``: empty; ``None``: unordered)."""
+    if a is None or b is None:
+        return None
+    return (min(a[0], b[0]), max(a[1], b[1])) if a and b else a or b
+
+
+def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    """Whether an id may lie in both id ranges (``_hull``); unordered ones may always."""
+    if a is None or b is None:
+        return True
+    return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
 
 
 def _slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:

@@ -368,9 +368,9 @@ def _every_statement(tmp_path, slice_fill_refreshes: int):
 
 def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
     """An audit that finds more kept slices changed (4) than a refresh reads (3 of the 3h
-    window's 36) starts a fill: newest, audit, every id probed and the duplicated ones' rows,
-    the fill's pass (histogram, most frequent scores), the windows in one pass with the ids
-    found (histogram, mode counts), counter: 9; + 4 (labels: the label ids with several rows,
+    window's 36) starts a fill: newest, audit, the id ranges of the slices read, every id
+    probed and the duplicated ones' rows, the fill's pass (histogram, most frequent scores),
+    the windows in one pass with the ids found (histogram, mode counts), counter: 10; + 4 (labels: the label ids with several rows,
     the other predictions, those ids' predictions; serving version); the replays,
     on their own slices, within their bound (``_ran_at_most``)."""
 
@@ -401,8 +401,8 @@ def test_worst_case_queries_counts_a_search_that_starts_a_fill(tmp_path):
     several scores now), and rows just written carry the ids of rows in 4 other kept
     slices, which must now leave them out: read again too, more than a refresh reads, so
     it fills. The refresh that audits probes every id, so the windows' pass uses the ids
-    found: newest, audit, duplicated ids and their rows, the fill's pass (histogram, most
-    frequent scores), the windows in one pass (histogram, mode counts), counter: 9; + 4
+    found: newest, audit, id ranges, duplicated ids and their rows, the fill's pass (histogram,
+    most frequent scores), the windows in one pass (histogram, mode counts), counter: 10; + 4
     (labels in three statements, serving version); the replays within their bound
     (``_ran_at_most``). Its
     numbers are those of one pass (without an audit the search probes only what it reads,
@@ -487,26 +487,26 @@ def test_worst_case_queries_is_what_a_refresh_runs(tmp_path):
     snap = refresher.refresh(as_of)
     assert all(s.up for s in snap.sources.values()) and all(s.bucketed for s in snap.score_stats)
     assert snap.score_stats[0].invalid["duplicate_id"] == 2
-    # 9 (predictions: newest, audit, duplicated ids, their rows, histogram and most frequent
-    # scores of each of two passes, counter; as many when the audit starts a fill: above)
-    # + 3 + 1 (labels: the label ids with several rows, the other predictions, id 7's; serving
-    # version: they reuse the predictions' duplicate ids, no label delay) + 6 (replays on
-    # their slices: audit, duplicated ids, their rows, two passes, those ids' rows added
-    # back), whatever the windows
+    # 10 (predictions: newest, audit, the id ranges of the slices read, duplicated ids, their
+    # rows, histogram and most frequent scores of each of two passes, counter; as many when
+    # the audit starts a fill: above) + 3 + 1 (labels: the label ids with several rows, the
+    # other predictions, id 7's; serving version: they reuse the predictions' duplicate ids,
+    # no label delay) + 7 (replays on their slices: audit, id ranges, duplicated ids, their
+    # rows, two passes, those ids' rows added back), whatever the windows
     counts = {name: len(run) for name, run in by_source.items()}
-    assert counts == {"predictions": 9, "labels": 4, "replays": 6}
-    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 19
+    assert counts == {"predictions": 10, "labels": 4, "replays": 7}
+    assert sum(counts.values()) == worst_case_queries(settings.models[0]) == 21
     stores.dispose()
 
 
 def _ran_at_most(by_source: dict[str, list[str]], model) -> None:
-    """The predictions ran their most statements (9), the labels theirs (4, with the
+    """The predictions ran their most statements (10), the labels theirs (4, with the
     serving version), the replays (on slices) at most theirs: ``worst_case_queries``."""
     from exporter.predictions.refresh import worst_case_queries
 
     counts = {name: len(run) for name, run in by_source.items()}
-    assert counts["predictions"] == 9 and counts["labels"] == 4
-    assert counts["replays"] <= worst_case_queries(model) - 13 == 6
+    assert counts["predictions"] == 10 and counts["labels"] == 4
+    assert counts["replays"] <= worst_case_queries(model) - 14 == 7
 
 
 def test_the_default_deadline_fits_the_work_and_check_config_warns_when_a_set_one_cannot(tmp_path):

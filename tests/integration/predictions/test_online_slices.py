@@ -383,9 +383,9 @@ def test_a_steady_refresh_reads_only_the_slices_not_yet_mature(tmp_path):
 def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path, unique):
     """The most statements the labels run with kept online slices: an audit that finds more
     kept slices changed (4) than a refresh fills (3 of the 1h window's 29), (without unique
-    ids, one of them duplicated: the duplicated ids and their rows), then the fill's pass
-    and the windows in one pass, which has a label id with two rows to search and read
-    apart: 5, or 7 (``refresh.worst_case_queries``)."""
+    ids, one of them duplicated: the id ranges, the duplicated ids and their rows), then the
+    fill's pass and the windows in one pass, which has a label id with two rows to search
+    and read apart: 5, or 8 (``refresh.worst_case_queries``)."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, "ignore", 12, unique)
     stores = Stores(settings.stores, timedelta(seconds=30))
@@ -405,8 +405,9 @@ def test_worst_case_queries_counts_an_online_audit_that_starts_a_fill(tmp_path, 
     by_source = statements_by_source(refresher, stores)
     snap = refresher.refresh(START + AUDIT + timedelta(seconds=11))
     assert all(s.up for s in snap.sources.values()) and not online.filled
-    # No version column; predictions run at most 9; no replays.
-    assert len(by_source["labels"]) == worst_case_queries(settings.models[0]) - 9 == (5 if unique else 7)
+    # No version column; predictions run at most 9, 10 with the id ranges; no replays.
+    predictions = 9 if unique else 10
+    assert len(by_source["labels"]) == worst_case_queries(settings.models[0]) - predictions == (5 if unique else 8)
     assert next(o for o in snap.online if o.window == "1h").labeled == (4 if unique else 3)
     stores.dispose()
     tables.engine.dispose()
@@ -525,9 +526,9 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     """Ids not declared unique: a prediction whose id another row of a window carries is
     left out of that window only. The kept slices leave the duplicated ids out, one
     statement adds their rows back per window, and the audit, leaving the same ids out,
-    finds nothing changed; a steady refresh runs the audit, the duplicated ids and their
-    rows, two passes, and the rows added back: 6 of the 7 ``refresh.worst_case_queries``
-    counts (a filling refresh reads one pass and the windows in three statements:
+    finds nothing changed; a steady refresh runs the audit, the id ranges of the slices
+    read, the duplicated ids and their rows, two passes, and the rows added back: 7 of the 8
+    ``refresh.worst_case_queries`` counts (a filling refresh reads one pass and the windows in three statements:
     ``test_worst_case_queries_counts_an_online_audit_that_starts_a_fill``)."""
     url = f"sqlite:///{tmp_path}/store.sqlite"
     settings = _settings(url, None, "ignore", 1, unique=False)
@@ -566,8 +567,8 @@ def test_duplicated_ids_are_left_out_of_kept_slices_and_added_back_per_window(tm
     steady = warm.refresh(as_of)
     assert "kept online slices changed" not in caplog.text
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    # No version column; predictions run at most 9; no replays.
-    assert len(selects) == 6 and worst_case_queries(settings.models[0]) - 9 == 7
+    # No version column; predictions run at most 10 (with the id ranges); no replays.
+    assert len(selects) == 7 and worst_case_queries(settings.models[0]) - 10 == 8
     cold = _refresher(_settings(url, None, "ignore", 24, unique=False), stores).refresh(as_of)
     for w, c in zip(steady.online, cold.online, strict=True):
         _same(w, c)

@@ -742,3 +742,111 @@ def test_sliced_reads_of_a_table_never_analyzed_are_index_ranges(postgres_schema
         ranges = [s["Index Cond"] for s in scans if "Index Cond" in s]
         assert len(ranges) == branches, (name, ranges)
         assert all("ts >= " in r and "ts < " in r for r in ranges), (name, ranges)
+
+
+def _rows_read(node: dict, table: str) -> int:
+    """The rows of ``table`` the scans of an ``EXPLAIN (ANALYZE, FORMAT JSON)`` plan read:
+    those they returned and those their filters removed, at every loop."""
+    own = 0
+    if node.get("Relation Name") == table:
+        read = (
+            node["Actual Rows"] + node.get("Rows Removed by Filter", 0) + node.get("Rows Removed by Index Recheck", 0)
+        )
+        own = read * node["Actual Loops"]
+    return own + sum(_rows_read(child, table) for child in node.get("Plans", []))
+
+
+@pytest.mark.postgres
+def test_a_steady_search_without_an_id_index_reads_the_new_rows_not_the_window(postgres_schema):
+    """In the default configuration (ids neither declared unique nor indexed) a steady
+    refresh on time slices probed its new rows' ids against the whole 24 h window: a scan of
+    the window per source and refresh, 1.1x the bare scan each at 10^6 rows (issue 12:
+    steady ≤ 0.1x). Ids that grow with time (here with a few seconds of jitter, as a sequence
+    written by several writers gives them) are searched in the slices whose id ranges meet
+    the new rows' instead: the whole steady refresh reads under a tenth of the window's
+    rows, and finds the new duplicate (of a row 3 minutes older) and the old one (two rows
+    10 hours back) as a cold refresh at the same time does."""
+    url, schema = postgres_schema
+    n = 20_000
+    rng = np.random.default_rng(5)
+    start = AS_OF.replace(tzinfo=None) - timedelta(days=1)
+    # Id g stamped g * 4.32 s into the day, give or take 3 s.
+    seconds = np.clip(np.arange(n) * 86_400 / n + rng.uniform(-3, 3, n), 0, 86_399)
+    rows = [(int(g), start + timedelta(seconds=float(s)), float(rng.random())) for g, s in enumerate(seconds)]
+    rows.append((11_000, start + timedelta(seconds=11_000 * 4.32 + 1), 0.5))  # an old duplicate id
+    minute = [(n + k, AS_OF.replace(tzinfo=None) + timedelta(seconds=4 * k + 1), 0.25) for k in range(14)]
+    minute.append((rows[-50][0], AS_OF.replace(tzinfo=None) + timedelta(seconds=30), 0.75))  # 3.6 min older
+    engine = sa.create_engine(url)
+    insert = sa.text(f'INSERT INTO "{schema}".predictions VALUES (:id, :ts, :p)')
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE TABLE "{schema}".predictions (id bigint, ts timestamp, p float8)'))
+            conn.execute(sa.text(f'CREATE INDEX ON "{schema}".predictions (ts)'))
+            conn.execute(insert, [{"id": i, "ts": t, "p": p} for i, t, p in rows])
+            conn.execute(sa.text(f'ANALYZE "{schema}".predictions'))
+        settings = parse_settings(
+            {
+                "stores": {"s": {"url": url}},
+                "models": [
+                    {
+                        "name": "m",
+                        "predictions": {
+                            "store": "s",
+                            "schema": schema,
+                            "table": "predictions",
+                            "columns": {"id": "id", "timestamp": "ts", "score": "p"},
+                        },
+                        "windows": ["1h", "24h"],
+                        "time_slice": "5m",
+                        "slice_fill_refreshes": 1,
+                    }
+                ],
+            }
+        )
+        stores = Stores(settings.stores, settings.query_timeout)
+        refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
+        refresher.refresh(AS_OF)
+        with engine.begin() as conn:
+            conn.execute(insert, [{"id": i, "ts": t, "p": p} for i, t, p in minute])
+        statements = []
+
+        def record(conn, cursor, statement, params, *_):
+            if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+                statements.append((statement, params))
+
+        sa.event.listen(stores.engine("s"), "before_cursor_execute", record)
+        steady = refresher.refresh(AS_OF + _MINUTE)
+        sa.event.remove(stores.engine("s"), "before_cursor_execute", record)
+        cold = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(AS_OF + _MINUTE)
+        with engine.connect() as conn:
+            read = sum(
+                _rows_read(
+                    conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + statement, params).scalar()[0]["Plan"],
+                    "predictions",
+                )
+                for statement, params in statements
+            )
+        # A new row carrying the id of a row 6 hours back, out of the ids' order: its
+        # slice's id range now meets every slice since, which the search reads.
+        with engine.begin() as conn:
+            conn.execute(insert, {"id": 15_000, "ts": AS_OF.replace(tzinfo=None) + timedelta(seconds=90), "p": 0.5})
+        later = refresher.refresh(AS_OF + 2 * _MINUTE)
+        later_cold = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores).refresh(
+            AS_OF + 2 * _MINUTE
+        )
+        stores.dispose()
+    finally:
+        engine.dispose()
+    window = sum(
+        1 for _, t, _ in [*rows, *minute] if start + timedelta(minutes=1) <= t < AS_OF.replace(tzinfo=None) + _MINUTE
+    )
+    assert steady.sources["predictions"].up, steady.errors
+    assert [s.invalid.get("duplicate_id", 0) for s in steady.score_stats] == [2, 4]
+    for warm, fresh in ((steady, cold), (later, later_cold)):
+        assert [(s.predictions, dict(s.invalid)) for s in warm.score_stats] == [
+            (s.predictions, dict(s.invalid)) for s in fresh.score_stats
+        ]
+    # Only the 24h window holds both rows of id 15,000.
+    assert [s.invalid.get("duplicate_id", 0) for s in later.score_stats] == [2, 6]
+    assert steady.score_stats[1].predictions == window - 4  # the rows of a duplicate id are invalid
+    assert read < window / 10, (read, window)
