@@ -78,16 +78,22 @@ def chunks(
     features: bool = False,
     end: datetime = NOW,
     first_id: int = 0,
+    ordered_ids: bool = False,
 ):
     """DataFrames (predictions, labels, replays) of up to CHUNK predictions each, stamped
-    in the ``hours`` before ``end``, with ids from ``first_id`` on."""
+    in the ``hours`` before ``end``, with ids from ``first_id`` on: drawn in no relation to
+    the time, or with ``ordered_ids`` growing with it (as a sequence gives them)."""
     rng = np.random.default_rng(seed)
     start = end - timedelta(hours=hours)
     for first in range(first_id, first_id + rows, CHUNK):
         n = min(CHUNK, first_id + rows - first)
         ids = np.arange(first, first + n, dtype=np.int64)
         score = rng.beta(1.2, 40, n)
-        offsets = rng.uniform(0, hours * 3600, n)
+        if ordered_ids:  # this chunk's share of the hours, in order
+            low, high = ((k - first_id) / rows * hours * 3600 for k in (first, first + n))
+            offsets = np.sort(rng.uniform(low, high, n))
+        else:
+            offsets = rng.uniform(0, hours * 3600, n)
         ts = pd.Timestamp(start) + pd.to_timedelta(offsets, unit="s")
         predictions = pd.DataFrame({"id": ids, "model_name": (ids % models).astype(str), "ts": ts, "score": score})
         predictions["model_name"] = "m" + predictions["model_name"]
@@ -124,6 +130,7 @@ def generate(
     seed: int = 0,
     features: bool = False,
     analyze: bool = True,
+    ordered_ids: bool = False,
 ) -> None:
     """Write the tables; ``analyze=False`` (PostgreSQL): the tables are never analyzed, not
     even by autovacuum (disabled for them from their creation), so the planner works with
@@ -139,7 +146,7 @@ def generate(
             for table in (predictions, labels, replays):
                 conn.exec_driver_sql(f"ALTER TABLE {table.name} SET (autovacuum_enabled = false)")
     with engine.begin() as conn:
-        for frames in chunks(rows, models, hours, label_share, replay_share, seed, features):
+        for frames in chunks(rows, models, hours, label_share, replay_share, seed, features, ordered_ids=ordered_ids):
             for table, frame in zip((predictions, labels, replays), frames, strict=True):
                 if dialect == "postgresql":
                     copy_postgres(conn, table.name, frame)
@@ -178,6 +185,7 @@ def main() -> None:
     parser.add_argument(
         "--no-analyze", action="store_true", help="PostgreSQL: never analyze the tables (autovacuum off for them)"
     )
+    parser.add_argument("--ordered-ids", action="store_true", help="ids growing with the time, as a sequence gives")
     args = parser.parse_args()
     started = time.perf_counter()
     generate(
@@ -189,6 +197,7 @@ def main() -> None:
         args.replay_share,
         features=args.features,
         analyze=not args.no_analyze,
+        ordered_ids=args.ordered_ids,
     )
     print(f"wrote {args.rows:,} predictions in {time.perf_counter() - started:.1f} s")
 

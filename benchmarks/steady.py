@@ -32,6 +32,9 @@ environment: Evidently is no dependency of mlmon) when given.
     python benchmarks/steady.py --url duckdb:////tmp/bench_steady.duckdb --rows 1e5 1e6 --evidently-python /tmp/bench-venv/bin/python
 
 ``--no-analyze`` (PostgreSQL): the tables are never analyzed (stale planner statistics).
+``--ordered-ids``: the predictions' ids grow with their time (a sequence), which narrows a
+duplicate search without an id index (``LeftOutIds._narrowed``); by default they are drawn in
+no relation to it (the new minutes' ids always follow the earlier ones).
 ``--reuse`` skips writing the tables (one ``--rows`` value; the rows of earlier runs'
 minutes are still there: the window then holds a few more than N).
 """
@@ -342,6 +345,7 @@ def main() -> None:
         "--no-analyze", action="store_true", help="PostgreSQL: tables never analyzed (stale planner statistics)"
     )
     parser.add_argument("--no-naive", action="store_true", help="skip refresh.py's naive method")
+    parser.add_argument("--ordered-ids", action="store_true", help="ids growing with the time (generate.py)")
     parser.add_argument(
         "--evidently-python", help="interpreter of an environment with evidently (refresh.py's evidently method)"
     )
@@ -373,7 +377,8 @@ def main() -> None:
             # In a child process: a parent grown by the data would inflate its children's peak RSS.
             subprocess.run(
                 [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", str(rows)]
-                + (["--no-analyze"] if args.no_analyze else []),
+                + (["--no-analyze"] if args.no_analyze else [])
+                + (["--ordered-ids"] if args.ordered_ids else []),
                 check=True,
                 stdout=subprocess.DEVNULL,
             )

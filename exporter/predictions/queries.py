@@ -436,7 +436,12 @@ class PredictionQueries:
         )
 
     def duplicates_among(
-        self, start: datetime, end: datetime, probe: Sequence[tuple[datetime, datetime]] | None, known: Sequence[Any]
+        self,
+        start: datetime,
+        end: datetime,
+        probe: Sequence[tuple[datetime, datetime]] | None,
+        known: Sequence[Any],
+        within: Sequence[tuple[datetime, datetime]] | None = None,
     ) -> sa.Select:
         """The ids carried by several rows of ``[start, end)``, at most
         ``MAX_LISTED_DUPLICATES + 1``, among the ids of the rows stamped in the ``probe``
@@ -447,11 +452,24 @@ class PredictionQueries:
         hashes a semi-join over the window; elsewhere a semi-join) instead of grouping the
         whole window by id
         (``LeftOutIds.search`` groups every id with no slice kept, while filling and at an
-        audit's refresh).
+        audit's refresh). With ``within`` (ranges of the window holding every row of the
+        probed ids: ``LeftOutIds._narrowed``), the semi-join reads those ranges only.
         """
         conditions = [self._in_window(start, end), self.id.is_not(None)]  # NULL is no duplicate
         if probe is not None:
             in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
+            if within is not None:
+                # The known ids beside the new rows' (not inside the subquery, which would
+                # then read the window for them): a filter on the rows of the ranges read.
+                new = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
+                member = sa.or_(new, self.listed_id.in_(list(known))) if known else new
+                rows, _ = self._parts((), within, self.listed_id.label("id"), where=[self.id.is_not(None), member])
+                return (
+                    sa.select(rows.c.id)
+                    .group_by(rows.c.id)
+                    .having(sa.func.count() > 1)
+                    .limit(MAX_LISTED_DUPLICATES + 1)
+                )
             # The known ids inside the subquery, not OR-ed beside it: one semi-join, which an
             # index on the id turns into lookups (an OR of two made PostgreSQL read the
             # window); bounded by the window, else without an id index it reads all history.
@@ -482,19 +500,6 @@ class PredictionQueries:
             .where(*conditions)
             .group_by(self.id)
             .having(sa.func.count() > 1)
-            .limit(MAX_LISTED_DUPLICATES + 1)
-        )
-
-    def duplicates_within(self, reads: Sequence[tuple[datetime, datetime]]) -> sa.Select:
-        """The ids carried by several of the rows stamped in the ``reads`` ranges, at most
-        ``MAX_LISTED_DUPLICATES + 1``: a steady search narrowed to the slices whose ids may
-        meet the new rows' (``LeftOutIds``), one grouped read of those ranges rather than
-        of the window."""
-        rows, _ = self._parts((), reads, self.listed_id.label("id"), where=[self.id.is_not(None)])  # no parts
-        return (
-            sa.select(rows.c.id)
-            .group_by(rows.c.id)
-            .having(sa.func.count() > 1)  # NULL is no duplicate: left out above
             .limit(MAX_LISTED_DUPLICATES + 1)
         )
 

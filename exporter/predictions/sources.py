@@ -213,13 +213,17 @@ class LeftOutIds:
             self.complete = probe is None
             # Without an index on the id, probing the new ids against the window reads the
             # window: numeric ids are searched in the slices their id ranges may meet instead.
-            within = None
+            narrowed = None
             if q.numeric_ids and not q.indexed:
-                within = self._narrowed(conn, q, windows, store, probed, steady=bool(probe))
-            if within is None:
-                searched = conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids)).all()
-            else:
-                searched = conn.execute(q.duplicates_within(within)).all() if within else []
+                narrowed = self._narrowed(conn, q, windows, store, probed, steady=bool(probe))
+            within = None
+            if narrowed is not None:
+                probe, within = narrowed
+            searched = (
+                conn.execute(q.duplicates_among(windows.start, windows.end, probe, self.ids, within)).all()
+                if within != []
+                else []
+            )
             ids = [row.id for row in searched if row.id is not None]  # NULL equals no id: never a duplicate
             rows: list[Any] = []
             # The limits are read from the module at each call: tests lower them.
@@ -253,11 +257,12 @@ class LeftOutIds:
         store: SliceStore[Any],
         probed: Plan,
         steady: bool,
-    ) -> list[tuple[datetime, datetime]] | None:
+    ) -> tuple[list[tuple[datetime, datetime]], list[tuple[datetime, datetime]]] | None:
         """Reads the id ranges of the slices new to ``probed`` (the refresh's plan) and,
-        when ``steady``, returns the ranges of the largest of ``windows`` its search reads:
-        every row of an id duplicated in the window lies in them (else ``None``: the search
-        probes every id and reads the window anyway).
+        when ``steady``, returns the ranges of the largest of ``windows`` holding new rows,
+        whose ids the search probes, and those it reads: every row of an id duplicated in
+        the window lies in them (else ``None``: the search probes every id and reads the
+        window anyway).
 
         A new duplicate has a new row: in the head (the reads ending at the window's end),
         a slice read for the first time, or one read unprobed by the last refresh. Its other
@@ -291,7 +296,7 @@ class LeftOutIds:
         meeting = [
             s for s in every if s not in fresh and any(_meet(self._id_ranges[s], self._id_ranges[f]) for f in fresh)
         ]
-        return union([*new, *_clipped([(s, s + width) for s in (*meeting, *self._should)], windows)])
+        return union(new), union([*new, *_clipped([(s, s + width) for s in (*meeting, *self._should)], windows)])
 
     def one_pass_ids(self, found: DuplicateRows | None, starts: Sequence[datetime]) -> DuplicateIds | None:
         """The duplicated ids of each window starting at one of ``starts``, for a read of the
