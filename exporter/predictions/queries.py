@@ -459,13 +459,19 @@ class PredictionQueries:
         if probe is not None:
             in_probe = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(probe)))
             if within is not None:
-                # The known ids beside the new rows' (not inside the subquery, which would
-                # then read the window for them): a filter on the rows of the ranges read.
-                new = self.id.in_(sa.select(self.id).where(in_probe, *self.filters).correlate(None))
-                member = sa.or_(new, self.listed_id.in_(list(known))) if known else new
-                rows, _ = self._parts((), within, self.listed_id.label("id"), where=[self.id.is_not(None), member])
+                # The known ids' rows lie in the ranges read. One semi-join of the rows read
+                # with the probed ids, outside the ranges' UNION ALL branches (inside, each
+                # branch read the probe again), no OR beside it (PostgreSQL then tests a
+                # subplan per row, quadratic once the probe outgrows work_mem).
+                in_within = sa.or_(sa.false(), *(self.time.between(a, b) for a, b in union(within)))
+                known_within = sa.and_(in_within, self.listed_id.in_(list(known)))
+                probed_ids = sa.select(self.listed_id).where(
+                    sa.or_(in_probe, known_within) if known else in_probe, *self.filters, self.id.is_not(None)
+                )
+                rows, _ = self._parts((), within, self.listed_id.label("id"), where=[self.id.is_not(None)])
                 return (
                     sa.select(rows.c.id)
+                    .where(rows.c.id.in_(probed_ids))
                     .group_by(rows.c.id)
                     .having(sa.func.count() > 1)
                     .limit(MAX_LISTED_DUPLICATES + 1)

@@ -264,7 +264,7 @@ class LeftOutIds:
         the window lies in them (else ``None``: the search probes every id and reads the
         window anyway).
 
-        A new duplicate has a new row: in the head (the reads ending at the window's end),
+        A new duplicate has a new row: in the head (the slices not kept at the window's end),
         a slice read for the first time, or one read unprobed by the last refresh. Its other
         rows are new too, or in a slice whose id range (``_id_ranges``, the smallest and
         largest id read in it) holds its id, so one that meets the id range of a new slice;
@@ -273,24 +273,31 @@ class LeftOutIds:
         new slices and the one or two before them; ids in no order, every slice (the
         window). A slice's range is read when the slice is new (a fill reads the ranges of
         the slices it reads), and once for a slice of the window the process has not read
-        (restored slices); a row written into a kept slice later than ``ingestion_delay``
-        may escape it until the audit's refresh probes every id, as its scores wait for
-        that audit. One ``GROUP BY`` of the new slices' rows by slice."""
+        (restored slices: the first steady refresh after a restart groups the window's
+        rows by slice once); a row written into a kept slice later than ``ingestion_delay``,
+        or an id rewritten in place, may escape it until the audit's refresh probes every
+        id, as its scores wait for that audit. One ``GROUP BY`` of the new slices' rows by
+        slice."""
         width = store.width
-        new = [r for p in probed.passes for r in p.reads if r[1] >= windows.end]  # the head
-        new = _clipped([*new, *((s, s + width) for s in (*probed.new_slices, *self._unprobed))], windows)
+        # The head: the reads ending at the window's end, from the first slice not kept (a
+        # window's tail in the last kept slice is read with the head, as one range).
+        head = [r for p in probed.passes for r in p.reads if r[1] >= windows.end]
+        head = [(max([a, *(s + width for s in boundaries(a, b, width)[:-1] if s in store.slices)]), b) for a, b in head]
+        new = _clipped([*head, *((s, s + width) for s in (*probed.new_slices, *self._unprobed))], windows)
         fresh = {s for a, b in new for s in boundaries(a, b, width)[:-1]}
         every = boundaries(windows.start, windows.end, width)[:-1]
         self._id_ranges = {s: r for s, r in self._id_ranges.items() if s + width > windows.start and s not in fresh}
         unseen = [s for s in every if s not in fresh and s not in self._id_ranges] if steady else []
-        read = union([*new, *_clipped([(s, s + width) for s in unseen], windows)])
-        self._id_ranges.update({s: () for s in (*fresh, *unseen)})  # no row: no id
+        # Whole slices, the first one's rows before the window too (the range then holds
+        # if the window moves back), up to the window's end.
+        found: dict[datetime, tuple[Any, ...] | None] = {s: () for s in (*fresh, *unseen)}  # no row: no id
+        read = union((s, min(s + width, windows.end)) for s in found)
         if read:
             points = _slice_points(windows, width)
             for row in conn.execute(q.id_ranges(points, read)):
                 start = floor_to(points[row.part], width)
-                ids = (row.low, row.high) if _orderable(row.low, row.high) else None
-                self._id_ranges[start] = _hull(self._id_ranges[start], ids)
+                found[start] = _hull(found[start], (row.low, row.high) if _orderable(row.low, row.high) else None)
+        self._id_ranges.update(found)  # once read: a failed statement leaves them unseen
         if not steady:
             return None
         meeting = [

@@ -11,7 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.predictions import queries
+from exporter.predictions.refresh import ModelRefresher
 from exporter.predictions.stores import Stores
+from exporter.training.storage import StateDatabase
 from tests.integration.predictions.test_time_slices import START, Log, _refresher, _same, _settings
 
 
@@ -249,3 +251,68 @@ def test_nan_ids_are_one_id(store, monkeypatch):
     assert (got.predictions, got.invalid["duplicate_id"]) == (1, 4)
     stores.dispose()
     engine.dispose()
+
+
+def _every_20s(log: Log) -> None:
+    """A row every 20 s in the 70 minutes before START, ids growing with the time."""
+    log.insert([(START - timedelta(seconds=20 * k), 0.5) for k in range(210, 0, -1)])
+
+
+def _id_at(log: Log, instant) -> int:
+    return next(i for i, ts, _ in log.rows.values() if ts == instant)
+
+
+def test_a_small_windows_tail_read_with_the_head_leaves_its_slice_searched(store):
+    """Ids not declared unique and growing with the time, searched in the slices whose id
+    ranges meet the new rows' (``LeftOutIds._narrowed``): a 5m window starting in the last
+    kept slice has its tail read with the head, as one range. That slice is no new one: a
+    new row carrying the id of a row in it, before the window's start, is a duplicate of the
+    1h window (review finding: its range was taken from the tail alone, and the row missed)."""
+    url, schema, dialect = store
+    settings = _settings(url, schema, unique=False, windows=["5m", "1h"])
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, schema, dialect)
+    _every_20s(log)
+    warm = _refresher(settings, stores)
+    _warm_equals_cold(warm, settings, stores, START)
+    # 11:54:40, in the kept slice [11:54, 11:56), before the 5m window's start at 11:55:30.
+    old = _id_at(log, START - timedelta(minutes=5, seconds=20))
+    log.insert([(START + timedelta(seconds=20), 0.75)], [old])  # in the head
+    got = _warm_equals_cold(warm, settings, stores, START + timedelta(seconds=30))
+    assert [s.invalid.get("duplicate_id", 0) for s in got.score_stats] == [0, 2]
+    stores.dispose()
+
+
+def test_a_failed_id_range_read_leaves_the_slices_to_read_again(tmp_path):
+    """After a restart the first steady refresh reads the id ranges of the restored slices;
+    when that statement fails (a timeout) the refresh fails, and the next one reads them
+    again (review finding: they were left as holding no id, and a new row carrying the id of
+    a row 30 minutes back was never found duplicated)."""
+    url, state_url = f"sqlite:///{tmp_path}/store.sqlite", f"sqlite:///{tmp_path}/state.sqlite"
+    settings = _settings(url, None, unique=False)
+    stores = Stores(settings.stores, settings.query_timeout)
+    log = Log(url, None, "sqlite")
+    _every_20s(log)
+
+    def serving(state: StateDatabase) -> ModelRefresher:
+        model = settings.models[0]
+        return ModelRefresher(model, "models[0]", settings.refresh_policy, stores, state=state, save_slices=True)
+
+    _warm_equals_cold(serving(StateDatabase(state_url)), settings, stores, START)
+    restarted = serving(StateDatabase(state_url))
+    _warm_equals_cold(restarted, settings, stores, START + timedelta(seconds=30))  # restores, audits
+    failing = [True]
+
+    def fail_once(conn, cursor, statement, params, *_):
+        if failing[0] and "AS low" in statement:
+            failing[0] = False
+            raise sa.exc.OperationalError(statement, params, Exception("statement timeout"))
+
+    sa.event.listen(stores.engine("s"), "before_cursor_execute", fail_once)
+    assert not restarted.refresh(START + timedelta(seconds=60)).sources["predictions"].up
+    sa.event.remove(stores.engine("s"), "before_cursor_execute", fail_once)
+    assert not failing[0]
+    log.insert([(START + timedelta(seconds=70), 0.75)], [_id_at(log, START - timedelta(minutes=30))])
+    got = _warm_equals_cold(restarted, settings, stores, START + timedelta(seconds=90))
+    assert [s.invalid.get("duplicate_id", 0) for s in got.score_stats] == [0, 2]
+    stores.dispose()
