@@ -784,24 +784,11 @@ def test_a_steady_search_without_an_id_index_reads_the_new_rows_not_the_window(p
             conn.execute(sa.text(f'CREATE INDEX ON "{schema}".predictions (ts)'))
             conn.execute(insert, [{"id": i, "ts": t, "p": p} for i, t, p in rows])
             conn.execute(sa.text(f'ANALYZE "{schema}".predictions'))
-        settings = parse_settings(
-            {
-                "stores": {"s": {"url": url}},
-                "models": [
-                    {
-                        "name": "m",
-                        "predictions": {
-                            "store": "s",
-                            "schema": schema,
-                            "table": "predictions",
-                            "columns": {"id": "id", "timestamp": "ts", "score": "p"},
-                        },
-                        "windows": ["1h", "24h"],
-                        "time_slice": "5m",
-                        "slice_fill_refreshes": 1,
-                    }
-                ],
-            }
+        settings = model_settings(
+            url,
+            schema,
+            labels=False,
+            model={"windows": ["1h", "24h"], "time_slice": "5m", "slice_fill_refreshes": 1},
         )
         stores = Stores(settings.stores, settings.query_timeout)
         refresher = ModelRefresher(settings.models[0], "models[0]", settings.refresh_policy, stores)
