@@ -59,13 +59,12 @@ def worst_case_queries(model: ModelConfig) -> int:
     (reflection, on the first refresh and after a failure, not counted).
 
     Each source reads all its windows in one pass per query. Predictions
-    (``PredictionsSource.run``), at most 9 (10 on time slices without ``unique_ids``):
-    the newest timestamp; the audit of kept time
-    slices (when due); unless ids are unique by schema or config (which the config alone
-    cannot tell), the duplicated ids (of every id when the audit ran) and their rows, and on
-    time slices the id ranges of the slices read (numeric ids without an index:
-    ``LeftOutIds._narrowed``); per
-    pass of the plan (two when a window's tail lies in a slice read this time:
+    (``PredictionsSource.run``), at most 9, one more on time slices without ``unique_ids``
+    in each variant below (the id ranges of the slices read, for numeric ids without an
+    index: ``LeftOutIds._narrowed``): the newest timestamp; the audit of kept time slices
+    (when due); unless ids are unique by schema or config (which the config alone cannot
+    tell), the duplicated ids (of every id when the audit ran) and their rows; per pass of
+    the plan (two when a window's tail lies in a slice read this time:
     ``slices.Plan``) the sliced histogram and, when buckets hold several scores, their most
     frequent scores; the new rows of the counter (9). When the duplicated ids or their rows
     are too many to list, the one-pass histogram and the mode counts replace the passes,
@@ -83,8 +82,9 @@ def worst_case_queries(model: ModelConfig) -> int:
     with kept online slices (time slices on, labels that mature by slice), instead of the
     first two, 5 with ``unique_ids``: the audit and two passes of the plan, or the audit, a
     filling pass and the windows in one pass (three statements) (``LabelsSource._sliced``);
-    8 without: the audit, the id ranges, the duplicated ids and their rows, then two passes and the rows
-    of those ids added back per window, or a filling pass and the windows in one pass;
+    8 without: the audit, the id ranges, the duplicated ids and their rows, then two
+    passes and the rows of those ids added back per window (7), or a filling pass and the
+    windows in one pass (8);
     replays: the replays (a search too if the predictions failed before theirs, a refresh
     with fewer statements); on slices (``ModelConfig.replays_on_slices``), as the labels
     on kept online slices, 3 with ``unique_ids`` and 7 without (``ReplaysSource._sliced``:

@@ -199,9 +199,10 @@ class LeftOutIds:
         duplicate_rows, ids = DuplicateRows((), ()), []
         self._every_id_owed = every_id = every_id or self._every_id_owed
         if not q.unique_ids:
-            # Probe the ids of what this refresh reads (everything on a cold refresh), and of
-            # the slices the last one read unprobed: one may hold a row written later than
-            # ingestion_delay, whose id the audit, finding the slice as read, never probes.
+            # Probe the ids of what this refresh reads (everything on a cold refresh; the new
+            # rows only when narrowed: _narrowed), and of the slices the last one read
+            # unprobed: one may hold a row written later than ingestion_delay, whose id the
+            # audit, finding the slice as read, never probes.
             probed = store.plan(windows.starts, windows.end, delay, filling)
             self._probed = probed.new_slices
             reads = [r for p in probed.passes for r in p.reads]

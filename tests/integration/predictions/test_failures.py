@@ -370,9 +370,10 @@ def test_worst_case_queries_counts_an_audit_that_starts_a_fill(tmp_path):
     """An audit that finds more kept slices changed (4) than a refresh reads (3 of the 3h
     window's 36) starts a fill: newest, audit, the id ranges of the slices read, every id
     probed and the duplicated ones' rows, the fill's pass (histogram, most frequent scores),
-    the windows in one pass with the ids found (histogram, mode counts), counter: 10; + 4 (labels: the label ids with several rows,
-    the other predictions, those ids' predictions; serving version); the replays,
-    on their own slices, within their bound (``_ran_at_most``)."""
+    the windows in one pass with the ids found (histogram, mode counts), counter: 10; + 4
+    (labels: the label ids with several rows, the other predictions, those ids'
+    predictions; serving version); the replays, on their own slices, within their bound
+    (``_ran_at_most``)."""
 
     engine, settings = _every_statement(tmp_path, slice_fill_refreshes=12)
     stores = Stores(settings.stores, settings.query_timeout)
