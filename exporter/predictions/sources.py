@@ -176,6 +176,8 @@ class LeftOutIds:
         #: Per slice (by start), the smallest and largest id of its rows as read (``()``: no
         #: id read; ``None``: ids Python cannot order as the store does): ``_narrowed``.
         self._id_ranges: dict[datetime, tuple[Any, ...] | None] = {}
+        #: The largest window's start at the last search that finished (``_narrowed``).
+        self._start: datetime | None = None
 
     def search(
         self,
@@ -235,6 +237,7 @@ class LeftOutIds:
                 rows = list(conn.execute(q.duplicate_rows(points, windows.start, windows.end, ids, within)))
                 duplicate_rows = DuplicateRows(points, tuple(tuple(row) for row in rows))
             self._every_id_owed = False
+            self._start = windows.start
             if not listed or len(rows) > queries.MAX_DUPLICATE_ROWS:
                 store.forget(list(store.slices))
                 self.ids = ()
@@ -266,7 +269,8 @@ class LeftOutIds:
         window anyway).
 
         A new duplicate has a new row: in the head (the slices not kept at the window's end),
-        a slice read for the first time, or one read unprobed by the last refresh. Its other
+        a slice read for the first time, one read unprobed by the last refresh, or back in
+        the window when its start moved back (a refresh time stepped back). Its other
         rows are new too, or in a slice whose id range (``_id_ranges``, the smallest and
         largest id read in it) holds its id, so one that meets the id range of a new slice;
         a known duplicate's rows lie in the new slices and the slices its rows were found in
@@ -284,7 +288,10 @@ class LeftOutIds:
         # window's tail in the last kept slice is read with the head, as one range).
         head = [r for p in probed.passes for r in p.reads if r[1] >= windows.end]
         head = [(max([a, *(s + width for s in boundaries(a, b, width)[:-1] if s in store.slices)]), b) for a, b in head]
-        new = _clipped([*head, *((s, s + width) for s in (*probed.new_slices, *self._unprobed))], windows)
+        # A refresh time stepped back (within the audit interval) brings back into the
+        # window rows it had left: they are new to it.
+        back = [(windows.start, self._start)] if self._start is not None and windows.start < self._start else []
+        new = _clipped([*head, *back, *((s, s + width) for s in (*probed.new_slices, *self._unprobed))], windows)
         fresh = {s for a, b in new for s in boundaries(a, b, width)[:-1]}
         every = boundaries(windows.start, windows.end, width)[:-1]
         self._id_ranges = {s: r for s, r in self._id_ranges.items() if s + width > windows.start and s not in fresh}
