@@ -46,12 +46,12 @@ log = logging.getLogger(__name__)
 #: The version of the saved form and of what a slice holds (its buckets, exclusion reasons,
 #: most frequent scores): part of the fingerprint, so that a version of mlmon that saves or
 #: computes slices differently ignores the rows of an older one. Bump it with either change.
-FORMAT = 1
+FORMAT = 2
 
 #: A histogram's entries as saved (``slices.Histogram``'s six arrays, little-endian).
 HIST_DTYPE = np.dtype([("key", "<i8"), ("n", "<i8"), ("low", "<f8"), ("high", "<f8"), ("s1", "<f8"), ("s2", "<f8")])
-#: The kept most frequent scores of every set of a ``slices.TopCounts``, one after the other.
-TOP_DTYPE = np.dtype([("key", "<i8"), ("count", "<i8")])
+#: The kept most frequent scores of a ``slices.TopCounts``, with their lower and upper counts.
+TOP_DTYPE = np.dtype([("key", "<i8"), ("lower", "<i8"), ("upper", "<i8")])
 
 #: As ``FORMAT``, for the kept online slices (``encode_online``): part of their fingerprint.
 ONLINE_FORMAT = 1
@@ -163,17 +163,16 @@ def _array(data: bytes, dtype: np.dtype, what: str) -> np.ndarray:
 
 def encode(sliced: Sliced) -> tuple[bytes, bytes, str]:
     """(hist, top, meta) of the row saving ``sliced``: the histogram's entries and the most
-    frequent scores of every set as ``.npy`` bytes (``HIST_DTYPE``, ``TOP_DTYPE``), and as
-    JSON the form and each set's (number of keys, bound)."""
+    frequent scores' as ``.npy`` bytes (``HIST_DTYPE``, ``TOP_DTYPE``), and as JSON the
+    form and the most frequent scores' ``unseen`` count."""
     h = sliced.hist
     hist = np.empty(len(h.key), dtype=HIST_DTYPE)
     for name in HIST_DTYPE.names or ():
         hist[name] = getattr(h, name)
-    sets = sliced.top.sets
-    top = np.empty(sum(len(keys) for keys, _, _ in sets), dtype=TOP_DTYPE)
-    top["key"] = np.concatenate([keys for keys, _, _ in sets]) if sets else []
-    top["count"] = np.concatenate([counts for _, counts, _ in sets]) if sets else []
-    meta = json.dumps({"format": FORMAT, "sets": [[len(keys), int(bound)] for keys, _, bound in sets]})
+    t = sliced.top
+    top = np.empty(len(t.keys), dtype=TOP_DTYPE)
+    top["key"], top["lower"], top["upper"] = t.keys, t.lower, t.upper
+    meta = json.dumps({"format": FORMAT, "unseen": int(t.unseen)})
     return _npy(hist), _npy(top), meta
 
 
@@ -195,29 +194,23 @@ def decode(hist: bytes, top: bytes, meta: str) -> Sliced:
 
     Raises:
         ValueError: the row is not one ``encode`` writes (another form, arrays of another
-            type, keys not increasing, empty buckets, set lengths not matching the keys),
-            naming what is wrong.
+            type, keys not increasing, empty buckets, most frequent scores' counts not
+            ``0 < lower <= upper``, ``unseen`` no count), naming what is wrong.
     """
     described = _of_form(meta, FORMAT)
-    sets = described.get("sets")
+    unseen = described.get("unseen")
     # type(v) is int, not isinstance: JSON true is a bool, which is an int.
-    if not isinstance(sets, list) or not all(
-        isinstance(s, list) and len(s) == 2 and all(type(v) is int and v >= 0 for v in s) for s in sets
-    ):
-        raise ValueError("meta: 'sets' is not a list of [keys, bound] pairs of counts")
+    if type(unseen) is not int or unseen < 0:
+        raise ValueError("meta: 'unseen' is not a count")
     entries = _array(hist, HIST_DTYPE, "hist")
     if np.any(np.diff(entries["key"]) <= 0) or np.any(entries["n"] <= 0):
         raise ValueError("hist: keys not strictly increasing, or a bucket without rows")
     kept = _array(top, TOP_DTYPE, "top")
-    if sum(length for length, _ in sets) != len(kept):
-        raise ValueError(f"top: {len(kept)} keys, the sets name {sum(length for length, _ in sets)}")
-    cuts = np.cumsum([0, *(length for length, _ in sets)])
-    top_sets = tuple(
-        (kept["key"][a:b].copy(), kept["count"][a:b].copy(), bound)
-        for a, b, (_, bound) in zip(cuts[:-1], cuts[1:], sets, strict=True)
-    )
+    if np.any(np.diff(kept["key"]) <= 0) or np.any(kept["lower"] <= 0) or np.any(kept["upper"] < kept["lower"]):
+        raise ValueError("top: keys not strictly increasing, or counts not 0 < lower <= upper")
     histogram = Histogram(*(np.ascontiguousarray(entries[name]) for name in HIST_DTYPE.names or ()))
-    return Sliced(histogram, TopCounts(top_sets))
+    keys, lower, upper = (np.ascontiguousarray(kept[name]) for name in ("key", "lower", "upper"))
+    return Sliced(histogram, TopCounts(keys, lower, upper, unseen))
 
 
 def encode_online(buckets: OnlineBuckets) -> tuple[bytes, str]:

@@ -233,16 +233,28 @@ TOP_SCORES = 128
 class TopCounts:
     """The most frequent rounded scores of some disjoint sets of rows, a bounded summary
     from which the mode count of their union is known within a bound (the Misra-Gries
-    argument): for each set, ``(keys, counts, bound)``: its ``TOP_SCORES`` most frequent
-    keys with their counts (all keys when it has no more), and ``bound``, the count of the
-    next one (0 when none is left out), which no left-out key exceeds in that set.
+    argument). Each set keeps its ``TOP_SCORES`` most frequent keys with their counts (all
+    keys when it has no more) and ``bound``, the count of the next one (0 when none is left
+    out), which no left-out key exceeds in that set.
 
-    Over the union, a key's count is at least the sum of its kept counts and at most that
-    sum plus the bound of every set that left it out (``mode``). Memory: 16 bytes a key,
-    at most ``TOP_SCORES`` keys a set.
+    Over the union, a key's count is at least the sum of its kept counts (``lower``) and at
+    most that sum plus the bound of every set that left it out (``upper``); a key no set
+    kept has at most the sum of all bounds (``unseen``). Kept per key (``keys`` ascending),
+    so that merging adds per key and is exact and associative: a window's summary merged
+    once from its kept slices merges again with the parts read at each refresh
+    (``SliceStore.merge``). Shapes: ``keys``, ``lower``, ``upper`` (n,) int64. Memory: 24
+    bytes a key, at most ``TOP_SCORES`` keys a set.
     """
 
-    sets: tuple[tuple[np.ndarray, np.ndarray, int], ...]
+    keys: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    unseen: int = 0
+
+    @classmethod
+    def empty(cls) -> TopCounts:
+        ints = np.empty(0, dtype=np.int64)
+        return cls(ints, ints, ints)
 
     @classmethod
     def of(cls, keys: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
@@ -252,7 +264,8 @@ class TopCounts:
         order = np.lexsort((keys, -counts))
         bound = int(counts[order[top]]) if len(order) > top else 0
         kept = order[:top]
-        return cls(((keys[kept], counts[kept], bound),))
+        kept = kept[np.argsort(keys[kept])]  # keys ascending (each key once)
+        return cls(keys[kept], counts[kept], counts[kept].copy(), bound)
 
     @classmethod
     def of_scores(cls, rounded: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
@@ -262,27 +275,29 @@ class TopCounts:
 
     @classmethod
     def merge(cls, parts: Iterable[TopCounts]) -> TopCounts:
-        """The summary of the union of disjoint sets."""
-        return cls(tuple(s for part in parts for s in part.sets))
+        """The summary of the union of disjoint sets: per key, the lower counts add, and so
+        do the upper ones, a part that has not the key giving its ``unseen``."""
+        parts = list(parts)
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        unseen = sum(p.unseen for p in parts)
+        every = np.concatenate([p.keys for p in parts])
+        keys = np.unique(every)
+        at = np.searchsorted(keys, every)
+        # Counts below 2**53 a key: exact in bincount's float64.
+        lower = np.bincount(at, weights=np.concatenate([p.lower for p in parts]), minlength=len(keys))
+        # upper = the parts' unseen summed, plus for each part holding the key (its upper - its unseen).
+        above = np.concatenate([p.upper - p.unseen for p in parts])
+        upper = unseen + np.bincount(at, weights=above, minlength=len(keys))
+        return cls(keys, lower.astype(np.int64), upper.astype(np.int64), unseen)
 
     def mode(self) -> tuple[int, int]:
         """(lower, upper): bounds of the count of the most frequent key of the union; equal
-        when exact. Lower: the largest sum of kept counts of a key; upper: the largest sum
-        of kept counts or bounds of a kept key, and the sum of all bounds (a key no set kept)."""
-        if not self.sets:
-            return 0, 0
-        keys = np.unique(np.concatenate([k for k, _, _ in self.sets]))
-        lower = np.zeros(len(keys), dtype=np.int64)
-        upper = np.zeros(len(keys), dtype=np.int64)
-        for set_keys, counts, bound in self.sets:
-            where = np.searchsorted(keys, set_keys)
-            found = np.zeros(len(keys), dtype=bool)
-            found[where] = True
-            lower[where] += counts
-            upper[where] += counts
-            upper[~found] += bound
-        unseen = sum(bound for _, _, bound in self.sets)
-        return int(lower.max(initial=0)), int(max(upper.max(initial=0), unseen))
+        when exact. Lower: the largest ``lower``; upper: the largest ``upper``, and ``unseen``
+        (a key no set kept)."""
+        return int(self.lower.max(initial=0)), int(max(self.upper.max(initial=0), self.unseen))
 
 
 @dataclass(frozen=True)
@@ -528,6 +543,12 @@ class SliceStore(Generic[A]):
         self.audit_interval = audit_interval
         self.combine = combine
         self.slices: dict[datetime, A] = {}
+        #: Per window's kept slice starts at the last ``merge``: (those slices' aggregates,
+        #: their merge). A window's kept slices change once a slice width (one seals, its
+        #: start passes a boundary), not at every refresh: merging 288 slices was most of
+        #: a steady refresh's Python time (docs/performance.md). The aggregates are compared
+        #: by identity: a slice read again, restored or forgotten is another object.
+        self._merged: dict[tuple[datetime, ...], tuple[tuple[A, ...], A]] = {}
         #: The last ``filling`` answered no: the refresh merges its windows from slices.
         self.filled = False
         self._first: datetime | None = None  # the largest window's first slice at the last ``begin``
@@ -625,14 +646,23 @@ class SliceStore(Generic[A]):
     def merge(self, plan: Plan, parts: dict[tuple[int, int], A]) -> list[A]:
         """Keep the new sealed slices of ``plan`` from the ``parts`` read for it (by (pass,
         part); a part without rows may be absent), and return each window's aggregate (none
-        while filling)."""
+        while filling): the merge of its kept slices, made again only when they changed
+        since the last ``merge``, merged with its parts read. ``combine`` must be
+        associative (the float sums only up to their rounding)."""
         for start in plan.new_slices:
             (p,) = plan.passes[0].parts_in(start, start + self.width)
             self.slices[start] = parts[(0, p)] if (0, p) in parts else self.combine([])
-        return [
-            self.combine([*(self.slices[s] for s in kept), *(parts[p] for p in own if p in parts)])
-            for kept, own in plan.windows
-        ]
+        merged: dict[tuple[datetime, ...], tuple[tuple[A, ...], A]] = {}
+        windows = []
+        for kept, own in plan.windows:
+            held = tuple(self.slices[s] for s in kept)
+            known = merged.get(kept) or self._merged.get(kept)
+            if known is None or any(a is not b for a, b in zip(known[0], held, strict=True)):
+                known = (held, self.combine(held))
+            merged[kept] = known
+            windows.append(self.combine([known[1], *(parts[p] for p in own if p in parts)]))
+        self._merged = merged
+        return windows
 
     def restore(self, slices: dict[datetime, A]) -> int:
         """Keep those of ``slices`` (by start), read by an earlier process, that are sealed

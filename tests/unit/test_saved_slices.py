@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from exporter.config import LabelSource, ReplaySource
+from exporter.predictions import saved_slices
 from exporter.predictions.saved_slices import (
     ONLINE_DTYPE,
     ONLINE_FORMAT,
@@ -193,17 +194,23 @@ def test_the_online_fingerprint_takes_every_setting_of_the_label_source():
         assert _online(other) != base, field
 
 
-def test_the_predictions_fingerprint_is_unchanged():
-    """The predictions' saved slices of an earlier version stay readable: their fingerprint
-    is computed as before the online one shared its predictions' part (value from base 989f191)."""
+def test_the_predictions_fingerprint_is_unchanged_but_for_the_form(monkeypatch):
+    """The predictions' fingerprint is computed as before the online one shared its
+    predictions' part (value from base 989f191, of form 1); the form 2 (the most frequent
+    scores kept per key) changes it, so that rows of form 1 are ignored, not misread."""
     model = model_settings(
         "sqlite:///x.sqlite",
         None,
         predictions={"filter": {"a": 1, "b": "x"}, "unique_ids": True},
         model={"time_slice": "2m"},
     ).models[0]
-    got = fingerprint(model, sa.make_url("postgresql://u:pw@h/db"), "postgresql", WIDTH, 128)
-    assert got == "ffd5ebf02d10b45cbfdf05354e31fa664d675265c8659fba8f527c93ea4572a5"
+    url = sa.make_url("postgresql://u:pw@h/db")
+    now = fingerprint(model, url, "postgresql", WIDTH, 128)
+    monkeypatch.setattr(saved_slices, "FORMAT", 1)
+    assert fingerprint(model, url, "postgresql", WIDTH, 128) == (
+        "ffd5ebf02d10b45cbfdf05354e31fa664d675265c8659fba8f527c93ea4572a5"
+    )
+    assert now != "ffd5ebf02d10b45cbfdf05354e31fa664d675265c8659fba8f527c93ea4572a5"
 
 
 def _replays_meta(**change) -> str:

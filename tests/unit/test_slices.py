@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from zoneinfo import ZoneInfo
@@ -19,6 +20,7 @@ from exporter.predictions.slices import (
     Pass,
     ReplayTotals,
     SliceStore,
+    TopCounts,
     slice_starts,
 )
 from exporter.predictions.stores import from_wall_clock, written_by
@@ -175,3 +177,73 @@ def test_ranges_are_grouped_at_their_widest_gaps(bounds, most):
     inner = [gap for g in groups for gap in gaps(g)]
     between = [b[0][0] - a[-1][1] for a, b in pairwise(groups)]
     assert not inner or not between or max(inner) <= min(between)
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 15), min_size=1, max_size=30), min_size=1, max_size=8),
+    st.integers(1, 5),
+    st.integers(0, 8),
+)
+def test_top_counts_merge_alike_in_any_grouping(sets, top, cut):
+    """``TopCounts`` of sets merged at once, or in two groups merged again (a window's kept
+    slices merged once, then with the parts read: ``SliceStore.merge``), give the same
+    per-key counts; the bounds are the Misra-Gries ones computed here set by set, and hold
+    the union's mode count."""
+    summaries = [TopCounts.of_scores(np.array(keys), np.ones(len(keys)), top=top) for keys in sets]
+    at_once = TopCounts.merge(summaries)
+    regrouped = TopCounts.merge([TopCounts.merge(summaries[:cut]), TopCounts.merge(summaries[cut:])])
+    for name in ("keys", "lower", "upper"):
+        np.testing.assert_array_equal(getattr(regrouped, name), getattr(at_once, name))
+    assert regrouped.unseen == at_once.unseen
+    kept, bounds = [], []
+    for keys in sets:
+        ranked = sorted(Counter(keys).items(), key=lambda kc: (-kc[1], kc[0]))
+        kept.append(dict(ranked[:top]))
+        bounds.append(ranked[top][1] if len(ranked) > top else 0)
+    every = {k for counts in kept for k in counts}
+    lower = max(sum(counts.get(k, 0) for counts in kept) for k in every)
+    upper = max(sum(counts.get(k, b) for counts, b in zip(kept, bounds, strict=True)) for k in every)
+    assert at_once.mode() == (lower, max(upper, sum(bounds)))
+    true = max(Counter(k for keys in sets for k in keys).values())
+    assert lower <= true <= max(upper, sum(bounds))
+
+
+def test_a_windows_kept_slices_are_merged_again_only_when_they_change():
+    """A 1h window of 5-minute slices refreshed every minute: its 11 kept slices are merged
+    when a slice seals or its start passes a boundary, or when a kept slice is another
+    object (read again, restored), not at every refresh; the window holds every piece."""
+    merges: list[int] = []
+
+    def combine(parts):
+        parts = list(parts)
+        merges.append(len(parts))
+        return frozenset().union(*parts)
+
+    store: SliceStore[frozenset] = SliceStore(timedelta(minutes=5), timedelta(hours=1), combine)
+
+    def refresh(end: datetime) -> frozenset:
+        starts = [end - timedelta(hours=1)]
+        store.begin(starts, end, timedelta(0))
+        plan = store.plan(starts, end, timedelta(0), store.filling(starts, end, timedelta(0)))
+        parts = {
+            (i, p): frozenset({read.points[p]})
+            for i, read in enumerate(plan.passes)
+            for p in range(len(read.points) - 1)
+        }
+        (window,) = store.merge(plan, parts)
+        assert window == frozenset().union(*store.slices.values(), *(parts[p] for p in plan.windows[0][1]))
+        return window
+
+    def kept_merges() -> int:
+        return sum(1 for n in merges if n >= 11)
+
+    refresh(T0 + timedelta(seconds=30))
+    assert kept_merges() == 1
+    refresh(T0 + timedelta(seconds=90))  # the same kept slices
+    assert kept_merges() == 1
+    refresh(T0 + timedelta(minutes=5, seconds=30))  # one sealed, the start past a boundary
+    assert kept_merges() == 2
+    first = min(store.slices)
+    store.slices[first] = frozenset({"read again"})
+    assert "read again" in refresh(T0 + timedelta(minutes=6, seconds=30))
+    assert kept_merges() == 3

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from exporter.config import Settings, Store
 from exporter.predictions.refresh import ModelRefresher
-from exporter.predictions.saved_slices import decode, encode
+from exporter.predictions.saved_slices import TOP_DTYPE, decode, encode
 from exporter.predictions.slices import EPOCH, Histogram, Sliced, TopCounts, floor_to, slice_starts
 from exporter.predictions.sources import PredictionsSource
 from exporter.predictions.stores import Stores
@@ -190,10 +190,19 @@ def test_a_longer_ingestion_delay_keeps_the_saved_slices_it_seals(tmp_path, stat
     log.engine.dispose()
 
 
+def _top_bytes(keys, lower, upper) -> bytes:
+    """A saved row's most frequent scores (``saved_slices.TOP_DTYPE``) as ``.npy`` bytes."""
+    top = np.zeros(len(keys), dtype=TOP_DTYPE)
+    top["key"], top["lower"], top["upper"] = keys, lower, upper
+    buffer = io.BytesIO()
+    np.save(buffer, top, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slices, caplog, serving):
-    """Four saved rows spoiled (not an ``.npy`` array, JSON cut short, sets not matching the
-    kept scores, an ``.npz`` archive): each is logged and read from the store again, the
-    others are kept."""
+    """Four saved rows spoiled (not an ``.npy`` array, JSON cut short, most frequent scores
+    whose upper count is below the lower one, an ``.npz`` archive): each is logged and read
+    from the store again, the others are kept."""
     _, settings, stores, log = _saved_once(tmp_path, state_url, serving)
     bad = sorted(_saved(state_url))[5:9]
     archive = io.BytesIO()
@@ -207,9 +216,7 @@ def test_an_unreadable_saved_slice_is_read_again(tmp_path, state_url, read_slice
         conn.execute(kept_slices.update().where(kept_slices.c.slice_start_us == us[1]).values(meta="{"))
         conn.execute(kept_slices.update().where(kept_slices.c.slice_start_us == us[3]).values(hist=archive.getvalue()))
         conn.execute(
-            kept_slices.update()
-            .where(kept_slices.c.slice_start_us == us[2])
-            .values(top=encode(Sliced(Histogram.empty(), TopCounts.of(np.arange(3), np.ones(3, dtype=np.int64))))[1])
+            kept_slices.update().where(kept_slices.c.slice_start_us == us[2]).values(top=_top_bytes([7], [3], [2]))
         )
     engine.dispose()
     restarted = serving(settings, stores, state_url)
@@ -353,20 +360,27 @@ def test_saved_form_round_trip():
         back = decode(*encode(sliced))
         for name in ("key", "n", "low", "high", "s1", "s2"):
             np.testing.assert_array_equal(getattr(back.hist, name), getattr(sliced.hist, name))
-        assert len(back.top.sets) == len(sliced.top.sets)
-        for (k, c, b), (k2, c2, b2) in zip(back.top.sets, sliced.top.sets, strict=True):
-            np.testing.assert_array_equal(k, k2)
-            np.testing.assert_array_equal(c, c2)
-            assert b == b2
+        for name in ("keys", "lower", "upper"):
+            np.testing.assert_array_equal(getattr(back.top, name), getattr(sliced.top, name))
+        assert back.top.unseen == sliced.top.unseen
         assert back.top.mode() == sliced.top.mode()
 
 
 def test_saved_form_refuses_a_boolean_count():
-    """JSON ``true`` where a set's length or bound, or the form, is due is refused, not read as 1."""
+    """JSON ``true`` where the ``unseen`` count or the form is due is refused, not read as 1;
+    so is a row of the earlier form 1 (its sets of most frequent scores)."""
     hist_bytes, top_bytes, _ = encode(Sliced(Histogram.empty(), TopCounts.of(np.array([3]), np.array([2]))))
-    with pytest.raises(ValueError, match="'sets'"):
-        decode(hist_bytes, top_bytes, '{"format": 1, "sets": [[true, 0]]}')
-    for form in ("true", "1.0"):
-        with pytest.raises(ValueError, match="not of form 1"):
-            decode(hist_bytes, top_bytes, f'{{"format": {form}, "sets": [[1, 0]]}}')
-    assert decode(hist_bytes, top_bytes, '{"format": 1, "sets": [[1, 0]]}').top.mode() == (2, 2)
+    with pytest.raises(ValueError, match="'unseen'"):
+        decode(hist_bytes, top_bytes, '{"format": 2, "unseen": true}')
+    for form in ("true", "2.0", "1"):
+        with pytest.raises(ValueError, match="not of form 2"):
+            decode(hist_bytes, top_bytes, f'{{"format": {form}, "unseen": 0}}')
+    assert decode(hist_bytes, top_bytes, '{"format": 2, "unseen": 0}').top.mode() == (2, 2)
+
+
+def test_saved_form_refuses_counts_out_of_order():
+    """Most frequent scores whose keys repeat or whose upper count is below the lower one."""
+    hist_bytes, _, meta = encode(Sliced.merge([]))
+    for keys, lower, upper in (([1, 1], [2, 2], [2, 2]), ([1], [3], [2]), ([1], [0], [0])):
+        with pytest.raises(ValueError, match="top: keys not strictly increasing"):
+            decode(hist_bytes, _top_bytes(keys, lower, upper), meta)
