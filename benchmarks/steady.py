@@ -22,8 +22,8 @@ order), with its statement count. The second configuration starts where the firs
 and per source, ratios first: cold / floor and median steady / floor, where the floor is
 the bare ``SELECT count(*), sum(score)`` of the 24h window (``refresh.run_floor``, median
 of 3, after one warm-up run); peak RSS of the refreshing process (``VmHWM``); the memory
-of the kept slices (the bytes of their arrays, over every source's ``slices.slices``:
-``array_bytes``) and its projection to 100 models; and
+of the kept slices (the bytes of their arrays, over every source's ``slices.slices`` and
+each window's merge of them: ``array_bytes``) and its projection to 100 models; and
 ``refresh.py``'s ``naive`` (pandas.read_sql + numpy/scikit-learn) and ``evidently``
 methods on the same window, the latter run by ``--evidently-python`` (a separate
 environment: Evidently is no dependency of mlmon) when given.
@@ -202,10 +202,11 @@ def run_refreshes(
         snapshot, result = timed_refresh(refresher, seconds, as_of)
         steady.append(result)
     # Every source that keeps time slices (``Source.slices``), whatever it keeps in them.
-    kept = [
-        a for source in refresher.sources.values() if source.slices is not None for a in source.slices.slices.values()
-    ]
-    slice_bytes = sum(array_bytes(aggregate) for aggregate in kept)
+    stores_ = [source.slices for source in refresher.sources.values() if source.slices is not None]
+    kept = [a for store in stores_ for a in store.slices.values()]
+    # With each window's merge of its kept slices, kept between refreshes (``SliceStore.merge``).
+    merges = [merged for store in stores_ for _, merged in store._merged.values()]
+    slice_bytes = sum(array_bytes(aggregate) for aggregate in [*kept, *merges])
     peak = own_peak_rss_mb()
     check_refresher, check_seconds = refresher_()
     fresh, check = timed_refresh(check_refresher, check_seconds, as_of)

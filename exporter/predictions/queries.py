@@ -339,20 +339,27 @@ def bisected(
     after, by bisection: log2 of their number comparisons a row. ``time.expr`` should be
     computed once a row (a subquery column), as it is used at every level.
 
-    ``within``: disjoint ``[start, end)`` ranges every row read lies in (read through
-    ``TimeColumn.between`` over them), when known. A row in ``[a, b)`` is then at or after
-    every point up to ``a`` and before every point from ``b`` on (``bind`` keeps the order
-    of instants), so only the starts and the points inside a range are compared: a steady
-    refresh reads minutes, and its statement compares a few points rather than every slice
-    boundary of the window (building and compiling the full tree was a fifth of a steady
-    refresh, docs/performance.md). A row in no range (NULL: at no point) gets ``leaf(0)``."""
+    ``within``: disjoint ``[start, end)`` ranges the rows are read in (through
+    ``TimeColumn.between`` over them), when known. A row read in ``[a, b)`` is then at or
+    after every point up to ``a`` and before every point from ``b`` on (``bind`` never
+    reverses the order of instants, though it may map two to one value), so only the
+    starts and the points inside a range are compared, and of those only the ones that
+    change the count: a steady refresh reads minutes, and its statement compares a few
+    points rather than every slice boundary of the window (building the full trees was a
+    fifth of a steady refresh's time at 1e6, docs/performance.md). A NULL time gets
+    ``leaf(0)``; a row read outside the ranges (a label row whose time is no instant) gets
+    some leaf, which its reader must not use."""
     inner = list(points)
     if within is None:
         tests = [(p, k + 1) for k, p in enumerate(inner)]
     else:
         starts = {a for a, _ in within}
         compared = sorted(starts | {p for p in inner if any(a < p < b for a, b in within)})
-        tests = [(p, bisect_right(inner, p)) for p in compared]
+        tests = []
+        for p in compared:
+            count = bisect_right(inner, p)
+            if count > (tests[-1][1] if tests else 0):  # else both branches give one leaf
+                tests.append((p, count))
 
     def bisect(lo: int, hi: int) -> sa.ColumnElement:
         # The row is at or after tests[j] for j < lo and before it for j >= hi: at or

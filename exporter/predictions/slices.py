@@ -62,6 +62,22 @@ def slice_starts(start: datetime, end: datetime, width: timedelta) -> list[datet
     return [first + k * width for k in range(max(0, (end - first) // width))]
 
 
+#: Result rows turned into numbers at a time (``float_table``).
+CHUNK_ROWS = 50_000
+
+
+def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int) -> np.ndarray:
+    """The rows of ``chunks`` (a result's ``partitions(CHUNK_ROWS)``), each of ``width``
+    numbers or NULL, as one float64 matrix (rows, ``width``), NULL as NaN. Python holds one
+    chunk of rows at a time: a cold read of every slice returns one row per (slice,
+    bucket), 0.77M rows at 1e6 predictions a day, which as SQLAlchemy rows took most of a
+    gigabyte (docs/performance.md, *Memory*). Made from plain tuples: numpy reads a
+    SQLAlchemy row through the sequence protocol, 20x slower (816,849 rows: 28.7 s against
+    1.5 s under load). Integers below 2**53 (parts, keys, counts) are exact in float64."""
+    tables = [np.array([tuple(row) for row in chunk], dtype=np.float64).reshape(len(chunk), width) for chunk in chunks]
+    return np.concatenate(tables) if tables else np.empty((0, width))
+
+
 @dataclass(frozen=True)
 class Histogram:
     """Bucket aggregates of some predictions, one entry per key, keys ascending: ``key`` is
@@ -103,17 +119,14 @@ class Histogram:
         return cls(key[order], n[order], *(floats(i)[order] for i in range(2, 6)))
 
     @classmethod
-    def by_part(cls, rows: Sequence[Sequence[Any]]) -> dict[int, Histogram]:
-        """From (part, key, n, low, high, s1, s2) rows, distinct (part, key) in any order
-        (``PredictionQueries.sliced_histogram``), each part's histogram; read column-wise
-        in numpy (a cold refresh reads slices x buckets rows: millions at 10^7 predictions
-        a day). Keys with ``n == 0`` are left out; NULL is read as NaN."""
-        if not rows:
+    def by_part(cls, table: np.ndarray) -> dict[int, Histogram]:
+        """From the (part, key, n, low, high, s1, s2) rows of
+        ``PredictionQueries.sliced_histogram`` as a (rows, 7) matrix (``float_table``), with
+        distinct (part, key) in any order, each part's histogram; read column-wise in numpy
+        (a cold refresh reads slices x buckets rows: millions at 10^7 predictions a day).
+        Keys with ``n == 0`` are left out; NULL (NaN) stays NaN."""
+        if not len(table):
             return {}
-        # One float64 matrix made from plain tuples: numpy reads a list of SQLAlchemy rows
-        # through the sequence protocol, 20x slower (816,849 rows: 28.7 s against 1.5 s under
-        # load). The part, key and count columns are integers below 2**53, exact in float64.
-        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), 7)
         part, key, n = (table[:, i].astype(np.int64) for i in range(3))
         floats = [table[:, i] for i in range(3, 7)]
         order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
@@ -265,7 +278,8 @@ class TopCounts:
         bound = int(counts[order[top]]) if len(order) > top else 0
         kept = order[:top]
         kept = kept[np.argsort(keys[kept])]  # keys ascending (each key once)
-        return cls(keys[kept], counts[kept], counts[kept].copy(), bound)
+        exact = counts[kept]  # one set: lower and upper counts are its counts (one array: none is written)
+        return cls(keys[kept], exact, exact, bound)
 
     @classmethod
     def of_scores(cls, rounded: np.ndarray, counts: np.ndarray, top: int = TOP_SCORES) -> TopCounts:
@@ -350,30 +364,29 @@ class OnlineBuckets:
         return cls(ints, ints, ints, floats, floats, np.zeros(len(ONLINE_COUNTS), dtype=np.int64), np.zeros(2))
 
     @classmethod
-    def by_window(cls, rows: Sequence[Sequence[Any]], columns: Sequence[str], windows: int) -> list[OnlineBuckets]:
-        """From the rows of ``PredictionQueries.online`` (``columns``: their names, ``key``
-        and each aggregate suffixed ``_i`` for window ``i``; distinct keys, any order), each
-        of the ``windows`` windows' aggregates, read column-wise in numpy (a window of
-        continuous scores holds up to ``10**k + 1`` buckets). A count the rows lack
-        (``bad_timestamp`` without a label timestamp) is 0; NULL as in ``by_part``."""
-        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), len(columns))
+    def by_window(cls, table: np.ndarray, columns: Sequence[str], windows: int) -> list[OnlineBuckets]:
+        """From the rows of ``PredictionQueries.online`` as a matrix (``float_table``;
+        ``columns``: their names, ``key`` and each aggregate suffixed ``_i`` for window
+        ``i``; distinct keys, any order), each of the ``windows`` windows' aggregates, read
+        column-wise in numpy (a window of continuous scores holds up to ``10**k + 1``
+        buckets). A count the rows lack (``bad_timestamp`` without a label timestamp) is 0;
+        NULL as in ``by_part``."""
+        rows = len(table)
         at = {name: i for i, name in enumerate(columns)}
         out = []
         for i in range(windows):
-            picked = [np.zeros(len(rows)), table[:, at["key"]]]
+            picked = [np.zeros(rows), table[:, at["key"]]]
             for name in (*ONLINE_COUNTS, *ONLINE_SUMS, "low", "high"):
                 column = at.get(f"{name}_{i}")
-                picked.append(table[:, column] if column is not None else np.zeros(len(rows)))
+                picked.append(table[:, column] if column is not None else np.zeros(rows))
             out.append(cls._of(np.column_stack(picked)).get(0, cls.empty()))
         return out
 
     @classmethod
-    def by_part(cls, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> dict[int, OnlineBuckets]:
-        """From the rows of ``PredictionQueries.sliced_online`` (by bucket; ``columns``:
-        their names; distinct (part, key), any order), each part's aggregates; a NULL sum
-        is 0, a NULL ``low``/``high`` (no labeled score) NaN."""
-        # One float64 matrix from plain tuples (as Histogram.by_part); counts are below 2**53.
-        table = np.array([tuple(row) for row in rows], dtype=np.float64).reshape(len(rows), len(columns))
+    def by_part(cls, table: np.ndarray, columns: Sequence[str]) -> dict[int, OnlineBuckets]:
+        """From the rows of ``PredictionQueries.sliced_online`` (by bucket) as a matrix
+        (``float_table``; ``columns``: their names; distinct (part, key), any order), each
+        part's aggregates; a NULL sum is 0, a NULL ``low``/``high`` (no labeled score) NaN."""
         at = {name: i for i, name in enumerate(columns)}
         return cls._of(table[:, [at[name] for name in ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")]])
 
@@ -545,9 +558,9 @@ class SliceStore(Generic[A]):
         self.slices: dict[datetime, A] = {}
         #: Per window's kept slice starts at the last ``merge``: (those slices' aggregates,
         #: their merge). A window's kept slices change once a slice width (one seals, its
-        #: start passes a boundary), not at every refresh: merging 288 slices was most of
-        #: a steady refresh's Python time (docs/performance.md). The aggregates are compared
-        #: by identity: a slice read again, restored or forgotten is another object.
+        #: start passes a boundary), not at every refresh: merging 288 slices per window and
+        #: source was a sixth of a steady refresh at 1e6 (docs/performance.md). The
+        #: aggregates are compared by identity: a slice read again or restored is another object.
         self._merged: dict[tuple[datetime, ...], tuple[tuple[A, ...], A]] = {}
         #: The last ``filling`` answered no: the refresh merges its windows from slices.
         self.filled = False
@@ -711,9 +724,12 @@ class SliceStore(Generic[A]):
         return gone
 
     def forget(self, starts: Iterable[datetime]) -> None:
-        """Read the slices of ``starts`` again at the next plan."""
-        for start in starts:
-            self.slices.pop(start, None)
+        """Read the slices of ``starts`` again at the next plan; the windows' merges that
+        hold them are dropped too, so that no forgotten slice stays in memory (while the
+        duplicated ids are too many to list, no ``merge`` comes to replace them)."""
+        gone = {start for start in starts if self.slices.pop(start, None) is not None}
+        if gone:
+            self._merged = {kept: known for kept, known in self._merged.items() if gone.isdisjoint(kept)}
 
 
 #: The one id all NaN ids are (``same_id``).

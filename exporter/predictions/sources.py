@@ -58,6 +58,7 @@ from exporter.predictions.saved_slices import (
     replay_fingerprint,
 )
 from exporter.predictions.slices import (
+    CHUNK_ROWS,
     ONLINE_COUNTS,
     ONLINE_SUMS,
     TOP_SCORES,
@@ -72,6 +73,7 @@ from exporter.predictions.slices import (
     SliceStore,
     TopCounts,
     boundaries,
+    float_table,
     floor_to,
     slice_starts,
 )
@@ -366,6 +368,11 @@ def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     if a is None or b is None:
         return True
     return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
+
+
+def _table(result: sa.CursorResult[Any]) -> np.ndarray:
+    """The rows of ``result`` as a float64 matrix, one column per result column (``slices.float_table``)."""
+    return float_table(result.partitions(CHUNK_ROWS), len(result.keys()))
 
 
 def _slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
@@ -747,8 +754,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         for pass_index, read in enumerate(plan.passes):
             if not read.reads:
                 continue
-            rows = conn.execute(q.sliced_histogram(read.points, read.reads, self._left_out.ids)).all()
-            histograms = Histogram.by_part(rows)
+            histograms = Histogram.by_part(
+                _table(conn.execute(q.sliced_histogram(read.points, read.reads, self._left_out.ids)))
+            )
             tops: dict[int, TopCounts] = {}
             mixed = []
             for p, hist in histograms.items():
@@ -1033,7 +1041,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         parts = []
         for statement in statements:
             result = conn.execute(statement)
-            parts.append(OnlineBuckets.by_window(result.all(), list(result.keys()), len(self.model.windows)))
+            parts.append(OnlineBuckets.by_window(_table(result), list(result.keys()), len(self.model.windows)))
         return [
             self._accuracy(window, OnlineBuckets.merge(of_window), labels.invalid_reasons)
             for window, *of_window in zip(self.model.windows, *parts, strict=True)
@@ -1062,11 +1070,11 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, OnlineBuckets]:
             statement = q.sliced_online(labels, part_pass.points, part_pass.reads, as_of, maturity, exclude=exclude)
             result = conn.execute(statement)
-            return OnlineBuckets.by_part(result.all(), list(result.keys()))
+            return OnlineBuckets.by_part(_table(result), list(result.keys()))
 
         def add_back(duplicates: DuplicateIds, only: Sequence[Any]) -> list[OnlineBuckets]:
             result = conn.execute(q.online(labels, windows, duplicates, as_of, maturity, only=only))
-            return OnlineBuckets.by_window(result.all(), list(result.keys()), len(windows.starts))
+            return OnlineBuckets.by_window(_table(result), list(result.keys()), len(windows.starts))
 
         return self._merged(conn, windows, store, read, lambda: self._audit(conn, store, as_of, maturity), add_back)
 

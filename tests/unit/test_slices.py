@@ -21,6 +21,7 @@ from exporter.predictions.slices import (
     ReplayTotals,
     SliceStore,
     TopCounts,
+    float_table,
     slice_starts,
 )
 from exporter.predictions.stores import from_wall_clock, written_by
@@ -88,7 +89,8 @@ def _buckets(rows: list[dict]) -> OnlineBuckets:
     names = ["key", *(f"{name}_0" for name in rows[0] if name != "key")] if rows else ["key"]
     tuples = [(row["key"], *(row[name[:-2]] for name in names[1:])) for row in rows]
     tuples.reverse()  # rows come in no order
-    (buckets,) = OnlineBuckets.by_window(tuples, names, 1)
+    # In two chunks, as a result is read (``CHUNK_ROWS`` at a time).
+    (buckets,) = OnlineBuckets.by_window(float_table([tuples[:3], tuples[3:]], len(names)), names, 1)
     return buckets
 
 
@@ -247,3 +249,14 @@ def test_a_windows_kept_slices_are_merged_again_only_when_they_change():
     store.slices[first] = frozenset({"read again"})
     assert "read again" in refresh(T0 + timedelta(minutes=6, seconds=30))
     assert kept_merges() == 3
+    # A forgotten slice is not held by a window's merge either (no merge may come to
+    # replace it while the duplicated ids are too many to list).
+    store.forget([first])
+    assert store._merged == {}
+
+
+def test_float_table_reads_chunks_into_one_matrix():
+    """Chunks of rows (a result's partitions), NULL as NaN, exact below 2**53; none at all."""
+    got = float_table([[(1, None), (2**53, 0.5)], [], [(3, 0.25)]], 2)
+    np.testing.assert_array_equal(got, np.array([[1, np.nan], [2.0**53, 0.5], [3, 0.25]]))
+    assert float_table([], 7).shape == (0, 7)

@@ -318,22 +318,30 @@ def test_a_failed_id_range_read_leaves_the_slices_to_read_again(tmp_path):
     stores.dispose()
 
 
-@pytest.mark.parametrize("back_to", [timedelta(minutes=15, seconds=30), timedelta(minutes=11)])
-def test_a_clock_stepped_back_searches_the_rows_back_in_the_window(store, back_to):
+@pytest.mark.parametrize(
+    ("times", "back_to", "row"),
+    [
+        # Back across a slice boundary: the window's new tail is in the slice before.
+        ((0, 16, 17), timedelta(minutes=15, seconds=30), timedelta(minutes=44, seconds=10)),
+        # Back within one slice ([11:16, 11:18)), which stays the window's tail.
+        ((0, 16.5, 17), timedelta(minutes=16, seconds=10), timedelta(minutes=43, seconds=40)),
+    ],
+)
+def test_a_clock_stepped_back_searches_the_rows_back_in_the_window(store, times, back_to, row):
     """The refresh time stepped back within the audit interval (no audit is forced): the
-    window's start moves back and rows it had left come back into it, within the first
-    slice or over whole slices. A row come back carrying the id of a kept slice's row is a
-    duplicate again (review finding: only the new rows were probed, and the duplicate was
-    found only once the refresh time caught up)."""
+    window's start moves back and rows it had left come back into its tail (whole slices
+    coming back are not kept: they are read, and probed, as new ones). A row come back
+    carrying the id of a kept slice's row is a duplicate again (review finding: only the
+    new rows were probed, and the duplicate was found only once the time caught up)."""
     url, schema, dialect = store
     settings = _settings(url, schema, unique=False)
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, schema, dialect)
     _every_20s(log)
-    # 11:15:57, back in the 1h window at both times stepped back to, and 11:30:07, kept.
-    log.insert([(START - timedelta(minutes=44, seconds=10), 0.75)], [_id_at(log, START - timedelta(minutes=30))])
+    # Back in the 1h window only at the time stepped back to; the other row, 11:30:07, kept.
+    log.insert([(START - row, 0.75)], [_id_at(log, START - timedelta(minutes=30))])
     warm = _refresher(settings, stores)
-    for minutes in (0, 16, 17):
+    for minutes in times:
         _warm_equals_cold(warm, settings, stores, START + timedelta(minutes=minutes))
     got = _warm_equals_cold(warm, settings, stores, START + back_to)
     assert [s.invalid.get("duplicate_id", 0) for s in got.score_stats] == [0, 2]
