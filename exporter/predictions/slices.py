@@ -559,8 +559,9 @@ class SliceStore(Generic[A]):
         #: Per window's kept slice starts at the last ``merge``: (those slices' aggregates,
         #: their merge). A window's kept slices change once a slice width (one seals, its
         #: start passes a boundary), not at every refresh: merging 288 slices per window and
-        #: source was a sixth of a steady refresh at 1e6 (docs/performance.md). The
-        #: aggregates are compared by identity: a slice read again or restored is another object.
+        #: source was a tenth of a steady refresh at 1e6 (docs/performance.md, *A steady
+        #: refresh's fixed cost*). The aggregates are compared by identity: a slice read
+        #: again or restored is another object.
         self._merged: dict[tuple[datetime, ...], tuple[tuple[A, ...], A]] = {}
         #: The last ``filling`` answered no: the refresh merges its windows from slices.
         self.filled = False
@@ -725,8 +726,8 @@ class SliceStore(Generic[A]):
 
     def forget(self, starts: Iterable[datetime]) -> None:
         """Read the slices of ``starts`` again at the next plan; the windows' merges that
-        hold them are dropped too, so that no forgotten slice stays in memory (while the
-        duplicated ids are too many to list, no ``merge`` comes to replace them)."""
+        hold them are dropped too, so that those merges do not keep a forgotten slice alive
+        (while the duplicated ids are too many to list, no ``merge`` comes to replace them)."""
         gone = {start for start in starts if self.slices.pop(start, None) is not None}
         if gone:
             self._merged = {kept: known for kept, known in self._merged.items() if gone.isdisjoint(kept)}

@@ -338,7 +338,8 @@ def test_a_clock_stepped_back_searches_the_rows_back_in_the_window(store, times,
     stores = Stores(settings.stores, settings.query_timeout)
     log = Log(url, schema, dialect)
     _every_20s(log)
-    # Back in the 1h window only at the time stepped back to; the other row, 11:30:07, kept.
+    # Out of the 1h window at the refreshes just before the step back, back in it after;
+    # the other row, 11:30:07, in a kept slice.
     log.insert([(START - row, 0.75)], [_id_at(log, START - timedelta(minutes=30))])
     warm = _refresher(settings, stores)
     for minutes in times:
