@@ -114,7 +114,9 @@ def test_metrics_and_health_answer_fast_while_a_query_hangs(postgres_schema, pos
                     assert client.get(path).status_code == 200
                     slowest = max(slowest, time.monotonic() - started)
                 time.sleep(0.2)
-            assert slowest < 0.5, slowest
+            # A request that waited on the hung refresh would take most of its 5 s; a bound
+            # far below that, not a latency target (a loaded CI machine took 0.9 s to scrape).
+            assert slowest < 2.5, slowest
             # then the query is cancelled and counted as a timeout
             _wait_for(client, 'mlmon_refresh_errors_total{model="ctr",reason="timeout",source="predictions"} 1.0')
             _wait_for(client, 'mlmon_source_up{model="ctr",source="predictions"} 0.0')
