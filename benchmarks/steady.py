@@ -22,8 +22,9 @@ order), with its statement count. The second configuration starts where the firs
 and per source, ratios first: cold / floor and median steady / floor, where the floor is
 the bare ``SELECT count(*), sum(score)`` of the 24h window (``refresh.run_floor``, median
 of 3, after one warm-up run); peak RSS of the refreshing process (``VmHWM``); the memory
-of the kept slices (the bytes of their arrays, over every source's ``slices.slices`` and
-each window's merge of them: ``array_bytes``) and its projection to 100 models; and
+of the kept slices and, apart, of each window's merge of them (the bytes of their arrays,
+over every source's ``slices.slices`` and ``_merged``: ``array_bytes``, each buffer once)
+and their projection to 100 models; and
 ``refresh.py``'s ``naive`` (pandas.read_sql + numpy/scikit-learn) and ``evidently``
 methods on the same window, the latter run by ``--evidently-python`` (a separate
 environment: Evidently is no dependency of mlmon) when given.
@@ -206,7 +207,9 @@ def run_refreshes(
     kept = [a for store in stores_ for a in store.slices.values()]
     # With each window's merge of its kept slices, kept between refreshes (``SliceStore.merge``).
     merges = [merged for store in stores_ for _, merged in store._merged.values()]
-    slice_bytes = sum(array_bytes(aggregate) for aggregate in [*kept, *merges])
+    seen: set[int] = set()  # each buffer once: a merge of one slice is that slice
+    slice_bytes = array_bytes(kept, seen)
+    merge_bytes = array_bytes(merges, seen)
     peak = own_peak_rss_mb()
     check_refresher, check_seconds = refresher_()
     fresh, check = timed_refresh(check_refresher, check_seconds, as_of)
@@ -221,24 +224,32 @@ def run_refreshes(
         "rows": snapshot.score_stats[-1].predictions,
         "kept_slices": len(kept),
         "slice_bytes": slice_bytes,
+        "merge_bytes": merge_bytes,
         "peak_rss_mb_before_check": peak,
         "own_peak_rss_mb": own_peak_rss_mb(),
     }
 
 
-def array_bytes(value: Any) -> int:
+def array_bytes(value: Any, seen: set[int]) -> int:
     """The bytes of the numpy arrays in ``value`` (dataclasses, sequences and mappings of
-    them): a kept slice's memory (``slices.Histogram``: 48 bytes per bucket key)."""
+    them): a kept slice's memory (``slices.Histogram``: 48 bytes per bucket key). An array
+    counts the whole buffer it views, once: buffers whose ``id`` is in ``seen`` are not
+    counted again (a one-set ``TopCounts`` holds one array as ``lower`` and ``upper``)."""
     import numpy as np
 
     if isinstance(value, np.ndarray):
+        while isinstance(value.base, np.ndarray):
+            value = value.base
+        if id(value) in seen:
+            return 0
+        seen.add(id(value))
         return int(value.nbytes)
     if is_dataclass(value):
-        return sum(array_bytes(getattr(value, f.name)) for f in fields(value))
+        return sum(array_bytes(getattr(value, f.name), seen) for f in fields(value))
     if isinstance(value, dict):
-        return sum(array_bytes(v) for v in value.values())
+        return sum(array_bytes(v, seen) for v in value.values())
     if isinstance(value, (tuple, list)):
-        return sum(array_bytes(v) for v in value)
+        return sum(array_bytes(v, seen) for v in value)
     return 0
 
 
@@ -316,7 +327,8 @@ def report(rows: int, floor: float, results: dict[str, dict[str, Any]], others: 
         print(
             f"{config:>8} {'':>12} peak RSS {r['own_peak_rss_mb']:.0f} MB (VmHWM; before the check {r['peak_rss_mb_before_check']:.0f} MB,"
             f" rusage {r['peak_rss_mb']:.0f} MB);"
-            f" {r['kept_slices']} kept slices, {r['slice_bytes'] / 1e6:.3f} MB, x100 models {100 * r['slice_bytes'] / 1e6:.1f} MB"
+            f" {r['kept_slices']} kept slices, {r['slice_bytes'] / 1e6:.3f} MB and their merges {r['merge_bytes'] / 1e6:.3f} MB,"
+            f" x100 models {100 * (r['slice_bytes'] + r['merge_bytes']) / 1e6:.1f} MB"
         )
     for method, r in others.items():
         if "seconds" not in r:

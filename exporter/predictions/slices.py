@@ -66,16 +66,28 @@ def slice_starts(start: datetime, end: datetime, width: timedelta) -> list[datet
 CHUNK_ROWS = 50_000
 
 
-def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int) -> np.ndarray:
+def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int, rows: int = -1) -> np.ndarray:
     """The rows of ``chunks`` (a result's ``partitions(CHUNK_ROWS)``), each of ``width``
     numbers or NULL, as one float64 matrix (rows, ``width``), NULL as NaN. Python holds one
     chunk of rows at a time: a cold read of every slice returns one row per (slice,
     bucket), 0.77M rows at 1e6 predictions a day, which as SQLAlchemy rows took most of a
     gigabyte (docs/performance.md, *Memory*). Made from plain tuples: numpy reads a
     SQLAlchemy row through the sequence protocol, 20x slower (816,849 rows: 28.7 s against
-    1.5 s under load). Integers below 2**53 (parts, keys, counts) are exact in float64."""
-    tables = [np.array([tuple(row) for row in chunk], dtype=np.float64).reshape(len(chunk), width) for chunk in chunks]
-    return np.concatenate(tables) if tables else np.empty((0, width))
+    1.5 s under load). Integers below 2**53 (parts, keys, counts) are exact in float64.
+
+    ``rows``, the result's row count where the driver gives it (psycopg does; SQLite and
+    DuckDB say -1), sizes the matrix once, so that it is never held twice (chunks and their
+    concatenation); without it, or past it, the chunks are concatenated at the end."""
+    out = np.empty((max(rows, 0), width))
+    filled, rest = 0, list[np.ndarray]()
+    for chunk in chunks:
+        table = np.array([tuple(row) for row in chunk], dtype=np.float64).reshape(len(chunk), width)
+        if not rest and filled + len(table) <= len(out):
+            out[filled : filled + len(table)] = table
+            filled += len(table)
+        else:
+            rest.append(table)
+    return np.concatenate([out[:filled], *rest]) if rest else out[:filled]
 
 
 @dataclass(frozen=True)
@@ -135,8 +147,9 @@ class Histogram:
         floats = [f[order] for f in floats]
         cuts = np.flatnonzero(np.diff(part)) + 1
         starts, ends = np.r_[0, cuts], np.r_[cuts, len(part)]
+        # Copies: a kept slice must not hold the arrays of the whole pass it was read in.
         return {
-            int(part[a]): cls(key[a:b], n[a:b], *(f[a:b] for f in floats))
+            int(part[a]): cls(key[a:b].copy(), n[a:b].copy(), *(f[a:b].copy() for f in floats))
             for a, b in zip(starts, ends, strict=True)
             if b > a
         }
@@ -278,7 +291,8 @@ class TopCounts:
         bound = int(counts[order[top]]) if len(order) > top else 0
         kept = order[:top]
         kept = kept[np.argsort(keys[kept])]  # keys ascending (each key once)
-        exact = counts[kept]  # one set: lower and upper counts are its counts (one array: none is written)
+        exact = counts[kept]  # one set: lower and upper counts are its counts (one array, read-only)
+        exact.flags.writeable = False
         return cls(keys[kept], exact, exact, bound)
 
     @classmethod
@@ -379,7 +393,8 @@ class OnlineBuckets:
             for name in (*ONLINE_COUNTS, *ONLINE_SUMS, "low", "high"):
                 column = at.get(f"{name}_{i}")
                 picked.append(table[:, column] if column is not None else np.zeros(rows))
-            out.append(cls._of(np.column_stack(picked)).get(0, cls.empty()))
+            stacked = np.column_stack(picked)
+            out.append(cls._of(stacked, range(stacked.shape[1])).get(0, cls.empty()))
         return out
 
     @classmethod
@@ -388,16 +403,18 @@ class OnlineBuckets:
         (``float_table``; ``columns``: their names; distinct (part, key), any order), each
         part's aggregates; a NULL sum is 0, a NULL ``low``/``high`` (no labeled score) NaN."""
         at = {name: i for i, name in enumerate(columns)}
-        return cls._of(table[:, [at[name] for name in ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")]])
+        return cls._of(table, [at[name] for name in ("part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high")])
 
     @classmethod
-    def _of(cls, table: np.ndarray) -> dict[int, OnlineBuckets]:
-        """From a matrix of (part, key, counts, sums, low, high) rows, NULL as NaN, by part;
-        parts without a prediction are left out."""
-        table = table[table[:, 2] > 0]
+    def _of(cls, table: np.ndarray, columns: Sequence[int]) -> dict[int, OnlineBuckets]:
+        """From the ``columns`` of ``table``, (part, key, counts, sums, low, high) in this
+        order, NULL as NaN, by part; parts without a prediction are left out."""
+        part, key, n = (table[:, columns[i]] for i in range(3))
+        kept = np.flatnonzero(n > 0)
+        # One copy of the rows kept, in (part, key) order and of the columns asked for.
+        table = table[np.ix_(kept[np.lexsort((key[kept], part[kept]))], np.asarray(columns, dtype=np.int64))]
         if not len(table):
             return {}
-        table = table[np.lexsort((table[:, 1], table[:, 0]))]
         part = table[:, 0].astype(np.int64)
         first = 2 + len(ONLINE_COUNTS)
         counts = table[:, 2:first].astype(np.int64)

@@ -371,8 +371,10 @@ def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
 
 
 def _table(result: sa.CursorResult[Any]) -> np.ndarray:
-    """The rows of ``result`` as a float64 matrix, one column per result column (``slices.float_table``)."""
-    return float_table(result.partitions(CHUNK_ROWS), len(result.keys()))
+    """The rows of ``result`` as a float64 matrix, one column per result column
+    (``slices.float_table``); the result is closed, also when a value is no number."""
+    with result:
+        return float_table(result.partitions(CHUNK_ROWS), len(result.keys()), result.rowcount)
 
 
 def _slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:

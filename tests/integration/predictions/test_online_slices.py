@@ -257,7 +257,7 @@ def _label_value(rng: np.random.Generator) -> int:
     ],
     indirect=["store"],
 )
-def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, unique, tmp_path):
+def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, unique, tmp_path, monkeypatch):
     """The warm refresher reads every mature slice at its first refresh (``slice_fill_refreshes``
     1) and keeps them; each cold refresher fills (the default 24), so its first refresh
     reads the windows in one pass. Without ``unique``, ids are not declared unique and
@@ -265,7 +265,9 @@ def test_kept_online_slices_equal_a_one_pass_refresh(store, seed, missing, uniqu
     (found by the next one) or late, into a mature slice (found by the audit); the other
     row in either window, in the larger only, or out of both. The warm refresher saves its
     slices as ``mlmon serve`` does and is now and then restarted (a new refresher restoring
-    them)."""
+    them). Results are read 7 rows at a time, so that every read of more rows goes through
+    the driver in several chunks."""
+    monkeypatch.setattr("exporter.predictions.sources.CHUNK_ROWS", 7)
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
     stores = Stores(_settings(url, schema, missing, 1, unique).stores, timedelta(seconds=30))

@@ -325,7 +325,11 @@ def test_a_failed_id_range_read_leaves_the_slices_to_read_again(tmp_path):
         ((0, 16, 17), timedelta(minutes=15, seconds=30), timedelta(minutes=44, seconds=10)),
         # Back within one slice ([11:16, 11:18)), which stays the window's tail.
         ((0, 16.5, 17), timedelta(minutes=16, seconds=10), timedelta(minutes=43, seconds=40)),
+        # Back over whole slices: [11:16, 11:18), forgotten once the window left it, is read
+        # and probed as a new slice (this guards ``SliceStore.begin``, not the step back).
+        ((0, 16, 21), timedelta(minutes=15, seconds=30), timedelta(minutes=42, seconds=50)),
     ],
+    ids=["across-a-boundary", "within-the-tail", "whole-slices"],
 )
 def test_a_clock_stepped_back_searches_the_rows_back_in_the_window(store, times, back_to, row):
     """The refresh time stepped back within the audit interval (no audit is forced): the

@@ -200,11 +200,13 @@ def _ids(rng: np.random.Generator, log: Log, count: int, unique: bool) -> list[i
     [(1, 1), pytest.param(2, 1, marks=pytest.mark.long), pytest.param(3, 4, marks=pytest.mark.long)],
     ids=["1", "2", "3-filling"],
 )
-def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill, tmp_path):
+def test_kept_slices_equal_a_cold_refresh(store, seed, unique, fill, tmp_path, monkeypatch):
     """The warm refresher's slices read at its first refresh, or (``fill`` 4) filled over 4
     refreshes, reading the windows in one pass meanwhile, and saved as ``mlmon serve`` saves
     them; now and then it is restarted (a new refresher restoring the saved slices); the
-    cold refreshers read every slice at once."""
+    cold refreshers read every slice at once. Results are read 7 rows at a time, so that
+    every read of more rows goes through the driver in several chunks."""
+    monkeypatch.setattr("exporter.predictions.sources.CHUNK_ROWS", 7)
     url, schema, dialect = store
     rng = np.random.default_rng(seed)
     settings = _settings(url, schema, unique=unique)
@@ -620,7 +622,7 @@ def test_too_many_duplicates_to_list_read_the_windows_in_full(store, monkeypatch
         return result
 
     monkeypatch.setattr(PredictionsSource, "_sliced", counted)
-    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False, fill=1, tmp_path=tmp_path)
+    test_kept_slices_equal_a_cold_refresh(store, 1, unique=False, fill=1, tmp_path=tmp_path, monkeypatch=monkeypatch)
     assert paths[True] and paths[False]  # both in full and on kept slices
 
 
