@@ -77,7 +77,11 @@ def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int, rows: int
 
     ``rows``, the result's row count where the driver gives it (psycopg does; SQLite and
     DuckDB say -1), sizes the matrix once, so that it is never held twice (chunks and their
-    concatenation); without it, or past it, the chunks are concatenated at the end."""
+    concatenation); without it, or past it, the chunks are concatenated at the end.
+
+    Raises:
+        ValueError, TypeError: a value is no number (numpy's conversion to float64).
+    """
     out = np.empty((max(rows, 0), width))
     filled, rest = 0, list[np.ndarray]()
     for chunk in chunks:
@@ -139,20 +143,22 @@ class Histogram:
         Keys with ``n == 0`` are left out; NULL (NaN) stays NaN."""
         if not len(table):
             return {}
-        part, key, n = (table[:, i].astype(np.int64) for i in range(3))
-        floats = [table[:, i] for i in range(3, 7)]
-        order = np.argsort(part * 2**24 + key + 8)  # keys lie in [-7, 10**5]: one int64 sort key
-        order = order[n[order] > 0]
-        part, key, n = part[order], key[order], n[order]
-        floats = [f[order] for f in floats]
+        part = table[:, 0].astype(np.int64)
+        order = np.argsort(part * 2**24 + table[:, 1].astype(np.int64) + 8)  # keys lie in [-7, 10**5]
+        order = order[table[order, 2] > 0]
+        part = part[order]
         cuts = np.flatnonzero(np.diff(part)) + 1
-        starts, ends = np.r_[0, cuts], np.r_[cuts, len(part)]
-        # Copies: a kept slice must not hold the arrays of the whole pass it was read in.
-        return {
-            int(part[a]): cls(key[a:b].copy(), n[a:b].copy(), *(f[a:b].copy() for f in floats))
-            for a, b in zip(starts, ends, strict=True)
-            if b > a
-        }
+        out = {}
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True):
+            if b == a:  # no row kept
+                continue
+            # Each part's rows taken from the read (fancy indexing copies): a kept slice holds
+            # no array of the whole read, and no sorted copy of it is made first.
+            rows = order[a:b]
+            out[int(part[a])] = cls(
+                table[rows, 1].astype(np.int64), table[rows, 2].astype(np.int64), *(table[rows, i] for i in range(3, 7))
+            )
+        return out
 
     @classmethod
     def merge(cls, parts: Iterable[Histogram]) -> Histogram:
@@ -411,28 +417,30 @@ class OnlineBuckets:
         order, NULL as NaN, by part; parts without a prediction are left out."""
         part, key, n = (table[:, columns[i]] for i in range(3))
         kept = np.flatnonzero(n > 0)
-        # One copy of the rows kept, in (part, key) order and of the columns asked for.
-        table = table[np.ix_(kept[np.lexsort((key[kept], part[kept]))], np.asarray(columns, dtype=np.int64))]
-        if not len(table):
-            return {}
-        part = table[:, 0].astype(np.int64)
-        first = 2 + len(ONLINE_COUNTS)
-        counts = table[:, 2:first].astype(np.int64)
-        sums = np.nan_to_num(table[:, first : first + len(ONLINE_SUMS)])
-        positives, negatives = (counts[:, ONLINE_COUNTS.index(name)] for name in ("positives", "negatives"))
+        order = kept[np.lexsort((key[kept], part[kept]))]
+        part = part[order].astype(np.int64)
         cuts = np.flatnonzero(np.diff(part)) + 1
+        picked = np.asarray(columns, dtype=np.int64)
+        first = 2 + len(ONLINE_COUNTS)
         out = {}
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True):
-            labeled = a + np.flatnonzero(positives[a:b] + negatives[a:b])
-            # Copies (fancy indexing): a kept slice must not hold the result of the pass it was read in.
+            if b == a:  # no row kept
+                continue
+            # One part's rows at a time (fancy indexing copies): the read is never held twice,
+            # and a kept slice holds no array of it.
+            rows = table[np.ix_(order[a:b], picked)]
+            counts = rows[:, 2:first].astype(np.int64)
+            sums = np.nan_to_num(rows[:, first : first + len(ONLINE_SUMS)])
+            positives, negatives = (counts[:, ONLINE_COUNTS.index(name)] for name in ("positives", "negatives"))
+            labeled = np.flatnonzero(positives + negatives)
             out[int(part[a])] = cls(
-                table[labeled, 1].astype(np.int64),
+                rows[labeled, 1].astype(np.int64),
                 positives[labeled],
                 negatives[labeled],
-                table[labeled, -2],
-                table[labeled, -1],
-                counts[a:b].sum(axis=0),
-                np.array([math.fsum(column) for column in sums[a:b].T]),
+                rows[labeled, -2],
+                rows[labeled, -1],
+                counts.sum(axis=0),
+                np.array([math.fsum(column) for column in sums.T]),
             )
         return out
 

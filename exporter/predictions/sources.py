@@ -370,11 +370,18 @@ def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
 
 
+#: Drivers whose row count of a SELECT is the number of rows it returns (their cursors
+#: fetch the whole result at once); others say -1, or a count of their own (PyMySQL's
+#: unbuffered cursor: 2**64 - 1), which must not size a matrix.
+COUNTING_DRIVERS = frozenset({"psycopg", "psycopg2"})
+
+
 def _table(result: sa.CursorResult[Any]) -> np.ndarray:
     """The rows of ``result`` as a float64 matrix, one column per result column
     (``slices.float_table``); the result is closed, also when a value is no number."""
     with result:
-        return float_table(result.partitions(CHUNK_ROWS), len(result.keys()), result.rowcount)
+        rows = result.rowcount if result.context.dialect.driver in COUNTING_DRIVERS else -1
+        return float_table(result.partitions(CHUNK_ROWS), len(result.keys()), rows)
 
 
 def _slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:

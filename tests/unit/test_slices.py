@@ -262,9 +262,10 @@ def test_float_table_reads_chunks_into_one_matrix():
     assert float_table([], 7).shape == (0, 7)
 
 
-@pytest.mark.parametrize("rows", [-1, 0, 2, 3, 5], ids=["unknown", "none", "too-few", "exact", "too-many"])
+@pytest.mark.parametrize("rows", [-1, 0, 1, 2, 3, 4, 6], ids=lambda rows: f"count-{rows}")
 def test_float_table_takes_the_row_count_as_a_hint(rows):
-    """The driver's row count sizes the matrix; a wrong one loses and adds no row."""
-    chunks = [[(1, None), (2, 0.5)], [(3, 0.25)]]
+    """The driver's row count sizes the matrix; a wrong one loses, adds and reorders no
+    row (a count that ends inside a chunk: the rows past it keep their order)."""
+    chunks = [[(1, None)], [(2, 0.5), (3, 0.25)], [(4, 1.0)]]
     got = float_table(chunks, 2, rows)
-    np.testing.assert_array_equal(got, np.array([[1, np.nan], [2, 0.5], [3, 0.25]]))
+    np.testing.assert_array_equal(got, np.array([[1, np.nan], [2, 0.5], [3, 0.25], [4, 1.0]]))
