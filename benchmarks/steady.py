@@ -136,6 +136,7 @@ def run_refreshes(
     from generate import NOW
     from refresh import settings
 
+    from exporter.predictions import sources
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
 
@@ -158,12 +159,28 @@ def run_refreshes(
                 return f"{frame.name}:{frame.lineno} {frame.line}"
         return "?"
 
+    streaming = [False]
+
+    def executed(conn: Any, *_: Any) -> None:
+        if not streaming[0]:
+            statements.append((current[0], where(), time.perf_counter() - conn.info["t"]))
+
     sa.event.listen(engine, "before_cursor_execute", lambda conn, *_: conn.info.__setitem__("t", time.perf_counter()))
-    sa.event.listen(
-        engine,
-        "after_cursor_execute",
-        lambda conn, *_: statements.append((current[0], where(), time.perf_counter() - conn.info["t"])),
-    )
+    sa.event.listen(engine, "after_cursor_execute", executed)
+    read_table = sources._table
+
+    def timed_table(conn: Any, statement: Any) -> Any:
+        # A streamed read's rows are fetched after its statement returns (a server-side
+        # cursor's DECLARE): the whole read is timed, as one statement.
+        streaming[0] = True
+        started = time.perf_counter()
+        try:
+            return read_table(conn, statement)
+        finally:
+            streaming[0] = False
+            statements.append((current[0], where(), time.perf_counter() - started))
+
+    sources._table = timed_table
 
     def refresher_() -> tuple[ModelRefresher, dict[str, float]]:
         refresher = ModelRefresher(settings_.models[0], "models[0]", settings_.refresh_policy, stores)

@@ -218,6 +218,10 @@ def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa
             # an equi-join, which a hash or merge join does in time linear in the rows (plus a
             # sort), whatever the estimates (docs/scaling.md).
             conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
+            # Large results are streamed through a server-side cursor (``yield_per``), which
+            # PostgreSQL plans for its first 10% of rows by default: plan them as the whole
+            # result they are read as, as a plain statement would be.
+            conn.execute(sa.select(sa.func.set_config("cursor_tuple_fraction", "1", True)))
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
             raw = conn.connection.driver_connection

@@ -66,32 +66,24 @@ def slice_starts(start: datetime, end: datetime, width: timedelta) -> list[datet
 CHUNK_ROWS = 50_000
 
 
-def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int, rows: int = -1) -> np.ndarray:
-    """The rows of ``chunks`` (a result's ``partitions(CHUNK_ROWS)``), each of ``width``
-    numbers or NULL, as one float64 matrix (rows, ``width``), NULL as NaN. Python holds one
-    chunk of rows at a time: a cold read of every slice returns one row per (slice,
-    bucket), 0.77M rows at 1e6 predictions a day, which as SQLAlchemy rows took most of a
-    gigabyte (docs/performance.md, *Memory*). Made from plain tuples: numpy reads a
-    SQLAlchemy row through the sequence protocol, 20x slower (816,849 rows: 28.7 s against
-    1.5 s under load). Integers below 2**53 (parts, keys, counts) are exact in float64.
-
-    ``rows``, the result's row count where the driver gives it (psycopg does; SQLite and
-    DuckDB say -1), sizes the matrix once, so that it is never held twice (chunks and their
-    concatenation); without it, or past it, the chunks are concatenated at the end.
+def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int) -> np.ndarray:
+    """The rows of ``chunks`` (a streamed result's ``partitions(CHUNK_ROWS)``), each of
+    ``width`` numbers or NULL, as one float64 matrix (rows, ``width``), NULL as NaN. Python
+    holds one chunk of rows at a time: a cold read of every slice returns one row per
+    (slice, bucket), 0.77M rows at 1e6 predictions a day, which as SQLAlchemy rows took
+    most of a gigabyte (docs/performance.md, *Memory*). Made from plain tuples: numpy reads
+    a SQLAlchemy row through the sequence protocol, 20x slower (816,849 rows: 28.7 s
+    against 1.5 s under load). Integers below 2**53 (parts, keys, counts) are exact in
+    float64. A streamed result gives no row count, so the chunks' arrays are concatenated
+    at the end (the matrix is held twice for that moment); one chunk is returned as it is.
 
     Raises:
         ValueError, TypeError: a value is no number (numpy's conversion to float64).
     """
-    out = np.empty((max(rows, 0), width))
-    filled, rest = 0, list[np.ndarray]()
-    for chunk in chunks:
-        table = np.array([tuple(row) for row in chunk], dtype=np.float64).reshape(len(chunk), width)
-        if not rest and filled + len(table) <= len(out):
-            out[filled : filled + len(table)] = table
-            filled += len(table)
-        else:
-            rest.append(table)
-    return np.concatenate([out[:filled], *rest]) if rest else out[:filled]
+    tables = [np.array([tuple(row) for row in chunk], dtype=np.float64).reshape(len(chunk), width) for chunk in chunks]
+    if len(tables) == 1:
+        return tables[0]
+    return np.concatenate(tables) if tables else np.empty((0, width))
 
 
 @dataclass(frozen=True)
