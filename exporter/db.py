@@ -208,20 +208,25 @@ def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa
             # One snapshot for all the queries of a source: counts and sums of one window
             # must not come from two states of a table that is being appended to.
             conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
-            conn.execute(sa.select(sa.func.set_config("statement_timeout", f"{int(timeout_seconds * 1000)}", True)))
-            # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
-            conn.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
-            # Without statistics (a table loaded and queried before ANALYZE, or autovacuum off
-            # or lagging) PostgreSQL guesses that a window holds a handful of rows and joins
-            # predictions to labels, replays and duplicate ids by nested loops: quadratic in
-            # the window, 20,000 rows a side already run past 30 s. Every join mlmon sends is
-            # an equi-join, which a hash or merge join does in time linear in the rows (plus a
-            # sort), whatever the estimates (docs/scaling.md).
-            conn.execute(sa.select(sa.func.set_config("enable_nestloop", "off", True)))
-            # Large results are streamed through a server-side cursor (``yield_per``), which
-            # PostgreSQL plans for its first 10% of rows by default: plan them as the whole
-            # result they are read as, as a plain statement would be.
-            conn.execute(sa.select(sa.func.set_config("cursor_tuple_fraction", "1", True)))
+            settings = {
+                "statement_timeout": f"{int(timeout_seconds * 1000)}",
+                # The default 4 MB makes the per-bucket aggregates of a large window spill to disk.
+                "work_mem": "64MB",
+                # Without statistics (a table loaded and queried before ANALYZE, or autovacuum
+                # off or lagging) PostgreSQL guesses that a window holds a handful of rows and
+                # joins predictions to labels, replays and duplicate ids by nested loops:
+                # quadratic in the window, 20,000 rows a side already run past 30 s. Every join
+                # mlmon sends is an equi-join, which a hash or merge join does in time linear in
+                # the rows (plus a sort), whatever the estimates (docs/scaling.md).
+                "enable_nestloop": "off",
+                # Large results are streamed through a server-side cursor (``yield_per``), which
+                # PostgreSQL plans for its first 10% of rows by default: plan them as the whole
+                # result they are read as, as a plain statement would be.
+                "cursor_tuple_fraction": "1",
+            }
+            # Local to the transaction (true), all in one round trip: a steady refresh opens
+            # a transaction per source.
+            conn.execute(sa.select(*(sa.func.set_config(name, value, True) for name, value in settings.items())))
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN")  # the driver opens no transaction for reads: ask for one snapshot
             raw = conn.connection.driver_connection
