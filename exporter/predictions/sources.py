@@ -374,9 +374,9 @@ def _table(conn: Connection, statement: sa.Executable) -> tuple[np.ndarray, list
     """The rows of ``statement`` as a float64 matrix, one column per result column
     (``slices.float_table``), and the columns' names. The result is streamed
     (``yield_per``: a server-side cursor on PostgreSQL, fetching ``CHUNK_ROWS`` rows at a
-    time), so that the driver never holds the whole result: at 1e6 predictions a day, a
-    cold read's peak RSS fell by 118 MB (predictions) and 160 MB (labels), and the labels
-    left 250 MB less resident (docs/performance.md, *Reading results in chunks*)."""
+    time), so that the driver never holds the whole result: a cold read of every slice at
+    1e6 predictions a day peaked 123 MB lower (predictions) and 194 MB lower (labels)
+    (docs/performance.md, *Streaming the cold reads*)."""
     with conn.execute(statement, execution_options={"yield_per": CHUNK_ROWS}) as result:
         return float_table(result.partitions(), len(result.keys())), list(result.keys())
 
