@@ -190,8 +190,9 @@ def without_jit(conn: Connection) -> None:
 def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa.Table] = ()) -> Iterator[Connection]:
     """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
 
-    PostgreSQL cancels each statement after ``timeout_seconds`` on the server
-    (``statement_timeout``, local to the transaction) and plans without nested loops
+    PostgreSQL cancels each statement (each ``DECLARE`` and ``FETCH`` of a streamed read)
+    after ``timeout_seconds`` on the server (``statement_timeout``, local to the
+    transaction, as ``work_mem`` and ``cursor_tuple_fraction``) and plans without nested loops
     (``enable_nestloop``, local too), so that missing statistics cannot make a join
     quadratic; SQLite is interrupted from a timer
     thread once the whole transaction exceeds it. Other dialects rely on their own limits.
@@ -219,9 +220,9 @@ def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa
                 # mlmon sends is an equi-join, which a hash or merge join does in time linear in
                 # the rows (plus a sort), whatever the estimates (docs/scaling.md).
                 "enable_nestloop": "off",
-                # Large results are streamed through a server-side cursor (``yield_per``), which
-                # PostgreSQL plans for its first 10% of rows by default: plan them as the whole
-                # result they are read as, as a plain statement would be.
+                # The reads of many slices are streamed through a server-side cursor
+                # (``sources._table``), which PostgreSQL plans for its first 10% of rows by
+                # default: plan it for the whole result it is read as, as a plain statement.
                 "cursor_tuple_fraction": "1",
             }
             # Local to the transaction (true), all in one round trip: a steady refresh opens

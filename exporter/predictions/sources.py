@@ -370,15 +370,26 @@ def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
 
 
-def _table(conn: Connection, statement: sa.Executable) -> tuple[np.ndarray, list[str]]:
+#: Passes of more parts than this are streamed (``_table``): a cold read or a fill reads
+#: many slices, one row per (slice, bucket), the peak of a refresh's memory; a steady
+#: refresh's passes read the heads and tails of its windows, 2 to 7 parts in the tests.
+STREAMED_PARTS = 8
+
+
+def _table(conn: Connection, statement: sa.Select[Any], stream: bool) -> tuple[np.ndarray, list[str]]:
     """The rows of ``statement`` as a float64 matrix, one column per result column
-    (``slices.float_table``), and the columns' names. The result is streamed
-    (``yield_per``: a server-side cursor on PostgreSQL, fetching ``CHUNK_ROWS`` rows at a
-    time), so that the driver never holds the whole result: a cold read of every slice at
-    1e6 predictions a day peaked 123 MB lower (predictions) and 194 MB lower (labels)
-    (docs/performance.md, *Streaming the cold reads*)."""
-    with conn.execute(statement, execution_options={"yield_per": CHUNK_ROWS}) as result:
-        return float_table(result.partitions(), len(result.keys())), list(result.keys())
+    (``slices.float_table``, ``CHUNK_ROWS`` rows at a time), and the columns' names.
+
+    ``stream``: the result is streamed (``yield_per``: a server-side cursor on PostgreSQL,
+    fetching ``CHUNK_ROWS`` rows at a time), so that the driver never holds the whole
+    result: a cold read of every slice at 1e6 predictions a day peaked 123 MB lower
+    (predictions) and 194 MB lower (labels) (docs/performance.md, *Streaming the cold
+    reads*). The price, why small results are not streamed: PostgreSQL plans a cursor's
+    query without parallel workers, and a cursor takes about six round trips instead of
+    one. The result is closed, also when a value is no number."""
+    options = {"yield_per": CHUNK_ROWS} if stream else {}
+    with conn.execute(statement, execution_options=options) as result:
+        return float_table(result.partitions(CHUNK_ROWS), len(result.keys())), list(result.keys())
 
 
 def _slice_points(windows: Windows, width: timedelta) -> tuple[datetime, ...]:
@@ -761,7 +772,11 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
             if not read.reads:
                 continue
             histograms = Histogram.by_part(
-                _table(conn, q.sliced_histogram(read.points, read.reads, self._left_out.ids))[0]
+                _table(
+                    conn,
+                    q.sliced_histogram(read.points, read.reads, self._left_out.ids),
+                    stream=len(read.points) - 1 > STREAMED_PARTS,
+                )[0]
             )
             tops: dict[int, TopCounts] = {}
             mixed = []
@@ -1046,7 +1061,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
                 statements.append(q.online(labels, windows, duplicates, as_of, maturity, repeated=repeated, apart=True))
         parts = []
         for statement in statements:
-            parts.append(OnlineBuckets.by_window(*_table(conn, statement), len(self.model.windows)))
+            parts.append(OnlineBuckets.by_window(*_table(conn, statement, stream=False), len(self.model.windows)))
         return [
             self._accuracy(window, OnlineBuckets.merge(of_window), labels.invalid_reasons)
             for window, *of_window in zip(self.model.windows, *parts, strict=True)
@@ -1074,11 +1089,11 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
         def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, OnlineBuckets]:
             statement = q.sliced_online(labels, part_pass.points, part_pass.reads, as_of, maturity, exclude=exclude)
-            return OnlineBuckets.by_part(*_table(conn, statement))
+            return OnlineBuckets.by_part(*_table(conn, statement, stream=len(part_pass.points) - 1 > STREAMED_PARTS))
 
         def add_back(duplicates: DuplicateIds, only: Sequence[Any]) -> list[OnlineBuckets]:
             statement = q.online(labels, windows, duplicates, as_of, maturity, only=only)
-            return OnlineBuckets.by_window(*_table(conn, statement), len(windows.starts))
+            return OnlineBuckets.by_window(*_table(conn, statement, stream=False), len(windows.starts))
 
         return self._merged(conn, windows, store, read, lambda: self._audit(conn, store, as_of, maturity), add_back)
 
