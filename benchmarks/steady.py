@@ -169,13 +169,13 @@ def run_refreshes(
     sa.event.listen(engine, "after_cursor_execute", executed)
     read_table = sources._table
 
-    def timed_table(conn: Any, statement: Any) -> Any:
+    def timed_table(conn: Any, statement: Any, stream: bool) -> Any:
         # A streamed read's rows are fetched after its statement returns (a server-side
         # cursor's DECLARE): the whole read is timed, as one statement.
         streaming[0] = True
         started = time.perf_counter()
         try:
-            return read_table(conn, statement)
+            return read_table(conn, statement, stream)
         finally:
             streaming[0] = False
             statements.append((current[0], where(), time.perf_counter() - started))
