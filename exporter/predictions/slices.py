@@ -67,15 +67,16 @@ CHUNK_ROWS = 50_000
 
 
 def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int) -> np.ndarray:
-    """The rows of ``chunks`` (a streamed result's ``partitions(CHUNK_ROWS)``), each of
+    """The rows of ``chunks`` (a result's ``partitions(CHUNK_ROWS)``), each of
     ``width`` numbers or NULL, as one float64 matrix (rows, ``width``), NULL as NaN. Python
     holds one chunk of rows at a time: a cold read of every slice returns one row per
     (slice, bucket), 0.77M rows at 1e6 predictions a day, which as SQLAlchemy rows took
     most of a gigabyte (docs/performance.md, *Memory*). Made from plain tuples: numpy reads
     a SQLAlchemy row through the sequence protocol, 20x slower (816,849 rows: 28.7 s
     against 1.5 s under load). Integers below 2**53 (parts, keys, counts) are exact in
-    float64. A streamed result gives no row count, so the chunks' arrays are concatenated
-    at the end (the matrix is held twice for that moment); one chunk is returned as it is.
+    float64. A streamed result's row count is not known before its last chunk, so the
+    chunks' arrays are concatenated at the end (the matrix is held twice for that moment);
+    one chunk is returned as it is.
 
     Raises:
         ValueError, TypeError: a value is no number (numpy's conversion to float64).
@@ -418,8 +419,8 @@ class OnlineBuckets:
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True):
             if b == a:  # no row kept
                 continue
-            # One part's rows at a time (fancy indexing copies): the read is never held twice,
-            # and a kept slice holds no array of it.
+            # One part's rows at a time (fancy indexing copies): no copy of all the kept rows
+            # is made first, and a kept slice holds no array of the read.
             rows = table[np.ix_(order[a:b], picked)]
             counts = rows[:, 2:first].astype(np.int64)
             sums = np.nan_to_num(rows[:, first : first + len(ONLINE_SUMS)])

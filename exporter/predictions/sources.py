@@ -376,6 +376,11 @@ def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
 STREAMED_PARTS = 8
 
 
+def _streamed(read: Pass) -> bool:
+    """Whether the result of ``read`` is streamed: it has more than ``STREAMED_PARTS`` parts."""
+    return len(read.points) - 1 > STREAMED_PARTS
+
+
 def _table(conn: Connection, statement: sa.Select[Any], stream: bool) -> tuple[np.ndarray, list[str]]:
     """The rows of ``statement`` as a float64 matrix, one column per result column
     (``slices.float_table``, ``CHUNK_ROWS`` rows at a time), and the columns' names.
@@ -775,7 +780,7 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
                 _table(
                     conn,
                     q.sliced_histogram(read.points, read.reads, self._left_out.ids),
-                    stream=len(read.points) - 1 > STREAMED_PARTS,
+                    stream=_streamed(read),
                 )[0]
             )
             tops: dict[int, TopCounts] = {}
@@ -1089,7 +1094,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
 
         def read(part_pass: Pass, exclude: Sequence[Any]) -> dict[int, OnlineBuckets]:
             statement = q.sliced_online(labels, part_pass.points, part_pass.reads, as_of, maturity, exclude=exclude)
-            return OnlineBuckets.by_part(*_table(conn, statement, stream=len(part_pass.points) - 1 > STREAMED_PARTS))
+            return OnlineBuckets.by_part(*_table(conn, statement, stream=_streamed(part_pass)))
 
         def add_back(duplicates: DuplicateIds, only: Sequence[Any]) -> list[OnlineBuckets]:
             statement = q.online(labels, windows, duplicates, as_of, maturity, only=only)
