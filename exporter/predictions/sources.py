@@ -370,15 +370,17 @@ def _meet(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     return bool(a and b) and a[0] <= b[1] and b[0] <= a[1]
 
 
-#: Passes of more parts than this are streamed (``_table``): a cold read or a fill reads
-#: many slices, one row per (slice, bucket), the peak of a refresh's memory; a steady
-#: refresh's passes read the heads and tails of its windows, 2 to 7 parts in the tests.
+#: Passes that read more parts than this are streamed (``_table``): a cold read or a fill
+#: reads many slices, one row per (slice, bucket), the peak of a refresh's memory; a steady
+#: refresh's passes read the heads and tails of its windows, about one part per window and
+#: two for the head (a model of more than 6 windows streams them too).
 STREAMED_PARTS = 8
 
 
 def _streamed(read: Pass) -> bool:
-    """Whether the result of ``read`` is streamed: it has more than ``STREAMED_PARTS`` parts."""
-    return len(read.points) - 1 > STREAMED_PARTS
+    """Whether the result of ``read`` is streamed: it reads more than ``STREAMED_PARTS``
+    parts (the points between its reads cut no part that is read)."""
+    return sum(len(read.parts_in(start, end)) for start, end in read.reads) > STREAMED_PARTS
 
 
 def _table(conn: Connection, statement: sa.Select[Any], stream: bool) -> tuple[np.ndarray, list[str]]:
