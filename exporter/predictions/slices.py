@@ -87,6 +87,13 @@ def float_table(chunks: Iterable[Sequence[Sequence[Any]]], width: int) -> np.nda
     return np.concatenate(tables) if tables else np.empty((0, width))
 
 
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """The ``[a, b)`` index ranges of the runs of equal ``values`` (sorted: one run per
+    part), in order; none when ``values`` is empty."""
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    return [(int(a), int(b)) for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(values)], strict=True) if b > a]
+
+
 @dataclass(frozen=True)
 class Histogram:
     """Bucket aggregates of some predictions, one entry per key, keys ascending: ``key`` is
@@ -140,11 +147,8 @@ class Histogram:
         order = np.argsort(part * 2**24 + table[:, 1].astype(np.int64) + 8)  # keys lie in [-7, 10**5]
         order = order[table[order, 2] > 0]
         part = part[order]
-        cuts = np.flatnonzero(np.diff(part)) + 1
         out = {}
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True):
-            if b == a:  # no row kept
-                continue
+        for a, b in _runs(part):
             # Each part's rows taken from the read (fancy indexing copies): a kept slice holds
             # no array of the whole read, and no sorted copy of it is made first.
             rows = order[a:b]
@@ -412,13 +416,10 @@ class OnlineBuckets:
         kept = np.flatnonzero(n > 0)
         order = kept[np.lexsort((key[kept], part[kept]))]
         part = part[order].astype(np.int64)
-        cuts = np.flatnonzero(np.diff(part)) + 1
         picked = np.asarray(columns, dtype=np.int64)
         first = 2 + len(ONLINE_COUNTS)
         out = {}
-        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(part)], strict=True):
-            if b == a:  # no row kept
-                continue
+        for a, b in _runs(part):
             # One part's rows at a time (fancy indexing copies): no copy of all the kept rows
             # is made first, and a kept slice holds no array of the read.
             rows = table[np.ix_(order[a:b], picked)]
