@@ -179,15 +179,10 @@ def require_existing_sqlite_file(url: str | sa.URL) -> None:
             raise FileNotFoundError(f"SQLite database file {str(path.resolve())!r} does not exist")
 
 
-def without_jit(conn: Connection) -> None:
-    """Turns PostgreSQL's JIT off for the rest of ``conn``'s transaction: for statements
-    whose large expressions (bisecting CASEs, per-row index lookups) JIT would compile
-    longer than it would take to run them; the callers say how much longer."""
-    conn.execute(sa.select(sa.func.set_config("jit", "off", True)))
-
-
 @contextmanager
-def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa.Table] = ()) -> Iterator[Connection]:
+def timed_connection(
+    engine: Engine, timeout_seconds: float, tables: Iterable[sa.Table] = (), jit: bool = True
+) -> Iterator[Connection]:
     """A read-only transaction with one snapshot, whose queries are cancelled when they run too long.
 
     PostgreSQL cancels each statement (each ``DECLARE`` and ``FETCH`` of a streamed read)
@@ -197,6 +192,10 @@ def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa
     quadratic; SQLite is interrupted from a timer
     thread once the whole transaction exceeds it. Other dialects rely on their own limits.
     The cancelled statement raises the driver's error, classified as ``timeout``.
+
+    ``jit=False`` turns PostgreSQL's JIT off for the transaction: for statements whose
+    large expressions (bisecting CASEs, per-row index lookups) JIT would compile longer
+    than it would take to run them; the callers say how much longer.
 
     ``tables``: the tables the connection's queries read. Spark SQL (PyHive's dialect
     ``hive``) has no snapshot and each of its sessions caches a table's file listing
@@ -225,6 +224,8 @@ def timed_connection(engine: Engine, timeout_seconds: float, tables: Iterable[sa
                 # default: plan it for the whole result it is read as, as a plain statement.
                 "cursor_tuple_fraction": "1",
             }
+            if not jit:
+                settings["jit"] = "off"
             # Local to the transaction (true), all in one round trip: a steady refresh opens
             # a transaction per source.
             conn.execute(sa.select(*(sa.func.set_config(name, value, True) for name, value in settings.items())))

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from exporter.config import ModelConfig
-from exporter.db import timed_connection, without_jit
+from exporter.db import timed_connection
 from exporter.durations import parse_duration
 from exporter.errors import first_line
 from exporter.health import SourceHealth
@@ -554,13 +554,14 @@ class Source(ABC, Generic[Q, V]):
             exc_info=not isinstance(exc, sa.exc.SQLAlchemyError),
         )
 
-    def _connection(self, *tables: sa.Table) -> AbstractContextManager[Connection]:
+    def _connection(self, *tables: sa.Table, jit: bool = True) -> AbstractContextManager[Connection]:
         """A timed connection for the queries of one refresh, which read ``tables``
-        (``db.timed_connection``: Spark SQL reads them afresh)."""
+        (``db.timed_connection``: Spark SQL reads them afresh; ``jit=False``: PostgreSQL
+        compiles none of them)."""
         # Every source of a model is read in the predictions' store (the config checks it):
         # labels and replays are joined to the predictions there.
         engine = self.stores.engine(self.model.predictions.store)
-        return timed_connection(engine, self.query_timeout.total_seconds(), tables)
+        return timed_connection(engine, self.query_timeout.total_seconds(), tables, jit=jit)
 
 
 class PredictionsSource(Source[PredictionQueries, PredictionValues]):
@@ -887,11 +888,9 @@ class PredictionsSource(Source[PredictionQueries, PredictionValues]):
         if self.slices is not None:  # before anything can fail (SliceStore.begin)
             self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
         q = self.queries()
-        with self._connection(q.table) as conn:
-            if q.dialect == "postgresql":
-                # The parts' bisecting CASE is a large expression: compiling it took PostgreSQL's
-                # JIT about 4 s of a cold refresh at 1e6 rows (6.2 s without, 10.0 s with).
-                without_jit(conn)
+        # The parts' bisecting CASE is a large expression: compiling it took PostgreSQL's
+        # JIT about 4 s of a cold refresh at 1e6 rows (6.2 s without, 10.0 s with).
+        with self._connection(q.table, jit=False) as conn:
             # First, so that rows written during the window queries (which may take minutes
             # on a large table) do not count as stamped in the future.
             last = q.last_timestamp(as_of, as_of + FUTURE_TOLERANCE, self._future_wall(as_of))
@@ -1045,10 +1044,6 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         if labels.time is not None and delay > timedelta(0):
             points = boundaries(windows.start, windows.end, self.model.label_slice_width())
             maturity = LabelMaturity(points, delay)
-            if q.dialect == "postgresql":
-                # The maturity bounds are a bisecting CASE, as the parts of time are in
-                # PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at 1e6 rows.
-                without_jit(conn)
             if self.slices is not None:
                 merged, duplicates = self._sliced(conn, windows, as_of, maturity, self.slices)
                 if merged is not None:
@@ -1172,7 +1167,11 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
         q = self.predictions.queries()
         labels = self.queries()
-        with self._connection(q.table, labels.table) as conn:
+        # With label maturity (_online) the maturity bounds are a bisecting CASE, as the parts
+        # of time are in PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at
+        # 1e6 rows.
+        matures = labels.time is not None and self.model.label_delay > timedelta(0)
+        with self._connection(q.table, labels.table, jit=not matures) as conn:
             online = self._online(conn, as_of)
             if q.version is not None:
                 raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
@@ -1268,11 +1267,10 @@ class ReplaysSource(JoinedSource[ReplayQueries, tuple[Reproducibility, ...]]):
         if self.slices is not None:  # before anything can fail (SliceStore.begin)
             self.slices.begin(windows.starts, windows.end, self.model.predictions.ingestion_delay)
         q, replays = self.predictions.queries(), self.queries()
-        with self._connection(q.table, replays.table) as conn:
-            if q.replays_by_lookup(replays) or (self.slices is not None and q.dialect == "postgresql"):
-                # See PredictionQueries.replays_by_lookup; the parts' bisecting CASE, as in
-                # PredictionsSource.run.
-                without_jit(conn)
+        # See PredictionQueries.replays_by_lookup; the parts' bisecting CASE, as in
+        # PredictionsSource.run.
+        jit = not (q.replays_by_lookup(replays) or self.slices is not None)
+        with self._connection(q.table, replays.table, jit=jit) as conn:
             totals, duplicates = self._sliced(conn, windows, self.slices) if self.slices is not None else (None, None)
             if totals is None:
                 if duplicates is None and self.slices is not None:

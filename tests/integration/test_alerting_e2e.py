@@ -77,7 +77,9 @@ def fill(url: str, stuck: bool) -> None:
 
 @pytest.fixture
 def binaries():
-    found = {name: shutil.which(name) for name in ("prometheus", "prometheus-alertmanager")}
+    # Debian names the Alertmanager binary prometheus-alertmanager; upstream's release says alertmanager.
+    alertmanager = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    found = {"prometheus": shutil.which("prometheus"), "alertmanager": alertmanager}
     require(all(found.values()), f"needs the Debian packages prometheus and prometheus-alertmanager (found {found})")
     return found
 
@@ -149,7 +151,7 @@ scrape_configs:
         processes.append(
             start_process(
                 [
-                    binaries["prometheus-alertmanager"],
+                    binaries["alertmanager"],
                     "--config.file=alertmanager.yml",
                     f"--storage.path={am_dir / 'data'}",
                     f"--web.listen-address=127.0.0.1:{alertmanager_port}",

@@ -16,6 +16,7 @@ from exporter.predictions.queries import grouped
 from exporter.predictions.slices import (
     ONLINE_COUNTS,
     ONLINE_SUMS,
+    Histogram,
     OnlineBuckets,
     Pass,
     ReplayTotals,
@@ -261,3 +262,31 @@ def test_float_table_reads_chunks_into_one_matrix():
     np.testing.assert_array_equal(got, np.array([[1, np.nan], [2.0**53, 0.5], [3, 0.25]]))
     assert float_table([], 7).shape == (0, 7)
     np.testing.assert_array_equal(float_table([[(4, 1.5)]], 2), np.array([[4, 1.5]]))  # one chunk
+
+
+def test_kept_parts_are_their_own_rows_in_arrays_of_their_own():
+    """A read cut into parts (rows of several parts in any order, some with no prediction):
+    each part keeps exactly its rows with a prediction, keys ascending, in arrays that own
+    their memory: a kept slice holds no view of the read, nor of any copy of all of it, which
+    would keep that alive as long as the slice."""
+    rng = np.random.default_rng(7)
+    part, key = rng.integers(0, 5, 200), rng.permutation(200) - 7
+    n = rng.integers(0, 3, 200)
+    histograms = np.column_stack([part, key, n, rng.random((200, 4))])
+    names = ["part", "key", *ONLINE_COUNTS, *ONLINE_SUMS, "low", "high"]
+    counts = rng.integers(0, 3, (200, len(ONLINE_COUNTS)))
+    counts[:, 0] = n  # predictions
+    online = np.column_stack([part, key, counts, rng.random((200, len(ONLINE_SUMS) + 2))])
+    for table, parts in (
+        (histograms, Histogram.by_part(histograms)),
+        (online, OnlineBuckets.by_part(online, names)),
+    ):
+        for p, kept in parts.items():
+            rows = (part == p) & (n > 0)
+            if isinstance(kept, OnlineBuckets):
+                assert kept.counts[0] == n[rows].sum()
+                rows &= (counts[:, names.index("positives") - 2] + counts[:, names.index("negatives") - 2]) > 0
+            np.testing.assert_array_equal(kept.key, np.sort(key[rows]))
+            for name, array in vars(kept).items():
+                assert array.flags.owndata and not np.shares_memory(array, table), (p, name)
+        assert set(parts) == set(part[n > 0].tolist())

@@ -119,11 +119,23 @@ def test_a_source_reads_one_snapshot(tmp_path, postgres_engine):
     sqlite = create_store_engine(f"sqlite:///{tmp_path}/s.sqlite")
     with timed_connection(sqlite, 5) as conn:
         assert conn.connection.driver_connection.in_transaction
+    names = ("statement_timeout", "work_mem", "enable_nestloop", "cursor_tuple_fraction", "jit")
+
+    def shown(conn):
+        return {name: conn.exec_driver_sql(f"SHOW {name}").scalar() for name in names}
+
+    with postgres_engine.connect() as conn:
+        defaults = shown(conn)
     with timed_connection(postgres_engine, 5) as conn:
         assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "repeatable read"
         assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on"
+        settings = {"statement_timeout": "5s", "work_mem": "64MB", "enable_nestloop": "off"}
+        assert shown(conn) == {**settings, "cursor_tuple_fraction": "1", "jit": defaults["jit"]}
+    with timed_connection(postgres_engine, 2.5, jit=False) as conn:
+        assert shown(conn) == {**settings, "statement_timeout": "2500ms", "cursor_tuple_fraction": "1", "jit": "off"}
     with postgres_engine.connect() as conn:  # the pooled connection is back to the default
         assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+        assert shown(conn) == defaults
     sqlite.dispose()
 
 
