@@ -1,0 +1,132 @@
+"""Peak RSS of one process refreshing many models (issue 12: memory "documented for 100
+models"), as ``mlmon serve`` holds them: one ``ModelRefresher`` per model over one ``Stores``.
+
+``generate.py`` writes ``--models`` M x ``--rows`` N predictions in the 24 h before
+``generate.NOW`` (models ``m0`` to ``m{M-1}``, N each, with labels and replays). Then, per
+configuration, a child process builds the M refreshers of ``refresh.py``'s model (windows 1h
+and 24h, labels recorded with ``label_delay`` 1h, replays; ``filter: model_name = mi``) and
+refreshes every model at ``NOW`` (the cold round), then ``--rounds`` more times, each one
+simulated minute later (no new rows: the memory held between refreshes is the point, not
+the cost of new rows, which ``steady.py`` measures). Configurations:
+
+- ``default``: mlmon's defaults, time slices off: a refresh holds its results only while it
+  runs, so the peak is about one model's refresh above what the process holds at rest;
+- ``slices``: ``time_slice: auto`` (5-minute slices) with ``slice_fill_refreshes: 1``: each
+  model's cold refresh reads every slice of its 24 h window and keeps them, so the peak
+  holds M models' kept slices.
+
+Reported per configuration: the process's peak RSS (``VmHWM``), its RSS after the last round
+(``VmRSS``), the kept slices' bytes in all with each window's merge of them
+(``steady.array_bytes``), the predictions of every model's 24 h window and seconds per round.
+
+    python benchmarks/models.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench_models --models 100 --rows 1e5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CONFIGS = ("default", "slices")
+
+
+def own_rss_mb(field: str) -> float:
+    """This process's ``VmHWM`` (peak) or ``VmRSS`` (now) in MB (Linux ``/proc``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any]:
+    """The M refreshers' rounds (module docstring), in this process."""
+    from generate import NOW
+    from refresh import settings
+    from steady import array_bytes
+
+    from exporter.predictions.refresh import ModelRefresher
+    from exporter.predictions.stores import Stores
+
+    base = settings(url, label_delay="1h")
+    template = base.models[0]
+    if config == "slices":
+        template = template.model_copy(update={"time_slice": "auto", "slice_fill_refreshes": 1})
+    predictions = template.predictions
+    refreshers = []
+    stores = Stores(base.stores, base.query_timeout)
+    for m in range(models):
+        source = predictions.model_copy(update={"filter": {"model_name": f"m{m}"}})
+        model = template.model_copy(update={"name": f"m{m}", "predictions": source})
+        refresher = ModelRefresher(model, f"models[{m}]", base.refresh_policy, stores)
+        refresher.check_schema()
+        refreshers.append(refresher)
+    seconds, rows = [], 0
+    for k in range(rounds + 1):
+        started = time.perf_counter()
+        for refresher in refreshers:
+            snapshot = refresher.refresh(NOW + timedelta(minutes=k))
+            down = [name for name, status in snapshot.sources.items() if not status.up]
+            assert not down, (refresher.model.name, down, snapshot.errors)
+            rows += snapshot.score_stats[-1].predictions if k == 0 else 0
+        seconds.append(time.perf_counter() - started)
+    kept = [
+        a
+        for refresher in refreshers
+        for source in refresher.sources.values()
+        if source.slices is not None
+        for a in (*source.slices.slices.values(), *(merged for _, merged in source.slices._merged.values()))
+    ]
+    stores.dispose()
+    return {
+        "seconds": seconds,
+        "kept_mb": array_bytes(kept, set()) / 1e6,
+        "peak_rss_mb": own_rss_mb("VmHWM"),
+        "rss_mb": own_rss_mb("VmRSS"),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--models", type=int, default=100)
+    parser.add_argument("--rows", type=float, default=1e5, help="predictions per model in the 24 h window")
+    parser.add_argument("--rounds", type=int, default=2, help="refreshes of every model after the cold one")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--reuse", action="store_true", help="use the tables already written")
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_models(args.url, args.child, args.models, args.rounds)))
+        return
+    if not args.reuse:
+        total = str(int(args.rows) * args.models)
+        generate = [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", total]
+        subprocess.run([*generate, "--models", str(args.models)], check=True, stdout=subprocess.DEVNULL)
+    print(f"{args.models} models, {args.rows:.0e} predictions each in the 24 h window, {args.rounds} rounds after the cold one")
+    print("| configuration | predictions in all | peak RSS MB | RSS after MB | kept slices MB | cold round s | later rounds s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for config in args.configs:
+        command = [sys.executable, __file__, "--url", args.url, "--models", str(args.models)]
+        out = subprocess.run(
+            [*command, "--rounds", str(args.rounds), "--child", config], check=True, capture_output=True, text=True
+        )
+        r = json.loads(out.stdout)
+        later = " / ".join(f"{s:.1f}" for s in r["seconds"][1:])
+        print(
+            f"| {config} | {r['rows']:,} | {r['peak_rss_mb']:,.0f} | {r['rss_mb']:,.0f} | {r['kept_mb']:,.1f} "
+            f"| {r['seconds'][0]:.1f} | {later} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
