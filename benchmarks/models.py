@@ -6,7 +6,9 @@ models"), as ``mlmon serve`` holds them: one ``ModelRefresher`` per model over o
 configuration, a child process builds the M refreshers of ``refresh.py``'s model (windows 1h
 and 24h, labels recorded with ``label_delay`` 1h, replays; ``filter: model_name = mi``) and
 refreshes every model at ``NOW`` (the cold round), then ``--rounds`` more times, each one
-simulated minute later (no new rows: the memory held between refreshes is the point, not
+simulated minute later, all the models of a round at once, each in a thread of its own, as
+``mlmon serve`` runs them (``server.loop``; the store's pool of ``max_connections``, 10 by
+default, lets that many read at a time) (no new rows: the memory held between refreshes is the point, not
 the cost of new rows, which ``steady.py`` measures). Configurations:
 
 - ``default``: mlmon's defaults, time slices off: a refresh holds its results only while it
@@ -17,7 +19,7 @@ the cost of new rows, which ``steady.py`` measures). Configurations:
 
 Reported per configuration: the process's peak RSS (``VmHWM``), its RSS after the last round
 (``VmRSS``), the kept slices' bytes in all with each window's merge of them
-(``steady.array_bytes``), the predictions of every model's 24 h window and seconds per round.
+(``steady.array_bytes``), the predictions in every model's 24 h window at the last round and seconds per round.
 
     python benchmarks/models.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench_models --models 100 --rows 1e5
 """
@@ -29,6 +31,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -69,14 +72,15 @@ def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any
         refresher.check_schema()
         refreshers.append(refresher)
     seconds, rows = [], 0
-    for k in range(rounds + 1):
-        started = time.perf_counter()
-        for refresher in refreshers:
-            snapshot = refresher.refresh(NOW + timedelta(minutes=k))
-            down = [name for name, status in snapshot.sources.items() if not status.up]
-            assert not down, (refresher.model.name, down, snapshot.errors)
-            rows += snapshot.score_stats[-1].predictions if k == 0 else 0
-        seconds.append(time.perf_counter() - started)
+    with ThreadPoolExecutor(max_workers=models) as threads:
+        for k in range(rounds + 1):
+            started = time.perf_counter()
+            snapshots = list(threads.map(lambda r: r.refresh(NOW + timedelta(minutes=k)), refreshers))  # noqa: B023
+            seconds.append(time.perf_counter() - started)
+            for refresher, snapshot in zip(refreshers, snapshots, strict=True):
+                down = [name for name, status in snapshot.sources.items() if not status.up]
+                assert not down, (refresher.model.name, down, snapshot.errors)
+            rows = sum(snapshot.score_stats[-1].predictions for snapshot in snapshots)
     kept = [
         a
         for refresher in refreshers
@@ -111,8 +115,12 @@ def main() -> None:
         total = str(int(args.rows) * args.models)
         generate = [sys.executable, str(Path(__file__).parent / "generate.py"), "--url", args.url, "--rows", total]
         subprocess.run([*generate, "--models", str(args.models)], check=True, stdout=subprocess.DEVNULL)
-    print(f"{args.models} models, {args.rows:.0e} predictions each in the 24 h window, {args.rounds} rounds after the cold one")
-    print("| configuration | predictions in all | peak RSS MB | RSS after MB | kept slices MB | cold round s | later rounds s |")
+    print(
+        f"{args.models} models, {args.rows:.0e} predictions each in the 24 h window, {args.rounds} rounds after the cold one"
+    )
+    print(
+        "| configuration | predictions in all | peak RSS MB | RSS after MB | kept slices MB | cold round s | later rounds s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for config in args.configs:
         command = [sys.executable, __file__, "--url", args.url, "--models", str(args.models)]
