@@ -57,18 +57,28 @@ def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any
 
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
+    from exporter.server.app import store_pools
 
     base = settings(url, label_delay="1h")
     template = base.models[0]
     if config == "slices":
         template = template.model_copy(update={"time_slice": "auto", "slice_fill_refreshes": 1})
-    predictions = template.predictions
+    configs = [
+        template.model_copy(
+            update={
+                "name": f"m{m}",
+                "predictions": template.predictions.model_copy(update={"filter": {"model_name": f"m{m}"}}),
+            }
+        )
+        for m in range(models)
+    ]
+    all_models = base.model_copy(update={"models": configs})
+    # The store's pool as mlmon serve sizes it: max_connections (10) connections, a
+    # checkout waiting up to a refresh's deadline.
+    stores = Stores(all_models.stores, all_models.query_timeout, store_pools(all_models))
     refreshers = []
-    stores = Stores(base.stores, base.query_timeout)
-    for m in range(models):
-        source = predictions.model_copy(update={"filter": {"model_name": f"m{m}"}})
-        model = template.model_copy(update={"name": f"m{m}", "predictions": source})
-        refresher = ModelRefresher(model, f"models[{m}]", base.refresh_policy, stores)
+    for m, model in enumerate(configs):
+        refresher = ModelRefresher(model, f"models[{m}]", all_models.refresh_policy, stores)
         refresher.check_schema()
         refreshers.append(refresher)
     seconds, rows = [], 0
@@ -125,7 +135,7 @@ def main() -> None:
     for config in args.configs:
         command = [sys.executable, __file__, "--url", args.url, "--models", str(args.models)]
         out = subprocess.run(
-            [*command, "--rounds", str(args.rounds), "--child", config], check=True, capture_output=True, text=True
+            [*command, "--rounds", str(args.rounds), "--child", config], check=True, stdout=subprocess.PIPE, text=True
         )
         r = json.loads(out.stdout)
         later = " / ".join(f"{s:.1f}" for s in r["seconds"][1:])
