@@ -8,7 +8,8 @@ and 24h, labels recorded with ``label_delay`` 1h, replays; ``filter: model_name 
 refreshes every model at ``NOW`` (the cold round), then ``--rounds`` more times, each one
 simulated minute later, all the models of a round at once, each in a thread of its own, as
 ``mlmon serve`` runs them (``server.loop``; the store's pool of ``max_connections``, 10 by
-default, lets that many read at a time) (no new rows: the memory held between refreshes is the point, not
+default, lets that many read at a time), with glibc's malloc arenas capped as there
+(``server.malloc``) (no new rows: the memory held between refreshes is the point, not
 the cost of new rows, which ``steady.py`` measures). Configurations:
 
 - ``default``: mlmon's defaults, time slices off: a refresh holds its results only while it
@@ -58,6 +59,9 @@ def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
     from exporter.server.app import store_pools
+    from exporter.server.malloc import limit_malloc_arenas
+
+    limit_malloc_arenas()  # as mlmon serve does, before any thread starts
 
     base = settings(url, label_delay="1h")
     template = base.models[0]
