@@ -689,3 +689,65 @@ def test_filter_values_at_the_edges_of_their_column_range_are_accepted(store, fi
     snap = _refresh(path)
     assert not _errors(snap), _errors(snap)
     assert snap.score_stats[0].predictions == len(kept)
+
+
+# -- reflections shared between models ---------------------------------------------------------
+
+
+def test_models_reading_one_table_share_its_reflection_and_compiled_statements(store, tmp_path):
+    """Two models over one predictions table (a filter each) get one ``sa.Table`` per kind of
+    source, so SQLAlchemy compiles their statements once (its cache keys on the Table
+    object: ``stores._shared``) and each model's numbers are those it has alone; a model
+    whose labels are columns of its predictions table still reads it as two tables; a
+    table altered since is reflected anew."""
+    url, schema, _ = store
+    _tables(url, schema, {"predictions": "BIGINT", "labels": "BIGINT", "replays": "BIGINT"})
+    settings = load_settings(_config(tmp_path, url, schema, filter_yaml='{market: "NO"}'))
+    no = settings.models[0]
+    se = no.model_copy(
+        update={"name": "se", "predictions": no.predictions.model_copy(update={"filter": {"market": "SE"}})}
+    )
+    columns = no.labels.columns.model_copy(update={"label": "active"})
+    labels = no.labels.model_copy(update={"table": "predictions", "columns": columns})
+    inline = no.model_copy(update={"name": "inline", "labels": labels})
+
+    def alone(model):
+        stores = Stores(settings.stores, settings.query_timeout)
+        try:
+            return ModelRefresher(model, "models[0]", settings.refresh_policy, stores).refresh(AS_OF)
+        finally:
+            stores.dispose()
+
+    stores = Stores(settings.stores, settings.query_timeout)
+    engine = stores.engine("s")
+    refreshers = [ModelRefresher(m, f"models[{i}]", settings.refresh_policy, stores) for i, m in enumerate((no, se))]
+    first = refreshers[0].refresh(AS_OF)
+    compiled = len(engine._compiled_cache)
+    second = refreshers[1].refresh(AS_OF)
+    assert len(engine._compiled_cache) == compiled  # the second model compiled nothing of its own
+    for name in ("predictions", "labels", "replays"):
+        a, b = (r.sources[name].queries().table for r in refreshers)
+        assert a is b, name
+    assert [s.predictions for s in first.score_stats + second.score_stats] == [4, 1]  # NO, SE in ROWS
+    for model, snapshot in ((no, first), (se, second)):
+        assert snapshot.score_stats == alone(model).score_stats
+        assert snapshot.online == alone(model).online
+        assert snapshot.replays == alone(model).replays
+
+    own = ModelRefresher(inline, "models[2]", settings.refresh_policy, stores)
+    own.check_schema()
+    assert own.sources["predictions"].queries().table is refreshers[0].sources["predictions"].queries().table
+    assert own.sources["labels"].queries().table is not own.sources["predictions"].queries().table
+    labeled = own.refresh(AS_OF).online[0]
+    rows = [r for r in ROWS if r[4] == "NO"]  # every NO row is labeled by its own `active`
+    expected = log_loss([r[7] for r in rows], [r[2] for r in rows], labels=[0, 1])
+    assert labeled.logloss == pytest.approx(expected, rel=1e-12)
+
+    q = f'"{schema}".predictions' if schema else "predictions"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {q} ADD COLUMN extra INTEGER"))
+    altered = ModelRefresher(no, "models[3]", settings.refresh_policy, stores)
+    altered.check_schema()
+    assert altered.sources["predictions"].queries().table is not refreshers[0].sources["predictions"].queries().table
+    assert "extra" in altered.sources["predictions"].queries().table.c
+    stores.dispose()
