@@ -9,18 +9,27 @@ refreshes every model at ``NOW`` (the cold round), then ``--rounds`` more times,
 simulated minute later, all the models of a round at once, each in a thread of its own, as
 ``mlmon serve`` runs them (``server.loop``; the store's pool of ``max_connections``, 10 by
 default, lets that many read at a time), with glibc's malloc arenas capped as there
-(``server.malloc``) (no new rows: the memory held between refreshes is the point, not
-the cost of new rows, which ``steady.py`` measures). Configurations:
+(``server.malloc``). No rows are added between rounds: the memory held between refreshes is
+the point here, the cost of new rows is ``steady.py``'s. Configurations:
 
 - ``default``: mlmon's defaults, time slices off: a refresh holds its results only while it
-  runs, so the peak is about one model's refresh above what the process holds at rest;
+  runs, so the peak is what the process holds at rest plus the refreshes running at once
+  (as many as the pool's connections);
 - ``slices``: ``time_slice: auto`` (5-minute slices) with ``slice_fill_refreshes: 1``: each
   model's cold refresh reads every slice of its 24 h window and keeps them, so the peak
   holds M models' kept slices.
 
-Reported per configuration: the process's peak RSS (``VmHWM``), its RSS after the last round
-(``VmRSS``), the kept slices' bytes in all with each window's merge of them
-(``steady.array_bytes``), the predictions in every model's 24 h window at the last round and seconds per round.
+Reported per configuration: the process's RSS once its refreshers are built, before the
+first round (the baseline: the interpreter, mlmon, and this benchmark's imports, pandas
+among them, which ``mlmon serve`` does not load), its peak RSS (``VmHWM``), its RSS after
+the last round (``VmRSS``, its connections still open), the kept slices' bytes in all with
+each window's merge of them (``steady.array_bytes``), the predictions in every model's 24 h
+window at the last round and seconds per round.
+
+Not as ``mlmon serve``: no state database (serve also saves the kept slices after each
+refresh), the tables are reflected before the first round (serve reflects in it), and the
+models of a round start together (serve's drift apart after their first refresh, so the
+later rounds here are the worst case of their overlap).
 
     python benchmarks/models.py --url postgresql+psycopg://postgres@127.0.0.1:5432/bench_models --models 100 --rows 1e5
 """
@@ -85,6 +94,7 @@ def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any
         refresher = ModelRefresher(model, f"models[{m}]", all_models.refresh_policy, stores)
         refresher.check_schema()
         refreshers.append(refresher)
+    baseline = own_rss_mb("VmRSS")
     seconds, rows = [], 0
     with ThreadPoolExecutor(max_workers=models) as threads:
         for k in range(rounds + 1):
@@ -102,14 +112,16 @@ def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any
         if source.slices is not None
         for a in (*source.slices.slices.values(), *(merged for _, merged in source.slices._merged.values()))
     ]
-    stores.dispose()
-    return {
+    result = {
         "seconds": seconds,
         "kept_mb": array_bytes(kept, set()) / 1e6,
+        "baseline_rss_mb": baseline,
         "peak_rss_mb": own_rss_mb("VmHWM"),
         "rss_mb": own_rss_mb("VmRSS"),
         "rows": rows,
     }
+    stores.dispose()
+    return result
 
 
 def main() -> None:
@@ -133,9 +145,9 @@ def main() -> None:
         f"{args.models} models, {args.rows:.0e} predictions each in the 24 h window, {args.rounds} rounds after the cold one"
     )
     print(
-        "| configuration | predictions in all | peak RSS MB | RSS after MB | kept slices MB | cold round s | later rounds s |"
+        "| configuration | predictions in all | baseline RSS MB | peak RSS MB | RSS after MB | kept slices MB | cold round s | later rounds s |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for config in args.configs:
         command = [sys.executable, __file__, "--url", args.url, "--models", str(args.models)]
         out = subprocess.run(
@@ -144,7 +156,7 @@ def main() -> None:
         r = json.loads(out.stdout)
         later = " / ".join(f"{s:.1f}" for s in r["seconds"][1:])
         print(
-            f"| {config} | {r['rows']:,} | {r['peak_rss_mb']:,.0f} | {r['rss_mb']:,.0f} | {r['kept_mb']:,.1f} "
+            f"| {config} | {r['rows']:,} | {r['baseline_rss_mb']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['rss_mb']:,.0f} | {r['kept_mb']:,.1f} "
             f"| {r['seconds'][0]:.1f} | {later} |",
             flush=True,
         )

@@ -510,7 +510,7 @@ def reflect_table(
     return _shared(engine, source, table)
 
 
-#: Per engine, the tables reflected so far, by kind of source and DDL (``_shared``).
+#: Per engine, the tables reflected so far, by kind of source, DDL and column types (``_shared``).
 _REFLECTED: weakref.WeakKeyDictionary[Engine, dict[tuple[str, ...], sa.Table]] = weakref.WeakKeyDictionary()
 _REFLECTED_LOCK = threading.Lock()  # sources reflect in their refresh threads
 
@@ -518,29 +518,33 @@ _REFLECTED_LOCK = threading.Lock()  # sources reflect in their refresh threads
 def _shared(engine: Engine, source: TableSource, table: sa.Table) -> sa.Table:
     """The ``sa.Table`` reflected earlier from ``engine`` for a source of the kind of
     ``source`` (predictions, labels, replays, a features table) with the same DDL as
-    ``table`` (columns, types, constraints and indexes as the dialect renders them), else
-    ``table``.
+    ``table`` (columns, types, constraints and indexes as the dialect renders them) and the
+    same reflected column types (``repr``: a dialect may render two types alike, and a
+    PostgreSQL enum's DDL is its name, not its labels), else ``table``.
 
     SQLAlchemy's compiled-statement cache (an LRU of 500 statements per engine) keys on the
     Table object, so each model reflecting its own copy of a shared table filled the cache
-    with statements of its own, up to 0.9 MB each: about 260 MB for 30 models and 450 MB
-    for 100, which also evicted one another before reuse (docs/performance.md, *Many
-    models*). Equal DDL compiles to equal SQL, so sharing the object changes no statement;
-    a table altered since compiles to other DDL and is kept apart. A table whose DDL the
-    dialect cannot render is not shared. Sources of different kinds never share: one
-    model's statements join its predictions to its labels or replays, which may be the same
-    table, and SQLAlchemy would take one object twice for one FROM (or correlate a
-    subquery to it) where two objects read the table twice, as they must.
+    with statements of its own, up to 0.9 MB each: about 260 MB for 30 models, which also
+    evicted one another before reuse (docs/performance.md, *Many models in one process*).
+    Equal DDL compiles to equal SQL, so sharing the object changes no statement; a table
+    altered since differs in its DDL or types and is kept apart. A table whose DDL the
+    dialect cannot render (a column of a type SQLAlchemy does not know) is not shared.
+    Sources of different kinds never share: one model's statements join its predictions to
+    its labels or replays, which may be the same table, and SQLAlchemy would take one
+    object twice for one FROM (or correlate a subquery to it) where two objects read the
+    table twice, as they must.
     """
     try:
-        ddl = (
+        key = (
+            type(source).__name__,
             str(sa.schema.CreateTable(table).compile(dialect=engine.dialect)),
             *sorted(str(sa.schema.CreateIndex(index).compile(dialect=engine.dialect)) for index in table.indexes),
+            *(f"{column.name} {column.type!r}" for column in table.c),
         )
-    except sa.exc.SQLAlchemyError:
+    except Exception:  # any dialect's DDL compiler: sharing only saves memory, reflection must not fail
         return table
     with _REFLECTED_LOCK:
-        return _REFLECTED.setdefault(engine, {}).setdefault((type(source).__name__, *ddl), table)
+        return _REFLECTED.setdefault(engine, {}).setdefault(key, table)
 
 
 def type_kind(column_type: sa.types.TypeEngine) -> str | None:

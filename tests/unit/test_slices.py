@@ -286,7 +286,17 @@ def test_kept_parts_are_their_own_rows_in_arrays_of_their_own():
             if isinstance(kept, OnlineBuckets):
                 assert kept.counts[0] == n[rows].sum()
                 rows &= (counts[:, names.index("positives") - 2] + counts[:, names.index("negatives") - 2]) > 0
-            np.testing.assert_array_equal(kept.key, np.sort(key[rows]))
+            order = np.argsort(key[rows])
+            np.testing.assert_array_equal(kept.key, key[rows][order])
+            # The values of each row stay with its key.
+            if isinstance(kept, Histogram):
+                for i, name in enumerate(("n", "low", "high", "s1", "s2"), start=2):
+                    np.testing.assert_array_equal(getattr(kept, name), table[rows][order, i], err_msg=name)
+            else:
+                for i, name in ((names.index("positives"), "positives"), (names.index("negatives"), "negatives")):
+                    np.testing.assert_array_equal(getattr(kept, name), table[rows][order, i], err_msg=name)
+                for i, name in ((-2, "low"), (-1, "high")):
+                    np.testing.assert_array_equal(getattr(kept, name), table[rows][order, i], err_msg=name)
             for name, array in vars(kept).items():
                 assert array.flags.owndata and not np.shares_memory(array, table), (p, name)
         assert set(parts) == set(part[n > 0].tolist())

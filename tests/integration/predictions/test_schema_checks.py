@@ -730,6 +730,7 @@ def test_models_reading_one_table_share_its_reflection_and_compiled_statements(s
         assert a is b, name
     assert [s.predictions for s in first.score_stats + second.score_stats] == [4, 1]  # NO, SE in ROWS
     for model, snapshot in ((no, first), (se, second)):
+        assert all(status.up for status in snapshot.sources.values()), snapshot.errors
         assert snapshot.score_stats == alone(model).score_stats
         assert snapshot.online == alone(model).online
         assert snapshot.replays == alone(model).replays
@@ -751,3 +752,27 @@ def test_models_reading_one_table_share_its_reflection_and_compiled_statements(s
     assert altered.sources["predictions"].queries().table is not refreshers[0].sources["predictions"].queries().table
     assert "extra" in altered.sources["predictions"].queries().table.c
     stores.dispose()
+
+
+def test_a_postgresql_enum_given_a_label_since_is_reflected_anew(postgres_schema, tmp_path):
+    """Review 2026-12-03: an enum column's DDL is its type's name, so a table whose enum was
+    given a label since would have been handed its old reflection (``stores._shared``), whose
+    type refuses the new label when a value is read through it."""
+    url, schema = postgres_schema
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TYPE \"{schema}\".region AS ENUM ('eu', 'us')"))
+        conn.execute(sa.text(f'CREATE TABLE "{schema}".t (id BIGINT, region "{schema}".region)'))
+    source = load_settings(_config(tmp_path, url, schema)).models[0].predictions.model_copy(update={"table": "t"})
+
+    def reflected():
+        return reflect_table(engine, source, {"id": "id"}, "models[0].predictions")
+
+    before = reflected()
+    assert reflected() is before  # the same DDL and types: one object
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"ALTER TYPE \"{schema}\".region ADD VALUE 'apac'"))
+    after = reflected()
+    assert after is not before
+    assert after.c.region.type.enums == ["eu", "us", "apac"]
+    engine.dispose()
