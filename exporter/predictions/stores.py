@@ -447,7 +447,9 @@ def reflect_table(
     check: Callable[[sa.Table], None] | None = None,
 ) -> sa.Table:
     """Reflect a configured table and check every configured column: that it exists and,
-    for the fields in ``types``, that its type fits.
+    for the fields in ``types``, that its type fits. The table returned may be the one
+    reflected earlier for another source of the same kind, when nothing of it differs
+    (``_shared``: models over one table then share their compiled statements).
 
     Args:
         columns: logical field -> column name (``None`` for unset optional fields).
