@@ -27,7 +27,9 @@ each window's merge of them (``steady.array_bytes``), the predictions in every m
 window at the last round and seconds per round.
 
 Not as ``mlmon serve``: no state database (serve also saves the kept slices after each
-refresh), the tables are reflected before the first round (serve reflects in it), and the
+refresh), ``query_timeout`` is 1 h (``refresh.settings``; it also sets how long a refresh
+waits for a connection), the tables are reflected before the first round (serve reflects in
+it), and the
 models of a round start together (serve's drift apart after their first refresh, so the
 later rounds here are the worst case of their overlap).
 

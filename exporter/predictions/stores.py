@@ -524,10 +524,11 @@ def _shared(engine: Engine, source: TableSource, table: sa.Table) -> sa.Table:
     same reflected column types (``repr``: a dialect may render two types alike, and a
     PostgreSQL enum's DDL is its name, not its labels), else ``table``.
 
-    SQLAlchemy's compiled-statement cache (an LRU of 500 statements per engine) keys on the
-    Table object, so each model reflecting its own copy of a shared table filled the cache
-    with statements of its own, up to 0.9 MB each: about 260 MB for 30 models, which also
-    evicted one another before reuse (docs/performance.md, *Many models in one process*).
+    SQLAlchemy's compiled-statement cache (500 statements per engine, pruned back to 500
+    once it holds 750) keys on the Table object, so each model reflecting its own copy of a
+    shared table filled the cache with statements of its own, about 0.9 MB each: 260 MB for
+    30 models; a process of 100 models peaked at 788 MB, and at 298 MB once they shared
+    (docs/performance.md, *Many models in one process*).
     Equal DDL compiles to equal SQL, so sharing the object changes no statement; a table
     altered since differs in its DDL or types and is kept apart. A table whose DDL the
     dialect cannot render (a column of a type SQLAlchemy does not know) is not shared.
