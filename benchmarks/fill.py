@@ -38,7 +38,7 @@ def run(url: str, mode: str, refreshes: int, fill: int) -> dict:
     """``refreshes`` timed refreshes of one refresher (``mode``: ``one-pass`` or ``filling``)."""
     from generate import NOW
     from refresh import settings
-    from steady import own_peak_rss_mb
+    from steady import own_rss_mb
 
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
@@ -59,7 +59,7 @@ def run(url: str, mode: str, refreshes: int, fill: int) -> dict:
         store = refresher.predictions.slices
         kept.append(0 if store is None else len(store.slices))
     stores.dispose()
-    return {"seconds": seconds, "kept": kept, "peak_rss_mb": own_peak_rss_mb()}
+    return {"seconds": seconds, "kept": kept, "peak_rss_mb": own_rss_mb()}
 
 
 def main() -> None:

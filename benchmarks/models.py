@@ -53,19 +53,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 CONFIGS = ("default", "slices")
 
 
-def own_rss_mb(field: str) -> float:
-    """This process's ``VmHWM`` (peak) or ``VmRSS`` (now) in MB (Linux ``/proc``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any]:
     """The M refreshers' rounds (module docstring), in this process."""
     from generate import NOW
     from refresh import settings
-    from steady import array_bytes
+    from steady import array_bytes, kept_slices, own_rss_mb
 
     from exporter.predictions.refresh import ModelRefresher
     from exporter.predictions.stores import Stores
@@ -107,18 +99,12 @@ def run_models(url: str, config: str, models: int, rounds: int) -> dict[str, Any
                 down = [name for name, status in snapshot.sources.items() if not status.up]
                 assert not down, (refresher.model.name, down, snapshot.errors)
             rows = sum(snapshot.score_stats[-1].predictions for snapshot in snapshots)
-    kept = [
-        a
-        for refresher in refreshers
-        for source in refresher.sources.values()
-        if source.slices is not None
-        for a in (*source.slices.slices.values(), *(merged for _, merged in source.slices._merged.values()))
-    ]
+    kept, merges = kept_slices(refreshers)
     result = {
         "seconds": seconds,
-        "kept_mb": array_bytes(kept, set()) / 1e6,
+        "kept_mb": array_bytes([*kept, *merges], set()) / 1e6,
         "baseline_rss_mb": baseline,
-        "peak_rss_mb": own_rss_mb("VmHWM"),
+        "peak_rss_mb": own_rss_mb(),
         "rss_mb": own_rss_mb("VmRSS"),
         "rows": rows,
     }

@@ -219,15 +219,11 @@ def run_refreshes(
         as_of = NOW + (k + 1) * MINUTE
         snapshot, result = timed_refresh(refresher, seconds, as_of)
         steady.append(result)
-    # Every source that keeps time slices (``Source.slices``), whatever it keeps in them.
-    stores_ = [source.slices for source in refresher.sources.values() if source.slices is not None]
-    kept = [a for store in stores_ for a in store.slices.values()]
-    # With each window's merge of its kept slices, kept between refreshes (``SliceStore.merge``).
-    merges = [merged for store in stores_ for _, merged in store._merged.values()]
+    kept, merges = kept_slices([refresher])
     seen: set[int] = set()  # each buffer once: a merge of one slice is that slice
     slice_bytes = array_bytes(kept, seen)
     merge_bytes = array_bytes(merges, seen)
-    peak = own_peak_rss_mb()
+    peak = own_rss_mb()
     check_refresher, check_seconds = refresher_()
     fresh, check = timed_refresh(check_refresher, check_seconds, as_of)
     names = ("score_stats", "last_prediction_timestamp", "future_predictions", "online", "replays")
@@ -243,7 +239,7 @@ def run_refreshes(
         "slice_bytes": slice_bytes,
         "merge_bytes": merge_bytes,
         "peak_rss_mb_before_check": peak,
-        "own_peak_rss_mb": own_peak_rss_mb(),
+        "own_peak_rss_mb": own_rss_mb(),
     }
 
 
@@ -270,12 +266,24 @@ def array_bytes(value: Any, seen: set[int]) -> int:
     return 0
 
 
-def own_peak_rss_mb() -> float:
+def kept_slices(refreshers: list[Any]) -> tuple[list[Any], list[Any]]:
+    """What the ``refreshers``' sources keep between refreshes: the aggregates of their kept
+    slices (every source that keeps time slices, ``Source.slices``, whatever it keeps in
+    them), and apart each window's merge of its kept slices (``SliceStore.merge``)."""
+    stores = [source.slices for r in refreshers for source in r.sources.values() if source.slices is not None]
+    kept = [a for store in stores for a in store.slices.values()]
+    merges = [merged for store in stores for _, merged in store._merged.values()]
+    return kept, merges
+
+
+def own_rss_mb(field: str = "VmHWM") -> float:
     """This process's peak RSS in MB (``VmHWM``, Linux): unlike ``ru_maxrss``, not raised to
-    the parent's peak by a ``vfork``-ed start (``subprocess`` uses ``vfork`` on Linux)."""
+    the parent's peak by a ``vfork``-ed start (``subprocess`` uses ``vfork`` on Linux);
+    ``field="VmRSS"``: its RSS now."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024  # kB
+    assert field == "VmHWM", f"no {field} in /proc/self/status"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
