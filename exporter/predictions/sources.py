@@ -1027,6 +1027,11 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
             time_col = time_column(table, source.columns.timestamp, source, engine.dialect.name)
         return LabelQueries(source, table, time_col)
 
+    def _matures(self, labels: LabelQueries) -> bool:
+        """Whether labels mature by slice (``LabelMaturity``): they have a timestamp and
+        ``label_delay`` is above 0."""
+        return labels.time is not None and self.model.label_delay > timedelta(0)
+
     def _online(self, conn: Connection, as_of: datetime) -> list[OnlineAccuracy]:
         """Online accuracy of each label-delayed window, ending ``label_delay`` before
         ``as_of``, all windows in one pass (``PredictionQueries.online``), with label maturity
@@ -1041,7 +1046,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         delay = self.model.label_delay
         windows = self.predictions.windows(as_of - delay)
         maturity, duplicates = None, None
-        if labels.time is not None and delay > timedelta(0):
+        if self._matures(labels):
             points = boundaries(windows.start, windows.end, self.model.label_slice_width())
             maturity = LabelMaturity(points, delay)
             if self.slices is not None:
@@ -1170,8 +1175,7 @@ class LabelsSource(JoinedSource[LabelQueries, tuple[OnlineAccuracy, ...]]):
         # With label maturity (_online) the maturity bounds are a bisecting CASE, as the parts
         # of time are in PredictionsSource.run: JIT compiling it took PostgreSQL 14 s of 20 at
         # 1e6 rows.
-        matures = labels.time is not None and self.model.label_delay > timedelta(0)
-        with self._connection(q.table, labels.table, jit=not matures) as conn:
+        with self._connection(q.table, labels.table, jit=not self._matures(labels)) as conn:
             online = self._online(conn, as_of)
             if q.version is not None:
                 raw = conn.execute(q.serving_version(as_of - self.model.label_delay)).scalar()
